@@ -1,0 +1,89 @@
+"""The method API: one dataclass per method, knobs as fields, hooks for the lifecycle stages it touches.
+
+The runner never branches on a method's class: it reads the declarations below and calls the hooks
+a method overrides. Policies (when compression fires, whether the query is visible to it, whether
+sparse prefill applies beyond the first prefill) belong to the runner, not to the method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+STAGES = ("generation", "compression", "retrieval", "loading")
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses set ``name`` and ``stages`` and override one or more hooks."""
+
+    name: ClassVar[str] = "base"
+    stages: ClassVar[tuple[str, ...]] = ()
+    engines: ClassVar[tuple[str, ...]] = ("hf",)
+    """Engines the method runs on; a run asking for another engine fails before any model is loaded."""
+    approximation: ClassVar[str | None] = None
+    """Set when the method approximates the published one: recorded in the results next to each score."""
+    query_window: ClassVar[int] = 0
+    """How many of the last prompt queries per layer the compression hook wants (0: none)."""
+
+    # --- hooks (override what the method needs) -------------------------------------------------
+    def compress_cache(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compression stage: return the kept keys and values of one layer.
+
+        Args:
+            keys, values: [batch, kv_heads, tokens, head_dim], the layer's whole cache (post-RoPE keys).
+            queries: [batch, q_heads, window, head_dim], the last ``query_window`` prompt queries of this
+                layer (post-RoPE), or None when ``query_window`` is 0.
+        Returns:
+            (keys, values) with the same batch, heads and head_dim and at most ``tokens`` tokens. The kept
+            tensors must really be smaller: the engine counts resident bytes from them.
+        """
+        raise NotImplementedError
+
+    def prefill_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Generation stage (sparse prefill): causal attention output for a prefill chunk.
+
+        Args:
+            q: [batch, q_heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim], kv_len >= q_len,
+                the queries being the last q_len positions of the keys (bottom-right causal alignment).
+        Returns:
+            [batch, q_heads, q_len, head_dim].
+        """
+        raise NotImplementedError
+
+    # --- declarations derived from the hooks ----------------------------------------------------
+    @classmethod
+    def hooks(cls) -> frozenset[str]:
+        """Names of the hooks this class overrides."""
+        return frozenset(
+            h for h in ("compress_cache", "prefill_attention") if getattr(cls, h) is not getattr(Method, h)
+        )
+
+    def describe(self) -> dict:
+        """What ran: name, knobs, stages, hooks and any approximation note (stored with every run)."""
+        return {
+            "name": self.name,
+            "params": dataclasses.asdict(self),
+            "stages": list(self.stages),
+            "hooks": sorted(self.hooks()),
+            "approximation": self.approximation,
+        }
+
+    def label(self) -> str:
+        """Short human label for leaderboards, e.g. ``streamingllm(n_init=128,n_local=3968)``."""
+        params = dataclasses.asdict(self)
+        inner = ",".join(f"{k}={v}" for k, v in params.items())
+        return f"{self.name}({inner})" if inner else self.name
+
+
+def positive_int(obj: object, field: str, minimum: int = 1) -> None:
+    """Raise ValueError naming the field when ``obj.field`` is not an int >= minimum."""
+    value = getattr(obj, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{type(obj).__name__}.{field} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Engines: the model runtime behind the runner (transformers now; vLLM behind the same ABC)."""

@@ -1,0 +1,88 @@
+"""The attention function scbench registers with transformers, and its plain causal reference.
+
+transformers calls ``scbench_attention`` for every attention layer (``attn_implementation="scbench"``).
+It is dense SDPA with a bottom-right-aligned causal mask, so it stays correct when layers hold caches
+of different lengths after eviction (the library's shared mask assumes one length). While a session
+forwards tokens it installs an ``AttnContext`` that lets the active method see the prefill queries
+(``query_window``) and replace the prefill attention (``prefill_attention``).
+"""
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+NAME = "scbench"
+
+
+@dataclass
+class AttnContext:
+    method: object | None = None
+    sparse: bool = False
+    """Route multi-token forwards through ``method.prefill_attention``."""
+    capture_queries: int = 0
+    """Keep the last N queries of each layer in ``queries`` (for query-aware compression)."""
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
+
+
+@contextlib.contextmanager
+def active(ctx: AttnContext):
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dense causal attention, queries aligned to the end of the keys.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Tk >= Tq and Hq a multiple of Hkv -> [B, Hq, Tq, D].
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def reference_causal_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """Plain float64 softmax(QK^T)V with an explicit mask; the yardstick for every fast path."""
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1).double()
+    v = v.repeat_interleave(rep, dim=1).double()
+    scores = (q.double() @ k.transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+def scbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface entry: query [B,Hq,T,D], key/value [B,Hkv,S,D] -> ([B,T,Hq,D], None)."""
+    ctx = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", 0)
+    out = None
+    if ctx is not None:
+        if ctx.capture_queries and query.shape[-2] > 1:
+            ctx.queries[layer] = query[:, :, -ctx.capture_queries :, :].detach()
+        if ctx.sparse and query.shape[-2] > 1:
+            out = ctx.method.prefill_attention(layer, query, key, value, scaling)
+    if out is None:
+        out = causal_attention(query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, scbench_attention)

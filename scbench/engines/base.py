@@ -1,0 +1,80 @@
+"""The engine interface: what the runner needs from a model runtime."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FeedStats:
+    tokens: int
+    """Tokens forwarded."""
+    reused: int
+    """Tokens already in the cache (served without recomputation)."""
+    seconds: float
+    compress_s: float = 0.0
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]
+    text: str
+    first_token_s: float
+    """Time to pick the first token from the prefill logits."""
+    decode_s: float
+    """Time for the remaining tokens."""
+    stopped: bool = field(default=False)
+    """True when a stop token ended generation (False: max_new_tokens reached)."""
+
+
+class Session(ABC):
+    """The KV state of one example. Created by ``Engine.session``."""
+
+    @abstractmethod
+    def feed(self, ids: list[int], *, compress: bool, sparse: bool) -> FeedStats:
+        """Forward ``ids`` on top of the cache; optionally let the method compress afterwards and use
+        its sparse prefill hook during the forward."""
+
+    @abstractmethod
+    def generate(self, max_new_tokens: int) -> GenResult:
+        """Greedy decode from the last fed position; generated tokens stay in the cache until dropped."""
+
+    @abstractmethod
+    def drop_last(self, n: int) -> None:
+        """Forget the last n positions (e.g. generated tokens replaced by the golden answer)."""
+
+    @abstractmethod
+    def checkpoint(self, *, rewrites: bool) -> object:
+        """A token to come back to; ``rewrites`` says later steps may rewrite (not only append to) the cache."""
+
+    @abstractmethod
+    def rollback(self, token: object) -> None: ...
+
+    @abstractmethod
+    def memory(self) -> dict:
+        """kv_bytes, kv_tokens, kv_full_bytes, slow_tier_bytes, loaded_bytes, peak_mem_bytes."""
+
+
+class Engine(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    @abstractmethod
+    def window(self) -> int:
+        """Positions the model supports."""
+
+    @abstractmethod
+    def session(self, method) -> Session: ...
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Model id, dtype, device, chat-template hash, ... (stored with every run)."""

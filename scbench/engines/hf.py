@@ -1,0 +1,242 @@
+"""Hugging Face transformers engine: prefill once, extend per turn, greedy decode in our own loop.
+
+Owning the loop (no ``generate``) is what lets the engine count, per turn, tokens computed vs reused,
+time to first token, decode throughput and the bytes the KV cache really holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import time
+
+import torch
+
+from scbench.engines import attention
+from scbench.engines.base import Engine, FeedStats, GenResult, Session
+from scbench.engines.models import resolve
+from scbench.kv import cache as kvc
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HFEngine(Engine):
+    """A causal LM from transformers, run with scbench's attention function and a DynamicCache."""
+
+    name = "hf"
+
+    def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
+                 window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        attention.register()
+        self.model_name = name or path
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        if model is None:
+            folder = resolve(path)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=self.dtype, trust_remote_code=trust_remote_code, attn_implementation=attention.NAME
+            )
+        else:
+            model.set_attn_implementation(attention.NAME)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        cfg = self.model.config
+        self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
+        if self._window <= 0:
+            raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
+        self.stop_ids = self._stop_ids()
+        self.num_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _stop_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
+                ids.add(tid)
+        if not ids:
+            raise ValueError(f"model {self.model_name!r} has no EOS token: cannot stop generation")
+        return ids
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    def render_chat(self, messages, add_generation_prompt):
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"model {self.model_name!r} has no chat template; set one in the model config")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text, add_special_tokens):
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def session(self, method) -> "HFSession":
+        return HFSession(self, method)
+
+    def describe(self) -> dict:
+        template = self.tokenizer.chat_template or ""
+        return {
+            "engine": self.name,
+            "model": self.model_name,
+            "model_class": type(self.model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "window": self.window,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class HFSession(Session):
+    """One example's cache. ``pos`` counts positions seen, which can exceed the cache length after eviction."""
+
+    def __init__(self, engine: HFEngine, method):
+        from transformers import DynamicCache
+
+        self.engine = engine
+        self.method = method
+        self.cache = DynamicCache(config=engine.model.config)
+        self.pos = 0
+        self.last_logits: torch.Tensor | None = None
+        self.hooks = method.hooks()
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], ctx: attention.AttnContext | None = None) -> torch.Tensor:
+        dev = self.engine.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.arange(self.pos, self.pos + len(ids), device=dev).unsqueeze(0)
+        with attention.active(ctx or attention.AttnContext()):
+            out = self.engine.model(
+                input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                use_cache=True, logits_to_keep=1,
+            )
+        self.pos += len(ids)
+        return out.logits[0, -1]
+
+    def feed(self, ids, *, compress, sparse):
+        if not ids:
+            raise ValueError("feed() needs at least one token")
+        compress = compress and "compress_cache" in self.hooks
+        window = self.method.query_window if compress else 0
+        ctx = attention.AttnContext(
+            method=self.method, sparse=sparse and "prefill_attention" in self.hooks, capture_queries=window
+        )
+        reused = self.pos
+        _sync(self.engine.device)
+        t0 = time.perf_counter()
+        self.last_logits = self._forward(ids, ctx)
+        compress_s = 0.0
+        if compress:
+            _sync(self.engine.device)
+            t1 = time.perf_counter()
+            self._compress(ctx)
+            _sync(self.engine.device)
+            compress_s = time.perf_counter() - t1
+        _sync(self.engine.device)
+        return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s)
+
+    @torch.inference_mode()
+    def _compress(self, ctx: attention.AttnContext) -> None:
+        for idx, layer in enumerate(self.cache.layers):
+            if not layer.is_initialized:
+                continue
+            queries = ctx.queries.get(idx) if ctx.capture_queries else None
+            k, v = self.method.compress_cache(idx, layer.keys, layer.values, queries)
+            if k.shape[:2] != layer.keys.shape[:2] or k.shape[-1] != layer.keys.shape[-1] or k.shape != v.shape:
+                raise ValueError(
+                    f"{type(self.method).__name__}.compress_cache returned keys {tuple(k.shape)} / values "
+                    f"{tuple(v.shape)} for layer {idx} whose cache is {tuple(layer.keys.shape)}"
+                )
+            kvc.replace_layer(self.cache, idx, k, v)
+
+    @torch.inference_mode()
+    def generate(self, max_new_tokens):
+        if self.last_logits is None:
+            raise RuntimeError("generate() before any feed()")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stop = self.engine.stop_ids
+        dev = self.engine.device
+        t0 = time.perf_counter()
+        tok = int(self.last_logits.argmax())
+        first_s = time.perf_counter() - t0
+        out = [tok]
+        t1 = time.perf_counter()
+        while tok not in stop and len(out) < max_new_tokens:
+            tok = int(self._forward([tok]).argmax())
+            out.append(tok)
+        _sync(dev)
+        decode_s = time.perf_counter() - t1
+        self.last_logits = None
+        text = self.engine.decode([t for t in out if t not in stop])
+        return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=tok in stop)
+
+    def drop_last(self, n):
+        if n > 0:
+            kvc.drop_last(self.cache, n)
+            self.pos -= n
+            self.last_logits = None
+
+    def checkpoint(self, *, rewrites):
+        snap = kvc.snapshot(self.cache) if rewrites else None
+        return (self.pos, kvc.layer_lengths(self.cache), snap)
+
+    def rollback(self, token):
+        pos, lengths, snap = token
+        if snap is not None:
+            kvc.restore(self.cache, snap)
+        else:
+            kvc.crop_layers(self.cache, lengths)
+        self.pos = pos
+        self.last_logits = None
+
+    def memory(self):
+        e = self.engine
+        lengths = kvc.layer_lengths(self.cache)
+        tokens = max(lengths, default=0)
+        return {
+            "kv_bytes": kvc.kv_nbytes(self.cache),
+            "kv_tokens": tokens,
+            "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, self.pos, e.dtype),
+            "slow_tier_bytes": 0,
+            "loaded_bytes": 0,
+            "peak_mem_bytes": e.peak_memory(),
+        }

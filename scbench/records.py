@@ -1,0 +1,137 @@
+"""Small typed records that flow through the harness: data in, results out."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question asked against the shared context."""
+
+    input: str
+    """The query text of this turn (for vt, the first turn's input may also carry the context)."""
+    answer: Any
+    """Gold answer as stored in the data (str, list[str], int, ... depending on the task)."""
+    extra: dict = field(default_factory=dict)
+    """Task-specific per-turn fields (options, name, task of a mixed turn, ...)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One SCBench session: a shared context and the turns asked about it."""
+
+    id: str
+    context: Any
+    """str for most tasks, list[int] for scbench_mf."""
+    turns: tuple[Turn, ...]
+    extra: dict = field(default_factory=dict)
+    """Row-level extra fields (lang, repo, task, ...)."""
+    source: str = ""
+    """Where the row came from ("file.jsonl:row 3", "hub:microsoft/SCBench/scbench_kv:7", "generated:seed=1:3")."""
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost. Token counts are exact; times are wall-clock seconds; bytes are counted from tensors."""
+
+    prompt_tokens: int = 0
+    """Length of the full prompt this turn sees (cache + new tokens), as a naive replay would prefill it."""
+    prefill_computed: int = 0
+    """Tokens forwarded through the model for this turn's prompt."""
+    prefill_reused: int = 0
+    """Prompt tokens served from the KV cache instead of being recomputed."""
+    prefill_s: float = 0.0
+    """Time of this turn's prefill forward passes (includes compression when it fires)."""
+    ttft_s: float = 0.0
+    """Time to first token: this turn's prefill plus the first greedy pick."""
+    decode_tokens: int = 0
+    """Tokens generated (including the stop token if one was produced)."""
+    decode_s: float = 0.0
+    decode_tok_s: float = 0.0
+    """Decode throughput after the first token (tokens/s); 0 when fewer than two tokens were generated."""
+    compress_s: float = 0.0
+    """Time spent inside the method's compression hook this turn."""
+    kv_bytes: int = 0
+    """KV bytes resident on the compute device after this turn's generation (real tensors)."""
+    kv_tokens: int = 0
+    """Cache length in tokens after generation (max over layers)."""
+    kv_full_bytes: int = 0
+    """Bytes a full-attention cache of the same token count would hold (for the effective ratio)."""
+    slow_tier_bytes: int = 0
+    """Bytes held in a slower tier (CPU / disk) by methods that offload; 0 otherwise."""
+    loaded_bytes: int = 0
+    """Bytes brought back from a slower tier during decode; 0 for methods that do not load."""
+    peak_mem_bytes: int = 0
+    """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
+    truncated_tokens: int = 0
+    """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
+
+
+@dataclass
+class TurnResult:
+    """One row of the results store."""
+
+    example_id: str
+    turn: int
+    """0-based turn index."""
+    prompt_tokens: int
+    prediction: str
+    reference: Any
+    scores: dict[str, float]
+    """Metric name -> value in [0, 1] (mixed tasks report one key per sub-task)."""
+    stats: TurnStats
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        row["stats"] = asdict(self.stats)
+        return row
+
+
+COMPRESS_POLICIES = ("once", "every_turn")
+SPARSE_POLICIES = ("first", "every")
+
+
+@dataclass
+class RunSpec:
+    """Everything that decides a run's results; its hash is the run id (so a re-launch resumes)."""
+
+    model: dict
+    """name, path (hub id, local folder or ``embedded:smollm2``), dtype, device, window."""
+    method: dict
+    """``name`` plus the method's knobs."""
+    task: str
+    mode: str = "multi_turn"
+    data: dict = field(default_factory=dict)
+    """source (generated | local | hub), path, n, length, turns, seed, hub_id, split."""
+    max_turns: int = 5
+    max_seq_length: int = 131072
+    max_new_tokens: int | None = None
+    """Cap on every turn's generation budget (None: the task's own, as in the reference)."""
+    compress: str = "once"
+    """When compression fires: once after the first prefill (reference) or after every turn's prefill."""
+    query_visible: bool = True
+    """Multi-turn: whether the first query is in the cache when compression first fires (reference: yes)."""
+    sparse_prefill: str = "first"
+    """Sparse prefill on the first prefill only (reference) or on every prefill."""
+    golden_context: bool = True
+    bos: str = "faithful"
+    reuse: bool = True
+    """False replays every turn from scratch (a naive harness), for comparisons."""
+
+    def validate(self) -> None:
+        from scbench.prompts import BOS_POLICIES, MODES
+
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.compress in COMPRESS_POLICIES, f"compress must be one of {COMPRESS_POLICIES}, got {self.compress!r}"),
+            (self.sparse_prefill in SPARSE_POLICIES, f"sparse_prefill must be one of {SPARSE_POLICIES}, got {self.sparse_prefill!r}"),
+            (self.bos in BOS_POLICIES, f"bos must be one of {BOS_POLICIES}, got {self.bos!r}"),
+            (isinstance(self.max_turns, int) and self.max_turns >= 1, f"max_turns must be an integer >= 1, got {self.max_turns!r}"),
+            (isinstance(self.max_seq_length, int) and self.max_seq_length >= 64, f"max_seq_length must be an integer >= 64, got {self.max_seq_length!r}"),
+            (self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+             f"max_new_tokens must be null or an integer >= 1, got {self.max_new_tokens!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)

@@ -1,0 +1,57 @@
+"""Named registries of factories with lazy imports and "did you mean" errors."""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable
+
+
+class UnknownName(KeyError):
+    """An unknown registry key; the message lists valid names and the closest match."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def suggest(name: str, valid: list[str], kind: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(sorted(valid))}"
+
+
+class Registry:
+    """Maps a name to "module:attribute"; the module is imported only when the name is used."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, str | Callable] = {}
+
+    def add(self, name: str, target: str | Callable) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = target
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def check(self, name: str) -> None:
+        if name not in self._entries:
+            raise UnknownName(suggest(name, list(self._entries), self.kind))
+
+    def get(self, name: str) -> Any:
+        self.check(name)
+        target = self._entries[name]
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            target = getattr(importlib.import_module(module), attr)
+            self._entries[name] = target
+        return target
+
+
+TASKS = Registry("task")
+for _name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt"):
+    TASKS.add(_name, f"scbench.tasks.{_name.removeprefix('scbench_')}:TASK")
+
+METHODS = Registry("method")
+METHODS.add("full", "scbench.methods.full:FullAttention")
+METHODS.add("streamingllm", "scbench.methods.streamingllm:StreamingLLM")

@@ -1,0 +1,125 @@
+"""Replay shared-context examples through an engine and a method, turn by turn (SCBENCH.md s.3).
+
+The shared context is prefilled once per example. Multi-turn keeps growing the cache: after each
+turn the generated tokens are dropped and the next delta (gold answer + follow-up) is appended.
+Multi-request rolls the cache back to its post-context state after every request. Compression fires
+on the first prefill (``compress=once``, the reference) or on every turn's prefill; sparse prefill on
+the first prefill or on every one. ``reuse=False`` replays every turn from an empty cache instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+from scbench.prompts import PromptBuilder, TurnPrompt
+from scbench.records import Example, RunSpec, TurnResult, TurnStats
+
+log = logging.getLogger(__name__)
+
+
+def n_turns(example: Example, spec: RunSpec) -> int:
+    return min(len(example.turns), spec.max_turns)
+
+
+class Replay:
+    """One example's replay; yields a TurnResult per turn that is not already in ``done``."""
+
+    def __init__(self, engine, method, task, example: Example, spec: RunSpec, done: dict[int, str] | None = None):
+        self.engine, self.method, self.task, self.example, self.spec = engine, method, task, example, spec
+        self.done = done or {}
+        self.turns = n_turns(example, spec)
+        self.builder = PromptBuilder(
+            engine, task, example, mode=spec.mode, n_turns=self.turns, max_seq_length=spec.max_seq_length,
+            bos=spec.bos, golden=spec.golden_context, max_new_tokens_cap=spec.max_new_tokens,
+        )
+        self.session = None
+        self.history: list[int] = []  # every token fed so far (multi-turn), for the naive replay
+
+    # --- policies -----------------------------------------------------------------------------------
+    def _feed(self, ids: list[int], *, first: bool, query_start: int | None = None):
+        """Feed ids; compression / sparse prefill fire according to the run's policies."""
+        compress = first or self.spec.compress == "every_turn"
+        sparse = first or self.spec.sparse_prefill == "every"
+        if first and compress and query_start is not None and not self.spec.query_visible and 0 < query_start < len(ids):
+            a = self.session.feed(ids[:query_start], compress=True, sparse=sparse)
+            b = self.session.feed(ids[query_start:], compress=False, sparse=sparse)
+            return dataclasses.replace(a, tokens=a.tokens + b.tokens, seconds=a.seconds + b.seconds)
+        return self.session.feed(ids, compress=compress, sparse=sparse)
+
+    def __iter__(self) -> Iterator[TurnResult]:
+        if self.spec.mode == "multi_turn":
+            yield from self._multi_turn()
+        else:
+            yield from self._multi_request()
+
+    def _multi_turn(self):
+        prev_answer = None
+        for i in range(self.turns):
+            tp = self.builder.first() if i == 0 else self.builder.delta(i, prev_answer)
+            if self.spec.reuse:
+                if self.session is None:
+                    self.session = self.engine.session(self.method)
+                fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
+            else:  # naive: everything so far from an empty cache
+                self.session = self.engine.session(self.method)
+                fs = self._feed(self.history + tp.ids, first=True)
+            self.history += tp.ids
+            if i in self.done:
+                prev_answer = self.done[i]
+                self.session.drop_last(tp.rewind)
+                self.history = self.history[: len(self.history) - tp.rewind]
+                continue
+            result, gen = self._generate(i, tp, fs)
+            prev_answer = result.prediction
+            self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
+            self.history = self.history[: len(self.history) - tp.rewind]
+            yield result
+
+    def _multi_request(self):
+        ctx_ids = self.builder.context()
+        ctx_fs = None
+        checkpoint = None
+        for j in range(self.turns):
+            tp = self.builder.request(j)
+            if self.spec.reuse:
+                if self.session is None:
+                    self.session = self.engine.session(self.method)
+                    ctx_fs = self._feed(ctx_ids, first=True)
+                    checkpoint = self.session.checkpoint(rewrites=self.spec.compress == "every_turn")
+                else:
+                    self.session.rollback(checkpoint)
+                fs = self._feed(tp.ids, first=False)
+                if ctx_fs is not None:  # the context prefill is charged to the first request
+                    fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
+                                             seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s)
+                    ctx_fs = None
+            else:
+                self.session = self.engine.session(self.method)
+                fs = self._feed(ctx_ids + tp.ids, first=True)
+            if j in self.done:
+                continue
+            result, _ = self._generate(j, tp, fs)
+            yield result
+
+    def _generate(self, i: int, tp: TurnPrompt, fs):
+        gen = self.session.generate(tp.max_new_tokens)
+        mem = self.session.memory()
+        turn = self.example.turns[i]
+        prediction = gen.text
+        stats = TurnStats(
+            prompt_tokens=fs.reused + fs.tokens,
+            prefill_computed=fs.tokens,
+            prefill_reused=fs.reused,
+            prefill_s=fs.seconds,
+            ttft_s=fs.seconds + gen.first_token_s,
+            decode_tokens=len(gen.tokens),
+            decode_s=gen.decode_s,
+            decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
+            compress_s=fs.compress_s,
+            truncated_tokens=self.builder.truncated if i == 0 else 0,
+            **mem,
+        )
+        scores = self.task.score(prediction, turn, self.example.extra)
+        reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
+        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen

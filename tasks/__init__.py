@@ -1,0 +1,1 @@
+"""SCBench tasks, one file each (installed as scbench.tasks)."""
