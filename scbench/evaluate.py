@@ -52,7 +52,7 @@ def get_engine(model: dict, engine: str = "hf"):
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model."""
     spec.validate()
-    task = TASKS.get(spec.task)
+    task = TASKS.get(spec.task).with_variant(spec.task_variant)
     method = build_method(spec.method)
     if engine_name not in method.engines:
         raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")

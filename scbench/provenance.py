@@ -42,7 +42,7 @@ def collect(engine_info: dict, method_info: dict, task) -> dict:
         "platform": platform.platform(),
         "engine": engine_info,
         "method": method_info,
-        "task": {"name": task.name, "version": task.version, "category": task.category},
+        "task": {"name": task.name, "version": task.version, "category": task.category, "variant": task.variant},
     }
 
 

@@ -66,6 +66,8 @@ class TurnStats:
     """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
     truncated_tokens: int = 0
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
+    attn_density: float = 1.0
+    """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
 
 
 @dataclass
@@ -101,6 +103,8 @@ class RunSpec:
     method: dict
     """``name`` plus the method's knobs."""
     task: str
+    task_variant: str | None = None
+    """Scoring variant of the task (None: the reference behaviour)."""
     mode: str = "multi_turn"
     data: dict = field(default_factory=dict)
     """source (generated | local | hub), path, n, length, turns, seed, hub_id, split."""

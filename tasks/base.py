@@ -42,6 +42,21 @@ class Task:
     max_new_tokens: ClassVar[int]
     metric: ClassVar[str]
     """Name of the score key (mixed tasks return several keys)."""
+    variants: ClassVar[tuple[str, ...]] = ("faithful",)
+    """Scoring variants; the first is the reference behaviour and the default."""
+    variant: str = "faithful"
+
+    def with_variant(self, variant: str | None) -> "Task":
+        """A copy of the task that scores with ``variant`` (None: the default)."""
+        import copy
+
+        if variant is None or variant == self.variant:
+            return self
+        if variant not in self.variants:
+            raise ValueError(f"task {self.name} has no variant {variant!r}; variants: {', '.join(self.variants)}")
+        other = copy.copy(self)
+        other.variant = variant
+        return other
 
     # --- prompts ---------------------------------------------------------------------------------
     def first_prompt(self, example: Example, index: int = 0) -> PromptParts:
