@@ -1,0 +1,240 @@
+"""Command line: ``scbench run | ls | score | export | data generate``. Thin: imports happen inside commands.
+
+``run`` is a Hydra app (config groups model/, method/, task/, mode/, sweep/; ``-m`` for sweeps); the
+others take plain flags. Unknown group choices are refused before Hydra starts, with the closest match.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+GROUPS = ("model", "method", "task", "mode", "sweep")
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
+def config_dir() -> Path:
+    import scbench.configs
+
+    return Path(scbench.configs.__file__).resolve().parent
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse ``task=nope`` (or any unknown group choice, also inside sweep lists) with a suggestion."""
+    from scbench.registry import UnknownName, suggest
+
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS:
+            continue
+        valid = group_choices(key)
+        for choice in value.split(","):
+            if choice and choice not in valid:
+                raise UnknownName(suggest(choice, valid, key))
+
+
+# --- run ----------------------------------------------------------------------------------------------
+def spec_from_cfg(cfg):
+    from omegaconf import OmegaConf
+
+    from scbench.records import RunSpec
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return RunSpec(
+        model=c["model"], method=c["method"], task=c["task"]["name"], task_variant=c["task"].get("variant"),
+        mode=c["mode"]["name"], data=c["data"], max_turns=c["max_turns"], max_seq_length=c["max_seq_length"],
+        max_new_tokens=c["max_new_tokens"], compress=c["policy"]["compress"],
+        query_visible=c["policy"]["query_visible"], sparse_prefill=c["policy"]["sparse_prefill"],
+        golden_context=c["golden_context"], bos=c["bos"], reuse=c["reuse"],
+    )
+
+
+def _run_job(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from scbench.evaluate import run_spec
+
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        spec = spec_from_cfg(cfg)
+        run_id = run_spec(spec, cfg.store, engine_name=cfg.engine, progress=cfg.progress)
+        print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']} -> {cfg.store}")
+    except USER_ERRORS as e:
+        if not multirun:
+            raise
+        # a sweep goes on past one bad job; the store records the failure when the run got that far
+        logging.getLogger("scbench").error("job failed: %s: %s", type(e).__name__, e)
+
+
+def cmd_run(argv: list[str]) -> None:
+    import hydra
+
+    check_overrides(argv)
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
+    sys.argv = ["scbench run", *argv]
+    app()
+
+
+# --- data generate -------------------------------------------------------------------------------
+def cmd_data(argv: list[str]) -> None:
+    """``scbench data generate task=scbench_kv length=16000 n=20 turns=5 seed=0 out=data/``"""
+    if not argv or argv[0] != "generate":
+        raise ValueError("usage: scbench data generate task=NAME length=TOKENS n=ROWS [turns=5 seed=0 out=data/ model=smollm2-135m|none]")
+    from omegaconf import OmegaConf
+
+    from scbench.data import generate_rows, write_jsonl
+    from scbench.registry import TASKS
+
+    opts = {"length": 2000, "n": 5, "turns": 5, "seed": 0, "out": "data", "model": "smollm2-135m"}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in {"task", *opts}:
+            raise ValueError(f"data generate: unexpected argument {arg!r}; keys: task, {', '.join(opts)}")
+        opts[key] = value
+    if "task" not in opts:
+        raise ValueError("data generate needs task=NAME")
+    names = opts["task"].split(",")
+    for name in names:
+        TASKS.check(name)
+    try:
+        length, n, turns, seed = (int(opts[k]) for k in ("length", "n", "turns", "seed"))
+    except ValueError:
+        raise ValueError("data generate: length, n, turns and seed must be integers") from None
+    count = None
+    if opts["model"] != "none":  # count tokens with the model's tokenizer (lengths are in its tokens)
+        from transformers import AutoTokenizer
+
+        from scbench.engines.models import resolve
+
+        model_cfg = OmegaConf.load(config_dir() / "model" / f"{opts['model']}.yaml")
+        tok = AutoTokenizer.from_pretrained(resolve(model_cfg.path))
+        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for name in names:
+        rows = generate_rows(TASKS.get(name), n, length, turns, seed, count)
+        path = write_jsonl(rows, Path(opts["out"]) / f"{name}.jsonl")
+        print(f"wrote {len(rows)} rows to {path}")
+
+
+# --- ls / score / export ----------------------------------------------------------------------------
+def cmd_ls(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="scbench ls")
+    p.add_argument("what", choices=["tasks", "methods", "models", "runs"])
+    p.add_argument("--store", default="results/scbench.sqlite")
+    a = p.parse_args(argv)
+    from scbench.registry import METHODS, TASKS
+
+    if a.what == "tasks":
+        for name in TASKS.names():
+            t = TASKS.get(name)
+            print(f"{name:32s} {t.category:20s} max_new={t.max_new_tokens:<5d} variants={','.join(t.variants)}")
+    elif a.what == "methods":
+        for name in METHODS.names():
+            m = METHODS.get(name)
+            print(f"{name:16s} stages={','.join(m.stages) or '-':24s} engines={','.join(m.engines)}  configs: "
+                  + ", ".join(c for c in group_choices("method") if _method_name(c) == name))
+    elif a.what == "models":
+        for c in group_choices("model"):
+            from omegaconf import OmegaConf
+
+            print(f"{c:28s} {OmegaConf.load(config_dir() / 'model' / f'{c}.yaml').path}")
+    else:
+        from scbench.store import Store
+
+        store = Store(a.store)
+        for r in store.runs():
+            n = len(store.turns(r["run_id"]))
+            print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} turns={n}")
+
+
+def _method_name(config: str) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(config_dir() / "method" / f"{config}.yaml").name
+
+
+def cmd_score(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="scbench score", description="Re-score stored predictions (no generation).")
+    p.add_argument("run", help="run id or unique prefix")
+    p.add_argument("--store", default="results/scbench.sqlite")
+    p.add_argument("--variant", default=None, help="score with this task variant and store it as the run's scores")
+    a = p.parse_args(argv)
+    import json
+
+    from scbench.records import Turn
+    from scbench.registry import TASKS
+    from scbench.store import Store
+
+    store = Store(a.store)
+    run = store.run(a.run)
+    spec = json.loads(run["spec"])
+    task = TASKS.get(run["task"]).with_variant(a.variant or spec.get("task_variant"))
+    changed = 0
+    total = 0.0
+    rows = store.turns(run["run_id"])
+    for r in rows:
+        ref = r["reference"]
+        scores = task.score(r["prediction"], Turn(input="", answer=ref["answer"], extra=ref.get("turn_extra", {})),
+                            ref.get("example_extra", {}))
+        changed += scores != r["scores"]
+        total += sum(scores.values()) / max(len(scores), 1)
+        store.update_scores(run["run_id"], r["example_id"], r["turn"], scores)
+    if a.variant:
+        spec["task_variant"] = a.variant
+        store.db.execute("UPDATE runs SET spec=? WHERE run_id=?", (json.dumps(spec, sort_keys=True), run["run_id"]))
+    print(f"re-scored {len(rows)} turns of run {run['run_id']} ({task.name}, variant {task.variant}): "
+          f"{changed} changed, mean {100 * total / max(len(rows), 1):.1f}")
+
+
+def cmd_export(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="scbench export")
+    p.add_argument("--store", default="results/scbench.sqlite")
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    a = p.parse_args(argv)
+    from scbench.report.table import category_averages, leaderboard, to_markdown
+    from scbench.store import Store
+
+    board = leaderboard(Store(a.store))
+    if a.format == "md":
+        text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
+    elif a.format == "csv":
+        text = board.to_csv(index=False)
+    else:
+        text = board.to_json(orient="records", indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    else:
+        print(text)
+
+
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "score": cmd_score, "export": cmd_export, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: scbench {run|ls|score|export|data} ...\n"
+              "  scbench run model=smollm2-135m method=streamingllm task=scbench_kv mode=multi_turn\n"
+              "  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt\n"
+              "  scbench ls tasks|methods|models|runs    scbench score RUN    scbench export --format md|csv|json\n"
+              "  scbench data generate task=scbench_kv length=16000 n=20 out=data/", file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"scbench {argv[0]}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

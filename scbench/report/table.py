@@ -1,0 +1,91 @@
+"""Leaderboard tables from the results store: score per task per turn, category averages, cost columns."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from scbench.registry import TASKS
+
+COST_COLUMNS = {
+    "prefill_computed": ("prefill tok computed", "sum"),
+    "prefill_reused": ("prefill tok reused", "sum"),
+    "ttft_s": ("TTFT s", "mean"),
+    "decode_tok_s": ("decode tok/s", "mean"),
+    "kv_mib": ("KV MiB", "mean"),
+    "kv_ratio": ("KV vs full", "mean"),
+    "attn_density": ("prefill density", "mean"),
+    "peak_mib": ("peak MiB", "max"),
+}
+
+
+def turn_frame(store) -> pd.DataFrame:
+    """One row per (run, example, turn, metric) with the run's labels and the cost columns."""
+    runs = {r["run_id"]: r for r in store.runs()}
+    rows = []
+    for t in store.turns():
+        run = runs[t["run_id"]]
+        spec = json.loads(run["spec"])
+        for metric, value in t["scores"].items():
+            rows.append({
+                "run_id": t["run_id"], "model": run["model"], "method": run["method_label"], "task": run["task"],
+                "variant": spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
+                "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
+                "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
+                "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
+                "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
+                "attn_density": t["attn_density"], "peak_mib": t["peak_mem_bytes"] / 2**20,
+            })
+    return pd.DataFrame(rows)
+
+
+def leaderboard(store) -> pd.DataFrame:
+    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns."""
+    df = turn_frame(store)
+    if df.empty:
+        return df
+    keys = ["model", "method", "mode", "task", "variant", "metric"]
+    # cost columns are per turn, not per metric: count each turn once
+    per_turn = df.drop_duplicates(["run_id", "example", "turn"])
+    scores = df.pivot_table(index=keys, columns="turn", values="score", aggfunc="mean")
+    scores.columns = [f"T{c}" for c in scores.columns]
+    scores["avg"] = df.groupby(keys)["score"].mean()
+    scores["n"] = df.groupby(keys)["example"].nunique()
+    costs = per_turn.groupby(keys[:5]).agg(**{label: (col, how) for col, (label, how) in COST_COLUMNS.items()})
+    out = scores.reset_index().merge(costs.reset_index(), on=keys[:5], how="left")
+    out.insert(4, "category", out["task"].map(_category))
+    return out.sort_values(["model", "mode", "category", "task", "metric", "method"]).reset_index(drop=True)
+
+
+def category_averages(board: pd.DataFrame) -> pd.DataFrame:
+    """Mean of the task averages per model x method x mode x category, plus an overall mean."""
+    if board.empty:
+        return board
+    keys = ["model", "method", "mode"]
+    cat = board.groupby(keys + ["category"])["avg"].mean().unstack("category")
+    cat["overall"] = board.groupby(keys)["avg"].mean()
+    return cat.reset_index()
+
+
+def _category(task: str) -> str:
+    try:
+        return TASKS.get(task).category
+    except KeyError:
+        return "unknown"
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.1f}") -> str:
+    if df.empty:
+        return "(no results)"
+    cols = list(df.columns)
+
+    def fmt(v):
+        if isinstance(v, float):
+            if v != v:
+                return "-"
+            return f"{v:.3f}" if abs(v) < 1 and v != 0 else floatfmt.format(v)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
