@@ -11,6 +11,7 @@ Truncation (keep the first L//2 and last L//2 tokens) applies to the first promp
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class PromptBuilder:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if bos not in BOS_POLICIES:
             raise ValueError(f"bos must be one of {BOS_POLICIES}, got {bos!r}")
+        if 0 < n_turns < len(example.turns):  # the reference cuts the rows to the kept turns first
+            example = dataclasses.replace(example, turns=example.turns[:n_turns])
         self.engine, self.task, self.example = engine, task, example
         self.mode, self.n_turns, self.golden = mode, n_turns, golden
         self.add_special = bos == "faithful"
@@ -142,5 +145,5 @@ class PromptBuilder:
                 "multi-request mode needs one shared prompt 0"
             )
         ids = self.engine.encode(tail, add_special_tokens=False)
-        prefix = self._prefix(index)
-        return TurnPrompt(ids + prefix, self.max_new(index), rewind=len(prefix))
+        # no forced assistant prefix here: the reference adds it to multi-turn follow-ups only
+        return TurnPrompt(ids, self.max_new(index))

@@ -49,7 +49,9 @@ class Registry:
 
 
 TASKS = Registry("task")
-for _name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt"):
+for _name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng", "scbench_qa_chn",
+              "scbench_choice_eng", "scbench_mf", "scbench_many_shot", "scbench_summary",
+              "scbench_summary_with_needles", "scbench_repoqa_and_kv"):
     TASKS.add(_name, f"scbench.tasks.{_name.removeprefix('scbench_')}:TASK")
 
 METHODS = Registry("method")
