@@ -40,9 +40,18 @@ class Method:
                 layer (post-RoPE), or None when ``query_window`` is 0.
         Returns:
             (keys, values) with the same batch, heads and head_dim and at most ``tokens`` tokens. The kept
-            tensors must really be smaller: the engine counts resident bytes from them.
+            tensors must really be smaller: the engine counts resident bytes from them. A method that changes
+            the representation (e.g. KIVI's packed integers) may instead return a transformers cache layer
+            that replaces this one; it reports its bytes with ``scbench_nbytes()`` (see scbench/kv/cache.py).
         """
         raise NotImplementedError
+
+    def begin_compression(self, *, num_layers: int, seen_tokens: int) -> None:
+        """Called by the engine before ``compress_cache`` runs over the layers of one compression pass.
+
+        ``seen_tokens`` counts every position fed so far (the context a ratio budget refers to, which can
+        exceed the cache length after earlier evictions). Default: nothing.
+        """
 
     def prefill_attention(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

@@ -43,6 +43,7 @@ def get_engine(model: dict, engine: str = "hf"):
         _ENGINES[key] = HFEngine(
             m.pop("path"), name=m.pop("name", None), device=m.pop("device", None), dtype=m.pop("dtype", None),
             window=m.pop("window", None), trust_remote_code=m.pop("trust_remote_code", False),
+            adapter=m.pop("adapter", None),
         )
         if m:
             raise ValueError(f"unknown model config key(s): {', '.join(sorted(m))}")
@@ -77,10 +78,12 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
 
             bar = tqdm(total=total, initial=total - todo, desc=f"{task.name} {spec.mode} {method.name}", unit="turn")
         try:
-            for ex in examples:
+            for i, ex in enumerate(examples):
                 have = done.get(ex.id, {})
                 if len(have) >= n_turns(ex, spec):
                     continue
+                if bar:
+                    bar.set_postfix_str(f"example {i + 1}/{len(examples)}")
                 for result in Replay(engine, method, task, ex, spec, done=have):
                     store.put(run_id, result)
                     if bar:

@@ -35,6 +35,7 @@ class Replay:
         )
         self.session = None
         self.history: list[int] = []  # every token fed so far (multi-turn), for the naive replay
+        self._warned_window = False
 
     # --- policies -----------------------------------------------------------------------------------
     def _feed(self, ids: list[int], *, first: bool, query_start: int | None = None):
@@ -44,7 +45,9 @@ class Replay:
         if first and compress and query_start is not None and not self.spec.query_visible and 0 < query_start < len(ids):
             a = self.session.feed(ids[:query_start], compress=True, sparse=sparse)
             b = self.session.feed(ids[query_start:], compress=False, sparse=sparse)
-            return dataclasses.replace(a, tokens=a.tokens + b.tokens, seconds=a.seconds + b.seconds)
+            return dataclasses.replace(a, tokens=a.tokens + b.tokens, seconds=a.seconds + b.seconds,
+                                       attn_cells=a.attn_cells + b.attn_cells,
+                                       attn_computed=a.attn_computed + b.attn_computed)
         return self.session.feed(ids, compress=compress, sparse=sparse)
 
     def __iter__(self) -> Iterator[TurnResult]:
@@ -92,7 +95,9 @@ class Replay:
                 fs = self._feed(tp.ids, first=False)
                 if ctx_fs is not None:  # the context prefill is charged to the first request
                     fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
-                                             seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s)
+                                             seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
+                                             attn_cells=fs.attn_cells + ctx_fs.attn_cells,
+                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed)
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
@@ -103,6 +108,11 @@ class Replay:
             yield result
 
     def _generate(self, i: int, tp: TurnPrompt, fs):
+        end = fs.reused + fs.tokens + tp.max_new_tokens
+        if end > self.engine.window and not self._warned_window:
+            self._warned_window = True
+            log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
+                        self.task.name, self.example.id, i, end, self.engine.window)
         gen = self.session.generate(tp.max_new_tokens)
         mem = self.session.memory()
         turn = self.example.turns[i]
@@ -118,6 +128,7 @@ class Replay:
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
             compress_s=fs.compress_s,
             truncated_tokens=self.builder.truncated if i == 0 else 0,
+            attn_density=fs.attn_density,
             **mem,
         )
         scores = self.task.score(prediction, turn, self.example.extra)

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "scbench"
+# Decode (one query) avoids the cuDNN backend: measured on an H100, cuDNN SDPA re-plans whenever the key length
+# changes, which every decode step does (per-layer lengths under PyramidKV dropped decode to 0.5 tok/s).
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -26,6 +30,12 @@ class AttnContext:
     capture_queries: int = 0
     """Keep the last N queries of each layer in ``queries`` (for query-aware compression)."""
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    cells_total: int = 0
+    """Causal attention score cells of the multi-token forwards (batch x query heads x layers)."""
+    cells_computed: int = 0
+    """Of those, the cells computed: dense forwards count all, a sparse hook reports its own."""
+    reported: bool = False
+    """Set by ``count_computed`` during a hook call."""
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
@@ -40,6 +50,14 @@ def active(ctx: AttnContext):
         _ACTIVE.reset(token)
 
 
+def count_computed(cells: int) -> None:
+    """Called by a sparse prefill hook: the score cells it computed in this call (all heads and batch rows)."""
+    ctx = _ACTIVE.get()
+    if ctx is not None:
+        ctx.cells_computed += int(cells)
+        ctx.reported = True
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Dense causal attention, queries aligned to the end of the keys.
 
@@ -48,6 +66,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     tq, tk = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if tq == 1:
+        if q.is_cuda:  # cuDNN re-plans for every new key length: decode lengths change each step
+            with sdpa_kernel(DECODE_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -67,16 +88,23 @@ def reference_causal_attention(q, k, v, scale: float | None = None) -> torch.Ten
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-def scbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention-interface entry: query [B,Hq,T,D], key/value [B,Hkv,S,D] -> ([B,T,Hq,D], None)."""
     ctx = _ACTIVE.get()
     layer = getattr(module, "layer_idx", 0)
     out = None
     if ctx is not None:
         if ctx.capture_queries and query.shape[-2] > 1:
-            ctx.queries[layer] = query[:, :, -ctx.capture_queries :, :].detach()
-        if ctx.sparse and query.shape[-2] > 1:
-            out = ctx.method.prefill_attention(layer, query, key, value, scaling)
+            ctx.queries[layer] = query[:, :, -ctx.capture_queries :, :].detach().clone()  # own storage, not a view
+        if query.shape[-2] > 1:
+            tq, tk = query.shape[-2], key.shape[-2]
+            dense = (tq * (tk - tq) + tq * (tq + 1) // 2) * query.shape[0] * query.shape[1]
+            ctx.cells_total += dense
+            ctx.reported = False
+            if ctx.sparse:
+                out = ctx.method.prefill_attention(layer, query, key, value, scaling)
+            if not ctx.reported:
+                ctx.cells_computed += dense
     if out is None:
         out = causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None

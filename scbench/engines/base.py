@@ -13,6 +13,15 @@ class FeedStats:
     """Tokens already in the cache (served without recomputation)."""
     seconds: float
     compress_s: float = 0.0
+    attn_cells: int = 0
+    """Causal attention score cells of this feed's multi-token forwards (all layers, heads, batch rows)."""
+    attn_computed: int = 0
+    """Of those, the cells computed (fewer than attn_cells under sparse prefill)."""
+
+    @property
+    def attn_density(self) -> float:
+        """Fraction of the causal score matrix computed (1.0 when nothing was counted)."""
+        return self.attn_computed / self.attn_cells if self.attn_cells else 1.0
 
 
 @dataclass

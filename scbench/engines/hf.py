@@ -46,7 +46,8 @@ class HFEngine(Engine):
     name = "hf"
 
     def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
-                 window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None):
+                 window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None,
+                 adapter: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         attention.register()
@@ -57,10 +58,17 @@ class HFEngine(Engine):
             folder = resolve(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=self.dtype, trust_remote_code=trust_remote_code, attn_implementation=attention.NAME
+                folder, dtype=torch.float32 if adapter else self.dtype, trust_remote_code=trust_remote_code,
+                attn_implementation=attention.NAME,
             )
         else:
             model.set_attn_implementation(attention.NAME)
+        self.adapter_info: dict = {}
+        if adapter:  # LoRA delta merged in float32, then cast once to the run's dtype
+            from scbench.engines.models import merge_adapter
+
+            self.adapter_info = merge_adapter(model, adapter)
+            model = model.to(self.dtype)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         cfg = self.model.config
@@ -117,6 +125,7 @@ class HFEngine(Engine):
             "window": self.window,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            **self.adapter_info,
         }
 
     def peak_memory(self) -> int:
@@ -171,15 +180,22 @@ class HFSession(Session):
             _sync(self.engine.device)
             compress_s = time.perf_counter() - t1
         _sync(self.engine.device)
-        return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s)
+        return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s,
+                         attn_cells=ctx.cells_total, attn_computed=ctx.cells_computed)
 
     @torch.inference_mode()
     def _compress(self, ctx: attention.AttnContext) -> None:
+        if hasattr(self.method, "begin_compression"):
+            self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
         for idx, layer in enumerate(self.cache.layers):
-            if not layer.is_initialized:
+            if not layer.is_initialized or getattr(layer, "scbench_compresses_itself", False):
                 continue
             queries = ctx.queries.get(idx) if ctx.capture_queries else None
-            k, v = self.method.compress_cache(idx, layer.keys, layer.values, queries)
+            out = self.method.compress_cache(idx, layer.keys, layer.values, queries)
+            if not isinstance(out, tuple):  # a cache layer with its own representation (e.g. KIVI)
+                kvc.install_layer(self.cache, idx, out)
+                continue
+            k, v = out
             if k.shape[:2] != layer.keys.shape[:2] or k.shape[-1] != layer.keys.shape[-1] or k.shape != v.shape:
                 raise ValueError(
                     f"{type(self.method).__name__}.compress_cache returned keys {tuple(k.shape)} / values "
@@ -216,7 +232,7 @@ class HFSession(Session):
             self.last_logits = None
 
     def checkpoint(self, *, rewrites):
-        snap = kvc.snapshot(self.cache) if rewrites else None
+        snap = kvc.snapshot(self.cache) if rewrites or not kvc.crop_is_exact(self.cache) else None
         return (self.pos, kvc.layer_lengths(self.cache), snap)
 
     def rollback(self, token):

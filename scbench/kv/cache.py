@@ -57,11 +57,29 @@ def replace_layer(cache, idx: int, keys: torch.Tensor, values: torch.Tensor) -> 
     layer.keys, layer.values = keys.contiguous(), values.contiguous()
 
 
-def snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A copy of every layer's tensors (used when a later step may rewrite, not only append)."""
-    return [(layer.keys.clone(), layer.values.clone()) for layer in _layers(cache)]
+def install_layer(cache, idx: int, layer) -> None:
+    """Replace layer ``idx`` by a cache-layer object that stores its own representation (e.g. packed bits)."""
+    cache.layers[idx] = layer
 
 
-def restore(cache, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for layer, (k, v) in zip(_layers(cache), snap, strict=True):
-        layer.keys, layer.values = k.clone(), v.clone()
+def crop_is_exact(cache) -> bool:
+    """False when some layer cannot crop back exactly (it declares ``scbench_exact_crop = False``)."""
+    return all(getattr(layer, "scbench_exact_crop", True) for layer in _layers(cache))
+
+
+def snapshot(cache) -> list:
+    """A copy of every layer's state (used when a later step may rewrite, not only append).
+
+    A layer defining ``scbench_snapshot()`` / ``scbench_restore(state)`` snapshots itself."""
+    return [
+        layer.scbench_snapshot() if hasattr(layer, "scbench_snapshot") else (layer.keys.clone(), layer.values.clone())
+        for layer in _layers(cache)
+    ]
+
+
+def restore(cache, snap: list) -> None:
+    for layer, state in zip(_layers(cache), snap, strict=True):
+        if hasattr(layer, "scbench_restore"):
+            layer.scbench_restore(state)
+        else:
+            layer.keys, layer.values = state[0].clone(), state[1].clone()
