@@ -57,3 +57,7 @@ for _name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repo
 METHODS = Registry("method")
 METHODS.add("full", "scbench.methods.full:FullAttention")
 METHODS.add("streamingllm", "scbench.methods.streamingllm:StreamingLLM")
+METHODS.add("snapkv", "scbench.methods.snapkv:SnapKV")
+METHODS.add("pyramidkv", "scbench.methods.pyramidkv:PyramidKV")
+METHODS.add("h2o", "scbench.methods.h2o:H2O")
+METHODS.add("kivi", "scbench.methods.kivi:KIVI")

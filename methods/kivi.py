@@ -1,0 +1,47 @@
+"""KIVI: 2- or 4-bit asymmetric quantization of the KV cache, keys per channel and values per token.
+
+Based on Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (arXiv 2402.02750), with
+SCBench's settings (2 bits, group 32, 32 most recent tokens in full precision). When compression fires, each
+layer becomes a ``scbench.kv.quant.KIVILayer`` that holds the packed integers (8 // bits per byte) plus scales
+and zero points in the cache dtype, and keeps the most recent ``residual`` to ``residual + group - 1`` tokens
+exact; tokens appended later join the residual and are quantized a group at a time. Attention dequantizes on
+use. Differences from the reference code: keys and values share one residual rule (the reference keeps 0-31
+recent keys exact and exactly 32 recent values), and the last group of a value token spans the head when
+head_dim < group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scbench.kv.quant import BITS, KIVILayer
+from scbench.methods.base import Method, positive_int
+
+
+@dataclass
+class KIVI(Method):
+    """Packed low-bit KV cache with a full-precision recent window."""
+
+    bits: int = 2
+    """Bits per quantized key/value element: 2 or 4."""
+    group: int = 32
+    """Tokens per key group (per channel) and channels per value group (per token)."""
+    residual: int = 32
+    """Most recent tokens always kept in full precision."""
+
+    name: ClassVar[str] = "kivi"
+    stages: ClassVar[tuple[str, ...]] = ("compression",)
+    approximation: ClassVar[str] = (
+        "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
+        "keeps 0..residual-1 recent keys and exactly residual recent values exact"
+    )
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"KIVI.bits must be one of {BITS}, got {self.bits!r}")
+        positive_int(self, "group")
+        positive_int(self, "residual", minimum=0)
+
+    def compress_cache(self, layer_idx, keys, values, queries):
+        """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""
+        return KIVILayer(keys, values, bits=self.bits, group=self.group, residual=self.residual)
