@@ -1,0 +1,30 @@
+"""Tri-shape sparse prefill: A-shape plus the last n_last query rows attending densely.
+
+Based on SCBench (Li et al., arXiv 2412.10319, "Tri-shape"): the dense last rows let the query at the
+end of the prompt read the whole context. The paper uses 64-128 rows, its reference code 100; the
+default here is 64. Only the prefill is sparse: decoding stays dense over the full O(n) KV cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scbench.methods.ashape import AShape
+from scbench.methods.base import positive_int
+
+
+@dataclass
+class TriShape(AShape):
+    """A-shape with the last ``n_last`` query rows of each prefill chunk dense."""
+
+    n_last: int = 64
+    """Dense query rows at the end of the chunk (reference code: 100)."""
+
+    name: ClassVar[str] = "trishape"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int(self, "n_last", minimum=0)
+
+    def dense_rows(self) -> int:
+        return self.n_last

@@ -1,0 +1,85 @@
+"""Vertical-slash sparse prefill (MInference-style): per head, the key columns and diagonals that carry
+the attention mass of the last queries.
+
+Based on MInference 1.0 (Jiang et al., arXiv 2407.02490), as evaluated in SCBench (arXiv 2412.10319).
+For each layer and query head: score the last ``last_q`` queries against every key (causal softmax),
+sum the probabilities per key column (vertical lines) and per diagonal (slash lines), keep the top
+``vertical_size`` columns and ``slash_size`` diagonals (the first ``init_cols`` columns and the nearest
+``local_diags`` diagonals always kept, inside the budgets), then compute attention on those lines only.
+Only the prefill is sparse: decoding stays dense over the full O(n) KV cache (KV memory unchanged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from scbench.kernels import pattern as pat
+from scbench.methods.base import positive_int
+from scbench.methods.sparse_prefill import SparsePrefill
+
+
+def line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mass of the last queries per key column and per diagonal.
+
+    q: [Hq, Tq, D]; k: [Hkv, Tk, D] -> (vertical [Hq, Tk], slash [Hq, Tk]) in float32, where slash[:, d]
+    sums the probabilities of cells with position(query) - key = d. Scores are taken against the keys in
+    reverse order, padded with n masked keys, so that every diagonal is a column of one strided view.
+    """
+    hq, tq = q.shape[0], q.shape[1]
+    hkv, tk = k.shape[0], k.shape[1]
+    n = min(last_q, tq)
+    qs = q[:, tq - n :].reshape(hkv, hq // hkv * n, -1)  # query heads of one KV head side by side
+    kf = F.pad(k.flip(-2), (0, 0, 0, n))  # [Hkv, Tk + n, D]: key Tk-1-m at m, then n padding keys
+    s = (qs @ kf.transpose(-1, -2)).view(hq, n, tk + n)
+    s[:, :, tk:] = float("-inf")
+    m = torch.arange(n, device=q.device)
+    s[:, :, :n].masked_fill_(m[None, :] < (n - 1 - m)[:, None], float("-inf"))  # row r sees m >= n-1-r
+    a = torch.softmax(s.float() * scale, -1)
+    vertical = a[:, :, :tk].sum(1).flip(-1)
+    # row r (position tk-n+r) holds diagonal d at m = d + n-1-r: flat index r*(tk+n-1) + d + n-1
+    slash = a.as_strided((hq, n, tk), (n * (tk + n), tk + n - 1, 1), a.storage_offset() + n - 1).sum(1)
+    return vertical, slash
+
+
+@dataclass
+class VerticalSlash(SparsePrefill):
+    """Per-head vertical (key column) + slash (diagonal) pattern estimated from the last queries."""
+
+    vertical_size: int = 1000
+    """Key columns kept per head (MInference's Llama-3 setting)."""
+    slash_size: int = 6096
+    """Diagonals kept per head (MInference's Llama-3 setting)."""
+    last_q: int = 64
+    """Last queries whose attention estimates the pattern."""
+    init_cols: int = 30
+    """Leading columns always kept (counted in vertical_size)."""
+    local_diags: int = 100
+    """Nearest diagonals always kept, the main one included (counted in slash_size)."""
+
+    name: ClassVar[str] = "vertical_slash"
+    approximation: ClassVar[str | None] = (
+        "MInference-style: one vertical-and-slash budget for every head (no offline per-head pattern search); "
+        "exact line masks (MInference's kernel computes 64-wide slash blocks)"
+    )
+
+    def __post_init__(self) -> None:
+        for f in ("vertical_size", "slash_size", "last_q", "local_diags"):
+            positive_int(self, f, minimum=1)
+        positive_int(self, "init_cols", minimum=0)
+        if self.init_cols > self.vertical_size or self.local_diags > self.slash_size:
+            raise ValueError("VerticalSlash: init_cols must be <= vertical_size and local_diags <= slash_size")
+
+    def pattern(self, layer_idx, q, k, scale):
+        """q: [1, Hq, Tq, D]; k: [1, Hkv, Tk, D] -> per-head Pattern (P = Hq)."""
+        tq, tk = q.shape[-2], k.shape[-2]
+        vertical, slash = line_scores(q[0], k[0], scale if scale is not None else q.shape[-1] ** -0.5, self.last_q)
+        vertical[:, : self.init_cols] = float("inf")
+        slash[:, : self.local_diags] = float("inf")
+        cols = torch.zeros_like(vertical, dtype=torch.bool)
+        diags = torch.zeros_like(slash, dtype=torch.bool)
+        cols.scatter_(-1, vertical.topk(min(self.vertical_size, tk), -1).indices, True)
+        diags.scatter_(-1, slash.topk(min(self.slash_size, tk), -1).indices, True)
+        return pat.Pattern(tq, tk, cols, diags, scattered_cols=True)

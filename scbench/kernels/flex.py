@@ -1,0 +1,207 @@
+"""GPU path of the sparse prefill patterns: FlexAttention with block masks built analytically.
+
+The block mask is computed from the pattern's lines in O(P x Q-blocks x KV-blocks) (no T x T mask is ever
+evaluated): a block is skipped when no chosen column or diagonal crosses it, computed without ``mask_mod``
+when every cell is causal and chosen (full block), and masked cell by cell otherwise. Two pieces run
+outside the block-sparse call because one 128-row tile per head would otherwise walk every key block
+alone: the dense last rows (Tri-shape) go through dense SDPA and overwrite those rows, and scattered key
+columns (vertical-slash), which would touch nearly every key block, are gathered into a small per-head key
+set, attended in a second FlexAttention call, and merged by log-sum-exp.
+Tested against ``scbench.kernels.pattern.reference_attention`` (tests/test_sparse_gpu.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
+from scbench.kernels.pattern import Pattern
+
+BLOCK = 128
+DYNAMIC: bool | None = None
+"""torch.compile's ``dynamic`` for FlexAttention: None (default) recompiles once, then with dynamic lengths;
+False compiles one kernel per length: about 15% faster kernels (A-shape at 128K on an H100: 21.4 vs 25.2 ms,
+results/perf/sparse_prefill_attention.md) for a compile per new prompt length. Set it before the first call."""
+_COMPILED: dict = {}
+
+
+def compiled_flex():
+    """torch.compile(flex_attention) for the current ``DYNAMIC`` setting, built once."""
+    if DYNAMIC not in _COMPILED:
+        cfg = torch._dynamo.config  # one graph per mask_mod family and length: stay under the limit
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        _COMPILED[DYNAMIC] = torch.compile(flex_attention, dynamic=DYNAMIC)
+    return _COMPILED[DYNAMIC]
+
+
+def _ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [P, nq, nk] -> (counts [1, P, nq], indices [1, P, nq, nk]) with the chosen blocks first."""
+    num = m.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None], idx[None]
+
+
+def _from_kv_blocks(kn, ki, fn, fi, *, mask_mod, seq_lengths) -> BlockMask:
+    """BlockMask from ordered block lists, skipping the transposed (backward-only) lists where supported."""
+    kw = dict(BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=seq_lengths)
+    try:
+        return BlockMask.from_kv_blocks(kn, ki, fn, fi, compute_q_blocks=False, **kw)
+    except TypeError:
+        return BlockMask.from_kv_blocks(kn, ki, fn, fi, **kw)
+
+
+def _mask_mod(pattern: Pattern):
+    """Cell predicate of the pattern's sparse rows (tables captured as tensors, indices clamped)."""
+    cols, diags = pattern.cols, pattern.diags
+    dev = cols.device
+    off = torch.tensor(pattern.offset, device=dev)
+    last = torch.tensor(pattern.tk - 1, device=dev)
+    if pattern.band is not None:  # arithmetic test: ~15% faster than table reads at 128K (probe_flex_ashape.py)
+        n_init, n_local = pattern.band
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d >= 0) & ((kv_idx < n_init) | (d < n_local))
+    elif pattern.heads == 1:
+        c1, d1 = cols[0], diags[0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            dd = torch.clamp(torch.minimum(d, last), min=0)
+            return (d >= 0) & (c1[torch.minimum(kv_idx, last)] | d1[dd])
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            dd = torch.clamp(torch.minimum(d, last), min=0)
+            return (d >= 0) & (cols[h, torch.minimum(kv_idx, last)] | diags[h, dd])
+
+    return mask_mod
+
+
+def _count(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Selected lines in [lo, hi) per head. cum: [P, T+1] prefix sums; lo, hi: [nq, nk] or [P, nq, nk]."""
+    t = cum.shape[-1] - 1
+    lo, hi = lo.clamp(0, t), hi.clamp(0, t)
+    if lo.dim() == 2:
+        return cum[:, hi] - cum[:, lo]
+    p = cum.shape[0]
+    return cum.gather(1, hi.reshape(p, -1)).view_as(hi) - cum.gather(1, lo.reshape(p, -1)).view_as(lo)
+
+
+def block_mask(pattern: Pattern) -> BlockMask:
+    """BlockMask ([1, P, ...]; P=1 broadcasts over heads) of the pattern's sparse rows, columns included.
+
+    The dense last rows (``n_last``) are not in it: ``attention`` computes them separately.
+    """
+    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
+    dev = pattern.cols.device
+    nq, nk = math.ceil(tq / BLOCK), math.ceil(tk / BLOCK)
+    qb = torch.arange(nq, device=dev)[:, None]
+    kb = torch.arange(nk, device=dev)[None, :]
+    pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
+    jmin, jmax = kb * BLOCK, (kb * BLOCK + BLOCK - 1).clamp(max=tk - 1)
+    dmin, dmax = pmin - jmax, pmax - jmin  # diagonals crossing the block
+    any_causal, all_causal = dmax >= 0, dmin >= 0
+    n_d = _count(F.pad(pattern.diags.int().cumsum(-1), (1, 0)), dmin, dmax + 1)
+    n_c = _count(F.pad(pattern.cols.int().cumsum(-1), (1, 0)), jmin.expand(nq, -1), jmax.expand(nq, -1) + 1)
+    whole = ((qb + 1) * BLOCK <= tq) & ((kb + 1) * BLOCK <= tk)  # edge blocks stay partial
+    full = whole & all_causal & ((n_d == dmax - dmin + 1) | (n_c == jmax - jmin + 1))
+    partial = any_causal & ((n_d > 0) | (n_c > 0)) & ~full
+    kn, ki = _ordered(partial)
+    fn, fi = _ordered(full.expand_as(partial))
+    return _from_kv_blocks(kn, ki, fn, fi, mask_mod=_mask_mod(pattern), seq_lengths=(tq, tk))
+
+
+def _flex_lse(q, k, v, bm: BlockMask, scale, gqa: bool):
+    """(out [B, Hq, Tq, D], natural-log LSE [B, Hq, Tq] float32; -inf on rows with no key)."""
+    out, aux = compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def _gathered_cols(q, k, v, pattern: Pattern, scale):
+    """Attention of every query head to its own scattered columns, minus cells on chosen diagonals."""
+    hq, hkv = q.shape[1], k.shape[1]
+    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
+    dev = q.device
+    cols = pattern.cols.expand(hq, -1) if pattern.heads == 1 else pattern.cols
+    diags = pattern.diags.expand(hq, -1) if pattern.heads == 1 else pattern.diags
+    n = int(cols.sum(-1).max())
+    pos = torch.where(cols, torch.arange(tk, device=dev), tk).sort(-1).values[:, :n]  # sorted, tk = padding
+    valid = pos < tk
+    pos = torch.where(valid, pos, 0)
+    kv_head = (torch.arange(hq, device=dev) // (hq // hkv))[:, None]
+    kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]  # [B, Hq, n, D]
+    t_off, t_last, t_n = (torch.tensor(x, device=dev) for x in (off, tk - 1, n - 1))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        t = torch.minimum(kv_idx, t_n)
+        d = q_idx + t_off - pos[h, t]
+        dd = torch.clamp(torch.minimum(d, t_last), min=0)
+        return valid[h, t] & (d >= 0) & ~diags[h, dd]
+
+    nq, nk = math.ceil(tq / BLOCK), math.ceil(n / BLOCK)
+    starts = torch.arange(nk, device=dev) * BLOCK
+    ends = (starts + BLOCK - 1).clamp(max=n - 1)
+    jmin, jmax = pos[:, starts], pos[:, ends]  # [Hq, nk]
+    all_valid = valid[:, ends] & (ends - starts + 1 == BLOCK)
+    qb = torch.arange(nq, device=dev)
+    pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
+    dmin = pmin[None, :, None] - jmax[:, None, :]  # [Hq, nq, nk]
+    dmax = pmax[None, :, None] - jmin[:, None, :]
+    n_d = _count(F.pad(diags.int().cumsum(-1), (1, 0)), dmin, dmax + 1)
+    full = (dmin >= 0) & (n_d == 0) & all_valid[:, None, :] & ((qb + 1) * BLOCK <= tq)[None, :, None]
+    partial = (dmax >= 0) & valid[:, starts][:, None, :] & ~full  # padding-only blocks (fewer columns) skipped
+    kn, ki = _ordered(partial)
+    fn, fi = _ordered(full)
+    bm = _from_kv_blocks(kn, ki, fn, fi, mask_mod=mask_mod, seq_lengths=(tq, n))
+    return _flex_lse(q, kg, vg, bm, scale, False)
+
+
+def _merge(out1, lse1, out2, lse2):
+    """Combine two attentions over disjoint key sets by their log-sum-exps (rows of out2 may have no key)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse)[..., None]
+    w2 = torch.where(torch.isfinite(lse2), torch.exp(lse2 - lse), 0.0)[..., None]
+    return (out1.float() * w1 + torch.nan_to_num(out2.float()) * w2).to(out1.dtype)
+
+
+def _compiled(fn):
+    """fn fused by torch.compile (one kernel instead of a chain of full-size temporaries), built once."""
+    key = (fn, DYNAMIC)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=DYNAMIC)
+    return _COMPILED[key]
+
+
+def _dense_rows(q, k, v, scale) -> torch.Tensor:
+    """Causal attention of the last rows to every key (bottom-right aligned), through SDPA."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attention(q, k, v, pattern: Pattern, scale: float | None = None, bm: BlockMask | None = None) -> torch.Tensor:
+    """FlexAttention over the pattern. q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
+
+    ``bm``: a prebuilt ``block_mask`` of the pattern's main part (shared by every layer, e.g.); built when None.
+    """
+    r0 = pattern.row0
+    if r0 == 0:
+        return _dense_rows(q, k, v, scale)
+    gqa = q.shape[1] != k.shape[1]
+    if not pattern.scattered_cols:
+        out, _ = _flex_lse(q, k, v, bm if bm is not None else block_mask(pattern), scale, gqa)
+    else:
+        main = dataclasses.replace(pattern, cols=torch.zeros_like(pattern.cols), scattered_cols=False)
+        out1, lse1 = _flex_lse(q, k, v, bm if bm is not None else block_mask(main), scale, gqa)
+        out2, lse2 = _gathered_cols(q, k, v, pattern, scale)
+        out = _compiled(_merge)(out1, lse1, out2, lse2)
+    if r0 < pattern.tq:
+        out[:, :, r0:] = _dense_rows(q[:, :, r0:], k, v, scale)
+    return out
