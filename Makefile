@@ -8,7 +8,7 @@ PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.scbench-installed
 
-.PHONY: run test bench clean-results
+.PHONY: run test bench clean-results browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ run: $(STAMP)
 	$(BIN)/scbench run -m sweep=default
 	$(BIN)/scbench export --store results/default/scbench.sqlite --format md
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
+
+# headless chromium + chromedriver for tests/test_export_browser.py (skipped without them); best effort, root only
+browser:
+	-@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "browser test will be skipped: install chromium and chromium-driver"; }
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py

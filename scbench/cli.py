@@ -1,4 +1,4 @@
-"""Command line: ``scbench run | ls | score | export | data generate``. Thin: imports happen inside commands.
+"""Command line: ``scbench run | ls | score | export | plot | merge | data generate``. Thin: imports happen inside commands.
 
 ``run`` is a Hydra app (config groups model/, method/, task/, mode/, sweep/; ``-m`` for sweeps); the
 others take plain flags. Unknown group choices are refused before Hydra starts, with the closest match.
@@ -55,21 +55,81 @@ def spec_from_cfg(cfg):
     )
 
 
+def job_device(job_num: int | None, n_devices: int, enabled: bool) -> str | None:
+    """The CUDA device a sweep job is pinned to: ``cuda:{job_num % n_devices}`` when pinning is on, this is a
+    multirun job and more than one device is visible; None (the model config decides) otherwise."""
+    if not enabled or job_num is None or n_devices <= 1:
+        return None
+    return f"cuda:{int(job_num) % n_devices}"
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch/CUDA means no pinning
+        return 0
+
+
+def _failed_spec_dict(cfg) -> dict:
+    """Best-effort spec of a job whose config did not even make a RunSpec (for its failed run row)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=False)
+    c.pop("hydra", None)
+    task = c.get("task")
+    mode = c.get("mode")
+    return {"model": c.get("model"), "method": c.get("method"),
+            "task": task.get("name") if isinstance(task, dict) else task,
+            "mode": mode.get("name") if isinstance(mode, dict) else mode, "config": c}
+
+
 def _run_job(cfg) -> None:
+    """One Hydra job. In a sweep a failing job (bad config, OOM, any exception) is recorded in the store as a
+    failed run with its error and the sweep goes on; a single run raises."""
     from hydra.core.hydra_config import HydraConfig
 
-    from scbench.evaluate import run_spec
+    from scbench.evaluate import record_failure, run_spec
+    from scbench.provenance import spec_hash
 
-    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    job_num = hc.job.get("num") if multirun else None
+    spec = None
     try:
         spec = spec_from_cfg(cfg)
-        run_id = run_spec(spec, cfg.store, engine_name=cfg.engine, progress=cfg.progress)
-        print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']} -> {cfg.store}")
-    except USER_ERRORS as e:
+        device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
+        run_id = run_spec(spec, cfg.store, engine_name=cfg.engine, progress=cfg.progress,
+                          shard=cfg.get("shard"), device=device)
+        print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
+              + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
+              + f" -> {cfg.store}")
+    except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
             raise
-        # a sweep goes on past one bad job; the store records the failure when the run got that far
-        logging.getLogger("scbench").error("job failed: %s: %s", type(e).__name__, e)
+        if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
+            try:
+                d = _failed_spec_dict(cfg)
+                record_failure(cfg.store, "cfg-" + spec_hash(d)[:11], d, e)
+            except Exception:  # noqa: BLE001
+                logging.getLogger("scbench").exception("could not record the failure in %s", cfg.get("store"))
+        _free_accelerator()
+        logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
+
+
+def _free_accelerator() -> None:
+    """After a failed job (OOM above all), give cached accelerator memory back before the next job."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def cmd_run(argv: list[str]) -> None:
@@ -194,19 +254,32 @@ def cmd_score(argv: list[str]) -> None:
 def cmd_export(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="scbench export")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    p.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
+                   help="json: versioned records (docs/results_schema.md); html: one self-contained page")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     a = p.parse_args(argv)
-    from scbench.report.table import category_averages, leaderboard, to_markdown
     from scbench.store import Store
 
-    board = leaderboard(Store(a.store))
-    if a.format == "md":
-        text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
-    elif a.format == "csv":
-        text = board.to_csv(index=False)
+    if not Path(a.store).exists():
+        raise FileNotFoundError(f"no results store at {a.store}")
+    store = Store(a.store)
+    if a.format == "json":
+        from scbench.report.export import to_json
+
+        text = to_json(store)
+    elif a.format == "html":
+        from scbench.report.html import build_html
+
+        text = build_html(store)
     else:
-        text = board.to_json(orient="records", indent=1)
+        from scbench.report.table import category_averages, leaderboard, to_markdown
+
+        board = leaderboard(store)
+        if a.format == "md":
+            text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
+        else:
+            text = board.to_csv(index=False)
+    store.close()
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
@@ -215,16 +288,54 @@ def cmd_export(argv: list[str]) -> None:
         print(text)
 
 
-COMMANDS = {"run": cmd_run, "ls": cmd_ls, "score": cmd_score, "export": cmd_export, "data": cmd_data}
+def cmd_plot(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="scbench plot", description="Leaderboard figures as PNG and SVG files.")
+    p.add_argument("--store", default="results/scbench.sqlite")
+    p.add_argument("--out", default="results/figures", help="output folder")
+    p.add_argument("--formats", default="png,svg")
+    a = p.parse_args(argv)
+    from scbench.report.export import records
+    from scbench.report.figures import write_figures
+    from scbench.store import Store
+
+    if not Path(a.store).exists():
+        raise FileNotFoundError(f"no results store at {a.store}")
+    store = Store(a.store)
+    recs = records(store)
+    store.close()
+    for path in write_figures(recs, a.out, tuple(f for f in a.formats.split(",") if f)):
+        print(f"wrote {path}")
+
+
+def cmd_merge(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="scbench merge", description="Merge per-shard results stores into one.")
+    p.add_argument("out", help="output store (created or extended)")
+    p.add_argument("inputs", nargs="+", help="input stores")
+    a = p.parse_args(argv)
+    from scbench.store import merge_stores
+
+    rep = merge_stores(a.out, a.inputs)
+    print(f"merged {len(a.inputs)} store(s) into {a.out}: {rep['runs_added']} runs and {rep['turns_added']} turns added, "
+          f"{rep['duplicates']} identical duplicate turns skipped, {len(rep['conflicts'])} conflicts")
+    for c in rep["conflicts"]:
+        print(f"conflict: run {c['run_id']} example {c['example_id']} turn {c['turn']} differs in "
+              f"{', '.join(c['columns'])} ({c['source']}); kept the first", file=sys.stderr)
+    if rep["conflicts"]:
+        sys.exit(1)
+
+
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "score": cmd_score, "export": cmd_export, "plot": cmd_plot,
+            "merge": cmd_merge, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: scbench {run|ls|score|export|data} ...\n"
+        print("usage: scbench {run|ls|score|export|plot|merge|data} ...\n"
               "  scbench run model=smollm2-135m method=streamingllm task=scbench_kv mode=multi_turn\n"
               "  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt\n"
-              "  scbench ls tasks|methods|models|runs    scbench score RUN    scbench export --format md|csv|json\n"
+              "  scbench ls tasks|methods|models|runs    scbench score RUN    scbench export --format md|csv|json|html\n"
+              "  scbench plot --out DIR    scbench merge OUT.sqlite IN1.sqlite IN2.sqlite ...\n"
               "  scbench data generate task=scbench_kv length=16000 n=20 out=data/", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

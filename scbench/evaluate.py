@@ -50,19 +50,65 @@ def get_engine(model: dict, engine: str = "hf"):
     return _ENGINES[key]
 
 
-def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True) -> str:
-    """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model."""
-    spec.validate()
-    task = TASKS.get(spec.task).with_variant(spec.task_variant)
-    method = build_method(spec.method)
-    if engine_name not in method.engines:
-        raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
+def parse_shard(shard) -> tuple[int, int] | None:
+    """``None`` or ``"i/n"`` (0 <= i < n) -> ``(i, n)``; anything else is a ValueError with the expected form."""
+    if shard is None or shard == "" or shard == "null":
+        return None
+    text = str(shard).strip()
+    i, sep, n = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        i, n = int(i), int(n)
+    except ValueError:
+        raise ValueError(f"shard must be null or 'i/n' with integers 0 <= i < n (e.g. shard=0/4), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseException | str) -> None:
+    """Write a failed run row (or mark an existing run failed) for a job that stopped before or during its run."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
+    store = Store(store_path)
+    try:
+        store.record_failure(run_id, spec=spec_dict, error=text)
+    finally:
+        store.close()
+
+
+def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
+             shard: str | None = None, device: str | None = None) -> str:
+    """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
+
+    ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
+    not part of the spec) and write disjoint (example, turn) rows. The run is marked ``done`` once every
+    example of the whole run is stored, ``partial`` when this shard finished and others have not.
+    ``device`` overrides the model's device without changing the run id (one job per GPU).
+    A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
+    """
     spec_dict = dataclasses.asdict(spec)
     run_id = provenance.spec_hash(spec_dict)
-    engine = engine or get_engine(spec.model, engine_name)
-    data = dict(spec.data)
-    source = data.pop("source", "generated")
-    examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
+    try:
+        picked = parse_shard(shard)
+        spec.validate()
+        task = TASKS.get(spec.task).with_variant(spec.task_variant)
+        method = build_method(spec.method)
+        if engine_name not in method.engines:
+            raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
+        if engine is None:
+            model = dict(spec.model, device=device) if device else spec.model
+            engine = get_engine(model, engine_name)
+        data = dict(spec.data)
+        source = data.pop("source", "generated")
+        examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
+    except Exception as e:
+        try:
+            record_failure(store_path, run_id, spec_dict, e)
+        except Exception:  # noqa: BLE001 - never hide the job's own error behind a store problem
+            log.exception("could not record the failure of run %s in %s", run_id, store_path)
+        raise
+    mine = examples if picked is None else [ex for k, ex in enumerate(examples) if k % picked[1] == picked[0]]
 
     store = Store(store_path)
     try:
@@ -70,20 +116,21 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
                        task=task.name, mode=spec.mode, spec=spec_dict,
                        provenance=provenance.collect(engine.describe(), method.describe(), task))
         done = store.done_turns(run_id)
-        total = sum(n_turns(e, spec) for e in examples)
-        todo = total - sum(len(v) for v in done.values())
+        total = sum(n_turns(e, spec) for e in mine)
+        todo = total - sum(len(done.get(e.id, {})) for e in mine)
         bar = None
         if progress and todo:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=total - todo, desc=f"{task.name} {spec.mode} {method.name}", unit="turn")
+            label = f"{task.name} {spec.mode} {method.name}" + (f" shard {shard}" if picked else "")
+            bar = tqdm(total=total, initial=total - todo, desc=label, unit="turn")
         try:
-            for i, ex in enumerate(examples):
+            for i, ex in enumerate(mine):
                 have = done.get(ex.id, {})
                 if len(have) >= n_turns(ex, spec):
                     continue
                 if bar:
-                    bar.set_postfix_str(f"example {i + 1}/{len(examples)}")
+                    bar.set_postfix_str(f"example {i + 1}/{len(mine)}")
                 for result in Replay(engine, method, task, ex, spec, done=have):
                     store.put(run_id, result)
                     if bar:
@@ -94,7 +141,12 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         finally:
             if bar:
                 bar.close()
-        store.finish_run(run_id, "done")
+        if picked is None:
+            store.finish_run(run_id, "done")
+        else:  # done only when every shard's rows are in (read after this shard's commits)
+            stored = store.done_turns(run_id)
+            complete = all(len(stored.get(e.id, {})) >= n_turns(e, spec) for e in examples)
+            store.finish_run(run_id, "done" if complete else "partial")
     finally:
         store.close()
     return run_id

@@ -117,3 +117,83 @@ class Store:
     def update_scores(self, run_id: str, example_id: str, turn: int, scores: dict) -> None:
         self.db.execute("UPDATE turns SET scores=? WHERE run_id=? AND example_id=? AND turn=?",
                         (json.dumps(scores), run_id, example_id, turn))
+
+    # --- failures and merging (sweeps, shards) ---------------------------------------------------
+    def record_failure(self, run_id: str, *, spec: dict, error: str) -> None:
+        """Mark ``run_id`` failed with ``error``; creates the run row from ``spec`` when the run never opened
+        (a bad config, or a crash while the model loaded), keeping its stored turns otherwise."""
+        now = time.time()
+        method = spec.get("method") if isinstance(spec.get("method"), dict) else {}
+        model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        mode = spec.get("mode")
+        self.db.execute(
+            "INSERT INTO runs (run_id, created, updated, model, method, method_label, task, mode, status, error, spec, provenance) "
+            "VALUES (?,?,?,?,?,?,?,?,'failed',?,?,?) "
+            "ON CONFLICT(run_id) DO UPDATE SET updated=excluded.updated, status='failed', error=excluded.error",
+            (run_id, now, now, str(model.get("name") or model.get("path") or "?"), str(method.get("name") or "?"),
+             str(method.get("name") or "?"), str(spec.get("task") or "?"), str(mode if mode is not None else "?"),
+             error, json.dumps(spec, sort_keys=True, default=str), json.dumps({}, sort_keys=True)),
+        )
+
+
+TURN_KEY = ("run_id", "example_id", "turn")
+# columns that differ between two honest runs of the same turn (timings, wall clock); not a conflict
+VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "peak_mem_bytes", *(c for c in STAT_COLUMNS if c.endswith("_s"))}
+
+
+def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
+    """Merge per-shard (or per-node) stores into ``out`` (created or extended).
+
+    Runs: one row per run id; a run is ``done`` in the output when any input has it done, else the most
+    recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
+    deduplicated, a row whose prediction, reference, scores or token counts differ is a conflict: the first
+    one seen is kept and the conflict is reported. Returns counts and the list of conflicts.
+    """
+    target = Store(out)
+    report = {"runs_added": 0, "turns_added": 0, "duplicates": 0, "conflicts": []}
+    try:
+        cols = [r[1] for r in target.db.execute("PRAGMA table_info(turns)")]
+        run_cols = [r[1] for r in target.db.execute("PRAGMA table_info(runs)")]
+        for path in inputs:
+            if Path(path).resolve() == Path(out).resolve():
+                raise ValueError(f"merge: input {path} is the output store")
+            if not Path(path).exists():
+                raise FileNotFoundError(f"merge: no store at {path}")
+            src = Store(path)
+            try:
+                target.db.execute("BEGIN IMMEDIATE")
+                for run in src.runs():
+                    have = target.db.execute("SELECT status, updated FROM runs WHERE run_id=?", (run["run_id"],)).fetchone()
+                    if have is None:
+                        target.db.execute(f"INSERT INTO runs ({', '.join(run_cols)}) VALUES ({', '.join('?' * len(run_cols))})",
+                                          [run[c] for c in run_cols])
+                        report["runs_added"] += 1
+                    elif have[0] != "done" and (run["status"] == "done" or (run["updated"] or 0) > (have[1] or 0)):
+                        target.db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?",
+                                          (run["status"], run["error"], run["updated"], run["run_id"]))
+                cur = src.db.execute(f"SELECT {', '.join(cols)} FROM turns")
+                for row in cur:
+                    rec = dict(zip(cols, row))
+                    key = tuple(rec[k] for k in TURN_KEY)
+                    old = target.db.execute(f"SELECT {', '.join(cols)} FROM turns WHERE run_id=? AND example_id=? AND turn=?", key).fetchone()
+                    if old is None:
+                        target.db.execute(f"INSERT INTO turns ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", row)
+                        report["turns_added"] += 1
+                        continue
+                    old = dict(zip(cols, old))
+                    diff = sorted(c for c in cols if c not in VOLATILE_TURN_COLUMNS and old[c] != rec[c])
+                    if diff:
+                        report["conflicts"].append({"run_id": key[0], "example_id": key[1], "turn": key[2],
+                                                    "columns": diff, "source": str(path)})
+                    else:
+                        report["duplicates"] += 1
+                target.db.execute("COMMIT")
+            except BaseException:
+                if target.db.in_transaction:
+                    target.db.execute("ROLLBACK")
+                raise
+            finally:
+                src.close()
+    finally:
+        target.close()
+    return report

@@ -1,0 +1,139 @@
+"""One self-contained HTML leaderboard: a sortable, filterable table (category, mode, stage) and the figures
+inlined as base64 SVG. No network access at view time: the script and styles are in the page."""
+from __future__ import annotations
+
+import base64
+import html
+from collections import defaultdict
+
+from scbench.report.export import EXPORT_SCHEMA_VERSION, failures, records
+from scbench.report.figures import FIGURES, render
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.4em}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+th{background:#f0f0f0;cursor:pointer;user-select:none}td.t{text-align:left}th.sorted-asc:after{content:" \\25B2"}
+th.sorted-desc:after{content:" \\25BC"}.filters{margin:.6em 0}.filters label{margin-right:1em}
+.figs img{max-width:48%;margin:4px;border:1px solid #eee}.note{color:#666;font-size:12px}
+"""
+
+_SCRIPT = """
+(function(){
+  const table=document.getElementById('board'), body=table.tBodies[0];
+  const heads=[...table.tHead.rows[0].cells];
+  heads.forEach((th,i)=>th.addEventListener('click',()=>{
+    const asc=!th.classList.contains('sorted-asc');
+    heads.forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
+    th.classList.add(asc?'sorted-asc':'sorted-desc');
+    const rows=[...body.rows];
+    rows.sort((a,b)=>{
+      const x=a.cells[i].dataset.v, y=b.cells[i].dataset.v;
+      const nx=parseFloat(x), ny=parseFloat(y);
+      const c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:String(x).localeCompare(String(y));
+      return asc?c:-c;});
+    rows.forEach(r=>body.appendChild(r));
+  }));
+  const sel=[...document.querySelectorAll('.filters select')], text=document.getElementById('q');
+  function apply(){
+    const q=text.value.toLowerCase();
+    let shown=0;
+    [...body.rows].forEach(r=>{
+      let ok=sel.every(s=>!s.value||(' '+r.dataset[s.name]+' ').includes(' '+s.value+' '));
+      ok=ok&&(!q||r.textContent.toLowerCase().includes(q));
+      r.style.display=ok?'':'none'; shown+=ok;});
+    document.getElementById('count').textContent=shown+' rows';
+  }
+  sel.forEach(s=>s.addEventListener('change',apply)); text.addEventListener('input',apply); apply();
+})();
+"""
+
+
+def _rows(recs):
+    """One table row per model x method x budget x mode x task: T1..Tn scores, mean, mean costs."""
+    groups = defaultdict(list)
+    for r in recs:
+        groups[(r["model"], r["method"], r["budget"], r["mode"], r["category"], r["task"])].append(r)
+    turns = sorted({r["turn"] for r in recs})
+    rows = []
+    for key, g in sorted(groups.items()):
+        by_turn = {r["turn"]: r["score"] for r in g}
+        scores = [s for s in by_turn.values() if s is not None]
+
+        def mean(f, g=g):
+            v = [r["costs"][f] for r in g if r["costs"].get(f) is not None]
+            return sum(v) / len(v) if v else None
+
+        rows.append({"model": key[0], "method": key[1], "budget": key[2], "mode": key[3], "category": key[4],
+                     "task": key[5], "stages": " ".join(g[0]["stages"]) or "none",
+                     **{f"T{t}": by_turn.get(t) for t in turns}, "avg": sum(scores) / len(scores) if scores else None,
+                     "n": max(r["n_examples"] for r in g), "KV MiB": (mean("kv_bytes") or 0) / 2**20,
+                     "KV ratio": mean("kv_ratio"), "TTFT s": mean("ttft_s"), "decode tok/s": mean("decode_tok_s"),
+                     "prefill computed": mean("prefill_computed"), "prefill reused": mean("prefill_reused")})
+    return rows
+
+
+def _cell(v):
+    if v is None:
+        return '<td data-v="">-</td>'
+    if isinstance(v, float):
+        shown = f"{v:.3f}" if abs(v) < 1 and v else f"{v:.1f}"
+        return f'<td data-v="{v}">{shown}</td>'
+    if isinstance(v, int):
+        return f'<td data-v="{v}">{v}</td>'
+    return f'<td class="t" data-v="{html.escape(str(v))}">{html.escape(str(v))}</td>'
+
+
+def _select(name, values):
+    opts = "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in sorted(values))
+    return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
+
+
+def build_html(store, title: str = "scbench leaderboard") -> str:
+    recs = records(store)
+    rows = _rows(recs)
+    cols = list(rows[0]) if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        data = " ".join(f'data-{k}="{html.escape(str(r[k]))}"' for k in ("category", "mode", "stages"))
+        body.append(f"<tr {data}>" + "".join(_cell(r[c]) for c in cols) + "</tr>")
+    filters = (_select("category", {r["category"] for r in rows}) + _select("mode", {r["mode"] for r in rows})
+               + _select("stages", {s for r in rows for s in r["stages"].split()})
+               + '<label>search <input id="q" type="search"></label> <span id="count" class="note"></span>')
+    figs = []
+    if recs:
+        for name, make in FIGURES.items():
+            b64 = base64.b64encode(render(make(recs), "svg")).decode()
+            figs.append(f'<img alt="{name}" src="data:image/svg+xml;base64,{b64}">')
+    cat_rows = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["avg"] is not None:
+            cat_rows[(r["model"], r["method"], r["budget"], r["mode"], r["stages"])][r["category"]].append(r["avg"])
+    categories = sorted({r["category"] for r in rows})
+    cat_head = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", "method", "budget", "mode", "stages", *categories, "overall"])
+    cats = ""
+    for k, by_cat in sorted(cat_rows.items()):
+        means = {c: sum(v) / len(v) for c, v in by_cat.items()}
+        overall = sum(means.values()) / len(means)
+        cats += "<tr>" + "".join(_cell(v) for v in k) + "".join(_cell(means.get(c)) for c in categories) + _cell(overall) + "</tr>"
+    fails = failures(store)
+    fail_html = ("<h2>Failed runs</h2><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>error</th></tr>"
+                 + "".join("<tr>" + "".join(_cell(f[k]) for k in ("run_id", "model", "method", "task", "mode", "error")) + "</tr>"
+                           for f in fails) + "</table>") if fails else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="note">Scores 0-100 per turn (T1..Tn) averaged over examples; costs are per-turn means. KV ratio: resident KV bytes
+over a full-attention cache of the same tokens. Stages: the method's lifecycle stages (generation, compression, retrieval,
+loading). Export schema v{EXPORT_SCHEMA_VERSION}; click a header to sort.</p>
+<div class="filters">{filters}</div>
+<table id="board"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<h2>Category averages</h2>
+<p class="note">Mean of the task averages per SCBench category (string retrieval, semantic retrieval, global information,
+multi-task); overall: mean of the categories.</p>
+<table><tr>{cat_head}</tr>{cats}</table>
+<h2>Figures</h2><div class="figs">{''.join(figs) or '<p class="note">(no results)</p>'}</div>
+{fail_html}
+<script>{_SCRIPT}</script>
+</body></html>
+"""

@@ -1,0 +1,80 @@
+"""Sweeps through Hydra on a tiny random-weight model saved to disk: a failing job is recorded and the sweep goes
+on; a re-launch resumes every job; the joblib launcher runs two jobs at once into one store."""
+from __future__ import annotations
+
+import pytest
+
+from scbench.cli import main
+from scbench.store import Store
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smol_tokenizer, tmp_path_factory):
+    from tests.conftest import make_tiny_engine
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    engine = make_tiny_engine(smol_tokenizer)
+    engine.model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def common(tiny_folder, tmp_path, db):
+    return [f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu", "model.dtype=float32",
+            "model.window=4096", f"store={db}", "data.n=2", "data.length=200", "data.turns=2", "max_new_tokens=2",
+            "progress=false", f"hydra.sweep.dir={tmp_path}/hydra"]
+
+
+def turn_keys(db):
+    store = Store(db)
+    keys = [(t["run_id"], t["example_id"], t["turn"], t["created"]) for t in store.turns()]
+    store.close()
+    return keys
+
+
+def test_failed_job_recorded_and_sweep_resumes(tiny_folder, tmp_path):
+    db = tmp_path / "sweep.sqlite"
+    # job 0: max_turns=0 is a bad config; job 1 runs
+    args = ["run", "-m", "max_turns=0,2", "mode=multi_request", *common(tiny_folder, tmp_path, db)]
+    main(args)
+    store = Store(db)
+    runs = {r["status"]: r for r in store.runs()}
+    assert set(runs) == {"failed", "done"}
+    assert "max_turns" in runs["failed"]["error"]
+    assert len(store.turns()) == 4
+    store.close()
+    first = turn_keys(db)
+    main(args)  # re-launch: the good job computes nothing, the bad one fails again and is recorded again
+    assert turn_keys(db) == first
+    store = Store(db)
+    assert sorted(r["status"] for r in store.runs()) == ["done", "failed"]
+    store.close()
+
+
+def test_bad_values_recorded_even_without_a_spec(tiny_folder, tmp_path):
+    db = tmp_path / "bad.sqlite"
+    base = [a for a in common(tiny_folder, tmp_path, db) if not a.startswith("data.length")]
+    # data.length=oops fails when the data is generated (before any turn); the other job runs
+    main(["run", "-m", "data.length=200,oops", "mode=multi_request", *base])
+    # a config that cannot even make a RunSpec (a required key deleted) is recorded under a config hash
+    main(["run", "-m", "~max_turns", "mode=multi_request", "data.length=200", *base])
+    store = Store(db)
+    runs = store.runs()
+    assert sorted(r["status"] for r in runs) == ["done", "failed", "failed"]
+    nospec = [r for r in runs if r["run_id"].startswith("cfg-")]
+    assert len(nospec) == 1 and "max_turns" in nospec[0]["error"] and nospec[0]["mode"] == "multi_request"
+    store.close()
+
+
+def test_joblib_two_concurrent_jobs_one_store(tiny_folder, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    db = tmp_path / "joblib.sqlite"
+    args = ["run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mode=multi_turn,multi_request",
+            *common(tiny_folder, tmp_path, db)]
+    main(args)
+    store = Store(db)
+    runs = store.runs()
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"done"}
+    keys = [(t["run_id"], t["example_id"], t["turn"]) for t in store.turns()]
+    assert len(keys) == 8 and len(set(keys)) == 8  # 2 jobs x 2 examples x 2 turns, none lost or doubled
+    store.close()
