@@ -18,7 +18,7 @@ def replay(engine, task_name, mode, reuse, method=None, length=300, turns=3, max
     return list(Replay(engine, method or METHODS.get("full")(), task, ex, spec))
 
 
-def check_identity_and_cost(engine, task, mode, **kw):
+def assert_identity_and_cost(engine, task, mode, **kw):
     reused = replay(engine, task, mode, reuse=True, **kw)
     naive = replay(engine, task, mode, reuse=False, **kw)
     assert [r.prediction for r in reused] == [r.prediction for r in naive]
@@ -36,7 +36,7 @@ def check_identity_and_cost(engine, task, mode, **kw):
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
 @pytest.mark.parametrize("task", ["scbench_kv", "scbench_vt"])
 def test_reuse_matches_naive_tiny(tiny_engine, task, mode):
-    check_identity_and_cost(tiny_engine, task, mode)
+    assert_identity_and_cost(tiny_engine, task, mode)
 
 
 def test_multi_turn_deltas_are_exact(tiny_engine):
@@ -60,14 +60,14 @@ def test_own_answers_history(tiny_engine):
     own = replay(tiny_engine, "scbench_kv", "multi_turn", reuse=True, turns=2, golden_context=False)
     assert gold[0].prediction == own[0].prediction
     assert gold[1].stats.prompt_tokens != own[1].stats.prompt_tokens
-    check_identity_and_cost(tiny_engine, "scbench_kv", "multi_turn", turns=2, golden_context=False)
+    assert_identity_and_cost(tiny_engine, "scbench_kv", "multi_turn", turns=2, golden_context=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
 def test_reuse_matches_naive_embedded(embedded_engine, mode):
     """The issue's acceptance test on the real embedded model (short prompts, float32, CPU)."""
-    reused, naive = check_identity_and_cost(embedded_engine, "scbench_kv", mode, length=250, turns=3, max_new=24)
+    reused, naive = assert_identity_and_cost(embedded_engine, "scbench_kv", mode, length=250, turns=3, max_new=24)
     assert any(r.stats.decode_tokens > 1 for r in reused)
 
 

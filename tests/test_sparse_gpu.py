@@ -24,7 +24,7 @@ def qkv(tq, tk, hq=8, hkv=2, d=64, seed=0):
     return q, k, v
 
 
-def check(method, tq, tk, seed=0):
+def assert_flex_matches(method, tq, tk, seed=0):
     q, k, v = qkv(tq, tk, seed=seed)
     with torch.inference_mode():
         out = method.prefill_attention(0, q, k, v, None)
@@ -35,17 +35,17 @@ def check(method, tq, tk, seed=0):
 
 @pytest.mark.parametrize("tq,tk", SHAPES)
 def test_ashape_flex_matches_reference(tq, tk):
-    check(AShape(n_init=64, n_local=300), tq, tk)
+    assert_flex_matches(AShape(n_init=64, n_local=300), tq, tk)
 
 
 @pytest.mark.parametrize("tq,tk", SHAPES)
 def test_trishape_flex_matches_reference(tq, tk):
-    check(TriShape(n_init=64, n_local=300, n_last=100), tq, tk)
+    assert_flex_matches(TriShape(n_init=64, n_local=300, n_last=100), tq, tk)
 
 
 @pytest.mark.parametrize("tq,tk", SHAPES)
 def test_vertical_slash_flex_matches_reference(tq, tk):
-    check(VerticalSlash(vertical_size=100, slash_size=200, last_q=64), tq, tk, seed=tq)
+    assert_flex_matches(VerticalSlash(vertical_size=100, slash_size=200, last_q=64), tq, tk, seed=tq)
 
 
 def test_random_line_pattern_flex_matches_reference():
