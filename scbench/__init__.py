@@ -2,3 +2,10 @@
 
 __version__ = "0.1.0"
 RESULTS_SCHEMA_VERSION = 1
+
+
+def score_turns(task, turns, variant=None):
+    """Score predictions made elsewhere; see scbench.scoring.score_turns."""
+    from scbench.scoring import score_turns as _score_turns
+
+    return _score_turns(task, turns, variant)

@@ -192,7 +192,12 @@ def cmd_ls(argv: list[str]) -> None:
     if a.what == "tasks":
         for name in TASKS.names():
             t = TASKS.get(name)
-            print(f"{name:32s} {t.category:20s} max_new={t.max_new_tokens:<5d} variants={','.join(t.variants)}")
+            limits = getattr(t, "turn_tokens", None) or {name: t.max_new_tokens}
+            limit_text = ",".join(f"{k.removeprefix('scbench_')}:{v}" for k, v in limits.items())
+            metrics = ",".join(getattr(t, "metrics", None) or (t.metric,))
+            print(f"{name:30s} {t.category:20s} metric={metrics:16s} max_new={limit_text:26s} "
+                  f"variants={','.join(t.variants)}")
+            print(f"{'':30s} offline data: {t.offline_source}")
     elif a.what == "methods":
         for name in METHODS.names():
             m = METHODS.get(name)

@@ -102,6 +102,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         data = dict(spec.data)
         source = data.pop("source", "generated")
         examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
+        examples = task.prepare_examples(examples, spec.max_turns)
     except Exception as e:
         try:
             record_failure(store_path, run_id, spec_dict, e)

@@ -45,6 +45,13 @@ class Task:
     variants: ClassVar[tuple[str, ...]] = ("faithful",)
     """Scoring variants; the first is the reference behaviour and the default."""
     variant: str = "faithful"
+    offline_source: ClassVar[str] = "seeded synthetic data (see the task docstring)"
+    """Where the offline generator's material comes from (shown by ``scbench ls tasks``)."""
+
+    def prepare_examples(self, examples: list[Example], max_turns: int) -> list[Example]:
+        """Run-level preparation before replay (default: none). RepoQA uses it to give every example the gold
+        functions of its repo over the whole run, which the reference scorer compares against."""
+        return examples
 
     def with_variant(self, variant: str | None) -> "Task":
         """A copy of the task that scores with ``variant`` (None: the default)."""

@@ -110,3 +110,15 @@ def repo_needles(rows: Iterable[Mapping], max_turns: int | None = None) -> dict[
                 continue
             out.setdefault(row["repo"], []).append({"name": turn["name"], "needle": turn["answer"]})
     return out
+
+
+def attach_repo_needles(examples, max_turns: int):
+    """Examples with ``extra["needles"]``: the gold functions of their repo over the whole run (first
+    ``max_turns`` turns of each example, RepoQA turns only), as the reference scorer groups them."""
+    import dataclasses
+
+    rows = [{"repo": e.extra.get("repo"), "multi_turns": [{"name": t.extra.get("name"), "answer": t.answer,
+                                                          "task": t.extra.get("task", "scbench_repoqa")} for t in e.turns]}
+            for e in examples]
+    groups = repo_needles(rows, max_turns)
+    return [dataclasses.replace(e, extra={**e.extra, "needles": groups.get(e.extra.get("repo"), [])}) for e in examples]

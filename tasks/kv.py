@@ -19,6 +19,7 @@ class KVTask(Task):
     category = "string_retrieval"
     version = "1"
     max_new_tokens = 150
+    offline_source = "seeded random UUID key/value pairs as a JSON object (paper construction)"
     metric = "kv"
 
     def first_prompt(self, example, index=0):

@@ -25,6 +25,7 @@ class PrefixSuffixTask(Task):
     category = "string_retrieval"
     version = "1"
     max_new_tokens = 150
+    offline_source = "seeded random alphanumeric strings of length 65-122 (paper construction)"
     metric = "prefix_suffix"
 
     def score(self, prediction, turn, example_extra):

@@ -17,7 +17,7 @@ Python only offline; other languages come with the official data. Version 1.
 from __future__ import annotations
 
 from scbench.tasks.base import PromptParts, Task
-from scbench.tasks.code_scoring import repoqa_score
+from scbench.tasks.code_scoring import attach_repo_needles, repoqa_score
 from scbench.tasks.material import SOURCE_CODE
 from scbench.tasks.pycode import build_code
 
@@ -50,6 +50,9 @@ class RepoQATask(Task):
 
     def first_prompt(self, example, index=0):
         return PromptParts(INSTRUCTION, str(example.context), "\n\n" + example.turns[index].input)
+
+    def prepare_examples(self, examples, max_turns):
+        return attach_repo_needles(examples, max_turns)
 
     def score(self, prediction, turn, example_extra):
         lang = example_extra.get("lang", "python")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from scbench.tasks.base import substring_score, uuid4
-from scbench.tasks.code_scoring import repoqa_score
+from scbench.tasks.code_scoring import attach_repo_needles, repoqa_score
 from scbench.tasks.material import SOURCE_CODE
 from scbench.tasks.mixed import MixedTask
 from scbench.tasks.pycode import build_code
@@ -51,6 +51,9 @@ class RepoQAAndKVTask(MixedTask):
 
     kv_per_token: float = 100 / 64_000
     """KV pairs per context token (SCBench: ~100 pairs in ~64K tokens of code)."""
+
+    def prepare_examples(self, examples, max_turns):
+        return attach_repo_needles(examples, max_turns)
 
     def score(self, prediction, turn, example_extra):
         task = turn.extra.get("task")

@@ -33,6 +33,7 @@ class VTTask(Task):
     category = "string_retrieval"
     version = "1"
     max_new_tokens = 30
+    offline_source = "seeded RULER-style variable chains in repeated filler sentences (paper construction)"
     metric = "vt"
 
     hops: int = 2
