@@ -90,11 +90,10 @@ class PromptBuilder:
         ids = self.engine.encode(text, add_special_tokens=self.add_special)
         cut = text.find(parts.text)
         query_tokens = None
-        if cut >= 0:
-            head = text[: cut + len(parts.before) + len(parts.context)]
-            head_ids = self.engine.encode(head, add_special_tokens=self.add_special)
-            if ids[: len(head_ids)] == head_ids:
-                query_tokens = len(ids) - len(head_ids)
+        if cut >= 0:  # tokenize only the text after the context, not the (long) context a second time
+            tail_ids = self.engine.encode(text[cut + len(parts.before) + len(parts.context):], add_special_tokens=False)
+            if tail_ids and ids[-len(tail_ids):] == tail_ids:
+                query_tokens = len(tail_ids)
         ids = self._truncate(ids)
         prefix = self._prefix(0)
         qs = len(ids) - query_tokens if query_tokens is not None and query_tokens < self.budget // 2 else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,22 +22,11 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from scbench.kernels import flex
 from scbench.kernels import pattern as pat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sparse_prefill import timed  # noqa: E402  (median of CUDA-event timings, shared with the benchmark)
+
 HQ, HKV, D = 32, 8, 128
 
-
-def timed(fn, repeats=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ms.append(a.elapsed_time(b))
-    return sorted(ms)[len(ms) // 2]
 
 
 def main():

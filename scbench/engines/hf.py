@@ -185,8 +185,7 @@ class HFSession(Session):
 
     @torch.inference_mode()
     def _compress(self, ctx: attention.AttnContext) -> None:
-        if hasattr(self.method, "begin_compression"):
-            self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
+        self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
         for idx, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or getattr(layer, "scbench_compresses_itself", False):
                 continue
