@@ -321,7 +321,8 @@ def cmd_merge(argv: list[str]) -> None:
 
     rep = merge_stores(a.out, a.inputs)
     print(f"merged {len(a.inputs)} store(s) into {a.out}: {rep['runs_added']} runs and {rep['turns_added']} turns added, "
-          f"{rep['duplicates']} identical duplicate turns skipped, {len(rep['conflicts'])} conflicts")
+          f"{rep['duplicates']} identical duplicate turns skipped, {len(rep['conflicts'])} conflicts"
+          + (f"; {len(rep['completed'])} run(s) now complete (every shard's turns present)" if rep.get("completed") else ""))
     for c in rep["conflicts"]:
         print(f"conflict: run {c['run_id']} example {c['example_id']} turn {c['turn']} differs in "
               f"{', '.join(c['columns'])} ({c['source']}); kept the first", file=sys.stderr)

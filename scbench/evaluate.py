@@ -145,9 +145,8 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         if picked is None:
             store.finish_run(run_id, "done")
         else:  # done only when every shard's rows are in (read after this shard's commits)
-            stored = store.done_turns(run_id)
-            complete = all(len(stored.get(e.id, {})) >= n_turns(e, spec) for e in examples)
-            store.finish_run(run_id, "done" if complete else "partial")
+            store.set_expected(run_id, {e.id: n_turns(e, spec) for e in examples})
+            store.finish_run(run_id, "done" if store.complete(run_id) else "partial")
     finally:
         store.close()
     return run_id

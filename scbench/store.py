@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL, updated REAL,
     model TEXT, method TEXT, method_label TEXT, task TEXT, mode TEXT,
     status TEXT, error TEXT,
-    spec TEXT, provenance TEXT
+    spec TEXT, provenance TEXT,
+    expected TEXT
 );
 CREATE TABLE IF NOT EXISTS turns (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -48,11 +49,23 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(RESULTS_SCHEMA_VERSION),))
         elif int(row[0]) != RESULTS_SCHEMA_VERSION:
             raise ValueError(f"{self.path}: results schema v{row[0]}, this scbench writes v{RESULTS_SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Stores written by an older scbench of the same schema version lack columns added since (new cost
+        columns are nullable additions): add them, so old stores stay readable and resumable."""
+        want = {"runs": {"expected": "TEXT"},
+                "turns": {c: "REAL" if c.endswith("_s") or c == "decode_tok_s" else "INTEGER" for c in STAT_COLUMNS}}
+        for table, columns in want.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for col, kind in columns.items():
+                if col not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -70,6 +83,19 @@ class Store:
 
     def finish_run(self, run_id: str, status: str = "done", error: str | None = None) -> None:
         self.db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?", (status, error, time.time(), run_id))
+
+    def set_expected(self, run_id: str, expected: dict[str, int]) -> None:
+        """Record the turns the whole run owes (example id -> turns), so a store holding every shard's rows,
+        e.g. after ``merge_stores``, can tell that a ``partial`` run is complete."""
+        self.db.execute("UPDATE runs SET expected=? WHERE run_id=?", (json.dumps(expected, sort_keys=True), run_id))
+
+    def complete(self, run_id: str) -> bool | None:
+        """True when every expected (example, turn) of the run is stored; None when the run has no expectation."""
+        row = self.db.execute("SELECT expected FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        stored = self.done_turns(run_id)
+        return all(len(stored.get(ex, {})) >= n for ex, n in json.loads(row[0]).items())
 
     def runs(self) -> list[dict]:
         cur = self.db.execute("SELECT * FROM runs ORDER BY created")
@@ -144,8 +170,9 @@ VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "peak_mem_bytes", *(c for c 
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
     """Merge per-shard (or per-node) stores into ``out`` (created or extended).
 
-    Runs: one row per run id; a run is ``done`` in the output when any input has it done, else the most
-    recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
+    Runs: one row per run id; a run is ``done`` in the output when any input has it done or when the output
+    holds every turn the run expects (per-shard stores of one run: each shard alone is ``partial``), else the
+    most recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
     deduplicated, a row whose prediction, reference, scores or token counts differ is a conflict: the first
     one seen is kept and the conflict is reported. Returns counts and the list of conflicts.
     """
@@ -171,6 +198,9 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                     elif have[0] != "done" and (run["status"] == "done" or (run["updated"] or 0) > (have[1] or 0)):
                         target.db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?",
                                           (run["status"], run["error"], run["updated"], run["run_id"]))
+                    if run.get("expected"):
+                        target.db.execute("UPDATE runs SET expected=? WHERE run_id=? AND expected IS NULL",
+                                          (run["expected"], run["run_id"]))
                 cur = src.db.execute(f"SELECT {', '.join(cols)} FROM turns")
                 for row in cur:
                     rec = dict(zip(cols, row))
@@ -187,6 +217,10 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                                                     "columns": diff, "source": str(path)})
                     else:
                         report["duplicates"] += 1
+                for (run_id,) in target.db.execute("SELECT run_id FROM runs WHERE status='partial'").fetchall():
+                    if target.complete(run_id):  # every shard's rows are in now
+                        target.db.execute("UPDATE runs SET status='done', error=NULL WHERE run_id=?", (run_id,))
+                        report.setdefault("completed", []).append(run_id)
                 target.db.execute("COMMIT")
             except BaseException:
                 if target.db.in_transaction:

@@ -68,12 +68,22 @@ def test_merge_per_shard_stores(tiny_engine, tmp_path, unsharded, capsys):
     parts = [tmp_path / f"s{i}.sqlite" for i in range(3)]
     for i, p in enumerate(parts):
         run_spec(spec(), str(p), engine=tiny_engine, progress=False, shard=f"{i}/3")
+    for p in parts:  # each shard alone holds a third of the run
+        store = Store(p)
+        assert store.run(rid)["status"] == "partial" and store.complete(rid) is False
+        store.close()
     out = tmp_path / "merged.sqlite"
-    main(["merge", str(out), *map(str, parts)])
-    assert "6 turns added" in capsys.readouterr().out
+    main(["merge", str(out), str(parts[0]), str(parts[1])])
+    assert "4 turns added" in capsys.readouterr().out
+    store = Store(out)
+    assert store.run(rid)["status"] == "partial"  # shard 2 still missing
+    store.close()
+    main(["merge", str(out), str(parts[2])])
+    printed = capsys.readouterr().out
+    assert "2 turns added" in printed and "1 run(s) now complete" in printed
     assert rows(out) == rows(db_all)
     con = sqlite3.connect(out)
-    assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+    assert con.execute("SELECT COUNT(*), MIN(status) FROM runs").fetchone() == (1, "done")  # every shard's rows are in
     con.close()
     # merging again (and the unsharded store) adds nothing: identical rows are deduplicated
     rep = merge_stores(out, [*parts, db_all])
@@ -89,6 +99,21 @@ def test_merge_per_shard_stores(tiny_engine, tmp_path, unsharded, capsys):
     assert e.value.code == 1
     assert "conflict" in capsys.readouterr().err
     assert "tampered" not in rows(out).values()
+
+
+def test_old_store_gains_new_columns(tmp_path):
+    """A store written before a cost column existed is migrated in place (nullable columns added), not refused."""
+    db = tmp_path / "old.sqlite"
+    Store(db).close()
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE turns DROP COLUMN kv_bytes")
+    con.execute("ALTER TABLE runs DROP COLUMN expected")
+    con.commit()
+    con.close()
+    store = Store(db)
+    cols = {r[1] for r in store.db.execute("PRAGMA table_info(turns)")}
+    assert "kv_bytes" in cols and "expected" in {r[1] for r in store.db.execute("PRAGMA table_info(runs)")}
+    store.close()
 
 
 def test_merge_bad_inputs(tmp_path):
