@@ -78,3 +78,19 @@ def test_joblib_two_concurrent_jobs_one_store(tiny_folder, tmp_path):
     keys = [(t["run_id"], t["example_id"], t["turn"]) for t in store.turns()]
     assert len(keys) == 8 and len(set(keys)) == 8  # 2 jobs x 2 examples x 2 turns, none lost or doubled
     store.close()
+
+
+def test_submitit_local_launcher_one_store(tiny_folder, tmp_path):
+    """The SLURM launcher's local executor: each job in its own submitit process, same store, same resume."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    db = tmp_path / "submitit.sqlite"
+    args = ["run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+            "mode=multi_turn,multi_request", *common(tiny_folder, tmp_path, db)]
+    main(args)
+    store = Store(db)
+    assert sorted(r["status"] for r in store.runs()) == ["done", "done"]
+    store.close()
+    first = turn_keys(db)
+    assert len(first) == 8 and len({k[:3] for k in first}) == 8
+    main(args)  # re-launched through the same launcher: nothing recomputed
+    assert turn_keys(db) == first
