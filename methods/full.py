@@ -13,4 +13,4 @@ class FullAttention(Method):
 
     name: ClassVar[str] = "full"
     stages: ClassVar[tuple[str, ...]] = ()
-    engines: ClassVar[tuple[str, ...]] = ("hf",)
+    engines: ClassVar[tuple[str, ...]] = ("hf", "vllm")

@@ -31,6 +31,8 @@ class KIVI(Method):
 
     name: ClassVar[str] = "kivi"
     stages: ClassVar[tuple[str, ...]] = ("compression",)
+    fast_decode: ClassVar[bool] = False
+    """Each appended token may re-quantize a group of the residual: decode takes the plain loop."""
     approximation: ClassVar[str] = (
         "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
         "keeps 0..residual-1 recent keys and exactly residual recent values exact"

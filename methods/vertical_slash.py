@@ -7,10 +7,15 @@ sum the probabilities per key column (vertical lines) and per diagonal (slash li
 ``vertical_size`` columns and ``slash_size`` diagonals (the first ``init_cols`` columns and the nearest
 ``local_diags`` diagonals always kept, inside the budgets), then compute attention on those lines only.
 Only the prefill is sparse: decoding stays dense over the full O(n) KV cache (KV memory unchanged).
+With ``head_patterns`` (a file written by scripts/search_sparse_patterns.py), each head runs the kind an offline
+search chose for it, A-shape or vertical-slash, as MInference's offline per-head pattern search does.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -37,11 +42,40 @@ def line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> 
     s[:, :, tk:] = float("-inf")
     m = torch.arange(n, device=q.device)
     s[:, :, :n].masked_fill_(m[None, :] < (n - 1 - m)[:, None], float("-inf"))  # row r sees m >= n-1-r
-    a = torch.softmax(s.float() * scale, -1)
+    a = torch.softmax(s.float().mul_(scale), -1)
     vertical = a[:, :, :tk].sum(1).flip(-1)
     # row r (position tk-n+r) holds diagonal d at m = d + n-1-r: flat index r*(tk+n-1) + d + n-1
     slash = a.as_strided((hq, n, tk), (n * (tk + n), tk + n - 1, 1), a.storage_offset() + n - 1).sum(1)
     return vertical, slash
+
+
+HEAD_KINDS = ("ashape", "vertical_slash")
+"""Kinds a head can run (the search also measures MInference's block-sparse kind, which this method cannot run)."""
+
+
+def load_head_patterns(path: str) -> dict:
+    """Read and check a per-head pattern file: {"layers": [[kind per query head] per layer],
+    "ashape": {"n_init": int, "n_local": int}, ...}; adds "sha256" of the file."""
+    f = Path(path)
+    if not f.is_file():
+        raise ValueError(f"VerticalSlash.head_patterns: no file {path!r} "
+                         "(write one with scripts/search_sparse_patterns.py)")
+    raw = f.read_bytes()
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"VerticalSlash.head_patterns: {path} is not JSON ({e})") from None
+    layers, band = d.get("layers"), d.get("ashape")
+    if not isinstance(layers, list) or not layers or not all(isinstance(r, list) and r for r in layers):
+        raise ValueError(f"VerticalSlash.head_patterns: {path} key 'layers' must be a non-empty list of head lists")
+    bad = sorted({k for r in layers for k in r if k not in HEAD_KINDS}, key=str)
+    if bad:
+        raise ValueError(f"VerticalSlash.head_patterns: {path} has kinds {bad}; expected one of {list(HEAD_KINDS)}")
+    if not isinstance(band, dict) or not all(isinstance(band.get(k), int) and band[k] >= m
+                                              for k, m in (("n_init", 0), ("n_local", 1))):
+        raise ValueError(f"VerticalSlash.head_patterns: {path} key 'ashape' must be {{'n_init': int >= 0, "
+                         f"'n_local': int >= 1}}, got {band!r}")
+    return {**d, "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 @dataclass
@@ -58,11 +92,15 @@ class VerticalSlash(SparsePrefill):
     """Leading columns always kept (counted in vertical_size)."""
     local_diags: int = 100
     """Nearest diagonals always kept, the main one included (counted in slash_size)."""
+    head_patterns: str | None = None
+    """Per-head kinds from an offline search (a JSON file, see ``load_head_patterns``); None: every head
+    vertical-slash."""
 
     name: ClassVar[str] = "vertical_slash"
     approximation: ClassVar[str | None] = (
-        "MInference-style: one vertical-and-slash budget for every head (no offline per-head pattern search); "
-        "exact line masks (MInference's kernel computes 64-wide slash blocks)"
+        "MInference-style: one vertical-and-slash budget for every head, or with head_patterns a per-head choice "
+        "of A-shape / vertical-slash searched offline (MInference's block-sparse kind is not run); exact line masks "
+        "(MInference's kernel computes 64-wide slash blocks)"
     )
 
     def __post_init__(self) -> None:
@@ -71,6 +109,24 @@ class VerticalSlash(SparsePrefill):
         positive_int(self, "init_cols", minimum=0)
         if self.init_cols > self.vertical_size or self.local_diags > self.slash_size:
             raise ValueError("VerticalSlash: init_cols must be <= vertical_size and local_diags <= slash_size")
+        self._heads = load_head_patterns(self.head_patterns) if self.head_patterns is not None else None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self._heads is not None:
+            d["head_patterns_sha256"] = self._heads["sha256"]
+        return d
+
+    def band_heads(self, layer_idx: int, heads: int) -> list[int]:
+        """Query heads of this layer that run A-shape (from ``head_patterns``; none without it)."""
+        if self._heads is None:
+            return []
+        layers = self._heads["layers"]
+        if layer_idx >= len(layers) or len(layers[layer_idx]) != heads:
+            got = len(layers[layer_idx]) if layer_idx < len(layers) else "no"
+            raise ValueError(f"VerticalSlash.head_patterns: {self.head_patterns} has {len(layers)} layers and {got} "
+                             f"heads for layer {layer_idx}; the model has {heads} query heads there (another model?)")
+        return [h for h, kind in enumerate(layers[layer_idx]) if kind == "ashape"]
 
     def pattern(self, layer_idx, q, k, scale):
         """q: [1, Hq, Tq, D]; k: [1, Hkv, Tk, D] -> per-head Pattern (P = Hq)."""
@@ -82,4 +138,9 @@ class VerticalSlash(SparsePrefill):
         diags = torch.zeros_like(slash, dtype=torch.bool)
         cols.scatter_(-1, vertical.topk(min(self.vertical_size, tk), -1).indices, True)
         diags.scatter_(-1, slash.topk(min(self.slash_size, tk), -1).indices, True)
+        band = self.band_heads(layer_idx, q.shape[1])
+        if band:
+            b = self._heads["ashape"]
+            cols[band], diags[band] = False, False
+            cols[band, : b["n_init"]], diags[band, : b["n_local"]] = True, True
         return pat.Pattern(tq, tk, cols, diags, scattered_cols=True)

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-GROUPS = ("model", "method", "task", "mode", "sweep")
+GROUPS = ("model", "method", "task", "mode", "sweep", "engine")
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
@@ -53,6 +53,14 @@ def spec_from_cfg(cfg):
         query_visible=c["policy"]["query_visible"], sparse_prefill=c["policy"]["sparse_prefill"],
         golden_context=c["golden_context"], bos=c["bos"], reuse=c["reuse"],
     )
+
+
+def engine_cfg(cfg) -> dict:
+    """The engine group (``engine=vllm``: ``{name: vllm, ...options}``); a plain ``engine: hf`` string also works."""
+    from omegaconf import OmegaConf
+
+    eng = cfg.get("engine", "hf")
+    return OmegaConf.to_container(eng, resolve=True) if OmegaConf.is_config(eng) else {"name": str(eng)}
 
 
 def job_device(job_num: int | None, n_devices: int, enabled: bool) -> str | None:
@@ -100,8 +108,9 @@ def _run_job(cfg) -> None:
     try:
         spec = spec_from_cfg(cfg)
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
-        run_id = run_spec(spec, cfg.store, engine_name=cfg.engine, progress=cfg.progress,
-                          shard=cfg.get("shard"), device=device)
+        engine = engine_cfg(cfg)
+        run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device)
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")

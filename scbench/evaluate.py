@@ -31,22 +31,46 @@ def build_method(cfg: dict):
     return cls(**cfg)
 
 
-def get_engine(model: dict, engine: str = "hf"):
-    """One engine per model config per process (Hydra multirun jobs share it)."""
-    key = repr(sorted(model.items())) + engine
-    if key not in _ENGINES:
-        if engine != "hf":
-            raise ValueError(f"engine {engine!r} is not available; engines: hf")
-        from scbench.engines.hf import HFEngine
+ENGINES = ("hf", "vllm")
+RESOURCE_OPTIONS = {"gpu_memory_utilization", "cpu_kvcache_space_gib", "cpu_threads_bind"}
+"""Engine options that size resources without changing results: not part of the run id (a re-launch with
+less memory resumes the same run)."""
 
+
+def get_engine(model: dict, engine: str = "hf", options: dict | None = None):
+    """One engine per model config, engine and engine options per process (Hydra multirun jobs share it).
+
+    ``options``: the engine's knobs (``configs/engine/<name>.yaml`` less ``name``, plus the method's
+    ``engine_args()``); the hf engine takes none. Only one vLLM engine lives at a time: it reserves its
+    device's memory, so asking for another closes the previous one.
+    """
+    options = dict(options or {})
+    key = repr(sorted(model.items())) + engine + repr(sorted(options.items()))
+    if key not in _ENGINES:
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} is not available; engines: {', '.join(ENGINES)}")
         m = dict(model)
-        _ENGINES[key] = HFEngine(
-            m.pop("path"), name=m.pop("name", None), device=m.pop("device", None), dtype=m.pop("dtype", None),
-            window=m.pop("window", None), trust_remote_code=m.pop("trust_remote_code", False),
-            adapter=m.pop("adapter", None),
-        )
+        common = dict(name=m.pop("name", None), device=m.pop("device", None), dtype=m.pop("dtype", None),
+                      window=m.pop("window", None), trust_remote_code=m.pop("trust_remote_code", False),
+                      adapter=m.pop("adapter", None))
+        path = m.pop("path")
+        if engine == "hf":
+            if options:
+                raise ValueError(f"engine hf takes no engine options, got {', '.join(sorted(options))}")
+            from scbench.engines.hf import HFEngine
+
+            _ENGINES[key] = HFEngine(
+                path, **common, prefill_chunk=m.pop("prefill_chunk", None),
+                decode=m.pop("decode", "auto"), offload=m.pop("offload", None), offload_dir=m.pop("offload_dir", None),
+            )
         if m:
-            raise ValueError(f"unknown model config key(s): {', '.join(sorted(m))}")
+            raise ValueError(f"unknown model config key(s) for engine {engine}: {', '.join(sorted(m))}")
+        if engine == "vllm":
+            from scbench.engines.vllm import VLLMEngine
+
+            for k in [k for k, e in _ENGINES.items() if getattr(e, "name", None) == "vllm"]:
+                _ENGINES.pop(k).close()
+            _ENGINES[key] = VLLMEngine(path, **common, options=options)
     return _ENGINES[key]
 
 
@@ -78,16 +102,22 @@ def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseExc
 
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
-             shard: str | None = None, device: str | None = None) -> str:
+             shard: str | None = None, device: str | None = None, engine_options: dict | None = None) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
     not part of the spec) and write disjoint (example, turn) rows. The run is marked ``done`` once every
     example of the whole run is stored, ``partial`` when this shard finished and others have not.
     ``device`` overrides the model's device without changing the run id (one job per GPU).
+    ``engine_name`` / ``engine_options``: the engine and its knobs (a non-hf engine and its options are part of the
+    run id, so its runs never mix with the transformers engine's).
     A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
     """
     spec_dict = dataclasses.asdict(spec)
+    engine_name = getattr(engine, "name", None) or engine_name
+    if engine_name != "hf":  # another engine's run is another run (hf runs keep their ids)
+        spec_dict["engine"] = {"name": engine_name,
+                               **{k: v for k, v in (engine_options or {}).items() if k not in RESOURCE_OPTIONS}}
     run_id = provenance.spec_hash(spec_dict)
     try:
         picked = parse_shard(shard)
@@ -98,7 +128,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
         if engine is None:
             model = dict(spec.model, device=device) if device else spec.model
-            engine = get_engine(model, engine_name)
+            engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})
         data = dict(spec.data)
         source = data.pop("source", "generated")
         examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)

@@ -50,6 +50,8 @@ class TurnStats:
     decode_s: float = 0.0
     decode_tok_s: float = 0.0
     """Decode throughput after the first token (tokens/s); 0 when fewer than two tokens were generated."""
+    decode_path: str = ""
+    """Decode loop that ran: plain (reference), static or graph (pre-allocated cache; graph: CUDA graph replay)."""
     compress_s: float = 0.0
     """Time spent inside the method's compression hook this turn."""
     kv_bytes: int = 0
@@ -58,16 +60,34 @@ class TurnStats:
     """Cache length in tokens after generation (max over layers)."""
     kv_full_bytes: int = 0
     """Bytes a full-attention cache of the same token count would hold (for the effective ratio)."""
+    state_bytes: int = 0
+    """Recurrent / hybrid models: conv + recurrent state bytes of the linear layers (real tensors), next to the
+    attention layers' ``kv_bytes``; 0 for attention-only models."""
     slow_tier_bytes: int = 0
     """Bytes held in a slower tier (CPU / disk) by methods that offload; 0 otherwise."""
     loaded_bytes: int = 0
     """Bytes brought back from a slower tier during decode; 0 for methods that do not load."""
+    load_s: float = 0.0
+    """Time spent moving those bytes from host memory to the accelerator (0 when the tier is the accelerator)."""
+    attn_recall: float | None = None
+    """Loading methods with ``recall=true``: mean share of the exact attention mass held by the keys attended
+    (over decode steps and selecting layers); None when not measured."""
     peak_mem_bytes: int = 0
     """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
     truncated_tokens: int = 0
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0
     """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
+    context_rate: float = 1.0
+    """Prompt compression: tokens of the compressed shared context / tokens of the original (1.0: uncompressed)."""
+    context_compress_s: float = 0.0
+    """Prompt compression: time spent compressing the shared context (charged to the first turn)."""
+    recompute_frac: float = 1.0
+    """Chunk KV reuse (CacheBlend): fraction of this turn's prefill tokens recomputed past the selection layer."""
+    chunk_kv_s: float = 0.0
+    """Chunk KV reuse: time computing the stored chunks' KV (an offline cost in CacheBlend, not in prefill_s)."""
+    prefill_saved_s: float = 0.0
+    """Chunk KV reuse: time of a full prefill of the same tokens minus this turn's blended prefill."""
 
 
 @dataclass

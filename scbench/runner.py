@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Iterator
 
 from scbench.prompts import PromptBuilder, TurnPrompt
@@ -29,6 +30,9 @@ class Replay:
         self.engine, self.method, self.task, self.example, self.spec = engine, method, task, example, spec
         self.done = done or {}
         self.turns = n_turns(example, spec)
+        self.context_stats: dict = {}
+        if "compress_context" in method.hooks():
+            example = self.example = self._compress_context(example)
         self.builder = PromptBuilder(
             engine, task, example, mode=spec.mode, n_turns=self.turns, max_seq_length=spec.max_seq_length,
             bos=spec.bos, golden=spec.golden_context, max_new_tokens_cap=spec.max_new_tokens,
@@ -36,6 +40,21 @@ class Replay:
         self.session = None
         self.history: list[int] = []  # every token fed so far (multi-turn), for the naive replay
         self._warned_window = False
+
+    def _compress_context(self, example: Example) -> Example:
+        """Prompt compression (generation stage): the method rewrites the shared context once, before any
+        prompt is built, so every turn (both modes, and the naive replay) sees the compressed context."""
+        text = self.task.first_prompt(example, 0).context
+        if not text:
+            log.warning("%s example %s: empty context, nothing to compress", self.task.name, example.id)
+            return example
+        t0 = time.perf_counter()
+        short = self.method.compress_context(text, engine=self.engine)
+        seconds = time.perf_counter() - t0
+        before = len(self.engine.encode(text, add_special_tokens=False))
+        after = len(self.engine.encode(short, add_special_tokens=False))
+        self.context_stats = {"context_rate": after / before, "context_compress_s": seconds}
+        return dataclasses.replace(example, context=short)
 
     # --- policies -----------------------------------------------------------------------------------
     def _feed(self, ids: list[int], *, first: bool, query_start: int | None = None):
@@ -73,7 +92,7 @@ class Replay:
                 self.session.drop_last(tp.rewind)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
-            result, gen = self._generate(i, tp, fs)
+            result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
             prev_answer = result.prediction
             self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
             self.history = self.history[: len(self.history) - tp.rewind]
@@ -97,18 +116,22 @@ class Replay:
                     fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
                                              seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                              attn_cells=fs.attn_cells + ctx_fs.attn_cells,
-                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed)
+                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed,
+                                             extra={**ctx_fs.extra, **fs.extra})
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
                 fs = self._feed(ctx_ids + tp.ids, first=True)
             if j in self.done:
                 continue
-            result, _ = self._generate(j, tp, fs)
+            # the prompt length from the prompt: an engine whose prefix cache reuses whole blocks (vLLM) recomputes
+            # part of the context in the first request, so computed + reused can exceed it
+            result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
 
-    def _generate(self, i: int, tp: TurnPrompt, fs):
-        end = fs.reused + fs.tokens + tp.max_new_tokens
+    def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
+        prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
+        end = prompt_tokens + tp.max_new_tokens
         if end > self.engine.window and not self._warned_window:
             self._warned_window = True
             log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
@@ -118,7 +141,7 @@ class Replay:
         turn = self.example.turns[i]
         prediction = gen.text
         stats = TurnStats(
-            prompt_tokens=fs.reused + fs.tokens,
+            prompt_tokens=prompt_tokens,
             prefill_computed=fs.tokens,
             prefill_reused=fs.reused,
             prefill_s=fs.seconds,
@@ -126,9 +149,13 @@ class Replay:
             decode_tokens=len(gen.tokens),
             decode_s=gen.decode_s,
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
+            decode_path=gen.decode_path,
             compress_s=fs.compress_s,
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
+            context_rate=self.context_stats.get("context_rate", 1.0),
+            context_compress_s=self.context_stats.get("context_compress_s", 0.0) if i == 0 else 0.0,
+            **fs.extra,
             **mem,
         )
         scores = self.task.score(prediction, turn, self.example.extra)

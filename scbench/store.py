@@ -17,6 +17,13 @@ from scbench.records import TurnResult, TurnStats
 
 STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
 
+
+def _stat_type(column: str) -> str:
+    """SQLite type of a TurnStats column: times and rates REAL, labels TEXT, counts INTEGER."""
+    kind = {f.name: f.type for f in dataclasses.fields(TurnStats)}[column].removesuffix(" | None")
+    return "REAL" if kind == "float" else "TEXT" if kind == "str" else "INTEGER"
+
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
@@ -34,7 +41,7 @@ CREATE TABLE IF NOT EXISTS turns (
     prediction TEXT,
     reference TEXT,
     scores TEXT,
-    {", ".join(f"{c} {'REAL' if c.endswith('_s') or c == 'decode_tok_s' else 'INTEGER'}" for c in STAT_COLUMNS)},
+    {", ".join(f"{c} {_stat_type(c)}" for c in STAT_COLUMNS)},
     created REAL,
     PRIMARY KEY (run_id, example_id, turn)
 );
@@ -60,7 +67,7 @@ class Store:
         """Stores written by an older scbench of the same schema version lack columns added since (new cost
         columns are nullable additions): add them, so old stores stay readable and resumable."""
         want = {"runs": {"expected": "TEXT"},
-                "turns": {c: "REAL" if c.endswith("_s") or c == "decode_tok_s" else "INTEGER" for c in STAT_COLUMNS}}
+                "turns": {c: _stat_type(c) for c in STAT_COLUMNS}}
         for table, columns in want.items():
             have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
             for col, kind in columns.items():
@@ -164,7 +171,8 @@ class Store:
 
 TURN_KEY = ("run_id", "example_id", "turn")
 # columns that differ between two honest runs of the same turn (timings, wall clock); not a conflict
-VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "peak_mem_bytes", *(c for c in STAT_COLUMNS if c.endswith("_s"))}
+VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "decode_path", "peak_mem_bytes",
+                         *(c for c in STAT_COLUMNS if c.endswith("_s"))}
 
 
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:

@@ -117,3 +117,18 @@ def test_no_room_for_prompt(tiny_engine):
     ex = load_examples(task, "generated", n=1, length=400, turns=5)[0]
     with pytest.raises(ValueError, match="no room for the prompt"):
         PromptBuilder(tiny_engine, task, ex, mode="multi_request", n_turns=5, max_seq_length=1700)
+
+
+def test_sliding_window_model_refused(smol_tokenizer):
+    """Our attention function is full causal attention: a sliding-window model would silently compute something
+    else beyond its window, so the engine refuses it up front, naming the layers."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from scbench.engines.hf import HFEngine
+
+    cfg = MistralConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    with pytest.raises(ValueError, match=r"sliding-window attention \(window 16, layers \[0, 1\]"):
+        HFEngine("tiny-mistral", model=MistralForCausalLM(cfg), tokenizer=smol_tokenizer, device="cpu")
+    cfg.sliding_window = None  # Mistral v0.2+: full attention, accepted
+    HFEngine("tiny-mistral", model=MistralForCausalLM(cfg), tokenizer=smol_tokenizer, device="cpu")

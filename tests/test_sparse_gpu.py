@@ -95,3 +95,40 @@ def test_tiny_llama_forward_through_scbench_attention():
     out, ctx = run(AShape(n_init=4, n_local=64), True)
     assert ctx.cells_computed < 0.2 * ctx.cells_total
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n_last", [64, 100])
+def test_trishape_dense_rows_split_over_key_segments(n_last, monkeypatch):
+    """Dense last rows (< 128) split the keys into segments merged by log-sum-exp (small segments here)."""
+    from scbench.kernels import flex
+
+    monkeypatch.setattr(flex, "SPLIT_SEGMENT", 256)
+    for tq, tk in ((1000, 1000), (700, 1900)):
+        assert_flex_matches(TriShape(n_init=64, n_local=300, n_last=n_last), tq, tk)
+
+
+def test_split_rows_llama_shape():
+    """The default segment on Llama-3.1-8B head shapes (32 q / 8 kv heads, d=128), 64 rows over 20,000 keys."""
+    from scbench.kernels import flex
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, 32, 64, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 20000, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 8, 20000, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = flex.split_rows(q, k, v, None)
+        mask = torch.ones(64, 20000, dtype=torch.bool, device="cuda").tril(20000 - 64)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                               enable_gqa=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("options", [{}, {"USE_TMA": True, "PRESCALE_QK": True}])
+def test_kernel_options_keep_agreement(options, monkeypatch):
+    """Every sparse path without kernel options and under the other set the probe measured."""
+    from scbench.kernels import flex
+
+    monkeypatch.setattr(flex, "KERNEL_OPTIONS", options)
+    for m in (AShape(n_init=64, n_local=300), TriShape(n_init=64, n_local=300, n_last=100),
+              VerticalSlash(vertical_size=100, slash_size=200, last_q=64)):
+        assert_flex_matches(m, 1000, 1000, seed=5)

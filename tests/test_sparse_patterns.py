@@ -260,3 +260,65 @@ def test_gathered_column_block_lists(tq, tk, monkeypatch):
     assert not (full & ~vb.all(4).all(2)).any()
     if tk >= 4 * tq:
         assert full.any()  # blocks far below the chosen diagonals skip the mask_mod
+
+
+@pytest.mark.parametrize("tq,tk", [(64, 64), (64, 1000), (37, 300), (5, 128)])
+def test_dense_rows_block_mask_is_bottom_right_causal(tq, tk):
+    """The decoding-kernel mask of the dense last rows: listed blocks are exactly those with a causal cell,
+    full blocks hold only causal cells."""
+    from scbench.kernels import flex
+
+    bm = flex.rows_block_mask(tq, tk, torch.device("cpu"))
+    b = flex.BLOCK
+    nk = -(-tk // b)
+    partial = _block_lists(bm.kv_num_blocks, bm.kv_indices, 1, 1, nk)[0, 0]
+    full = _block_lists(bm.full_kv_num_blocks, bm.full_kv_indices, 1, 1, nk)[0, 0]
+    causal = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    cells = torch.nn.functional.pad(causal, (0, nk * b - tk)).view(tq, nk, b)
+    assert not (partial & full).any()
+    assert torch.equal(partial | full, cells.any(2).any(0))
+    valid = torch.nn.functional.pad(torch.ones(tq, tk, dtype=torch.bool), (0, nk * b - tk)).view(tq, nk, b)
+    assert not (full & ~(cells | ~valid).all(2).all(0)).any()
+    q = torch.arange(tq)[:, None]
+    kv = torch.arange(tk)[None, :]
+    assert torch.equal(bm.mask_mod(0, 0, q, kv), causal)
+
+
+def test_vertical_slash_head_patterns(tmp_path):
+    """A searched per-head file: its A-shape heads get the band lines, the others the estimated lines."""
+    import json
+
+    f = tmp_path / "heads.json"
+    f.write_text(json.dumps({"layers": [["ashape", "vertical_slash", "vertical_slash", "ashape"]],
+                             "ashape": {"n_init": 2, "n_local": 5}}))
+    q, k, _ = qkv(40, 40)
+    kw = dict(vertical_size=4, slash_size=6, last_q=8, init_cols=1, local_diags=2)
+    plain = VerticalSlash(**kw).pattern(0, q, k, None).mask()
+    m = VerticalSlash(**kw, head_patterns=str(f))
+    got = m.pattern(0, q, k, None).mask()
+    band = hand_mask(40, 40, 2, 5)
+    for h in (0, 3):
+        assert torch.equal(got[h], band)
+    for h in (1, 2):
+        assert torch.equal(got[h], plain[h])
+    assert len(m.describe()["head_patterns_sha256"]) == 64
+    with pytest.raises(ValueError, match="layer 1"):
+        m.pattern(1, q, k, None)
+    with pytest.raises(ValueError, match="4 heads for layer 0; the model has 8 query heads"):
+        m.pattern(0, torch.cat([q, q], 1), torch.cat([k, k], 1), None)
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "no file"),
+    ("{not json", "not JSON"),
+    ('{"layers": [["ashape", "blocky"]], "ashape": {"n_init": 1, "n_local": 4}}', "blocky"),
+    ('{"layers": [], "ashape": {"n_init": 1, "n_local": 4}}', "layers"),
+    ('{"layers": [["ashape"]], "ashape": {"n_init": 1}}', "n_local"),
+])
+def test_vertical_slash_head_patterns_bad_file(tmp_path, content, match):
+    f = tmp_path / "heads.json"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(ValueError, match=match) as e:
+        VerticalSlash(head_patterns=str(f))
+    assert str(f) in str(e.value)

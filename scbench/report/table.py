@@ -14,9 +14,15 @@ COST_COLUMNS = {
     "decode_tok_s": ("decode tok/s", "mean"),
     "kv_mib": ("KV MiB", "mean"),
     "kv_ratio": ("KV vs full", "mean"),
+    "state_mib": ("state MiB", "mean"),
     "attn_density": ("prefill density", "mean"),
     "peak_mib": ("peak MiB", "max"),
+    "context_rate": ("context kept", "mean"),
+    "recompute_frac": ("recomputed", "min"),  # the blended turn's fraction (later turns are plain prefills)
+    "prefill_saved_s": ("prefill saved s", "sum"),
 }
+METHOD_COLUMNS = {"context_rate": 1.0, "recompute_frac": 1.0, "prefill_saved_s": 0.0}
+"""Columns of one method family (prompt compression, chunk KV reuse), shown only where a row differs from this value."""
 
 
 def turn_frame(store) -> pd.DataFrame:
@@ -26,15 +32,19 @@ def turn_frame(store) -> pd.DataFrame:
     for t in store.turns():
         run = runs[t["run_id"]]
         spec = json.loads(run["spec"])
+        engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
+        model = f"{run['model']} [{engine}]" if engine and engine != "hf" else run["model"]
         for metric, value in t["scores"].items():
             rows.append({
-                "run_id": t["run_id"], "model": run["model"], "method": run["method_label"], "task": run["task"],
+                "run_id": t["run_id"], "model": model, "method": run["method_label"], "task": run["task"],
                 "variant": spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
                 "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
-                "attn_density": t["attn_density"], "peak_mib": t["peak_mem_bytes"] / 2**20,
+                "state_mib": (t.get("state_bytes") or 0) / 2**20,
+                "attn_density": t["attn_density"], "peak_mib": float("nan") if t["peak_mem_bytes"] is None else t["peak_mem_bytes"] / 2**20,
+                **{c: default if t.get(c) is None else t[c] for c, default in METHOD_COLUMNS.items()},
             })
     return pd.DataFrame(rows)
 
@@ -54,6 +64,11 @@ def leaderboard(store) -> pd.DataFrame:
     costs = per_turn.groupby(keys[:5]).agg(**{label: (col, how) for col, (label, how) in COST_COLUMNS.items()})
     out = scores.reset_index().merge(costs.reset_index(), on=keys[:5], how="left")
     out.insert(4, "category", out["task"].map(_category))
+    if not (per_turn["state_mib"] > 0).any():  # recurrent state column only where a model has one
+        out = out.drop(columns=COST_COLUMNS["state_mib"][0])
+    for col, default in METHOD_COLUMNS.items():
+        if (per_turn[col] == default).all():
+            out = out.drop(columns=COST_COLUMNS[col][0])
     return out.sort_values(["model", "mode", "category", "task", "metric", "method"]).reset_index(drop=True)
 
 

@@ -1,0 +1,179 @@
+"""Prompt compression of the shared context (generation stage, before the model sees it).
+
+Two methods, both through the ``compress_context`` hook: the runner hands them the context text once per
+example and every turn's prompt then carries the compressed text; queries are never compressed.
+
+- ``ppl_compress``: perplexity-based token dropping in the style of LLMLingua-1 / Selective Context. A small
+  causal LM (by default the embedded SmolLM2-135M) scores every context token by its self-information
+  -log p(x_t | x_<t); the least informative tokens are dropped until ``rate`` of them remain, in their order.
+  Based on Jiang et al., "LLMLingua" (arXiv 2310.05736) and Li et al., "Compressing Context to Enhance
+  Inference Efficiency of Large Language Models" (Selective Context, arXiv 2310.06201). Works offline.
+- ``llmlingua2``: LLMLingua-2 through the ``llmlingua`` package (Pan et al., arXiv 2403.12968), SCBench's
+  setting rate 1/3. Needs the package (``pip install -e ".[llmlingua]"``) and its compressor model: a local
+  folder (``path``) or a hub id (``model``) for users with network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from scbench.methods.base import Method, positive_int
+
+LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
+
+
+def _check_rate(obj) -> None:
+    rate = obj.rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+        raise ValueError(f"{type(obj).__name__}.rate must be a number in (0, 1] (fraction of tokens kept), got {rate!r}")
+
+
+def self_information(model, ids: list[int], *, bos: int | None, segment: int, overlap: int) -> torch.Tensor:
+    """-log p(x_t | x_<t) of every token in ``ids`` under a causal LM, in nats: float64 [len(ids)].
+
+    Scored in segments of ``segment`` tokens, each conditioned on the ``overlap`` tokens before it (the first on
+    ``bos`` when given); a token with nothing to condition on (the first one without ``bos``) gets +inf, so it is
+    always kept.
+    """
+    n = len(ids)
+    info = torch.full((n,), math.inf, dtype=torch.float64)
+    dev = next(model.parameters()).device
+    for start in range(0, n, segment):
+        prefix = ids[max(0, start - overlap):start] if start else ([bos] if bos is not None else [])
+        seg = ids[start:start + segment]
+        inp = torch.tensor([prefix + seg], device=dev)
+        with torch.inference_mode():
+            logits = model(input_ids=inp, use_cache=False).logits[0, :-1].float()
+        logp = logits.log_softmax(-1).gather(-1, inp[0, 1:, None])[:, 0].double().cpu()
+        # logp[j] scores token j + 1 of the input; the segment's tokens start at input index len(prefix)
+        first = len(prefix) - 1
+        if first < 0:  # no prefix: the first token has no score
+            info[start + 1:start + len(seg)] = -logp[: len(seg) - 1]
+        else:
+            info[start:start + len(seg)] = -logp[first:first + len(seg)]
+    return info
+
+
+def keep_most_informative(info: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` tokens with the highest self-information (clamped to [1, n])."""
+    k = min(len(info), max(1, k))
+    return info.topk(k).indices.sort().values
+
+
+@dataclass
+class PerplexityCompress(Method):
+    """Drop the least informative context tokens, as scored by a small causal LM, to a target rate."""
+
+    rate: float = 1 / 3
+    """Fraction of the context's tokens kept (SCBench's prompt-compression setting: 1/3)."""
+    scorer: str = "embedded:smollm2"
+    """The scoring LM: ``embedded:smollm2``, a local folder or hub id, or ``engine`` for the run's own model."""
+    segment: int = 1024
+    """Tokens scored per forward (bounds the logits' memory and keeps long contexts inside the scorer window)."""
+    overlap: int = 256
+    """Tokens of the previous segment each later segment is conditioned on."""
+
+    name: ClassVar[str] = "ppl_compress"
+    stages: ClassVar[tuple[str, ...]] = ("generation",)
+    approximation: ClassVar[str | None] = (
+        "token-level dropping by one global top-k over self-information (Selective Context's criterion at "
+        "token granularity); no LLMLingua budget controller, no iterative per-segment re-scoring, no "
+        "demonstration-level coarse filtering; long contexts are scored in segments conditioned on an overlap"
+    )
+
+    def __post_init__(self) -> None:
+        _check_rate(self)
+        if not isinstance(self.scorer, str) or not self.scorer:
+            raise ValueError(f"PerplexityCompress.scorer must be a model path, hub id or 'engine', got {self.scorer!r}")
+        positive_int(self, "segment", minimum=16)
+        positive_int(self, "overlap", minimum=0)
+        if self.overlap >= self.segment:
+            raise ValueError(f"PerplexityCompress.overlap ({self.overlap}) must be smaller than segment ({self.segment})")
+
+    def scoring_model(self, engine):
+        """(model, tokenizer) that score tokens: the run's engine when it is the scorer, else a cached engine."""
+        from scbench.engines.models import resolve
+
+        if self.scorer == "engine":
+            return engine.model, engine.tokenizer
+        same = getattr(engine.model, "name_or_path", None) == resolve(self.scorer)
+        if same and not getattr(engine, "adapter_info", None):  # the run's model is the scorer: no second copy
+            return engine.model, engine.tokenizer
+        from scbench.evaluate import get_engine
+
+        scorer = get_engine({"name": self.scorer, "path": self.scorer, "device": str(engine.device)})
+        return scorer.model, scorer.tokenizer
+
+    def compress_context(self, context: str, *, engine) -> str:
+        model, tok = self.scoring_model(engine)
+        ids = tok(context, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return context
+        info = self_information(model, ids, bos=tok.bos_token_id, segment=self.segment, overlap=self.overlap)
+        target = max(1, round(self.rate * len(ids)))
+        k, text = target, context
+        for _ in range(4):  # kept tokens can merge when the text is re-tokenized: top up towards the target
+            kept = [ids[i] for i in keep_most_informative(info, k).tolist()]
+            text = tok.decode(kept, clean_up_tokenization_spaces=False)
+            short = len(tok(text, add_special_tokens=False)["input_ids"])
+            if short >= target or k >= len(ids):
+                break
+            k += target - short
+        return text
+
+
+@dataclass
+class LLMLingua2(Method):
+    """LLMLingua-2 token classification (keep / drop) of the context through the ``llmlingua`` package."""
+
+    rate: float = 1 / 3
+    """Fraction of the context's tokens kept (SCBench: 1/3)."""
+    model: str = LLMLINGUA2_MODEL
+    """Hub id of the compressor model, used when ``path`` is null (needs network once)."""
+    path: str | None = None
+    """Local folder holding the compressor model (wins over ``model``; works offline)."""
+    device: str = "auto"
+    """Where the compressor runs: ``auto`` (the run's device), ``cpu``, ``cuda``, ..."""
+
+    name: ClassVar[str] = "llmlingua2"
+    stages: ClassVar[tuple[str, ...]] = ("generation",)
+
+    def __post_init__(self) -> None:
+        _check_rate(self)
+        if importlib.util.find_spec("llmlingua") is None:
+            raise ImportError(
+                "method llmlingua2 needs the llmlingua package, which is not installed: "
+                "pip install -e '.[llmlingua]' (or pip install llmlingua)"
+            )
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"llmlingua2: method.path={self.path!r} holds no compressor model (no config.json there); put a "
+                f"LLMLingua-2 model such as {self.model} in that folder, or set method.path=null to load "
+                f"method.model={self.model!r} from the hub"
+            )
+        self._compressor = None
+
+    def compressor(self, engine):
+        if self._compressor is None:
+            from llmlingua import PromptCompressor
+
+            source = self.path or self.model
+            device = str(engine.device) if self.device == "auto" else self.device
+            try:
+                self._compressor = PromptCompressor(model_name=source, use_llmlingua2=True, device_map=device)
+            except OSError as e:  # not on disk and not downloadable (no network, wrong id); requests errors too
+                raise FileNotFoundError(
+                    f"llmlingua2: could not load the compressor model {source!r} ({type(e).__name__}: {e}). It needs "
+                    "the model (set method.path to a local folder holding it, or network for the hub id) and "
+                    "tiktoken's gpt-3.5-turbo encoding, which llmlingua fetches once into TIKTOKEN_CACHE_DIR"
+                ) from e
+        return self._compressor
+
+    def compress_context(self, context: str, *, engine) -> str:
+        out = self.compressor(engine).compress_prompt(context, rate=self.rate)
+        return out["compressed_prompt"]

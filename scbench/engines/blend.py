@@ -1,0 +1,215 @@
+"""Blended prefill on the transformers engine: CacheBlend-style reuse of independently computed chunk KV.
+
+Based on Yao et al., "CacheBlend: Fast Large Language Model Serving for RAG with Cached Knowledge Fusion"
+(arXiv 2405.16444). The prompt (all but its last token) is cut into chunks whose KV is computed alone, each from
+position 0 or after a shared prefix, as a KV store would hold it. At request time the chunk KV is concatenated,
+keys are re-rotated to their true positions (RoPE is a rotation, so R(t) k = R(t - s) R(s) k), and the model
+runs layer by layer over the blended cache: layers up to ``select_layer`` recompute every token, the value
+deviation between fresh and stored KV at ``select_layer`` picks the top ``ratio`` tokens, and the deeper layers
+recompute only those (plus the last token, whose logits start generation), attending causally over the blended
+cache of each layer with their own fresh KV scattered in. Llama-family decoders (rotate-half RoPE).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scbench.engines import attention
+from scbench.engines.base import FeedStats
+
+EXACT_ROPE = ("default", "linear", "llama3", "yarn")
+"""RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decoder_parts(model):
+    """(base model, decoder layers) of a Llama-family causal LM, or a ValueError naming what is missing."""
+    base = getattr(model, "model", None)
+    missing = [a for a in ("embed_tokens", "layers", "rotary_emb", "norm") if not hasattr(base, a)]
+    if base is None or missing or not hasattr(model, "lm_head"):
+        raise ValueError(
+            f"blended prefill needs a Llama-family decoder (model.model with embed_tokens, layers, rotary_emb, norm and "
+            f"a lm_head); {type(model).__name__} lacks {', '.join(missing) or 'lm_head'}"
+        )
+    rope = getattr(base.rotary_emb, "rope_type", "default")
+    if rope not in EXACT_ROPE:
+        raise ValueError(f"blended prefill re-rotates keys, which is exact only for RoPE types {EXACT_ROPE}; got {rope!r}")
+    return base, base.layers[: model.config.num_hidden_layers]
+
+
+def rerotate(keys: torch.Tensor, shift: torch.Tensor, rotary) -> torch.Tensor:
+    """Move post-RoPE keys by ``shift`` positions: keys [B, H, T, D], shift [T] (int) -> [B, H, T, D].
+
+    Multiplying by the rotation of angle shift * theta_i turns a key rotated for position s into the key for
+    position s + shift. Computed in float32; the rotary module's attention scaling (YaRN) is divided out, since
+    the stored keys already carry it.
+    """
+    x = keys.float()
+    cos, sin = rotary(x, shift[None].to(keys.device))
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    cos, sin = (cos / scale)[:, None], (sin / scale)[:, None]  # [1, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(keys.dtype)
+
+
+def chunk_spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive chunks covering n tokens."""
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+@torch.inference_mode()
+def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values of ``ids`` computed chunk by chunk, each chunk alone (after ``ids[:prefix]`` for chunks
+    past the first) and re-rotated to its true positions: per layer [1, kv_heads, len(ids), head_dim]."""
+    from transformers import DynamicCache
+
+    base, layers = decoder_parts(model)
+    dev = next(model.parameters()).device
+    keys: list[list[torch.Tensor]] = [[] for _ in layers]
+    values: list[list[torch.Tensor]] = [[] for _ in layers]
+    for s, e in chunk_spans(len(ids), chunk_size):
+        head = ids[:prefix] if s > 0 else []
+        inp = torch.tensor([head + ids[s:e]], device=dev)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=inp, position_ids=torch.arange(inp.shape[1], device=dev)[None], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        shift = torch.full((e - s,), s - len(head), dtype=torch.long)
+        for i, layer in enumerate(cache.layers[: len(layers)]):
+            k, v = layer.keys[:, :, len(head):], layer.values[:, :, len(head):]
+            keys[i].append(rerotate(k, shift, base.rotary_emb) if s - len(head) else k)
+            values[i].append(v)
+    return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values]
+
+
+class _BlendedKV:
+    """The cache the decoder layers see during the blended pass (duck-typed ``Cache.update``).
+
+    With ``idx`` None a layer computed every position: its fresh KV replaces the stored one (the stored values
+    are kept in ``stored`` for the deviation). Otherwise the fresh KV of positions ``idx`` is scattered into the
+    layer's blended KV, and the whole layer is returned for attention.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.idx: torch.Tensor | None = None
+        self.stored: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.idx is None:
+            self.stored[layer_idx] = self.values[layer_idx]
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        else:
+            self.keys[layer_idx][:, :, self.idx] = key_states
+            self.values[layer_idx][:, :, self.idx] = value_states
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _ScatteredQueries:
+    """Attention for queries at positions ``idx`` (ascending) over all ``n`` keys: key j visible when j <= idx."""
+
+    def __init__(self, idx: torch.Tensor, n: int):
+        self.mask = torch.arange(n, device=idx.device)[None, :] <= idx[:, None]  # [q, n]
+
+    def prefill_attention(self, layer_idx, q, k, v, scale):
+        """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]."""
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=gqa)
+
+
+def select_tokens(fresh: torch.Tensor, stored: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Positions (ascending) of the ceil(ratio * T) tokens whose values deviate most: [B, H, T, D] x2 -> [k]."""
+    dev = (fresh.float() - stored.float()).pow(2).sum(dim=(0, 1, 3))
+    k = min(dev.numel(), math.ceil(ratio * dev.numel()))
+    return dev.topk(k).indices.sort().values
+
+
+@torch.inference_mode()
+def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], *, ratio: float,
+                    select_layer: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, int]:
+    """Selective recompute over stored KV of ``ids[:-1]`` (per layer [1, Hkv, n - 1, D]); the last token is new.
+
+    Returns (logits of the last position [vocab], blended keys and values per layer [1, Hkv, n, D], the positions
+    recomputed past ``select_layer`` [k], layers computed for every token).
+    """
+    base, layers = decoder_parts(model)
+    dev = next(model.parameters()).device
+    n = len(ids)
+    pad = [torch.zeros_like(k[:, :, :1]) for k in keys]  # the last token's slot, filled at every layer
+    kv = _BlendedKV([torch.cat([k, p], 2) for k, p in zip(keys, pad)],
+                    [torch.cat([v, p], 2) for v, p in zip(values, pad)])
+    pos = torch.arange(n, device=dev)
+    hidden = base.embed_tokens(torch.tensor([ids], device=dev))
+    cos, sin = base.rotary_emb(hidden, pos[None])
+    idx = pos if ratio > 0 else pos[-1:]
+    full_layers = select_layer + 1 if ratio > 0 else 0
+    if ratio == 0:
+        hidden, cos, sin = hidden[:, idx], cos[:, idx], sin[:, idx]
+    for i, layer in enumerate(layers):
+        full = i < full_layers
+        kv.idx = None if full else idx
+        ctx = attention.AttnContext() if full else attention.AttnContext(method=_ScatteredQueries(idx, n), sparse=True)
+        with attention.active(ctx):
+            hidden = layer(hidden, position_embeddings=(cos, sin), position_ids=idx[None], past_key_values=kv,
+                           use_cache=True)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if full and i == select_layer:  # pick the tokens the deeper layers recompute
+            picked = select_tokens(kv.values[i][:, :, : n - 1], kv.stored[i][:, :, : n - 1], ratio)
+            idx = torch.cat([picked, pos[-1:]])
+            hidden, cos, sin = hidden[:, idx], cos[:, idx], sin[:, idx]
+    logits = model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
+    return logits, kv.keys, kv.values, idx, full_layers
+
+
+def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, select_layer: int, prefix: int,
+                    measure_full: bool) -> FeedStats:
+    """Fill an empty ``HFSession`` cache with the blended KV of ``ids`` and set its last logits.
+
+    FeedStats.seconds is the request-time work (re-rotation is part of the chunk store here, so: the layered
+    recompute and installing the cache); ``extra`` carries recompute_frac, chunk_kv_s and, with ``measure_full``,
+    prefill_saved_s (a full prefill of the same tokens, timed on a throwaway cache, minus that time).
+    """
+    from transformers import DynamicCache
+
+    engine, model = session.engine, session.engine.model
+    dev = engine.device
+    n = len(ids)
+    layers = decoder_parts(model)[1]
+    if not 0 <= select_layer < len(layers):
+        raise ValueError(f"cacheblend select_layer {select_layer} is outside the model's {len(layers)} layers")
+    _sync(dev)
+    t0 = time.perf_counter()
+    keys, values = chunk_kv(model, ids[:-1], chunk_size, prefix) if n > 1 else ([], [])
+    if n == 1:  # nothing to reuse
+        empty = torch.zeros(1, engine.kv_heads, 0, engine.head_dim, dtype=engine.dtype, device=dev)
+        keys = values = [empty] * len(layers)
+    _sync(dev)
+    t1 = time.perf_counter()
+    logits, keys, values, idx, full_layers = blended_forward(model, ids, keys, values, ratio=ratio,
+                                                             select_layer=select_layer)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        session.cache.update(k.contiguous(), v.contiguous(), i)
+    session.pos = n
+    session.last_logits = logits
+    _sync(dev)
+    seconds = time.perf_counter() - t1
+    extra = {"recompute_frac": len(idx) / n, "chunk_kv_s": t1 - t0}
+    if measure_full:
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids], device=dev), past_key_values=DynamicCache(config=model.config),
+                  use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        extra["prefill_saved_s"] = time.perf_counter() - t2 - seconds
+    heads = model.config.num_attention_heads
+    dense = n * (n + 1) // 2
+    computed = full_layers * dense + (len(layers) - full_layers) * int((idx + 1).sum())
+    return FeedStats(tokens=n, reused=0, seconds=seconds, attn_cells=heads * len(layers) * dense,
+                     attn_computed=heads * computed, extra=extra)

@@ -1,0 +1,369 @@
+"""The slow tier: KV kept off the accelerator (host memory or safetensors files) and loaded back on demand.
+
+Two pieces. ``Tier`` stores named sets of tensors in host memory (``cpu``) or as safetensors files under a
+folder (``disk``) and loads them back bit-exactly, counting bytes and time; multi-request runs use it to keep
+the context KV between requests. ``TieredLayer`` is a transformers cache layer for the loading methods (Quest,
+RetrievalAttention): its keys and values live in a storage tier (``device``: the accelerator, as Quest keeps
+them in HBM; ``cpu``: host memory) and a decode step loads only the rows the method picks (``load``), counting
+the bytes and, for host storage, the transfer time.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+TIERS = ("cpu", "disk")
+STORAGES = ("device", "cpu")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Tier:
+    """Named sets of tensors held in host memory (``cpu``) or in ``<root>/<name>.safetensors`` (``disk``).
+
+    ``put`` copies the tensors out (the caller may free its own), ``get`` returns fresh tensors on ``device``
+    with the same dtypes, shapes and bits. ``loaded_bytes`` / ``load_s`` count what ``get`` brought back.
+    """
+
+    def __init__(self, kind: str, root: str | Path | None = None):
+        if kind not in TIERS:
+            raise ValueError(f"offload tier must be one of {TIERS}, got {kind!r}")
+        if kind == "disk" and root is None:
+            raise ValueError("offload tier 'disk' needs a root folder for its safetensors files")
+        self.kind = kind
+        self.root = Path(root) if root is not None else None
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, dict[str, torch.Tensor] | int] = {}
+        self.loaded_bytes = 0
+        self.load_s = 0.0
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Store ``tensors`` (any shapes and dtypes) under ``name``, replacing what was there; returns the bytes."""
+        if not _NAME.match(name):
+            raise ValueError(f"offload tier: name {name!r} must match {_NAME.pattern}")
+        host = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+        size = sum(nbytes(t) for t in host.values())
+        if self.kind == "cpu":
+            self._held[name] = host
+        else:
+            from safetensors.torch import save_file
+
+            save_file(host, str(self._path(name)))
+            self._held[name] = size
+        return size
+
+    def get(self, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The tensors stored under ``name``, on ``device``."""
+        if name not in self._held:
+            raise KeyError(f"offload tier ({self.kind}): nothing stored under {name!r}; stored: {sorted(self._held)}")
+        device = torch.device(device)
+        t0 = time.perf_counter()
+        if self.kind == "cpu":
+            out = {k: t.to(device, copy=True) for k, t in self._held[name].items()}
+        else:
+            from safetensors.torch import load_file
+
+            out = {k: t.to(device) for k, t in load_file(str(self._path(name))).items()}
+        _sync(device)
+        self.load_s += time.perf_counter() - t0
+        self.loaded_bytes += sum(nbytes(t) for t in out.values())
+        return out
+
+    def drop(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is not None and self.kind == "disk":
+            self._path(name).unlink(missing_ok=True)
+
+    def held_bytes(self) -> int:
+        """Bytes stored in this tier now."""
+        return sum(h if isinstance(h, int) else sum(nbytes(t) for t in h.values()) for h in self._held.values())
+
+    def close(self) -> None:
+        for name in list(self._held):
+            self.drop(name)
+        if self.kind == "disk" and self.root.exists() and not any(self.root.iterdir()):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def flatten(obj, path: str = "s") -> tuple[dict[str, torch.Tensor], tuple]:
+    """Nested lists/tuples of tensors and plain values -> (named tensors, a tree to rebuild it with ``unflatten``)."""
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}, ("tensor", path)
+    if isinstance(obj, (list, tuple)):
+        tensors, items = {}, []
+        for i, item in enumerate(obj):
+            t, tree = flatten(item, f"{path}.{i}")
+            tensors.update(t)
+            items.append(tree)
+        return tensors, (type(obj).__name__, items)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {}, ("value", obj)
+    raise TypeError(f"flatten: cannot store a {type(obj).__name__} at {path} in an offload tier")
+
+
+def unflatten(tree: tuple, tensors: dict[str, torch.Tensor]):
+    kind, payload = tree
+    if kind == "tensor":
+        return tensors[payload]
+    if kind == "value":
+        return payload
+    items = [unflatten(item, tensors) for item in payload]
+    return tuple(items) if kind == "tuple" else items
+
+
+class Parked:
+    """A cache snapshot (``scbench.kv.cache.snapshot``) kept in a Tier: multi-request runs park the context KV
+    there after its prefill and load it back before each later request."""
+
+    def __init__(self, tier: Tier, name: str, snap: list):
+        tensors, self.tree = flatten(snap)
+        self.tier, self.name = tier, name
+        self.nbytes = tier.put(name, tensors)
+
+    def load(self, device: torch.device) -> list:
+        return unflatten(self.tree, self.tier.get(self.name, device))
+
+
+class Rows:
+    """A growing [..., n, D] tensor: rows live in a capacity buffer on ``device`` (pinned host memory when the
+    model runs on CUDA), so appending copies the new rows only. ``view`` is the first ``n`` rows."""
+
+    def __init__(self, device: torch.device, compute: torch.device, dtype: torch.dtype | None = None):
+        self.device, self.dtype = device, dtype
+        self.pin = device.type == "cpu" and compute.type == "cuda"
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    @property
+    def view(self) -> torch.Tensor:
+        return self.buf[..., : self.n, :]
+
+    @torch.inference_mode()  # the buffers are made under inference mode; a rollback writes them outside it
+    def append(self, x: torch.Tensor) -> None:
+        t = x.shape[-2]
+        cap = 0 if self.buf is None else self.buf.shape[-2]
+        if self.n + t > cap:  # grow by 1/8 (at least 64 rows): little slack, amortised O(1) appends
+            shape = (*x.shape[:-2], max(self.n + t, cap + max(64, cap // 8)), x.shape[-1])
+            buf = torch.empty(shape, dtype=self.dtype or x.dtype, device=self.device, pin_memory=self.pin)
+            if self.n:
+                buf[..., : self.n, :] = self.view
+            self.buf = buf
+        self.buf[..., self.n : self.n + t, :] = x
+        self.n += t
+
+    def crop(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+
+class TieredLayer(DynamicLayer):
+    """A cache layer whose keys/values [B, Hkv, n, D] live in a storage tier; decode loads a subset of rows.
+
+    ``keys`` / ``values`` are views of ``Rows`` buffers on the storage device, so appending a decode token
+    copies one row, not the layer. ``update`` with one token appends it and returns the storage views (the
+    loading method's ``decode_attention`` picks and ``load``s rows); with several tokens (a later prefill)
+    it appends them and returns the whole layer on the compute device (dense prefill over everything; the
+    transfer from a host tier counts as loaded).
+    ``state`` holds what a method keeps next to the KV (Quest's page bounds, a search index); its tensors count
+    as resident or slow-tier bytes by where they live. ``crop_floor`` is the lowest length the layer was
+    cropped to since the method last refreshed that state (rows beyond it changed).
+    """
+
+    scbench_compresses_itself = True
+    """Installed once by the method's compression hook; the engine does not call it again on this layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, storage: str):
+        super().__init__()
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.compute = keys.device
+        self.storage = torch.device("cpu") if storage == "cpu" else keys.device
+        self.dtype, self.device = keys.dtype, self.storage
+        self.is_initialized = True
+        self._k, self._v = Rows(self.storage, self.compute), Rows(self.storage, self.compute)
+        self.state: dict = {}
+        self.loaded_bytes = 0
+        self.load_s = 0.0
+        self.recall_sum = 0.0
+        self.recall_n = 0
+        self._append(keys, values)
+        self.crop_floor = self.n
+
+    # --- storage ------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self._k.n
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._k.append(k)
+        self._v.append(v)
+        self.keys, self.values = self._k.view, self._v.view
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key_states, value_states: [B, Hkv, t, D] on the compute device."""
+        self._append(key_states, value_states)
+        if key_states.shape[-2] == 1 or self.storage == self.compute:
+            return self.keys, self.values
+        return self.load_all()  # a later prefill attends densely over everything, brought from the host tier
+
+    # --- loading --------------------------------------------------------------------------------------
+    def load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx`` [B, Hs, m] (Hs a multiple of Hkv: head h reads KV head h // (Hs // Hkv)) ->
+        keys, values [B, Hs, m, D] on the compute device. Counts the bytes moved and, from host storage, the time.
+
+        One ``gather`` per tensor into a staging buffer (pinned host memory for a host tier, so the copy to the
+        accelerator runs at full bandwidth)."""
+        b, hkv, n, d = self.keys.shape
+        hs, m = idx.shape[1], idx.shape[2]
+        if hs % hkv:
+            raise ValueError(f"TieredLayer.load: {hs} index heads is not a multiple of {hkv} KV heads")
+        rep = hs // hkv
+        host = self.storage != self.compute
+        t0 = time.perf_counter()
+        idx5 = idx.to(self.storage).view(b, hkv, rep, m, 1).expand(b, hkv, rep, m, d)
+        out = []
+        for rows in (self.keys, self.values):
+            dst = torch.empty((b, hkv, rep, m, d), dtype=rows.dtype, device=self.storage, pin_memory=self._k.pin)
+            torch.gather(rows.unsqueeze(2).expand(b, hkv, rep, n, d), 3, idx5, out=dst)
+            dst = dst.view(b, hs, m, d)
+            out.append(dst.to(self.compute, non_blocking=True) if host else dst)
+        if host:
+            _sync(self.compute)
+            self.load_s += time.perf_counter() - t0
+        self.loaded_bytes += nbytes(out[0]) + nbytes(out[1])
+        return out[0], out[1]
+
+    def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row [B, Hkv, n, D] on the compute device (dense attention), counted like ``load``."""
+        t0 = time.perf_counter()
+        k, v = self.keys.to(self.compute), self.values.to(self.compute)
+        if self.storage != self.compute:
+            _sync(self.compute)
+            self.load_s += time.perf_counter() - t0
+        self.loaded_bytes += nbytes(k) + nbytes(v)
+        return k, v
+
+    def load_range(self, start: int, end: int) -> torch.Tensor:
+        """Keys of rows [start, end) on the compute device (index maintenance), counted as loaded."""
+        k = self.keys[..., start:end, :].to(self.compute)
+        if self.storage != self.compute:
+            self.loaded_bytes += nbytes(k)
+        return k
+
+    def record_recall(self, q: torch.Tensor, idx: torch.Tensor, scale: float) -> float:
+        """Diagnostic: the share of exact attention mass (over all rows) that the rows ``idx`` [B, Hs, m] hold.
+
+        q: [B, Hq, 1, D]. Computed in float32 on the storage device, averaged over batch and query heads."""
+        b, hkv, n, d = self.keys.shape
+        hq, hs = q.shape[1], idx.shape[1]
+        qs = q.to(self.storage, torch.float32).reshape(b, hkv, hq // hkv, d)
+        probs = (qs @ self.keys.float().transpose(-1, -2) * scale).softmax(-1)  # [B, Hkv, rep, n]
+        probs = probs.reshape(b, hq, n)
+        sel = idx.to(self.storage).repeat_interleave(hq // hs, dim=1) if hs != hq else idx.to(self.storage)
+        mass = probs.gather(-1, sel).sum(-1).mean().item()
+        self.recall_sum += mass
+        self.recall_n += 1
+        return mass
+
+    # --- cache-layer protocol ---------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def _nbytes_on(self, device: torch.device) -> int:
+        """Bytes of the stored rows and of the method state's tensors that live on ``device``."""
+        tensors = [self.keys, self.values]
+        for value in self.state.values():
+            tensors += [value.view] if isinstance(value, Rows) else list(flatten(value)[0].values())
+        return sum(nbytes(t) for t in tensors if t.device == device)
+
+    def scbench_nbytes(self) -> int:
+        """Bytes on the accelerator: stored rows kept there and the method's state there (e.g. Quest's page
+        bounds). The buffers' spare rows (up to 1/8, as an allocator's slack) are not counted."""
+        return self._nbytes_on(self.compute)
+
+    def scbench_slow_nbytes(self) -> int:
+        """Bytes held in the slow tier (host memory while the model runs on an accelerator): rows and state."""
+        return self._nbytes_on(self.storage) if self.storage != self.compute else 0
+
+    def scbench_crop(self, n: int) -> None:
+        self._k.crop(n)
+        self._v.crop(n)
+        self.crop_floor = min(self.crop_floor, self.n)
+        self.keys, self.values = self._k.view, self._v.view
+
+    def scbench_snapshot(self):
+        return (self.keys.clone(), self.values.clone())
+
+    def scbench_restore(self, state) -> None:
+        self.scbench_crop(0)
+        self._append(*state)
+
+
+def require_tiered(method, layer_idx: int, layer) -> TieredLayer:
+    """The layer a loading method's ``decode_attention`` works on; a clear error when its hook never installed it."""
+    if not isinstance(layer, TieredLayer):
+        raise RuntimeError(
+            f"{type(method).__name__}.decode_attention: layer {layer_idx} is a {type(layer).__name__}, "
+            "not a TieredLayer: its compression hook (which moves the KV into the tier after the prefill) did not "
+            "run on this cache"
+        )
+    return layer
+
+
+def attend_loaded(layer: TieredLayer, q: torch.Tensor, idx: torch.Tensor | None, scale: float | None,
+                  *, recall: bool = False) -> torch.Tensor:
+    """Decode attention over the rows ``idx`` [B, Hs, m] of ``layer`` only (None: every row), loaded from its
+    tier: q [B, Hq, 1, D] -> [B, Hq, 1, D]. ``recall`` records the attention mass those rows hold."""
+    from scbench.engines.attention import causal_attention
+
+    if idx is None:
+        k, v = layer.load_all()
+        if recall:
+            layer.recall_sum, layer.recall_n = layer.recall_sum + 1.0, layer.recall_n + 1
+    else:
+        k, v = layer.load(idx)
+        if recall:
+            layer.record_recall(q, idx, scale if scale is not None else q.shape[-1] ** -0.5)
+    return causal_attention(q, k, v, scale)
+
+
+def _tiered(cache) -> list[TieredLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, TieredLayer)]
+
+
+def take_counters(cache, tier: Tier | None = None) -> dict:
+    """Sum the counters of the tiered layers (and of ``tier``, a session's checkpoint tier) since the last call
+    and reset them: slow-tier bytes held now, bytes loaded, load seconds and the mean recall of attention mass
+    (None when not measured)."""
+    layers = _tiered(cache)
+    recall_n = sum(layer.recall_n for layer in layers)
+    out = {
+        "slow_tier_bytes": sum(layer.scbench_slow_nbytes() for layer in layers),
+        "loaded_bytes": sum(layer.loaded_bytes for layer in layers),
+        "load_s": sum(layer.load_s for layer in layers),
+        "attn_recall": sum(layer.recall_sum for layer in layers) / recall_n if recall_n else None,
+    }
+    for layer in layers:
+        layer.loaded_bytes, layer.load_s, layer.recall_sum, layer.recall_n = 0, 0.0, 0.0, 0
+    if tier is not None:
+        out["slow_tier_bytes"] += tier.held_bytes()
+        out["loaded_bytes"] += tier.loaded_bytes
+        out["load_s"] += tier.load_s
+        tier.loaded_bytes, tier.load_s = 0, 0.0
+    return out

@@ -1,0 +1,178 @@
+"""CacheBlend chunk KV reuse (methods/cacheblend.py, scbench/engines/blend.py).
+
+RoPE re-rotation against a float64 reference and against keys computed at the true positions; 100% recompute
+equals a full prefill (tiny random Llama and the embedded model); 0% equals plain concatenation of chunks
+computed at their true positions; the deviation top-k against a plain loop; runs through the runner in both modes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from scbench.engines import blend
+from scbench.methods.cacheblend import CacheBlend
+from scbench.records import RunSpec
+from scbench.registry import METHODS, TASKS
+from scbench.runner import Replay
+
+
+@pytest.fixture(scope="module")
+def engine(smol_tokenizer):
+    from conftest import make_tiny_engine
+
+    return make_tiny_engine(smol_tokenizer, seed=3, layers=4)
+
+
+def random_ids(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 5000, (n,), generator=g).tolist()
+
+
+def full_prefill(engine, ids):
+    """A plain prefill through the engine: (cache, last logits)."""
+    s = engine.session(METHODS.get("full")())
+    s.feed(ids, compress=False, sparse=False)
+    return s.cache, s.last_logits
+
+
+def blended(engine, ids, **knobs):
+    s = engine.session(CacheBlend(**knobs))
+    fs = s.feed(ids, compress=True, sparse=True)
+    return s, fs
+
+
+def test_rerotate_matches_float64_rotation(engine):
+    """rerotate(k, shift) = the rotate-half RoPE rotation by shift * inv_freq, computed plainly in float64."""
+    rotary = engine.model.model.rotary_emb
+    k = torch.randn(1, 2, 7, engine.head_dim)
+    shift = torch.tensor([0, 1, 5, 17, 100, 1000, 4000])
+    half = engine.head_dim // 2
+    angle = shift[:, None].double() * rotary.inv_freq.double()[None, :]  # [T, D/2]
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = k[..., :half].double(), k[..., half:].double()
+    want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    # float32 angles (as transformers computes them) lose ~1e-4 rad at position 4000
+    torch.testing.assert_close(blend.rerotate(k, shift, rotary).double(), want, atol=5e-4, rtol=1e-3)
+
+
+def test_chunk_kv_matches_true_positions(engine):
+    """Layer 0 keys/values depend on no other token: re-rotated chunk KV equals the full prefill's at every
+    position. The first chunk starts at its true position, so all its layers equal the full prefill's."""
+    ids = random_ids(70)
+    keys, values = blend.chunk_kv(engine.model, ids, chunk_size=16, prefix=0)
+    cache, _ = full_prefill(engine, ids)
+    torch.testing.assert_close(keys[0], cache.layers[0].keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values[0], cache.layers[0].values, atol=1e-5, rtol=1e-4)
+    for i, layer in enumerate(cache.layers):
+        torch.testing.assert_close(keys[i][:, :, :16], layer.keys[:, :, :16], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(values[i][:, :, :16], layer.values[:, :, :16], atol=1e-5, rtol=1e-4)
+    # deeper layers of later chunks miss the attention to earlier chunks
+    assert not torch.allclose(keys[-1][:, :, 16:], cache.layers[-1].keys[:, :, 16:], atol=1e-3)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_full_recompute_equals_full_prefill(engine, prefix):
+    ids = random_ids(90, seed=1)
+    cache, logits = full_prefill(engine, ids)
+    s, fs = blended(engine, ids, chunk_size=20, recompute_ratio=1.0, prefix=prefix, measure_full=False)
+    torch.testing.assert_close(s.last_logits, logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(s.cache.layers, cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+    assert fs.extra["recompute_frac"] == 1.0 and fs.attn_density == 1.0 and s.pos == len(ids)
+
+
+def test_zero_recompute_equals_plain_concatenation(engine):
+    """0%: the cache is the chunks' KV as if each chunk had been computed alone at its true positions, and the
+    last token is computed over it."""
+    ids = random_ids(75, seed=2)
+    ref = DynamicCache(config=engine.model.config)
+    parts = []
+    with torch.inference_mode():
+        for s, e in blend.chunk_spans(len(ids) - 1, 16):
+            c = DynamicCache(config=engine.model.config)
+            engine.model(input_ids=torch.tensor([ids[s:e]]), position_ids=torch.arange(s, e)[None], past_key_values=c,
+                         use_cache=True)
+            parts.append(c)
+        for i in range(engine.num_layers):
+            ref.update(torch.cat([c.layers[i].keys for c in parts], 2),
+                       torch.cat([c.layers[i].values for c in parts], 2), i)
+        logits = engine.model(input_ids=torch.tensor([ids[-1:]]), position_ids=torch.tensor([[len(ids) - 1]]),
+                              past_key_values=ref, use_cache=True).logits[0, -1]
+    s, fs = blended(engine, ids, chunk_size=16, recompute_ratio=0.0, measure_full=False)
+    for a, b in zip(s.cache.layers, ref.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.last_logits, logits, atol=1e-5, rtol=1e-4)
+    assert fs.extra["recompute_frac"] == pytest.approx(1 / len(ids))
+
+
+def test_partial_recompute_touches_only_selected_tokens(engine):
+    """15%: deep layers keep the stored chunk KV of unselected tokens and take fresh KV for the selected ones."""
+    ids = random_ids(81, seed=4)
+    keys, values = blend.chunk_kv(engine.model, ids[:-1], chunk_size=16, prefix=0)
+    s, fs = blended(engine, ids, chunk_size=16, recompute_ratio=0.15, select_layer=1, measure_full=True)
+    n_sel = math.ceil(0.15 * 80)
+    assert fs.extra["recompute_frac"] == pytest.approx((n_sel + 1) / 81)
+    assert fs.extra["chunk_kv_s"] > 0 and "prefill_saved_s" in fs.extra
+    deep = s.cache.layers[3].keys[0, 0, :80]
+    same = torch.isclose(deep, keys[3][0, 0], atol=1e-6).all(-1)
+    assert int((~same).sum()) <= n_sel and int(same.sum()) >= 80 - n_sel
+    full_layer = s.cache.layers[1].keys[0, 0, :80]  # layers 0..select_layer are recomputed for every token
+    torch.testing.assert_close(full_layer, full_prefill(engine, ids)[0].layers[1].keys[0, 0, :80], atol=1e-5, rtol=1e-4)
+    assert 0 < fs.attn_density < 1
+
+
+def test_select_tokens_matches_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    fresh, stored = torch.randn(1, 3, 50, 8, generator=g), torch.randn(1, 3, 50, 8, generator=g)
+    dev = [sum(float((fresh[0, h, t] - stored[0, h, t]).pow(2).sum()) for h in range(3)) for t in range(50)]
+    want = sorted(sorted(range(50), key=lambda t: -dev[t])[:8])  # ceil(0.15 * 50) = 8
+    assert blend.select_tokens(fresh, stored, 0.15).tolist() == want
+
+
+@pytest.mark.parametrize("mode,query_visible", [("multi_turn", True), ("multi_turn", False), ("multi_request", True)])
+def test_runs_through_the_runner(engine, mode, query_visible):
+    task = TASKS.get("scbench_kv")
+    from scbench.data import load_examples
+
+    ex = load_examples(task, "generated", n=1, length=300, turns=2, seed=0,
+                       count=lambda t: len(engine.encode(t, add_special_tokens=False)))[0]
+    spec = RunSpec(model={}, method={"name": "cacheblend"}, task="scbench_kv", mode=mode, max_turns=2, max_new_tokens=4,
+                   query_visible=query_visible)  # False: the first query is fed fresh after the blended context
+    res = list(Replay(engine, CacheBlend(chunk_size=64), task, ex, spec))
+    assert len(res) == 2
+    first, second = res[0].stats, res[1].stats
+    assert first.recompute_frac < 0.5 and first.chunk_kv_s > 0 and first.attn_density < 1
+    assert second.recompute_frac == 1.0 and second.chunk_kv_s == 0.0  # later feeds are plain prefills
+    assert first.prefill_computed == first.prompt_tokens
+
+
+def test_bad_knobs_and_models(engine):
+    for bad in ({"recompute_ratio": 1.5}, {"chunk_size": 0}, {"prefix": 256}, {"select_layer": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+            CacheBlend(**bad)
+    s = engine.session(CacheBlend(select_layer=9))
+    with pytest.raises(ValueError, match="select_layer 9"):
+        s.feed(random_ids(10), compress=True, sparse=True)
+
+    class NotLlama(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="Llama-family"):
+        blend.decoder_parts(NotLlama())
+
+
+@pytest.mark.slow
+def test_full_recompute_equals_full_prefill_embedded(embedded_engine):
+    """The issue's check on the embedded model: 100% recompute gives the full prefill's logits and greedy tokens."""
+    ids = random_ids(120, seed=5)
+    s_full = embedded_engine.session(METHODS.get("full")())
+    s_full.feed(ids, compress=False, sparse=False)
+    logits = s_full.last_logits
+    s, _ = blended(embedded_engine, ids, chunk_size=32, recompute_ratio=1.0, measure_full=False)
+    torch.testing.assert_close(s.last_logits, logits, atol=1e-4, rtol=1e-4)
+    assert s.generate(8).tokens == s_full.generate(8).tokens

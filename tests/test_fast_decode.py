@@ -1,0 +1,182 @@
+"""Fast decode (scbench/engines/fastdecode.py) against the plain loop it replaces.
+
+The masked one-query attention is compared with the dense reference on random inputs; greedy decoding through
+the static cache must give the plain loop's tokens, token for token, and leave the same cache behind, on the
+embedded model (CPU, float32) for full attention and for eviction methods with per-layer lengths, before and
+after a later turn is appended on top. The CUDA-graph variant runs only where a GPU is present.
+"""
+import pytest
+import torch
+
+from scbench.engines import attention, fastdecode
+from scbench.registry import METHODS
+
+from conftest import make_tiny_engine
+
+PROMPT = (
+    "The committee met on Tuesday. Alice proposed the budget, Bob objected to the travel line, and Carol "
+    "moved to postpone the vote until the auditors report. The auditors are expected next month. "
+) * 3
+
+
+@pytest.mark.parametrize("hq,hkv,n,cap,chunk", [(4, 2, 37, 256, 64), (9, 3, 200, 256, 256), (8, 8, 1, 128, 32),
+                                                (6, 1, 511, 512, 128)])
+def test_masked_attention_matches_reference(hq, hkv, n, cap, chunk):
+    torch.manual_seed(n)
+    q = torch.randn(2, hq, 1, 32)
+    k, v = torch.randn(2, hkv, cap, 32), torch.randn(2, hkv, cap, 32)
+    masked = torch.arange(cap) >= n
+    k[:, :, n:], v[:, :, n:] = 1e4, -1e4  # what lies beyond the valid keys must not matter
+    got = fastdecode.masked_decode_attention(q, k, v, masked, scale=0.17, chunk=chunk)
+    want = attention.reference_causal_attention(q, k[:, :, :n], v[:, :, :n], scale=0.17)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    half = fastdecode.masked_decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), masked, scale=0.17, chunk=chunk)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fastdecode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,n,cap,split", [(32, 8, 1, 256, None), (32, 8, 3000, 4096, None), (9, 3, 700, 768, 256),
+                                                (4, 4, 20000, 32768, None)])
+def test_split_kv_kernel_matches_reference(dtype, hq, hkv, n, cap, split):
+    torch.manual_seed(n)
+    q = torch.randn(1, hq, 1, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, hkv, cap, 128, device="cuda", dtype=dtype) for _ in range(2))
+    at = torch.tensor([n - 1], device="cuda")
+    got = fastdecode.split_kv_decode_attention(q, k, v, at, scale=0.09, split=split)
+    want = attention.reference_causal_attention(q, k[:, :, :n], v[:, :, :n], scale=0.09)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def _run(engine, method_cfg, mode, turns=((None, 16), (40, 8)), compress=True):
+    """Feed a prompt (compressing), decode, append a follow-up, decode again; tokens, paths and the cache."""
+    engine.decode_mode = mode
+    try:
+        method = METHODS.get(method_cfg["name"])(**{k: v for k, v in method_cfg.items() if k != "name"})
+        session = engine.session(method)
+        ids = engine.encode(PROMPT, add_special_tokens=False)
+        out = []
+        for cut, max_new in turns:
+            session.feed(ids[:cut] if cut else ids, compress=compress and not out, sparse=False)
+            gen = session.generate(max_new)
+            out.append((gen.tokens, gen.decode_path))
+        keys = [layer.keys.clone() for layer in session.cache.layers]
+        return out, keys, session.pos
+    finally:
+        engine.decode_mode = "auto"
+
+
+CASES = [
+    {"name": "full"},
+    {"name": "pyramidkv", "budget": 48},  # per-layer lengths after eviction
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=[c["name"] for c in CASES])
+def test_static_decode_equals_plain_on_embedded_model(embedded_engine, cfg):
+    plain, plain_keys, plain_pos = _run(embedded_engine, cfg, "plain")
+    fast, fast_keys, fast_pos = _run(embedded_engine, cfg, "fast")
+    assert [p for _, p in plain] == ["plain", "plain"] and [p for _, p in fast] == ["static", "static"]
+    assert [t for t, _ in fast] == [t for t, _ in plain]
+    assert fast_pos == plain_pos
+    assert [k.shape for k in fast_keys] == [k.shape for k in plain_keys]
+    if cfg["name"] == "pyramidkv":
+        assert len({k.shape[2] for k in fast_keys}) > 1, "the case must exercise per-layer lengths"
+    for a, b in zip(fast_keys, plain_keys):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [{"name": "full"}, {"name": "streamingllm", "n_init": 4, "n_local": 60},
+                                 {"name": "h2o", "budget": 64}], ids=["full", "streamingllm", "h2o"])
+def test_static_decode_over_turns_and_buffer_reuse(tiny_engine, cfg):
+    """Several turns on one session (buffers reused while they fit, reallocated when not) equal the plain loop."""
+    turns = ((None, 30), (20, 8), (300, 40), (5, 3))
+    plain, plain_keys, _ = _run(tiny_engine, cfg, "plain", turns=turns)
+    fast, fast_keys, _ = _run(tiny_engine, cfg, "fast", turns=turns)
+    assert [t for t, _ in fast] == [t for t, _ in plain]
+    for a, b in zip(fast_keys, plain_keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_token_and_single_token_budgets(tiny_engine):
+    """A turn that stops at a stop token keeps the plain loop's cache (the stop token is never fed)."""
+    stop = set(tiny_engine.stop_ids)
+    plain, _, pos_plain = _run(tiny_engine, {"name": "full"}, "plain", turns=((None, 12),), compress=False)
+    forced = plain[0][0][5]  # make the 6th greedy token a stop token for both paths
+    tiny_engine.stop_ids = stop | {forced}
+    try:
+        plain, pk, pos_plain = _run(tiny_engine, {"name": "full"}, "plain", turns=((None, 12), (10, 1)), compress=False)
+        fast, fk, pos_fast = _run(tiny_engine, {"name": "full"}, "fast", turns=((None, 12), (10, 1)), compress=False)
+    finally:
+        tiny_engine.stop_ids = stop
+    assert plain[0][0][-1] == forced and len(plain[0][0]) <= 6
+    assert [t for t, _ in fast] == [t for t, _ in plain] and pos_fast == pos_plain
+    assert [k.shape for k in fk] == [k.shape for k in pk]
+
+
+def test_kivi_takes_the_plain_loop(tiny_engine):
+    out, _, _ = _run(tiny_engine, {"name": "kivi", "bits": 4, "group": 16, "residual": 16}, "fast")
+    assert [p for _, p in out] == ["plain", "plain"]
+    assert fastdecode.unsupported(tiny_engine.session(METHODS.get("kivi")()).cache, METHODS.get("kivi")())
+
+
+def test_prefill_chunk_matches_one_forward(smol_tokenizer):
+    """Chunked prefill: same logits, same cache, same captured query window as one forward."""
+    ids = torch.randint(0, 1000, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    results = []
+    for chunk in (None, 64, 7):
+        engine = make_tiny_engine(smol_tokenizer)
+        engine.prefill_chunk = chunk
+        session = engine.session(METHODS.get("full")())
+        ctx = attention.AttnContext(capture_queries=90)
+        logits = session._prefill(ids, ctx)
+        results.append((logits, [layer.keys for layer in session.cache.layers], ctx.queries))
+    for logits, keys, queries in results[1:]:
+        torch.testing.assert_close(logits, results[0][0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(keys, results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert queries.keys() == results[0][2].keys()
+        for layer in queries:
+            assert queries[layer].shape[-2] == 90
+            torch.testing.assert_close(queries[layer], results[0][2][layer], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"prefill_chunk": 0}, "prefill_chunk"),
+                                          ({"prefill_chunk": "8"}, "prefill_chunk"),
+                                          ({"decode": "fastest"}, "decode")])
+def test_bad_engine_knobs(smol_tokenizer, kwargs, match):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scbench.engines.hf import HFEngine
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match=match):
+        HFEngine("tiny", model=model, tokenizer=smol_tokenizer, device="cpu", **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_plain():
+    """Graph capture + replay (float32, a tiny random Llama with a byte tokenizer: no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scbench.engines.hf import HFEngine
+    from test_compression_engine import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                         eos_token_id=tok.eos_token_id))
+    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    turns = ((None, 40), (25, 20), (7, 33))
+    for cfg in ({"name": "full"}, {"name": "pyramidkv", "budget": 96}):
+        plain, pk, _ = _run(engine, cfg, "plain", turns=turns)
+        fast, fk, _ = _run(engine, cfg, "fast", turns=turns)
+        assert {p for _, p in fast} == {"graph"}
+        assert [t for t, _ in fast] == [t for t, _ in plain]
+        for a, b in zip(fk, pk):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
