@@ -72,6 +72,12 @@ class TurnStats:
     attn_recall: float | None = None
     """Loading methods with ``recall=true``: mean share of the exact attention mass held by the keys attended
     (over decode steps and selecting layers); None when not measured."""
+    index_recall: float | None = None
+    """RetrievalAttention with an approximate index and ``recall=true``: mean share of the exact top-k keys the
+    index returned (over decode steps and layers); None when not measured."""
+    index_build_s: float = 0.0
+    """Time building / extending approximate search indices this turn (the build at parking is also in
+    compress_s)."""
     peak_mem_bytes: int = 0
     """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
     truncated_tokens: int = 0

@@ -115,3 +115,79 @@ def test_search_index_for_half_precision_host_keys_follows_appends_and_crops():
     index = m.search_keys(layer)
     assert torch.equal(index, layer.keys.float()) and index.dtype == torch.float32
     assert layer.scbench_slow_nbytes() == 0 and layer.scbench_nbytes() == 95 * 2 * 8 * (2 + 2 + 4)  # CPU compute
+
+
+def test_topk_recall_by_hand():
+    from scbench.methods.retrieval_attention import topk_recall
+
+    exact = torch.tensor([[[0, 1, 2, 3], [4, 5, 6, 7]]])
+    approx = torch.tensor([[[3, 1, 8, 9], [7, 6, 5, 4]]])  # head 0: 2 of 4, head 1: 4 of 4
+    assert topk_recall(approx, exact, 10) == pytest.approx(0.75)
+
+
+def test_missing_faiss_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        RetrievalAttention(index="faiss_ivf")
+    with pytest.raises(ValueError, match="RetrievalAttention.index"):
+        RetrievalAttention(index="annoy")
+    RetrievalAttention()  # exact search needs no faiss
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_exhaustive_ivf_returns_the_exact_top_k_set(group):
+    pytest.importorskip("faiss")
+    m = RetrievalAttention(top_k=40, n_init=4, n_local=8, gqa="group" if group else "head", index="faiss_ivf",
+                           nlist=8, nprobe=8, recall=True)
+    layer = m.compress_cache(0, rand(2, 2, 600, 16, seed=10), rand(2, 2, 600, 16, seed=11), None)
+    assert layer.ann.end == 600 - 8 and layer.index_build_s > 0
+    # generated rows: searched exactly as the tail, then added to the index
+    for step, extra in enumerate([3, 300]):
+        layer.update(rand(2, 2, extra, 16, seed=20 + step), rand(2, 2, extra, 16, seed=30 + step))
+        keys = m.search_keys(layer)
+        q = rand(2, 4, 16, seed=40 + step)
+        got = m.select(q, keys, layer)
+        hi = layer.n - 8
+        want = top_keys(q, keys[..., 4:hi, :], 40, group) + 4
+        assert torch.equal(got[..., 12:].sort(-1).values, want.sort(-1).values)
+    assert layer.ann.end == layer.n - 8  # 300 new rows >= EXTEND_EVERY: extended
+    assert layer.index_recall_n == 2 and layer.index_recall_sum == pytest.approx(2.0)
+    layer.scbench_crop(500)  # below the indexed rows: rebuilt
+    m.search_keys(layer)
+    assert layer.ann.end == 500 - 8 and layer.ann.parts[0].ntotal == 500 - 8 - 4
+
+
+def test_approximate_index_records_recall_per_turn(engine):
+    pytest.importorskip("faiss")
+    for index in ("faiss_ivf", "faiss_hnsw"):
+        m = RetrievalAttention(top_k=32, n_init=4, n_local=16, recall=True, index=index, nprobe=4)
+        s, gen = decode(engine, m, 300)
+        mem = s.memory()
+        assert 0 < mem["index_recall"] <= 1 and mem["index_build_s"] > 0
+        assert s.memory()["index_recall"] is None  # counters reset per turn
+    cfg = yaml.safe_load((CONFIGS / "retrieval_attention-ivf.yaml").read_text())
+    assert build_method(cfg).index == "faiss_ivf"
+    words = " ".join(f"key{i}=val{i * 7 % 97}" for i in range(60))
+    example = Example(id="tiny", context=words, turns=tuple(Turn(input=f"key{i}?", answer=f"val{i}") for i in (3, 17)))
+    cfg = {"name": "retrieval_attention", "top_k": 24, "n_init": 4, "n_local": 8, "index": "faiss_hnsw", "recall": True}
+    for mode, compress in [("multi_turn", "once"), ("multi_request", "once"), ("multi_request", "every_turn")]:
+        spec = RunSpec(model={}, method=cfg, task="scbench_kv", mode=mode, max_turns=2, max_new_tokens=5,
+                       compress=compress)
+        for r in Replay(engine, build_method(cfg), TASKS.get("scbench_kv"), example, spec):
+            assert 0 < r.stats.index_recall <= 1
+
+
+def test_ivf_with_fewer_candidates_than_k_still_returns_k_distinct_rows():
+    pytest.importorskip("faiss")
+    m = RetrievalAttention(top_k=40, n_init=4, n_local=8, index="faiss_ivf", nlist=64, nprobe=1)
+    layer = m.compress_cache(0, rand(1, 2, 600, 16, seed=12), rand(1, 2, 600, 16, seed=13), None)
+    q = rand(1, 4, 16, seed=14)
+    got = m.select(q, m.search_keys(layer), layer)[0, :, 12:]  # [heads, k] past the static rows
+    for h in range(4):
+        _, found = layer.ann.parts[h // 2].search(q[0, h : h + 1].numpy(), 40)
+        found = {i + 4 for i in found[0].tolist() if i >= 0}
+        rows = got[h].tolist()
+        assert 0 < len(found) < 40 and found <= set(rows)
+        assert len(set(rows)) == 40 and all(4 <= r < 592 for r in rows)

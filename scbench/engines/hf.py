@@ -111,6 +111,11 @@ class HFEngine(Engine):
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
+        from scbench.engines.recurrent import OWN_STATE  # the more precise refusal comes first
+
+        model_type = getattr(cfg, "model_type", "")
+        if model_type in OWN_STATE:
+            raise ValueError(f"model type {model_type!r} {OWN_STATE[model_type]}: scbench cannot reuse or snapshot its state")
         sliding = sliding_window_layers(cfg)
         if sliding:
             raise ValueError(

@@ -359,8 +359,14 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
         "load_s": sum(layer.load_s for layer in layers),
         "attn_recall": sum(layer.recall_sum for layer in layers) / recall_n if recall_n else None,
     }
+    # an approximate search index's counters, set on the layer by the method that keeps one (RetrievalAttention)
+    index_n = sum(getattr(layer, "index_recall_n", 0) for layer in layers)
+    index_sum = sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers)
+    out["index_recall"] = index_sum / index_n if index_n else None
+    out["index_build_s"] = sum(getattr(layer, "index_build_s", 0.0) for layer in layers)
     for layer in layers:
         layer.loaded_bytes, layer.load_s, layer.recall_sum, layer.recall_n = 0, 0.0, 0.0, 0
+        layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
     if tier is not None:
         out["slow_tier_bytes"] += tier.held_bytes()
         out["loaded_bytes"] += tier.loaded_bytes
