@@ -24,6 +24,8 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "loaded_bytes": ("loaded_bytes", "mean"),
     "load_s": ("load_s", "mean"),
     "attn_recall": ("attn_recall", "mean"),
+    "index_recall": ("index_recall", "mean"),
+    "index_build_s": ("index_build_s", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
     "context_rate": ("context_rate", "mean"),
