@@ -69,16 +69,22 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to %s (one-time, ~30 s on CPU)", gguf.name, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained until its quantizer record is dropped.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    save_atomically(model, tok, out)
+
+
+def save_atomically(model, tokenizer, out: Path) -> None:
+    """Save a model folder under a temporary name, then rename it into place: a reader never sees half a
+    folder, and when two processes race the first rename wins and the other's copy is dropped."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -253,13 +259,5 @@ def materialize_random(preset: str, seed: int = 0) -> Path:
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if size > 2**30:
         raise ValueError(f"random preset {preset!r} holds {size / 2**30:.1f} GiB: build it in memory with random_model()")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(model, tokenizer, out)
     return out
