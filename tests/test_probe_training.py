@@ -1,0 +1,111 @@
+"""The probe adapter's training script: the padded micro-batch loss (fast path) against the one-sequence loss
+(plain reference), micro-batching, the v2 data plan and the chat rows (scripts/probe/)."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "probe"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import train_probe
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = train_probe.add_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():  # B starts at zero in training; random here so that the LoRA path matters
+        for m in wrapped.values():
+            m.lora_B.normal_(0, 0.2)
+    return model, wrapped
+
+
+def _random_seqs(rng: random.Random, n: int):
+    seqs = []
+    for _ in range(n):
+        length = rng.randint(5, 120)
+        ids = [rng.randrange(97) for _ in range(length)]
+        lab = [-100] * length
+        for j in rng.sample(range(1, length), rng.randint(1, max(1, length // 4))):
+            lab[j] = ids[j]
+        seqs.append((ids, lab))
+    return seqs
+
+
+def test_batch_loss_equals_sum_of_sequence_losses(tiny_lora_model):
+    import train_probe
+
+    model, wrapped = tiny_lora_model
+    rng = random.Random(3)
+    dev = torch.device("cpu")
+    for trial in range(3):
+        seqs = _random_seqs(rng, 5)
+        ref = sum(train_probe.seq_loss(model, ids, lab, dev) for ids, lab in seqs)
+        fast = train_probe.batch_loss(model, seqs, dev)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    # and the gradients of the LoRA parameters agree too
+    seqs = _random_seqs(rng, 4)
+    params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
+    grads = []
+    for fn in (lambda: sum(train_probe.seq_loss(model, i, l, dev) for i, l in seqs),
+               lambda: train_probe.batch_loss(model, seqs, dev)):
+        for p in params:
+            p.grad = None
+        fn().backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_respect_the_token_cap():
+    import train_probe
+
+    rng = random.Random(1)
+    window = [(k, {}, [0] * rng.randint(10, 900), []) for k in range(64)]
+    mbs = train_probe.micro_batches(window, max_tokens=2000, max_seqs=8)
+    assert sorted(r[0] for mb in mbs for r in mb) == list(range(64))
+    for mb in mbs:
+        longest = max(len(r[2]) for r in mb)
+        assert len(mb) <= 8 and (len(mb) == 1 or len(mb) * longest <= 2000)
+
+
+def test_v2_plan_is_deterministic_and_disjoint_from_evaluation_seeds():
+    import probe_data
+
+    items = [probe_data.plan_item(k, "v2") for k in range(2400, 3400)]
+    assert items == [probe_data.plan_item(k, "v2") for k in range(2400, 3400)]
+    probe_data.check_disjoint([it["seed"] for it in items])
+    tasks = {it["task"] for it in items}
+    assert {"scbench_vt", "scbench_kv", "scbench_prefix_suffix", "chat_distill"} <= tasks
+    share_vt = sum(it["task"] == "scbench_vt" for it in items) / len(items)
+    assert 0.2 < share_vt < 0.36
+    with pytest.raises(AssertionError, match="overlap"):
+        probe_data.check_disjoint([probe_data.TRAIN_SEED_BASE + 5], {probe_data.TRAIN_SEED_BASE + 5})
+
+
+def test_chat_rows_hold_out_the_evaluation_questions_and_drop_loops(tmp_path):
+    import json
+
+    import eval_probe
+    import probe_data
+
+    rows = probe_data.chat_rows()
+    assert len(rows) >= 20
+    questions = {r["question"].lower() for r in rows}
+    assert not questions & {q.lower() for q in eval_probe.CHAT}
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"rows": [{"question": "a", "answer": "of the balcony " * 6},
+                                      {"question": "b", "answer": "Rome is the capital of Italy."}]}))
+    assert [r["question"] for r in probe_data.chat_rows(f)] == ["b"]
