@@ -10,7 +10,13 @@ example and every turn's prompt then carries the compressed text; queries are ne
   Inference Efficiency of Large Language Models" (Selective Context, arXiv 2310.06201). Works offline.
 - ``llmlingua2``: LLMLingua-2 through the ``llmlingua`` package (Pan et al., arXiv 2403.12968), SCBench's
   setting rate 1/3. Needs the package (``pip install -e ".[llmlingua]"``) and its compressor model: a local
-  folder (``path``) or a hub id (``model``) for users with network.
+  folder (``path``) or a hub id (``model``) for users with network. Two things llmlingua 0.2.2 does that an
+  offline user trips over, handled here: it picks its word-merging rule from the model *name* (which must contain
+  ``xlm-roberta-large`` or ``bert-base-multilingual-cased``; any other name fails deep inside with
+  ``NotImplementedError``), so the name is checked up front; and it fetches tiktoken's gpt-3.5-turbo encoding at
+  start-up only to count GPT tokens for its own statistics, so without network (``tiktoken: auto``) a stand-in that
+  counts words takes its place: the compressed text is the same, and the rate scbench records is measured with
+  the run's own tokenizer anyway.
 """
 from __future__ import annotations
 
@@ -25,6 +31,18 @@ import torch
 from scbench.methods.base import Method, positive_int
 
 LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
+LLMLINGUA2_FAMILIES = ("xlm-roberta-large", "bert-base-multilingual-cased")
+"""Substrings llmlingua 0.2.2 looks for in the model name to choose how sub-word tokens merge into words."""
+TIKTOKEN_MODES = ("auto", "required", "off")
+
+
+class _WordCount:
+    """Stands in for tiktoken's encoding where llmlingua only counts tokens for its statistics: counts words."""
+
+    name = "words (stand-in for tiktoken gpt-3.5-turbo)"
+
+    def encode(self, text: str, **_) -> list[str]:
+        return text.split()
 
 
 def _check_rate(obj) -> None:
@@ -139,12 +157,17 @@ class LLMLingua2(Method):
     """Local folder holding the compressor model (wins over ``model``; works offline)."""
     device: str = "auto"
     """Where the compressor runs: ``auto`` (the run's device), ``cpu``, ``cuda``, ..."""
+    tiktoken: str = "auto"
+    """llmlingua's GPT token counter (statistics only): ``auto`` = tiktoken's gpt-3.5-turbo encoding, or a word
+    counter when it cannot be loaded (offline); ``required`` = fail without it; ``off`` = always the word counter."""
 
     name: ClassVar[str] = "llmlingua2"
     stages: ClassVar[tuple[str, ...]] = ("generation",)
 
     def __post_init__(self) -> None:
         _check_rate(self)
+        if self.tiktoken not in TIKTOKEN_MODES:
+            raise ValueError(f"LLMLingua2.tiktoken must be one of {TIKTOKEN_MODES}, got {self.tiktoken!r}")
         if importlib.util.find_spec("llmlingua") is None:
             raise ImportError(
                 "method llmlingua2 needs the llmlingua package, which is not installed: "
@@ -156,7 +179,36 @@ class LLMLingua2(Method):
                 f"LLMLingua-2 model such as {self.model} in that folder, or set method.path=null to load "
                 f"method.model={self.model!r} from the hub"
             )
+        source = self.path or self.model
+        if not any(f in str(source) for f in LLMLINGUA2_FAMILIES):
+            raise ValueError(
+                f"llmlingua2: the compressor model name {str(source)!r} contains none of {LLMLINGUA2_FAMILIES}; "
+                "llmlingua chooses how sub-word tokens merge into words from that name and fails otherwise. "
+                f"Keep the hub name in the folder name (e.g. .../{LLMLINGUA2_MODEL.split('/')[-1]})"
+            )
         self._compressor = None
+        self.gpt_counter: str | None = None
+        """What counted llmlingua's GPT tokens (set when the compressor loads): tiktoken or the word stand-in."""
+
+    def _gpt_encoding(self):
+        import tiktoken
+
+        if self.tiktoken == "off":
+            return _WordCount()
+        try:
+            return tiktoken.encoding_for_model("gpt-3.5-turbo")
+        except Exception as e:  # noqa: BLE001 - offline: requests/urllib errors, or a broken TIKTOKEN_CACHE_DIR
+            if self.tiktoken == "required":
+                raise RuntimeError(
+                    f"llmlingua2: tiktoken could not load the gpt-3.5-turbo encoding ({type(e).__name__}: {e}); "
+                    "put it in TIKTOKEN_CACHE_DIR or set method.tiktoken=auto to count words instead"
+                ) from e
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "llmlingua2: tiktoken unavailable (%s); llmlingua's own token statistics count words instead "
+                "(the compressed text does not change)", type(e).__name__)
+            return _WordCount()
 
     def compressor(self, engine):
         if self._compressor is None:
@@ -164,13 +216,20 @@ class LLMLingua2(Method):
 
             source = self.path or self.model
             device = str(engine.device) if self.device == "auto" else self.device
-            try:
-                self._compressor = PromptCompressor(model_name=source, use_llmlingua2=True, device_map=device)
+            from unittest import mock
+
+            import tiktoken
+
+            enc = self._gpt_encoding()
+            self.gpt_counter = getattr(enc, "name", type(enc).__name__)
+            try:  # PromptCompressor asks tiktoken by name in its constructor: hand it the encoding chosen above
+                with mock.patch.object(tiktoken, "encoding_for_model", lambda _name: enc):
+                    self._compressor = PromptCompressor(model_name=source, use_llmlingua2=True, device_map=device)
             except OSError as e:  # not on disk and not downloadable (no network, wrong id); requests errors too
                 raise FileNotFoundError(
                     f"llmlingua2: could not load the compressor model {source!r} ({type(e).__name__}: {e}). It needs "
-                    "the model (set method.path to a local folder holding it, or network for the hub id) and "
-                    "tiktoken's gpt-3.5-turbo encoding, which llmlingua fetches once into TIKTOKEN_CACHE_DIR"
+                    "the model (set method.path to a local folder holding it, or network for the hub id); "
+                    "tiktoken's gpt-3.5-turbo encoding is optional (method.tiktoken=auto)"
                 ) from e
         return self._compressor
 

@@ -2,7 +2,8 @@
 
 Self-information against a plain per-token loop; the perplexity compressor hits its rate on generated data;
 through the runner only the context is compressed (every query reaches the model whole) and the rate and time
-are recorded; the LLMLingua-2 adapter's errors name what is missing (no model is downloaded here).
+are recorded; the LLMLingua-2 adapter's errors name what is missing (no model is downloaded here), and the adapter
+runs the real ``llmlingua`` package end to end on a tiny random XLM-RoBERTa token classifier built in the test.
 """
 from __future__ import annotations
 
@@ -104,7 +105,18 @@ def test_ppl_compress_bad_knobs():
 
 
 # --- LLMLingua-2 adapter (the package and its model are not needed: a stand-in module plays the package) ------------
+def offline_tiktoken(monkeypatch):
+    """tiktoken as it behaves without network: loading the gpt-3.5-turbo encoding raises a connection error."""
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def refuse(name):
+        raise ConnectionError(f"no network to fetch the encoding for {name}")
+
+    monkeypatch.setattr(tiktoken, "encoding_for_model", refuse)
+
+
 def fake_llmlingua(monkeypatch, compressor_cls):
+    offline_tiktoken(monkeypatch)
     mod = types.ModuleType("llmlingua")
     mod.__spec__ = importlib.machinery.ModuleSpec("llmlingua", None)
     mod.PromptCompressor = compressor_cls
@@ -144,12 +156,84 @@ def test_llmlingua2_calls_the_package_with_the_local_model(monkeypatch, tmp_path
             calls.append((context, rate))
             return {"compressed_prompt": context[: int(len(context) * rate)]}
 
-    (tmp_path / "config.json").write_text("{}")
+    folder = tmp_path / "llmlingua-2-xlm-roberta-large-local"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
     fake_llmlingua(monkeypatch, Compressor)
-    m = LLMLingua2(path=str(tmp_path), rate=0.5)
+    m = LLMLingua2(path=str(folder), rate=0.5)
     assert m.compress_context("abcdefgh", engine=tiny_engine) == "abcd"
     assert m.compress_context("ijkl", engine=tiny_engine) == "ij"  # the compressor is loaded once
-    assert calls == [(str(tmp_path), True, "cpu"), ("abcdefgh", 0.5), ("ijkl", 0.5)]
+    assert calls == [(str(folder), True, "cpu"), ("abcdefgh", 0.5), ("ijkl", 0.5)]
+    assert m.gpt_counter.startswith("words")  # tiktoken offline: the word stand-in counted llmlingua's statistics
+
+
+def test_llmlingua2_names_the_model_family_llmlingua_needs(monkeypatch, tmp_path):
+    fake_llmlingua(monkeypatch, object)
+    (tmp_path / "my-compressor").mkdir()
+    (tmp_path / "my-compressor" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"my-compressor.*xlm-roberta-large.*folder name"):
+        LLMLingua2(path=str(tmp_path / "my-compressor"))
+    with pytest.raises(ValueError, match="tiktoken"):
+        LLMLingua2(tiktoken="sometimes")
+
+
+def test_llmlingua2_tiktoken_required_fails_offline(monkeypatch, tiny_engine):
+    fake_llmlingua(monkeypatch, object)
+    with pytest.raises(RuntimeError, match=r"tiktoken could not load.*TIKTOKEN_CACHE_DIR"):
+        LLMLingua2(tiktoken="required").compress_context("ctx", engine=tiny_engine)
+
+
+def tiny_llmlingua2_model(folder):
+    """A random 2-layer XLM-RoBERTa token classifier (keep/drop) with a sentencepiece-style character tokenizer,
+    saved as an LLMLingua-2 compressor folder: the package's real loading and compression code runs on it."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification, XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = specials + ["\u2581"] + list(chars) + ["\u2581" + c for c in chars]
+    vocab = [(p, 0.0 if p in specials else -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok = XLMRobertaTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                  cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(vocab_size=len(pieces), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=520, num_labels=2, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2)
+    XLMRobertaForTokenClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_llmlingua2_runs_the_real_package(tmp_path, tiny_engine, mode, monkeypatch):
+    """The installed llmlingua (no stand-in module) loads a local compressor folder offline and compresses the
+    context through the runner; the kept words come from the context, in order, at about the asked rate."""
+    pytest.importorskip("llmlingua")
+    offline_tiktoken(monkeypatch)
+    folder = tmp_path / "tiny-xlm-roberta-large-random"
+    tiny_llmlingua2_model(folder)
+    method = LLMLingua2(path=str(folder), rate=1 / 3, device="cpu")
+    task, ex = example(tiny_engine, "scbench_kv", length=500, turns=2)
+    spec = RunSpec(model={}, method={"name": "llmlingua2"}, task=task.name, mode=mode, max_turns=2,
+                   max_seq_length=tiny_engine.window, max_new_tokens=4)
+    replay = Replay(tiny_engine, method, task, ex, spec)
+    results = list(replay)
+    assert len(results) == 2 and method.gpt_counter.startswith("words")
+    short, full = replay.example.context, ex.context
+    assert 0 < len(short) < len(full)
+    pos = 0
+    for w in short.split():  # every kept alphanumeric run occurs in the context, in order
+        for run in "".join(c if c.isalnum() else " " for c in w).split():
+            at = full.find(run, pos)
+            assert at >= 0, (run, w)
+            pos = at
+    first, second = results[0].stats, results[1].stats
+    assert 0.1 < first.context_rate < 0.7 and second.context_rate == first.context_rate
+    assert first.context_compress_s > 0 and second.context_compress_s == 0.0
 
 
 def test_scorer_is_the_run_model_or_a_cached_engine(tiny_engine, embedded_folder, monkeypatch):
