@@ -16,7 +16,9 @@ indexed rows rebuilds it. The candidates' exact inner products pick the top ``to
 step also runs the exact search and records the share of the exact top-k set the index found
 (``TurnStats.index_recall``); the build/extend time is ``TurnStats.index_build_s``. These are general-purpose
 ANN indices over the keys, not the paper's attention-aware (query-distribution) index. The faiss indices' own
-memory (a float32 copy of the indexed keys plus list ids or graph links) is not counted in ``slow_tier_bytes``.
+memory (a float32 copy of the indexed keys plus list ids, centroids or graph links) is reported apart as
+``TurnStats.index_bytes`` (``AnnIndex.nbytes``, checked against ``faiss.serialize_index``), not in
+``slow_tier_bytes``.
 On CPU at 32K keys x 64 (scripts/bench_retrieval_index.py) IVF beats exact search at top-k 256, not at 4,096.
 """
 from __future__ import annotations
@@ -85,6 +87,24 @@ class AnnIndex:
                 ix.train(self._rows(keys, len(self.parts), lo, end))
             self.parts.append(ix)
         self.extend(keys, end)
+
+    def nbytes(self) -> int:
+        """Host bytes the indices hold: IVF-Flat = centroids + per list (float32 code + int64 id) per row;
+        HNSW-Flat = float32 codes + graph (int32 neighbour slots, levels, int64 offsets). Read from the faiss
+        structures (no serialisation); the serialised size differs only by headers."""
+        faiss = import_faiss()
+        total = 0
+        for ix in self.parts:
+            if isinstance(ix, faiss.IndexHNSWFlat):
+                h = ix.hnsw
+                total += faiss.downcast_index(ix.storage).codes.size()
+                total += 4 * (h.neighbors.size() + h.levels.size()) + 8 * h.offsets.size()
+                total += 8 * h.assign_probas.size() + 4 * h.cum_nneighbor_per_level.size()
+            else:
+                inv = ix.invlists
+                total += ix.quantizer.ntotal * ix.d * 4
+                total += sum(inv.list_size(i) for i in range(inv.nlist)) * (inv.code_size + 8)
+        return total
 
     @staticmethod
     def _rows(keys: torch.Tensor, part: int, start: int, end: int) -> np.ndarray:

@@ -78,6 +78,9 @@ class TurnStats:
     index_build_s: float = 0.0
     """Time building / extending approximate search indices this turn (the build at parking is also in
     compress_s)."""
+    index_bytes: int = 0
+    """Host bytes held by approximate search indices at the end of the turn (faiss: a float32 copy of the indexed
+    keys plus ids / centroids / graph links), apart from ``slow_tier_bytes``; 0 with exact search."""
     peak_mem_bytes: int = 0
     """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
     truncated_tokens: int = 0

@@ -68,6 +68,7 @@ def main() -> None:
                 _, t_raw = timed(lambda: [ann.parts[0].search(q[0].numpy(), k) for q in qs], 2)
                 recall = sum(topk_recall(x, y, a.n) for x, y in zip(got, exact)) / len(qs)
                 row = dict(keys=kind, k=k, **s, nlist=getattr(ann.parts[0], "nlist", None), build_s=round(build, 3),
+                           index_bytes=ann.nbytes(), key_bytes=a.n * a.dim * 4,
                            exact_step_ms=round(1e3 * t_exact / a.steps, 2),
                            faiss_step_ms=round(1e3 * t_raw / a.steps, 2),
                            method_step_ms=round(1e3 * t_full / a.steps, 2), recall=round(recall, 4))

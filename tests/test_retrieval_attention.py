@@ -159,14 +159,27 @@ def test_exhaustive_ivf_returns_the_exact_top_k_set(group):
     assert layer.ann.end == 500 - 8 and layer.ann.parts[0].ntotal == 500 - 8 - 4
 
 
+@pytest.mark.parametrize("index", ["faiss_ivf", "faiss_hnsw"])
+def test_index_bytes_match_the_serialised_indices(index):
+    """AnnIndex.nbytes reads the faiss structures; faiss.serialize_index writes the same arrays plus headers."""
+    faiss = pytest.importorskip("faiss")
+    m = RetrievalAttention(top_k=40, n_init=4, n_local=8, index=index, nlist=8, nprobe=8, hnsw_m=8)
+    layer = m.compress_cache(0, rand(1, 2, 900, 32, seed=12), rand(1, 2, 900, 32, seed=13), None)
+    got = layer.ann.nbytes()
+    serial = sum(len(faiss.serialize_index(ix)) for ix in layer.ann.parts)
+    codes = 2 * (900 - 12) * 32 * 4  # the float32 copy of the indexed keys alone
+    assert codes < got <= serial <= got + 2 * 4096, (got, serial)
+
+
 def test_approximate_index_records_recall_per_turn(engine):
     pytest.importorskip("faiss")
     for index in ("faiss_ivf", "faiss_hnsw"):
         m = RetrievalAttention(top_k=32, n_init=4, n_local=16, recall=True, index=index, nprobe=4)
         s, gen = decode(engine, m, 300)
         mem = s.memory()
-        assert 0 < mem["index_recall"] <= 1 and mem["index_build_s"] > 0
-        assert s.memory()["index_recall"] is None  # counters reset per turn
+        assert 0 < mem["index_recall"] <= 1 and mem["index_build_s"] > 0 and mem["index_bytes"] > 0
+        again = s.memory()
+        assert again["index_recall"] is None and again["index_bytes"] == mem["index_bytes"]  # held, not reset
     cfg = yaml.safe_load((CONFIGS / "retrieval_attention-ivf.yaml").read_text())
     assert build_method(cfg).index == "faiss_ivf"
     words = " ".join(f"key{i}=val{i * 7 % 97}" for i in range(60))
@@ -176,7 +189,7 @@ def test_approximate_index_records_recall_per_turn(engine):
         spec = RunSpec(model={}, method=cfg, task="scbench_kv", mode=mode, max_turns=2, max_new_tokens=5,
                        compress=compress)
         for r in Replay(engine, build_method(cfg), TASKS.get("scbench_kv"), example, spec):
-            assert 0 < r.stats.index_recall <= 1
+            assert 0 < r.stats.index_recall <= 1 and r.stats.index_bytes > 0
 
 
 def test_ivf_with_fewer_candidates_than_k_still_returns_k_distinct_rows():

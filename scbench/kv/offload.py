@@ -364,6 +364,7 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
     index_sum = sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers)
     out["index_recall"] = index_sum / index_n if index_n else None
     out["index_build_s"] = sum(getattr(layer, "index_build_s", 0.0) for layer in layers)
+    out["index_bytes"] = sum(layer.ann.nbytes() for layer in layers if getattr(layer, "ann", None) is not None)
     for layer in layers:
         layer.loaded_bytes, layer.load_s, layer.recall_sum, layer.recall_n = 0, 0.0, 0.0, 0
         layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0

@@ -26,6 +26,7 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "attn_recall": ("attn_recall", "mean"),
     "index_recall": ("index_recall", "mean"),
     "index_build_s": ("index_build_s", "mean"),
+    "index_bytes": ("index_bytes", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
     "context_rate": ("context_rate", "mean"),
