@@ -1,11 +1,13 @@
 """The smollm2-135m-probe model: adapter loading (own LoRA merge, no peft, no network) and a CI regression slice.
 
-The slice (scripts/probe/ci_slice.py: scbench_kv at ~1K tokens, 2 examples x 3 turns, multi-turn, full attention
-and StreamingLLM) is re-run on CPU and compared with results/reference/probe_ci_slice.json, which the same code
-wrote. A per-turn score that moves by more than the reference's ``tolerance`` (25 points) fails the test.
+The slice (scripts/probe/ci_slice.py) re-runs a few cells of the all-methods reference table
+(results/reference/all_methods_probe.json, made by `scbench run -m sweep=reference`) on CPU, composed from the same
+preset, and fails when a cell's run id is not the table's (the preset changed) or a per-turn score moves by more
+than ci_slice.TOLERANCE (25 points: any flipped answer of 2 examples).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "models" / "smollm2-135m-probe"
-REFERENCE = ROOT / "results" / "reference" / "probe_ci_slice.json"
+REFERENCE = ROOT / "results" / "reference" / "all_methods_probe.json"
 sys.path.insert(0, str(ROOT / "scripts" / "probe"))
 
 
@@ -80,21 +82,44 @@ def test_bad_adapter_is_refused(tmp_path):
         merge_adapter(model, tmp_path)
 
 
+def test_slice_cells_are_in_the_table():
+    """Every cell of the slice composes to a spec whose run id is a finished row of the table (no model needed)."""
+    import ci_slice
+
+    from scbench.provenance import spec_hash
+
+    table = json.loads(REFERENCE.read_text())
+    rows = {r["run_id"]: r for r in table["runs"]}
+    assert table["adapter_sha256"] and table["device"] == "cpu" and table["dtype"] == "float32"
+    for cell in ci_slice.CELLS:
+        run_id = spec_hash(dataclasses.asdict(ci_slice.cell_spec(*cell)))
+        assert run_id in rows, f"{cell}: run id {run_id} not in {REFERENCE.name}: rerun the reference sweep"
+        assert rows[run_id]["status"] == "done" and [rows[run_id][k] for k in ("task", "mode")] == list(cell[:2])
+
+
+def test_compare_flags_a_moved_score():
+    import ci_slice
+
+    table = {"runs": [{"run_id": "r1", "per_turn": [100.0, 50.0], "predictions": [["0", 0, "a"], ["0", 1, "b"]]}]}
+    same = {"r1": {"cell": ["t", "m", "x"], "per_turn": [100.0, 50.0], "predictions": [["0", 0, "a"], ["0", 1, "b"]]}}
+    assert ci_slice.compare(same, table) == []
+    moved = {"r1": {"cell": ["t", "m", "x"], "per_turn": [100.0, 0.0], "predictions": [["0", 0, "a"], ["0", 1, "c"]]}}
+    (msg,) = ci_slice.compare(moved, table)
+    assert "turn 2" in msg and "'c'" in msg
+    (msg,) = ci_slice.compare({"r9": same["r1"]}, table)
+    assert "not in the table" in msg
+
+
 @pytest.mark.slow
 def test_probe_slice_matches_reference():
     import ci_slice
 
     from scbench.evaluate import get_engine
 
-    ref = json.loads(REFERENCE.read_text())
-    assert ref["slice"] == ci_slice.SLICE and ref["model"] == ci_slice.PROBE, "reference was made for another slice"
-    engine = get_engine(dict(ci_slice.PROBE))
-    assert engine.describe()["adapter_sha256"] == ref["adapter_sha256"], "the adapter changed: regenerate the reference"
+    table = json.loads(REFERENCE.read_text())
+    engine = get_engine(ci_slice.cpu_model())
+    assert engine.describe()["adapter_sha256"] == table["adapter_sha256"], "the adapter changed: rerun the table"
     got = ci_slice.run_slice(engine)
-    tol = ref["tolerance"]
-    for method, want in ref["scores"].items():
-        for turn, (a, b) in enumerate(zip(got[method]["per_turn"], want["per_turn"])):
-            assert abs(a - b) <= tol, (
-                f"{method} turn {turn}: score {a} vs reference {b} (tolerance {tol}); "
-                f"predictions {got[method]['predictions']} vs {want['predictions']}"
-            )
+    assert len(got) == len(ci_slice.CELLS)
+    problems = ci_slice.compare(got, table)
+    assert not problems, "\n".join(problems)
