@@ -117,7 +117,7 @@ class RecurrentSession(HFSession):
         params = inspect.signature(engine.model.forward).parameters
         # transformers >= 5.24 names the argument ``cache`` (``past_key_values`` / ``cache_params`` become deprecated
         # aliases, and Jamba-style models silently ignore ``cache_params``); older releases use one of the two
-        self.cache_kw = next(k for k in ("cache", "past_key_values", "cache_params") if k in params or k == "cache_params")
+        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), "cache_params")
         self.stepwise = engine.model.config.model_type in STEPWISE
         self.ids: list[int] = []
         """Every token the state has seen, in order (re-forwarded from a mark by drop_last)."""
