@@ -101,6 +101,21 @@ def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseExc
         store.close()
 
 
+def run_spec_dict(spec: RunSpec, engine_name: str = "hf", engine_options: dict | None = None) -> dict:
+    """What a run's id hashes: the spec, plus the engine and its non-resource knobs for an engine other than hf
+    (another engine's run is another run; hf runs keep their ids)."""
+    spec_dict = dataclasses.asdict(spec)
+    if engine_name != "hf":
+        spec_dict["engine"] = {"name": engine_name,
+                               **{k: v for k, v in (engine_options or {}).items() if k not in RESOURCE_OPTIONS}}
+    return spec_dict
+
+
+def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | None = None) -> str:
+    """The id ``run_spec`` stores ``spec`` under (resume and merge find runs by it)."""
+    return provenance.spec_hash(run_spec_dict(spec, engine_name, engine_options))
+
+
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
              shard: str | None = None, device: str | None = None, engine_options: dict | None = None) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
@@ -113,11 +128,8 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     run id, so its runs never mix with the transformers engine's).
     A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
     """
-    spec_dict = dataclasses.asdict(spec)
     engine_name = getattr(engine, "name", None) or engine_name
-    if engine_name != "hf":  # another engine's run is another run (hf runs keep their ids)
-        spec_dict["engine"] = {"name": engine_name,
-                               **{k: v for k, v in (engine_options or {}).items() if k not in RESOURCE_OPTIONS}}
+    spec_dict = run_spec_dict(spec, engine_name, engine_options)
     run_id = provenance.spec_hash(spec_dict)
     try:
         picked = parse_shard(shard)

@@ -7,7 +7,6 @@ than ci_slice.TOLERANCE (25 points: any flipped answer of 2 examples).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,13 +85,13 @@ def test_slice_cells_are_in_the_table():
     """Every cell of the slice composes to a spec whose run id is a finished row of the table (no model needed)."""
     import ci_slice
 
-    from scbench.provenance import spec_hash
+    from scbench.evaluate import run_id_of
 
     table = json.loads(REFERENCE.read_text())
     rows = {r["run_id"]: r for r in table["runs"]}
     assert table["adapter_sha256"] and table["device"] == "cpu" and table["dtype"] == "float32"
     for cell in ci_slice.CELLS:
-        run_id = spec_hash(dataclasses.asdict(ci_slice.cell_spec(*cell)))
+        run_id = run_id_of(ci_slice.cell_spec(*cell))
         assert run_id in rows, f"{cell}: run id {run_id} not in {REFERENCE.name}: rerun the reference sweep"
         assert rows[run_id]["status"] == "done" and [rows[run_id][k] for k in ("task", "mode")] == list(cell[:2])
 

@@ -70,8 +70,8 @@ def per_run(store, run_id: str) -> dict:
             "predictions": [[r["example_id"], r["turn"], r["prediction"]] for r in rows]}
 
 
-def run_slice(engine=None, store_path: str | None = None) -> dict:
-    """Run every cell into a (temporary) store; returns ``{run_id: {cell, per_turn, predictions}}``."""
+def run_slice(engine=None) -> dict:
+    """Run every cell into a temporary store; returns ``{run_id: {cell, per_turn, predictions}}``."""
     from scbench.evaluate import get_engine, run_spec
     from scbench.store import Store
 
@@ -80,7 +80,7 @@ def run_slice(engine=None, store_path: str | None = None) -> dict:
         engine = get_engine(cpu_model())
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = store_path or str(Path(tmp) / "slice.sqlite")
+        path = str(Path(tmp) / "slice.sqlite")
         for cell, spec in specs:
             run_id = run_spec(spec, path, engine=engine, progress=False)
             store = Store(path)

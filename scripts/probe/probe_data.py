@@ -17,6 +17,7 @@ EVAL_SEEDS and the benchmark / CI seed 0. ``check_disjoint`` asserts the two nev
 """
 from __future__ import annotations
 
+import functools
 import random
 import string
 
@@ -203,7 +204,6 @@ MIXTURE_V2 = (
     ("chat_distill", 0.08),
 )
 MIXTURES = {"v1": MIXTURE_V1, "v2": MIXTURE_V2}
-MIXTURE = MIXTURE_V1
 
 
 def plan_item(k: int, mixture: str = "v1") -> dict:
@@ -246,15 +246,14 @@ def chat_rows(path=None) -> list[dict]:
     return [r for r in rows if r["answer"] and not _repetitive(r["answer"])]
 
 
-_CHAT_CACHE: list[dict] | None = None
+@functools.lru_cache(maxsize=1)
+def _default_chat_rows() -> tuple[dict, ...]:
+    return tuple(chat_rows())
 
 
 def chat_sequence(fmt: TokFormatter, seed: int):
     """(ids, labels): one chat question of chat_rows() (picked by the row's seed) and the base model's answer."""
-    global _CHAT_CACHE
-    if _CHAT_CACHE is None:
-        _CHAT_CACHE = chat_rows()
-    row = random.Random(f"chat:{seed}").choice(_CHAT_CACHE)
+    row = random.Random(f"chat:{seed}").choice(_default_chat_rows())
     prompt = fmt.encode(fmt.render_chat([{"role": "user", "content": row["question"]}], add_generation_prompt=True),
                         add_special_tokens=True)
     ans = fmt.encode(row["answer"] + END, add_special_tokens=False)
