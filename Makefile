@@ -43,7 +43,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/python -c "import vllm, scbench.engines.vllm"
 	touch $(VLLM_STAMP)
 
-# headless chromium + chromedriver for tests/test_export_browser.py (skipped without them); best effort, root only
+# headless chromium + chromedriver for tests/unit/test_export_browser.py (skipped without them); best effort, root only
 browser:
 	-@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

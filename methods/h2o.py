@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from scbench.methods.base import positive_int
-from scbench.methods.scorer import TokenScorer, group_queries, recency_scores
+from scbench.methods.token_scores import TokenScorer, group_queries, recency_scores
 
 ALL_QUERIES = 1 << 62
 """``query_window`` asking the engine for every prompt query."""

@@ -122,7 +122,7 @@ class PerplexityCompress(Method):
         same = getattr(engine.model, "name_or_path", None) == resolve(self.scorer)
         if same and not getattr(engine, "adapter_info", None):  # the run's model is the scorer: no second copy
             return engine.model, engine.tokenizer
-        from scbench.evaluate import get_engine
+        from scbench.run import get_engine
 
         scorer = get_engine({"name": self.scorer, "path": self.scorer, "device": str(engine.device)})
         return scorer.model, scorer.tokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from scbench.methods.base import positive_int
-from scbench.methods.scorer import resolve_budget
+from scbench.methods.token_scores import resolve_budget
 from scbench.methods.snapkv import SnapKV
 
 

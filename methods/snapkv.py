@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from scbench.methods.base import positive_int
-from scbench.methods.scorer import TokenScorer, group_queries, recency_scores
+from scbench.methods.token_scores import TokenScorer, group_queries, recency_scores
 
 
 def window_attention(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

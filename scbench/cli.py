@@ -98,7 +98,7 @@ def _run_job(cfg) -> None:
     failed run with its error and the sweep goes on; a single run raises."""
     from hydra.core.hydra_config import HydraConfig
 
-    from scbench.evaluate import record_failure, run_spec
+    from scbench.run import record_failure, run_spec
     from scbench.provenance import spec_hash
 
     hc = HydraConfig.get()

@@ -209,7 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu:
-        from scbench.evaluate import get_engine
+        from scbench.run import get_engine
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         engine = get_engine({"name": "smollm2-135m", "path": "embedded:smollm2", "device": "cpu", "decode": "fast"})

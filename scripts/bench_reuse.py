@@ -2,7 +2,7 @@
 
 Prints a table and writes results/perf/reuse_<device>.json. Usage:
     python scripts/bench_reuse.py [--length 2000] [--turns 5] [--n 2] [--max-new 32] [--model smollm2-135m]
-Both paths produce token-identical greedy outputs for full attention (tests/test_reuse.py); this measures
+Both paths produce token-identical greedy outputs for full attention (tests/engines/test_reuse.py); this measures
 the prefill tokens each computes and the wall-clock time.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from scbench.cli import config_dir
 from scbench.data import load_examples
-from scbench.evaluate import get_engine
+from scbench.run import get_engine
 from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay

@@ -56,7 +56,7 @@ class Clock:
 
 
 def instrument(clock: Clock, task_classes) -> None:
-    from scbench import evaluate, prompts
+    from scbench import run as evaluate, prompts
     from scbench.engines import hf
     from scbench.store import Store
 
@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     jobs = SWEEP_JOBS if args.all else args.jobs
 
-    from scbench.evaluate import get_engine, run_spec
+    from scbench.run import get_engine, run_spec
     from scbench.registry import TASKS
 
     specs = [job_spec(j) for j in jobs]

@@ -12,7 +12,7 @@ forward + greedy pick) is captured once as a CUDA graph and replayed; the host r
 steps behind the GPU to stop at a stop token (``LAG``); tokens computed past the stop are dropped from the cache
 again. On CPU the same step runs eagerly (path ``static``).
 
-The plain loop stays the reference: ``tests/test_fast_decode.py`` checks that both produce the same tokens.
+The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks that both produce the same tokens.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ TAIL = 16
 STEPWISE = {"mamba", "falcon_mamba", "jamba"}
 """Model types (Mamba-1 mixers) whose multi-token forward restarts the SSM scan from a zero state in transformers
 5.23 (``mamba_selective_scan`` takes no initial state): on top of a state they are fed one token at a time (exact,
-slower: tests/test_hybrid_models.py::test_state_carries_the_context fails without it)."""
+slower: tests/engines/test_hybrid_models.py::test_state_carries_the_context fails without it)."""
 
 OWN_STATE = {
     "recurrent_gemma": "keeps its recurrent state inside the model's modules, not in the cache",

@@ -7,7 +7,7 @@ outside the block-sparse call because one 128-row tile per head would otherwise 
 alone: the dense last rows (Tri-shape) go through dense SDPA and overwrite those rows, and scattered key
 columns (vertical-slash), which would touch nearly every key block, are gathered into a small per-head key
 set, attended in a second FlexAttention call, and merged by log-sum-exp.
-Tested against ``scbench.kernels.pattern.reference_attention`` (tests/test_sparse_gpu.py).
+Tested against ``scbench.kernels.pattern.reference_attention`` (tests/gpu/test_sparse_gpu.py).
 """
 from __future__ import annotations
 

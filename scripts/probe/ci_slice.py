@@ -15,7 +15,7 @@ score that a broken method would move:
 
     python scripts/probe/ci_slice.py            # re-run the slice and compare with the table (exit 1 on a move)
 
-``tests/test_probe_regression.py`` does the same under pytest.
+``tests/e2e/test_probe_regression.py`` does the same under pytest.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def per_run(store, run_id: str) -> dict:
 
 def run_slice(engine=None) -> dict:
     """Run every cell into a temporary store; returns ``{run_id: {cell, per_turn, predictions}}``."""
-    from scbench.evaluate import get_engine, run_spec
+    from scbench.run import get_engine, run_spec
     from scbench.store import Store
 
     specs = [(cell, cell_spec(*cell)) for cell in CELLS]

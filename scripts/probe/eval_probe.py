@@ -31,7 +31,7 @@ CHAT = (
 
 def run_cell(engine, task, mode: str, method_cfg: dict, n: int, length: int, turns: int, seed: int) -> dict:
     from scbench.data import load_examples
-    from scbench.evaluate import build_method
+    from scbench.run import build_method
     from scbench.records import RunSpec
     from scbench.runner import Replay
 
@@ -65,7 +65,7 @@ def run_cell(engine, task, mode: str, method_cfg: dict, n: int, length: int, tur
 
 
 def chat(engine, question: str, max_new: int = 120) -> str:
-    from scbench.evaluate import build_method
+    from scbench.run import build_method
 
     text = engine.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
     s = engine.session(build_method({"name": "full"}))

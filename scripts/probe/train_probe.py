@@ -12,7 +12,7 @@ in the exact token format the runner feeds in both shared-context modes; loss on
 Rows are built by a process pool while the GPU trains (streamed in order of k); each window of rows is sorted by
 length and cut into right-padded micro-batches of at most ``--micro-tokens`` padded tokens. Right padding needs no
 attention mask under causal attention (no real token sees a pad), so flash attention keeps running;
-``batch_loss`` equals ``seq_loss`` per sequence (tests/test_probe_training.py).
+``batch_loss`` equals ``seq_loss`` per sequence (tests/unit/test_probe_training.py).
 Seeds are >= probe_data.TRAIN_SEED_BASE and asserted disjoint from the evaluation seeds.
 
 The adapter is our own LoRA (no peft): for each adapted linear layer y = W x + (alpha / r) * B A x, with

@@ -80,7 +80,7 @@ def test_generator_validation(kw, needle):
                                           ({"n_init": "a"}, "n_init must be an integer"),
                                           ({"budget": 3}, "has no knob")])
 def test_method_knobs(knobs, needle):
-    from scbench.evaluate import build_method
+    from scbench.run import build_method
 
     with pytest.raises(ValueError, match=needle):
         build_method({"name": "streamingllm", **knobs})

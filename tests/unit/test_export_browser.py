@@ -13,12 +13,12 @@ webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "results" / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "results" / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from tests.test_export_formats import make_store
+    from support import make_store
 
     tmp = tmp_path_factory.mktemp("browser")
     db = make_store(tmp / "s.sqlite")

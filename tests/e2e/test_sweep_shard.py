@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from scbench.cli import job_device, main
-from scbench.evaluate import parse_shard, run_spec
+from scbench.run import parse_shard, run_spec
 from scbench.records import RunSpec
 from scbench.store import Store, merge_stores
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import pytest
 import torch
@@ -105,8 +104,7 @@ def run(engine, ids, ratio: float, window: int = 32, beta: int = 4) -> dict:
 def tiny_engine(layers=4, kv_heads=2, head_dim=32, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_compression_engine import byte_tokenizer
+    from support import byte_tokenizer
 
     from scbench.engines.hf import HFEngine
 

@@ -8,7 +8,7 @@ from scbench.kv import quant
 from scbench.methods.h2o import H2O, accumulated_attention
 from scbench.methods.kivi import KIVI
 from scbench.methods.pyramidkv import PyramidKV, layer_budgets
-from scbench.methods.scorer import gather, resolve_budget, select
+from scbench.methods.token_scores import gather, resolve_budget, select
 from scbench.methods.snapkv import SnapKV
 
 

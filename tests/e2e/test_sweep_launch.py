@@ -10,7 +10,7 @@ from scbench.store import Store
 
 @pytest.fixture(scope="module")
 def tiny_folder(smol_tokenizer, tmp_path_factory):
-    from tests.conftest import make_tiny_engine
+    from support import make_tiny_engine
 
     folder = tmp_path_factory.mktemp("tiny-model")
     engine = make_tiny_engine(smol_tokenizer)

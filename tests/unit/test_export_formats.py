@@ -11,49 +11,12 @@ from scbench.records import TurnResult, TurnStats
 from scbench.report.export import EXPORT_SCHEMA_VERSION, method_budget
 from scbench.report.figures import pareto_front
 from scbench.store import Store
+from support import GRID, TASKS, make_store
 
 REQUIRED = {"schema", "schema_version", "model", "method", "method_label", "budget", "mode", "task", "task_variant",
             "category", "stages", "turn", "n_examples", "scores", "score", "costs", "run_id", "status", "provenance"}
 COSTS = {"prompt_tokens", "prefill_computed", "prefill_reused", "ttft_s", "decode_tok_s", "kv_bytes", "kv_full_bytes",
          "kv_ratio", "slow_tier_bytes", "loaded_bytes", "peak_mem_bytes", "attn_density"}
-
-GRID = [  # method config, stages, kept fraction of the full KV
-    ({"name": "full"}, [], 1.0),
-    ({"name": "snapkv", "budget": 0.125, "window": 32, "kernel": 5}, ["compression"], 0.125),
-    ({"name": "snapkv", "budget": 0.25, "window": 32, "kernel": 5}, ["compression"], 0.25),
-    ({"name": "ashape", "n_init": 32, "n_local": 224}, ["generation"], 1.0),
-]
-TASKS = [("scbench_kv", "string_retrieval", "kv"), ("scbench_qa_eng", "semantic_retrieval", "qa_eng")]
-
-
-def make_store(path):
-    store = Store(path)
-    for m, (method, stages, frac) in enumerate(GRID):
-        for mode in ("multi_turn", "multi_request"):
-            for t, (task, category, metric) in enumerate(TASKS):
-                run_id = f"r{m}{mode[6]}{t}"
-                spec = {"model": {"name": "tiny"}, "method": method, "task": task, "task_variant": None, "mode": mode}
-                prov = {"git": {"commit": "abc", "dirty": False}, "packages": {"torch": "x"}, "engine": {"model": "tiny"},
-                        "method": {"name": method["name"], "params": method, "stages": stages},
-                        "task": {"name": task, "version": "1", "category": category, "variant": "faithful"}}
-                label = method["name"] if len(method) == 1 else f"{method['name']}({method.get('budget', '')})"
-                store.open_run(run_id, model="tiny", method=method["name"], method_label=label, task=task, mode=mode,
-                               spec=spec, provenance=prov)
-                for ex in range(2):
-                    for turn in range(3):
-                        score = min(1.0, frac + 0.1 * ex + 0.05 * turn)
-                        stats = TurnStats(prompt_tokens=1000 + 50 * turn, prefill_computed=1000 if turn == 0 else 50,
-                                          prefill_reused=0 if turn == 0 else 1000, ttft_s=0.1, decode_s=0.2,
-                                          decode_tok_s=40.0, kv_bytes=int(frac * 2**22), kv_full_bytes=2**22,
-                                          attn_density=0.3 if stages == ["generation"] else 1.0)
-                        store.put(run_id, TurnResult(str(ex), turn, stats.prompt_tokens, "p", {"answer": "a"},
-                                                     {metric: score}, stats))
-                store.finish_run(run_id)
-    store.record_failure("bad", spec={"model": {"name": "tiny"}, "method": {"name": "kivi"}, "task": "scbench_kv",
-                                      "mode": "multi_turn"}, error="OutOfMemoryError: CUDA out of memory")
-    store.close()
-    return path
-
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):

@@ -11,7 +11,7 @@ import torch
 from scbench.engines import attention, fastdecode
 from scbench.registry import METHODS
 
-from conftest import make_tiny_engine
+from support import make_tiny_engine
 
 PROMPT = (
     "The committee met on Tuesday. Alice proposed the budget, Bob objected to the travel line, and Carol "
@@ -163,7 +163,7 @@ def test_cuda_graph_decode_equals_plain():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from scbench.engines.hf import HFEngine
-    from test_compression_engine import byte_tokenizer
+    from support import byte_tokenizer
 
     tok = byte_tokenizer()
     torch.manual_seed(0)

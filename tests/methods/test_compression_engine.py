@@ -14,12 +14,9 @@ from scbench.methods.pyramidkv import layer_budgets
 from scbench.records import Example, RunSpec, Turn
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay
+from support import byte_tokenizer
 
 LAYERS, KV_HEADS, HEAD_DIM, ELT = 2, 2, 32, 4
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # The test matrix: one line per method setting (adding a method = one line here).
 CASES = [
@@ -40,23 +37,8 @@ IDS = ["-".join(str(v) for v in c.values()) for c in CASES]
 
 
 def build_method(cfg: dict):
-    """The method a config names (as scbench.evaluate.build_method, without importing the data stack)."""
+    """The method a config names (as scbench.run.build_method, without importing the data stack)."""
     return METHODS.get(cfg["name"])(**{k: v for k, v in cfg.items() if k != "name"})
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML specials: no model download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTER = ROOT / "models" / "smollm2-135m-probe"
 REFERENCE = ROOT / "results" / "reference" / "all_methods_probe.json"
 sys.path.insert(0, str(ROOT / "scripts" / "probe"))
@@ -85,7 +85,7 @@ def test_slice_cells_are_in_the_table():
     """Every cell of the slice composes to a spec whose run id is a finished row of the table (no model needed)."""
     import ci_slice
 
-    from scbench.evaluate import run_id_of
+    from scbench.run import run_id_of
 
     table = json.loads(REFERENCE.read_text())
     rows = {r["run_id"]: r for r in table["runs"]}
@@ -113,7 +113,7 @@ def test_compare_flags_a_moved_score():
 def test_probe_slice_matches_reference():
     import ci_slice
 
-    from scbench.evaluate import get_engine
+    from scbench.run import get_engine
 
     table = json.loads(REFERENCE.read_text())
     engine = get_engine(ci_slice.cpu_model())

@@ -180,7 +180,7 @@ def test_run_and_export_from_config(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from scbench.evaluate import run_spec
+    from scbench.run import run_spec
     from scbench.report.export import records
     from scbench.report.table import leaderboard
     from scbench.store import Store

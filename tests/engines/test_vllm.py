@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from scbench.evaluate import get_engine, run_spec
+from scbench.run import get_engine, run_spec
 from scbench.records import RunSpec
 from scbench.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBE = {"name": "smollm2-135m-probe", "path": "embedded:smollm2", "adapter": "models/smollm2-135m-probe",
          "dtype": "auto", "device": "auto", "window": 8192}
 
@@ -35,7 +35,7 @@ def spec(**kw) -> RunSpec:
 
 # --- no vLLM needed -----------------------------------------------------------------------------------
 def test_unsupported_method_engine_pair_fails_before_loading(tmp_path, monkeypatch):
-    import scbench.evaluate as ev
+    import scbench.run as ev
 
     monkeypatch.setattr(ev, "get_engine", lambda *a, **k: pytest.fail("a model was loaded"))
     db = str(tmp_path / "s.sqlite")

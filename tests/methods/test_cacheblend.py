@@ -21,7 +21,7 @@ from scbench.runner import Replay
 
 @pytest.fixture(scope="module")
 def engine(smol_tokenizer):
-    from conftest import make_tiny_engine
+    from support import make_tiny_engine
 
     return make_tiny_engine(smol_tokenizer, seed=3, layers=4)
 

@@ -146,9 +146,9 @@ CHATML = (
 def test_multi_request_offload_keeps_outputs_and_counts_loads(smol_tokenizer, tmp_path, method):
     """Parking the context KV in host memory or on disk between requests changes no output; every request after
     the first loads it back, and the disk tier's files live under offload_dir only while the session does."""
-    from conftest import make_tiny_engine
+    from support import make_tiny_engine
 
-    from scbench.evaluate import build_method
+    from scbench.run import build_method
     from scbench.records import Example, RunSpec, Turn
     from scbench.registry import TASKS
     from scbench.runner import Replay

@@ -239,11 +239,11 @@ def test_llmlingua2_runs_the_real_package(tmp_path, tiny_engine, mode, monkeypat
 def test_scorer_is_the_run_model_or_a_cached_engine(tiny_engine, embedded_folder, monkeypatch):
     """``engine`` and a run whose model is the scorer reuse the run's model; any other scorer is loaded once
     through get_engine on the run's device."""
-    import scbench.evaluate
+    import scbench.run
 
     loaded = []
     stand_in = types.SimpleNamespace(model="scorer-model", tokenizer="scorer-tokenizer")
-    monkeypatch.setattr(scbench.evaluate, "get_engine", lambda cfg: loaded.append(cfg) or stand_in)
+    monkeypatch.setattr(scbench.run, "get_engine", lambda cfg: loaded.append(cfg) or stand_in)
     assert PerplexityCompress(scorer="engine").scoring_model(tiny_engine)[0] is tiny_engine.model
     assert PerplexityCompress().scoring_model(tiny_engine) == ("scorer-model", "scorer-tokenizer")
     assert loaded == [{"name": "embedded:smollm2", "path": "embedded:smollm2", "device": "cpu"}]

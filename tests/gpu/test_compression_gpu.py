@@ -7,7 +7,6 @@ As a script (``python tests/test_compression_gpu.py --tokens 32768 --layers 32``
 method: prefill and compression seconds, decode tokens/s, resident KV bytes vs full, peak GPU memory.
 """
 import json
-import sys
 import time
 
 import pytest
@@ -29,8 +28,7 @@ METHODS = {
 def llama8b_engine(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_compression_engine import byte_tokenizer
+    from support import byte_tokenizer
 
     from scbench.engines.hf import HFEngine
 

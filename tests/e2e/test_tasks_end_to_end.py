@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from scbench.evaluate import run_spec
+from scbench.run import run_spec
 from scbench.records import RunSpec
 from scbench.registry import TASKS
 from scbench.store import Store
 
-FIXTURES = Path(__file__).parent / "fixtures" / "scbench"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scbench"
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])

@@ -7,14 +7,14 @@ import pytest
 import torch
 import yaml
 
-from scbench.evaluate import build_method
+from scbench.run import build_method
 from scbench.methods.full import FullAttention
 from scbench.methods.retrieval_attention import RetrievalAttention, top_keys
 from scbench.records import Example, RunSpec, Turn
 from scbench.registry import TASKS
 from scbench.runner import Replay
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "method"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "method"
 
 
 def rand(*shape, seed=0):
@@ -57,7 +57,7 @@ def test_bad_knobs_name_the_field():
 
 @pytest.fixture(scope="module")
 def engine(smol_tokenizer):
-    from conftest import make_tiny_engine
+    from support import make_tiny_engine
 
     return make_tiny_engine(smol_tokenizer, layers=2)
 

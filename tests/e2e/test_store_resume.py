@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from scbench.evaluate import run_spec
+from scbench.run import run_spec
 from scbench.records import RunSpec
 from scbench.store import Store
 

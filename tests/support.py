@@ -1,0 +1,83 @@
+"""Helpers shared by tests (not a test module): a byte-level tokenizer, the tiny random Llama engine and a
+synthetic results store."""
+from __future__ import annotations
+
+import torch
+
+from scbench.records import TurnResult, TurnStats
+from scbench.store import Store
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML specials: no model download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2):
+    """HFEngine over a random-weight Llama (hidden 64, 4 query / 2 KV heads) with the embedded tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scbench.engines.hf import HFEngine
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    return HFEngine("tiny-random-llama", name="tiny-random-llama", model=model, tokenizer=tokenizer, device="cpu")
+
+
+# A synthetic leaderboard: method config, stages, kept fraction of the full KV
+GRID = [  # method config, stages, kept fraction of the full KV
+    ({"name": "full"}, [], 1.0),
+    ({"name": "snapkv", "budget": 0.125, "window": 32, "kernel": 5}, ["compression"], 0.125),
+    ({"name": "snapkv", "budget": 0.25, "window": 32, "kernel": 5}, ["compression"], 0.25),
+    ({"name": "ashape", "n_init": 32, "n_local": 224}, ["generation"], 1.0),
+]
+TASKS = [("scbench_kv", "string_retrieval", "kv"), ("scbench_qa_eng", "semantic_retrieval", "qa_eng")]
+
+
+def make_store(path):
+    store = Store(path)
+    for m, (method, stages, frac) in enumerate(GRID):
+        for mode in ("multi_turn", "multi_request"):
+            for t, (task, category, metric) in enumerate(TASKS):
+                run_id = f"r{m}{mode[6]}{t}"
+                spec = {"model": {"name": "tiny"}, "method": method, "task": task, "task_variant": None, "mode": mode}
+                prov = {"git": {"commit": "abc", "dirty": False}, "packages": {"torch": "x"}, "engine": {"model": "tiny"},
+                        "method": {"name": method["name"], "params": method, "stages": stages},
+                        "task": {"name": task, "version": "1", "category": category, "variant": "faithful"}}
+                label = method["name"] if len(method) == 1 else f"{method['name']}({method.get('budget', '')})"
+                store.open_run(run_id, model="tiny", method=method["name"], method_label=label, task=task, mode=mode,
+                               spec=spec, provenance=prov)
+                for ex in range(2):
+                    for turn in range(3):
+                        score = min(1.0, frac + 0.1 * ex + 0.05 * turn)
+                        stats = TurnStats(prompt_tokens=1000 + 50 * turn, prefill_computed=1000 if turn == 0 else 50,
+                                          prefill_reused=0 if turn == 0 else 1000, ttft_s=0.1, decode_s=0.2,
+                                          decode_tok_s=40.0, kv_bytes=int(frac * 2**22), kv_full_bytes=2**22,
+                                          attn_density=0.3 if stages == ["generation"] else 1.0)
+                        store.put(run_id, TurnResult(str(ex), turn, stats.prompt_tokens, "p", {"answer": "a"},
+                                                     {metric: score}, stats))
+                store.finish_run(run_id)
+    store.record_failure("bad", spec={"model": {"name": "tiny"}, "method": {"name": "kivi"}, "task": "scbench_kv",
+                                      "mode": "multi_turn"}, error="OutOfMemoryError: CUDA out of memory")
+    store.close()
+    return path
