@@ -121,5 +121,4 @@ def test_kivi_matches_quanto_on_embedded_model(tmp_path, embedded_engine):
     print(json.dumps(report))
     assert report["equal_share"] >= 0.999 and report["max_diff_in_steps"] <= 1.0 + 1e-4, report
     ours, theirs = report["ours"], report["theirs"]
-    agree = sum(a == b for a, b in zip(ours, theirs)) / len(ours)
-    assert ours[:8] == theirs[:8] and agree >= 0.9, report
+    assert ours == theirs[: len(ours)], report  # 40 of 40 tokens equal on SmolLM2 at 4 bits
