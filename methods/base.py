@@ -101,6 +101,13 @@ class Method:
         """
         raise NotImplementedError
 
+    def promises(self, *, context_tokens: int, kv_heads: int, head_dim: int, elt: int) -> dict[str, tuple[str, float]]:
+        """What one firing of the method promises for a context of ``context_tokens`` tokens (the cache holds
+        ``kv_heads`` heads of ``head_dim`` elements of ``elt`` bytes), by measured quantity: ``{"kept_tokens":
+        ("eq", 4096)}``, ``{"attn_density": ("lt", 1.0)}``... (see scbench/checks.py). The runner compares them with
+        what the engine measured and flags the turn ``unfired`` when they disagree. Default: no promise."""
+        return {}
+
     def engine_args(self) -> dict:
         """Engine construction arguments the method needs (e.g. ``{"kv_cache_dtype": "fp8"}`` on vLLM); they join
         the engine options, so another value loads another engine. Default: none."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from scbench.kv.quant import BITS, KIVILayer
+from scbench.kv.quant import BITS, KIVILayer, analytic_nbytes
 from scbench.methods.base import Method, positive_int
 
 
@@ -43,6 +43,13 @@ class KIVI(Method):
             raise ValueError(f"KIVI.bits must be one of {BITS}, got {self.bits!r}")
         positive_int(self, "group")
         positive_int(self, "residual", minimum=0)
+
+    def promises(self, *, context_tokens, kv_heads, head_dim, elt):
+        """Resident bytes / a full cache right after compression: the packed layout's exact size."""
+        full = 2 * kv_heads * context_tokens * head_dim * elt
+        packed = analytic_nbytes(context_tokens, batch=1, heads=kv_heads, head_dim=head_dim, bits=self.bits,
+                                 group=self.group, residual=self.residual, elt=elt)
+        return {"kv_ratio": ("eq", packed / full)}
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""

@@ -127,6 +127,9 @@ class PerplexityCompress(Method):
         scorer = get_engine({"name": self.scorer, "path": self.scorer, "device": str(engine.device)})
         return scorer.model, scorer.tokenizer
 
+    def promises(self, **_):
+        return {"context_rate": ("lt", 1.0)}  # the context came out shorter
+
     def compress_context(self, context: str, *, engine) -> str:
         model, tok = self.scoring_model(engine)
         ids = tok(context, add_special_tokens=False)["input_ids"]
@@ -232,6 +235,9 @@ class LLMLingua2(Method):
                     "tiktoken's gpt-3.5-turbo encoding is optional (method.tiktoken=auto)"
                 ) from e
         return self._compressor
+
+    def promises(self, **_):
+        return {"context_rate": ("lt", 1.0)}  # the context came out shorter
 
     def compress_context(self, context: str, *, engine) -> str:
         out = self.compressor(engine).compress_prompt(context, rate=self.rate)

@@ -35,6 +35,9 @@ class SparsePrefill(Method):
         """A prebuilt BlockMask for the GPU path, or None to build one per call (override to cache)."""
         return None
 
+    def promises(self, **_):
+        return {"attn_density": ("lt", 1.0)}  # a mask that came out dense is flagged
+
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] -> [B, Hq, Tq, D] (bottom-right causal, GQA)."""
         outs, cells = [], 0

@@ -35,6 +35,9 @@ class StreamingLLM(Method):
     def budget(self) -> int:
         return self.n_init + self.n_local
 
+    def promises(self, *, context_tokens, **_):
+        return {"kept_tokens": ("eq", self.budget)}  # a budget >= the context drops nothing: flagged
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [batch, kv_heads, tokens, head_dim] -> at most n_init + n_local tokens."""
         n = keys.shape[-2]

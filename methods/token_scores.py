@@ -91,6 +91,10 @@ class TokenScorer(Method):
         """Tokens layer ``layer_idx`` keeps out of its ``n`` cached tokens."""
         return resolve_budget(self.budget, self._seen or n)
 
+    def promises(self, *, context_tokens, **_):
+        """Mean kept tokens per layer = the budget (PyramidKV: the same mean); a budget >= the context is flagged."""
+        return {"kept_tokens": ("eq", resolve_budget(self.budget, context_tokens))}
+
     # --- the shared part ------------------------------------------------------------------------
     def keep_indices(self, layer_idx, keys, values, queries) -> torch.Tensor | None:
         """Sorted positions kept per KV head [B, Hkv, k], or None when the layer is within its budget."""

@@ -110,7 +110,8 @@ def _run_job(cfg) -> None:
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
         engine = engine_cfg(cfg)
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device)
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device,
+                          strict=bool(cfg.get("strict", False)))
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
@@ -222,8 +223,11 @@ def cmd_ls(argv: list[str]) -> None:
 
         store = Store(a.store)
         for r in store.runs():
-            n = len(store.turns(r["run_id"]))
-            print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} turns={n}")
+            turns = store.turns(r["run_id"])
+            flags = [f for t in turns for f in (t.get("flags") or "").split(",") if f]
+            marks = "".join(f" {f}={flags.count(f)}" for f in ("unfired", "capped") if f in flags)
+            print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} "
+                  f"turns={len(turns)}{marks}")
 
 
 def _method_name(config: str) -> str:

@@ -97,6 +97,11 @@ class TurnStats:
     """Chunk KV reuse: time computing the stored chunks' KV (an offline cost in CacheBlend, not in prefill_s)."""
     prefill_saved_s: float = 0.0
     """Chunk KV reuse: time of a full prefill of the same tokens minus this turn's blended prefill."""
+    flags: str = ""
+    """Comma-separated trust flags (scbench/checks.py): ``unfired`` (a promise of the method failed this turn),
+    ``capped`` (generation stopped at the cap while the reference needs more tokens); empty when none."""
+    checks: str = ""
+    """JSON list of this turn's promise checks: quantity, op, promised, measured, ok (empty: nothing promised)."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import traceback
 
-from scbench import provenance
+from scbench import checks, provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
@@ -117,7 +117,8 @@ def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | Non
 
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
-             shard: str | None = None, device: str | None = None, engine_options: dict | None = None) -> str:
+             shard: str | None = None, device: str | None = None, engine_options: dict | None = None,
+             strict: bool = False) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
@@ -127,6 +128,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     ``engine_name`` / ``engine_options``: the engine and its knobs (a non-hf engine and its options are part of the
     run id, so its runs never mix with the transformers engine's).
     A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
+    ``strict``: a turn flagged ``unfired`` (the method's promise failed, scbench/checks.py) fails the run once stored.
     """
     engine_name = getattr(engine, "name", None) or engine_name
     spec_dict = run_spec_dict(spec, engine_name, engine_options)
@@ -161,6 +163,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         done = store.done_turns(run_id)
         total = sum(n_turns(e, spec) for e in mine)
         todo = total - sum(len(done.get(e.id, {})) for e in mine)
+        flagged = {checks.UNFIRED: 0, checks.CAPPED: 0}
         bar = None
         if progress and todo:
             from tqdm import tqdm
@@ -176,6 +179,11 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
                     bar.set_postfix_str(f"example {i + 1}/{len(mine)}")
                 for result in Replay(engine, method, task, ex, spec, done=have):
                     store.put(run_id, result)
+                    flagged[checks.UNFIRED] += checks.has_flag(result.stats.flags, checks.UNFIRED)
+                    flagged[checks.CAPPED] += checks.has_flag(result.stats.flags, checks.CAPPED)
+                    if strict and checks.has_flag(result.stats.flags, checks.UNFIRED):
+                        raise RuntimeError(f"strict: method {method.name} did not keep its promise on example "
+                                           f"{result.example_id} turn {result.turn}: {result.stats.checks}")
                     if bar:
                         bar.update(1)
         except BaseException as e:
@@ -184,6 +192,12 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         finally:
             if bar:
                 bar.close()
+        if flagged[checks.CAPPED]:
+            log.warning("run %s: %d of %d turns stopped at the generation cap while the reference needs more tokens "
+                        "(flagged capped; raise max_new_tokens)", run_id[:12], flagged[checks.CAPPED], todo)
+        if flagged[checks.UNFIRED]:
+            log.warning("run %s: %d of %d turns flagged unfired: the method did not do what it promises (see the "
+                        "turns' checks; strict=true fails the run)", run_id[:12], flagged[checks.UNFIRED], todo)
         if picked is None:
             store.finish_run(run_id, "done")
         else:  # done only when every shard's rows are in (read after this shard's commits)

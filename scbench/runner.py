@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Iterator
 
+from scbench import checks as chk
 from scbench.prompts import PromptBuilder, TurnPrompt
 from scbench.records import Example, RunSpec, TurnResult, TurnStats
 
@@ -129,6 +130,29 @@ class Replay:
             result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
 
+    def _checks(self, i: int, fs) -> list[dict]:
+        """The method's promises for what fired this turn vs what the engine measured (scbench/checks.py)."""
+        comp = getattr(self.session, "last_compression", None)
+        if comp is not None:
+            self.session.last_compression = None
+        first = i == 0 or not self.spec.reuse
+        hooks = self.method.hooks()
+        e = self.engine
+        promised = self.method.promises(
+            context_tokens=comp["context_tokens"] if comp else fs.reused + fs.tokens,
+            kv_heads=getattr(e, "kv_heads", 1), head_dim=getattr(e, "head_dim", 1),
+            elt=getattr(getattr(e, "dtype", None), "itemsize", 2))
+        due = set()
+        if "compress_cache" in hooks and (first or self.spec.compress == "every_turn" or comp):
+            due |= {"kept_tokens", "kv_ratio"}
+        if "prefill_attention" in hooks and (first or self.spec.sparse_prefill == "every"):
+            due.add("attn_density")
+        if "compress_context" in hooks and i == 0:
+            due.add("context_rate")
+        measured = {**(comp or {}), "attn_density": fs.attn_density if fs.attn_cells else None,
+                    "context_rate": self.context_stats.get("context_rate")}
+        return chk.evaluate({q: p for q, p in promised.items() if q in due}, measured)
+
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
         end = prompt_tokens + tp.max_new_tokens
@@ -158,6 +182,10 @@ class Replay:
             **fs.extra,
             **mem,
         )
+        promised = self._checks(i, fs)
+        capped = not gen.stopped and len(gen.tokens) >= tp.max_new_tokens and chk.needs_more_tokens(
+            turn.answer, tp.max_new_tokens, lambda t: self.engine.encode(t, add_special_tokens=False))
+        stats.flags, stats.checks = chk.flags_of(promised, capped), chk.dumps(promised)
         scores = self.task.score(prediction, turn, self.example.extra)
         reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
         return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen

@@ -279,6 +279,11 @@ class HFSession(Session):
                     f"{tuple(v.shape)} for layer {idx} whose cache is {tuple(layer.keys.shape)}"
                 )
             kvc.replace_layer(self.cache, idx, k, v)
+        lengths, e = kvc.layer_lengths(self.cache), self.engine
+        full = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, max(lengths, default=0), e.dtype)
+        self.last_compression = {"context_tokens": self.pos, "kept_tokens": sum(lengths) / max(1, len(lengths)),
+                                 "kv_ratio": kvc.kv_nbytes(self.cache) / full if full else None}
+        """What the last compression left (read and cleared by the runner's fired-check, scbench/checks.py)."""
 
     @torch.inference_mode()
     def generate(self, max_new_tokens):
