@@ -272,8 +272,10 @@ def cmd_score(argv: list[str]) -> None:
 def cmd_export(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="scbench export")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
-                   help="json: versioned records (docs/results_schema.md); html: one self-contained page")
+    p.add_argument("--format", choices=["md", "csv", "json", "html", "paper"], default="md",
+                   help="json: versioned records (docs/results_schema.md); html: one self-contained page; "
+                        "paper: the SCBench paper's table layout")
+    p.add_argument("--anchors", action="store_true", help="paper format: the paper's Llama-3.1-8B numbers beside ours")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     a = p.parse_args(argv)
     from scbench.store import Store
@@ -285,6 +287,10 @@ def cmd_export(argv: list[str]) -> None:
         from scbench.report.export import to_json
 
         text = to_json(store)
+    elif a.format == "paper":
+        from scbench.report.paper import paper_table
+
+        text = paper_table(store, anchors=a.anchors)
     elif a.format == "html":
         from scbench.report.html import build_html
 
