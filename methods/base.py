@@ -12,7 +12,19 @@ from typing import ClassVar
 
 import torch
 
+from scbench.records import Cost, TurnStats
+
 STAGES = ("generation", "compression", "retrieval", "loading")
+
+HOOK_COSTS: dict[str, dict[str, Cost]] = {
+    "compress_context": {
+        "context_rate": Cost("ratio", "prompt compression: tokens of the compressed shared context / tokens of the "
+                             "original (1.0 uncompressed)", default=1.0, label="context kept"),
+        "context_compress_s": Cost("s", "prompt compression: time compressing the shared context (first turn only)",
+                                   default=0.0),
+    },
+}
+"""Cost columns the runner measures around a hook, for every method that overrides it (part of its ``cost_columns``)."""
 
 
 @dataclass
@@ -30,6 +42,20 @@ class Method:
     fast_decode: ClassVar[bool] = True
     """The cache does not change between decode steps except by appending, so the engine may decode through a
     pre-allocated cache and a captured step (scbench/engines/fastdecode.py); False: the plain loop."""
+    costs: ClassVar[dict[str, Cost]] = {}
+    """The method's own cost columns (name -> ``Cost``), next to the universal ``TurnStats`` fields. It reports
+    their values from ``take_costs``; they are stored in the turn's ``method_costs`` JSON column and read by the
+    export, leaderboard, HTML page, figures and docs/results_schema.md (see CONTRIBUTING.md)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        universal = {f.name for f in dataclasses.fields(TurnStats)}
+        for col, cost in cls.costs.items():
+            if not isinstance(cost, Cost):
+                raise TypeError(f"{cls.__name__}.costs[{col!r}] must be a scbench.records.Cost, got {type(cost).__name__}")
+            if not col.isidentifier() or col in universal:
+                raise ValueError(f"{cls.__name__}.costs: {col!r} must be an identifier and not a universal TurnStats "
+                                 f"column ({', '.join(sorted(universal))})")
 
     # --- hooks (override what the method needs) -------------------------------------------------
     def compress_cache(
@@ -101,6 +127,14 @@ class Method:
         """
         raise NotImplementedError
 
+    def take_costs(self, session) -> dict[str, float | int | None]:
+        """This turn's values of the method's ``costs``, and reset what the method counts for them.
+
+        The one path by which a method reports its own costs: the runner calls it once per generated turn, after
+        generation (``session``: the example's engine session, e.g. an ``HFSession`` with its ``cache``). Return only
+        declared names; a declared name left out takes its ``Cost.default``. Default: nothing measured."""
+        return {}
+
     def engine_args(self) -> dict:
         """Engine construction arguments the method needs (e.g. ``{"kv_cache_dtype": "fp8"}`` on vLLM); they join
         the engine options, so another value loads another engine. Default: none."""
@@ -114,6 +148,16 @@ class Method:
             h for h in ("compress_cache", "prefill_attention", "compress_context", "blend_prefill", "decode_attention")
             if getattr(cls, h) is not getattr(Method, h)
         )
+
+    @classmethod
+    def cost_columns(cls) -> dict[str, Cost]:
+        """Every method-specific cost column of this method's turns: those the runner measures around the hooks it
+        overrides (``HOOK_COSTS``), then its own ``costs``."""
+        out: dict[str, Cost] = {}
+        for hook in sorted(cls.hooks()):
+            out.update(HOOK_COSTS.get(hook, {}))
+        out.update(cls.costs)
+        return out
 
     def describe(self) -> dict:
         """What ran: name, knobs, stages, hooks and any approximation note (stored with every run)."""

@@ -2,6 +2,10 @@
 
 Each finished turn is committed at once, so a crash or kill loses nothing finished, and a re-launch
 of the same run (same resolved spec, hence the same run id) skips what is stored.
+
+Turn rows hold the universal ``TurnStats`` fields as typed columns and the method's own cost columns as one
+JSON object (``method_costs``, declared per method: ``Method.costs``). Schema v1 stores (method costs as flat
+columns) are migrated on open (``_migrate_v1``).
 """
 from __future__ import annotations
 
@@ -18,10 +22,24 @@ from scbench.records import TurnResult, TurnStats
 STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
 
 
+JSON_STAT_COLUMNS = {"method_costs"}
+"""TurnStats fields stored as JSON text (dicts)."""
+
+
 def _stat_type(column: str) -> str:
-    """SQLite type of a TurnStats column: times and rates REAL, labels TEXT, counts INTEGER."""
+    """SQLite type of a TurnStats column: times and rates REAL, labels and JSON TEXT, counts INTEGER."""
     kind = {f.name: f.type for f in dataclasses.fields(TurnStats)}[column].removesuffix(" | None")
-    return "REAL" if kind == "float" else "TEXT" if kind == "str" else "INTEGER"
+    return "REAL" if kind == "float" else "TEXT" if kind == "str" or column in JSON_STAT_COLUMNS else "INTEGER"
+
+
+LEGACY_METHOD_COLUMNS = {
+    "index_recall": ("retrieval_attention",), "index_build_s": ("retrieval_attention",),
+    "index_bytes": ("retrieval_attention",),
+    "context_rate": ("ppl_compress", "llmlingua2"), "context_compress_s": ("ppl_compress", "llmlingua2"),
+    "recompute_frac": ("cacheblend",), "chunk_kv_s": ("cacheblend",), "prefill_saved_s": ("cacheblend",),
+}
+"""Schema v1's flat method-cost columns of the turns table -> the methods that measured them (the rest of the
+rows hold the column's default). The v1 -> v2 migration moves a row's values into its ``method_costs``."""
 
 
 SCHEMA = f"""
@@ -56,12 +74,43 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         self.db.executescript(SCHEMA)
-        self._add_missing_columns()
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(RESULTS_SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            self._migrate_v1()
         elif int(row[0]) != RESULTS_SCHEMA_VERSION:
             raise ValueError(f"{self.path}: results schema v{row[0]}, this scbench writes v{RESULTS_SCHEMA_VERSION}")
+        self._add_missing_columns()
+
+    def _migrate_v1(self) -> None:
+        """Schema v1 -> v2, in one transaction: each turn's flat method-cost columns (LEGACY_METHOD_COLUMNS) become
+        its ``method_costs`` JSON (the columns its run's method measured; a NULL, written before the column
+        existed, is left out and reads as the default), then the flat columns are dropped."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if int(row[0]) == 1:  # not migrated meanwhile by another process
+                have = {r[1] for r in self.db.execute("PRAGMA table_info(turns)")}
+                if "method_costs" not in have:
+                    self.db.execute("ALTER TABLE turns ADD COLUMN method_costs TEXT")
+                legacy = [c for c in LEGACY_METHOD_COLUMNS if c in have]
+                if legacy:
+                    cur = self.db.execute(
+                        f"SELECT t.rowid, r.method, {', '.join('t.' + c for c in legacy)} "
+                        "FROM turns t LEFT JOIN runs r ON r.run_id = t.run_id")
+                    for rowid, method, *values in cur.fetchall():
+                        costs = {c: v for c, v in zip(legacy, values)
+                                 if method in LEGACY_METHOD_COLUMNS[c] and v is not None}
+                        self.db.execute("UPDATE turns SET method_costs=? WHERE rowid=?",
+                                        (json.dumps(costs, sort_keys=True), rowid))
+                    for c in legacy:
+                        self.db.execute(f"ALTER TABLE turns DROP COLUMN {c}")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(RESULTS_SCHEMA_VERSION),))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def _add_missing_columns(self) -> None:
         """Stores written by an older scbench of the same schema version lack columns added since (new cost
@@ -120,6 +169,8 @@ class Store:
     # --- turns ----------------------------------------------------------------------------------
     def put(self, run_id: str, result: TurnResult) -> None:
         stats = dataclasses.asdict(result.stats)
+        for c in JSON_STAT_COLUMNS:
+            stats[c] = json.dumps(stats[c], sort_keys=True)
         cols = ["run_id", "example_id", "turn", "prediction", "reference", "scores", *STAT_COLUMNS, "created"]
         vals = [run_id, result.example_id, result.turn, result.prediction,
                 json.dumps(result.reference, ensure_ascii=False), json.dumps(result.scores),
@@ -144,6 +195,8 @@ class Store:
             d = dict(zip(cols, r))
             d["reference"] = json.loads(d["reference"])
             d["scores"] = json.loads(d["scores"])
+            for c in JSON_STAT_COLUMNS:
+                d[c] = json.loads(d[c]) if d.get(c) else {}
             rows.append(d)
         return rows
 
@@ -173,6 +226,13 @@ TURN_KEY = ("run_id", "example_id", "turn")
 # columns that differ between two honest runs of the same turn (timings, wall clock); not a conflict
 VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "decode_path", "peak_mem_bytes",
                          *(c for c in STAT_COLUMNS if c.endswith("_s"))}
+
+
+def _stable(column: str, value):
+    """A turn column's value as merge compares it: a JSON column without its timings (keys ending in ``_s``)."""
+    if column in JSON_STAT_COLUMNS and value:
+        return {k: v for k, v in json.loads(value).items() if not k.endswith("_s")}
+    return value
 
 
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
@@ -219,7 +279,8 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                         report["turns_added"] += 1
                         continue
                     old = dict(zip(cols, old))
-                    diff = sorted(c for c in cols if c not in VOLATILE_TURN_COLUMNS and old[c] != rec[c])
+                    diff = sorted(c for c in cols
+                                  if c not in VOLATILE_TURN_COLUMNS and _stable(c, old[c]) != _stable(c, rec[c]))
                     if diff:
                         report["conflicts"].append({"run_id": key[0], "example_id": key[1], "turn": key[2],
                                                     "columns": diff, "source": str(path)})

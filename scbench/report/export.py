@@ -6,12 +6,13 @@ import math
 
 import pandas as pd
 
+from scbench.report import costs as method_costs
 from scbench.report.table import _category
 
 EXPORT_SCHEMA = "scbench.results"
 EXPORT_SCHEMA_VERSION = "1.0"
 
-COSTS = {  # record field -> (store column, aggregation over the examples of one turn)
+COSTS = {  # record field -> (store column, aggregation over the examples of one turn): the universal columns
     "prompt_tokens": ("prompt_tokens", "mean"),
     "prefill_computed": ("prefill_computed", "mean"),
     "prefill_reused": ("prefill_reused", "mean"),
@@ -24,17 +25,11 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "loaded_bytes": ("loaded_bytes", "mean"),
     "load_s": ("load_s", "mean"),
     "attn_recall": ("attn_recall", "mean"),
-    "index_recall": ("index_recall", "mean"),
-    "index_build_s": ("index_build_s", "mean"),
-    "index_bytes": ("index_bytes", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
-    "context_rate": ("context_rate", "mean"),
-    "context_compress_s": ("context_compress_s", "mean"),
-    "recompute_frac": ("recompute_frac", "mean"),
-    "chunk_kv_s": ("chunk_kv_s", "mean"),
-    "prefill_saved_s": ("prefill_saved_s", "mean"),
 }
+"""Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every
+record carries every declared column, at its default where the run's method does not measure it."""
 
 
 def method_budget(method: dict) -> str:
@@ -72,6 +67,7 @@ def records(store) -> list[dict]:
         run = runs[t["run_id"]]
         row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"]}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
+        row.update(method_costs.values(t["method_costs"]))
         rows.append(row)
     if not rows:
         return []
@@ -84,7 +80,9 @@ def records(store) -> list[dict]:
         metrics = sorted({m for s in g["scores"] for m in s})
         scores = {m: _clean(100.0 * sum(float(s[m]) for s in g["scores"] if m in s) / sum(m in s for s in g["scores"]))
                   for m in metrics}
-        costs = {f: _clean(getattr(g[f], how)()) for f, (_, how) in COSTS.items()}
+        aggs = {**{f: how for f, (_, how) in COSTS.items()},
+                **{f: c.agg for f, c in method_costs.declared_costs().items()}}
+        costs = {f: _clean(getattr(g[f], how)()) for f, how in aggs.items()}
         costs["kv_ratio"] = _clean(costs["kv_bytes"] / costs["kv_full_bytes"]) if costs["kv_full_bytes"] else None
         method = prov.get("method") or {}
         out.append({
