@@ -71,7 +71,7 @@ class Method:
             (keys, values) with the same batch, heads and head_dim and at most ``tokens`` tokens. The kept
             tensors must really be smaller: the engine counts resident bytes from them. A method that changes
             the representation (e.g. KIVI's packed integers) may instead return a transformers cache layer
-            that replaces this one; it reports its bytes with ``scbench_nbytes()`` (see scbench/kv/cache.py).
+            that replaces this one; such a layer implements ``scbench.kv.cache.CacheLayer`` (bytes, crop, snapshot).
         """
         raise NotImplementedError
 
@@ -148,6 +148,21 @@ class Method:
             h for h in ("compress_cache", "prefill_attention", "compress_context", "blend_prefill", "decode_attention")
             if getattr(cls, h) is not getattr(Method, h)
         )
+
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """The run's KV budget in short form for reports (the export's ``budget``): ``full`` without knobs, the
+        ``budget`` knob (``256``; a ratio of the context as ``1/32``), else every knob as ``k=v``.
+
+        ``knobs``: the run's stored method knobs (its spec's ``method`` without ``name``). A classmethod, so reports
+        need not build the method (whose packages may be missing where the report runs). Override it where
+        another knob sets the budget (KIVI: ``2bit``, StreamingLLM: ``128+3968``)."""
+        if "budget" in knobs:
+            b = knobs["budget"]
+            if isinstance(b, float) and 0 < b < 1:
+                return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
+            return str(b)
+        return "full" if not knobs else ",".join(f"{k}={v}" for k, v in sorted(knobs.items()))
 
     @classmethod
     def cost_columns(cls) -> dict[str, Cost]:

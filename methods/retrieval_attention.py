@@ -198,6 +198,11 @@ class RetrievalAttention(Method):
         "the static tokens are loaded every step instead of staying on the GPU"
     )
 
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``top<top_k>``: keys retrieved per step."""
+        return f"top{knobs['top_k']}" if "top_k" in knobs else super().budget_label(knobs)
+
     def __post_init__(self) -> None:
         positive_int(self, "top_k")
         positive_int(self, "n_init", minimum=0)

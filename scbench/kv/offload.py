@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from scbench.kv.cache import CacheLayer
+
 TIERS = ("cpu", "disk")
 STORAGES = ("device", "cpu")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -172,7 +174,7 @@ class Rows:
         self.n = min(self.n, n)
 
 
-class TieredLayer(DynamicLayer):
+class TieredLayer(DynamicLayer, CacheLayer):
     """A cache layer whose keys/values [B, Hkv, n, D] live in a storage tier; decode loads a subset of rows.
 
     ``keys`` / ``values`` are views of ``Rows`` buffers on the storage device, so appending a decode token
@@ -187,6 +189,8 @@ class TieredLayer(DynamicLayer):
 
     scbench_compresses_itself = True
     """Installed once by the method's compression hook; the engine does not call it again on this layer."""
+    scbench_exact_crop = True
+    """Cropping only lowers the row count: the earlier rows are untouched."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, storage: str):
         super().__init__()

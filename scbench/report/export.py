@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from scbench.methods.base import Method
+from scbench.registry import METHODS
 from scbench.report import costs as method_costs
 from scbench.report.table import _category
 
@@ -33,22 +35,14 @@ record carries every declared column, at its default where the run's method does
 
 
 def method_budget(method: dict) -> str:
-    """A method's KV budget as a short label: ``full``, ``256``, ``1/32``, ``2bit``, ``top4096``, ``32+224``."""
-    p = {k: v for k, v in method.items() if k != "name"}
-    if "budget" in p:
-        b = p["budget"]
-        if isinstance(b, float) and 0 < b < 1:
-            return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
-        return str(b)
-    if "bits" in p:
-        return f"{p['bits']}bit"
-    if "top_k" in p:
-        return f"top{p['top_k']}"
-    if "n_init" in p and "n_local" in p:
-        return f"{p['n_init']}+{p['n_local']}"
-    if "vertical_size" in p:
-        return f"{p['vertical_size']}v+{p.get('slash_size')}s"
-    return "full" if not p else ",".join(f"{k}={v}" for k, v in sorted(p.items()))
+    """A run's KV budget as a short label (``full``, ``256``, ``1/32``, ``2bit``, ``top4096``, ``32+224``): its
+    method's ``budget_label`` (the base rule for a method no longer registered)."""
+    knobs = {k: v for k, v in method.items() if k != "name"}
+    try:
+        cls = METHODS.get(method.get("name"))
+    except KeyError:
+        cls = Method
+    return cls.budget_label(knobs)
 
 
 def _clean(v):
