@@ -6,6 +6,9 @@ of the same run (same resolved spec, hence the same run id) skips what is stored
 Turn rows hold the universal ``TurnStats`` fields as typed columns and the method's own cost columns as one
 JSON object (``method_costs``, declared per method: ``Method.costs``). Schema v1 stores (method costs as flat
 columns) are migrated on open (``_migrate_v1``).
+
+Re-scoring a run with another task variant (``scbench score --variant``) writes ``rescores`` rows beside the
+turns; the turns' own scores and the run's spec (whose hash is the run id) stay as the run wrote them.
 """
 from __future__ import annotations
 
@@ -62,6 +65,15 @@ CREATE TABLE IF NOT EXISTS turns (
     {", ".join(f"{c} {_stat_type(c)}" for c in STAT_COLUMNS)},
     created REAL,
     PRIMARY KEY (run_id, example_id, turn)
+);
+CREATE TABLE IF NOT EXISTS rescores (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    example_id TEXT NOT NULL,
+    turn INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    scores TEXT,
+    created REAL,
+    PRIMARY KEY (run_id, example_id, turn, variant)
 );
 """
 
@@ -186,10 +198,13 @@ class Store:
             out.setdefault(ex, {})[turn] = pred
         return out
 
-    def turns(self, run_id: str | None = None) -> list[dict[str, Any]]:
+    def turns(self, run_id: str | None = None, *, variant: str | None = None) -> list[dict[str, Any]]:
+        """The turn rows (JSON columns decoded). With ``variant``, a row re-scored under that task variant carries
+        those scores instead of its own, and ``scores_variant`` names it (None on rows with their own scores)."""
         q = "SELECT * FROM turns" + (" WHERE run_id=?" if run_id else "") + " ORDER BY run_id, example_id, turn"
         cur = self.db.execute(q, (run_id,) if run_id else ())
         cols = [c[0] for c in cur.description]
+        rescored = self.rescores(variant, run_id) if variant is not None else {}
         rows = []
         for r in cur.fetchall():
             d = dict(zip(cols, r))
@@ -197,12 +212,27 @@ class Store:
             d["scores"] = json.loads(d["scores"])
             for c in JSON_STAT_COLUMNS:
                 d[c] = json.loads(d[c]) if d.get(c) else {}
+            key = (d["run_id"], d["example_id"], d["turn"])
+            d["scores_variant"] = variant if key in rescored else None
+            d["scores"] = rescored.get(key, d["scores"])
             rows.append(d)
         return rows
 
     def update_scores(self, run_id: str, example_id: str, turn: int, scores: dict) -> None:
+        """Replace a turn's own scores (a re-score with the run's own task variant, e.g. after a scorer fix)."""
         self.db.execute("UPDATE turns SET scores=? WHERE run_id=? AND example_id=? AND turn=?",
                         (json.dumps(scores), run_id, example_id, turn))
+
+    def put_rescore(self, run_id: str, example_id: str, turn: int, variant: str, scores: dict) -> None:
+        """Store a turn's scores under another task variant, beside its own (replacing an earlier re-score of
+        that variant); the turn row and the run's spec are not touched."""
+        self.db.execute("INSERT OR REPLACE INTO rescores VALUES (?,?,?,?,?,?)",
+                        (run_id, example_id, turn, variant, json.dumps(scores), time.time()))
+
+    def rescores(self, variant: str, run_id: str | None = None) -> dict[tuple[str, str, int], dict]:
+        """(run_id, example_id, turn) -> scores of the re-scores under ``variant`` (of one run, or all)."""
+        q = "SELECT run_id, example_id, turn, scores FROM rescores WHERE variant=?" + (" AND run_id=?" if run_id else "")
+        return {(r, e, t): json.loads(s) for r, e, t, s in self.db.execute(q, (variant, run_id) if run_id else (variant,))}
 
     # --- failures and merging (sweeps, shards) ---------------------------------------------------
     def record_failure(self, run_id: str, *, spec: dict, error: str) -> None:
@@ -286,6 +316,14 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                                                     "columns": diff, "source": str(path)})
                     else:
                         report["duplicates"] += 1
+                for row in src.db.execute("SELECT run_id, example_id, turn, variant, scores, created FROM rescores"):
+                    have = target.db.execute("SELECT scores FROM rescores WHERE run_id=? AND example_id=? AND turn=? "
+                                             "AND variant=?", row[:4]).fetchone()
+                    if have is None:
+                        target.db.execute("INSERT INTO rescores VALUES (?,?,?,?,?,?)", row)
+                    elif have[0] != row[4]:
+                        report["conflicts"].append({"run_id": row[0], "example_id": row[1], "turn": row[2],
+                                                    "columns": [f"rescores[{row[3]}]"], "source": str(path)})
                 for (run_id,) in target.db.execute("SELECT run_id FROM runs WHERE status='partial'").fetchall():
                     if target.complete(run_id):  # every shard's rows are in now
                         target.db.execute("UPDATE runs SET status='done', error=NULL WHERE run_id=?", (run_id,))

@@ -53,13 +53,16 @@ def _clean(v):
     return v
 
 
-def records(store) -> list[dict]:
-    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn."""
+def records(store, variant: str | None = None) -> list[dict]:
+    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn.
+
+    ``variant``: where turns were re-scored under that task variant (``scbench score --variant``), their records
+    carry those scores and name the variant in ``task_variant``; other turns keep their own scores."""
     runs = {r["run_id"]: r for r in store.runs()}
     rows = []
-    for t in store.turns():
-        run = runs[t["run_id"]]
-        row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"]}
+    for t in store.turns(variant=variant):
+        row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"],
+               "rescored": t["scores_variant"] or ""}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
         row.update(method_costs.values(t["method_costs"]))
         rows.append(row)
@@ -67,7 +70,7 @@ def records(store) -> list[dict]:
         return []
     df = pd.DataFrame(rows)
     out = []
-    for (run_id, turn), g in df.groupby(["run_id", "turn"], sort=False):
+    for (run_id, rescored, turn), g in df.groupby(["run_id", "rescored", "turn"], sort=False):
         run = runs[run_id]
         spec = json.loads(run["spec"])
         prov = json.loads(run["provenance"] or "{}")
@@ -83,7 +86,7 @@ def records(store) -> list[dict]:
             "schema": EXPORT_SCHEMA, "schema_version": EXPORT_SCHEMA_VERSION,
             "model": run["model"], "method": run["method"], "method_label": run["method_label"],
             "budget": method_budget(spec.get("method") or {}), "mode": run["mode"], "task": run["task"],
-            "task_variant": spec.get("task_variant") or "faithful",
+            "task_variant": rescored or spec.get("task_variant") or "faithful",
             "category": (prov.get("task") or {}).get("category") or _category(run["task"]),
             "stages": list(method.get("stages") or []), "turn": int(turn), "n_examples": int(g["example"].nunique()),
             "scores": scores, "score": _clean(sum(scores.values()) / len(scores)) if scores else None,
@@ -101,7 +104,7 @@ def failures(store) -> list[dict]:
             for r in store.runs() if r["status"] == "failed"]
 
 
-def to_json(store) -> str:
+def to_json(store, variant: str | None = None) -> str:
     """A JSON array of records; every record names its schema and version (so records can be streamed,
-    concatenated across stores and ingested one by one)."""
-    return json.dumps(records(store), indent=1, default=str)
+    concatenated across stores and ingested one by one). ``variant``: as in ``records``."""
+    return json.dumps(records(store, variant), indent=1, default=str)

@@ -93,8 +93,8 @@ def _select(name, values):
     return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
 
 
-def build_html(store, title: str = "scbench leaderboard") -> str:
-    recs = records(store)
+def build_html(store, title: str = "scbench leaderboard", variant: str | None = None) -> str:
+    recs = records(store, variant)
     rows = _rows(recs)
     cols = list(rows[0]) if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)

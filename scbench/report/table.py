@@ -28,11 +28,12 @@ def method_columns() -> dict[str, tuple[str, str, object]]:
             for col, c in method_costs.declared_costs().items() if c.label is not None}
 
 
-def turn_frame(store) -> pd.DataFrame:
-    """One row per (run, example, turn, metric) with the run's labels and the cost columns."""
+def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
+    """One row per (run, example, turn, metric) with the run's labels and the cost columns; ``variant``: scores
+    re-scored under that task variant where stored (``Store.turns``)."""
     runs = {r["run_id"]: r for r in store.runs()}
     rows = []
-    for t in store.turns():
+    for t in store.turns(variant=variant):
         run = runs[t["run_id"]]
         spec = json.loads(run["spec"])
         engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
@@ -41,7 +42,7 @@ def turn_frame(store) -> pd.DataFrame:
         for metric, value in t["scores"].items():
             rows.append({
                 "run_id": t["run_id"], "model": model, "method": run["method_label"], "task": run["task"],
-                "variant": spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
+                "variant": t["scores_variant"] or spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
@@ -53,9 +54,10 @@ def turn_frame(store) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def leaderboard(store) -> pd.DataFrame:
-    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns."""
-    df = turn_frame(store)
+def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
+    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns (``variant``: see
+    ``turn_frame``)."""
+    df = turn_frame(store, variant)
     if df.empty:
         return df
     keys = ["model", "method", "mode", "task", "variant", "metric"]
