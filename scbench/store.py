@@ -121,7 +121,8 @@ class Store:
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(RESULTS_SCHEMA_VERSION),))
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
 
     def _add_missing_columns(self) -> None:
@@ -272,7 +273,8 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
     holds every turn the run expects (per-shard stores of one run: each shard alone is ``partial``), else the
     most recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
     deduplicated, a row whose prediction, reference, scores or token counts differ is a conflict: the first
-    one seen is kept and the conflict is reported. Returns counts and the list of conflicts.
+    one seen is kept and the conflict is reported. Re-scores (``rescores``) are copied the same way. Inputs of an
+    older schema are migrated in place when opened. Returns counts and the list of conflicts.
     """
     target = Store(out)
     report = {"runs_added": 0, "turns_added": 0, "duplicates": 0, "conflicts": []}

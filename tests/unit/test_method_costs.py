@@ -15,7 +15,8 @@ from scbench.records import Cost, Example, RunSpec, Turn
 from scbench.registry import METHODS, TASKS
 from scbench.report import costs as method_costs
 from scbench.report.export import records
-from scbench.report.figures import figures_for
+from scbench.report.figures import figures_for, render
+from scbench.report.html import build_html
 from scbench.report.table import leaderboard
 from scbench.runner import Replay
 from scbench.store import Store
@@ -89,7 +90,9 @@ def test_a_method_owns_its_column_end_to_end(tiny_engine, counting, tmp_path):
     board = leaderboard(store)
     assert board["counted"].tolist() == [2]  # agg max over the run
     assert "recomputed" not in board  # a column at its default everywhere is hidden
-    assert "accuracy_vs_turns_counted" in figures_for(recs)
+    figs = figures_for(recs)
+    assert render(figs["accuracy_vs_turns_counted"](recs), "svg").startswith(b"<?xml")
+    assert "<th>counted</th>" in build_html(store) and "<th>recomputed</th>" not in build_html(store)
     assert "| `turns_counted` | turns | turns this method saw so far (**max** over the examples)" in method_costs.schema_rows()
     store.close()
 
