@@ -32,6 +32,7 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
     """One row per (run, example, turn, metric) with the run's labels and the cost columns; ``variant``: scores
     re-scored under that task variant where stored (``Store.turns``)."""
     runs = {r["run_id"]: r for r in store.runs()}
+    extra = method_columns()
     rows = []
     for t in store.turns(variant=variant):
         run = runs[t["run_id"]]
@@ -39,17 +40,18 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
         engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
         model = f"{run['model']} [{engine}]" if engine and engine != "hf" else run["model"]
         mc = method_costs.values(t["method_costs"])
+        variant_label = t["scores_variant"] or spec.get("task_variant") or "faithful"
         for metric, value in t["scores"].items():
             rows.append({
                 "run_id": t["run_id"], "model": model, "method": run["method_label"], "task": run["task"],
-                "variant": t["scores_variant"] or spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
+                "variant": variant_label, "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
                 "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
                 "state_mib": (t.get("state_bytes") or 0) / 2**20,
                 "attn_density": t["attn_density"], "peak_mib": float("nan") if t["peak_mem_bytes"] is None else t["peak_mem_bytes"] / 2**20,
-                **{c: default if mc.get(c) is None else mc[c] for c, (_, _, default) in method_columns().items()},
+                **{c: default if mc.get(c) is None else mc[c] for c, (_, _, default) in extra.items()},
             })
     return pd.DataFrame(rows)
 
