@@ -24,24 +24,46 @@ DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
 
 @dataclass
 class AttnContext:
+    """What one forward lets ``scbench_attention`` do, set by the engine's session before the forward.
+
+    Method hooks never receive the context: ``scbench_attention`` reads it and hands each hook what it may see.
+
+    - ``prefill_attention(layer, q, k, v, scale)`` (when ``sparse``): only its arguments; it may report the
+      score cells it computed through ``count_computed`` (which updates ``cells_computed`` / ``reported``).
+    - ``decode_attention(layer, q, k, v, scale, layer=...)`` (when ``decode``): its arguments, ``layer`` being
+      ``cache.layers[layer_idx]``; nothing else of the context.
+    - ``compress_cache(layer, keys, values, queries)``: runs after the forward, outside the context; the engine
+      passes ``queries[layer]`` (the last ``capture_queries`` queries, kept when ``capture_queries`` > 0).
+
+    The engine reads back ``queries`` (for compression) and ``cells_total`` / ``cells_computed`` (the turn's
+    ``attn_density``); ``static`` belongs to the fast decode path alone.
+    """
+
     method: object | None = None
+    """The method whose hooks the forward calls (None: plain dense attention). Read by scbench_attention only."""
     sparse: bool = False
-    """Route multi-token forwards through ``method.prefill_attention``."""
+    """Route multi-token forwards through ``method.prefill_attention``. Set by the engine."""
     capture_queries: int = 0
-    """Keep the last N queries of each layer in ``queries`` (for query-aware compression)."""
+    """Keep the last N queries of each layer in ``queries`` (for query-aware compression). Set by the engine."""
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Layer -> its captured queries [B, Hq, N, D]; written by scbench_attention, read by the engine's compression
+    pass (each ``compress_cache`` call gets its layer's entry)."""
     cells_total: int = 0
-    """Causal attention score cells of the multi-token forwards (batch x query heads x layers)."""
+    """Causal attention score cells of the multi-token forwards (batch x query heads x layers). Written by
+    scbench_attention, read by the engine."""
     cells_computed: int = 0
-    """Of those, the cells computed: dense forwards count all, a sparse hook reports its own."""
+    """Of those, the cells computed: dense forwards count all, a sparse hook reports its own through
+    ``count_computed``. Read by the engine."""
     reported: bool = False
-    """Set by ``count_computed`` during a hook call."""
+    """Set by ``count_computed`` during a hook call; internal to scbench_attention."""
     decode: bool = False
-    """Route one-query forwards through ``method.decode_attention`` (retrieval / loading methods)."""
+    """Route one-query forwards through ``method.decode_attention`` (retrieval / loading methods). Set by the engine."""
     cache: object | None = None
-    """The session's cache, so a decode hook can reach its layer (e.g. a ``TieredLayer`` that loads rows)."""
+    """The session's cache; scbench_attention passes a decode hook its layer (e.g. a ``TieredLayer`` that loads
+    rows) as the ``layer`` argument. Set by the engine with ``decode``."""
     static: object | None = None
-    """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers."""
+    """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers.
+    Set and read by the fast decode path only; no hook sees it."""
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)

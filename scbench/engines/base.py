@@ -17,8 +17,6 @@ class FeedStats:
     """Causal attention score cells of this feed's multi-token forwards (all layers, heads, batch rows)."""
     attn_computed: int = 0
     """Of those, the cells computed (fewer than attn_cells under sparse prefill)."""
-    extra: dict = field(default_factory=dict)
-    """Method-specific cost columns of this feed, keyed by TurnStats field (e.g. recompute_frac)."""
 
     @property
     def attn_density(self) -> float:

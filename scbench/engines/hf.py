@@ -265,7 +265,7 @@ class HFSession(Session):
     def _compress(self, ctx: attention.AttnContext) -> None:
         self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
         for idx, layer in enumerate(self.cache.layers):
-            if not layer.is_initialized or getattr(layer, "scbench_compresses_itself", False):
+            if not layer.is_initialized or kvc.compresses_itself(layer):
                 continue
             queries = ctx.queries.get(idx) if ctx.capture_queries else None
             out = self.method.compress_cache(idx, layer.keys, layer.values, queries)
