@@ -42,11 +42,11 @@ class CacheBlend(Method):
     costs: ClassVar[dict[str, Cost]] = {
         # the leaderboard shows the blended turn's fraction (later turns are plain prefills: 1.0)
         "recompute_frac": Cost("ratio", "chunk KV reuse (CacheBlend): fraction of the prefill's tokens recomputed past "
-                               "the selection layer (1.0 full)", default=1.0, label="recomputed", table_agg="min"),
+                               "the selection layer (1.0 full)", default=1.0, label="recomputed"),
         "chunk_kv_s": Cost("s", "chunk KV reuse: time computing the stored chunks' KV (offline in CacheBlend, not in "
                            "`ttft_s`)", default=0.0),
         "prefill_saved_s": Cost("s", "chunk KV reuse: a full prefill's time minus the blended prefill's (0 when not "
-                                "measured)", default=0.0, label="prefill saved s", table_agg="sum"),
+                                "measured)", default=0.0, label="prefill saved s"),
     }
     approximation: ClassVar[str | None] = (
         "tokens are picked once, by value deviation at one layer (select_layer, as the released code's check "

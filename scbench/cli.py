@@ -221,13 +221,17 @@ def cmd_ls(argv: list[str]) -> None:
     else:
         from scbench.store import Store
 
+        from scbench.report.trust import settings
+
         store = Store(a.store)
-        for r in store.runs():
+        runs = store.runs()
+        setting = settings(runs)
+        for r in runs:
             turns = store.turns(r["run_id"])
             flags = [f for t in turns for f in (t.get("flags") or "").split(",") if f]
             marks = "".join(f" {f}={flags.count(f)}" for f in ("unfired", "capped") if f in flags)
             print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} "
-                  f"turns={len(turns)}{marks}")
+                  f"turns={len(turns)}{marks}" + (f"  setting: {setting[r['run_id']]}" if setting[r["run_id"]] else ""))
 
 
 def _method_name(config: str) -> str:
@@ -307,7 +311,7 @@ def cmd_export(argv: list[str]) -> None:
 
         board = leaderboard(store, variant=a.variant)
         if a.format == "md":
-            text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
+            text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board, store, a.variant)) + "\n"
         else:
             text = board.to_csv(index=False)
     store.close()

@@ -54,13 +54,10 @@ class Cost:
     Runs of other methods show it in the export; the leaderboard hides the column where every row has it."""
     label: str | None = None
     """Leaderboard / HTML column header; None keeps the cost in the export only."""
-    table_agg: str | None = None
-    """How the leaderboard combines all turns and examples of a run (None: ``agg``)."""
 
     def __post_init__(self) -> None:
-        for what, how in (("agg", self.agg), ("table_agg", self.table_agg or self.agg)):
-            if how not in AGGREGATIONS:
-                raise ValueError(f"Cost.{what} must be one of {AGGREGATIONS}, got {how!r}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"Cost.agg must be one of {AGGREGATIONS}, got {self.agg!r}")
 
 
 @dataclass

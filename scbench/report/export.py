@@ -9,6 +9,7 @@ import pandas as pd
 from scbench.methods.base import Method
 from scbench.registry import METHODS
 from scbench.report import costs as method_costs
+from scbench.report import trust
 from scbench.report.table import _category
 
 EXPORT_SCHEMA = "scbench.results"
@@ -59,11 +60,13 @@ def records(store, variant: str | None = None) -> list[dict]:
     ``variant``: where turns were re-scored under that task variant (``scbench score --variant``), their records
     carry those scores and name the variant in ``task_variant``; other turns keep their own scores."""
     runs = {r["run_id"]: r for r in store.runs()}
+    setting = trust.settings(list(runs.values()))
     rows = []
     for t in store.turns(variant=variant):
         row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"],
-               "rescored": t["scores_variant"] or ""}
+               "rescored": t["scores_variant"] or "", "flags": t.get("flags") or ""}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
+        row["kv_ratio"] = t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else None  # per turn, then mean
         row.update(method_costs.values(t["method_costs"]))
         rows.append(row)
     if not rows:
@@ -80,8 +83,10 @@ def records(store, variant: str | None = None) -> list[dict]:
         aggs = {**{f: how for f, (_, how) in COSTS.items()},
                 **{f: c.agg for f, c in method_costs.declared_costs().items()}}
         costs = {f: _clean(getattr(g[f], how)()) for f, how in aggs.items()}
-        costs["kv_ratio"] = _clean(costs["kv_bytes"] / costs["kv_full_bytes"]) if costs["kv_full_bytes"] else None
+        costs["kv_ratio"] = _clean(g["kv_ratio"].dropna().mean()) if g["kv_ratio"].notna().any() else None
         method = prov.get("method") or {}
+        per_example = [sum(float(v) for v in s.values()) / len(s) * 100.0 for s in g["scores"] if s]
+        flags = [{"flags": f} for f in g["flags"]]
         out.append({
             "schema": EXPORT_SCHEMA, "schema_version": EXPORT_SCHEMA_VERSION,
             "model": run["model"], "method": run["method"], "method_label": run["method_label"],
@@ -89,12 +94,17 @@ def records(store, variant: str | None = None) -> list[dict]:
             "task_variant": rescored or spec.get("task_variant") or "faithful",
             "category": (prov.get("task") or {}).get("category") or _category(run["task"]),
             "stages": list(method.get("stages") or []), "turn": int(turn), "n_examples": int(g["example"].nunique()),
+            "setting": setting[run_id],
             "scores": scores, "score": _clean(sum(scores.values()) / len(scores)) if scores else None,
+            "scores_ci95": {m: list(trust.bootstrap_ci([100.0 * float(s[m]) for s in g["scores"] if m in s]))
+                            for m in metrics},
+            "score_ci95": list(trust.bootstrap_ci(per_example)),
+            "capped_share": trust.flag_share(flags, "capped"), "unfired_share": trust.flag_share(flags, "unfired"),
             "costs": costs, "run_id": run_id, "status": run["status"],
             "provenance": {"git": prov.get("git"), "packages": prov.get("packages"), "engine": prov.get("engine"),
                            "method": method, "task": prov.get("task"), "spec": spec},
         })
-    out.sort(key=lambda r: (r["model"], r["method"], r["budget"], r["mode"], r["task"], r["turn"]))
+    out.sort(key=lambda r: (r["model"], r["method"], r["budget"], r["setting"], r["mode"], r["task"], r["turn"]))
     return out
 
 

@@ -18,14 +18,28 @@ def _plt():
 
 
 def _series(records, key_fn, x_fn, y_fn=lambda r: r["score"]):
-    """key -> sorted [(x, mean y)] over the records."""
+    """key -> sorted [(x, mean y, mean ci low, mean ci high)] over the records."""
     acc = defaultdict(lambda: defaultdict(list))
     for r in records:
         x, y = x_fn(r), y_fn(r)
         if x is None or y is None:
             continue
-        acc[key_fn(r)][x].append(y)
-    return {k: sorted((x, sum(v) / len(v)) for x, v in pts.items()) for k, pts in sorted(acc.items())}
+        lo, hi = (r.get("score_ci95") or [None, None])
+        acc[key_fn(r)][x].append((y, y if lo is None else lo, y if hi is None else hi))
+    return {k: sorted((x, *(sum(p[i] for p in v) / len(v) for i in range(3))) for x, v in pts.items())
+            for k, pts in sorted(acc.items())}
+
+
+def _label(r) -> str:
+    """A run configuration's legend label: method, budget unless full, setting where runs collide, n."""
+    out = r["method"] if r["budget"] == "full" else f"{r['method']} {r['budget']}"
+    return out + (f" [{r['setting']}]" if r.get("setting") else "") + f" n={r['n_examples']}"
+
+
+def _errorbar(ax, pts, **kw):
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    yerr = [[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]]
+    ax.errorbar(xs, ys, yerr=yerr, capsize=2, **kw)
 
 
 def turn_curves(records):
@@ -39,10 +53,10 @@ def turn_curves(records):
     fig, axes = plt.subplots(len(cats), len(modes), figsize=(4.6 * len(modes), 3.0 * len(cats)), squeeze=False)
     for row, cat in zip(axes, cats):
         for ax, mode in zip(row, modes):
-            series = _series([r for r in records if r["mode"] == mode and r["category"] == cat],
-                             lambda r: r['method'] if r['budget'] == 'full' else f"{r['method']} {r['budget']}", lambda r: r["turn"])
+            series = _series([r for r in records if r["mode"] == mode and r["category"] == cat], _label,
+                             lambda r: r["turn"])
             for label, pts in series.items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                _errorbar(ax, pts, marker="o", label=label)
             ax.set_title(f"{cat} / {mode}", fontsize=9)
             ax.set(xlabel="turn", ylabel="score (0-100)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -54,16 +68,20 @@ def turn_curves(records):
 
 
 def _run_points(records, x_field):
-    """(method, mode) -> [(x, score, label)] with one point per run config (averaged over turns and tasks)."""
+    """(method, mode) -> [(x, score, label, ci low, ci high)] with one point per run config (method x budget x
+    setting x mode; averaged over turns and tasks)."""
     acc = defaultdict(list)
     for r in records:
         x = r["costs"].get(x_field)
         if x is None or r["score"] is None:
             continue
-        acc[(r["method"], r["budget"], r["mode"])].append((x, r["score"]))
+        lo, hi = (r.get("score_ci95") or [None, None])
+        acc[(r["method"], r["budget"], r.get("setting", ""), r["mode"])].append(
+            (x, r["score"], r["score"] if lo is None else lo, r["score"] if hi is None else hi))
     out = defaultdict(list)
-    for (method, budget, mode), pts in acc.items():
-        out[(method, mode)].append((sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts), budget))
+    for (method, budget, setting, mode), pts in acc.items():
+        m = [sum(p[i] for p in pts) / len(pts) for i in range(4)]
+        out[(method, mode)].append((m[0], m[1], budget + (f" [{setting}]" if setting else ""), m[2], m[3]))
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
@@ -75,8 +93,8 @@ def accuracy_vs_budget(records):
     fig, axes = plt.subplots(1, len(cats), figsize=(4.6 * len(cats), 3.6), squeeze=False)
     for ax, cat in zip(axes[0], cats):
         for (method, mode), pts in _run_points([r for r in records if r["category"] == cat], "kv_ratio").items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({mode})")
-            for x, y, b in pts:
+            _errorbar(ax, [(p[0], p[1], p[3], p[4]) for p in pts], marker="o", label=f"{method} ({mode})")
+            for x, y, b, *_ in pts:
                 ax.annotate(b, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         ax.set_title(f"accuracy vs KV budget: {cat}", fontsize=9)
         ax.set(xlabel="KV budget (resident / full)", ylabel="score (0-100)")
@@ -112,7 +130,8 @@ def accuracy_vs_bytes(records):
         marker = STAGE_MARKERS.get(stage.split("+")[0], "o")
         xs = [p[0] / 2**20 for p in pts]
         ax.scatter(xs, [p[1] for p in pts], label=f"{method} ({mode}; {stage or 'dense'})", s=26, marker=marker)
-        for x, (_, y, b) in zip(xs, pts):
+        _errorbar(ax, [(x, p[1], p[3], p[4]) for x, p in zip(xs, pts)], fmt="none", ecolor="0.6", lw=0.8)
+        for x, (_, y, b, *_) in zip(xs, pts):
             ax.annotate(b, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         allpts += [(p[0] / 2**20, p[1]) for p in pts]
     front = pareto_front(allpts)
@@ -137,7 +156,8 @@ def accuracy_vs_cost(records, column: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for (method, mode), pts in _run_points(records, column).items():
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{method} ({mode})", s=26)
-        for x, y, b in pts:
+        _errorbar(ax, [(p[0], p[1], p[3], p[4]) for p in pts], fmt="none", ecolor="0.6", lw=0.8)
+        for x, y, b, *_ in pts:
             ax.annotate(b, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set(title=f"accuracy vs {cost.label or column}", xlabel=f"{column} ({cost.unit})", ylabel="score (0-100)")
     ax.grid(alpha=0.3)

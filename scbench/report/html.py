@@ -9,6 +9,8 @@ from collections import defaultdict
 from scbench.report.export import EXPORT_SCHEMA_VERSION, failures, records
 from scbench.report.costs import declared_costs
 from scbench.report.figures import figures_for, render
+from scbench.report import trust
+from scbench.report.table import COST_COLUMNS, cost_header
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.4em}
@@ -49,31 +51,59 @@ _SCRIPT = """
 """
 
 
-def _rows(recs):
-    """One table row per model x method x budget x mode x task: T1..Tn scores, mean, mean costs."""
+def example_means(store, variant=None) -> dict[str, dict[str, float]]:
+    """run_id -> example -> mean score (0-100) over the example's turns and metrics (for the intervals)."""
+    acc = defaultdict(lambda: defaultdict(list))
+    for t in store.turns(variant=variant):
+        acc[t["run_id"]][t["example_id"]] += [100.0 * float(v) for v in t["scores"].values()]
+    return {rid: {ex: sum(v) / len(v) for ex, v in exs.items() if v} for rid, exs in acc.items()}
+
+
+def _rows(recs, per_example=None):
+    """One table row per run (model x method x budget x setting x mode x task): T1..Tn scores with their 95 %
+    intervals, mean and its interval, n, capped share, per-turn cost means (headers as in the markdown table)."""
+    per_example = per_example or {}
     groups = defaultdict(list)
     for r in recs:
-        groups[(r["model"], r["method"], r["budget"], r["mode"], r["category"], r["task"])].append(r)
+        groups[(r["model"], r["method"], r["budget"], r.get("setting", ""), r["mode"], r["category"], r["task"],
+                r["run_id"])].append(r)
     turns = sorted({r["turn"] for r in recs})
     # method-specific costs with a leaderboard label, where some record measured them (not the default)
-    extra = {col: c.label for col, c in declared_costs().items()
+    extra = {col: cost_header(c.label, c.agg) for col, c in declared_costs().items()
              if c.label and any(r["costs"].get(col) not in (None, c.default) for r in recs)}
+    universal = {"prefill_computed": "prefill_computed", "prefill_reused": "prefill_reused", "ttft_s": "ttft_s",
+                 "decode_tok_s": "decode_tok_s", "kv_ratio": "kv_ratio", "attn_density": "attn_density"}
     rows = []
     for key, g in sorted(groups.items()):
-        by_turn = {r["turn"]: r["score"] for r in g}
-        scores = [s for s in by_turn.values() if s is not None]
+        by_turn = {r["turn"]: r for r in g}
+        scores = [r["score"] for r in by_turn.values() if r["score"] is not None]
 
         def mean(f, g=g):
             v = [r["costs"][f] for r in g if r["costs"].get(f) is not None]
             return sum(v) / len(v) if v else None
 
-        rows.append({"model": key[0], "method": key[1], "budget": key[2], "mode": key[3], "category": key[4],
-                     "task": key[5], "stages": " ".join(g[0]["stages"]) or "none",
-                     **{f"T{t}": by_turn.get(t) for t in turns}, "avg": sum(scores) / len(scores) if scores else None,
-                     "n": max(r["n_examples"] for r in g), "KV MiB": (mean("kv_bytes") or 0) / 2**20,
-                     "KV ratio": mean("kv_ratio"), "TTFT s": mean("ttft_s"), "decode tok/s": mean("decode_tok_s"),
-                     "prefill computed": mean("prefill_computed"), "prefill reused": mean("prefill_reused"),
-                     **{label: mean(col) for col, label in extra.items()}})
+        def ci(pair):
+            return "" if not pair or pair[0] is None else f"[{pair[0]:.1f}, {pair[1]:.1f}]"
+
+        row = {"model": key[0], "method": key[1], "budget": key[2], "setting": key[3], "mode": key[4],
+               "category": key[5], "task": key[6], "stages": " ".join(g[0]["stages"]) or "none"}
+        for t in turns:
+            row[f"T{t}"] = by_turn[t]["score"] if t in by_turn else None
+            row[f"T{t} ci95"] = ci(by_turn[t].get("score_ci95")) if t in by_turn else ""
+        row["avg"] = sum(scores) / len(scores) if scores else None
+        row["avg ci95"] = ci(trust.bootstrap_ci(list(per_example.get(key[7], {}).values())))
+        row["n"] = max(r["n_examples"] for r in g)
+        row["capped %"] = 100.0 * sum(r.get("capped_share", 0.0) for r in g) / len(g)
+        row["unfired %"] = 100.0 * sum(r.get("unfired_share", 0.0) for r in g) / len(g)
+        row[cost_header(*COST_COLUMNS["kv_mib"])] = (mean("kv_bytes") or 0) / 2**20
+        for col, field in universal.items():
+            row[cost_header(*COST_COLUMNS[col])] = mean(field)
+        row.update({label: mean(col) for col, label in extra.items()})
+        row["_run"] = key[7]
+        rows.append(row)
+    if not any(r["setting"] for r in rows):
+        for r in rows:
+            del r["setting"]
     return rows
 
 
@@ -95,8 +125,9 @@ def _select(name, values):
 
 def build_html(store, title: str = "scbench leaderboard", variant: str | None = None) -> str:
     recs = records(store, variant)
-    rows = _rows(recs)
-    cols = list(rows[0]) if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
+    per_example = example_means(store, variant)
+    rows = _rows(recs, per_example)
+    cols = [c for c in rows[0] if c != "_run"] if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
@@ -113,14 +144,23 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
     cat_rows = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["avg"] is not None:
-            cat_rows[(r["model"], r["method"], r["budget"], r["mode"], r["stages"])][r["category"]].append(r["avg"])
+            cat_rows[(r["model"], r["method"], r["budget"], r.get("setting", ""), r["mode"], r["stages"])][
+                r["category"]].append(r)
     categories = sorted({r["category"] for r in rows})
-    cat_head = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", "method", "budget", "mode", "stages", *categories, "overall"])
+    cat_head = "".join(f"<th>{html.escape(c)}</th>" for c in [
+        "model", "method", "budget", "setting", "mode", "stages",
+        *[x for c in categories for x in (c, f"{c} ci95", f"{c} n")], "overall"])
     cats = ""
     for k, by_cat in sorted(cat_rows.items()):
-        means = {c: sum(v) / len(v) for c, v in by_cat.items()}
+        means = {c: sum(r["avg"] for r in v) / len(v) for c, v in by_cat.items()}
         overall = sum(means.values()) / len(means)
-        cats += "<tr>" + "".join(_cell(v) for v in k) + "".join(_cell(means.get(c)) for c in categories) + _cell(overall) + "</tr>"
+        cells = ""
+        for c in categories:
+            v = by_cat.get(c, [])
+            lo, hi = trust.stratified_ci([list(per_example.get(r["_run"], {}).values()) for r in v])
+            cells += _cell(means.get(c)) + _cell("" if lo is None else f"[{lo:.1f}, {hi:.1f}]")
+            cells += _cell(max((r["n"] for r in v), default=None))
+        cats += "<tr>" + "".join(_cell(x) for x in k) + cells + _cell(overall) + "</tr>"
     fails = failures(store)
     fail_html = ("<h2>Failed runs</h2><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>error</th></tr>"
                  + "".join("<tr>" + "".join(_cell(f[k]) for k in ("run_id", "model", "method", "task", "mode", "error")) + "</tr>"
@@ -128,8 +168,11 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="note">Scores 0-100 per turn (T1..Tn) averaged over examples; costs are per-turn means. KV ratio: resident KV bytes
-over a full-attention cache of the same tokens. Stages: the method's lifecycle stages (generation, compression, retrieval,
+<p class="note">Scores 0-100 per turn (T1..Tn) averaged over examples, with seeded bootstrap 95 % intervals over the
+examples (ci95) and n; one row per run (runs of the same model, method, task and mode differ in the setting shown);
+capped %: turns that stopped at the generation cap while the reference needs more tokens; unfired %: turns where the
+method did not do what it promises. Cost columns are per-turn values aggregated as their header says (mean/turn), the
+same headers as the markdown and CSV tables. KV vs full: resident KV bytes over a full-attention cache of the same tokens. Stages: the method's lifecycle stages (generation, compression, retrieval,
 loading). Export schema v{EXPORT_SCHEMA_VERSION}; click a header to sort.</p>
 <div class="filters">{filters}</div>
 <table id="board"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>

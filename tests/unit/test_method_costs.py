@@ -88,11 +88,11 @@ def test_a_method_owns_its_column_end_to_end(tiny_engine, counting, tmp_path):
     assert [r["costs"]["turns_counted"] for r in recs] == [1, 2]
     assert recs[0]["costs"]["recompute_frac"] == 1.0 and recs[0]["costs"]["index_recall"] is None  # others' defaults
     board = leaderboard(store)
-    assert board["counted"].tolist() == [2]  # agg max over the run
+    assert board["counted (max/turn)"].tolist() == [2]  # agg max over the run
     assert "recomputed" not in board  # a column at its default everywhere is hidden
     figs = figures_for(recs)
     assert render(figs["accuracy_vs_turns_counted"](recs), "svg").startswith(b"<?xml")
-    assert "<th>counted</th>" in build_html(store) and "<th>recomputed</th>" not in build_html(store)
+    assert "<th>counted (max/turn)</th>" in build_html(store) and "<th>recomputed (mean/turn)</th>" not in build_html(store)
     assert "| `turns_counted` | turns | turns this method saw so far (**max** over the examples)" in method_costs.schema_rows()
     store.close()
 
@@ -167,7 +167,7 @@ def test_v1_store_migrates(tmp_path):
         want = V1_ROWS[r["method"]][r["turn"] - 1]
         assert [r["costs"][c] for c in LEGACY] == list(want), r["method"]
     board = leaderboard(store)
-    assert {"context kept", "recomputed", "prefill saved s"} <= set(board.columns)
+    assert {"context kept (mean/turn)", "recomputed (mean/turn)", "prefill saved s (mean/turn)"} <= set(board.columns)
     store.close()
     again = Store(path)  # migrated once; reopening changes nothing
     assert {(t["run_id"], t["turn"]): t["method_costs"] for t in again.turns()} == got
