@@ -194,5 +194,5 @@ def test_run_and_export_from_config(tmp_path):
     recs = records(store)
     assert len(recs) == 2 and all(r["costs"]["state_bytes"] > 0 and r["costs"]["kv_bytes"] == 0 for r in recs)
     assert json.loads(store.runs()[0]["provenance"])["engine"]["model_class"] == "Mamba2ForCausalLM"
-    assert (leaderboard(store)["state MiB"] > 0).all()
+    assert (leaderboard(store)["state MiB (mean/turn)"] > 0).all()
     store.close()

@@ -119,7 +119,7 @@ def test_unavailable_cost_column_is_null_not_a_guess(tmp_path):
     assert store.turns()[0]["peak_mem_bytes"] is None
     assert records(store)[0]["costs"]["peak_mem_bytes"] is None
     header, _, row = to_markdown(leaderboard(store)).splitlines()[:3]
-    assert header.endswith("| peak MiB |") and row.endswith("| - |")
+    assert header.endswith("| peak MiB (max/turn) |") and row.endswith("| - |")
     store.close()
 
 
