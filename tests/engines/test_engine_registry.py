@@ -13,7 +13,7 @@ import torch
 from scbench.engines.base import Engine
 from scbench.engines.chat import TokenizerEngine, split_model_config, stop_ids
 from scbench.registry import ENGINES, EngineRegistry, UnknownName
-from support import byte_tokenizer
+from support import byte_tokenizer, random_llama
 
 
 def test_engines_are_registered_lazily_with_did_you_mean():
@@ -146,16 +146,14 @@ def test_child_processes_are_found_and_reaped():
 
 def test_merged_folder_saves_atomically_once(tmp_path, monkeypatch):
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from scbench.engines import models
     from scbench.engines.vllm import merged_folder
 
     monkeypatch.setenv("SCBENCH_CACHE", str(tmp_path / "cache"))
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    base = random_llama(len(tok), layers=1, hidden=32, intermediate=64, heads=2, kv_heads=1, window=64)
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     adapter = tmp_path / "adapter"
