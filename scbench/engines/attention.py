@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scbench.kernels.dense import DECODE_BACKENDS, causal_attention, reference_causal_attention  # noqa: F401
+from scbench.kernels.dense import causal_attention, reference_causal_attention  # noqa: F401 - tests and scripts use both here
 
 NAME = "scbench"
 

@@ -72,3 +72,28 @@ def test_config_runs_one_turn(stem, cfg, tiny_engine, request, tmp_path):
         else:
             assert t["prompt_tokens"] > 1000, (mode, t)
         assert t["prefill_computed"] > 0 and t["kv_bytes"] > 0 and t["kv_full_bytes"] > 0, (mode, t)
+
+
+def test_runner_sets_the_method_up_with_its_engine(tiny_engine):
+    """``Method.setup(engine)`` runs before each example's replay, so a method gets what it needs (e.g. a scorer
+    model) from the run, not from the runner's module."""
+    from dataclasses import dataclass
+
+    from scbench.data import load_examples
+    from scbench.methods.full import FullAttention
+    from scbench.registry import TASKS
+    from scbench.runner import Replay
+
+    @dataclass
+    class Recording(FullAttention):
+        def setup(self, engine):
+            calls.append(engine)
+
+    calls = []
+    task, method = TASKS.get("scbench_kv"), Recording()
+    count = lambda t: len(tiny_engine.encode(t, add_special_tokens=False))  # noqa: E731
+    examples = load_examples(task, "generated", n=2, length=200, turns=1, seed=0, count=count)
+    spec = RunSpec(model={}, method={"name": "full"}, task="scbench_kv", max_turns=1, max_new_tokens=2)
+    for ex in examples:
+        assert len(list(Replay(tiny_engine, method, task, ex, spec))) == 1
+    assert calls == [tiny_engine, tiny_engine]
