@@ -2,7 +2,7 @@
 
 Owning the loop (no ``generate``) is what lets the engine count, per turn, tokens computed vs reused,
 time to first token, decode throughput and the bytes the KV cache really holds. The sessions live in
-scbench/engines/session.py (and recurrent.py for models with a recurrent state).
+scbench/engines/hf_session.py (and recurrent.py for models with a recurrent state).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from scbench.engines import attention
 from scbench.engines.chat import TokenizerEngine, refuse_unknown_keys, split_model_config, stop_ids
 from scbench.engines.models import resolve
 from scbench.engines.recurrent import RecurrentSession, check_state_in_cache, is_recurrent
-from scbench.engines.session import HFSession
+from scbench.engines.hf_session import HFSession
 from scbench.kv import offload as kvo
 
 log = logging.getLogger(__name__)

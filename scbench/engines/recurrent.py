@@ -29,7 +29,7 @@ import torch
 from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
-from scbench.engines.session import HFSession
+from scbench.engines.hf_session import HFSession
 from scbench.kv import cache as kvc
 
 TAIL = 16
