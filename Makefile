@@ -20,7 +20,7 @@ KVPRESS_VENV ?= .venv-kvpress
 KVPRESS_STAMP := $(KVPRESS_VENV)/.scbench-installed
 KVPRESS_PINS := "kvpress==0.5.5" "transformers==5.2.0" "optimum-quanto==0.2.7"
 
-.PHONY: run test bench bench-reuse clean-results browser vllm-env kvpress-env
+.PHONY: run test test-fast bench bench-reuse clean-results browser vllm-env kvpress-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ $(KVPRESS_STAMP): Makefile
 	$(KVPRESS_VENV)/bin/python -m pip install -q $(KVPRESS_PINS)
 	$(KVPRESS_VENV)/bin/python -c "import kvpress, optimum.quanto, transformers; assert transformers.__version__ == '5.2.0'"
 	touch $(KVPRESS_STAMP)
+
+# everything but the tests marked slow (they load the embedded model); no vLLM environment needed
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 vllm-env: $(VLLM_STAMP)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import byte_tokenizer
+from support import byte_tokenizer, make_tiny_engine
 
 from scbench.kv.quant import dequantize, quantize, value_group
 from scbench.methods.full import FullAttention
@@ -46,19 +46,10 @@ def reference_python() -> str:
 
 def tiny_engine(head_dim: int = 32, layers: int = 2):
     """A random Llama with head_dim 32, so a value group of 32 channels is one head on both sides."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from scbench.engines.hf import HFEngine
-
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4 * head_dim, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+    engine = make_tiny_engine(byte_tokenizer(), layers=layers, hidden=4 * head_dim, intermediate=256)
     with torch.no_grad():  # larger logits: the greedy path depends on the cache (random init is near uniform)
-        model.lm_head.weight.mul_(20.0)
-    return HFEngine("tiny-random-llama", name="tiny-random-llama", model=model, tokenizer=tok, device="cpu")
+        engine.model.lm_head.weight.mul_(20.0)
+    return engine
 
 
 def cross_check(engine, ids: list[int], bits: int, new_tokens: int, tmp: Path) -> dict:

@@ -9,7 +9,7 @@ against hand-built masks.
 """
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,11 @@ import torch
 
 from scbench.methods.vertical_slash import VerticalSlash
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
-from minference_patterns import vertical_and_slash_indices  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "minference_patterns", Path(__file__).resolve().parents[1] / "reference" / "minference_patterns.py")
+_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref)
+vertical_and_slash_indices = _ref.vertical_and_slash_indices
 
 
 @pytest.mark.parametrize("n, vertical, slash, seed", [(256, 40, 120, 0), (300, 64, 150, 1), (97, 30, 100, 2)])
