@@ -147,8 +147,9 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
             cat_rows[(r["model"], r["method"], r["budget"], r.get("setting", ""), r["mode"], r["stages"])][
                 r["category"]].append(r)
     categories = sorted({r["category"] for r in rows})
+    with_setting = any(r.get("setting") for r in rows)
     cat_head = "".join(f"<th>{html.escape(c)}</th>" for c in [
-        "model", "method", "budget", "setting", "mode", "stages",
+        "model", "method", "budget", *(["setting"] if with_setting else []), "mode", "stages",
         *[x for c in categories for x in (c, f"{c} ci95", f"{c} n")], "overall"])
     cats = ""
     for k, by_cat in sorted(cat_rows.items()):
@@ -160,7 +161,8 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
             lo, hi = trust.stratified_ci([list(per_example.get(r["_run"], {}).values()) for r in v])
             cells += _cell(means.get(c)) + _cell("" if lo is None else f"[{lo:.1f}, {hi:.1f}]")
             cells += _cell(max((r["n"] for r in v), default=None))
-        cats += "<tr>" + "".join(_cell(x) for x in k) + cells + _cell(overall) + "</tr>"
+        labels = k if with_setting else k[:3] + k[4:]
+        cats += "<tr>" + "".join(_cell(x) for x in labels) + cells + _cell(overall) + "</tr>"
     fails = failures(store)
     fail_html = ("<h2>Failed runs</h2><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>error</th></tr>"
                  + "".join("<tr>" + "".join(_cell(f[k]) for k in ("run_id", "model", "method", "task", "mode", "error")) + "</tr>"
