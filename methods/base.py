@@ -127,9 +127,11 @@ class Method:
         """
         raise NotImplementedError
 
-    def promises(self, *, context_tokens: int, kv_heads: int, head_dim: int, elt: int) -> dict[str, tuple[str, float]]:
+    def promises(self, *, context_tokens: int, kv_heads: int, head_dim: int, elt: int, num_layers: int,
+                 q_heads: int) -> dict[str, tuple[str, float]]:
         """What one firing of the method promises for a context of ``context_tokens`` tokens (the cache holds
-        ``kv_heads`` heads of ``head_dim`` elements of ``elt`` bytes), by measured quantity: ``{"kept_tokens":
+        ``num_layers`` layers of ``kv_heads`` heads of ``head_dim`` elements of ``elt`` bytes; ``q_heads`` query
+        heads), by measured quantity: ``{"kept_tokens":
         ("eq", 4096)}``, ``{"attn_density": ("lt", 1.0)}``... (see scbench/checks.py). The runner compares them with
         what the engine measured and flags the turn ``unfired`` when they disagree. Default: no promise."""
         return {}

@@ -69,6 +69,9 @@ class CacheBlend(Method):
             raise ValueError(f"CacheBlend.measure_full must be true or false, got {self.measure_full!r}")
         self._measured: dict = {}  # the last blend's costs, until take_costs
 
+    def promises(self, **_):
+        return {"recompute_frac": ("lt", 1.0)}  # the first prefill reused some chunk KV instead of recomputing all
+
     def blend_prefill(self, session, ids):
         """Fill the session's empty cache with the blended KV of ``ids`` (see scbench/engines/blend.py)."""
         from scbench.engines.blend import blended_prefill

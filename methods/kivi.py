@@ -49,7 +49,7 @@ class KIVI(Method):
         positive_int(self, "group")
         positive_int(self, "residual", minimum=0)
 
-    def promises(self, *, context_tokens, kv_heads, head_dim, elt):
+    def promises(self, *, context_tokens, kv_heads, head_dim, elt, **_):
         """Resident bytes / a full cache right after compression: the packed layout's exact size."""
         full = 2 * kv_heads * context_tokens * head_dim * elt
         packed = analytic_nbytes(context_tokens, batch=1, heads=kv_heads, head_dim=head_dim, bits=self.bits,

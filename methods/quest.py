@@ -96,6 +96,15 @@ class Quest(Method):
         if self.tier not in STORAGES:
             raise ValueError(f"Quest.tier must be one of {STORAGES}, got {self.tier!r}")
 
+    def promises(self, *, context_tokens, num_layers, q_heads, kv_heads, **_):
+        """Decode loads at most ``budget`` rows per selecting layer and KV head (per query head with gqa=head),
+        everything in the dense layers: below that share of dense decoding (+2 %), and below 98 % (a budget >= the
+        context loads all: flagged)."""
+        per_head = q_heads / kv_heads if self.gqa == "head" else 1.0
+        rows = min(1.0, per_head * self.budget / max(1, context_tokens))
+        dense = min(self.dense_layers, num_layers)
+        return {"loaded_ratio": ("lt", min(0.98, (dense + (num_layers - dense) * rows) / num_layers + 0.02))}
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them, with the page bounds of the full pages."""
         layer = TieredLayer(keys, values, storage=self.tier)

@@ -221,6 +221,13 @@ class RetrievalAttention(Method):
                                  f"got {self.tier!r}")
             import_faiss()
 
+    def promises(self, *, context_tokens, q_heads, kv_heads, **_):
+        """Decode loads at most top_k + the static pattern per layer and KV head (per query head with gqa=head):
+        below that share of dense decoding (+2 %) and below 98 % (top_k >= the context loads everything: flagged)."""
+        per_head = q_heads / kv_heads if self.gqa == "head" else 1.0
+        rows = min(1.0, per_head * (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
+        return {"loaded_ratio": ("lt", min(0.98, rows + 0.02))}
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them in the tier (and its search index)."""
         layer = TieredLayer(keys, values, storage=self.tier)

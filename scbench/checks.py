@@ -6,7 +6,10 @@ given context promises, keyed by a measured quantity:
 - ``kept_tokens``: mean tokens per layer right after compression (eviction methods: their budget);
 - ``kv_ratio``: resident KV bytes right after compression / a full cache of the same tokens (quantization);
 - ``attn_density``: share of the causal score matrix the prefill computed (sparse prefill);
-- ``context_rate``: compressed / original context tokens (prompt compression).
+- ``context_rate``: compressed / original context tokens (prompt compression);
+- ``loaded_ratio``: KV bytes loaded by the first turn's decode steps / what dense decoding would have loaded
+  (loading methods: Quest, RetrievalAttention);
+- ``recompute_frac``: share of the first prefill's tokens recomputed (chunk KV reuse).
 
 Each promise is ``(op, value)``: ``"eq"`` holds when ``|measured - value| <= max(abs_tol, rel_tol * value)``,
 ``"lt"`` when ``measured < value``. A promise whose quantity was not measured in a turn where the method should
@@ -23,7 +26,7 @@ import json
 REL_TOL = 0.02
 ABS_TOL = 1.0
 """Tolerance of ``eq`` promises: 2 % of the promised value, at least 1 (a token; PyramidKV rounds per layer)."""
-QUANTITIES = ("kept_tokens", "kv_ratio", "attn_density", "context_rate")
+QUANTITIES = ("kept_tokens", "kv_ratio", "attn_density", "context_rate", "loaded_ratio", "recompute_frac")
 UNFIRED, CAPPED = "unfired", "capped"
 
 
@@ -62,6 +65,15 @@ def needs_more_tokens(answer, cap: int, encode) -> bool:
     if not answers:
         return False
     return min(len(encode(str(a))) for a in answers) > cap
+
+
+def dense_load_bytes(kv_full_bytes: int, positions: int, steps: int) -> float:
+    """Bytes ``steps`` decode steps would load attending densely, the last step at ``positions`` positions and
+    ``kv_full_bytes`` the full cache there: step s (1..steps) attends to ``positions - steps + s`` rows."""
+    if steps < 1 or positions < 1:
+        return 0.0
+    per_row = kv_full_bytes / positions
+    return per_row * (steps * (positions - steps) + steps * (steps + 1) / 2)
 
 
 def has_flag(flags: str | None, flag: str) -> bool:

@@ -130,7 +130,7 @@ class Replay:
             result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
 
-    def _checks(self, i: int, fs) -> list[dict]:
+    def _checks(self, i: int, fs, stats: TurnStats, steps: int) -> list[dict]:
         """The method's promises for what fired this turn vs what the engine measured (scbench/checks.py)."""
         comp = getattr(self.session, "last_compression", None)
         if comp is not None:
@@ -141,7 +141,9 @@ class Replay:
         promised = self.method.promises(
             context_tokens=comp["context_tokens"] if comp else fs.reused + fs.tokens,
             kv_heads=getattr(e, "kv_heads", 1), head_dim=getattr(e, "head_dim", 1),
-            elt=getattr(getattr(e, "dtype", None), "itemsize", 2))
+            elt=getattr(getattr(e, "dtype", None), "itemsize", 2), num_layers=getattr(e, "num_layers", 1),
+            q_heads=getattr(getattr(getattr(e, "model", None), "config", None), "num_attention_heads", None)
+            or getattr(e, "kv_heads", 1))
         due = set()
         if "compress_cache" in hooks and (first or self.spec.compress == "every_turn" or comp):
             due |= {"kept_tokens", "kv_ratio"}
@@ -149,8 +151,15 @@ class Replay:
             due.add("attn_density")
         if "compress_context" in hooks and i == 0:
             due.add("context_rate")
+        if "blend_prefill" in hooks and i == 0:
+            due.add("recompute_frac")
+        dense = chk.dense_load_bytes(stats.kv_full_bytes, getattr(self.session, "pos", 0), steps)
+        if "decode_attention" in hooks and i == 0 and dense:  # later turns' prefills load rows too
+            due.add("loaded_ratio")
         measured = {**(comp or {}), "attn_density": fs.attn_density if fs.attn_cells else None,
-                    "context_rate": self.context_stats.get("context_rate")}
+                    "context_rate": self.context_stats.get("context_rate"),
+                    "loaded_ratio": stats.loaded_bytes / dense if dense else None,
+                    "recompute_frac": (stats.method_costs or {}).get("recompute_frac")}
         return chk.evaluate({q: p for q, p in promised.items() if q in due}, measured)
 
     def _method_costs(self, i: int) -> dict:
@@ -195,7 +204,7 @@ class Replay:
             method_costs=self._method_costs(i),
             **mem,
         )
-        promised = self._checks(i, fs)
+        promised = self._checks(i, fs, stats, steps=len(gen.tokens) - 1)
         capped = not gen.stopped and len(gen.tokens) >= tp.max_new_tokens and chk.needs_more_tokens(
             turn.answer, tp.max_new_tokens, lambda t: self.engine.encode(t, add_special_tokens=False))
         stats.flags, stats.checks = chk.flags_of(promised, capped), chk.dumps(promised)

@@ -40,6 +40,11 @@ CASES = [  # method that fires, the same method constructed not to fire (and why
     ({"name": "ashape", "n_init": 4, "n_local": 32}, {"name": "ashape", "n_init": 4, "n_local": 100000}),
     ({"name": "trishape", "n_init": 4, "n_local": 32, "n_last": 8},
      {"name": "trishape", "n_init": 4, "n_local": 100000, "n_last": 8}),
+    ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 0}, {"name": "quest", "budget": 100000}),
+    ({"name": "retrieval_attention", "top_k": 48, "n_init": 4, "n_local": 16},
+     {"name": "retrieval_attention", "top_k": 100000, "n_init": 4, "n_local": 16}),
+    ({"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 0.2},
+     {"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 1.0}),
     ({"name": "vertical_slash", "vertical_size": 16, "slash_size": 32, "last_q": 8, "init_cols": 4, "local_diags": 8},
      {"name": "vertical_slash", "vertical_size": 100000, "slash_size": 100000, "last_q": 8}),
 ]
