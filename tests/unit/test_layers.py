@@ -14,7 +14,7 @@ FOLDERS = {"scbench": "scbench", "methods": "scbench.methods", "tasks": "scbench
 
 LAYERS = [  # bottom first; a module may import its own layer and the ones below
     ("foundation", ["scbench.records", "scbench.prompts", "scbench.provenance", "scbench.registry",
-                    "scbench.devices"]),  # plain data, names and helpers (the registry imports by name, lazily)
+                    "scbench.devices", "scbench.checks"]),  # plain data, names and helpers (the registry imports by name, lazily)
     ("kv and kernels", ["scbench.kv", "scbench.kernels"]),
     ("engines", ["scbench.engines"]),
     ("methods and tasks", ["scbench.methods", "scbench.tasks", "scbench.data", "scbench.scoring"]),
