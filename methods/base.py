@@ -140,6 +140,11 @@ class Method:
         the engine options, so another value loads another engine. Default: none."""
         return {}
 
+    def setup(self, engine) -> None:
+        """Prepare what the method needs from the run's engine (e.g. a scorer model on its device) before an
+        example is replayed. The runner calls it at the start of every example with the same engine: keep what it
+        loads. Default: nothing."""
+
     # --- declarations derived from the hooks ----------------------------------------------------
     @classmethod
     def hooks(cls) -> frozenset[str]:

@@ -31,6 +31,7 @@ class Replay:
         self.done = done or {}
         self.turns = n_turns(example, spec)
         self.context_stats: dict = {}
+        method.setup(engine)
         if "compress_context" in method.hooks():
             example = self.example = self._compress_context(example)
         self.builder = PromptBuilder(

@@ -17,16 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
 
 EXACT_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decoder_parts(model):

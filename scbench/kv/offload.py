@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from scbench.devices import sync as _sync
+from scbench.kernels.dense import causal_attention
 from scbench.kv.cache import CacheLayer
 
 TIERS = ("cpu", "disk")
@@ -26,11 +28,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Tier:
@@ -334,8 +331,6 @@ def attend_loaded(layer: TieredLayer, q: torch.Tensor, idx: torch.Tensor | None,
                   *, recall: bool = False) -> torch.Tensor:
     """Decode attention over the rows ``idx`` [B, Hs, m] of ``layer`` only (None: every row), loaded from its
     tier: q [B, Hq, 1, D] -> [B, Hq, 1, D]. ``recall`` records the attention mass those rows hold."""
-    from scbench.engines.attention import causal_attention
-
     if idx is None:
         k, v = layer.load_all()
         if recall:

@@ -238,15 +238,15 @@ def test_llmlingua2_runs_the_real_package(tmp_path, tiny_engine, mode, monkeypat
 
 def test_scorer_is_the_run_model_or_a_cached_engine(tiny_engine, embedded_folder, monkeypatch):
     """``engine`` and a run whose model is the scorer reuse the run's model; any other scorer is loaded once
-    through get_engine on the run's device."""
-    import scbench.run
+    through the engine registry (the process's shared engines) on the run's device."""
+    from scbench.registry import ENGINES
 
     loaded = []
     stand_in = types.SimpleNamespace(model="scorer-model", tokenizer="scorer-tokenizer")
-    monkeypatch.setattr(scbench.run, "get_engine", lambda cfg: loaded.append(cfg) or stand_in)
+    monkeypatch.setattr(ENGINES, "open", lambda cfg, name: loaded.append((cfg, name)) or stand_in)
     assert PerplexityCompress(scorer="engine").scoring_model(tiny_engine)[0] is tiny_engine.model
     assert PerplexityCompress().scoring_model(tiny_engine) == ("scorer-model", "scorer-tokenizer")
-    assert loaded == [{"name": "embedded:smollm2", "path": "embedded:smollm2", "device": "cpu"}]
+    assert loaded == [({"name": "embedded:smollm2", "path": "embedded:smollm2", "device": "cpu"}, "hf")]
     run_model = types.SimpleNamespace(model=types.SimpleNamespace(name_or_path=embedded_folder), tokenizer="tok",
                                       adapter_info={}, device=torch.device("cpu"))
     assert PerplexityCompress().scoring_model(run_model) == (run_model.model, "tok")
