@@ -108,6 +108,9 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         method = build_method(spec.method)
         if engine_name not in method.engines:
             raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
+        if spec.model.get("device_map") not in (None, "", "null", "none") and method.sharded:
+            raise ValueError(f"method {method.name!r} cannot run on a model split over devices (model.device_map): "
+                             f"{method.sharded}")
         if engine is None:
             model = dict(spec.model, device=device) if device else spec.model
             engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})

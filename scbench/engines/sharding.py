@@ -107,6 +107,14 @@ def devices_of(model) -> list[torch.device]:
     return sorted(found, key=lambda d: (d.type, d.index if d.index is not None else -1))
 
 
+def count(devices) -> dict:
+    """``{device: how many times it occurs}`` in first-seen order (layers per device)."""
+    out: dict = {}
+    for d in devices:
+        out[d] = out.get(d, 0) + 1
+    return out
+
+
 def peak_memory_per_device(devices) -> dict[str, int]:
     """Peak allocated bytes on each CUDA device of ``devices`` (``torch.cuda.max_memory_allocated``)."""
     return {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices if d.type == "cuda"}
