@@ -28,8 +28,11 @@ def byte_tokenizer():
     return tok
 
 
-def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2):
-    """HFEngine over a random-weight Llama (hidden 64, 4 query / 2 KV heads) with the embedded tokenizer."""
+def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2, init: float = 0.02):
+    """HFEngine over a random-weight Llama (hidden 64, 4 query / 2 KV heads) with the embedded tokenizer.
+
+    ``init``: the weights' standard deviation; at the default 0.02 predictions barely depend on the context,
+    at 0.3 a changed cache changes them (tests that must see a cache difference in the predictions)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from scbench.engines.hf import HFEngine
@@ -38,7 +41,7 @@ def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2):
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=init,
     )
     model = LlamaForCausalLM(cfg)
     return HFEngine("tiny-random-llama", name="tiny-random-llama", model=model, tokenizer=tokenizer, device="cpu")
