@@ -64,12 +64,16 @@ def _clean(v):
     return v
 
 
-def records(store) -> list[dict]:
-    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn."""
+def records(store, include_incomplete: bool = False) -> list[dict]:
+    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn.
+    Runs that are not complete (``status`` other than done, or turns missing) are left out unless
+    ``include_incomplete``; every record says its run's status and turns done / expected."""
     runs = {r["run_id"]: r for r in store.runs()}
     rows = []
     for t in store.turns():
         run = runs[t["run_id"]]
+        if not (include_incomplete or run["complete"]):
+            continue
         row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"]}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
         rows.append(row)
@@ -95,7 +99,8 @@ def records(store) -> list[dict]:
             "category": (prov.get("task") or {}).get("category") or _category(run["task"]),
             "stages": list(method.get("stages") or []), "turn": int(turn), "n_examples": int(g["example"].nunique()),
             "scores": scores, "score": _clean(sum(scores.values()) / len(scores)) if scores else None,
-            "costs": costs, "run_id": run_id, "status": run["status"],
+            "costs": costs, "run_id": run_id, "status": run["status"], "complete": run["complete"],
+            "turns_done": run["turns_done"], "turns_expected": run["turns_expected"],
             "provenance": {"git": prov.get("git"), "packages": prov.get("packages"), "engine": prov.get("engine"),
                            "method": method, "task": prov.get("task"), "spec": spec},
         })
@@ -109,7 +114,7 @@ def failures(store) -> list[dict]:
             for r in store.runs() if r["status"] == "failed"]
 
 
-def to_json(store) -> str:
+def to_json(store, include_incomplete: bool = False) -> str:
     """A JSON array of records; every record names its schema and version (so records can be streamed,
     concatenated across stores and ingested one by one)."""
-    return json.dumps(records(store), indent=1, default=str)
+    return json.dumps(records(store, include_incomplete), indent=1, default=str)
