@@ -376,18 +376,12 @@ def cmd_export(argv: list[str]) -> None:
 
 def write_output(path: Path, text: str) -> None:
     """Write an export; a path that cannot be written (a folder, a path under a file, a full disk) is one line."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; --out names a file")
     try:
-        if path.is_dir():
-            raise IsADirectoryError(f"--out {path} is a directory; name a file")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        path.write_text(text, encoding="utf-8")
     except OSError as e:
-        try:
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        except OSError:
-            pass
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
 
 
