@@ -117,6 +117,12 @@ def _run_job(cfg) -> None:
               + f" -> {cfg.store}")
     except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
+            from scbench.data import DataError
+            from scbench.store import StoreError
+
+            if isinstance(e, (StoreError, DataError)):  # a bad store or data file: one line, not a traceback
+                print(f"scbench run: error: {e}", file=sys.stderr)
+                sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
             try:

@@ -11,7 +11,7 @@ from scbench.data import load_examples
 from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay, n_turns
-from scbench.store import Store
+from scbench.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     except Exception as e:
         if store is not None:
             store.close()
+        if isinstance(e, StoreError):  # the store itself is the problem: nowhere to record it
+            raise
         try:
             record_failure(store_path, run_id, spec_dict, e)
         except Exception as e2:  # noqa: BLE001 - never hide the job's own error behind a store problem
