@@ -98,15 +98,14 @@ class Replay:
                 # A stored turn. With a reused cache its decode runs again: decoding can change what stays
                 # in the cache after the generated tokens are dropped (KIVI quantises the prompt tail as
                 # tokens are appended), so skipping it would leave later turns another cache.
+                # The whole turn runs as it did (its counters are read and reset too); only the row is not stored.
                 prev_answer = self.done[i]
                 if self.spec.reuse:
-                    gen = self.session.generate(tp.max_new_tokens)
-                    self._compare(i, gen.text)
-                    self._discard_costs()
+                    result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+                    self._compare(i, result.prediction)
                     self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
                 elif i == self.check_turn:
-                    self._compare(i, self.session.generate(tp.max_new_tokens).text)
-                self._discard_costs()
+                    self._compare(i, self._generate(i, tp, fs, prompt_tokens=len(self.history))[0].prediction)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
             result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
@@ -140,18 +139,20 @@ class Replay:
                 fs = self._feed(ctx_ids + tp.ids, first=True)
             if j in self.done:
                 if j == self.check_turn:  # requests start from the context checkpoint: one recomputed as a check
-                    self._compare(j, self.session.generate(tp.max_new_tokens).text)
-                self._discard_costs()
+                    self._compare(j, self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))[0].prediction)
+                else:
+                    self._discard_counters()
                 continue
             # the prompt length from the prompt: an engine whose prefix cache reuses whole blocks (vLLM) recomputes
             # part of the context in the first request, so computed + reused can exceed it
             result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
 
-    def _discard_costs(self) -> None:
-        """A stored turn replayed: what the method counted for it must not join the next computed turn's costs."""
-        if self.session is not None:
-            self.method.take_costs(self.session)
+    def _discard_counters(self) -> None:
+        """A stored request fed but not generated: what the method and the session counted for it (method costs,
+        slow-tier loads) must not join the next computed turn's row."""
+        self.method.take_costs(self.session)
+        self.session.memory()
 
     def _compare(self, i: int, prediction: str) -> None:
         if prediction != self.done[i]:
