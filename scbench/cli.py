@@ -319,6 +319,7 @@ def cmd_score(argv: list[str]) -> None:
     from scbench.registry import TASKS
     from scbench.store import Store
 
+    Store(a.store, readonly=True).close()  # a missing or corrupt store is an error, not created
     store = Store(a.store)
     run = store.run(a.run)
     spec = json.loads(run["spec"])

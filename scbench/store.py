@@ -113,7 +113,7 @@ class Store:
             if not self.path.is_file():
                 raise NoStore(f"no results store at {self.path}")
             try:
-                ro = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60, isolation_level=None)
+                ro = sqlite3.connect(self._read_only_uri(), uri=True, timeout=60, isolation_level=None)
                 ro.execute("PRAGMA busy_timeout=60000")
                 version = self._check_version(ro)
                 if readonly:
@@ -133,6 +133,14 @@ class Store:
             self._create_and_upgrade()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: cannot open the results store for writing ({e})") from None
+
+    def _read_only_uri(self) -> str:
+        """A read-only URI. With no ``-wal`` file beside it (no writer since the last checkpoint) the file is opened
+        immutable: SQLite then creates no ``-wal``/``-shm`` files next to it, which a plain read-only open of a WAL
+        store does; with one, a plain read-only open sees what live writers committed."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        return uri if wal.exists() else uri + "&immutable=1"
 
     def _create_and_upgrade(self) -> None:
         self.db.executescript(SCHEMA + LEASES)

@@ -47,18 +47,15 @@ def test_read_only_commands_leave_the_store_untouched(tmp_path, capsys):
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("DROP TABLE leases")
     con.execute("ALTER TABLE runs DROP COLUMN resume_mismatch")
-    con.execute("PRAGMA journal_mode=DELETE")
     con.close()
     before = digest(tmp_path)
+    assert sorted(before) == ["s.sqlite"]
     main(["ls", "runs", "--store", str(db)])
     for fmt in ("md", "csv", "json", "html"):
         main(["export", "--store", str(db), "--format", fmt])
     out = capsys.readouterr().out
     assert "turns=6/" in out
-    assert digest(tmp_path) == before
-    con = sqlite3.connect(db, isolation_level=None)
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    con.close()
+    assert digest(tmp_path) == before  # no -wal / -shm files next to it either
 
 
 def test_merge_never_alters_its_inputs(tmp_path):
@@ -221,3 +218,25 @@ def test_export_write_errors_are_one_line(tmp_path, capsys, monkeypatch, where):
         out = tmp_path / "board.md"
     err = cli_error(["export", "--store", str(db), "--out", str(out)], capsys)
     assert err.startswith("scbench export: error: ") and str(out) in err
+
+
+def test_score_on_a_missing_store_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "typo" / "x.sqlite"
+    assert f"no results store at {missing}" in cli_error(["score", "abc", "--store", str(missing)], capsys)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_heartbeat_refreshes_the_lease(tmp_path):
+    from scbench import leases
+
+    store = Store(tmp_path / "s.sqlite")
+    assert store.claim("r1") is None
+    store.heartbeats.pop(("r1", "")).stop()  # replace the 30 s beat by a fast one
+    first = store.db.execute("SELECT heartbeat FROM leases").fetchone()[0]
+    beat = leases.Heartbeat(store.path, "r1", "", every=0.05)
+    time.sleep(0.5)
+    beat.stop()
+    assert store.db.execute("SELECT heartbeat FROM leases").fetchone()[0] > first
+    store.release("r1")
+    assert store.db.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+    store.close()
