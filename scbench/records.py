@@ -110,6 +110,9 @@ class TurnStats:
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0
     """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
+    device_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Sharded models (``model.device_map``): per device, ``kv_bytes`` of the layers it holds and its
+    ``peak_mem_bytes``; ``kv_bytes`` and ``peak_mem_bytes`` above are the sums. Empty on one device."""
     method_costs: dict[str, float | int | None] = field(default_factory=dict)
     """The method's own cost columns (name -> value), as declared in its ``Method.costs`` (every declared name
     present, its ``Cost.default`` where the method measured nothing this turn); empty for methods without any.

@@ -31,6 +31,12 @@ class Replay:
         self.engine, self.method, self.task, self.example, self.spec = engine, method, task, example, spec
         self.done = done or {}
         self.turns = n_turns(example, spec)
+        todo = [i for i in range(self.turns) if i not in self.done]
+        earlier = [i for i in self.done if todo and i < todo[0]]
+        self.check_turn = max(earlier) if earlier else None
+        """The stored turn recomputed before the first missing one, to check that the resume reproduces the run."""
+        self.mismatches: list[dict] = []
+        """Stored turns whose recomputed prediction differs (a resume that does not reproduce the run)."""
         self.context_stats: dict = {}
         method.setup(engine)
         if "compress_context" in method.hooks():
@@ -85,13 +91,22 @@ class Replay:
                 if self.session is None:
                     self.session = self.engine.session(self.method)
                 fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
-            else:  # naive: everything so far from an empty cache
+            elif i not in self.done or i == self.check_turn:  # naive: everything so far from an empty cache
                 self.session = self.engine.session(self.method)
                 fs = self._feed(self.history + tp.ids, first=True)
             self.history += tp.ids
             if i in self.done:
+                # A stored turn. With a reused cache its decode runs again: decoding can change what stays
+                # in the cache after the generated tokens are dropped (KIVI quantises the prompt tail as
+                # tokens are appended), so skipping it would leave later turns another cache.
+                # The whole turn runs as it did (its counters are read and reset too); only the row is not stored.
                 prev_answer = self.done[i]
-                self.session.drop_last(tp.rewind)
+                if self.spec.reuse:
+                    result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+                    self._compare(i, result.prediction)
+                    self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
+                elif i == self.check_turn:
+                    self._compare(i, self._generate(i, tp, fs, prompt_tokens=len(self.history))[0].prediction)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
             result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
@@ -124,6 +139,10 @@ class Replay:
                 self.session = self.engine.session(self.method)
                 fs = self._feed(ctx_ids + tp.ids, first=True)
             if j in self.done:
+                if j == self.check_turn:  # requests start from the context checkpoint: one recomputed as a check
+                    self._compare(j, self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))[0].prediction)
+                else:
+                    self._discard_counters()
                 continue
             # the prompt length from the prompt: an engine whose prefix cache reuses whole blocks (vLLM) recomputes
             # part of the context in the first request, so computed + reused can exceed it
@@ -161,6 +180,21 @@ class Replay:
                     "loaded_ratio": stats.loaded_bytes / dense if dense else None,
                     "recompute_frac": (stats.method_costs or {}).get("recompute_frac")}
         return chk.evaluate({q: p for q, p in promised.items() if q in due}, measured)
+
+    def _discard_counters(self) -> None:
+        """A stored request fed but not generated: what the method and the session counted for it (method costs,
+        slow-tier loads) must not join the next computed turn's row."""
+        self.method.take_costs(self.session)
+        self.session.memory()
+        if getattr(self.session, "last_compression", None) is not None:  # nor its compression's fired-check
+            self.session.last_compression = None
+
+    def _compare(self, i: int, prediction: str) -> None:
+        if prediction != self.done[i]:
+            log.warning("%s example %s turn %d: resumed run recomputed %r, the store holds %r",
+                        self.task.name, self.example.id, i, prediction[:60], self.done[i][:60])
+            self.mismatches.append({"example_id": self.example.id, "turn": i,
+                                    "stored": self.done[i], "recomputed": prediction})
 
     def _method_costs(self, i: int) -> dict:
         """The method's cost columns for turn ``i``: what the runner measured around its hooks (the context

@@ -93,6 +93,8 @@ def _rows(recs, per_example=None):
         row["avg"] = sum(scores) / len(scores) if scores else None
         row["avg ci95"] = ci(trust.bootstrap_ci(list(per_example.get(key[7], {}).values())))
         row["n"] = max(r["n_examples"] for r in g)
+        row["status"] = ",".join(sorted({r["status"] for r in g}))
+        row["turns"] = " ".join(sorted({f"{r['turns_done']}/{r['turns_expected'] or '?'}" for r in g}))
         row["capped %"] = 100.0 * sum(r.get("capped_share", 0.0) for r in g) / len(g)
         row["unfired %"] = 100.0 * sum(r.get("unfired_share", 0.0) for r in g) / len(g)
         row[cost_header(*COST_COLUMNS["kv_mib"])] = (mean("kv_bytes") or 0) / 2**20
@@ -123,8 +125,9 @@ def _select(name, values):
     return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
 
 
-def build_html(store, title: str = "scbench leaderboard", variant: str | None = None) -> str:
-    recs = records(store, variant)
+def build_html(store, title: str = "scbench leaderboard", variant: str | None = None,
+               include_incomplete: bool = False) -> str:
+    recs = records(store, variant, include_incomplete)
     per_example = example_means(store, variant)
     rows = _rows(recs, per_example)
     cols = [c for c in rows[0] if c != "_run"] if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
@@ -163,6 +166,15 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
             cells += _cell(max((r["n"] for r in v), default=None))
         labels = k if with_setting else k[:3] + k[4:]
         cats += "<tr>" + "".join(_cell(x) for x in labels) + cells + _cell(overall) + "</tr>"
+    unfinished = [r for r in store.runs() if not r["complete"] and r["status"] != "failed"]
+    unfinished_html = ("<h2>Unfinished runs</h2><p class=\"note\">" + ("In the board above." if include_incomplete else
+                       "Left out of the board and its averages (export --include-incomplete adds them).")
+                       + "</p><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>status</th>"
+                       "<th>turns done/expected</th></tr>"
+                       + "".join("<tr>" + "".join(_cell(r[k]) for k in ("run_id", "model", "method_label", "task", "mode",
+                                                                         "status"))
+                                 + _cell(f"{r['turns_done']}/{r['turns_expected'] or '?'}") + "</tr>" for r in unfinished)
+                       + "</table>") if unfinished else ""
     fails = failures(store)
     fail_html = ("<h2>Failed runs</h2><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>error</th></tr>"
                  + "".join("<tr>" + "".join(_cell(f[k]) for k in ("run_id", "model", "method", "task", "mode", "error")) + "</tr>"
@@ -183,6 +195,7 @@ loading). Export schema v{EXPORT_SCHEMA_VERSION}; click a header to sort.</p>
 multi-task); overall: mean of the categories.</p>
 <table><tr>{cat_head}</tr>{cats}</table>
 <h2>Figures</h2><div class="figs">{''.join(figs) or '<p class="note">(no results)</p>'}</div>
+{unfinished_html}
 {fail_html}
 <script>{_SCRIPT}</script>
 </body></html>

@@ -33,14 +33,16 @@ ANCHORS = {  # SCBENCH.md s.6: method -> {mode: {"avg": ..., "string_retrieval":
 ANCHOR_MODEL = "Llama-3.1-8B-Instruct"
 
 
-def task_scores(store) -> dict[tuple, dict[str, float]]:
-    """(model, mode, row label) -> {task: mean score 0-100}."""
+def task_scores(store, include_incomplete: bool = False) -> dict[tuple, dict[str, float]]:
+    """(model, mode, row label) -> {task: mean score 0-100}; runs that are not complete only when asked."""
     runs = store.runs()
     setting = settings(runs)
     by_run = {r["run_id"]: r for r in runs}
     acc: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for t in store.turns():
         r = by_run[t["run_id"]]
+        if not (include_incomplete or r.get("complete", True)):
+            continue
         label = r["method_label"] + (f" [{setting[r['run_id']]}]" if setting[r["run_id"]] else "")
         for v in t["scores"].values():
             acc[(r["model"], r["mode"], label)][r["task"]].append(100.0 * float(v))
@@ -51,8 +53,8 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def paper_table(store, anchors: bool = False) -> str:
-    scores = task_scores(store)
+def paper_table(store, anchors: bool = False, include_incomplete: bool = False) -> str:
+    scores = task_scores(store, include_incomplete)
     if not scores:
         return "(no results)"
     present = {task for d in scores.values() for task in d}

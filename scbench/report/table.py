@@ -41,15 +41,18 @@ def method_columns() -> dict[str, tuple[str, str, object]]:
             for col, c in method_costs.declared_costs().items() if c.label is not None}
 
 
-def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
+def turn_frame(store, variant: str | None = None, include_incomplete: bool = True) -> pd.DataFrame:
     """One row per (run, example, turn, metric) with the run's labels and the cost columns; ``variant``: scores
-    re-scored under that task variant where stored (``Store.turns``)."""
+    re-scored under that task variant where stored (``Store.turns``); without ``include_incomplete`` only the
+    turns of complete runs."""
     runs = {r["run_id"]: r for r in store.runs()}
     setting = trust.settings(list(runs.values()))
     extra = method_columns()
     rows = []
     for t in store.turns(variant=variant):
         run = runs[t["run_id"]]
+        if not (include_incomplete or run["complete"]):
+            continue
         spec = json.loads(run["spec"])
         engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
         model = f"{run['model']} [{engine}]" if engine and engine != "hf" else run["model"]
@@ -60,6 +63,7 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
                 "run_id": t["run_id"], "model": model, "method": run["method_label"], "setting": setting[t["run_id"]],
                 "task": run["task"], "variant": variant_label, "flags": t.get("flags") or "", "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
+                "status": run["status"], "turns": completeness(run),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
                 "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
@@ -70,10 +74,23 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
-    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns (``variant``: see
-    ``turn_frame``)."""
-    df = turn_frame(store, variant)
+def completeness(run: dict) -> str:
+    """``turns done/expected`` of a run (``?`` when the run never recorded what it expects)."""
+    return f"{run['turns_done']}/{'?' if run['turns_expected'] is None else run['turns_expected']}"
+
+
+def incomplete_runs(store) -> pd.DataFrame:
+    """The runs that are not complete (failed, interrupted, running, partial): status and turns done/expected."""
+    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method_label"], "task": r["task"],
+             "mode": r["mode"], "status": r["status"], "turns": completeness(r)}
+            for r in store.runs() if not r["complete"]]
+    return pd.DataFrame(rows)
+
+
+def leaderboard(store, variant: str | None = None, include_incomplete: bool = False) -> pd.DataFrame:
+    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, status, turns (done/expected), cost
+    columns (``variant``: see ``turn_frame``). Runs that are not complete stay out unless ``include_incomplete``."""
+    df = turn_frame(store, variant, include_incomplete)
     if df.empty:
         return df
     keys = ["model", "method", "setting", "mode", "task", "variant", "metric"]
@@ -96,6 +113,9 @@ def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
     for flag in ("capped", "unfired"):
         scores[f"{flag} %"] = df.groupby(keys)["flags"].apply(lambda f, flag=flag: 100.0 * trust.flag_share(
             [{"flags": x} for x in f], flag))
+    runs = df.drop_duplicates("run_id").groupby(keys)
+    scores["status"] = runs["status"].agg(lambda v: ",".join(sorted(set(v))))
+    scores["turns"] = runs["turns"].agg(lambda v: " ".join(v))
     columns = {**COST_COLUMNS, **{col: (label, how) for col, (label, how, _) in method_columns().items()}}
     costs = per_turn.groupby(keys[:6]).agg(**{cost_header(label, how): (col, how) for col, (label, how) in columns.items()})
     out = scores.reset_index().merge(costs.reset_index(), on=keys[:6], how="left")
@@ -115,7 +135,8 @@ def _ci_text(ci) -> str:
     return "" if lo is None else f"[{lo:.1f}, {hi:.1f}]"
 
 
-def category_averages(board: pd.DataFrame, store=None, variant: str | None = None) -> pd.DataFrame:
+def category_averages(board: pd.DataFrame, store=None, variant: str | None = None,
+                      include_incomplete: bool = False) -> pd.DataFrame:
     """Mean of the task averages per model x method (x setting) x mode x category, plus an overall mean; with
     ``store``, a seeded bootstrap 95 % interval per category (examples resampled within each task) and n."""
     if board.empty:
@@ -125,7 +146,7 @@ def category_averages(board: pd.DataFrame, store=None, variant: str | None = Non
     categories = list(cat.columns)
     cat["overall"] = board.groupby(keys)["avg"].mean()
     if store is not None:
-        df = turn_frame(store, variant)
+        df = turn_frame(store, variant, include_incomplete)
         df["category"] = df["task"].map(_category)
         if "setting" not in keys:
             df = df.drop(columns="setting")
