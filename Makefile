@@ -35,7 +35,7 @@ run: $(STAMP)
 	$(BIN)/scbench export --store results/default/scbench.sqlite --format md
 
 test: $(STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
-	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(KVPRESS_VENV)/bin/python \
+	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(abspath $(KVPRESS_VENV))/bin/python \
 	  $(BIN)/python -m pytest -q tests
 
 kvpress-env: $(KVPRESS_STAMP)
