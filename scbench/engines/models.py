@@ -261,3 +261,32 @@ def materialize_random(preset: str, seed: int = 0) -> Path:
         raise ValueError(f"random preset {preset!r} holds {size / 2**30:.1f} GiB: build it in memory with random_model()")
     save_atomically(model, tokenizer, out)
     return out
+
+
+# --- position limits ---------------------------------------------------------------------------------
+def position_limit(cfg) -> tuple[int, str]:
+    """(positions the model takes, why): ``max_position_embeddings``, or more when the config's RoPE scaling
+    (``rope_parameters`` / ``rope_scaling`` with a ``factor``) extends it; (0, "") when the config gives none."""
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not max_pos:
+        return 0, ""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per-layer-type parameters (Gemma-3 style)
+    limit, how = max_pos, f"max_position_embeddings={max_pos}"
+    for p in params:
+        factor = p.get("factor")
+        if p.get("rope_type", p.get("type", "default")) != "default" and isinstance(factor, (int, float)) and factor > 1:
+            base = int(p.get("original_max_position_embeddings") or max_pos)
+            if base * factor > limit:
+                limit, how = int(base * factor), f"RoPE {p.get('rope_type', p.get('type'))} scaling x{factor} of {base}"
+    return limit, how
+
+
+def check_window(name: str, window: int, cfg) -> None:
+    """Refuse a ``model.window`` above the positions the model takes (``position_limit``)."""
+    limit, how = position_limit(cfg)
+    if limit and window > limit:
+        raise ValueError(
+            f"model {name!r}: model.window={window} is above the {limit} positions the model takes ({how}); lower "
+            "model.window, or use a model whose config sets RoPE scaling (rope_parameters with a factor) for longer "
+            "contexts")

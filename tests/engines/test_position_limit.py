@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scbench.engines.hf import HFEngine, position_limit
+from scbench.engines.hf import HFEngine
+from scbench.engines.models import position_limit
 
 
 def engine(tokenizer, window, **rope):
