@@ -62,6 +62,7 @@ def get_engine(model: dict, engine: str = "hf", options: dict | None = None):
             _ENGINES[key] = HFEngine(
                 path, **common, prefill_chunk=m.pop("prefill_chunk", None),
                 decode=m.pop("decode", "auto"), offload=m.pop("offload", None), offload_dir=m.pop("offload_dir", None),
+                tokenizer_path=m.pop("tokenizer", None),
             )
         if m:
             raise ValueError(f"unknown model config key(s) for engine {engine}: {', '.join(sorted(m))}")

@@ -69,7 +69,7 @@ class HFEngine(Engine):
     def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
                  window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None,
                  adapter: str | None = None, prefill_chunk: int | None = None, decode: str = "auto",
-                 offload: str | None = None, offload_dir: str | None = None):
+                 offload: str | None = None, offload_dir: str | None = None, tokenizer_path: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -90,6 +90,13 @@ class HFEngine(Engine):
         self.model_name = name or path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        if model is None and path.startswith("random:"):  # built in memory on the target device, never saved
+            from scbench.engines.models import load_random
+
+            model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
+                                           dtype=torch.float32 if adapter else self.dtype)
+        elif tokenizer_path is not None:
+            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset>, got path {path!r}")
         if model is None:
             folder = resolve(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
