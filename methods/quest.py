@@ -80,7 +80,7 @@ class Quest(Method):
     approximation: ClassVar[str] = (
         "GQA models: each query head ranks pages with its KV head's bounds (gqa=head) or a group shares one "
         "selection (gqa=group); the paper covers MHA models. Selected rows are gathered and attended with SDPA "
-        "instead of Quest's fused kernels"
+        "in the plain loop; the fast decode path attends to the selected pages in place (Triton on CUDA)"
     )
 
     def __post_init__(self) -> None:
@@ -95,6 +95,15 @@ class Quest(Method):
             raise ValueError(f"Quest.gqa must be one of {GQA}, got {self.gqa!r}")
         if self.tier not in STORAGES:
             raise ValueError(f"Quest.tier must be one of {STORAGES}, got {self.tier!r}")
+
+    def static_decoder(self):
+        """The captured-step decode plugin (methods/quest_fast.py); None with ``recall`` (a diagnostic that reads
+        every key on the host each step: the plain loop)."""
+        if self.recall:
+            return None
+        from scbench.methods.quest_fast import QuestDecode
+
+        return QuestDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them, with the page bounds of the full pages."""

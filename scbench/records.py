@@ -54,6 +54,10 @@ class TurnStats:
     """Decode loop that ran: plain (reference), static or graph (pre-allocated cache; graph: CUDA graph replay)."""
     compress_s: float = 0.0
     """Time spent inside the method's compression hook this turn."""
+    warmup_s: float = 0.0
+    """One-time costs paid during this turn and kept out of ``prefill_s``, ``ttft_s`` and the decode rate: the
+    run's warm-up on a dummy prompt (kernel compilation, mask building; charged to the run's first turn) and
+    CUDA-graph capture of the decode step (each time the static buffers are re-allocated)."""
     kv_bytes: int = 0
     """KV bytes resident on the compute device after this turn's generation (real tensors)."""
     kv_tokens: int = 0

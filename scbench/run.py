@@ -169,13 +169,17 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             label = f"{task.name} {spec.mode} {method.name}" + (f" shard {shard}" if picked else "")
             bar = tqdm(total=total, initial=total - todo, desc=label, unit="turn")
         try:
+            warm = getattr(engine, "warmup", None)
+            warmup_s = warm(method) if warm is not None and todo else 0.0  # one-time costs before the first turn
             for i, ex in enumerate(mine):
                 have = done.get(ex.id, {})
                 if len(have) >= n_turns(ex, spec):
                     continue
                 if bar:
                     bar.set_postfix_str(f"example {i + 1}/{len(mine)}")
-                for result in Replay(engine, method, task, ex, spec, done=have):
+                replay = Replay(engine, method, task, ex, spec, done=have, warmup_s=warmup_s)
+                warmup_s = 0.0
+                for result in replay:
                     store.put(run_id, result)
                     if bar:
                         bar.update(1)

@@ -26,8 +26,11 @@ def n_turns(example: Example, spec: RunSpec) -> int:
 class Replay:
     """One example's replay; yields a TurnResult per turn that is not already in ``done``."""
 
-    def __init__(self, engine, method, task, example: Example, spec: RunSpec, done: dict[int, str] | None = None):
+    def __init__(self, engine, method, task, example: Example, spec: RunSpec, done: dict[int, str] | None = None,
+                 warmup_s: float = 0.0):
         self.engine, self.method, self.task, self.example, self.spec = engine, method, task, example, spec
+        self.warmup_s = warmup_s
+        """The run's warm-up seconds (``engine.warmup``), charged to this replay's first generated turn."""
         self.done = done or {}
         self.turns = n_turns(example, spec)
         self.context_stats: dict = {}
@@ -151,6 +154,7 @@ class Replay:
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
             decode_path=gen.decode_path,
             compress_s=fs.compress_s,
+            warmup_s=self.warmup_s + getattr(gen, "warmup_s", 0.0),
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
             context_rate=self.context_stats.get("context_rate", 1.0),
@@ -158,6 +162,7 @@ class Replay:
             **fs.extra,
             **mem,
         )
+        self.warmup_s = 0.0
         scores = self.task.score(prediction, turn, self.example.extra)
         reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
         return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen

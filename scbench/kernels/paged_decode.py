@@ -1,0 +1,120 @@
+"""Decode attention over a list of selected pages of a static key/value buffer (Quest's fast path).
+
+One query per head attends to the rows of the pages listed for it: ``pages`` [B, Hs, M] holds page indices into
+the layer's buffer [B, Hkv, C, D] (-1: an unused slot), each page ``page`` rows long; rows at or beyond ``n``
+(the valid length, a device tensor) do not count. ``Hs`` is Hq (every query head has its own list) or Hkv (the
+heads of a KV group share one). Nothing is gathered into a new tensor on CUDA: the Triton kernel reads the
+listed rows in place (split over the list, online softmax in float32, then merged), so a step reads only the
+selected rows. ``paged_attention_torch`` is the reference (any device, also the CPU path): it gathers the rows
+and runs a masked softmax.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def page_rows(pages: torch.Tensor, page: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pages [B, Hs, M] -> (rows [B, Hs, M * page] clamped into the buffer, valid mask of the same shape)."""
+    r = torch.arange(page, device=pages.device)
+    rows = (pages.clamp(min=0).unsqueeze(-1) * page + r).flatten(-2)
+    ok = (pages >= 0).unsqueeze(-1).expand(*pages.shape, page).flatten(-2) & (rows < n)
+    return rows, ok
+
+
+def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
+                          page: int, scale: float) -> torch.Tensor:
+    """q [B, Hq, 1, D]; k, v [B, Hkv, C, D]; pages [B, Hs, M]; n [1] -> [B, Hq, 1, D] (torch ops, no host sync)."""
+    b, hq, _, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    hs = pages.shape[1]
+    rows, ok = page_rows(pages, page, n)
+    m = rows.shape[-1]
+    rep = hs // hkv
+    idx = rows.view(b, hkv, rep, m, 1).expand(b, hkv, rep, m, d)
+    ks = torch.gather(k.unsqueeze(2).expand(b, hkv, rep, c, d), 3, idx).view(b, hs, m, d)
+    vs = torch.gather(v.unsqueeze(2).expand(b, hkv, rep, c, d), 3, idx).view(b, hs, m, d)
+    qs = q.reshape(b, hs, hq // hs, d).float()
+    s = (qs @ ks.float().transpose(-1, -2)) * scale  # [B, Hs, Hq/Hs, M]
+    s = s.masked_fill(~ok.unsqueeze(2), float("-inf"))
+    o = s.softmax(-1) @ vs.float()
+    return o.to(q.dtype).view(b, hq, 1, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_kernel(Q, K, V, Pages, N, Part, Mx, Sm, scale, C, M, per_split, n_splits,
+                      HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                      PAGE: tl.constexpr, BP: tl.constexpr):
+        """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration."""
+        bq, sp = tl.program_id(0), tl.program_id(1)
+        b, h = bq // HQ, bq % HQ
+        kvh = h // (HQ // HKV)
+        sel = h // (HQ // HS)
+        n = tl.load(N).to(tl.int32)
+        cols = tl.arange(0, D)
+        q = tl.load(Q + bq * D + cols).to(tl.float32)
+        r = tl.arange(0, BP * PAGE)
+        base = (b * HKV + kvh).to(tl.int64) * C * D
+        plist = Pages + (b * HS + sel).to(tl.int64) * M
+        m_i = tl.full([], float("-inf"), tl.float32)
+        total = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        start = sp * per_split
+        end = tl.minimum(start + per_split, M)
+        for j in range(start, end, BP):
+            slot = j + r // PAGE
+            pg = tl.load(plist + slot, mask=slot < end, other=-1)
+            rows = pg * PAGE + r % PAGE
+            ok = (pg >= 0) & (rows < n)
+            off = base + rows[:, None].to(tl.int64) * D + cols[None, :]
+            k = tl.load(K + off, mask=ok[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], 1) * scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            # a block with no valid row keeps m_new = -inf: guard the rescale against (-inf) - (-inf)
+            alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
+            p = tl.where(ok, tl.exp(s - m_new), 0.0)
+            v = tl.load(V + off, mask=ok[:, None], other=0.0).to(tl.float32)
+            total = total * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
+        out = bq * n_splits + sp
+        tl.store(Part + out * D + cols, acc)
+        tl.store(Mx + out, m_i)
+        tl.store(Sm + out, total)
+
+
+def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
+                           page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA); same contract as ``paged_attention_torch``."""
+    from scbench.engines.fastdecode import _combine_kernel
+
+    b, hq, _, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    hs, m = pages.shape[1], pages.shape[2]
+    bp = block_pages or max(1, 64 // page)
+    per = max(bp, -(-pages_per_split // bp) * bp)
+    n_splits = max(1, -(-m // per))
+    q2 = q.reshape(b * hq, d).contiguous()
+    part = torch.empty(b * hq * n_splits, d, dtype=torch.float32, device=q.device)
+    mx = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
+    sm = torch.empty_like(mx)
+    out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
+    _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), n, part, mx, sm, scale, c, m, per, n_splits,
+                                      HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page, BP=bp)
+    _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
+    return out.view(b, hq, 1, d)
+
+
+def paged_attention(q, k, v, pages, n, page: int, scale: float) -> torch.Tensor:
+    """Triton on CUDA, the torch reference elsewhere."""
+    if q.is_cuda and triton is not None:
+        return paged_attention_triton(q, k, v, pages, n, page, scale)
+    return paged_attention_torch(q, k, v, pages, n, page, scale)
