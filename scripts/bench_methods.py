@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GPU_METHODS = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "quest", "kivi", "retrieval_attention-device",
                "ashape", "trishape", "vertical_slash"]
@@ -36,7 +35,9 @@ CPU_METHODS = ["full", "streamingllm-1k", "snapkv-1k", "quest-1k", "kivi", "asha
 
 def run_cli(args: list[str], env: dict) -> tuple[int, float, str]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "scbench.cli", "run", "-m", *args], env=env, capture_output=True, text=True)
+    # -P: the installed scbench, not the source folder the command runs in (its methods/ maps to scbench.methods)
+    p = subprocess.run([sys.executable, "-P", "-m", "scbench.cli", "run", "-m", *args], env=env, capture_output=True,
+                       text=True)
     return p.returncode, time.perf_counter() - t0, (p.stdout + p.stderr)[-4000:]
 
 
