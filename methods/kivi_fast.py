@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from scbench.kernels import kivi_decode
 from scbench.kernels.kivi_decode import kivi_attention
-from scbench.kv.quant import KIVILayer, quantize
+from scbench.kv.quant import KIVILayer
 
 
 class KIVIDecode:
@@ -95,21 +96,12 @@ class KIVIDecode:
 
     def flush(self, l: int, k: torch.Tensor, v: torch.Tensor, rs: torch.Tensor, re: torch.Tensor) -> None:
         """When the residual [rs, re) holds residual + group rows: quantize its oldest group (device-side select)."""
-        m, g = self.m, self.m.group
-        kp, ks, kz, vp, vs, vz = self.bufs[l]
-        full = (re - rs) == m.residual + g
-        nq = self.nq[l : l + 1]
-        rows = nq + torch.arange(g, device=nq.device)
-        grp = torch.div(nq, g, rounding_mode="floor")
-        f = full.view(1, 1, 1, 1)
-        oldest = rs + torch.arange(g, device=nq.device)
-        new_k = quantize(k.index_select(2, oldest), m.bits, g, axis=-2)
-        new_v = quantize(v.index_select(2, oldest), m.bits, self.vgroup, axis=-1)
-        for dst, val, idx in ((kp, new_k[0], rows), (ks, new_k[1], grp), (kz, new_k[2], grp),
-                              (vp, new_v[0], rows), (vs, new_v[1], rows), (vz, new_v[2], rows)):
-            dst.index_copy_(2, idx, torch.where(f, val, dst.index_select(2, idx)))
-        self.rs[l : l + 1] = torch.where(full, rs + g, rs)
-        self.nq[l : l + 1] = torch.where(full, nq + g, nq)
+        m = self.m
+        fn = kivi_decode.kivi_flush_torch
+        if k.is_cuda and kivi_decode.triton is not None and kivi_decode.flush_kernel_ok(m.group, self.vgroup, k.shape[-1]):
+            fn = kivi_decode.kivi_flush_triton  # one kernel (+ a counter kernel) instead of ~40 small ones
+        fn(k, v, *self.bufs[l], self.nq[l : l + 1], self.rs[l : l + 1], re, bits=m.bits, group=m.group,
+           vgroup=self.vgroup, residual=m.residual)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Rebuild each KIVILayer from the buffers after ``fed`` tokens (what the plain steps would have left)."""

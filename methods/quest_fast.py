@@ -11,10 +11,18 @@ are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decod
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from scbench.kernels.paged_decode import paged_attention
+from scbench.kernels import paged_decode
+from scbench.kernels.paged_decode import paged_attention, quest_page_list
 from scbench.kv.offload import TieredLayer
+
+
+FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
+"""CUDA: the fused Triton kernels (scores with the bounds update; attention applying the pick rule) instead of
+the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare the two)."""
 
 
 class QuestDecode:
@@ -68,30 +76,35 @@ class QuestDecode:
         kmin.index_copy_(2, page, torch.where(first, new, torch.minimum(kmin.index_select(2, page), new)))
         kmax.index_copy_(2, page, torch.where(first, new, torch.maximum(kmax.index_select(2, page), new)))
         n = at + 1
-        r0 = ((torch.div(n - 1, p, rounding_mode="floor") - m.recent_pages + 1) * p).clamp(min=0)
-        cand = torch.div(r0, p, rounding_mode="floor")
-        pick = torch.div(m.budget - (n - r0), p, rounding_mode="floor")
+        cand = torch.div(((torch.div(n - 1, p, rounding_mode="floor") - m.recent_pages + 1) * p).clamp(min=0), p,
+                         rounding_mode="floor")
         from scbench.methods.quest import page_scores
 
         b, hkv, total, _ = kmin.shape
         s = page_scores(q[:, :, 0], kmin, kmax)  # [B, Hq, P]
         if m.gqa == "group":
             s = s.reshape(b, hkv, -1, total).amax(2)
-        slots = torch.arange(total, device=q.device)
-        s = s.masked_fill(slots >= cand, float("-inf"))
-        top = s.topk(min(total, (m.budget - 1) // p), dim=-1)
-        rank = torch.arange(top.indices.shape[-1], device=q.device)
-        keep = (top.values > float("-inf")) & (rank < pick)
-        chosen = torch.where(keep, top.indices, -1)
-        recent = (cand + torch.arange(m.recent_pages, device=q.device)).expand(*chosen.shape[:2], -1)
-        return torch.cat([chosen, recent], dim=-1)
+        s = s.masked_fill(torch.arange(total, device=q.device) >= cand, float("-inf"))
+        top = s.topk(self.top_k(total), dim=-1)
+        return quest_page_list(top.values, top.indices, n, p, m.budget, m.recent_pages)
+
+    def top_k(self, pages: int) -> int:
+        """Pages ``topk`` takes each step: the most a step can pick, ``(budget - 1) // page``."""
+        return min(pages, (self.m.budget - 1) // self.m.page_size)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]
         if l < self.m.dense_layers:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return paged_attention(q, k, v, self.pages(kv, l, q), kv.at[l : l + 1] + 1, self.m.page_size, scale)
+        m, at = self.m, kv.at[l : l + 1]
+        if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
+            s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
+                                                 m.recent_pages, m.gqa == "group")
+            top = s.topk(self.top_k(s.shape[-1]), dim=-1)
+            return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
+                                                       top_values=top.values, budget=m.budget, recent=m.recent_pages)
+        return paged_attention(q, k, v, self.pages(kv, l, q), at + 1, m.page_size, scale)
 
     def rows_loaded(self, n: int) -> int | None:
         """Rows one selecting head attends at length n (None: every row, as ``Quest.select`` returning None)."""

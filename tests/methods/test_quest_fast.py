@@ -108,3 +108,38 @@ def test_plugin_declines_host_tier_and_recall(smol_tokenizer):
     assert "not a TieredLayer" in fastdecode.unsupported(s.cache, s.method)
     assert Quest(recall=True).static_decoder() is None
     assert "fast_decode = False" in fastdecode.unsupported(s.cache, Quest(recall=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,at", [(False, 5000), (True, 4111), (False, 16)])
+def test_fused_quest_kernels_match_torch(dtype, group, at):
+    """Bounds update + scores kernel and the top-k paged attention against the torch-ops page list path."""
+    from scbench.methods.quest import page_scores
+
+    torch.manual_seed(at)
+    c, p, hq, hkv, d = 8192, 16, 32, 8, 128
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=dtype) for _ in range(2))
+    kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=dtype) for _ in range(2))
+    atv = torch.tensor([at], device="cuda")
+    lo, hi = kmin.clone(), kmax.clone()  # torch reference of the update
+    pg = at // p
+    new = k[:, :, at]
+    lo[:, :, pg] = new if at % p == 0 else torch.minimum(lo[:, :, pg], new)
+    hi[:, :, pg] = new if at % p == 0 else torch.maximum(hi[:, :, pg], new)
+    s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, group)
+    assert torch.equal(kmin, lo) and torch.equal(kmax, hi)
+    want = page_scores(q[:, :, 0], lo, hi)
+    if group:
+        want = want.reshape(1, hkv, -1, c // p).amax(2)
+    cand = max(0, at // p)
+    torch.testing.assert_close(s[..., :cand], want[..., :cand], atol=1e-3, rtol=1e-3)
+    assert torch.isinf(s[..., cand:]).all()
+    top = s.topk(min(c // p, (1024 - 1) // p), dim=-1)
+    pages = paged_decode.quest_page_list(top.values, top.indices, atv + 1, p, 1024, 1)
+    ref = paged_decode.paged_attention_torch(q, k, v, pages, atv + 1, p, 0.09)
+    got = paged_decode.paged_attention_triton(q, k, v, top.indices, atv + 1, p, 0.09, top_values=top.values,
+                                              budget=1024, recent=1)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
