@@ -91,6 +91,9 @@ class TurnStats:
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0
     """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
+    prefill_fallbacks: int = 0
+    """Sparse prefill: layers that ran dense attention instead because the estimated pattern was too dense for the
+    sparse kernel to win (vertical-slash on a GPU); their cells count as computed in ``attn_density``."""
     context_rate: float = 1.0
     """Prompt compression: tokens of the compressed shared context / tokens of the original (1.0: uncompressed)."""
     context_compress_s: float = 0.0

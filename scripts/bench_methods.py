@@ -68,7 +68,8 @@ def summarize(store_path: str, length: int, mode: str) -> list[dict]:
                     kv_bytes=first["kv_bytes"], kv_full_bytes=first["kv_full_bytes"],
                     bytes_per_token=loaded / toks if loaded and toks else first["kv_bytes"],
                     bytes_per_token_source="loaded_bytes" if loaded else "kv_bytes (dense read)",
-                    peak_mem_bytes=max(t["peak_mem_bytes"] for t in turns), attn_density=first["attn_density"])
+                    peak_mem_bytes=max(t["peak_mem_bytes"] for t in turns), attn_density=first["attn_density"],
+                    prefill_fallbacks=first.get("prefill_fallbacks"))
             rows.append(row)
     finally:
         store.close()
@@ -109,7 +110,10 @@ def main() -> None:
     ap.add_argument("--commit", default=os.environ.get("SCBENCH_COMMIT"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    ap.add_argument("--combine", nargs="+", help="merge the JSON files of earlier calls into --out (no runs)")
     a = ap.parse_args()
+    if a.combine:
+        return combine(a.combine, Path(a.out))
     import torch
 
     cpu = a.cpu or not torch.cuda.is_available()
@@ -140,12 +144,24 @@ def main() -> None:
             "commit": commit, "model": model, "task": "scbench_kv", "turns": a.turns, "max_new_tokens": a.max_new,
             "note": "decode tok/s: median over the turns of each run; warm-up kept out of prefill and decode times"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows, "runs": logs}, indent=1, default=str))
-    md = (f"# Methods on {info['device']} (torch {info['torch']}, commit {commit})\n\n"
-          f"`scripts/bench_methods.py`: `scbench run` on {' '.join(model)}, scbench_kv, generated data, {a.turns} turns "
-          f"of at most {a.max_new} new tokens; decode tok/s is the median over turns.\n\n" + table(rows))
+    write(out, {**info, "rows": rows, "runs": logs})
+
+
+def write(out: Path, data: dict) -> None:
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    md = (f"# Methods on {data['device']} (torch {data['torch']}, commit {data['commit']})\n\n"
+          f"`scripts/bench_methods.py`: `scbench run` on {' '.join(data['model'])}, scbench_kv, generated data, "
+          f"{data['turns']} turns of at most {data['max_new_tokens']} new tokens; decode tok/s is the median over turns; "
+          "vs full: decode rate over full attention's in the same (context, mode).\n\n" + table(data["rows"]))
     out.with_suffix(".md").write_text(md)
     print(md)
+
+
+def combine(files: list[str], out: Path) -> None:
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    data = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "runs": [r for p in parts for r in p["runs"]],
+            "commit": ",".join(dict.fromkeys(p["commit"] for p in parts))}
+    write(out, data)
 
 
 if __name__ == "__main__":

@@ -282,8 +282,9 @@ class HFSession(Session):
             _sync(self.engine.device)
             compress_s = time.perf_counter() - t1
         _sync(self.engine.device)
+        take = getattr(self.method, "take_prefill_stats", None)  # e.g. vertical-slash's dense fallbacks
         return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s,
-                         attn_cells=ctx.cells_total, attn_computed=ctx.cells_computed)
+                         attn_cells=ctx.cells_total, attn_computed=ctx.cells_computed, extra=take() if take else {})
 
     def _prefill(self, ids: list[int], ctx: attention.AttnContext) -> torch.Tensor:
         """Forward ``ids`` in chunks of ``engine.prefill_chunk`` tokens (all at once when unset); the last logits.
