@@ -81,6 +81,16 @@ def summarize(store_path: str, length: int, mode: str) -> list[dict]:
     return rows
 
 
+KEY_KNOBS = ("budget", "bits", "top_k", "tier", "n_local", "vertical_size")
+
+
+def short(row: dict) -> str:
+    """A table label: the method name and its budget-like knobs (the JSON keeps the full label)."""
+    cfg = row.get("config") or {}
+    knobs = [f"{k}={cfg[k]}" for k in KEY_KNOBS if k in cfg]
+    return f"{cfg.get('name', row['method'])}" + (f" ({', '.join(knobs)})" if knobs else "")
+
+
 def table(rows: list[dict]) -> str:
     gib = 2**30
     head = ("| context | mode | method | prefill s | later prefill s | warm-up s | decode tok/s | vs full | path | "
@@ -88,11 +98,11 @@ def table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         if "prefill_s" not in r:
-            out.append(f"| {r['length']} | {r['mode']} | {r['method']} | failed: {r.get('error', r['status'])} "
+            out.append(f"| {r['length']} | {r['mode']} | {short(r)} | failed: {r.get('error', r['status'])} "
                        "| | | | | | | | |")
             continue
         lp = f"{r['later_prefill_s']:.3f}" if r["later_prefill_s"] is not None else "-"
-        out.append(f"| {r['length']} | {r['mode']} | {r['method']} | {r['prefill_s']:.2f} | {lp} | {r['warmup_s']:.1f} | "
+        out.append(f"| {r['length']} | {r['mode']} | {short(r)} | {r['prefill_s']:.2f} | {lp} | {r['warmup_s']:.1f} | "
                    f"{r['decode_tok_s']:.1f} | {r.get('decode_vs_full', 0):.2f} | {r['decode_path']} | "
                    f"{r['kv_bytes'] / gib:.2f} | {r['bytes_per_token'] / gib:.3f} | {r['peak_mem_bytes'] / gib:.1f} |")
     return head + "\n".join(out) + "\n"
