@@ -189,7 +189,7 @@ class HFEngine(Engine):
         }
 
     @torch.inference_mode()
-    def warmup(self, method, lengths: tuple[int, ...] = (2048, 2560), force: bool = False) -> float:
+    def warmup(self, method, lengths: tuple[int, ...] = (4608, 5376), force: bool = False) -> float:
         """Run ``method`` on dummy prompts before the first timed turn; returns the seconds (0 when already done).
 
         One-time work (Triton / torch.compile compilation, FlexAttention's first and dynamic-shape compiles, mask
@@ -348,9 +348,10 @@ class HFSession(Session):
                 out = self.decoder.generate(self.cache, self.pos, tok, max_new_tokens, stop)
                 warmup_s = self.decoder.capture_s
             except Exception as e:  # noqa: BLE001 - the session's cache is untouched until the fast path succeeds
-                log.warning("fast decode failed (%s: %s); model.decode=plain for this engine from now on",
-                            type(e).__name__, e)
-                self.engine.decode_mode, self.decoder = "plain", None
+                log.warning("fast decode failed (%s: %s); the plain loop for %s on this engine from now on",
+                            type(e).__name__, e, self.method.label())
+                self.engine.__dict__.setdefault("_plain_methods", set()).add(self.method.label())
+                self.decoder = None
                 return self.generate(max_new_tokens)
             self.pos += len(out) - 1
         _sync(dev)
@@ -365,6 +366,8 @@ class HFSession(Session):
         mode = self.engine.decode_mode
         if mode == "plain" or (mode == "auto" and self.engine.device.type != "cuda"):
             return "plain"
+        if self.method.label() in self.engine.__dict__.get("_plain_methods", ()):
+            return "plain"  # its fast path failed once on this engine (logged); other methods keep theirs
         reason = fastdecode.unsupported(self.cache, self.method)
         if reason is not None:
             log.debug("plain decode: %s", reason)

@@ -164,8 +164,8 @@ if triton is not None:
         rows = tl.arange(0, GP)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
         zero = tl.zeros([GP, D], q.dtype)
-        s = tl.dot(tl.maximum(q, zero), tl.trans(hi), input_precision=PREC)
-        s += tl.dot(tl.minimum(q, zero), tl.trans(lo), input_precision=PREC)
+        s = tl.dot(tl.maximum(q, zero).to(hi.dtype), tl.trans(hi), input_precision=PREC)
+        s += tl.dot(tl.minimum(q, zero).to(lo.dtype), tl.trans(lo), input_precision=PREC)
         s = tl.where((pages < cand)[None, :], s, float("-inf"))
         if GROUP:
             s = tl.where((rows < G)[:, None], s, float("-inf"))
