@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from scbench.kernels.paged_decode import page_scores  # noqa: F401 - Quest's bound scores (shared with quest_fast)
 from scbench.kv.offload import STORAGES, TieredLayer, attend_loaded, require_tiered
 from scbench.methods.base import Method, positive_int
 
@@ -27,17 +28,6 @@ def page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tens
     m = keys.shape[-2] // page
     pages = keys[..., : m * page, :].unflatten(-2, (m, page))
     return pages.amin(-2), pages.amax(-2)
-
-
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Upper bound of q.k per page: q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] (float32).
-
-    ``max(q*lo, q*hi)`` is ``q*hi`` where q > 0 and ``q*lo`` where q < 0, so the sum is two matmuls."""
-    b, hq, d = q.shape
-    hkv = kmin.shape[1]
-    q = q.float().reshape(b, hkv, hq // hkv, d)
-    s = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
-    return s.reshape(b, hq, -1)
 
 
 def reference_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:

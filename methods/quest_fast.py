@@ -16,7 +16,7 @@ import os
 import torch
 
 from scbench.kernels import paged_decode
-from scbench.kernels.paged_decode import paged_attention, quest_page_list
+from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
 from scbench.kv.offload import TieredLayer
 
 
@@ -78,8 +78,6 @@ class QuestDecode:
         n = at + 1
         cand = torch.div(((torch.div(n - 1, p, rounding_mode="floor") - m.recent_pages + 1) * p).clamp(min=0), p,
                          rounding_mode="floor")
-        from scbench.methods.quest import page_scores
-
         b, hkv, total, _ = kmin.shape
         s = page_scores(q[:, :, 0], kmin, kmax)  # [B, Hq, P]
         if m.gqa == "group":

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from scbench.kernels import pattern as pat
 from scbench.methods.base import positive_int
+from scbench.records import Cost
 from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES, SparsePrefill
 
 DENSE_ABOVE = float(os.environ.get("SCBENCH_VS_DENSE_ABOVE", "0.3"))
@@ -104,11 +105,23 @@ class VerticalSlash(SparsePrefill):
     vertical-slash."""
 
     name: ClassVar[str] = "vertical_slash"
+    costs: ClassVar[dict[str, Cost]] = {
+        "prefill_fallbacks": Cost("layers", "vertical-slash on a GPU: layers whose estimated pattern was too dense for "
+                                  "the sparse kernel to win and ran dense SDPA (their cells count in `attn_density`)",
+                                  default=0, label="dense fallbacks", agg="sum"),
+    }
     approximation: ClassVar[str | None] = (
         "MInference-style: one vertical-and-slash budget for every head, or with head_patterns a per-head choice "
         "of A-shape / vertical-slash searched offline (MInference's block-sparse kind is not run); exact line masks "
         "(MInference's kernel computes 64-wide slash blocks)"
     )
+
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``<vertical_size>v+<slash_size>s``."""
+        if "vertical_size" in knobs:
+            return f"{knobs['vertical_size']}v+{knobs.get('slash_size')}s"
+        return super().budget_label(knobs)
 
     def __post_init__(self) -> None:
         for f in ("vertical_size", "slash_size", "last_q", "local_diags"):
@@ -159,8 +172,8 @@ class VerticalSlash(SparsePrefill):
         attention.count_computed(p.computed_cells() * (q.shape[1] // p.heads))
         return flex.attention(q, k, v, p, scale, bm)
 
-    def take_prefill_stats(self) -> dict:
-        """Per feed (the engine calls it after each prefill): layers that fell back to dense SDPA."""
+    def take_costs(self, session) -> dict:
+        """Layers that fell back to dense SDPA since the last call (the runner calls it once per turn)."""
         st = self.__dict__.pop("gpu_stats", None)
         return {"prefill_fallbacks": st["fallbacks"]} if st else {}
 

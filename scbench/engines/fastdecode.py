@@ -58,6 +58,9 @@ def unsupported(cache, method) -> str | None:
             return f"cache layer {i} is empty"
         if type(layer).__name__ != "DynamicLayer":
             return f"cache layer {i} is a {type(layer).__name__}, not a plain DynamicLayer"
+    devices = {layer.keys.device for layer in cache.layers}
+    if len(devices) > 1:
+        return f"cache layers on {len(devices)} devices (a sharded model): the static buffers and graph are per device"
     return None
 
 
@@ -96,6 +99,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 if triton is not None:
+    from scbench.kernels.combine import _combine_kernel
 
     @triton.jit
     def _split_kv_kernel(Q, K, V, At, Part, Mx, Sm, scale, C, n_splits,
@@ -131,21 +135,6 @@ if triton is not None:
         tl.store(Mx + out, m)
         tl.store(Sm + out, total)
 
-    @triton.jit
-    def _combine_kernel(Part, Mx, Sm, Out, n_splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        NS: tl.constexpr):
-        """Merge the splits of one (batch x KV head, query head of the group): softmax-weighted partial sums."""
-        bh, g = tl.program_id(0), tl.program_id(1)
-        sp, cols = tl.arange(0, NS), tl.arange(0, D)
-        used = sp < n_splits
-        idx = (bh * n_splits + sp) * GP + g
-        m = tl.load(Mx + idx, mask=used, other=float("-inf"))
-        top = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        total = tl.sum(w * tl.load(Sm + idx, mask=used, other=0.0), 0)
-        part = tl.load(Part + idx[:, None] * D + cols[None, :], mask=used[:, None], other=0.0)
-        res = tl.sum(w[:, None] * part, 0) / total
-        tl.store(Out + (bh * G + g) * D + cols, res.to(Out.dtype.element_ty))
 
 
 def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor,

@@ -103,7 +103,7 @@ if triton is not None:
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
                           scale: float) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``kivi_attention_torch``. Needs group a power of two >= 16."""
-    from scbench.engines.fastdecode import _combine_kernel
+    from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
     h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]

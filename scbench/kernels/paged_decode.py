@@ -19,6 +19,17 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of q.k per page: q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] (float32).
+
+    ``max(q*lo, q*hi)`` is ``q*hi`` where q > 0 and ``q*lo`` where q < 0, so the sum is two matmuls."""
+    b, hq, d = q.shape
+    hkv = kmin.shape[1]
+    q = q.float().reshape(b, hkv, hq // hkv, d)
+    s = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    return s.reshape(b, hq, -1)
+
+
 def page_rows(pages: torch.Tensor, page: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pages [B, Hs, M] -> (rows [B, Hs, M * page] clamped into the buffer, valid mask of the same shape)."""
     r = torch.arange(page, device=pages.device)
@@ -112,7 +123,7 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
     pages itself (``quest_page_list`` is the same rule in torch ops)."""
-    from scbench.engines.fastdecode import _combine_kernel
+    from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]

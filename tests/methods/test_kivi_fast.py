@@ -91,17 +91,12 @@ def test_plugin_declines_other_layers(tiny_engine):
                                  {"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}])
 def test_cuda_graph_plugins_equal_plain(cfg):
     """Captured graph (warm-up step undone, plugin state restored) against the plain loop, float32 on CUDA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scbench.engines.hf import HFEngine
     from scbench.registry import METHODS
-    from support import byte_tokenizer
+    from support import byte_tokenizer, random_llama
 
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                         eos_token_id=tok.eos_token_id))
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
     engine = HFEngine("tiny", model=model, tokenizer=tok, device="cuda", dtype="float32")
     prompt = torch.randint(5, 250, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     follow = prompt[:23]

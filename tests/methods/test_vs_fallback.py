@@ -17,9 +17,9 @@ def test_dense_estimate_falls_back_and_structured_does_not():
     ctx = attention.AttnContext()
     with attention.active(ctx):
         out = m.prefill_attention(0, q, k, v, d**-0.5)  # random q, k: no structure, lines spread everywhere
-    assert m.take_prefill_stats() == {"prefill_fallbacks": 1}
+    assert m.take_costs(None) == {"prefill_fallbacks": 1}
     torch.testing.assert_close(out, attention.causal_attention(q, k, v, d**-0.5))
     local = VerticalSlash(vertical_size=64, slash_size=512, local_diags=512)  # the nearest diagonals only
     with attention.active(attention.AttnContext()):
         local.prefill_attention(0, q, k, v, d**-0.5)
-    assert local.take_prefill_stats() == {"prefill_fallbacks": 0}
+    assert local.take_costs(None) == {"prefill_fallbacks": 0}
