@@ -54,6 +54,24 @@ def sliding_window_layers(cfg) -> list[int]:
     return []
 
 
+def position_limit(cfg) -> tuple[int, str]:
+    """(positions the model takes, why): ``max_position_embeddings``, or more when the config's RoPE scaling
+    (``rope_parameters`` / ``rope_scaling`` with a ``factor``) extends it; (0, "") when the config gives none."""
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not max_pos:
+        return 0, ""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per-layer-type parameters (Gemma-3 style)
+    limit, how = max_pos, f"max_position_embeddings={max_pos}"
+    for p in params:
+        factor = p.get("factor")
+        if p.get("rope_type", p.get("type", "default")) != "default" and isinstance(factor, (int, float)) and factor > 1:
+            base = int(p.get("original_max_position_embeddings") or max_pos)
+            if base * factor > limit:
+                limit, how = int(base * factor), f"RoPE {p.get('rope_type', p.get('type'))} scaling x{factor} of {base}"
+    return limit, how
+
+
 class HFEngine(TokenizerEngine):
     """A causal LM from transformers, run with scbench's attention function and a DynamicCache."""
 
@@ -145,6 +163,12 @@ class HFEngine(TokenizerEngine):
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
+        limit, how = position_limit(cfg)
+        if limit and self._window > limit:
+            raise ValueError(
+                f"model {self.model_name!r}: model.window={self._window} is above the {limit} positions the model "
+                f"takes ({how}); lower model.window, or use a model whose config sets RoPE scaling (rope_parameters "
+                "with a factor) for longer contexts")
         check_state_in_cache(cfg)  # the more precise refusal comes first
         sliding = sliding_window_layers(cfg)
         if sliding:
