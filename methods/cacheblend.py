@@ -38,6 +38,7 @@ class CacheBlend(Method):
 
     name: ClassVar[str] = "cacheblend"
     stages: ClassVar[tuple[str, ...]] = ("retrieval",)
+    dense_prefill: ClassVar[bool] = False
     approximation: ClassVar[str | None] = (
         "tokens are picked once, by value deviation at one layer (select_layer, as the released code's check "
         "layer 1), not by the paper's gradual filtering over layers; chunk KV is computed in-process at the first "

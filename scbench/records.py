@@ -97,6 +97,14 @@ class TurnStats:
     """Chunk KV reuse: time computing the stored chunks' KV (an offline cost in CacheBlend, not in prefill_s)."""
     prefill_saved_s: float = 0.0
     """Chunk KV reuse: time of a full prefill of the same tokens minus this turn's blended prefill."""
+    prefill_shared: int = 1
+    """Runs of a grouped sweep that shared this turn's prefill (scbench/group.py: one dense first prefill, its cache
+    forked per method); 1 when the run prefilled alone. ``prefill_s`` stays the measured time of that prefill."""
+    decode_batch: int = 1
+    """Requests decoded together in this turn's batch (scbench/batch.py, shared-prefix attention); 1: decoded alone."""
+    decode_step_s: float = 0.0
+    """Batched turns: mean wall time of one decode step of the whole batch; ``decode_s`` is this turn's share
+    (its steps x step time / batch size). 0 for turns decoded alone."""
 
 
 @dataclass

@@ -131,13 +131,18 @@ class Replay:
 
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
-        end = prompt_tokens + tp.max_new_tokens
+        self._check_window(i, prompt_tokens + tp.max_new_tokens)
+        gen = self.session.generate(tp.max_new_tokens)
+        return self._result(i, fs, gen, self.session.memory(), prompt_tokens), gen
+
+    def _check_window(self, i: int, end: int) -> None:
         if end > self.engine.window and not self._warned_window:
             self._warned_window = True
             log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
                         self.task.name, self.example.id, i, end, self.engine.window)
-        gen = self.session.generate(tp.max_new_tokens)
-        mem = self.session.memory()
+
+    def _result(self, i: int, fs, gen, mem: dict, prompt_tokens: int, **extra) -> TurnResult:
+        """The stored row of turn ``i`` from its feed, its generation and the cache's memory after it."""
         turn = self.example.turns[i]
         prediction = gen.text
         stats = TurnStats(
@@ -157,7 +162,8 @@ class Replay:
             context_compress_s=self.context_stats.get("context_compress_s", 0.0) if i == 0 else 0.0,
             **fs.extra,
             **mem,
+            **extra,
         )
         scores = self.task.score(prediction, turn, self.example.extra)
         reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
-        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen
+        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats)

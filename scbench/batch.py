@@ -1,0 +1,300 @@
+"""Independent requests decoded as one batch over the shared context cache (``timing=batched``).
+
+In multi-request mode the requests of an example are independent given the (possibly compressed) context; with
+golden history every multi-turn turn's input is known in advance too. ``BatchedReplay`` feeds every turn's prompt
+exactly as ``Replay`` does (same forwards, same compression, same logits), keeps each turn's own tokens (its
+request, or the forced assistant prefix of a multi-turn turn) aside, and then decodes all turns together: each
+decode step forwards one token per turn, the shared context KV is read once for the whole batch (each row up to
+its own prefix length), each row's own tokens separately, and the two partial softmaxes are merged exactly with
+their log-sum-exp (``shared_prefix_attention``; reference: ``reference_shared_prefix_attention``). Predictions
+are those of the sequential path (tests/engines/test_batched_decode.py checks it in float32).
+
+Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
+(``decode_attention``), caches that are not plain key/value layers (``fast_decode = False``), compression every
+turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
+``decode_path="batched"``, ``decode_batch`` (rows) and ``decode_step_s`` (mean step time of the batch);
+``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scbench.engines import attention
+from scbench.engines.base import GenResult
+from scbench.kv import cache as kvc
+from scbench.runner import Replay
+
+log = logging.getLogger(__name__)
+
+TIMINGS = ("batched", "sequential")
+
+
+def replay_class(timing: str):
+    """``Replay`` for ``timing=sequential`` (one request at a time, today's measurement), else ``BatchedReplay``."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+    return BatchedReplay if timing == "batched" else Replay
+
+
+def fallback_reason(engine, method, spec) -> str | None:
+    """Why this run decodes sequentially (None: its turns can be batched)."""
+    from scbench.engines.hf import HFEngine
+    from scbench.engines.recurrent import is_recurrent
+
+    if not isinstance(getattr(engine, "_engine", engine), HFEngine):
+        return f"engine {getattr(engine, 'name', '?')!r} decodes on its own"
+    if not spec.reuse:
+        return "naive replay (reuse=false)"
+    if spec.mode == "multi_turn" and not spec.golden_context:
+        return "multi-turn history is the model's own answers (golden_context=false)"
+    if "decode_attention" in method.hooks() or not getattr(method, "fast_decode", True):
+        return f"method {method.name!r} changes or owns its cache during decode"
+    if spec.compress == "every_turn" and "compress_cache" in method.hooks():
+        return "compression rewrites the cache every turn"
+    if getattr(engine, "offload", None):
+        return "checkpoints are offloaded"
+    if getattr(engine, "_recurrent", None) is None:
+        engine._recurrent = is_recurrent(engine.model)
+    if engine._recurrent:
+        return "the model keeps a recurrent state"
+    return None
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor, scale: float):
+    """Unnormalised attention of query rows q [N, M, D] over keys k, v [N, C, D] with masked [N or 1, M or 1, C]:
+    (sum_j p_j v_j [N, M, D], sum_j p_j [N, M], max score [N, M]), in float32."""
+    acc = {"out_dtype": torch.float32} if q.is_cuda and q.dtype != torch.float32 else {}
+    if q.dtype != torch.float32 and not acc:
+        q, k, v = q.float(), k.float(), v.float()
+    s = torch.bmm(q, k.transpose(1, 2), **acc).mul_(scale).masked_fill_(masked, float("-inf"))
+    m = s.amax(-1).clamp_min(-1e30)  # rows without a key: weight 0 everywhere, no NaN
+    p = torch.exp(s - m.unsqueeze(-1))
+    total = p.sum(-1)
+    o = torch.bmm(p.to(v.dtype), v, **acc)
+    return o, total, m
+
+
+def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale: float | None = None):
+    """One decode query per row over a shared prefix plus the row's own keys, merged with log-sum-exp.
+
+    q: [B, Hq, 1, D]; shared_k/v: [1, Hkv, S, D] (read once for the whole batch); shared_len: int64 [B], the
+    prefix length row b sees; own_k/v: [B, Hkv, C, D], the row's own keys; own_at: int64 [B], its last valid
+    own key index -> [B, Hq, 1, D] in q's dtype.
+    """
+    b, hq, _, d = q.shape
+    hkv, s_len, c = shared_k.shape[1], shared_k.shape[2], own_k.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    # shared part: all B x g query rows of a KV head against that head's keys, one product per head
+    qs = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv, b * g, d)
+    pos = torch.arange(s_len, device=q.device)
+    m_sh = (pos.view(1, 1, s_len) >= shared_len.view(b, 1, 1)).expand(b, g, s_len).reshape(1, b * g, s_len)
+    o1, l1, x1 = _partial(qs, shared_k[0], shared_v[0], m_sh, scale)
+    o1 = o1.view(hkv, b, g, d).transpose(0, 1).reshape(b * hkv, g, d)
+    l1, x1 = (t.view(hkv, b, g).transpose(0, 1).reshape(b * hkv, g) for t in (l1, x1))
+    # own part: each row's queries against its own keys
+    qo = q.reshape(b * hkv, g, d)
+    m_own = (torch.arange(c, device=q.device).view(1, c) > own_at.view(b, 1)).repeat_interleave(hkv, 0).unsqueeze(1)
+    o2, l2, x2 = _partial(qo, own_k.reshape(b * hkv, c, d), own_v.reshape(b * hkv, c, d), m_own, scale)
+    x = torch.maximum(x1, x2)
+    w1, w2 = torch.exp(x1 - x), torch.exp(x2 - x)
+    out = (o1 * w1.unsqueeze(-1) + o2 * w2.unsqueeze(-1)) / (l1 * w1 + l2 * w2).unsqueeze(-1)
+    return out.to(q.dtype).view(b, hq, 1, d)
+
+
+def reference_shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale=None):
+    """Row by row: concatenate the row's prefix and own keys and run the plain float64 attention."""
+    outs = []
+    for r in range(q.shape[0]):
+        n, a = int(shared_len[r]), int(own_at[r]) + 1
+        k = torch.cat([shared_k[0, :, :n], own_k[r, :, :a]], dim=1).unsqueeze(0)
+        v = torch.cat([shared_v[0, :, :n], own_v[r, :, :a]], dim=1).unsqueeze(0)
+        outs.append(attention.reference_causal_attention(q[r : r + 1], k, v, scale))
+    return torch.cat(outs)
+
+
+# --- the batch's cache and decode loop -----------------------------------------------------------------------
+@dataclass
+class Row:
+    """One turn waiting to be decoded."""
+
+    turn: int
+    tp: object
+    fs: object
+    logits: torch.Tensor
+    pos: int
+    """Position of its first decoded token's successor (the session's ``pos`` after its prompt)."""
+    shared_len: list[int]
+    """Per layer: tokens of the shared cache it sees."""
+    own: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer: keys and values of its own prompt tokens that are not in the shared cache."""
+    prompt_tokens: int
+
+
+class SharedPrefixKV:
+    """The batch's view of the cache for the model's forward: the session's layers as the shared prefix, plus
+    per-row buffers with room for each row's own tokens and everything it generates."""
+
+    def __init__(self, cache, rows: list[Row], steps: int):
+        self.shared = [(layer.keys, layer.values) for layer in cache.layers]
+        dev = self.shared[0][0].device
+        own_n = [r.own[0][0].shape[2] for r in rows]
+        cap = max(own_n) + steps
+        self.k, self.v = [], []
+        for li, (sk, _) in enumerate(self.shared):
+            _, h, _, d = sk.shape
+            kb = sk.new_zeros(len(rows), h, cap, d)
+            vb = sk.new_zeros(len(rows), h, cap, d)
+            for b, r in enumerate(rows):
+                kb[b, :, : own_n[b]] = r.own[li][0][0]
+                vb[b, :, : own_n[b]] = r.own[li][1][0]
+            self.k.append(kb)
+            self.v.append(vb)
+        self.shared_len = torch.tensor([r.shared_len for r in rows], dtype=torch.long, device=dev).T.contiguous()
+        self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
+        """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
+        self.rows = torch.arange(len(rows), device=dev)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
+        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def attend(self, layer_idx, q, k, v, scale):
+        sk, sv = self.shared[layer_idx]
+        return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.shared[layer_idx][0].shape[2])
+
+
+@torch.inference_mode()
+def decode_rows(engine, cache, rows: list[Row]) -> tuple[list[GenResult], list[float], list[int]]:
+    """Greedy-decode every row together; per row its GenResult, and per step the wall time and active rows."""
+    stop, dev = engine.stop_ids, engine.device
+    firsts, first_s = [], []
+    for r in rows:
+        t0 = time.perf_counter()
+        firsts.append(int(r.logits.argmax()))
+        first_s.append(time.perf_counter() - t0)
+    outs = [[t] for t in firsts]
+    live = [t not in stop and r.tp.max_new_tokens > 1 for t, r in zip(firsts, rows)]
+    steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
+    step_times, active = [], []
+    if steps:
+        kv = SharedPrefixKV(cache, rows, steps)
+        tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
+        pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=dev)
+        ctx = attention.AttnContext(static=kv)
+        for _ in range(steps):
+            if not any(live):
+                break
+            t0 = time.perf_counter()
+            with attention.active(ctx):
+                logits = engine.model(input_ids=tok, position_ids=pos, past_key_values=kv, use_cache=True,
+                                      logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1)
+            picked = nxt.tolist()
+            step_times.append(time.perf_counter() - t0)
+            active.append(sum(live))
+            for b, t in enumerate(picked):
+                if live[b]:
+                    outs[b].append(t)
+                    live[b] = t not in stop and len(outs[b]) < rows[b].tp.max_new_tokens
+            tok = nxt.view(-1, 1)
+            pos = pos + 1
+            kv.at.add_(1)
+    results = []
+    for b, out in enumerate(outs):
+        n = len(out) - 1
+        share = sum(step_times[s] / active[s] for s in range(n))
+        text = engine.decode([t for t in out if t not in stop])
+        results.append(GenResult(tokens=out, text=text, first_token_s=first_s[b], decode_s=share,
+                                 stopped=out[-1] in stop, decode_path="batched"))
+    return results, step_times, active
+
+
+# --- the replay -------------------------------------------------------------------------------------------
+class BatchedReplay(Replay):
+    """``Replay`` that decodes an example's turns as one batch where the method allows it (module docstring)."""
+
+    def __iter__(self):
+        reason = fallback_reason(self.engine, self.method, self.spec)
+        todo = [i for i in range(self.turns) if i not in self.done]
+        if reason is not None or len(todo) < 2:
+            if reason is not None:
+                log.debug("sequential decode: %s", reason)
+            yield from super().__iter__()
+            return
+        self.session = self.engine.session(self.method)
+        rows = self._prefill_multi_turn() if self.spec.mode == "multi_turn" else self._prefill_multi_request()
+        cache = self.session.cache
+        for i, layer in enumerate(cache.layers):
+            if type(layer).__name__ != "DynamicLayer":
+                raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
+                                   "it must declare fast_decode = False to be decoded sequentially")
+        gens, step_times, active = decode_rows(self.engine, cache, rows)
+        mem = self.session.memory()
+        e = self.engine
+        per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
+        for row, gen in zip(rows, gens):
+            n = len(gen.tokens) - 1
+            lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
+            row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
+                       "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
+            mean_step = sum(step_times[:n]) / n if n else 0.0
+            yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, decode_batch=len(rows),
+                               decode_step_s=mean_step)
+
+    def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The last ``n`` tokens of every cache layer (copies)."""
+        return [(layer.keys[:, :, layer.keys.shape[2] - n :].clone(), layer.values[:, :, layer.values.shape[2] - n :].clone())
+                for layer in self.session.cache.layers]
+
+    def _prefill_multi_turn(self) -> list[Row]:
+        rows, history = [], 0
+        for i in range(self.turns):
+            tp = self.builder.first() if i == 0 else self.builder.delta(i, None)
+            fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
+            history += len(tp.ids)
+            if i not in self.done:
+                self._check_window(i, history + tp.max_new_tokens)
+                lengths = kvc.layer_lengths(self.session.cache)
+                rows.append(Row(i, tp, fs, self.session.last_logits, self.session.pos,
+                                [n - tp.rewind for n in lengths], self._own(tp.rewind), history))
+            self.session.drop_last(tp.rewind)
+            history -= tp.rewind
+        return rows
+
+    def _prefill_multi_request(self) -> list[Row]:
+        import dataclasses
+
+        ctx_ids = self.builder.context()
+        ctx_fs = self._feed(ctx_ids, first=True)
+        checkpoint = self.session.checkpoint(rewrites=False)
+        base = kvc.layer_lengths(self.session.cache)
+        rows = []
+        for j in range(self.turns):
+            tp = self.builder.request(j)
+            if j:
+                self.session.rollback(checkpoint)
+            fs = self._feed(tp.ids, first=False)
+            if j == 0:  # the context prefill is charged to the first request (as in Replay)
+                fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
+                                         seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
+                                         attn_cells=fs.attn_cells + ctx_fs.attn_cells,
+                                         attn_computed=fs.attn_computed + ctx_fs.attn_computed,
+                                         extra={**ctx_fs.extra, **fs.extra})
+            if j in self.done:
+                continue
+            prompt = len(ctx_ids) + len(tp.ids)
+            self._check_window(j, prompt + tp.max_new_tokens)
+            rows.append(Row(j, tp, fs, self.session.last_logits, self.session.pos, list(base),
+                            self._own(len(tp.ids)), prompt))
+        self.session.rollback(checkpoint)
+        return rows
