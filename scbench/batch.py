@@ -175,7 +175,7 @@ class SharedPrefixKV:
 
 class BatchStep:
     """One decode step of the whole batch over static buffers: forward the current tokens, write the greedy picks
-    to ``out[:, step]`` and advance. Shapes and addresses never change, so on CUDA the step is captured once as a
+    to ``out[step]`` and advance. Shapes and addresses never change, so on CUDA the step is captured once as a
     CUDA graph and replayed (as fastdecode.FastDecoder does for one request); on CPU it runs eagerly."""
 
     def __init__(self, model, kv: SharedPrefixKV, firsts: list[int], positions: list[int], steps: int):
@@ -184,7 +184,7 @@ class BatchStep:
         self.tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
         self.pos = torch.tensor([[p] for p in positions], dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out = torch.zeros(len(firsts), steps, dtype=torch.long, device=dev)
+        self.out = torch.zeros(steps, len(firsts), dtype=torch.long, device=dev)
         self.graph = None
 
     def __call__(self) -> None:
@@ -195,7 +195,7 @@ class BatchStep:
             logits = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.kv, use_cache=True,
                                 logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1).view(-1, 1)
-        self.out.index_copy_(1, self.step, nxt)
+        self.out.index_copy_(0, self.step, nxt.view(1, -1))
         self.tok.copy_(nxt)
         self.pos.add_(1)
         self.kv.at.add_(1)
@@ -240,7 +240,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
     if steps:
         kv = SharedPrefixKV(cache, rows, steps)
         step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
-        host = torch.empty(len(rows), steps, dtype=torch.long, pin_memory=dev.type == "cuda")
+        host = torch.empty(steps, len(rows), dtype=torch.long, pin_memory=dev.type == "cuda")  # rows contiguous
         events = []
         _sync_dev(dev)
         t0 = time.perf_counter()
@@ -260,7 +260,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
             if ran < steps and (ran < done or ran - read <= (LAG if use_graph else 0)):
                 if ran >= done:
                     step()
-                host[:, ran].copy_(step.out[:, ran], non_blocking=True)
+                host[ran].copy_(step.out[ran], non_blocking=True)
                 if dev.type == "cuda":
                     ev = torch.cuda.Event()
                     ev.record()
@@ -271,7 +271,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
                 events[read].synchronize()
             for b in range(len(rows)):
                 if live[b]:
-                    outs[b].append(int(host[b, read]))
+                    outs[b].append(int(host[read, b]))
                     live[b] = outs[b][-1] not in stop and len(outs[b]) < rows[b].tp.max_new_tokens
             read += 1
         _sync_dev(dev)
