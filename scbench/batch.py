@@ -40,12 +40,12 @@ def replay_class(timing: str):
     return BatchedReplay if timing == "batched" else Replay
 
 
-def fallback_reason(engine, method, spec) -> str | None:
+def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str | None:
     """Why this run decodes sequentially (None: its turns can be batched)."""
     from scbench.engines.hf import HFEngine
     from scbench.engines.recurrent import is_recurrent
 
-    if not isinstance(getattr(engine, "_engine", engine), HFEngine):
+    if check_engine and not isinstance(getattr(engine, "_engine", engine), HFEngine):
         return f"engine {getattr(engine, 'name', '?')!r} decodes on its own"
     if not spec.reuse:
         return "naive replay (reuse=false)"
@@ -57,7 +57,7 @@ def fallback_reason(engine, method, spec) -> str | None:
         return "compression rewrites the cache every turn"
     if getattr(engine, "offload", None):
         return "checkpoints are offloaded"
-    if getattr(engine, "_recurrent", None) is None:
+    if check_engine and getattr(engine, "_recurrent", None) is None:
         engine._recurrent = is_recurrent(engine.model)
     if engine._recurrent:
         return "the model keeps a recurrent state"
@@ -220,6 +220,8 @@ class BatchStep:
 
 LAG = 4
 """CUDA graph path: steps the host lets the GPU run ahead before reading the picked tokens back."""
+EAGER_LAG = 0
+"""The same for eager steps (0: read each step's tokens before the next; tests set more to check the lagged reads)."""
 
 
 @torch.inference_mode()
@@ -257,7 +259,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
                 step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
         read = 0
         while read < steps and any(live):
-            if ran < steps and (ran < done or ran - read <= (LAG if use_graph else 0)):
+            if ran < steps and (ran < done or ran - read <= (LAG if use_graph else EAGER_LAG)):
                 if ran >= done:
                     step()
                 host[ran].copy_(step.out[ran], non_blocking=True)

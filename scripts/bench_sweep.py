@@ -125,6 +125,59 @@ def predictions(store: str) -> dict:
     return out, extra
 
 
+REFERENCE_METHODS = ("full,streamingllm-1k,snapkv-1k,pyramidkv-1k,h2o-1k,kivi,kivi-4bit,ashape-1k,trishape-1k,"
+                     "vertical_slash-1k,quest-1k,retrieval_attention-1k,ppl_compress,cacheblend").split(",")
+"""The 14 method configs of ``sweep=reference`` (every method the hf engine runs offline)."""
+
+
+def project(report: dict, examples: int = 931, modes: int = 2) -> dict:
+    """GPU-hours of SCBench (``examples`` sessions x ``modes``) x the 14 reference methods, before and after, from one
+    length's measured rows. Per (example, mode): ``P`` = a cell's first prefill, ``r_seq`` = the rest of a cell run
+    alone and sequentially, ``r_batched`` = the rest of a cell in a grouped + batched run (its prefill shared).
+    Before: 14 x (P + r_seq). After: one shared P for the methods declaring ``dense_prefill``; each of them adds
+    r_batched if its turns can be batched, else r_seq; every other method runs alone, P + r_batched (or r_seq).
+    Assumes every method costs what the measured ones (full / SnapKV / StreamingLLM) cost; it ignores slower
+    prefills (H2O, vertical-slash) and slower decode loops (KIVI, Quest, RetrievalAttention)."""
+    from omegaconf import OmegaConf
+
+    from scbench.batch import fallback_reason
+    from scbench.cli import config_dir
+    from scbench.group import can_share
+    from scbench.records import RunSpec
+    from scbench.run import build_method
+
+    rows = {r["way"]: r for r in report["rows"]}
+    seq, gb = rows["sequential"], rows["grouped+batched"]
+    n_methods = len(report["methods"])
+    groups = seq["cells"] / n_methods
+    p = seq["prefill_s_turn0"] / seq["cells"]
+    r_seq = (seq["seconds"] - seq["cells"] * p) / seq["cells"]
+    r_bat = (gb["seconds"] - groups * p) / gb["cells"]
+    engine = type("E", (), {"offload": None, "_recurrent": False, "name": "hf"})()
+    spec = RunSpec(model={}, method={}, task="scbench_kv", mode="multi_request")
+    kinds = {}
+    for name in REFERENCE_METHODS:
+        method = build_method(OmegaConf.to_container(OmegaConf.load(config_dir() / "method" / f"{name}.yaml")))
+        batch = fallback_reason(engine, method, spec, check_engine=False) is None
+        kinds[name] = ("shared" if can_share(type(method)) else "alone", "batched" if batch else "sequential")
+    before = len(kinds) * (p + r_seq)
+    shared = [k for k in kinds.values() if k[0] == "shared"]
+    after = (p if shared else 0) + sum(r_bat if b == "batched" else r_seq for _, b in shared)
+    after += sum(p + (r_bat if b == "batched" else r_seq) for a, b in kinds.values() if a == "alone")
+    hours = lambda s: examples * modes * s / 3600  # noqa: E731
+    return {"length": seq["length"], "P_s": p, "rest_sequential_s": r_seq, "rest_batched_s": r_bat, "methods": kinds,
+            "per_example_mode_s_before": before, "per_example_mode_s_after": after,
+            "gpu_hours_before": hours(before), "gpu_hours_after": hours(after), "speedup": before / after,
+            "examples": examples, "modes": modes}
+
+
+def shared_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true")
@@ -138,7 +191,12 @@ def main(argv=None) -> None:
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     p.add_argument("--out", default=None)
+    p.add_argument("--project", default=None, metavar="JSON",
+                   help="print the projection of SCBench x the 14 reference methods x 2 modes from a measured file")
     a = p.parse_args(argv)
+    if a.project:
+        print(json.dumps(project(json.loads(Path(a.project).read_text())), indent=1))
+        return
     cpu = a.cpu or not torch.cuda.is_available()
     _patch_data()
     table = METHODS_CPU if cpu else METHODS_GPU
@@ -177,6 +235,8 @@ def main(argv=None) -> None:
             elif ref is not None:
                 same = sum(preds.get(k) == v for k, v in ref.items())
                 row["same_predictions"] = f"{same}/{len(ref)}"
+                row["mean_shared_prefix_chars"] = sum(shared_prefix(preds.get(k, ""), v) for k, v in ref.items()) / len(ref)
+                row["mean_prediction_chars"] = sum(len(v) for v in ref.values()) / len(ref)
                 seq = next(r for r in report["rows"] if r["length"] == length and r["way"] == "sequential")
                 row["speedup"] = seq["seconds"] / seconds
             report["rows"].append(row)
