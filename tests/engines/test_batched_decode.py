@@ -13,7 +13,7 @@ from scbench.run import build_method
 from scbench.runner import Replay
 
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
-          "decode_path", "decode_batch", "decode_step_s"}
+          "decode_path", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -50,7 +50,11 @@ def same_rows(a, b):
 
 BATCHABLE = [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8},
              {"name": "pyramidkv", "budget": 96, "window": 8}, {"name": "h2o", "budget": 96},
-             {"name": "streamingllm", "n_init": 8, "n_local": 88}, {"name": "ashape", "n_init": 8, "n_local": 56}]
+             {"name": "streamingllm", "n_init": 8, "n_local": 88}, {"name": "ashape", "n_init": 8, "n_local": 56},
+             {"name": "trishape", "n_init": 8, "n_local": 56, "n_last": 16},
+             {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16, "init_cols": 4, "local_diags": 16},
+             {"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 0.15, "select_layer": 1},
+             {"name": "ppl_compress", "rate": 0.5, "scorer": "engine", "segment": 128, "overlap": 32}]
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
