@@ -43,7 +43,7 @@ def replay_class(timing: str):
 def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str | None:
     """Why this run decodes sequentially (None: its turns can be batched)."""
     from scbench.engines.hf import HFEngine
-    from scbench.engines.recurrent import is_recurrent
+    from scbench.engines.hf_session import HFSession
 
     if check_engine and not isinstance(getattr(engine, "_engine", engine), HFEngine):
         return f"engine {getattr(engine, 'name', '?')!r} decodes on its own"
@@ -57,9 +57,7 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
         return "compression rewrites the cache every turn"
     if getattr(engine, "offload", None):
         return "checkpoints are offloaded"
-    if check_engine and getattr(engine, "_recurrent", None) is None:
-        engine._recurrent = is_recurrent(engine.model)
-    if engine._recurrent:
+    if check_engine and getattr(engine, "session_class", HFSession) is not HFSession:
         return "the model keeps a recurrent state"
     return None
 
@@ -363,7 +361,7 @@ class BatchedReplay(Replay):
                                          seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                          attn_cells=fs.attn_cells + ctx_fs.attn_cells,
                                          attn_computed=fs.attn_computed + ctx_fs.attn_computed,
-                                         extra={**ctx_fs.extra, **fs.extra})
+                                         prefill_shared=ctx_fs.prefill_shared)
             if j in self.done:
                 continue
             prompt = len(ctx_ids) + len(tp.ids)

@@ -153,7 +153,7 @@ def project(report: dict, examples: int = 931, modes: int = 2) -> dict:
     p = seq["prefill_s_turn0"] / seq["cells"]
     r_seq = (seq["seconds"] - seq["cells"] * p) / seq["cells"]
     r_bat = (gb["seconds"] - groups * p) / gb["cells"]
-    engine = type("E", (), {"offload": None, "_recurrent": False, "name": "hf"})()
+    engine = type("E", (), {"offload": None, "name": "hf"})()
     spec = RunSpec(model={}, method={}, task="scbench_kv", mode="multi_request")
     kinds = {}
     for name in REFERENCE_METHODS:

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
-from scbench.engines.hf import HFSession, _sync
+from scbench.engines.hf_session import HFSession
 from scbench.kv import cache as kvc
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class ForkSession(HFSession):
             compress_s = time.perf_counter() - t1
         return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
                          attn_cells=shared.cells, attn_computed=shared.cells,
-                         extra={"prefill_shared": shared.takers if shared.plan in ("device", "host") else 1})
+                         prefill_shared=shared.takers if shared.plan in ("device", "host") else 1)
 
 
 class ForkingEngine:
