@@ -40,7 +40,10 @@ def rows(db) -> dict:
     store = Store(db)
     out = {}
     for t in store.turns():
-        out[(t["run_id"], t["example_id"], t["turn"])] = {k: v for k, v in t.items() if k not in TIMING | {"created"}}
+        row = {k: v for k, v in t.items() if k not in TIMING | {"created"}}
+        if isinstance(row.get("method_costs"), dict):  # the method's own columns: times differ from run to run
+            row["method_costs"] = {k: v for k, v in row["method_costs"].items() if not k.endswith("_s")}
+        out[(t["run_id"], t["example_id"], t["turn"])] = row
     shared = {(t["run_id"], t["example_id"], t["turn"]): t["prefill_shared"] for t in store.turns()}
     runs = {r["run_id"]: (r["status"], r["method_label"]) for r in store.runs()}
     store.close()
