@@ -63,13 +63,15 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
 
 
 # --- attention ------------------------------------------------------------------------------------------------
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor, scale: float):
-    """Unnormalised attention of query rows q [N, M, D] over keys k, v [N, C, D] with masked [N or 1, M or 1, C]:
-    (sum_j p_j v_j [N, M, D], sum_j p_j [N, M], max score [N, M]), in float32."""
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, scale: float):
+    """Unnormalised attention of query rows q [N, M, D] over keys k, v [N, C, D] with masked [N or 1, M or 1, C]
+    (None: every key counts): (sum_j p_j v_j [N, M, D], sum_j p_j [N, M], max score [N, M]), in float32."""
     acc = {"out_dtype": torch.float32} if q.is_cuda and q.dtype != torch.float32 else {}
     if q.dtype != torch.float32 and not acc:
         q, k, v = q.float(), k.float(), v.float()
-    s = torch.bmm(q, k.transpose(1, 2), **acc).mul_(scale).masked_fill_(masked, float("-inf"))
+    s = torch.bmm(q, k.transpose(1, 2), **acc).mul_(scale)
+    if masked is not None:
+        s.masked_fill_(masked, float("-inf"))
     m = s.amax(-1).clamp_min(-1e30)  # rows without a key: weight 0 everywhere, no NaN
     p = torch.exp(s - m.unsqueeze(-1))
     total = p.sum(-1)
@@ -77,12 +79,21 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Te
     return o, total, m
 
 
-def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale: float | None = None):
+def shared_mask(shared_len: torch.Tensor, s_len: int, g: int) -> torch.Tensor:
+    """The shared keys each query row of ``shared_prefix_attention`` must not see: bool [1, B x g, S]."""
+    b = shared_len.shape[0]
+    pos = torch.arange(s_len, device=shared_len.device)
+    return (pos.view(1, 1, s_len) >= shared_len.view(b, 1, 1)).expand(b, g, s_len).reshape(1, b * g, s_len)
+
+
+def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale: float | None = None,
+                            masked: torch.Tensor | bool | None = None):
     """One decode query per row over a shared prefix plus the row's own keys, merged with log-sum-exp.
 
     q: [B, Hq, 1, D]; shared_k/v: [1, Hkv, S, D] (read once for the whole batch); shared_len: int64 [B], the
     prefix length row b sees; own_k/v: [B, Hkv, C, D], the row's own keys; own_at: int64 [B], its last valid
-    own key index -> [B, Hq, 1, D] in q's dtype.
+    own key index -> [B, Hq, 1, D] in q's dtype. ``masked``: ``shared_mask(shared_len, S, Hq // Hkv)`` computed
+    once for a batch (None: computed here; False: every row sees all S shared keys, no mask applied).
     """
     b, hq, _, d = q.shape
     hkv, s_len, c = shared_k.shape[1], shared_k.shape[2], own_k.shape[2]
@@ -90,9 +101,9 @@ def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own
     scale = d**-0.5 if scale is None else scale
     # shared part: all B x g query rows of a KV head against that head's keys, one product per head
     qs = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv, b * g, d)
-    pos = torch.arange(s_len, device=q.device)
-    m_sh = (pos.view(1, 1, s_len) >= shared_len.view(b, 1, 1)).expand(b, g, s_len).reshape(1, b * g, s_len)
-    o1, l1, x1 = _partial(qs, shared_k[0], shared_v[0], m_sh, scale)
+    if masked is None:
+        masked = shared_mask(shared_len, s_len, g)
+    o1, l1, x1 = _partial(qs, shared_k[0], shared_v[0], None if masked is False else masked, scale)
     o1 = o1.view(hkv, b, g, d).transpose(0, 1).reshape(b * hkv, g, d)
     l1, x1 = (t.view(hkv, b, g).transpose(0, 1).reshape(b * hkv, g) for t in (l1, x1))
     # own part: each row's queries against its own keys
@@ -157,6 +168,9 @@ class SharedPrefixKV:
         self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
         """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
         self.rows = torch.arange(len(rows), device=dev)
+        self.full_prefix = [all(r.shared_len[li] == sk.shape[2] for r in rows) for li, (sk, _) in enumerate(self.shared)]
+        """Per layer: every row sees the whole shared cache (multi-request), so no shared mask is needed."""
+        self.masks: dict[int, torch.Tensor | bool] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
@@ -165,7 +179,12 @@ class SharedPrefixKV:
 
     def attend(self, layer_idx, q, k, v, scale):
         sk, sv = self.shared[layer_idx]
-        return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale)
+        if layer_idx not in self.masks:  # constant during the decode: built at the first step (before any capture)
+            full = self.full_prefix[layer_idx]
+            self.masks[layer_idx] = False if full else shared_mask(self.shared_len[layer_idx], sk.shape[2],
+                                                                  q.shape[1] // sk.shape[1])
+        return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale,
+                                       self.masks[layer_idx])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.shared[layer_idx][0].shape[2])

@@ -260,6 +260,8 @@ def _free_accelerator() -> None:
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------
 QUEUE: list[Job] = []
+FAILED: list[Outcome] = []
+"""Queued jobs that failed (their runs are recorded as failed in the store), for whoever reports the sweep's end."""
 
 
 def should_defer(hydra_cfg, cfg) -> bool:
@@ -283,6 +285,8 @@ def run_queued() -> list[Outcome]:
     for o in outcomes:
         if o.error is None:
             print(describe(o))
+        else:
+            FAILED.append(o)
     return outcomes
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scbench.batch import BatchedReplay, reference_shared_prefix_attention, replay_class, shared_prefix_attention
+from scbench.batch import (BatchedReplay, reference_shared_prefix_attention, replay_class, shared_mask,
+                           shared_prefix_attention)
 from scbench.data import load_examples
 from scbench.records import RunSpec
 from scbench.registry import TASKS
@@ -28,6 +29,12 @@ def test_shared_prefix_attention_matches_reference(seed):
     got = shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3)
     want = reference_shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mask = shared_mask(shared_len, s, grp)  # precomputed once per batch: the same result
+    torch.testing.assert_close(shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3, mask), got)
+    full = torch.full((b,), s)  # every row sees the whole prefix: no mask at all
+    torch.testing.assert_close(shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3, False),
+                               reference_shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3),
+                               atol=1e-5, rtol=1e-5)
 
 
 def replay(engine, cls, method: dict, mode: str, done=None, **kw):
