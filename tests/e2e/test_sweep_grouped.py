@@ -137,3 +137,36 @@ def test_cli_sweep_groups_by_default(tiny_folder, tmp_path, share):
     store.close()
     n = 2 if share == "true" else 1
     assert by_method == {"full": {0: n, 1: 1}, "streamingllm": {0: n, 1: 1}, "ashape": {0: 1, 1: 1}}
+
+
+def test_fork_plan_from_free_memory():
+    import torch
+
+    from scbench.engines.fork import GIB, plan_copy
+
+    cuda = torch.device("cuda")
+    assert plan_copy(16 * GIB, cuda, device_free=40 * GIB, host_free=100 * GIB) == "device"
+    assert plan_copy(16 * GIB, cuda, device_free=20 * GIB, host_free=100 * GIB) == "host"
+    assert plan_copy(16 * GIB, cuda, device_free=20 * GIB, host_free=10 * GIB) == "none"
+    assert plan_copy(GIB, torch.device("cpu"), host_free=4 * GIB) == "device"
+    assert plan_copy(8 * GIB, torch.device("cpu"), host_free=4 * GIB) == "none"
+
+
+@pytest.mark.parametrize("plan", ["host", "none"])
+def test_no_room_for_the_copy_changes_nothing_stored(tiny_engine, tmp_path, monkeypatch, caplog, plan):
+    """Without room for a device copy the prefill waits in host memory; without any room each run prefills alone
+    (and a warning says so): the rows are the same either way."""
+    import scbench.engines.fork
+
+    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "kivi")]
+    ref = [Job(spec(cfg, "multi_request"), str(tmp_path / "ref.sqlite"), progress=False) for cfg in cfgs]
+    run_jobs(ref, engine=tiny_engine)
+    monkeypatch.setattr(scbench.engines.fork, "plan_copy", lambda *a, **k: plan)
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "low.sqlite"), progress=False) for cfg in cfgs]
+    with caplog.at_level("WARNING"):
+        run_jobs(jobs, engine=tiny_engine)
+    assert "prefill alone" in caplog.text if plan == "none" else "host memory" in caplog.text
+    got, shared, _ = rows(tmp_path / "low.sqlite")
+    want, _, _ = rows(tmp_path / "ref.sqlite")
+    assert got == want
+    assert {v for k, v in shared.items() if k[2] == 0} == ({1} if plan == "none" else {3})
