@@ -143,7 +143,9 @@ class SharedPrefill:
         if self.left <= 0:
             self.plan = "alone"
             return
-        nbytes = kvc.kv_nbytes(session.cache)
+        # the captured queries stay until the last run compressed (H2O's are every prompt position: often more
+        # bytes than the KV), so they count in the plan and follow the copy to host memory
+        nbytes = kvc.kv_nbytes(session.cache) + sum(q.numel() * q.element_size() for q in self.queries.values())
         self.plan = plan_copy(nbytes, dev)
         if self.plan == "none":
             log.warning("shared prefill: no room for a %.1f GiB copy of the prefilled cache on %s or in host memory; "
@@ -153,10 +155,13 @@ class SharedPrefill:
             log.warning("shared prefill: the %.1f GiB prefilled cache does not fit twice on %s; kept in host memory "
                         "and copied back for each of %d run(s)", nbytes / GIB, dev, self.left)
         self.layers = _copy_layers(session.cache, self.plan)
+        if self.plan == "host":
+            self.queries = {layer: q.cpu() for layer, q in self.queries.items()}
 
     def shared_queries(self, window: int) -> dict[int, torch.Tensor]:
         """The captured queries cut to the last ``window`` positions (what a feed capturing ``window`` keeps)."""
-        return {layer: q[..., -window:, :].contiguous() for layer, q in (self.queries or {}).items()}
+        dev = self.engine.device
+        return {layer: q[..., -window:, :].to(dev).contiguous() for layer, q in (self.queries or {}).items()}
 
 
 class ForkSession(HFSession):
@@ -187,6 +192,8 @@ class ForkSession(HFSession):
             self._compress(ctx)
             _sync(dev)
             compress_s = time.perf_counter() - t1
+        if shared.left <= 0:  # the last run of the group has what it needs
+            shared.close()
         return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
                          attn_cells=shared.cells, attn_computed=shared.cells,
                          prefill_shared=shared.takers if shared.plan in ("device", "host") else 1)
