@@ -143,6 +143,8 @@ class Row:
     own: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer: keys and values of its own prompt tokens that are not in the shared cache."""
     prompt_tokens: int
+    costs: dict | None = None
+    """What the method reported right after this turn's prompt was fed (``Method.take_costs``)."""
 
 
 class SharedPrefixKV:
@@ -317,7 +319,7 @@ class BatchedReplay(Replay):
 
     def __iter__(self):
         reason = fallback_reason(self.engine, self.method, self.spec)
-        todo = [i for i in range(self.turns) if i not in self.done]
+        todo = [i for i in range(self.turns) if i not in self.done or i == self.check_turn]
         if reason is not None or len(todo) < 2:
             if reason is not None:
                 log.debug("sequential decode: %s", reason)
@@ -335,12 +337,15 @@ class BatchedReplay(Replay):
         e = self.engine
         per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
         for row, gen in zip(rows, gens):
+            if row.turn in self.done:  # the stored turn recomputed to check the resume (as Replay does)
+                self._compare(row.turn, gen.text)
+                continue
             n = len(gen.tokens) - 1
             lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
             row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
-            yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, decode_batch=len(rows),
-                               decode_step_s=step_s if n else 0.0)
+            yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, costs=row.costs,
+                               decode_batch=len(rows), decode_step_s=step_s if n else 0.0)
 
     def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The last ``n`` tokens of every cache layer (copies)."""
@@ -353,11 +358,12 @@ class BatchedReplay(Replay):
             tp = self.builder.first() if i == 0 else self.builder.delta(i, None)
             fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
             history += len(tp.ids)
-            if i not in self.done:
+            costs = self.method.take_costs(self.session)  # this turn's, before the next feed adds its own
+            if i not in self.done or i == self.check_turn:
                 self._check_window(i, history + tp.max_new_tokens)
                 lengths = kvc.layer_lengths(self.session.cache)
                 rows.append(Row(i, tp, fs, self.session.last_logits, self.session.pos,
-                                [n - tp.rewind for n in lengths], self._own(tp.rewind), history))
+                                [n - tp.rewind for n in lengths], self._own(tp.rewind), history, costs))
             self.session.drop_last(tp.rewind)
             history -= tp.rewind
         return rows
@@ -381,11 +387,12 @@ class BatchedReplay(Replay):
                                          attn_cells=fs.attn_cells + ctx_fs.attn_cells,
                                          attn_computed=fs.attn_computed + ctx_fs.attn_computed,
                                          prefill_shared=ctx_fs.prefill_shared)
-            if j in self.done:
+            costs = self.method.take_costs(self.session)  # this request's, before the next feed adds its own
+            if j in self.done and j != self.check_turn:
                 continue
             prompt = len(ctx_ids) + len(tp.ids)
             self._check_window(j, prompt + tp.max_new_tokens)
             rows.append(Row(j, tp, fs, self.session.last_logits, self.session.pos, list(base),
-                            self._own(len(tp.ids)), prompt))
+                            self._own(len(tp.ids)), prompt, costs))
         self.session.rollback(checkpoint)
         return rows

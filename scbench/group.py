@@ -128,31 +128,36 @@ class _Member:
 
 def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     """Run jobs whose specs differ only in a prefill-sharing method, example by example, sharing each example's
-    first prefill (see the module docstring). Failures are recorded per run, as ``run_spec`` records them."""
+    first prefill (see the module docstring). Each run is validated, leased, recorded, checked on resume and
+    finished as ``run_spec`` does it; one run's failure is recorded and the others go on."""
     from scbench.batch import replay_class
     from scbench.data import load_examples
     from scbench.engines.fork import ForkingEngine, SharedPrefill
-    from scbench.registry import TASKS
-    from scbench.run import build_method, get_engine, parse_shard, record_failure, run_spec_dict
-    from scbench.runner import n_turns
     from scbench.provenance import collect, spec_hash
+    from scbench.registry import TASKS
+    from scbench.run import _record_stop, build_method, get_engine, parse_shard, record_failure, run_spec_dict, shard_key
+    from scbench.runner import n_turns
     from scbench.store import Store
 
     lead = jobs[0]
     members: list[_Member] = []
     outcomes: list[Outcome] = []
-    examples = None
+    examples = picked = None
     for job in jobs:
         spec_dict = run_spec_dict(job.spec, job.engine_name, job.engine_options)
         m = _Member(job, spec_hash(spec_dict), spec_dict)
         try:
             picked = parse_shard(job.shard)
+            replay_class(job.timing)
             job.spec.validate()
             m.task = TASKS.get(job.spec.task).with_variant(job.spec.task_variant)
             m.method = build_method(job.spec.method)
             if job.engine_name not in m.method.engines:
                 raise ValueError(f"method {m.method.name!r} runs on engines {', '.join(m.method.engines)}, "
                                  f"not {job.engine_name!r}")
+            if job.spec.model.get("device_map") not in (None, "", "null", "none") and m.method.sharded:
+                raise ValueError(f"method {m.method.name!r} cannot run on a model split over devices "
+                                 f"(model.device_map): {m.method.sharded}")
             if m.method.engine_args():
                 raise ValueError(f"method {m.method.name!r} needs engine arguments; it cannot share an engine")
             if engine is None:
@@ -176,42 +181,53 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     if not members:
         return outcomes
     spec = lead.spec
-    picked = parse_shard(lead.shard)
     mine = examples if picked is None else [ex for k, ex in enumerate(examples) if k % picked[1] == picked[0]]
-    window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
     replay = replay_class(lead.timing)
-    log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s", len(members), spec.task,
-             spec.mode, ", ".join(m.method.name for m in members))
-
+    lease = shard_key(picked)
     store = Store(lead.store)
+    claimed: list[_Member] = []
     bar = None
     try:
         for m in members:
+            owner = store.claim(m.run_id, lease)
+            if owner is not None:
+                log.warning("run %s%s: skipped, another process computes it (%s pid %s)", m.run_id,
+                            f" shard {lead.shard}" if picked else "", owner["host"], owner["pid"])
+                outcomes.append(Outcome(m.job, m.run_id))
+                continue
+            claimed.append(m)
             store.open_run(m.run_id, model=engine.describe()["model"], method=m.method.name,
                            method_label=m.method.label(), task=m.task.name, mode=m.job.spec.mode, spec=m.spec_dict,
                            provenance=collect(engine.describe(), m.method.describe(), m.task))
+            store.set_expected(m.run_id, {e.id: n_turns(e, m.job.spec) for e in examples})
             m.done = store.done_turns(m.run_id)
-        total = sum(n_turns(e, m.job.spec) for e in mine for m in members)
-        todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in members)
+        window = max((m.method.query_window for m in claimed if "compress_cache" in m.method.hooks()), default=0)
+        log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s", len(claimed), spec.task,
+                 spec.mode, ", ".join(m.method.name for m in claimed))
+        total = sum(n_turns(e, m.job.spec) for e in mine for m in claimed)
+        todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in claimed)
         if lead.progress and todo:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=total - todo, unit="turn",
-                       desc=f"{spec.task} {spec.mode} {len(members)} methods (shared prefill)")
+                       desc=f"{spec.task} {spec.mode} {len(claimed)} methods (shared prefill)")
         for ex in mine:
-            live = [m for m in members if m.error is None and len(m.done.get(ex.id, {})) < n_turns(ex, m.job.spec)]
+            live = [m for m in claimed if m.error is None and len(m.done.get(ex.id, {})) < n_turns(ex, m.job.spec)]
             shared = SharedPrefill(engine, takers=len(live), window=window)
             try:
                 for m in live:
                     proxy = ForkingEngine(engine, shared)
                     try:
-                        for result in replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {})):
+                        rep = replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}))
+                        for result in rep:
                             store.put(m.run_id, result)
                             if bar:
                                 bar.update(1)
+                        if rep.mismatches:
+                            store.note_mismatch(m.run_id, rep.mismatches)
                     except Exception as e:  # noqa: BLE001 - this run fails, the others go on
                         m.error = e
-                        store.finish_run(m.run_id, "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+                        _record_stop(store, lead.store, m.run_id, m.spec_dict, e)
                         log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id,
                                   type(e).__name__, e)
                         _free_accelerator()
@@ -220,27 +236,26 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                             shared.skip()
             finally:
                 shared.close()
+        for m in claimed:
+            if m.error is not None:
+                outcomes.append(Outcome(m.job, m.run_id, m.error, len(claimed)))
+                continue
+            finished = picked is None or store.complete(m.run_id)
+            store.finish_run(m.run_id, "done" if finished else "partial")
+            outcomes.append(Outcome(m.job, m.run_id, None, len(claimed)))
     except BaseException as e:
-        for m in members:
+        for m in claimed:
             if m.error is None:
-                store.finish_run(m.run_id, "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
-        store.close()
+                _record_stop(store, lead.store, m.run_id, m.spec_dict, e)
         raise
     finally:
         if bar:
             bar.close()
-    try:
-        for m in members:
-            if m.error is not None:
-                outcomes.append(Outcome(m.job, m.run_id, m.error, len(members)))
-                continue
-            if picked is None:
-                store.finish_run(m.run_id, "done")
-            else:
-                store.set_expected(m.run_id, {e.id: n_turns(e, m.job.spec) for e in examples})
-                store.finish_run(m.run_id, "done" if store.complete(m.run_id) else "partial")
-            outcomes.append(Outcome(m.job, m.run_id, None, len(members)))
-    finally:
+        for m in claimed:
+            try:
+                store.release(m.run_id, lease)
+            except Exception:  # noqa: BLE001 - the owner's exit frees it
+                log.warning("could not release the lease of run %s in %s", m.run_id, lead.store)
         store.close()
     return outcomes
 

@@ -121,6 +121,9 @@ class TurnStats:
     decode_step_s: float = 0.0
     """Batched turns: mean wall time of one decode step of the whole batch; ``decode_s`` is this turn's share
     (its steps x step time / batch size). 0 for turns decoded alone."""
+    device_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Sharded models (``model.device_map``): per device, ``kv_bytes`` of the layers it holds and its
+    ``peak_mem_bytes``; ``kv_bytes`` and ``peak_mem_bytes`` above are the sums. Empty on one device."""
     method_costs: dict[str, float | int | None] = field(default_factory=dict)
     """The method's own cost columns (name -> value), as declared in its ``Method.costs`` (every declared name
     present, its ``Cost.default`` where the method measured nothing this turn); empty for methods without any.

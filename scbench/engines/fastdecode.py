@@ -40,6 +40,9 @@ def unsupported(cache, method) -> str | None:
             return f"cache layer {i} is empty"
         if type(layer).__name__ != "DynamicLayer":
             return f"cache layer {i} is a {type(layer).__name__}, not a plain DynamicLayer"
+    devices = {layer.keys.device for layer in cache.layers}
+    if len(devices) > 1:
+        return f"cache layers on {len(devices)} devices (a sharded model): the static buffers and graph are per device"
     return None
 
 

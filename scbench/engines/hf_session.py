@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from scbench.devices import sync as _sync
-from scbench.engines import attention, fastdecode
+from scbench.engines import attention, fastdecode, sharding
 from scbench.engines.base import FeedStats, GenResult, Session
 from scbench.kv import cache as kvc
 from scbench.kv import offload as kvo
@@ -204,4 +204,11 @@ class HFSession(Session):
             "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, self.pos, e.dtype),
             **kvo.take_counters(self.cache, self.tier),  # slow tier, loads since the last call (one call per turn)
             "peak_mem_bytes": e.peak_memory(),
+            **({"device_bytes": self._device_bytes()} if len(e.devices) > 1 else {}),
         }
+
+    def _device_bytes(self) -> dict[str, dict[str, int]]:
+        """Sharded model: per device, the KV bytes of the layers it holds and its peak allocated bytes."""
+        kv = kvc.kv_nbytes_by_device(self.cache)
+        peak = sharding.peak_memory_per_device(self.engine.devices)
+        return {d: {"kv_bytes": kv.get(d, 0), "peak_mem_bytes": peak.get(d, 0)} for d in sorted(set(kv) | set(peak))}

@@ -97,7 +97,7 @@ def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(Store, "put", real_put)
     store = Store(db)
     before = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
-    assert len(before) == 7 and {r["status"] for r in store.runs()} == {"failed"}
+    assert len(before) == 7 and {r["status"] for r in store.runs()} == {"interrupted"}
     store.close()
     run_jobs(jobs, engine=tiny_engine)
     got, _, runs = rows(db)

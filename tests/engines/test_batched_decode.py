@@ -37,12 +37,15 @@ def test_shared_prefix_attention_matches_reference(seed):
                                atol=1e-5, rtol=1e-5)
 
 
-def replay(engine, cls, method: dict, mode: str, done=None, **kw):
+def replay(engine, cls, method: dict, mode: str, done=None, keep=None, **kw):
     task = TASKS.get("scbench_kv")
     count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
     ex = load_examples(task, "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
     spec = RunSpec(model={}, method=method, task="scbench_kv", mode=mode, max_turns=4, max_new_tokens=10, **kw)
-    return list(cls(engine, build_method(method), task, ex, spec, done=done))
+    rep = cls(engine, build_method(method), task, ex, spec, done=done)
+    if keep is not None:
+        keep.append(rep)
+    return list(rep)
 
 
 def same_rows(a, b):
@@ -93,9 +96,14 @@ def test_fallback_to_sequential(tiny_engine, method, kw):
 def test_batched_resume_decodes_only_missing_turns(tiny_engine, mode):
     seq = replay(tiny_engine, Replay, {"name": "full"}, mode)
     done = {0: seq[0].prediction, 2: seq[2].prediction}
-    bat = replay(tiny_engine, BatchedReplay, {"name": "full"}, mode, done=done)
+    reps = []
+    bat = replay(tiny_engine, BatchedReplay, {"name": "full"}, mode, done=done, keep=reps)
     same_rows([seq[1], seq[3]], bat)
-    assert {r.stats.decode_batch for r in bat} == {2}
+    assert {r.stats.decode_batch for r in bat} == {3}  # turn 0 is decoded again to check the resume
+    assert reps[0].mismatches == []
+    done[0] = "not what the model says"
+    replay(tiny_engine, BatchedReplay, {"name": "full"}, mode, done=done, keep=reps)
+    assert [m["turn"] for m in reps[1].mismatches] == [0]
 
 
 def test_lagged_token_reads(tiny_engine, monkeypatch):
