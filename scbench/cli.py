@@ -113,8 +113,10 @@ def _run_job(cfg) -> None:
         engine = engine_cfg(cfg)
         timing = cfg.get("timing", "batched")
         if multirun and group.should_defer(hc, cfg):  # run at the end of the sweep, sharing prefills (scbench/group.py)
+            overrides = list(hc.overrides.task)
             group.QUEUE.append(group.Job(spec, cfg.store, engine.pop("name"), engine, cfg.get("shard"), device,
-                                         cfg.progress, timing))
+                                         cfg.progress, timing,
+                                         on_error=lambda e: _note_failure(job_num, overrides, e)))
             return
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
                           progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing)

@@ -19,6 +19,7 @@ import json
 import logging
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 from scbench.records import RunSpec
 
@@ -39,6 +40,8 @@ class Job:
     device: str | None = None
     progress: bool = True
     timing: str = "sequential"
+    on_error: Callable[[BaseException], None] | None = field(default=None, compare=False, repr=False)
+    """Called with the error when the run fails (the CLI notes the sweep job's failure for its exit status)."""
 
 
 @dataclass
@@ -302,6 +305,8 @@ def run_queued() -> list[Outcome]:
             print(describe(o))
         else:
             FAILED.append(o)
+            if o.job.on_error is not None:
+                o.job.on_error(o.error)
     return outcomes
 
 
