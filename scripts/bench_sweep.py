@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,7 +207,8 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     t_build = time.perf_counter()
     engine = build_engine(cpu, a.tokenizer)
-    report = {"device": engine.describe()["device_name"], "model": engine.model_name, "dtype": str(engine.dtype),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"code": commit or "unknown", "command": " ".join(sys.argv), "device": engine.describe()["device_name"], "model": engine.model_name, "dtype": str(engine.dtype),
               "torch": torch.__version__, "python": platform.python_version(), "build_s": time.perf_counter() - t_build,
               "methods": methods, "tasks": a.tasks, "modes": a.modes, "examples": a.examples, "turns": a.turns,
               "max_new": a.max_new, "rows": []}
