@@ -49,6 +49,8 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
         return f"engine {getattr(engine, 'name', '?')!r} decodes on its own"
     if not spec.reuse:
         return "naive replay (reuse=false)"
+    if (spec.model or {}).get("device_map") not in (None, "", "null", "none"):
+        return "the model is split over devices (model.device_map)"
     if spec.mode == "multi_turn" and not spec.golden_context:
         return "multi-turn history is the model's own answers (golden_context=false)"
     if "decode_attention" in method.hooks() or not getattr(method, "fast_decode", True):

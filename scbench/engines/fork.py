@@ -60,6 +60,17 @@ def plan_copy(nbytes: int, device: torch.device, *, device_free: int | None = No
     return "host" if host_free >= nbytes + 4 * GIB else "none"
 
 
+def plan_for(per_device: dict[torch.device, int]) -> str:
+    """``plan_copy`` for a cache on one device; split over several (``model.device_map``), the copy stays on the
+    devices when every one holds its part, else goes to host memory when that holds it all, else nowhere."""
+    if len(per_device) == 1:
+        (device, n), = per_device.items()
+        return plan_copy(n, device)
+    if all(plan_copy(n, d) == "device" for d, n in per_device.items()):
+        return "device"
+    return "host" if free_host_bytes() >= sum(per_device.values()) + 4 * GIB else "none"
+
+
 def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for layer in cache.layers:
@@ -83,6 +94,7 @@ class SharedPrefill:
         """Runs that may still fork it; the last one takes the copy itself."""
         self.ids: list[int] | None = None
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.devices: list[torch.device] = []
         self.plan: str | None = None
         self.logits = self.queries = None
         self.seconds = 0.0
@@ -111,13 +123,12 @@ class SharedPrefill:
             return False
         if self.layers is None:  # plan "none": no copy was kept
             return False
-        dev = self.engine.device
         last = self.left <= 0 and self.plan == "device"
-        for layer, (k, v) in zip(session.cache.layers, self.layers):
+        for layer, (k, v), dev in zip(session.cache.layers, self.layers, self.devices):
             if last:
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k, v
-            else:
+            else:  # back to the layer's own device (a model split over devices keeps its layers where they were)
                 layer.update(k.to(dev, non_blocking=True), v.to(dev, non_blocking=True))
         if len(session.cache.layers) != len(self.layers):
             raise RuntimeError("shared prefill: the forked cache has another number of layers")
@@ -145,8 +156,11 @@ class SharedPrefill:
             return
         # the captured queries stay until the last run compressed (H2O's are every prompt position: often more
         # bytes than the KV), so they count in the plan and follow the copy to host memory
-        nbytes = kvc.kv_nbytes(session.cache) + sum(q.numel() * q.element_size() for q in self.queries.values())
-        self.plan = plan_copy(nbytes, dev)
+        per_device: dict[torch.device, int] = {}
+        for t in [x for layer in session.cache.layers for x in (layer.keys, layer.values)] + list(self.queries.values()):
+            per_device[t.device] = per_device.get(t.device, 0) + t.numel() * t.element_size()
+        nbytes = sum(per_device.values())
+        self.plan = plan_for(per_device)
         if self.plan == "none":
             log.warning("shared prefill: no room for a %.1f GiB copy of the prefilled cache on %s or in host memory; "
                         "the other %d run(s) of this example prefill alone", nbytes / GIB, dev, self.left)
@@ -154,6 +168,7 @@ class SharedPrefill:
         if self.plan == "host":
             log.warning("shared prefill: the %.1f GiB prefilled cache does not fit twice on %s; kept in host memory "
                         "and copied back for each of %d run(s)", nbytes / GIB, dev, self.left)
+        self.devices = [layer.keys.device for layer in session.cache.layers]
         self.layers = _copy_layers(session.cache, self.plan)
         if self.plan == "host":
             self.queries = {layer: q.cpu() for layer, q in self.queries.items()}

@@ -142,7 +142,8 @@ def test_cli_sweep_groups_by_default(tiny_folder, tmp_path, share):
 def test_fork_plan_from_free_memory():
     import torch
 
-    from scbench.engines.fork import GIB, plan_copy
+    import scbench.engines.fork
+    from scbench.engines.fork import GIB, plan_copy, plan_for
 
     cuda = torch.device("cuda")
     assert plan_copy(16 * GIB, cuda, device_free=40 * GIB, host_free=100 * GIB) == "device"
@@ -150,6 +151,17 @@ def test_fork_plan_from_free_memory():
     assert plan_copy(16 * GIB, cuda, device_free=20 * GIB, host_free=10 * GIB) == "none"
     assert plan_copy(GIB, torch.device("cpu"), host_free=4 * GIB) == "device"
     assert plan_copy(8 * GIB, torch.device("cpu"), host_free=4 * GIB) == "none"
+    split = {torch.device("cuda", 0): 8 * GIB, torch.device("cuda", 1): 8 * GIB}  # a model over two devices
+    fits = {torch.device("cuda", 0): 40 * GIB, torch.device("cuda", 1): 11 * GIB}
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(scbench.engines.fork, "free_device_bytes", lambda d: fits[d])
+    monkey.setattr(scbench.engines.fork, "free_host_bytes", lambda: 100 * GIB)
+    try:
+        assert plan_for(split) == "host"  # device 1 cannot hold its part twice
+        fits[torch.device("cuda", 1)] = 40 * GIB
+        assert plan_for(split) == "device"
+    finally:
+        monkey.undo()
 
 
 @pytest.mark.parametrize("plan", ["host", "none"])
