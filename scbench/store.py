@@ -26,7 +26,7 @@ from scbench.records import TurnResult, TurnStats
 STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
 
 
-JSON_STAT_COLUMNS = {"method_costs"}
+JSON_STAT_COLUMNS = {"method_costs", "device_bytes"}
 """TurnStats fields stored as JSON text (dicts)."""
 
 
