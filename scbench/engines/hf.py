@@ -103,14 +103,22 @@ class HFEngine(TokenizerEngine):
         self.model_name = name or path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        if model is None and path.startswith("random:") and device_map is None:  # in memory, never saved
-            from scbench.engines.models import load_random
+        dispatched = False
+        if model is None and path.startswith("random:"):  # in memory, never saved
+            from scbench.engines.models import load_random, random_config, random_parts
 
-            model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
-                                           dtype=torch.float32 if adapter else self.dtype)
+            if device_map is None:
+                model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
+                                               dtype=torch.float32 if adapter else self.dtype)
+            else:  # built layer by layer on the devices of the map, never whole on one device
+                preset, seed, tokenizer = random_parts(path, tokenizer_path)
+                config = random_config(preset, tokenizer)
+                mapping = device_map if isinstance(device_map, dict) else sharding.plan(
+                    config, self._budget(max_memory), dtype=self.dtype, strategy=device_map)
+                model, dispatched = sharding.random_sharded(config, mapping, seed=seed, dtype=self.dtype), True
+                model.set_attn_implementation(attention.NAME)
         elif tokenizer_path is not None:
-            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset> on one device, got "
-                             f"path {path!r}")
+            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset>, got path {path!r}")
         if model is None:
             folder = resolve(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -121,7 +129,7 @@ class HFEngine(TokenizerEngine):
                 folder, dtype=torch.float32 if adapter else self.dtype, trust_remote_code=trust_remote_code,
                 attn_implementation=attention.NAME, **placed,
             )
-        else:
+        elif not dispatched:
             model.set_attn_implementation(attention.NAME)
             if device_map is not None:
                 mapping = device_map if isinstance(device_map, dict) else sharding.plan(
