@@ -32,7 +32,7 @@ class KIVI(Method):
     name: ClassVar[str] = "kivi"
     stages: ClassVar[tuple[str, ...]] = ("compression",)
     fast_decode: ClassVar[bool] = False
-    """Each appended token may re-quantize a group of the residual: decode takes the plain loop."""
+    """Each appended token may quantize a group of the residual: the static path needs the plugin below."""
     approximation: ClassVar[str] = (
         "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
         "keeps 0..residual-1 recent keys and exactly residual recent values exact"
@@ -55,6 +55,13 @@ class KIVI(Method):
         packed = analytic_nbytes(context_tokens, batch=1, heads=kv_heads, head_dim=head_dim, bits=self.bits,
                                  group=self.group, residual=self.residual, elt=elt)
         return {"kv_ratio": ("eq", packed / full)}
+
+    def static_decoder(self):
+        """The captured-step decode plugin (methods/kivi_fast.py): attention over the packed bits, the residual
+        quantized inside the step."""
+        from scbench.methods.kivi_fast import KIVIDecode
+
+        return KIVIDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""

@@ -228,6 +228,15 @@ class RetrievalAttention(Method):
         rows = min(1.0, per_head * (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
         return {"loaded_ratio": ("lt", min(0.98, rows + 0.02))}
 
+    def static_decoder(self):
+        """The captured-step decode plugin for the device tier with exact search (methods/retrieval_fast.py);
+        None (the plain loop) for the host tier, a faiss index or ``recall``."""
+        if self.tier != "device" or self.index != "exact" or self.recall:
+            return None
+        from scbench.methods.retrieval_fast import RetrievalDecode
+
+        return RetrievalDecode(self)
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them in the tier (and its search index)."""
         layer = TieredLayer(keys, values, storage=self.tier)

@@ -99,6 +99,7 @@ def _run_job(cfg) -> None:
     failed run with its error and the sweep goes on; a single run raises."""
     from hydra.core.hydra_config import HydraConfig
 
+    from scbench import group
     from scbench.run import record_failure, run_spec
     from scbench.provenance import spec_hash
 
@@ -110,8 +111,15 @@ def _run_job(cfg) -> None:
         spec = spec_from_cfg(cfg)
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
         engine = engine_cfg(cfg)
+        timing = cfg.get("timing", "batched")
+        if multirun and group.should_defer(hc, cfg):  # run at the end of the sweep, sharing prefills (scbench/group.py)
+            overrides = list(hc.overrides.task)
+            group.QUEUE.append(group.Job(spec, cfg.store, engine.pop("name"), engine, cfg.get("shard"), device,
+                                         cfg.progress, timing,
+                                         on_error=lambda e: _note_failure(job_num, overrides, e)))
+            return
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device,
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing,
                           strict=bool(cfg.get("strict", False)))
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")

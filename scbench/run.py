@@ -10,7 +10,7 @@ from scbench import checks, provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
 from scbench.registry import ENGINES, METHODS, TASKS
-from scbench.runner import Replay, n_turns
+from scbench.runner import n_turns
 from scbench.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | Non
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
              shard: str | None = None, device: str | None = None, engine_options: dict | None = None,
-             strict: bool = False) -> str:
+             timing: str = "sequential", strict: bool = False) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
@@ -120,15 +120,20 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     ``device`` overrides the model's device without changing the run id (one job per GPU).
     ``engine_name`` / ``engine_options``: the engine and its knobs (a non-hf engine and its options are part of the
     run id, so its runs never mix with the transformers engine's).
+    ``timing="batched"`` decodes an example's independent turns as one batch where the method allows it
+    (scbench/batch.py; same predictions, batched cost columns); ``sequential`` decodes one turn at a time.
     A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
     ``strict``: a turn flagged ``unfired`` (the method's promise failed, scbench/checks.py) fails the run once stored.
     """
+    from scbench.batch import replay_class
+
     engine_name = getattr(engine, "name", None) or engine_name
     spec_dict = run_spec_dict(spec, engine_name, engine_options)
     run_id = provenance.spec_hash(spec_dict)
     store = None
     try:
         picked = parse_shard(shard)
+        replay_cls = replay_class(timing)
         spec.validate()
         task = TASKS.get(spec.task).with_variant(spec.task_variant)
         method = build_method(spec.method)
@@ -184,13 +189,16 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             label = f"{task.name} {spec.mode} {method.name}" + (f" shard {shard}" if picked else "")
             bar = tqdm(total=total, initial=total - todo, desc=label, unit="turn")
         try:
+            warm = getattr(engine, "warmup", None)
+            warmup_s = warm(method) if warm is not None and todo else 0.0  # one-time costs before the first turn
             for i, ex in enumerate(mine):
                 have = done.get(ex.id, {})
                 if len(have) >= n_turns(ex, spec):
                     continue
                 if bar:
                     bar.set_postfix_str(f"example {i + 1}/{len(mine)}")
-                replay = Replay(engine, method, task, ex, spec, done=have)
+                replay = replay_cls(engine, method, task, ex, spec, done=have, warmup_s=warmup_s)
+                warmup_s = 0.0
                 for result in replay:
                     store.put(run_id, result)
                     flagged[checks.UNFIRED] += checks.has_flag(result.stats.flags, checks.UNFIRED)

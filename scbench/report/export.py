@@ -30,6 +30,8 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "attn_recall": ("attn_recall", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
+    "prefill_shared": ("prefill_shared", "max"),
+    "decode_batch": ("decode_batch", "max"),
 }
 """Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every
 record carries every declared column, at its default where the run's method does not measure it."""

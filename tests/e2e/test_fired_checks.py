@@ -22,9 +22,9 @@ def spec(method: dict, **kw) -> RunSpec:
     return RunSpec(**{**base, **kw})
 
 
-def turns_of(tiny_engine, tmp_path, method: dict, **kw) -> list[dict]:
+def turns_of(tiny_engine, tmp_path, method: dict, timing: str = "sequential", **kw) -> list[dict]:
     db = tmp_path / f"{method['name']}.sqlite"
-    rid = run_spec(spec(method, **kw), str(db), engine=tiny_engine, progress=False)
+    rid = run_spec(spec(method, **kw), str(db), engine=tiny_engine, progress=False, timing=timing)
     return Store(db).turns(rid)
 
 
@@ -60,6 +60,17 @@ def test_unfired_flag(tiny_engine, tmp_path, fires, silent):
     assert unfired(bad[0]), bad[0]["checks"]
     (c,) = json.loads(bad[0]["checks"])
     assert not c["ok"] and c["measured"] is not None
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_batched_decode_keeps_the_checks(tiny_engine, tmp_path, mode):
+    """The batched executor (scbench/batch.py) decodes the turns together: the same checks and flags per turn."""
+    good = turns_of(tiny_engine, tmp_path / "good", {"name": "snapkv", "budget": 0.25, "window": 8}, "batched",
+                    mode=mode, max_new_tokens=2)
+    assert json.loads(good[0]["checks"])[0]["ok"] and all(checks.has_flag(t["flags"], "capped") for t in good)
+    bad = turns_of(tiny_engine, tmp_path / "bad", {"name": "snapkv", "budget": 100000, "window": 8}, "batched",
+                   mode=mode)
+    assert unfired(bad[0])
 
 
 def test_kivi_compression_never_applied(tiny_engine, tmp_path, monkeypatch):
