@@ -3,7 +3,8 @@
 The shared context is prefilled once per example. Multi-turn keeps growing the cache: after each
 turn the generated tokens are dropped and the next delta (gold answer + follow-up) is appended.
 Multi-request rolls the cache back to its post-context state after every request. Compression fires
-on the first prefill (``compress=once``, the reference) or on every turn's prefill; sparse prefill on
+on the first prefill (``compress=once``, the reference), on every turn's prefill, or on the first prefill and
+every ``decode_interval`` decode steps (``decode_every``); sparse prefill on
 the first prefill or on every one. ``reuse=False`` replays every turn from an empty cache instead.
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Replay:
         self.done = done or {}
         self.turns = n_turns(example, spec)
         self.context_stats: dict = {}
+        if spec.compress == "decode_every" and getattr(engine, "name", "") != "hf":
+            raise ValueError(f"policy.compress=decode_every needs the hf engine (it compresses inside its decode loop); "
+                             f"engine {getattr(engine, 'name', type(engine).__name__)!r} cannot")
         if "compress_context" in method.hooks():
             example = self.example = self._compress_context(example)
         self.builder = PromptBuilder(
@@ -108,7 +112,7 @@ class Replay:
                 if self.session is None:
                     self.session = self.engine.session(self.method)
                     ctx_fs = self._feed(ctx_ids, first=True)
-                    checkpoint = self.session.checkpoint(rewrites=self.spec.compress == "every_turn")
+                    checkpoint = self.session.checkpoint(rewrites=self.spec.compress != "once")
                 else:
                     self.session.rollback(checkpoint)
                 fs = self._feed(tp.ids, first=False)
@@ -136,7 +140,11 @@ class Replay:
             self._warned_window = True
             log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
                         self.task.name, self.example.id, i, end, self.engine.window)
-        gen = self.session.generate(tp.max_new_tokens)
+        if self.spec.compress == "decode_every":  # the method's compression also fires during generation
+            gen = self.session.generate(tp.max_new_tokens, compress_every=self.spec.decode_interval,
+                                        compress_cap=self.spec.decode_cap)
+        else:
+            gen = self.session.generate(tp.max_new_tokens)
         mem = self.session.memory()
         turn = self.example.turns[i]
         prediction = gen.text
@@ -150,7 +158,7 @@ class Replay:
             decode_s=gen.decode_s,
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
             decode_path=gen.decode_path,
-            compress_s=fs.compress_s,
+            compress_s=fs.compress_s + getattr(gen, "compress_s", 0.0),
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
             context_rate=self.context_stats.get("context_rate", 1.0),
