@@ -3,10 +3,11 @@
 Based on Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction" (arXiv 2505.23416).
 When compression fires, the model repeats the tokens just fed, chunk by chunk, on top of the cache
 (``scbench.methods.reconstruction``: the paper's repeat prompts, 2,048-token chunks); a KV pair's score is the
-maximum attention it receives from the repeat queries (over queries and the query heads of its group), the
-first ``n_sink`` tokens are always kept. The repeat tokens are dropped again, so only this extra prefill
-(~1-2x the context's, in ``compress_s``) is paid, once: with ``policy.compress=once`` (the reference) every later
-turn and request reuses the compressed cache. ``budget`` is the average kept tokens per KV head; ``level``:
+maximum attention it receives from the repeat queries (over queries and the query heads of its group); the first
+``n_sink`` tokens and the last ``n_recent`` (the prompt's tail) are always kept. The repeat tokens are dropped
+again, so only this extra prefill (~1-2x the context's, in ``compress_s``) is paid, once: with
+``policy.compress=once`` (the reference) every later turn and request reuses the compressed cache. ``budget`` is
+the average kept tokens per KV head; ``level``:
 
 - ``pair`` (the paper's default): one pool over every layer and head of the model (non-uniform across layers
   and heads), stored ragged (``scbench.kv.ragged``): the resident bytes are exactly L x Hkv x budget tokens;
@@ -46,11 +47,16 @@ class KVzip(TokenScorer):
     """Tokens reconstructed per repeat forward (bounds the scoring memory)."""
     n_sink: int = 4
     """First tokens always kept (attention sinks)."""
+    n_recent: int = 32
+    """Last cached tokens always kept: the prompt's tail (the first query and the chat template's assistant header
+    when the query is in the cache; the engine also rewinds answer prefixes from there). 0: none, as the paper,
+    which compresses the context alone."""
 
     name: ClassVar[str] = "kvzip"
     approximation: ClassVar[str] = (
         "reconstructs the tokens of the compressing feed (with query_visible=true the first query and its template "
-        "tokens too); tokens kept by an earlier firing are kept before new ones, not re-scored")
+        "tokens too); keeps the last n_recent tokens; tokens kept by an earlier firing are kept before new ones, "
+        "not re-scored")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +64,7 @@ class KVzip(TokenScorer):
             raise ValueError(f"KVzip.level must be one of {LEVELS}, got {self.level!r}")
         positive_int(self, "chunk")
         positive_int(self, "n_sink", minimum=0)
+        positive_int(self, "n_recent", minimum=0)
         self._scores: dict[int, list[torch.Tensor]] = {}
         self._keep: dict[int, list[torch.Tensor]] = {}
 
@@ -68,6 +75,9 @@ class KVzip(TokenScorer):
     def prepare_compression(self, session, ids):
         """Score every cached pair by reconstruction, then (level pair) allocate the model-wide pool."""
         self._scores = reconstruction_scores(session, ids, self.chunk, self.n_sink)
+        for per_head in self._scores.values():
+            for sc in per_head:
+                sc[max(0, sc.shape[0] - self.n_recent) :] = float("inf")
         self._keep = {}
         if self.level == "pair":
             layers = sorted(self._scores)

@@ -96,9 +96,16 @@ class Replay:
                 self.session.drop_last(tp.rewind)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
+            # compression during decoding may evict prompt tokens and keep generated ones: the next turn starts from
+            # the cache as it was before generating (then the answer prefix is rewound as usual)
+            before = self.session.checkpoint(rewrites=True) if self.spec.compress == "decode_every" else None
             result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
             prev_answer = result.prediction
-            self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
+            if before is not None:
+                self.session.rollback(before)
+                self.session.drop_last(tp.rewind)
+            else:
+                self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
             self.history = self.history[: len(self.history) - tp.rewind]
             yield result
 
