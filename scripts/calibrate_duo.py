@@ -1,7 +1,7 @@
 """Offline DuoAttention calibration: one gate per KV head, optimised on generated retrieval data; writes the file
 ``DuoAttention(heads=...)`` loads.
 
-    python scripts/calibrate_duo.py [--model embedded:smollm2] [--task scbench_kv] [--length 384] [--samples 4]
+    python scripts/calibrate_duo.py [--model embedded:smollm2] [--adapter DIR] [--task scbench_kv] [--length 384] [--samples 4]
         [--steps 16] [--lr 0.05] [--reg 0.05] [--n-init 32 --n-local 224] --out FILE
 
 The paper's procedure (Xiao et al., arXiv 2410.10819, s.3.2), shortened to run on a CPU in minutes: every
@@ -67,6 +67,7 @@ def hidden(engine, ids: list[int], method=None) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2")
+    ap.add_argument("--adapter", default=None, help="LoRA adapter folder merged at load (e.g. models/smollm2-135m-probe)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--task", default="scbench_kv")
     ap.add_argument("--length", type=int, default=384)
@@ -82,7 +83,7 @@ def main() -> None:
     from scbench.engines.hf import HFEngine
 
     t0 = time.time()
-    engine = HFEngine(args.model, device=args.device, dtype="float32")
+    engine = HFEngine(args.model, device=args.device, dtype="float32", adapter=args.adapter)
     engine.model.requires_grad_(False)
     data = samples(engine, args.task, args.samples, args.length, args.seed)
     with torch.no_grad():
@@ -104,7 +105,7 @@ def main() -> None:
         print(json.dumps(history[-1]), flush=True)
     out = {
         "what": "DuoAttention gates per layer and KV head (scripts/calibrate_duo.py); larger = retrieval head",
-        "model": args.model, "task": args.task, "length": args.length, "samples": args.samples, "seed": args.seed,
+        "model": args.model, "adapter": args.adapter, "task": args.task, "length": args.length, "samples": args.samples, "seed": args.seed,
         "steps": args.steps, "lr": args.lr, "reg": args.reg, "n_init": args.n_init, "n_local": args.n_local,
         "prompt_tokens": [len(ids) for ids, _ in data],
         "gates": [[round(float(x), 5) for x in row] for row in gates.detach().cpu()],
