@@ -85,6 +85,13 @@ class DuoAttention(SparsePrefill):
         self._file = load_gates(self.heads)
         self._retrieval = retrieval_mask(self._file["gates"], float(r))
 
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``<n_init>+<n_local>``: what a streaming head keeps (retrieval heads keep everything)."""
+        if "n_init" in knobs and "n_local" in knobs:
+            return f"{knobs['n_init']}+{knobs['n_local']}"
+        return super().budget_label(knobs)
+
     def describe(self) -> dict:
         return {**super().describe(), "heads_sha256": self._file["sha256"],
                 "retrieval_heads": int(self._retrieval.sum()), "kv_heads_total": self._retrieval.numel()}

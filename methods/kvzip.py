@@ -21,13 +21,14 @@ firing are not re-scored: they stay before any new token (the most recent first 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from scbench.kv.ragged import RaggedLayer
-from scbench.methods.base import positive_int
+from scbench.methods.base import Cost, positive_int
 from scbench.methods.head_budgets import allocate
 from scbench.methods.reconstruction import reconstruction_scores
 from scbench.methods.token_scores import TokenScorer, gather
@@ -53,6 +54,13 @@ class KVzip(TokenScorer):
     which compresses the context alone."""
 
     name: ClassVar[str] = "kvzip"
+    costs: ClassVar[dict[str, Cost]] = {
+        "score_prefill_s": Cost("s", "KVzip: time of the context-reconstruction forwards that score the KV pairs (also "
+                                "inside `compress_s`; paid once per compression)", default=0.0, label="score prefill s",
+                                table_agg="sum"),
+        "score_prefill_tokens": Cost("tokens", "KVzip: repeat-prompt tokens forwarded to score the KV pairs",
+                                     default=0, table_agg="sum"),
+    }
     approximation: ClassVar[str] = (
         "reconstructs the tokens of the compressing feed (with query_visible=true the first query and its template "
         "tokens too); keeps the last n_recent tokens; tokens kept by an earlier firing are kept before new ones, "
@@ -67,6 +75,7 @@ class KVzip(TokenScorer):
         positive_int(self, "n_recent", minimum=0)
         self._scores: dict[int, list[torch.Tensor]] = {}
         self._keep: dict[int, list[torch.Tensor]] = {}
+        self._measured: dict = {}
 
     @property
     def fast_decode(self) -> bool:  # ragged levels decode per head through the plain loop
@@ -74,7 +83,13 @@ class KVzip(TokenScorer):
 
     def prepare_compression(self, session, ids):
         """Score every cached pair by reconstruction, then (level pair) allocate the model-wide pool."""
-        self._scores = reconstruction_scores(session, ids, self.chunk, self.n_sink)
+        t0 = time.perf_counter()
+        self._scores, tokens = reconstruction_scores(session, ids, self.chunk, self.n_sink)
+        if session.engine.device.type == "cuda":
+            torch.cuda.synchronize(session.engine.device)
+        m = self._measured
+        m["score_prefill_s"] = m.get("score_prefill_s", 0.0) + time.perf_counter() - t0
+        m["score_prefill_tokens"] = m.get("score_prefill_tokens", 0) + tokens
         for per_head in self._scores.values():
             for sc in per_head:
                 sc[max(0, sc.shape[0] - self.n_recent) :] = float("inf")
@@ -88,6 +103,11 @@ class KVzip(TokenScorer):
             for j, i in enumerate(layers):
                 h = len(self._scores[i])
                 self._keep[i] = idx[j * h : (j + 1) * h]
+
+    def take_costs(self, session) -> dict:
+        """The scoring prefills since the last turn (the turn whose prefill compressed; 0 in the others)."""
+        out, self._measured = self._measured, {}
+        return out
 
     def _indices(self, layer_idx: int) -> list[torch.Tensor] | None:
         """Kept positions per head, or None when the layer keeps everything."""

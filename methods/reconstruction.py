@@ -66,11 +66,11 @@ def head_keys(layer, h: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> dict[int, list[torch.Tensor]]:
+def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> tuple[dict[int, list[torch.Tensor]], int]:
     """Per layer, per KV head: a score for every cached token ([n_h] float32). The tokens of ``ids`` (the last
     len(ids) of every head) get their reconstruction scores (softmax weights, <= 1); the first ``sink`` tokens get
     +inf; earlier tokens (kept by an earlier firing) get 2 + position / n: kept before any new token, the most
-    recent first when they alone exceed the budget."""
+    recent first when they alone exceed the budget. Also returns the repeat tokens forwarded."""
     cache = session.cache
     layers = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
     if cache.layers[layers[0]].keys.shape[0] != 1:
@@ -87,7 +87,9 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> dic
             s[max(sink, n - len(ids)) :] = 0.0
             scores[i].append(s)
     last_logits = session.last_logits  # the feed's logits: generation continues from them afterwards
+    forwarded = 0
     for a, b, rep in repeat_prompts(session.engine, ids, chunk):
+        forwarded += len(rep)
         ctx = attention.AttnContext(capture_queries=len(rep))
         session._forward(rep, ctx)
         for i in layers:
@@ -101,7 +103,7 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> dic
                     s[lo:hi] = chunk_scores(q[h * g : (h + 1) * g], k, sink, lo, hi)
         session.drop_last(len(rep))
     session.last_logits = last_logits
-    return scores
+    return scores, forwarded
 
 
 def reference_chunk_scores(q, k, sink, start, end):

@@ -14,15 +14,19 @@ A compression that fires again on a ragged layer goes head by head (``compress_h
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from scbench.engines.attention import causal_attention
+from scbench.kv.cache import CacheLayer
 
 
-class RaggedLayer(DynamicLayer):
+class RaggedLayer(DynamicLayer, CacheLayer):
     """KV heads of different lengths: a flat compressed prefix per head + a dense appended suffix (batch 1)."""
 
     scbench_ragged = True
+    """The engine's compression pass calls ``method.compress_ragged`` on it (a later firing)."""
+    scbench_compresses_itself = False
+    scbench_exact_crop = True
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         """keys, values: one [n_h, D] tensor per KV head (n_h may differ, n_h >= 1)."""
@@ -75,6 +79,9 @@ class RaggedLayer(DynamicLayer):
     def scbench_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.keys, self.values))
 
+    def scbench_slow_nbytes(self) -> int:
+        return 0
+
     def scbench_crop(self, n: int) -> None:
         """Drop the last ``get_seq_length() - n`` tokens of every head (suffix first, then each prefix's tail)."""
         drop = self.get_seq_length() - n
@@ -112,6 +119,13 @@ class RaggedLayer(DynamicLayer):
         raise NotImplementedError("RaggedLayer does not support beam search")
 
 
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """SDPA with the queries aligned to the end of the keys. q: [1, g, Tq, D]; k, v: [1, 1, Tk, D]."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = None if tq == 1 else torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != 1)
+
+
 def ragged_attention(q: torch.Tensor, layer: RaggedLayer, scale: float | None = None) -> torch.Tensor:
     """Causal attention of q over a ragged layer, one KV head (and its query group) at a time.
 
@@ -122,7 +136,7 @@ def ragged_attention(q: torch.Tensor, layer: RaggedLayer, scale: float | None = 
     outs = []
     for h in range(hkv):
         k, v = layer.head(h)
-        outs.append(causal_attention(q[:, h * g : (h + 1) * g], k[None, None], v[None, None], scale))
+        outs.append(_causal(q[:, h * g : (h + 1) * g], k[None, None], v[None, None], scale))
     return torch.cat(outs, dim=1)
 
 

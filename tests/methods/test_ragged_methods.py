@@ -191,6 +191,11 @@ def test_runner_both_modes_all_policies(engine, cfg, gates_file):
             assert [r.turn for r in results] == [0, 1]
             st = dataclasses.asdict(results[0].stats)
             assert 0 < st["kv_bytes"] < st["kv_full_bytes"] and st["compress_s"] > 0
+            if cfg["name"] == "kvzip":  # the reconstruction prefill, a declared cost of the turn that compressed
+                assert results[0].stats.method_costs["score_prefill_s"] > 0
+                assert results[0].stats.method_costs["score_prefill_tokens"] > 0
+                if compress == "once":
+                    assert results[1].stats.method_costs["score_prefill_s"] == 0
 
 
 @pytest.mark.parametrize("cfg", [{"name": "snapkv", "budget": 48, "window": 8}, {"name": "h2o", "budget": 48},
