@@ -45,6 +45,8 @@ class AdaKV(SnapKV):
     """Safety floor: each head first keeps its best alpha x (capacity - window) tokens (0: pure top-k pool)."""
 
     name: ClassVar[str] = "adakv"
+    fast_decode: ClassVar[bool] = False
+    """Ragged layers decode per head through the plain loop (not the static / CUDA-graph / batched paths)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

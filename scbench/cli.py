@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def _run_job(cfg) -> None:
     failed run with its error and the sweep goes on; a single run raises."""
     from hydra.core.hydra_config import HydraConfig
 
+    from scbench import group
     from scbench.run import record_failure, run_spec
     from scbench.provenance import spec_hash
 
@@ -110,13 +112,26 @@ def _run_job(cfg) -> None:
         spec = spec_from_cfg(cfg)
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
         engine = engine_cfg(cfg)
+        timing = cfg.get("timing", "batched")
+        if multirun and group.should_defer(hc, cfg):  # run at the end of the sweep, sharing prefills (scbench/group.py)
+            overrides = list(hc.overrides.task)
+            group.QUEUE.append(group.Job(spec, cfg.store, engine.pop("name"), engine, cfg.get("shard"), device,
+                                         cfg.progress, timing,
+                                         on_error=lambda e: _note_failure(job_num, overrides, e)))
+            return
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device)
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing)
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
     except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
+            from scbench.data import DataError
+            from scbench.store import StoreError
+
+            if isinstance(e, (StoreError, DataError)):  # a bad store or data file: one line, not a traceback
+                print(f"scbench run: error: {e}", file=sys.stderr)
+                sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
             try:
@@ -126,6 +141,41 @@ def _run_job(cfg) -> None:
                 logging.getLogger("scbench").exception("could not record the failure in %s", cfg.get("store"))
         _free_accelerator()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
+        _note_failure(job_num, list(hc.overrides.task), e)
+
+
+FAILURES_ENV = "SCBENCH_SWEEP_FAILURES"
+"""A file the sweep's jobs append their failures to (jobs may run in other processes: joblib, submitit)."""
+_FAILED: list[dict] = []
+
+
+def _note_failure(job_num, overrides: list[str], error: BaseException) -> None:
+    import json
+
+    rec = {"job": job_num, "overrides": " ".join(overrides), "error": f"{type(error).__name__}: {error}"}
+    _FAILED.append(rec)
+    path = os.environ.get(FAILURES_ENV)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        except OSError:  # the in-process list still has it (basic launcher)
+            pass
+
+
+def _sweep_failures(path: str) -> list[dict]:
+    import json
+
+    seen = {(f["job"], f["overrides"]): f for f in _FAILED}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    f = json.loads(line)
+                    seen.setdefault((f["job"], f["overrides"]), f)
+    except (OSError, ValueError):
+        pass
+    return sorted(seen.values(), key=lambda f: (f["job"] is None, f["job"] or 0))
 
 
 def _free_accelerator() -> None:
@@ -145,10 +195,29 @@ def _free_accelerator() -> None:
 def cmd_run(argv: list[str]) -> None:
     import hydra
 
+    import tempfile
+
     check_overrides(argv)
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
     sys.argv = ["scbench run", *argv]
-    app()
+    fd, path = tempfile.mkstemp(prefix="scbench-failures-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[FAILURES_ENV] = path
+    _FAILED.clear()
+    try:
+        app()
+        failed = _sweep_failures(path)
+    finally:
+        os.environ.pop(FAILURES_ENV, None)
+        os.unlink(path)
+    if failed:  # a sweep with failed jobs fails, and says which
+        print(f"scbench run: {len(failed)} job(s) failed:", file=sys.stderr)
+        swept = {a.partition("=")[0].lstrip("+~") for a in argv if "," in a.partition("=")[2] or a.startswith("~")}
+        for f in failed:
+            shown = [o for o in f["overrides"].split() if o.partition("=")[0].lstrip("+~") in swept] or [f["overrides"]]
+            print(f"  job {f['job']} ({' '.join(shown)}): {f['error'].splitlines()[0] if f['error'] else '?'}",
+                  file=sys.stderr)
+        sys.exit(1)
 
 
 # --- data generate -------------------------------------------------------------------------------
@@ -221,10 +290,22 @@ def cmd_ls(argv: list[str]) -> None:
     else:
         from scbench.store import Store
 
-        store = Store(a.store)
+        store = Store(a.store, readonly=True)
         for r in store.runs():
-            n = len(store.turns(r["run_id"]))
-            print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} turns={n}")
+            print(f"{r['run_id']}  {r['status']:11s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} "
+                  f"turns={r['turns_done']}/{'?' if r['turns_expected'] is None else r['turns_expected']}"
+                  + _owner_note(r) + ("  RESUME MISMATCH" if r.get("resume_mismatch") else ""))
+        store.close()
+
+
+def _owner_note(run: dict) -> str:
+    """`` owner=host:pid heartbeat 12s ago`` for a running or interrupted run that has a lease row."""
+    import time
+
+    o = run.get("owner")
+    if not o or run["status"] not in ("running", "interrupted"):
+        return ""
+    return f" owner={o['host']}:{o['pid']} heartbeat {time.time() - (o['heartbeat'] or 0):.0f}s ago"
 
 
 def _method_name(config: str) -> str:
@@ -247,6 +328,7 @@ def cmd_score(argv: list[str]) -> None:
     from scbench.registry import TASKS
     from scbench.store import Store
 
+    Store(a.store, readonly=True).close()  # a missing or corrupt store is an error, not created
     store = Store(a.store)
     run = store.run(a.run)
     spec = json.loads(run["spec"])
@@ -277,37 +359,53 @@ def cmd_export(argv: list[str]) -> None:
     p.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
                    help="json: versioned records (docs/results_schema.md); html: one self-contained page")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.add_argument("--include-incomplete", action="store_true",
+                   help="put unfinished runs (failed, interrupted, running, partial) in the board and its averages")
     p.add_argument("--variant", default=None,
                    help="scores of this task variant where `scbench score --variant` stored them (else the run's own)")
     a = p.parse_args(argv)
     from scbench.store import Store
 
-    if not Path(a.store).exists():
-        raise FileNotFoundError(f"no results store at {a.store}")
-    store = Store(a.store)
+    store = Store(a.store, readonly=True)
+    full = a.include_incomplete
     if a.format == "json":
         from scbench.report.export import to_json
 
-        text = to_json(store, variant=a.variant)
+        text = to_json(store, variant=a.variant, include_incomplete=full)
     elif a.format == "html":
         from scbench.report.html import build_html
 
-        text = build_html(store, variant=a.variant)
+        text = build_html(store, variant=a.variant, include_incomplete=full)
     else:
-        from scbench.report.table import category_averages, leaderboard, to_markdown
+        from scbench.report.table import category_averages, incomplete_runs, leaderboard, to_markdown
 
-        board = leaderboard(store, variant=a.variant)
+        board = leaderboard(store, variant=a.variant, include_incomplete=full)
         if a.format == "md":
             text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
+            left = incomplete_runs(store)
+            if len(left):
+                text += ("\n" + ("Unfinished runs (in the board above)" if full else
+                                 "Unfinished runs (left out of the board and its averages; --include-incomplete adds them)")
+                         + "\n\n" + to_markdown(left) + "\n")
         else:
             text = board.to_csv(index=False)
     store.close()
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        write_output(Path(a.out), text)
         print(f"wrote {a.out}")
     else:
         print(text)
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write an export; a path that cannot be written (a folder, a path under a file, a full disk) is one line."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; --out names a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_plot(argv: list[str]) -> None:
@@ -320,9 +418,7 @@ def cmd_plot(argv: list[str]) -> None:
     from scbench.report.figures import write_figures
     from scbench.store import Store
 
-    if not Path(a.store).exists():
-        raise FileNotFoundError(f"no results store at {a.store}")
-    store = Store(a.store)
+    store = Store(a.store, readonly=True)
     recs = records(store)
     store.close()
     for path in write_figures(recs, a.out, tuple(f for f in a.formats.split(",") if f)):
