@@ -25,6 +25,7 @@ CANNOT_RUN = {  # method name or config -> why it cannot run on the tiny model o
     "vertical_slash-searched": "its head patterns were searched for smollm2-135m (30 layers x 9 heads)",
     "duo_attention": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
     "duo_attention-1k": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
+    "duo_attention-1k-r10": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
 }
 
 
