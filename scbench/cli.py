@@ -14,29 +14,102 @@ GROUPS = ("model", "method", "task", "mode", "sweep", "engine")
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("scbench_parent"):  # hydra.run.dir: Hydra's logs next to the store
+        OmegaConf.register_new_resolver("scbench_parent", lambda path: str(Path(str(path)).parent))
+
+
 def config_dir() -> Path:
     import scbench.configs
 
+    _register_resolvers()
     return Path(scbench.configs.__file__).resolve().parent
 
 
+def config_roots() -> list[Path]:
+    """The package's configs, then every plugin folder's ``configs/``."""
+    from scbench.plugins import config_dirs
+
+    return [config_dir(), *config_dirs()]
+
+
+def config_file(group: str, choice: str) -> Path:
+    for root in config_roots():
+        if (root / group / f"{choice}.yaml").exists():
+            return root / group / f"{choice}.yaml"
+    raise FileNotFoundError(f"no config {group}/{choice}.yaml")
+
+
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    return sorted({p.stem for root in config_roots() for p in (root / group).glob("*.yaml")})
+
+
+def _root_defaults() -> dict:
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml"), resolve=False)
+    c.pop("hydra", None)
+    c.pop("defaults", None)
+    return c
 
 
 def check_overrides(args: list[str]) -> None:
-    """Refuse ``task=nope`` (or any unknown group choice, also inside sweep lists) with a suggestion."""
+    """Refuse, before Hydra starts, ``task=nope`` (or any unknown group choice, also inside sweep lists),
+    an unknown top-level or ``data.``/``policy.`` key and a method knob the chosen method(s) do not have,
+    each with a suggestion."""
     from scbench.registry import UnknownName, suggest
+    from scbench.validate import SpecError, did_you_mean
 
+    defaults = _root_defaults()
+    methods = ["full"]
     for arg in args:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
+        if key == "method" and sep:
+            methods = [m for m in value.split(",") if m]
+        elif key == "sweep" and sep:
+            methods = []  # the preset picks them: checked when each job's spec is validated
         if not sep or key not in GROUPS:
             continue
         valid = group_choices(key)
         for choice in value.split(","):
             if choice and choice not in valid:
                 raise UnknownName(suggest(choice, valid, key))
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        bare = key.lstrip("+~")
+        if arg.startswith("-") or not sep or bare.startswith("hydra"):
+            continue
+        head, _, rest = bare.partition(".")
+        if head == "method":
+            for m in methods if rest else ():
+                _check_knob(m, rest.split(".")[0])
+            continue
+        if head in GROUPS or key.startswith("+"):  # model/task/engine keys are free-form; +key adds one on purpose
+            continue
+        if head not in defaults:
+            raise SpecError(f"unknown key {head!r}", f"{did_you_mean(head, [*defaults, *GROUPS])}keys: "
+                            f"{', '.join([*GROUPS, *defaults])} (configs/config.yaml)")
+        if rest and isinstance(defaults[head], dict) and rest.split(".")[0] not in defaults[head]:
+            known = list(defaults[head])
+            raise SpecError(f"{head} has no key {rest!r}", f"{did_you_mean(rest, known)}{head} keys: {', '.join(known)}")
+
+
+def _check_knob(method_config: str, knob: str) -> None:
+    import dataclasses
+
+    from scbench.registry import METHODS
+    from scbench.validate import SpecError, did_you_mean
+
+    if method_config not in group_choices("method"):
+        return  # refused above as an unknown choice
+    name = _method_name(method_config)
+    fields = [f.name for f in dataclasses.fields(METHODS.get(name))]
+    if knob not in fields and knob != "name":
+        raise SpecError(f"method {name!r} has no knob {knob!r}",
+                        f"{did_you_mean(knob, fields)}its knobs: {', '.join(fields) or 'none'}")
 
 
 # --- run ----------------------------------------------------------------------------------------------
@@ -114,8 +187,13 @@ def _run_job(cfg) -> None:
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
+        FINISHED.append((str(cfg.store), run_id))
     except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
+            if isinstance(e, USER_ERRORS):  # one line (and the fix), no traceback
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                print(f"scbench run: error: {msg}", file=sys.stderr)
+                sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
             try:
@@ -141,30 +219,66 @@ def _free_accelerator() -> None:
         pass
 
 
+FINISHED: list[tuple[str, str]] = []
+"""(store, run id) of every job this process ran (the end-of-run / end-of-sweep table)."""
+
+
 def cmd_run(argv: list[str]) -> None:
     import hydra
 
+    from scbench.plugins import add_plugin_dir, config_dirs
+
+    argv = list(argv)
+    for arg in argv:
+        if arg.startswith("plugins=") and arg.partition("=")[2] not in ("", "null"):
+            add_plugin_dir(arg.partition("=")[2])  # also for sweep workers (they inherit the environment)
+    extra = config_dirs()
+    if extra and not any(a.startswith("hydra.searchpath") for a in argv):
+        argv.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
     check_overrides(argv)
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
     sys.argv = ["scbench run", *argv]
+    FINISHED.clear()
     app()
+    print_summary(FINISHED)
+
+
+def print_summary(finished: list[tuple[str, str]]) -> None:
+    """The end-of-run (or end-of-sweep) table of the runs this process ran, per store."""
+    from scbench.report.summary import summary_table
+    from scbench.store import Store
+
+    for path in dict.fromkeys(p for p, _ in finished):
+        store = Store(path)
+        try:
+            print("\n" + summary_table(store, list(dict.fromkeys(r for p, r in finished if p == path))))
+        finally:
+            store.close()
 
 
 # --- data generate -------------------------------------------------------------------------------
 def cmd_data(argv: list[str]) -> None:
     """``scbench data generate task=scbench_kv length=16000 n=20 turns=5 seed=0 out=data/``"""
+    usage = "usage: scbench data generate task=NAME length=TOKENS n=ROWS [turns=5 seed=0 out=data/ model=smollm2-135m|none]"
+    if argv and argv[0] in ("-h", "--help") or argv[1:2] in (["-h"], ["--help"]):
+        print(usage + "\n  writes OUT/<task>.jsonl rows in the official schema (use with data.source=local data.path=OUT)")
+        return
     if not argv or argv[0] != "generate":
-        raise ValueError("usage: scbench data generate task=NAME length=TOKENS n=ROWS [turns=5 seed=0 out=data/ model=smollm2-135m|none]")
+        raise ValueError(usage)
     from omegaconf import OmegaConf
 
     from scbench.data import generate_rows, write_jsonl
     from scbench.registry import TASKS
 
     opts = {"length": 2000, "n": 5, "turns": 5, "seed": 0, "out": "data", "model": "smollm2-135m"}
+    keys = ["task", *opts]
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
-        if not sep or key not in {"task", *opts}:
-            raise ValueError(f"data generate: unexpected argument {arg!r}; keys: task, {', '.join(opts)}")
+        if not sep or key not in keys:
+            from scbench.validate import SpecError, did_you_mean
+
+            raise SpecError(f"data generate: unexpected argument {arg!r}",
+                            f"{did_you_mean(key, keys)}keys: {', '.join(keys)}")
         opts[key] = value
     if "task" not in opts:
         raise ValueError("data generate needs task=NAME")
@@ -181,7 +295,7 @@ def cmd_data(argv: list[str]) -> None:
 
         from scbench.engines.models import resolve
 
-        model_cfg = OmegaConf.load(config_dir() / "model" / f"{opts['model']}.yaml")
+        model_cfg = OmegaConf.load(config_file("model", opts["model"]))
         tok = AutoTokenizer.from_pretrained(resolve(model_cfg.path))
         count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     for name in names:
@@ -190,46 +304,23 @@ def cmd_data(argv: list[str]) -> None:
         print(f"wrote {len(rows)} rows to {path}")
 
 
-# --- ls / score / export ----------------------------------------------------------------------------
+# --- ls / show (scbench/cli_inspect.py) / score / export -------------------------------------------------
 def cmd_ls(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="scbench ls")
-    p.add_argument("what", choices=["tasks", "methods", "models", "runs"])
-    p.add_argument("--store", default="results/scbench.sqlite")
-    a = p.parse_args(argv)
-    from scbench.registry import METHODS, TASKS
+    from scbench.cli_inspect import cmd_ls as run
 
-    if a.what == "tasks":
-        for name in TASKS.names():
-            t = TASKS.get(name)
-            limits = getattr(t, "turn_tokens", None) or {name: t.max_new_tokens}
-            limit_text = ",".join(f"{k.removeprefix('scbench_')}:{v}" for k, v in limits.items())
-            metrics = ",".join(getattr(t, "metrics", None) or (t.metric,))
-            print(f"{name:30s} {t.category:20s} metric={metrics:16s} max_new={limit_text:26s} "
-                  f"variants={','.join(t.variants)}")
-            print(f"{'':30s} offline data: {t.offline_source}")
-    elif a.what == "methods":
-        for name in METHODS.names():
-            m = METHODS.get(name)
-            print(f"{name:16s} stages={','.join(m.stages) or '-':24s} engines={','.join(m.engines)}  configs: "
-                  + ", ".join(c for c in group_choices("method") if _method_name(c) == name))
-    elif a.what == "models":
-        for c in group_choices("model"):
-            from omegaconf import OmegaConf
+    run(argv)
 
-            print(f"{c:28s} {OmegaConf.load(config_dir() / 'model' / f'{c}.yaml').path}")
-    else:
-        from scbench.store import Store
 
-        store = Store(a.store)
-        for r in store.runs():
-            n = len(store.turns(r["run_id"]))
-            print(f"{r['run_id']}  {r['status']:8s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} turns={n}")
+def cmd_show(argv: list[str]) -> None:
+    from scbench.cli_inspect import cmd_show as run
+
+    run(argv)
 
 
 def _method_name(config: str) -> str:
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(config_dir() / "method" / f"{config}.yaml").name
+    return OmegaConf.load(config_file("method", config)).name
 
 
 def cmd_score(argv: list[str]) -> None:
@@ -266,18 +357,44 @@ def cmd_score(argv: list[str]) -> None:
 
 
 def cmd_export(argv: list[str]) -> None:
+    import json
+
     p = argparse.ArgumentParser(prog="scbench export")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
-                   help="json: versioned records (docs/results_schema.md); html: one self-contained page")
+    p.add_argument("--format", choices=["md", "csv", "json", "jsonl", "html"], default="md",
+                   help="json: versioned records (docs/results_schema.md); html: one self-contained page; "
+                        "jsonl: one line per record (with --samples: per stored turn)")
+    p.add_argument("--samples", action="store_true",
+                   help="per-turn samples (question, prediction, answer, scores, every cost column); --format jsonl")
+    p.add_argument("--run", action="append", default=None, help="with --samples: only this run (repeatable)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     a = p.parse_args(argv)
     from scbench.store import Store
 
+    if a.samples and a.format != "jsonl":
+        raise ValueError("--samples writes JSON lines: add --format jsonl")
     if not Path(a.store).exists():
         raise FileNotFoundError(f"no results store at {a.store}")
     store = Store(a.store)
-    if a.format == "json":
+    if a.samples:
+        from scbench.report.samples import to_jsonl
+
+        runs = [store.run(r)["run_id"] for r in a.run] if a.run else None
+        out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout  # noqa: SIM115 - streamed, closed below
+        try:
+            for line in to_jsonl(store, runs):
+                out.write(line + "\n")
+        finally:
+            store.close()
+            if a.out:
+                out.close()
+                print(f"wrote {a.out}")
+        return
+    if a.format == "jsonl":
+        from scbench.report.export import records
+
+        text = "\n".join(json.dumps(r, default=str) for r in records(store))
+    elif a.format == "json":
         from scbench.report.export import to_json
 
         text = to_json(store)
@@ -339,23 +456,37 @@ def cmd_merge(argv: list[str]) -> None:
         sys.exit(1)
 
 
-COMMANDS = {"run": cmd_run, "ls": cmd_ls, "score": cmd_score, "export": cmd_export, "plot": cmd_plot,
-            "merge": cmd_merge, "data": cmd_data}
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "show": cmd_show, "score": cmd_score, "export": cmd_export,
+            "plot": cmd_plot, "merge": cmd_merge, "data": cmd_data}
+USAGE = """usage: scbench {run|ls|show|score|export|plot|merge|data} ...
+  scbench run method=streamingllm task=scbench_kv mode=multi_turn method.n_local=1024
+  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt
+  scbench ls tasks|methods|models|runs    scbench show RUN [--example N] [--turn T]    scbench score RUN
+  scbench export --format md|csv|json|jsonl|html    scbench export --samples --format jsonl
+  scbench plot --out DIR    scbench merge OUT.sqlite IN1.sqlite IN2.sqlite ...
+  scbench data generate task=scbench_kv length=16000 n=20 out=data/"""
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: scbench {run|ls|score|export|plot|merge|data} ...\n"
-              "  scbench run model=smollm2-135m method=streamingllm task=scbench_kv mode=multi_turn\n"
-              "  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt\n"
-              "  scbench ls tasks|methods|models|runs    scbench score RUN    scbench export --format md|csv|json|html\n"
-              "  scbench plot --out DIR    scbench merge OUT.sqlite IN1.sqlite IN2.sqlite ...\n"
-              "  scbench data generate task=scbench_kv length=16000 n=20 out=data/", file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        from scbench.validate import did_you_mean
+
+        hint = did_you_mean(argv[0], COMMANDS)
+        print(f"scbench: unknown command {argv[0]!r}. {hint[:1].upper() + hint[1:]}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[argv[0]](argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `scbench export | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"scbench {argv[0]}: error: {msg}", file=sys.stderr)

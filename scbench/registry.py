@@ -20,23 +20,42 @@ def suggest(name: str, valid: list[str], kind: str) -> str:
 
 
 class Registry:
-    """Maps a name to "module:attribute"; the module is imported only when the name is used."""
+    """Maps a name to "module:attribute"; the module is imported only when the name is used.
+
+    Out-of-tree entries come from the entry-point group ``scbench.<kind>s`` (``scbench.methods``,
+    ``scbench.tasks``) and from plugin folders (``scbench.plugins``), read on first use."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, str | Callable] = {}
+        self._plugins_read = False
 
     def add(self, name: str, target: str | Callable) -> None:
-        if name in self._entries:
+        if name in self._entries and self._entries[name] != target:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = target
 
+    def _read_plugins(self) -> None:
+        if not self._plugins_read:
+            self._plugins_read = True
+            from scbench.plugins import load_plugins
+
+            load_plugins()
+
     def names(self) -> list[str]:
+        self._read_plugins()
         return sorted(self._entries)
 
     def check(self, name: str) -> None:
         if name not in self._entries:
+            self._read_plugins()
+        if name not in self._entries:
             raise UnknownName(suggest(name, list(self._entries), self.kind))
+
+    def target(self, name: str) -> str | Callable:
+        """The registered "module:attribute" (or the object itself, once imported or when added as one)."""
+        self.check(name)
+        return self._entries[name]
 
     def get(self, name: str) -> Any:
         self.check(name)

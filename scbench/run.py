@@ -11,6 +11,7 @@ from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay, n_turns
 from scbench.store import Store
+from scbench.validate import check_method, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +19,9 @@ _ENGINES: dict[str, object] = {}
 
 
 def build_method(cfg: dict):
-    """Method instance from ``{name: ..., knob: value}``; unknown names and knobs get clear errors."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name is None:
-        raise ValueError("method config needs a 'name'")
-    cls = METHODS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise ValueError(f"method {name!r} has no knob(s) {', '.join(unknown)}; its knobs: {', '.join(sorted(fields)) or 'none'}")
-    return cls(**cfg)
+    """Method instance from ``{name: ..., knob: value}``; unknown names and knobs, wrong types and values get a
+    SpecError (a ValueError) naming the knob, with a did-you-mean."""
+    return check_method(cfg, engine_name=None)
 
 
 ENGINES = ("hf", "vllm")
@@ -101,6 +94,24 @@ def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseExc
         store.close()
 
 
+def finished(store_path: str, run_id: str) -> bool:
+    """Whether the store already holds ``run_id`` as done (read without creating a missing store)."""
+    import sqlite3
+    from pathlib import Path
+
+    if not Path(store_path).exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True, timeout=60)
+        try:
+            row = db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == "done"
+
+
 def run_spec_dict(spec: RunSpec, engine_name: str = "hf", engine_options: dict | None = None) -> dict:
     """What a run's id hashes: the spec, plus the engine and its non-resource knobs for an engine other than hf
     (another engine's run is another run; hf runs keep their ids)."""
@@ -133,11 +144,11 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     run_id = provenance.spec_hash(spec_dict)
     try:
         picked = parse_shard(shard)
-        spec.validate()
+        method = check_spec(spec, engine_name)  # everything checkable without a model (scbench/validate.py)
         task = TASKS.get(spec.task).with_variant(spec.task_variant)
-        method = build_method(spec.method)
-        if engine_name not in method.engines:
-            raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
+        if engine is None and picked is None and finished(store_path, run_id):
+            log.warning("run %s is done (every turn stored in %s): nothing to do", run_id, store_path)
+            return run_id
         if engine is None:
             model = dict(spec.model, device=device) if device else spec.model
             engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})

@@ -159,5 +159,6 @@ class Replay:
             **mem,
         )
         scores = self.task.score(prediction, turn, self.example.extra)
-        reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
+        reference = {"answer": turn.answer, "question": turn.input, "turn_extra": turn.extra,
+                     "example_extra": self.example.extra}
         return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen
