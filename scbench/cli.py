@@ -10,106 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-GROUPS = ("model", "method", "task", "mode", "sweep", "engine")
+from scbench.overrides import (  # noqa: F401 - re-exported (tests and scripts import them from here)
+    GROUPS, _method_name, _root_defaults, check_overrides, config_dir, config_file, config_roots, group_choices,
+)
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
-
-
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("scbench_parent"):  # hydra.run.dir: Hydra's logs next to the store
-        OmegaConf.register_new_resolver("scbench_parent", lambda path: str(Path(str(path)).parent))
-
-
-def config_dir() -> Path:
-    import scbench.configs
-
-    _register_resolvers()
-    return Path(scbench.configs.__file__).resolve().parent
-
-
-def config_roots() -> list[Path]:
-    """The package's configs, then every plugin folder's ``configs/``."""
-    from scbench.plugins import config_dirs
-
-    return [config_dir(), *config_dirs()]
-
-
-def config_file(group: str, choice: str) -> Path:
-    for root in config_roots():
-        if (root / group / f"{choice}.yaml").exists():
-            return root / group / f"{choice}.yaml"
-    raise FileNotFoundError(f"no config {group}/{choice}.yaml")
-
-
-def group_choices(group: str) -> list[str]:
-    return sorted({p.stem for root in config_roots() for p in (root / group).glob("*.yaml")})
-
-
-def _root_defaults() -> dict:
-    from omegaconf import OmegaConf
-
-    c = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml"), resolve=False)
-    c.pop("hydra", None)
-    c.pop("defaults", None)
-    return c
-
-
-def check_overrides(args: list[str]) -> None:
-    """Refuse, before Hydra starts, ``task=nope`` (or any unknown group choice, also inside sweep lists),
-    an unknown top-level or ``data.``/``policy.`` key and a method knob the chosen method(s) do not have,
-    each with a suggestion."""
-    from scbench.registry import UnknownName, suggest
-    from scbench.validate import SpecError, did_you_mean
-
-    defaults = _root_defaults()
-    methods = ["full"]
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if key == "method" and sep:
-            methods = [m for m in value.split(",") if m]
-        elif key == "sweep" and sep:
-            methods = []  # the preset picks them: checked when each job's spec is validated
-        if not sep or key not in GROUPS:
-            continue
-        valid = group_choices(key)
-        for choice in value.split(","):
-            if choice and choice not in valid:
-                raise UnknownName(suggest(choice, valid, key))
-    for arg in args:
-        key, sep, _ = arg.partition("=")
-        bare = key.lstrip("+~")
-        if arg.startswith("-") or not sep or bare.startswith("hydra"):
-            continue
-        head, _, rest = bare.partition(".")
-        if head == "method":
-            for m in methods if rest else ():
-                _check_knob(m, rest.split(".")[0])
-            continue
-        if head in GROUPS or key.startswith("+"):  # model/task/engine keys are free-form; +key adds one on purpose
-            continue
-        if head not in defaults:
-            raise SpecError(f"unknown key {head!r}", f"{did_you_mean(head, [*defaults, *GROUPS])}keys: "
-                            f"{', '.join([*GROUPS, *defaults])} (configs/config.yaml)")
-        if rest and isinstance(defaults[head], dict) and rest.split(".")[0] not in defaults[head]:
-            known = list(defaults[head])
-            raise SpecError(f"{head} has no key {rest!r}", f"{did_you_mean(rest, known)}{head} keys: {', '.join(known)}")
-
-
-def _check_knob(method_config: str, knob: str) -> None:
-    import dataclasses
-
-    from scbench.registry import METHODS
-    from scbench.validate import SpecError, did_you_mean
-
-    if method_config not in group_choices("method"):
-        return  # refused above as an unknown choice
-    name = _method_name(method_config)
-    fields = [f.name for f in dataclasses.fields(METHODS.get(name))]
-    if knob not in fields and knob != "name":
-        raise SpecError(f"method {name!r} has no knob {knob!r}",
-                        f"{did_you_mean(knob, fields)}its knobs: {', '.join(fields) or 'none'}")
 
 
 # --- run ----------------------------------------------------------------------------------------------
@@ -190,9 +94,10 @@ def _run_job(cfg) -> None:
         FINISHED.append((str(cfg.store), run_id))
     except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
-            if isinstance(e, USER_ERRORS):  # one line (and the fix), no traceback
+            if isinstance(e, USER_ERRORS):  # one line (and the fix), no traceback, no Hydra folder left behind
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
                 print(f"scbench run: error: {msg}", file=sys.stderr)
+                _drop_output_dir(hc.runtime.output_dir)
                 sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
@@ -203,6 +108,20 @@ def _run_job(cfg) -> None:
                 logging.getLogger("scbench").exception("could not record the failure in %s", cfg.get("store"))
         _free_accelerator()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
+
+
+def _drop_output_dir(path) -> None:
+    """Remove the Hydra output folder of a run refused before it started (and its parent when left empty)."""
+    import shutil
+
+    logging.shutdown()  # Hydra's job log file is open in it
+    folder = Path(str(path))
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):  # <store dir>/hydra, then the store dir: when empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _free_accelerator() -> None:
@@ -315,12 +234,6 @@ def cmd_show(argv: list[str]) -> None:
     from scbench.cli_inspect import cmd_show as run
 
     run(argv)
-
-
-def _method_name(config: str) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(config_file("method", config)).name
 
 
 def cmd_score(argv: list[str]) -> None:

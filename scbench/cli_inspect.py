@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scbench.cli import _method_name, _root_defaults, config_file, group_choices
+from scbench.overrides import _method_name, _root_defaults, config_file, group_choices
 
 
 def open_existing(path: str):

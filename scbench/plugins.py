@@ -5,8 +5,8 @@ Two ways in, both read on the first use of a registry:
 * an installed package declares entry points in the groups ``scbench.methods`` / ``scbench.tasks``
   (``random_evict = "my_pkg.random_evict:RandomEvict"``);
 * a plugin folder (``scbench run plugins=DIR``, or ``SCBENCH_PLUGINS=DIR1:DIR2`` for every command): each
-  ``*.py`` file (and package) in it is imported and registers what it defines with ``METHODS.add`` /
-  ``TASKS.add``; its ``configs/`` folder (``configs/method/<name>.yaml``, ``configs/task/...``) joins Hydra's
+  ``*.py`` file (and package) in it is imported under its own name, and every Method subclass and Task instance
+  it defines is registered under its ``name``; its ``configs/`` folder (``configs/method/<name>.yaml``, ``configs/task/...``) joins Hydra's
   search path, so ``method=<name>`` finds both the config and the class.
 """
 from __future__ import annotations
@@ -51,9 +51,29 @@ def config_dirs() -> list[Path]:
     return [d / "configs" for d in plugin_dirs() if (d / "configs").is_dir()]
 
 
+def register_module(module) -> list[str]:
+    """Register what a plugin module defines: every Method subclass (under its ``name``) and every Task instance
+    (under its ``name``) whose class the module defines. Returns the names."""
+    from scbench.methods.base import Method
+    from scbench.registry import METHODS, TASKS
+    from scbench.tasks.base import Task
+
+    names = []
+    for value in list(vars(module).values()):
+        if isinstance(value, type) and issubclass(value, Method) and value.__module__ == module.__name__ \
+                and value.name != Method.name:
+            METHODS.add(value.name, value)
+            names.append(value.name)
+        elif isinstance(value, Task) and type(value).__module__ == module.__name__:
+            TASKS.add(value.name, value)
+            names.append(value.name)
+    return names
+
+
 def _import_file(path: Path) -> None:
-    name = f"scbench_plugin_{path.parent.name}_{path.stem}".replace("-", "_")
+    name = path.stem.replace("-", "_")
     if name in sys.modules:
+        register_module(sys.modules[name])
         return
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if path.is_dir() else path)
     module = importlib.util.module_from_spec(spec)
@@ -63,6 +83,7 @@ def _import_file(path: Path) -> None:
     except BaseException:
         sys.modules.pop(name, None)
         raise
+    register_module(module)
 
 
 def load_plugins() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
+from pathlib import Path
 
 from scbench import provenance
 from scbench.data import load_examples
@@ -11,7 +12,7 @@ from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay, n_turns
 from scbench.store import Store
-from scbench.validate import check_method, check_spec
+from scbench.validate import SpecError, check_method, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,6 @@ def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseExc
 def finished(store_path: str, run_id: str) -> bool:
     """Whether the store already holds ``run_id`` as done (read without creating a missing store)."""
     import sqlite3
-    from pathlib import Path
 
     if not Path(store_path).exists():
         return False
@@ -157,6 +157,8 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
         examples = task.prepare_examples(examples, spec.max_turns)
     except Exception as e:
+        if isinstance(e, SpecError) and not Path(store_path).exists():
+            raise  # a typo in the spec creates no results store
         try:
             record_failure(store_path, run_id, spec_dict, e)
         except Exception:  # noqa: BLE001 - never hide the job's own error behind a store problem
