@@ -118,6 +118,8 @@ def _drop_output_dir(path) -> None:
     folder = Path(str(path))
     shutil.rmtree(folder, ignore_errors=True)
     for parent in (folder.parent, folder.parent.parent):  # <store dir>/hydra, then the store dir: when empty
+        if parent.name != "hydra" and parent.resolve() not in _NEW_DIRS:
+            break  # the store folder existed before this command
         try:
             parent.rmdir()
         except OSError:
@@ -138,6 +140,8 @@ def _free_accelerator() -> None:
         pass
 
 
+_NEW_DIRS: set[Path] = set()
+"""Folders that did not exist when ``scbench run`` started (removed again when a refused run leaves them empty)."""
 FINISHED: list[tuple[str, str]] = []
 """(store, run id) of every job this process ran (the end-of-run / end-of-sweep table)."""
 
@@ -155,6 +159,9 @@ def cmd_run(argv: list[str]) -> None:
     if extra and not any(a.startswith("hydra.searchpath") for a in argv):
         argv.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
     check_overrides(argv)
+    store = next((a.partition("=")[2] for a in argv if a.startswith("store=")), "results/scbench.sqlite")
+    _NEW_DIRS.clear()
+    _NEW_DIRS.update(p.resolve() for p in [Path(store).parent, *Path(store).parent.parents] if not p.exists())
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
     sys.argv = ["scbench run", *argv]
     FINISHED.clear()

@@ -38,6 +38,13 @@ def _find(module: str, name: str, depth: int = 0) -> dict | None:
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
     if cls is None:
         return _find(imports[name], name, depth + 1) if name in imports else None
+    constants = {}  # module-level NAME = literal, so a default written as a constant shows its value
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = repr(ast.literal_eval(node.value))
+            except ValueError:
+                pass
     info = {"stages": (), "engines": ("hf",), "knobs": {}}
     for base in cls.bases:
         base_name = ast.unparse(base)
@@ -54,8 +61,8 @@ def _find(module: str, name: str, depth: int = 0) -> dict | None:
                 if key in FIELDS and node.value is not None:
                     info[key] = tuple(ast.literal_eval(node.value))
             else:
-                info["knobs"][key] = (ast.unparse(node.annotation),
-                                      ast.unparse(node.value) if node.value is not None else None)
+                default = None if node.value is None else ast.unparse(node.value)
+                info["knobs"][key] = (ast.unparse(node.annotation), constants.get(default, default))
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             if node.targets[0].id in FIELDS:
                 info[node.targets[0].id] = tuple(ast.literal_eval(node.value))

@@ -152,12 +152,17 @@ def check_model(model: dict, data: dict) -> None:
             raise SpecError(f"model.path {path}: no such random preset",
                             f"{did_you_mean(path.removeprefix('random:'), RANDOM_PRESETS)}presets: {', '.join(RANDOM_PRESETS)}")
     if model.get("adapter"):
-        from scbench.engines.models import adapter_dir
+        from scbench.engines.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_dir
 
+        fix = f"set model.adapter to an adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
         try:
-            adapter_dir(model["adapter"])
+            folder = adapter_dir(model["adapter"])
         except FileNotFoundError as e:
-            raise SpecError(str(e), "set model.adapter to the adapter folder (adapter_config.json + adapter.safetensors)") from None
+            raise SpecError(str(e), fix) from None
+        missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / f).is_file()]
+        if missing:
+            raise SpecError(f"adapter folder {str(model['adapter'])!r} not found or incomplete: no {', '.join(missing)} "
+                            f"in {folder}", fix)
     window, length = model.get("window"), data.get("length")
     if data.get("source", "generated") == "generated" and _is_int(window) and _is_int(length) and length >= window:
         raise SpecError(f"data.length={length} tokens does not fit the window of {model.get('name') or path} "
