@@ -87,7 +87,7 @@ def _run_job(cfg) -> None:
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
         engine = engine_cfg(cfg)
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device)
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device, record_spec_errors=multirun)
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
@@ -106,6 +106,11 @@ def _run_job(cfg) -> None:
                 record_failure(cfg.store, "cfg-" + spec_hash(d)[:11], d, e)
             except Exception:  # noqa: BLE001
                 logging.getLogger("scbench").exception("could not record the failure in %s", cfg.get("store"))
+        else:  # run_spec recorded it: the sweep's table lists it as failed
+            from scbench.run import run_id_of
+
+            eng = engine_cfg(cfg)
+            FINISHED.append((str(cfg.store), run_id_of(spec, eng.pop("name"), eng)))
         _free_accelerator()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
 
@@ -175,6 +180,8 @@ def print_summary(finished: list[tuple[str, str]]) -> None:
     from scbench.store import Store
 
     for path in dict.fromkeys(p for p, _ in finished):
+        if not Path(path).exists():
+            continue
         store = Store(path)
         try:
             print("\n" + summary_table(store, list(dict.fromkeys(r for p, r in finished if p == path))))

@@ -7,11 +7,26 @@ from pathlib import Path
 GROUPS = ("model", "method", "task", "mode", "sweep", "engine")
 
 
+def store_dir(*, _root_) -> str:
+    """The folder of the config's ``store`` (Hydra writes its logs there), read from the raw value so that a store
+    interpolating a job's number (``store=results/x_${hydra:job.num}.sqlite``) still names its folder before any job
+    runs; ``results`` when even the folder is not known yet."""
+    node = _root_._get_node("store")
+    raw = str(node._value()) if node is not None else "results/scbench.sqlite"
+    parent = str(Path(raw).parent)
+    if "${" not in parent:
+        return parent
+    try:
+        return str(Path(str(_root_.store)).parent)
+    except Exception:  # noqa: BLE001 - an interpolation only a job can resolve
+        return "results"
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("scbench_parent"):  # hydra.run.dir: Hydra's logs next to the store
-        OmegaConf.register_new_resolver("scbench_parent", lambda path: str(Path(str(path)).parent))
+    if not OmegaConf.has_resolver("scbench_store_dir"):  # hydra.run.dir / sweep.dir: Hydra's logs next to the store
+        OmegaConf.register_new_resolver("scbench_store_dir", store_dir)
 
 
 def config_dir() -> Path:

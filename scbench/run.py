@@ -128,7 +128,8 @@ def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | Non
 
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
-             shard: str | None = None, device: str | None = None, engine_options: dict | None = None) -> str:
+             shard: str | None = None, device: str | None = None, engine_options: dict | None = None,
+             record_spec_errors: bool = True) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
@@ -137,7 +138,9 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     ``device`` overrides the model's device without changing the run id (one job per GPU).
     ``engine_name`` / ``engine_options``: the engine and its knobs (a non-hf engine and its options are part of the
     run id, so its runs never mix with the transformers engine's).
-    A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
+    A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error;
+    except, with ``record_spec_errors=False`` (a single ``scbench run``), a refused spec when the store does not
+    exist yet: a typo creates no store.
     """
     engine_name = getattr(engine, "name", None) or engine_name
     spec_dict = run_spec_dict(spec, engine_name, engine_options)
@@ -157,7 +160,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
         examples = task.prepare_examples(examples, spec.max_turns)
     except Exception as e:
-        if isinstance(e, SpecError) and not Path(store_path).exists():
+        if isinstance(e, SpecError) and not record_spec_errors and not Path(store_path).exists():
             raise  # a typo in the spec creates no results store
         try:
             record_failure(store_path, run_id, spec_dict, e)

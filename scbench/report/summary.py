@@ -30,8 +30,11 @@ def run_rows(store, run_ids: list[str]) -> list[dict]:
     from scbench.report.export import method_budget
 
     out = []
+    known = {r["run_id"]: r for r in store.runs()}
     for run_id in run_ids:
-        run = store.run(run_id)
+        run = known.get(run_id)
+        if run is None:
+            continue
         spec = json.loads(run["spec"] or "{}")
         turns = store.turns(run["run_id"])
         try:
@@ -90,6 +93,10 @@ def summary_table(store, run_ids: list[str]) -> str:
              _fmt(r["avg"]), str(r["n"]), "-" if r["capped"] is None else f"{100 * r['capped']:.0f}%",
              str(r["computed"]), str(r["reused"]), _fmt(r["ttft"], ".2f"), _fmt(r["tok_s"]), _fmt(r["kv"], ".2f")]
             for r in rows]
+    if any(r["status"] != "done" for r in rows):  # a sweep's failed (or partial) jobs say so
+        header.append("status")
+        for line, r in zip(body, rows):
+            line.append(r["status"] or "?")
     models = sorted({r["model"] for r in rows})
     head = f"model: {', '.join(models)}   store: {store.path}   scores 0-100, capped: turns that hit the token budget"
     return head + "\n" + _table(header, body)

@@ -103,3 +103,14 @@ def test_check_spec_returns_the_method():
 ])
 def test_type_ok(value, annotation, ok):
     assert type_ok(value, annotation) is ok
+
+
+def test_sweep_records_refused_jobs_and_lists_them(capsys, tmp_path, no_model):
+    from scbench.store import Store
+
+    main(["run", "-m", "mode=multi_turn,multi_request", "data.length=99999", f"store={tmp_path}/s.sqlite"])
+    out = capsys.readouterr().out
+    table = out[out.index("model: smollm2-135m-probe"):].splitlines()
+    assert table[1].split()[-1] == "status" and [line.split()[-1] for line in table[3:]] == ["failed", "failed"]
+    runs = Store(tmp_path / "s.sqlite").runs()
+    assert [r["status"] for r in runs] == ["failed", "failed"] and "does not fit the window" in runs[0]["error"]
