@@ -9,7 +9,7 @@ from pathlib import Path
 from scbench import provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
-from scbench.registry import METHODS, TASKS
+from scbench.registry import TASKS
 from scbench.runner import Replay, n_turns
 from scbench.store import Store
 from scbench.validate import SpecError, check_method, check_spec
@@ -147,7 +147,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     run_id = provenance.spec_hash(spec_dict)
     try:
         picked = parse_shard(shard)
-        method = check_spec(spec, engine_name)  # everything checkable without a model (scbench/validate.py)
+        method = check_spec(spec, engine_name, model=engine is None)  # all that is checkable without a model
         task = TASKS.get(spec.task).with_variant(spec.task_variant)
         if engine is None and picked is None and finished(store_path, run_id):
             log.warning("run %s is done (every turn stored in %s): nothing to do", run_id, store_path)

@@ -170,9 +170,10 @@ def check_model(model: dict, data: dict) -> None:
                         f"use data.length<={window * 7 // 8} or a model with a longer window")
 
 
-def check_spec(spec, engine_name: str = "hf"):
+def check_spec(spec, engine_name: str = "hf", *, model: bool = True):
     """Everything about ``spec`` (a RunSpec) that can be checked without loading a model; returns the method
-    instance. Raises SpecError (one line + fix) on the first problem."""
+    instance. Raises SpecError (one line + fix) on the first problem. ``model=False``: the caller brings a loaded
+    engine, the model config is not checked."""
     from scbench.registry import TASKS, UnknownName
 
     try:
@@ -187,6 +188,8 @@ def check_spec(spec, engine_name: str = "hf"):
         task.with_variant(spec.task_variant)
     except ValueError as e:
         raise SpecError(str(e), "task.variant=null is the reference scoring") from None
+    method = check_method(dict(spec.method), engine_name)
     check_data(dict(spec.data), spec.task)
-    check_model(dict(spec.model), dict(spec.data))
-    return check_method(dict(spec.method), engine_name)
+    if model:
+        check_model(dict(spec.model), dict(spec.data))
+    return method
