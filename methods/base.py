@@ -12,7 +12,19 @@ from typing import ClassVar
 
 import torch
 
+from scbench.records import Cost, TurnStats
+
 STAGES = ("generation", "compression", "retrieval", "loading")
+
+HOOK_COSTS: dict[str, dict[str, Cost]] = {
+    "compress_context": {
+        "context_rate": Cost("ratio", "prompt compression: tokens of the compressed shared context / tokens of the "
+                             "original (1.0 uncompressed)", default=1.0, label="context kept"),
+        "context_compress_s": Cost("s", "prompt compression: time compressing the shared context (first turn only)",
+                                   default=0.0),
+    },
+}
+"""Cost columns the runner measures around a hook, for every method that overrides it (part of its ``cost_columns``)."""
 
 
 @dataclass
@@ -30,6 +42,20 @@ class Method:
     fast_decode: ClassVar[bool] = True
     """The cache does not change between decode steps except by appending, so the engine may decode through a
     pre-allocated cache and a captured step (scbench/engines/fastdecode.py); False: the plain loop."""
+    costs: ClassVar[dict[str, Cost]] = {}
+    """The method's own cost columns (name -> ``Cost``), next to the universal ``TurnStats`` fields. It reports
+    their values from ``take_costs``; they are stored in the turn's ``method_costs`` JSON column and read by the
+    export, leaderboard, HTML page, figures and docs/results_schema.md (see CONTRIBUTING.md)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        universal = {f.name for f in dataclasses.fields(TurnStats)}
+        for col, cost in cls.costs.items():
+            if not isinstance(cost, Cost):
+                raise TypeError(f"{cls.__name__}.costs[{col!r}] must be a scbench.records.Cost, got {type(cost).__name__}")
+            if not col.isidentifier() or col in universal:
+                raise ValueError(f"{cls.__name__}.costs: {col!r} must be an identifier and not a universal TurnStats "
+                                 f"column ({', '.join(sorted(universal))})")
 
     # --- hooks (override what the method needs) -------------------------------------------------
     def compress_cache(
@@ -45,7 +71,7 @@ class Method:
             (keys, values) with the same batch, heads and head_dim and at most ``tokens`` tokens. The kept
             tensors must really be smaller: the engine counts resident bytes from them. A method that changes
             the representation (e.g. KIVI's packed integers) may instead return a transformers cache layer
-            that replaces this one; it reports its bytes with ``scbench_nbytes()`` (see scbench/kv/cache.py).
+            that replaces this one; such a layer implements ``scbench.kv.cache.CacheLayer`` (bytes, crop, snapshot).
         """
         raise NotImplementedError
 
@@ -101,10 +127,23 @@ class Method:
         """
         raise NotImplementedError
 
+    def take_costs(self, session) -> dict[str, float | int | None]:
+        """This turn's values of the method's ``costs``, and reset what the method counts for them.
+
+        The one path by which a method reports its own costs: the runner calls it once per generated turn, after
+        generation (``session``: the example's engine session, e.g. an ``HFSession`` with its ``cache``). Return only
+        declared names; a declared name left out takes its ``Cost.default``. Default: nothing measured."""
+        return {}
+
     def engine_args(self) -> dict:
         """Engine construction arguments the method needs (e.g. ``{"kv_cache_dtype": "fp8"}`` on vLLM); they join
         the engine options, so another value loads another engine. Default: none."""
         return {}
+
+    def setup(self, engine) -> None:
+        """Prepare what the method needs from the run's engine (e.g. a scorer model on its device) before an
+        example is replayed. The runner calls it at the start of every example with the same engine: keep what it
+        loads. Default: nothing."""
 
     # --- declarations derived from the hooks ----------------------------------------------------
     @classmethod
@@ -114,6 +153,31 @@ class Method:
             h for h in ("compress_cache", "prefill_attention", "compress_context", "blend_prefill", "decode_attention")
             if getattr(cls, h) is not getattr(Method, h)
         )
+
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """The run's KV budget in short form for reports (the export's ``budget``): ``full`` without knobs, the
+        ``budget`` knob (``256``; a ratio of the context as ``1/32``), else every knob as ``k=v``.
+
+        ``knobs``: the run's stored method knobs (its spec's ``method`` without ``name``). A classmethod, so reports
+        need not build the method (whose packages may be missing where the report runs). Override it where
+        another knob sets the budget (KIVI: ``2bit``, StreamingLLM: ``128+3968``)."""
+        if "budget" in knobs:
+            b = knobs["budget"]
+            if isinstance(b, float) and 0 < b < 1:
+                return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
+            return str(b)
+        return "full" if not knobs else ",".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+
+    @classmethod
+    def cost_columns(cls) -> dict[str, Cost]:
+        """Every method-specific cost column of this method's turns: those the runner measures around the hooks it
+        overrides (``HOOK_COSTS``), then its own ``costs``."""
+        out: dict[str, Cost] = {}
+        for hook in sorted(cls.hooks()):
+            out.update(HOOK_COSTS.get(hook, {}))
+        out.update(cls.costs)
+        return out
 
     def describe(self) -> dict:
         """What ran: name, knobs, stages, hooks and any approximation note (stored with every run)."""

@@ -38,6 +38,11 @@ class KIVI(Method):
         "keeps 0..residual-1 recent keys and exactly residual recent values exact"
     )
 
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``<bits>bit``."""
+        return f"{knobs['bits']}bit" if "bits" in knobs else super().budget_label(knobs)
+
     def __post_init__(self) -> None:
         if self.bits not in BITS:
             raise ValueError(f"KIVI.bits must be one of {BITS}, got {self.bits!r}")

@@ -113,22 +113,29 @@ class PerplexityCompress(Method):
         if self.overlap >= self.segment:
             raise ValueError(f"PerplexityCompress.overlap ({self.overlap}) must be smaller than segment ({self.segment})")
 
+    def setup(self, engine) -> None:
+        """Pick the scoring model for the run's engine once (loading it when it is not the run's model)."""
+        if getattr(self, "_scorer_for", None) is not engine:
+            self._scorer = self.scoring_model(engine)
+            self._scorer_for = engine
+
     def scoring_model(self, engine):
-        """(model, tokenizer) that score tokens: the run's engine when it is the scorer, else a cached engine."""
+        """(model, tokenizer) that score tokens: the run's engine when it is the scorer, else the process's shared
+        transformers engine for ``scorer`` on the run's device (``scbench.registry.ENGINES``)."""
         from scbench.engines.models import resolve
+        from scbench.registry import ENGINES
 
         if self.scorer == "engine":
             return engine.model, engine.tokenizer
         same = getattr(engine.model, "name_or_path", None) == resolve(self.scorer)
         if same and not getattr(engine, "adapter_info", None):  # the run's model is the scorer: no second copy
             return engine.model, engine.tokenizer
-        from scbench.run import get_engine
-
-        scorer = get_engine({"name": self.scorer, "path": self.scorer, "device": str(engine.device)})
+        scorer = ENGINES.open({"name": self.scorer, "path": self.scorer, "device": str(engine.device)}, "hf")
         return scorer.model, scorer.tokenizer
 
     def compress_context(self, context: str, *, engine) -> str:
-        model, tok = self.scoring_model(engine)
+        self.setup(engine)  # a no-op after the runner's call; callers outside the runner get the same scorer
+        model, tok = self._scorer
         ids = tok(context, add_special_tokens=False)["input_ids"]
         if not ids:
             return context

@@ -14,10 +14,10 @@ one faiss inner-product index per batch row and KV head is built over the search
 searched exactly until ``EXTEND_EVERY`` of them have accumulated, then added to the index; a crop below the
 indexed rows rebuilds it. The candidates' exact inner products pick the top ``top_k``. With ``recall: true`` each
 step also runs the exact search and records the share of the exact top-k set the index found
-(``TurnStats.index_recall``); the build/extend time is ``TurnStats.index_build_s``. These are general-purpose
+(cost column ``index_recall``); the build/extend time is ``index_build_s``. These are general-purpose
 ANN indices over the keys, not the paper's attention-aware (query-distribution) index. The faiss indices' own
 memory (a float32 copy of the indexed keys plus list ids, centroids or graph links) is reported apart as
-``TurnStats.index_bytes`` (``AnnIndex.nbytes``, checked against ``faiss.serialize_index``), not in
+``index_bytes`` (``AnnIndex.nbytes``, checked against ``faiss.serialize_index``), not in
 ``slow_tier_bytes``.
 On CPU at 32K keys x 64 (scripts/bench_retrieval_index.py) IVF beats exact search at top-k 256, not at 4,096.
 """
@@ -30,8 +30,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from scbench.kv.offload import STORAGES, Rows, TieredLayer, attend_loaded, require_tiered
+from scbench.kv.offload import STORAGES, Rows, TieredLayer, attend_loaded, require_tiered, tiered_layers
 from scbench.methods.base import Method, positive_int
+from scbench.records import Cost
 
 GQA = ("head", "group")
 INDEXES = ("exact", "faiss_ivf", "faiss_hnsw")
@@ -180,6 +181,14 @@ class RetrievalAttention(Method):
 
     name: ClassVar[str] = "retrieval_attention"
     stages: ClassVar[tuple[str, ...]] = ("loading",)
+    costs: ClassVar[dict[str, Cost]] = {
+        "index_recall": Cost("ratio", "RetrievalAttention with an approximate index and `recall=true`: share of the "
+                             "exact top-k the index found; null when not measured"),
+        "index_build_s": Cost("s", "RetrievalAttention with an approximate index: time building and extending it this "
+                              "turn", default=0.0),
+        "index_bytes": Cost("bytes", "RetrievalAttention with an approximate index: host memory its faiss indices hold "
+                            "at the end of the turn (not in `slow_tier_bytes`); 0 with exact search", default=0),
+    }
     fast_decode: ClassVar[bool] = False
     approximation: ClassVar[str] = (
         "exact top-k search (torch.topk over all stored keys) by default, or opt-in (index=faiss_ivf/faiss_hnsw) "
@@ -188,6 +197,11 @@ class RetrievalAttention(Method):
         "on the accelerator (the paper splits CPU and GPU attention and merges them: the same result up to rounding); "
         "the static tokens are loaded every step instead of staying on the GPU"
     )
+
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``top<top_k>``: keys retrieved per step."""
+        return f"top{knobs['top_k']}" if "top_k" in knobs else super().budget_label(knobs)
 
     def __post_init__(self) -> None:
         positive_int(self, "top_k")
@@ -268,6 +282,20 @@ class RetrievalAttention(Method):
         self.sync_index(layer, rows.view)
         layer.crop_floor = layer.n
         return rows.view
+
+    def take_costs(self, session) -> dict:
+        """Index recall and build time over this turn's steps and layers (counted on the layers, reset here) and
+        the bytes the indices hold now."""
+        layers = tiered_layers(session.cache)
+        n = sum(getattr(layer, "index_recall_n", 0) for layer in layers)
+        out = {
+            "index_recall": sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers) / n if n else None,
+            "index_build_s": sum(getattr(layer, "index_build_s", 0.0) for layer in layers),
+            "index_bytes": sum(layer.ann.nbytes() for layer in layers if getattr(layer, "ann", None) is not None),
+        }
+        for layer in layers:
+            layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
+        return out
 
     def decode_attention(self, layer_idx, q, k, v, scale, *, layer=None):
         """q [B, Hq, 1, D]; k, v: the layer's stored rows [B, Hkv, n, D] (host memory) -> [B, Hq, 1, D]."""

@@ -27,6 +27,13 @@ class StreamingLLM(Method):
     name: ClassVar[str] = "streamingllm"
     stages: ClassVar[tuple[str, ...]] = ("compression",)
 
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``<n_init>+<n_local>``: sink and local tokens."""
+        if "n_init" in knobs and "n_local" in knobs:
+            return f"{knobs['n_init']}+{knobs['n_local']}"
+        return super().budget_label(knobs)
+
     def __post_init__(self) -> None:
         positive_int(self, "n_init", minimum=0)
         positive_int(self, "n_local", minimum=1)

@@ -103,6 +103,13 @@ class VerticalSlash(SparsePrefill):
         "(MInference's kernel computes 64-wide slash blocks)"
     )
 
+    @classmethod
+    def budget_label(cls, knobs: dict) -> str:
+        """``<vertical_size>v+<slash_size>s``."""
+        if "vertical_size" in knobs:
+            return f"{knobs['vertical_size']}v+{knobs.get('slash_size')}s"
+        return super().budget_label(knobs)
+
     def __post_init__(self) -> None:
         for f in ("vertical_size", "slash_size", "last_q", "local_diags"):
             positive_int(self, f, minimum=1)

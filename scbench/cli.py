@@ -254,7 +254,9 @@ def cmd_score(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="scbench score", description="Re-score stored predictions (no generation).")
     p.add_argument("run", help="run id or unique prefix")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--variant", default=None, help="score with this task variant and store it as the run's scores")
+    p.add_argument("--variant", default=None,
+                   help="score with this task variant and store the scores beside the run's own (which stay, as does "
+                        "the run's spec); `scbench export --variant NAME` shows them")
     a = p.parse_args(argv)
     import json
 
@@ -265,7 +267,9 @@ def cmd_score(argv: list[str]) -> None:
     store = Store(a.store)
     run = store.run(a.run)
     spec = json.loads(run["spec"])
-    task = TASKS.get(run["task"]).with_variant(a.variant or spec.get("task_variant"))
+    own = spec.get("task_variant")
+    task = TASKS.get(run["task"]).with_variant(a.variant or own)
+    beside = a.variant is not None and a.variant != own  # another variant: kept beside the run's own scores
     changed = 0
     total = 0.0
     rows = store.turns(run["run_id"])
@@ -275,12 +279,13 @@ def cmd_score(argv: list[str]) -> None:
                             ref.get("example_extra", {}))
         changed += scores != r["scores"]
         total += sum(scores.values()) / max(len(scores), 1)
-        store.update_scores(run["run_id"], r["example_id"], r["turn"], scores)
-    if a.variant:
-        spec["task_variant"] = a.variant
-        store.db.execute("UPDATE runs SET spec=? WHERE run_id=?", (json.dumps(spec, sort_keys=True), run["run_id"]))
+        if beside:
+            store.put_rescore(run["run_id"], r["example_id"], r["turn"], a.variant, scores)
+        else:
+            store.update_scores(run["run_id"], r["example_id"], r["turn"], scores)
     print(f"re-scored {len(rows)} turns of run {run['run_id']} ({task.name}, variant {task.variant}): "
-          f"{changed} changed, mean {100 * total / max(len(rows), 1):.1f}")
+          f"{changed} changed, mean {100 * total / max(len(rows), 1):.1f}"
+          + (f"; stored beside the run's own scores (scbench export --variant {a.variant})" if beside else ""))
 
 
 def cmd_export(argv: list[str]) -> None:
@@ -295,6 +300,8 @@ def cmd_export(argv: list[str]) -> None:
                    help="per-turn samples (question, prediction, answer, scores, every cost column); --format jsonl")
     p.add_argument("--run", action="append", default=None, help="with --samples: only this run (repeatable)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.add_argument("--variant", default=None,
+                   help="scores of this task variant where `scbench score --variant` stored them (else the run's own)")
     a = p.parse_args(argv)
     from scbench.store import Store
 
@@ -324,15 +331,15 @@ def cmd_export(argv: list[str]) -> None:
     elif a.format == "json":
         from scbench.report.export import to_json
 
-        text = to_json(store)
+        text = to_json(store, variant=a.variant)
     elif a.format == "html":
         from scbench.report.html import build_html
 
-        text = build_html(store)
+        text = build_html(store, variant=a.variant)
     else:
         from scbench.report.table import category_averages, leaderboard, to_markdown
 
-        board = leaderboard(store)
+        board = leaderboard(store, variant=a.variant)
         if a.format == "md":
             text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
         else:

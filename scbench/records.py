@@ -31,9 +31,44 @@ class Example:
     """Where the row came from ("file.jsonl:row 3", "hub:microsoft/SCBench/scbench_kv:7", "generated:seed=1:3")."""
 
 
+AGGREGATIONS = ("mean", "sum", "max", "min")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Declaration of one method-specific cost column (``Method.costs``: column name -> Cost).
+
+    The universal columns are the typed fields of ``TurnStats``; a column that only one method family measures
+    is declared by that method and stored in ``TurnStats.method_costs``. Export, leaderboard, HTML page, figures
+    and docs/results_schema.md read these declarations (``scbench.report.costs``).
+    """
+
+    unit: str
+    """What the value counts: ``s``, ``bytes``, ``tokens``, ``ratio``, ..."""
+    doc: str
+    """One line for docs/results_schema.md: what the value means and when it is set."""
+    agg: str = "mean"
+    """How the examples of one turn combine into an export record (one of AGGREGATIONS)."""
+    default: float | int | None = None
+    """The value of a turn that did not measure it (0 for a time, 1.0 for a kept fraction; None: not measured).
+    Runs of other methods show it in the export; the leaderboard hides the column where every row has it."""
+    label: str | None = None
+    """Leaderboard / HTML column header; None keeps the cost in the export only."""
+    table_agg: str | None = None
+    """How the leaderboard combines all turns and examples of a run (None: ``agg``)."""
+
+    def __post_init__(self) -> None:
+        for what, how in (("agg", self.agg), ("table_agg", self.table_agg or self.agg)):
+            if how not in AGGREGATIONS:
+                raise ValueError(f"Cost.{what} must be one of {AGGREGATIONS}, got {how!r}")
+
+
 @dataclass
 class TurnStats:
-    """What one turn cost. Token counts are exact; times are wall-clock seconds; bytes are counted from tensors."""
+    """What one turn cost. Token counts are exact; times are wall-clock seconds; bytes are counted from tensors.
+
+    The fields are the universal columns, measured by the engine and runner for every method; a method's own
+    columns are in ``method_costs`` (declared by the method, see ``Cost``)."""
 
     prompt_tokens: int = 0
     """Length of the full prompt this turn sees (cache + new tokens), as a naive replay would prefill it."""
@@ -72,31 +107,16 @@ class TurnStats:
     attn_recall: float | None = None
     """Loading methods with ``recall=true``: mean share of the exact attention mass held by the keys attended
     (over decode steps and selecting layers); None when not measured."""
-    index_recall: float | None = None
-    """RetrievalAttention with an approximate index and ``recall=true``: mean share of the exact top-k keys the
-    index returned (over decode steps and layers); None when not measured."""
-    index_build_s: float = 0.0
-    """Time building / extending approximate search indices this turn (the build at parking is also in
-    compress_s)."""
-    index_bytes: int = 0
-    """Host bytes held by approximate search indices at the end of the turn (faiss: a float32 copy of the indexed
-    keys plus ids / centroids / graph links), apart from ``slow_tier_bytes``; 0 with exact search."""
     peak_mem_bytes: int = 0
     """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
     truncated_tokens: int = 0
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0
     """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
-    context_rate: float = 1.0
-    """Prompt compression: tokens of the compressed shared context / tokens of the original (1.0: uncompressed)."""
-    context_compress_s: float = 0.0
-    """Prompt compression: time spent compressing the shared context (charged to the first turn)."""
-    recompute_frac: float = 1.0
-    """Chunk KV reuse (CacheBlend): fraction of this turn's prefill tokens recomputed past the selection layer."""
-    chunk_kv_s: float = 0.0
-    """Chunk KV reuse: time computing the stored chunks' KV (an offline cost in CacheBlend, not in prefill_s)."""
-    prefill_saved_s: float = 0.0
-    """Chunk KV reuse: time of a full prefill of the same tokens minus this turn's blended prefill."""
+    method_costs: dict[str, float | int | None] = field(default_factory=dict)
+    """The method's own cost columns (name -> value), as declared in its ``Method.costs`` (every declared name
+    present, its ``Cost.default`` where the method measured nothing this turn); empty for methods without any.
+    Stored as one JSON column, so a method adds a column in its own file (CONTRIBUTING.md)."""
 
 
 @dataclass

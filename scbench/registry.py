@@ -6,8 +6,8 @@ import importlib
 from typing import Any, Callable
 
 
-class UnknownName(KeyError):
-    """An unknown registry key; the message lists valid names and the closest match."""
+class UnknownName(KeyError, ValueError):
+    """An unknown registry key (a bad value in a config, too); the message lists valid names and the closest match."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
@@ -66,6 +66,32 @@ class Registry:
             self._entries[name] = target
         return target
 
+
+class EngineRegistry(Registry):
+    """Engine classes by name; ``open`` builds one through its ``from_config`` and keeps it for the process."""
+
+    def __init__(self):
+        super().__init__("engine")
+        self._open: dict[tuple, Any] = {}
+
+    def open(self, model: dict, name: str = "hf", options: dict | None = None):
+        """One engine per model config, engine name and options per process (Hydra multirun jobs and methods that
+        load a second model share it). Opening an ``exclusive`` engine (vLLM reserves its device's memory) closes
+        the other engines of its class first."""
+        options = dict(options or {})
+        key = (name, repr(sorted(model.items())), repr(sorted(options.items())))
+        if key not in self._open:
+            cls = self.get(name)
+            if cls.exclusive:
+                for k in [k for k, e in self._open.items() if type(e) is cls]:
+                    self._open.pop(k).close()
+            self._open[key] = cls.from_config(model, options)
+        return self._open[key]
+
+
+ENGINES = EngineRegistry()
+ENGINES.add("hf", "scbench.engines.hf:HFEngine")
+ENGINES.add("vllm", "scbench.engines.vllm:VLLMEngine")
 
 TASKS = Registry("task")
 for _name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng", "scbench_qa_chn",

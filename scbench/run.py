@@ -9,14 +9,12 @@ from pathlib import Path
 from scbench import provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
-from scbench.registry import TASKS
+from scbench.registry import ENGINES, TASKS
 from scbench.runner import Replay, n_turns
 from scbench.store import Store
 from scbench.validate import SpecError, check_method, check_spec
 
 log = logging.getLogger(__name__)
-
-_ENGINES: dict[str, object] = {}
 
 
 def build_method(cfg: dict):
@@ -25,47 +23,19 @@ def build_method(cfg: dict):
     return check_method(cfg, engine_name=None)
 
 
-ENGINES = ("hf", "vllm")
 RESOURCE_OPTIONS = {"gpu_memory_utilization", "cpu_kvcache_space_gib", "cpu_threads_bind"}
 """Engine options that size resources without changing results: not part of the run id (a re-launch with
 less memory resumes the same run)."""
 
 
 def get_engine(model: dict, engine: str = "hf", options: dict | None = None):
-    """One engine per model config, engine and engine options per process (Hydra multirun jobs share it).
+    """The process's engine for a model config, engine name (``scbench.registry.ENGINES``) and engine options.
 
     ``options``: the engine's knobs (``configs/engine/<name>.yaml`` less ``name``, plus the method's
     ``engine_args()``); the hf engine takes none. Only one vLLM engine lives at a time: it reserves its
     device's memory, so asking for another closes the previous one.
     """
-    options = dict(options or {})
-    key = repr(sorted(model.items())) + engine + repr(sorted(options.items()))
-    if key not in _ENGINES:
-        if engine not in ENGINES:
-            raise ValueError(f"engine {engine!r} is not available; engines: {', '.join(ENGINES)}")
-        m = dict(model)
-        common = dict(name=m.pop("name", None), device=m.pop("device", None), dtype=m.pop("dtype", None),
-                      window=m.pop("window", None), trust_remote_code=m.pop("trust_remote_code", False),
-                      adapter=m.pop("adapter", None))
-        path = m.pop("path")
-        if engine == "hf":
-            if options:
-                raise ValueError(f"engine hf takes no engine options, got {', '.join(sorted(options))}")
-            from scbench.engines.hf import HFEngine
-
-            _ENGINES[key] = HFEngine(
-                path, **common, prefill_chunk=m.pop("prefill_chunk", None),
-                decode=m.pop("decode", "auto"), offload=m.pop("offload", None), offload_dir=m.pop("offload_dir", None),
-            )
-        if m:
-            raise ValueError(f"unknown model config key(s) for engine {engine}: {', '.join(sorted(m))}")
-        if engine == "vllm":
-            from scbench.engines.vllm import VLLMEngine
-
-            for k in [k for k, e in _ENGINES.items() if getattr(e, "name", None) == "vllm"]:
-                _ENGINES.pop(k).close()
-            _ENGINES[key] = VLLMEngine(path, **common, options=options)
-    return _ENGINES[key]
+    return ENGINES.open(model, engine, options)
 
 
 def parse_shard(shard) -> tuple[int, int] | None:

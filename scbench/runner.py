@@ -31,6 +31,7 @@ class Replay:
         self.done = done or {}
         self.turns = n_turns(example, spec)
         self.context_stats: dict = {}
+        method.setup(engine)
         if "compress_context" in method.hooks():
             example = self.example = self._compress_context(example)
         self.builder = PromptBuilder(
@@ -53,7 +54,7 @@ class Replay:
         seconds = time.perf_counter() - t0
         before = len(self.engine.encode(text, add_special_tokens=False))
         after = len(self.engine.encode(short, add_special_tokens=False))
-        self.context_stats = {"context_rate": after / before, "context_compress_s": seconds}
+        self.context_stats = {"context_rate": after / before, "context_compress_s": seconds}  # HOOK_COSTS
         return dataclasses.replace(example, context=short)
 
     # --- policies -----------------------------------------------------------------------------------
@@ -116,8 +117,7 @@ class Replay:
                     fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
                                              seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                              attn_cells=fs.attn_cells + ctx_fs.attn_cells,
-                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed,
-                                             extra={**ctx_fs.extra, **fs.extra})
+                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed)
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
@@ -128,6 +128,21 @@ class Replay:
             # part of the context in the first request, so computed + reused can exceed it
             result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
+
+    def _method_costs(self, i: int) -> dict:
+        """The method's cost columns for turn ``i``: what the runner measured around its hooks (the context
+        compression is charged to the first turn) and what the method reports (``take_costs``), every declared
+        column present (its default where nothing was measured)."""
+        declared = type(self.method).cost_columns()
+        reported = dict(self.context_stats)
+        if i > 0 and "context_compress_s" in reported:
+            reported["context_compress_s"] = 0.0
+        reported.update(self.method.take_costs(self.session))
+        unknown = sorted(set(reported) - set(declared))
+        if unknown:
+            raise ValueError(f"{type(self.method).__name__}.take_costs reported {unknown}, not declared in its costs "
+                             f"(declared: {sorted(declared)})")
+        return {col: reported.get(col, cost.default) for col, cost in declared.items()}
 
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
@@ -153,9 +168,7 @@ class Replay:
             compress_s=fs.compress_s,
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
-            context_rate=self.context_stats.get("context_rate", 1.0),
-            context_compress_s=self.context_stats.get("context_compress_s", 0.0) if i == 0 else 0.0,
-            **fs.extra,
+            method_costs=self._method_costs(i),
             **mem,
         )
         scores = self.task.score(prediction, turn, self.example.extra)

@@ -2,6 +2,13 @@
 
 Each finished turn is committed at once, so a crash or kill loses nothing finished, and a re-launch
 of the same run (same resolved spec, hence the same run id) skips what is stored.
+
+Turn rows hold the universal ``TurnStats`` fields as typed columns and the method's own cost columns as one
+JSON object (``method_costs``, declared per method: ``Method.costs``). Schema v1 stores (method costs as flat
+columns) are migrated on open (``_migrate_v1``).
+
+Re-scoring a run with another task variant (``scbench score --variant``) writes ``rescores`` rows beside the
+turns; the turns' own scores and the run's spec (whose hash is the run id) stay as the run wrote them.
 """
 from __future__ import annotations
 
@@ -18,10 +25,24 @@ from scbench.records import TurnResult, TurnStats
 STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
 
 
+JSON_STAT_COLUMNS = {"method_costs"}
+"""TurnStats fields stored as JSON text (dicts)."""
+
+
 def _stat_type(column: str) -> str:
-    """SQLite type of a TurnStats column: times and rates REAL, labels TEXT, counts INTEGER."""
+    """SQLite type of a TurnStats column: times and rates REAL, labels and JSON TEXT, counts INTEGER."""
     kind = {f.name: f.type for f in dataclasses.fields(TurnStats)}[column].removesuffix(" | None")
-    return "REAL" if kind == "float" else "TEXT" if kind == "str" else "INTEGER"
+    return "REAL" if kind == "float" else "TEXT" if kind == "str" or column in JSON_STAT_COLUMNS else "INTEGER"
+
+
+LEGACY_METHOD_COLUMNS = {
+    "index_recall": ("retrieval_attention",), "index_build_s": ("retrieval_attention",),
+    "index_bytes": ("retrieval_attention",),
+    "context_rate": ("ppl_compress", "llmlingua2"), "context_compress_s": ("ppl_compress", "llmlingua2"),
+    "recompute_frac": ("cacheblend",), "chunk_kv_s": ("cacheblend",), "prefill_saved_s": ("cacheblend",),
+}
+"""Schema v1's flat method-cost columns of the turns table -> the methods that measured them (the rest of the
+rows hold the column's default). The v1 -> v2 migration moves a row's values into its ``method_costs``."""
 
 
 SCHEMA = f"""
@@ -45,6 +66,15 @@ CREATE TABLE IF NOT EXISTS turns (
     created REAL,
     PRIMARY KEY (run_id, example_id, turn)
 );
+CREATE TABLE IF NOT EXISTS rescores (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    example_id TEXT NOT NULL,
+    turn INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    scores TEXT,
+    created REAL,
+    PRIMARY KEY (run_id, example_id, turn, variant)
+);
 """
 
 
@@ -56,12 +86,44 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         self.db.executescript(SCHEMA)
-        self._add_missing_columns()
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(RESULTS_SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            self._migrate_v1()
         elif int(row[0]) != RESULTS_SCHEMA_VERSION:
             raise ValueError(f"{self.path}: results schema v{row[0]}, this scbench writes v{RESULTS_SCHEMA_VERSION}")
+        self._add_missing_columns()
+
+    def _migrate_v1(self) -> None:
+        """Schema v1 -> v2, in one transaction: each turn's flat method-cost columns (LEGACY_METHOD_COLUMNS) become
+        its ``method_costs`` JSON (the columns its run's method measured; a NULL, written before the column
+        existed, is left out and reads as the default), then the flat columns are dropped."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if int(row[0]) == 1:  # not migrated meanwhile by another process
+                have = {r[1] for r in self.db.execute("PRAGMA table_info(turns)")}
+                if "method_costs" not in have:
+                    self.db.execute("ALTER TABLE turns ADD COLUMN method_costs TEXT")
+                legacy = [c for c in LEGACY_METHOD_COLUMNS if c in have]
+                if legacy:
+                    cur = self.db.execute(
+                        f"SELECT t.rowid, r.method, {', '.join('t.' + c for c in legacy)} "
+                        "FROM turns t LEFT JOIN runs r ON r.run_id = t.run_id")
+                    for rowid, method, *values in cur.fetchall():
+                        costs = {c: v for c, v in zip(legacy, values)
+                                 if method in LEGACY_METHOD_COLUMNS[c] and v is not None}
+                        self.db.execute("UPDATE turns SET method_costs=? WHERE rowid=?",
+                                        (json.dumps(costs, sort_keys=True), rowid))
+                    for c in legacy:
+                        self.db.execute(f"ALTER TABLE turns DROP COLUMN {c}")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(RESULTS_SCHEMA_VERSION),))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def _add_missing_columns(self) -> None:
         """Stores written by an older scbench of the same schema version lack columns added since (new cost
@@ -120,6 +182,8 @@ class Store:
     # --- turns ----------------------------------------------------------------------------------
     def put(self, run_id: str, result: TurnResult) -> None:
         stats = dataclasses.asdict(result.stats)
+        for c in JSON_STAT_COLUMNS:
+            stats[c] = json.dumps(stats[c], sort_keys=True)
         cols = ["run_id", "example_id", "turn", "prediction", "reference", "scores", *STAT_COLUMNS, "created"]
         vals = [run_id, result.example_id, result.turn, result.prediction,
                 json.dumps(result.reference, ensure_ascii=False), json.dumps(result.scores),
@@ -135,21 +199,41 @@ class Store:
             out.setdefault(ex, {})[turn] = pred
         return out
 
-    def turns(self, run_id: str | None = None) -> list[dict[str, Any]]:
+    def turns(self, run_id: str | None = None, *, variant: str | None = None) -> list[dict[str, Any]]:
+        """The turn rows (JSON columns decoded). With ``variant``, a row re-scored under that task variant carries
+        those scores instead of its own, and ``scores_variant`` names it (None on rows with their own scores)."""
         q = "SELECT * FROM turns" + (" WHERE run_id=?" if run_id else "") + " ORDER BY run_id, example_id, turn"
         cur = self.db.execute(q, (run_id,) if run_id else ())
         cols = [c[0] for c in cur.description]
+        rescored = self.rescores(variant, run_id) if variant is not None else {}
         rows = []
         for r in cur.fetchall():
             d = dict(zip(cols, r))
             d["reference"] = json.loads(d["reference"])
             d["scores"] = json.loads(d["scores"])
+            for c in JSON_STAT_COLUMNS:
+                d[c] = json.loads(d[c]) if d.get(c) else {}
+            key = (d["run_id"], d["example_id"], d["turn"])
+            d["scores_variant"] = variant if key in rescored else None
+            d["scores"] = rescored.get(key, d["scores"])
             rows.append(d)
         return rows
 
     def update_scores(self, run_id: str, example_id: str, turn: int, scores: dict) -> None:
+        """Replace a turn's own scores (a re-score with the run's own task variant, e.g. after a scorer fix)."""
         self.db.execute("UPDATE turns SET scores=? WHERE run_id=? AND example_id=? AND turn=?",
                         (json.dumps(scores), run_id, example_id, turn))
+
+    def put_rescore(self, run_id: str, example_id: str, turn: int, variant: str, scores: dict) -> None:
+        """Store a turn's scores under another task variant, beside its own (replacing an earlier re-score of
+        that variant); the turn row and the run's spec are not touched."""
+        self.db.execute("INSERT OR REPLACE INTO rescores VALUES (?,?,?,?,?,?)",
+                        (run_id, example_id, turn, variant, json.dumps(scores), time.time()))
+
+    def rescores(self, variant: str, run_id: str | None = None) -> dict[tuple[str, str, int], dict]:
+        """(run_id, example_id, turn) -> scores of the re-scores under ``variant`` (of one run, or all)."""
+        q = "SELECT run_id, example_id, turn, scores FROM rescores WHERE variant=?" + (" AND run_id=?" if run_id else "")
+        return {(r, e, t): json.loads(s) for r, e, t, s in self.db.execute(q, (variant, run_id) if run_id else (variant,))}
 
     # --- failures and merging (sweeps, shards) ---------------------------------------------------
     def record_failure(self, run_id: str, *, spec: dict, error: str) -> None:
@@ -175,6 +259,13 @@ VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "decode_path", "peak_mem_byt
                          *(c for c in STAT_COLUMNS if c.endswith("_s"))}
 
 
+def _stable(column: str, value):
+    """A turn column's value as merge compares it: a JSON column without its timings (keys ending in ``_s``)."""
+    if column in JSON_STAT_COLUMNS and value:
+        return {k: v for k, v in json.loads(value).items() if not k.endswith("_s")}
+    return value
+
+
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
     """Merge per-shard (or per-node) stores into ``out`` (created or extended).
 
@@ -182,7 +273,8 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
     holds every turn the run expects (per-shard stores of one run: each shard alone is ``partial``), else the
     most recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
     deduplicated, a row whose prediction, reference, scores or token counts differ is a conflict: the first
-    one seen is kept and the conflict is reported. Returns counts and the list of conflicts.
+    one seen is kept and the conflict is reported. Re-scores (``rescores``) are copied the same way. Inputs of an
+    older schema are migrated in place when opened. Returns counts and the list of conflicts.
     """
     target = Store(out)
     report = {"runs_added": 0, "turns_added": 0, "duplicates": 0, "conflicts": []}
@@ -219,12 +311,21 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                         report["turns_added"] += 1
                         continue
                     old = dict(zip(cols, old))
-                    diff = sorted(c for c in cols if c not in VOLATILE_TURN_COLUMNS and old[c] != rec[c])
+                    diff = sorted(c for c in cols
+                                  if c not in VOLATILE_TURN_COLUMNS and _stable(c, old[c]) != _stable(c, rec[c]))
                     if diff:
                         report["conflicts"].append({"run_id": key[0], "example_id": key[1], "turn": key[2],
                                                     "columns": diff, "source": str(path)})
                     else:
                         report["duplicates"] += 1
+                for row in src.db.execute("SELECT run_id, example_id, turn, variant, scores, created FROM rescores"):
+                    have = target.db.execute("SELECT scores FROM rescores WHERE run_id=? AND example_id=? AND turn=? "
+                                             "AND variant=?", row[:4]).fetchone()
+                    if have is None:
+                        target.db.execute("INSERT INTO rescores VALUES (?,?,?,?,?,?)", row)
+                    elif have[0] != row[4]:
+                        report["conflicts"].append({"run_id": row[0], "example_id": row[1], "turn": row[2],
+                                                    "columns": [f"rescores[{row[3]}]"], "source": str(path)})
                 for (run_id,) in target.db.execute("SELECT run_id FROM runs WHERE status='partial'").fetchall():
                     if target.complete(run_id):  # every shard's rows are in now
                         target.db.execute("UPDATE runs SET status='done', error=NULL WHERE run_id=?", (run_id,))

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from scbench.devices import sync as _sync
 from scbench.engines import fastdecode
-from scbench.engines.hf import HFEngine, _sync
+from scbench.engines.hf import HFEngine
 from scbench.kv import cache as kvc
 from scbench.registry import METHODS
 

@@ -30,3 +30,34 @@ def embedded_engine():
     from scbench.run import get_engine
 
     return get_engine({"name": "smollm2-135m", "path": "embedded:smollm2", "device": "cpu"})
+
+
+SLOW_FIXTURES = {"embedded_engine"}
+"""Fixtures that load the embedded model: a test using one is slow whether or not it says so."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _slow_marks_the_embedded_model(request, monkeypatch):
+    """The ``slow`` marker means "loads the embedded model": a test without it fails when it loads those weights
+    (through an engine, a method's scorer, or a run), so `make test-fast` stays fast."""
+    if request.node.get_closest_marker("slow"):
+        return
+    from transformers import AutoModelForCausalLM
+
+    from scbench.engines.models import EMBEDDED, cache_root
+
+    embedded = [str(cache_root() / "models" / spec["folder"]) for spec in EMBEDDED.values()]
+    real = AutoModelForCausalLM.from_pretrained
+
+    def guarded(path, *args, **kwargs):
+        if any(str(path) == e or str(path).startswith(e + "+") for e in embedded):
+            pytest.fail(f"{request.node.nodeid} loads the embedded model ({path}): mark it @pytest.mark.slow")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)

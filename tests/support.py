@@ -1,6 +1,10 @@
-"""Helpers shared by tests (not a test module): a byte-level tokenizer, the tiny random Llama engine and a
-synthetic results store."""
+"""Helpers shared by tests (not a test module): a byte-level tokenizer, the tiny random Llama (model and engine), a
+synthetic results store and the loader of scripts/ modules."""
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -28,20 +32,28 @@ def byte_tokenizer():
     return tok
 
 
-def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2):
-    """HFEngine over a random-weight Llama (hidden 64, 4 query / 2 KV heads) with the embedded tokenizer."""
+def random_llama(vocab: int, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                 intermediate: int = 128, window: int = 4096, seed: int | None = 0, **config):
+    """A random-weight ``LlamaForCausalLM`` (the tests' one tiny model; the defaults are ``make_tiny_engine``'s).
+    ``seed`` seeds torch first (None: leave the generator as it is); ``config`` adds LlamaConfig keys."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=window, **config))
+
+
+def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2, **shape):
+    """HFEngine over ``random_llama`` (hidden 64, 4 query / 2 KV heads unless ``shape`` says otherwise) with
+    ``tokenizer``, on the CPU in float32."""
     from scbench.engines.hf import HFEngine
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    return HFEngine("tiny-random-llama", name="tiny-random-llama", model=model, tokenizer=tokenizer, device="cpu")
+    model = random_llama(len(tokenizer), layers=layers, seed=seed, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **shape)
+    return HFEngine("tiny-random-llama", name="tiny-random-llama", model=model, tokenizer=tokenizer, device="cpu",
+                    dtype="float32")
 
 
 # A synthetic leaderboard: method config, stages, kept fraction of the full KV
@@ -81,3 +93,23 @@ def make_store(path):
                                       "mode": "multi_turn"}, error="OutOfMemoryError: CUDA out of memory")
     store.close()
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A module of ``scripts/`` (``path`` relative to it, e.g. ``probe/probe_data.py``), loaded from its file without
+    putting scripts/ on sys.path. It is registered under its file name, as the scripts import their siblings by
+    name when they run: load a sibling before the module that imports it."""
+    name = Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]

@@ -1,4 +1,4 @@
-"""The attention function scbench registers with transformers, and its plain causal reference.
+"""The attention function scbench registers with transformers (its dense path: scbench/kernels/dense.py).
 
 transformers calls ``scbench_attention`` for every attention layer (``attn_implementation="scbench"``).
 It is dense SDPA with a bottom-right-aligned causal mask, so it stays correct when layers hold caches
@@ -13,35 +13,54 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from scbench.kernels.dense import causal_attention, reference_causal_attention  # noqa: F401 - tests and scripts use both here
 
 NAME = "scbench"
-# Decode (one query) avoids the cuDNN backend: measured on an H100, cuDNN SDPA re-plans whenever the key length
-# changes, which every decode step does (per-layer lengths under PyramidKV dropped decode to 0.5 tok/s).
-DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class AttnContext:
+    """What one forward lets ``scbench_attention`` do, set by the engine's session before the forward.
+
+    Method hooks never receive the context: ``scbench_attention`` reads it and hands each hook what it may see.
+
+    - ``prefill_attention(layer, q, k, v, scale)`` (when ``sparse``): only its arguments; it may report the
+      score cells it computed through ``count_computed`` (which updates ``cells_computed`` / ``reported``).
+    - ``decode_attention(layer, q, k, v, scale, layer=...)`` (when ``decode``): its arguments, ``layer`` being
+      ``cache.layers[layer_idx]``; nothing else of the context.
+    - ``compress_cache(layer, keys, values, queries)``: runs after the forward, outside the context; the engine
+      passes ``queries[layer]`` (the last ``capture_queries`` queries, kept when ``capture_queries`` > 0).
+
+    The engine reads back ``queries`` (for compression) and ``cells_total`` / ``cells_computed`` (the turn's
+    ``attn_density``); ``static`` belongs to the fast decode path alone.
+    """
+
     method: object | None = None
+    """The method whose hooks the forward calls (None: plain dense attention). Read by scbench_attention only."""
     sparse: bool = False
-    """Route multi-token forwards through ``method.prefill_attention``."""
+    """Route multi-token forwards through ``method.prefill_attention``. Set by the engine."""
     capture_queries: int = 0
-    """Keep the last N queries of each layer in ``queries`` (for query-aware compression)."""
+    """Keep the last N queries of each layer in ``queries`` (for query-aware compression). Set by the engine."""
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Layer -> its captured queries [B, Hq, N, D]; written by scbench_attention, read by the engine's compression
+    pass (each ``compress_cache`` call gets its layer's entry)."""
     cells_total: int = 0
-    """Causal attention score cells of the multi-token forwards (batch x query heads x layers)."""
+    """Causal attention score cells of the multi-token forwards (batch x query heads x layers). Written by
+    scbench_attention, read by the engine."""
     cells_computed: int = 0
-    """Of those, the cells computed: dense forwards count all, a sparse hook reports its own."""
+    """Of those, the cells computed: dense forwards count all, a sparse hook reports its own through
+    ``count_computed``. Read by the engine."""
     reported: bool = False
-    """Set by ``count_computed`` during a hook call."""
+    """Set by ``count_computed`` during a hook call; internal to scbench_attention."""
     decode: bool = False
-    """Route one-query forwards through ``method.decode_attention`` (retrieval / loading methods)."""
+    """Route one-query forwards through ``method.decode_attention`` (retrieval / loading methods). Set by the engine."""
     cache: object | None = None
-    """The session's cache, so a decode hook can reach its layer (e.g. a ``TieredLayer`` that loads rows)."""
+    """The session's cache; scbench_attention passes a decode hook its layer (e.g. a ``TieredLayer`` that loads
+    rows) as the ``layer`` argument. Set by the engine with ``decode``."""
     static: object | None = None
-    """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers."""
+    """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers.
+    Set and read by the fast decode path only; no hook sees it."""
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
@@ -62,36 +81,6 @@ def count_computed(cells: int) -> None:
     if ctx is not None:
         ctx.cells_computed += int(cells)
         ctx.reported = True
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Dense causal attention, queries aligned to the end of the keys.
-
-    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Tk >= Tq and Hq a multiple of Hkv -> [B, Hq, Tq, D].
-    """
-    tq, tk = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
-    if tq == 1:
-        if q.is_cuda:  # cuDNN re-plans for every new key length: decode lengths change each step
-            with sdpa_kernel(DECODE_BACKENDS):
-                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def reference_causal_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
-    """Plain float64 softmax(QK^T)V with an explicit mask; the yardstick for every fast path."""
-    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1).double()
-    v = v.repeat_interleave(rep, dim=1).double()
-    scores = (q.double() @ k.transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
-    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v).to(q.dtype)
 
 
 def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -17,8 +17,6 @@ class FeedStats:
     """Causal attention score cells of this feed's multi-token forwards (all layers, heads, batch rows)."""
     attn_computed: int = 0
     """Of those, the cells computed (fewer than attn_cells under sparse prefill)."""
-    extra: dict = field(default_factory=dict)
-    """Method-specific cost columns of this feed, keyed by TurnStats field (e.g. recompute_frac)."""
 
     @property
     def attn_density(self) -> float:
@@ -70,6 +68,17 @@ class Session(ABC):
 
 class Engine(ABC):
     name: str = "base"
+    exclusive: bool = False
+    """Only one engine of this class may live in a process (it reserves its device): opening another closes it."""
+
+    @classmethod
+    def from_config(cls, model: dict, options: dict | None = None) -> "Engine":
+        """The engine for a model config (``configs/model/*.yaml``) and engine options (``configs/engine/<name>.yaml``
+        less ``name``, plus the method's ``engine_args()``); unknown keys are a ValueError naming them."""
+        raise NotImplementedError(f"engine {cls.name!r} cannot be built from a config")
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (processes, files); the default holds nothing."""
 
     @abstractmethod
     def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str: ...

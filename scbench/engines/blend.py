@@ -17,16 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats, cache_kw
 
 EXACT_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decoder_parts(model):
@@ -169,12 +165,13 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
 
 
 def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, select_layer: int, prefix: int,
-                    measure_full: bool) -> FeedStats:
+                    measure_full: bool) -> tuple[FeedStats, dict]:
     """Fill an empty ``HFSession`` cache with the blended KV of ``ids`` and set its last logits.
 
     FeedStats.seconds is the request-time work (re-rotation is part of the chunk store here, so: the layered
-    recompute and installing the cache); ``extra`` carries recompute_frac, chunk_kv_s and, with ``measure_full``,
-    prefill_saved_s (a full prefill of the same tokens, timed on a throwaway cache, minus that time).
+    recompute and installing the cache). The dict next to it holds CacheBlend's cost columns: recompute_frac,
+    chunk_kv_s and, with ``measure_full``, prefill_saved_s (a full prefill of the same tokens, timed on a throwaway
+    cache, minus that time).
     """
     from transformers import DynamicCache
 
@@ -200,16 +197,16 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     session.last_logits = logits
     _sync(dev)
     seconds = time.perf_counter() - t1
-    extra = {"recompute_frac": len(idx) / n, "chunk_kv_s": t1 - t0}
+    costs = {"recompute_frac": len(idx) / n, "chunk_kv_s": t1 - t0}
     if measure_full:
         t2 = time.perf_counter()
         with torch.inference_mode():
             model(input_ids=torch.tensor([ids], device=dev), **{cache_kw(model): DynamicCache(config=model.config)},
                   use_cache=True, logits_to_keep=1)
         _sync(dev)
-        extra["prefill_saved_s"] = time.perf_counter() - t2 - seconds
+        costs["prefill_saved_s"] = time.perf_counter() - t2 - seconds
     heads = model.config.num_attention_heads
     dense = n * (n + 1) // 2
     computed = full_layers * dense + (len(layers) - full_layers) * int((idx + 1).sum())
     return FeedStats(tokens=n, reused=0, seconds=seconds, attn_cells=heads * len(layers) * dense,
-                     attn_computed=heads * computed, extra=extra)
+                     attn_computed=heads * computed), costs

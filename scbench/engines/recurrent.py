@@ -26,9 +26,10 @@ from types import SimpleNamespace
 
 import torch
 
+from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
-from scbench.engines.hf import HFSession, _sync
+from scbench.engines.hf_session import HFSession
 from scbench.kv import cache as kvc
 
 TAIL = 16
@@ -72,24 +73,22 @@ def _nbytes(value) -> int:
     return 0
 
 
+def check_state_in_cache(config) -> None:
+    """Raise for recurrent model types whose state lives outside a ``DynamicCache`` (``OWN_STATE``)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in OWN_STATE:
+        raise ValueError(f"model type {model_type!r} {OWN_STATE[model_type]}: scbench cannot reuse or snapshot its state")
+
+
 def is_recurrent(model) -> bool:
     """True when the model's cache has linear-attention (conv / recurrent state) layers; raises for recurrent
     models whose state lives outside a ``DynamicCache``."""
     from transformers import DynamicCache
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in OWN_STATE:
-        raise ValueError(f"model type {model_type!r} {OWN_STATE[model_type]}: scbench cannot reuse or snapshot its state")
+    check_state_in_cache(model.config)
     cache = DynamicCache(config=model.config)
     return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
-
-
-def make_session(engine, method) -> HFSession:
-    """The session ``HFEngine.session`` hands out: a ``RecurrentSession`` for models with recurrent state."""
-    if getattr(engine, "_recurrent", None) is None:
-        engine._recurrent = is_recurrent(engine.model)
-    return RecurrentSession(engine, method) if engine._recurrent else HFSession(engine, method)
 
 
 class RecurrentSession(HFSession):

@@ -25,22 +25,20 @@ The cost columns come from vLLM's own accounting:
   ``describe()["unavailable"]`` lists such columns.
 
 vLLM spawns an engine-core process (and workers); ``close()`` shuts them down and runs at interpreter exit,
-after an exception or Ctrl-C, and on SIGTERM.
+after an exception or Ctrl-C, and on SIGTERM (scbench/engines/vllm_process.py).
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
 import itertools
 import logging
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
-from scbench.engines.base import Engine, FeedStats, GenResult, Session
+from scbench.engines.base import FeedStats, GenResult, Session
+from scbench.engines.chat import TokenizerEngine, refuse_unknown_keys, split_model_config, stop_ids
+from scbench.engines.vllm_process import ChildProcesses
 
 log = logging.getLogger(__name__)
 
@@ -83,64 +81,35 @@ def check_kv_cache_dtype(kv_cache_dtype: str, on_cpu: bool, flags: set[str] | No
         )
 
 
-def stop_ids(tokenizer, generation_eos) -> set[int]:
-    """The transformers engine's stop set: EOS of the tokenizer and generation config, plus chat end tokens."""
-    ids = set()
-    for source in (tokenizer.eos_token_id, generation_eos):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    if not ids:
-        raise ValueError("the model has no EOS token: cannot stop generation")
-    return ids
-
-
 def merged_folder(folder: str, adapter: str) -> str:
     """A folder with the LoRA adapter merged into the base weights (vLLM loads plain checkpoints), made once
     under the scbench cache with the same float32 merge as the transformers engine."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from scbench.engines.models import ADAPTER_WEIGHTS, adapter_dir, cache_root, merge_adapter
+    from scbench.engines.models import ADAPTER_WEIGHTS, adapter_dir, cache_root, merge_adapter, save_atomically
 
     digest = hashlib.sha256((adapter_dir(adapter) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
     out = cache_root() / "models" / f"{Path(folder).name}+{digest}"
     if (out / "config.json").exists():
         return str(out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     merge_adapter(model, adapter)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(model, AutoTokenizer.from_pretrained(folder), out)
     return str(out)
 
 
-def _peak_rss(pid: int) -> int | None:
-    """Peak resident set size (VmHWM) of one process, or None when it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-class VLLMEngine(Engine):
+class VLLMEngine(TokenizerEngine):
     """A causal LM served by ``vllm.LLM`` (prefix caching on, greedy, prompts as token ids)."""
 
     name = "vllm"
+    exclusive = True  # it reserves its device's memory
+
+    @classmethod
+    def from_config(cls, model: dict, options: dict | None = None) -> "VLLMEngine":
+        path, common, rest = split_model_config(model, cls.name)
+        refuse_unknown_keys(rest, cls.name)
+        return cls(path, **common, options=options)
 
     def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
                  window: int | None = None, trust_remote_code: bool = False, adapter: str | None = None,
@@ -183,7 +152,7 @@ class VLLMEngine(Engine):
             gen_eos = GenerationConfig.from_pretrained(folder).eos_token_id
         except OSError:
             gen_eos = None
-        self.stop_ids = stop_ids(self.tokenizer, gen_eos)
+        self.stop_ids = stop_ids(self.tokenizer, gen_eos, self.model_name)
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no "
@@ -211,15 +180,12 @@ class VLLMEngine(Engine):
             args["gpu_memory_utilization"] = float(self.options["gpu_memory_utilization"])
         self.llm = None
         self._closed = False
-        self._previous_sigterm = None
-        self._before = self._descendants()
-        self.spawned: set = set()
-        """The processes vLLM started (engine core, workers), as ``psutil.Process``."""
-        self._install_exit_hooks()
+        self.processes = ChildProcesses(self.close)
+        """vLLM's engine core and workers; ``close`` runs at exit and on SIGTERM."""
         try:
-            with self._interruptible_start():
+            with self.processes.interruptible_start():
                 self.llm = vllm.LLM(**args)
-            self.spawned = self._descendants() - self._before
+            self.processes.started()
         except Exception as e:
             self.close()
             raise RuntimeError(f"vLLM could not start {self.model_name!r} with {args}: {type(e).__name__}: {e} "
@@ -231,45 +197,6 @@ class VLLMEngine(Engine):
         self._ids = itertools.count()
 
     # --- processes --------------------------------------------------------------------------------
-    def _install_exit_hooks(self) -> None:
-        atexit.register(self.close)
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGTERM)
-            if previous in (signal.SIG_DFL, None):  # SIGTERM would end us without atexit: exit cleanly instead
-                self._previous_sigterm = previous
-                signal.signal(signal.SIGTERM, _exit_on_sigterm)
-
-    @contextlib.contextmanager
-    def _interruptible_start(self):
-        """vLLM swallows a KeyboardInterrupt during its engine handshake (``zmq_socket_ctx``) and then waits up to
-        VLLM_ENGINE_READY_TIMEOUT_S for an engine that never answers. While it starts, Ctrl-C therefore ends the
-        processes started so far and raises KeyboardInterrupt, re-sent every second until one gets out."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        starting = threading.Event()
-        starting.set()
-
-        def resend():
-            while True:
-                time.sleep(1)
-                if not starting.is_set():
-                    return
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-        def on_sigint(signum, frame):
-            _reap(self._descendants() - self._before, timeout=5.0)
-            if not any(t.name == "scbench-vllm-interrupt" for t in threading.enumerate()):
-                threading.Thread(target=resend, name="scbench-vllm-interrupt", daemon=True).start()
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            starting.clear()
-            signal.signal(signal.SIGINT, previous)
-
     def close(self) -> None:
         """Shut down vLLM's engine-core and worker processes (idempotent); any that survive vLLM's own shutdown
         are terminated, then killed."""
@@ -282,53 +209,23 @@ class VLLMEngine(Engine):
                 llm.llm_engine.engine_core.shutdown()
             except Exception:  # noqa: BLE001 - closing must go on to the process sweep below
                 log.exception("vLLM shutdown failed")
-        _reap(self.spawned or self._descendants() - self._before)
-        atexit.unregister(self.close)
-        if self._previous_sigterm is not None and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-
-    @staticmethod
-    def _descendants() -> set:
-        """This process's descendants (``psutil.Process``, which tell a reused pid apart), less
-        multiprocessing's resource tracker (it exits with us)."""
-        import psutil
-
-        procs = set()
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if "resource_tracker" not in " ".join(p.cmdline()):
-                    procs.add(p)
-            except psutil.Error:
-                pass
-        return procs
+        self.processes.reap()
+        self.processes.release()
 
     def peak_memory(self) -> int | None:
         if self.device != "cpu":
             return None
-        peaks = [_peak_rss(pid) for pid in [os.getpid(), *(p.pid for p in self.spawned)]]
-        return max((p for p in peaks if p), default=None)
+        return self.processes.peak_memory()
 
     # --- the Engine interface -----------------------------------------------------------------------
     @property
     def window(self) -> int:
         return min(self._window, self.max_model_len)
 
-    def render_chat(self, messages, add_generation_prompt):  # the transformers engine's path, token for token
-        from scbench.engines.hf import HFEngine
-
-        return HFEngine.render_chat(self, messages, add_generation_prompt)
-
-    def encode(self, text, add_special_tokens):
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     def session(self, method) -> "VLLMSession":
         return VLLMSession(self, method)
 
     def describe(self) -> dict:
-        template = self.tokenizer.chat_template or ""
         return {
             "engine": self.name,
             "vllm": self.vllm_version,
@@ -340,7 +237,7 @@ class VLLMEngine(Engine):
             "block_size": self.block_size,
             "kv_blocks": self.num_blocks,
             "tensor_parallel_size": self.options["tensor_parallel_size"],
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "chat_template_sha256": self.chat_template_sha256(),
             "unavailable": [] if self.device == "cpu" else ["peak_mem_bytes"],
             "cost_sources": {
                 "prefill_reused": "RequestOutput.num_cached_tokens (prefix-cache hit tokens, whole blocks)",
@@ -383,28 +280,6 @@ class VLLMEngine(Engine):
         """KV blocks referenced by running requests, from vLLM's ``kv_cache_usage_perc`` gauge."""
         usage = next((m.value for m in self.llm.get_metrics() if m.name == "vllm:kv_cache_usage_perc"), None)
         return round(usage * (self.num_blocks - 1)) if usage is not None and self.num_blocks > 1 else 0
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def _reap(procs: set, timeout: float = 10.0) -> None:
-    """Terminate (then kill) the given ``psutil.Process`` es that are still alive."""
-    import psutil
-
-    procs = [p for p in procs if p.is_running()]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 class VLLMSession(Session):

@@ -2,11 +2,54 @@
 
 Bytes are always summed from the tensors the cache really holds, so a method that shrinks or
 quantizes its cache shows its saving here and nowhere else. A cache layer that stores something
-other than plain ``keys``/``values`` tensors may define ``scbench_nbytes()`` and ``scbench_crop(n)``.
+other than plain ``keys``/``values`` tensors implements ``CacheLayer`` (KIVI's ``KIVILayer``, the loading
+methods' ``TieredLayer``); a plain transformers layer is handled through its ``keys`` / ``values``.
 """
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import torch
+
+
+@runtime_checkable
+class CacheLayer(Protocol):
+    """The contract of a transformers cache layer with its own representation (packed bits, a host tier, ...).
+
+    Implementations subclass both the transformers layer they extend and this protocol, so the type checker
+    sees them and ``isinstance(layer, CacheLayer)`` tells them from plain layers. A method installs one from
+    its compression hook (``Method.compress_cache`` returning a layer instead of tensors).
+    """
+
+    scbench_compresses_itself: bool
+    """True: installed once by the method's compression hook; the engine does not call the hook on it again."""
+    scbench_exact_crop: bool
+    """False when cropping cannot restore the exact earlier state (quantized groups): checkpoints then snapshot."""
+
+    def scbench_nbytes(self) -> int:
+        """Bytes resident on the compute device, counted from the real tensors (the layer's ``kv_bytes``)."""
+        ...
+
+    def scbench_slow_nbytes(self) -> int:
+        """Bytes held in a slower tier (host memory while the model runs on an accelerator); 0 if none."""
+        ...
+
+    def scbench_crop(self, n: int) -> None:
+        """Keep the first ``n`` tokens."""
+        ...
+
+    def scbench_snapshot(self) -> Any:
+        """A state ``scbench_restore`` brings back (later steps may rewrite, not only append)."""
+        ...
+
+    def scbench_restore(self, state: Any) -> None:
+        """Return to a state taken by ``scbench_snapshot``."""
+        ...
+
+
+def compresses_itself(layer) -> bool:
+    """Whether the engine skips the method's compression hook on ``layer`` (see ``CacheLayer``)."""
+    return isinstance(layer, CacheLayer) and layer.scbench_compresses_itself
 
 
 def _layers(cache) -> list:
@@ -22,7 +65,7 @@ def kv_nbytes(cache) -> int:
     """Bytes of KV state held by the cache, counted from its real tensors."""
     total = 0
     for layer in _layers(cache):
-        if hasattr(layer, "scbench_nbytes"):
+        if isinstance(layer, CacheLayer):
             total += int(layer.scbench_nbytes())
         else:
             total += layer.keys.numel() * layer.keys.element_size()
@@ -38,7 +81,7 @@ def full_nbytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, dtyp
 def crop_layers(cache, lengths: list[int]) -> None:
     """Keep the first ``lengths[i]`` tokens of layer i (undo appends made after a checkpoint)."""
     for layer, n in zip(_layers(cache), lengths, strict=True):
-        if hasattr(layer, "scbench_crop"):
+        if isinstance(layer, CacheLayer):
             layer.scbench_crop(n)
         elif layer.keys.shape[-2] != n:
             layer.keys = layer.keys[..., :n, :].contiguous()
@@ -64,22 +107,22 @@ def install_layer(cache, idx: int, layer) -> None:
 
 def crop_is_exact(cache) -> bool:
     """False when some layer cannot crop back exactly (it declares ``scbench_exact_crop = False``)."""
-    return all(getattr(layer, "scbench_exact_crop", True) for layer in _layers(cache))
+    return all(layer.scbench_exact_crop for layer in _layers(cache) if isinstance(layer, CacheLayer))
 
 
 def snapshot(cache) -> list:
     """A copy of every layer's state (used when a later step may rewrite, not only append).
 
-    A layer defining ``scbench_snapshot()`` / ``scbench_restore(state)`` snapshots itself."""
+    A ``CacheLayer`` snapshots itself."""
     return [
-        layer.scbench_snapshot() if hasattr(layer, "scbench_snapshot") else (layer.keys.clone(), layer.values.clone())
+        layer.scbench_snapshot() if isinstance(layer, CacheLayer) else (layer.keys.clone(), layer.values.clone())
         for layer in _layers(cache)
     ]
 
 
 def restore(cache, snap: list) -> None:
     for layer, state in zip(_layers(cache), snap, strict=True):
-        if hasattr(layer, "scbench_restore"):
+        if isinstance(layer, CacheLayer):
             layer.scbench_restore(state)
         else:
             layer.keys, layer.values = state[0].clone(), state[1].clone()

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from scbench.devices import sync as _sync
+from scbench.kernels.dense import causal_attention
+from scbench.kv.cache import CacheLayer
+
 TIERS = ("cpu", "disk")
 STORAGES = ("device", "cpu")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -24,11 +28,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Tier:
@@ -172,7 +171,7 @@ class Rows:
         self.n = min(self.n, n)
 
 
-class TieredLayer(DynamicLayer):
+class TieredLayer(DynamicLayer, CacheLayer):
     """A cache layer whose keys/values [B, Hkv, n, D] live in a storage tier; decode loads a subset of rows.
 
     ``keys`` / ``values`` are views of ``Rows`` buffers on the storage device, so appending a decode token
@@ -187,6 +186,8 @@ class TieredLayer(DynamicLayer):
 
     scbench_compresses_itself = True
     """Installed once by the method's compression hook; the engine does not call it again on this layer."""
+    scbench_exact_crop = True
+    """Cropping only lowers the row count: the earlier rows are untouched."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, storage: str):
         super().__init__()
@@ -330,8 +331,6 @@ def attend_loaded(layer: TieredLayer, q: torch.Tensor, idx: torch.Tensor | None,
                   *, recall: bool = False) -> torch.Tensor:
     """Decode attention over the rows ``idx`` [B, Hs, m] of ``layer`` only (None: every row), loaded from its
     tier: q [B, Hq, 1, D] -> [B, Hq, 1, D]. ``recall`` records the attention mass those rows hold."""
-    from scbench.engines.attention import causal_attention
-
     if idx is None:
         k, v = layer.load_all()
         if recall:
@@ -343,15 +342,17 @@ def attend_loaded(layer: TieredLayer, q: torch.Tensor, idx: torch.Tensor | None,
     return causal_attention(q, k, v, scale)
 
 
-def _tiered(cache) -> list[TieredLayer]:
+def tiered_layers(cache) -> list[TieredLayer]:
+    """The cache's ``TieredLayer``s (a loading method reads the state it keeps on them from here)."""
     return [layer for layer in cache.layers if isinstance(layer, TieredLayer)]
 
 
 def take_counters(cache, tier: Tier | None = None) -> dict:
     """Sum the counters of the tiered layers (and of ``tier``, a session's checkpoint tier) since the last call
     and reset them: slow-tier bytes held now, bytes loaded, load seconds and the mean recall of attention mass
-    (None when not measured)."""
-    layers = _tiered(cache)
+    (None when not measured). A method's own counters (e.g. a search index's) are its business: it reports them
+    through ``Method.take_costs``."""
+    layers = tiered_layers(cache)
     recall_n = sum(layer.recall_n for layer in layers)
     out = {
         "slow_tier_bytes": sum(layer.scbench_slow_nbytes() for layer in layers),
@@ -359,15 +360,8 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
         "load_s": sum(layer.load_s for layer in layers),
         "attn_recall": sum(layer.recall_sum for layer in layers) / recall_n if recall_n else None,
     }
-    # an approximate search index's counters, set on the layer by the method that keeps one (RetrievalAttention)
-    index_n = sum(getattr(layer, "index_recall_n", 0) for layer in layers)
-    index_sum = sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers)
-    out["index_recall"] = index_sum / index_n if index_n else None
-    out["index_build_s"] = sum(getattr(layer, "index_build_s", 0.0) for layer in layers)
-    out["index_bytes"] = sum(layer.ann.nbytes() for layer in layers if getattr(layer, "ann", None) is not None)
     for layer in layers:
         layer.loaded_bytes, layer.load_s, layer.recall_sum, layer.recall_n = 0, 0.0, 0.0, 0
-        layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
     if tier is not None:
         out["slow_tier_bytes"] += tier.held_bytes()
         out["loaded_bytes"] += tier.loaded_bytes

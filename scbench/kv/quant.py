@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from scbench.kv.cache import CacheLayer
+
 BITS = (2, 4)
 
 
@@ -89,7 +91,7 @@ def analytic_nbytes(tokens: int, *, batch: int, heads: int, head_dim: int, bits:
     return packed + key_params + value_params + 2 * batch * heads * rest * head_dim * elt
 
 
-class KIVILayer(DynamicLayer):
+class KIVILayer(DynamicLayer, CacheLayer):
     """A cache layer holding old tokens as packed low-bit groups and the most recent ones in full precision.
 
     ``keys`` / ``values`` are the full-precision residual [B, H, r, D]; the quantized prefix lives in lists of
@@ -155,6 +157,9 @@ class KIVILayer(DynamicLayer):
     def scbench_nbytes(self) -> int:
         tensors = [t for c in (*self.kchunks, *self.vchunks) for t in c] + [self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def scbench_slow_nbytes(self) -> int:
+        return 0  # everything stays on the compute device
 
     def scbench_crop(self, n: int) -> None:
         """Keep the first n tokens. Tokens of a cut quantized group return to the residual dequantized."""

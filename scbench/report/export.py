@@ -6,12 +6,15 @@ import math
 
 import pandas as pd
 
+from scbench.methods.base import Method
+from scbench.registry import METHODS
+from scbench.report import costs as method_costs
 from scbench.report.table import _category
 
 EXPORT_SCHEMA = "scbench.results"
 EXPORT_SCHEMA_VERSION = "1.0"
 
-COSTS = {  # record field -> (store column, aggregation over the examples of one turn)
+COSTS = {  # record field -> (store column, aggregation over the examples of one turn): the universal columns
     "prompt_tokens": ("prompt_tokens", "mean"),
     "prefill_computed": ("prefill_computed", "mean"),
     "prefill_reused": ("prefill_reused", "mean"),
@@ -24,36 +27,22 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "loaded_bytes": ("loaded_bytes", "mean"),
     "load_s": ("load_s", "mean"),
     "attn_recall": ("attn_recall", "mean"),
-    "index_recall": ("index_recall", "mean"),
-    "index_build_s": ("index_build_s", "mean"),
-    "index_bytes": ("index_bytes", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
-    "context_rate": ("context_rate", "mean"),
-    "context_compress_s": ("context_compress_s", "mean"),
-    "recompute_frac": ("recompute_frac", "mean"),
-    "chunk_kv_s": ("chunk_kv_s", "mean"),
-    "prefill_saved_s": ("prefill_saved_s", "mean"),
 }
+"""Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every
+record carries every declared column, at its default where the run's method does not measure it."""
 
 
 def method_budget(method: dict) -> str:
-    """A method's KV budget as a short label: ``full``, ``256``, ``1/32``, ``2bit``, ``top4096``, ``32+224``."""
-    p = {k: v for k, v in method.items() if k != "name"}
-    if "budget" in p:
-        b = p["budget"]
-        if isinstance(b, float) and 0 < b < 1:
-            return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
-        return str(b)
-    if "bits" in p:
-        return f"{p['bits']}bit"
-    if "top_k" in p:
-        return f"top{p['top_k']}"
-    if "n_init" in p and "n_local" in p:
-        return f"{p['n_init']}+{p['n_local']}"
-    if "vertical_size" in p:
-        return f"{p['vertical_size']}v+{p.get('slash_size')}s"
-    return "full" if not p else ",".join(f"{k}={v}" for k, v in sorted(p.items()))
+    """A run's KV budget as a short label (``full``, ``256``, ``1/32``, ``2bit``, ``top4096``, ``32+224``): its
+    method's ``budget_label`` (the base rule for a method no longer registered)."""
+    knobs = {k: v for k, v in method.items() if k != "name"}
+    try:
+        cls = METHODS.get(method.get("name"))
+    except KeyError:
+        cls = Method
+    return cls.budget_label(knobs)
 
 
 def _clean(v):
@@ -64,34 +53,40 @@ def _clean(v):
     return v
 
 
-def records(store) -> list[dict]:
-    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn."""
+def records(store, variant: str | None = None) -> list[dict]:
+    """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn.
+
+    ``variant``: where turns were re-scored under that task variant (``scbench score --variant``), their records
+    carry those scores and name the variant in ``task_variant``; other turns keep their own scores."""
     runs = {r["run_id"]: r for r in store.runs()}
     rows = []
-    for t in store.turns():
-        run = runs[t["run_id"]]
-        row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"]}
+    for t in store.turns(variant=variant):
+        row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"],
+               "rescored": t["scores_variant"] or ""}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
+        row.update(method_costs.values(t["method_costs"]))
         rows.append(row)
     if not rows:
         return []
     df = pd.DataFrame(rows)
     out = []
-    for (run_id, turn), g in df.groupby(["run_id", "turn"], sort=False):
+    for (run_id, rescored, turn), g in df.groupby(["run_id", "rescored", "turn"], sort=False):
         run = runs[run_id]
         spec = json.loads(run["spec"])
         prov = json.loads(run["provenance"] or "{}")
         metrics = sorted({m for s in g["scores"] for m in s})
         scores = {m: _clean(100.0 * sum(float(s[m]) for s in g["scores"] if m in s) / sum(m in s for s in g["scores"]))
                   for m in metrics}
-        costs = {f: _clean(getattr(g[f], how)()) for f, (_, how) in COSTS.items()}
+        aggs = {**{f: how for f, (_, how) in COSTS.items()},
+                **{f: c.agg for f, c in method_costs.declared_costs().items()}}
+        costs = {f: _clean(getattr(g[f], how)()) for f, how in aggs.items()}
         costs["kv_ratio"] = _clean(costs["kv_bytes"] / costs["kv_full_bytes"]) if costs["kv_full_bytes"] else None
         method = prov.get("method") or {}
         out.append({
             "schema": EXPORT_SCHEMA, "schema_version": EXPORT_SCHEMA_VERSION,
             "model": run["model"], "method": run["method"], "method_label": run["method_label"],
             "budget": method_budget(spec.get("method") or {}), "mode": run["mode"], "task": run["task"],
-            "task_variant": spec.get("task_variant") or "faithful",
+            "task_variant": rescored or spec.get("task_variant") or "faithful",
             "category": (prov.get("task") or {}).get("category") or _category(run["task"]),
             "stages": list(method.get("stages") or []), "turn": int(turn), "n_examples": int(g["example"].nunique()),
             "scores": scores, "score": _clean(sum(scores.values()) / len(scores)) if scores else None,
@@ -109,7 +104,7 @@ def failures(store) -> list[dict]:
             for r in store.runs() if r["status"] == "failed"]
 
 
-def to_json(store) -> str:
+def to_json(store, variant: str | None = None) -> str:
     """A JSON array of records; every record names its schema and version (so records can be streamed,
-    concatenated across stores and ingested one by one)."""
-    return json.dumps(records(store), indent=1, default=str)
+    concatenated across stores and ingested one by one). ``variant``: as in ``records``."""
+    return json.dumps(records(store, variant), indent=1, default=str)

@@ -1,5 +1,6 @@
 """Figures from export records (matplotlib, headless): per-turn score curves, accuracy vs KV budget,
-accuracy vs resident KV bytes with the Pareto front. Used by ``scbench plot`` and the HTML page."""
+accuracy vs resident KV bytes with the Pareto front, and accuracy vs each method-specific cost that the records
+measure (from the methods' ``Cost`` declarations). Used by ``scbench plot`` and the HTML page."""
 from __future__ import annotations
 
 import io
@@ -127,6 +128,39 @@ def accuracy_vs_bytes(records):
 FIGURES = {"turn_curves": turn_curves, "accuracy_vs_budget": accuracy_vs_budget, "accuracy_vs_kv_bytes": accuracy_vs_bytes}
 
 
+def accuracy_vs_cost(records, column: str):
+    """Score vs one declared method-specific cost (axis: its leaderboard label and unit), one point per run config."""
+    from scbench.report.costs import declared_costs
+
+    cost = declared_costs()[column]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (method, mode), pts in _run_points(records, column).items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{method} ({mode})", s=26)
+        for x, y, b in pts:
+            ax.annotate(b, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set(title=f"accuracy vs {cost.label or column}", xlabel=f"{column} ({cost.unit})", ylabel="score (0-100)")
+    ax.grid(alpha=0.3)
+    if ax.collections:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def figures_for(records) -> dict:
+    """FIGURES plus ``accuracy_vs_<column>`` for every declared method cost with a leaderboard label that some
+    record measures (a value other than the column's default)."""
+    from functools import partial
+
+    from scbench.report.costs import declared_costs
+
+    out = dict(FIGURES)
+    for col, cost in declared_costs().items():
+        if cost.label and any(r["costs"].get(col) not in (None, cost.default) for r in records):
+            out[f"accuracy_vs_{col}"] = partial(accuracy_vs_cost, column=col)
+    return out
+
+
 def render(fig, fmt: str = "svg") -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=120)
@@ -139,7 +173,7 @@ def write_figures(records, out_dir, formats=("png", "svg")) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, make in FIGURES.items():
+    for name, make in figures_for(records).items():
         for fmt in formats:
             p = out / f"{name}.{fmt}"
             p.write_bytes(render(make(records), fmt))

@@ -7,7 +7,8 @@ import html
 from collections import defaultdict
 
 from scbench.report.export import EXPORT_SCHEMA_VERSION, failures, records
-from scbench.report.figures import FIGURES, render
+from scbench.report.costs import declared_costs
+from scbench.report.figures import figures_for, render
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.4em}
@@ -54,6 +55,9 @@ def _rows(recs):
     for r in recs:
         groups[(r["model"], r["method"], r["budget"], r["mode"], r["category"], r["task"])].append(r)
     turns = sorted({r["turn"] for r in recs})
+    # method-specific costs with a leaderboard label, where some record measured them (not the default)
+    extra = {col: c.label for col, c in declared_costs().items()
+             if c.label and any(r["costs"].get(col) not in (None, c.default) for r in recs)}
     rows = []
     for key, g in sorted(groups.items()):
         by_turn = {r["turn"]: r["score"] for r in g}
@@ -68,7 +72,8 @@ def _rows(recs):
                      **{f"T{t}": by_turn.get(t) for t in turns}, "avg": sum(scores) / len(scores) if scores else None,
                      "n": max(r["n_examples"] for r in g), "KV MiB": (mean("kv_bytes") or 0) / 2**20,
                      "KV ratio": mean("kv_ratio"), "TTFT s": mean("ttft_s"), "decode tok/s": mean("decode_tok_s"),
-                     "prefill computed": mean("prefill_computed"), "prefill reused": mean("prefill_reused")})
+                     "prefill computed": mean("prefill_computed"), "prefill reused": mean("prefill_reused"),
+                     **{label: mean(col) for col, label in extra.items()}})
     return rows
 
 
@@ -88,8 +93,8 @@ def _select(name, values):
     return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
 
 
-def build_html(store, title: str = "scbench leaderboard") -> str:
-    recs = records(store)
+def build_html(store, title: str = "scbench leaderboard", variant: str | None = None) -> str:
+    recs = records(store, variant)
     rows = _rows(recs)
     cols = list(rows[0]) if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -102,7 +107,7 @@ def build_html(store, title: str = "scbench leaderboard") -> str:
                + '<label>search <input id="q" type="search"></label> <span id="count" class="note"></span>')
     figs = []
     if recs:
-        for name, make in FIGURES.items():
+        for name, make in figures_for(recs).items():
             b64 = base64.b64encode(render(make(recs), "svg")).decode()
             figs.append(f'<img alt="{name}" src="data:image/svg+xml;base64,{b64}">')
     cat_rows = defaultdict(lambda: defaultdict(list))

@@ -6,8 +6,9 @@ import json
 import pandas as pd
 
 from scbench.registry import TASKS
+from scbench.report import costs as method_costs
 
-COST_COLUMNS = {
+COST_COLUMNS = {  # the universal columns: turn_frame column -> (leaderboard header, aggregation over a run)
     "prefill_computed": ("prefill tok computed", "sum"),
     "prefill_reused": ("prefill tok reused", "sum"),
     "ttft_s": ("TTFT s", "mean"),
@@ -17,41 +18,48 @@ COST_COLUMNS = {
     "state_mib": ("state MiB", "mean"),
     "attn_density": ("prefill density", "mean"),
     "peak_mib": ("peak MiB", "max"),
-    "context_rate": ("context kept", "mean"),
-    "recompute_frac": ("recomputed", "min"),  # the blended turn's fraction (later turns are plain prefills)
-    "prefill_saved_s": ("prefill saved s", "sum"),
 }
-METHOD_COLUMNS = {"context_rate": 1.0, "recompute_frac": 1.0, "prefill_saved_s": 0.0}
-"""Columns of one method family (prompt compression, chunk KV reuse), shown only where a row differs from this value."""
 
 
-def turn_frame(store) -> pd.DataFrame:
-    """One row per (run, example, turn, metric) with the run's labels and the cost columns."""
+def method_columns() -> dict[str, tuple[str, str, object]]:
+    """The declared method-specific costs that have a leaderboard ``label``: column -> (header, aggregation over a
+    run, default). Each is shown only where some row differs from its default."""
+    return {col: (c.label, c.table_agg or c.agg, c.default)
+            for col, c in method_costs.declared_costs().items() if c.label is not None}
+
+
+def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
+    """One row per (run, example, turn, metric) with the run's labels and the cost columns; ``variant``: scores
+    re-scored under that task variant where stored (``Store.turns``)."""
     runs = {r["run_id"]: r for r in store.runs()}
+    extra = method_columns()
     rows = []
-    for t in store.turns():
+    for t in store.turns(variant=variant):
         run = runs[t["run_id"]]
         spec = json.loads(run["spec"])
         engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
         model = f"{run['model']} [{engine}]" if engine and engine != "hf" else run["model"]
+        mc = method_costs.values(t["method_costs"])
+        variant_label = t["scores_variant"] or spec.get("task_variant") or "faithful"
         for metric, value in t["scores"].items():
             rows.append({
                 "run_id": t["run_id"], "model": model, "method": run["method_label"], "task": run["task"],
-                "variant": spec.get("task_variant") or "faithful", "mode": run["mode"], "metric": metric,
+                "variant": variant_label, "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
                 "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
                 "state_mib": (t.get("state_bytes") or 0) / 2**20,
                 "attn_density": t["attn_density"], "peak_mib": float("nan") if t["peak_mem_bytes"] is None else t["peak_mem_bytes"] / 2**20,
-                **{c: default if t.get(c) is None else t[c] for c, default in METHOD_COLUMNS.items()},
+                **{c: default if mc.get(c) is None else mc[c] for c, (_, _, default) in extra.items()},
             })
     return pd.DataFrame(rows)
 
 
-def leaderboard(store) -> pd.DataFrame:
-    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns."""
-    df = turn_frame(store)
+def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
+    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns (``variant``: see
+    ``turn_frame``)."""
+    df = turn_frame(store, variant)
     if df.empty:
         return df
     keys = ["model", "method", "mode", "task", "variant", "metric"]
@@ -61,14 +69,15 @@ def leaderboard(store) -> pd.DataFrame:
     scores.columns = [f"T{c}" for c in scores.columns]
     scores["avg"] = df.groupby(keys)["score"].mean()
     scores["n"] = df.groupby(keys)["example"].nunique()
-    costs = per_turn.groupby(keys[:5]).agg(**{label: (col, how) for col, (label, how) in COST_COLUMNS.items()})
+    columns = {**COST_COLUMNS, **{col: (label, how) for col, (label, how, _) in method_columns().items()}}
+    costs = per_turn.groupby(keys[:5]).agg(**{label: (col, how) for col, (label, how) in columns.items()})
     out = scores.reset_index().merge(costs.reset_index(), on=keys[:5], how="left")
     out.insert(4, "category", out["task"].map(_category))
     if not (per_turn["state_mib"] > 0).any():  # recurrent state column only where a model has one
         out = out.drop(columns=COST_COLUMNS["state_mib"][0])
-    for col, default in METHOD_COLUMNS.items():
-        if (per_turn[col] == default).all():
-            out = out.drop(columns=COST_COLUMNS[col][0])
+    for col, (label, _, default) in method_columns().items():
+        if (per_turn[col].isna() if default is None else per_turn[col] == default).all():
+            out = out.drop(columns=label)
     return out.sort_values(["model", "mode", "category", "task", "metric", "method"]).reset_index(drop=True)
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import probe_data  # noqa: E402
+import probe_data  # a sibling: the script's folder is on sys.path when it runs
 
 CHAT = (
     "What is the capital of France?",

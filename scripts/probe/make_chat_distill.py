@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -72,8 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("chat_distill.json")))
     ap.add_argument("--max-new", type=int, default=160)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_probe import CHAT, chat
+    from eval_probe import CHAT, chat  # a sibling: the script's folder is on sys.path when it runs
 
     held_out = {q.strip().lower() for q in CHAT}
     assert not held_out & {p.strip().lower() for p in PROMPTS}, "an evaluation chat question is in the training prompts"

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COST_KEYS = ("kv_ratio", "attn_density", "context_rate", "recompute_frac", "loaded_bytes", "slow_tier_bytes",
              "ttft_s", "decode_tok_s")

@@ -27,7 +27,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import probe_data  # noqa: E402
+import probe_data  # a sibling: the script's folder is on sys.path when it runs
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

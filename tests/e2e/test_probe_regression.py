@@ -8,16 +8,15 @@ than ci_slice.TOLERANCE (25 points: any flipped answer of 2 examples).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from support import ROOT, load_script, random_llama
+
 ADAPTER = ROOT / "models" / "smollm2-135m-probe"
 REFERENCE = ROOT / "results" / "reference" / "all_methods_probe.json"
-sys.path.insert(0, str(ROOT / "scripts" / "probe"))
+ci_slice = load_script("probe/ci_slice.py")
 
 
 def test_adapter_files_are_small_and_well_formed():
@@ -34,14 +33,10 @@ def test_adapter_files_are_small_and_well_formed():
 def test_merge_equals_unmerged_lora(tmp_path):
     """W + scale * B @ A merged into the weights gives the same logits as applying the LoRA on the side."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from scbench.engines.models import merge_adapter
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = random_llama(64, hidden=32, intermediate=48, window=64).eval()
     rank, alpha = 4, 8.0
     tensors, side = {}, {}
     for name, mod in model.named_modules():
@@ -70,21 +65,16 @@ def test_merge_equals_unmerged_lora(tmp_path):
 
 
 def test_bad_adapter_is_refused(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scbench.engines.models import merge_adapter
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "peft", "rank": 4, "alpha": 8}))
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = random_llama(64, layers=1, hidden=32, intermediate=48)
     with pytest.raises(ValueError, match="format"):
         merge_adapter(model, tmp_path)
 
 
 def test_slice_cells_are_in_the_table():
     """Every cell of the slice composes to a spec whose run id is a finished row of the table (no model needed)."""
-    import ci_slice
-
     from scbench.run import run_id_of
 
     table = json.loads(REFERENCE.read_text())
@@ -97,8 +87,6 @@ def test_slice_cells_are_in_the_table():
 
 
 def test_compare_flags_a_moved_score():
-    import ci_slice
-
     table = {"runs": [{"run_id": "r1", "per_turn": [100.0, 50.0], "predictions": [["0", 0, "a"], ["0", 1, "b"]]}]}
     same = {"r1": {"cell": ["t", "m", "x"], "per_turn": [100.0, 50.0], "predictions": [["0", 0, "a"], ["0", 1, "b"]]}}
     assert ci_slice.compare(same, table) == []
@@ -111,8 +99,6 @@ def test_compare_flags_a_moved_score():
 
 @pytest.mark.slow
 def test_probe_slice_matches_reference():
-    import ci_slice
-
     from scbench.run import get_engine
 
     table = json.loads(REFERENCE.read_text())

@@ -135,3 +135,60 @@ def test_export_formats(tiny_engine, tmp_path, capsys):
     assert len(board) == 2 and set(board["method"]) == {"full", "streamingllm(n_init=4,n_local=16)"}
     sl = board[board["method"].str.startswith("streaming")].iloc[0]
     assert sl["KV vs full"] < 1.0
+
+
+def assert_specs_hash_to_run_ids(store):
+    """Every stored spec is the one its run id was hashed from (provenance.spec_hash, run.run_id_of)."""
+    import json
+
+    from scbench.provenance import spec_hash
+    from scbench.run import run_id_of
+
+    for run in store.runs():
+        stored = json.loads(run["spec"])
+        assert spec_hash(stored) == run["run_id"]
+        assert run_id_of(RunSpec(**stored)) == run["run_id"]
+
+
+def test_rescore_variant_keeps_history(tiny_engine, tmp_path, capsys):
+    """`scbench score --variant` stores the variant's scores beside the run's own: the turns' scores and the
+    spec stay as the run wrote them (so the spec still hashes to the run id); export shows the variant on request."""
+    import json
+
+    from scbench.cli import main
+
+    db = tmp_path / "s.sqlite"
+    rid = run_spec(spec(task="scbench_qa_eng", max_turns=2), str(db), engine=tiny_engine, progress=False)
+    store = Store(db)
+    row = store.turns(rid)[0]
+    gold = row["reference"]["answer"]
+    gold = gold[0] if isinstance(gold, list) else gold
+    store.db.execute("UPDATE turns SET prediction=? WHERE run_id=? AND example_id=? AND turn=0",
+                     (f"{gold} and more words", rid, row["example_id"]))
+    main(["score", rid, "--store", str(db)])  # the run's own variant: its scores follow the scorer
+    before = {(t["example_id"], t["turn"]): t["scores"] for t in store.turns(rid)}
+    spec_before = store.run(rid)["spec"]
+    capsys.readouterr()
+    main(["score", rid, "--store", str(db), "--variant", "token_f1"])
+    assert "stored beside the run's own scores" in capsys.readouterr().out
+    assert {(t["example_id"], t["turn"]): t["scores"] for t in store.turns(rid)} == before
+    assert store.run(rid)["spec"] == spec_before
+    assert_specs_hash_to_run_ids(store)
+    rescored = store.rescores("token_f1", rid)
+    assert set(rescored) == {(rid, ex, turn) for ex, turn in before}
+    key = (row["example_id"], 0)
+    assert 0 < rescored[(rid, *key)]["qa_eng"] < before[key]["qa_eng"] == 1.0  # F1 < substring hit
+
+    main(["export", "--store", str(db), "--format", "json", "--out", str(tmp_path / "own.json")])
+    main(["export", "--store", str(db), "--format", "json", "--variant", "token_f1", "--out", str(tmp_path / "f1.json")])
+    own, f1 = (json.loads((tmp_path / f).read_text()) for f in ("own.json", "f1.json"))
+    assert {r["task_variant"] for r in own} == {"faithful"} and {r["task_variant"] for r in f1} == {"token_f1"}
+    assert own[0]["score"] > f1[0]["score"]
+    main(["export", "--store", str(db), "--format", "md", "--variant", "token_f1"])
+    assert "token_f1" in capsys.readouterr().out
+
+    merged = tmp_path / "merged.sqlite"  # re-scores travel with a merge
+    from scbench.store import merge_stores
+
+    assert merge_stores(merged, [db])["conflicts"] == []
+    assert Store(merged).rescores("token_f1") == store.rescores("token_f1")

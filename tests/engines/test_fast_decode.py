@@ -11,7 +11,7 @@ import torch
 from scbench.engines import attention, fastdecode
 from scbench.registry import METHODS
 
-from support import make_tiny_engine
+from support import make_tiny_engine, random_llama
 
 PROMPT = (
     "The committee met on Tuesday. Alice proposed the budget, Bob objected to the travel line, and Carol "
@@ -74,6 +74,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CASES, ids=[c["name"] for c in CASES])
 def test_static_decode_equals_plain_on_embedded_model(embedded_engine, cfg):
     plain, plain_keys, plain_pos = _run(embedded_engine, cfg, "plain")
@@ -147,12 +148,9 @@ def test_prefill_chunk_matches_one_forward(smol_tokenizer):
                                           ({"prefill_chunk": "8"}, "prefill_chunk"),
                                           ({"decode": "fastest"}, "decode")])
 def test_bad_engine_knobs(smol_tokenizer, kwargs, match):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scbench.engines.hf import HFEngine
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = random_llama(len(smol_tokenizer), layers=1, hidden=32, intermediate=64, heads=2, kv_heads=1)
     with pytest.raises(ValueError, match=match):
         HFEngine("tiny", model=model, tokenizer=smol_tokenizer, device="cpu", **kwargs)
 
@@ -160,17 +158,11 @@ def test_bad_engine_knobs(smol_tokenizer, kwargs, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_plain():
     """Graph capture + replay (float32, a tiny random Llama with a byte tokenizer: no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scbench.engines.hf import HFEngine
     from support import byte_tokenizer
 
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                         eos_token_id=tok.eos_token_id))
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
     engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
     turns = ((None, 40), (25, 20), (7, 33))
     for cfg in ({"name": "full"}, {"name": "pyramidkv", "budget": 96}):

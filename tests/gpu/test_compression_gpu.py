@@ -26,21 +26,16 @@ METHODS = {
 
 
 def llama8b_engine(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from support import byte_tokenizer
+    from support import byte_tokenizer, random_llama
 
     from scbench.engines.hf import HFEngine
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                      rope_theta=500000.0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 directly (8B parameters)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg)
+            model = random_llama(1024, layers=layers, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
+                                 window=131072, rope_theta=500000.0)
     finally:
         torch.set_default_dtype(default)
     return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), device="cuda", dtype="bfloat16")

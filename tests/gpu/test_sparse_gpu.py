@@ -69,15 +69,11 @@ def test_random_line_pattern_flex_matches_reference():
 def test_tiny_llama_forward_through_scbench_attention():
     """A random tiny Llama in bf16 on the GPU through the registered attention function: covering windows give
     the dense logits (FlexAttention path, Tq >= 128), a small window computes fewer cells."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scbench.engines import attention
+    from support import random_llama
 
     attention.register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model = random_llama(1000, hidden=256, intermediate=512).to("cuda", torch.bfloat16).eval()
     model.set_attn_implementation(attention.NAME)
     ids = torch.randint(0, 1000, (1, 700), device="cuda")
 

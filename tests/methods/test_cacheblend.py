@@ -41,7 +41,7 @@ def full_prefill(engine, ids):
 def blended(engine, ids, **knobs):
     s = engine.session(CacheBlend(**knobs))
     fs = s.feed(ids, compress=True, sparse=True)
-    return s, fs
+    return s, fs, s.method.take_costs(s)
 
 
 def test_rerotate_matches_float64_rotation(engine):
@@ -77,12 +77,12 @@ def test_chunk_kv_matches_true_positions(engine):
 def test_full_recompute_equals_full_prefill(engine, prefix):
     ids = random_ids(90, seed=1)
     cache, logits = full_prefill(engine, ids)
-    s, fs = blended(engine, ids, chunk_size=20, recompute_ratio=1.0, prefix=prefix, measure_full=False)
+    s, fs, costs = blended(engine, ids, chunk_size=20, recompute_ratio=1.0, prefix=prefix, measure_full=False)
     torch.testing.assert_close(s.last_logits, logits, atol=1e-5, rtol=1e-4)
     for a, b in zip(s.cache.layers, cache.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
-    assert fs.extra["recompute_frac"] == 1.0 and fs.attn_density == 1.0 and s.pos == len(ids)
+    assert costs["recompute_frac"] == 1.0 and fs.attn_density == 1.0 and s.pos == len(ids)
 
 
 def test_zero_recompute_equals_plain_concatenation(engine):
@@ -102,22 +102,22 @@ def test_zero_recompute_equals_plain_concatenation(engine):
                        torch.cat([c.layers[i].values for c in parts], 2), i)
         logits = engine.model(input_ids=torch.tensor([ids[-1:]]), position_ids=torch.tensor([[len(ids) - 1]]),
                               past_key_values=ref, use_cache=True).logits[0, -1]
-    s, fs = blended(engine, ids, chunk_size=16, recompute_ratio=0.0, measure_full=False)
+    s, fs, costs = blended(engine, ids, chunk_size=16, recompute_ratio=0.0, measure_full=False)
     for a, b in zip(s.cache.layers, ref.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(s.last_logits, logits, atol=1e-5, rtol=1e-4)
-    assert fs.extra["recompute_frac"] == pytest.approx(1 / len(ids))
+    assert costs["recompute_frac"] == pytest.approx(1 / len(ids))
 
 
 def test_partial_recompute_touches_only_selected_tokens(engine):
     """15%: deep layers keep the stored chunk KV of unselected tokens and take fresh KV for the selected ones."""
     ids = random_ids(81, seed=4)
     keys, values = blend.chunk_kv(engine.model, ids[:-1], chunk_size=16, prefix=0)
-    s, fs = blended(engine, ids, chunk_size=16, recompute_ratio=0.15, select_layer=1, measure_full=True)
+    s, fs, costs = blended(engine, ids, chunk_size=16, recompute_ratio=0.15, select_layer=1, measure_full=True)
     n_sel = math.ceil(0.15 * 80)
-    assert fs.extra["recompute_frac"] == pytest.approx((n_sel + 1) / 81)
-    assert fs.extra["chunk_kv_s"] > 0 and "prefill_saved_s" in fs.extra
+    assert costs["recompute_frac"] == pytest.approx((n_sel + 1) / 81)
+    assert costs["chunk_kv_s"] > 0 and "prefill_saved_s" in costs
     deep = s.cache.layers[3].keys[0, 0, :80]
     same = torch.isclose(deep, keys[3][0, 0], atol=1e-6).all(-1)
     assert int((~same).sum()) <= n_sel and int(same.sum()) >= 80 - n_sel
@@ -146,8 +146,8 @@ def test_runs_through_the_runner(engine, mode, query_visible):
     res = list(Replay(engine, CacheBlend(chunk_size=64), task, ex, spec))
     assert len(res) == 2
     first, second = res[0].stats, res[1].stats
-    assert first.recompute_frac < 0.5 and first.chunk_kv_s > 0 and first.attn_density < 1
-    assert second.recompute_frac == 1.0 and second.chunk_kv_s == 0.0  # later feeds are plain prefills
+    assert first.method_costs["recompute_frac"] < 0.5 and first.method_costs["chunk_kv_s"] > 0 and first.attn_density < 1
+    assert second.method_costs["recompute_frac"] == 1.0 and second.method_costs["chunk_kv_s"] == 0.0  # later feeds are plain prefills
     assert first.prefill_computed == first.prompt_tokens
 
 
@@ -173,6 +173,6 @@ def test_full_recompute_equals_full_prefill_embedded(embedded_engine):
     s_full = embedded_engine.session(METHODS.get("full")())
     s_full.feed(ids, compress=False, sparse=False)
     logits = s_full.last_logits
-    s, _ = blended(embedded_engine, ids, chunk_size=32, recompute_ratio=1.0, measure_full=False)
+    s, _, _ = blended(embedded_engine, ids, chunk_size=32, recompute_ratio=1.0, measure_full=False)
     torch.testing.assert_close(s.last_logits, logits, atol=1e-4, rtol=1e-4)
     assert s.generate(8).tokens == s_full.generate(8).tokens

@@ -14,7 +14,7 @@ from scbench.methods.pyramidkv import layer_budgets
 from scbench.records import Example, RunSpec, Turn
 from scbench.registry import METHODS, TASKS
 from scbench.runner import Replay
-from support import byte_tokenizer
+from support import byte_tokenizer, random_llama
 
 LAYERS, KV_HEADS, HEAD_DIM, ELT = 2, 2, 32, 4
 
@@ -43,13 +43,8 @@ def build_method(cfg: dict):
 
 @pytest.fixture(scope="module")
 def engine():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=KV_HEADS * 2 * HEAD_DIM, intermediate_size=128,
-                      num_hidden_layers=LAYERS, num_attention_heads=2 * KV_HEADS, num_key_value_heads=KV_HEADS,
-                      max_position_embeddings=4096)
-    return HFEngine(path="unused", model=LlamaForCausalLM(cfg), tokenizer=byte_tokenizer(), dtype="float32")
+    model = random_llama(300, layers=LAYERS, hidden=KV_HEADS * 2 * HEAD_DIM, heads=2 * KV_HEADS, kv_heads=KV_HEADS)
+    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), dtype="float32")
 
 
 def layer_tokens(cfg: dict, seen: int, cache_len: int) -> list[int]:

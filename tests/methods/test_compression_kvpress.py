@@ -102,17 +102,13 @@ def run(engine, ids, ratio: float, window: int = 32, beta: int = 4) -> dict:
 
 
 def tiny_engine(layers=4, kv_heads=2, head_dim=32, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from support import byte_tokenizer
+    from support import byte_tokenizer, random_llama
 
     from scbench.engines.hf import HFEngine
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=2 * kv_heads * head_dim, intermediate_size=256,
-                      num_hidden_layers=layers, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=8192)
-    return HFEngine(path="unused", model=LlamaForCausalLM(cfg), tokenizer=byte_tokenizer(), dtype="float32")
+    model = random_llama(300, layers=layers, hidden=2 * kv_heads * head_dim, heads=2 * kv_heads, kv_heads=kv_heads,
+                         intermediate=256, window=8192, seed=seed)
+    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), dtype="float32")
 
 
 def test_same_positions_as_kvpress():

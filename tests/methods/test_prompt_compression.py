@@ -92,8 +92,8 @@ def test_runner_compresses_the_context_never_the_query(tiny_engine, mode, monkey
     assert compressed in text and ex.context not in text
     assert all(turn.input in text for turn in ex.turns)  # queries are never compressed
     first, second = res[0].stats, res[1].stats
-    assert abs(first.context_rate - 1 / 3) <= 0.02 and second.context_rate == first.context_rate
-    assert first.context_compress_s > 0 and second.context_compress_s == 0.0
+    assert abs(first.method_costs["context_rate"] - 1 / 3) <= 0.02 and second.method_costs["context_rate"] == first.method_costs["context_rate"]
+    assert first.method_costs["context_compress_s"] > 0 and second.method_costs["context_compress_s"] == 0.0
     assert res[0].reference["answer"] == ex.turns[0].answer  # scoring still sees the original turn
 
 
@@ -232,21 +232,21 @@ def test_llmlingua2_runs_the_real_package(tmp_path, tiny_engine, mode, monkeypat
             assert at >= 0, (run, w)
             pos = at
     first, second = results[0].stats, results[1].stats
-    assert 0.1 < first.context_rate < 0.7 and second.context_rate == first.context_rate
-    assert first.context_compress_s > 0 and second.context_compress_s == 0.0
+    assert 0.1 < first.method_costs["context_rate"] < 0.7 and second.method_costs["context_rate"] == first.method_costs["context_rate"]
+    assert first.method_costs["context_compress_s"] > 0 and second.method_costs["context_compress_s"] == 0.0
 
 
 def test_scorer_is_the_run_model_or_a_cached_engine(tiny_engine, embedded_folder, monkeypatch):
     """``engine`` and a run whose model is the scorer reuse the run's model; any other scorer is loaded once
-    through get_engine on the run's device."""
-    import scbench.run
+    through the engine registry (the process's shared engines) on the run's device."""
+    from scbench.registry import ENGINES
 
     loaded = []
     stand_in = types.SimpleNamespace(model="scorer-model", tokenizer="scorer-tokenizer")
-    monkeypatch.setattr(scbench.run, "get_engine", lambda cfg: loaded.append(cfg) or stand_in)
+    monkeypatch.setattr(ENGINES, "open", lambda cfg, name: loaded.append((cfg, name)) or stand_in)
     assert PerplexityCompress(scorer="engine").scoring_model(tiny_engine)[0] is tiny_engine.model
     assert PerplexityCompress().scoring_model(tiny_engine) == ("scorer-model", "scorer-tokenizer")
-    assert loaded == [{"name": "embedded:smollm2", "path": "embedded:smollm2", "device": "cpu"}]
+    assert loaded == [({"name": "embedded:smollm2", "path": "embedded:smollm2", "device": "cpu"}, "hf")]
     run_model = types.SimpleNamespace(model=types.SimpleNamespace(name_or_path=embedded_folder), tokenizer="tok",
                                       adapter_info={}, device=torch.device("cpu"))
     assert PerplexityCompress().scoring_model(run_model) == (run_model.model, "tok")

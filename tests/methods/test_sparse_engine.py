@@ -18,18 +18,11 @@ TOKENIZER = Path(os.path.expanduser("~/.cache/scbench/models/smollm2-135m-instru
 def engine():
     if not (TOKENIZER / "tokenizer_config.json").exists() and not (TOKENIZER / "tokenizer.json").exists():
         pytest.skip(f"no converted tokenizer at {TOKENIZER}")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from scbench.engines.hf import HFEngine
+    from support import make_tiny_engine
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return HFEngine("tiny-llama", model=LlamaForCausalLM(cfg), tokenizer=tok, device="cpu")
+    return make_tiny_engine(AutoTokenizer.from_pretrained(TOKENIZER), window=2048)
 
 
 def feed_two(engine, method, sparse_second: bool = True):

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts" / "probe"))
+from support import load_script, random_llama
+
+probe_data = load_script("probe/probe_data.py")
+train_probe = load_script("probe/train_probe.py")
 
 
 @pytest.fixture(scope="module")
 def tiny_lora_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import train_probe
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg)
+    model = random_llama(97, hidden=32, intermediate=48, window=256, attn_implementation="sdpa")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = train_probe.add_lora(model, rank=4, alpha=8.0)
@@ -45,8 +38,6 @@ def _random_seqs(rng: random.Random, n: int):
 
 
 def test_batch_loss_equals_sum_of_sequence_losses(tiny_lora_model):
-    import train_probe
-
     model, wrapped = tiny_lora_model
     rng = random.Random(3)
     dev = torch.device("cpu")
@@ -70,8 +61,6 @@ def test_batch_loss_equals_sum_of_sequence_losses(tiny_lora_model):
 
 
 def test_micro_batches_respect_the_token_cap():
-    import train_probe
-
     rng = random.Random(1)
     window = [(k, {}, [0] * rng.randint(10, 900), []) for k in range(64)]
     mbs = train_probe.micro_batches(window, max_tokens=2000, max_seqs=8)
@@ -82,8 +71,6 @@ def test_micro_batches_respect_the_token_cap():
 
 
 def test_v2_plan_is_deterministic_and_disjoint_from_evaluation_seeds():
-    import probe_data
-
     items = [probe_data.plan_item(k, "v2") for k in range(2400, 3400)]
     assert items == [probe_data.plan_item(k, "v2") for k in range(2400, 3400)]
     probe_data.check_disjoint([it["seed"] for it in items])
@@ -98,9 +85,7 @@ def test_v2_plan_is_deterministic_and_disjoint_from_evaluation_seeds():
 def test_chat_rows_hold_out_the_evaluation_questions_and_drop_loops(tmp_path):
     import json
 
-    import eval_probe
-    import probe_data
-
+    eval_probe = load_script("probe/eval_probe.py")
     rows = probe_data.chat_rows()
     assert len(rows) >= 20
     questions = {r["question"].lower() for r in rows}

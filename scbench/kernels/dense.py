@@ -1,0 +1,45 @@
+"""Dense causal attention with the queries aligned to the end of the keys, and its plain float64 reference.
+
+The default path of scbench's attention function (scbench/engines/attention.py) and of the loading methods'
+decode over the rows they load (scbench/kv/offload.py); bottom-right alignment keeps it correct when layers hold
+caches of different lengths after eviction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Decode (one query) avoids the cuDNN backend: measured on an H100, cuDNN SDPA re-plans whenever the key length
+# changes, which every decode step does (per-layer lengths under PyramidKV dropped decode to 0.5 tok/s).
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dense causal attention, queries aligned to the end of the keys.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Tk >= Tq and Hq a multiple of Hkv -> [B, Hq, Tq, D].
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if tq == 1:
+        if q.is_cuda:  # cuDNN re-plans for every new key length: decode lengths change each step
+            with sdpa_kernel(DECODE_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def reference_causal_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """Plain float64 softmax(QK^T)V with an explicit mask; the yardstick for every fast path."""
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1).double()
+    v = v.repeat_interleave(rep, dim=1).double()
+    scores = (q.double() @ k.transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
