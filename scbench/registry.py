@@ -28,12 +28,16 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, str | Callable] = {}
+        self._sources: dict[str, str] = {}
+        """name -> "module:attribute" as registered (``_entries`` holds the object once imported)."""
         self._plugins_read = False
 
     def add(self, name: str, target: str | Callable) -> None:
-        if name in self._entries and self._entries[name] != target:
+        if name in self._entries and target not in (self._entries[name], self._sources.get(name)):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._entries[name] = target
+        self._entries.setdefault(name, target)
+        if isinstance(target, str):
+            self._sources[name] = target
 
     def _read_plugins(self) -> None:
         if not self._plugins_read:
@@ -53,9 +57,9 @@ class Registry:
             raise UnknownName(suggest(name, list(self._entries), self.kind))
 
     def target(self, name: str) -> str | Callable:
-        """The registered "module:attribute" (or the object itself, once imported or when added as one)."""
+        """The registered "module:attribute" (the object itself when it was added as one)."""
         self.check(name)
-        return self._entries[name]
+        return self._sources.get(name, self._entries[name])
 
     def get(self, name: str) -> Any:
         self.check(name)

@@ -17,6 +17,7 @@ def clean_registries(monkeypatch):
     """Registries and plugin state restored after the test."""
     for reg in (registry.METHODS, registry.TASKS):
         monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+        monkeypatch.setattr(reg, "_sources", dict(reg._sources))
         monkeypatch.setattr(reg, "_plugins_read", False)
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.delenv(plugins.ENV, raising=False)
