@@ -55,10 +55,10 @@ def run_rows(store, run_ids: list[str]) -> list[dict]:
             return sum(vals) / len(vals) if vals else None
 
         kv = [t["kv_bytes"] / t["kv_full_bytes"] for t in turns if t["kv_full_bytes"]]
-        method = spec.get("method") or {"name": run["method"]}
+        method = spec.get("method") if isinstance(spec.get("method"), dict) else {"name": run["method"]}
         out.append({
-            "run_id": run["run_id"], "model": run["model"], "task": run["task"].removeprefix("scbench_"),
-            "mode": run["mode"], "method": method.get("name", run["method"]), "budget": method_budget(method),
+            "run_id": run["run_id"], "model": run["model"] or "?", "task": str(run["task"]).removeprefix("scbench_"),
+            "mode": str(run["mode"]), "method": str(method.get("name", run["method"])), "budget": method_budget(method),
             "status": run["status"],
             "turns": {k: sum(v) / len(v) for k, v in sorted(per_turn.items())},
             "avg": sum(sum(v) for v in per_turn.values()) / n if n else None,

@@ -114,3 +114,19 @@ def test_sweep_records_refused_jobs_and_lists_them(capsys, tmp_path, no_model):
     assert table[1].split()[-1] == "status" and [line.split()[-1] for line in table[3:]] == ["failed", "failed"]
     runs = Store(tmp_path / "s.sqlite").runs()
     assert [r["status"] for r in runs] == ["failed", "failed"] and "does not fit the window" in runs[0]["error"]
+
+
+def test_ls_runs_lists_every_kind_of_run(tmp_path, capsys):
+    """A synthetic store (done runs of several methods, a failed run recorded before any spec existed)."""
+    from support import make_store
+
+    from scbench.run import record_failure
+
+    make_store(tmp_path / "s.sqlite")
+    record_failure(str(tmp_path / "s.sqlite"), "cfg-x", {"model": "m", "method": "oops", "task": None, "mode": None,
+                                                        "config": {}}, "ValueError: bad")
+    main(["ls", "runs", "--store", str(tmp_path / "s.sqlite")])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 18 and sum(" failed " in line for line in lines) == 2
+    snap = next(line for line in lines if "snapkv(1/8)" in line)
+    assert " done " in snap and " 2 " in snap
