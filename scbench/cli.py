@@ -293,9 +293,9 @@ def cmd_export(argv: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="scbench export")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--format", choices=["md", "csv", "json", "jsonl", "html"], default="md",
-                   help="json: versioned records (docs/results_schema.md); html: one self-contained page; "
-                        "jsonl: one line per record (with --samples: per stored turn)")
+    p.add_argument("--format", choices=["md", "csv", "json", "jsonl", "html"], default=None,
+                   help="md (default), csv; json: versioned records (docs/results_schema.md); html: one self-contained "
+                        "page; jsonl: one line per record (with --samples, the default: per stored turn)")
     p.add_argument("--samples", action="store_true",
                    help="per-turn samples (question, prediction, answer, scores, every cost column); --format jsonl")
     p.add_argument("--run", action="append", default=None, help="with --samples: only this run (repeatable)")
@@ -305,8 +305,9 @@ def cmd_export(argv: list[str]) -> None:
     a = p.parse_args(argv)
     from scbench.store import Store
 
-    if a.samples and a.format != "jsonl":
-        raise ValueError("--samples writes JSON lines: add --format jsonl")
+    if a.samples and a.format not in (None, "jsonl"):
+        raise ValueError(f"--samples writes JSON lines (--format jsonl), not {a.format}")
+    a.format = a.format or ("jsonl" if a.samples else "md")
     if not Path(a.store).exists():
         raise FileNotFoundError(f"no results store at {a.store}")
     store = Store(a.store)
