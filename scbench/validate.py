@@ -138,7 +138,7 @@ def check_data(data: dict, task_name: str) -> None:
 
 
 # --- model -----------------------------------------------------------------------------------------------
-def check_model(model: dict, data: dict) -> None:
+def check_model(model: dict, data: dict, max_new_tokens: int | None = None) -> None:
     """The model has a path, its adapter folder exists, and generated contexts fit its window."""
     path = model.get("path")
     if not path:
@@ -168,6 +168,9 @@ def check_model(model: dict, data: dict) -> None:
         raise SpecError(f"data.length={length} tokens does not fit the window of {model.get('name') or path} "
                         f"({window} tokens, prompts and answers included)",
                         f"use data.length<={window * 7 // 8} or a model with a longer window")
+    if _is_int(window) and _is_int(max_new_tokens) and max_new_tokens >= window // 2:
+        raise SpecError(f"max_new_tokens={max_new_tokens} leaves no room for the context in the window of "
+                        f"{model.get('name') or path} ({window} tokens)", f"use max_new_tokens<={window // 8} or null")
 
 
 def check_spec(spec, engine_name: str = "hf", *, model: bool = True):
@@ -191,5 +194,5 @@ def check_spec(spec, engine_name: str = "hf", *, model: bool = True):
     method = check_method(dict(spec.method), engine_name)
     check_data(dict(spec.data), spec.task)
     if model:
-        check_model(dict(spec.model), dict(spec.data))
+        check_model(dict(spec.model), dict(spec.data), spec.max_new_tokens)
     return method

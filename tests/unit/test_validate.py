@@ -37,6 +37,7 @@ CASES = [  # overrides, what the error line says, what the fix line says
     (["data.lenght=600"], "data has no key 'lenght'", "did you mean 'length'?"),
     (["stroe=x.sqlite"], "unknown key 'stroe'", "did you mean 'store'?"),
     (["data.length=9000"], "does not fit the window of smollm2-135m-probe (8192 tokens", "data.length<=7168"),
+    (["max_new_tokens=5000"], "max_new_tokens=5000 leaves no room for the context", "max_new_tokens<=1024"),
     (["data.n=0"], "data.n=0 must be an integer >= 1 or null", "data.n=2"),
     (["max_turns=0"], "max_turns must be an integer >= 1", "configs/config.yaml"),
     (["task.variant=nope"], "task scbench_kv has no variant 'nope'", "task.variant=null"),
