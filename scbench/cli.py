@@ -172,6 +172,8 @@ def cmd_run(argv: list[str]) -> None:
     FINISHED.clear()
     app()
     print_summary(FINISHED)
+    if not FINISHED and ("-m" in argv or "--multirun" in argv):  # jobs ran in other processes (joblib, submitit)
+        print(f"\nthe sweep's runs: scbench ls runs --store {store}")
 
 
 def print_summary(finished: list[tuple[str, str]]) -> None:
