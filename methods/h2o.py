@@ -79,7 +79,12 @@ class H2O(TokenScorer):
         return int(capacity * self.recent_ratio)
 
     def score(self, layer_idx, keys, values, queries):
-        """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n]."""
+        """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n]. On CUDA: the blockwise Triton kernels
+        (scbench/kernels/h2o_scores.py, never the attention matrix); elsewhere the chunked torch reference."""
         if queries is None:
             return recency_scores(keys)
+        from scbench.kernels import h2o_scores
+
+        if keys.is_cuda and h2o_scores.triton is not None and h2o_scores.ENABLED:
+            return h2o_scores.accumulated_attention_triton(keys, queries)
         return accumulated_attention(keys, queries)

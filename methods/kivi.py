@@ -32,7 +32,7 @@ class KIVI(Method):
     name: ClassVar[str] = "kivi"
     stages: ClassVar[tuple[str, ...]] = ("compression",)
     fast_decode: ClassVar[bool] = False
-    """Each appended token may re-quantize a group of the residual: decode takes the plain loop."""
+    """Each appended token may quantize a group of the residual: the static path needs the plugin below."""
     approximation: ClassVar[str] = (
         "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
         "keeps 0..residual-1 recent keys and exactly residual recent values exact"
@@ -48,6 +48,13 @@ class KIVI(Method):
             raise ValueError(f"KIVI.bits must be one of {BITS}, got {self.bits!r}")
         positive_int(self, "group")
         positive_int(self, "residual", minimum=0)
+
+    def static_decoder(self):
+        """The captured-step decode plugin (methods/kivi_fast.py): attention over the packed bits, the residual
+        quantized inside the step."""
+        from scbench.methods.kivi_fast import KIVIDecode
+
+        return KIVIDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""

@@ -98,6 +98,7 @@ class PerplexityCompress(Method):
 
     name: ClassVar[str] = "ppl_compress"
     stages: ClassVar[tuple[str, ...]] = ("generation",)
+    dense_prefill: ClassVar[bool] = False
     approximation: ClassVar[str | None] = (
         "token-level dropping by one global top-k over self-information (Selective Context's criterion at "
         "token granularity); no LLMLingua budget controller, no iterative per-segment re-scoring, no "
@@ -170,6 +171,7 @@ class LLMLingua2(Method):
 
     name: ClassVar[str] = "llmlingua2"
     stages: ClassVar[tuple[str, ...]] = ("generation",)
+    dense_prefill: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_rate(self)

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from scbench.kernels.paged_decode import page_scores  # noqa: F401 - Quest's bound scores (shared with quest_fast)
 from scbench.kv.offload import STORAGES, TieredLayer, attend_loaded, require_tiered
 from scbench.methods.base import Method, positive_int
 
@@ -27,17 +28,6 @@ def page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tens
     m = keys.shape[-2] // page
     pages = keys[..., : m * page, :].unflatten(-2, (m, page))
     return pages.amin(-2), pages.amax(-2)
-
-
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Upper bound of q.k per page: q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] (float32).
-
-    ``max(q*lo, q*hi)`` is ``q*hi`` where q > 0 and ``q*lo`` where q < 0, so the sum is two matmuls."""
-    b, hq, d = q.shape
-    hkv = kmin.shape[1]
-    q = q.float().reshape(b, hkv, hq // hkv, d)
-    s = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
-    return s.reshape(b, hq, -1)
 
 
 def reference_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -80,7 +70,7 @@ class Quest(Method):
     approximation: ClassVar[str] = (
         "GQA models: each query head ranks pages with its KV head's bounds (gqa=head) or a group shares one "
         "selection (gqa=group); the paper covers MHA models. Selected rows are gathered and attended with SDPA "
-        "instead of Quest's fused kernels"
+        "in the plain loop; the fast decode path attends to the selected pages in place (Triton on CUDA)"
     )
 
     def __post_init__(self) -> None:
@@ -95,6 +85,15 @@ class Quest(Method):
             raise ValueError(f"Quest.gqa must be one of {GQA}, got {self.gqa!r}")
         if self.tier not in STORAGES:
             raise ValueError(f"Quest.tier must be one of {STORAGES}, got {self.tier!r}")
+
+    def static_decoder(self):
+        """The captured-step decode plugin (methods/quest_fast.py); None with ``recall`` (a diagnostic that reads
+        every key on the host each step: the plain loop)."""
+        if self.recall:
+            return None
+        from scbench.methods.quest_fast import QuestDecode
+
+        return QuestDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them, with the page bounds of the full pages."""

@@ -221,6 +221,15 @@ class RetrievalAttention(Method):
                                  f"got {self.tier!r}")
             import_faiss()
 
+    def static_decoder(self):
+        """The captured-step decode plugin for the device tier with exact search (methods/retrieval_fast.py);
+        None (the plain loop) for the host tier, a faiss index or ``recall``."""
+        if self.tier != "device" or self.index != "exact" or self.recall:
+            return None
+        from scbench.methods.retrieval_fast import RetrievalDecode
+
+        return RetrievalDecode(self)
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them in the tier (and its search index)."""
         layer = TieredLayer(keys, values, storage=self.tier)

@@ -25,6 +25,7 @@ class SparsePrefill(Method):
     """Subclasses implement ``pattern``; the KV cache is never touched."""
 
     stages: ClassVar[tuple[str, ...]] = ("generation",)
+    dense_prefill: ClassVar[bool] = False
     decoding: ClassVar[str] = "dense over the full KV cache (sparse prefill only; KV memory = full attention)"
 
     def pattern(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> pat.Pattern:

@@ -12,8 +12,10 @@ search chose for it, A-shape or vertical-slash, as MInference's offline per-head
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +25,13 @@ import torch.nn.functional as F
 
 from scbench.kernels import pattern as pat
 from scbench.methods.base import positive_int
-from scbench.methods.sparse_prefill import SparsePrefill
+from scbench.records import Cost
+from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES, SparsePrefill
+
+DENSE_ABOVE = float(os.environ.get("SCBENCH_VS_DENSE_ABOVE", "0.3"))
+"""GPU: a layer whose estimated pattern touches more than this share of the causal key blocks runs dense SDPA
+instead (FlexAttention's masked blocks cost several dense blocks each: on an H200 at 128K a block density of 1.0
+took 5.3x dense SDPA, the structured pattern 0.25x). ``SCBENCH_VS_DENSE_ABOVE=2`` never falls back."""
 
 
 def line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +105,11 @@ class VerticalSlash(SparsePrefill):
     vertical-slash."""
 
     name: ClassVar[str] = "vertical_slash"
+    costs: ClassVar[dict[str, Cost]] = {
+        "prefill_fallbacks": Cost("layers", "vertical-slash on a GPU: layers whose estimated pattern was too dense for "
+                                  "the sparse kernel to win and ran dense SDPA (their cells count in `attn_density`)",
+                                  default=0, label="dense fallbacks", agg="sum"),
+    }
     approximation: ClassVar[str | None] = (
         "MInference-style: one vertical-and-slash budget for every head, or with head_patterns a per-head choice "
         "of A-shape / vertical-slash searched offline (MInference's block-sparse kind is not run); exact line masks "
@@ -134,6 +147,35 @@ class VerticalSlash(SparsePrefill):
             raise ValueError(f"VerticalSlash.head_patterns: {self.head_patterns} has {len(layers)} layers and {got} "
                              f"heads for layer {layer_idx}; the model has {heads} query heads there (another model?)")
         return [h for h, kind in enumerate(layers[layer_idx]) if kind == "ashape"]
+
+    def prefill_attention(self, layer_idx, q, k, v, scale):
+        """GPU: estimate the pattern, then run it through FlexAttention, or dense SDPA for the layer when its
+        block density is above ``DENSE_ABOVE`` (counted: ``fallbacks`` / ``density_sum`` / ``layers_seen``)."""
+        if not (q.is_cuda and q.shape[0] == 1 and q.shape[-2] >= MIN_FLEX_QUERIES):
+            return super().prefill_attention(layer_idx, q, k, v, scale)
+        from scbench.engines import attention
+        from scbench.kernels import flex
+
+        p = self.pattern(layer_idx, q, k, scale)
+        main = dataclasses.replace(p, cols=torch.zeros_like(p.cols), scattered_cols=False)
+        bm = flex.block_mask(main)
+        touched = (bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0))
+        nq, nk = bm.kv_num_blocks.shape[-1], -(-p.tk // flex.BLOCK)
+        causal = sum(min(nk, (p.offset + min((i + 1) * flex.BLOCK, p.tq) - 1) // flex.BLOCK + 1) for i in range(nq))
+        density = float(touched) / (causal * bm.kv_num_blocks.shape[1])
+        st = self.__dict__.setdefault("gpu_stats", {"layers_seen": 0, "fallbacks": 0, "density_sum": 0.0})
+        st["layers_seen"] += 1
+        st["density_sum"] += density
+        if density > DENSE_ABOVE:
+            st["fallbacks"] += 1
+            return attention.causal_attention(q, k, v, scale)  # dense: counted as every cell
+        attention.count_computed(p.computed_cells() * (q.shape[1] // p.heads))
+        return flex.attention(q, k, v, p, scale, bm)
+
+    def take_costs(self, session) -> dict:
+        """Layers that fell back to dense SDPA since the last call (the runner calls it once per turn)."""
+        st = self.__dict__.pop("gpu_stats", None)
+        return {"prefill_fallbacks": st["fallbacks"]} if st else {}
 
     def pattern(self, layer_idx, q, k, scale):
         """q: [1, Hq, Tq, D]; k: [1, Hkv, Tk, D] -> per-head Pattern (P = Hq)."""

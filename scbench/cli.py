@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def _run_job(cfg) -> None:
     failed run with its error and the sweep goes on; a single run raises."""
     from hydra.core.hydra_config import HydraConfig
 
+    from scbench import group
     from scbench.run import record_failure, run_spec
     from scbench.provenance import spec_hash
 
@@ -86,8 +88,19 @@ def _run_job(cfg) -> None:
         spec = spec_from_cfg(cfg)
         device = job_device(job_num, _visible_gpus(), bool(cfg.get("pin_gpu", False)))
         engine = engine_cfg(cfg)
+        timing = cfg.get("timing", "batched")
+        if multirun and group.should_defer(hc, cfg):  # run at the end of the sweep, sharing prefills (scbench/group.py)
+            overrides = list(hc.overrides.task)
+            group.QUEUE.append(group.Job(spec, cfg.store, engine.pop("name"), engine, cfg.get("shard"), device,
+                                         cfg.progress, timing,
+                                         on_error=lambda e: _note_failure(job_num, overrides, e)))
+            from scbench.run import run_id_of
+
+            FINISHED.append((str(cfg.store), run_id_of(spec, group.QUEUE[-1].engine_name, engine)))
+            return
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device, record_spec_errors=multirun)
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing,
+                          record_spec_errors=multirun)
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
@@ -97,7 +110,8 @@ def _run_job(cfg) -> None:
             if isinstance(e, USER_ERRORS):  # one line (and the fix), no traceback, no Hydra folder left behind
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
                 print(f"scbench run: error: {msg}", file=sys.stderr)
-                _drop_output_dir(hc.runtime.output_dir)
+                if not Path(str(cfg.store)).exists():
+                    _drop_output_dir(hc.runtime.output_dir)
                 sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
@@ -113,6 +127,41 @@ def _run_job(cfg) -> None:
             FINISHED.append((str(cfg.store), run_id_of(spec, eng.pop("name"), eng)))
         _free_accelerator()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
+        _note_failure(job_num, list(hc.overrides.task), e)
+
+
+FAILURES_ENV = "SCBENCH_SWEEP_FAILURES"
+"""A file the sweep's jobs append their failures to (jobs may run in other processes: joblib, submitit)."""
+_FAILED: list[dict] = []
+
+
+def _note_failure(job_num, overrides: list[str], error: BaseException) -> None:
+    import json
+
+    rec = {"job": job_num, "overrides": " ".join(overrides), "error": f"{type(error).__name__}: {error}"}
+    _FAILED.append(rec)
+    path = os.environ.get(FAILURES_ENV)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        except OSError:  # the in-process list still has it (basic launcher)
+            pass
+
+
+def _sweep_failures(path: str) -> list[dict]:
+    import json
+
+    seen = {(f["job"], f["overrides"]): f for f in _FAILED}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    f = json.loads(line)
+                    seen.setdefault((f["job"], f["overrides"]), f)
+    except (OSError, ValueError):
+        pass
+    return sorted(seen.values(), key=lambda f: (f["job"] is None, f["job"] or 0))
 
 
 def _drop_output_dir(path) -> None:
@@ -154,6 +203,8 @@ FINISHED: list[tuple[str, str]] = []
 def cmd_run(argv: list[str]) -> None:
     import hydra
 
+    import tempfile
+
     from scbench.plugins import add_plugin_dir, config_dirs
 
     argv = list(argv)
@@ -169,11 +220,28 @@ def cmd_run(argv: list[str]) -> None:
     _NEW_DIRS.update(p.resolve() for p in [Path(store).parent, *Path(store).parent.parents] if not p.exists())
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
     sys.argv = ["scbench run", *argv]
+    fd, path = tempfile.mkstemp(prefix="scbench-failures-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[FAILURES_ENV] = path
+    _FAILED.clear()
     FINISHED.clear()
-    app()
+    try:
+        app()
+        failed = _sweep_failures(path)
+    finally:
+        os.environ.pop(FAILURES_ENV, None)
+        os.unlink(path)
     print_summary(FINISHED)
     if not FINISHED and ("-m" in argv or "--multirun" in argv):  # jobs ran in other processes (joblib, submitit)
         print(f"\nthe sweep's runs: scbench ls runs --store {store}")
+    if failed:  # a sweep with failed jobs fails, and says which
+        print(f"scbench run: {len(failed)} job(s) failed:", file=sys.stderr)
+        swept = {a.partition("=")[0].lstrip("+~") for a in argv if "," in a.partition("=")[2] or a.startswith("~")}
+        for f in failed:
+            shown = [o for o in f["overrides"].split() if o.partition("=")[0].lstrip("+~") in swept] or [f["overrides"]]
+            print(f"  job {f['job']} ({' '.join(shown)}): {f['error'].splitlines()[0] if f['error'] else '?'}",
+                  file=sys.stderr)
+        sys.exit(1)
 
 
 def print_summary(finished: list[tuple[str, str]]) -> None:
@@ -184,7 +252,7 @@ def print_summary(finished: list[tuple[str, str]]) -> None:
     for path in dict.fromkeys(p for p, _ in finished):
         if not Path(path).exists():
             continue
-        store = Store(path)
+        store = Store(path, readonly=True)
         try:
             print("\n" + summary_table(store, list(dict.fromkeys(r for p, r in finished if p == path))))
         finally:
@@ -266,6 +334,7 @@ def cmd_score(argv: list[str]) -> None:
     from scbench.registry import TASKS
     from scbench.store import Store
 
+    Store(a.store, readonly=True).close()  # a missing or corrupt store is an error, not created
     store = Store(a.store)
     run = store.run(a.run)
     spec = json.loads(run["spec"])
@@ -302,6 +371,8 @@ def cmd_export(argv: list[str]) -> None:
                    help="per-turn samples (question, prediction, answer, scores, every cost column); --format jsonl")
     p.add_argument("--run", action="append", default=None, help="with --samples: only this run (repeatable)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.add_argument("--include-incomplete", action="store_true",
+                   help="put unfinished runs (failed, interrupted, running, partial) in the board and its averages")
     p.add_argument("--variant", default=None,
                    help="scores of this task variant where `scbench score --variant` stored them (else the run's own)")
     a = p.parse_args(argv)
@@ -310,9 +381,8 @@ def cmd_export(argv: list[str]) -> None:
     if a.samples and a.format not in (None, "jsonl"):
         raise ValueError(f"--samples writes JSON lines (--format jsonl), not {a.format}")
     a.format = a.format or ("jsonl" if a.samples else "md")
-    if not Path(a.store).exists():
-        raise FileNotFoundError(f"no results store at {a.store}")
-    store = Store(a.store)
+    store = Store(a.store, readonly=True)
+    full = a.include_incomplete
     if a.samples:
         from scbench.report.samples import to_jsonl
 
@@ -330,30 +400,45 @@ def cmd_export(argv: list[str]) -> None:
     if a.format == "jsonl":
         from scbench.report.export import records
 
-        text = "\n".join(json.dumps(r, default=str) for r in records(store))
+        text = "\n".join(json.dumps(r, default=str) for r in records(store, variant=a.variant, include_incomplete=full))
     elif a.format == "json":
         from scbench.report.export import to_json
 
-        text = to_json(store, variant=a.variant)
+        text = to_json(store, variant=a.variant, include_incomplete=full)
     elif a.format == "html":
         from scbench.report.html import build_html
 
-        text = build_html(store, variant=a.variant)
+        text = build_html(store, variant=a.variant, include_incomplete=full)
     else:
-        from scbench.report.table import category_averages, leaderboard, to_markdown
+        from scbench.report.table import category_averages, incomplete_runs, leaderboard, to_markdown
 
-        board = leaderboard(store, variant=a.variant)
+        board = leaderboard(store, variant=a.variant, include_incomplete=full)
         if a.format == "md":
             text = to_markdown(board) + "\n\nCategory averages\n\n" + to_markdown(category_averages(board)) + "\n"
+            left = incomplete_runs(store)
+            if len(left):
+                text += ("\n" + ("Unfinished runs (in the board above)" if full else
+                                 "Unfinished runs (left out of the board and its averages; --include-incomplete adds them)")
+                         + "\n\n" + to_markdown(left) + "\n")
         else:
             text = board.to_csv(index=False)
     store.close()
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        write_output(Path(a.out), text)
         print(f"wrote {a.out}")
     else:
         print(text)
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write an export; a path that cannot be written (a folder, a path under a file, a full disk) is one line."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; --out names a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_plot(argv: list[str]) -> None:
@@ -366,9 +451,7 @@ def cmd_plot(argv: list[str]) -> None:
     from scbench.report.figures import write_figures
     from scbench.store import Store
 
-    if not Path(a.store).exists():
-        raise FileNotFoundError(f"no results store at {a.store}")
-    store = Store(a.store)
+    store = Store(a.store, readonly=True)
     recs = records(store)
     store.close()
     for path in write_figures(recs, a.out, tuple(f for f in a.formats.split(",") if f)):

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from scbench.overrides import _method_name, _root_defaults, config_file, group_choices
 
 
 def open_existing(path: str):
-    """The store at ``path``; a FileNotFoundError (nothing created) when there is none."""
+    """The store at ``path``, read-only; a FileNotFoundError (nothing created) when there is none."""
     from scbench.store import Store
 
     if not Path(path).exists():
         raise FileNotFoundError(f"no results store at {path} (scbench run writes one; --store PATH picks another)")
-    return Store(path)
+    return Store(path, readonly=True)
 
 
 def ls_methods() -> None:
@@ -63,7 +64,7 @@ def cmd_ls(argv: list[str]) -> None:
 
         store = open_existing(a.store)
         try:
-            print(runs_listing(store, _root_defaults()))
+            print(runs_listing(store, _root_defaults(), note=owner_note))
         finally:
             store.close()
 
@@ -84,3 +85,11 @@ def cmd_show(argv: list[str]) -> None:
         print(show(store, a.run, a.example, a.turn, a.width))
     finally:
         store.close()
+
+
+def owner_note(run: dict) -> str:
+    """``owner=host:pid heartbeat 12s ago`` for a running or interrupted run that has a lease row."""
+    o = run.get("owner")
+    if not o or run["status"] not in ("running", "interrupted"):
+        return ""
+    return f"owner={o['host']}:{o['pid']} heartbeat {time.time() - (o['heartbeat'] or 0):.0f}s ago"

@@ -89,6 +89,10 @@ class TurnStats:
     """Decode loop that ran: plain (reference), static or graph (pre-allocated cache; graph: CUDA graph replay)."""
     compress_s: float = 0.0
     """Time spent inside the method's compression hook this turn."""
+    warmup_s: float = 0.0
+    """One-time costs paid during this turn and kept out of ``prefill_s``, ``ttft_s`` and the decode rate: the
+    run's warm-up on dummy prompts (kernel compilation, mask building; charged to the run's first turn) and
+    CUDA-graph capture of the decode step (each time the static buffers are re-allocated)."""
     kv_bytes: int = 0
     """KV bytes resident on the compute device after this turn's generation (real tensors)."""
     kv_tokens: int = 0
@@ -113,6 +117,17 @@ class TurnStats:
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0
     """Fraction of the causal attention score matrix computed by this turn's prefill (1.0: dense)."""
+    prefill_shared: int = 1
+    """Runs of a grouped sweep that shared this turn's prefill (scbench/group.py: one dense first prefill, its cache
+    forked per method); 1 when the run prefilled alone. ``prefill_s`` stays the measured time of that prefill."""
+    decode_batch: int = 1
+    """Requests decoded together in this turn's batch (scbench/batch.py, shared-prefix attention); 1: decoded alone."""
+    decode_step_s: float = 0.0
+    """Batched turns: mean wall time of one decode step of the whole batch; ``decode_s`` is this turn's share
+    (its steps x step time / batch size). 0 for turns decoded alone."""
+    device_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Sharded models (``model.device_map``): per device, ``kv_bytes`` of the layers it holds and its
+    ``peak_mem_bytes``; ``kv_bytes`` and ``peak_mem_bytes`` above are the sums. Empty on one device."""
     method_costs: dict[str, float | int | None] = field(default_factory=dict)
     """The method's own cost columns (name -> value), as declared in its ``Method.costs`` (every declared name
     present, its ``Cost.default`` where the method measured nothing this turn); empty for methods without any.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from scbench import provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
 from scbench.registry import ENGINES, TASKS
-from scbench.runner import Replay, n_turns
-from scbench.store import Store
+from scbench.runner import n_turns
+from scbench.store import Store, StoreError
 from scbench.validate import SpecError, check_method, check_spec
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,28 @@ def finished(store_path: str, run_id: str) -> bool:
     return row is not None and row[0] == "done"
 
 
+def shard_key(picked: tuple[int, int] | None) -> str:
+    """The lease key of a shard ("" for a whole run): shards of one run are computed by separate processes."""
+    return "" if picked is None else f"{picked[0]}/{picked[1]}"
+
+
+def _record_stop(store: Store, store_path: str, run_id: str, spec_dict: dict, error: BaseException) -> None:
+    """Mark the run failed with ``error``; when the store write itself fails (a full disk, a broken file) try a
+    fresh connection, and say so on the log when that fails too (the run then reads ``interrupted`` once this
+    process is gone)."""
+    text = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    try:
+        store.finish_run(run_id, status, text)
+        return
+    except Exception as first:  # noqa: BLE001
+        try:
+            record_failure(store_path, run_id, spec_dict, text)
+        except Exception as second:  # noqa: BLE001
+            log.error("run %s failed (%s: %s) and the store could not record it: %s; then %s",
+                      run_id, type(error).__name__, error, first, second)
+
+
 def run_spec_dict(spec: RunSpec, engine_name: str = "hf", engine_options: dict | None = None) -> dict:
     """What a run's id hashes: the spec, plus the engine and its non-resource knobs for an engine other than hf
     (another engine's run is another run; hf runs keep their ids)."""
@@ -99,7 +122,7 @@ def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | Non
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
              shard: str | None = None, device: str | None = None, engine_options: dict | None = None,
-             record_spec_errors: bool = True) -> str:
+             timing: str = "sequential", record_spec_errors: bool = True) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
@@ -108,42 +131,67 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     ``device`` overrides the model's device without changing the run id (one job per GPU).
     ``engine_name`` / ``engine_options``: the engine and its knobs (a non-hf engine and its options are part of the
     run id, so its runs never mix with the transformers engine's).
+    ``timing="batched"`` decodes an example's independent turns as one batch where the method allows it
+    (scbench/batch.py; same predictions, batched cost columns); ``sequential`` decodes one turn at a time.
     A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error;
     except, with ``record_spec_errors=False`` (a single ``scbench run``), a refused spec when the store does not
-    exist yet: a typo creates no store.
+    exist yet: a typo creates no store. A run the store holds as done returns at once (no model loads).
     """
+    from scbench.batch import replay_class
+
     engine_name = getattr(engine, "name", None) or engine_name
     spec_dict = run_spec_dict(spec, engine_name, engine_options)
     run_id = provenance.spec_hash(spec_dict)
+    store = None
     try:
         picked = parse_shard(shard)
+        replay_cls = replay_class(timing)
         method = check_spec(spec, engine_name, model=engine is None)  # all that is checkable without a model
         task = TASKS.get(spec.task).with_variant(spec.task_variant)
+        if spec.model.get("device_map") not in (None, "", "null", "none") and method.sharded:
+            raise ValueError(f"method {method.name!r} cannot run on a model split over devices (model.device_map): "
+                             f"{method.sharded}")
         if engine is None and picked is None and finished(store_path, run_id):
             log.warning("run %s is done (every turn stored in %s): nothing to do", run_id, store_path)
             return run_id
+        store = Store(store_path)  # a corrupt store or one of another schema fails here, before the model loads
+        data = dict(spec.data)
+        source = data.pop("source", "generated")
+        examples = None
+        if source != "generated":  # files and hub rows are read and checked before the model loads
+            examples = task.prepare_examples(load_examples(task, source, **data), spec.max_turns)
         if engine is None:
             model = dict(spec.model, device=device) if device else spec.model
             engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})
-        data = dict(spec.data)
-        source = data.pop("source", "generated")
-        examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
-        examples = task.prepare_examples(examples, spec.max_turns)
+        if examples is None:  # generated rows are sized in the model's tokens
+            examples = load_examples(task, source, count=lambda t: len(engine.encode(t, add_special_tokens=False)), **data)
+            examples = task.prepare_examples(examples, spec.max_turns)
     except Exception as e:
+        if store is not None:
+            store.close()
+        if isinstance(e, StoreError):  # the store itself is the problem: nowhere to record it
+            raise
         if isinstance(e, SpecError) and not record_spec_errors and not Path(store_path).exists():
             raise  # a typo in the spec creates no results store
         try:
             record_failure(store_path, run_id, spec_dict, e)
-        except Exception:  # noqa: BLE001 - never hide the job's own error behind a store problem
-            log.exception("could not record the failure of run %s in %s", run_id, store_path)
+        except Exception as e2:  # noqa: BLE001 - never hide the job's own error behind a store problem
+            log.error("could not record the failure of run %s in %s: %s", run_id, store_path, e2)
         raise
     mine = examples if picked is None else [ex for k, ex in enumerate(examples) if k % picked[1] == picked[0]]
+    lease_key = shard_key(picked)
 
-    store = Store(store_path)
     try:
+        owner = store.claim(run_id, lease_key)
+        if owner is not None:
+            log.warning("run %s%s: skipped, another process computes it (%s pid %s, heartbeat %.0f s ago)",
+                        run_id, f" shard {shard}" if picked else "", owner["host"], owner["pid"],
+                        time.time() - (owner["heartbeat"] or 0))
+            return run_id
         store.open_run(run_id, model=engine.describe()["model"], method=method.name, method_label=method.label(),
                        task=task.name, mode=spec.mode, spec=spec_dict,
                        provenance=provenance.collect(engine.describe(), method.describe(), task))
+        store.set_expected(run_id, {e.id: n_turns(e, spec) for e in examples})
         done = store.done_turns(run_id)
         total = sum(n_turns(e, spec) for e in mine)
         todo = total - sum(len(done.get(e.id, {})) for e in mine)
@@ -154,18 +202,24 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             label = f"{task.name} {spec.mode} {method.name}" + (f" shard {shard}" if picked else "")
             bar = tqdm(total=total, initial=total - todo, desc=label, unit="turn")
         try:
+            warm = getattr(engine, "warmup", None)
+            warmup_s = warm(method) if warm is not None and todo else 0.0  # one-time costs before the first turn
             for i, ex in enumerate(mine):
                 have = done.get(ex.id, {})
                 if len(have) >= n_turns(ex, spec):
                     continue
                 if bar:
                     bar.set_postfix_str(f"example {i + 1}/{len(mine)}")
-                for result in Replay(engine, method, task, ex, spec, done=have):
+                replay = replay_cls(engine, method, task, ex, spec, done=have, warmup_s=warmup_s)
+                warmup_s = 0.0
+                for result in replay:
                     store.put(run_id, result)
                     if bar:
                         bar.update(1)
+                if replay.mismatches:
+                    store.note_mismatch(run_id, replay.mismatches)
         except BaseException as e:
-            store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+            _record_stop(store, store_path, run_id, spec_dict, e)
             raise
         finally:
             if bar:
@@ -173,8 +227,11 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         if picked is None:
             store.finish_run(run_id, "done")
         else:  # done only when every shard's rows are in (read after this shard's commits)
-            store.set_expected(run_id, {e.id: n_turns(e, spec) for e in examples})
             store.finish_run(run_id, "done" if store.complete(run_id) else "partial")
     finally:
+        try:
+            store.release(run_id, lease_key)
+        except Exception:  # noqa: BLE001 - a store that fails here already failed the run; the owner's exit frees it
+            log.warning("could not release the lease of run %s in %s", run_id, store_path)
         store.close()
     return run_id

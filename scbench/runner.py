@@ -26,10 +26,19 @@ def n_turns(example: Example, spec: RunSpec) -> int:
 class Replay:
     """One example's replay; yields a TurnResult per turn that is not already in ``done``."""
 
-    def __init__(self, engine, method, task, example: Example, spec: RunSpec, done: dict[int, str] | None = None):
+    def __init__(self, engine, method, task, example: Example, spec: RunSpec, done: dict[int, str] | None = None,
+                 warmup_s: float = 0.0):
         self.engine, self.method, self.task, self.example, self.spec = engine, method, task, example, spec
+        self.warmup_s = warmup_s
+        """The run's warm-up seconds (``engine.warmup``), charged to this replay's first generated turn."""
         self.done = done or {}
         self.turns = n_turns(example, spec)
+        todo = [i for i in range(self.turns) if i not in self.done]
+        earlier = [i for i in self.done if todo and i < todo[0]]
+        self.check_turn = max(earlier) if earlier else None
+        """The stored turn recomputed before the first missing one, to check that the resume reproduces the run."""
+        self.mismatches: list[dict] = []
+        """Stored turns whose recomputed prediction differs (a resume that does not reproduce the run)."""
         self.context_stats: dict = {}
         method.setup(engine)
         if "compress_context" in method.hooks():
@@ -84,13 +93,22 @@ class Replay:
                 if self.session is None:
                     self.session = self.engine.session(self.method)
                 fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
-            else:  # naive: everything so far from an empty cache
+            elif i not in self.done or i == self.check_turn:  # naive: everything so far from an empty cache
                 self.session = self.engine.session(self.method)
                 fs = self._feed(self.history + tp.ids, first=True)
             self.history += tp.ids
             if i in self.done:
+                # A stored turn. With a reused cache its decode runs again: decoding can change what stays
+                # in the cache after the generated tokens are dropped (KIVI quantises the prompt tail as
+                # tokens are appended), so skipping it would leave later turns another cache.
+                # The whole turn runs as it did (its counters are read and reset too); only the row is not stored.
                 prev_answer = self.done[i]
-                self.session.drop_last(tp.rewind)
+                if self.spec.reuse:
+                    result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+                    self._compare(i, result.prediction)
+                    self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
+                elif i == self.check_turn:
+                    self._compare(i, self._generate(i, tp, fs, prompt_tokens=len(self.history))[0].prediction)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
             result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
@@ -117,19 +135,37 @@ class Replay:
                     fs = dataclasses.replace(fs, tokens=fs.tokens + ctx_fs.tokens, reused=0,
                                              seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                              attn_cells=fs.attn_cells + ctx_fs.attn_cells,
-                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed)
+                                             attn_computed=fs.attn_computed + ctx_fs.attn_computed,
+                                             prefill_shared=ctx_fs.prefill_shared)
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
                 fs = self._feed(ctx_ids + tp.ids, first=True)
             if j in self.done:
+                if j == self.check_turn:  # requests start from the context checkpoint: one recomputed as a check
+                    self._compare(j, self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))[0].prediction)
+                else:
+                    self._discard_counters()
                 continue
             # the prompt length from the prompt: an engine whose prefix cache reuses whole blocks (vLLM) recomputes
             # part of the context in the first request, so computed + reused can exceed it
             result, _ = self._generate(j, tp, fs, prompt_tokens=len(ctx_ids) + len(tp.ids))
             yield result
 
-    def _method_costs(self, i: int) -> dict:
+    def _discard_counters(self) -> None:
+        """A stored request fed but not generated: what the method and the session counted for it (method costs,
+        slow-tier loads) must not join the next computed turn's row."""
+        self.method.take_costs(self.session)
+        self.session.memory()
+
+    def _compare(self, i: int, prediction: str) -> None:
+        if prediction != self.done[i]:
+            log.warning("%s example %s turn %d: resumed run recomputed %r, the store holds %r",
+                        self.task.name, self.example.id, i, prediction[:60], self.done[i][:60])
+            self.mismatches.append({"example_id": self.example.id, "turn": i,
+                                    "stored": self.done[i], "recomputed": prediction})
+
+    def _method_costs(self, i: int, taken: dict | None = None) -> dict:
         """The method's cost columns for turn ``i``: what the runner measured around its hooks (the context
         compression is charged to the first turn) and what the method reports (``take_costs``), every declared
         column present (its default where nothing was measured)."""
@@ -137,7 +173,7 @@ class Replay:
         reported = dict(self.context_stats)
         if i > 0 and "context_compress_s" in reported:
             reported["context_compress_s"] = 0.0
-        reported.update(self.method.take_costs(self.session))
+        reported.update(self.method.take_costs(self.session) if taken is None else taken)
         unknown = sorted(set(reported) - set(declared))
         if unknown:
             raise ValueError(f"{type(self.method).__name__}.take_costs reported {unknown}, not declared in its costs "
@@ -146,13 +182,19 @@ class Replay:
 
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
-        end = prompt_tokens + tp.max_new_tokens
+        self._check_window(i, prompt_tokens + tp.max_new_tokens)
+        gen = self.session.generate(tp.max_new_tokens)
+        return self._result(i, fs, gen, self.session.memory(), prompt_tokens), gen
+
+    def _check_window(self, i: int, end: int) -> None:
         if end > self.engine.window and not self._warned_window:
             self._warned_window = True
             log.warning("%s example %s turn %d: positions reach %d, beyond the model window of %d",
                         self.task.name, self.example.id, i, end, self.engine.window)
-        gen = self.session.generate(tp.max_new_tokens)
-        mem = self.session.memory()
+
+    def _result(self, i: int, fs, gen, mem: dict, prompt_tokens: int, costs: dict | None = None, **extra) -> TurnResult:
+        """The stored row of turn ``i`` from its feed, its generation and the cache's memory after it (``costs``:
+        what the method reported for the turn, when taken earlier; None: take them now)."""
         turn = self.example.turns[i]
         prediction = gen.text
         stats = TurnStats(
@@ -166,12 +208,17 @@ class Replay:
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
             decode_path=gen.decode_path,
             compress_s=fs.compress_s,
+            warmup_s=(self.warmup_s if i not in self.done else 0.0) + getattr(gen, "warmup_s", 0.0),
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
-            method_costs=self._method_costs(i),
+            prefill_shared=fs.prefill_shared,
+            method_costs=self._method_costs(i, costs),
             **mem,
+            **extra,
         )
+        if i not in self.done:  # a stored turn replayed on resume is not stored again: the next new turn carries it
+            self.warmup_s = 0.0
         scores = self.task.score(prediction, turn, self.example.extra)
         reference = {"answer": turn.answer, "question": turn.input, "turn_extra": turn.extra,
                      "example_extra": self.example.extra}
-        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats), gen
+        return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats)

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from scbench import RESULTS_SCHEMA_VERSION
+from scbench import leases as lease_mod
 from scbench.records import TurnResult, TurnStats
 
 STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
 
 
-JSON_STAT_COLUMNS = {"method_costs"}
+JSON_STAT_COLUMNS = {"method_costs", "device_bytes"}
 """TurnStats fields stored as JSON text (dicts)."""
 
 
@@ -78,22 +79,112 @@ CREATE TABLE IF NOT EXISTS rescores (
 """
 
 
+class StoreError(ValueError):
+    """A results store that is corrupt or of another schema version (one line, naming the file)."""
+
+
+class NoStore(FileNotFoundError):
+    """No results store at the path a command only reads."""
+
+
+LEASES = """
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT NOT NULL, shard TEXT NOT NULL,
+    host TEXT, pid INTEGER, pstart REAL, started REAL, heartbeat REAL,
+    PRIMARY KEY (run_id, shard)
+);
+"""
+RUN_COLUMNS = {"expected": "TEXT", "resume_mismatch": "TEXT"}
+READABLE_VERSIONS = {1, RESULTS_SCHEMA_VERSION}
+"""Schema versions this scbench opens (v1 is migrated on a writable open, read through a migrated copy otherwise)."""
+"""Columns added to ``runs`` after schema v1 first shipped (nullable; added to older stores on a write open)."""
+
+
 class Store:
-    def __init__(self, path: str | Path):
+    """A results store. ``readonly=True`` (commands that only read: ``ls runs``, exports, merge inputs) opens the
+    file read-only: it must exist ("no results store at PATH") and nothing in it or next to it is created or
+    changed. A writable open checks the schema version before its first write."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.executescript(SCHEMA)
+        self.readonly = readonly
+        self.heartbeats: dict = {}
+        if readonly or self.path.exists():
+            if not self.path.is_file():
+                raise NoStore(f"no results store at {self.path}")
+            try:
+                ro = sqlite3.connect(self._read_only_uri(), uri=True, timeout=60, isolation_level=None)
+                ro.execute("PRAGMA busy_timeout=60000")
+                version = self._check_version(ro)
+                if readonly:
+                    self.db = ro
+                    if version is not None and (version < RESULTS_SCHEMA_VERSION or self._missing(ro)):
+                        self._upgrade_in_memory(ro)  # an older store is read through an upgraded copy in memory
+                    return
+                ro.close()
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: not a readable results store ({e})") from None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self._create_and_upgrade()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot open the results store for writing ({e})") from None
+
+    def _read_only_uri(self) -> str:
+        """A read-only URI. With no ``-wal`` file beside it (no writer since the last checkpoint) the file is opened
+        immutable: SQLite then creates no ``-wal``/``-shm`` files next to it, which a plain read-only open of a WAL
+        store does; with one, a plain read-only open sees what live writers committed."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        return uri if wal.exists() else uri + "&immutable=1"
+
+    def _create_and_upgrade(self) -> None:
+        self.db.executescript(SCHEMA + LEASES)
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(RESULTS_SCHEMA_VERSION),))
         elif int(row[0]) == 1:
             self._migrate_v1()
-        elif int(row[0]) != RESULTS_SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: results schema v{row[0]}, this scbench writes v{RESULTS_SCHEMA_VERSION}")
         self._add_missing_columns()
+
+    def _check_version(self, db) -> int | None:
+        """The store's schema version (None: an empty new file); refuses, before anything is written, a file that
+        is not a results store or a store of a schema this scbench cannot read or migrate."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables:
+            if tables:
+                raise StoreError(f"{self.path}: not a results store (tables: {', '.join(sorted(tables))})")
+            if self.readonly:
+                raise StoreError(f"{self.path}: an empty file, not a results store")
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{self.path}: results schema v{row[0] if row else '?'}, this scbench reads "
+                             f"v{'/v'.join(map(str, sorted(READABLE_VERSIONS)))} and writes v{RESULTS_SCHEMA_VERSION}; "
+                             "use the scbench that wrote it")
+        return version
+
+    def _missing(self, db) -> bool:
+        """Whether a store lacks tables or columns this scbench adds on a writable open."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"runs", "turns", "rescores", "leases"} <= tables:
+            return True
+        have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+        have_turns = {r[1] for r in db.execute("PRAGMA table_info(turns)")}
+        return not (set(RUN_COLUMNS) <= have and set(STAT_COLUMNS) <= have_turns)
+
+    def _upgrade_in_memory(self, ro) -> None:
+        """Read-only open of an older store: copy it into memory and upgrade the copy (the file stays as it is)."""
+        mem = sqlite3.connect(":memory:", isolation_level=None)
+        ro.backup(mem)
+        ro.close()
+        self.db = mem
+        self._create_and_upgrade()
 
     def _migrate_v1(self) -> None:
         """Schema v1 -> v2, in one transaction: each turn's flat method-cost columns (LEGACY_METHOD_COLUMNS) become
@@ -128,7 +219,7 @@ class Store:
     def _add_missing_columns(self) -> None:
         """Stores written by an older scbench of the same schema version lack columns added since (new cost
         columns are nullable additions): add them, so old stores stay readable and resumable."""
-        want = {"runs": {"expected": "TEXT"},
+        want = {"runs": RUN_COLUMNS,
                 "turns": {c: _stat_type(c) for c in STAT_COLUMNS}}
         for table, columns in want.items():
             have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -137,6 +228,9 @@ class Store:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
+        for beat in self.heartbeats.values():
+            beat.stop()
+        self.heartbeats.clear()
         self.db.close()
 
     # --- runs -----------------------------------------------------------------------------------
@@ -166,10 +260,37 @@ class Store:
         stored = self.done_turns(run_id)
         return all(len(stored.get(ex, {})) >= n for ex, n in json.loads(row[0]).items())
 
-    def runs(self) -> list[dict]:
+    def note_mismatch(self, run_id: str, mismatches: list[dict]) -> None:
+        """Record stored turns that a resume recomputed differently (the run does not reproduce)."""
+        row = self.db.execute("SELECT resume_mismatch FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        old = json.loads(row[0]) if row and row[0] else []
+        self.db.execute("UPDATE runs SET resume_mismatch=? WHERE run_id=?",
+                        (json.dumps(old + mismatches, ensure_ascii=False), run_id))
+
+    def runs(self, *, state: bool = True) -> list[dict]:
+        """Every run row. With ``state`` (the default) a ``running`` run whose owner is gone reads
+        ``interrupted``, and each row gains ``turns_done``, ``turns_expected`` (None when unknown),
+        ``complete`` and ``owner`` (the lease: host, pid, started, heartbeat; None when nobody holds it)."""
         cur = self.db.execute("SELECT * FROM runs ORDER BY created")
         cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        if not state:
+            return rows
+        done = dict(self.db.execute("SELECT run_id, COUNT(*) FROM turns GROUP BY run_id").fetchall())
+        leases = self.leases()
+        for r in rows:
+            r.setdefault("expected", None)
+            r.setdefault("resume_mismatch", None)
+            expected = json.loads(r["expected"]) if r["expected"] else None
+            r["turns_done"] = done.get(r["run_id"], 0)
+            r["turns_expected"] = sum(expected.values()) if expected is not None else None
+            owners = leases.get(r["run_id"], [])
+            live = [o for o in owners if o["alive"]]
+            r["owner"] = (live or owners or [None])[0]
+            if r["status"] == "running" and not live:
+                r["status"] = "interrupted"
+            r["complete"] = r["status"] == "done" and (expected is None or r["turns_done"] >= r["turns_expected"])
+        return rows
 
     def run(self, run_id: str) -> dict:
         rows = [r for r in self.runs() if r["run_id"] == run_id or r["run_id"].startswith(run_id)]
@@ -178,6 +299,56 @@ class Store:
         if len(rows) > 1:
             raise KeyError(f"run id prefix {run_id!r} is ambiguous in {self.path}")
         return rows[0]
+
+    # --- leases (who computes a run; scbench/leases.py) -----------------------------------------
+    def leases(self) -> dict[str, list[dict]]:
+        """run_id -> its leases (one per shard) with ``alive`` set."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='leases'").fetchone():
+            return {}  # a store from before leases, opened read-only
+        cur = self.db.execute("SELECT * FROM leases")
+        cols = [c[0] for c in cur.description]
+        out: dict[str, list[dict]] = {}
+        now = time.time()
+        for r in cur.fetchall():
+            lease = dict(zip(cols, r))
+            lease["alive"] = lease_mod.alive(lease, now)
+            out.setdefault(lease["run_id"], []).append(lease)
+        return out
+
+    def claim(self, run_id: str, shard: str = "") -> dict | None:
+        """Take the lease of (run, shard) for this process and start its heartbeat; returns None when taken,
+        or the live owner's lease when another process holds it (then nothing changes). A lease whose owner
+        is gone (killed, or silent past ``leases.stale_after()``) is taken over."""
+        mine = lease_mod.me()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.db.execute("SELECT * FROM leases WHERE run_id=? AND shard=?", (run_id, shard))
+            row = cur.fetchone()
+            if row is not None:
+                lease = dict(zip([c[0] for c in cur.description], row))
+                ours = lease["host"] == mine["host"] and lease["pid"] == mine["pid"]
+                if not ours and lease_mod.alive(lease):
+                    self.db.execute("ROLLBACK")
+                    return lease
+            now = time.time()
+            self.db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?,?,?)",
+                            (run_id, shard, mine["host"], mine["pid"], mine["pstart"], now, now))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.heartbeats[(run_id, shard)] = lease_mod.Heartbeat(self.path, run_id, shard)
+        return None
+
+    def release(self, run_id: str, shard: str = "") -> None:
+        """Stop the heartbeat and drop this process's lease of (run, shard)."""
+        beat = self.heartbeats.pop((run_id, shard), None)
+        if beat is not None:
+            beat.stop()
+        mine = lease_mod.me()
+        self.db.execute("DELETE FROM leases WHERE run_id=? AND shard=? AND host=? AND pid=?",
+                        (run_id, shard, mine["host"], mine["pid"]))
 
     # --- turns ----------------------------------------------------------------------------------
     def put(self, run_id: str, result: TurnResult) -> None:
@@ -273,27 +444,28 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
     holds every turn the run expects (per-shard stores of one run: each shard alone is ``partial``), else the
     most recently updated status wins. Turns: keyed by (run, example, turn); an identical row (up to timings) is
     deduplicated, a row whose prediction, reference, scores or token counts differ is a conflict: the first
-    one seen is kept and the conflict is reported. Re-scores (``rescores``) are copied the same way. Inputs of an
-    older schema are migrated in place when opened. Returns counts and the list of conflicts.
+    one seen is kept and the conflict is reported. Re-scores (``rescores``) are copied the same way. Inputs are
+    opened read-only and never changed (one of an older schema is read through a migrated copy in memory).
+    Returns counts and the list of conflicts.
     """
+    for path in inputs:  # every input is checked before the output is created or touched
+        if Path(path).resolve() == Path(out).resolve():
+            raise ValueError(f"merge: input {path} is the output store")
+        Store(path, readonly=True).close()
     target = Store(out)
     report = {"runs_added": 0, "turns_added": 0, "duplicates": 0, "conflicts": []}
     try:
         cols = [r[1] for r in target.db.execute("PRAGMA table_info(turns)")]
         run_cols = [r[1] for r in target.db.execute("PRAGMA table_info(runs)")]
         for path in inputs:
-            if Path(path).resolve() == Path(out).resolve():
-                raise ValueError(f"merge: input {path} is the output store")
-            if not Path(path).exists():
-                raise FileNotFoundError(f"merge: no store at {path}")
-            src = Store(path)
+            src = Store(path, readonly=True)
             try:
                 target.db.execute("BEGIN IMMEDIATE")
-                for run in src.runs():
+                for run in src.runs(state=False):
                     have = target.db.execute("SELECT status, updated FROM runs WHERE run_id=?", (run["run_id"],)).fetchone()
                     if have is None:
                         target.db.execute(f"INSERT INTO runs ({', '.join(run_cols)}) VALUES ({', '.join('?' * len(run_cols))})",
-                                          [run[c] for c in run_cols])
+                                          [run.get(c) for c in run_cols])
                         report["runs_added"] += 1
                     elif have[0] != "done" and (run["status"] == "done" or (run["updated"] or 0) > (have[1] or 0)):
                         target.db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?",
@@ -301,9 +473,12 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> dict:
                     if run.get("expected"):
                         target.db.execute("UPDATE runs SET expected=? WHERE run_id=? AND expected IS NULL",
                                           (run["expected"], run["run_id"]))
-                cur = src.db.execute(f"SELECT {', '.join(cols)} FROM turns")
-                for row in cur:
-                    rec = dict(zip(cols, row))
+                have = {r[1] for r in src.db.execute("PRAGMA table_info(turns)")}  # an older input lacks new columns
+                src_cols = [c for c in cols if c in have]
+                cur = src.db.execute(f"SELECT {', '.join(src_cols)} FROM turns")
+                for got in cur:
+                    rec = {c: None for c in cols} | dict(zip(src_cols, got))
+                    row = [rec[c] for c in cols]
                     key = tuple(rec[k] for k in TURN_KEY)
                     old = target.db.execute(f"SELECT {', '.join(cols)} FROM turns WHERE run_id=? AND example_id=? AND turn=?", key).fetchone()
                     if old is None:

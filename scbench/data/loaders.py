@@ -28,6 +28,8 @@ def parse_row(row: Any, where: str) -> Example:
     for key in ("id", "context", "multi_turns"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (fields present: {', '.join(sorted(row))})")
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise DataError(f"{where}: field 'id' must be a string or an integer, got {_kind(row['id'])}")
     context = row["context"]
     if not isinstance(context, str) and not (
         isinstance(context, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in context)
@@ -49,26 +51,119 @@ def parse_row(row: Any, where: str) -> Example:
     return Example(id=str(row["id"]), context=context, turns=tuple(turns), extra=extra, source=where)
 
 
+def _decode(raw: bytes, path: Path, row: int | None, offset: int) -> str:
+    """UTF-8 text of ``raw`` (the bytes at ``offset`` of ``path``); bad bytes name the file, row and byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        where = f"{path}:row {row}" if row is not None else f"{path}:line {line}"
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                        f"of the file); save the data as UTF-8") from None
+
+
+ANSWER_KINDS = {
+    "text": "a string",
+    "texts": "a string or a non-empty list of strings",
+    "number": "a number (or its digits as a string), or a list of them",
+    "key": "a string or an integer",
+}
+TASK_ANSWERS = {
+    "scbench_kv": "text", "scbench_prefix_suffix": "text", "scbench_repoqa": "text", "scbench_summary": "text",
+    "scbench_choice_eng": "text", "scbench_repoqa_and_kv": "text",
+    "scbench_vt": "texts", "scbench_qa_eng": "texts", "scbench_qa_chn": "texts", "scbench_many_shot": "texts",
+    "scbench_mf": "number", "scbench_summary_with_needles": "key",
+}
+"""What each task's answers must be (a task may also set ``answer_kind``); other tasks take any of the kinds
+but never null, booleans or objects."""
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    if isinstance(v, str):
+        try:
+            float(v.strip())
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def answer_ok(kind: str, answer: Any) -> bool:
+    if kind == "text":
+        return isinstance(answer, str)
+    if kind == "texts":
+        return isinstance(answer, str) or (isinstance(answer, list) and bool(answer)
+                                           and all(isinstance(a, str) for a in answer))
+    if kind == "number":
+        return _is_number(answer) or (isinstance(answer, list) and bool(answer) and all(map(_is_number, answer)))
+    if kind == "key":
+        return isinstance(answer, str) or (isinstance(answer, int) and not isinstance(answer, bool))
+    return any(answer_ok(k, answer) for k in ANSWER_KINDS)
+
+
+def check_answers(task, examples: list[Example]) -> None:
+    """Refuse answers of the wrong type for ``task`` (they would be accepted and silently score 0)."""
+    kind = getattr(task, "answer_kind", None) or TASK_ANSWERS.get(task.name, "any")
+    for ex in examples:
+        for j, turn in enumerate(ex.turns):
+            if not answer_ok(kind, turn.answer):
+                want = ANSWER_KINDS.get(kind, "a string, a list of strings or a number")
+                raise DataError(f"{ex.source}: multi_turns[{j}].answer must be {want} for {task.name}, "
+                                f"got {_kind(turn.answer)}")
+
+
 def _read_file(path: Path) -> Iterable[tuple[str, Any]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
+        offset, rows = 0, 0
+        with path.open("rb") as fh:
+            for i, raw in enumerate(fh):
+                start, offset = offset, offset + len(raw)
+                if i == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of the row
+                    raw, start = raw[3:], start + 3
+                line = _decode(raw, path, i, start)
                 if not line.strip():
                     continue
                 try:
-                    yield f"{path}:row {i}", json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:row {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{path}:row {i}: not valid JSON ({e.msg} at column {e.colno}, byte offset "
+                                    f"{start + len(line[: e.pos].encode('utf-8'))} of the file)") from None
+                rows += 1
+                yield f"{path}:row {i}", value
+        if not rows:
+            raise DataError(f"{path}: no rows (the file is empty)")
     elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        text = _decode(raw[bom:], path, None, bom)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        if not rows:
+            raise DataError(f"{path}: no rows (an empty list)")
         for i, r in enumerate(rows):
             yield f"{path}:row {i}", r
     elif path.suffix == ".parquet":
         import pandas as pd
 
-        for i, r in enumerate(pd.read_parquet(path).to_dict(orient="records")):
+        try:
+            records = pd.read_parquet(path).to_dict(orient="records")
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a broken file
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        if not records:
+            raise DataError(f"{path}: no rows (the file is empty)")
+        for i, r in enumerate(records):
             yield f"{path}:row {i}", _plain(r)
     else:
         raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
@@ -162,9 +257,12 @@ def load_examples(task, source: str, *, path: str | None = None, hub_id: str = H
         items = list(load_hub(task.name, hub_id, split))
     else:
         raise DataError(f"data.source must be generated, local or hub, got {source!r}")
+    if not items:
+        raise DataError(f"no rows for {task.name} from data.source={source}" + (f" ({path})" if path else ""))
     if n is not None:
         items = items[:n]
     examples = [parse_row(r, where) for where, r in items]
+    check_answers(task, examples)
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -17,6 +17,8 @@ class FeedStats:
     """Causal attention score cells of this feed's multi-token forwards (all layers, heads, batch rows)."""
     attn_computed: int = 0
     """Of those, the cells computed (fewer than attn_cells under sparse prefill)."""
+    prefill_shared: int = 1
+    """Runs whose first prefill this feed's was (a grouped sweep's fork, scbench/engines/fork.py); 1: its own."""
 
     @property
     def attn_density(self) -> float:
@@ -36,6 +38,8 @@ class GenResult:
     """True when a stop token ended generation (False: max_new_tokens reached)."""
     decode_path: str = "plain"
     """Which decode loop ran: ``plain`` (reference), ``static`` or ``graph`` (scbench/engines/fastdecode.py)."""
+    warmup_s: float = 0.0
+    """One-time work during this generation (kernel compilation, CUDA-graph capture), not in ``decode_s``."""
 
 
 class Session(ABC):

@@ -32,8 +32,26 @@ LAG = 4
 """CUDA graph path: steps the host lets the GPU run ahead before reading a picked token back."""
 
 
+def plugin_for(method):
+    """The method's decode plugin (``method.static_decoder()``), or None for methods whose cache only appends.
+
+    A plugin lets a method whose decode step does more than attend to every cached key (Quest's page selection,
+    KIVI's packed cache) run inside the captured step. Its hooks, all optional except ``attend``:
+    ``unsupported(cache)`` (why not, or None), ``allocate(kv, cache)`` (after StaticKV made its buffers),
+    ``load(kv, cache)`` (after the copy into them), ``attend(kv, layer, q, k, v, scale)`` (the output, or None
+    for the default attention), ``store_back(kv, cache, fed)`` (True when it gave the cache its tokens back) and
+    ``state()`` (device tensors a decode step changes beyond StaticKV's own, saved around graph capture)."""
+    make = getattr(method, "static_decoder", None)
+    return make() if callable(make) else None
+
+
 def unsupported(cache, method) -> str | None:
-    """Why the static path cannot take this cache (None: it can). Only plain key/value layers are copied."""
+    """Why the static path cannot take this cache (None: it can). Only plain key/value layers are copied, unless
+    the method brings a decode plugin that takes its own layers."""
+    plugin = plugin_for(method)
+    if plugin is not None:
+        check = getattr(plugin, "unsupported", None)
+        return check(cache) if check is not None else None
     if not getattr(method, "fast_decode", True):
         return f"method {getattr(method, 'name', type(method).__name__)!r} declares fast_decode = False"
     for i, layer in enumerate(getattr(cache, "layers", None) or [None]):
@@ -41,6 +59,9 @@ def unsupported(cache, method) -> str | None:
             return f"cache layer {i} is empty"
         if type(layer).__name__ != "DynamicLayer":
             return f"cache layer {i} is a {type(layer).__name__}, not a plain DynamicLayer"
+    devices = {layer.keys.device for layer in cache.layers}
+    if len(devices) > 1:
+        return f"cache layers on {len(devices)} devices (a sharded model): the static buffers and graph are per device"
     return None
 
 
@@ -79,6 +100,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 if triton is not None:
+    from scbench.kernels.combine import _combine_kernel
 
     @triton.jit
     def _split_kv_kernel(Q, K, V, At, Part, Mx, Sm, scale, C, n_splits,
@@ -114,21 +136,6 @@ if triton is not None:
         tl.store(Mx + out, m)
         tl.store(Sm + out, total)
 
-    @triton.jit
-    def _combine_kernel(Part, Mx, Sm, Out, n_splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        NS: tl.constexpr):
-        """Merge the splits of one (batch x KV head, query head of the group): softmax-weighted partial sums."""
-        bh, g = tl.program_id(0), tl.program_id(1)
-        sp, cols = tl.arange(0, NS), tl.arange(0, D)
-        used = sp < n_splits
-        idx = (bh * n_splits + sp) * GP + g
-        m = tl.load(Mx + idx, mask=used, other=float("-inf"))
-        top = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        total = tl.sum(w * tl.load(Sm + idx, mask=used, other=0.0), 0)
-        part = tl.load(Part + idx[:, None] * D + cols[None, :], mask=used[:, None], other=0.0)
-        res = tl.sum(w[:, None] * part, 0) / total
-        tl.store(Out + (bh * G + g) * D + cols, res.to(Out.dtype.element_ty))
 
 
 def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor,
@@ -174,7 +181,8 @@ class StaticKV:
     positions ``<= base[l] + step``.
     """
 
-    def __init__(self, cache, extra: int):
+    def __init__(self, cache, extra: int, plugin=None):
+        self.plugin = plugin
         self.device = cache.layers[0].keys.device
         self.k, self.v = [], []
         for layer in cache.layers:
@@ -189,6 +197,8 @@ class StaticKV:
         self.at = self.base.clone()
         self.masked = torch.zeros(len(self.k), len(self.positions), dtype=torch.bool, device=self.device)
         self.lengths: list[int] = []
+        if plugin is not None and hasattr(plugin, "allocate"):
+            plugin.allocate(self, cache)
 
     def fits(self, cache, extra: int) -> bool:
         """Whether ``cache`` (same layers and shapes) plus ``extra`` tokens per layer fits these buffers."""
@@ -200,7 +210,8 @@ class StaticKV:
                 return False
             if keys.shape[2] + extra > kb.shape[2]:
                 return False
-        return True
+        fits = getattr(self.plugin, "fits", None)
+        return fits(cache, extra) if fits is not None else True
 
     def load(self, cache) -> None:
         """Copy every layer of ``cache`` into the buffers and restart the step counter."""
@@ -211,9 +222,13 @@ class StaticKV:
                 vb[:, :, :n].copy_(layer.values)
         self.base.copy_(torch.tensor(self.lengths, dtype=torch.long))
         self.step.zero_()
+        if self.plugin is not None and hasattr(self.plugin, "load"):
+            self.plugin.load(self, cache)
 
     def store_back(self, cache, fed: int) -> None:
         """Give ``cache`` each layer's first ``base + fed`` tokens (views of the buffers, no copy)."""
+        if self.plugin is not None and hasattr(self.plugin, "store_back") and self.plugin.store_back(self, cache, fed):
+            return
         for layer, kb, vb, n in zip(cache.layers, self.k, self.v, self.lengths):
             layer.keys, layer.values = kb[:, :, : n + fed], vb[:, :, : n + fed]
 
@@ -233,6 +248,10 @@ class StaticKV:
 
     def attend(self, layer_idx, q, k, v, scale):
         """The attention function's branch for this cache: q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
+        if self.plugin is not None:
+            out = self.plugin.attend(self, layer_idx, q, k, v, scale)
+            if out is not None:
+                return out
         if q.is_cuda and KERNEL == "triton":
             return split_kv_decode_attention(q, k, v, self.at[layer_idx : layer_idx + 1], scale)
         return masked_decode_attention(q, k, v, self.masked[layer_idx, : k.shape[2]], scale)
@@ -244,20 +263,22 @@ class StaticKV:
 class FastDecoder:
     """Greedy decode over a ``StaticKV``; keeps buffers (and the captured graph) for the next turn when they fit."""
 
-    def __init__(self, model, device: torch.device, use_graph: bool | None = None):
+    def __init__(self, model, device: torch.device, use_graph: bool | None = None, plugin=None):
         self.model = model
+        self.plugin = plugin
         self.device = device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.kv: StaticKV | None = None
         self.graph = None
         self.tokens_cap = 0
         self.capture_s = 0.0
-        """Seconds the last ``generate`` spent capturing the graph (its first step included); 0 when reused."""
+        """Seconds the last ``generate`` spent on one-time work: the warm-up step (kernel compilation) and the
+        graph capture; 0 when the graph was reused. Not part of the decode time."""
 
     def _prepare(self, cache, max_new: int) -> None:
         if self.kv is None or not self.kv.fits(cache, max_new) or max_new > self.tokens_cap:
             self.kv = self.graph = None  # free the old buffers and graph pool before allocating new ones
-            self.kv = StaticKV(cache, max_new)
+            self.kv = StaticKV(cache, max_new, self.plugin)
             self.tokens_cap = -(-max_new // BLOCK) * BLOCK
             self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
@@ -277,17 +298,23 @@ class FastDecoder:
         self.kv.step.add_(1)
 
     def _capture(self) -> None:
-        """Run one real step on a side stream (warm-up), then capture the step; returns with that step done."""
+        """Run one real step on a side stream (warm-up: kernels compile), undo it, then capture the step.
+
+        Returns with no step done: the warm-up step's writes (its key/value row, a page bound) are rewritten
+        identically by the first replay, and every other buffer it changed is restored."""
+        bufs = [self.tok, self.pos, self.kv.step, *(self.plugin.state() if hasattr(self.plugin, "state") else [])]
+        state = [b.clone() for b in bufs]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        state = (self.tok.clone(), self.pos.clone(), self.kv.step.clone())
+        for buf, saved in zip(bufs, state):
+            buf.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # recorded, not executed: restore what the recording must not change
             self._step()
-        for buf, saved in zip((self.tok, self.pos, self.kv.step), state):
+        for buf, saved in zip(bufs, state):
             buf.copy_(saved)
         self.graph = graph
 
@@ -317,7 +344,7 @@ class FastDecoder:
             t0 = time.perf_counter()
             self._capture()
             torch.cuda.synchronize(self.device)
-            done, self.capture_s = 1, time.perf_counter() - t0
+            self.capture_s = time.perf_counter() - t0
         host = torch.empty(self.tokens_cap, dtype=torch.long, pin_memory=True)
         events, got = [], []
         for i in range(budget):

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import resource
+import time
 
 import torch
 
-from scbench.engines import attention
+from scbench.engines import attention, sharding
 from scbench.engines.chat import TokenizerEngine, refuse_unknown_keys, split_model_config, stop_ids
 from scbench.engines.models import resolve
 from scbench.engines.recurrent import RecurrentSession, check_state_in_cache, is_recurrent
-from scbench.engines.hf_session import HFSession
+from scbench.engines.hf_session import HFSession, _sync
 from scbench.kv import offload as kvo
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,29 @@ def sliding_window_layers(cfg) -> list[int]:
     return []
 
 
+def position_limit(cfg) -> tuple[int, str]:
+    """(positions the model takes, why): ``max_position_embeddings``, or more when the config's RoPE scaling
+    (``rope_parameters`` / ``rope_scaling`` with a ``factor``) extends it; (0, "") when the config gives none."""
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not max_pos:
+        return 0, ""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per-layer-type parameters (Gemma-3 style)
+    limit, how = max_pos, f"max_position_embeddings={max_pos}"
+    for p in params:
+        factor = p.get("factor")
+        if p.get("rope_type", p.get("type", "default")) != "default" and isinstance(factor, (int, float)) and factor > 1:
+            base = int(p.get("original_max_position_embeddings") or max_pos)
+            if base * factor > limit:
+                limit, how = int(base * factor), f"RoPE {p.get('rope_type', p.get('type'))} scaling x{factor} of {base}"
+    return limit, how
+
+
 class HFEngine(TokenizerEngine):
     """A causal LM from transformers, run with scbench's attention function and a DynamicCache."""
 
     name = "hf"
-    MODEL_KEYS = ("prefill_chunk", "decode", "offload", "offload_dir")
+    MODEL_KEYS = ("prefill_chunk", "decode", "offload", "offload_dir", "device_map", "max_memory", "tokenizer")
     """Model-config keys of this engine beyond the common ones (scbench/engines/chat.py)."""
 
     @classmethod
@@ -67,12 +86,15 @@ class HFEngine(TokenizerEngine):
         path, common, rest = split_model_config(model, cls.name)
         own = {k: rest.pop(k) for k in cls.MODEL_KEYS if k in rest}
         refuse_unknown_keys(rest, cls.name)
+        if "tokenizer" in own:  # model.tokenizer: a tokenizer folder for model.path=random:<preset>
+            own["tokenizer_path"] = own.pop("tokenizer")
         return cls(path, **common, **own)
 
     def __init__(self, path: str, *, name: str | None = None, device: str | None = None, dtype: str | None = None,
                  window: int | None = None, trust_remote_code: bool = False, model=None, tokenizer=None,
                  adapter: str | None = None, prefill_chunk: int | None = None, decode: str = "auto",
-                 offload: str | None = None, offload_dir: str | None = None):
+                 offload: str | None = None, offload_dir: str | None = None, device_map=None, max_memory=None,
+                 tokenizer_path: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -89,31 +111,64 @@ class HFEngine(TokenizerEngine):
         self.prefill_chunk = prefill_chunk
         """Prefill at most this many tokens per forward (None: the whole feed at once)."""
         self.decode_mode = decode
+        device_map = sharding.check_device_map(device_map)
+        if device_map is not None and self.offload:
+            raise ValueError("model.offload is not supported with model.device_map (a sharded model): the parked "
+                             "context would come back on one device")
+        if device_map is not None and adapter:
+            raise ValueError("model.adapter is not supported with model.device_map: merge the adapter into the weights")
         attention.register()
         self.model_name = name or path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        if model is None and path.startswith("random:") and device_map is None:  # in memory, never saved
+            from scbench.engines.models import load_random
+
+            model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
+                                           dtype=torch.float32 if adapter else self.dtype)
+        elif tokenizer_path is not None:
+            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset> on one device, got "
+                             f"path {path!r}")
         if model is None:
             folder = resolve(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            placed = {}
+            if device_map is not None:
+                placed = {"device_map": self._plan(folder, device_map, max_memory, trust_remote_code)}
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch.float32 if adapter else self.dtype, trust_remote_code=trust_remote_code,
-                attn_implementation=attention.NAME,
+                attn_implementation=attention.NAME, **placed,
             )
         else:
             model.set_attn_implementation(attention.NAME)
+            if device_map is not None:
+                mapping = device_map if isinstance(device_map, dict) else sharding.plan(
+                    model.config, self._budget(max_memory), dtype=self.dtype, strategy=device_map)
+                model = sharding.dispatch(model.to(self.dtype), mapping)
         self.adapter_info: dict = {}
         if adapter:  # LoRA delta merged in float32, then cast once to the run's dtype
             from scbench.engines.models import merge_adapter
 
             self.adapter_info = merge_adapter(model, adapter)
             model = model.to(self.dtype)
-        self.model = model.to(self.device).eval()
+        if device_map is None:
+            self.model = model.to(self.device).eval()
+        else:  # accelerate's hooks keep each layer (and its KV cache) on its device; input ids go to the embedding's
+            self.model = model.eval()
+            self.device = sharding.input_device(model)
+        self.devices = sharding.devices_of(self.model)
+        """Every device holding weights (more than one: a sharded model, ``model.device_map``)."""
         self.tokenizer = tokenizer
         cfg = self.model.config
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
+        limit, how = position_limit(cfg)
+        if limit and self._window > limit:
+            raise ValueError(
+                f"model {self.model_name!r}: model.window={self._window} is above the {limit} positions the model "
+                f"takes ({how}); lower model.window, or use a model whose config sets RoPE scaling (rope_parameters "
+                "with a factor) for longer contexts")
         check_state_in_cache(cfg)  # the more precise refusal comes first
         sliding = sliding_window_layers(cfg)
         if sliding:
@@ -143,6 +198,9 @@ class HFEngine(TokenizerEngine):
             "model_class": type(self.model).__name__,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            **({"devices": [str(d) for d in self.devices],
+                "layers_per_device": {str(d): n for d, n in sharding.count(sharding.layer_devices(self.model)).items()}}
+               if len(self.devices) > 1 else {}),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "window": self.window,
             "decode": self.decode_mode,
@@ -153,7 +211,59 @@ class HFEngine(TokenizerEngine):
             **self.adapter_info,
         }
 
+    @torch.inference_mode()
+    def warmup(self, method, lengths: tuple[int, ...] = (4608, 5376), force: bool = False) -> float:
+        """Run ``method`` on dummy prompts before the first timed turn; returns the seconds (0 when already done).
+
+        One-time work (Triton / torch.compile compilation, FlexAttention's first and dynamic-shape compiles, mask
+        building, the decode step's warm-up) happens here instead of inside a turn's prefill or decode time. Each
+        dummy prompt is fed as a first prefill (compression and sparse prefill on), decoded for a few tokens, then
+        extended by a later turn. Only on CUDA (CPU runs have no compilation worth separating) unless ``force``."""
+        if self.device.type != "cuda" and not force:
+            return 0.0
+        done = self.__dict__.setdefault("_warmed", set())
+        if method.label() in done:
+            return 0.0
+        done.add(method.label())
+        gen = torch.Generator().manual_seed(0)
+        vocab = min(len(self.tokenizer), self.model.config.vocab_size)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            for n in lengths:
+                ids = torch.randint(0, vocab, (max(8, min(n, self.window // 2)),), generator=gen).tolist()
+                session = self.session(method)
+                session.feed(ids, compress=True, sparse=True)
+                out = session.generate(4)
+                session.drop_last(len(out.tokens) - 1)
+                session.feed(ids[:16], compress=False, sparse=False)
+                session.generate(4)
+                method.take_costs(session)  # the dummy prompts' method counters are not the first turn's
+                del session
+        except Exception as e:  # noqa: BLE001 - a warm-up is an optimisation: the timed run reports what it meets
+            log.warning("warm-up of %s stopped early (%s: %s)", method.label(), type(e).__name__, e)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
     def peak_memory(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+        """Peak accelerator bytes summed over the model's devices (CUDA), else the process's peak RSS."""
+        per_device = sharding.peak_memory_per_device(self.devices)
+        if per_device:
+            return sum(per_device.values())
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def _budget(self, max_memory) -> dict:
+        budget = dict(max_memory) if max_memory else sharding.gpu_budget()
+        if not budget:
+            raise ValueError("model.device_map needs GPUs (none visible) or an explicit model.max_memory "
+                             "{device: bytes}")
+        return budget
+
+    def _plan(self, folder, device_map, max_memory, trust_remote_code) -> dict:
+        """The device map for ``folder``'s model: the explicit mapping, or accelerate's plan over the budget."""
+        if isinstance(device_map, dict):
+            return device_map
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return sharding.plan(config, self._budget(max_memory), dtype=self.dtype, strategy=device_map)

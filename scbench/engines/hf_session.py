@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from scbench.devices import sync as _sync
-from scbench.engines import attention, fastdecode
+from scbench.engines import attention, fastdecode, sharding
 from scbench.engines.base import FeedStats, GenResult, Session, cache_kw
 from scbench.kv import cache as kvc
 from scbench.kv import offload as kvo
@@ -128,6 +128,7 @@ class HFSession(Session):
         first_s = time.perf_counter() - t0
         path = self._decode_path()
         t1 = time.perf_counter()
+        warmup_s = 0.0
         if path == "plain":
             out = [tok]
             ctx = attention.AttnContext(method=self.method)
@@ -137,26 +138,30 @@ class HFSession(Session):
         else:
             try:
                 if self.decoder is None:
-                    self.decoder = fastdecode.FastDecoder(self.engine.model, dev)
+                    self.decoder = fastdecode.FastDecoder(self.engine.model, dev, plugin=fastdecode.plugin_for(self.method))
                 out = self.decoder.generate(self.cache, self.pos, tok, max_new_tokens, stop)
+                warmup_s = self.decoder.capture_s
             except Exception as e:  # noqa: BLE001 - the session's cache is untouched until the fast path succeeds
-                log.warning("fast decode failed (%s: %s); model.decode=plain for this engine from now on",
-                            type(e).__name__, e)
-                self.engine.decode_mode, self.decoder = "plain", None
+                log.warning("fast decode failed (%s: %s); the plain loop for %s on this engine from now on",
+                            type(e).__name__, e, self.method.label())
+                self.engine.__dict__.setdefault("_plain_methods", set()).add(self.method.label())
+                self.decoder = None
                 return self.generate(max_new_tokens)
             self.pos += len(out) - 1
         _sync(dev)
-        decode_s = time.perf_counter() - t1
+        decode_s = time.perf_counter() - t1 - warmup_s
         self.last_logits = None
         text = self.engine.decode([t for t in out if t not in stop])
         return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=out[-1] in stop,
-                         decode_path=path)
+                         decode_path=path, warmup_s=warmup_s)
 
     def _decode_path(self) -> str:
         """``plain``, or the fast path's name when the engine's decode mode asks for it and the cache allows it."""
         mode = self.engine.decode_mode
         if mode == "plain" or (mode == "auto" and self.engine.device.type != "cuda"):
             return "plain"
+        if self.method.label() in self.engine.__dict__.get("_plain_methods", ()):
+            return "plain"  # its fast path failed once on this engine (logged); other methods keep theirs
         reason = fastdecode.unsupported(self.cache, self.method)
         if reason is not None:
             log.debug("plain decode: %s", reason)
@@ -204,4 +209,11 @@ class HFSession(Session):
             "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, self.pos, e.dtype),
             **kvo.take_counters(self.cache, self.tier),  # slow tier, loads since the last call (one call per turn)
             "peak_mem_bytes": e.peak_memory(),
+            **({"device_bytes": self._device_bytes()} if len(e.devices) > 1 else {}),
         }
+
+    def _device_bytes(self) -> dict[str, dict[str, int]]:
+        """Sharded model: per device, the KV bytes of the layers it holds and its peak allocated bytes."""
+        kv = kvc.kv_nbytes_by_device(self.cache)
+        peak = sharding.peak_memory_per_device(self.engine.devices)
+        return {d: {"kv_bytes": kv.get(d, 0), "peak_mem_bytes": peak.get(d, 0)} for d in sorted(set(kv) | set(peak))}

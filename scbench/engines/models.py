@@ -226,8 +226,8 @@ def random_config(spec: str | dict, tokenizer=None):
     model_type = spec.pop("model_type", None)
     if not model_type:
         raise ValueError(f"a random model config needs a 'model_type' (e.g. mamba2, jamba), got keys {sorted(spec)}")
-    if tokenizer is not None:
-        spec.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    if tokenizer is not None:  # a preset's larger vocabulary stays (the LM head's size is part of the shape)
+        spec.update(vocab_size=max(len(tokenizer), spec.get("vocab_size", 0)), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     return AutoConfig.for_model(model_type, **spec)
 
@@ -242,6 +242,35 @@ def random_model(spec: str | dict, *, tokenizer=None, seed: int = 0, dtype=None,
     with torch.device(device or "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def parse_random(path: str) -> tuple[str, int]:
+    """``random:<preset>`` or ``random:<preset>@<seed>`` -> (preset, seed); unknown presets are a ValueError."""
+    spec = path.removeprefix("random:")
+    preset, _, seed = spec.partition("@")
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"model.path {path!r}: unknown random preset {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
+    try:
+        return preset, int(seed or 0)
+    except ValueError:
+        raise ValueError(f"model.path {path!r}: the seed after '@' must be an integer") from None
+
+
+def load_random(path: str, *, tokenizer: str | None = None, device=None, dtype=None):
+    """``random:<preset>[@seed]`` built in memory on ``device`` in ``dtype`` (never written to disk) -> (model, tokenizer).
+
+    The tokenizer comes from the folder ``tokenizer`` (``model.tokenizer``; e.g. the embedded model's tokenizer
+    files copied to a machine without the GGUF package), else from the embedded SmolLM2. Weights are drawn with
+    ``torch.manual_seed(seed)`` on the target device: the same seed gives the same weights on the same device
+    type (CPU and CUDA generators differ)."""
+    from transformers import AutoTokenizer
+
+    preset, seed = parse_random(path)
+    folder = tokenizer or resolve("embedded:smollm2")
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"model.tokenizer {folder!r} is not a folder of tokenizer files")
+    tok = AutoTokenizer.from_pretrained(folder)
+    return random_model(preset, tokenizer=tok, seed=seed, dtype=dtype, device=device), tok
 
 
 def materialize_random(preset: str, seed: int = 0) -> Path:

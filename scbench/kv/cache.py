@@ -61,16 +61,25 @@ def layer_lengths(cache) -> list[int]:
     return [layer.get_seq_length() for layer in _layers(cache)]
 
 
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, CacheLayer):
+        return int(layer.scbench_nbytes())
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
 def kv_nbytes(cache) -> int:
     """Bytes of KV state held by the cache, counted from its real tensors."""
-    total = 0
+    return sum(_layer_nbytes(layer) for layer in _layers(cache))
+
+
+def kv_nbytes_by_device(cache) -> dict[str, int]:
+    """``kv_nbytes`` split by the device each layer's keys live on (a sharded model spreads its layers)."""
+    out: dict[str, int] = {}
     for layer in _layers(cache):
-        if isinstance(layer, CacheLayer):
-            total += int(layer.scbench_nbytes())
-        else:
-            total += layer.keys.numel() * layer.keys.element_size()
-            total += layer.values.numel() * layer.values.element_size()
-    return total
+        keys = getattr(layer, "keys", None)
+        dev = str(keys.device) if isinstance(keys, torch.Tensor) else "unknown"
+        out[dev] = out.get(dev, 0) + _layer_nbytes(layer)
+    return out
 
 
 def full_nbytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype) -> int:

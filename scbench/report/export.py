@@ -29,6 +29,8 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "attn_recall": ("attn_recall", "mean"),
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
+    "prefill_shared": ("prefill_shared", "max"),
+    "decode_batch": ("decode_batch", "max"),
 }
 """Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every
 record carries every declared column, at its default where the run's method does not measure it."""
@@ -53,14 +55,18 @@ def _clean(v):
     return v
 
 
-def records(store, variant: str | None = None) -> list[dict]:
+def records(store, variant: str | None = None, include_incomplete: bool = False) -> list[dict]:
     """The export records (see docs/results_schema.md), sorted by model, method, budget, mode, task, turn.
 
     ``variant``: where turns were re-scored under that task variant (``scbench score --variant``), their records
-    carry those scores and name the variant in ``task_variant``; other turns keep their own scores."""
+    carry those scores and name the variant in ``task_variant``; other turns keep their own scores.
+    Runs that are not complete (``status`` other than done, or turns missing) are left out unless
+    ``include_incomplete``; every record says its run's status and turns done / expected."""
     runs = {r["run_id"]: r for r in store.runs()}
     rows = []
     for t in store.turns(variant=variant):
+        if not (include_incomplete or runs[t["run_id"]]["complete"]):
+            continue
         row = {"run_id": t["run_id"], "example": t["example_id"], "turn": t["turn"] + 1, "scores": t["scores"],
                "rescored": t["scores_variant"] or ""}
         row.update({f: t[col] for f, (col, _) in COSTS.items()})
@@ -90,7 +96,8 @@ def records(store, variant: str | None = None) -> list[dict]:
             "category": (prov.get("task") or {}).get("category") or _category(run["task"]),
             "stages": list(method.get("stages") or []), "turn": int(turn), "n_examples": int(g["example"].nunique()),
             "scores": scores, "score": _clean(sum(scores.values()) / len(scores)) if scores else None,
-            "costs": costs, "run_id": run_id, "status": run["status"],
+            "costs": costs, "run_id": run_id, "status": run["status"], "complete": run["complete"],
+            "turns_done": run["turns_done"], "turns_expected": run["turns_expected"],
             "provenance": {"git": prov.get("git"), "packages": prov.get("packages"), "engine": prov.get("engine"),
                            "method": method, "task": prov.get("task"), "spec": spec},
         })
@@ -104,7 +111,7 @@ def failures(store) -> list[dict]:
             for r in store.runs() if r["status"] == "failed"]
 
 
-def to_json(store, variant: str | None = None) -> str:
+def to_json(store, variant: str | None = None, include_incomplete: bool = False) -> str:
     """A JSON array of records; every record names its schema and version (so records can be streamed,
-    concatenated across stores and ingested one by one). ``variant``: as in ``records``."""
-    return json.dumps(records(store, variant), indent=1, default=str)
+    concatenated across stores and ingested one by one). ``variant``, ``include_incomplete``: as in ``records``."""
+    return json.dumps(records(store, variant, include_incomplete), indent=1, default=str)

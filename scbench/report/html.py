@@ -70,7 +70,9 @@ def _rows(recs):
         rows.append({"model": key[0], "method": key[1], "budget": key[2], "mode": key[3], "category": key[4],
                      "task": key[5], "stages": " ".join(g[0]["stages"]) or "none",
                      **{f"T{t}": by_turn.get(t) for t in turns}, "avg": sum(scores) / len(scores) if scores else None,
-                     "n": max(r["n_examples"] for r in g), "KV MiB": (mean("kv_bytes") or 0) / 2**20,
+                     "n": max(r["n_examples"] for r in g),
+                     "status": ",".join(sorted({r["status"] for r in g})),
+                     "turns": " ".join(sorted({f"{r['turns_done']}/{r['turns_expected'] or '?'}" for r in g})), "KV MiB": (mean("kv_bytes") or 0) / 2**20,
                      "KV ratio": mean("kv_ratio"), "TTFT s": mean("ttft_s"), "decode tok/s": mean("decode_tok_s"),
                      "prefill computed": mean("prefill_computed"), "prefill reused": mean("prefill_reused"),
                      **{label: mean(col) for col, label in extra.items()}})
@@ -93,8 +95,9 @@ def _select(name, values):
     return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
 
 
-def build_html(store, title: str = "scbench leaderboard", variant: str | None = None) -> str:
-    recs = records(store, variant)
+def build_html(store, title: str = "scbench leaderboard", variant: str | None = None,
+               include_incomplete: bool = False) -> str:
+    recs = records(store, variant, include_incomplete)
     rows = _rows(recs)
     cols = list(rows[0]) if rows else ["model", "method", "budget", "mode", "category", "task", "stages", "avg"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -121,6 +124,15 @@ def build_html(store, title: str = "scbench leaderboard", variant: str | None = 
         means = {c: sum(v) / len(v) for c, v in by_cat.items()}
         overall = sum(means.values()) / len(means)
         cats += "<tr>" + "".join(_cell(v) for v in k) + "".join(_cell(means.get(c)) for c in categories) + _cell(overall) + "</tr>"
+    unfinished = [r for r in store.runs() if not r["complete"] and r["status"] != "failed"]
+    unfinished_html = ("<h2>Unfinished runs</h2><p class=\"note\">" + ("In the board above." if include_incomplete else
+                       "Left out of the board and its averages (export --include-incomplete adds them).")
+                       + "</p><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>status</th>"
+                       "<th>turns done/expected</th></tr>"
+                       + "".join("<tr>" + "".join(_cell(r[k]) for k in ("run_id", "model", "method_label", "task", "mode",
+                                                                         "status"))
+                                 + _cell(f"{r['turns_done']}/{r['turns_expected'] or '?'}") + "</tr>" for r in unfinished)
+                       + "</table>") if unfinished else ""
     fails = failures(store)
     fail_html = ("<h2>Failed runs</h2><table><tr><th>run</th><th>model</th><th>method</th><th>task</th><th>mode</th><th>error</th></tr>"
                  + "".join("<tr>" + "".join(_cell(f[k]) for k in ("run_id", "model", "method", "task", "mode", "error")) + "</tr>"
@@ -138,6 +150,7 @@ loading). Export schema v{EXPORT_SCHEMA_VERSION}; click a header to sort.</p>
 multi-task); overall: mean of the categories.</p>
 <table><tr>{cat_head}</tr>{cats}</table>
 <h2>Figures</h2><div class="figs">{''.join(figs) or '<p class="note">(no results)</p>'}</div>
+{unfinished_html}
 {fail_html}
 <script>{_SCRIPT}</script>
 </body></html>

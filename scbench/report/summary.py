@@ -131,8 +131,10 @@ def age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
-def runs_listing(store, defaults: dict, now: float | None = None) -> str:
-    """``scbench ls runs``: id, status, score, n, model, task, mode, method, settings that differ, age."""
+def runs_listing(store, defaults: dict, now: float | None = None, note=None) -> str:
+    """``scbench ls runs``: id, status, task, mode, score, n (examples; turns stored / expected when the run is not
+    done), model, method, age, settings that differ from ``defaults``, and ``note(run)`` (who holds a running run)
+    plus RESUME MISMATCH where a resumed run's replay differed from its stored turns."""
     now = time.time() if now is None else now
     runs = store.runs()
     if not runs:
@@ -142,9 +144,14 @@ def runs_listing(store, defaults: dict, now: float | None = None) -> str:
     for run in runs:
         r = rows[run["run_id"]]
         spec = json.loads(run["spec"] or "{}")
-        body.append([run["run_id"][:12], run["status"] or "?", r["task"], r["mode"], _fmt(r["avg"]), str(r["n"]),
+        n = str(r["n"])
+        if run["status"] != "done" and run.get("turns_done") is not None:
+            n += f" ({run['turns_done']}/{'?' if run.get('turns_expected') is None else run['turns_expected']} turns)"
+        extra = [note(run) if note else "", "RESUME MISMATCH" if run.get("resume_mismatch") else ""]
+        body.append([run["run_id"][:12], run["status"] or "?", r["task"], r["mode"], _fmt(r["avg"]), n,
                      run["model"], f"{r['method']}({r['budget']})" if r["budget"] != "full" else r["method"],
-                     age(now - (run["updated"] or run["created"] or now)), spec_changes(spec, defaults) or "-"])
+                     age(now - (run["updated"] or run["created"] or now)),
+                     " ".join(filter(None, [spec_changes(spec, defaults) or "-", *extra]))])
     header = ["run", "status", "task", "mode", "score", "n", "model", "method", "age", "settings (vs default)"]
     width = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, width)).rstrip()

@@ -28,14 +28,17 @@ def method_columns() -> dict[str, tuple[str, str, object]]:
             for col, c in method_costs.declared_costs().items() if c.label is not None}
 
 
-def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
+def turn_frame(store, variant: str | None = None, include_incomplete: bool = True) -> pd.DataFrame:
     """One row per (run, example, turn, metric) with the run's labels and the cost columns; ``variant``: scores
-    re-scored under that task variant where stored (``Store.turns``)."""
+    re-scored under that task variant where stored (``Store.turns``); without ``include_incomplete`` only the
+    turns of complete runs."""
     runs = {r["run_id"]: r for r in store.runs()}
     extra = method_columns()
     rows = []
     for t in store.turns(variant=variant):
         run = runs[t["run_id"]]
+        if not (include_incomplete or run["complete"]):
+            continue
         spec = json.loads(run["spec"])
         engine = (spec.get("engine") or {}).get("name")  # only non-hf runs carry it: their rows say so
         model = f"{run['model']} [{engine}]" if engine and engine != "hf" else run["model"]
@@ -46,6 +49,7 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
                 "run_id": t["run_id"], "model": model, "method": run["method_label"], "task": run["task"],
                 "variant": variant_label, "mode": run["mode"], "metric": metric,
                 "example": t["example_id"], "turn": t["turn"] + 1, "score": 100.0 * float(value),
+                "status": run["status"], "turns": completeness(run),
                 "prefill_computed": t["prefill_computed"], "prefill_reused": t["prefill_reused"],
                 "ttft_s": t["ttft_s"], "decode_tok_s": t["decode_tok_s"], "kv_mib": t["kv_bytes"] / 2**20,
                 "kv_ratio": t["kv_bytes"] / t["kv_full_bytes"] if t["kv_full_bytes"] else float("nan"),
@@ -56,10 +60,23 @@ def turn_frame(store, variant: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
-    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, cost columns (``variant``: see
-    ``turn_frame``)."""
-    df = turn_frame(store, variant)
+def completeness(run: dict) -> str:
+    """``turns done/expected`` of a run (``?`` when the run never recorded what it expects)."""
+    return f"{run['turns_done']}/{'?' if run['turns_expected'] is None else run['turns_expected']}"
+
+
+def incomplete_runs(store) -> pd.DataFrame:
+    """The runs that are not complete (failed, interrupted, running, partial): status and turns done/expected."""
+    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method_label"], "task": r["task"],
+             "mode": r["mode"], "status": r["status"], "turns": completeness(r)}
+            for r in store.runs() if not r["complete"]]
+    return pd.DataFrame(rows)
+
+
+def leaderboard(store, variant: str | None = None, include_incomplete: bool = False) -> pd.DataFrame:
+    """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, status, turns (done/expected), cost
+    columns (``variant``: see ``turn_frame``). Runs that are not complete stay out unless ``include_incomplete``."""
+    df = turn_frame(store, variant, include_incomplete)
     if df.empty:
         return df
     keys = ["model", "method", "mode", "task", "variant", "metric"]
@@ -69,6 +86,9 @@ def leaderboard(store, variant: str | None = None) -> pd.DataFrame:
     scores.columns = [f"T{c}" for c in scores.columns]
     scores["avg"] = df.groupby(keys)["score"].mean()
     scores["n"] = df.groupby(keys)["example"].nunique()
+    runs = df.drop_duplicates("run_id").groupby(keys)
+    scores["status"] = runs["status"].agg(lambda v: ",".join(sorted(set(v))))
+    scores["turns"] = runs["turns"].agg(lambda v: " ".join(v))
     columns = {**COST_COLUMNS, **{col: (label, how) for col, (label, how, _) in method_columns().items()}}
     costs = per_turn.groupby(keys[:5]).agg(**{label: (col, how) for col, (label, how) in columns.items()})
     out = scores.reset_index().merge(costs.reset_index(), on=keys[:5], how="left")

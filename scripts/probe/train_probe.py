@@ -164,6 +164,18 @@ def export(wrapped: dict[str, LoRALinear], out: Path, meta: dict) -> None:
     print(f"exported {len(tensors)} tensors, {(out / 'adapter.safetensors').stat().st_size / 1e6:.2f} MB to {out}", flush=True)
 
 
+def save_state(path, lora: dict, opt_state: dict, progress: dict, args: dict) -> None:
+    """A training checkpoint of tensors and plain values only (``load_state`` reads it with weights_only=True)."""
+    torch.save({"lora": lora, "opt": opt_state, "progress": progress,
+                "args": {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in args.items()}},
+               path)
+
+
+def load_state(path, device):
+    """A checkpoint written by ``save_state``: tensors and plain containers only, never arbitrary pickled objects."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="adapter folder to write")
@@ -213,7 +225,7 @@ def main() -> None:
     progress = {"step": 0, "next_k": args.row_offset, "first_k": args.row_offset, "losses": [], "train_seconds": 0.0,
                 "sequences": 0, "tokens": 0, "parts": 0}
     if state_path and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        st = load_state(state_path, device)
         with torch.no_grad():
             for name, m in wrapped.items():
                 m.lora_A.copy_(st["lora"][name + ".lora_A"])
@@ -323,8 +335,8 @@ def main() -> None:
     if state_path:
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"lora": {f"{n}.{w}": getattr(m, w).detach() for n, m in wrapped.items() for w in ("lora_A", "lora_B")},
-                    "opt": opt.state_dict(), "progress": progress, "args": vars(args)}, tmp)
+        save_state(tmp, {f"{n}.{w}": getattr(m, w).detach() for n, m in wrapped.items() for w in ("lora_A", "lora_B")},
+                   opt.state_dict(), progress, vars(args))
         os.replace(tmp, state_path)
         print(f"state saved to {state_path} (step {done}, next row {progress['next_k']})", flush=True)
     first, last = progress["first_k"], max(progress["first_k"], progress["next_k"] - 1)

@@ -117,9 +117,10 @@ def test_stop_token_and_single_token_budgets(tiny_engine):
     assert [k.shape for k in fk] == [k.shape for k in pk]
 
 
-def test_kivi_takes_the_plain_loop(tiny_engine):
+def test_kivi_takes_the_static_path_through_its_plugin(tiny_engine):
+    """KIVI decodes through its plugin (methods/kivi_fast.py; token identity in tests/methods/test_kivi_fast.py)."""
     out, _, _ = _run(tiny_engine, {"name": "kivi", "bits": 4, "group": 16, "residual": 16}, "fast")
-    assert [p for _, p in out] == ["plain", "plain"]
+    assert [p for _, p in out] == ["static", "static"]
     assert fastdecode.unsupported(tiny_engine.session(METHODS.get("kivi")()).cache, METHODS.get("kivi")())
 
 

@@ -19,7 +19,9 @@ LAYERS = [  # bottom first; a module may import its own layer and the ones below
     ("engines", ["scbench.engines"]),
     ("methods and tasks", ["scbench.methods", "scbench.tasks", "scbench.data", "scbench.scoring"]),
     # the store sits beside run: run_spec writes every finished turn into it (the store imports only records)
-    ("runner and run", ["scbench.runner", "scbench.run", "scbench.store"]),
+    # batch (decode an example's turns together) extends the runner; group (sweeps sharing a prefill) runs specs
+    ("runner and run", ["scbench.runner", "scbench.run", "scbench.store", "scbench.leases", "scbench.batch",
+                        "scbench.group"]),
     ("report", ["scbench.report"]),
     ("cli", ["scbench.cli", "scbench"]),  # the package itself: the public API (scbench.score_turns)
 ]

@@ -94,3 +94,33 @@ def test_chat_rows_hold_out_the_evaluation_questions_and_drop_loops(tmp_path):
     f.write_text(json.dumps({"rows": [{"question": "a", "answer": "of the balcony " * 6},
                                       {"question": "b", "answer": "Rome is the capital of Italy."}]}))
     assert [r["question"] for r in probe_data.chat_rows(f)] == ["b"]
+
+
+def test_state_round_trips_with_tensors_only_and_refuses_pickled_objects(tmp_path, tiny_lora_model):
+    """The resume checkpoint is read with weights_only=True: a state holding an arbitrary object is refused."""
+    import pickle
+
+    import train_probe
+
+    _, wrapped = tiny_lora_model
+    params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    lora = {f"{n}.{w}": getattr(m, w).detach() for n, m in wrapped.items() for w in ("lora_A", "lora_B")}
+    progress = {"step": 3, "next_k": 7, "losses": [1.5, 1.25], "train_seconds": 2.0}
+    path = tmp_path / "state.pt"
+    train_probe.save_state(path, lora, opt.state_dict(), progress, {"mixture": "v2", "steps": 10, "state": str(path)})
+    st = train_probe.load_state(path, torch.device("cpu"))
+    assert st["progress"] == progress and st["args"]["mixture"] == "v2"
+    assert all(torch.equal(st["lora"][k], v) for k, v in lora.items())
+    opt.load_state_dict(st["opt"])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("arbitrary code ran",))
+
+    torch.save({"lora": lora, "progress": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        train_probe.load_state(tmp_path / "evil.pt", torch.device("cpu"))

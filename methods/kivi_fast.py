@@ -1,0 +1,125 @@
+"""KIVI inside the captured decode step (scbench/engines/fastdecode.py plugin): static packed buffers, attention
+straight over the packed bits, and the residual quantised in the step when it fills.
+
+Per layer the plugin holds ``scbench.kv.quant``'s formats in buffers sized for the turn: packed keys/values, key
+scale/zero per (group, channel) and value scale/zero per (token, channel group); the full-precision tokens (the
+residual at load, then every new token) stay in StaticKV's own append-only buffers, of which rows [rs, at] are the
+residual. ``nq`` / ``rs`` (device tensors) count the quantized rows in use and where the residual starts. A step
+appends the new key/value (StaticKV), attends (``scbench.kernels.kivi_decode``: Triton on CUDA, else de-quantise +
+masked softmax), then, when the residual holds ``residual + group`` rows, quantises its oldest group
+(``quantize``, the plain path's function) into quantized row ``nq`` and moves ``rs`` past it, each write selected
+on the device by that condition (no host sync). This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
+loop stays the reference: tests/methods/test_kivi_fast.py compares greedy tokens. Tokens are never moved, so the
+cache handed back after ``fed`` steps is exact even when the graph ran a few steps further.
+"""
+from __future__ import annotations
+
+import torch
+
+from scbench.kernels import kivi_decode
+from scbench.kernels.kivi_decode import kivi_attention
+from scbench.kv.quant import KIVILayer
+
+
+class KIVIDecode:
+    """fastdecode plugin for a ``KIVI`` method instance."""
+
+    def __init__(self, method):
+        self.m = method
+        self.bufs: dict[int, list[torch.Tensor]] = {}
+        self.vgroup = 0
+
+    def unsupported(self, cache) -> str | None:
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, KIVILayer):
+                return f"kivi fast decode: cache layer {i} is a {type(layer).__name__}, not a KIVILayer"
+            if (layer.bits, layer.group, layer.residual) != (self.m.bits, self.m.group, self.m.residual):
+                return f"kivi fast decode: layer {i} was packed with other settings than the method's"
+        return None
+
+    def _cap(self, layer, extra: int) -> int:
+        g = self.m.group
+        need = layer.n_quant + layer.keys.shape[-2] + extra + g
+        return -(-need // (8 * g)) * 8 * g
+
+    def allocate(self, kv, cache) -> None:
+        m = self.m
+        for l, layer in enumerate(cache.layers):
+            b, h, _, d = layer.keys.shape
+            self.vgroup = layer.value_group
+            cap = self._cap(layer, kv.k[l].shape[2] - layer.keys.shape[-2])
+            dev, dt = layer.keys.device, layer.keys.dtype
+            db = d * m.bits // 8
+            self.bufs[l] = [
+                torch.zeros(b, h, cap, db, dtype=torch.uint8, device=dev),  # packed keys
+                torch.zeros(b, h, cap // m.group, d, dtype=dt, device=dev),  # key scale
+                torch.zeros(b, h, cap // m.group, d, dtype=dt, device=dev),  # key zero
+                torch.zeros(b, h, cap, db, dtype=torch.uint8, device=dev),  # packed values
+                torch.zeros(b, h, cap, d // self.vgroup, dtype=dt, device=dev),  # value scale
+                torch.zeros(b, h, cap, d // self.vgroup, dtype=dt, device=dev),  # value zero
+            ]
+        n = len(cache.layers)
+        self.nq = torch.zeros(n, dtype=torch.long, device=kv.device)
+        self.rs = torch.zeros(n, dtype=torch.long, device=kv.device)
+
+    def fits(self, cache, extra: int) -> bool:
+        return all(self._cap(layer, extra) <= self.bufs[l][0].shape[2] for l, layer in enumerate(cache.layers))
+
+    def load(self, kv, cache) -> None:
+        """Copy each KIVILayer's chunks and residual into the buffers."""
+        self.n0 = []
+        for l, layer in enumerate(cache.layers):
+            kp, ks, kz, vp, vs, vz = self.bufs[l]
+            nq, r = layer.n_quant, layer.keys.shape[-2]
+            if nq:
+                for dst, parts, rows in ((kp, [c[0] for c in layer.kchunks], nq), (ks, [c[1] for c in layer.kchunks], nq // self.m.group),
+                                         (kz, [c[2] for c in layer.kchunks], nq // self.m.group),
+                                         (vp, [c[0] for c in layer.vchunks], nq), (vs, [c[1] for c in layer.vchunks], nq),
+                                         (vz, [c[2] for c in layer.vchunks], nq)):
+                    dst[:, :, :rows].copy_(torch.cat(parts, dim=-2))
+            self.n0.append((nq, r))
+        self.nq.copy_(torch.tensor([n for n, _ in self.n0]))
+        self.rs.zero_()
+
+    def state(self) -> list[torch.Tensor]:
+        """What a step changes besides rows it rewrites identically: the counters."""
+        return [self.nq, self.rs]
+
+    def attend(self, kv, l, q, k, v, scale):
+        m = self.m
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        rs, re = self.rs[l : l + 1], kv.at[l : l + 1] + 1
+        out = kivi_attention(q, *self.bufs[l], k, v, self.nq[l : l + 1], rs, re, bits=m.bits, group=m.group,
+                             vgroup=self.vgroup, scale=scale)
+        self.flush(l, k, v, rs, re)
+        return out
+
+    def flush(self, l: int, k: torch.Tensor, v: torch.Tensor, rs: torch.Tensor, re: torch.Tensor) -> None:
+        """When the residual [rs, re) holds residual + group rows: quantize its oldest group (device-side select)."""
+        m = self.m
+        fn = kivi_decode.kivi_flush_torch
+        if k.is_cuda and kivi_decode.triton is not None and kivi_decode.flush_kernel_ok(m.group, self.vgroup, k.shape[-1]):
+            fn = kivi_decode.kivi_flush_triton  # one kernel (+ a counter kernel) instead of ~40 small ones
+        fn(k, v, *self.bufs[l], self.nq[l : l + 1], self.rs[l : l + 1], re, bits=m.bits, group=m.group,
+           vgroup=self.vgroup, residual=m.residual)
+
+    def store_back(self, kv, cache, fed: int) -> bool:
+        """Rebuild each KIVILayer from the buffers after ``fed`` tokens (what the plain steps would have left)."""
+        g = self.m.group
+        for l, layer in enumerate(cache.layers):
+            kp, ks, kz, vp, vs, vz = self.bufs[l]
+            nq0, r0 = self.n0[l]
+            nq, r = nq0, r0
+            for _ in range(fed):  # the plain steps: append, then flush a group when the residual is full
+                r += 1
+                if r - self.m.residual >= g:
+                    r, nq = r - g, nq + g
+            if nq > nq0:
+                layer.kchunks.append((kp[:, :, nq0:nq].clone(), ks[:, :, nq0 // g : nq // g].clone(),
+                                      kz[:, :, nq0 // g : nq // g].clone()))
+                layer.vchunks.append((vp[:, :, nq0:nq].clone(), vs[:, :, nq0:nq].clone(), vz[:, :, nq0:nq].clone()))
+            layer.n_quant = nq
+            start = nq - nq0
+            layer.keys = kv.k[l][:, :, start : start + r].clone()
+            layer.values = kv.v[l][:, :, start : start + r].clone()
+        return True

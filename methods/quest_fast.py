@@ -1,0 +1,127 @@
+"""Quest inside the captured decode step (scbench/engines/fastdecode.py plugin): bounds, top-k and paged attention
+on the device, static shapes, no host synchronisation.
+
+Per step and selecting layer: the new key updates its page's min/max bounds in place (a new page starts from the
+key itself); every page's bound score is computed against a fixed-size bounds buffer, pages that are not yet
+candidates (the recent pages and everything after them) are masked to -inf, and ``topk`` takes the largest
+possible pick count (``(budget - 1) // page``); slots beyond this step's pick count, or holding a masked page,
+are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decode`` attends to the listed rows
+(Triton on CUDA: no gather). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
+``TieredLayer``) stays the reference: tests/methods/test_quest_fast.py compares greedy tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from scbench.kernels import paged_decode
+from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kv.offload import TieredLayer
+
+
+FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
+"""CUDA: the fused Triton kernels (scores with the bounds update; attention applying the pick rule) instead of
+the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare the two)."""
+
+
+class QuestDecode:
+    """fastdecode plugin for a ``Quest`` method instance."""
+
+    def __init__(self, method):
+        self.m = method
+        self.kmin: dict[int, torch.Tensor] = {}
+        self.kmax: dict[int, torch.Tensor] = {}
+        self.q_heads = 0
+
+    def unsupported(self, cache) -> str | None:
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, TieredLayer):
+                return f"quest fast decode: cache layer {i} is a {type(layer).__name__}, not a TieredLayer"
+            if layer.storage != layer.compute:
+                return "quest fast decode: the KV lives in host memory (tier=cpu): the plain loop loads it"
+        return None
+
+    def allocate(self, kv, cache) -> None:
+        p = self.m.page_size
+        for l, kb in enumerate(kv.k):
+            if l >= self.m.dense_layers:
+                b, h, c, d = kb.shape
+                self.kmin[l] = kb.new_zeros(b, h, c // p, d)
+                self.kmax[l] = kb.new_zeros(b, h, c // p, d)
+
+    def load(self, kv, cache) -> None:
+        """Bounds of every page held (the last one possibly partial) from the buffers just loaded."""
+        p = self.m.page_size
+        for l, n in enumerate(kv.lengths):
+            if l not in self.kmin:
+                continue
+            keys = kv.k[l][:, :, :n]
+            full = n // p
+            lo, hi = keys[:, :, : full * p].unflatten(-2, (full, p)).aminmax(dim=-2) if full else (None, None)
+            if full:
+                self.kmin[l][:, :, :full], self.kmax[l][:, :, :full] = lo, hi
+            if n % p:
+                self.kmin[l][:, :, full] = keys[:, :, full * p :].amin(-2)
+                self.kmax[l][:, :, full] = keys[:, :, full * p :].amax(-2)
+
+    def pages(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
+        """Update layer l's bounds with the new key; the page list [B, Hs, K + recent_pages] of this step."""
+        m, p = self.m, self.m.page_size
+        kmin, kmax = self.kmin[l], self.kmax[l]
+        at = kv.at[l : l + 1]
+        page = torch.div(at, p, rounding_mode="floor")
+        new = kv.k[l].index_select(2, at)  # [B, H, 1, D]
+        first = (at % p == 0).view(1, 1, 1, 1)
+        kmin.index_copy_(2, page, torch.where(first, new, torch.minimum(kmin.index_select(2, page), new)))
+        kmax.index_copy_(2, page, torch.where(first, new, torch.maximum(kmax.index_select(2, page), new)))
+        n = at + 1
+        cand = torch.div(((torch.div(n - 1, p, rounding_mode="floor") - m.recent_pages + 1) * p).clamp(min=0), p,
+                         rounding_mode="floor")
+        b, hkv, total, _ = kmin.shape
+        s = page_scores(q[:, :, 0], kmin, kmax)  # [B, Hq, P]
+        if m.gqa == "group":
+            s = s.reshape(b, hkv, -1, total).amax(2)
+        s = s.masked_fill(torch.arange(total, device=q.device) >= cand, float("-inf"))
+        top = s.topk(self.top_k(total), dim=-1)
+        return quest_page_list(top.values, top.indices, n, p, m.budget, m.recent_pages)
+
+    def top_k(self, pages: int) -> int:
+        """Pages ``topk`` takes each step: the most a step can pick, ``(budget - 1) // page``."""
+        return min(pages, (self.m.budget - 1) // self.m.page_size)
+
+    def attend(self, kv, l, q, k, v, scale):
+        self.q_heads = q.shape[1]
+        if l < self.m.dense_layers:
+            return None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        m, at = self.m, kv.at[l : l + 1]
+        if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
+            s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
+                                                 m.recent_pages, m.gqa == "group")
+            top = s.topk(self.top_k(s.shape[-1]), dim=-1)
+            return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
+                                                       top_values=top.values, budget=m.budget, recent=m.recent_pages)
+        return paged_attention(q, k, v, self.pages(kv, l, q), at + 1, m.page_size, scale)
+
+    def rows_loaded(self, n: int) -> int | None:
+        """Rows one selecting head attends at length n (None: every row, as ``Quest.select`` returning None)."""
+        m, p = self.m, self.m.page_size
+        r0 = max(0, ((n - 1) // p - m.recent_pages + 1) * p)
+        pick = (m.budget - (n - r0)) // p
+        return None if pick >= r0 // p else pick * p + n - r0
+
+    def store_back(self, kv, cache, fed: int) -> bool:
+        """Append the fed tokens to each TieredLayer and count the bytes the steps read, as the plain path counts."""
+        for l, (layer, kb, vb, n) in enumerate(zip(cache.layers, kv.k, kv.v, kv.lengths)):
+            if fed:
+                layer._append(kb[:, :, n : n + fed], vb[:, :, n : n + fed])
+            if l >= self.m.dense_layers:
+                self.m.bounds(layer)  # the layer's own bounds follow, as after plain steps (resident bytes agree)
+            b, hkv, _, d = kb.shape
+            hs = hkv if self.m.gqa == "group" else self.q_heads
+            row = b * d * kb.element_size() * 2  # keys + values
+            for i in range(1, fed + 1):
+                rows = None if l < self.m.dense_layers else self.rows_loaded(n + i)
+                layer.loaded_bytes += row * (hkv * (n + i) if rows is None else hs * rows)
+        return True

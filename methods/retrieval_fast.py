@@ -1,0 +1,76 @@
+"""RetrievalAttention's device tier inside the captured decode step (scbench/engines/fastdecode.py plugin).
+
+Per step and layer: the inner products of the query with every key of the static buffer (one matmul), rows
+outside the searchable range [n_init, n - n_local) masked to -inf, ``topk`` of ``top_k``, then the static rows
+(the first ``n_init`` and the last ``n_local``) join the list and ``scbench.kernels.paged_decode`` attends to the
+listed rows in place (pages of one row; Triton on CUDA). Slots holding a masked row, or a static row that another
+slot already covers (short contexts), are -1. The row set equals ``RetrievalAttention.select``'s, so the plain loop
+stays the reference: tests/methods/test_retrieval_fast.py compares greedy tokens. Exact search only (``index``
+exact, ``tier`` device); the host tier and faiss indices take the plain loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from scbench.kernels.paged_decode import paged_attention
+from scbench.kv.offload import TieredLayer
+
+
+class RetrievalDecode:
+    """fastdecode plugin for a ``RetrievalAttention`` method instance."""
+
+    def __init__(self, method):
+        self.m = method
+        self.q_heads = 0
+
+    def unsupported(self, cache) -> str | None:
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, TieredLayer):
+                return f"retrieval fast decode: cache layer {i} is a {type(layer).__name__}, not a TieredLayer"
+            if layer.storage != layer.compute:
+                return "retrieval fast decode: the KV lives in host memory (tier=cpu): the plain loop searches it there"
+        return None
+
+    def rows(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
+        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot)."""
+        m = self.m
+        k = kv.k[l]
+        b, hkv, c, d = k.shape
+        hq = q.shape[1]
+        n = kv.at[l : l + 1] + 1
+        lo, hi = m.n_init, n - m.n_local
+        s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
+        s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
+        pos = torch.arange(c, device=q.device)
+        s = s.float().masked_fill((pos < lo) | (pos >= hi), float("-inf"))
+        top = s.topk(min(m.top_k, c), dim=-1)
+        found = torch.where(top.values > float("-inf"), top.indices, -1)
+        init = torch.arange(lo, device=q.device)
+        init = torch.where(init < n, init, -1)
+        local = hi + torch.arange(m.n_local, device=q.device)
+        local = torch.where(local >= lo, local, -1)  # short contexts: rows below n_init are already listed
+        static = torch.cat([init, local]).expand(*found.shape[:2], -1)
+        return torch.cat([static, found], dim=-1)
+
+    def attend(self, kv, l, q, k, v, scale):
+        self.q_heads = q.shape[1]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return paged_attention(q, k, v, self.rows(kv, l, q), kv.at[l : l + 1] + 1, 1, scale)
+
+    def store_back(self, kv, cache, fed: int) -> bool:
+        """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""
+        m = self.m
+        for layer, kb, vb, n in zip(cache.layers, kv.k, kv.v, kv.lengths):
+            if fed:
+                layer._append(kb[:, :, n : n + fed], vb[:, :, n : n + fed])
+            layer.crop_floor = layer.n
+            b, hkv, _, d = kb.shape
+            hs = hkv if m.gqa == "group" else self.q_heads
+            row = b * d * kb.element_size() * 2
+            for i in range(1, fed + 1):
+                rows = n + i
+                if rows - m.n_local - m.n_init > m.top_k:
+                    layer.loaded_bytes += row * hs * (m.n_init + m.n_local + m.top_k)
+                else:
+                    layer.loaded_bytes += row * hkv * rows
+        return True

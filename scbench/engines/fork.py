@@ -1,0 +1,240 @@
+"""One dense first prefill, forked for several methods (the engine side of scbench/group.py).
+
+``SharedPrefill`` holds one example's first prefill: the first run that feeds it computes the plain dense forward
+(capturing the last queries the group's compression methods want), keeps a copy of the cache, and every later run
+of the group gets a fork of that copy instead of recomputing it. Where the copy lives is planned from free memory
+when it is made: the accelerator when the copy and one working cache fit, else host memory (copied back per fork),
+else nowhere (each run prefills alone, and a warning says so). The last run to fork takes the copy itself.
+
+``ForkSession`` is an ``HFSession`` whose first feed at position 0 is served from the shared prefill: it installs
+the fork, the logits and the captured queries, then runs its own method's compression exactly as ``HFSession.feed``
+would; ``FeedStats.seconds`` is the shared prefill's measured time plus this method's compression, and
+``extra["prefill_shared"]`` the number of runs planned to share it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from scbench.devices import sync as _sync
+from scbench.engines import attention
+from scbench.engines.base import FeedStats
+from scbench.engines.hf_session import HFSession
+from scbench.kv import cache as kvc
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+PLANS = ("device", "host", "none")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes the accelerator can still hand out (free memory plus what torch's allocator holds unused)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def free_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def plan_copy(nbytes: int, device: torch.device, *, device_free: int | None = None, host_free: int | None = None) -> str:
+    """Where the shared copy of ``nbytes`` goes: ``device`` when it fits next to one working cache and the
+    compression's scratch space (a quarter of it, plus 2 GiB) on the accelerator, else ``host`` when host memory
+    holds it with 4 GiB to spare, else ``none``. On a CPU device the copy is host memory either way."""
+    host_free = free_host_bytes() if host_free is None else host_free
+    if device.type != "cuda":
+        return "device" if host_free >= nbytes + nbytes // 4 + GIB else "none"
+    device_free = free_device_bytes(device) if device_free is None else device_free
+    if device_free >= nbytes + nbytes // 4 + 2 * GIB:
+        return "device"
+    return "host" if host_free >= nbytes + 4 * GIB else "none"
+
+
+def plan_for(per_device: dict[torch.device, int]) -> str:
+    """``plan_copy`` for a cache on one device; split over several (``model.device_map``), the copy stays on the
+    devices when every one holds its part, else goes to host memory when that holds it all, else nowhere."""
+    if len(per_device) == 1:
+        (device, n), = per_device.items()
+        return plan_copy(n, device)
+    if all(plan_copy(n, d) == "device" for d, n in per_device.items()):
+        return "device"
+    return "host" if free_host_bytes() >= sum(per_device.values()) + 4 * GIB else "none"
+
+
+def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        if where == "host" and k.is_cuda:
+            hk, hv = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (k, v))
+            hk.copy_(k)
+            hv.copy_(v)
+            out.append((hk, hv))
+        else:
+            out.append((k.clone(), v.clone()))
+    return out
+
+
+class SharedPrefill:
+    """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
+
+    def __init__(self, engine, takers: int, window: int = 0):
+        self.engine, self.takers, self.window = engine, takers, window
+        self.left = takers
+        """Runs that may still fork it; the last one takes the copy itself."""
+        self.ids: list[int] | None = None
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.devices: list[torch.device] = []
+        self.plan: str | None = None
+        self.logits = self.queries = None
+        self.seconds = 0.0
+        self.cells = 0
+        self.forks = 0
+
+    def skip(self) -> None:
+        """A run of the group will not fork (it failed or had nothing to do)."""
+        self.left -= 1
+        if self.left <= 0:
+            self.layers = None
+
+    def close(self) -> None:
+        self.layers = self.logits = self.queries = None
+
+    def take(self, session: "ForkSession", ids: list[int]) -> bool:
+        """Fill ``session`` (empty) with the dense prefill of ``ids``: computed here if this is the first taker,
+        else forked. False when the shared prefill cannot serve it (other tokens, or no copy could be kept)."""
+        self.left -= 1
+        if self.ids is None:
+            self._compute(session, ids)
+            return True
+        if ids != self.ids:
+            log.warning("shared prefill: a run of the group feeds other tokens first (%d vs %d); it prefills alone",
+                        len(ids), len(self.ids))
+            return False
+        if self.layers is None:  # plan "none": no copy was kept
+            return False
+        last = self.left <= 0 and self.plan == "device"
+        for layer, (k, v), dev in zip(session.cache.layers, self.layers, self.devices):
+            if last:
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            else:  # back to the layer's own device (a model split over devices keeps its layers where they were)
+                layer.update(k.to(dev, non_blocking=True), v.to(dev, non_blocking=True))
+        if len(session.cache.layers) != len(self.layers):
+            raise RuntimeError("shared prefill: the forked cache has another number of layers")
+        if self.left <= 0:
+            self.layers = None
+        session.pos = len(ids)
+        session.last_logits = self.logits.clone()
+        self.forks += 1
+        return True
+
+    def _compute(self, session: "ForkSession", ids: list[int]) -> None:
+        ctx = attention.AttnContext(method=session.method, sparse=False, capture_queries=self.window)
+        dev = self.engine.device
+        _sync(dev)
+        t0 = time.perf_counter()
+        session.last_logits = session._prefill(ids, ctx)
+        _sync(dev)
+        self.seconds = time.perf_counter() - t0
+        self.cells = ctx.cells_total
+        self.ids = list(ids)
+        self.logits = session.last_logits.clone()
+        self.queries = ctx.queries
+        if self.left <= 0:
+            self.plan = "alone"
+            return
+        # the captured queries stay until the last run compressed (H2O's are every prompt position: often more
+        # bytes than the KV), so they count in the plan and follow the copy to host memory
+        per_device: dict[torch.device, int] = {}
+        for t in [x for layer in session.cache.layers for x in (layer.keys, layer.values)] + list(self.queries.values()):
+            per_device[t.device] = per_device.get(t.device, 0) + t.numel() * t.element_size()
+        nbytes = sum(per_device.values())
+        self.plan = plan_for(per_device)
+        if self.plan == "none":
+            log.warning("shared prefill: no room for a %.1f GiB copy of the prefilled cache on %s or in host memory; "
+                        "the other %d run(s) of this example prefill alone", nbytes / GIB, dev, self.left)
+            return
+        if self.plan == "host":
+            log.warning("shared prefill: the %.1f GiB prefilled cache does not fit twice on %s; kept in host memory "
+                        "and copied back for each of %d run(s)", nbytes / GIB, dev, self.left)
+        self.devices = [layer.keys.device for layer in session.cache.layers]
+        self.layers = _copy_layers(session.cache, self.plan)
+        if self.plan == "host":
+            self.queries = {layer: q.cpu() for layer, q in self.queries.items()}
+
+    def shared_queries(self, window: int) -> dict[int, torch.Tensor]:
+        """The captured queries cut to the last ``window`` positions (what a feed capturing ``window`` keeps)."""
+        dev = self.engine.device
+        return {layer: q[..., -window:, :].to(dev).contiguous() for layer, q in (self.queries or {}).items()}
+
+
+class ForkSession(HFSession):
+    """An ``HFSession`` whose first feed is served by a ``SharedPrefill`` (see the module docstring)."""
+
+    def __init__(self, engine, method, shared: SharedPrefill):
+        super().__init__(engine, method)
+        self.shared = shared
+
+    def feed(self, ids, *, compress, sparse):
+        shared, self.shared = self.shared, None  # only the session's first feed can be the shared one
+        if shared is None or self.pos != 0 or not ids:
+            return super().feed(ids, compress=compress, sparse=sparse)
+        dev = self.engine.device
+        if not shared.take(self, ids):
+            return super().feed(ids, compress=compress, sparse=sparse)
+        compress = compress and "compress_cache" in self.hooks
+        compress_s = 0.0
+        if compress:
+            window = self.method.query_window
+            ctx = attention.AttnContext(method=self.method, capture_queries=window)
+            if window:
+                if window > shared.window:
+                    raise RuntimeError(f"shared prefill captured {shared.window} queries, the method wants {window}")
+                ctx.queries = shared.shared_queries(window)
+            _sync(dev)
+            t1 = time.perf_counter()
+            self._compress(ctx)
+            _sync(dev)
+            compress_s = time.perf_counter() - t1
+        if shared.left <= 0:  # the last run of the group has what it needs
+            shared.close()
+        return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
+                         attn_cells=shared.cells, attn_computed=shared.cells,
+                         prefill_shared=shared.takers if shared.plan in ("device", "host") else 1)
+
+
+class ForkingEngine:
+    """The engine as one run of a group sees it: its first session forks ``shared``; everything else delegates."""
+
+    def __init__(self, engine, shared: SharedPrefill):
+        self._engine, self._shared = engine, shared
+        self._forked: ForkSession | None = None
+
+    def consumed(self) -> bool:
+        """Whether this run has taken (or declined) its turn at the shared prefill."""
+        return self._shared is None and (self._forked is None or self._forked.shared is None)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def session(self, method):
+        base = self._engine.session(method)
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return base
+        if type(base) is not HFSession:  # recurrent state: no fork; this run prefills alone
+            shared.skip()
+            return base
+        self._forked = ForkSession(self._engine, method, shared)
+        return self._forked

@@ -1,0 +1,233 @@
+"""Decode attention directly over KIVI's packed cache: 2/4-bit keys (per-channel groups) and values (per-token
+groups) plus the full-precision residual, without de-quantising the cache into a new tensor.
+
+Layout (one layer, ``scbench.kv.quant``'s formats in static buffers): packed keys/values uint8 [B, H, Cq, D*bits/8]
+(element ``i * per + j`` of a row in bits ``j * bits`` of byte ``i``), key scale/zero [B, H, Cq / G, D], value
+scale/zero [B, H, Cq, D / Gv], full-precision keys/values [B, H, R, D] of which rows [rs, re) are the residual;
+``nq`` (quantized rows in use, a multiple of G), ``rs`` and ``re`` are device tensors, so a captured graph sees their
+current values.
+``kivi_attention_torch`` is the reference (de-quantise, masked softmax; also the CPU path); the Triton kernel
+de-quantises each block in registers (split over the quantized rows, one more program for the residual, merged as
+flash-decoding does).
+"""
+from __future__ import annotations
+
+import torch
+
+from scbench.kv.quant import dequantize, quantize
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
+                         scale: float) -> torch.Tensor:
+    """q [B, Hq, 1, D] -> [B, Hq, 1, D]: attention over the first ``nq`` quantized rows and residual rows [rs, re)."""
+    b, hq, _, d = q.shape
+    h = rk.shape[1]
+    keys = torch.cat([dequantize(kp, ks, kz, bits, group, -2, rk.dtype), rk], dim=-2)
+    vals = torch.cat([dequantize(vp, vs, vz, bits, vgroup, -1, rv.dtype), rv], dim=-2)
+    cq, r = kp.shape[2], rk.shape[2]
+    rr = torch.arange(r, device=q.device)
+    ok = torch.cat([torch.arange(cq, device=q.device) < nq, (rr >= rs) & (rr < re)])
+    qs = q.reshape(b, h, hq // h, d).float()
+    s = (qs @ keys.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~ok, float("-inf"))
+    return (s.softmax(-1) @ vals.float()).to(q.dtype).view(b, hq, 1, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
+                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     VGROUP: tl.constexpr, PREC: tl.constexpr):
+        """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual."""
+        bh, sp = tl.program_id(0), tl.program_id(1)
+        PER: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PER
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        rows_q, cols = tl.arange(0, GP), tl.arange(0, D)
+        q = tl.load(Q + bh * G * D + rows_q[:, None] * D + cols[None, :], mask=rows_q[:, None] < G, other=0.0)
+        m = tl.full([GP], float("-inf"), tl.float32)
+        total = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        nq = tl.load(NQ).to(tl.int32)
+        rs = tl.load(RS).to(tl.int32)
+        re = tl.load(RE).to(tl.int32)
+        last = sp == n_splits - 1
+        start = tl.where(last, 0, sp * split)
+        end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
+        bh64 = bh.to(tl.int64)
+        shift = ((cols % PER) * BITS).to(tl.uint8)
+        for off in range(start, end, GROUP):  # one key group (GROUP rows) per iteration
+            rows = off + tl.arange(0, GROUP)
+            poff = bh64 * CQ * DB + rows[:, None].to(tl.int64) * DB + (cols // PER)[None, :]
+            kq = (tl.load(KP + poff) >> shift[None, :]) & LEVELS
+            kg = bh64 * (CQ // GROUP) * D + (off // GROUP) * D + cols
+            k = kq.to(tl.float32) * tl.load(KS + kg).to(tl.float32)[None, :] + tl.load(KZ + kg).to(tl.float32)[None, :]
+            sc = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            vq = (tl.load(VP + poff) >> shift[None, :]) & LEVELS
+            vg = bh64 * CQ * (D // VGROUP) + rows[:, None].to(tl.int64) * (D // VGROUP) + (cols // VGROUP)[None, :]
+            v = (vq.to(tl.float32) * tl.load(VS + vg).to(tl.float32) + tl.load(VZ + vg).to(tl.float32)).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC)
+            m = m_new
+        rend = tl.where(last, re, rs)
+        for off in range(rs, rend, 16):  # the residual rows, full precision
+            rows = off + tl.arange(0, 16)
+            inside = rows < rend
+            roff = bh64 * R * D + rows[:, None].to(tl.int64) * D + cols[None, :]
+            k = tl.load(RK + roff, mask=inside[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            sc = tl.where(inside[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(RV + roff, mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m = m_new
+        out = (bh * n_splits + sp) * GP + rows_q
+        tl.store(Part + out[:, None] * D + cols[None, :], acc)
+        tl.store(Mx + out, m)
+        tl.store(Sm + out, total)
+
+
+def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
+                          scale: float) -> torch.Tensor:
+    """The Triton kernel (CUDA); same contract as ``kivi_attention_torch``. Needs group a power of two >= 16."""
+    from scbench.kernels.combine import _combine_kernel
+
+    b, hq, _, d = q.shape
+    h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]
+    g = hq // h
+    split = max(256, -(-cq // 64 // group) * group)
+    n_splits = -(-cq // split) + 1
+    gp = max(16, triton.next_power_of_2(g))
+    q3 = q.reshape(b * h, g, d).contiguous()
+    part = torch.empty(b * h * n_splits * gp, d, dtype=torch.float32, device=q.device)
+    mx = torch.empty(b * h * n_splits * gp, dtype=torch.float32, device=q.device)
+    sm = torch.empty_like(mx)
+    out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r, n_splits,
+                                    split, G=g, GP=gp, D=d, BITS=bits, GROUP=group, VGROUP=vgroup, PREC=prec)
+    _combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
+                                NS=max(2, triton.next_power_of_2(n_splits)))
+    return out.view(b, hq, 1, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quant_pack(x, lo, hi, LEVELS: tl.constexpr, DT: tl.constexpr):
+        """x [..] float32 with broadcast (lo, hi) -> (q as int32, scale, zero), as ``scbench.kv.quant.quantize``."""
+        zero = lo.to(DT).to(tl.float32)
+        scale = tl.math.div_rn(hi - zero, tl.zeros_like(hi) + LEVELS).to(DT).to(tl.float32)
+        safe = tl.where(scale > 0, scale, 1.0)
+        return scale, zero, safe
+
+    @triton.jit
+    def _round_even(x):
+        """Round half to even, as ``torch.round`` (x >= 0 here)."""
+        f = tl.floor(x)
+        d = x - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+    @triton.jit
+    def _kivi_flush_kernel(K, V, KP, KS, KZ, VP, VS, VZ, NQ, RS, RE, C, CQ, full_len,
+                           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr,
+                           DT: tl.constexpr):
+        """(batch x KV head): when the residual [rs, re) holds ``full_len`` rows, quantize and pack its oldest GROUP
+        rows (keys per channel, values per token) into quantized row nq. Counters move in ``_kivi_count_kernel``."""
+        PER: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PER
+        NV: tl.constexpr = D // VGROUP
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0).to(tl.int64)
+        nq = tl.load(NQ).to(tl.int32)
+        rs = tl.load(RS).to(tl.int32)
+        re = tl.load(RE).to(tl.int32)
+        if re - rs == full_len:
+            rows, cols = tl.arange(0, GROUP), tl.arange(0, D)
+            src = bh * C * D + (rs + rows)[:, None].to(tl.int64) * D + cols[None, :]
+            shifts = tl.arange(0, PER) * BITS
+            drow = (nq + rows)[:, None].to(tl.int64)
+            # keys: one group per channel
+            k = tl.load(K + src).to(tl.float32)
+            scale, zero, safe = _quant_pack(k, tl.min(k, 0), tl.max(k, 0), LEVELS, DT)
+            qk = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(k - zero[None, :], safe[None, :] + tl.zeros_like(k))),
+                                       0.0), LEVELS * 1.0).to(tl.int32)
+            packed = tl.sum(tl.reshape(qk, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
+            tl.store(KP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], packed)
+            kg = bh * (CQ // GROUP) * D + (nq // GROUP) * D + cols
+            tl.store(KS + kg, scale.to(DT))
+            tl.store(KZ + kg, zero.to(DT))
+            # values: one group per VGROUP channels of a token
+            v3 = tl.reshape(tl.load(V + src).to(tl.float32), [GROUP, NV, VGROUP])
+            vscale, vzero, vsafe = _quant_pack(v3, tl.min(v3, 2), tl.max(v3, 2), LEVELS, DT)
+            qv = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(v3 - vzero[:, :, None], vsafe[:, :, None] + tl.zeros_like(v3))), 0.0),
+                            LEVELS * 1.0).to(tl.int32)
+            vpacked = tl.sum(tl.reshape(qv, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
+            tl.store(VP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], vpacked)
+            vo = bh * CQ * NV + drow * NV + tl.arange(0, NV)[None, :]
+            tl.store(VS + vo, vscale.to(DT))
+            tl.store(VZ + vo, vzero.to(DT))
+
+    @triton.jit
+    def _kivi_count_kernel(NQ, RS, RE, full_len, GROUP: tl.constexpr):
+        nq, rs, re = tl.load(NQ), tl.load(RS), tl.load(RE)
+        full = re - rs == full_len
+        tl.store(NQ, tl.where(full, nq + GROUP, nq))
+        tl.store(RS, tl.where(full, rs + GROUP, rs))
+
+
+def kivi_flush_triton(k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, *, bits: int, group: int, vgroup: int,
+                      residual: int) -> None:
+    """CUDA, in place: when ``re - rs == residual + group``, quantize rows [rs, rs + group) of k, v [B, H, C, D]
+    into quantized row ``nq`` and advance ``nq`` and ``rs`` by ``group`` (``KIVIDecode.flush`` in torch ops)."""
+    b, h, c, d = k.shape
+    cq = kp.shape[2]
+    dt = getattr(tl, {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[k.dtype])
+    _kivi_flush_kernel[(b * h,)](k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, c, cq, residual + group, D=d, BITS=bits,
+                                 GROUP=group, VGROUP=vgroup, DT=dt)
+    _kivi_count_kernel[(1,)](nq, rs, re, residual + group, GROUP=group)
+
+
+def kivi_flush_torch(k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, *, bits: int, group: int, vgroup: int,
+                     residual: int) -> None:
+    """``kivi_flush_triton`` in torch ops (the reference, and the CPU path): ``quantize`` of the oldest residual
+    group, each write selected on the device by the full condition."""
+    g = group
+    full = (re - rs) == residual + g
+    rows = nq + torch.arange(g, device=nq.device)
+    grp = torch.div(nq, g, rounding_mode="floor")
+    f = full.view(1, 1, 1, 1)
+    oldest = rs + torch.arange(g, device=nq.device)
+    new_k = quantize(k.index_select(2, oldest), bits, g, axis=-2)
+    new_v = quantize(v.index_select(2, oldest), bits, vgroup, axis=-1)
+    for dst, val, idx in ((kp, new_k[0], rows), (ks, new_k[1], grp), (kz, new_k[2], grp),
+                          (vp, new_v[0], rows), (vs, new_v[1], rows), (vz, new_v[2], rows)):
+        dst.index_copy_(2, idx, torch.where(f, val, dst.index_select(2, idx)))
+    rs.copy_(torch.where(full, rs + g, rs))
+    nq.copy_(torch.where(full, nq + g, nq))
+
+
+def flush_kernel_ok(group: int, vgroup: int, head_dim: int) -> bool:
+    """The Triton flush needs power-of-two group sizes and head_dim."""
+    return all(x >= 1 and x & (x - 1) == 0 for x in (group, vgroup, head_dim))
+
+
+def kivi_attention(q, *bufs, bits: int, group: int, vgroup: int, scale: float) -> torch.Tensor:
+    """Triton on CUDA (group a power of two >= 16), the torch reference elsewhere."""
+    if q.is_cuda and triton is not None and group >= 16 and group & (group - 1) == 0:
+        return kivi_attention_triton(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale)
+    return kivi_attention_torch(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale)

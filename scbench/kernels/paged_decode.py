@@ -1,0 +1,223 @@
+"""Decode attention over a list of selected pages of a static key/value buffer (Quest's fast path).
+
+One query per head attends to the rows of the pages listed for it: ``pages`` [B, Hs, M] holds page indices into
+the layer's buffer [B, Hkv, C, D] (-1: an unused slot), each page ``page`` rows long; rows at or beyond ``n``
+(the valid length, a device tensor) do not count. ``Hs`` is Hq (every query head has its own list) or Hkv (the
+heads of a KV group share one). Nothing is gathered into a new tensor on CUDA: the Triton kernel reads the
+listed rows in place (split over the list, online softmax in float32, then merged), so a step reads only the
+selected rows. ``paged_attention_torch`` is the reference (any device, also the CPU path): it gathers the rows
+and runs a masked softmax.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of q.k per page: q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] (float32).
+
+    ``max(q*lo, q*hi)`` is ``q*hi`` where q > 0 and ``q*lo`` where q < 0, so the sum is two matmuls."""
+    b, hq, d = q.shape
+    hkv = kmin.shape[1]
+    q = q.float().reshape(b, hkv, hq // hkv, d)
+    s = q.clamp(min=0) @ kmax.float().transpose(-1, -2) + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    return s.reshape(b, hq, -1)
+
+
+def page_rows(pages: torch.Tensor, page: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pages [B, Hs, M] -> (rows [B, Hs, M * page] clamped into the buffer, valid mask of the same shape)."""
+    r = torch.arange(page, device=pages.device)
+    rows = (pages.clamp(min=0).unsqueeze(-1) * page + r).flatten(-2)
+    ok = (pages >= 0).unsqueeze(-1).expand(*pages.shape, page).flatten(-2) & (rows < n)
+    return rows, ok
+
+
+def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
+                          page: int, scale: float) -> torch.Tensor:
+    """q [B, Hq, 1, D]; k, v [B, Hkv, C, D]; pages [B, Hs, M]; n [1] -> [B, Hq, 1, D] (torch ops, no host sync)."""
+    b, hq, _, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    hs = pages.shape[1]
+    rows, ok = page_rows(pages, page, n)
+    m = rows.shape[-1]
+    rep = hs // hkv
+    idx = rows.view(b, hkv, rep, m, 1).expand(b, hkv, rep, m, d)
+    ks = torch.gather(k.unsqueeze(2).expand(b, hkv, rep, c, d), 3, idx).view(b, hs, m, d)
+    vs = torch.gather(v.unsqueeze(2).expand(b, hkv, rep, c, d), 3, idx).view(b, hs, m, d)
+    qs = q.reshape(b, hs, hq // hs, d).float()
+    s = (qs @ ks.float().transpose(-1, -2)) * scale  # [B, Hs, Hq/Hs, M]
+    s = s.masked_fill(~ok.unsqueeze(2), float("-inf"))
+    o = s.softmax(-1) @ vs.float()
+    return o.to(q.dtype).view(b, hq, 1, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, scale, C, M, per_split, n_splits, budget,
+                      HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                      PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr):
+        """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration.
+
+        TOPK: ``Pages`` / ``TopV`` are ``topk`` indices / values [B, Hs, M - RECENT] of the page scores; slot j is
+        used when j < this step's pick count and its score is finite, and the RECENT recent pages follow (Quest's
+        rule, computed here from n and ``budget``). Else ``Pages`` is a page list with -1 for unused slots."""
+        bq, sp = tl.program_id(0), tl.program_id(1)
+        b, h = bq // HQ, bq % HQ
+        kvh = h // (HQ // HKV)
+        sel = h // (HQ // HS)
+        n = tl.load(N).to(tl.int32)
+        r0 = tl.maximum(((n - 1) // PAGE - RECENT + 1) * PAGE, 0)
+        cand = r0 // PAGE
+        pick = (budget - (n - r0)) // PAGE
+        cols = tl.arange(0, D)
+        q = tl.load(Q + bq * D + cols).to(tl.float32)
+        r = tl.arange(0, BP * PAGE)
+        base = (b * HKV + kvh).to(tl.int64) * C * D
+        plist = Pages + (b * HS + sel).to(tl.int64) * (M - RECENT)
+        vlist = TopV + (b * HS + sel).to(tl.int64) * (M - RECENT)
+        m_i = tl.full([], float("-inf"), tl.float32)
+        total = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        start = sp * per_split
+        end = tl.minimum(start + per_split, M)
+        for j in range(start, end, BP):
+            slot = j + r // PAGE
+            if TOPK:
+                top = slot < M - RECENT
+                pg = tl.load(plist + slot, mask=top & (slot < end), other=-1).to(tl.int32)
+                val = tl.load(vlist + slot, mask=top & (slot < end), other=float("-inf"))
+                pg = tl.where(top, tl.where((slot < pick) & (val > float("-inf")), pg, -1), cand + slot - (M - RECENT))
+                pg = tl.where(slot < end, pg, -1)
+            else:
+                pg = tl.load(plist + slot, mask=slot < end, other=-1).to(tl.int32)
+            rows = pg * PAGE + r % PAGE
+            ok = (pg >= 0) & (rows < n)
+            off = base + rows[:, None].to(tl.int64) * D + cols[None, :]
+            k = tl.load(K + off, mask=ok[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], 1) * scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            # a block with no valid row keeps m_new = -inf: guard the rescale against (-inf) - (-inf)
+            alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
+            p = tl.where(ok, tl.exp(s - m_new), 0.0)
+            v = tl.load(V + off, mask=ok[:, None], other=0.0).to(tl.float32)
+            total = total * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
+        out = bq * n_splits + sp
+        tl.store(Part + out * D + cols, acc)
+        tl.store(Mx + out, m_i)
+        tl.store(Sm + out, total)
+
+
+def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
+                           page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
+                           top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0) -> torch.Tensor:
+    """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
+    ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
+    pages itself (``quest_page_list`` is the same rule in torch ops)."""
+    from scbench.kernels.combine import _combine_kernel
+
+    b, hq, _, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    hs, m = pages.shape[1], pages.shape[2] + (recent if top_values is not None else 0)
+    bp = block_pages or max(1, 64 // page)
+    per = max(bp, -(-pages_per_split // bp) * bp)
+    n_splits = max(1, -(-m // per))
+    q2 = q.reshape(b * hq, d).contiguous()
+    part = torch.empty(b * hq * n_splits, d, dtype=torch.float32, device=q.device)
+    mx = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
+    sm = torch.empty_like(mx)
+    out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
+    topk = top_values is not None
+    _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), top_values.contiguous() if topk else pages, n, part,
+                                      mx, sm, scale, c, m, per, n_splits, budget, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
+                                      BP=bp, TOPK=topk, RECENT=recent if topk else 0)
+    _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
+    return out.view(b, hq, 1, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quest_scores_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                             BP: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr):
+        """(batch x KV head, block of BP pages): fold the new key into its page's bounds (the block holding that
+        page), then the bound scores of the block's pages for the group's query heads; non-candidates -inf."""
+        bk, pb = tl.program_id(0), tl.program_id(1)
+        at = tl.load(At).to(tl.int32)
+        cols = tl.arange(0, D)
+        page_at = at // PAGE
+        pages = pb * BP + tl.arange(0, BP)
+        bbase = bk.to(tl.int64) * P * D
+        if (page_at >= pb * BP) & (page_at < pb * BP + BP):
+            knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
+            lo = tl.load(KMin + bbase + page_at * D + cols)
+            hi = tl.load(KMax + bbase + page_at * D + cols)
+            first = (at % PAGE) == 0
+            tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
+            tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+        tl.debug_barrier()
+        n = at + 1
+        cand = tl.maximum((n - 1) // PAGE - RECENT + 1, 0)
+        inside = pages < P
+        off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
+        lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
+        hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
+        rows = tl.arange(0, GP)
+        q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        zero = tl.zeros([GP, D], q.dtype)
+        s = tl.dot(tl.maximum(q, zero).to(hi.dtype), tl.trans(hi), input_precision=PREC)
+        s += tl.dot(tl.minimum(q, zero).to(lo.dtype), tl.trans(lo), input_precision=PREC)
+        s = tl.where((pages < cand)[None, :], s, float("-inf"))
+        if GROUP:
+            s = tl.where((rows < G)[:, None], s, float("-inf"))
+            tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
+        else:
+            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
+                     mask=(rows < G)[:, None] & inside[None, :])
+
+
+def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, at: torch.Tensor,
+                        page: int, recent: int, group: bool) -> torch.Tensor:
+    """CUDA: update the page bounds [B, Hkv, P, D] in place with the key at row ``at`` of k [B, Hkv, C, D] (a new
+    page starts from it), then Quest's bound scores of q [B, Hq, 1, D] per page, -inf for pages that are not
+    candidates (the recent pages and later) -> float32 [B, Hq, P] (``group``: [B, Hkv, P], max over the group).
+    Reference: ``QuestDecode.pages`` (torch ops)."""
+    b, hq, _, d = q.shape
+    hkv, c, p = k.shape[1], k.shape[2], kmin.shape[2]
+    g = hq // hkv
+    s = torch.empty(b, hkv if group else hq, p, dtype=torch.float32, device=q.device)
+    bp = 64
+    _quest_scores_kernel[(b * hkv, triton.cdiv(p, bp))](
+        q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g, GP=max(16, triton.next_power_of_2(g)),
+        D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return s
+
+
+def quest_page_list(top_values: torch.Tensor, top_pages: torch.Tensor, n: torch.Tensor, page: int, budget: int,
+                    recent: int) -> torch.Tensor:
+    """Quest's page list from ``topk`` over the page scores (non-candidates at -inf): slots past this step's pick
+    count or holding a -inf score become -1, then the ``recent`` newest pages. -> [B, Hs, K + recent]."""
+    r0 = ((torch.div(n - 1, page, rounding_mode="floor") - recent + 1) * page).clamp(min=0)
+    cand = torch.div(r0, page, rounding_mode="floor")
+    pick = torch.div(budget - (n - r0), page, rounding_mode="floor")
+    rank = torch.arange(top_pages.shape[-1], device=top_pages.device)
+    chosen = torch.where((top_values > float("-inf")) & (rank < pick), top_pages, -1)
+    latest = (cand + torch.arange(recent, device=n.device)).expand(*chosen.shape[:2], -1)
+    return torch.cat([chosen, latest], dim=-1)
+
+
+def paged_attention(q, k, v, pages, n, page: int, scale: float) -> torch.Tensor:
+    """Triton on CUDA, the torch reference elsewhere."""
+    if q.is_cuda and triton is not None:
+        return paged_attention_triton(q, k, v, pages, n, page, scale)
+    return paged_attention_torch(q, k, v, pages, n, page, scale)

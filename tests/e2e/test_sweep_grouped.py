@@ -1,0 +1,184 @@
+"""Grouped sweeps (scbench/group.py): runs sharing one first prefill per example store the same rows as separate
+runs, for every method that declares a dense first prefill; a kill in the middle of a grouped sweep loses nothing
+finished and a re-launch completes it; the CLI groups basic-launcher sweeps and can be switched off."""
+from __future__ import annotations
+
+import pytest
+
+from scbench.group import Job, can_share, plan_groups, run_jobs
+from scbench.records import RunSpec
+from scbench.registry import METHODS
+from scbench.run import run_spec
+from scbench.store import Store
+
+METHOD_CFGS = {  # budgets sized to ~300-token contexts
+    "full": {"name": "full"},
+    "snapkv": {"name": "snapkv", "budget": 96, "window": 8, "kernel": 5},
+    "pyramidkv": {"name": "pyramidkv", "budget": 96, "window": 8, "kernel": 5, "beta": 20},
+    "h2o": {"name": "h2o", "budget": 96},
+    "streamingllm": {"name": "streamingllm", "n_init": 8, "n_local": 88},
+    "kivi": {"name": "kivi", "bits": 2, "group": 32, "residual": 32},
+    "quest": {"name": "quest", "budget": 64, "page_size": 16, "recent_pages": 1, "dense_layers": 1},
+    "retrieval_attention": {"name": "retrieval_attention", "top_k": 48, "n_init": 8, "n_local": 8},
+}
+TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
+          "index_build_s", "prefill_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
+          "decode_path", "decode_batch"}
+
+
+def test_every_dense_prefill_method_is_covered():
+    shared = {n for n in METHODS.names() if can_share(METHODS.get(n)) and "hf" in METHODS.get(n).engines}
+    assert shared == set(METHOD_CFGS), "add the new method to METHOD_CFGS so its grouped rows are compared"
+
+
+def spec(method: dict, mode: str, **kw) -> RunSpec:
+    return RunSpec(model={"name": "tiny-random-llama"}, method=method, task="scbench_kv", mode=mode,
+                   data={"n": 2, "length": 300, "turns": 3, "seed": 0}, max_turns=3, max_new_tokens=6, **kw)
+
+
+def rows(db) -> dict:
+    store = Store(db)
+    out = {}
+    for t in store.turns():
+        row = {k: v for k, v in t.items() if k not in TIMING | {"created"}}
+        if isinstance(row.get("method_costs"), dict):  # the method's own columns: times differ from run to run
+            row["method_costs"] = {k: v for k, v in row["method_costs"].items() if not k.endswith("_s")}
+        out[(t["run_id"], t["example_id"], t["turn"])] = row
+    shared = {(t["run_id"], t["example_id"], t["turn"]): t["prefill_shared"] for t in store.turns()}
+    runs = {r["run_id"]: (r["status"], r["method_label"]) for r in store.runs()}
+    store.close()
+    return out, shared, runs
+
+
+@pytest.mark.parametrize("timing", ["sequential", "batched"])
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_grouped_rows_equal_separate_runs(tiny_engine, tmp_path, mode, timing):
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing=timing)
+            for cfg in METHOD_CFGS.values()]
+    assert len(plan_groups(jobs)) == 1
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs) and {o.shared for o in outcomes} == {len(jobs)}
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False)
+    grouped, shared, g_runs = rows(tmp_path / "grouped.sqlite")
+    separate, alone, s_runs = rows(tmp_path / "separate.sqlite")
+    assert g_runs == s_runs and set(g_runs) == {o.run_id for o in outcomes}  # same run ids, labels, status
+    assert grouped == separate  # predictions, scores and every non-timing cost column
+    assert {v for k, v in shared.items() if k[2] == 0} == {len(jobs)} and set(alone.values()) == {1}
+    assert {v for k, v in shared.items() if k[2] > 0} == {1}  # later turns reuse the cache: nothing shared
+
+
+def test_ungroupable_runs_run_alone(tiny_engine, tmp_path):
+    jobs = [Job(spec({"name": "full"}, "multi_request"), str(tmp_path / "a.sqlite"), progress=False),
+            Job(spec({"name": "ashape", "n_init": 8, "n_local": 56}, "multi_request"), str(tmp_path / "a.sqlite"),
+                progress=False),
+            Job(spec({"name": "snapkv", "budget": 96, "window": 8}, "multi_request", reuse=False),
+                str(tmp_path / "a.sqlite"), progress=False)]
+    assert [len(g) for g in plan_groups(jobs)] == [1, 1, 1]
+
+
+def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch):
+    db = str(tmp_path / "kill.sqlite")
+    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "streamingllm")]
+    jobs = [Job(spec(cfg, "multi_turn"), db, progress=False) for cfg in cfgs]
+    ref_jobs = [Job(spec(cfg, "multi_turn"), str(tmp_path / "ref.sqlite"), progress=False) for cfg in cfgs]
+    run_jobs(ref_jobs, engine=tiny_engine)
+    real_put, calls = Store.put, []
+
+    def put(self, run_id, result):  # killed after 7 of 18 turns: inside example 1, in the middle of the 2nd run
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        calls.append((run_id, result.example_id, result.turn))
+        real_put(self, run_id, result)
+
+    monkeypatch.setattr(Store, "put", put)
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, engine=tiny_engine)
+    monkeypatch.setattr(Store, "put", real_put)
+    store = Store(db)
+    before = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
+    assert len(before) == 7 and {r["status"] for r in store.runs()} == {"interrupted"}
+    store.close()
+    run_jobs(jobs, engine=tiny_engine)
+    got, _, runs = rows(db)
+    ref, _, _ = rows(tmp_path / "ref.sqlite")
+    assert got == ref and {s for s, _ in runs.values()} == {"done"}
+    store = Store(db)
+    after = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
+    store.close()
+    assert all(after[k] == v for k, v in before.items())  # finished turns were not recomputed
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smol_tokenizer, tmp_path_factory):
+    from support import make_tiny_engine
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    engine = make_tiny_engine(smol_tokenizer)
+    engine.model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("share", ["true", "false"])
+def test_cli_sweep_groups_by_default(tiny_folder, tmp_path, share):
+    from scbench.cli import main
+
+    db = tmp_path / "cli.sqlite"
+    main(["run", "-m", "method=full,streamingllm-1k,ashape", "mode=multi_request", f"share_prefill={share}",
+          f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu", "model.dtype=float32",
+          "model.window=4096", f"store={db}", "data.n=1", "data.length=200", "data.turns=2", "max_new_tokens=2",
+          "progress=false", f"hydra.sweep.dir={tmp_path}/hydra"])
+    store = Store(db)
+    by_method = {}
+    for r in store.runs():
+        assert r["status"] == "done"
+        by_method[r["method"]] = {t["turn"]: t["prefill_shared"] for t in store.turns(r["run_id"])}
+    store.close()
+    n = 2 if share == "true" else 1
+    assert by_method == {"full": {0: n, 1: 1}, "streamingllm": {0: n, 1: 1}, "ashape": {0: 1, 1: 1}}
+
+
+def test_fork_plan_from_free_memory():
+    import torch
+
+    import scbench.engines.fork
+    from scbench.engines.fork import GIB, plan_copy, plan_for
+
+    cuda = torch.device("cuda")
+    assert plan_copy(16 * GIB, cuda, device_free=40 * GIB, host_free=100 * GIB) == "device"
+    assert plan_copy(16 * GIB, cuda, device_free=20 * GIB, host_free=100 * GIB) == "host"
+    assert plan_copy(16 * GIB, cuda, device_free=20 * GIB, host_free=10 * GIB) == "none"
+    assert plan_copy(GIB, torch.device("cpu"), host_free=4 * GIB) == "device"
+    assert plan_copy(8 * GIB, torch.device("cpu"), host_free=4 * GIB) == "none"
+    split = {torch.device("cuda", 0): 8 * GIB, torch.device("cuda", 1): 8 * GIB}  # a model over two devices
+    fits = {torch.device("cuda", 0): 40 * GIB, torch.device("cuda", 1): 11 * GIB}
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(scbench.engines.fork, "free_device_bytes", lambda d: fits[d])
+    monkey.setattr(scbench.engines.fork, "free_host_bytes", lambda: 100 * GIB)
+    try:
+        assert plan_for(split) == "host"  # device 1 cannot hold its part twice
+        fits[torch.device("cuda", 1)] = 40 * GIB
+        assert plan_for(split) == "device"
+    finally:
+        monkey.undo()
+
+
+@pytest.mark.parametrize("plan", ["host", "none"])
+def test_no_room_for_the_copy_changes_nothing_stored(tiny_engine, tmp_path, monkeypatch, caplog, plan):
+    """Without room for a device copy the prefill waits in host memory; without any room each run prefills alone
+    (and a warning says so): the rows are the same either way."""
+    import scbench.engines.fork
+
+    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "kivi")]
+    ref = [Job(spec(cfg, "multi_request"), str(tmp_path / "ref.sqlite"), progress=False) for cfg in cfgs]
+    run_jobs(ref, engine=tiny_engine)
+    monkeypatch.setattr(scbench.engines.fork, "plan_copy", lambda *a, **k: plan)
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "low.sqlite"), progress=False) for cfg in cfgs]
+    with caplog.at_level("WARNING"):
+        run_jobs(jobs, engine=tiny_engine)
+    assert "prefill alone" in caplog.text if plan == "none" else "host memory" in caplog.text
+    got, shared, _ = rows(tmp_path / "low.sqlite")
+    want, _, _ = rows(tmp_path / "ref.sqlite")
+    assert got == want
+    assert {v for k, v in shared.items() if k[2] == 0} == ({1} if plan == "none" else {3})

@@ -1,0 +1,121 @@
+"""Batched decode of independent turns (scbench/batch.py): the shared-prefix attention equals plain attention over
+each row's keys, and a batched replay stores the same rows as the sequential one (float32, tiny random model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scbench.batch import (BatchedReplay, reference_shared_prefix_attention, replay_class, shared_mask,
+                           shared_prefix_attention)
+from scbench.data import load_examples
+from scbench.records import RunSpec
+from scbench.registry import TASKS
+from scbench.run import build_method
+from scbench.runner import Replay
+
+TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
+          "decode_path", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_prefix_attention_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, hkv, grp, d, s, c = 3, 2, 4 if seed % 2 else 1, 16, 40 + seed * 7, 24
+    q = torch.randn(b, hkv * grp, 1, d, generator=g)
+    sk, sv = torch.randn(1, hkv, s, d, generator=g), torch.randn(1, hkv, s, d, generator=g)
+    ok, ov = torch.randn(b, hkv, c, d, generator=g), torch.randn(b, hkv, c, d, generator=g)
+    shared_len = torch.tensor([s, s - 5, 0 if seed == 3 else 1])  # a row may see no shared key at all
+    own_at = torch.tensor([0, 7, c - 1])
+    got = shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3)
+    want = reference_shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mask = shared_mask(shared_len, s, grp)  # precomputed once per batch: the same result
+    torch.testing.assert_close(shared_prefix_attention(q, sk, sv, shared_len, ok, ov, own_at, 0.3, mask), got)
+    full = torch.full((b,), s)  # every row sees the whole prefix: no mask at all
+    torch.testing.assert_close(shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3, False),
+                               reference_shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
+def replay(engine, cls, method: dict, mode: str, done=None, keep=None, **kw):
+    task = TASKS.get("scbench_kv")
+    count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
+    ex = load_examples(task, "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
+    spec = RunSpec(model={}, method=method, task="scbench_kv", mode=mode, max_turns=4, max_new_tokens=10, **kw)
+    rep = cls(engine, build_method(method), task, ex, spec, done=done)
+    if keep is not None:
+        keep.append(rep)
+    return list(rep)
+
+
+def same_rows(a, b):
+    assert [r.turn for r in a] == [r.turn for r in b]
+    assert [r.prediction for r in a] == [r.prediction for r in b]
+    for x, y in zip(a, b):
+        assert x.scores == y.scores
+        sx, sy = ({k: v for k, v in vars(r.stats).items() if k not in TIMING} for r in (x, y))
+        for st in (sx, sy):  # the method's own columns: times differ from run to run
+            st["method_costs"] = {k: v for k, v in st.get("method_costs", {}).items() if not k.endswith("_s")}
+        assert sx == sy
+
+
+BATCHABLE = [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8},
+             {"name": "pyramidkv", "budget": 96, "window": 8}, {"name": "h2o", "budget": 96},
+             {"name": "streamingllm", "n_init": 8, "n_local": 88}, {"name": "ashape", "n_init": 8, "n_local": 56},
+             {"name": "trishape", "n_init": 8, "n_local": 56, "n_last": 16},
+             {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16, "init_cols": 4, "local_diags": 16},
+             {"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 0.15, "select_layer": 1},
+             {"name": "ppl_compress", "rate": 0.5, "scorer": "engine", "segment": 128, "overlap": 32}]
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+@pytest.mark.parametrize("method", BATCHABLE, ids=lambda m: m["name"])
+def test_batched_equals_sequential(tiny_engine, mode, method):
+    seq = replay(tiny_engine, Replay, method, mode)
+    bat = replay(tiny_engine, BatchedReplay, method, mode)
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+    assert all(r.stats.decode_step_s > 0 and r.stats.decode_s > 0 for r in bat)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}, {}),
+    ({"name": "kivi", "bits": 2, "group": 32, "residual": 32}, {}),
+    ({"name": "snapkv", "budget": 96, "window": 8}, {"compress": "every_turn"}),
+    ({"name": "full"}, {"golden_context": False}),
+    ({"name": "full"}, {"reuse": False}),
+], ids=["quest", "kivi", "every_turn", "own_history", "naive"])
+def test_fallback_to_sequential(tiny_engine, method, kw):
+    seq = replay(tiny_engine, Replay, method, "multi_turn", **kw)
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_turn", **kw)
+    same_rows(seq, bat)
+    assert "batched" not in {r.stats.decode_path for r in bat} and {r.stats.decode_batch for r in bat} == {1}
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_batched_resume_decodes_only_missing_turns(tiny_engine, mode):
+    seq = replay(tiny_engine, Replay, {"name": "full"}, mode)
+    done = {0: seq[0].prediction, 2: seq[2].prediction}
+    reps = []
+    bat = replay(tiny_engine, BatchedReplay, {"name": "full"}, mode, done=done, keep=reps)
+    same_rows([seq[1], seq[3]], bat)
+    assert {r.stats.decode_batch for r in bat} == {3}  # turn 0 is decoded again to check the resume
+    assert reps[0].mismatches == []
+    done[0] = "not what the model says"
+    replay(tiny_engine, BatchedReplay, {"name": "full"}, mode, done=done, keep=reps)
+    assert [m["turn"] for m in reps[1].mismatches] == [0]
+
+
+def test_lagged_token_reads(tiny_engine, monkeypatch):
+    """The CUDA graph path reads tokens a few steps behind the device; the extra steps change nothing stored."""
+    import scbench.batch
+
+    seq = replay(tiny_engine, Replay, {"name": "full"}, "multi_request")
+    monkeypatch.setattr(scbench.batch, "EAGER_LAG", scbench.batch.LAG)
+    same_rows(seq, replay(tiny_engine, BatchedReplay, {"name": "full"}, "multi_request"))
+
+
+def test_timing_values():
+    assert replay_class("sequential") is Replay and replay_class("batched") is BatchedReplay
+    with pytest.raises(ValueError, match="timing must be one of"):
+        replay_class("fast")

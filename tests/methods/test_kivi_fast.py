@@ -1,0 +1,138 @@
+"""KIVI's captured-step decode (methods/kivi_fast.py, scbench/kernels/kivi_decode.py) against the plain loop:
+attention over the packed cache against de-quantise + float64 softmax, and greedy tokens and the cache left behind
+equal to the plain path's on a tiny random Llama (float32, CPU), across group flushes and two turns. The Triton
+kernel is compared on CUDA only."""
+import pytest
+import torch
+
+from scbench.engines import attention, fastdecode
+from scbench.kernels import kivi_decode
+from scbench.kv.quant import KIVILayer, dequantize, quantize
+from scbench.methods.kivi import KIVI
+
+from support import make_tiny_engine
+
+
+def _bufs(seed, b=1, h=2, cq=128, nq=96, r=80, rs=5, re=60, d=32, bits=2, group=32, vgroup=32, device="cpu",
+          dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(b, h, cq, d, generator=g).to(device, dtype) for _ in range(2))
+    kp, ks, kz = quantize(k, bits, group, axis=-2)
+    vp, vs, vz = quantize(v, bits, vgroup, axis=-1)
+    rk, rv = (torch.randn(b, h, r, d, generator=g).to(device, dtype) for _ in range(2))
+    t = lambda x: torch.tensor([x], device=device)  # noqa: E731
+    keys = torch.cat([dequantize(kp, ks, kz, bits, group, -2, dtype)[:, :, :nq], rk[:, :, rs:re]], dim=-2)
+    vals = torch.cat([dequantize(vp, vs, vz, bits, vgroup, -1, dtype)[:, :, :nq], rv[:, :, rs:re]], dim=-2)
+    return (kp, ks, kz, vp, vs, vz, rk, rv, t(nq), t(rs), t(re)), keys, vals
+
+
+@pytest.mark.parametrize("bits,hq", [(2, 4), (4, 8)])
+def test_kivi_attention_torch_matches_reference(bits, hq):
+    bufs, keys, vals = _bufs(bits, bits=bits)
+    q = torch.randn(1, hq, 1, 32, generator=torch.Generator().manual_seed(9))
+    got = kivi_decode.kivi_attention_torch(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.2)
+    want = attention.reference_causal_attention(q, keys, vals, scale=0.2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
+                                               (2, 512, 0, 64, 0, 9)])
+def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re):
+    bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
+    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09)
+    want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def _decode(engine, method, mode, prompt, follow, n=(45, 38)):
+    engine.decode_mode = mode
+    try:
+        s = engine.session(method)
+        s.feed(prompt, compress=True, sparse=False)
+        a = s.generate(n[0])
+        s.drop_last(len(a.tokens) - 1)
+        s.feed(follow, compress=False, sparse=False)
+        b = s.generate(n[1])
+        return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
+    finally:
+        engine.decode_mode = "auto"
+
+
+@pytest.mark.parametrize("bits,group,residual", [(2, 16, 16), (4, 8, 5), (2, 32, 0)])
+def test_fast_kivi_equals_plain(smol_tokenizer, bits, group, residual):
+    engine = make_tiny_engine(smol_tokenizer, layers=2)
+    g = torch.Generator().manual_seed(bits * group + residual)
+    prompt = torch.randint(5, 2000, (201,), generator=g).tolist()
+    follow = torch.randint(5, 2000, (13,), generator=g).tolist()
+    cfg = dict(bits=bits, group=group, residual=residual)
+    plain, ppath, ps = _decode(engine, KIVI(**cfg), "plain", prompt, follow)
+    fast, fpath, fs = _decode(engine, KIVI(**cfg), "fast", prompt, follow)
+    assert ppath == ["plain"] * 2 and fpath == ["static"] * 2
+    assert fast == plain
+    assert fs.memory()["kv_bytes"] == ps.memory()["kv_bytes"]
+    for a, b in zip(fs.cache.layers, ps.cache.layers):
+        assert isinstance(a, KIVILayer) and a.n_quant == b.n_quant
+        for x, y in zip(a.dequantized(), b.dequantized()):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+def test_plugin_declines_other_layers(tiny_engine):
+    s = tiny_engine.session(KIVI())
+    s.feed([5, 6, 7] * 30, compress=False, sparse=False)
+    assert "not a KIVILayer" in fastdecode.unsupported(s.cache, s.method)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg", [{"name": "kivi", "bits": 2, "group": 16, "residual": 16},
+                                 {"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}])
+def test_cuda_graph_plugins_equal_plain(cfg):
+    """Captured graph (warm-up step undone, plugin state restored) against the plain loop, float32 on CUDA."""
+    from scbench.engines.hf import HFEngine
+    from scbench.registry import METHODS
+    from support import byte_tokenizer, random_llama
+
+    tok = byte_tokenizer()
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
+    engine = HFEngine("tiny", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    prompt = torch.randint(5, 250, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    follow = prompt[:23]
+    method = METHODS.get(cfg["name"])
+    knobs = {k: v for k, v in cfg.items() if k != "name"}
+    plain, _, _ = _decode(engine, method(**knobs), "plain", prompt, follow, n=(60, 41))
+    fast, paths, _ = _decode(engine, method(**knobs), "fast", prompt, follow, n=(60, 41))
+    assert paths == ["graph", "graph"]
+    assert fast == plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,full", [(2, True), (4, True), (2, False)])
+def test_flush_kernel_matches_torch(dtype, bits, full):
+    torch.manual_seed(bits)
+    b, h, c, d, cq, g, res = 1, 8, 512, 128, 1024, 32, 32
+    k, v = (torch.randn(b, h, c, d, device="cuda", dtype=dtype) * 3 for _ in range(2))
+    bufs = [torch.randint(0, 255, (b, h, cq, d * bits // 8), dtype=torch.uint8, device="cuda"),
+            torch.randn(b, h, cq // g, d, device="cuda", dtype=dtype), torch.randn(b, h, cq // g, d, device="cuda", dtype=dtype),
+            torch.randint(0, 255, (b, h, cq, d * bits // 8), dtype=torch.uint8, device="cuda"),
+            torch.randn(b, h, cq, d // g, device="cuda", dtype=dtype), torch.randn(b, h, cq, d // g, device="cuda", dtype=dtype)]
+    t = lambda x: torch.tensor([x], device="cuda")  # noqa: E731
+    rs, re = 37, 37 + res + g - (0 if full else 1)
+    outs = []
+    for fn in (kivi_decode.kivi_flush_torch, kivi_decode.kivi_flush_triton):
+        mine = [x.clone() for x in bufs]
+        nq_t, rs_t = t(320), t(rs)
+        fn(k, v, *mine, nq_t, rs_t, t(re), bits=bits, group=g, vgroup=g, residual=res)
+        outs.append((mine, int(nq_t), int(rs_t)))
+    (a, nq_a, rs_a), (b_, nq_b, rs_b) = outs
+    assert (nq_a, rs_a) == (nq_b, rs_b) == ((352, rs + g) if full else (320, rs))
+    for x, y in zip(a, b_):
+        if x.dtype == torch.uint8:  # rounding ties may differ in a rare element
+            assert (x != y).float().mean() < 1e-3
+        else:  # torch divides by the level count as a multiply by its reciprocal: 1 ulp in float32
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    if not full:
+        assert all(torch.equal(x, y) for x, y in zip(a, bufs))
