@@ -13,7 +13,7 @@ from scbench.records import RunSpec
 from scbench.registry import ENGINES, TASKS
 from scbench.runner import n_turns
 from scbench.store import Store, StoreError
-from scbench.validate import SpecError, check_method, check_spec
+from scbench.validate import SpecError, check_method, check_model_path, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         if source != "generated":  # files and hub rows are read and checked before the model loads
             examples = task.prepare_examples(load_examples(task, source, **data), spec.max_turns)
         if engine is None:
+            check_model_path(spec.model)  # after the store and the data files
             model = dict(spec.model, device=device) if device else spec.model
             engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})
         if examples is None:  # generated rows are sized in the model's tokens

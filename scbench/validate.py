@@ -143,8 +143,6 @@ def check_model(model: dict, data: dict, max_new_tokens: int | None = None) -> N
     path = model.get("path")
     if not path:
         raise SpecError("the model config has no 'path'", "pick one with model=NAME (scbench ls models) or set model.path")
-    if str(path).startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise SpecError(f"model.path {path} does not exist", "give a local model folder or a Hugging Face id")
     if str(path).startswith("random:"):
         from scbench.engines.models import RANDOM_PRESETS
 
@@ -171,6 +169,13 @@ def check_model(model: dict, data: dict, max_new_tokens: int | None = None) -> N
     if _is_int(window) and _is_int(max_new_tokens) and max_new_tokens >= window // 2:
         raise SpecError(f"max_new_tokens={max_new_tokens} leaves no room for the context in the window of "
                         f"{model.get('name') or path} ({window} tokens)", f"use max_new_tokens<={window // 8} or null")
+
+
+def check_model_path(model: dict) -> None:
+    """A local model folder exists (run right before the model loads, after the store and the data files)."""
+    path = str(model.get("path") or "")
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise SpecError(f"model.path {path} does not exist", "give a local model folder or a Hugging Face id")
 
 
 def check_spec(spec, engine_name: str = "hf", *, model: bool = True):

@@ -113,9 +113,8 @@ def test_export_into_a_closed_pipe(tmp_path):
     assert len(p.stdout) == 100 and "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
-def test_sweep_prints_one_table_and_a_plugin_method_runs(tmp_path, capsys, monkeypatch):
+def test_sweep_prints_one_table_and_a_plugin_method_runs(tmp_path, capsys, monkeypatch, clean_registries):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SCBENCH_PLUGINS", "")
     store = tmp_path / "sweep.sqlite"
     main(["run", "-m", "method=streamingllm-1k,random_evict", "task=passkey", f"plugins={FIXTURE}", *TINY,
           f"store={store}"])

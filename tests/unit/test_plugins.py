@@ -9,18 +9,9 @@ import torch
 
 from scbench import plugins, registry
 
+# clean_registries: tests/conftest.py
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "plugins" / "random_evict"
-
-
-@pytest.fixture
-def clean_registries(monkeypatch):
-    """Registries and plugin state restored after the test."""
-    for reg in (registry.METHODS, registry.TASKS):
-        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
-        monkeypatch.setattr(reg, "_sources", dict(reg._sources))
-        monkeypatch.setattr(reg, "_plugins_read", False)
-    monkeypatch.setattr(plugins, "_loaded", set())
-    monkeypatch.delenv(plugins.ENV, raising=False)
 
 
 def test_plugin_folder_registers_method_task_and_configs(clean_registries, monkeypatch):

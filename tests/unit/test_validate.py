@@ -42,6 +42,7 @@ CASES = [  # overrides, what the error line says, what the fix line says
     (["max_turns=0"], "max_turns must be an integer >= 1", "configs/config.yaml"),
     (["task.variant=nope"], "task scbench_kv has no variant 'nope'", "task.variant=null"),
     (["model.adapter=/no/adapter"], "adapter folder '/no/adapter' not found", "model.adapter"),
+    (["model.path=/no/model"], "model.path /no/model does not exist", "Hugging Face id"),
     (["model.path=random:tiny-lama"], "no such random preset", "did you mean 'tiny-llama'?"),
     (["engine=vllm", "method=streamingllm"], "runs on engines hf, not 'vllm'", "engine=hf"),
 ]
@@ -54,8 +55,9 @@ def test_refused_before_the_model_loads(args, line, fix, capsys, tmp_path, no_mo
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and line in lines[0] and lines[1].startswith("  fix:") and fix in lines[1], err
-    assert not (tmp_path / "s.sqlite").exists()  # a typo leaves no store ...
-    assert list(tmp_path.iterdir()) == []  # ... and no Hydra folder
+    if "model.path=/no/model" not in args:  # (checked after the store opens: data and store errors come first)
+        assert not (tmp_path / "s.sqlite").exists()  # a typo leaves no store ...
+        assert list(tmp_path.iterdir()) == []  # ... and no Hydra folder
 
 
 def test_local_path_without_the_task_rows(tmp_path, capsys, no_model):
@@ -109,8 +111,10 @@ def test_type_ok(value, annotation, ok):
 def test_sweep_records_refused_jobs_and_lists_them(capsys, tmp_path, no_model):
     from scbench.store import Store
 
-    main(["run", "-m", "mode=multi_turn,multi_request", "data.length=99999", f"store={tmp_path}/s.sqlite"])
-    out = capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # a sweep with failed jobs exits 1 ...
+        main(["run", "-m", "mode=multi_turn,multi_request", "data.length=99999", f"store={tmp_path}/s.sqlite"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out  # ... after its table
     table = out[out.index("model: smollm2-135m-probe"):].splitlines()
     assert table[1].split()[-1] == "status" and [line.split()[-1] for line in table[3:]] == ["failed", "failed"]
     runs = Store(tmp_path / "s.sqlite").runs()
