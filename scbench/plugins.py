@@ -11,7 +11,6 @@ Two ways in, both read on the first use of a registry:
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -19,7 +18,6 @@ from importlib import metadata
 from pathlib import Path
 
 ENV = "SCBENCH_PLUGINS"
-GROUPS = {"scbench.methods": "METHODS", "scbench.tasks": "TASKS"}
 _loaded: set[str] = set()
 
 
@@ -35,15 +33,12 @@ def plugin_dirs() -> list[Path]:
 
 
 def add_plugin_dir(path: str | os.PathLike) -> None:
-    """Make ``path`` a plugin folder for this process and its children (``plugins=DIR``)."""
+    """Make ``path`` a plugin folder for this process and its children (``plugins=DIR``); the registries read it
+    on their next use (they notice the changed environment)."""
     resolved = str(Path(path).expanduser().resolve())
     have = [p for p in os.environ.get(ENV, "").split(os.pathsep) if p]
     if resolved not in have:
         os.environ[ENV] = os.pathsep.join([*have, resolved])
-        from scbench import registry
-
-        for attr in GROUPS.values():
-            getattr(registry, attr)._plugins_read = False
 
 
 def config_dirs() -> list[Path]:
@@ -51,29 +46,30 @@ def config_dirs() -> list[Path]:
     return [d / "configs" for d in plugin_dirs() if (d / "configs").is_dir()]
 
 
-def register_module(module) -> list[str]:
-    """Register what a plugin module defines: every Method subclass (under its ``name``) and every Task instance
-    (under its ``name``) whose class the module defines. Returns the names."""
-    from scbench.methods.base import Method
-    from scbench.registry import METHODS, TASKS
-    from scbench.tasks.base import Task
+def _derives(cls, module: str, name: str) -> bool:
+    """Whether ``cls`` derives from ``module.name`` (by its MRO, so this module imports neither base)."""
+    return isinstance(cls, type) and any(c.__module__ == module and c.__name__ == name for c in cls.__mro__)
 
+
+def register_module(module, registries: dict) -> list[str]:
+    """Register what a plugin module defines: every Method subclass (under its ``name``) and every Task instance
+    (under its ``name``) whose class the module defines. ``registries``: entry-point group -> Registry."""
     names = []
     for value in list(vars(module).values()):
-        if isinstance(value, type) and issubclass(value, Method) and value.__module__ == module.__name__ \
-                and value.name != Method.name:
-            METHODS.add(value.name, value)
+        if _derives(value, "scbench.methods.base", "Method") and value.__module__ == module.__name__ \
+                and value.__name__ != "Method":
+            registries["scbench.methods"].add(value.name, value)
             names.append(value.name)
-        elif isinstance(value, Task) and type(value).__module__ == module.__name__:
-            TASKS.add(value.name, value)
+        elif _derives(type(value), "scbench.tasks.base", "Task") and type(value).__module__ == module.__name__:
+            registries["scbench.tasks"].add(value.name, value)
             names.append(value.name)
     return names
 
 
-def _import_file(path: Path) -> None:
+def _import_file(path: Path, registries: dict) -> None:
     name = path.stem.replace("-", "_")
     if name in sys.modules:
-        register_module(sys.modules[name])
+        register_module(sys.modules[name], registries)
         return
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if path.is_dir() else path)
     module = importlib.util.module_from_spec(spec)
@@ -83,19 +79,18 @@ def _import_file(path: Path) -> None:
     except BaseException:
         sys.modules.pop(name, None)
         raise
-    register_module(module)
+    register_module(module, registries)
 
 
-def load_plugins() -> None:
-    """Register entry points and import plugin folders (each once per process)."""
-    from scbench import registry
-
-    for group, attr in GROUPS.items():
+def load_plugins(registries: dict) -> None:
+    """Register entry points and import plugin folders (each once per process). ``registries``: entry-point group
+    (``scbench.methods``, ``scbench.tasks``) -> the Registry it fills."""
+    for group, reg in registries.items():
         if group in _loaded:
             continue
         _loaded.add(group)
         for ep in metadata.entry_points(group=group):
-            getattr(registry, attr).add(ep.name, ep.value)
+            reg.add(ep.name, ep.value)
     for folder in plugin_dirs():
         key = str(folder)
         if key in _loaded:
@@ -107,4 +102,4 @@ def load_plugins() -> None:
             if path.name.startswith(("_", ".")) or path.name == "configs":
                 continue
             if (path.suffix == ".py" and path.is_file()) or (path.is_dir() and (path / "__init__.py").exists()):
-                _import_file(path)
+                _import_file(path, registries)

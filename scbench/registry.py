@@ -30,7 +30,8 @@ class Registry:
         self._entries: dict[str, str | Callable] = {}
         self._sources: dict[str, str] = {}
         """name -> "module:attribute" as registered (``_entries`` holds the object once imported)."""
-        self._plugins_read = False
+        self._plugins_read: str | None = None
+        """$SCBENCH_PLUGINS when plugins were last read (None: never); a changed value reads them again."""
 
     def add(self, name: str, target: str | Callable) -> None:
         if name in self._entries and target not in (self._entries[name], self._sources.get(name)):
@@ -40,11 +41,13 @@ class Registry:
             self._sources[name] = target
 
     def _read_plugins(self) -> None:
-        if not self._plugins_read:
-            self._plugins_read = True
-            from scbench.plugins import load_plugins
+        import os
 
-            load_plugins()
+        from scbench.plugins import ENV, load_plugins
+
+        if self._plugins_read != os.environ.get(ENV, ""):
+            self._plugins_read = os.environ.get(ENV, "")
+            load_plugins({"scbench.methods": METHODS, "scbench.tasks": TASKS})
 
     def names(self) -> list[str]:
         self._read_plugins()

@@ -71,6 +71,6 @@ def clean_registries(monkeypatch):
     for reg in (registry.METHODS, registry.TASKS):
         monkeypatch.setattr(reg, "_entries", dict(reg._entries))
         monkeypatch.setattr(reg, "_sources", dict(reg._sources))
-        monkeypatch.setattr(reg, "_plugins_read", False)
+        monkeypatch.setattr(reg, "_plugins_read", None)
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setenv(plugins.ENV, "")  # (setenv records the original value, absent or not, for teardown)

@@ -62,7 +62,7 @@ def run_rows(store, run_ids: list[str]) -> list[dict]:
             "status": run["status"],
             "turns": {k: sum(v) / len(v) for k, v in sorted(per_turn.items())},
             "avg": sum(sum(v) for v in per_turn.values()) / n if n else None,
-            "n": len({t["example_id"] for t in turns}), "capped": capped / n if n else None,
+            "n": len({t["example_id"] for t in turns}), "n_turns": n, "capped": capped / n if n else None,
             "computed": sum(t["prefill_computed"] or 0 for t in turns),
             "reused": sum(t["prefill_reused"] or 0 for t in turns),
             "ttft": mean("ttft_s"), "tok_s": mean("decode_tok_s"), "kv": sum(kv) / len(kv) if kv else None,
@@ -132,9 +132,9 @@ def age(seconds: float) -> str:
 
 
 def runs_listing(store, defaults: dict, now: float | None = None, note=None) -> str:
-    """``scbench ls runs``: id, status, task, mode, score, n (examples; turns stored / expected when the run is not
-    done), model, method, age, settings that differ from ``defaults``, and ``note(run)`` (who holds a running run)
-    plus RESUME MISMATCH where a resumed run's replay differed from its stored turns."""
+    """``scbench ls runs``: id, status, task, mode, score, n (examples), turns (stored / expected), model, method,
+    age, settings that differ from ``defaults``, and ``note(run)`` (who holds a running run) plus RESUME MISMATCH
+    where a resumed run's replay differed from its stored turns."""
     now = time.time() if now is None else now
     runs = store.runs()
     if not runs:
@@ -144,15 +144,14 @@ def runs_listing(store, defaults: dict, now: float | None = None, note=None) -> 
     for run in runs:
         r = rows[run["run_id"]]
         spec = json.loads(run["spec"] or "{}")
-        n = str(r["n"])
-        if run["status"] != "done" and run.get("turns_done") is not None:
-            n += f" ({run['turns_done']}/{'?' if run.get('turns_expected') is None else run['turns_expected']} turns)"
+        done_turns = run.get("turns_done", r["n_turns"])
+        turns = f"{done_turns}/{'?' if run.get('turns_expected') is None else run['turns_expected']}"
         extra = [note(run) if note else "", "RESUME MISMATCH" if run.get("resume_mismatch") else ""]
-        body.append([run["run_id"][:12], run["status"] or "?", r["task"], r["mode"], _fmt(r["avg"]), n,
+        body.append([run["run_id"][:12], run["status"] or "?", r["task"], r["mode"], _fmt(r["avg"]), str(r["n"]), turns,
                      run["model"], f"{r['method']}({r['budget']})" if r["budget"] != "full" else r["method"],
                      age(now - (run["updated"] or run["created"] or now)),
                      " ".join(filter(None, [spec_changes(spec, defaults) or "-", *extra]))])
-    header = ["run", "status", "task", "mode", "score", "n", "model", "method", "age", "settings (vs default)"]
+    header = ["run", "status", "task", "mode", "score", "n", "turns", "model", "method", "age", "settings (vs default)"]
     width = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, width)).rstrip()
                      for cells in [header, ["-" * w for w in width], *body])

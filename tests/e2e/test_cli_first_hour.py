@@ -67,7 +67,7 @@ def test_ls_runs_and_show(first_run, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:7] == ["run", "status", "task", "mode", "score", "n", "model"]
     line = out.splitlines()[2]
-    assert " done " in line and "tiny-llama" in line and " 2 " in line
+    assert " done " in line and "tiny-llama" in line and " 2 " in line and " 4/4 " in line
     assert "data.length=200 data.turns=2 max_new_tokens=4 max_turns=2" in line  # what differs from the default
     run_id = line.split()[0]
     main(["show", run_id, "--store", str(store), "--example", "1", "--turn", "2", "--width", "60"])

@@ -30,8 +30,10 @@ def test_wheel_installs_and_runs(tmp_path):
                    check=True, env=env)
     own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True).stdout.strip()
-    borrowed = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir() and p != own]
-    borrowed = [sysconfig.get_paths()["purelib"], *borrowed]  # this environment's dependencies, after the wheel
+    here = Path(sysconfig.get_paths()["purelib"])  # this environment's dependencies (and the folders its .pth
+    borrowed = [str(here)]                           # lines add: a worktree borrowing another venv's), after the wheel
+    for pth in here.glob("*.pth"):
+        borrowed += [line for line in pth.read_text().splitlines() if line.endswith("site-packages") and Path(line).is_dir()]
     Path(own, "_borrowed_deps.pth").write_text("\n".join(dict.fromkeys(borrowed)) + "\n")
 
     def scbench(*args):

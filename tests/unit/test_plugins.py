@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scbench import plugins, registry
+from scbench.data import generate_rows
 
 # clean_registries: tests/conftest.py
 
@@ -25,7 +26,7 @@ def test_plugin_folder_registers_method_task_and_configs(clean_registries, monke
     kept, _ = m.compress_cache(0, k, k.clone(), None)
     assert kept.shape == (1, 2, 10, 8)
     assert torch.equal(kept[..., :2, :], k[..., :2, :]) and torch.equal(kept[..., -3:, :], k[..., -3:, :])
-    rows = __import__("scbench.data", fromlist=["generate_rows"]).generate_rows(registry.TASKS.get("passkey"), 1, 300, 2, 0)
+    rows = generate_rows(registry.TASKS.get("passkey"), 1, 300, 2, 0)
     assert rows[0]["multi_turns"][1]["answer"] in rows[0]["context"]
 
 
