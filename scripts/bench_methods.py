@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+")
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--max-new", type=int, default=100)
+    ap.add_argument("--model", default="random-llama-3.1-8b",
+                    help="model config on CUDA (random-llama-3.1-70b: split over the visible GPUs)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the random model (model.tokenizer)")
     ap.add_argument("--commit", default=os.environ.get("SCBENCH_COMMIT"))
     ap.add_argument("--out", default=None)
@@ -129,7 +131,7 @@ def main() -> None:
     cpu = a.cpu or not torch.cuda.is_available()
     lengths = a.lengths or ([2000] if cpu else [32000, 128000])
     methods = a.methods or (CPU_METHODS if cpu else GPU_METHODS)
-    model = ["model=smollm2-135m", "model.device=cpu"] if cpu else ["model=random-llama-3.1-8b"]
+    model = ["model=smollm2-135m", "model.device=cpu"] if cpu else [f"model={a.model}"]
     if a.tokenizer:
         model.append(f"model.tokenizer={a.tokenizer}")
     out = Path(a.out or ROOT / "results" / "perf" / ("methods_cpu" if cpu else "methods_gpu"))

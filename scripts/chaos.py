@@ -2,7 +2,8 @@
 
     python scripts/chaos.py [--kills 20] [--seed 0] [--workdir /tmp/scbench-chaos] [--json OUT.json]
 
-The sweep (``SWEEP`` below: full and KIVI (2-bit, group 32), multi-turn and multi-request, a random-weight tiny Llama
+The sweep (``SWEEP`` below: KIVI 2- and 4-bit at group 8 / residual 8, whose resume once lost the decode-time
+quantisation of the prompt tail, multi-turn and multi-request, a random-weight tiny Llama
 on the CPU) first runs once uninterrupted into ``clean.sqlite``. Then each launch into ``chaos.sqlite`` gets a
 random target phase (model load, prefill, decode, inside a store commit, between turns) and occurrence; when the
 child reaches it, a timer thread SIGKILLs the child a few milliseconds later (no cleanup runs) and records the
@@ -26,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-SWEEP = ["-m", "method=full,kivi", "mode=multi_turn,multi_request",
+SWEEP = ["-m", "method=kivi", "method.group=8", "method.residual=8", "method.bits=2,4", "mode=multi_turn,multi_request",
          "model.path=random:tiny-llama", "model.name=tiny-llama", "model.device=cpu", "model.dtype=float32",
          "model.window=4096", "data.n=2", "data.length=400", "data.turns=3", "max_new_tokens=12", "progress=false"]
 PHASES = {"model_load": 1, "prefill": 8, "decode": 8, "commit": 6, "between_turns": 6}

@@ -51,7 +51,10 @@ def unsupported(cache, method) -> str | None:
     plugin = plugin_for(method)
     if plugin is not None:
         check = getattr(plugin, "unsupported", None)
-        return check(cache) if check is not None else None
+        reason = check(cache) if check is not None else None
+        if reason is None and len({getattr(layer, "device", None) for layer in cache.layers}) > 1:
+            reason = "cache layers on several devices (a sharded model): the static buffers and graph are per device"
+        return reason
     if not getattr(method, "fast_decode", True):
         return f"method {getattr(method, 'name', type(method).__name__)!r} declares fast_decode = False"
     for i, layer in enumerate(getattr(cache, "layers", None) or [None]):

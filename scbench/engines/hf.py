@@ -14,7 +14,7 @@ import torch
 
 from scbench.engines import attention, sharding
 from scbench.engines.chat import TokenizerEngine, refuse_unknown_keys, split_model_config, stop_ids
-from scbench.engines.models import resolve
+from scbench.engines.models import check_window, resolve
 from scbench.engines.recurrent import RecurrentSession, check_state_in_cache, is_recurrent
 from scbench.engines.hf_session import HFSession, _sync
 from scbench.kv import offload as kvo
@@ -52,24 +52,6 @@ def sliding_window_layers(cfg) -> list[int]:
     if window and getattr(cfg, "use_sliding_window", True) is not False:
         return list(range(getattr(cfg, "num_hidden_layers", 0) or 0))
     return []
-
-
-def position_limit(cfg) -> tuple[int, str]:
-    """(positions the model takes, why): ``max_position_embeddings``, or more when the config's RoPE scaling
-    (``rope_parameters`` / ``rope_scaling`` with a ``factor``) extends it; (0, "") when the config gives none."""
-    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-    if not max_pos:
-        return 0, ""
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    params = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per-layer-type parameters (Gemma-3 style)
-    limit, how = max_pos, f"max_position_embeddings={max_pos}"
-    for p in params:
-        factor = p.get("factor")
-        if p.get("rope_type", p.get("type", "default")) != "default" and isinstance(factor, (int, float)) and factor > 1:
-            base = int(p.get("original_max_position_embeddings") or max_pos)
-            if base * factor > limit:
-                limit, how = int(base * factor), f"RoPE {p.get('rope_type', p.get('type'))} scaling x{factor} of {base}"
-    return limit, how
 
 
 class HFEngine(TokenizerEngine):
@@ -121,14 +103,22 @@ class HFEngine(TokenizerEngine):
         self.model_name = name or path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        if model is None and path.startswith("random:") and device_map is None:  # in memory, never saved
-            from scbench.engines.models import load_random
+        dispatched = False
+        if model is None and path.startswith("random:"):  # in memory, never saved
+            from scbench.engines.models import load_random, random_config, random_parts
 
-            model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
-                                           dtype=torch.float32 if adapter else self.dtype)
+            if device_map is None:
+                model, tokenizer = load_random(path, tokenizer=tokenizer_path, device=self.device,
+                                               dtype=torch.float32 if adapter else self.dtype)
+            else:  # built layer by layer on the devices of the map, never whole on one device
+                preset, seed, tokenizer = random_parts(path, tokenizer_path)
+                config = random_config(preset, tokenizer)
+                mapping = device_map if isinstance(device_map, dict) else sharding.plan(
+                    config, self._budget(max_memory), dtype=self.dtype, strategy=device_map)
+                model, dispatched = sharding.random_sharded(config, mapping, seed=seed, dtype=self.dtype), True
+                model.set_attn_implementation(attention.NAME)
         elif tokenizer_path is not None:
-            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset> on one device, got "
-                             f"path {path!r}")
+            raise ValueError(f"model.tokenizer is only used with model.path=random:<preset>, got path {path!r}")
         if model is None:
             folder = resolve(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -139,7 +129,7 @@ class HFEngine(TokenizerEngine):
                 folder, dtype=torch.float32 if adapter else self.dtype, trust_remote_code=trust_remote_code,
                 attn_implementation=attention.NAME, **placed,
             )
-        else:
+        elif not dispatched:
             model.set_attn_implementation(attention.NAME)
             if device_map is not None:
                 mapping = device_map if isinstance(device_map, dict) else sharding.plan(
@@ -163,12 +153,7 @@ class HFEngine(TokenizerEngine):
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no max_position_embeddings")
-        limit, how = position_limit(cfg)
-        if limit and self._window > limit:
-            raise ValueError(
-                f"model {self.model_name!r}: model.window={self._window} is above the {limit} positions the model "
-                f"takes ({how}); lower model.window, or use a model whose config sets RoPE scaling (rope_parameters "
-                "with a factor) for longer contexts")
+        check_window(self.model_name, self._window, cfg)
         check_state_in_cache(cfg)  # the more precise refusal comes first
         sliding = sliding_window_layers(cfg)
         if sliding:

@@ -205,6 +205,10 @@ RANDOM_PRESETS = {
                          "intermediate_size": 128, "moe_intermediate_size": 64, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                          "v_head_dim": 16, "qk_nope_head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1,
                          "linear_head_dim": 16, "linear_num_heads": 4, "layer_types": ["linear_attention", "full_attention"] * 2},
+    # Llama-3.1-70B shape (~140 GB in bf16: more than one GPU with a long cache; model.device_map splits it)
+    "llama-3.1-70b": {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                      "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672, "vocab_size": 128256,
+                      "max_position_embeddings": 131072, "rope_theta": 500000.0},
     # Llama-3.1-8B shape (GPU speed runs; ~16 GB in bf16: build it in memory with random_model, do not save it)
     "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256,
@@ -263,14 +267,20 @@ def load_random(path: str, *, tokenizer: str | None = None, device=None, dtype=N
     files copied to a machine without the GGUF package), else from the embedded SmolLM2. Weights are drawn with
     ``torch.manual_seed(seed)`` on the target device: the same seed gives the same weights on the same device
     type (CPU and CUDA generators differ)."""
+    preset, seed, tok = random_parts(path, tokenizer)
+    return random_model(preset, tokenizer=tok, seed=seed, dtype=dtype, device=device), tok
+
+
+def random_parts(path: str, tokenizer: str | None = None):
+    """``random:<preset>[@seed]`` -> (preset, seed, tokenizer): the tokenizer from the folder ``tokenizer``, else the
+    embedded SmolLM2's (see ``load_random``)."""
     from transformers import AutoTokenizer
 
     preset, seed = parse_random(path)
     folder = tokenizer or resolve("embedded:smollm2")
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"model.tokenizer {folder!r} is not a folder of tokenizer files")
-    tok = AutoTokenizer.from_pretrained(folder)
-    return random_model(preset, tokenizer=tok, seed=seed, dtype=dtype, device=device), tok
+    return preset, seed, AutoTokenizer.from_pretrained(folder)
 
 
 def materialize_random(preset: str, seed: int = 0) -> Path:
@@ -296,3 +306,32 @@ def materialize_random(preset: str, seed: int = 0) -> Path:
         raise ValueError(f"random preset {preset!r} holds {size / 2**30:.1f} GiB: build it in memory with random_model()")
     save_atomically(model, tokenizer, out)
     return out
+
+
+# --- position limits ---------------------------------------------------------------------------------
+def position_limit(cfg) -> tuple[int, str]:
+    """(positions the model takes, why): ``max_position_embeddings``, or more when the config's RoPE scaling
+    (``rope_parameters`` / ``rope_scaling`` with a ``factor``) extends it; (0, "") when the config gives none."""
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not max_pos:
+        return 0, ""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per-layer-type parameters (Gemma-3 style)
+    limit, how = max_pos, f"max_position_embeddings={max_pos}"
+    for p in params:
+        factor = p.get("factor")
+        if p.get("rope_type", p.get("type", "default")) != "default" and isinstance(factor, (int, float)) and factor > 1:
+            base = int(p.get("original_max_position_embeddings") or max_pos)
+            if base * factor > limit:
+                limit, how = int(base * factor), f"RoPE {p.get('rope_type', p.get('type'))} scaling x{factor} of {base}"
+    return limit, how
+
+
+def check_window(name: str, window: int, cfg) -> None:
+    """Refuse a ``model.window`` above the positions the model takes (``position_limit``)."""
+    limit, how = position_limit(cfg)
+    if limit and window > limit:
+        raise ValueError(
+            f"model {name!r}: model.window={window} is above the {limit} positions the model takes ({how}); lower "
+            "model.window, or use a model whose config sets RoPE scaling (rope_parameters with a factor) for longer "
+            "contexts")

@@ -157,6 +157,9 @@ class VLLMEngine(TokenizerEngine):
         if self._window <= 0:
             raise ValueError(f"model {self.model_name!r}: set model.window, the config gives no "
                              "max_position_embeddings")
+        from scbench.engines.models import check_window
+
+        check_window(self.model_name, self._window, cfg)
         self.max_model_len = int(self.options["max_model_len"] or self._window)
         self.num_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

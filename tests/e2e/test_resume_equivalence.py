@@ -91,7 +91,11 @@ def check_resume(engine, s: RunSpec, tmp_path, monkeypatch):
         store.close()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+SLOW = {"ppl_compress": "its compressor is the embedded SmolLM2"}
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, id=c.stem, marks=[pytest.mark.slow] if c.stem in SLOW else [])
+                                    for c in CONFIGS])
 def test_resume_equals_uninterrupted(config, engine, tmp_path, monkeypatch):
     method = OmegaConf.to_container(OmegaConf.load(config))
     why = CANNOT_RUN.get(config.stem) or CANNOT_RUN.get(method["name"])

@@ -1,19 +1,19 @@
-"""A model.window above the positions the model takes is refused, unless the config's RoPE scaling extends them."""
+"""A model.window above the positions the model takes is refused, unless the config's RoPE scaling extends it."""
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from types import SimpleNamespace
 
-from scbench.engines.hf import HFEngine, position_limit
+import pytest
+
+from scbench.engines.hf import HFEngine
+from scbench.engines.models import position_limit
+from support import random_llama
 
 
 def engine(tokenizer, window, **rope):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **rope)
-    return HFEngine("tiny", model=LlamaForCausalLM(cfg), tokenizer=tokenizer, device="cpu", window=window)
+    model = random_llama(len(tokenizer), layers=1, hidden=32, intermediate=64, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **rope)
+    return HFEngine("tiny", model=model, tokenizer=tokenizer, device="cpu", window=window)
 
 
 def test_window_above_max_positions_is_refused(smol_tokenizer):
@@ -31,12 +31,15 @@ def test_rope_scaling_extends_the_limit(smol_tokenizer):
 
 
 def test_limit_from_configs():
-    llama31 = LlamaConfig(max_position_embeddings=131072, rope_parameters={
+    llama31 = SimpleNamespace(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "rope_theta": 500000.0})
     assert position_limit(llama31)[0] == 131072
-    yarn = LlamaConfig(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                                      "original_max_position_embeddings": 32768,
-                                                                      "rope_theta": 1e6})
+    yarn = SimpleNamespace(max_position_embeddings=32768, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})
     assert position_limit(yarn)[0] == 131072
-    assert position_limit(LlamaConfig(max_position_embeddings=2048))[0] == 2048
+    per_layer = SimpleNamespace(max_position_embeddings=8192, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}})
+    assert position_limit(per_layer)[0] == 65536
+    assert position_limit(SimpleNamespace(max_position_embeddings=2048, rope_parameters=None))[0] == 2048
+    assert position_limit(SimpleNamespace())[0] == 0  # attention-free: no limit from the config

@@ -158,3 +158,20 @@ def test_a_method_that_cannot_run_sharded_is_refused_before_loading(tmp_path):
                    method={"name": "cacheblend"}, task="scbench_kv", mode="multi_turn", max_turns=1)
     with pytest.raises(ValueError, match="cacheblend.*split over devices.*one device"):
         run_spec(spec, str(tmp_path / "s.sqlite"), progress=False)
+
+
+def test_random_preset_built_over_a_device_map(monkeypatch):
+    """model.path=random:<preset> with model.device_map: weights built on the mapped devices (here all on the CPU)."""
+    from scbench.engines import models
+
+    monkeypatch.setitem(models.RANDOM_PRESETS, "tiny-test", {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 4096})
+    tok = byte_tokenizer()
+    monkeypatch.setattr(models, "random_parts", lambda path, tokenizer=None: ("tiny-test", 3, tok))
+    mapping = {m: "cpu" for m in ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm",
+                                  "model.rotary_emb", "lm_head")}
+    engine = HFEngine("random:tiny-test@3", device="cpu", dtype="float32", device_map=mapping)
+    assert hasattr(engine.model, "hf_device_map") and engine.devices == [torch.device("cpu")]
+    rows = replay(engine, {"name": "full"}, "multi_turn")
+    assert len(rows) == 2 and rows[0].stats.kv_bytes > 0
