@@ -65,7 +65,7 @@ def test_ls_runs_and_show(first_run, capsys):
     _, store, _ = first_run
     main(["ls", "runs", "--store", str(store)])
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:7] == ["run", "status", "task", "mode", "score", "n", "model"]
+    assert out.splitlines()[0].split()[:8] == ["run", "status", "task", "mode", "score", "n", "turns", "model"]
     line = out.splitlines()[2]
     assert " done " in line and "tiny-llama" in line and " 2 " in line and " 4/4 " in line
     assert "data.length=200 data.turns=2 max_new_tokens=4 max_turns=2" in line  # what differs from the default
