@@ -15,7 +15,7 @@ import torch
 
 from scbench.devices import sync as _sync
 from scbench.engines import attention, fastdecode, sharding
-from scbench.engines.base import FeedStats, GenResult, Session
+from scbench.engines.base import FeedStats, GenResult, Session, cache_kw
 from scbench.kv import cache as kvc
 from scbench.kv import offload as kvo
 
@@ -49,7 +49,7 @@ class HFSession(Session):
             ctx.decode, ctx.cache = True, self.cache
         with attention.active(ctx):
             out = self.engine.model(
-                input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                input_ids=input_ids, position_ids=position_ids, **{cache_kw(self.engine.model): self.cache},
                 use_cache=True, logits_to_keep=1,
             )
         self.pos += len(ids)
@@ -73,7 +73,7 @@ class HFSession(Session):
         if compress:
             _sync(self.engine.device)
             t1 = time.perf_counter()
-            self._compress(ctx)
+            self._compress(ctx, ids)
             _sync(self.engine.device)
             compress_s = time.perf_counter() - t1
         _sync(self.engine.device)
@@ -97,12 +97,17 @@ class HFSession(Session):
         return logits
 
     @torch.inference_mode()
-    def _compress(self, ctx: attention.AttnContext) -> None:
+    def _compress(self, ctx: attention.AttnContext, ids: list[int]) -> None:
+        """One compression firing over every layer; ``ids`` are the tokens fed since the previous one."""
         self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
+        self.method.prepare_compression(self, ids)  # e.g. KVzip's context-reconstruction forwards
         for idx, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or kvc.compresses_itself(layer):
                 continue
             queries = ctx.queries.get(idx) if ctx.capture_queries else None
+            if getattr(layer, "scbench_ragged", False):  # per-head lengths (scbench/kv/ragged.py)
+                kvc.install_layer(self.cache, idx, self.method.compress_ragged(idx, layer, queries))
+                continue
             out = self.method.compress_cache(idx, layer.keys, layer.values, queries)
             if not isinstance(out, tuple):  # a cache layer with its own representation (e.g. KIVI)
                 kvc.install_layer(self.cache, idx, out)
@@ -116,12 +121,18 @@ class HFSession(Session):
             kvc.replace_layer(self.cache, idx, k, v)
         lengths, e = kvc.layer_lengths(self.cache), self.engine
         full = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, max(lengths, default=0), e.dtype)
-        self.last_compression = {"context_tokens": self.pos, "kept_tokens": sum(lengths) / max(1, len(lengths)),
-                                 "kv_ratio": kvc.kv_nbytes(self.cache) / full if full else None}
+        per_token = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, 1, e.dtype)  # one token in every layer and head
+        resident = kvc.kv_nbytes(self.cache)
+        self.last_compression = {"context_tokens": self.pos, "kv_ratio": resident / full if full else None,
+                                 # mean kept tokens per layer and KV head (ragged layers keep per-head counts)
+                                 "kept_tokens": resident / per_token if per_token else None}
         """What the last compression left (read and cleared by the runner's fired-check, scbench/checks.py)."""
 
     @torch.inference_mode()
-    def generate(self, max_new_tokens):
+    def generate(self, max_new_tokens, *, compress_every: int | None = None, compress_cap: int | None = None):
+        """Greedy decode. ``compress_every`` (policy ``decode_every``): every that many decode steps the method's
+        compression fires again when the cache holds more than ``compress_cap`` tokens (None: always), on the
+        queries of the tokens decoded since the previous firing; decode then takes the plain loop."""
         if self.last_logits is None:
             raise RuntimeError("generate() before any feed()")
         if max_new_tokens < 1:
@@ -131,15 +142,25 @@ class HFSession(Session):
         t0 = time.perf_counter()
         tok = int(self.last_logits.argmax())
         first_s = time.perf_counter() - t0
-        path = self._decode_path()
+        compress_every = compress_every if "compress_cache" in self.hooks else None
+        path = "plain" if compress_every else self._decode_path()
+        compress_s, since = 0.0, 0
         t1 = time.perf_counter()
         warmup_s = 0.0
         if path == "plain":
             out = [tok]
-            ctx = attention.AttnContext(method=self.method)
+            window = self.method.query_window if compress_every else 0
+            ctx = attention.AttnContext(method=self.method, capture_queries=window, rolling=True)
             while tok not in stop and len(out) < max_new_tokens:
                 tok = int(self._forward([tok], ctx).argmax())
                 out.append(tok)
+                since += 1
+                if compress_every and since >= compress_every:
+                    if compress_cap is None or max(kvc.layer_lengths(self.cache)) > compress_cap:
+                        t2 = time.perf_counter()
+                        self._compress(ctx, out[-1 - since : -1])
+                        compress_s += time.perf_counter() - t2
+                    ctx.queries, since = {}, 0
         else:
             try:
                 if self.decoder is None:
@@ -154,11 +175,11 @@ class HFSession(Session):
                 return self.generate(max_new_tokens)
             self.pos += len(out) - 1
         _sync(dev)
-        decode_s = time.perf_counter() - t1 - warmup_s
+        decode_s = time.perf_counter() - t1 - warmup_s - compress_s  # decode alone (compressions: compress_s)
         self.last_logits = None
         text = self.engine.decode([t for t in out if t not in stop])
         return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=out[-1] in stop,
-                         decode_path=path, warmup_s=warmup_s)
+                         decode_path=path, compress_s=compress_s, warmup_s=warmup_s)
 
     def _decode_path(self) -> str:
         """``plain``, or the fast path's name when the engine's decode mode asks for it and the cache allows it."""

@@ -37,6 +37,8 @@ CASES = [  # method that fires, the same method constructed not to fire (and why
     ({"name": "snapkv", "budget": 0.25, "window": 8}, {"name": "snapkv", "budget": 100000, "window": 8}),
     ({"name": "pyramidkv", "budget": 96, "window": 8, "beta": 2}, {"name": "pyramidkv", "budget": 100000, "window": 8}),
     ({"name": "h2o", "budget": 64}, {"name": "h2o", "budget": 100000}),
+    ({"name": "adakv", "budget": 64, "window": 8}, {"name": "adakv", "budget": 100000, "window": 8}),
+    ({"name": "kvzip", "budget": 64}, {"name": "kvzip", "budget": 100000}),
     ({"name": "ashape", "n_init": 4, "n_local": 32}, {"name": "ashape", "n_init": 4, "n_local": 100000}),
     ({"name": "trishape", "n_init": 4, "n_local": 32, "n_last": 8},
      {"name": "trishape", "n_init": 4, "n_local": 100000, "n_last": 8}),
@@ -88,7 +90,7 @@ def test_kivi_compression_never_applied(tiny_engine, tmp_path, monkeypatch):
 def test_compression_hook_never_called(tiny_engine, tmp_path, monkeypatch):
     from scbench.engines import hf
 
-    monkeypatch.setattr(hf.HFSession, "_compress", lambda self, ctx: None)  # a broken engine path
+    monkeypatch.setattr(hf.HFSession, "_compress", lambda self, ctx, ids: None)  # a broken engine path
     bad = turns_of(tiny_engine, tmp_path, {"name": "snapkv", "budget": 0.25, "window": 8})
     (c,) = json.loads(bad[0]["checks"])
     assert unfired(bad[0]) and c["measured"] is None
