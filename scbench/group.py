@@ -138,7 +138,8 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     from scbench.engines.fork import ForkingEngine, SharedPrefill
     from scbench.provenance import collect, spec_hash
     from scbench.registry import TASKS
-    from scbench.run import _record_stop, build_method, get_engine, parse_shard, record_failure, run_spec_dict, shard_key
+    from scbench.run import _record_stop, finished, get_engine, parse_shard, record_failure, run_spec_dict, shard_key
+    from scbench.validate import check_spec
     from scbench.runner import n_turns
     from scbench.store import Store
 
@@ -152,12 +153,12 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
         try:
             picked = parse_shard(job.shard)
             replay_class(job.timing)
-            job.spec.validate()
+            m.method = check_spec(job.spec, job.engine_name, model=engine is None)  # scbench/validate.py
             m.task = TASKS.get(job.spec.task).with_variant(job.spec.task_variant)
-            m.method = build_method(job.spec.method)
-            if job.engine_name not in m.method.engines:
-                raise ValueError(f"method {m.method.name!r} runs on engines {', '.join(m.method.engines)}, "
-                                 f"not {job.engine_name!r}")
+            if picked is None and finished(job.store, m.run_id):  # a re-launch: no model loads for it
+                log.warning("run %s is done (every turn stored in %s): nothing to do", m.run_id, job.store)
+                outcomes.append(Outcome(job, m.run_id))
+                continue
             if job.spec.model.get("device_map") not in (None, "", "null", "none") and m.method.sharded:
                 raise ValueError(f"method {m.method.name!r} cannot run on a model split over devices "
                                  f"(model.device_map): {m.method.sharded}")

@@ -20,23 +20,49 @@ def suggest(name: str, valid: list[str], kind: str) -> str:
 
 
 class Registry:
-    """Maps a name to "module:attribute"; the module is imported only when the name is used."""
+    """Maps a name to "module:attribute"; the module is imported only when the name is used.
+
+    Out-of-tree entries come from the entry-point group ``scbench.<kind>s`` (``scbench.methods``,
+    ``scbench.tasks``) and from plugin folders (``scbench.plugins``), read on first use."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, str | Callable] = {}
+        self._sources: dict[str, str] = {}
+        """name -> "module:attribute" as registered (``_entries`` holds the object once imported)."""
+        self._plugins_read: str | None = None
+        """$SCBENCH_PLUGINS when plugins were last read (None: never); a changed value reads them again."""
 
     def add(self, name: str, target: str | Callable) -> None:
-        if name in self._entries:
+        if name in self._entries and target not in (self._entries[name], self._sources.get(name)):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._entries[name] = target
+        self._entries.setdefault(name, target)
+        if isinstance(target, str):
+            self._sources[name] = target
+
+    def _read_plugins(self) -> None:
+        import os
+
+        from scbench.plugins import ENV, load_plugins
+
+        if self._plugins_read != os.environ.get(ENV, ""):
+            self._plugins_read = os.environ.get(ENV, "")
+            load_plugins({"scbench.methods": METHODS, "scbench.tasks": TASKS})
 
     def names(self) -> list[str]:
+        self._read_plugins()
         return sorted(self._entries)
 
     def check(self, name: str) -> None:
         if name not in self._entries:
+            self._read_plugins()
+        if name not in self._entries:
             raise UnknownName(suggest(name, list(self._entries), self.kind))
+
+    def target(self, name: str) -> str | Callable:
+        """The registered "module:attribute" (the object itself when it was added as one)."""
+        self.check(name)
+        return self._sources.get(name, self._entries[name])
 
     def get(self, name: str) -> Any:
         self.check(name)

@@ -5,29 +5,23 @@ import dataclasses
 import logging
 import time
 import traceback
+from pathlib import Path
 
 from scbench import provenance
 from scbench.data import load_examples
 from scbench.records import RunSpec
-from scbench.registry import ENGINES, METHODS, TASKS
+from scbench.registry import ENGINES, TASKS
 from scbench.runner import n_turns
 from scbench.store import Store, StoreError
+from scbench.validate import SpecError, check_method, check_model_path, check_spec
 
 log = logging.getLogger(__name__)
 
 
 def build_method(cfg: dict):
-    """Method instance from ``{name: ..., knob: value}``; unknown names and knobs get clear errors."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name is None:
-        raise ValueError("method config needs a 'name'")
-    cls = METHODS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise ValueError(f"method {name!r} has no knob(s) {', '.join(unknown)}; its knobs: {', '.join(sorted(fields)) or 'none'}")
-    return cls(**cfg)
+    """Method instance from ``{name: ..., knob: value}``; unknown names and knobs, wrong types and values get a
+    SpecError (a ValueError) naming the knob, with a did-you-mean."""
+    return check_method(cfg, engine_name=None)
 
 
 RESOURCE_OPTIONS = {"gpu_memory_utilization", "cpu_kvcache_space_gib", "cpu_threads_bind"}
@@ -72,6 +66,23 @@ def record_failure(store_path: str, run_id: str, spec_dict: dict, error: BaseExc
         store.close()
 
 
+def finished(store_path: str, run_id: str) -> bool:
+    """Whether the store already holds ``run_id`` as done (read without creating a missing store)."""
+    import sqlite3
+
+    if not Path(store_path).exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True, timeout=60)
+        try:
+            row = db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == "done"
+
+
 def shard_key(picked: tuple[int, int] | None) -> str:
     """The lease key of a shard ("" for a whole run): shards of one run are computed by separate processes."""
     return "" if picked is None else f"{picked[0]}/{picked[1]}"
@@ -113,7 +124,7 @@ def run_id_of(spec: RunSpec, engine_name: str = "hf", engine_options: dict | Non
 
 def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = "hf", progress: bool = True,
              shard: str | None = None, device: str | None = None, engine_options: dict | None = None,
-             timing: str = "sequential") -> str:
+             timing: str = "sequential", record_spec_errors: bool = True) -> str:
     """Run (or resume) ``spec``; returns the run id. Validates everything before loading a model.
 
     ``shard="i/n"`` processes only the examples whose index % n == i; shards share the run id (the shard is
@@ -124,7 +135,9 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     run id, so its runs never mix with the transformers engine's).
     ``timing="batched"`` decodes an example's independent turns as one batch where the method allows it
     (scbench/batch.py; same predictions, batched cost columns); ``sequential`` decodes one turn at a time.
-    A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error.
+    A failure at any point, also before the model loads, leaves a run row with status ``failed`` and the error;
+    except, with ``record_spec_errors=False`` (a single ``scbench run``), a refused spec when the store does not
+    exist yet: a typo creates no store. A run the store holds as done returns at once (no model loads).
     """
     from scbench.batch import replay_class
 
@@ -135,14 +148,14 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
     try:
         picked = parse_shard(shard)
         replay_cls = replay_class(timing)
-        spec.validate()
+        method = check_spec(spec, engine_name, model=engine is None)  # all that is checkable without a model
         task = TASKS.get(spec.task).with_variant(spec.task_variant)
-        method = build_method(spec.method)
-        if engine_name not in method.engines:
-            raise ValueError(f"method {method.name!r} runs on engines {', '.join(method.engines)}, not {engine_name!r}")
         if spec.model.get("device_map") not in (None, "", "null", "none") and method.sharded:
             raise ValueError(f"method {method.name!r} cannot run on a model split over devices (model.device_map): "
                              f"{method.sharded}")
+        if engine is None and picked is None and finished(store_path, run_id):
+            log.warning("run %s is done (every turn stored in %s): nothing to do", run_id, store_path)
+            return run_id
         store = Store(store_path)  # a corrupt store or one of another schema fails here, before the model loads
         data = dict(spec.data)
         source = data.pop("source", "generated")
@@ -150,6 +163,7 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
         if source != "generated":  # files and hub rows are read and checked before the model loads
             examples = task.prepare_examples(load_examples(task, source, **data), spec.max_turns)
         if engine is None:
+            check_model_path(spec.model)  # after the store and the data files
             model = dict(spec.model, device=device) if device else spec.model
             engine = get_engine(model, engine_name, {**(engine_options or {}), **method.engine_args()})
         if examples is None:  # generated rows are sized in the model's tokens
@@ -160,6 +174,8 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             store.close()
         if isinstance(e, StoreError):  # the store itself is the problem: nowhere to record it
             raise
+        if isinstance(e, SpecError) and not record_spec_errors and not Path(store_path).exists():
+            raise  # a typo in the spec creates no results store
         try:
             record_failure(store_path, run_id, spec_dict, e)
         except Exception as e2:  # noqa: BLE001 - never hide the job's own error behind a store problem

@@ -238,5 +238,6 @@ class Replay:
         if i not in self.done:  # a stored turn replayed on resume is not stored again: the next new turn carries it
             self.warmup_s = 0.0
         scores = self.task.score(prediction, turn, self.example.extra)
-        reference = {"answer": turn.answer, "turn_extra": turn.extra, "example_extra": self.example.extra}
+        reference = {"answer": turn.answer, "question": turn.input, "turn_extra": turn.extra,
+                     "example_extra": self.example.extra}
         return TurnResult(self.example.id, i, stats.prompt_tokens, prediction, reference, scores, stats)

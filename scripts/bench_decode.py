@@ -32,6 +32,7 @@ import torch
 
 from scbench.devices import sync as _sync
 from scbench.engines import fastdecode
+from scbench.engines.base import cache_kw
 from scbench.engines.hf import HFEngine
 from scbench.kv import cache as kvc
 from scbench.registry import METHODS
@@ -109,7 +110,7 @@ def bare_forward_s(engine, ids: torch.Tensor, repeats: int = 1) -> float:
                 cache = DynamicCache(config=model.config)
                 _sync(dev)
                 t0 = time.perf_counter()
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
                 del cache

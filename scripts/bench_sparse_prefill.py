@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scbench.engines.base import cache_kw
 from scbench.kernels import flex
 from scbench.kernels import pattern as pat
 from scbench.methods.ashape import AShape
@@ -246,7 +247,7 @@ def whole_model(args) -> None:
             def forward():
                 ctx = attention.AttnContext(method=m, sparse=m is not None)
                 with torch.inference_mode(), attention.active(ctx):
-                    model(input_ids=ids, past_key_values=DynamicCache(config=cfg), use_cache=True, logits_to_keep=1)
+                    model(input_ids=ids, **{cache_kw(model): DynamicCache(config=cfg)}, use_cache=True, logits_to_keep=1)
                 return ctx
 
             forward()  # warm-up: compiles FlexAttention for this length, plans cuDNN

@@ -61,3 +61,16 @@ def _slow_marks_the_embedded_model(request, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    """Method / task registries and plugin state restored after the test (plugin tests register out-of-tree names)."""
+    from scbench import plugins, registry
+
+    for reg in (registry.METHODS, registry.TASKS):
+        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+        monkeypatch.setattr(reg, "_sources", dict(reg._sources))
+        monkeypatch.setattr(reg, "_plugins_read", None)
+    monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setenv(plugins.ENV, "")  # (setenv records the original value, absent or not, for teardown)

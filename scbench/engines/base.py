@@ -106,3 +106,17 @@ class Engine(ABC):
     @abstractmethod
     def describe(self) -> dict:
         """Model id, dtype, device, chat-template hash, ... (stored with every run)."""
+
+
+def cache_kw(module) -> str:
+    """The name ``module.forward`` takes the KV cache under: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is a deprecated alias that warns), ``past_key_values`` before (5.17 on the GPU box)."""
+    import inspect
+
+    cls = type(module)
+    if cls not in _CACHE_KW:
+        _CACHE_KW[cls] = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return _CACHE_KW[cls]
+
+
+_CACHE_KW: dict[type, str] = {}

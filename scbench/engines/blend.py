@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from scbench.devices import sync as _sync
 from scbench.engines import attention
-from scbench.engines.base import FeedStats
+from scbench.engines.base import FeedStats, cache_kw
 
 EXACT_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
@@ -75,7 +75,7 @@ def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int) -> tuple[list[
         head = ids[:prefix] if s > 0 else []
         inp = torch.tensor([head + ids[s:e]], device=dev)
         cache = DynamicCache(config=model.config)
-        model(input_ids=inp, position_ids=torch.arange(inp.shape[1], device=dev)[None], past_key_values=cache,
+        model(input_ids=inp, position_ids=torch.arange(inp.shape[1], device=dev)[None], **{cache_kw(model): cache},
               use_cache=True, logits_to_keep=1)
         shift = torch.full((e - s,), s - len(head), dtype=torch.long)
         for i, layer in enumerate(cache.layers[: len(layers)]):
@@ -153,7 +153,7 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
         kv.idx = None if full else idx
         ctx = attention.AttnContext() if full else attention.AttnContext(method=_ScatteredQueries(idx, n), sparse=True)
         with attention.active(ctx):
-            hidden = layer(hidden, position_embeddings=(cos, sin), position_ids=idx[None], past_key_values=kv,
+            hidden = layer(hidden, position_embeddings=(cos, sin), position_ids=idx[None], **{cache_kw(layer): kv},
                            use_cache=True)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         if full and i == select_layer:  # pick the tokens the deeper layers recompute
@@ -201,7 +201,7 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     if measure_full:
         t2 = time.perf_counter()
         with torch.inference_mode():
-            model(input_ids=torch.tensor([ids], device=dev), past_key_values=DynamicCache(config=model.config),
+            model(input_ids=torch.tensor([ids], device=dev), **{cache_kw(model): DynamicCache(config=model.config)},
                   use_cache=True, logits_to_keep=1)
         _sync(dev)
         costs["prefill_saved_s"] = time.perf_counter() - t2 - seconds

@@ -22,6 +22,7 @@ import time
 import torch
 
 from scbench.engines import attention
+from scbench.engines.base import cache_kw
 
 PATHS = ("plain", "static", "graph")
 """What ``GenResult.decode_path`` records: the reference loop, or the static cache stepped eagerly / as a graph."""
@@ -291,7 +292,7 @@ class FastDecoder:
         """Forward ``tok`` at ``pos``; write the greedy pick to ``out[step]`` and ``tok``; advance ``pos``, ``step``."""
         self.kv.begin_step()
         with attention.active(attention.AttnContext(static=self.kv)):
-            logits = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.kv,
+            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
                                 use_cache=True, logits_to_keep=1).logits
         nxt = logits[0, -1].argmax().view(1)
         self.out.index_copy_(0, self.kv.step, nxt)

@@ -15,7 +15,7 @@ import torch
 
 from scbench.devices import sync as _sync
 from scbench.engines import attention, fastdecode, sharding
-from scbench.engines.base import FeedStats, GenResult, Session
+from scbench.engines.base import FeedStats, GenResult, Session, cache_kw
 from scbench.kv import cache as kvc
 from scbench.kv import offload as kvo
 
@@ -49,7 +49,7 @@ class HFSession(Session):
             ctx.decode, ctx.cache = True, self.cache
         with attention.active(ctx):
             out = self.engine.model(
-                input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                input_ids=input_ids, position_ids=position_ids, **{cache_kw(self.engine.model): self.cache},
                 use_cache=True, logits_to_keep=1,
             )
         self.pos += len(ids)

@@ -100,14 +100,20 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 
 def adapter_dir(path: str | os.PathLike) -> Path:
     """The adapter folder named by a model config's ``adapter`` key: as given (absolute or relative to
-    the working directory), else relative to the repository / installed package root."""
+    the working directory), else relative to the repository root, else (``models/<name>``) inside the installed
+    ``scbench.models`` package (a wheel ships the adapters there)."""
+    import scbench.models
+
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
     root = Path(__file__).resolve().parents[2]
     if (root / p).exists():
         return root / p
-    raise FileNotFoundError(f"adapter folder {path!r} not found (looked in {Path.cwd()} and {root})")
+    shipped = Path(scbench.models.__file__).resolve().parent
+    if p.parts[:1] == ("models",) and (shipped.joinpath(*p.parts[1:])).exists():
+        return shipped.joinpath(*p.parts[1:])
+    raise FileNotFoundError(f"adapter folder {path!r} not found (looked in {Path.cwd()}, {root} and {shipped})")
 
 
 def load_adapter(path: str | os.PathLike) -> tuple[dict, dict]:

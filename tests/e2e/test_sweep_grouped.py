@@ -128,7 +128,8 @@ def test_cli_sweep_groups_by_default(tiny_folder, tmp_path, share):
 
     db = tmp_path / "cli.sqlite"
     main(["run", "-m", "method=full,streamingllm-1k,ashape", "mode=multi_request", f"share_prefill={share}",
-          f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu", "model.dtype=float32",
+          "model=smollm2-135m", f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu",
+          "model.dtype=float32",
           "model.window=4096", f"store={db}", "data.n=1", "data.length=200", "data.turns=2", "max_new_tokens=2",
           "progress=false", f"hydra.sweep.dir={tmp_path}/hydra"])
     store = Store(db)

@@ -20,7 +20,8 @@ def tiny_folder(smol_tokenizer, tmp_path_factory):
 
 
 def common(tiny_folder, tmp_path, db):
-    return [f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu", "model.dtype=float32",
+    return ["model=smollm2-135m", f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu",
+            "model.dtype=float32",
             "model.window=4096", f"store={db}", "data.n=2", "data.length=200", "data.turns=2", "max_new_tokens=2",
             "progress=false", f"hydra.sweep.dir={tmp_path}/hydra"]
 

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from scbench.engines import blend
+from scbench.engines.base import cache_kw
 from scbench.methods.cacheblend import CacheBlend
 from scbench.records import RunSpec
 from scbench.registry import METHODS, TASKS
@@ -94,14 +95,14 @@ def test_zero_recompute_equals_plain_concatenation(engine):
     with torch.inference_mode():
         for s, e in blend.chunk_spans(len(ids) - 1, 16):
             c = DynamicCache(config=engine.model.config)
-            engine.model(input_ids=torch.tensor([ids[s:e]]), position_ids=torch.arange(s, e)[None], past_key_values=c,
+            engine.model(input_ids=torch.tensor([ids[s:e]]), position_ids=torch.arange(s, e)[None], **{cache_kw(engine.model): c},
                          use_cache=True)
             parts.append(c)
         for i in range(engine.num_layers):
             ref.update(torch.cat([c.layers[i].keys for c in parts], 2),
                        torch.cat([c.layers[i].values for c in parts], 2), i)
         logits = engine.model(input_ids=torch.tensor([ids[-1:]]), position_ids=torch.tensor([[len(ids) - 1]]),
-                              past_key_values=ref, use_cache=True).logits[0, -1]
+                              **{cache_kw(engine.model): ref}, use_cache=True).logits[0, -1]
     s, fs, costs = blended(engine, ids, chunk_size=16, recompute_ratio=0.0, measure_full=False)
     for a, b in zip(s.cache.layers, ref.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)

@@ -25,6 +25,8 @@ import json
 import pytest
 import torch
 
+from scbench.engines.base import cache_kw
+
 
 def kept_positions(full: torch.Tensor, kept: torch.Tensor) -> list[list[set[int]]]:
     """full: [1, H, n, D], kept: [1, H, k, D] -> per head, the set of full positions whose keys were kept."""
@@ -53,7 +55,7 @@ def theirs(model, press, ids):
              for layer in model.model.layers]
     try:
         with torch.inference_mode(), press(model):
-            model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([ids]), **{cache_kw(model): cache}, use_cache=True)
     finally:
         for h in shims:
             h.remove()

@@ -114,7 +114,7 @@ def test_corrupt_store_in_a_run_is_one_line(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.sqlite"
     corrupt.write_bytes(b"not a database" * 200)
     with pytest.raises(SystemExit) as e:
-        main(["run", f"store={corrupt}", "model.path=/nonexistent", "progress=false"])
+        main(["run", f"store={corrupt}", "model=tiny-llama", "progress=false"])  # refused before any model loads
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("scbench run: error: ") and str(corrupt) in err[-1]

@@ -14,16 +14,19 @@ FOLDERS = {"scbench": "scbench", "methods": "scbench.methods", "tasks": "scbench
 
 LAYERS = [  # bottom first; a module may import its own layer and the ones below
     ("foundation", ["scbench.records", "scbench.prompts", "scbench.provenance", "scbench.registry",
-                    "scbench.devices"]),  # plain data, names and helpers (the registry imports by name, lazily)
+                    "scbench.devices", "scbench.plugins", "scbench.introspect", "scbench.models"]),
+    # plain data, names and helpers (the registry imports by name, lazily; plugins fill registries they are given;
+    # introspect reads method sources; scbench.models holds the shipped adapters, no code)
     ("kv and kernels", ["scbench.kv", "scbench.kernels"]),
     ("engines", ["scbench.engines"]),
-    ("methods and tasks", ["scbench.methods", "scbench.tasks", "scbench.data", "scbench.scoring"]),
+    ("methods and tasks", ["scbench.methods", "scbench.tasks", "scbench.data", "scbench.scoring",
+                           "scbench.validate"]),  # validate: a spec's checks before any model loads
     # the store sits beside run: run_spec writes every finished turn into it (the store imports only records)
     # batch (decode an example's turns together) extends the runner; group (sweeps sharing a prefill) runs specs
     ("runner and run", ["scbench.runner", "scbench.run", "scbench.store", "scbench.leases", "scbench.batch",
                         "scbench.group"]),
     ("report", ["scbench.report"]),
-    ("cli", ["scbench.cli", "scbench"]),  # the package itself: the public API (scbench.score_turns)
+    ("cli", ["scbench.cli", "scbench.cli_inspect", "scbench.overrides", "scbench"]),  # the package itself: the public API (scbench.score_turns)
 ]
 
 
