@@ -89,6 +89,23 @@ class Method:
         exceed the cache length after earlier evictions). Default: nothing.
         """
 
+    def prepare_compression(self, session, ids: list[int]) -> None:
+        """Called by the engine after ``begin_compression`` and before ``compress_cache`` runs over the layers.
+
+        ``session`` is the engine session (its cache holds ``ids``, the tokens fed since the previous firing, at
+        the end of every layer); a method may run extra forwards through it and must leave its cache and position
+        as it found them (KVzip's context reconstruction). Its time counts as compression time. Default: nothing.
+        """
+
+    def compress_ragged(self, layer_idx: int, layer, queries: torch.Tensor | None):
+        """Compression of a layer whose KV heads hold different lengths (``scbench.kv.ragged.RaggedLayer``).
+
+        Default: ``compress_cache`` on each KV head alone with the query heads of its group. Returns a new layer.
+        """
+        from scbench.kv.ragged import compress_heads
+
+        return compress_heads(self, layer_idx, layer, queries)
+
     def prefill_attention(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:

@@ -57,6 +57,8 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
         return f"method {method.name!r} changes or owns its cache during decode"
     if spec.compress == "every_turn" and "compress_cache" in method.hooks():
         return "compression rewrites the cache every turn"
+    if spec.compress == "decode_every" and "compress_cache" in method.hooks():
+        return "compression rewrites the cache during decoding"
     if getattr(engine, "offload", None):
         return "checkpoints are offloaded"
     if check_engine and getattr(engine, "session_class", HFSession) is not HFSession:

@@ -28,6 +28,7 @@ def spec_from_cfg(cfg):
         model=c["model"], method=c["method"], task=c["task"]["name"], task_variant=c["task"].get("variant"),
         mode=c["mode"]["name"], data=c["data"], max_turns=c["max_turns"], max_seq_length=c["max_seq_length"],
         max_new_tokens=c["max_new_tokens"], compress=c["policy"]["compress"],
+        decode_interval=c["policy"].get("decode_interval", 64), decode_cap=c["policy"].get("decode_cap"),
         query_visible=c["policy"]["query_visible"], sparse_prefill=c["policy"]["sparse_prefill"],
         golden_context=c["golden_context"], bos=c["bos"], reuse=c["reuse"],
     )
@@ -230,7 +231,7 @@ def cmd_run(argv: list[str]) -> None:
         failed = _sweep_failures(path)
     finally:
         os.environ.pop(FAILURES_ENV, None)
-        os.unlink(path)
+        Path(path).unlink(missing_ok=True)  # a finished sweep never fails on its scratch file
     print_summary(FINISHED)
     if not FINISHED and ("-m" in argv or "--multirun" in argv):  # jobs ran in other processes (joblib, submitit)
         print(f"\nthe sweep's runs: scbench ls runs --store {store}")

@@ -154,7 +154,7 @@ class TurnResult:
         return row
 
 
-COMPRESS_POLICIES = ("once", "every_turn")
+COMPRESS_POLICIES = ("once", "every_turn", "decode_every")
 SPARSE_POLICIES = ("first", "every")
 
 
@@ -177,7 +177,13 @@ class RunSpec:
     max_new_tokens: int | None = None
     """Cap on every turn's generation budget (None: the task's own, as in the reference)."""
     compress: str = "once"
-    """When compression fires: once after the first prefill (reference) or after every turn's prefill."""
+    """When compression fires: once after the first prefill (reference), after every turn's prefill, or
+    ``decode_every``: after the first prefill and every ``decode_interval`` decode steps (keeps long outputs within
+    the budget)."""
+    decode_interval: int = 64
+    """decode_every: decode steps between compression firings."""
+    decode_cap: int | None = None
+    """decode_every: fire only when the cache holds more than this many tokens (None: at every interval)."""
     query_visible: bool = True
     """Multi-turn: whether the first query is in the cache when compression first fires (reference: yes)."""
     sparse_prefill: str = "first"
@@ -193,6 +199,10 @@ class RunSpec:
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.compress in COMPRESS_POLICIES, f"compress must be one of {COMPRESS_POLICIES}, got {self.compress!r}"),
+            (isinstance(self.decode_interval, int) and not isinstance(self.decode_interval, bool)
+             and self.decode_interval >= 1, f"decode_interval must be an integer >= 1, got {self.decode_interval!r}"),
+            (self.decode_cap is None or (isinstance(self.decode_cap, int) and self.decode_cap >= 1),
+             f"decode_cap must be null or an integer >= 1, got {self.decode_cap!r}"),
             (self.sparse_prefill in SPARSE_POLICIES, f"sparse_prefill must be one of {SPARSE_POLICIES}, got {self.sparse_prefill!r}"),
             (self.bos in BOS_POLICIES, f"bos must be one of {BOS_POLICIES}, got {self.bos!r}"),
             (isinstance(self.max_turns, int) and self.max_turns >= 1, f"max_turns must be an integer >= 1, got {self.max_turns!r}"),

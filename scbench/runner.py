@@ -3,7 +3,8 @@
 The shared context is prefilled once per example. Multi-turn keeps growing the cache: after each
 turn the generated tokens are dropped and the next delta (gold answer + follow-up) is appended.
 Multi-request rolls the cache back to its post-context state after every request. Compression fires
-on the first prefill (``compress=once``, the reference) or on every turn's prefill; sparse prefill on
+on the first prefill (``compress=once``, the reference), on every turn's prefill, or on the first prefill and
+every ``decode_interval`` decode steps (``decode_every``); sparse prefill on
 the first prefill or on every one. ``reuse=False`` replays every turn from an empty cache instead.
 """
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Replay:
         self.mismatches: list[dict] = []
         """Stored turns whose recomputed prediction differs (a resume that does not reproduce the run)."""
         self.context_stats: dict = {}
+        if spec.compress == "decode_every" and getattr(engine, "name", "") != "hf":
+            raise ValueError(f"policy.compress=decode_every needs the hf engine (it compresses inside its decode loop); "
+                             f"engine {getattr(engine, 'name', type(engine).__name__)!r} cannot")
         method.setup(engine)
         if "compress_context" in method.hooks():
             example = self.example = self._compress_context(example)
@@ -104,16 +108,14 @@ class Replay:
                 # The whole turn runs as it did (its counters are read and reset too); only the row is not stored.
                 prev_answer = self.done[i]
                 if self.spec.reuse:
-                    result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+                    result = self._turn(i, tp, fs)
                     self._compare(i, result.prediction)
-                    self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
                 elif i == self.check_turn:
                     self._compare(i, self._generate(i, tp, fs, prompt_tokens=len(self.history))[0].prediction)
                 self.history = self.history[: len(self.history) - tp.rewind]
                 continue
-            result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+            result = self._turn(i, tp, fs)
             prev_answer = result.prediction
-            self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
             self.history = self.history[: len(self.history) - tp.rewind]
             yield result
 
@@ -127,7 +129,7 @@ class Replay:
                 if self.session is None:
                     self.session = self.engine.session(self.method)
                     ctx_fs = self._feed(ctx_ids, first=True)
-                    checkpoint = self.session.checkpoint(rewrites=self.spec.compress == "every_turn")
+                    checkpoint = self.session.checkpoint(rewrites=self.spec.compress != "once")
                 else:
                     self.session.rollback(checkpoint)
                 fs = self._feed(tp.ids, first=False)
@@ -180,10 +182,27 @@ class Replay:
                              f"(declared: {sorted(declared)})")
         return {col: reported.get(col, cost.default) for col, cost in declared.items()}
 
+    def _turn(self, i: int, tp: TurnPrompt, fs) -> TurnResult:
+        """Multi-turn: generate turn ``i``, then drop the generated tokens and the answer prefix. Compression during
+        decoding may have evicted prompt tokens and kept generated ones: the next turn then starts from the cache as
+        it was before generating."""
+        before = self.session.checkpoint(rewrites=True) if self.spec.compress == "decode_every" else None
+        result, gen = self._generate(i, tp, fs, prompt_tokens=len(self.history))
+        if before is not None:
+            self.session.rollback(before)
+            self.session.drop_last(tp.rewind)
+        else:
+            self.session.drop_last(len(gen.tokens) - 1 + tp.rewind)
+        return result
+
     def _generate(self, i: int, tp: TurnPrompt, fs, prompt_tokens: int | None = None):
         prompt_tokens = fs.reused + fs.tokens if prompt_tokens is None else prompt_tokens
         self._check_window(i, prompt_tokens + tp.max_new_tokens)
-        gen = self.session.generate(tp.max_new_tokens)
+        if self.spec.compress == "decode_every":  # the method's compression also fires during generation
+            gen = self.session.generate(tp.max_new_tokens, compress_every=self.spec.decode_interval,
+                                        compress_cap=self.spec.decode_cap)
+        else:
+            gen = self.session.generate(tp.max_new_tokens)
         return self._result(i, fs, gen, self.session.memory(), prompt_tokens), gen
 
     def _check_window(self, i: int, end: int) -> None:
@@ -207,7 +226,7 @@ class Replay:
             decode_s=gen.decode_s,
             decode_tok_s=(len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0,
             decode_path=gen.decode_path,
-            compress_s=fs.compress_s,
+            compress_s=fs.compress_s + getattr(gen, "compress_s", 0.0),
             warmup_s=(self.warmup_s if i not in self.done else 0.0) + getattr(gen, "warmup_s", 0.0),
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,

@@ -58,6 +58,9 @@ class AttnContext:
     cache: object | None = None
     """The session's cache; scbench_attention passes a decode hook its layer (e.g. a ``TieredLayer`` that loads
     rows) as the ``layer`` argument. Set by the engine with ``decode``."""
+    rolling: bool = False
+    """With ``capture_queries``: one-query (decode) forwards append their queries too (compression during decode).
+    Set by the engine."""
     static: object | None = None
     """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers.
     Set and read by the fast decode path only; no hook sees it."""
@@ -88,21 +91,29 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     ctx = _ACTIVE.get()
     layer = getattr(module, "layer_idx", 0)
     out = None
+    ragged = getattr(key, "scbench_ragged", None)  # a RaggedLayer's keys: per-head lengths (scbench/kv/ragged.py)
     if ctx is not None:
-        if ctx.capture_queries and query.shape[-2] > 1:
-            ctx.queries[layer] = query[:, :, -ctx.capture_queries :, :].detach().clone()  # own storage, not a view
+        if ctx.capture_queries and (query.shape[-2] > 1 or ctx.rolling):
+            q = query[:, :, -ctx.capture_queries :, :].detach().clone()  # own storage, not a view
+            if ctx.rolling and layer in ctx.queries:  # decode: keep the last capture_queries one-token queries
+                q = torch.cat([ctx.queries[layer], q], dim=-2)[:, :, -ctx.capture_queries :, :]
+            ctx.queries[layer] = q
         if query.shape[-2] > 1:
             tq, tk = query.shape[-2], key.shape[-2]
             dense = (tq * (tk - tq) + tq * (tq + 1) // 2) * query.shape[0] * query.shape[1]
             ctx.cells_total += dense
             ctx.reported = False
-            if ctx.sparse:
+            if ctx.sparse and ragged is None:
                 out = ctx.method.prefill_attention(layer, query, key, value, scaling)
             if not ctx.reported:
                 ctx.cells_computed += dense
-        elif ctx.decode:
+        elif ctx.decode and ragged is None:
             cache_layer = ctx.cache.layers[layer] if ctx.cache is not None else None
             out = ctx.method.decode_attention(layer, query, key, value, scaling, layer=cache_layer)
+    if out is None and ragged is not None:
+        from scbench.kv.ragged import ragged_attention
+
+        out = ragged_attention(query, ragged, scaling)
     if out is None and ctx is not None and ctx.static is not None:
         out = ctx.static.attend(layer, query, key, value, scaling)
     if out is None:

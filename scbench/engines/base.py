@@ -38,6 +38,8 @@ class GenResult:
     """True when a stop token ended generation (False: max_new_tokens reached)."""
     decode_path: str = "plain"
     """Which decode loop ran: ``plain`` (reference), ``static`` or ``graph`` (scbench/engines/fastdecode.py)."""
+    compress_s: float = 0.0
+    """Time of the compressions that fired during decoding (policy ``decode_every``)."""
     warmup_s: float = 0.0
     """One-time work during this generation (kernel compilation, CUDA-graph capture), not in ``decode_s``."""
 

@@ -204,7 +204,7 @@ class ForkSession(HFSession):
                 ctx.queries = shared.shared_queries(window)
             _sync(dev)
             t1 = time.perf_counter()
-            self._compress(ctx)
+            self._compress(ctx, ids)
             _sync(dev)
             compress_s = time.perf_counter() - t1
         if shared.left <= 0:  # the last run of the group has what it needs

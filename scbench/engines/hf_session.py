@@ -73,7 +73,7 @@ class HFSession(Session):
         if compress:
             _sync(self.engine.device)
             t1 = time.perf_counter()
-            self._compress(ctx)
+            self._compress(ctx, ids)
             _sync(self.engine.device)
             compress_s = time.perf_counter() - t1
         _sync(self.engine.device)
@@ -97,12 +97,17 @@ class HFSession(Session):
         return logits
 
     @torch.inference_mode()
-    def _compress(self, ctx: attention.AttnContext) -> None:
+    def _compress(self, ctx: attention.AttnContext, ids: list[int]) -> None:
+        """One compression firing over every layer; ``ids`` are the tokens fed since the previous one."""
         self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
+        self.method.prepare_compression(self, ids)  # e.g. KVzip's context-reconstruction forwards
         for idx, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or kvc.compresses_itself(layer):
                 continue
             queries = ctx.queries.get(idx) if ctx.capture_queries else None
+            if getattr(layer, "scbench_ragged", False):  # per-head lengths (scbench/kv/ragged.py)
+                kvc.install_layer(self.cache, idx, self.method.compress_ragged(idx, layer, queries))
+                continue
             out = self.method.compress_cache(idx, layer.keys, layer.values, queries)
             if not isinstance(out, tuple):  # a cache layer with its own representation (e.g. KIVI)
                 kvc.install_layer(self.cache, idx, out)
@@ -116,7 +121,10 @@ class HFSession(Session):
             kvc.replace_layer(self.cache, idx, k, v)
 
     @torch.inference_mode()
-    def generate(self, max_new_tokens):
+    def generate(self, max_new_tokens, *, compress_every: int | None = None, compress_cap: int | None = None):
+        """Greedy decode. ``compress_every`` (policy ``decode_every``): every that many decode steps the method's
+        compression fires again when the cache holds more than ``compress_cap`` tokens (None: always), on the
+        queries of the tokens decoded since the previous firing; decode then takes the plain loop."""
         if self.last_logits is None:
             raise RuntimeError("generate() before any feed()")
         if max_new_tokens < 1:
@@ -126,15 +134,25 @@ class HFSession(Session):
         t0 = time.perf_counter()
         tok = int(self.last_logits.argmax())
         first_s = time.perf_counter() - t0
-        path = self._decode_path()
+        compress_every = compress_every if "compress_cache" in self.hooks else None
+        path = "plain" if compress_every else self._decode_path()
+        compress_s, since = 0.0, 0
         t1 = time.perf_counter()
         warmup_s = 0.0
         if path == "plain":
             out = [tok]
-            ctx = attention.AttnContext(method=self.method)
+            window = self.method.query_window if compress_every else 0
+            ctx = attention.AttnContext(method=self.method, capture_queries=window, rolling=True)
             while tok not in stop and len(out) < max_new_tokens:
                 tok = int(self._forward([tok], ctx).argmax())
                 out.append(tok)
+                since += 1
+                if compress_every and since >= compress_every:
+                    if compress_cap is None or max(kvc.layer_lengths(self.cache)) > compress_cap:
+                        t2 = time.perf_counter()
+                        self._compress(ctx, out[-1 - since : -1])
+                        compress_s += time.perf_counter() - t2
+                    ctx.queries, since = {}, 0
         else:
             try:
                 if self.decoder is None:
@@ -149,11 +167,11 @@ class HFSession(Session):
                 return self.generate(max_new_tokens)
             self.pos += len(out) - 1
         _sync(dev)
-        decode_s = time.perf_counter() - t1 - warmup_s
+        decode_s = time.perf_counter() - t1 - warmup_s - compress_s  # decode alone (compressions: compress_s)
         self.last_logits = None
         text = self.engine.decode([t for t in out if t not in stop])
         return GenResult(tokens=out, text=text, first_token_s=first_s, decode_s=decode_s, stopped=out[-1] in stop,
-                         decode_path=path, warmup_s=warmup_s)
+                         decode_path=path, compress_s=compress_s, warmup_s=warmup_s)
 
     def _decode_path(self) -> str:
         """``plain``, or the fast path's name when the engine's decode mode asks for it and the cache allows it."""

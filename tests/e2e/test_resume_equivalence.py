@@ -23,6 +23,9 @@ CANNOT_RUN = {  # method name or config -> why it cannot run on the tiny model o
     "vllm_kv_quant": "vLLM engine only",
     "llmlingua2": "needs the LLMLingua-2 compressor model (a download)",
     "vertical_slash-searched": "its head patterns were searched for smollm2-135m (30 layers x 9 heads)",
+    "duo_attention": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
+    "duo_attention-1k": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
+    "duo_attention-1k-r10": "its gates were calibrated for smollm2-135m (30 layers x 3 KV heads)",
 }
 
 
@@ -107,8 +110,9 @@ def test_resume_equals_uninterrupted(config, engine, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", [{"name": "kivi", "bits": 2, "group": 8, "residual": 8},
                                     {"name": "snapkv", "budget": 0.25, "window": 8, "kernel": 5}],
                          ids=["kivi-g8", "snapkv"])
-@pytest.mark.parametrize("kw", [{"mode": "multi_request"}, {"reuse": False}, {"compress": "every_turn"}],
-                         ids=["multi_request", "naive", "every_turn"])
+@pytest.mark.parametrize("kw", [{"mode": "multi_request"}, {"reuse": False}, {"compress": "every_turn"},
+                                {"compress": "decode_every", "decode_interval": 4}],
+                         ids=["multi_request", "naive", "every_turn", "decode_every"])
 def test_resume_other_policies(method, kw, engine, tmp_path, monkeypatch):
     check_resume(engine, spec(method, **kw), tmp_path, monkeypatch)
 

@@ -20,6 +20,8 @@ METHOD_CFGS = {  # budgets sized to ~300-token contexts
     "kivi": {"name": "kivi", "bits": 2, "group": 32, "residual": 32},
     "quest": {"name": "quest", "budget": 64, "page_size": 16, "recent_pages": 1, "dense_layers": 1},
     "retrieval_attention": {"name": "retrieval_attention", "top_k": 48, "n_init": 8, "n_local": 8},
+    "adakv": {"name": "adakv", "budget": 96, "window": 8, "kernel": 5},
+    "kvzip": {"name": "kvzip", "budget": 96, "chunk": 128},
 }
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
           "index_build_s", "prefill_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",

@@ -17,7 +17,10 @@ from scbench.store import Store
 CONFIGS = sorted((config_dir() / "method").glob("*.yaml"))
 MODES = ("multi_turn", "multi_request")
 
-ON_EMBEDDED = {"vertical_slash-searched": "its per-head patterns were searched on the embedded model's 30 x 9 heads"}
+ON_EMBEDDED = {"vertical_slash-searched": "its per-head patterns were searched on the embedded model's 30 x 9 heads",
+               "duo_attention": "its gates were calibrated on the embedded model's 30 x 3 KV heads",
+               "duo_attention-1k": "its gates were calibrated on the embedded model's 30 x 3 KV heads",
+               "duo_attention-1k-r10": "its gates were calibrated on the embedded model's 30 x 3 KV heads"}
 """Configs that only fit the embedded model: they run on it (slow)."""
 
 

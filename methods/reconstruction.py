@@ -1,0 +1,120 @@
+"""KVzip's importance scores: the attention each cached KV pair receives while the model repeats the context.
+
+Used by ``scbench.methods.kvzip``. The tokens of a compressing feed are cut into chunks of ``chunk`` tokens; for
+chunk i the model forwards, on top of the session's cache, the repeat prompt of the KVzip paper ("Repeat the
+previous context exactly." for the first chunk, "Repeat the part of the previous context exactly, starting with"
++ the last 8 tokens of the previous chunk for the others), the chat template's turn switch, then the chunk itself.
+Those queries' post-RoPE projections are captured, and each KV pair of the chunk gets the maximum, over the
+queries and over the query heads of its KV group, of its softmax attention weight, the softmax running over the
+sinks, the chunk's own KV pairs and the repeat (as the reference implementation subsamples the keys). The repeat
+tokens are then dropped from the cache again. Memory is bounded by the chunk: one chunk's queries per layer and a
+[group, repeat, sinks + chunk + repeat] weight matrix per KV head.
+"""
+from __future__ import annotations
+
+import torch
+
+from scbench.engines import attention
+
+FIRST = "\n\nRepeat the previous context exactly."
+LATER = "\n\nRepeat the part of the previous context exactly, starting with"
+OVERLAP = 8
+"""Tokens of the previous chunk quoted in a later chunk's repeat prompt."""
+
+
+def turn_switch(engine) -> list[int]:
+    """Token ids that close the user turn and open the assistant's (the chat template's), or a newline."""
+    try:
+        sep = "\n" + "#" * 13
+        text = engine.render_chat([{"role": "user", "content": "dummy context" + sep}], add_generation_prompt=True)
+        suffix = text.split(sep)[1]
+    except (ValueError, IndexError):
+        suffix = "\n"
+    return engine.encode(suffix, add_special_tokens=False)
+
+
+def repeat_prompts(engine, ids: list[int], chunk: int) -> list[tuple[int, int, list[int]]]:
+    """(start, end, repeat ids) per chunk of ``ids``."""
+    switch = turn_switch(engine)
+    first, later = engine.encode(FIRST, add_special_tokens=False), engine.encode(LATER, add_special_tokens=False)
+    out = []
+    for a in range(0, len(ids), chunk):
+        b = min(len(ids), a + chunk)
+        head = first if a == 0 else later + ids[max(0, a - OVERLAP) : a]
+        out.append((a, b, head + switch + ids[a:b]))
+    return out
+
+
+def chunk_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int) -> torch.Tensor:
+    """Max softmax weight each key of [start, end) receives from the repeat queries.
+
+    q: [g, r, D] (one KV group's repeat queries, post-RoPE); k: [n + r, D] (the head's cache, repeat last) -> [end -
+    start] float32. The softmax runs over keys [0, min(sink, start)), [start, end) and the r repeat keys (causal)."""
+    r, d = q.shape[1], q.shape[-1]
+    s = min(sink, start)
+    keys = torch.cat([k[:s], k[start:end], k[k.shape[0] - r :]]).float()
+    logits = torch.einsum("grd,nd->grn", q.float(), keys) * d**-0.5
+    m = keys.shape[0]
+    future = torch.ones(r, m, dtype=torch.bool, device=k.device).triu(m - r + 1)
+    w = logits.masked_fill_(future, float("-inf")).softmax(-1)
+    return w[..., s : s + end - start].amax(dim=(0, 1))
+
+
+def head_keys(layer, h: int) -> torch.Tensor:
+    """Head h's keys [n_h, D] (a plain layer or a ``RaggedLayer``)."""
+    return layer.head(h)[0] if getattr(layer, "scbench_ragged", False) else layer.keys[0, h]
+
+
+@torch.inference_mode()
+def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> tuple[dict[int, list[torch.Tensor]], int]:
+    """Per layer, per KV head: a score for every cached token ([n_h] float32). The tokens of ``ids`` (the last
+    len(ids) of every head) get their reconstruction scores (softmax weights, <= 1); the first ``sink`` tokens get
+    +inf; earlier tokens (kept by an earlier firing) get 2 + position / n: kept before any new token, the most
+    recent first when they alone exceed the budget. Also returns the repeat tokens forwarded."""
+    cache = session.cache
+    layers = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
+    if cache.layers[layers[0]].keys.shape[0] != 1:
+        raise ValueError("KVzip scores one sequence at a time (batch 1)")
+    scores: dict[int, list[torch.Tensor]] = {}
+    for i in layers:
+        layer = cache.layers[i]
+        hkv = len(layer.lengths) if getattr(layer, "scbench_ragged", False) else layer.keys.shape[1]
+        scores[i] = []
+        for h in range(hkv):
+            n = head_keys(layer, h).shape[0]
+            s = 2.0 + torch.arange(n, device=layer.keys.device) / n  # earlier tokens: above any weight, recent first
+            s[:sink] = float("inf")
+            s[max(sink, n - len(ids)) :] = 0.0
+            scores[i].append(s)
+    last_logits = session.last_logits  # the feed's logits: generation continues from them afterwards
+    forwarded = 0
+    for a, b, rep in repeat_prompts(session.engine, ids, chunk):
+        forwarded += len(rep)
+        ctx = attention.AttnContext(capture_queries=len(rep))
+        session._forward(rep, ctx)
+        for i in layers:
+            layer, q = cache.layers[i], ctx.queries[i][0]  # [Hq, r, D]
+            g = q.shape[0] // len(scores[i])
+            for h, s in enumerate(scores[i]):
+                k = head_keys(layer, h)
+                off = s.shape[0] - len(ids)  # where ids start in this head
+                lo, hi = max(off + a, sink), off + b
+                if hi > lo:
+                    s[lo:hi] = chunk_scores(q[h * g : (h + 1) * g], k, sink, lo, hi)
+        session.drop_last(len(rep))
+    session.last_logits = last_logits
+    return scores, forwarded
+
+
+def reference_chunk_scores(q, k, sink, start, end):
+    """float64 loop version of ``chunk_scores`` (one query and one head at a time) for the tests."""
+    r, d = q.shape[1], q.shape[-1]
+    s = min(sink, start)
+    cols = list(range(s)) + list(range(start, end)) + list(range(k.shape[0] - r, k.shape[0]))
+    best = torch.zeros(end - start, dtype=torch.float64)
+    for g in range(q.shape[0]):
+        for t in range(r):
+            visible = cols[: len(cols) - r + t + 1]
+            w = ((k[visible].double() @ q[g, t].double()) * d**-0.5).softmax(0)
+            best = torch.maximum(best, w[s : s + end - start])
+    return best.float()
