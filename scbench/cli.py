@@ -231,7 +231,7 @@ def cmd_run(argv: list[str]) -> None:
         failed = _sweep_failures(path)
     finally:
         os.environ.pop(FAILURES_ENV, None)
-        os.unlink(path)
+        Path(path).unlink(missing_ok=True)  # a finished sweep never fails on its scratch file
     print_summary(FINISHED)
     if not FINISHED and ("-m" in argv or "--multirun" in argv):  # jobs ran in other processes (joblib, submitit)
         print(f"\nthe sweep's runs: scbench ls runs --store {store}")

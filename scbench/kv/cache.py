@@ -47,6 +47,21 @@ class CacheLayer(Protocol):
         ...
 
 
+
+class SessionOnly:
+    """Mixin for cache layers of our own that live for one session and one sequence: transformers' reset and
+    beam-search hooks refuse with the layer's name instead of silently misbehaving."""
+
+    def reset(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be reset; start a new session")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support beam search")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support beam search")
+
+
 def compresses_itself(layer) -> bool:
     """Whether the engine skips the method's compression hook on ``layer`` (see ``CacheLayer``)."""
     return isinstance(layer, CacheLayer) and layer.scbench_compresses_itself

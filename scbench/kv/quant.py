@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from scbench.kv.cache import CacheLayer
+from scbench.kv.cache import CacheLayer, SessionOnly
 
 BITS = (2, 4)
 
@@ -91,7 +91,7 @@ def analytic_nbytes(tokens: int, *, batch: int, heads: int, head_dim: int, bits:
     return packed + key_params + value_params + 2 * batch * heads * rest * head_dim * elt
 
 
-class KIVILayer(DynamicLayer, CacheLayer):
+class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     """A cache layer holding old tokens as packed low-bit groups and the most recent ones in full precision.
 
     ``keys`` / ``values`` are the full-precision residual [B, H, r, D]; the quantized prefix lives in lists of
@@ -190,12 +190,3 @@ class KIVILayer(DynamicLayer, CacheLayer):
     def scbench_restore(self, snap: tuple) -> None:
         kc, vc, self.n_quant, self.keys, self.values = snap
         self.kchunks, self.vchunks = list(kc), list(vc)
-
-    def reset(self) -> None:
-        raise NotImplementedError("KIVILayer cannot be reset; start a new session")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("KIVILayer does not support beam search")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("KIVILayer does not support beam search")

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from scbench.kv.cache import CacheLayer
+from scbench.kv.cache import CacheLayer, SessionOnly
 
 
-class RaggedLayer(DynamicLayer, CacheLayer):
+class RaggedLayer(SessionOnly, DynamicLayer, CacheLayer):
     """KV heads of different lengths: a flat compressed prefix per head + a dense appended suffix (batch 1)."""
 
     scbench_ragged = True
@@ -108,15 +108,6 @@ class RaggedLayer(DynamicLayer, CacheLayer):
     def scbench_restore(self, snap: tuple) -> None:
         lengths, self.prefix_k, self.prefix_v, self.keys, self.values = snap
         self.lengths = list(lengths)
-
-    def reset(self) -> None:
-        raise NotImplementedError("RaggedLayer cannot be reset; start a new session")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("RaggedLayer does not support beam search")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("RaggedLayer does not support beam search")
 
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

@@ -12,6 +12,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+
+@pytest.fixture(autouse=True)
+def sparse_kernel_always(monkeypatch):
+    """These tests check the FlexAttention kernel against the reference: keep vertical-slash on it even where its
+    dense fallback (a block density above DENSE_ABOVE, tests/methods/test_vs_fallback.py) would take over."""
+    from scbench.methods import vertical_slash
+
+    monkeypatch.setattr(vertical_slash, "DENSE_ABOVE", 1.01)
+
+
 # (Tq, Tk): block-aligned, ragged, and a later chunk on top of a cache (Tk > Tq)
 SHAPES = [(1024, 1024), (1000, 1000), (700, 1900), (2300, 2300)]
 

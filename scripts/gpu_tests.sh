@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU side of the test suite on a lent GPU box (no package index there): installs scbench and the wheels it lacks
+# into /tmp/site, then runs every test that uses CUDA (tests/gpu, the fast-decode kernels, sharding, batched decode,
+# sparse prefill) on the GPU. CI has no GPU: there these tests skip.
+#   run(carry=[".gpuwhl"]):  bash scripts/gpu_tests.sh
+set -euo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwhl/*.whl .gpuwhl/*.tar.gz
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . 2>&1 \
+  | grep -v -i -E "deprecat|license|\*\*\*|!!|^ *$" || true
+export PYTHONPATH=/tmp/site SCBENCH_CACHE=/tmp/scbcache
+# the embedded model's tokenizer (the GGUF is not carried): tests that load its weights are marked slow and left out
+tok=/tmp/scbcache/models/smollm2-135m-instruct-f32
+mkdir -p $tok && cp .gpuwhl/smol_tok/* $tok/ && touch $tok/model.safetensors
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count(), 'GPU(s)')"
+# -P: import the installed package, not the source folders (methods/ is installed as scbench.methods)
+python3 -P -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/methods/test_quest_fast.py \
+  tests/methods/test_kivi_fast.py tests/methods/test_retrieval_fast.py tests/engines/test_fast_decode.py \
+  tests/engines/test_batched_decode.py tests/engines/test_sharding.py tests/methods/test_ragged_methods.py "$@" 2>&1 \
+  | tail -40
