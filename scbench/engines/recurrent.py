@@ -173,13 +173,13 @@ class RecurrentSession(HFSession):
         return stats
 
     @torch.inference_mode()
-    def _compress(self, ctx: attention.AttnContext) -> None:
+    def _compress(self, ctx: attention.AttnContext, ids: list[int]) -> None:
         """The parent's compression over the attention layers only (linear layers hold no KV)."""
         real = self.cache
         skip = SimpleNamespace(is_initialized=False)
         self.cache = SimpleNamespace(layers=[layer if i in self.attn else skip for i, layer in enumerate(real.layers)])
         try:
-            super()._compress(ctx)
+            super()._compress(ctx, ids)
         finally:
             for i in self.attn:
                 if i in self.linear and real.layers[i] is not self.cache.layers[i]:

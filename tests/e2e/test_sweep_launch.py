@@ -46,7 +46,7 @@ def test_failed_job_recorded_and_sweep_resumes(tiny_folder, tmp_path, capsys):
     # job 0: max_turns=0 is a bad config; job 1 runs
     args = ["run", "-m", "max_turns=0,2", "mode=multi_request", *common(tiny_folder, tmp_path, db)]
     err = failing_sweep(args, capsys)
-    assert "1 job(s) failed" in err and "job 0 (max_turns=0): ValueError: max_turns must be" in err
+    assert "1 job(s) failed" in err and "job 0 (max_turns=0): SpecError: max_turns must be" in err
     store = Store(db)
     runs = {r["status"]: r for r in store.runs()}
     assert set(runs) == {"failed", "done"}
@@ -111,7 +111,7 @@ def test_sweep_of_failing_jobs_exits_nonzero_and_names_them(tiny_folder, tmp_pat
     err = failing_sweep(["run", "-m", "method=streamingllm", "method.n_local=-1,abc", "mode=multi_request",
                          *common(tiny_folder, tmp_path, db)], capsys)
     assert "2 job(s) failed" in err
-    assert "job 0 (method.n_local=-1): ValueError" in err and "job 1 (method.n_local=abc)" in err
+    assert "job 0 (method.n_local=-1): SpecError" in err and "job 1 (method.n_local=abc)" in err
 
 
 def test_sweep_fails_when_the_store_cannot_record(tiny_folder, tmp_path, capsys, monkeypatch):
