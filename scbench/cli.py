@@ -126,7 +126,9 @@ def _run_job(cfg) -> None:
 
             eng = engine_cfg(cfg)
             FINISHED.append((str(cfg.store), run_id_of(spec, eng.pop("name"), eng)))
-        _free_accelerator()
+        from scbench.devices import free_cached_memory
+
+        free_cached_memory()
         logging.getLogger("scbench").error("job %s failed: %s: %s", job_num, type(e).__name__, e)
         _note_failure(job_num, list(hc.overrides.task), e)
 
@@ -181,18 +183,6 @@ def _drop_output_dir(path) -> None:
             break
 
 
-def _free_accelerator() -> None:
-    """After a failed job (OOM above all), give cached accelerator memory back before the next job."""
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 _NEW_DIRS: set[Path] = set()

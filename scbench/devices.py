@@ -9,3 +9,12 @@ def sync(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_cached_memory() -> None:
+    """After a failed job (OOM above all), collect garbage and give cached accelerator memory back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

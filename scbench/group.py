@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from scbench.devices import free_cached_memory
 from scbench.records import RunSpec
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                         _record_stop(store, lead.store, m.run_id, m.spec_dict, e)
                         log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id,
                                   type(e).__name__, e)
-                        _free_accelerator()
+                        free_cached_memory()
                     finally:
                         if not proxy.consumed():
                             shared.skip()
@@ -264,17 +265,6 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     return outcomes
 
 
-def _free_accelerator() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------

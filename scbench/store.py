@@ -221,11 +221,20 @@ class Store:
         columns are nullable additions): add them, so old stores stay readable and resumable."""
         want = {"runs": RUN_COLUMNS,
                 "turns": {c: _stat_type(c) for c in STAT_COLUMNS}}
-        for table, columns in want.items():
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for col, kind in columns.items():
-                if col not in have:
+        missing = lambda table: {c: k for c, k in want[table].items()  # noqa: E731
+                                 if c not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}}
+        if not any(missing(t) for t in want):
+            return
+        self.db.execute("BEGIN IMMEDIATE")  # two jobs opening one new store at once: the second sees the first's columns
+        try:
+            for table in want:
+                for col, kind in missing(table).items():
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         for beat in self.heartbeats.values():
