@@ -113,3 +113,21 @@ def load_script(path: str):
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+def reference_python() -> str:
+    """The reference implementations' interpreter (kvpress, optimum-quanto: `make kvpress-env`). Missing: a failure
+    under `make test` (it names the interpreter) or CI, a skip elsewhere."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    named = os.environ.get("SCBENCH_KVPRESS_PYTHON")
+    py = Path(named) if named else Path(__file__).resolve().parents[1] / ".venv-kvpress" / "bin" / "python"
+    if not py.exists():
+        msg = f"reference environment missing ({py}): run `make kvpress-env`"
+        if named or os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(py)

@@ -49,8 +49,16 @@ class CacheLayer(Protocol):
 
 
 class SessionOnly:
-    """Mixin for cache layers of our own that live for one session and one sequence: transformers' reset and
-    beam-search hooks refuse with the layer's name instead of silently misbehaving."""
+    """Mixin for cache layers of our own that live for one session and one sequence: ``crop`` goes through the
+    layer's ``scbench_crop``; transformers' reset and beam-search hooks refuse with the layer's name instead of
+    silently misbehaving."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' convention: a negative count of tokens to remove from the end."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        if tokens_to_remove:
+            self.scbench_crop(self.get_seq_length() + tokens_to_remove)
 
     def reset(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be reset; start a new session")

@@ -177,12 +177,6 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
         self.keys = keys[..., keep:n, :].contiguous()
         self.values = values[..., keep:n, :].contiguous()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
-        if tokens_to_remove:
-            self.scbench_crop(self.get_seq_length() + tokens_to_remove)
-
     def scbench_snapshot(self) -> tuple:
         """References to the (never mutated) tensors: cheap, no copy."""
         return list(self.kchunks), list(self.vchunks), self.n_quant, self.keys, self.values

@@ -95,12 +95,6 @@ class RaggedLayer(SessionOnly, DynamicLayer, CacheLayer):
         heads = [self.head(h) for h in range(len(self.lengths))]
         self.__init__([k[: k.shape[0] - t - rest] for k, _ in heads], [v[: v.shape[0] - t - rest] for _, v in heads])
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
-        if tokens_to_remove:
-            self.scbench_crop(self.get_seq_length() + tokens_to_remove)
-
     def scbench_snapshot(self) -> tuple:
         """References: nothing here is written in place (appends and crops make new tensors)."""
         return list(self.lengths), self.prefix_k, self.prefix_v, self.keys, self.values

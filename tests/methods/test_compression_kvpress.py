@@ -31,7 +31,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from support import byte_tokenizer, make_tiny_engine
+from support import byte_tokenizer, make_tiny_engine, reference_python
 
 from scbench.methods.full import FullAttention
 from scbench.methods.h2o import H2O, accumulated_attention
@@ -43,16 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SIDE = ROOT / "tests" / "reference" / "kvpress_side.py"
 RATIO, WINDOW, BETA = 0.75, 32, 2  # beta 2: both sides build a pyramid (kvpress needs (1-r)n/beta >= window)
 
-
-def reference_python() -> str:
-    named = os.environ.get("SCBENCH_KVPRESS_PYTHON")
-    py = Path(named) if named else ROOT / ".venv-kvpress" / "bin" / "python"
-    if not py.exists():
-        msg = f"kvpress environment missing ({py}): run `make kvpress-env`"
-        if named or os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return str(py)
 
 
 def run_reference(model, ids: list[int], presses: list[dict], tmp: Path) -> dict:

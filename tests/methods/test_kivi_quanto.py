@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import byte_tokenizer, make_tiny_engine
+from support import byte_tokenizer, make_tiny_engine, reference_python
 
 from scbench.kv.quant import dequantize, quantize, value_group
 from scbench.methods.full import FullAttention
@@ -32,16 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SIDE = ROOT / "tests" / "reference" / "quanto_side.py"
 GROUP = 32
 
-
-def reference_python() -> str:
-    named = os.environ.get("SCBENCH_KVPRESS_PYTHON")
-    py = Path(named) if named else ROOT / ".venv-kvpress" / "bin" / "python"
-    if not py.exists():
-        msg = f"reference environment missing ({py}): run `make kvpress-env`"
-        if named or os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return str(py)
 
 
 def tiny_engine(head_dim: int = 32, layers: int = 2):
