@@ -187,7 +187,7 @@ RANDOM_PRESETS = {
                     "chunk_size": 32, "adapter_rank": 8},
     "tiny-falcon-h1": {"model_type": "falcon_h1", **_TINY, **_TINY_ATTN, "mamba_d_ssm": 128, **_TINY_MAMBA2},
     "tiny-bamba": {"model_type": "bamba", **_TINY, **_TINY_ATTN, "attn_layer_indices": [1, 3], **_TINY_MAMBA2},
-    "tiny-granitemoehybrid": {"model_type": "granitemoehybrid", **_TINY, **_TINY_ATTN,
+    "tiny-granitemoehybrid": {"model_type": "granitemoehybrid", **_TINY, **_TINY_ATTN, "max_position_embeddings": 4096,
                               "layer_types": ["mamba", "attention", "mamba", "attention"], "num_local_experts": 2,
                               "num_experts_per_tok": 1, "shared_intermediate_size": 64, **_TINY_MAMBA2},
     "tiny-nemotron-h": {"model_type": "nemotron_h", **_TINY, "num_attention_heads": 4, "num_key_value_heads": 2,
