@@ -38,7 +38,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
 	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(abspath $(KVPRESS_VENV))/bin/python \
-	  $(BIN)/python -m pytest -q tests
+	  $(BIN)/python -m pytest -q -rs tests
 
 kvpress-env: $(KVPRESS_STAMP)
 
