@@ -92,6 +92,7 @@ def check_resume(engine, s: RunSpec, tmp_path, monkeypatch):
         store = Store(db, readonly=True)
         assert store.run(rid)["status"] == "done" and not store.run(rid).get("resume_mismatch")
         store.close()
+    return 2 * TURNS - 1  # the stops compared
 
 
 SLOW = {"ppl_compress": "its compressor is the embedded SmolLM2"}
@@ -104,7 +105,7 @@ def test_resume_equals_uninterrupted(config, engine, tmp_path, monkeypatch):
     why = CANNOT_RUN.get(config.stem) or CANNOT_RUN.get(method["name"])
     if why:
         pytest.skip(f"{config.stem}: {why}")
-    check_resume(engine, spec(method), tmp_path, monkeypatch)
+    assert check_resume(engine, spec(method), tmp_path, monkeypatch) == 2 * TURNS - 1
 
 
 @pytest.mark.parametrize("method", [{"name": "kivi", "bits": 2, "group": 8, "residual": 8},
@@ -114,12 +115,12 @@ def test_resume_equals_uninterrupted(config, engine, tmp_path, monkeypatch):
                                 {"compress": "decode_every", "decode_interval": 4}],
                          ids=["multi_request", "naive", "every_turn", "decode_every"])
 def test_resume_other_policies(method, kw, engine, tmp_path, monkeypatch):
-    check_resume(engine, spec(method, **kw), tmp_path, monkeypatch)
+    assert check_resume(engine, spec(method, **kw), tmp_path, monkeypatch) == 2 * TURNS - 1
 
 
 def test_resume_kivi_small_groups(engine, tmp_path, monkeypatch):
     """The reported case: KIVI at group 8 / residual 8, multi-turn (12 of 18 rows differed)."""
-    check_resume(engine, spec({"name": "kivi", "bits": 2, "group": 8, "residual": 8}), tmp_path, monkeypatch)
+    assert check_resume(engine, spec({"name": "kivi", "bits": 2, "group": 8, "residual": 8}), tmp_path, monkeypatch) == 2 * TURNS - 1
 
 
 @pytest.mark.parametrize("kw", [{}, {"mode": "multi_request"}, {"reuse": False}], ids=["multi_turn", "multi_request", "naive"])
