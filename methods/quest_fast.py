@@ -17,7 +17,7 @@ import torch
 
 from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
-from scbench.kv.offload import TieredLayer
+from scbench.kv.offload import device_tier_unsupported
 
 
 FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
@@ -35,12 +35,7 @@ class QuestDecode:
         self.q_heads = 0
 
     def unsupported(self, cache) -> str | None:
-        for i, layer in enumerate(cache.layers):
-            if not isinstance(layer, TieredLayer):
-                return f"quest fast decode: cache layer {i} is a {type(layer).__name__}, not a TieredLayer"
-            if layer.storage != layer.compute:
-                return "quest fast decode: the KV lives in host memory (tier=cpu): the plain loop loads it"
-        return None
+        return device_tier_unsupported(cache, "quest", "the plain loop loads it")
 
     def allocate(self, kv, cache) -> None:
         p = self.m.page_size

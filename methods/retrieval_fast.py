@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from scbench.kernels.paged_decode import paged_attention
-from scbench.kv.offload import TieredLayer
+from scbench.kv.offload import device_tier_unsupported
 
 
 class RetrievalDecode:
@@ -24,12 +24,7 @@ class RetrievalDecode:
         self.q_heads = 0
 
     def unsupported(self, cache) -> str | None:
-        for i, layer in enumerate(cache.layers):
-            if not isinstance(layer, TieredLayer):
-                return f"retrieval fast decode: cache layer {i} is a {type(layer).__name__}, not a TieredLayer"
-            if layer.storage != layer.compute:
-                return "retrieval fast decode: the KV lives in host memory (tier=cpu): the plain loop searches it there"
-        return None
+        return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
 
     def rows(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
         """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot)."""

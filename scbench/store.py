@@ -143,11 +143,12 @@ class Store:
         return uri if wal.exists() else uri + "&immutable=1"
 
     def _create_and_upgrade(self) -> None:
-        self.db.executescript(SCHEMA + LEASES)
+        # tables and version row in one transaction: a second job opening the new store never sees a meta table
+        # without its schema_version (it read "results schema v?" and failed)
+        self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}{LEASES}\nINSERT OR IGNORE INTO meta VALUES "
+                              f"('schema_version', '{RESULTS_SCHEMA_VERSION}');\nCOMMIT;")
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(RESULTS_SCHEMA_VERSION),))
-        elif int(row[0]) == 1:
+        if int(row[0]) == 1:
             self._migrate_v1()
         self._add_missing_columns()
 

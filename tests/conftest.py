@@ -74,3 +74,14 @@ def clean_registries(monkeypatch):
         monkeypatch.setattr(reg, "_plugins_read", None)
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setenv(plugins.ENV, "")  # (setenv records the original value, absent or not, for teardown)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(smol_tokenizer, tmp_path_factory):
+    """The tiny random Llama saved with the embedded tokenizer: a model folder for CLI runs (model.path=FOLDER)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    engine = make_tiny_engine(smol_tokenizer)
+    engine.model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+

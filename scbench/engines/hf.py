@@ -148,6 +148,10 @@ class HFEngine(TokenizerEngine):
             self.device = sharding.input_device(model)
         self.devices = sharding.devices_of(self.model)
         """Every device holding weights (more than one: a sharded model, ``model.device_map``)."""
+        self.warmed: set[str] = set()
+        """Labels of the methods ``warmup`` already ran (once per engine and method)."""
+        self.plain_methods: set[str] = set()
+        """Labels of the methods whose fast decode path failed on this engine: they decode with the plain loop."""
         self.tokenizer = tokenizer
         cfg = self.model.config
         self._window = int(window or getattr(cfg, "max_position_embeddings", 0) or 0)
@@ -206,10 +210,9 @@ class HFEngine(TokenizerEngine):
         extended by a later turn. Only on CUDA (CPU runs have no compilation worth separating) unless ``force``."""
         if self.device.type != "cuda" and not force:
             return 0.0
-        done = self.__dict__.setdefault("_warmed", set())
-        if method.label() in done:
+        if method.label() in self.warmed:
             return 0.0
-        done.add(method.label())
+        self.warmed.add(method.label())
         gen = torch.Generator().manual_seed(0)
         vocab = min(len(self.tokenizer), self.model.config.vocab_size)
         _sync(self.device)

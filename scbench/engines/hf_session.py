@@ -170,7 +170,7 @@ class HFSession(Session):
             except Exception as e:  # noqa: BLE001 - the session's cache is untouched until the fast path succeeds
                 log.warning("fast decode failed (%s: %s); the plain loop for %s on this engine from now on",
                             type(e).__name__, e, self.method.label())
-                self.engine.__dict__.setdefault("_plain_methods", set()).add(self.method.label())
+                self.engine.plain_methods.add(self.method.label())
                 self.decoder = None
                 return self.generate(max_new_tokens)
             self.pos += len(out) - 1
@@ -186,7 +186,7 @@ class HFSession(Session):
         mode = self.engine.decode_mode
         if mode == "plain" or (mode == "auto" and self.engine.device.type != "cuda"):
             return "plain"
-        if self.method.label() in self.engine.__dict__.get("_plain_methods", ()):
+        if self.method.label() in self.engine.plain_methods:
             return "plain"  # its fast path failed once on this engine (logged); other methods keep theirs
         reason = fastdecode.unsupported(self.cache, self.method)
         if reason is not None:

@@ -368,3 +368,15 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
         out["load_s"] += tier.load_s
         tier.loaded_bytes, tier.load_s = 0, 0.0
     return out
+
+
+def device_tier_unsupported(cache, who: str, host_note: str) -> str | None:
+    """Why a device-side decode plugin (Quest, RetrievalAttention) cannot take ``cache`` (None: it can): every layer
+    must be a ``TieredLayer`` whose keys and values live on the compute device; ``host_note`` says what the plain
+    loop does instead for a host tier."""
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, TieredLayer):
+            return f"{who} fast decode: cache layer {i} is a {type(layer).__name__}, not a TieredLayer"
+        if layer.storage != layer.compute:
+            return f"{who} fast decode: the KV lives in host memory (tier=cpu): {host_note}"
+    return None

@@ -111,17 +111,6 @@ def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch):
     assert all(after[k] == v for k, v in before.items())  # finished turns were not recomputed
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(smol_tokenizer, tmp_path_factory):
-    from support import make_tiny_engine
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    engine = make_tiny_engine(smol_tokenizer)
-    engine.model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("share", ["true", "false"])
 def test_cli_sweep_groups_by_default(tiny_folder, tmp_path, share):
     from scbench.cli import main

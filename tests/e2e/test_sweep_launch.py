@@ -8,17 +8,6 @@ from scbench.cli import main
 from scbench.store import Store
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(smol_tokenizer, tmp_path_factory):
-    from support import make_tiny_engine
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    engine = make_tiny_engine(smol_tokenizer)
-    engine.model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def common(tiny_folder, tmp_path, db):
     return ["model=smollm2-135m", f"model.path={tiny_folder}", "model.name=tiny", "model.device=cpu",
             "model.dtype=float32",
