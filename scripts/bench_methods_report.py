@@ -6,6 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
+SCBENCH_EXAMPLES = 931
+"""SCBench's examples (the projection of a whole evaluation from one sweep's steady seconds per example)."""
 KEY_KNOBS = ("budget", "bits", "top_k", "tier", "n_local", "vertical_size", "retrieval_ratio")
 
 
@@ -71,11 +73,27 @@ def derive(data: dict) -> dict:
             steady = entry["sequential"]["steady_s"], entry["grouped"]["steady_s"]
             entry["speedup_steady"] = steady[0] / steady[1] if steady[1] > 0 else None
             entry["same_cells"] = seq["cells"] == grp["cells"] and seq["modes"] == grp["modes"]
+            per = max(1, int(data.get("examples") or 1))  # examples per (method, mode) cell
+            entry["projection"] = {
+                "examples": SCBENCH_EXAMPLES, "methods_x_modes": entry["sequential"]["runs"],
+                **{f"gpu_hours_{w}": SCBENCH_EXAMPLES * entry[w]["steady_s"] / per / 3600 for w in ("sequential", "grouped")}}
             ref = seq["predictions"]
             same = sum(grp["predictions"].get(k) == v for k, v in ref.items())
             entry["same_predictions"] = f"{same}/{len(ref)}"
         summary.append(entry)
     return {**data, "summary": summary}
+
+
+def projection_lines(summary: list[dict]) -> str:
+    out = []
+    for e in summary:
+        p = e.get("projection")
+        if p:
+            out.append(f"- {e['length']} tokens: SCBench's {p['examples']} examples x these {p['methods_x_modes']} "
+                       f"(method, mode) runs: {p['gpu_hours_sequential']:.0f} GPU-hours sequentially, "
+                       f"{p['gpu_hours_grouped']:.0f} grouped + batched (steady seconds per example x "
+                       f"{p['examples']}; this sweep's turns and generation lengths)")
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def sweep_table(summary: list[dict]) -> str:
@@ -110,7 +128,7 @@ def write(out: Path, data: dict) -> None:
           "mode, example) cell with all its turns; steady: from the first run's start to the last turn stored, "
           "less every run's warm-up (no process start, model build or one-time compilation: what a sweep of many "
           "examples pays per example); same predictions: turns of the grouped sweep equal to the sequential "
-          "one's.\n\n" + sweep_table(data.get("summary") or []) +
+          "one's.\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
           "\n## Per method (the sequential sweep: one request at a time)\n\ndecode tok/s is the median over turns; "
           "vs full: decode rate over full attention's in the same (context, mode).\n\n" + table(rows))
     out.with_suffix(".md").write_text(md)
