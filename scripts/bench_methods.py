@@ -169,6 +169,8 @@ def main() -> None:
                     help="seconds for this whole call: a sweep whose estimate does not fit is skipped, one that "
                          "overruns is stopped (its finished runs are kept)")
     ap.add_argument("--estimate", action="store_true", help="print the device-time estimate and exit")
+    ap.add_argument("--measured", default=str(ROOT / "results" / "perf" / "methods_gpu.json"),
+                    help="the measured JSON the estimate reads (default: the checked-in one)")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     ap.add_argument("--combine", nargs="+", help="merge the JSON files of earlier calls into --out (no runs)")
     a = ap.parse_args()
@@ -185,7 +187,7 @@ def main() -> None:
     if a.tokenizer:
         model.append(f"model.tokenizer={a.tokenizer}")
     plan = {"text": "CPU: no device-time estimate", "total_s": None, "sweeps": {}} if cpu else estimate(
-        ROOT / "results" / "perf" / "methods_gpu.json", methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples)
+        Path(a.measured), methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples)
     print(plan["text"], flush=True)
     if a.estimate:
         return
