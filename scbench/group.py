@@ -152,15 +152,18 @@ def prefill_classes(engine, example, live: list[_Member]) -> list[list[_Member]]
         return [live] if live else []
     classes: list[tuple[list[int], list[_Member]]] = []
     for members in by_mode.values():
-        ids = first_feed_ids(engine, members[0].task, example, members[0].job.spec)
-        same = next((c for c in classes if c[0] == ids), None)
+        try:
+            ids = first_feed_ids(engine, members[0].task, example, members[0].job.spec)
+        except Exception:  # noqa: BLE001 - a prompt that cannot be built: these runs fail in their replay, alone
+            ids = None
+        same = next((c for c in classes if ids is not None and c[0] == ids), None)
         if same is None:
             classes.append((ids, list(members)))
         else:
             same[1].extend(members)
     if len(classes) > 1:
         log.info("example %s: the modes' first prefills differ (%s tokens): one prefill per mode", example.id,
-                 " vs ".join(str(len(ids)) for ids, _ in classes))
+                 " vs ".join(str(len(ids)) if ids is not None else "?" for ids, _ in classes))
     return [members for _, members in classes]
 
 
