@@ -89,9 +89,10 @@ def projection_lines(summary: list[dict]) -> str:
     for e in summary:
         p = e.get("projection")
         if p:
+            h = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
             out.append(f"- {e['length']} tokens: SCBench's {p['examples']} examples x these {p['methods_x_modes']} "
-                       f"(method, mode) runs: {p['gpu_hours_sequential']:.0f} GPU-hours sequentially, "
-                       f"{p['gpu_hours_grouped']:.0f} grouped + batched (steady seconds per example x "
+                       f"(method, mode) runs: {h(p['gpu_hours_sequential'])} GPU-hours sequentially, "
+                       f"{h(p['gpu_hours_grouped'])} grouped + batched (steady seconds per example x "
                        f"{p['examples']}; this sweep's turns and generation lengths)")
     return "\n".join(out) + ("\n" if out else "")
 
