@@ -295,3 +295,19 @@ def test_kill_mid_cross_mode_group_then_resume(tiny_engine, tmp_path, monkeypatc
     after = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
     store.close()
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_grouped_runs_warm_up_like_separate_runs(tiny_engine, tmp_path, monkeypatch):
+    """Each grouped run warms up before its first timed turn and charges it there, as run_spec does."""
+    calls = []
+    monkeypatch.setattr(tiny_engine, "warmup", lambda method: calls.append(method.name) or 1.5, raising=False)
+    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv")]
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "g.sqlite"), progress=False) for cfg in cfgs]
+    run_jobs(jobs, engine=tiny_engine)
+    assert calls == ["full", "snapkv"]
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "s.sqlite"), engine=tiny_engine, progress=False)
+    grouped, _, _ = rows(tmp_path / "g.sqlite")
+    separate, _, _ = rows(tmp_path / "s.sqlite")
+    assert grouped == separate
+    assert sorted(r["warmup_s"] for r in grouped.values()) == [0.0] * 10 + [1.5, 1.5]  # 2 runs x 2 examples x 3 turns
