@@ -38,10 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_methods_report import combine, derive, estimate, write  # noqa: E402
 
+DUO_8B = "duo_attention-llama8b" if (ROOT / "configs" / "method" / "duo_attention-llama8b.yaml").is_file() \
+    else "duo_attention"
 GPU_METHODS = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "quest", "kivi", "retrieval_attention-device",
-               "ashape", "trishape", "vertical_slash", "kvzip", "adakv", "duo_attention"]
+               "ashape", "trishape", "vertical_slash", "kvzip", "adakv", DUO_8B]
 """Every method config at SCBench's budgets (4,096 tokens; KIVI 2-bit); RetrievalAttention's device tier (its host
-tier is the plain loop, minutes per turn at 32K)."""
+tier is the plain loop, minutes per turn at 32K); DuoAttention with gates of the 8B shape where that config exists
+(timing-only gates; else ``duo_for_model`` makes some)."""
 CPU_METHODS = ["full", "snapkv-1k", "kivi", "ashape-1k", "kvzip-1k"]
 """The quick CPU version: one of each kind (dense, eviction, quantisation, sparse prefill, issue 23)."""
 MODES = ["multi_turn", "multi_request"]
