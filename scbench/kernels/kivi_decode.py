@@ -42,83 +42,149 @@ def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits:
 if triton is not None:
 
     @triton.jit
+    def _unpack(P, rows, valid, NW: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr,
+                DT: tl.constexpr):
+        """Packed rows as int16 words [BT, NW] -> [BT, D] in DT: the integers x, or with MAGIC the bits of
+        ``MAGIC + x`` (an exact float of the storage type: no int-to-float conversion)."""
+        PER: tl.constexpr = 16 // BITS
+        w = tl.load(P + rows[:, None] * NW + tl.arange(0, NW)[None, :], mask=valid[:, None], other=0)
+        sh = (tl.arange(0, PER) * BITS).to(tl.int16)
+        x = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+        if MAGIC != 0:
+            x = (x | MAGIC).to(tl.int16).to(DT, bitcast=True)
+        else:
+            x = x.to(DT)
+        return tl.reshape(x, [rows.shape[0], D])
+
+    @triton.jit
     def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
-                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     VGROUP: tl.constexpr, PREC: tl.constexpr):
-        """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual."""
+                     re_add, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
+                     MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+        """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
+
+        A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
+        Keys: the per-channel scale of group i is folded into the queries, so one dot of the NB * GP rows
+        (group i, head g) against the block's integers gives every score; row (i, g) is kept for the tokens of
+        group i, plus the zero-point term q . zero_i. Values: the per-token scale of channel group j is folded
+        into the probabilities, one dot of the NVP * GP rows (j, g) against the integers, row (j, g) kept for the
+        channels of group j, plus p . zero_j. With MAGIC the integers enter as MAGIC-biased floats (OFF + x) and
+        the OFF * sum(row) terms are taken off with the very rounded operands, so the results are exact sums of
+        the rounded products. Scores are in log2 units (exp2); maxima are stored in natural-log units."""
         bh, sp = tl.program_id(0), tl.program_id(1)
-        PER: tl.constexpr = 8 // BITS
-        DB: tl.constexpr = D // PER
-        LEVELS: tl.constexpr = (1 << BITS) - 1
+        NW: tl.constexpr = D * BITS // 16
+        NVG: tl.constexpr = D // VGROUP
+        BT: tl.constexpr = NB * GROUP
+        DT: tl.constexpr = Q.dtype.element_ty
+        LOG2E: tl.constexpr = 1.4426950408889634
         rows_q, cols = tl.arange(0, GP), tl.arange(0, D)
         q = tl.load(Q + bh * G * D + rows_q[:, None] * D + cols[None, :], mask=rows_q[:, None] < G, other=0.0)
+        qs = q.to(tl.float32) * (scale * LOG2E)
         m = tl.full([GP], float("-inf"), tl.float32)
         total = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         nq = tl.load(NQ).to(tl.int32)
         rs = tl.load(RS).to(tl.int32)
-        re = tl.load(RE).to(tl.int32)
+        re = tl.load(RE).to(tl.int32) + re_add
         last = sp == n_splits - 1
         start = tl.where(last, 0, sp * split)
         end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
         bh64 = bh.to(tl.int64)
-        shift = ((cols % PER) * BITS).to(tl.uint8)
-        for off in range(start, end, GROUP):  # one key group (GROUP rows) per iteration
-            rows = off + tl.arange(0, GROUP)
-            poff = bh64 * CQ * DB + rows[:, None].to(tl.int64) * DB + (cols // PER)[None, :]
-            kq = (tl.load(KP + poff) >> shift[None, :]) & LEVELS
-            kg = bh64 * (CQ // GROUP) * D + (off // GROUP) * D + cols
-            k = kq.to(tl.float32) * tl.load(KS + kg).to(tl.float32)[None, :] + tl.load(KZ + kg).to(tl.float32)[None, :]
-            sc = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
+        KW = KP.to(tl.pointer_type(tl.int16)) + bh64 * CQ * NW
+        VW = VP.to(tl.pointer_type(tl.int16)) + bh64 * CQ * NW
+        KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
+        VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
+        tb, gi, vj = tl.arange(0, BT), tl.arange(0, NB), tl.arange(0, NVP)
+        ksel = gi[:, None, None] == (tb // GROUP)[None, None, :]
+        vsel = vj[:, None, None] == (cols // VGROUP)[None, None, :]
+        for off in range(start, end, BT):
+            rows = off + tb
+            valid = rows < end
+            # scores: queries x key scales of the NB groups, against the integers
+            grp = off // GROUP + gi
+            gok = grp[:, None] * GROUP < end
+            ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0).to(tl.float32)
+            kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0).to(tl.float32)
+            qk = (qs[None, :, :] * ks[:, None, :]).to(DT)
+            bias = tl.sum(qs[None, :, :] * kz[:, None, :], 2) - OFF * tl.sum(qk.to(tl.float32), 2)
+            kx = _unpack(KW, rows, valid, NW, BITS, D, MAGIC, DT)
+            s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
+            s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
+            s = tl.sum(tl.where(ksel, s, 0.0), 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
-            vq = (tl.load(VP + poff) >> shift[None, :]) & LEVELS
-            vg = bh64 * CQ * (D // VGROUP) + rows[:, None].to(tl.int64) * (D // VGROUP) + (cols // VGROUP)[None, :]
-            v = (vq.to(tl.float32) * tl.load(VS + vg).to(tl.float32) + tl.load(VZ + vg).to(tl.float32)).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC)
+            # values: probabilities x value scales of the channel groups, against the integers
+            vok = (vj[:, None] < NVG) & valid[None, :]
+            vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0).to(tl.float32)
+            vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0).to(tl.float32)
+            pv = (p[None, :, :] * vs[:, None, :]).to(DT)
+            vbias = tl.sum(p[None, :, :] * vz[:, None, :], 2) - OFF * tl.sum(pv.to(tl.float32), 2)
+            vx = _unpack(VW, rows, valid, NW, BITS, D, MAGIC, DT)
+            o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
+            o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
+            acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
             m = m_new
         rend = tl.where(last, re, rs)
-        for off in range(rs, rend, 16):  # the residual rows, full precision
-            rows = off + tl.arange(0, 16)
+        rb = tl.arange(0, RB)
+        for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
+            rows = off + rb
             inside = rows < rend
             roff = bh64 * R * D + rows[:, None].to(tl.int64) * D + cols[None, :]
-            k = tl.load(RK + roff, mask=inside[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            sc = tl.where(inside[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
+            k = tl.load(RK + roff, mask=inside[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(qs[:, None, :] * k[None, :, :], 2)
+            s = tl.where(inside[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
-            v = tl.load(RV + roff, mask=inside[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            v = tl.load(RV + roff, mask=inside[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
             m = m_new
         out = (bh * n_splits + sp) * GP + rows_q
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
-        tl.store(Mx + out, m)
+        tl.store(Mx + out, m * 0.6931471805599453)
         tl.store(Sm + out, total)
 
 
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# (num_warps, num_stages, programs per KV head aimed at), chosen by scripts/bench_kivi_kernel.py on an H200
+TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528}
+
+
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
-                          scale: float) -> torch.Tensor:
-    """The Triton kernel (CUDA); same contract as ``kivi_attention_torch``. Needs group a power of two >= 16."""
+                          scale: float, re_add: int = 0, **tune) -> torch.Tensor:
+    """The Triton kernel; same contract as ``kivi_attention_torch`` (residual rows [rs, re + re_add)). Needs
+    head_dim, group and D / vgroup powers of two. ``tune`` overrides ``TUNE``."""
     from scbench.kernels.combine import _combine_kernel
 
+    t = {**TUNE, **tune}
     b, hq, _, d = q.shape
     h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]
     g = hq // h
-    split = max(256, -(-cq // 64 // group) * group)
+    gp = max(4, _pow2(g))
+    nb = max(1, 16 // gp)
+    nvp = _pow2(max(d // vgroup, 16 // gp))
+    bt = nb * group
+    per_head = max(1, t["ctas"] // (b * h))
+    split = max(bt, -(-cq // per_head // bt) * bt)
     n_splits = -(-cq // split) + 1
-    gp = max(16, triton.next_power_of_2(g))
     q3 = q.reshape(b * h, g, d).contiguous()
     part = torch.empty(b * h * n_splits * gp, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b * h * n_splits * gp, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
+    magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r, n_splits,
-                                    split, G=g, GP=gp, D=d, BITS=bits, GROUP=group, VGROUP=vgroup, PREC=prec)
+    _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
+                                    n_splits, split, re_add, G=g, GP=gp, D=d, BITS=bits, GROUP=group, VGROUP=vgroup,
+                                    NB=nb, NVP=nvp, MAGIC=magic[0], OFF=magic[1], RB=16, PREC=prec,
+                                    num_warps=t["num_warps"], num_stages=t["num_stages"])
     _combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
                                 NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)
