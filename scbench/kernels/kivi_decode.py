@@ -24,8 +24,10 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
-                         scale: float) -> torch.Tensor:
-    """q [B, Hq, 1, D] -> [B, Hq, 1, D]: attention over the first ``nq`` quantized rows and residual rows [rs, re)."""
+                         scale: float, re_add: int = 0) -> torch.Tensor:
+    """q [B, Hq, 1, D] -> [B, Hq, 1, D]: attention over the first ``nq`` quantized rows and residual rows
+    [rs, re + re_add)."""
+    re = re + re_add
     b, hq, _, d = q.shape
     h = rk.shape[1]
     keys = torch.cat([dequantize(kp, ks, kz, bits, group, -2, rk.dtype), rk], dim=-2)
@@ -42,25 +44,57 @@ def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits:
 if triton is not None:
 
     @triton.jit
-    def _unpack(P, rows, valid, NW: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr,
-                DT: tl.constexpr):
-        """Packed rows as int16 words [BT, NW] -> [BT, D] in DT: the integers x, or with MAGIC the bits of
-        ``MAGIC + x`` (an exact float of the storage type: no int-to-float conversion)."""
-        PER: tl.constexpr = 16 // BITS
-        w = tl.load(P + rows[:, None] * NW + tl.arange(0, NW)[None, :], mask=valid[:, None], other=0)
-        sh = (tl.arange(0, PER) * BITS).to(tl.int16)
-        x = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-        if MAGIC != 0:
-            x = (x | MAGIC).to(tl.int16).to(DT, bitcast=True)
+    def _unpack(P, rows, valid, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr,
+                U: tl.constexpr):
+        """Packed rows (P: their bytes, D * BITS / 8 a row) -> [BT, D] in DT: the integers x, or with MAGIC the
+        bits of ``MAGIC + x`` (an exact float of the storage type: no int-to-float conversion).
+        U = 0: int16 words, one element per shift, channels in order. U = 1 / 2 (MAGIC only): int32 words, two
+        elements per shift (element j of each half-word: one shift and one and-or for two values), split into
+        the two 16-bit halves by a register move (U = 1, inline PTX) or by shifts (U = 2, also the interpreter);
+        position c then holds channel ``_channel(c)``."""
+        if U == 0:
+            NW: tl.constexpr = D * BITS // 16
+            PER: tl.constexpr = 16 // BITS
+            w = tl.load(P.to(tl.pointer_type(tl.int16)) + rows[:, None] * NW + tl.arange(0, NW)[None, :],
+                        mask=valid[:, None], other=0)
+            sh = (tl.arange(0, PER) * BITS).to(tl.int16)
+            x = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+            if MAGIC != 0:
+                x = (x | MAGIC).to(tl.int16).to(DT, bitcast=True)
+            else:
+                x = x.to(DT)
         else:
-            x = x.to(DT)
+            NW2: tl.constexpr = D * BITS // 32
+            HALF: tl.constexpr = 16 // BITS
+            w = tl.load(P.to(tl.pointer_type(tl.int32)) + rows[:, None] * NW2 + tl.arange(0, NW2)[None, :],
+                        mask=valid[:, None], other=0)
+            sh = tl.arange(0, HALF) * BITS
+            LV: tl.constexpr = (1 << BITS) - 1
+            x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
+            if U == 1:
+                lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], dtype=(DT, DT),
+                                                   is_pure=True, pack=1)
+            else:
+                lo = x.to(tl.int16).to(DT, bitcast=True)
+                hi = (x >> 16).to(tl.int16).to(DT, bitcast=True)
+            x = tl.join(lo, hi)
         return tl.reshape(x, [rows.shape[0], D])
 
     @triton.jit
+    def _channel(c, BITS: tl.constexpr, U: tl.constexpr):
+        """The channel at position c of ``_unpack``'s rows."""
+        if U == 0:
+            return c
+        else:
+            E: tl.constexpr = 32 // BITS
+            return (c // E) * E + (c % 2) * (E // 2) + (c % E) // 2
+
+    @triton.jit
     def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
-                     re_add, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                     re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
-                     MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+                     MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr,
+                     U: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
@@ -70,14 +104,17 @@ if triton is not None:
         into the probabilities, one dot of the NVP * GP rows (j, g) against the integers, row (j, g) kept for the
         channels of group j, plus p . zero_j. With MAGIC the integers enter as MAGIC-biased floats (OFF + x) and
         the OFF * sum(row) terms are taken off with the very rounded operands, so the results are exact sums of
-        the rounded products. Scores are in log2 units (exp2); maxima are stored in natural-log units."""
+        the rounded products. Scores are in log2 units (exp2); maxima are stored in natural-log units.
+        With FLUSH the last split then quantizes the residual's oldest group when it holds ``full_len`` rows
+        (``_kivi_flush_kernel``'s work: rows no split of this step reads); ``_kivi_combine_kernel`` moves the
+        counters."""
         bh, sp = tl.program_id(0), tl.program_id(1)
-        NW: tl.constexpr = D * BITS // 16
         NVG: tl.constexpr = D // VGROUP
         BT: tl.constexpr = NB * GROUP
         DT: tl.constexpr = Q.dtype.element_ty
         LOG2E: tl.constexpr = 1.4426950408889634
-        rows_q, cols = tl.arange(0, GP), tl.arange(0, D)
+        rows_q = tl.arange(0, GP)
+        cols = _channel(tl.arange(0, D), BITS, U)  # every column below is in _unpack's order
         q = tl.load(Q + bh * G * D + rows_q[:, None] * D + cols[None, :], mask=rows_q[:, None] < G, other=0.0)
         qs = q.to(tl.float32) * (scale * LOG2E)
         m = tl.full([GP], float("-inf"), tl.float32)
@@ -90,8 +127,8 @@ if triton is not None:
         start = tl.where(last, 0, sp * split)
         end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
         bh64 = bh.to(tl.int64)
-        KW = KP.to(tl.pointer_type(tl.int16)) + bh64 * CQ * NW
-        VW = VP.to(tl.pointer_type(tl.int16)) + bh64 * CQ * NW
+        KW = KP + bh64 * CQ * (D * BITS // 8)
+        VW = VP + bh64 * CQ * (D * BITS // 8)
         KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
         VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
         tb, gi, vj = tl.arange(0, BT), tl.arange(0, NB), tl.arange(0, NVP)
@@ -107,7 +144,7 @@ if triton is not None:
             kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0).to(tl.float32)
             qk = (qs[None, :, :] * ks[:, None, :]).to(DT)
             bias = tl.sum(qs[None, :, :] * kz[:, None, :], 2) - OFF * tl.sum(qk.to(tl.float32), 2)
-            kx = _unpack(KW, rows, valid, NW, BITS, D, MAGIC, DT)
+            kx = _unpack(KW, rows, valid, BITS, D, MAGIC, DT, U)
             s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
             s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
             s = tl.sum(tl.where(ksel, s, 0.0), 0)
@@ -122,7 +159,7 @@ if triton is not None:
             vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0).to(tl.float32)
             pv = (p[None, :, :] * vs[:, None, :]).to(DT)
             vbias = tl.sum(p[None, :, :] * vz[:, None, :], 2) - OFF * tl.sum(pv.to(tl.float32), 2)
-            vx = _unpack(VW, rows, valid, NW, BITS, D, MAGIC, DT)
+            vx = _unpack(VW, rows, valid, BITS, D, MAGIC, DT, U)
             o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
             o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
             acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
@@ -147,27 +184,53 @@ if triton is not None:
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m * 0.6931471805599453)
         tl.store(Sm + out, total)
+        if FLUSH:
+            if last & (re - rs == full_len):
+                _flush_group(RK, RV, KP, KS, KZ, VP, VS, VZ, bh64, nq, rs, R, CQ, D, BITS, GROUP, VGROUP, DT)
+
+    @triton.jit
+    def _kivi_combine_kernel(Part, Mx, Sm, Out, n_splits, NQ, RS, RE, re_add, full_len, G: tl.constexpr,
+                             GP: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, COUNT: tl.constexpr,
+                             GROUP: tl.constexpr):
+        """``scbench.kernels.combine._combine_kernel`` (merge the splits of one batch x KV head, query head g),
+        and with COUNT program (0, 0) advances nq and rs by GROUP when the residual held ``full_len`` rows."""
+        bh, g = tl.program_id(0), tl.program_id(1)
+        sp, cols = tl.arange(0, NS), tl.arange(0, D)
+        used = sp < n_splits
+        idx = (bh * n_splits + sp) * GP + g
+        m = tl.load(Mx + idx, mask=used, other=float("-inf"))
+        top = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        total = tl.sum(w * tl.load(Sm + idx, mask=used, other=0.0), 0)
+        part = tl.load(Part + idx[:, None] * D + cols[None, :], mask=used[:, None], other=0.0)
+        res = tl.sum(w[:, None] * part, 0) / total
+        tl.store(Out + (bh * G + g) * D + cols, res.to(Out.dtype.element_ty))
+        if COUNT:
+            if (bh == 0) & (g == 0):
+                nq, rs, re = tl.load(NQ), tl.load(RS), tl.load(RE) + re_add
+                full = re - rs == full_len
+                tl.store(NQ, tl.where(full, nq + GROUP, nq))
+                tl.store(RS, tl.where(full, rs + GROUP, rs))
 
 
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-# (num_warps, num_stages, programs per KV head aimed at), chosen by scripts/bench_kivi_kernel.py on an H200
+# num_warps, num_stages, programs (all heads) aimed at, padded query rows; chosen by scripts/bench_kivi_kernel.py on an H200
 TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
-                          scale: float, re_add: int = 0, **tune) -> torch.Tensor:
+                          scale: float, re_add: int = 0, flush_residual: int | None = None, **tune) -> torch.Tensor:
     """The Triton kernel; same contract as ``kivi_attention_torch`` (residual rows [rs, re + re_add)). Needs
-    head_dim, group and D / vgroup powers of two. ``tune`` overrides ``TUNE``."""
-    from scbench.kernels.combine import _combine_kernel
-
+    ``attention_kernel_ok``. With ``flush_residual`` it also does ``kivi_flush_triton(rk, rv, ...,
+    residual=flush_residual)`` (after the attention, as the plain path). ``tune`` overrides ``TUNE``."""
     t = {**TUNE, **tune}
     b, hq, _, d = q.shape
     h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]
     g = hq // h
-    gp = max(4, _pow2(g))
+    gp = max(t.get("gp", 4), _pow2(g))
     nb = max(1, 16 // gp)
     nvp = _pow2(max(d // vgroup, 16 // gp))
     bt = nb * group
@@ -181,12 +244,15 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    flush = flush_residual is not None
+    full_len = (flush_residual or 0) + group
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
-                                    n_splits, split, re_add, G=g, GP=gp, D=d, BITS=bits, GROUP=group, VGROUP=vgroup,
-                                    NB=nb, NVP=nvp, MAGIC=magic[0], OFF=magic[1], RB=16, PREC=prec,
-                                    num_warps=t["num_warps"], num_stages=t["num_stages"])
-    _combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
-                                NS=max(2, triton.next_power_of_2(n_splits)))
+                                    n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
+                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=magic[1], RB=16,
+                                    PREC=prec, U=t.get("unpack", 0) if magic[0] else 0, num_warps=t["num_warps"],
+                                    num_stages=t["num_stages"])
+    _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
+                                     NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
 
 
@@ -214,39 +280,45 @@ if triton is not None:
                            DT: tl.constexpr):
         """(batch x KV head): when the residual [rs, re) holds ``full_len`` rows, quantize and pack its oldest GROUP
         rows (keys per channel, values per token) into quantized row nq. Counters move in ``_kivi_count_kernel``."""
-        PER: tl.constexpr = 8 // BITS
-        DB: tl.constexpr = D // PER
-        NV: tl.constexpr = D // VGROUP
-        LEVELS: tl.constexpr = (1 << BITS) - 1
         bh = tl.program_id(0).to(tl.int64)
         nq = tl.load(NQ).to(tl.int32)
         rs = tl.load(RS).to(tl.int32)
         re = tl.load(RE).to(tl.int32)
         if re - rs == full_len:
-            rows, cols = tl.arange(0, GROUP), tl.arange(0, D)
-            src = bh * C * D + (rs + rows)[:, None].to(tl.int64) * D + cols[None, :]
-            shifts = tl.arange(0, PER) * BITS
-            drow = (nq + rows)[:, None].to(tl.int64)
-            # keys: one group per channel
-            k = tl.load(K + src).to(tl.float32)
-            scale, zero, safe = _quant_pack(k, tl.min(k, 0), tl.max(k, 0), LEVELS, DT)
-            qk = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(k - zero[None, :], safe[None, :] + tl.zeros_like(k))),
-                                       0.0), LEVELS * 1.0).to(tl.int32)
-            packed = tl.sum(tl.reshape(qk, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
-            tl.store(KP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], packed)
-            kg = bh * (CQ // GROUP) * D + (nq // GROUP) * D + cols
-            tl.store(KS + kg, scale.to(DT))
-            tl.store(KZ + kg, zero.to(DT))
-            # values: one group per VGROUP channels of a token
-            v3 = tl.reshape(tl.load(V + src).to(tl.float32), [GROUP, NV, VGROUP])
-            vscale, vzero, vsafe = _quant_pack(v3, tl.min(v3, 2), tl.max(v3, 2), LEVELS, DT)
-            qv = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(v3 - vzero[:, :, None], vsafe[:, :, None] + tl.zeros_like(v3))), 0.0),
-                            LEVELS * 1.0).to(tl.int32)
-            vpacked = tl.sum(tl.reshape(qv, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
-            tl.store(VP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], vpacked)
-            vo = bh * CQ * NV + drow * NV + tl.arange(0, NV)[None, :]
-            tl.store(VS + vo, vscale.to(DT))
-            tl.store(VZ + vo, vzero.to(DT))
+            _flush_group(K, V, KP, KS, KZ, VP, VS, VZ, bh, nq, rs, C, CQ, D, BITS, GROUP, VGROUP, DT)
+
+    @triton.jit
+    def _flush_group(K, V, KP, KS, KZ, VP, VS, VZ, bh, nq, rs, C, CQ, D: tl.constexpr, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, VGROUP: tl.constexpr, DT: tl.constexpr):
+        """Quantize and pack rows [rs, rs + GROUP) of K, V (bh's [C, D] slice) into quantized row nq."""
+        PER: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PER
+        NV: tl.constexpr = D // VGROUP
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        rows, cols = tl.arange(0, GROUP), tl.arange(0, D)
+        src = bh * C * D + (rs + rows)[:, None].to(tl.int64) * D + cols[None, :]
+        shifts = tl.arange(0, PER) * BITS
+        drow = (nq + rows)[:, None].to(tl.int64)
+        # keys: one group per channel
+        k = tl.load(K + src).to(tl.float32)
+        scale, zero, safe = _quant_pack(k, tl.min(k, 0), tl.max(k, 0), LEVELS, DT)
+        qk = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(k - zero[None, :], safe[None, :] + tl.zeros_like(k))),
+                                   0.0), LEVELS * 1.0).to(tl.int32)
+        packed = tl.sum(tl.reshape(qk, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
+        tl.store(KP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], packed)
+        kg = bh * (CQ // GROUP) * D + (nq // GROUP) * D + cols
+        tl.store(KS + kg, scale.to(DT))
+        tl.store(KZ + kg, zero.to(DT))
+        # values: one group per VGROUP channels of a token
+        v3 = tl.reshape(tl.load(V + src).to(tl.float32), [GROUP, NV, VGROUP])
+        vscale, vzero, vsafe = _quant_pack(v3, tl.min(v3, 2), tl.max(v3, 2), LEVELS, DT)
+        qv = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(v3 - vzero[:, :, None], vsafe[:, :, None] + tl.zeros_like(v3))), 0.0),
+                        LEVELS * 1.0).to(tl.int32)
+        vpacked = tl.sum(tl.reshape(qv, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
+        tl.store(VP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], vpacked)
+        vo = bh * CQ * NV + drow * NV + tl.arange(0, NV)[None, :]
+        tl.store(VS + vo, vscale.to(DT))
+        tl.store(VZ + vo, vzero.to(DT))
 
     @triton.jit
     def _kivi_count_kernel(NQ, RS, RE, full_len, GROUP: tl.constexpr):
@@ -292,8 +364,36 @@ def flush_kernel_ok(group: int, vgroup: int, head_dim: int) -> bool:
     return all(x >= 1 and x & (x - 1) == 0 for x in (group, vgroup, head_dim))
 
 
-def kivi_attention(q, *bufs, bits: int, group: int, vgroup: int, scale: float) -> torch.Tensor:
-    """Triton on CUDA (group a power of two >= 16), the torch reference elsewhere."""
-    if q.is_cuda and triton is not None and group >= 16 and group & (group - 1) == 0:
-        return kivi_attention_triton(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale)
-    return kivi_attention_torch(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale)
+def attention_kernel_ok(bits: int, group: int, vgroup: int, head_dim: int) -> bool:
+    """The Triton attention reads rows as int16 words (head_dim * bits a multiple of 16) and needs power-of-two
+    head_dim, group >= 16 and vgroup <= head_dim."""
+    pow2 = all(x >= 1 and x & (x - 1) == 0 for x in (group, vgroup, head_dim))
+    return pow2 and head_dim * bits % 16 == 0 and vgroup <= head_dim and group >= 16
+
+
+def _use_triton(q, bits, group, vgroup) -> bool:
+    return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
+
+
+def kivi_attention(q, *bufs, bits: int, group: int, vgroup: int, scale: float, re_add: int = 0) -> torch.Tensor:
+    """Triton on CUDA (``attention_kernel_ok``), the torch reference elsewhere."""
+    if _use_triton(q, bits, group, vgroup):
+        return kivi_attention_triton(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale, re_add=re_add)
+    return kivi_attention_torch(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale, re_add=re_add)
+
+
+def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,
+                     residual: int, triton_ok: bool | None = None) -> torch.Tensor:
+    """One layer's decode step after the new key/value went to row ``at`` of k, v: attention over the quantized rows
+    and the residual [rs, at], then (in place) the residual's oldest group quantized when it holds residual + group
+    rows. CUDA: two kernels (attention + flush, merge + counters); elsewhere (or ``triton_ok=False``) the torch
+    reference ops."""
+    bufs = (kp, ks, kz, vp, vs, vz)
+    use = _use_triton(q, bits, group, vgroup) if triton_ok is None else triton_ok
+    if use:
+        return kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
+                                     re_add=1, flush_residual=residual)
+    re = at + 1
+    out = kivi_attention_torch(q, *bufs, k, v, nq, rs, re, bits=bits, group=group, vgroup=vgroup, scale=scale)
+    kivi_flush_torch(k, v, *bufs, nq, rs, re, bits=bits, group=group, vgroup=vgroup, residual=residual)
+    return out
