@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 
 import torch
@@ -153,10 +154,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--ctas", type=int, nargs="+", default=[264, 528, 1056, 2112])
     ap.add_argument("--gp", type=int, nargs="+", default=[4, 8], help="padded query rows per KV head")
-    ap.add_argument("--unpack", type=int, nargs="+", default=[0, 1, 2], help="kivi_decode._unpack's U")
+    ap.add_argument("--unpack", type=int, nargs="+", default=[0, 3, 4, 5], help="kivi_decode._decode's U")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, float16: checks the script runs")
     args = ap.parse_args()
@@ -173,10 +175,11 @@ def main() -> None:
         want = kd.kivi_attention_torch(q.double(), *[x.double() if x.is_floating_point() else x for x in layers[0][0]],
                                        bits=args.bits, group=group, vgroup=group, scale=scale)
 
-        def new(w, st, c, gp, u):
+        def new(name):
+            t = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name)}
             return lambda bufs: kd.kivi_attention_triton(q, *bufs, bits=args.bits, group=group, vgroup=group,
-                                                         scale=scale, num_warps=w, num_stages=st, ctas=c, gp=gp,
-                                                         unpack=u)
+                                                         scale=scale, num_warps=t["w"], num_stages=t["s"],
+                                                         ctas=t["c"], gp=t["gp"], unpack=t["u"], prefetch=t["pf"])
 
         def measure(variants) -> None:
             for name, fn in variants.items():
@@ -184,24 +187,32 @@ def main() -> None:
                     err = (fn(layers[0][0]).double() - want).abs().max().item()
                     ms = graph_ms(lambda: [fn(b) for b, _ in layers])
                 except Exception as e:  # noqa: BLE001 - a tuning that does not compile is reported, not fatal
-                    print(f"{n:>7} {name:<26} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    print(f"{n:>7} {name:<30} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 rows.append(dict(n=n, bits=args.bits, variant=name, ms_step=ms, gb=gb, tbps=gb / max(ms, 1e-9),
                                  max_err=err))
-                print(f"{n:>7} {name:<26} {ms:8.3f} ms/step ({args.layers} layers) {gb:6.3f} GB "
+                print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) {gb:6.3f} GB "
                       f"{gb / max(ms, 1e-9):6.2f} TB/s err {err:.2e}", flush=True)
 
-        # phase 1: the kernel's structure (word width, padded query rows, warps) at one split; phase 2: pipelining
-        # stages and programs around phase 1's best (among the correct ones)
+        # phase 1: the kernel's structure (word width, prefetch) at one tuning; phase 2: padded query rows and
+        # warps; phase 3: pipelining stages and programs; each around the previous phase's best correct variant
         measure({"v1": lambda bufs: kivi_attention_v1(q, *bufs, bits=args.bits, group=group, vgroup=group,
                                                       scale=scale)})
-        measure({f"new u{u} gp{gp} w{w} s2 c528": new(w, 2, 528, gp, u) for u in args.unpack for gp in args.gp
-                 for w in args.warps})
-        ok = [r for r in rows if r["n"] == n and r["variant"] != "v1" and r["max_err"] < 0.05]
-        if ok:
-            u, gp, w = (int(x.lstrip("ugpw")) for x in min(ok, key=lambda r: r["ms_step"])["variant"].split()[1:4])
-            measure({f"new u{u} gp{gp} w{w} s{st} c{c}": new(w, st, c, gp, u) for st in args.stages
-                     for c in args.ctas if (st, c) != (2, 528)})
+
+        def best() -> str:
+            ok = [r for r in rows if r["n"] == n and r["variant"] != "v1" and r["max_err"] < 0.05]
+            return min(ok, key=lambda r: r["ms_step"])["variant"] if ok else ""
+
+        names = [f"new u{u} pf{pf} gp4 w4 s2 c528" for u in args.unpack for pf in args.prefetch]
+        measure({x: new(x) for x in names})
+        if best():
+            up = best().rsplit(" gp", 1)[0]
+            names = [f"{up} gp{gp} w{w} s2 c528" for gp in args.gp for w in args.warps]
+            measure({x: new(x) for x in names if x not in {r["variant"] for r in rows if r["n"] == n}})
+        if best():
+            up = best().rsplit(" s", 1)[0]
+            names = [f"{up} s{st} c{c}" for st in args.stages for c in args.ctas]
+            measure({x: new(x) for x in names if x not in {r["variant"] for r in rows if r["n"] == n}})
         del layers
         torch.cuda.empty_cache()
     best = {}

@@ -44,19 +44,30 @@ def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits:
 if triton is not None:
 
     @triton.jit
-    def _unpack(P, rows, valid, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr,
-                U: tl.constexpr):
-        """Packed rows (P: their bytes, D * BITS / 8 a row) -> [BT, D] in DT: the integers x, or with MAGIC the
-        bits of ``MAGIC + x`` (an exact float of the storage type: no int-to-float conversion).
-        U = 0: int16 words, one element per shift, channels in order. U = 1 / 2 (MAGIC only): int32 words, two
-        elements per shift (element j of each half-word: one shift and one and-or for two values), split into
-        the two 16-bit halves by a register move (U = 1, inline PTX) or by shifts (U = 2, also the interpreter);
-        position c then holds channel ``_channel(c)``."""
+    def _words(P, rows, valid, BITS: tl.constexpr, D: tl.constexpr, U: tl.constexpr):
+        """Packed rows (P: their bytes, D * BITS / 8 a row) as int16 (U = 0) or int32 words [BT, words]."""
         if U == 0:
             NW: tl.constexpr = D * BITS // 16
-            PER: tl.constexpr = 16 // BITS
             w = tl.load(P.to(tl.pointer_type(tl.int16)) + rows[:, None] * NW + tl.arange(0, NW)[None, :],
                         mask=valid[:, None], other=0)
+        else:
+            NW2: tl.constexpr = D * BITS // 32
+            w = tl.load(P.to(tl.pointer_type(tl.int32)) + rows[:, None] * NW2 + tl.arange(0, NW2)[None, :],
+                        mask=valid[:, None], other=0)
+        return w
+
+    @triton.jit
+    def _decode(w, BT: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr,
+                U: tl.constexpr):
+        """``_words`` -> [BT, D] in DT: the integers x, or with MAGIC the bits of ``MAGIC + x`` (an exact float of
+        the storage type: no int-to-float conversion). U = 0: one element per shift, channels in order. U = 1 / 2
+        (MAGIC only): two elements per shift (element j of each half-word: one shift and one and-or for two
+        values), split into the 16-bit halves by a register move (U = 1, inline PTX) or by shifts (U = 2, also
+        the interpreter), or (U = 3, inline PTX) with MAGIC taken off by one packed fma first (exact integers),
+        or (U = 4) the same without the split (the packed pair stays one register), or (U = 5) no split and no
+        fma (the word reinterpreted as the pair); position c then holds channel ``_channel(c)``."""
+        if U == 0:
+            PER: tl.constexpr = 16 // BITS
             sh = (tl.arange(0, PER) * BITS).to(tl.int16)
             x = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
             if MAGIC != 0:
@@ -64,25 +75,72 @@ if triton is not None:
             else:
                 x = x.to(DT)
         else:
-            NW2: tl.constexpr = D * BITS // 32
             HALF: tl.constexpr = 16 // BITS
-            w = tl.load(P.to(tl.pointer_type(tl.int32)) + rows[:, None] * NW2 + tl.arange(0, NW2)[None, :],
-                        mask=valid[:, None], other=0)
             sh = tl.arange(0, HALF) * BITS
             LV: tl.constexpr = (1 << BITS) - 1
-            x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
-            if U == 1:
-                lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], dtype=(DT, DT),
-                                                   is_pure=True, pack=1)
+            if U == 6:  # one asm per pair from (word, shift) and the fma's (one, -MAGIC): exact integers
+                shp: tl.constexpr = [BT, D * BITS // 32, HALF]
+                if MAGIC == 0x4300:
+                    asm6: tl.constexpr = ("{.reg .b32 t; shr.b32 t, $1, $2; lop3.b32 t, t, MASK, 0x43004300, 0xea; "
+                                          "fma.rn.bf16x2 $0, t, $3, $4;}")
+                    one, neg = 0x3F803F80, -1023360256  # bf16 (1, 1) and (-128, -128) = 0xC300C300
+                else:
+                    asm6: tl.constexpr = ("{.reg .b32 t; shr.b32 t, $1, $2; lop3.b32 t, t, MASK, 0x64006400, 0xea; "
+                                          "fma.rn.f16x2 $0, t, $3, $4;}")
+                    one, neg = 0x3C003C00, -469703680  # fp16 (1, 1) and (-1024, -1024) = 0xE400E400
+                wsh = tl.join(tl.broadcast_to(w[:, :, None], shp), tl.broadcast_to(sh[None, None, :], shp))
+                con = tl.join(tl.full(shp, one, tl.int32), tl.full(shp, neg, tl.int32))
+                x = tl.inline_asm_elementwise(asm6.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
+                                              "=r,r,r,r,r", [wsh, con], dtype=tl.int16, is_pure=True, pack=2)
+                x = x.to(DT, bitcast=True)
             else:
-                lo = x.to(tl.int16).to(DT, bitcast=True)
-                hi = (x >> 16).to(tl.int16).to(DT, bitcast=True)
-            x = tl.join(lo, hi)
-        return tl.reshape(x, [rows.shape[0], D])
+                x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
+                if U == 1:
+                    lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x],
+                                                       dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+                    x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
+                elif U == 2:
+                    x = tl.join(x.to(tl.int16).to(DT, bitcast=True), (x >> 16).to(tl.int16).to(DT, bitcast=True))
+                elif U == 5:  # no split: the word is the pair (lo, hi) of the joined (x, x), a register reused
+                    x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(x, x)], dtype=tl.int16,
+                                                  is_pure=True, pack=2).to(DT, bitcast=True)
+                else:  # MAGIC taken off in the pair by one packed fma: exact integers, no OFF terms
+                    if MAGIC == 0x4300:
+                        fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
+                                             "fma.rn.bf16x2 t, $IN, o, m; ")
+                    else:
+                        fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
+                                             "fma.rn.f16x2 t, $IN, o, m; ")
+                    if U == 3:  # split into two 16-bit registers
+                        lo, hi = tl.inline_asm_elementwise(fma.replace("$IN", "$2") + "mov.b32 {$0, $1}, t;}", "=h,=h,r",
+                                                           [x], dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+                        x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
+                    else:  # U == 4: the pair stays one register, the output of the joined (x, x)
+                        x = tl.inline_asm_elementwise(fma.replace("$IN", "$1") + "mov.b32 $0, t;}", "=r,r,r",
+                                                      [tl.join(x, x)], dtype=tl.int16, is_pure=True, pack=2)
+                        x = x.to(DT, bitcast=True)
+        return tl.reshape(x, [BT, D])
+
+    @triton.jit
+    def _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, BT: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
+               NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, U: tl.constexpr):
+        """Everything block ``off`` reads (masked past ``end``): key/value words, key scale/zero [NB, D], value
+        scale/zero [NVP, BT] (transposed)."""
+        rows = off + tl.arange(0, BT)
+        valid = rows < end
+        grp = off // GROUP + tl.arange(0, NB)
+        gok = grp[:, None] * GROUP < end
+        ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
+        kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
+        vj = tl.arange(0, NVP)
+        vok = (vj[:, None] < NVG) & valid[None, :]
+        vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
+        vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
+        return _words(KW, rows, valid, BITS, D, U), _words(VW, rows, valid, BITS, D, U), ks, kz, vs, vz
 
     @triton.jit
     def _channel(c, BITS: tl.constexpr, U: tl.constexpr):
-        """The channel at position c of ``_unpack``'s rows."""
+        """The channel at position c of ``_decode``'s rows."""
         if U == 0:
             return c
         else:
@@ -94,7 +152,7 @@ if triton is not None:
                      re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
                      MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr,
-                     U: tl.constexpr):
+                     U: tl.constexpr, PF: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
@@ -114,7 +172,7 @@ if triton is not None:
         DT: tl.constexpr = Q.dtype.element_ty
         LOG2E: tl.constexpr = 1.4426950408889634
         rows_q = tl.arange(0, GP)
-        cols = _channel(tl.arange(0, D), BITS, U)  # every column below is in _unpack's order
+        cols = _channel(tl.arange(0, D), BITS, U)  # every column below is in _decode's order
         q = tl.load(Q + bh * G * D + rows_q[:, None] * D + cols[None, :], mask=rows_q[:, None] < G, other=0.0)
         qs = q.to(tl.float32) * (scale * LOG2E)
         m = tl.full([GP], float("-inf"), tl.float32)
@@ -134,17 +192,22 @@ if triton is not None:
         tb, gi, vj = tl.arange(0, BT), tl.arange(0, NB), tl.arange(0, NVP)
         ksel = gi[:, None, None] == (tb // GROUP)[None, None, :]
         vsel = vj[:, None, None] == (cols // VGROUP)[None, None, :]
+        if PF:  # prefetch: block i + 1's loads are issued before block i's math
+            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, BT, NB, NVP, NVG, GROUP,
+                                            BITS, D, U)
         for off in range(start, end, BT):
-            rows = off + tb
-            valid = rows < end
+            if PF:
+                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, BT, NB, NVP, NVG, GROUP, BITS, D, U)
+            else:
+                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, BT, NB, NVP, NVG, GROUP,
+                                                BITS, D, U)
+            valid = off + tb < end
             # scores: queries x key scales of the NB groups, against the integers
-            grp = off // GROUP + gi
-            gok = grp[:, None] * GROUP < end
-            ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0).to(tl.float32)
-            kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0).to(tl.float32)
-            qk = (qs[None, :, :] * ks[:, None, :]).to(DT)
-            bias = tl.sum(qs[None, :, :] * kz[:, None, :], 2) - OFF * tl.sum(qk.to(tl.float32), 2)
-            kx = _unpack(KW, rows, valid, BITS, D, MAGIC, DT, U)
+            qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)
+            bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)
+            if OFF != 0:
+                bias -= OFF * tl.sum(qk.to(tl.float32), 2)
+            kx = _decode(kw, BT, BITS, D, MAGIC, DT, U)
             s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
             s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
             s = tl.sum(tl.where(ksel, s, 0.0), 0)
@@ -154,16 +217,17 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
             # values: probabilities x value scales of the channel groups, against the integers
-            vok = (vj[:, None] < NVG) & valid[None, :]
-            vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0).to(tl.float32)
-            vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0).to(tl.float32)
-            pv = (p[None, :, :] * vs[:, None, :]).to(DT)
-            vbias = tl.sum(p[None, :, :] * vz[:, None, :], 2) - OFF * tl.sum(pv.to(tl.float32), 2)
-            vx = _unpack(VW, rows, valid, BITS, D, MAGIC, DT, U)
+            pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(DT)
+            vbias = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2)
+            if OFF != 0:
+                vbias -= OFF * tl.sum(pv.to(tl.float32), 2)
+            vx = _decode(vw, BT, BITS, D, MAGIC, DT, U)
             o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
             o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
             acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
             m = m_new
+            if PF:
+                kw, vw, ks, kz, vs, vz = nxt
         rend = tl.where(last, re, rs)
         rb = tl.arange(0, RB)
         for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
@@ -217,8 +281,9 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-# num_warps, num_stages, programs (all heads) aimed at, padded query rows; chosen by scripts/bench_kivi_kernel.py on an H200
-TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528}
+# num_warps, num_stages, programs (all heads) aimed at, padded query rows, _decode's U (bf16/fp16 only), prefetch;
+# chosen by scripts/bench_kivi_kernel.py on an H200
+TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528, "gp": 4, "unpack": 4, "prefetch": 0}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -243,13 +308,15 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     sm = torch.empty_like(mx)
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
+    u = t.get("unpack", 0) if magic[0] else 0
+    off = 0.0 if u in (3, 4, 6) else magic[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
-                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=magic[1], RB=16,
-                                    PREC=prec, U=t.get("unpack", 0) if magic[0] else 0, num_warps=t["num_warps"],
+                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=off, RB=16,
+                                    PREC=prec, U=u, PF=t.get("prefetch", 0), num_warps=t["num_warps"],
                                     num_stages=t["num_stages"])
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
