@@ -12,6 +12,8 @@ flash-decoding does).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from scbench.kv.quant import dequantize, quantize
@@ -309,6 +311,8 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
     u = t.get("unpack", 0) if magic[0] else 0
+    if u not in (0, 2) and os.environ.get("TRITON_INTERPRET") == "1":
+        u = 2  # inline PTX cannot be interpreted: the same pairing by shifts
     off = 0.0 if u in (3, 4, 6) else magic[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
