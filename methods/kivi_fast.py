@@ -67,18 +67,20 @@ class KIVIDecode:
         return all(self._cap(layer, extra) <= self.bufs[l][0].shape[2] for l, layer in enumerate(cache.layers))
 
     def load(self, kv, cache) -> None:
-        """Copy each KIVILayer's chunks and residual into the buffers."""
+        """Copy each KIVILayer's chunks into the buffers (each chunk straight into its rows: no concatenation)."""
         self.n0 = []
+        g = self.m.group
         for l, layer in enumerate(cache.layers):
             kp, ks, kz, vp, vs, vz = self.bufs[l]
-            nq, r = layer.n_quant, layer.keys.shape[-2]
-            if nq:
-                for dst, parts, rows in ((kp, [c[0] for c in layer.kchunks], nq), (ks, [c[1] for c in layer.kchunks], nq // self.m.group),
-                                         (kz, [c[2] for c in layer.kchunks], nq // self.m.group),
-                                         (vp, [c[0] for c in layer.vchunks], nq), (vs, [c[1] for c in layer.vchunks], nq),
-                                         (vz, [c[2] for c in layer.vchunks], nq)):
-                    dst[:, :, :rows].copy_(torch.cat(parts, dim=-2))
-            self.n0.append((nq, r))
+            row = 0
+            for (ckp, cks, ckz), (cvp, cvs, cvz) in zip(layer.kchunks, layer.vchunks):
+                n = ckp.shape[2]
+                for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
+                                       (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
+                                       (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
+                    dst[:, :, a:b].copy_(src)
+                row += n
+            self.n0.append((layer.n_quant, layer.keys.shape[-2]))
         self.nq.copy_(torch.tensor([n for n, _ in self.n0]))
         self.rs.zero_()
 
