@@ -128,7 +128,7 @@ if triton is not None:
                NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, U: tl.constexpr):
         """Everything block ``off`` reads (masked past ``end``): key/value words, key scale/zero [NB, D], value
         scale/zero [NVP, BT] (transposed)."""
-        rows = off + tl.arange(0, BT)
+        rows = tl.multiple_of(off, GROUP) + tl.arange(0, BT)
         valid = rows < end
         grp = off // GROUP + tl.arange(0, NB)
         gok = grp[:, None] * GROUP < end
