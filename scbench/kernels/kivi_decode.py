@@ -154,7 +154,7 @@ if triton is not None:
                      re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
                      MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr,
-                     U: tl.constexpr, PF: tl.constexpr):
+                     U: tl.constexpr, PF: tl.constexpr, KT: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
@@ -210,7 +210,10 @@ if triton is not None:
             if OFF != 0:
                 bias -= OFF * tl.sum(qk.to(tl.float32), 2)
             kx = _decode(kw, BT, BITS, D, MAGIC, DT, U)
-            s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
+            if KT:  # the integers as the dot's A operand (read once), the folded queries as B
+                s = tl.trans(tl.dot(kx, tl.trans(tl.reshape(qk, [NB * GP, D])), input_precision=PREC))
+            else:
+                s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
             s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
             s = tl.sum(tl.where(ksel, s, 0.0), 0)
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -320,8 +323,9 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=off, RB=16,
-                                    PREC=prec, U=u, PF=t.get("prefetch", 0), num_warps=t["num_warps"],
-                                    num_stages=t["num_stages"])
+                                    PREC=prec, U=u, PF=t.get("prefetch", 0), KT=t.get("kt", 0), num_warps=t["num_warps"],
+                                    num_stages=t["num_stages"],
+                                    **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)

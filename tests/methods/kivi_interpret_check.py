@@ -26,7 +26,7 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16 with int16 words and with int32 words split in half-words + prefetch)."""
+    float32, float16 with int16 words and with int32 words split in half-words + prefetch + keys as the A operand)."""
     errs = []
     for dtype, unpack in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 2)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
@@ -42,7 +42,7 @@ def attention_errors() -> list[float]:
             t = lambda x: torch.tensor([x])  # noqa: E731
             got = kd.kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, t(nq), t(rs), t(re - 1), bits=bits,
                                            group=g, vgroup=g, scale=0.2, re_add=1, ctas=4, unpack=unpack,
-                                           prefetch=int(unpack == 2))
+                                           prefetch=int(unpack == 2), kt=int(unpack == 2))
             want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.2)
             errs.append((got.double() - want).abs().max().item())
     return errs
