@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--ctas", type=int, nargs="+", default=[264, 528, 1056, 2112])
     ap.add_argument("--gp", type=int, nargs="+", default=[4, 8], help="padded query rows per KV head")
-    ap.add_argument("--unpack", type=int, nargs="+", default=[0, 3, 4, 5], help="kivi_decode._decode's U")
+    ap.add_argument("--unpack", type=int, nargs="+", default=[0, 4, 5, 7], help="kivi_decode._decode's U")
     ap.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--kt", type=int, nargs="+", default=[0, 1], help="keys as the dot's A operand")
     ap.add_argument("--maxnreg", type=int, nargs="*", default=[168, 128], help="register caps tried")

@@ -67,7 +67,8 @@ if triton is not None:
         values), split into the 16-bit halves by a register move (U = 1, inline PTX) or by shifts (U = 2, also
         the interpreter), or (U = 3, inline PTX) with MAGIC taken off by one packed fma first (exact integers),
         or (U = 4) the same without the split (the packed pair stays one register), or (U = 5) no split and no
-        fma (the word reinterpreted as the pair); position c then holds channel ``_channel(c)``."""
+        fma (the word reinterpreted as the pair), or (U = 6 / 7) the shift / the and-or inside the asm too;
+        position c then holds channel ``_channel(c)``."""
         if U == 0:
             PER: tl.constexpr = 16 // BITS
             sh = (tl.arange(0, PER) * BITS).to(tl.int16)
@@ -94,6 +95,19 @@ if triton is not None:
                 con = tl.join(tl.full(shp, one, tl.int32), tl.full(shp, neg, tl.int32))
                 x = tl.inline_asm_elementwise(asm6.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
                                               "=r,r,r,r,r", [wsh, con], dtype=tl.int16, is_pure=True, pack=2)
+                x = x.to(DT, bitcast=True)
+            elif U == 7:  # as 4, the and-or in the asm too (one lop3 against a register magic)
+                if MAGIC == 0x4300:
+                    asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x43004300; mov.b32 o, 0x3F803F80; "
+                                          "mov.b32 m, 0xC300C300; lop3.b32 t, $1, MASK, c, 0xea; "
+                                          "fma.rn.bf16x2 $0, t, o, m;}")
+                else:
+                    asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x64006400; mov.b32 o, 0x3C003C00; "
+                                          "mov.b32 m, 0xE400E400; lop3.b32 t, $1, MASK, c, 0xea; "
+                                          "fma.rn.f16x2 $0, t, o, m;}")
+                xs = w[:, :, None] >> sh[None, None, :]
+                x = tl.inline_asm_elementwise(asm7.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
+                                              "=r,r,r", [tl.join(xs, xs)], dtype=tl.int16, is_pure=True, pack=2)
                 x = x.to(DT, bitcast=True)
             else:
                 x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
@@ -288,7 +302,7 @@ def _pow2(x: int) -> int:
 
 # num_warps, num_stages, programs (all heads) aimed at, padded query rows, _decode's U (bf16/fp16 only), prefetch;
 # chosen by scripts/bench_kivi_kernel.py on an H200
-TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528, "gp": 4, "unpack": 4, "prefetch": 0}
+TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528, "gp": 4, "unpack": 7, "prefetch": 0, "kt": 1}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -316,7 +330,7 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     u = t.get("unpack", 0) if magic[0] else 0
     if u not in (0, 2) and os.environ.get("TRITON_INTERPRET") == "1":
         u = 2  # inline PTX cannot be interpreted: the same pairing by shifts
-    off = 0.0 if u in (3, 4, 6) else magic[1]
+    off = 0.0 if u in (3, 4, 6, 7) else magic[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
