@@ -62,13 +62,12 @@ if triton is not None:
     def _decode(w, BT: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr,
                 U: tl.constexpr):
         """``_words`` -> [BT, D] in DT: the integers x, or with MAGIC the bits of ``MAGIC + x`` (an exact float of
-        the storage type: no int-to-float conversion). U = 0: one element per shift, channels in order. U = 1 / 2
-        (MAGIC only): two elements per shift (element j of each half-word: one shift and one and-or for two
-        values), split into the 16-bit halves by a register move (U = 1, inline PTX) or by shifts (U = 2, also
-        the interpreter), or (U = 3, inline PTX) with MAGIC taken off by one packed fma first (exact integers),
-        or (U = 4) the same without the split (the packed pair stays one register), or (U = 5) no split and no
-        fma (the word reinterpreted as the pair), or (U = 6 / 7) the shift / the and-or inside the asm too;
-        position c then holds channel ``_channel(c)``."""
+        the storage type: no int-to-float conversion). U = 0: int16 words, one element per shift, channels in
+        order. Else int32 words, one shift per two elements (element j of each half-word), the pair kept in one
+        32-bit register (``inline_asm_elementwise`` with pack=2 on the pair (x, x)): U = 5 the word as the
+        pair (MAGIC + x), U = 4 also one packed fma taking MAGIC off (exact integers), U = 7 the and-or in the
+        PTX too (one lop3 against a register magic); U = 2: the halves split by shifts (what the interpreter
+        runs). Position c then holds channel ``_channel(c)``."""
         if U == 0:
             PER: tl.constexpr = 16 // BITS
             sh = (tl.arange(0, PER) * BITS).to(tl.int16)
@@ -79,24 +78,9 @@ if triton is not None:
                 x = x.to(DT)
         else:
             HALF: tl.constexpr = 16 // BITS
-            sh = tl.arange(0, HALF) * BITS
             LV: tl.constexpr = (1 << BITS) - 1
-            if U == 6:  # one asm per pair from (word, shift) and the fma's (one, -MAGIC): exact integers
-                shp: tl.constexpr = [BT, D * BITS // 32, HALF]
-                if MAGIC == 0x4300:
-                    asm6: tl.constexpr = ("{.reg .b32 t; shr.b32 t, $1, $2; lop3.b32 t, t, MASK, 0x43004300, 0xea; "
-                                          "fma.rn.bf16x2 $0, t, $3, $4;}")
-                    one, neg = 0x3F803F80, -1023360256  # bf16 (1, 1) and (-128, -128) = 0xC300C300
-                else:
-                    asm6: tl.constexpr = ("{.reg .b32 t; shr.b32 t, $1, $2; lop3.b32 t, t, MASK, 0x64006400, 0xea; "
-                                          "fma.rn.f16x2 $0, t, $3, $4;}")
-                    one, neg = 0x3C003C00, -469703680  # fp16 (1, 1) and (-1024, -1024) = 0xE400E400
-                wsh = tl.join(tl.broadcast_to(w[:, :, None], shp), tl.broadcast_to(sh[None, None, :], shp))
-                con = tl.join(tl.full(shp, one, tl.int32), tl.full(shp, neg, tl.int32))
-                x = tl.inline_asm_elementwise(asm6.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
-                                              "=r,r,r,r,r", [wsh, con], dtype=tl.int16, is_pure=True, pack=2)
-                x = x.to(DT, bitcast=True)
-            elif U == 7:  # as 4, the and-or in the asm too (one lop3 against a register magic)
+            xs = w[:, :, None] >> (tl.arange(0, HALF) * BITS)[None, None, :]
+            if U == 7:  # and-or against a register magic, then one packed fma: exact integers
                 if MAGIC == 0x4300:
                     asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x43004300; mov.b32 o, 0x3F803F80; "
                                           "mov.b32 m, 0xC300C300; lop3.b32 t, $1, MASK, c, 0xea; "
@@ -105,36 +89,25 @@ if triton is not None:
                     asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x64006400; mov.b32 o, 0x3C003C00; "
                                           "mov.b32 m, 0xE400E400; lop3.b32 t, $1, MASK, c, 0xea; "
                                           "fma.rn.f16x2 $0, t, o, m;}")
-                xs = w[:, :, None] >> sh[None, None, :]
                 x = tl.inline_asm_elementwise(asm7.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
                                               "=r,r,r", [tl.join(xs, xs)], dtype=tl.int16, is_pure=True, pack=2)
-                x = x.to(DT, bitcast=True)
             else:
-                x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
-                if U == 1:
-                    lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x],
-                                                       dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
-                    x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
-                elif U == 2:
-                    x = tl.join(x.to(tl.int16).to(DT, bitcast=True), (x >> 16).to(tl.int16).to(DT, bitcast=True))
-                elif U == 5:  # no split: the word is the pair (lo, hi) of the joined (x, x), a register reused
-                    x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(x, x)], dtype=tl.int16,
-                                                  is_pure=True, pack=2).to(DT, bitcast=True)
-                else:  # MAGIC taken off in the pair by one packed fma: exact integers, no OFF terms
+                x = (xs & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
+                if U == 2:  # halves by shifts (what the interpreter runs)
+                    x = tl.join(x.to(tl.int16), (x >> 16).to(tl.int16))
+                elif U == 4:  # one packed fma takes MAGIC off: exact integers
                     if MAGIC == 0x4300:
-                        fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
-                                             "fma.rn.bf16x2 t, $IN, o, m; ")
+                        asm4: tl.constexpr = ("{.reg .b32 o, m; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
+                                              "fma.rn.bf16x2 $0, $1, o, m;}")
                     else:
-                        fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
-                                             "fma.rn.f16x2 t, $IN, o, m; ")
-                    if U == 3:  # split into two 16-bit registers
-                        lo, hi = tl.inline_asm_elementwise(fma.replace("$IN", "$2") + "mov.b32 {$0, $1}, t;}", "=h,=h,r",
-                                                           [x], dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
-                        x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
-                    else:  # U == 4: the pair stays one register, the output of the joined (x, x)
-                        x = tl.inline_asm_elementwise(fma.replace("$IN", "$1") + "mov.b32 $0, t;}", "=r,r,r",
-                                                      [tl.join(x, x)], dtype=tl.int16, is_pure=True, pack=2)
-                        x = x.to(DT, bitcast=True)
+                        asm4: tl.constexpr = ("{.reg .b32 o, m; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
+                                              "fma.rn.f16x2 $0, $1, o, m;}")
+                    x = tl.inline_asm_elementwise(asm4, "=r,r,r", [tl.join(x, x)], dtype=tl.int16, is_pure=True,
+                                                  pack=2)
+                else:  # U == 5: the word reinterpreted as the pair
+                    x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(x, x)], dtype=tl.int16,
+                                                  is_pure=True, pack=2)
+            x = x.to(DT, bitcast=True)
         return tl.reshape(x, [BT, D])
 
     @triton.jit
@@ -328,9 +301,11 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
     u = t.get("unpack", 0) if magic[0] else 0
+    if u not in (0, 2, 4, 5, 7):
+        raise ValueError(f"kivi_attention_triton: unpack must be 0, 2, 4, 5 or 7, got {u}")
     if u not in (0, 2) and os.environ.get("TRITON_INTERPRET") == "1":
         u = 2  # inline PTX cannot be interpreted: the same pairing by shifts
-    off = 0.0 if u in (3, 4, 6, 7) else magic[1]
+    off = 0.0 if u in (4, 7) else magic[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
