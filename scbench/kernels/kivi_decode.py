@@ -63,11 +63,11 @@ if triton is not None:
                 U: tl.constexpr):
         """``_words`` -> [BT, D] in DT: the integers x, or with MAGIC the bits of ``MAGIC + x`` (an exact float of
         the storage type: no int-to-float conversion). U = 0: int16 words, one element per shift, channels in
-        order. Else int32 words, one shift per two elements (element j of each half-word), the pair kept in one
-        32-bit register (``inline_asm_elementwise`` with pack=2 on the pair (x, x)): U = 5 the word as the
-        pair (MAGIC + x), U = 4 also one packed fma taking MAGIC off (exact integers), U = 7 the and-or in the
-        PTX too (one lop3 against a register magic); U = 2: the halves split by shifts (what the interpreter
-        runs). Position c then holds channel ``_channel(c)``."""
+        order. U = 2 / 3 (MAGIC only): int32 words, one shift and one and-or per two elements (element j of each
+        half-word), split into the 16-bit halves by shifts (U = 2, OFF + x; what the interpreter runs) or, in
+        PTX, by one packed fma taking MAGIC off (exact integers, OFF = 0) and a register move (U = 3). Position
+        c then holds channel ``_channel(c)``. (Keeping the pair in one register through a pack=2 asm on
+        ``join(x, x)`` measured wrong on the GPU: pack=2 pairs other elements.)"""
         if U == 0:
             PER: tl.constexpr = 16 // BITS
             sh = (tl.arange(0, PER) * BITS).to(tl.int16)
@@ -79,35 +79,20 @@ if triton is not None:
         else:
             HALF: tl.constexpr = 16 // BITS
             LV: tl.constexpr = (1 << BITS) - 1
-            xs = w[:, :, None] >> (tl.arange(0, HALF) * BITS)[None, None, :]
-            if U == 7:  # and-or against a register magic, then one packed fma: exact integers
+            sh = tl.arange(0, HALF) * BITS
+            x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
+            if U == 2:
+                x = tl.join(x.to(tl.int16).to(DT, bitcast=True), (x >> 16).to(tl.int16).to(DT, bitcast=True))
+            else:  # U == 3
                 if MAGIC == 0x4300:
-                    asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x43004300; mov.b32 o, 0x3F803F80; "
-                                          "mov.b32 m, 0xC300C300; lop3.b32 t, $1, MASK, c, 0xea; "
-                                          "fma.rn.bf16x2 $0, t, o, m;}")
+                    fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
+                                         "fma.rn.bf16x2 t, $2, o, m; mov.b32 {$0, $1}, t;}")
                 else:
-                    asm7: tl.constexpr = ("{.reg .b32 c, o, m, t; mov.b32 c, 0x64006400; mov.b32 o, 0x3C003C00; "
-                                          "mov.b32 m, 0xE400E400; lop3.b32 t, $1, MASK, c, 0xea; "
-                                          "fma.rn.f16x2 $0, t, o, m;}")
-                x = tl.inline_asm_elementwise(asm7.replace("MASK", "0x00030003" if BITS == 2 else "0x000F000F"),
-                                              "=r,r,r", [tl.join(xs, xs)], dtype=tl.int16, is_pure=True, pack=2)
-            else:
-                x = (xs & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
-                if U == 2:  # halves by shifts (what the interpreter runs)
-                    x = tl.join(x.to(tl.int16), (x >> 16).to(tl.int16))
-                elif U == 4:  # one packed fma takes MAGIC off: exact integers
-                    if MAGIC == 0x4300:
-                        asm4: tl.constexpr = ("{.reg .b32 o, m; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
-                                              "fma.rn.bf16x2 $0, $1, o, m;}")
-                    else:
-                        asm4: tl.constexpr = ("{.reg .b32 o, m; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
-                                              "fma.rn.f16x2 $0, $1, o, m;}")
-                    x = tl.inline_asm_elementwise(asm4, "=r,r,r", [tl.join(x, x)], dtype=tl.int16, is_pure=True,
-                                                  pack=2)
-                else:  # U == 5: the word reinterpreted as the pair
-                    x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(x, x)], dtype=tl.int16,
-                                                  is_pure=True, pack=2)
-            x = x.to(DT, bitcast=True)
+                    fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
+                                         "fma.rn.f16x2 t, $2, o, m; mov.b32 {$0, $1}, t;}")
+                lo, hi = tl.inline_asm_elementwise(fma, "=h,=h,r", [x], dtype=(tl.int16, tl.int16), is_pure=True,
+                                                   pack=1)
+                x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
         return tl.reshape(x, [BT, D])
 
     @triton.jit
@@ -141,7 +126,7 @@ if triton is not None:
                      re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
                      MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr,
-                     U: tl.constexpr, PF: tl.constexpr, KT: tl.constexpr):
+                     U: tl.constexpr, PF: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
@@ -197,10 +182,7 @@ if triton is not None:
             if OFF != 0:
                 bias -= OFF * tl.sum(qk.to(tl.float32), 2)
             kx = _decode(kw, BT, BITS, D, MAGIC, DT, U)
-            if KT:  # the integers as the dot's A operand (read once), the folded queries as B
-                s = tl.trans(tl.dot(kx, tl.trans(tl.reshape(qk, [NB * GP, D])), input_precision=PREC))
-            else:
-                s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
+            s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
             s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
             s = tl.sum(tl.where(ksel, s, 0.0), 0)
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -274,8 +256,8 @@ def _pow2(x: int) -> int:
 
 
 # num_warps, num_stages, programs (all heads) aimed at, padded query rows, _decode's U (bf16/fp16 only), prefetch;
-# chosen by scripts/bench_kivi_kernel.py on an H200
-TUNE = {"num_warps": 4, "num_stages": 2, "ctas": 528, "gp": 4, "unpack": 7, "prefetch": 0, "kt": 1}
+# the fastest correct tuning of scripts/bench_kivi_kernel.py on an H200 (results/perf/kivi_kernel_h200.md)
+TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "unpack": 3, "prefetch": 1}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -301,20 +283,19 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
     u = t.get("unpack", 0) if magic[0] else 0
-    if u not in (0, 2, 4, 5, 7):
-        raise ValueError(f"kivi_attention_triton: unpack must be 0, 2, 4, 5 or 7, got {u}")
-    if u not in (0, 2) and os.environ.get("TRITON_INTERPRET") == "1":
-        u = 2  # inline PTX cannot be interpreted: the same pairing by shifts
-    off = 0.0 if u in (4, 7) else magic[1]
+    if u not in (0, 2, 3):
+        raise ValueError(f"kivi_attention_triton: unpack must be 0, 2 or 3, got {u}")
+    if u == 3 and os.environ.get("TRITON_INTERPRET") == "1":
+        u = 2  # inline PTX cannot be interpreted: the same pairing, split by shifts
+    off = 0.0 if u == 3 else magic[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=off, RB=16,
-                                    PREC=prec, U=u, PF=t.get("prefetch", 0), KT=t.get("kt", 0), num_warps=t["num_warps"],
-                                    num_stages=t["num_stages"],
-                                    **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
+                                    PREC=prec, U=u, PF=t["prefetch"], num_warps=t["num_warps"],
+                                    num_stages=t["num_stages"])
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
@@ -339,7 +320,7 @@ if triton is not None:
         return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
 
     @triton.jit
-    def _kivi_flush_kernel(K, V, KP, KS, KZ, VP, VS, VZ, NQ, RS, RE, C, CQ, full_len,
+    def _kivi_flush_kernel(K, V, KP, KS, KZ, VP, VS, VZ, NQ, RS, RE, C, CQ, full_len, re_add,
                            D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr,
                            DT: tl.constexpr):
         """(batch x KV head): when the residual [rs, re) holds ``full_len`` rows, quantize and pack its oldest GROUP
@@ -347,7 +328,7 @@ if triton is not None:
         bh = tl.program_id(0).to(tl.int64)
         nq = tl.load(NQ).to(tl.int32)
         rs = tl.load(RS).to(tl.int32)
-        re = tl.load(RE).to(tl.int32)
+        re = tl.load(RE).to(tl.int32) + re_add
         if re - rs == full_len:
             _flush_group(K, V, KP, KS, KZ, VP, VS, VZ, bh, nq, rs, C, CQ, D, BITS, GROUP, VGROUP, DT)
 
@@ -385,23 +366,23 @@ if triton is not None:
         tl.store(VZ + vo, vzero.to(DT))
 
     @triton.jit
-    def _kivi_count_kernel(NQ, RS, RE, full_len, GROUP: tl.constexpr):
-        nq, rs, re = tl.load(NQ), tl.load(RS), tl.load(RE)
+    def _kivi_count_kernel(NQ, RS, RE, full_len, re_add, GROUP: tl.constexpr):
+        nq, rs, re = tl.load(NQ), tl.load(RS), tl.load(RE) + re_add
         full = re - rs == full_len
         tl.store(NQ, tl.where(full, nq + GROUP, nq))
         tl.store(RS, tl.where(full, rs + GROUP, rs))
 
 
 def kivi_flush_triton(k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, *, bits: int, group: int, vgroup: int,
-                      residual: int) -> None:
-    """CUDA, in place: when ``re - rs == residual + group``, quantize rows [rs, rs + group) of k, v [B, H, C, D]
-    into quantized row ``nq`` and advance ``nq`` and ``rs`` by ``group`` (``KIVIDecode.flush`` in torch ops)."""
+                      residual: int, re_add: int = 0) -> None:
+    """CUDA, in place: when ``re + re_add - rs == residual + group``, quantize rows [rs, rs + group) of k, v
+    [B, H, C, D] into quantized row ``nq`` and advance ``nq`` and ``rs`` by ``group`` (``kivi_flush_torch``)."""
     b, h, c, d = k.shape
     cq = kp.shape[2]
     dt = getattr(tl, {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[k.dtype])
-    _kivi_flush_kernel[(b * h,)](k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, c, cq, residual + group, D=d, BITS=bits,
-                                 GROUP=group, VGROUP=vgroup, DT=dt)
-    _kivi_count_kernel[(1,)](nq, rs, re, residual + group, GROUP=group)
+    _kivi_flush_kernel[(b * h,)](k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, c, cq, residual + group, re_add, D=d,
+                                 BITS=bits, GROUP=group, VGROUP=vgroup, DT=dt)
+    _kivi_count_kernel[(1,)](nq, rs, re, residual + group, re_add, GROUP=group)
 
 
 def kivi_flush_torch(k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -446,17 +427,28 @@ def kivi_attention(q, *bufs, bits: int, group: int, vgroup: int, scale: float, r
     return kivi_attention_torch(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale, re_add=re_add)
 
 
+FUSE_FLUSH = False
+"""Whether ``kivi_decode_step`` on CUDA quantizes the full residual group inside the attention kernel (2 kernels a
+layer) instead of the separate flush + counter kernels (4): tested in Triton's interpreter and by the CUDA tests,
+not yet measured on a GPU, so off."""
+
+
 def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,
-                     residual: int, triton_ok: bool | None = None) -> torch.Tensor:
+                     residual: int, triton_ok: bool | None = None, fuse: bool | None = None) -> torch.Tensor:
     """One layer's decode step after the new key/value went to row ``at`` of k, v: attention over the quantized rows
     and the residual [rs, at], then (in place) the residual's oldest group quantized when it holds residual + group
-    rows. CUDA: two kernels (attention + flush, merge + counters); elsewhere (or ``triton_ok=False``) the torch
-    reference ops."""
+    rows. CUDA: the Triton kernels (``fuse``, default ``FUSE_FLUSH``: the flush inside the attention kernel and the
+    counters moved by the merge kernel); elsewhere (or ``triton_ok=False``) the torch reference ops."""
     bufs = (kp, ks, kz, vp, vs, vz)
     use = _use_triton(q, bits, group, vgroup) if triton_ok is None else triton_ok
-    if use:
+    if use and (FUSE_FLUSH if fuse is None else fuse):
         return kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
                                      re_add=1, flush_residual=residual)
+    if use:
+        out = kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
+                                    re_add=1)
+        kivi_flush_triton(k, v, *bufs, nq, rs, at, bits=bits, group=group, vgroup=vgroup, residual=residual, re_add=1)
+        return out
     re = at + 1
     out = kivi_attention_torch(q, *bufs, k, v, nq, rs, re, bits=bits, group=group, vgroup=vgroup, scale=scale)
     kivi_flush_torch(k, v, *bufs, nq, rs, re, bits=bits, group=group, vgroup=vgroup, residual=residual)

@@ -26,7 +26,7 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16 with int16 words and with int32 words split in half-words + prefetch + keys as the A operand)."""
+    float32, float16 with int16 words and with int32 words split in half-words + prefetch)."""
     errs = []
     for dtype, unpack in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 2)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
@@ -42,18 +42,20 @@ def attention_errors() -> list[float]:
             t = lambda x: torch.tensor([x])  # noqa: E731
             got = kd.kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, t(nq), t(rs), t(re - 1), bits=bits,
                                            group=g, vgroup=g, scale=0.2, re_add=1, ctas=4, unpack=unpack,
-                                           prefetch=int(unpack == 2), kt=int(unpack == 2))
+                                           prefetch=int(unpack == 2))
             want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.2)
             errs.append((got.double() - want).abs().max().item())
     return errs
 
 
 def step_errors() -> list[list[float]]:
-    """kivi_decode_step, Triton (attention + flush, merge + counters) against the torch ops: output, every buffer
-    and the counters, with and without a group flush."""
+    """kivi_decode_step, Triton (attention, then flush + counter kernels; or fused: attention + flush, merge +
+    counters) against the torch ops: output, every buffer and the counters, with and without a group flush. A row:
+    [float32?, output error, counters equal, flushed as expected, buffer differences...]."""
     rows = []
     for dtype in (torch.float32, torch.float16):
-        for bits, full in [(2, True), (4, True), (2, False)]:
+        for bits, full, fuse in [(2, True, False), (4, True, False), (2, False, False), (2, True, True),
+                                 (4, True, True), (2, False, True)]:
             gen = torch.Generator().manual_seed(bits)
             h, c, d, cq, g, res = 2, 128, 32, 256, 16, 16
             k, v = (torch.randn(1, h, c, d, generator=gen).to(dtype) * 3 for _ in range(2))
@@ -66,13 +68,14 @@ def step_errors() -> list[list[float]]:
                 mine = [x.clone() for x in bufs]
                 nq, rs = torch.tensor([96]), torch.tensor([37])
                 o = kd.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at]), bits=bits, group=g, vgroup=g,
-                                        scale=0.3, residual=res, triton_ok=use)
+                                        scale=0.3, residual=res, triton_ok=use, fuse=fuse)
                 outs.append((o, mine, (int(nq), int(rs))))
             (oa, a, ca), (ob, b, cb) = outs
             flushed = float(ca == (112, 53)) if full else float(ca == (96, 37))
             diffs = [(x != y).float().mean().item() if x.dtype == torch.uint8 else (x.double() - y.double()).abs().max().item()
                      for x, y in zip(a, b)]
-            rows.append([(oa.double() - ob.double()).abs().max().item(), float(ca == cb), flushed, *diffs])
+            rows.append([float(dtype == torch.float32), (oa.double() - ob.double()).abs().max().item(), float(ca == cb),
+                         flushed, *diffs])
     return rows
 
 

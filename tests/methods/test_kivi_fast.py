@@ -44,13 +44,15 @@ def test_kivi_attention_torch_matches_reference(bits, hq):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
                                                (2, 512, 0, 64, 0, 9)])
-def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re):
+@pytest.mark.parametrize("unpack,prefetch", [(3, 1), (0, 0), (2, 1)])
+def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, unpack, prefetch):
     bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
-    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09)
+    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, unpack=unpack,
+                                            prefetch=prefetch)
     want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -58,8 +60,8 @@ def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_kivi_kernels_in_triton_interpreter():
-    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, both word widths) and the fused decode step (attention +
-    group flush, merge + counters) on CPU tensors, in Triton's interpreter, against the torch reference."""
+    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, both word widths) and the decode step
+    (attention, flush, counters; and fused) on CPU tensors, in Triton's interpreter, against the torch reference."""
     script = Path(__file__).with_name("kivi_interpret_check.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -67,8 +69,8 @@ def test_kivi_kernels_in_triton_interpreter():
     res = json.loads(done.stdout.strip().splitlines()[-1])
     att = res["attention"]
     assert max(att[:4]) < 1e-5 and max(att[4:]) < 3e-3, att  # float32, float16 (int16 and int32 words)
-    for i, (out, same_counters, flushed, *bufs) in enumerate(res["step"]):
-        assert out < (1e-5 if i < 3 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
+    for i, (fp32, out, same_counters, flushed, *bufs) in enumerate(res["step"]):
+        assert out < (1e-5 if fp32 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
         assert max(bufs) < 1e-3, bufs  # packed bytes: a rare rounding tie may differ; scales/zeros exact
 
 
@@ -165,8 +167,10 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,full", [(2, True), (4, True), (2, False)])
-def test_decode_step_triton_matches_torch(dtype, bits, full):
-    """The fused step (attention + flush kernel, merge + counters kernel) against the torch ops, 8B head shapes."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
+    """The step's kernels (attention, flush, counters; or fused: attention + flush, merge + counters) against the
+    torch ops, 8B head shapes."""
     torch.manual_seed(bits)
     h, c, d, cq, g, res = 8, 512, 128, 4096, 32, 32
     k, v = (torch.randn(1, h, c, d, device="cuda", dtype=dtype) * 3 for _ in range(2))
@@ -179,7 +183,7 @@ def test_decode_step_triton_matches_torch(dtype, bits, full):
         mine = [x.clone() for x in bufs]
         nq, rs = torch.tensor([2048], device="cuda"), torch.tensor([37], device="cuda")
         o = kivi_decode.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at], device="cuda"), bits=bits, group=g,
-                                         vgroup=g, scale=0.09, residual=res, triton_ok=use)
+                                         vgroup=g, scale=0.09, residual=res, triton_ok=use, fuse=fuse)
         outs.append((o, mine, (int(nq), int(rs))))
     (oa, a, ca), (ob, b, cb) = outs
     assert ca == cb == ((2048 + g, 37 + g) if full else (2048, 37))
