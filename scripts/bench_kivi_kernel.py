@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--gp", type=int, nargs="+", default=[4, 8], help="padded query rows per KV head")
     ap.add_argument("--unpack", type=int, nargs="+", default=[0, 3], help="kivi_decode._decode's U")
     ap.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--default-only", action="store_true", help="v1 and kivi_decode.TUNE only, no sweep")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, float16: checks the script runs")
     args = ap.parse_args()
@@ -201,6 +202,12 @@ def main() -> None:
         # warps; phase 3: pipelining stages and programs; each around the previous phase's best correct variant
         measure({"v1": lambda bufs: kivi_attention_v1(q, *bufs, bits=args.bits, group=group, vgroup=group,
                                                       scale=scale)})
+        if args.default_only:
+            measure({"new (TUNE)": lambda bufs: kd.kivi_attention_triton(q, *bufs, bits=args.bits, group=group,
+                                                                         vgroup=group, scale=scale)})
+            del layers
+            torch.cuda.empty_cache()
+            continue
 
         def best() -> str:
             ok = [r for r in rows if r["n"] == n and r["variant"] != "v1" and r["max_err"] < 0.05]
