@@ -169,8 +169,12 @@ def main() -> None:
     ap.add_argument("--commit", default=os.environ.get("SCBENCH_COMMIT"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds for this whole call: a sweep whose estimate does not fit is skipped, one that "
-                         "overruns is stopped (its finished runs are kept)")
+                    help="seconds for this whole call: the time left is shared between the remaining sweeps in "
+                         "proportion to their estimates; a sweep past its share is stopped (its finished runs are "
+                         "kept, the JSON says partial) and the JSON / md are written after every sweep")
+    ap.add_argument("--grouped-optional", action="store_true",
+                    help="with --deadline: the sequential sweep may use all the time; the grouped one runs only if "
+                         "its estimate fits in what is left")
     ap.add_argument("--estimate", action="store_true", help="print the device-time estimate and exit")
     ap.add_argument("--measured", default=str(ROOT / "results" / "perf" / "methods_gpu.json"),
                     help="the measured JSON the estimate reads (default: the checked-in one)")
@@ -207,36 +211,43 @@ def main() -> None:
                     "sweep wall: one scbench process per (length, way), model build included"}
     data = {**info, "rows": [], "sweeps": []}
     out.parent.mkdir(parents=True, exist_ok=True)
+    write(out, derive(data))  # a call killed from outside still leaves its header
     t_start = time.perf_counter()
-    for length in lengths:
-        for way in a.ways:
-            left = a.deadline - (time.perf_counter() - t_start) if a.deadline else None
-            need = plan["sweeps"].get(f"{length}-{way}")
-            if left is not None and need is not None and need > left:
-                print(f"{length} {way}: skipped, estimated {need:.0f} s > {left:.0f} s left", flush=True)
-                data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "skipped": True,
-                                       "estimate_s": need})
-                continue
-            store = tmp / f"{length}-{way}.sqlite"
-            rc, secs, log = run_cli([*model, f"method={','.join(methods)}", "task=scbench_kv",
-                                     f"mode={','.join(a.modes)}", f"data.length={length}", f"data.n={a.examples}",
-                                     f"data.turns={a.turns}", f"max_turns={a.turns}", f"max_new_tokens={max_new}",
-                                     f"store={store}", "progress=false", *WAYS[way], *plugin,
-                                     f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], env,
-                                    timeout=max(1.0, left) if left is not None else None)
-            rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
-            cells = sum(r["examples"] for r in rows if r["status"] == "done")
-            data["rows"] += rows
-            data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "methods": len(methods),
-                                   "rc": rc, "wall_s": secs, **span, "runs": len(rows), "cells": cells,
-                                   "failed": [f"{r['method']} {r['mode']}: {r.get('error', r['status'])}"
-                                              for r in rows if r["status"] != "done"],
-                                   "estimate_s": need, "predictions": preds, "log_tail": log})
-            print(f"{length} {way}: rc {rc}, {secs:.0f} s (estimated {need or 0:.0f} s), {cells} examples done",
-                  flush=True)
-            if rc:
-                print(log[-1500:], flush=True)
-            write(out, derive(data))
+    todo = [(length, way) for length in lengths for way in a.ways]
+    for k, (length, way) in enumerate(todo):
+        left = a.deadline - (time.perf_counter() - t_start) if a.deadline else None
+        need = plan["sweeps"].get(f"{length}-{way}")
+        later = [plan["sweeps"].get(f"{n}-{w}") or 1.0 for n, w in todo[k + 1:]]
+        share = left
+        if left is not None and not (a.grouped_optional and way == "sequential"):
+            share = left * (need or 1.0) / ((need or 1.0) + sum(later)) if later else left
+        if left is not None and a.grouped_optional and way == "grouped" and need is not None and need > left:
+            print(f"{length} {way}: skipped, estimated {need:.0f} s > {left:.0f} s left", flush=True)
+            data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "skipped": True,
+                                   "estimate_s": need})
+            continue
+        store = tmp / f"{length}-{way}.sqlite"
+        rc, secs, log = run_cli([*model, f"method={','.join(methods)}", "task=scbench_kv",
+                                 f"mode={','.join(a.modes)}", f"data.length={length}", f"data.n={a.examples}",
+                                 f"data.turns={a.turns}", f"max_turns={a.turns}", f"max_new_tokens={max_new}",
+                                 f"store={store}", "progress=false", *WAYS[way], *plugin,
+                                 f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], env,
+                                timeout=max(1.0, share) if share is not None else None)
+        rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
+        cells = sum(r["examples"] for r in rows if r["status"] == "done")
+        expected = len(methods) * len(a.modes) * a.examples
+        data["rows"] += rows
+        data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "methods": len(methods),
+                               "rc": rc, "wall_s": secs, **span, "runs": len(rows), "cells": cells,
+                               "expected_cells": expected, "partial": cells < expected, "share_s": share,
+                               "failed": [f"{r['method']} {r['mode']}: {r.get('error', r['status'])}"
+                                          for r in rows if r["status"] != "done"],
+                               "estimate_s": need, "predictions": preds, "log_tail": log})
+        print(f"{length} {way}: rc {rc}, {secs:.0f} s (estimated {need or 0:.0f} s), {cells} examples done",
+              flush=True)
+        if rc:
+            print(log[-1500:], flush=True)
+        write(out, derive(data))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def derive(data: dict) -> dict:
         a["predictions"].update(s.get("predictions") or {})
         a["failed"] += s.get("failed") or []
         a["parts"] += 1
+        a["partial"] = a.get("partial", False) or bool(s.get("partial"))
         a["rc"] = max(a["rc"], s.get("rc") or 0)
     summary = []
     for length in sorted({k[0] for k in agg}):
@@ -61,17 +62,22 @@ def derive(data: dict) -> dict:
             a = agg.get((length, way))
             if a is None:
                 continue
-            entry[way] = {k: a[k] for k in ("wall_s", "runs_s", "warmup_s", "cells", "runs", "modes", "failed",
-                                            "parts", "rc")}
+            entry[way] = {k: a.get(k) for k in ("wall_s", "runs_s", "warmup_s", "cells", "runs", "modes", "failed",
+                                                "parts", "rc", "partial")}
             entry[way]["steady_s"] = a["runs_s"] - a["warmup_s"]
             entry[way]["examples_per_gpu_hour"] = a["cells"] * 3600 / a["wall_s"] if a["wall_s"] else None
             entry[way]["examples_per_gpu_hour_steady"] = (a["cells"] * 3600 / entry[way]["steady_s"]
                                                           if entry[way]["steady_s"] > 0 else None)
         seq, grp = agg.get((length, "sequential")), agg.get((length, "grouped"))
         if seq and grp:
-            entry["speedup"] = seq["wall_s"] / grp["wall_s"]
+            # a sweep stopped at its deadline: the ratio of examples per GPU-hour (flagged partial) instead
+            entry["partial"] = bool(seq.get("partial") or grp.get("partial"))
+            entry["speedup"] = (seq["wall_s"] / grp["wall_s"] if not entry["partial"] else
+                                (grp["cells"] / grp["wall_s"]) / (seq["cells"] / seq["wall_s"]) if seq["cells"] else None)
             steady = entry["sequential"]["steady_s"], entry["grouped"]["steady_s"]
-            entry["speedup_steady"] = steady[0] / steady[1] if steady[1] > 0 else None
+            entry["speedup_steady"] = (steady[0] / steady[1] if steady[1] > 0 else None) if not entry["partial"] else (
+                (grp["cells"] / steady[1]) / (seq["cells"] / steady[0]) if steady[0] > 0 and steady[1] > 0 and seq["cells"]
+                else None)
             entry["same_cells"] = seq["cells"] == grp["cells"] and seq["modes"] == grp["modes"]
             per = max(1, int(data.get("examples") or 1))  # examples per (method, mode) cell
             entry["projection"] = {
@@ -106,7 +112,8 @@ def sweep_table(summary: list[dict]) -> str:
     for e in summary:
         modes = (e.get("sequential") or e.get("grouped"))["modes"]
         cells = "/".join(str(e[w]["cells"]) for w in ("sequential", "grouped") if w in e)
-        sp = f"{e['speedup']:.2f}x" + ("" if e.get("same_cells", True) else " (unequal cells)") if "speedup" in e else "-"
+        sp = (f"{e['speedup']:.2f}x" + (" (partial: throughput ratio)" if e.get("partial") else "")
+              if e.get("speedup") else "-")
         out.append(f"| {e['length']} | {'+'.join(modes)} | {cells} | {f(e, 'sequential', 'wall_s', '.0f')} | "
                    f"{f(e, 'grouped', 'wall_s', '.0f')} | {f(e, 'sequential', 'examples_per_gpu_hour', ',.0f')} | "
                    f"{f(e, 'grouped', 'examples_per_gpu_hour', ',.0f')} | {sp} | {f(e, 'sequential', 'steady_s', '.0f')}"
