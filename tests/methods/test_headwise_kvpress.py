@@ -33,8 +33,7 @@ import json
 import pytest
 import torch
 
-from support import byte_tokenizer, make_tiny_engine
-from test_compression_kvpress import agreement, keys_after, run_reference
+from support import agreement, byte_tokenizer, keys_after, make_tiny_engine, run_reference
 
 from scbench.methods.adakv import AdaKV
 from scbench.methods.full import FullAttention
