@@ -1,0 +1,106 @@
+"""Ragged per-head caches in the captured decode step (methods/ragged_fast.py, scbench/kernels/ragged_decode.py):
+the attention against a float64 per-head reference, the Triton kernel under the interpreter (or CUDA), and greedy
+tokens, resident bytes and the cache left behind equal to the plain loop's for AdaKV, KVzip (pair) and DuoAttention
+on the tiny random Llama (float32, CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+from scbench.kernels import ragged_decode as rd
+from scbench.methods.adakv import AdaKV
+from scbench.methods.duo_attention import DuoAttention
+from scbench.methods.kvzip import KVzip
+
+from support import byte_tokenizer, make_tiny_engine
+
+
+def _case(lengths, g=2, d=16, c=32, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    t, h = sum(lengths), len(lengths)
+    pk, pv = (torch.randn(t, d, generator=gen).to(dtype) for _ in range(2))
+    sk, sv = (torch.randn(1, h, c, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1, h * g, 1, d, generator=gen).to(dtype)
+    return q, pk, pv, sk, sv
+
+
+CASES = [([5, 40, 17], 6), ([1, 1], -1), ([64, 3], 31), ([9], 0), ([30, 2, 7, 11], 12)]
+
+
+@pytest.mark.parametrize("lengths,at", CASES)
+def test_torch_ragged_decode_matches_reference(lengths, at):
+    q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
+    got = rd.ragged_decode_attention(q, pk, pv, rd.head_of_rows(lengths, "cpu"), sk, sv, torch.tensor([at]), 0.3)
+    want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _triton_device():
+    if rd.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("lengths,at", CASES)
+def test_triton_ragged_decode_matches_reference(lengths, at):
+    dev = _triton_device()
+    q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
+    offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    got = rd.ragged_decode_triton(*(x.to(dev) for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
+                                  sk.to(dev), sv.to(dev), torch.tensor([at], device=dev), 0.3, split=16)
+    want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return make_tiny_engine(byte_tokenizer(), layers=3)
+
+
+@pytest.fixture(scope="module")
+def gates(tmp_path_factory):
+    path = tmp_path_factory.mktemp("duo") / "gates.json"
+    path.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], "n_init": 4, "n_local": 28}))
+    return str(path)
+
+
+def _decode(engine, method, mode, prompt, follow):
+    engine.decode_mode = mode
+    try:
+        s = engine.session(method)
+        s.feed(prompt, compress=True, sparse=False)
+        a = s.generate(24)
+        s.drop_last(len(a.tokens) - 1)
+        s.feed(follow, compress=False, sparse=False)
+        b = s.generate(17)
+        return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
+    finally:
+        engine.decode_mode = "auto"
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: AdaKV(budget=64, window=16),
+    lambda g: KVzip(budget=48, level="pair", chunk=128),
+    lambda g: DuoAttention(heads=g, retrieval_ratio=0.5, n_init=4, n_local=28),
+], ids=["adakv", "kvzip_pair", "duo_attention"])
+def test_fast_ragged_equals_plain(engine, gates, make):
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 256, (300,), generator=g).tolist()
+    follow = torch.randint(0, 256, (21,), generator=g).tolist()
+    plain, ppath, ps = _decode(engine, make(gates), "plain", prompt, follow)
+    fast, fpath, fs = _decode(engine, make(gates), "fast", prompt, follow)
+    assert ppath == ["plain"] * 2 and fpath == ["static"] * 2, fpath
+    assert any(getattr(layer, "scbench_ragged", False) for layer in fs.cache.layers), "nothing ragged: vacuous"
+    assert fast == plain
+    assert fs.memory()["kv_bytes"] == ps.memory()["kv_bytes"]
+    for a, b in zip(fs.cache.layers, ps.cache.layers):
+        assert getattr(a, "lengths", None) == getattr(b, "lengths", None)
+        for h in range(a.keys.shape[1]):
+            ka, va = a.head(h) if hasattr(a, "head") else (a.keys[0, h], a.values[0, h])
+            kb, vb = b.head(h) if hasattr(b, "head") else (b.keys[0, h], b.values[0, h])
+            torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
