@@ -68,31 +68,32 @@ def gates(tmp_path_factory):
     return str(path)
 
 
-def _decode(engine, method, mode, prompt, follow):
+def _decode(engine, method, mode, prompt, follow, again=False):
     engine.decode_mode = mode
     try:
         s = engine.session(method)
         s.feed(prompt, compress=True, sparse=False)
         a = s.generate(24)
         s.drop_last(len(a.tokens) - 1)
-        s.feed(follow, compress=False, sparse=False)
+        s.feed(follow, compress=again, sparse=False)  # again: a second firing (new prefixes: the buffers refit)
         b = s.generate(17)
         return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
     finally:
         engine.decode_mode = "auto"
 
 
+@pytest.mark.parametrize("again", [False, True])
 @pytest.mark.parametrize("make", [
     lambda g: AdaKV(budget=64, window=16),
     lambda g: KVzip(budget=48, level="pair", chunk=128),
     lambda g: DuoAttention(heads=g, retrieval_ratio=0.5, n_init=4, n_local=28),
 ], ids=["adakv", "kvzip_pair", "duo_attention"])
-def test_fast_ragged_equals_plain(engine, gates, make):
+def test_fast_ragged_equals_plain(engine, gates, make, again):
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 256, (300,), generator=g).tolist()
     follow = torch.randint(0, 256, (21,), generator=g).tolist()
-    plain, ppath, ps = _decode(engine, make(gates), "plain", prompt, follow)
-    fast, fpath, fs = _decode(engine, make(gates), "fast", prompt, follow)
+    plain, ppath, ps = _decode(engine, make(gates), "plain", prompt, follow, again)
+    fast, fpath, fs = _decode(engine, make(gates), "fast", prompt, follow, again)
     assert ppath == ["plain"] * 2 and fpath == ["static"] * 2, fpath
     assert any(getattr(layer, "scbench_ragged", False) for layer in fs.cache.layers), "nothing ragged: vacuous"
     assert fast == plain
