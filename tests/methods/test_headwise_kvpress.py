@@ -1,5 +1,5 @@
-"""Cross-check KVzip, AdaKV and compression during decoding against NVIDIA kvpress (KVzipPress, AdaKVPress,
-DecodingPress): same tiny Llama, same token ids, same budget; the kept (layer, KV head, position) sets and the greedy
+"""Cross-check KVzip, AdaKV, DuoAttention and compression during decoding against NVIDIA kvpress (KVzipPress,
+AdaKVPress, DuoAttentionPress, DecodingPress): same tiny Llama, same token ids, same budget; the kept (layer, KV head, position) sets and the greedy
 tokens decoded afterwards are compared. The kvpress side runs in .venv-kvpress (tests/reference/kvpress_side.py, see
 test_compression_kvpress.py for the setup and the agreement measure: |ours & theirs| / min(|ours|, |theirs|) per
 layer and KV head, 1.0 when equal).
@@ -21,6 +21,9 @@ What must agree (kept sets >= 0.99, greedy tokens equal):
     floor is spent on the window (a no-op whenever alpha x n_kept <= window); ours guarantees each head
     int(alpha x (capacity - window)) prefix tokens on top of its window, as the AdaKV paper (whose floor applies to
     the budget that is allocated). With alpha=0.2 every head of ours keeps at least window + that floor.
+  - DuoAttention vs DuoAttentionPress(head_compression_ratio = 1 - retrieval_ratio) with the same gates (kvpress's
+    pattern download replaced by them): streaming heads keep sinks + recent. Documented difference, not exercised:
+    our prefill runs streaming heads A-shape (the paper's), kvpress's densely; here ours prefills densely too.
   - policy.compress=decode_every with StreamingLLM vs DecodingPress(StreamingLLMPress): every ``interval`` decode
     steps the cache is cut back to the target (sinks + recent); the greedy tokens and the final cache keys agree.
     Not compared: DecodingPress over SnapKVPress: kvpress rotates every buffered query with the current step's RoPE
@@ -36,12 +39,15 @@ import torch
 from support import agreement, byte_tokenizer, keys_after, make_tiny_engine, run_reference
 
 from scbench.methods.adakv import AdaKV
+from scbench.methods.duo_attention import DuoAttention
 from scbench.methods.full import FullAttention
 from scbench.methods.kvzip import KVzip
 from scbench.methods.streamingllm import StreamingLLM
 
 N, RATIO, WINDOW, CHUNK, GEN = 400, 0.75, 32, 128, 12
 N_KEPT = int(N * (1 - RATIO))
+DUO_GATES = [[0.9, 0.15], [0.3, 0.8], [0.65, 0.1], [0.2, 0.45]]
+"""DuoAttention gates per layer and KV head (distinct: no ties in either side's ranking)."""
 
 
 def plain_tokenizer():
@@ -73,6 +79,8 @@ def setup(tmp_path_factory):
          "kwargs": {"compression_ratio": RATIO, "chunk_size": CHUNK, "n_sink": 4, "layerwise": True}},
         {"name": "adakv0", "press": "AdaKVPress", "generate": GEN, "kwargs": {"press": snap, "alpha_safeguard": 0.0}},
         {"name": "adakv2", "press": "AdaKVPress", "kwargs": {"press": snap, "alpha_safeguard": 0.2}},
+        {"name": "duo", "press": "DuoAttentionPress", "generate": GEN, "kwargs": {"head_compression_ratio": 0.5},
+         "pattern": {"sink_size": 4, "recent_size": 28, "head_scores": DUO_GATES}},
     ]
     ref = run_reference(engine.model, ids, presses, tmp)
     decoding = {"press": "DecodingPress", "decode": "decoding",
@@ -148,6 +156,20 @@ def test_adakv_safety_floor_difference(setup):
     assert rep["agreement"] >= 0.99, rep  # same scores: the sets are nested (only the floor moves tokens)
     window = set(range(N - WINDOW, N))
     assert all(window <= set(h) for layer in kept + theirs for h in layer)
+
+
+def test_duo_attention_keeps_duoattentionpress_pairs(setup, tmp_path):
+    """Same gates and retrieval share: the same streaming heads keep the same sinks + recent tokens (our dense prefill,
+    sparse=False: DuoAttention's A-shape prefill of streaming heads is ours alone, kvpress prefills densely)."""
+    ref = setup[3]
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"gates": DUO_GATES}))
+    kept, tokens = ours(setup, DuoAttention(heads=str(path), retrieval_ratio=0.5, n_init=4, n_local=28), GEN)
+    rep = agreement(kept, ref["duo"]["kept"])
+    print("duo_attention", json.dumps(summary(rep)))
+    assert ref["duo"]["masked"] and rep["agreement"] == 1.0, rep
+    assert sorted(len(h) for layer in kept for h in layer) == [32] * 4 + [N] * 4
+    assert tokens == ref["duo"]["tokens"], (tokens, ref["duo"]["tokens"])
 
 
 def same_key_sets(ours: torch.Tensor, theirs: torch.Tensor) -> bool:

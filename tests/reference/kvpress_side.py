@@ -4,7 +4,8 @@
 
 REQUEST: {"model_dir": a save_pretrained folder (float32 Llama; KVzipPress also reads its tokenizer there), "ids":
 [token ids], "presses": [{"name": label, "press": kvpress class name, "kwargs": {...}, "attn": "sdpa" | "eager",
-"generate": greedy tokens (optional, default 0), "decode": "prefill" | "decoding" (optional)}]}. A kwargs value that
+"generate": greedy tokens (optional, default 0), "decode": "prefill" | "decoding" (optional), "pattern":
+{"sink_size", "recent_size", "head_scores"} (optional: DuoAttentionPress's pattern instead of its download)}]}. A kwargs value that
 is itself {"press": ..., "kwargs": ...} is built first (wrappers: AdaKVPress(press=SnapKVPress(...)),
 DecodingPress(base_press=...)). For every press, one prefill of ``ids`` with the press applied (kvpress's forward
 hooks, a plain transformers DynamicCache); the kept positions per layer and KV head are recovered by matching each
@@ -64,6 +65,12 @@ def run_press(model, ids: list[int], p: dict) -> tuple[dict, list]:
     for layer in model.model.layers:  # a previous press's masks must not leak into this one
         layer.self_attn.masked_key_indices = None
     press = build(p)
+    if "pattern" in p:  # DuoAttentionPress without the network: its pattern loader returns the request's gates
+        import numpy as np
+
+        pat = p["pattern"]
+        type(press).load_attention_pattern = staticmethod(
+            lambda model: (pat["sink_size"], pat["recent_size"], np.array(pat["head_scores"], dtype=float)))
     cache = DynamicCache(config=model.config)
     n_gen, during = p.get("generate", 0), p.get("decode") == "decoding"
     with torch.inference_mode():
