@@ -9,6 +9,7 @@ import pytest
 
 from scbench.records import TurnResult, TurnStats
 from scbench.report import export, payback
+from scbench.report.html import build_html
 from scbench.report.table import leaderboard
 from scbench.store import Store
 
@@ -82,3 +83,8 @@ def test_single_turn_never_pays_back():
     res = payback.payback([{**first, "prefill_s": 2.0}], [{**first, "prefill_s": 1.0}])
     assert res["saving_per_query_s"] is None and math.isinf(res["queries_to_pay_back"])
     assert payback.payback([{**first, "prefill_s": 2.0}], [{**first, "example_id": "9", "prefill_s": 1.0}]) is None
+
+
+def test_payback_in_html(store):
+    page = build_html(store)
+    assert "queries to pay back" in page and ">never<" in page and 'data-v="4"' in page
