@@ -52,9 +52,14 @@ class RaggedDecode:
         return self._key(cache) == {i: s["key"] for i, s in self.layers.items()}
 
     def load(self, kv, cache) -> None:
-        self.layers = {}
+        """Per ragged layer the prefix tensors and their offsets / lengths. An entry whose prefix is unchanged is
+        kept as it is: a CUDA graph captured on it reads these very tensors (by address)."""
+        old, self.layers = self.layers, {}
         for i, layer in enumerate(cache.layers):
             if not self._ragged(layer):
+                continue
+            if i in old and old[i]["key"] == (layer.prefix_k.data_ptr(), tuple(layer.lengths)):
+                self.layers[i] = old[i]
                 continue
             dev = layer.prefix_k.device
             lengths = list(layer.lengths)
