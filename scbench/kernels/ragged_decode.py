@@ -15,6 +15,8 @@ so the step can be captured as a CUDA graph.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -72,9 +74,31 @@ if triton is not None:
     from scbench.kernels.combine import _combine_kernel
 
     @triton.jit
+    def _block(pos, end, n, off, sbase, q, m, total, acc, PK, PV, K, V, cols, scale, D: tl.constexpr,
+               PREC: tl.constexpr):
+        """Online-softmax update with the keys at virtual positions ``pos`` (< end): prefix rows below n, suffix
+        rows from n on."""
+        inside = pos < end
+        in_pre = inside & (pos < n)
+        in_suf = inside & (pos >= n)
+        p_off = (off + pos)[:, None].to(tl.int64) * D + cols[None, :]
+        s_off = sbase + (pos - n)[:, None].to(tl.int64) * D + cols[None, :]
+        k = tl.load(PK + p_off, mask=in_pre[:, None], other=0.0) + tl.load(K + s_off, mask=in_suf[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        sc = tl.where(inside[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a block wholly past the end: no NaN
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(sc - m_use[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        v = tl.load(PV + p_off, mask=in_pre[:, None], other=0.0) + tl.load(V + s_off, mask=in_suf[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, total, acc
+
+    @triton.jit
     def _ragged_split_kernel(Q, PK, PV, Off, Len, K, V, At, Part, Mx, Sm, scale, C, n_splits,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-                             BN: tl.constexpr, PREC: tl.constexpr):
+                             BN: tl.constexpr, PREC: tl.constexpr, DYN: tl.constexpr):
         """One (KV head, split) per program over the head's virtual sequence: prefix rows [0, n_h), then suffix
         rows [0, at] at virtual positions n_h + j."""
         hh, sp = tl.program_id(0), tl.program_id(1)
@@ -89,26 +113,14 @@ if triton is not None:
         start = sp * SPLIT
         end = tl.minimum(start + SPLIT, total_len)
         sbase = hh.to(tl.int64) * C * D
-        for i in range(0, SPLIT, BN):  # a static trip count (the interpreter cannot loop to a loaded bound)
-            pos = start + i + tl.arange(0, BN)
-            inside = pos < end
-            in_pre = inside & (pos < n)
-            in_suf = inside & (pos >= n)
-            p_off = (off + pos)[:, None].to(tl.int64) * D + cols[None, :]
-            s_off = sbase + (pos - n)[:, None].to(tl.int64) * D + cols[None, :]
-            k = tl.load(PK + p_off, mask=in_pre[:, None], other=0.0) + tl.load(K + s_off, mask=in_suf[:, None],
-                                                                              other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            sc = tl.where(inside[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a block wholly past the end: no NaN
-            alpha = tl.exp(m - m_use)
-            p = tl.exp(sc - m_use[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            v = tl.load(PV + p_off, mask=in_pre[:, None], other=0.0) + tl.load(V + s_off, mask=in_suf[:, None],
-                                                                              other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m = m_new
+        if DYN:  # compiled: loop to the loaded end (splits past a head's length do no work)
+            for o in range(start, end, BN):
+                m, total, acc = _block(o + tl.arange(0, BN), end, n, off, sbase, q, m, total, acc, PK, PV, K, V,
+                                       cols, scale, D, PREC)
+        else:  # the interpreter cannot loop to a loaded bound: a static trip count, masked
+            for i in range(0, SPLIT, BN):
+                m, total, acc = _block(start + i + tl.arange(0, BN), end, n, off, sbase, q, m, total, acc, PK, PV, K,
+                                       V, cols, scale, D, PREC)
         out = (hh * n_splits + sp) * GP + rows
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m)
@@ -137,6 +149,7 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, max_len: int, 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _ragged_split_kernel[(h, n_splits)](q3, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, at, part, mx, sm,
                                         d**-0.5 if scale is None else scale, c, n_splits,
-                                        G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec)
+                                        G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec,
+                                        DYN=os.environ.get("TRITON_INTERPRET") != "1")
     _combine_kernel[(h, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(1, hq, 1, d)
