@@ -5,7 +5,8 @@
 REQUEST: {"model_dir": a save_pretrained folder (float32 Llama; KVzipPress also reads its tokenizer there), "ids":
 [token ids], "presses": [{"name": label, "press": kvpress class name, "kwargs": {...}, "attn": "sdpa" | "eager",
 "generate": greedy tokens (optional, default 0), "decode": "prefill" | "decoding" (optional), "pattern":
-{"sink_size", "recent_size", "head_scores"} (optional: DuoAttentionPress's pattern instead of its download)}]}. A kwargs value that
+{"sink_size", "recent_size", "head_scores"} (optional: DuoAttentionPress's pattern instead of its download), "ids":
+its own token ids (optional, decoding presses only)}]}. A kwargs value that
 is itself {"press": ..., "kwargs": ...} is built first (wrappers: AdaKVPress(press=SnapKVPress(...)),
 DecodingPress(base_press=...)). For every press, one prefill of ``ids`` with the press applied (kvpress's forward
 hooks, a plain transformers DynamicCache); the kept positions per layer and KV head are recovered by matching each
@@ -116,7 +117,9 @@ def main() -> None:
             m = AutoModelForCausalLM.from_pretrained(req["model_dir"], dtype=torch.float32, attn_implementation=attn)
             models[attn] = (m.eval(), prefill(m.eval(), req["ids"]))
         model, full = models[attn]
-        res, masks, kept = run_press(model, req["ids"], p)
+        if "ids" in p and p.get("decode") != "decoding":
+            raise ValueError(f"press {p['name']}: own ids only for decoding presses (kept sets match req ids)")
+        res, masks, kept = run_press(model, p.get("ids", req["ids"]), p)
         layers, worst = [], 0.0
         if any(m is not None for m in masks):  # head-wise presses mask instead of dropping
             n = len(req["ids"])
