@@ -14,10 +14,11 @@ the average kept tokens per KV head; ``level``:
 - ``layer``: one pool per layer across its heads, AdaKV's allocation on KVzip scores (``layerwise`` in kvpress);
 - ``uniform``: every head keeps its own top ``budget`` (dense tensors; the fast decode path applies).
 
-Ragged levels decode through the fast path's ragged plugin (methods/ragged_fast.py) or the plain loop. Approximations: the reconstructed tokens are
-those of the compressing feed, so under ``query_visible=true`` (multi-turn reference policy) the first query and
-its template tokens are repeated with the context; under every_turn / decode_every, tokens kept by an earlier
-firing are not re-scored: they stay before any new token (the most recent first if they alone exceed the budget).
+Ragged levels decode through the fast path's ragged plugin (methods/ragged_fast.py) or the plain loop.
+Approximations: the reconstructed tokens are those of the compressing feed, so under ``query_visible=true`` (multi-
+turn reference policy) the first query and its template tokens are repeated with the context; under every_turn /
+decode_every, tokens kept by an earlier firing are not re-scored: they stay before any new token (the most recent
+first if they alone exceed the budget).
 """
 from __future__ import annotations
 

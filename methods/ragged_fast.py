@@ -68,7 +68,8 @@ class RaggedDecode:
                 offsets.append(offsets[-1] + n)
             self.layers[i] = {"key": (layer.prefix_k.data_ptr(), tuple(lengths)), "k": layer.prefix_k,
                               "v": layer.prefix_v, "rows": rd.head_of_rows(lengths, dev),
-                              "offsets": torch.tensor(offsets, device=dev), "lengths": torch.tensor(lengths, device=dev),
+                              "offsets": torch.tensor(offsets, device=dev),
+                              "lengths": torch.tensor(lengths, device=dev),
                               "max": max(lengths)}
 
     def attend(self, kv, l, q, k, v, scale):

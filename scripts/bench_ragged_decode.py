@@ -33,8 +33,9 @@ def kernel_checks(dev) -> dict:
             sk, sv = (torch.randn(1, h, c, d, generator=g).to(dtype) for _ in range(2))
             q = torch.randn(1, h * grp, 1, d, generator=g).to(dtype)
             offs = torch.tensor([sum(lengths[:i]) for i in range(h)])
-            got = rd.ragged_decode_triton(q.to(dev), pk.to(dev), pv.to(dev), offs.to(dev), torch.tensor(lengths, device=dev),
-                                          max(lengths), sk.to(dev), sv.to(dev), torch.tensor([at], device=dev))
+            got = rd.ragged_decode_triton(q.to(dev), pk.to(dev), pv.to(dev), offs.to(dev),
+                                          torch.tensor(lengths, device=dev), max(lengths), sk.to(dev), sv.to(dev),
+                                          torch.tensor([at], device=dev))
             want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at)
             worst = max(worst, float((got.cpu().double() - want.double()).abs().max()))
         out[str(dtype)] = worst

@@ -1,13 +1,12 @@
 """Cross-check KVzip, AdaKV, DuoAttention and compression during decoding against NVIDIA kvpress (KVzipPress,
-AdaKVPress, DuoAttentionPress, DecodingPress): same tiny Llama, same token ids, same budget; the kept (layer, KV head, position) sets and the greedy
-tokens decoded afterwards are compared. The kvpress side runs in .venv-kvpress (tests/reference/kvpress_side.py, see
-test_compression_kvpress.py for the setup and the agreement measure: |ours & theirs| / min(|ours|, |theirs|) per
-layer and KV head, 1.0 when equal).
-
-kvpress's head-wise presses (AdaKVPress, KVzipPress) do not drop keys: they mask them in attention (a fake key whose
-weight underflows to 0, ``masked_key_indices``), so their kept set is every position not masked, and their greedy
-tokens come from the full-length cache with masked keys; ours store the kept pairs ragged (scbench/kv/ragged.py). The
-same kept sets must give the same greedy tokens (float32; masked weights are exactly 0).
+AdaKVPress, DuoAttentionPress, DecodingPress): same tiny Llama, same token ids, same budget; the kept (layer, KV
+head, position) sets and the greedy tokens decoded afterwards are compared. The kvpress side runs in .venv-kvpress
+(tests/reference/kvpress_side.py, see test_compression_kvpress.py for the setup and the agreement measure: |ours &
+theirs| / min(|ours|, |theirs|) per layer and KV head, 1.0 when equal). kvpress's head-wise presses (AdaKVPress,
+KVzipPress) do not drop keys: they mask them in attention (a fake key whose weight underflows to 0,
+``masked_key_indices``), so their kept set is every position not masked, and their greedy tokens come from the full-
+length cache with masked keys; ours store the kept pairs ragged (scbench/kv/ragged.py). The same kept sets must give
+the same greedy tokens (float32; masked weights are exactly 0).
 
 What must agree (kept sets >= 0.99, greedy tokens equal):
   - KVzip level=pair vs KVzipPress(layerwise=False) and level=layer vs KVzipPress(layerwise=True), with n_recent=0

@@ -244,7 +244,7 @@ def test_decode_every_without_firing_equals_once(engine):
 
 
 def test_llama8b_timing_gates_fit_the_bench_shape():
-    """configs/method/duo_attention-llama8b.yaml: its gates file loads with the random Llama-3.1-8B's 32 x 8 KV heads."""
+    """configs/method/duo_attention-llama8b.yaml: its gates file fits the random Llama-3.1-8B's 32 x 8 KV heads."""
     from omegaconf import OmegaConf
 
     from scbench.cli import config_dir
