@@ -40,6 +40,7 @@ from support import agreement, byte_tokenizer, keys_after, make_tiny_engine, run
 from scbench.methods.adakv import AdaKV
 from scbench.methods.duo_attention import DuoAttention
 from scbench.methods.full import FullAttention
+from scbench.methods import kvzip as kvzip_module
 from scbench.methods.kvzip import KVzip
 from scbench.methods.streamingllm import StreamingLLM
 
@@ -199,3 +200,61 @@ def test_decode_every_matches_decodingpress(setup):
     final = torch.tensor(theirs["final_keys"][0][0])
     assert final.shape[0] == s.cache.layers[0].keys.shape[-2] == 103
     assert float(torch.cdist(sinks.double(), final.double()).min(-1).values.max()) > 1e-2, "kvpress kept its sinks"
+
+
+@pytest.mark.slow
+def test_embedded_model_adakv_keeps_adakvpress_pairs(tmp_path, embedded_engine):
+    """AdaKV on SmolLM2-135M (30 layers x 3 KV heads; no chat-template question: KVzip's prefix handling differs)."""
+    from pathlib import Path
+
+    text = " ".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[2] / "methods").glob("*.py")))
+    ids = embedded_engine.encode(text, add_special_tokens=False)[:512]
+    n_kept = int(len(ids) * (1 - RATIO))
+    snap = {"press": "SnapKVPress", "kwargs": {"compression_ratio": RATIO, "window_size": WINDOW}}
+    ref = run_reference(embedded_engine.model, ids, [{"name": "adakv0", "press": "AdaKVPress", "generate": GEN,
+                                                      "kwargs": {"press": snap, "alpha_safeguard": 0.0}}], tmp_path)
+    full = keys_after(embedded_engine, FullAttention(), ids)
+    kept, tokens = ours((embedded_engine, ids, None, None, full), AdaKV(budget=n_kept, window=WINDOW, alpha=0.0), GEN)
+    rep = agreement(kept, ref["adakv0"]["kept"])
+    print("embedded adakv alpha=0", json.dumps(summary(rep)), tokens == ref["adakv0"]["tokens"])
+    assert rep["agreement"] >= 0.99, rep
+    assert tokens == ref["adakv0"]["tokens"], (tokens, ref["adakv0"]["tokens"])
+
+
+@pytest.mark.slow
+def test_embedded_model_kvzip_with_chat_template(tmp_path, embedded_engine, monkeypatch):
+    """KVzip on SmolLM2 with its chat template: the documented difference. kvpress takes the context to start with the
+    template's user prefix and leaves it out of the reconstruction (those tokens score 0 there, sinks aside); we
+    reconstruct the whole feed. Same repeat prompt and turn switch otherwise, so the kept sets mostly agree."""
+    from pathlib import Path
+
+    text = " ".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[2] / "methods").glob("*.py")))
+    head = embedded_engine.render_chat([{"role": "user", "content": "dummy context"}], add_generation_prompt=False)
+    prefix = embedded_engine.encode(head.split("dummy context")[0], add_special_tokens=False)
+    ids = prefix + embedded_engine.encode(text, add_special_tokens=False)[:512 - len(prefix)]
+    n_kept = int(len(ids) * (1 - RATIO))
+    embedded_engine.tokenizer.save_pretrained(tmp_path / "model")
+    ref = run_reference(embedded_engine.model, ids, [{"name": "kvzip", "press": "KVzipPress", "generate": GEN, "kwargs": {
+        "compression_ratio": RATIO, "chunk_size": CHUNK, "n_sink": 4, "layerwise": False}}], tmp_path)
+    full = keys_after(embedded_engine, FullAttention(), ids)
+    kept, tokens = ours((embedded_engine, ids, None, None, full),
+                        KVzip(budget=n_kept, level="pair", chunk=CHUNK, n_sink=4, n_recent=0), GEN)
+    rep = agreement(kept, ref["kvzip"]["kept"])
+    print("embedded kvzip (chat template)", len(prefix), json.dumps(summary(rep)), tokens == ref["kvzip"]["tokens"])
+    assert 0.8 <= rep["agreement"] < 0.99, rep
+
+    def kvpress_rule(session, fed, chunk, sink):  # kvpress's: reconstruct after the user prefix, which scores 0
+        scores, n = original(session, fed[len(prefix):], chunk, sink)
+        for per_head in scores.values():
+            for sc in per_head:
+                sc[sink : len(prefix)] = 0.0
+        return scores, n
+
+    original = kvzip_module.reconstruction_scores
+    monkeypatch.setattr(kvzip_module, "reconstruction_scores", kvpress_rule)
+    kept, tokens = ours((embedded_engine, ids, None, None, full),
+                        KVzip(budget=n_kept, level="pair", chunk=CHUNK, n_sink=4, n_recent=0), GEN)
+    rep = agreement(kept, ref["kvzip"]["kept"])
+    print("embedded kvzip, kvpress's prefix rule", json.dumps(summary(rep)), tokens == ref["kvzip"]["tokens"])
+    assert rep["agreement"] >= 0.99, rep
+    assert tokens == ref["kvzip"]["tokens"]
