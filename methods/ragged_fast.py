@@ -16,9 +16,13 @@ tokens. Not covered: compression during decoding (``decode_every`` takes the pla
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from scbench.kernels import ragged_decode as rd
+
+log = logging.getLogger(__name__)
 
 
 class RaggedDecode:
@@ -28,6 +32,9 @@ class RaggedDecode:
         self.m = method
         self.layers: dict[int, dict] = {}
         """layer -> the prefix tensors read in place and their per-head offsets / lengths (set by ``load``)."""
+        self.triton_ok: bool | None = None
+        """None until the Triton kernel first ran (the eager warm-up step, before any graph capture); False after a
+        launch failure: the torch path from then on (still in the captured step), never a crashed run."""
 
     @staticmethod
     def _ragged(layer) -> bool:
@@ -80,6 +87,17 @@ class RaggedDecode:
         at = kv.at[l : l + 1]
         from scbench.engines import fastdecode
 
-        if q.is_cuda and rd.triton is not None and fastdecode.KERNEL == "triton":
-            return rd.ragged_decode_triton(q, s["k"], s["v"], s["offsets"], s["lengths"], s["max"], k, v, at, scale)
+        if q.is_cuda and rd.triton is not None and fastdecode.KERNEL == "triton" and self.triton_ok is not False:
+            try:
+                out = rd.ragged_decode_triton(q, s["k"], s["v"], s["offsets"], s["lengths"], s["max"], k, v, at,
+                                              scale)
+            except Exception as e:  # noqa: BLE001 - a launch failure (e.g. out of shared memory) on the eager warm-up
+                if self.triton_ok:  # it launched before: a real error
+                    raise
+                log.warning("ragged decode kernel failed to launch (%s: %s); torch segment ops instead",
+                            type(e).__name__, e)
+                self.triton_ok = False
+            else:
+                self.triton_ok = True
+                return out
         return rd.ragged_decode_attention(q, s["k"], s["v"], s["rows"], k, v, at, scale)

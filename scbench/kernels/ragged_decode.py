@@ -127,6 +127,23 @@ if triton is not None:
         tl.store(Sm + out, total)
 
 
+SHARED_BUDGET = 128 * 1024
+"""Bytes of shared memory the kernel's key/value tiles may take (H200: 227 KB per block; the rest is headroom for
+Triton's own buffers): each pipeline stage holds 4 [BN, D] tiles (prefix and suffix, keys and values)."""
+
+
+def tiles(d: int, elt: int, cpu: bool) -> tuple[int, int]:
+    """(BN, num_stages) whose 4 x BN x D x elt x stages bytes fit ``SHARED_BUDGET``: 2 stages when they fit, BN
+    halved (down to 16) until one stage does. An fp32 run at D=128 with BN 64 and Triton's default 3 stages asked
+    for 307 KB on the H200 and failed to launch."""
+    if cpu:
+        return 16, 1
+    bn = 64
+    while bn > 16 and 4 * bn * d * elt > SHARED_BUDGET:
+        bn //= 2
+    return bn, 2 if 2 * 4 * bn * d * elt <= SHARED_BUDGET else 1
+
+
 def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, max_len: int, suf_k, suf_v, at, scale=None,
                          split: int | None = None):
     """The Triton version of ``ragged_decode_attention`` (CUDA, or the interpreter on CPU tensors).
@@ -136,7 +153,7 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, max_len: int, 
     _, hq, _, d = q.shape
     h, c = suf_k.shape[1], suf_k.shape[2]
     g = hq // h
-    bn = 16 if q.device.type == "cpu" else 64
+    bn, stages = tiles(d, q.element_size(), q.device.type == "cpu")
     if split is None:
         split = max(256, -(-(max_len + c) // 32 // bn) * bn)
     n_splits = -(-(max_len + c) // split)
@@ -150,6 +167,6 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, max_len: int, 
     _ragged_split_kernel[(h, n_splits)](q3, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, at, part, mx, sm,
                                         d**-0.5 if scale is None else scale, c, n_splits,
                                         G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec,
-                                        DYN=os.environ.get("TRITON_INTERPRET") != "1")
+                                        DYN=os.environ.get("TRITON_INTERPRET") != "1", num_stages=stages)
     _combine_kernel[(h, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(1, hq, 1, d)

@@ -105,3 +105,50 @@ def test_fast_ragged_equals_plain(engine, gates, make, again):
             kb, vb = b.head(h) if hasattr(b, "head") else (b.keys[0, h], b.values[0, h])
             torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_fit_the_shared_memory_budget():
+    """4 key/value tiles x stages must fit (an fp32 D=128 launch with 3 stages asked 307 KB of the H200's 227 KB)."""
+    for d in (64, 128, 256):
+        for elt in (2, 4):
+            bn, stages = rd.tiles(d, elt, cpu=False)
+            assert 16 <= bn <= 64 and stages in (1, 2) and 4 * bn * d * elt * stages <= rd.SHARED_BUDGET
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or rd.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_ragged_decode_cuda_8b_shape(dtype):
+    """Llama-3.1-8B's head shape (8 KV heads x 4, D=128) at uneven per-head lengths, as the bench launches it."""
+    lengths = [4096, 100, 2500, 1, 6000, 4096, 333, 2048]
+    q, pk, pv, sk, sv = _case(lengths, g=4, d=128, c=512, seed=3)
+    offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    got = rd.ragged_decode_triton(*(x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
+                                    for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
+                                  sk.to("cuda", dtype), sv.to("cuda", dtype), torch.tensor([300], device="cuda"))
+    want = rd.reference_ragged_decode(*(x.to(dtype) for x in (q, pk, pv)), lengths, sk.to(dtype), sv.to(dtype), 300)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plugin_falls_back_to_torch_when_the_kernel_cannot_launch(monkeypatch):
+    """A launch failure on the first (eager) call: the torch path, the same output, no exception."""
+    from types import SimpleNamespace
+
+    from scbench.methods.ragged_fast import RaggedDecode
+
+    lengths = [7, 30]
+    q, pk, pv, sk, sv = (x.cuda() for x in _case(lengths))
+    plugin = RaggedDecode(None)
+    plugin.layers[0] = {"k": pk, "v": pv, "rows": rd.head_of_rows(lengths, "cuda"), "max": 30,
+                        "offsets": torch.tensor([0, 7], device="cuda"), "lengths": torch.tensor(lengths, device="cuda")}
+
+    def broken(*a, **k):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(rd, "ragged_decode_triton", broken)
+    kv = SimpleNamespace(at=torch.tensor([5], device="cuda"))
+    out = plugin.attend(kv, 0, q, sk, sv, None)
+    assert plugin.triton_ok is False
+    torch.testing.assert_close(out.cpu(), rd.reference_ragged_decode(q.cpu(), pk.cpu(), pv.cpu(), lengths, sk.cpu(),
+                                                                     sv.cpu(), 5), atol=1e-5, rtol=1e-5)
