@@ -36,6 +36,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def causal_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    """``causal_attention`` that also returns each query's natural log-sum-exp of its scaled causal scores
+    [B, Hq, Tq] float32 when it comes for free: a CUDA first prefill (Tq == Tk, fp16/bf16) through the flash
+    kernel, which keeps it for its backward (GQA without repeating the keys); otherwise None: (out, lse)."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if q.is_cuda and tq == tk > 1 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+        except RuntimeError:  # e.g. a GPU without the flash kernel: the plain path, no log-sum-exp
+            return causal_attention(q, k, v, scale), None
+        return out, lse
+    return causal_attention(q, k, v, scale), None
+
+
 def reference_causal_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
     """Plain float64 softmax(QK^T)V with an explicit mask; the yardstick for every fast path."""
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]

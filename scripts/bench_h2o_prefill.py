@@ -1,0 +1,138 @@
+"""Time H2O's score accumulation against dense causal attention, one Llama-3.1-8B-shaped layer on a GPU.
+
+    python scripts/bench_h2o_prefill.py [--lengths 32768 131072] [--sweep] [--out F]
+
+Random bf16 Q/K/V (32 query heads, 8 KV heads, head_dim 128). Per length, median milliseconds (CUDA events,
+after a compile/warm-up call): ``dense`` the harness's causal SDPA (scbench/kernels/dense.causal_attention),
+``dense_lse`` the same forward returning each query's log-sum-exp (causal_attention_lse: the flash kernel),
+``old`` the first kernels (scripts/h2o_scores_v1.py: log-sum-exp pass + column-sum pass), ``new`` the column-sum
+pass over the forward's log-sum-exp (scbench/kernels/h2o_scores.py, its CONFIG tiles; ``--sweep``: other tiles
+too), ``new_lse_pass`` the new kernels without a forward log-sum-exp (later turns). Ratios are (forward + scores)
+/ dense. ``err`` compares the scores with the float32 reference (methods.h2o.accumulated_attention) on a small
+size. Writes JSON (stdout, and --out).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from scbench.kernels import dense, h2o_scores
+from scbench.methods.h2o import accumulated_attention
+
+HQ, HKV, D = 32, 8, 128
+SWEEP = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
+         [(64, 128, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+          (32, 128, 4, 3), (128, 128, 16, 2)]]
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def old_kernels():
+    spec = importlib.util.spec_from_file_location("h2o_v1", Path(__file__).with_name("h2o_scores_v1.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def errors(old) -> dict:
+    out = {}
+    for n, w in [(2085, 2085), (3000, 301)]:
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q, k, v = (torch.randn(1, h, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for h, t in [(HQ, w), (HKV, n), (HKV, n)])
+        want = accumulated_attention(k.float(), q.float())
+        got = {"old": old.accumulated_attention_triton(k, q), "new_lse_pass": h2o_scores.accumulated_attention_triton(k, q)}
+        if n == w:
+            _, lse = dense.causal_attention_lse(q, k, v)
+            got["new"] = h2o_scores.accumulated_attention_triton(k, q, lse=lse)
+        out[f"{n}x{w}"] = {name: {"max_abs": (x - want).abs().max().item(),
+                                  "max_rel": ((x - want).abs() / want.abs().clamp_min(1e-3)).max().item()}
+                           for name, x in got.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    old = old_kernels()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": h2o_scores.CONFIG,
+           "err": errors(old), "lengths": {}}
+    print(json.dumps(res["err"]), flush=True)
+    for n in args.lengths:
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        r = {}
+        r["dense"] = timed(lambda: dense.causal_attention(q, k, v), args.repeats)
+        r["dense_lse"] = timed(lambda: dense.causal_attention_lse(q, k, v), args.repeats)
+        out_l, lse = dense.causal_attention_lse(q, k, v)
+        r["lse_from_forward"] = lse is not None
+        if lse is None:
+            lse = torch.empty(1, HQ, n, device="cuda")
+            h2o_scores._lse_kernel[(HQ, triton_cdiv(n, 128))](q, k, lse, n, n, D**-0.5 * h2o_scores.LOG2E, HQ=HQ,
+                                                               HKV=HKV, D=D, BM=128, BN=64, PREC="tf32", num_warps=8)
+        else:
+            r["dense_lse_out_max_diff"] = (out_l - dense.causal_attention(q, k, v)).abs().max().item()
+        for name, be in [("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION")]:
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel([getattr(SDPBackend, be)]):
+                    r[f"sdpa_{name}"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True), args.repeats)
+            except RuntimeError as e:
+                r[f"sdpa_{name}"] = f"error: {str(e)[:120]}"
+        r["old"] = timed(lambda: old.accumulated_attention_triton(k, q), args.repeats)
+        r["new"] = timed(lambda: h2o_scores.accumulated_attention_triton(k, q, lse=lse), args.repeats)
+        r["new_lse_pass"] = timed(lambda: h2o_scores.accumulated_attention_triton(k, q), args.repeats)
+        scores = h2o_scores.accumulated_attention_triton(k, q, lse=lse)
+        r["new_sum_check"] = scores.sum().item() / (n * HQ)  # 1.0: every query's weights sum to one
+        if args.sweep:
+            r["sweep"] = []
+            for cfg in SWEEP:
+                try:
+                    t = timed(lambda: h2o_scores.accumulated_attention_triton(k, q, lse=lse, config=cfg), args.repeats)
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this tile
+                    t = f"error: {str(e)[:100]}"
+                r["sweep"].append({**cfg, "ms": t})
+                print(n, cfg, t, flush=True)
+        r["ratio_old"] = (r["dense"] + r["old"]) / r["dense"]
+        r["ratio_new"] = (r["dense_lse"] + r["new"]) / r["dense"]
+        res["lengths"][n] = r
+        print(n, json.dumps(r), flush=True)
+        del q, k, v, out_l, lse, scores
+        torch.cuda.empty_cache()
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
