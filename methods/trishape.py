@@ -28,3 +28,12 @@ class TriShape(AShape):
 
     def dense_rows(self) -> int:
         return self.n_last
+
+    @property
+    def warmup_lengths(self) -> tuple[int, ...]:
+        """From 2 x ``flex.SPLIT_SEGMENT`` keys the dense rows run as split-key FlexAttention calls, compiled on a
+        first length and again with dynamic lengths on a second: two warm-up prompts with 2 and 3 whole segments
+        (never 1: a size-1 batch is specialised), so no prompt length compiles inside a timed prefill."""
+        from scbench.kernels.flex import SPLIT_SEGMENT
+
+        return tuple(s * SPLIT_SEGMENT + self.n_last + 512 for s in (2, 3))

@@ -10,6 +10,7 @@ import torch
 
 from scbench.kernels import dense, h2o_scores
 from scbench.methods.h2o import H2O, accumulated_attention
+from scbench.registry import METHODS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or h2o_scores.triton is None, reason="needs CUDA and Triton")
 
@@ -111,3 +112,31 @@ def test_forward_lse_scores_match_reference(n, hq, hkv):
     want = accumulated_attention(k.float(), q.float())
     torch.testing.assert_close(got, want, atol=2e-1, rtol=2e-2)
     torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), n * hq / hkv), rtol=1e-3, atol=1e-3)
+
+
+def test_attention_attaches_the_forward_lse_to_the_captured_queries(monkeypatch):
+    """scbench_attention hands a ``query_lse`` method the forward's log-sum-exp on its captured queries (the last
+    ``capture_queries`` rows, with the key length); CPU: a stand-in forward returns the reference log-sum-exp."""
+    from scbench.engines import attention
+
+    calls = []
+
+    def fake(q, k, v, scale):
+        calls.append(q.shape[-2])
+        return dense.causal_attention(q, k, v, scale), causal_lse(k, q)
+
+    monkeypatch.setattr(attention, "causal_attention_lse", fake)
+    module = type("Attn", (), {"layer_idx": 3})()
+    q, k = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16)
+    ctx = attention.AttnContext(method=H2O(budget=8, obs_window=20), capture_queries=20)
+    with attention.active(ctx):
+        out, _ = attention.scbench_attention(module, q, k, k, None, scaling=16**-0.5)
+    lse, n = ctx.queries[3].scbench_lse
+    assert calls == [50] and n == 50
+    torch.testing.assert_close(lse, causal_lse(k, q)[:, :, -20:])
+    torch.testing.assert_close(out.transpose(1, 2), dense.causal_attention(q, k, k))
+    # methods that do not ask, and decode steps, keep the plain path
+    ctx = attention.AttnContext(method=METHODS.get("snapkv")(budget=8), capture_queries=20)
+    with attention.active(ctx):
+        attention.scbench_attention(module, q, k, k, None, scaling=16**-0.5)
+    assert calls == [50] and not hasattr(ctx.queries[3], "scbench_lse")
