@@ -18,6 +18,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,13 +27,23 @@ from scbench.kernels import dense, h2o_scores
 from scbench.methods.h2o import accumulated_attention
 
 HQ, HKV, D = 32, 8, 128
-SWEEP = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
-         [(64, 128, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-          (32, 128, 4, 3), (128, 128, 16, 2)]]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32  # the CPU smoke run: the interpreter has no bf16 dot
+SWEEP = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns, EXP=e) for bm, bn, nw, ns, e in
+         [(64, 128, 8, 3, 0), (64, 128, 8, 3, 2), (64, 128, 8, 3, 1), (64, 128, 8, 2, 2), (128, 128, 8, 2, 0),
+          (128, 128, 8, 2, 2), (128, 64, 8, 3, 0), (128, 64, 8, 3, 2), (64, 64, 4, 3, 2), (64, 128, 4, 3, 2),
+          (128, 128, 16, 2, 2), (64, 256, 8, 2, 2)]]
+"""Column-sum tiles and exp2 units tried by ``--sweep`` (EXP: 0 special-function units, 1 FMA polynomial, 2 half each);
+lengths above ``--sweep-max`` try only the EXP variants of the default tiles."""
 
 
 def timed(fn, repeats: int) -> float:
     fn()  # compile / warm up
+    if not torch.cuda.is_available():  # a CPU smoke run (TRITON_INTERPRET=1, tiny --lengths): wall time
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats * 1e3
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -52,11 +63,11 @@ def old_kernels():
     return mod
 
 
-def errors(old) -> dict:
+def errors(old, sizes) -> dict:
     out = {}
-    for n, w in [(2085, 2085), (3000, 301)]:
-        g = torch.Generator(device="cuda").manual_seed(n)
-        q, k, v = (torch.randn(1, h, t, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    for n, w in sizes:
+        g = torch.Generator(device=DEV).manual_seed(n)
+        q, k, v = (torch.randn(1, h, t, D, device=DEV, dtype=DTYPE, generator=g)
                    for h, t in [(HQ, w), (HKV, n), (HKV, n)])
         want = accumulated_attention(k.float(), q.float())
         got = {"old": old.accumulated_attention_triton(k, q), "new_lse_pass": h2o_scores.accumulated_attention_triton(k, q)}
@@ -74,23 +85,31 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-max", type=int, default=32768)
     ap.add_argument("--out")
-    args = ap.parse_args()
     old = old_kernels()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": h2o_scores.CONFIG,
-           "err": errors(old), "lengths": {}}
+    ap.add_argument("--err-sizes", type=int, nargs="+", default=[2085, 2085, 3000, 301], help="n w pairs")
+    args = ap.parse_args()
+    sizes = list(zip(args.err_sizes[::2], args.err_sizes[1::2]))
+    res = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "config": h2o_scores.CONFIG,
+           "err": errors(old, sizes), "lengths": {}}
     print(json.dumps(res["err"]), flush=True)
     for n in args.lengths:
-        g = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        g = torch.Generator(device=DEV).manual_seed(n)
+        q = torch.randn(1, HQ, n, D, device=DEV, dtype=DTYPE, generator=g)
+        k, v = (torch.randn(1, HKV, n, D, device=DEV, dtype=DTYPE, generator=g) for _ in range(2))
         r = {}
         r["dense"] = timed(lambda: dense.causal_attention(q, k, v), args.repeats)
         r["dense_lse"] = timed(lambda: dense.causal_attention_lse(q, k, v), args.repeats)
+        try:
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+            r["flash_gqa_native"] = True
+        except RuntimeError as e:
+            r["flash_gqa_native"] = f"error: {str(e)[:120]}"
         out_l, lse = dense.causal_attention_lse(q, k, v)
         r["lse_from_forward"] = lse is not None
         if lse is None:
-            lse = torch.empty(1, HQ, n, device="cuda")
+            lse = torch.empty(1, HQ, n, device=DEV)
             h2o_scores._lse_kernel[(HQ, triton_cdiv(n, 128))](q, k, lse, n, n, D**-0.5 * h2o_scores.LOG2E, HQ=HQ,
                                                                HKV=HKV, D=D, BM=128, BN=64, PREC="tf32", num_warps=8)
         else:
@@ -111,7 +130,8 @@ def main() -> None:
         r["new_sum_check"] = scores.sum().item() / (n * HQ)  # 1.0: every query's weights sum to one
         if args.sweep:
             r["sweep"] = []
-            for cfg in SWEEP:
+            base = h2o_scores.CONFIG["bf16"]
+            for cfg in SWEEP if n <= args.sweep_max else [{**base, "EXP": e} for e in (0, 1, 2)]:
                 try:
                     t = timed(lambda: h2o_scores.accumulated_attention_triton(k, q, lse=lse, config=cfg), args.repeats)
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this tile
@@ -123,7 +143,8 @@ def main() -> None:
         res["lengths"][n] = r
         print(n, json.dumps(r), flush=True)
         del q, k, v, out_l, lse, scores
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -42,11 +42,18 @@ def causal_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     kernel, which keeps it for its backward (GQA without repeating the keys); otherwise None: (out, lse)."""
     tq, tk = q.shape[-2], k.shape[-2]
     if q.is_cuda and tq == tk > 1 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
         try:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
-        except RuntimeError:  # e.g. a GPU without the flash kernel: the plain path, no log-sum-exp
-            return causal_attention(q, k, v, scale), None
-        return out, lse
+            return tuple(flash(q, k, v, 0.0, True, False, scale=scale)[:2])
+        except RuntimeError:  # a flash build without GQA: repeated keys; no flash kernel: the plain path
+            rep = q.shape[1] // k.shape[1]
+            try:
+                if rep > 1:
+                    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+                    return tuple(flash(q, k, v, 0.0, True, False, scale=scale)[:2])
+            except RuntimeError:
+                pass
+        return causal_attention(q, k, v, scale), None
     return causal_attention(q, k, v, scale), None
 
 

@@ -32,6 +32,35 @@ except ImportError:  # pragma: no cover - depends on the install
 if triton is not None:
 
     @triton.jit
+    def _exp2_poly(x):
+        """2 ** x on the FMA units (x <= 0): 2 ** round(x) in the exponent bits times a degree-5 polynomial of the
+        remainder in [-0.5, 0.5] (relative error < 3e-6); x below -126 gives 2 ** -126 (negligible, not 0)."""
+        x = tl.maximum(x, -126.0)
+        t = x + 12582912.0  # 1.5 * 2 ** 23: round to nearest, the integer in the low mantissa bits
+        f = x - (t - 12582912.0)
+        p = 1.3333558e-3 * f + 9.6181291e-3
+        p = p * f + 5.5504109e-2
+        p = p * f + 0.24022651
+        p = p * f + 0.69314718
+        p = p * f + 1.0
+        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _exp2(x, EXP: tl.constexpr):
+        """2 ** x of a [BM, BN] tile: EXP 0 the special-function units (ex2.approx), 1 the polynomial on the FMA
+        units, 2 half the columns each (the two run in parallel)."""
+        if EXP == 0:
+            return tl.exp2(x)
+        elif EXP == 1:
+            return _exp2_poly(x)
+        else:
+            BM: tl.constexpr = x.shape[0]
+            BN: tl.constexpr = x.shape[1]
+            a, b = tl.split(tl.reshape(x, [BM, BN // 2, 2]))
+            return tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b)), [BM, BN])
+
+    @triton.jit
     def _lse_kernel(Q, K, L, n, w, scale2, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """(batch x query head, block of BM queries): natural log-sum-exp of each query's causal scores."""
@@ -59,7 +88,7 @@ if triton is not None:
 
     @triton.jit
     def _colsum_kernel(Q, K, L, Out, n, w, scale2, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EXP: tl.constexpr = 0):
         """(batch x KV head, block of BN keys): sum over the group's query heads and the queries at or after the
         block of exp(score - lse); ``L`` holds natural log-sum-exps, ``scale2`` = scale * log2(e)."""
         bk, nb = tl.program_id(0), tl.program_id(1)
@@ -89,7 +118,7 @@ if triton is not None:
                 q = tl.load(qb + rows[:, None].to(tl.int64) * D + cols[None, :], mask=qin[:, None], other=0.0)
                 lse = tl.load(lb + rows, mask=qin, other=float("inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=PREC)
-                p = tl.exp2(s * scale2 - lse[:, None])
+                p = _exp2(s * scale2 - lse[:, None], EXP)
                 acc += tl.where(keys[None, :] <= (off + rows)[:, None], p, 0.0)
             for start in range(hi, w, BM):  # blocks below the diagonal: every query sees every key
                 rows = start + tl.arange(0, BM)
@@ -97,7 +126,7 @@ if triton is not None:
                 q = tl.load(qb + rows[:, None].to(tl.int64) * D + cols[None, :], mask=qin[:, None], other=0.0)
                 lse = tl.load(lb + rows, mask=qin, other=float("inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=PREC)
-                acc += tl.exp2(s * scale2 - lse[:, None])  # rows past w: exp2(-inf) = 0
+                acc += _exp2(s * scale2 - lse[:, None], EXP)  # rows past w: (about) 0
         tl.store(Out + bk.to(tl.int64) * n + keys, tl.sum(acc, 0), mask=keys < n)
 
 
