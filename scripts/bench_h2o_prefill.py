@@ -106,14 +106,24 @@ def main() -> None:
             r["flash_gqa_native"] = True
         except RuntimeError as e:
             r["flash_gqa_native"] = f"error: {str(e)[:120]}"
+        lse_k = torch.empty(1, HQ, n, device=DEV)  # the log-sum-exp pass's (the yardstick of the forward's)
+        h2o_scores._lse_kernel[(HQ, triton_cdiv(n, 128))](q, k, lse_k, n, n, D**-0.5 * h2o_scores.LOG2E, HQ=HQ,
+                                                           HKV=HKV, D=D, BM=128, BN=64, PREC="tf32", num_warps=8)
+        ref = dense.causal_attention(q, k, v)
+        for name, fn in [("flash", dense._lse_flash), ("cudnn", dense._lse_cudnn)]:
+            try:
+                r[f"lse_{name}"] = timed(lambda: fn(q, k, v, None), args.repeats)
+                o2, l2 = fn(q, k, v, None)
+                r[f"lse_{name}_lse_max_diff"] = (l2.reshape(1, HQ, n) - lse_k).abs().max().item()
+                r[f"lse_{name}_out_max_diff"] = (o2 - ref).abs().max().item()
+                del o2, l2
+            except Exception as e:  # noqa: BLE001 - not built, no GQA there, ...
+                r[f"lse_{name}"] = f"error: {str(e)[:160]}"
+        del ref
         out_l, lse = dense.causal_attention_lse(q, k, v)
         r["lse_from_forward"] = lse is not None
         if lse is None:
-            lse = torch.empty(1, HQ, n, device=DEV)
-            h2o_scores._lse_kernel[(HQ, triton_cdiv(n, 128))](q, k, lse, n, n, D**-0.5 * h2o_scores.LOG2E, HQ=HQ,
-                                                               HKV=HKV, D=D, BM=128, BN=64, PREC="tf32", num_warps=8)
-        else:
-            r["dense_lse_out_max_diff"] = (out_l - dense.causal_attention(q, k, v)).abs().max().item()
+            lse = lse_k
         for name, be in [("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION")]:
             try:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -142,7 +152,7 @@ def main() -> None:
         r["ratio_new"] = (r["dense_lse"] + r["new"]) / r["dense"]
         res["lengths"][n] = r
         print(n, json.dumps(r), flush=True)
-        del q, k, v, out_l, lse, scores
+        del q, k, v, out_l, lse, lse_k, scores
         if DEV == "cuda":
             torch.cuda.empty_cache()
     text = json.dumps(res, indent=1)
