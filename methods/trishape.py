@@ -31,9 +31,10 @@ class TriShape(AShape):
 
     @property
     def warmup_lengths(self) -> tuple[int, ...]:
-        """From 2 x ``flex.SPLIT_SEGMENT`` keys the dense rows run as split-key FlexAttention calls, compiled on a
-        first length and again with dynamic lengths on a second: two warm-up prompts with 2 and 3 whole segments
-        (never 1: a size-1 batch is specialised), so no prompt length compiles inside a timed prefill."""
+        """From 2 x ``flex.SPLIT_SEGMENT`` keys the dense rows run as split-key FlexAttention calls (whole segments
+        batched, then the causal tail), compiled for a first shape and again with dynamic shapes for a second: two
+        warm-up prompts with 2 and 3 whole segments (never 1: a size-1 batch is specialised) and tails of
+        different lengths, so no prompt length compiles inside a timed prefill."""
         from scbench.kernels.flex import SPLIT_SEGMENT
 
-        return tuple(s * SPLIT_SEGMENT + self.n_last + 512 for s in (2, 3))
+        return 2 * SPLIT_SEGMENT + self.n_last + 600, 3 * SPLIT_SEGMENT + self.n_last + 1100

@@ -60,7 +60,7 @@ if triton is not None:
             a, b = tl.split(tl.reshape(x, [BM, BN // 2, 2]))
             return tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b)), [BM, BN])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "w"])  # one compile (the warm-up's) for every prompt length
     def _lse_kernel(Q, K, L, n, w, scale2, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """(batch x query head, block of BM queries): natural log-sum-exp of each query's causal scores."""
@@ -86,7 +86,7 @@ if triton is not None:
             m = m_new
         tl.store(L + bq.to(tl.int64) * w + rows, (m + tl.log2(s_sum)) / 1.4426950408889634, mask=qin)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "w"])
     def _colsum_kernel(Q, K, L, Out, n, w, scale2, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EXP: tl.constexpr = 0):
         """(batch x KV head, block of BN keys): sum over the group's query heads and the queries at or after the
