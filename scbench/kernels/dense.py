@@ -36,9 +36,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-LSE_BACKENDS = ("flash", "cudnn")
-"""SDPA kernels ``causal_attention_lse`` tries in turn (both keep the log-sum-exp for their backward; the order
-measured by scripts/bench_h2o_prefill.py)."""
+LSE_BACKENDS = ("cudnn", "flash")
+"""SDPA kernels ``causal_attention_lse`` tries in turn (both keep the log-sum-exp for their backward). On an H200
+(torch 2.11, 8B layer shape, scripts/bench_h2o_prefill.py): cuDNN 13.1 / 259 ms at 32K / 128K, as fast as the
+default SDPA (which picks cuDNN there: same output), flash 26.1 / 434 ms."""
 
 
 def _lse_flash(q, k, v, scale):
