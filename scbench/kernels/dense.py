@@ -55,7 +55,7 @@ def _lse_flash(q, k, v, scale):
 
 def _lse_cudnn(q, k, v, scale):
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
-    return out, lse.reshape(q.shape[:3])
+    return out, lse.squeeze(-1) if lse.dim() == 4 else lse  # cuDNN's statistics are [B, H, T, 1]
 
 
 def causal_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
