@@ -16,12 +16,13 @@ The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import torch
 
-from scbench.engines import attention
+from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
 
 PATHS = ("plain", "static", "graph")
@@ -266,8 +267,12 @@ class StaticKV:
 class FastDecoder:
     """Greedy decode over a ``StaticKV``; keeps buffers (and the captured graph) for the next turn when they fit."""
 
-    def __init__(self, model, device: torch.device, use_graph: bool | None = None, plugin=None):
+    def __init__(self, model, device: torch.device, use_graph: bool | None = None, plugin=None,
+                 fused: bool | None = None):
         self.model = model
+        self.fused = fuse.ENABLED if fused is None else fused
+        """Step with the fused module forwards (scbench/engines/fuse.py); False: the model's own forwards."""
+        self.plan: fuse.Plan | None = None
         self.plugin = plugin
         self.device = device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
@@ -286,12 +291,15 @@ class FastDecoder:
             self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.out = torch.zeros(self.tokens_cap, dtype=torch.long, device=self.device)
+        if self.fused and self.plan is None:
+            self.plan = fuse.prepare(self.model)
         self.kv.load(cache)
 
     def _step(self) -> None:
         """Forward ``tok`` at ``pos``; write the greedy pick to ``out[step]`` and ``tok``; advance ``pos``, ``step``."""
         self.kv.begin_step()
-        with attention.active(attention.AttnContext(static=self.kv)):
+        fusing = fuse.active(self.model, self.plan) if self.plan is not None else contextlib.nullcontext()
+        with attention.active(attention.AttnContext(static=self.kv)), fusing:
             logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
                                 use_cache=True, logits_to_keep=1).logits
         nxt = logits[0, -1].argmax().view(1)
