@@ -143,19 +143,21 @@ if triton is not None:
 
 
 def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor,
-                              scale: float | None = None, split: int | None = None) -> torch.Tensor:
+                              scale: float | None = None, split: int | None = None, bn: int = 64,
+                              launch: dict | None = None) -> torch.Tensor:
     """Flash-decoding style attention of one query per head over the first ``at + 1`` keys (Triton, CUDA).
 
     q: [B, Hq, 1, D]; k, v: [B, Hkv, C, D] contiguous; at: int64 [1] on the device, the last valid key index
     (read by the kernel, so a captured graph sees its current value) -> [B, Hq, 1, D]. Keys are split into
     ranges processed in parallel (online softmax in float32 in each), then merged; ranges past the valid
     length do no work, so the cost follows the keys in use, not the buffer's capacity.
+    ``bn`` (keys per inner block) and ``launch`` (Triton's num_warps / num_stages) are tuning knobs
+    (scripts/bench_split_kv.py sweeps them).
     Reference: ``masked_decode_attention`` / ``attention.causal_attention`` on the valid prefix.
     """
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
-    bn = 64
     if split is None:  # enough programs to fill the GPU, at most 64 splits per head
         split = max(256, -(-c // 64 // bn) * bn)
     n_splits = -(-c // split)
@@ -167,7 +169,7 @@ def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(b * hkv, g, d, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_kv_kernel[(b * hkv, n_splits)](q3, k, v, at, part, mx, sm, d**-0.5 if scale is None else scale, c, n_splits,
-                                          G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec)
+                                          G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec, **(launch or {}))
     _combine_kernel[(b * hkv, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
                                   NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)

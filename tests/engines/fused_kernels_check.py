@@ -8,7 +8,7 @@ import torch
 
 from scbench.kernels import fused
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = "cuda" if torch.cuda.is_available() and not fused.INTERPRET else "cpu"
 
 
 def close(a, b, dtype):
