@@ -10,7 +10,9 @@ batched decode never see them:
 - attention (batch 1, one token, a ``StaticKV`` cache): q/k/v as one GEMM over a fused weight, rotary embedding of
   q and k plus the key/value write into the cache buffers as one kernel, ``StaticKV.attend`` (method plugins see
   the same call as before), and o_proj on the attention output without the transpose/contiguous copy;
-- MLP: gate/up as one GEMM over a fused weight, ``silu(gate) * up`` as one kernel, down.
+- MLP: gate/up as one GEMM over a fused weight, ``silu(gate) * up`` as one kernel, down;
+- across layers (all layers fused): a layer's closing residual add is done by the next layer's input norm (or
+  the final norm) in its kernel.
 
 The fused weights cost no memory: ``prepare(model)`` (once per model) copies q/k/v (and gate/up) into one buffer
 per layer and makes the modules' own weights views of it, so every other path computes with the same values.
@@ -177,8 +179,29 @@ def active(model, plan: Plan | None = None):
         mod.forward = fn
         patched.append(mod)
 
+    # With every layer whole and the final norm fused, a layer hands the next one its MLP output and keeps the
+    # residual sum pending: the next layer's (or the final) norm adds it in its own kernel (one launch per layer less).
+    chain = plan.layers and len(plan.whole) == len(plan.layers) and plan.final_norm in plan.norms
+    pending: list = [None]
+
+    def settle(x):
+        """``x`` with the pending residual added (the full hidden state an unfused consumer expects)."""
+        if pending[0] is not None:
+            x, pending[0] = pending[0] + x, None
+        return x
+
     for norm, (weight, eps) in plan.norms.items():
-        patch(norm, lambda x, _w=weight, _e=eps: fused.rmsnorm(x, _w, _e))
+        if chain and norm is plan.final_norm:
+            def final(x, _w=weight, _e=eps):
+                if pending[0] is None:
+                    return fused.rmsnorm(x, _w, _e)
+                out, _ = fused.rmsnorm(x, _w, _e, residual=pending[0])
+                pending[0] = None
+                return out
+
+            patch(norm, final)
+        else:
+            patch(norm, lambda x, _w=weight, _e=eps: fused.rmsnorm(x, _w, _e))
     for a, (w, b) in plan.attn.items():
         orig = type(a).forward.__get__(a)
 
@@ -194,20 +217,32 @@ def active(model, plan: Plan | None = None):
     for m, (w, b) in plan.mlp.items():
         orig = type(m).forward.__get__(m)
         patch(m, lambda x, _m=m, _w=w, _b=b, _orig=orig: _mlp(_m, _w, _b, x) if x.is_contiguous() else _orig(x))
+    first = plan.layers[0] if plan.layers else None
     for layer in plan.whole:
         orig = type(layer).forward.__get__(layer)
         a, m = layer.self_attn, layer.mlp
         (aw, ab), (mw, mb) = plan.attn[a], plan.mlp[m]
         n1, n2 = plan.norms[layer.input_layernorm], plan.norms[layer.post_attention_layernorm]
 
-        def layer_fwd(*args, _a=a, _m=m, _aw=aw, _ab=ab, _mw=mw, _mb=mb, _n1=n1, _n2=n2, _orig=orig, **kw):
+        def layer_fwd(*args, _a=a, _m=m, _aw=aw, _ab=ab, _mw=mw, _mb=mb, _n1=n1, _n2=n2, _orig=orig,
+                      _first=layer is first, **kw):
             x = args[0] if args else kw.get("hidden_states")
+            if _first:
+                pending[0] = None
             pe, cache = kw.get("position_embeddings"), _cache(kw)
             if len(args) > 1 or not _attn_takes(_a, x, cache, pe):
-                return _orig(*args, **kw)
-            h = fused.rmsnorm(x, *_n1)
-            h, res = fused.rmsnorm(_attention(_a, _aw, _ab, h, pe, cache), *_n2, residual=x)
-            return res + _mlp(_m, _mw, _mb, h)
+                x = settle(x)
+                return _orig(x, *args[1:], **kw) if args else _orig(**{**kw, "hidden_states": x})
+            if pending[0] is None:
+                x_in, h = x, fused.rmsnorm(x, *_n1)
+            else:
+                h, x_in = fused.rmsnorm(x, *_n1, residual=pending[0])
+            h, res = fused.rmsnorm(_attention(_a, _aw, _ab, h, pe, cache), *_n2, residual=x_in)
+            out = _mlp(_m, _mw, _mb, h)
+            if chain:
+                pending[0] = res
+                return out
+            return res + out
 
         patch(layer, layer_fwd)
     try:
