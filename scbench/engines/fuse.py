@@ -57,7 +57,7 @@ def _fuse_weights(linears: list[nn.Linear]):
         return None
     if len({lin.bias is None for lin in linears}) != 1:
         return None
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(w0.is_inference()), torch.no_grad():  # the new buffer is what the weights were
         rows = [lin.weight.shape[0] for lin in linears]
         w = torch.cat([lin.weight for lin in linears])
         b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])

@@ -158,3 +158,18 @@ def test_disabled_by_flag(smol_tokenizer, monkeypatch):
     monkeypatch.setattr(fuse, "ENABLED", False)
     assert fastdecode.FastDecoder(engine.model, torch.device("cpu")).fused is False
     assert fastdecode.FastDecoder(engine.model, torch.device("cpu"), fused=True).fused is True
+
+
+@pytest.mark.parametrize("built_in_inference", [True, False])
+def test_fused_weights_keep_the_parameters_usable(built_in_inference):
+    """Weights made under inference mode (or not) stay callable in and out of it once they are views."""
+    with torch.inference_mode(built_in_inference):
+        a, b = nn.Linear(8, 4), nn.Linear(8, 6)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        want = torch.cat([a(x), b(x)], -1)
+        w, bias = fuse._fuse_weights([a, b])
+        torch.testing.assert_close(torch.nn.functional.linear(x, w, bias), want, rtol=0, atol=0)
+    assert a.weight.data_ptr() == w.data_ptr()
+    with torch.inference_mode(built_in_inference):
+        torch.testing.assert_close(torch.cat([a(x), b(x)], -1), want, rtol=0, atol=0)
