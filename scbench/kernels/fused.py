@@ -125,8 +125,10 @@ if triton is not None:
 # --- entry points: Triton where it runs, else the reference ------------------------------------------------
 def rmsnorm(x, weight, eps, residual=None):
     """See ``rmsnorm_ref``; x (and residual): [..., N] contiguous, weight [N] of x's dtype."""
-    if not use_triton(x):
-        return rmsnorm_ref(x, weight, eps, residual)
+    if not use_triton(x) or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        return rmsnorm_ref(x, weight, eps, residual)  # mixed dtypes promote: the reference does it the modules' way
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
     n = x.shape[-1]
     out = torch.empty_like(x)
     res = torch.empty_like(x) if residual is not None else out
@@ -140,6 +142,7 @@ def silu_mul(gate_up):
     """See ``silu_mul_ref``."""
     if not use_triton(gate_up):
         return silu_mul_ref(gate_up)
+    gate_up = gate_up.contiguous()
     i = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * i)
     out = gate_up.new_empty(*gate_up.shape[:-1], i)
