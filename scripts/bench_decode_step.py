@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--tbps", type=float, default=4.0)
     ap.add_argument("--budget", type=float, default=60.0)
+    ap.add_argument("--split-kv", nargs="*", default=[],
+                    help="extra fused variants, each a JSON update of fastdecode.SPLIT_KV (graph timing only)")
     ap.add_argument("--tokenizer")
     ap.add_argument("--preset", default="llama-3.1-8b", help="random:<preset> (tiny-llama + --device cpu: a dry run)")
     ap.add_argument("--device", default="cuda")
@@ -123,6 +125,19 @@ def main() -> None:
             for k, c in r["top"]:
                 print(f"    x{c:6.1f} {k}")
             torch.cuda.empty_cache()
+        default = dict(fastdecode.SPLIT_KV)
+        for tune in a.split_kv:
+            fastdecode.SPLIT_KV.update(json.loads(tune))
+            try:
+                g, t = graph_decode(model, fresh, s.pos, first, True, a.steps)
+            finally:
+                fastdecode.SPLIT_KV.clear()
+                fastdecode.SPLIT_KV.update(default)
+            g["pct_of_bound"] = 100 * bound_ms / g["step_ms"]
+            g["tokens_equal_fused"] = t == toks["fused"]
+            run[f"fused {tune}"] = g
+            print(f"{length} fused {tune}: graph step {g['step_ms']:.3f} ms ({g['pct_of_bound']:.1f}%), "
+                  f"tokens equal: {g['tokens_equal_fused']}", flush=True)
         same = next((i for i, (x, y) in enumerate(zip(toks["unfused"], toks["fused"])) if x != y), len(toks["fused"]))
         run["tokens_equal_prefix"] = same
         run["tokens_compared"] = len(toks["fused"])

@@ -17,6 +17,7 @@ The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 
@@ -142,8 +143,15 @@ if triton is not None:
 
 
 
+SPLIT_KV = {"bn": 64, "max_splits": 64, "launch": {}}
+"""The split-KV kernel's defaults: keys per block, at most this many splits per head (splits of at least 256
+keys), Triton launch options (num_warps, num_stages). ``SCBENCH_SPLIT_KV`` (JSON) overrides keys of it."""
+if os.environ.get("SCBENCH_SPLIT_KV"):
+    SPLIT_KV.update(json.loads(os.environ["SCBENCH_SPLIT_KV"]))
+
+
 def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor,
-                              scale: float | None = None, split: int | None = None, bn: int = 64,
+                              scale: float | None = None, split: int | None = None, bn: int | None = None,
                               launch: dict | None = None) -> torch.Tensor:
     """Flash-decoding style attention of one query per head over the first ``at + 1`` keys (Triton, CUDA).
 
@@ -151,15 +159,17 @@ def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (read by the kernel, so a captured graph sees its current value) -> [B, Hq, 1, D]. Keys are split into
     ranges processed in parallel (online softmax in float32 in each), then merged; ranges past the valid
     length do no work, so the cost follows the keys in use, not the buffer's capacity.
-    ``bn`` (keys per inner block) and ``launch`` (Triton's num_warps / num_stages) are tuning knobs
-    (scripts/bench_split_kv.py sweeps them).
+    ``split``, ``bn`` (keys per inner block) and ``launch`` (Triton's num_warps / num_stages) default to
+    ``SPLIT_KV`` (scripts/bench_split_kv.py sweeps them).
     Reference: ``masked_decode_attention`` / ``attention.causal_attention`` on the valid prefix.
     """
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
-    if split is None:  # enough programs to fill the GPU, at most 64 splits per head
-        split = max(256, -(-c // 64 // bn) * bn)
+    bn = SPLIT_KV["bn"] if bn is None else bn
+    launch = SPLIT_KV["launch"] if launch is None else launch
+    if split is None:  # enough programs to fill the GPU, at most max_splits splits per head
+        split = max(256, -(-c // SPLIT_KV["max_splits"] // bn) * bn)
     n_splits = -(-c // split)
     gp = max(16, triton.next_power_of_2(g))
     q3 = q.reshape(b * hkv, g, d).contiguous()
