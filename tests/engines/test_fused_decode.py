@@ -173,3 +173,24 @@ def test_fused_weights_keep_the_parameters_usable(built_in_inference):
     assert a.weight.data_ptr() == w.data_ptr()
     with torch.inference_mode(built_in_inference):
         torch.testing.assert_close(torch.cat([a(x), b(x)], -1), want, rtol=0, atol=0)
+
+
+def test_what_a_fused_step_launches(smol_tokenizer, monkeypatch):
+    """Per layer: 2 norms (the second with the residual add), 1 rotary+KV write, 1 SiLU*up, 4 GEMMs, 1 attend;
+    the closing residual add rides in the next norm (no tensor add left in the layers)."""
+    engine = make_tiny_engine(smol_tokenizer, layers=3)
+    calls = []
+    for name in ("rmsnorm", "silu_mul", "rope_store"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append("gemm") or real_linear(*a, **k))
+    real_attend = fastdecode.StaticKV.attend
+    monkeypatch.setattr(fastdecode.StaticKV, "attend", lambda *a, **k: calls.append("attend") or real_attend(*a, **k))
+    session = engine.session(METHODS.get("full")())
+    session.feed(list(range(5, 60)), compress=False, sparse=False)
+    dec = fastdecode.FastDecoder(engine.model, torch.device("cpu"), use_graph=False, fused=True)
+    calls.clear()
+    dec.generate(session.cache, session.pos, 7, 2, set())  # one step
+    layer = ["rmsnorm", "gemm", "rope_store", "attend", "gemm", "rmsnorm", "gemm", "silu_mul", "gemm"]
+    assert calls == layer * 3 + ["rmsnorm", "gemm"]  # + the final norm and lm_head
