@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 import torch
+from torch.autograd import DeviceType
 
 from scbench.engines import fastdecode, fuse
 from scbench.engines.hf import HFEngine
@@ -50,8 +51,10 @@ def profile_step(model, fresh, pos, first, fused):
     kinds = Counter()
     total_us = 0.0
     for e in prof.key_averages():
+        if DEV.type == "cuda" and getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue  # the runtime's launch calls (cudaLaunchKernel, cuLaunchKernelEx, ...), not kernels
         kinds[e.key[:70]] += e.count
-        total_us += e.device_time_total
+        total_us += e.self_device_time_total if DEV.type == "cuda" else 0.0
     launches = sum(kinds.values()) / steps
     return {"launches_per_step": launches, "kernel_ms_per_step": total_us / steps / 1000,
             "top": [(k, c / steps) for k, c in kinds.most_common(12)]}

@@ -43,12 +43,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--budget", type=float, default=30)
+    ap.add_argument("--bn", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--splits", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--out")
     a = ap.parse_args()
     t0 = time.perf_counter()
     configs = [dict(bn=None, split=None, launch=None)]  # the current default (fastdecode.SPLIT_KV) first
     configs += [dict(bn=bn, split=sp, launch={"num_warps": w, "num_stages": st})
-                for bn, sp, w, st in itertools.product((64, 128), (256, 512, 1024, 2048), (4, 8), (2, 4))]
+                for bn, sp, w, st in itertools.product(a.bn, a.splits, a.warps, a.stages)]
     out = {}
     for n in a.lengths:
         q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
