@@ -20,6 +20,7 @@ import torch
 from torch.autograd import DeviceType
 
 from scbench.engines import fastdecode, fuse
+from scbench.engines.base import cache_kw
 from scbench.engines.hf import HFEngine
 from scbench.run import build_method
 
@@ -73,6 +74,26 @@ def graph_decode(model, fresh, pos, first, fused, steps):
     return {"step_ms": step_ms, "first_generate_s": warm, "warmup_s": dec.capture_s}, toks
 
 
+@torch.inference_mode()
+def step_logits(model, fresh, pos, first, fused):
+    """One step's logits (float32 [V]) from the prefilled cache: the plain forward (fused None) or the static one."""
+    if fused is None:
+        out = model(input_ids=torch.tensor([[first]], device=DEV), position_ids=torch.tensor([[pos]], device=DEV),
+                    **{cache_kw(model): fresh()}, use_cache=True, logits_to_keep=1).logits
+        fresh()  # the forward appended to the cache's layers: put the prefilled tensors back
+        return out[0, -1].float()
+    dec = fastdecode.FastDecoder(model, DEV, use_graph=False, fused=fused)
+    dec._prepare(fresh(), 2)
+    dec.tok.fill_(first)
+    dec.pos.fill_(pos)
+    return dec._logits()[0, -1].float()
+
+
+def agreement(a, b):
+    d = (a - b).abs().max().item()
+    return {"max_abs_diff": d, "rel_to_std": d / a.std().item(), "argmax_equal": bool(a.argmax() == b.argmax())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000])
@@ -114,6 +135,13 @@ def main() -> None:
             (cfg.hidden_size // cfg.num_attention_heads) * embed.element_size()
         bound_ms = (read + kv) / (a.tbps * 1e12) * 1000
         run = {"prefill_s": time.perf_counter() - t0, "kv_GB": kv / 1e9, "bound_ms": bound_ms}
+        logits = {name: step_logits(model, fresh, s.pos, first, f)
+                  for name, f in (("plain", None), ("unfused", False), ("fused", True))}
+        run["logits_plain_vs_unfused"] = agreement(logits["plain"], logits["unfused"])
+        run["logits_unfused_vs_fused"] = agreement(logits["unfused"], logits["fused"])
+        print(f"{length} one-step logits: plain vs unfused static {run['logits_plain_vs_unfused']}; "
+              f"unfused vs fused {run['logits_unfused_vs_fused']}", flush=True)
+        del logits
         toks = {}
         for fused in (False, True):
             name = "fused" if fused else "unfused"

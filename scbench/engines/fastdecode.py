@@ -309,14 +309,17 @@ class FastDecoder:
             self.plan = fuse.prepare(self.model)
         self.kv.load(cache)
 
-    def _step(self) -> None:
-        """Forward ``tok`` at ``pos``; write the greedy pick to ``out[step]`` and ``tok``; advance ``pos``, ``step``."""
+    def _logits(self) -> torch.Tensor:
+        """Forward ``tok`` at ``pos`` through the static cache (writing its key/value): the logits [1, 1, V]."""
         self.kv.begin_step()
         fusing = fuse.active(self.model, self.plan) if self.plan is not None else contextlib.nullcontext()
         with attention.active(attention.AttnContext(static=self.kv)), fusing:
-            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
-                                use_cache=True, logits_to_keep=1).logits
-        nxt = logits[0, -1].argmax().view(1)
+            return self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
+                              use_cache=True, logits_to_keep=1).logits
+
+    def _step(self) -> None:
+        """Forward ``tok`` at ``pos``; write the greedy pick to ``out[step]`` and ``tok``; advance ``pos``, ``step``."""
+        nxt = self._logits()[0, -1].argmax().view(1)
         self.out.index_copy_(0, self.kv.step, nxt)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
