@@ -85,6 +85,8 @@ class Plan:
         inner = getattr(model, "model", None)
         self.layers = list(getattr(inner, "layers", None) or [])
         self.final_norm = getattr(inner, "norm", None)
+        self.active = False
+        """Inside ``active``: the modules' forwards are the fused ones (one decoding thread per model)."""
         self.norms = {}
         self.attn, self.mlp, self.whole = {}, {}, set()
         for norm in [self.final_norm] + [getattr(layer, n, None) for layer in self.layers
@@ -173,6 +175,10 @@ def _mlp(m, w, b, h):
 def active(model, plan: Plan | None = None):
     """While inside, the recognised modules of ``model`` run their fused forwards (restored on exit)."""
     plan = prepare(model) if plan is None else plan
+    if plan.active:  # already inside (re-entered): the outer context restores
+        yield plan
+        return
+    plan.active = True
     patched = []
 
     def patch(mod, fn):
@@ -250,3 +256,4 @@ def active(model, plan: Plan | None = None):
     finally:
         for mod in patched:
             del mod.forward
+        plan.active = False

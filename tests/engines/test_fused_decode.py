@@ -194,3 +194,17 @@ def test_what_a_fused_step_launches(smol_tokenizer, monkeypatch):
     dec.generate(session.cache, session.pos, 7, 2, set())  # one step
     layer = ["rmsnorm", "gemm", "rope_store", "attend", "gemm", "rmsnorm", "gemm", "silu_mul", "gemm"]
     assert calls == layer * 3 + ["rmsnorm", "gemm"]  # + the final norm and lm_head
+
+
+def test_active_is_reentrant_and_restores(smol_tokenizer):
+    engine = make_tiny_engine(smol_tokenizer, layers=1)
+    layer = engine.model.model.layers[0]
+    with fuse.active(engine.model):
+        assert "forward" in vars(layer)
+        with fuse.active(engine.model):
+            pass
+        assert "forward" in vars(layer)  # the inner exit left the outer's patches
+    assert "forward" not in vars(layer)
+    with pytest.raises(RuntimeError), fuse.active(engine.model):
+        raise RuntimeError("inside")
+    assert "forward" not in vars(layer) and not fuse.prepare(engine.model).active
