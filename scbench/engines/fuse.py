@@ -126,6 +126,12 @@ class Plan:
         return (type(m).__name__ in MLP and _own_forward(m) and silu
                 and all(_plain_linear(getattr(m, n, None)) for n in ("gate_proj", "up_proj", "down_proj")))
 
+    def stale(self) -> bool:
+        """The model's weights moved since (``model.to(...)``): the projections no longer view the fused buffers."""
+        return any(a.q_proj.weight.data_ptr() != w.data_ptr() for a, (w, _) in self.attn.items()) or \
+            any(m.gate_proj.weight.data_ptr() != w.data_ptr() for m, (w, _) in self.mlp.items()) or \
+            any(n.weight is not w for n, (w, _) in self.norms.items())
+
     def fused_count(self) -> dict:
         return {"layers": len(self.layers), "whole_layers": len(self.whole), "attention": len(self.attn),
                 "mlp": len(self.mlp), "norms": len(self.norms)}
@@ -134,7 +140,7 @@ class Plan:
 def prepare(model) -> Plan:
     """The model's fusion plan, built (and its q/k/v, gate/up weights re-laid as views) at the first call."""
     plan = getattr(model, "_scbench_fuse_plan", None)
-    if plan is None:
+    if plan is None or plan.stale():
         plan = Plan(model)
         model._scbench_fuse_plan = plan
     return plan
@@ -174,7 +180,7 @@ def _mlp(m, w, b, h):
 @contextlib.contextmanager
 def active(model, plan: Plan | None = None):
     """While inside, the recognised modules of ``model`` run their fused forwards (restored on exit)."""
-    plan = prepare(model) if plan is None else plan
+    plan = prepare(model) if plan is None or plan.stale() else plan
     if plan.active:  # already inside (re-entered): the outer context restores
         yield plan
         return

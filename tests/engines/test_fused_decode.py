@@ -96,6 +96,19 @@ def test_fused_static_decode_equals_unfused(smol_tokenizer, cfg, monkeypatch):
         assert "forward" not in vars(mod)
 
 
+def test_a_moved_model_gets_a_new_plan(smol_tokenizer, monkeypatch):
+    """model.to(...) after the plan was built: the fused forwards must not keep computing with the old buffers."""
+    engine = make_tiny_engine(smol_tokenizer, layers=2)
+    plan = fuse.prepare(engine.model)
+    engine.model.to(torch.float64)
+    assert plan.stale()
+    with fuse.active(engine.model, plan) as used:
+        assert used is not plan and not used.stale()
+        x = torch.randn(1, 1, 64, dtype=torch.float64)
+        assert engine.model.model.layers[0].mlp(x).dtype == torch.float64
+    assert fuse.prepare(engine.model) is used
+
+
 def test_fused_weights_are_views(smol_tokenizer):
     engine = make_tiny_engine(smol_tokenizer, layers=2)
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
@@ -208,3 +221,47 @@ def test_active_is_reentrant_and_restores(smol_tokenizer):
     with pytest.raises(RuntimeError), fuse.active(engine.model):
         raise RuntimeError("inside")
     assert "forward" not in vars(layer) and not fuse.prepare(engine.model).active
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and Triton")
+def test_fused_kernels_on_cuda():
+    """The Triton kernels against their references on CUDA tensors (8B shapes included), float32 and bf16."""
+    sys.path.insert(0, HERE)
+    import fused_kernels_check
+
+    fused_kernels_check.main()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and Triton")
+def test_fused_graph_decode_equals_unfused_on_cuda(monkeypatch):
+    """CUDA graph decode, fused vs unfused: float32 greedy tokens equal; bf16 one-step logits close."""
+    from scbench.engines.hf import HFEngine
+    from support import byte_tokenizer
+
+    tok = byte_tokenizer()
+    for dtype in ("float32", "bfloat16"):
+        model = random_llama(len(tok), layers=3, hidden=256, heads=8, kv_heads=2, intermediate=512,
+                             eos_token_id=tok.eos_token_id).to(getattr(torch, dtype))
+        engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype=dtype)
+        runs = {}
+        for enabled in (False, True):
+            monkeypatch.setattr(fuse, "ENABLED", enabled)
+            engine.decode_mode = "fast"
+            session = engine.session(METHODS.get("full")())
+            session.feed(list(range(3, 200)), compress=False, sparse=False)
+            gen = session.generate(40)
+            assert gen.decode_path == "graph"
+            session2 = engine.session(METHODS.get("full")())
+            session2.feed(list(range(3, 200)), compress=False, sparse=False)
+            with torch.inference_mode():
+                dec = fastdecode.FastDecoder(engine.model, engine.device, use_graph=False)
+                dec._prepare(session2.cache, 2)
+                dec.tok.fill_(5)
+                dec.pos.fill_(session2.pos)
+                runs[enabled] = (gen.tokens, dec._logits()[0, -1].float())
+        if dtype == "float32":
+            assert runs[True][0] == runs[False][0]
+            torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-4, rtol=1e-4)
+        else:
+            a, b = runs[False][1], runs[True][1]
+            assert (a - b).abs().max() <= 0.05 * a.std()
