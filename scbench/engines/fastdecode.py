@@ -16,12 +16,14 @@ The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 
 import torch
 
-from scbench.engines import attention
+from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
 
 PATHS = ("plain", "static", "graph")
@@ -141,22 +143,35 @@ if triton is not None:
 
 
 
+SPLIT_KV = {"bn": 64, "max_splits": 64, "launch": {"num_warps": 4, "num_stages": 2}}
+"""The split-KV kernel's defaults: keys per block, at most this many splits per head (splits of at least 256
+keys), Triton launch options (num_warps, num_stages). ``SCBENCH_SPLIT_KV`` (JSON) overrides keys of it.
+Measured on an H200 (scripts/bench_split_kv.py, results/perf/decode_step_fused.md): 2 stages instead of Triton's
+default 3 read a 128K-token layer at 4.1 TB/s instead of 3.65."""
+if os.environ.get("SCBENCH_SPLIT_KV"):
+    SPLIT_KV.update(json.loads(os.environ["SCBENCH_SPLIT_KV"]))
+
+
 def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor,
-                              scale: float | None = None, split: int | None = None) -> torch.Tensor:
+                              scale: float | None = None, split: int | None = None, bn: int | None = None,
+                              launch: dict | None = None) -> torch.Tensor:
     """Flash-decoding style attention of one query per head over the first ``at + 1`` keys (Triton, CUDA).
 
     q: [B, Hq, 1, D]; k, v: [B, Hkv, C, D] contiguous; at: int64 [1] on the device, the last valid key index
     (read by the kernel, so a captured graph sees its current value) -> [B, Hq, 1, D]. Keys are split into
     ranges processed in parallel (online softmax in float32 in each), then merged; ranges past the valid
     length do no work, so the cost follows the keys in use, not the buffer's capacity.
+    ``split``, ``bn`` (keys per inner block) and ``launch`` (Triton's num_warps / num_stages) default to
+    ``SPLIT_KV`` (scripts/bench_split_kv.py sweeps them).
     Reference: ``masked_decode_attention`` / ``attention.causal_attention`` on the valid prefix.
     """
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
-    bn = 64
-    if split is None:  # enough programs to fill the GPU, at most 64 splits per head
-        split = max(256, -(-c // 64 // bn) * bn)
+    bn = SPLIT_KV["bn"] if bn is None else bn
+    launch = SPLIT_KV["launch"] if launch is None else launch
+    if split is None:  # enough programs to fill the GPU, at most max_splits splits per head
+        split = max(256, -(-c // SPLIT_KV["max_splits"] // bn) * bn)
     n_splits = -(-c // split)
     gp = max(16, triton.next_power_of_2(g))
     q3 = q.reshape(b * hkv, g, d).contiguous()
@@ -166,7 +181,7 @@ def split_kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(b * hkv, g, d, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_kv_kernel[(b * hkv, n_splits)](q3, k, v, at, part, mx, sm, d**-0.5 if scale is None else scale, c, n_splits,
-                                          G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec)
+                                          G=g, GP=gp, D=d, SPLIT=split, BN=bn, PREC=prec, **(launch or {}))
     _combine_kernel[(b * hkv, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
                                   NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)
@@ -266,8 +281,12 @@ class StaticKV:
 class FastDecoder:
     """Greedy decode over a ``StaticKV``; keeps buffers (and the captured graph) for the next turn when they fit."""
 
-    def __init__(self, model, device: torch.device, use_graph: bool | None = None, plugin=None):
+    def __init__(self, model, device: torch.device, use_graph: bool | None = None, plugin=None,
+                 fused: bool | None = None):
         self.model = model
+        self.fused = fuse.ENABLED if fused is None else fused
+        """Step with the fused module forwards (scbench/engines/fuse.py); False: the model's own forwards."""
+        self.plan: fuse.Plan | None = None
         self.plugin = plugin
         self.device = device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
@@ -286,15 +305,21 @@ class FastDecoder:
             self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.out = torch.zeros(self.tokens_cap, dtype=torch.long, device=self.device)
+        if self.fused and self.plan is None:
+            self.plan = fuse.prepare(self.model)
         self.kv.load(cache)
+
+    def _logits(self) -> torch.Tensor:
+        """Forward ``tok`` at ``pos`` through the static cache (writing its key/value): the logits [1, 1, V]."""
+        self.kv.begin_step()
+        fusing = fuse.active(self.model, self.plan) if self.plan is not None else contextlib.nullcontext()
+        with attention.active(attention.AttnContext(static=self.kv)), fusing:
+            return self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
+                              use_cache=True, logits_to_keep=1).logits
 
     def _step(self) -> None:
         """Forward ``tok`` at ``pos``; write the greedy pick to ``out[step]`` and ``tok``; advance ``pos``, ``step``."""
-        self.kv.begin_step()
-        with attention.active(attention.AttnContext(static=self.kv)):
-            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
-                                use_cache=True, logits_to_keep=1).logits
-        nxt = logits[0, -1].argmax().view(1)
+        nxt = self._logits()[0, -1].argmax().view(1)
         self.out.index_copy_(0, self.kv.step, nxt)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
