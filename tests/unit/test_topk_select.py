@@ -1,0 +1,76 @@
+"""The sort-free top-k kernels (scbench/kernels/topk_select.py) against torch.topk on random scores. They run on
+CUDA, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``); skipped without Triton."""
+import os
+
+import pytest
+import torch
+
+from scbench.kernels import paged_decode, topk_select
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+                                reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+
+
+@pytest.mark.parametrize("p,n,budget,recent,page", [(40, 600, 128, 1, 16), (40, 600, 136, 2, 16), (20, 100, 512, 1, 8),
+                                                    (33, 520, 64, 3, 16), (40, 640, 16, 1, 16)])
+def test_quest_select_matches_topk(p, n, budget, recent, page):
+    g = torch.Generator().manual_seed(p + n + budget)
+    s = torch.randn(2, 3, p, generator=g).to(DEVICE)
+    s[0, 1, :5] = 0.25  # ties at the threshold
+    nn = torch.tensor([n], device=DEVICE)
+    cand = max(0, (n - 1) // page - recent + 1)
+    s[..., cand:] = float("-inf")
+    k = min(p, (budget - 1) // page)
+    top = s.topk(k, dim=-1)
+    want = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent)
+    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k)
+    assert got.shape == want.shape
+    assert torch.equal(got[..., k:].long().cpu(), want[..., k:].cpu())  # the recent pages
+    g_sel, w_sel = got[..., :k].long().cpu(), want[..., :k].cpu()
+    assert torch.equal((g_sel >= 0).sum(-1), (w_sel >= 0).sum(-1))
+    assert torch.equal(g_sel.sort(-1).values, w_sel.sort(-1).values) or s.shape[-1] and _tie_ok(s.cpu(), g_sel, w_sel)
+    used = g_sel[g_sel >= 0]
+    assert torch.equal(g_sel, torch.where(g_sel >= 0, g_sel, 1 << 30).sort(-1).values.where(g_sel >= 0, -1))  # ascending
+
+
+def _tie_ok(s, got, want):
+    """Same multiset of selected scores (ties may pick other indices than topk)."""
+    for i in range(s.shape[0]):
+        for h in range(s.shape[1]):
+            a = s[i, h][got[i, h][got[i, h] >= 0]].sort().values
+            b = s[i, h][want[i, h][want[i, h] >= 0]].sort().values
+            if not torch.equal(a, b):
+                return False
+    return True
+
+
+def _radix_reference(s, n, k, n_init, n_local):
+    c = s.shape[-1]
+    pos = torch.arange(c)
+    m = s.float().cpu().flatten(0, 1).masked_fill((pos < n_init) | (pos >= n - n_local), float("-inf"))
+    top = m.topk(min(k, c), dim=-1)
+    return torch.where(top.values > float("-inf"), top.indices, -1)
+
+
+@pytest.mark.parametrize("c,n,k,n_init,n_local,dtype", [(700, 650, 64, 8, 32, torch.float32),
+                                                         (700, 650, 1000, 8, 32, torch.float32),
+                                                         (300, 40, 16, 30, 20, torch.float32),
+                                                         (5000, 4999, 300, 4, 16, torch.float32),
+                                                         (700, 700, 50, 0, 10, torch.bfloat16)])
+def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype):
+    g = torch.Generator().manual_seed(c + k)
+    s = (torch.randn(1, 3, c, generator=g) * 4).to(DEVICE, dtype)
+    s[0, 0, 100:110] = -s[0, 0, 100:110].abs()  # negative scores and (bf16) ties
+    nn = torch.tensor([n], device=DEVICE)
+    got = topk_select.radix_select_triton(s, nn, k, n_init, n_local, chunk=256).long().cpu()
+    want = _radix_reference(s, n, k, n_init, n_local)
+    assert got.shape == (3, k)
+    assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1))
+    for r in range(3):
+        a, b = got[r][got[r] >= 0], want[r][want[r] >= 0]
+        assert len(set(a.tolist())) == len(a)
+        sf = s.float().cpu().view(3, c)[r]
+        assert torch.equal(sf[a].sort().values, sf[b].sort().values)  # the same scores (ties: any index)
+        if dtype == torch.float32:
+            assert torch.equal(a.sort().values, b.sort().values)
