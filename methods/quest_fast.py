@@ -17,12 +17,16 @@ import torch
 
 from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
 
 
 FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
 """CUDA: the fused Triton kernels (scores with the bounds update; attention applying the pick rule) instead of
 the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare the two)."""
+SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
+"""CUDA page top-k: ``bisect`` (scbench/kernels/topk_select.py: no sort, pages listed in ascending order) or
+``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
 class QuestDecode:
@@ -33,6 +37,8 @@ class QuestDecode:
         self.kmin: dict[int, torch.Tensor] = {}
         self.kmax: dict[int, torch.Tensor] = {}
         self.q_heads = 0
+        self.select = SELECT
+        self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
@@ -94,6 +100,9 @@ class QuestDecode:
         if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
             s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
                                                  m.recent_pages, m.gqa == "group")
+            if self.select == "bisect":
+                pages = quest_select_triton(s, at + 1, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]))
+                return paged_decode.paged_attention_triton(q, k, v, pages, at + 1, m.page_size, scale, **self.tune)
             top = s.topk(self.top_k(s.shape[-1]), dim=-1)
             return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                        top_values=top.values, budget=m.budget, recent=m.recent_pages)

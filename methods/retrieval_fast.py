@@ -10,10 +10,17 @@ exact, ``tier`` device); the host tier and faiss indices take the plain loop.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from scbench.kernels import topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
+
+SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "radix")
+"""CUDA top-k over the rows: ``radix`` (scbench/kernels/topk_select.py: histogram passes, no sort) or ``topk``
+(torch.topk over the masked float32 scores, the plain ops). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
 class RetrievalDecode:
@@ -22,6 +29,8 @@ class RetrievalDecode:
     def __init__(self, method):
         self.m = method
         self.q_heads = 0
+        self.select = SELECT
+        self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
@@ -36,21 +45,35 @@ class RetrievalDecode:
         lo, hi = m.n_init, n - m.n_local
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
+        if s.is_cuda and topk_select.triton is not None and self.select == "radix":
+            return self._rows_radix(s, n, lo, hi)
         pos = torch.arange(c, device=q.device)
         s = s.float().masked_fill((pos < lo) | (pos >= hi), float("-inf"))
         top = s.topk(min(m.top_k, c), dim=-1)
         found = torch.where(top.values > float("-inf"), top.indices, -1)
-        init = torch.arange(lo, device=q.device)
+        return torch.cat([self._static(n, lo, hi).expand(*found.shape[:2], -1), found], dim=-1)
+
+    def _static(self, n, lo: int, hi) -> torch.Tensor:
+        """The first n_init and last n_local rows [n_init + n_local] (-1: not valid yet, or listed already)."""
+        init = torch.arange(lo, device=n.device)
         init = torch.where(init < n, init, -1)
-        local = hi + torch.arange(m.n_local, device=q.device)
+        local = hi + torch.arange(self.m.n_local, device=n.device)
         local = torch.where(local >= lo, local, -1)  # short contexts: rows below n_init are already listed
-        static = torch.cat([init, local]).expand(*found.shape[:2], -1)
-        return torch.cat([static, found], dim=-1)
+        return torch.cat([init, local])
+
+    def _rows_radix(self, s, n, lo: int, hi) -> torch.Tensor:
+        """The same row list (int32, found rows unordered) from the sort-free radix select (CUDA)."""
+        b, hs, c = s.shape
+        k, ns = min(self.m.top_k, c), lo + self.m.n_local
+        rows = torch.empty(b * hs, ns + k, dtype=torch.int32, device=s.device)
+        rows[:, :ns] = self._static(n, lo, hi)
+        topk_select.radix_select_triton(s, n, k, lo, self.m.n_local, out=rows[:, ns:])
+        return rows.view(b, hs, ns + k)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return paged_attention(q, k, v, self.rows(kv, l, q), kv.at[l : l + 1] + 1, 1, scale)
+        return paged_attention(q, k, v, self.rows(kv, l, q), kv.at[l : l + 1] + 1, 1, scale, **self.tune)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""

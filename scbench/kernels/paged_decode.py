@@ -62,7 +62,8 @@ if triton is not None:
     @triton.jit
     def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, scale, C, M, per_split, n_splits, budget,
                       HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
-                      PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr):
+                      PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
+                      ITERS: tl.constexpr):
         """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration.
 
         TOPK: ``Pages`` / ``TopV`` are ``topk`` indices / values [B, Hs, M - RECENT] of the page scores; slot j is
@@ -87,8 +88,8 @@ if triton is not None:
         acc = tl.zeros([D], tl.float32)
         start = sp * per_split
         end = tl.minimum(start + per_split, M)
-        for j in range(start, end, BP):
-            slot = j + r // PAGE
+        for it in range(ITERS):  # per_split // BP blocks (a static count: the interpreter runs it too)
+            slot = start + it * BP + r // PAGE
             if TOPK:
                 top = slot < M - RECENT
                 pg = tl.load(plist + slot, mask=top & (slot < end), other=-1).to(tl.int32)
@@ -119,7 +120,8 @@ if triton is not None:
 
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
                            page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
-                           top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0) -> torch.Tensor:
+                           top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0,
+                           num_warps: int = 4) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
     pages itself (``quest_page_list`` is the same rule in torch ops)."""
@@ -139,7 +141,8 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     topk = top_values is not None
     _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), top_values.contiguous() if topk else pages, n, part,
                                       mx, sm, scale, c, m, per, n_splits, budget, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
-                                      BP=bp, TOPK=topk, RECENT=recent if topk else 0)
+                                      BP=bp, TOPK=topk, RECENT=recent if topk else 0, ITERS=per // bp,
+                                      num_warps=num_warps)
     _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)
 
@@ -216,8 +219,8 @@ def quest_page_list(top_values: torch.Tensor, top_pages: torch.Tensor, n: torch.
     return torch.cat([chosen, latest], dim=-1)
 
 
-def paged_attention(q, k, v, pages, n, page: int, scale: float) -> torch.Tensor:
-    """Triton on CUDA, the torch reference elsewhere."""
+def paged_attention(q, k, v, pages, n, page: int, scale: float, **tune) -> torch.Tensor:
+    """Triton on CUDA (``tune``: its split / block / warp sizes), the torch reference elsewhere."""
     if q.is_cuda and triton is not None:
-        return paged_attention_triton(q, k, v, pages, n, page, scale)
+        return paged_attention_triton(q, k, v, pages, n, page, scale, **tune)
     return paged_attention_torch(q, k, v, pages, n, page, scale)

@@ -74,3 +74,39 @@ def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype):
         assert torch.equal(sf[a].sort().values, sf[b].sort().values)  # the same scores (ties: any index)
         if dtype == torch.float32:
             assert torch.equal(a.sort().values, b.sort().values)
+
+
+@pytest.mark.parametrize("tune", [{}, {"pages_per_split": 4, "block_pages": 2, "num_warps": 2}])
+def test_quest_select_then_paged_kernel_matches_torch(tune):
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, c, d, page, n, budget = 1, 4, 2, 512, 16, 16, 470, 128
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    s = torch.randn(b, hq, c // page, generator=g).to(DEVICE)
+    s[..., (n - 1) // page :] = float("-inf")
+    nn = torch.tensor([n], device=DEVICE)
+    kk = (budget - 1) // page
+    top = s.topk(kk, dim=-1)
+    want = paged_decode.paged_attention_torch(q, k, v, paged_decode.quest_page_list(top.values, top.indices, nn, page,
+                                                                                     budget, 1), nn, page, 0.3)
+    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk)
+    got = paged_decode.paged_attention_triton(q, k, v, pages, nn, page, 0.3, **tune)
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_radix_rows_then_paged_kernel_matches_torch():
+    g = torch.Generator().manual_seed(8)
+    b, hq, hkv, c, d, n, k, n_init, n_local = 1, 4, 2, 600, 16, 590, 40, 8, 16
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    kb, vb = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    s = (q.reshape(b, hkv, 2, d) @ kb.transpose(-1, -2)).reshape(b, hq, c)
+    nn = torch.tensor([n], device=DEVICE)
+    ns = n_init + n_local
+    rows = torch.empty(b * hq, ns + k, dtype=torch.int32, device=DEVICE)
+    rows[:, :ns] = torch.cat([torch.arange(n_init), n - n_local + torch.arange(n_local)]).to(DEVICE, torch.int32)
+    topk_select.radix_select_triton(s, nn, k, n_init, n_local, out=rows[:, ns:], chunk=128)
+    want_rows = torch.cat([rows[:, :ns].long().cpu(), _radix_reference(s, n, k, n_init, n_local)], -1)
+    want = paged_decode.paged_attention_torch(q.cpu(), kb.cpu(), vb.cpu(), want_rows.view(b, hq, -1), nn.cpu(), 1, 0.3)
+    got = paged_decode.paged_attention_triton(q, kb, vb, rows.view(b, hq, -1), nn, 1, 0.3, pages_per_split=32,
+                                              block_pages=16)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,123 @@
+"""Per-step attention work of Quest's and RetrievalAttention-device's captured decode plugins, old vs new (CUDA).
+
+    python scripts/bench_quest_decode.py --lengths 32768 131072 --out F.json
+
+Llama-3.1-8B shapes (32 layers, 32 query / 8 KV heads, head dim 128, bf16): random key/value buffers at each
+context length, one new query per layer; a step runs every layer's attention as the captured decode step does
+(``plugin.attend``; layers a plugin leaves dense, and ``full``, use fastdecode's split-KV kernel). Each variant's
+32-layer step is captured in a CUDA graph and replayed; prints ms per step (attention only: the weight GEMMs and the
+rest of the step are the same for every method). Variants: ``full``; ``quest`` / ``ra`` with the old selection
+(torch.topk) and with the sort-free kernels (scbench/kernels/topk_select.py) under several paged-kernel sizes.
+Also prints the largest difference between the old and new outputs (bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import torch
+
+from scbench.engines.fastdecode import split_kv_decode_attention
+from scbench.methods.quest import Quest
+from scbench.methods.quest_fast import QuestDecode
+from scbench.methods.retrieval_attention import RetrievalAttention
+from scbench.methods.retrieval_fast import RetrievalDecode
+
+L, HQ, HKV, D = 32, 32, 8, 128
+
+
+def make_kv(n: int, cap: int):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    k = [torch.randn(1, HKV, cap, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(L)]
+    v = [torch.randn(1, HKV, cap, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(L)]
+    q = [torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g) * 2 for _ in range(L)]
+    at = torch.full((L,), n - 1, dtype=torch.long, device="cuda")
+    return SimpleNamespace(k=k, v=v, at=at, lengths=[n - 1] * L), q
+
+
+def step_fn(kv, q, plugin):
+    scale = D ** -0.5
+
+    def step():
+        outs = []
+        for l in range(L):
+            o = plugin.attend(kv, l, q[l], kv.k[l], kv.v[l], scale) if plugin is not None else None
+            if o is None:
+                o = split_kv_decode_attention(q[l], kv.k[l], kv.v[l], kv.at[l : l + 1], scale)
+            outs.append(o)
+        return outs
+    return step
+
+
+def time_graph(step, reps: int = 20) -> tuple[float, list]:
+    step(), step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / reps, [o.clone() for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    quest_tunes = [{}, {"pages_per_split": 32}, {"pages_per_split": 64, "block_pages": 8},
+                   {"pages_per_split": 32, "num_warps": 8}, {"pages_per_split": 64, "block_pages": 8, "num_warps": 8}]
+    ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 256, "block_pages": 64},
+                {"pages_per_split": 512, "block_pages": 128, "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    for n in a.lengths:
+        kv, q = make_kv(n, n + 256)
+        rows = []
+
+        def run(name, plugin, tune=None):
+            ms, outs = time_graph(step_fn(kv, q, plugin))
+            rows.append({"length": n, "variant": name, "tune": tune, "ms": round(ms, 4)})
+            print(f"n={n:7d} {name:10s} {json.dumps(tune):60s} {ms:8.3f} ms/step", flush=True)
+            return outs
+
+        run("full", None)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv, None)
+        quest.load(kv, None)
+        quest.select = "topk"
+        ref = run("quest_old", quest)
+        quest.select = "bisect"
+        for t in quest_tunes:
+            quest.tune = t
+            got = run("quest_new", quest, t)
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
+        print(f"  quest new vs old: max |diff| {diff:.4g}")
+        rows.append({"length": n, "variant": "quest_diff", "max_abs": diff})
+        ra = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, tier="device"))
+        ra.select, ra.tune = "topk", {}
+        ref = run("ra_old", ra, {})
+        ra.select = "radix"
+        for t in ra_tunes:
+            ra.tune = t
+            got = run("ra_new", ra, t)
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
+        print(f"  ra new vs old: max |diff| {diff:.4g}")
+        rows.append({"length": n, "variant": "ra_diff", "max_abs": diff})
+        report["results"] += rows
+        del kv, q, quest, ra
+        torch.cuda.empty_cache()
+    print("JSON " + json.dumps(report))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
