@@ -67,13 +67,19 @@ def time_graph(step, reps: int = 20) -> tuple[float, list]:
     return e0.elapsed_time(e1) / reps, [o.clone() for o in outs]
 
 
+def _diff(got, ref) -> float:
+    if got is None or ref is None:
+        return float("nan")
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--out")
     a = ap.parse_args()
-    quest_tunes = [{}, {"pages_per_split": 32}, {"pages_per_split": 64, "block_pages": 8},
-                   {"pages_per_split": 32, "num_warps": 8}, {"pages_per_split": 64, "block_pages": 8, "num_warps": 8}]
+    quest_tunes = [{}, {"pages_per_split": 8}, {"pages_per_split": 8, "block_pages": 2}, {"pages_per_split": 32},
+                   {"pages_per_split": 32, "block_pages": 8, "num_warps": 8}]
     ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 256, "block_pages": 64},
                 {"pages_per_split": 512, "block_pages": 128, "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
@@ -82,7 +88,11 @@ def main() -> None:
         rows = []
 
         def run(name, plugin, tune=None):
-            ms, outs = time_graph(step_fn(kv, q, plugin))
+            try:
+                ms, outs = time_graph(step_fn(kv, q, plugin))
+            except Exception as e:  # one failing variant must not hide the others
+                print(f"n={n:7d} {name:10s} {json.dumps(tune)} FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                return None
             rows.append({"length": n, "variant": name, "tune": tune, "ms": round(ms, 4)})
             print(f"n={n:7d} {name:10s} {json.dumps(tune):60s} {ms:8.3f} ms/step", flush=True)
             return outs
@@ -93,21 +103,21 @@ def main() -> None:
         quest.load(kv, None)
         quest.select = "topk"
         ref = run("quest_old", quest)
-        quest.select = "bisect"
+        quest.select, got = "bisect", None
         for t in quest_tunes:
             quest.tune = t
-            got = run("quest_new", quest, t)
-        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
+            got = run("quest_new", quest, t) or got
+        diff = _diff(got, ref)
         print(f"  quest new vs old: max |diff| {diff:.4g}")
         rows.append({"length": n, "variant": "quest_diff", "max_abs": diff})
         ra = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, tier="device"))
         ra.select, ra.tune = "topk", {}
         ref = run("ra_old", ra, {})
-        ra.select = "radix"
+        ra.select, got = "radix", None
         for t in ra_tunes:
             ra.tune = t
-            got = run("ra_new", ra, t)
-        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
+            got = run("ra_new", ra, t) or got
+        diff = _diff(got, ref)
         print(f"  ra new vs old: max |diff| {diff:.4g}")
         rows.append({"length": n, "variant": "ra_diff", "max_abs": diff})
         report["results"] += rows
