@@ -31,6 +31,7 @@ class RetrievalDecode:
         self.q_heads = 0
         self.select = SELECT
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
+        self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
@@ -67,7 +68,7 @@ class RetrievalDecode:
         k, ns = min(self.m.top_k, c), lo + self.m.n_local
         rows = torch.empty(b * hs, ns + k, dtype=torch.int32, device=s.device)
         rows[:, :ns] = self._static(n, lo, hi)
-        topk_select.radix_select_triton(s, n, k, lo, self.m.n_local, out=rows[:, ns:])
+        topk_select.radix_select_triton(s, n, k, lo, self.m.n_local, out=rows[:, ns:], **self.radix)
         return rows.view(b, hs, ns + k)
 
     def attend(self, kv, l, q, k, v, scale):

@@ -1,6 +1,6 @@
 """Per-step attention work of Quest's and RetrievalAttention-device's captured decode plugins, old vs new (CUDA).
 
-    python scripts/bench_quest_decode.py --lengths 32768 131072 --out F.json
+    python scripts/bench_quest_decode.py --lengths 32768 131072 [--sweep] --out F.json
 
 Llama-3.1-8B shapes (32 layers, 32 query / 8 KV heads, head dim 128, bf16): random key/value buffers at each
 context length, one new query per layer; a step runs every layer's attention as the captured decode step does
@@ -8,7 +8,8 @@ context length, one new query per layer; a step runs every layer's attention as 
 32-layer step is captured in a CUDA graph and replayed; prints ms per step (attention only: the weight GEMMs and the
 rest of the step are the same for every method). Variants: ``full``; ``quest`` / ``ra`` with the old selection
 (torch.topk) and with the sort-free kernels (scbench/kernels/topk_select.py) under several paged-kernel sizes.
-Also prints the largest difference between the old and new outputs (bf16).
+Also prints the largest difference between the old and new outputs (bf16). ``--sweep`` adds each stage timed
+alone (scores, select, attention) and other kernel sizes.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def time_graph(step, reps: int = 20) -> tuple[float, list]:
         g.replay()
     e1.record()
     torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / reps, [o.clone() for o in outs]
+    return e0.elapsed_time(e1) / reps, [o.clone() for o in outs if isinstance(o, torch.Tensor)]
 
 
 def _diff(got, ref) -> float:
@@ -73,56 +74,98 @@ def _diff(got, ref) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(got, ref))
 
 
+def breakdown(kv, q, quest, ra) -> dict:
+    """Step callables of each stage alone (32 layers' worth; inputs precomputed): where the new paths spend."""
+    from scbench.kernels import paged_decode, topk_select
+
+    m, at, n = quest.m, kv.at[:1], kv.at[:1] + 1
+    qs = [paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
+          for l in range(L)]
+    kq = quest.top_k(qs[0].shape[-1])
+    qp = [topk_select.quest_select_triton(x, n, 16, m.budget, 1, kq) for x in qs]
+    rs = [(q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)).reshape(1, HQ, -1) for l in range(L)]
+    rr = [ra.rows(kv, l, q[l]) for l in range(L)]
+    each = lambda f: (lambda: [f(l) for l in range(L)])  # noqa: E731
+    return {
+        "quest_scores": each(lambda l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
+                                                                        at, 16, 1, False)),
+        "quest_select": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq)),
+        "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1)),
+        "quest_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], qp[l], n, 16,
+                                                                         D ** -0.5, **quest.tune)),
+        "ra_scores": each(lambda l: (q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2))),
+        "ra_select": each(lambda l: topk_select.radix_select_triton(rs[l], n, 4096, 128, 512, **ra.radix)),
+        "ra_topk_old": each(lambda l: rs[l].float().topk(4096, dim=-1)),
+        "ra_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], n, 1, D ** -0.5,
+                                                                      **ra.tune)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--sweep", action="store_true", help="also sweep kernel sizes and time each stage alone")
     ap.add_argument("--out")
     a = ap.parse_args()
-    quest_tunes = [{}, {"pages_per_split": 8}, {"pages_per_split": 8, "block_pages": 2}, {"pages_per_split": 32},
-                   {"pages_per_split": 32, "block_pages": 8, "num_warps": 8}]
-    ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 256, "block_pages": 64},
-                {"pages_per_split": 512, "block_pages": 128, "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
+    quest_tunes = [{"pages_per_split": 8}, {"pages_per_split": 32}, {"pages_per_split": 32, "block_pages": 8,
+                                                                      "num_warps": 8}]
+    ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 512, "block_pages": 128,
+                                                             "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
+    radix_args = [{"chunk": 8192}, {"digits": (11, 5)}, {"chunk": 16384, "num_warps": 16}]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    cases = {}
     for n in a.lengths:
         kv, q = make_kv(n, n + 256)
-        rows = []
-
-        def run(name, plugin, tune=None):
-            try:
-                ms, outs = time_graph(step_fn(kv, q, plugin))
-            except Exception as e:  # one failing variant must not hide the others
-                print(f"n={n:7d} {name:10s} {json.dumps(tune)} FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
-                return None
-            rows.append({"length": n, "variant": name, "tune": tune, "ms": round(ms, 4)})
-            print(f"n={n:7d} {name:10s} {json.dumps(tune):60s} {ms:8.3f} ms/step", flush=True)
-            return outs
-
-        run("full", None)
         quest = QuestDecode(Quest(budget=4096))
         quest.allocate(kv, None)
         quest.load(kv, None)
+        ra = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, tier="device"))
+        cases[n] = kv, q, quest, ra
+
+    def run(n, name, plugin, tune=None, fn=None):
+        kv, q = cases[n][:2]
+        try:
+            ms, outs = time_graph(fn or step_fn(kv, q, plugin))
+        except Exception as e:  # one failing variant must not hide the others
+            print(f"n={n:7d} {name:14s} {json.dumps(tune)} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+            return None
+        report["results"].append({"length": n, "variant": name, "tune": tune, "ms": round(ms, 4)})
+        print(f"n={n:7d} {name:14s} {json.dumps(tune):64s} {ms:8.3f} ms/step", flush=True)
+        return outs
+
+    for n, (kv, q, quest, ra) in cases.items():  # old vs new with the defaults
+        run(n, "full", None)
         quest.select = "topk"
-        ref = run("quest_old", quest)
-        quest.select, got = "bisect", None
+        ref = run(n, "quest_old", quest)
+        quest.select = "bisect"
+        diff = _diff(run(n, "quest_new", quest, quest.tune), ref)
+        print(f"  quest new vs old: max |diff| {diff:.4g}", flush=True)
+        report["results"].append({"length": n, "variant": "quest_diff", "max_abs": diff})
+        ra.select, tune, ra.tune = "topk", ra.tune, {}
+        ref = run(n, "ra_old", ra, {})
+        ra.select, ra.tune = "radix", tune
+        diff = _diff(run(n, "ra_new", ra, ra.tune), ref)
+        print(f"  ra new vs old: max |diff| {diff:.4g}", flush=True)
+        report["results"].append({"length": n, "variant": "ra_diff", "max_abs": diff})
+    for n, (kv, q, quest, ra) in cases.items() if a.sweep else ():
+        try:
+            for name, fn in breakdown(kv, q, quest, ra).items():
+                run(n, name, None, None, fn)
+        except Exception as e:
+            print(f"breakdown FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        default = quest.tune
         for t in quest_tunes:
             quest.tune = t
-            got = run("quest_new", quest, t) or got
-        diff = _diff(got, ref)
-        print(f"  quest new vs old: max |diff| {diff:.4g}")
-        rows.append({"length": n, "variant": "quest_diff", "max_abs": diff})
-        ra = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, tier="device"))
-        ra.select, ra.tune = "topk", {}
-        ref = run("ra_old", ra, {})
-        ra.select, got = "radix", None
+            run(n, "quest_new", quest, t)
+        quest.tune, default = default, ra.tune
         for t in ra_tunes:
             ra.tune = t
-            got = run("ra_new", ra, t) or got
-        diff = _diff(got, ref)
-        print(f"  ra new vs old: max |diff| {diff:.4g}")
-        rows.append({"length": n, "variant": "ra_diff", "max_abs": diff})
-        report["results"] += rows
-        del kv, q, quest, ra
-        torch.cuda.empty_cache()
+            run(n, "ra_new", ra, t)
+        ra.tune = default
+        for r in radix_args:
+            ra.radix = r
+            run(n, "ra_new_radix", ra, r)
+        ra.radix = {}
     print("JSON " + json.dumps(report))
     if a.out:
         with open(a.out, "w") as f:

@@ -6,8 +6,9 @@ rows above it (plus the lowest-index ties up to k) are written out as a compact 
   key bits in registers; the list comes out in ascending page order, followed by the ``recent`` pages. Quest's
   pick count (``(budget - (n - r0)) // page``) is computed from n on the device. Reference: ``topk`` +
   ``paged_decode.quest_page_list``.
-- ``radix_select_triton``: rows of up to ~1M scores (RetrievalAttention's exact search over every key): three
-  11/11/10-bit histogram passes over (row, chunk) programs (global atomics), then a compaction pass; rows come out
+- ``radix_select_triton``: rows of up to ~1M scores (RetrievalAttention's exact search over every key): one
+  histogram pass per digit of the key (``digits_for``: 8 + 8 bits for bfloat16 scores, 11 + 11 + 10 else) over
+  (row, chunk) programs (global atomics), then a compaction pass; rows come out
   unordered; which of several exactly-tied scores are taken is unspecified. Reference: ``topk`` over the masked
   scores (``retrieval_fast.RetrievalDecode.rows_torch``).
 """
@@ -20,9 +21,6 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-BITS = (11, 11, 10)
-NB = 2048  # histogram bins per pass (the widest digit)
 
 if triton is not None:
 
@@ -83,57 +81,66 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
 if triton is not None:
 
     @triton.jit
-    def _find(Hist, row, R, kk, PASS: tl.constexpr):
-        """Walk the histograms of passes 0..PASS-1 of ``row``: (prefix digits of the k-th largest key, how many
-        of the rows still to take lie at that prefix)."""
-        bins = tl.arange(0, 2048)
-        prefix = tl.zeros([], tl.int32)
-        krem = kk
-        for p in tl.static_range(PASS):
-            h = tl.load(Hist + (p * R + row).to(tl.int64) * 2048 + bins)
-            suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # rows with digit >= bin
-            d = tl.max(tl.where(suffix >= krem, bins, -1), 0)
-            krem -= tl.sum(tl.where(bins > d, h, 0), 0)
-            prefix = (prefix << (11 - p // 2)) | d
-        return prefix, krem
+    def _walk(Hist, row, R, p, krem, val, S: tl.constexpr, NB: tl.constexpr):
+        """One pass's histogram of ``row``: the digit at shift S holding the krem-th largest key among those
+        matching ``val`` so far -> (rows still to take at the longer prefix, the prefix with that digit)."""
+        bins = tl.arange(0, NB)
+        h = tl.load(Hist + (p * R + row).to(tl.int64) * NB + bins)
+        suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # rows with digit >= bin
+        d = tl.max(tl.where(suffix >= krem, bins, -1), 0)
+        krem -= tl.sum(tl.where(bins > d, h, 0), 0)
+        return krem, val | (d.to(tl.uint32) << S)
 
     @triton.jit
-    def _valid(N, C, n_init, n_local, offs):
+    def _find(Hist, row, R, kk, PASS: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+              S3: tl.constexpr, NB: tl.constexpr):
+        """Walk the histograms of passes 0..PASS-1 (digit shifts S0 > S1 > ...): (the k-th largest key's bits
+        found so far, in place; how many rows still to take lie at that prefix)."""
+        val = tl.zeros([], tl.uint32)
+        krem = kk
+        if PASS > 0:
+            krem, val = _walk(Hist, row, R, 0, krem, val, S0, NB)
+        if PASS > 1:
+            krem, val = _walk(Hist, row, R, 1, krem, val, S1, NB)
+        if PASS > 2:
+            krem, val = _walk(Hist, row, R, 2, krem, val, S2, NB)
+        if PASS > 3:
+            krem, val = _walk(Hist, row, R, 3, krem, val, S3, NB)
+        return val, krem
+
+    @triton.jit
+    def _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, ch, H: tl.constexpr, CH: tl.constexpr):
         n = tl.load(N).to(tl.int32)
-        return (offs >= n_init) & (offs < n - n_local) & (offs < C)
+        kk = tl.minimum(K, tl.maximum(n - n_local - n_init, 0))
+        offs = ch * CH + tl.arange(0, CH)
+        ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
+        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=ok, other=0.0)
+        return _ukey(x.to(tl.float32)), ok, offs, kk
 
     @triton.jit
     def _hist_kernel(S, N, Hist, C, R, K, n_init, n_local, rs_b, rs_h, H: tl.constexpr, PASS: tl.constexpr,
-                     SHIFT: tl.constexpr, PREV: tl.constexpr, CH: tl.constexpr):
-        """(row, chunk): histogram of digit PASS of the keys that match the prefix found so far."""
+                     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, SHIFT: tl.constexpr,
+                     PREV: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr):
+        """(row, chunk): histogram of the digit at SHIFT (PREV: the previous digit's shift, 32 on the first pass)
+        over the keys that match the prefix the earlier passes found."""
         row, ch = tl.program_id(0), tl.program_id(1)
-        n = tl.load(N).to(tl.int32)
-        kk = tl.minimum(K, tl.maximum(n - n_local - n_init, 0))
-        offs = ch * CH + tl.arange(0, CH)
-        ok = _valid(N, C, n_init, n_local, offs) & (kk > 0)
-        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=ok, other=0.0)
-        u = _ukey(x.to(tl.float32))
-        if PASS > 0:  # PREV: the shift of the previous digit
-            prefix, krem = _find(Hist, row, R, kk, PASS)
-            ok &= (u >> PREV).to(tl.int32) == prefix
-        d = ((u >> SHIFT) & 2047).to(tl.int32)
-        h = tl.histogram(d, 2048, mask=ok)
-        bins = tl.arange(0, 2048)
-        tl.atomic_add(Hist + (PASS * R + row).to(tl.int64) * 2048 + bins, h, mask=h > 0, sem="relaxed")
+        u, ok, offs, kk = _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, ch, H, CH)
+        if PASS > 0:
+            val, krem = _find(Hist, row, R, kk, PASS, S0, S1, S2, S3, NB)
+            ok &= (u >> PREV) == (val >> PREV)
+        d = ((u >> SHIFT) & ((1 << (PREV - SHIFT)) - 1)).to(tl.int32)
+        h = tl.histogram(d, NB, mask=ok)
+        bins = tl.arange(0, NB)
+        tl.atomic_add(Hist + (PASS * R + row).to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
 
     @triton.jit
     def _compact_kernel(S, N, Hist, Cnt, Out, C, R, K, n_init, n_local, rs_b, rs_h, M, H: tl.constexpr,
-                        CH: tl.constexpr):
+                        PASSES: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                        S3: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr):
         """(row, chunk): write the indices of the selected rows into Out[row, :K] (unordered); -1 past kk."""
         row, ch = tl.program_id(0), tl.program_id(1)
-        n = tl.load(N).to(tl.int32)
-        kk = tl.minimum(K, tl.maximum(n - n_local - n_init, 0))
-        offs = ch * CH + tl.arange(0, CH)
-        ok = _valid(N, C, n_init, n_local, offs) & (kk > 0)
-        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=ok, other=0.0)
-        u = _ukey(x.to(tl.float32))
-        t, krem = _find(Hist, row, R, kk, 3)
-        t = t.to(tl.uint32, bitcast=True)
+        u, ok, offs, kk = _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, ch, H, CH)
+        t, krem = _find(Hist, row, R, kk, PASSES, S0, S1, S2, S3, NB)
         gt = ok & (u > t)
         tie = ok & (u == t)
         nt = tl.sum(tie.to(tl.int32), 0)
@@ -146,8 +153,15 @@ if triton is not None:
         tl.store(dst + offs, tl.full([CH], -1, tl.int32), mask=(offs >= kk) & (offs < K))  # slots this chunk covers
 
 
+def digits_for(dtype: torch.dtype) -> tuple[int, ...]:
+    """Digit widths of the radix passes, most significant first: bfloat16 scores carry only the top 16 bits of
+    their float32 key (two 8-bit passes); other dtypes all 32 (11 + 11 + 10)."""
+    return (8, 8) if dtype == torch.bfloat16 else (11, 11, 10)
+
+
 def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
-                        out: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+                        out: torch.Tensor | None = None, chunk: int = 4096,
+                        digits: tuple[int, ...] | None = None, num_warps: int = 8) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32 [B * H, k]:
     the indices of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), -1 in unused slots
     (or written into the first k columns of ``out`` [B * H, M], int32)."""
@@ -158,12 +172,19 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
     out = torch.empty(r, k, dtype=torch.int32, device=s.device) if out is None else out
     if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < k or out.stride(1) != 1:
         raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {k}] with contiguous rows")
-    work = torch.zeros(3 * r * NB + 2 * r, dtype=torch.int32, device=s.device)
-    hist, cnt = work[: 3 * r * NB], work[3 * r * NB :]
+    digits = digits or digits_for(s.dtype)
+    if not 1 <= len(digits) <= 4 or max(digits) > 12 or sum(digits) not in (16, 32) or (sum(digits) == 16 and s.dtype != torch.bfloat16):
+        raise ValueError(f"radix_select_triton: digits {digits} must be 1-4 widths of at most 12 bits summing to 32 (16: bfloat16 only)")
+    shifts = [32 - sum(digits[: i + 1]) for i in range(len(digits))]
+    sh = dict(zip(("S0", "S1", "S2", "S3"), shifts + [0] * (4 - len(shifts))))
+    nb = 1 << max(digits)
+    work = torch.zeros(len(digits) * r * nb + 2 * r, dtype=torch.int32, device=s.device)
+    hist, cnt = work[: len(digits) * r * nb], work[len(digits) * r * nb :]
     grid = (r, triton.cdiv(max(c, k), chunk))
     args = (s, n, hist, c, r, k, n_init, n_local, s.stride(0), s.stride(1))
-    for p in range(3):
-        _hist_kernel[grid](*args, H=h, PASS=p, SHIFT=(21, 10, 0)[p], PREV=(0, 21, 10)[p], CH=chunk, num_warps=8)
+    for p in range(len(digits)):
+        _hist_kernel[grid](*args, H=h, PASS=p, **sh, SHIFT=shifts[p], PREV=32 if p == 0 else shifts[p - 1], NB=nb,
+                           CH=chunk, num_warps=num_warps)
     _compact_kernel[grid](s, n, hist, cnt, out, c, r, k, n_init, n_local, s.stride(0), s.stride(1), out.stride(0),
-                          H=h, CH=chunk, num_warps=8)
+                          H=h, PASSES=len(digits), **sh, NB=nb, CH=chunk, num_warps=num_warps)
     return out

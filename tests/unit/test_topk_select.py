@@ -29,9 +29,14 @@ def test_quest_select_matches_topk(p, n, budget, recent, page):
     assert torch.equal(got[..., k:].long().cpu(), want[..., k:].cpu())  # the recent pages
     g_sel, w_sel = got[..., :k].long().cpu(), want[..., :k].cpu()
     assert torch.equal((g_sel >= 0).sum(-1), (w_sel >= 0).sum(-1))
-    assert torch.equal(g_sel.sort(-1).values, w_sel.sort(-1).values) or s.shape[-1] and _tie_ok(s.cpu(), g_sel, w_sel)
-    used = g_sel[g_sel >= 0]
+    assert torch.equal(g_sel.sort(-1).values, w_sel.sort(-1).values) or _tie_ok(s.cpu(), g_sel, w_sel)
     assert torch.equal(g_sel, torch.where(g_sel >= 0, g_sel, 1 << 30).sort(-1).values.where(g_sel >= 0, -1))  # ascending
+
+
+def test_radix_select_rejects_bad_digits():
+    s = torch.zeros(1, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="digits"):
+        topk_select.radix_select_triton(s, torch.tensor([60], device=DEVICE), 8, 0, 4, digits=(8, 8))
 
 
 def _tie_ok(s, got, want):
@@ -53,17 +58,19 @@ def _radix_reference(s, n, k, n_init, n_local):
     return torch.where(top.values > float("-inf"), top.indices, -1)
 
 
-@pytest.mark.parametrize("c,n,k,n_init,n_local,dtype", [(700, 650, 64, 8, 32, torch.float32),
-                                                         (700, 650, 1000, 8, 32, torch.float32),
-                                                         (300, 40, 16, 30, 20, torch.float32),
-                                                         (5000, 4999, 300, 4, 16, torch.float32),
-                                                         (700, 700, 50, 0, 10, torch.bfloat16)])
-def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype):
+@pytest.mark.parametrize("c,n,k,n_init,n_local,dtype,digits", [(700, 650, 64, 8, 32, torch.float32, None),
+                                                                (700, 650, 1000, 8, 32, torch.float32, None),
+                                                                (300, 40, 16, 30, 20, torch.float32, None),
+                                                                (5000, 4999, 300, 4, 16, torch.float32, (8, 8, 8, 8)),
+                                                                (700, 700, 50, 0, 10, torch.bfloat16, None),
+                                                                (700, 700, 50, 0, 10, torch.bfloat16, (11, 5)),
+                                                                (900, 800, 90, 3, 10, torch.bfloat16, (11, 11, 10))])
+def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype, digits):
     g = torch.Generator().manual_seed(c + k)
     s = (torch.randn(1, 3, c, generator=g) * 4).to(DEVICE, dtype)
     s[0, 0, 100:110] = -s[0, 0, 100:110].abs()  # negative scores and (bf16) ties
     nn = torch.tensor([n], device=DEVICE)
-    got = topk_select.radix_select_triton(s, nn, k, n_init, n_local, chunk=256).long().cpu()
+    got = topk_select.radix_select_triton(s, nn, k, n_init, n_local, chunk=256, digits=digits).long().cpu()
     want = _radix_reference(s, n, k, n_init, n_local)
     assert got.shape == (3, k)
     assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1))
