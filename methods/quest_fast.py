@@ -39,6 +39,7 @@ class QuestDecode:
         self.q_heads = 0
         self.select = SELECT
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
+        self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
@@ -99,7 +100,7 @@ class QuestDecode:
         m, at = self.m, kv.at[l : l + 1]
         if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
             s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                                 m.recent_pages, m.gqa == "group")
+                                                 m.recent_pages, m.gqa == "group", **self.score_args)
             if self.select == "bisect":
                 pages = quest_select_triton(s, at + 1, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]))
                 return paged_decode.paged_attention_triton(q, k, v, pages, at + 1, m.page_size, scale, **self.tune)

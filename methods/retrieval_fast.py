@@ -32,6 +32,8 @@ class RetrievalDecode:
         self.select = SELECT
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
         self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
+        self.fused = True  # CUDA: scores + first radix pass in one Triton kernel (False: a matmul, then the passes)
+        self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
@@ -44,10 +46,10 @@ class RetrievalDecode:
         hq = q.shape[1]
         n = kv.at[l : l + 1] + 1
         lo, hi = m.n_init, n - m.n_local
+        if k.is_cuda and topk_select.triton is not None and self.select == "radix":
+            return self._rows_radix(q, k, n, lo, hi)
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
-        if s.is_cuda and topk_select.triton is not None and self.select == "radix":
-            return self._rows_radix(s, n, lo, hi)
         pos = torch.arange(c, device=q.device)
         s = s.float().masked_fill((pos < lo) | (pos >= hi), float("-inf"))
         top = s.topk(min(m.top_k, c), dim=-1)
@@ -62,14 +64,25 @@ class RetrievalDecode:
         local = torch.where(local >= lo, local, -1)  # short contexts: rows below n_init are already listed
         return torch.cat([init, local])
 
-    def _rows_radix(self, s, n, lo: int, hi) -> torch.Tensor:
-        """The same row list (int32, found rows unordered) from the sort-free radix select (CUDA)."""
-        b, hs, c = s.shape
-        k, ns = min(self.m.top_k, c), lo + self.m.n_local
-        rows = torch.empty(b * hs, ns + k, dtype=torch.int32, device=s.device)
+    def _rows_radix(self, q, k, n, lo: int, hi) -> torch.Tensor:
+        """The same row list (int32, found rows unordered) on CUDA: scores and the first radix pass in one kernel
+        (``fused``; else a matmul), then the sort-free radix select."""
+        m = self.m
+        b, hkv, c, d = k.shape
+        group = m.gqa == "group"
+        kk, ns = min(m.top_k, c), lo + m.n_local
+        work = None
+        if self.fused:
+            s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group,
+                                                          digits=self.radix.get("digits"), **self.score_args)
+        else:
+            s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
+            s = s.amax(2) if group else s.flatten(1, 2)
+        hs = s.shape[1]
+        rows = torch.empty(b * hs, ns + kk, dtype=torch.int32, device=k.device)
         rows[:, :ns] = self._static(n, lo, hi)
-        topk_select.radix_select_triton(s, n, k, lo, self.m.n_local, out=rows[:, ns:], **self.radix)
-        return rows.view(b, hs, ns + k)
+        topk_select.radix_select_triton(s, n, kk, lo, m.n_local, out=rows[:, ns:], work=work, **self.radix)
+        return rows.view(b, hs, ns + kk)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]

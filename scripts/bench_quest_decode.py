@@ -88,12 +88,14 @@ def breakdown(kv, q, quest, ra) -> dict:
     each = lambda f: (lambda: [f(l) for l in range(L)])  # noqa: E731
     return {
         "quest_scores": each(lambda l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
-                                                                        at, 16, 1, False)),
+                                                                        at, 16, 1, False, **quest.score_args)),
         "quest_select": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq)),
         "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1)),
         "quest_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], qp[l], n, 16,
                                                                          D ** -0.5, **quest.tune)),
         "ra_scores": each(lambda l: (q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2))),
+        "ra_scores_fused": each(lambda l: topk_select.retrieval_scores_triton(q[l], kv.k[l], n, 4096, 128, 512, False,
+                                                                              **ra.score_args)),
         "ra_select": each(lambda l: topk_select.radix_select_triton(rs[l], n, 4096, 128, 512, **ra.radix)),
         "ra_topk_old": each(lambda l: rs[l].float().topk(4096, dim=-1)),
         "ra_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], n, 1, D ** -0.5,
@@ -112,6 +114,8 @@ def main() -> None:
     ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 512, "block_pages": 128,
                                                              "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
     radix_args = [{"chunk": 8192}, {"digits": (11, 5)}, {"chunk": 16384, "num_warps": 16}]
+    score_args = [{"block_pages": 32}, {"block_pages": 128, "num_warps": 8}]
+    ra_score_args = [{"block": 64}, {"block": 256, "num_warps": 8}]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
     cases = {}
     for n in a.lengths:
@@ -157,7 +161,11 @@ def main() -> None:
         for t in quest_tunes:
             quest.tune = t
             run(n, "quest_new", quest, t)
-        quest.tune, default = default, ra.tune
+        quest.tune = default
+        for t in score_args:
+            quest.score_args = t
+            run(n, "quest_new_score", quest, t)
+        quest.score_args, default = {}, ra.tune
         for t in ra_tunes:
             ra.tune = t
             run(n, "ra_new", ra, t)
@@ -165,7 +173,13 @@ def main() -> None:
         for r in radix_args:
             ra.radix = r
             run(n, "ra_new_radix", ra, r)
-        ra.radix = {}
+        ra.radix, ra.fused = {}, False
+        run(n, "ra_new_unfused", ra, {})
+        ra.fused = True
+        for t in ra_score_args:
+            ra.score_args = t
+            run(n, "ra_new_score", ra, t)
+        ra.score_args = {}
     print("JSON " + json.dumps(report))
     if a.out:
         with open(a.out, "w") as f:

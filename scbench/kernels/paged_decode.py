@@ -190,7 +190,7 @@ if triton is not None:
 
 
 def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, at: torch.Tensor,
-                        page: int, recent: int, group: bool) -> torch.Tensor:
+                        page: int, recent: int, group: bool, block_pages: int = 64, num_warps: int = 4) -> torch.Tensor:
     """CUDA: update the page bounds [B, Hkv, P, D] in place with the key at row ``at`` of k [B, Hkv, C, D] (a new
     page starts from it), then Quest's bound scores of q [B, Hq, 1, D] per page, -inf for pages that are not
     candidates (the recent pages and later) -> float32 [B, Hq, P] (``group``: [B, Hkv, P], max over the group).
@@ -199,10 +199,10 @@ def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, km
     hkv, c, p = k.shape[1], k.shape[2], kmin.shape[2]
     g = hq // hkv
     s = torch.empty(b, hkv if group else hq, p, dtype=torch.float32, device=q.device)
-    bp = 64
+    bp = block_pages
     _quest_scores_kernel[(b * hkv, triton.cdiv(p, bp))](
         q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g, GP=max(16, triton.next_power_of_2(g)),
-        D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return s
 
 

@@ -159,12 +159,29 @@ def digits_for(dtype: torch.dtype) -> tuple[int, ...]:
     return (8, 8) if dtype == torch.bfloat16 else (11, 11, 10)
 
 
+def _plan(digits: tuple[int, ...] | None, dtype: torch.dtype) -> tuple[tuple[int, ...], list[int], dict, int]:
+    digits = tuple(digits or digits_for(dtype))
+    if (not 1 <= len(digits) <= 4 or max(digits) > 12 or sum(digits) not in (16, 32)
+            or (sum(digits) == 16 and dtype != torch.bfloat16)):
+        raise ValueError(f"radix select: digits {digits} must be 1-4 widths of at most 12 bits summing to 32 "
+                         "(16: bfloat16 scores only)")
+    shifts = [32 - sum(digits[: i + 1]) for i in range(len(digits))]
+    return digits, shifts, dict(zip(("S0", "S1", "S2", "S3"), shifts + [0] * (4 - len(shifts)))), 1 << max(digits)
+
+
+def _work(digits, r: int, nb: int, device) -> torch.Tensor:
+    """Zeroed histograms [passes, r, nb] and per-row counters [r, 2] in one buffer (one memset per call)."""
+    return torch.zeros(len(digits) * r * nb + 2 * r, dtype=torch.int32, device=device)
+
+
 def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                         out: torch.Tensor | None = None, chunk: int = 4096,
-                        digits: tuple[int, ...] | None = None, num_warps: int = 8) -> torch.Tensor:
+                        digits: tuple[int, ...] | None = None, num_warps: int = 8,
+                        work: torch.Tensor | None = None) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32 [B * H, k]:
     the indices of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), -1 in unused slots
-    (or written into the first k columns of ``out`` [B * H, M], int32)."""
+    (or written into the first k columns of ``out`` [B * H, M], int32). ``work``: from ``retrieval_scores_triton``
+    (its first histogram pass already done)."""
     b, h, c = s.shape
     r = b * h
     if s.stride(2) != 1:
@@ -172,19 +189,70 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
     out = torch.empty(r, k, dtype=torch.int32, device=s.device) if out is None else out
     if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < k or out.stride(1) != 1:
         raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {k}] with contiguous rows")
-    digits = digits or digits_for(s.dtype)
-    if not 1 <= len(digits) <= 4 or max(digits) > 12 or sum(digits) not in (16, 32) or (sum(digits) == 16 and s.dtype != torch.bfloat16):
-        raise ValueError(f"radix_select_triton: digits {digits} must be 1-4 widths of at most 12 bits summing to 32 (16: bfloat16 only)")
-    shifts = [32 - sum(digits[: i + 1]) for i in range(len(digits))]
-    sh = dict(zip(("S0", "S1", "S2", "S3"), shifts + [0] * (4 - len(shifts))))
-    nb = 1 << max(digits)
-    work = torch.zeros(len(digits) * r * nb + 2 * r, dtype=torch.int32, device=s.device)
+    digits, shifts, sh, nb = _plan(digits, s.dtype)
+    first = 0 if work is None else 1
+    work = _work(digits, r, nb, s.device) if work is None else work
     hist, cnt = work[: len(digits) * r * nb], work[len(digits) * r * nb :]
     grid = (r, triton.cdiv(max(c, k), chunk))
     args = (s, n, hist, c, r, k, n_init, n_local, s.stride(0), s.stride(1))
-    for p in range(len(digits)):
+    for p in range(first, len(digits)):
         _hist_kernel[grid](*args, H=h, PASS=p, **sh, SHIFT=shifts[p], PREV=32 if p == 0 else shifts[p - 1], NB=nb,
                            CH=chunk, num_warps=num_warps)
     _compact_kernel[grid](s, n, hist, cnt, out, c, r, k, n_init, n_local, s.stride(0), s.stride(1), out.stride(0),
                           H=h, PASSES=len(digits), **sh, NB=nb, CH=chunk, num_warps=num_warps)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _score_hist_kernel(Q, K, S, N, Hist, C, TOPK, n_init, n_local, G: tl.constexpr, GP: tl.constexpr,
+                           D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, S0: tl.constexpr,
+                           NB: tl.constexpr, PREC: tl.constexpr):
+        """(batch x KV head, block of BN keys): q.k of the group's query heads (GROUP: their max), stored in S's
+        dtype, and the first radix pass's histogram of those scores."""
+        bk, ch = tl.program_id(0), tl.program_id(1)
+        n = tl.load(N).to(tl.int32)
+        kk = tl.minimum(TOPK, tl.maximum(n - n_local - n_init, 0))
+        offs = ch * BN + tl.arange(0, BN)
+        ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
+        cols, rows, bins = tl.arange(0, D), tl.arange(0, GP), tl.arange(0, NB)
+        kt = tl.load(K + bk.to(tl.int64) * C * D + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None],
+                     other=0.0)
+        q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
+        if GROUP:
+            sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
+            tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
+            d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+            h = tl.histogram(d, NB, mask=ok)
+            tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
+        else:
+            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
+                     mask=(rows < G)[:, None] & (offs < C)[None, :])
+            for g in tl.static_range(G):
+                sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
+                d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+                h = tl.histogram(d, NB, mask=ok)
+                tl.atomic_add(Hist + (bk * G + g).to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
+
+
+def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
+                            n_local: int, group: bool, digits: tuple[int, ...] | None = None, block: int = 128,
+                            num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, 1, D], keys [B, Hkv, C, D] -> (scores [B, Hs, C] in the keys' dtype, Hs = Hkv if ``group`` (max
+    over the group) else Hq; the radix-select work buffer with its first pass done): pass both to
+    ``radix_select_triton(..., digits=digits, work=work)``. The scores equal ``q @ k^T`` rounded to the keys' dtype
+    (the torch path's matmul) up to the summation order."""
+    b, hq, _, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    g = hq // hkv
+    hs = hkv if group else hq
+    digits, shifts, sh, nb = _plan(digits, k.dtype)
+    s = torch.empty(b, hs, c, dtype=k.dtype, device=k.device)
+    work = _work(digits, b * hs, nb, k.device)
+    _score_hist_kernel[(b * hkv, triton.cdiv(c, block))](
+        q.reshape(b * hq, d).contiguous(), k, s, n, work, c, min(top_k, c), n_init, n_local, G=g,
+        GP=max(16, triton.next_power_of_2(g)), D=d, BN=block, GROUP=group, S0=shifts[0], NB=nb,
+        PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    return s, work
