@@ -109,11 +109,12 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel sizes and time each stage alone")
     ap.add_argument("--out")
     a = ap.parse_args()
-    quest_tunes = [{"pages_per_split": 8}, {"pages_per_split": 32}, {"pages_per_split": 32, "block_pages": 8,
-                                                                      "num_warps": 8}]
-    ra_tunes = [{"pages_per_split": 64, "block_pages": 64}, {"pages_per_split": 512, "block_pages": 128,
-                                                             "num_warps": 8}, {"pages_per_split": 256, "block_pages": 32}]
-    radix_args = [{"chunk": 8192}, {"digits": (11, 5)}, {"chunk": 16384, "num_warps": 16}]
+    quest_tunes = [{"pages_per_split": 8, "block_pages": 2}, {"pages_per_split": 16, "block_pages": 4, "num_warps": 8},
+                   {"pages_per_split": 8, "block_pages": 4, "num_warps": 8},
+                   {"pages_per_split": 32, "block_pages": 4, "num_warps": 16}]
+    ra_tunes = [{"pages_per_split": 256, "block_pages": 32}, {"pages_per_split": 128, "block_pages": 64, "num_warps": 8},
+                {"pages_per_split": 512, "block_pages": 64, "num_warps": 8}]
+    radix_args = [{"chunk": 8192}, {"chunk": 2048}]
     score_args = [{"block_pages": 32}, {"block_pages": 128, "num_warps": 8}]
     ra_score_args = [{"block": 64}, {"block": 256, "num_warps": 8}]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}

@@ -27,9 +27,8 @@ if triton is not None:
     @triton.jit
     def _ukey(x):
         """float32 -> uint32 whose unsigned order is the float order (-inf lowest)."""
-        b = x.to(tl.int32, bitcast=True)
-        u = tl.where(b < 0, ~b, b | -2147483648)
-        return u.to(tl.uint32, bitcast=True)
+        b = x.to(tl.uint32, bitcast=True)
+        return tl.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
 
     @triton.jit
     def _quest_select_kernel(S, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
@@ -48,7 +47,7 @@ if triton is not None:
         b = x.to(tl.int32, bitcast=True)
         key = tl.where(b < 0, b ^ 2147483647, b)  # signed order = float order
         cnt = tl.sum((key >= 0).to(tl.int32), 0)
-        ans = tl.where(cnt >= kk, 0, -2147483648)
+        ans = tl.where(cnt >= kk, 0, tl.full([], -2147483647, tl.int32) - 1)  # the sign bit first
         for i in tl.static_range(31):
             c = ans + (1 << (30 - i))
             cnt = tl.sum((key >= c).to(tl.int32), 0)
