@@ -110,10 +110,12 @@ def main() -> None:
     ap.add_argument("--out")
     a = ap.parse_args()
     quest_tunes = [{"pages_per_split": 8, "block_pages": 2}, {"pages_per_split": 16, "block_pages": 4, "num_warps": 8},
-                   {"pages_per_split": 8, "block_pages": 4, "num_warps": 8},
+                   {"pages_per_split": 16, "block_pages": 4, "num_warps": 8, "rowwise": True},
+                   {"pages_per_split": 8, "block_pages": 2, "rowwise": True},
                    {"pages_per_split": 32, "block_pages": 4, "num_warps": 16}]
     ra_tunes = [{"pages_per_split": 256, "block_pages": 32}, {"pages_per_split": 128, "block_pages": 64, "num_warps": 8},
-                {"pages_per_split": 512, "block_pages": 64, "num_warps": 8}]
+                {"pages_per_split": 256, "block_pages": 64, "num_warps": 8, "rowwise": True},
+                {"pages_per_split": 128, "block_pages": 32, "rowwise": True}]
     radix_args = [{"chunk": 8192}, {"chunk": 2048}]
     score_args = [{"block_pages": 32}, {"block_pages": 128, "num_warps": 8}]
     ra_score_args = [{"block": 64}, {"block": 256, "num_warps": 8}]

@@ -60,15 +60,30 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pag
 if triton is not None:
 
     @triton.jit
+    def _slot_pages(plist, vlist, slot, end, M, pick, cand, TOPK: tl.constexpr, RECENT: tl.constexpr):
+        """The page index of each list slot (-1: unused); TOPK applies Quest's rule to ``topk`` output."""
+        if TOPK:
+            top = slot < M - RECENT
+            pg = tl.load(plist + slot, mask=top & (slot < end), other=-1).to(tl.int32)
+            val = tl.load(vlist + slot, mask=top & (slot < end), other=float("-inf"))
+            pg = tl.where(top, tl.where((slot < pick) & (val > float("-inf")), pg, -1), cand + slot - (M - RECENT))
+            pg = tl.where(slot < end, pg, -1)
+        else:
+            pg = tl.load(plist + slot, mask=slot < end, other=-1).to(tl.int32)
+        return pg
+
+    @triton.jit
     def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, scale, C, M, per_split, n_splits, budget,
                       HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                       PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
-                      ITERS: tl.constexpr):
+                      ITERS: tl.constexpr, ROWWISE: tl.constexpr):
         """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration.
 
         TOPK: ``Pages`` / ``TopV`` are ``topk`` indices / values [B, Hs, M - RECENT] of the page scores; slot j is
         used when j < this step's pick count and its score is finite, and the RECENT recent pages follow (Quest's
-        rule, computed here from n and ``budget``). Else ``Pages`` is a page list with -1 for unused slots."""
+        rule, computed here from n and ``budget``). Else ``Pages`` is a page list with -1 for unused slots.
+        ROWWISE: each row position of the block keeps its own running max / sum / output (no reduction across
+        warps inside the loop), merged once at the end."""
         bq, sp = tl.program_id(0), tl.program_id(1)
         b, h = bq // HQ, bq % HQ
         kvh = h // (HQ // HKV)
@@ -81,37 +96,53 @@ if triton is not None:
         q = tl.load(Q + bq * D + cols).to(tl.float32)
         r = tl.arange(0, BP * PAGE)
         base = (b * HKV + kvh).to(tl.int64) * C * D
+        kp, vp = K + base, V + base  # the head's buffers: int32 row offsets inside them (C * D < 2**31)
         plist = Pages + (b * HS + sel).to(tl.int64) * (M - RECENT)
         vlist = TopV + (b * HS + sel).to(tl.int64) * (M - RECENT)
-        m_i = tl.full([], float("-inf"), tl.float32)
-        total = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], tl.float32)
         start = sp * per_split
         end = tl.minimum(start + per_split, M)
-        for it in range(ITERS):  # per_split // BP blocks (a static count: the interpreter runs it too)
-            slot = start + it * BP + r // PAGE
-            if TOPK:
-                top = slot < M - RECENT
-                pg = tl.load(plist + slot, mask=top & (slot < end), other=-1).to(tl.int32)
-                val = tl.load(vlist + slot, mask=top & (slot < end), other=float("-inf"))
-                pg = tl.where(top, tl.where((slot < pick) & (val > float("-inf")), pg, -1), cand + slot - (M - RECENT))
-                pg = tl.where(slot < end, pg, -1)
-            else:
-                pg = tl.load(plist + slot, mask=slot < end, other=-1).to(tl.int32)
-            rows = pg * PAGE + r % PAGE
-            ok = (pg >= 0) & (rows < n)
-            off = base + rows[:, None].to(tl.int64) * D + cols[None, :]
-            k = tl.load(K + off, mask=ok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], 1) * scale
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            # a block with no valid row keeps m_new = -inf: guard the rescale against (-inf) - (-inf)
-            alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
-            p = tl.where(ok, tl.exp(s - m_new), 0.0)
-            v = tl.load(V + off, mask=ok[:, None], other=0.0).to(tl.float32)
-            total = total * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m_i = m_new
+        if ROWWISE:
+            m_r = tl.full([BP * PAGE], float("-inf"), tl.float32)
+            l_r = tl.zeros([BP * PAGE], tl.float32)
+            acc2 = tl.zeros([BP * PAGE, D], tl.float32)
+            for it in range(ITERS):
+                pg = _slot_pages(plist, vlist, start + it * BP + r // PAGE, end, M, pick, cand, TOPK, RECENT)
+                rows = pg * PAGE + r % PAGE
+                ok = (pg >= 0) & (rows < n)
+                off = rows[:, None] * D + cols[None, :]
+                k = tl.load(kp + off, mask=ok[:, None], other=0.0).to(tl.float32)
+                v = tl.load(vp + off, mask=ok[:, None], other=0.0).to(tl.float32)
+                s = tl.where(ok, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+                m_new = tl.maximum(m_r, s)
+                alpha = tl.where(m_new > float("-inf"), tl.exp(m_r - m_new), 1.0)
+                p = tl.where(ok, tl.exp(s - m_new), 0.0)
+                l_r = l_r * alpha + p
+                acc2 = acc2 * alpha[:, None] + p[:, None] * v
+                m_r = m_new
+            m_i = tl.max(m_r, 0)
+            w = tl.where(m_r > float("-inf"), tl.exp(m_r - m_i), 0.0)
+            total = tl.sum(l_r * w, 0)
+            acc = tl.sum(acc2 * w[:, None], 0)
+        else:
+            m_i = tl.full([], float("-inf"), tl.float32)
+            total = tl.full([], 0.0, tl.float32)
+            acc = tl.zeros([D], tl.float32)
+            for it in range(ITERS):  # per_split // BP blocks (a static count: the interpreter runs it too)
+                pg = _slot_pages(plist, vlist, start + it * BP + r // PAGE, end, M, pick, cand, TOPK, RECENT)
+                rows = pg * PAGE + r % PAGE
+                ok = (pg >= 0) & (rows < n)
+                off = rows[:, None] * D + cols[None, :]
+                k = tl.load(kp + off, mask=ok[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(k * q[None, :], 1) * scale
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                # a block with no valid row keeps m_new = -inf: guard the rescale against (-inf) - (-inf)
+                alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
+                p = tl.where(ok, tl.exp(s - m_new), 0.0)
+                v = tl.load(vp + off, mask=ok[:, None], other=0.0).to(tl.float32)
+                total = total * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                m_i = m_new
         out = bq * n_splits + sp
         tl.store(Part + out * D + cols, acc)
         tl.store(Mx + out, m_i)
@@ -121,7 +152,7 @@ if triton is not None:
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
                            page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
                            top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0,
-                           num_warps: int = 4) -> torch.Tensor:
+                           num_warps: int = 4, rowwise: bool = False) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
     pages itself (``quest_page_list`` is the same rule in torch ops)."""
@@ -142,7 +173,7 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), top_values.contiguous() if topk else pages, n, part,
                                       mx, sm, scale, c, m, per, n_splits, budget, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
                                       BP=bp, TOPK=topk, RECENT=recent if topk else 0, ITERS=per // bp,
-                                      num_warps=num_warps)
+                                      ROWWISE=rowwise, num_warps=num_warps)
     _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)
 

@@ -83,7 +83,8 @@ def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype, digits):
             assert torch.equal(a.sort().values, b.sort().values)
 
 
-@pytest.mark.parametrize("tune", [{}, {"pages_per_split": 4, "block_pages": 2, "num_warps": 2}])
+@pytest.mark.parametrize("tune", [{}, {"pages_per_split": 4, "block_pages": 2, "num_warps": 2},
+                                  {"pages_per_split": 4, "block_pages": 2, "rowwise": True}])
 def test_quest_select_then_paged_kernel_matches_torch(tune):
     g = torch.Generator().manual_seed(7)
     b, hq, hkv, c, d, page, n, budget = 1, 4, 2, 512, 16, 16, 470, 128
@@ -114,9 +115,10 @@ def test_radix_rows_then_paged_kernel_matches_torch():
     topk_select.radix_select_triton(s, nn, k, n_init, n_local, out=rows[:, ns:], chunk=128)
     want_rows = torch.cat([rows[:, :ns].long().cpu(), _radix_reference(s, n, k, n_init, n_local)], -1)
     want = paged_decode.paged_attention_torch(q.cpu(), kb.cpu(), vb.cpu(), want_rows.view(b, hq, -1), nn.cpu(), 1, 0.3)
-    got = paged_decode.paged_attention_triton(q, kb, vb, rows.view(b, hq, -1), nn, 1, 0.3, pages_per_split=32,
-                                              block_pages=16)
-    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    for rowwise in (False, True):
+        got = paged_decode.paged_attention_triton(q, kb, vb, rows.view(b, hq, -1), nn, 1, 0.3, pages_per_split=32,
+                                                  block_pages=16, rowwise=rowwise)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group", [False, True])
