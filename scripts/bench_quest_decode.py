@@ -154,6 +154,21 @@ def main() -> None:
         diff = _diff(run(n, "ra_new", ra, ra.tune), ref)
         print(f"  ra new vs old: max |diff| {diff:.4g}", flush=True)
         report["results"].append({"length": n, "variant": "ra_diff", "max_abs": diff})
+    for n, (kv, q, quest, ra) in cases.items():  # per-turn work outside the graph: StaticKV.load + plugin.load
+        scratch = torch.empty_like(kv.k[0][:, :, : n - 1])
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        for l in range(L):
+            scratch.copy_(kv.k[l][:, :, : n - 1])  # the same strided traffic as StaticKV.load's copy
+            scratch.copy_(kv.v[l][:, :, : n - 1])
+        e1.record()
+        quest.load(kv, None)
+        e2.record()
+        torch.cuda.synchronize()
+        copy_ms, bounds_ms = e0.elapsed_time(e1), e1.elapsed_time(e2)
+        print(f"n={n:7d} per turn: StaticKV.load copy {copy_ms:.2f} ms, Quest bounds load {bounds_ms:.2f} ms", flush=True)
+        report["results"].append({"length": n, "variant": "turn_load", "copy_ms": copy_ms, "bounds_ms": bounds_ms})
+        del scratch
     for n, (kv, q, quest, ra) in cases.items() if a.sweep else ():
         try:
             for name, fn in breakdown(kv, q, quest, ra).items():
