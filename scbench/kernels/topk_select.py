@@ -113,7 +113,8 @@ if triton is not None:
         kk = tl.minimum(K, tl.maximum(n - n_local - n_init, 0))
         offs = ch * CH + tl.arange(0, CH)
         ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
-        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=ok, other=0.0)
+        # mask by the buffer's end only (a multiple of 16 when it is one: vector loads); ``ok`` applies after
+        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
         return _ukey(x.to(tl.float32)), ok, offs, kk
 
     @triton.jit
