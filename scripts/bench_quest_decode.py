@@ -154,6 +154,22 @@ def main() -> None:
         diff = _diff(run(n, "ra_new", ra, ra.tune), ref)
         print(f"  ra new vs old: max |diff| {diff:.4g}", flush=True)
         report["results"].append({"length": n, "variant": "ra_diff", "max_abs": diff})
+    for n, (kv, q, quest, ra) in cases.items():  # gqa=group: one list per KV head (the group kernel)
+        qg = QuestDecode(Quest(budget=4096, gqa="group"))
+        qg.allocate(kv, None)
+        qg.load(kv, None)
+        qg.select = "topk"
+        ref = run(n, "questG_old", qg)
+        qg.select = "bisect"
+        diff = _diff(run(n, "questG_new", qg, qg.tune), ref)
+        print(f"  quest gqa=group new vs old: max |diff| {diff:.4g}", flush=True)
+        rg = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, gqa="group", tier="device"))
+        rg.select, tune, rg.tune = "topk", rg.tune, {"grouped": False}
+        ref = run(n, "raG_old", rg, rg.tune)
+        rg.select, rg.tune = "radix", tune
+        diff = _diff(run(n, "raG_new", rg, rg.tune), ref)
+        print(f"  ra gqa=group new vs old: max |diff| {diff:.4g}", flush=True)
+        del qg, rg
     for n, (kv, q, quest, ra) in cases.items():  # per-turn work outside the graph: StaticKV.load + plugin.load
         scratch = torch.empty_like(kv.k[0][:, :, : n - 1])
         e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))

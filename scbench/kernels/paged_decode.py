@@ -149,13 +149,57 @@ if triton is not None:
         tl.store(Sm + out, total)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _paged_group_kernel(Q, K, V, Pages, N, Part, Mx, Sm, scale, C, M, per_split, n_splits,
+                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                            BP: tl.constexpr, ITERS: tl.constexpr, PREC: tl.constexpr):
+        """One list per KV head (Hs = Hkv): one (batch x KV head, split) per program attends all G query heads of
+        the group over the listed rows with two small matmuls per block, so each key / value byte is read once.
+        Partial results are laid out [B * Hkv, splits, GP] for ``_combine_kernel``."""
+        bk, sp = tl.program_id(0), tl.program_id(1)
+        n = tl.load(N).to(tl.int32)
+        cols, g = tl.arange(0, D), tl.arange(0, GP)
+        q = tl.load(Q + (bk * G + g)[:, None] * D + cols[None, :], mask=g[:, None] < G, other=0.0)
+        r = tl.arange(0, BP * PAGE)
+        kp, vp = K + bk.to(tl.int64) * C * D, V + bk.to(tl.int64) * C * D
+        plist = Pages + bk.to(tl.int64) * M
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = sp * per_split
+        end = tl.minimum(start + per_split, M)
+        for it in range(ITERS):
+            slot = start + it * BP + r // PAGE
+            pg = tl.load(plist + slot, mask=slot < end, other=-1).to(tl.int32)
+            rows = pg * PAGE + r % PAGE
+            ok = (pg >= 0) & (rows < n)
+            off = rows[:, None] * D + cols[None, :]
+            k = tl.load(kp + off, mask=ok[:, None], other=0.0)
+            s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PREC) * scale  # [GP, rows]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
+            p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            v = tl.load(vp + off, mask=ok[:, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        out = (bk * n_splits + sp) * GP + g
+        tl.store(Part + out[:, None] * D + cols[None, :], acc)
+        tl.store(Mx + out, m_i)
+        tl.store(Sm + out, l_i)
+
+
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
                            page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
                            top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0,
-                           num_warps: int = 4, rowwise: bool = False) -> torch.Tensor:
+                           num_warps: int = 4, rowwise: bool = False, grouped: bool = True) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
-    pages itself (``quest_page_list`` is the same rule in torch ops)."""
+    pages itself (``quest_page_list`` is the same rule in torch ops). One list per KV head (Hs = Hkv) and
+    ``grouped``: the group kernel (each byte read once for all the group's query heads)."""
     from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
@@ -165,6 +209,8 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     per = max(bp, -(-pages_per_split // bp) * bp)
     n_splits = max(1, -(-m // per))
     q2 = q.reshape(b * hq, d).contiguous()
+    if grouped and hs == hkv and top_values is None:
+        return _paged_grouped(q2, k, v, pages.contiguous(), n, page, scale, bp, per, n_splits, m, num_warps, b, hq)
     part = torch.empty(b * hq * n_splits, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
@@ -175,6 +221,27 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                                       BP=bp, TOPK=topk, RECENT=recent if topk else 0, ITERS=per // bp,
                                       ROWWISE=rowwise, num_warps=num_warps)
     _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
+    return out.view(b, hq, 1, d)
+
+
+def _paged_grouped(q2, k, v, pages, n, page, scale, bp, per, n_splits, m, num_warps, b, hq):
+    from scbench.kernels.combine import _combine_kernel
+
+    hkv, c, d = k.shape[1], k.shape[2], k.shape[3]
+    g = hq // hkv
+    gp = max(16, triton.next_power_of_2(g))
+    bp = max(bp, -(-16 // page))  # the matmuls need 16 rows per block
+    per = max(bp, -(-per // bp) * bp)
+    n_splits = max(1, -(-m // per))
+    part = torch.empty(b * hkv * n_splits * gp, d, dtype=torch.float32, device=q2.device)
+    mx = torch.empty(b * hkv * n_splits * gp, dtype=torch.float32, device=q2.device)
+    sm = torch.empty_like(mx)
+    out = torch.empty(b * hq, d, dtype=q2.dtype, device=q2.device)
+    _paged_group_kernel[(b * hkv, n_splits)](q2, k, v, pages, n, part, mx, sm, scale, c, m, per, n_splits, G=g, GP=gp,
+                                             D=d, PAGE=page, BP=bp, ITERS=per // bp,
+                                             PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    _combine_kernel[(b * hkv, g)](part, mx, sm, out, n_splits, G=g, GP=gp, D=d,
+                                  NS=max(2, triton.next_power_of_2(n_splits)))
     return out.view(b, hq, 1, d)
 
 
