@@ -6,7 +6,9 @@ key itself); every page's bound score is computed against a fixed-size bounds bu
 candidates (the recent pages and everything after them) are masked to -inf, and ``topk`` takes the largest
 possible pick count (``(budget - 1) // page``); slots beyond this step's pick count, or holding a masked page,
 are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decode`` attends to the listed rows
-(Triton on CUDA: no gather). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
+(Triton on CUDA: no gather). On CUDA the scores come from one kernel that also updates the bounds, and
+``scbench.kernels.topk_select.quest_select_triton`` lists the step's pick best pages without a sort (bisection on
+the scores' bits; the old ``topk`` path stays selectable, ``SCBENCH_QUEST_SELECT=topk``). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
 ``TieredLayer``) stays the reference: tests/methods/test_quest_fast.py compares greedy tokens.
 """
 from __future__ import annotations

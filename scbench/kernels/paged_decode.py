@@ -5,7 +5,8 @@ the layer's buffer [B, Hkv, C, D] (-1: an unused slot), each page ``page`` rows 
 (the valid length, a device tensor) do not count. ``Hs`` is Hq (every query head has its own list) or Hkv (the
 heads of a KV group share one). Nothing is gathered into a new tensor on CUDA: the Triton kernel reads the
 listed rows in place (split over the list, online softmax in float32, then merged), so a step reads only the
-selected rows. ``paged_attention_torch`` is the reference (any device, also the CPU path): it gathers the rows
+selected rows. With one list per KV head (Hs = Hkv) one program serves all the group's query heads (each byte read
+once). ``paged_attention_torch`` is the reference (any device, also the CPU path): it gathers the rows
 and runs a masked softmax.
 """
 from __future__ import annotations
