@@ -39,6 +39,7 @@ class QuestDecode:
         self.kmin: dict[int, torch.Tensor] = {}
         self.kmax: dict[int, torch.Tensor] = {}
         self.q_heads = 0
+        self._n = None
         self.select = SELECT
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
@@ -99,13 +100,15 @@ class QuestDecode:
         if l < self.m.dense_layers:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        m, at = self.m, kv.at[l : l + 1]
+        if self._n is None or l == self.m.dense_layers:  # every layer's valid length, once per step
+            self._n = kv.at + 1
+        m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
         if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
             s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
                                                  m.recent_pages, m.gqa == "group", **self.score_args)
             if self.select == "bisect":
-                pages = quest_select_triton(s, at + 1, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]))
-                return paged_decode.paged_attention_triton(q, k, v, pages, at + 1, m.page_size, scale, **self.tune)
+                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]))
+                return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale, **self.tune)
             top = s.topk(self.top_k(s.shape[-1]), dim=-1)
             return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                        top_values=top.values, budget=m.budget, recent=m.recent_pages)

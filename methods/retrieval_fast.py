@@ -30,6 +30,7 @@ class RetrievalDecode:
     def __init__(self, method):
         self.m = method
         self.q_heads = 0
+        self._n = None
         self.select = SELECT
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
         self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
@@ -39,13 +40,13 @@ class RetrievalDecode:
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
 
-    def rows(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
-        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot)."""
+    def rows(self, kv, l: int, q: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot); n: the valid length."""
         m = self.m
         k = kv.k[l]
         b, hkv, c, d = k.shape
         hq = q.shape[1]
-        n = kv.at[l : l + 1] + 1
+        n = kv.at[l : l + 1] + 1 if n is None else n
         lo, hi = m.n_init, n - m.n_local
         if k.is_cuda and topk_select.triton is not None and self.select == "radix":
             return self._rows_radix(q, k, n, lo, hi)
@@ -79,16 +80,16 @@ class RetrievalDecode:
         else:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
-        hs = s.shape[1]
-        rows = torch.empty(b * hs, ns + kk, dtype=torch.int32, device=k.device)
-        rows[:, :ns] = self._static(n, lo, hi)
-        topk_select.radix_select_triton(s, n, kk, lo, m.n_local, out=rows[:, ns:], work=work, **self.radix)
-        return rows.view(b, hs, ns + kk)
+        rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, **self.radix)
+        return rows.view(b, s.shape[1], ns + kk)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return paged_attention(q, k, v, self.rows(kv, l, q), kv.at[l : l + 1] + 1, 1, scale, **self.tune)
+        if l == 0 or self._n is None:  # every layer's valid length, once per step (layers run in order)
+            self._n = kv.at + 1
+        n = self._n[l : l + 1]
+        return paged_attention(q, k, v, self.rows(kv, l, q, n), n, 1, scale, **self.tune)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""

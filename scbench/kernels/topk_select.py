@@ -136,8 +136,11 @@ if triton is not None:
     @triton.jit
     def _compact_kernel(S, N, Hist, Cnt, Out, C, R, K, n_init, n_local, rs_b, rs_h, M, H: tl.constexpr,
                         PASSES: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                        S3: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr):
-        """(row, chunk): write the indices of the selected rows into Out[row, :K] (unordered); -1 past kk."""
+                        S3: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr, STATIC: tl.constexpr,
+                        NSP: tl.constexpr):
+        """(row, chunk): write the indices of the selected rows into Out[row, :K] (unordered); -1 past kk.
+        STATIC: Out[row] is [the n_init first rows, the n_local last rows, the K selected] (RetrievalAttention's
+        list; a static row not valid yet, or below n_init, is -1)."""
         row, ch = tl.program_id(0), tl.program_id(1)
         u, ok, offs, kk = _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, ch, H, CH)
         t, krem = _find(Hist, row, R, kk, PASSES, S0, S1, S2, S3, NB)
@@ -149,6 +152,13 @@ if triton is not None:
         sel = gt | tie
         base = tl.atomic_add(Cnt + 2 * row, tl.sum(sel.to(tl.int32), 0), sem="relaxed")
         dst = Out + row.to(tl.int64) * M
+        if STATIC:
+            n = tl.load(N).to(tl.int32)
+            j = tl.arange(0, NSP)
+            fixed = tl.where(j < n_init, tl.where(j < n, j, -1), n - n_local + j - n_init)
+            fixed = tl.where((j >= n_init) & (fixed < n_init), -1, fixed)
+            tl.store(dst + j, fixed, mask=(j < n_init + n_local) & (ch == 0))
+            dst += n_init + n_local
         tl.store(dst + base + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
         tl.store(dst + offs, tl.full([CH], -1, tl.int32), mask=(offs >= kk) & (offs < K))  # slots this chunk covers
 
@@ -177,18 +187,20 @@ def _work(digits, r: int, nb: int, device) -> torch.Tensor:
 def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                         out: torch.Tensor | None = None, chunk: int = 4096,
                         digits: tuple[int, ...] | None = None, num_warps: int = 8,
-                        work: torch.Tensor | None = None) -> torch.Tensor:
+                        work: torch.Tensor | None = None, static: bool = False) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32 [B * H, k]:
     the indices of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), -1 in unused slots
     (or written into the first k columns of ``out`` [B * H, M], int32). ``work``: from ``retrieval_scores_triton``
-    (its first histogram pass already done)."""
+    (its first histogram pass already done). ``static``: -> [B * H, n_init + n_local + k], the first n_init and
+    the last n_local rows before the selected ones (RetrievalAttention's row list; -1: not valid, or listed)."""
     b, h, c = s.shape
     r = b * h
     if s.stride(2) != 1:
         raise ValueError(f"radix_select_triton: scores {tuple(s.shape)} need a contiguous last dimension")
-    out = torch.empty(r, k, dtype=torch.int32, device=s.device) if out is None else out
-    if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < k or out.stride(1) != 1:
-        raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {k}] with contiguous rows")
+    ns = n_init + n_local if static else 0
+    out = torch.empty(r, ns + k, dtype=torch.int32, device=s.device) if out is None else out
+    if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
+        raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
     digits, shifts, sh, nb = _plan(digits, s.dtype)
     first = 0 if work is None else 1
     work = _work(digits, r, nb, s.device) if work is None else work
@@ -199,7 +211,8 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
         _hist_kernel[grid](*args, H=h, PASS=p, **sh, SHIFT=shifts[p], PREV=32 if p == 0 else shifts[p - 1], NB=nb,
                            CH=chunk, num_warps=num_warps)
     _compact_kernel[grid](s, n, hist, cnt, out, c, r, k, n_init, n_local, s.stride(0), s.stride(1), out.stride(0),
-                          H=h, PASSES=len(digits), **sh, NB=nb, CH=chunk, num_warps=num_warps)
+                          H=h, PASSES=len(digits), **sh, NB=nb, CH=chunk, STATIC=static,
+                          NSP=max(2, triton.next_power_of_2(ns)), num_warps=num_warps)
     return out
 
 

@@ -138,8 +138,9 @@ def test_fused_scores_then_radix_select_match_torch(group):
         assert torch.equal(got[r].sort().values, want[r].sort().values)
 
 
-@pytest.mark.parametrize("gqa,fused", [("head", True), ("group", True), ("head", False)])
-def test_retrieval_plugin_radix_rows_match_torch_rows(gqa, fused):
+@pytest.mark.parametrize("gqa,fused,at,n_init", [("head", True, 300, 4), ("group", True, 300, 4),
+                                                ("head", False, 300, 4), ("head", True, 30, 20), ("group", True, 10, 20)])
+def test_retrieval_plugin_radix_rows_match_torch_rows(gqa, fused, at, n_init):
     from types import SimpleNamespace
 
     from scbench.methods.retrieval_attention import RetrievalAttention
@@ -148,12 +149,12 @@ def test_retrieval_plugin_radix_rows_match_torch_rows(gqa, fused):
     g = torch.Generator().manual_seed(11)
     kb = torch.randn(1, 2, 320, 16, generator=g).to(DEVICE)
     q = torch.randn(1, 4, 1, 16, generator=g).to(DEVICE)
-    kv = SimpleNamespace(k=[kb], at=torch.tensor([300], device=DEVICE))
-    plugin = RetrievalDecode(RetrievalAttention(top_k=40, n_init=4, n_local=16, gqa=gqa, tier="device"))
+    kv = SimpleNamespace(k=[kb], at=torch.tensor([at], device=DEVICE))
+    plugin = RetrievalDecode(RetrievalAttention(top_k=40, n_init=n_init, n_local=16, gqa=gqa, tier="device"))
     plugin.fused, plugin.radix, plugin.score_args = fused, {"chunk": 128}, {"block": 64}
     want = plugin.rows(SimpleNamespace(k=[kb.cpu()], at=kv.at.cpu()), 0, q.cpu())
     n = kv.at[:1] + 1
-    got = plugin._rows_radix(q, kb, n, 4, n - 16).long().cpu()
+    got = plugin._rows_radix(q, kb, n, n_init, n - 16).long().cpu()
     assert got.shape == want.shape
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
