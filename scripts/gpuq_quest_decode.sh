@@ -5,5 +5,5 @@
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 timeout 15 python3 -P -m pytest -q -x -p no:cacheprovider tests/unit/test_topk_select.py \
-  -k "plugin or then or fused" 2>&1 | tail -8 || echo "tests rc=$?"
+  -k "plugin or then or fused or grouped" 2>&1 | tail -8 || echo "tests rc=$?"
 timeout 75 python3 -P scripts/bench_quest_decode.py --lengths 32768 131072 --sweep || echo "bench rc=$?"
