@@ -90,6 +90,8 @@ def breakdown(kv, q, quest, ra) -> dict:
         "quest_scores": each(lambda l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
                                                                         at, 16, 1, False, **quest.score_args)),
         "quest_select": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq)),
+        "quest_select_w32": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, num_warps=32)),
+        "quest_select_w8": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, num_warps=8)),
         "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1)),
         "quest_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], qp[l], n, 16,
                                                                          D ** -0.5, **quest.tune)),

@@ -65,7 +65,7 @@ if triton is not None:
 
 
 def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int,
-                        k: int) -> torch.Tensor:
+                        k: int, num_warps: int | None = None) -> torch.Tensor:
     """s float32 [B, Hs, P] page scores (-inf: not a candidate); n [1] the valid length -> int32 page list
     [B, Hs, k + recent]: the ``min(pick, k)`` best pages (ascending), -1, then the ``recent`` newest pages."""
     b, hs, p = s.shape
@@ -73,7 +73,7 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
     np_ = max(16, triton.next_power_of_2(p))
     _quest_select_kernel[(b * hs,)](s.contiguous(), n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent,
                                     RP=max(2, triton.next_power_of_2(recent)),
-                                    num_warps=4 if np_ <= 2048 else 8 if np_ <= 8192 else 16)
+                                    num_warps=num_warps or (4 if np_ <= 2048 else 8 if np_ <= 8192 else 16))
     return out
 
 
