@@ -43,6 +43,7 @@ class QuestDecode:
         self.select = SELECT
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
+        self.select_args: dict = {}  # quest_select_triton's segment / num_warps / local_warps
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
@@ -107,7 +108,8 @@ class QuestDecode:
             s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
                                                  m.recent_pages, m.gqa == "group", **self.score_args)
             if self.select == "bisect":
-                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]))
+                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
+                                            **self.select_args)
                 return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale, **self.tune)
             top = s.topk(self.top_k(s.shape[-1]), dim=-1)
             return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,

@@ -3,8 +3,8 @@
 Per step and layer: the inner products of the query with every key of the static buffer (one matmul), rows
 outside the searchable range [n_init, n - n_local) masked to -inf, ``topk`` of ``top_k``, then the static rows
 (the first ``n_init`` and the last ``n_local``) join the list and ``scbench.kernels.paged_decode`` attends to the
-listed rows in place (pages of one row; Triton on CUDA). On CUDA one kernel computes the scores and the first
-pass of a radix select (``scbench.kernels.topk_select``), which then lists the top rows without a sort. Slots holding a masked row, or a static row that another
+listed rows in place (pages of one row; Triton on CUDA). On CUDA a radix select (``scbench.kernels.topk_select``)
+lists the top rows without a sort, the static rows included. Slots holding a masked row, or a static row that another
 slot already covers (short contexts), are -1. The row set equals ``RetrievalAttention.select``'s, so the plain loop
 stays the reference: tests/methods/test_retrieval_fast.py compares greedy tokens. Exact search only (``index``
 exact, ``tier`` device); the host tier and faiss indices take the plain loop.
@@ -34,7 +34,8 @@ class RetrievalDecode:
         self.select = SELECT
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
         self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
-        self.fused = True  # CUDA: scores + first radix pass in one Triton kernel (False: a matmul, then the passes)
+        self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (measured slower than a matmul
+        # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py)
         self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
 
     def unsupported(self, cache) -> str | None:

@@ -75,34 +75,40 @@ def _diff(got, ref) -> float:
 
 
 def breakdown(kv, q, quest, ra) -> dict:
-    """Step callables of each stage alone (32 layers' worth; inputs precomputed): where the new paths spend."""
+    """Step callables of each stage alone (inputs precomputed): where the new paths spend. Quest stages run over
+    its selecting layers (30), RetrievalAttention's over all 32."""
     from scbench.kernels import paged_decode, topk_select
 
     m, at, n = quest.m, kv.at[:1], kv.at[:1] + 1
-    qs = [paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
-          for l in range(L)]
-    kq = quest.top_k(qs[0].shape[-1])
-    qp = [topk_select.quest_select_triton(x, n, 16, m.budget, 1, kq) for x in qs]
+    sl = range(m.dense_layers, L)
+    qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
+    kq = quest.top_k(qs[sl[0]].shape[-1])
+    qp = {l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq) for l in sl}
     rs = [(q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)).reshape(1, HQ, -1) for l in range(L)]
     rr = [ra.rows(kv, l, q[l]) for l in range(L)]
-    each = lambda f: (lambda: [f(l) for l in range(L)])  # noqa: E731
-    return {
+    each = lambda f, layers=range(L): (lambda: [f(l) for l in layers])  # noqa: E731
+    sel = lambda **kw: each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, **kw), sl)  # noqa: E731
+    out = {
         "quest_scores": each(lambda l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
-                                                                        at, 16, 1, False, **quest.score_args)),
-        "quest_select": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq)),
-        "quest_select_w32": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, num_warps=32)),
-        "quest_select_w8": each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, num_warps=8)),
-        "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1)),
+                                                                        at, 16, 1, False), sl),
+        "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1), sl),
         "quest_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], qp[l], n, 16,
-                                                                         D ** -0.5, **quest.tune)),
+                                                                         D ** -0.5, **quest.tune), sl),
         "ra_scores": each(lambda l: (q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2))),
-        "ra_scores_fused": each(lambda l: topk_select.retrieval_scores_triton(q[l], kv.k[l], n, 4096, 128, 512, False,
-                                                                              **ra.score_args)),
-        "ra_select": each(lambda l: topk_select.radix_select_triton(rs[l], n, 4096, 128, 512, **ra.radix)),
+        "ra_select": each(lambda l: topk_select.radix_select_triton(rs[l], n, 4096, 128, 512, static=True,
+                                                                    **ra.radix)),
         "ra_topk_old": each(lambda l: rs[l].float().topk(4096, dim=-1)),
         "ra_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], n, 1, D ** -0.5,
                                                                       **ra.tune)),
     }
+    for kw in SELECT_ARGS:
+        out["quest_select " + json.dumps(kw)] = sel(**kw)
+    return out
+
+
+SELECT_ARGS = [{}, {"num_warps": 4}, {"num_warps": 32}, {"segment": 1024, "local_warps": 1},
+               {"segment": 512, "local_warps": 1}, {"segment": 2048, "local_warps": 4},
+               {"segment": 1024, "local_warps": 2, "num_warps": 4}]
 
 
 def main() -> None:
@@ -111,16 +117,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel sizes and time each stage alone")
     ap.add_argument("--out")
     a = ap.parse_args()
-    quest_tunes = [{"pages_per_split": 8, "block_pages": 2}, {"pages_per_split": 16, "block_pages": 4, "num_warps": 8},
-                   {"pages_per_split": 16, "block_pages": 4, "num_warps": 8, "rowwise": True},
-                   {"pages_per_split": 8, "block_pages": 2, "rowwise": True},
-                   {"pages_per_split": 32, "block_pages": 4, "num_warps": 16}]
-    ra_tunes = [{"pages_per_split": 256, "block_pages": 32}, {"pages_per_split": 128, "block_pages": 64, "num_warps": 8},
-                {"pages_per_split": 256, "block_pages": 64, "num_warps": 8, "rowwise": True},
-                {"pages_per_split": 128, "block_pages": 32, "rowwise": True}]
-    radix_args = [{"chunk": 8192}, {"chunk": 2048}]
-    score_args = [{"block_pages": 32}, {"block_pages": 128, "num_warps": 8}]
-    ra_score_args = [{"block": 64}, {"block": 256, "num_warps": 8}]
+    ra_tunes = [{"pages_per_split": 256, "block_pages": 64, "num_warps": 8, "rowwise": True},
+                {"pages_per_split": 512, "block_pages": 64}]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
     cases = {}
     for n in a.lengths:
@@ -193,29 +191,14 @@ def main() -> None:
                 run(n, name, None, None, fn)
         except Exception as e:
             print(f"breakdown FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
-        default = quest.tune
-        for t in quest_tunes:
-            quest.tune = t
-            run(n, "quest_new", quest, t)
-        quest.tune = default
-        for t in score_args:
-            quest.score_args = t
-            run(n, "quest_new_score", quest, t)
-        quest.score_args, default = {}, ra.tune
+        for t in SELECT_ARGS[3:5]:
+            quest.select_args = t
+            run(n, "quest_new_sel", quest, t)
+        quest.select_args = {}
         for t in ra_tunes:
             ra.tune = t
             run(n, "ra_new", ra, t)
-        ra.tune = default
-        for r in radix_args:
-            ra.radix = r
-            run(n, "ra_new_radix", ra, r)
-        ra.radix, ra.fused = {}, False
-        run(n, "ra_new_unfused", ra, {})
-        ra.fused = True
-        for t in ra_score_args:
-            ra.score_args = t
-            run(n, "ra_new_score", ra, t)
-        ra.score_args = {}
+        ra.tune = RetrievalDecode(ra.m).tune
     print("JSON " + json.dumps(report))
     if a.out:
         with open(a.out, "w") as f:

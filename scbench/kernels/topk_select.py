@@ -31,19 +31,9 @@ if triton is not None:
         return tl.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
 
     @triton.jit
-    def _quest_select_kernel(S, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
-                             RECENT: tl.constexpr, RP: tl.constexpr):
-        """Row r of S [R, P] (-inf: not a candidate): the pick largest pages in ascending order, -1 up to K, then
-        the RECENT newest pages. Out [R, K + RECENT] int32."""
-        r = tl.program_id(0)
-        n = tl.load(N).to(tl.int32)
-        r0 = tl.maximum(((n - 1) // PAGE - RECENT + 1) * PAGE, 0)
-        cand = r0 // PAGE
-        pick = (budget - (n - r0)) // PAGE
-        offs = tl.arange(0, NP)
-        x = tl.load(S + r.to(tl.int64) * P + offs, mask=offs < P, other=float("-inf"))
-        fin = x > float("-inf")
-        kk = tl.minimum(tl.minimum(pick, K), tl.sum(fin.to(tl.int32), 0))
+    def _top_mask(x, kk):
+        """Which entries of x (float32, -inf: excluded) are its kk largest (ties: the lowest positions): the
+        kk-th largest key by bisection on its bits (32 counts), then the entries above it and enough ties."""
         b = x.to(tl.int32, bitcast=True)
         key = tl.where(b < 0, b ^ 2147483647, b)  # signed order = float order
         cnt = tl.sum((key >= 0).to(tl.int32), 0)
@@ -55,25 +45,83 @@ if triton is not None:
         gt = key > ans
         tie = key == ans
         rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
-        sel = fin & (gt | (tie & (rank < kk - tl.sum(gt.to(tl.int32), 0)))) & (kk > 0)
+        return (x > float("-inf")) & (gt | (tie & (rank < kk - tl.sum(gt.to(tl.int32), 0)))) & (kk > 0)
+
+    @triton.jit
+    def _quest_pick(N, K, budget, PAGE: tl.constexpr, RECENT: tl.constexpr):
+        n = tl.load(N).to(tl.int32)
+        r0 = tl.maximum(((n - 1) // PAGE - RECENT + 1) * PAGE, 0)
+        return r0 // PAGE, tl.minimum((budget - (n - r0)) // PAGE, K)
+
+    @triton.jit
+    def _quest_local_kernel(S, N, CV, CI, P, K, budget, SEG: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr,
+                            RECENT: tl.constexpr):
+        """(row, segment of SEG pages): the segment's pick best pages (values, page indices, ascending) into
+        CV / CI [R, segments, K]: every row's pick best are among its segments' (stage 1 of two)."""
+        r, sg = tl.program_id(0), tl.program_id(1)
+        cand, pick = _quest_pick(N, K, budget, PAGE, RECENT)
+        offs = sg * SEG + tl.arange(0, SEG)
+        x = tl.load(S + r.to(tl.int64) * P + offs, mask=offs < P, other=float("-inf"))
+        kk = tl.minimum(pick, tl.sum((x > float("-inf")).to(tl.int32), 0))
+        sel = _top_mask(x, kk)
+        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+        base = (r * tl.num_programs(1) + sg).to(tl.int64) * K
+        tl.store(CV + base + pos, x, mask=sel)
+        tl.store(CI + base + pos, offs, mask=sel)
+        j = tl.arange(0, KP)
+        tl.store(CV + base + j, tl.full([KP], float("-inf"), tl.float32), mask=(j >= kk) & (j < K))
+
+    @triton.jit
+    def _quest_select_kernel(S, Idx, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
+                             RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr):
+        """Row r of S [R, P] (-inf: not a candidate): the pick largest pages in ascending order, -1 up to K, then
+        the RECENT newest pages. Out [R, K + RECENT] int32. GATHER: S holds stage 1's candidates, their page
+        indices in Idx [R, P]."""
+        r = tl.program_id(0)
+        cand, pick = _quest_pick(N, K, budget, PAGE, RECENT)
+        offs = tl.arange(0, NP)
+        x = tl.load(S + r.to(tl.int64) * P + offs, mask=offs < P, other=float("-inf"))
+        kk = tl.minimum(pick, tl.sum((x > float("-inf")).to(tl.int32), 0))
+        sel = _top_mask(x, kk)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         base = Out + r.to(tl.int64) * (K + RECENT)
-        tl.store(base + pos, offs, mask=sel)
+        if GATHER:
+            tl.store(base + pos, tl.load(Idx + r.to(tl.int64) * P + offs, mask=sel, other=-1), mask=sel)
+        else:
+            tl.store(base + pos, offs, mask=sel)
         tl.store(base + offs, tl.full([NP], -1, tl.int32), mask=(offs >= kk) & (offs < K))
         j = tl.arange(0, RP)
         tl.store(base + K + j, cand + j, mask=j < RECENT)
 
 
+def _warps(np_: int) -> int:
+    return 4 if np_ <= 2048 else 8 if np_ <= 8192 else 16
+
+
 def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int,
-                        k: int, num_warps: int | None = None) -> torch.Tensor:
+                        k: int, num_warps: int | None = None, segment: int | None = None,
+                        local_warps: int | None = None) -> torch.Tensor:
     """s float32 [B, Hs, P] page scores (-inf: not a candidate); n [1] the valid length -> int32 page list
-    [B, Hs, k + recent]: the ``min(pick, k)`` best pages (ascending), -1, then the ``recent`` newest pages."""
+    [B, Hs, k + recent]: the ``min(pick, k)`` best pages (ascending), -1, then the ``recent`` newest pages.
+    ``segment`` (a power of two): long rows first keep each segment's best (one program per row and segment),
+    then one program per row selects among those (rows of P pages take P / segment * k candidates)."""
     b, hs, p = s.shape
     out = torch.empty(b, hs, k + recent, dtype=torch.int32, device=s.device)
+    rp = max(2, triton.next_power_of_2(recent))
+    s = s.contiguous()
+    if segment and p > segment and k > 0:
+        nseg = triton.cdiv(p, segment)
+        cv = torch.empty(b * hs, nseg, k, dtype=torch.float32, device=s.device)
+        ci = torch.empty(b * hs, nseg, k, dtype=torch.int32, device=s.device)
+        _quest_local_kernel[(b * hs, nseg)](s, n, cv, ci, p, k, budget, SEG=segment, KP=max(2, triton.next_power_of_2(k)),
+                                            PAGE=page, RECENT=recent, num_warps=local_warps or _warps(segment))
+        np_ = triton.next_power_of_2(nseg * k)
+        _quest_select_kernel[(b * hs,)](cv, ci, n, out, nseg * k, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp,
+                                        GATHER=True, num_warps=num_warps or _warps(np_))
+        return out
     np_ = max(16, triton.next_power_of_2(p))
-    _quest_select_kernel[(b * hs,)](s.contiguous(), n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent,
-                                    RP=max(2, triton.next_power_of_2(recent)),
-                                    num_warps=num_warps or (4 if np_ <= 2048 else 8 if np_ <= 8192 else 16))
+    _quest_select_kernel[(b * hs,)](s, s, n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp, GATHER=False,
+                                    num_warps=num_warps or _warps(np_))
     return out
 
 
