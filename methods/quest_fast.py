@@ -44,12 +44,15 @@ class QuestDecode:
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
         self.select_args: dict = {}  # quest_select_triton's segment / num_warps / local_warps
+        self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.counter: torch.Tensor | None = None
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
 
     def allocate(self, kv, cache) -> None:
         p = self.m.page_size
+        self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
         for l, kb in enumerate(kv.k):
             if l >= self.m.dense_layers:
                 b, h, c, d = kb.shape
@@ -110,7 +113,8 @@ class QuestDecode:
             if self.select == "bisect":
                 pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
                                             **self.select_args)
-                return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale, **self.tune)
+                return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
+                                                           counter=self.counter if self.merge else None, **self.tune)
             top = s.topk(self.top_k(s.shape[-1]), dim=-1)
             return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                        top_values=top.values, budget=m.budget, recent=m.recent_pages)

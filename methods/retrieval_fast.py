@@ -37,6 +37,11 @@ class RetrievalDecode:
         self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (measured slower than a matmul
         # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py)
         self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
+        self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.counter: torch.Tensor | None = None
+
+    def allocate(self, kv, cache) -> None:
+        self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
@@ -90,7 +95,8 @@ class RetrievalDecode:
         if l == 0 or self._n is None:  # every layer's valid length, once per step (layers run in order)
             self._n = kv.at + 1
         n = self._n[l : l + 1]
-        return paged_attention(q, k, v, self.rows(kv, l, q, n), n, 1, scale, **self.tune)
+        merge = {"counter": self.counter} if self.merge and self.m.gqa == "head" else {}
+        return paged_attention(q, k, v, self.rows(kv, l, q, n), n, 1, scale, **merge, **self.tune)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""

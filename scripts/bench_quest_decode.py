@@ -127,6 +127,7 @@ def main() -> None:
         quest.allocate(kv, None)
         quest.load(kv, None)
         ra = RetrievalDecode(RetrievalAttention(top_k=4096, n_init=128, n_local=512, tier="device"))
+        ra.allocate(kv, None)
         cases[n] = kv, q, quest, ra
 
     def run(n, name, plugin, tune=None, fn=None):
@@ -194,7 +195,13 @@ def main() -> None:
         for t in SELECT_ARGS[3:5]:
             quest.select_args = t
             run(n, "quest_new_sel", quest, t)
-        quest.select_args = {}
+        quest.select_args, quest.merge = {}, True
+        run(n, "quest_new_merge", quest, {"merge": True})
+        quest.select_args = SELECT_ARGS[3]
+        run(n, "quest_new_sel_merge", quest, SELECT_ARGS[3])
+        quest.select_args, quest.merge, ra.merge = {}, False, True
+        run(n, "ra_new_merge", ra, {"merge": True})
+        ra.merge = False
         for t in ra_tunes:
             ra.tune = t
             run(n, "ra_new", ra, t)

@@ -74,17 +74,18 @@ if triton is not None:
         return pg
 
     @triton.jit
-    def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, scale, C, M, per_split, n_splits, budget,
+    def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, Out, Count, scale, C, M, per_split, n_splits, budget,
                       HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                       PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
-                      ITERS: tl.constexpr, ROWWISE: tl.constexpr):
+                      ITERS: tl.constexpr, ROWWISE: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
         """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration.
 
         TOPK: ``Pages`` / ``TopV`` are ``topk`` indices / values [B, Hs, M - RECENT] of the page scores; slot j is
         used when j < this step's pick count and its score is finite, and the RECENT recent pages follow (Quest's
         rule, computed here from n and ``budget``). Else ``Pages`` is a page list with -1 for unused slots.
         ROWWISE: each row position of the block keeps its own running max / sum / output (no reduction across
-        warps inside the loop), merged once at the end."""
+        warps inside the loop), merged once at the end. MERGE: ``Count`` [B * Hq] int32 zeros; the last split of
+        a head merges the splits into ``Out`` (else ``_combine_kernel`` does)."""
         bq, sp = tl.program_id(0), tl.program_id(1)
         b, h = bq // HQ, bq % HQ
         kvh = h // (HQ // HKV)
@@ -148,6 +149,20 @@ if triton is not None:
         tl.store(Part + out * D + cols, acc)
         tl.store(Mx + out, m_i)
         tl.store(Sm + out, total)
+        if MERGE:  # the head's last split to finish merges them (no second kernel); Count is left at 0
+            tl.debug_barrier()
+            done = tl.atomic_add(Count + bq, 1, sem="acq_rel")
+            if done == n_splits - 1:
+                sps = tl.arange(0, NS)
+                used = sps < n_splits
+                mx = tl.load(Mx + bq * n_splits + sps, mask=used, other=float("-inf"), cache_modifier=".cg")
+                top = tl.max(mx, 0)
+                w = tl.where(mx > float("-inf"), tl.exp(mx - top), 0.0)
+                tot = tl.sum(w * tl.load(Sm + bq * n_splits + sps, mask=used, other=0.0, cache_modifier=".cg"), 0)
+                part = tl.load(Part + (bq * n_splits + sps)[:, None] * D + cols[None, :], mask=used[:, None],
+                               other=0.0, cache_modifier=".cg")
+                tl.store(Out + bq * D + cols, (tl.sum(w[:, None] * part, 0) / tot).to(Out.dtype.element_ty))
+                tl.atomic_xchg(Count + bq, 0, sem="relaxed")
 
 
 if triton is not None:
@@ -196,11 +211,14 @@ if triton is not None:
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
                            page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
                            top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0,
-                           num_warps: int = 4, rowwise: bool = False, grouped: bool = True) -> torch.Tensor:
+                           num_warps: int = 4, rowwise: bool = False, grouped: bool = True,
+                           counter: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
     pages itself (``quest_page_list`` is the same rule in torch ops). One list per KV head (Hs = Hkv) and
-    ``grouped``: the group kernel (each byte read once for all the group's query heads)."""
+    ``grouped``: the group kernel (each byte read once for all the group's query heads). ``counter``: int32
+    zeros, >= B * Hq entries, owned by the caller (left at zero): the splits merge inside the kernel (no second
+    launch; one list per query head only)."""
     from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
@@ -217,11 +235,16 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     sm = torch.empty_like(mx)
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
     topk = top_values is not None
+    merge = counter is not None
+    if merge and (counter.dtype != torch.int32 or counter.numel() < b * hq):
+        raise ValueError(f"paged_attention_triton: counter must be int32 zeros with >= {b * hq} entries")
+    ns = max(2, triton.next_power_of_2(n_splits))
     _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), top_values.contiguous() if topk else pages, n, part,
-                                      mx, sm, scale, c, m, per, n_splits, budget, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
-                                      BP=bp, TOPK=topk, RECENT=recent if topk else 0, ITERS=per // bp,
-                                      ROWWISE=rowwise, num_warps=num_warps)
-    _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=max(2, triton.next_power_of_2(n_splits)))
+                                      mx, sm, out, counter if merge else mx, scale, c, m, per, n_splits, budget, HQ=hq,
+                                      HKV=hkv, HS=hs, D=d, PAGE=page, BP=bp, TOPK=topk, RECENT=recent if topk else 0,
+                                      ITERS=per // bp, ROWWISE=rowwise, MERGE=merge, NS=ns, num_warps=num_warps)
+    if not merge:
+        _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=ns)
     return out.view(b, hq, 1, d)
 
 

@@ -85,7 +85,7 @@ def test_radix_select_matches_topk(c, n, k, n_init, n_local, dtype, digits):
 
 
 @pytest.mark.parametrize("tune", [{}, {"pages_per_split": 4, "block_pages": 2, "num_warps": 2},
-                                  {"pages_per_split": 4, "block_pages": 2, "rowwise": True}])
+                                  {"pages_per_split": 4, "block_pages": 2, "rowwise": True}, {"merge": True}])
 def test_quest_select_then_paged_kernel_matches_torch(tune):
     g = torch.Generator().manual_seed(7)
     b, hq, hkv, c, d, page, n, budget = 1, 4, 2, 512, 16, 16, 470, 128
@@ -99,8 +99,12 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     want = paged_decode.paged_attention_torch(q, k, v, paged_decode.quest_page_list(top.values, top.indices, nn, page,
                                                                                      budget, 1), nn, page, 0.3)
     pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk)
-    got = paged_decode.paged_attention_triton(q, k, v, pages, nn, page, 0.3, **tune)
-    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    tune = dict(tune)
+    counter = torch.zeros(16, dtype=torch.int32, device=DEVICE) if tune.pop("merge", False) else None
+    for _ in range(2):  # the in-kernel merge leaves its counter at zero for the next call
+        got = paged_decode.paged_attention_triton(q, k, v, pages, nn, page, 0.3, counter=counter, **tune)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert counter is None or not counter.any()
 
 
 def test_radix_rows_then_paged_kernel_matches_torch():
