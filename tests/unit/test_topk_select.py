@@ -180,3 +180,39 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
     got = paged_decode.paged_attention_triton(q, k, v, pages.int(), nn, page, 0.3, pages_per_split=16 if page > 1 else 32,
                                               grouped=grouped)
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the plugins' CUDA branch)")
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_plugins_cuda_attend_matches_cpu_path(gqa):
+    """QuestDecode / RetrievalDecode.attend on CUDA (sort-free select + paged kernels) against their CPU torch path
+    on the same float32 inputs, three layers of one step."""
+    from types import SimpleNamespace
+
+    from scbench.methods.quest import Quest
+    from scbench.methods.quest_fast import QuestDecode
+    from scbench.methods.retrieval_attention import RetrievalAttention
+    from scbench.methods.retrieval_fast import RetrievalDecode
+
+    g = torch.Generator().manual_seed(13)
+    n, cap, layers = 3000, 3072, 3
+    k = [torch.randn(1, 2, cap, 64, generator=g) for _ in range(layers)]
+    v = [torch.randn(1, 2, cap, 64, generator=g) for _ in range(layers)]
+    q = [torch.randn(1, 8, 1, 64, generator=g) for _ in range(layers)]
+
+    def run(make, device):
+        kv = SimpleNamespace(k=[x.to(device) for x in k], v=[x.to(device) for x in v],
+                             at=torch.full((layers,), n - 1, device=device), lengths=[n - 1] * layers)
+        plugin = make()
+        for hook in ("allocate", "load"):
+            if hasattr(plugin, hook):
+                getattr(plugin, hook)(kv, None)
+        outs = [plugin.attend(kv, l, q[l].to(device), kv.k[l], kv.v[l], 0.125) for l in range(layers)]
+        return [None if o is None else o.cpu() for o in outs]
+
+    for make in (lambda: QuestDecode(Quest(budget=512, dense_layers=1, gqa=gqa)),
+                 lambda: RetrievalDecode(RetrievalAttention(top_k=256, n_init=16, n_local=64, gqa=gqa, tier="device"))):
+        for a, b in zip(run(make, "cuda"), run(make, "cpu")):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
