@@ -78,8 +78,9 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_decode.py
 
-# every method config through the real `scbench run` at 32K and 128K on a random Llama-3.1-8B-shaped model ->
-# results/perf/methods_gpu.{json,md} (without CUDA: a quick CPU version -> results/perf/methods_cpu.{json,md})
+# every method config x both modes through the real `scbench run` at 32K and 128K on a random Llama-3.1-8B-shaped
+# model, the sweep run one job at a time and grouped + batched -> results/perf/methods_gpu.{json,md} (without CUDA: a
+# quick CPU version -> results/perf/methods_cpu.{json,md}); BENCH_ARGS="--estimate": device seconds, nothing run
 bench-methods: $(STAMP)
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
 

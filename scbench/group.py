@@ -73,11 +73,19 @@ def can_share(cls) -> bool:
 
 
 def group_key(job: Job):
-    """Jobs with equal keys can share their first prefill; None: the job runs alone."""
+    """Jobs with equal keys can share their first prefill; None: the job runs alone.
+
+    The mode is part of the key unless the first query is hidden from compression (``policy.query_visible=false``):
+    multi-request first feeds the context alone (prompt 0, cut before the query), multi-turn by default its whole
+    first prompt (context + query + generation prompt) in one forward, so the two modes' first prefills differ;
+    with the query hidden, multi-turn first feeds the same context tokens (``runner.first_feed_ids``), and a group
+    holds both modes (per example, runs whose first-feed tokens differ, e.g. truncated differently, get separate
+    prefills)."""
     spec = job.spec
     if job.engine_name != "hf" or not spec.reuse or not can_share(_method_class(spec)):
         return None
-    rest = {k: v for k, v in dataclasses.asdict(spec).items() if k != "method"}
+    apart = {"method"} if spec.query_visible else {"method", "mode"}
+    rest = {k: v for k, v in dataclasses.asdict(spec).items() if k not in apart}
     return (job.store, job.shard, job.device, job.timing, json.dumps(job.engine_options, sort_keys=True, default=str),
             json.dumps(rest, sort_keys=True, default=str))
 
@@ -128,6 +136,35 @@ class _Member:
     task: object = None
     done: dict = field(default_factory=dict)
     error: BaseException | None = None
+    warmup_s: float = 0.0
+    """The run's warm-up seconds (``engine.warmup``), charged to its first computed turn as ``run_spec`` does."""
+
+
+def prefill_classes(engine, example, live: list[_Member]) -> list[list[_Member]]:
+    """The live runs of one example split by the tokens of their first feed (``runner.first_feed_ids``): runs of one
+    mode feed the same tokens; two modes share a class when their first feeds are equal."""
+    from scbench.runner import first_feed_ids
+
+    by_mode: dict[str, list[_Member]] = {}
+    for m in live:
+        by_mode.setdefault(m.job.spec.mode, []).append(m)
+    if len(by_mode) < 2:
+        return [live] if live else []
+    classes: list[tuple[list[int], list[_Member]]] = []
+    for members in by_mode.values():
+        try:
+            ids = first_feed_ids(engine, members[0].task, example, members[0].job.spec)
+        except Exception:  # noqa: BLE001 - a prompt that cannot be built: these runs fail in their replay, alone
+            ids = None
+        same = next((c for c in classes if ids is not None and c[0] == ids), None)
+        if same is None:
+            classes.append((ids, list(members)))
+        else:
+            same[1].extend(members)
+    if len(classes) > 1:
+        log.info("example %s: the modes' first prefills differ (%s tokens): one prefill per mode", example.id,
+                 " vs ".join(str(len(ids)) if ids is not None else "?" for ids, _ in classes))
+    return [members for _, members in classes]
 
 
 def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
@@ -136,7 +173,6 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     finished as ``run_spec`` does it; one run's failure is recorded and the others go on."""
     from scbench.batch import replay_class
     from scbench.data import load_examples
-    from scbench.engines.fork import ForkingEngine, SharedPrefill
     from scbench.provenance import collect, spec_hash
     from scbench.registry import TASKS
     from scbench.run import _record_stop, finished, get_engine, parse_shard, record_failure, run_spec_dict, shard_key
@@ -206,41 +242,24 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                            provenance=collect(engine.describe(), m.method.describe(), m.task))
             store.set_expected(m.run_id, {e.id: n_turns(e, m.job.spec) for e in examples})
             m.done = store.done_turns(m.run_id)
-        window = max((m.method.query_window for m in claimed if "compress_cache" in m.method.hooks()), default=0)
+        modes = "+".join(dict.fromkeys(m.job.spec.mode for m in claimed))
         log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s", len(claimed), spec.task,
-                 spec.mode, ", ".join(m.method.name for m in claimed))
+                 modes, ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed))
         total = sum(n_turns(e, m.job.spec) for e in mine for m in claimed)
         todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in claimed)
+        warm = getattr(engine, "warmup", None)
+        for m in claimed:  # one-time costs (compilation, graph capture) before the first timed turn, as in run_spec
+            if warm is not None and any(len(m.done.get(e.id, {})) < n_turns(e, m.job.spec) for e in mine):
+                m.warmup_s = warm(m.method)
         if lead.progress and todo:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=total - todo, unit="turn",
-                       desc=f"{spec.task} {spec.mode} {len(claimed)} methods (shared prefill)")
+                       desc=f"{spec.task} {modes} {len(claimed)} runs (shared prefill)")
         for ex in mine:
             live = [m for m in claimed if m.error is None and len(m.done.get(ex.id, {})) < n_turns(ex, m.job.spec)]
-            shared = SharedPrefill(engine, takers=len(live), window=window)
-            try:
-                for m in live:
-                    proxy = ForkingEngine(engine, shared)
-                    try:
-                        rep = replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}))
-                        for result in rep:
-                            store.put(m.run_id, result)
-                            if bar:
-                                bar.update(1)
-                        if rep.mismatches:
-                            store.note_mismatch(m.run_id, rep.mismatches)
-                    except Exception as e:  # noqa: BLE001 - this run fails, the others go on
-                        m.error = e
-                        _record_stop(store, lead.store, m.run_id, m.spec_dict, e)
-                        log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id,
-                                  type(e).__name__, e)
-                        free_cached_memory()
-                    finally:
-                        if not proxy.consumed():
-                            shared.skip()
-            finally:
-                shared.close()
+            for members in prefill_classes(engine, ex, live):
+                _run_class(engine, members, ex, replay, store, bar)
         for m in claimed:
             if m.error is not None:
                 outcomes.append(Outcome(m.job, m.run_id, m.error, len(claimed)))
@@ -265,6 +284,37 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     return outcomes
 
 
+def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
+    """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
+    is recorded and the others go on."""
+    from scbench.engines.fork import ForkingEngine, SharedPrefill
+    from scbench.run import _record_stop
+
+    window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
+    shared = SharedPrefill(engine, takers=len(members), window=window)
+    try:
+        for m in members:
+            proxy = ForkingEngine(engine, shared)
+            try:
+                rep = replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
+                for result in rep:
+                    m.warmup_s = 0.0
+                    store.put(m.run_id, result)
+                    if bar:
+                        bar.update(1)
+                if rep.mismatches:
+                    store.note_mismatch(m.run_id, rep.mismatches)
+            except Exception as e:  # noqa: BLE001 - this run fails, the others go on
+                m.error = e
+                _record_stop(store, m.job.store, m.run_id, m.spec_dict, e)
+                log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id,
+                          type(e).__name__, e)
+                free_cached_memory()
+            finally:
+                if not proxy.consumed():
+                    shared.skip()
+    finally:
+        shared.close()
 
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------

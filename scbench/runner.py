@@ -25,6 +25,26 @@ def n_turns(example: Example, spec: RunSpec) -> int:
     return min(len(example.turns), spec.max_turns)
 
 
+def query_blind_split(spec: RunSpec, ids: list[int], query_start: int | None) -> bool:
+    """Whether a first prompt is fed in two parts, the context (compression fires on it) and then its query: the
+    query is hidden from compression (``policy.query_visible=false``) and the prompt has a query start."""
+    return query_start is not None and not spec.query_visible and 0 < query_start < len(ids)
+
+
+def first_feed_ids(engine, task, example: Example, spec: RunSpec) -> list[int]:
+    """The tokens of a run's first feed (the first prefill, what ``Replay`` feeds first with ``reuse``): multi-request
+    prompt 0 (the context, cut before the first query); multi-turn the first prompt, up to its query when the query
+    is hidden from compression (``query_blind_split``), else whole (context, query, generation prompt and forced
+    assistant prefix in one forward). For methods that do not rewrite the context (no ``compress_context``)."""
+    builder = PromptBuilder(engine, task, example, mode=spec.mode, n_turns=n_turns(example, spec),
+                            max_seq_length=spec.max_seq_length, bos=spec.bos, golden=spec.golden_context,
+                            max_new_tokens_cap=spec.max_new_tokens)
+    if spec.mode != "multi_turn":
+        return builder.context()
+    tp = builder.first()
+    return tp.ids[: tp.query_start] if query_blind_split(spec, tp.ids, tp.query_start) else tp.ids
+
+
 class Replay:
     """One example's replay; yields a TurnResult per turn that is not already in ``done``."""
 
@@ -76,7 +96,7 @@ class Replay:
         """Feed ids; compression / sparse prefill fire according to the run's policies."""
         compress = first or self.spec.compress == "every_turn"
         sparse = first or self.spec.sparse_prefill == "every"
-        if first and compress and query_start is not None and not self.spec.query_visible and 0 < query_start < len(ids):
+        if first and compress and query_blind_split(self.spec, ids, query_start):
             a = self.session.feed(ids[:query_start], compress=True, sparse=sparse)
             b = self.session.feed(ids[query_start:], compress=False, sparse=sparse)
             return dataclasses.replace(a, tokens=a.tokens + b.tokens, seconds=a.seconds + b.seconds,

@@ -1,0 +1,73 @@
+"""scripts/bench_methods.py (`make bench-methods`): the sequential and grouped + batched sweeps through `scbench run`
+end to end on the tiny model, parts merged by length or mode, and the device-time estimate."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from support import ROOT, load_script
+
+report = load_script("bench_methods_report.py")
+bench = load_script("bench_methods.py")
+
+
+def sweep(way, mode, wall, preds, length=100):
+    return {"length": length, "way": way, "modes": [mode], "rc": 0, "wall_s": wall, "runs_s": wall - 2,
+            "warmup_s": 1.0, "runs": 2, "cells": 2, "failed": [], "predictions": preds}
+
+
+def part(mode, seq_wall, grp_wall, same=True):
+    preds = {f"full|{mode}|0|{t}": f"answer {t}" for t in range(2)}
+    other = preds if same else {k: v + "!" for k, v in preds.items()}
+    return {"device": "cpu", "torch": "x", "commit": mode, "model": ["model=tiny"], "turns": 2, "max_new_tokens": 4,
+            "rows": [], "sweeps": [sweep("sequential", mode, seq_wall, preds), sweep("grouped", mode, grp_wall, other)]}
+
+
+def test_parts_split_by_mode_add_up(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(part("multi_turn", 30.0, 10.0)))
+    b.write_text(json.dumps(part("multi_request", 50.0, 20.0, same=False)))
+    report.combine([str(a), str(b)], tmp_path / "m")
+    data = json.loads((tmp_path / "m.json").read_text())
+    (e,) = data["summary"]
+    assert e["sequential"]["wall_s"] == 80.0 and e["grouped"]["wall_s"] == 30.0 and e["speedup"] == 80.0 / 30.0
+    assert e["sequential"]["modes"] == ["multi_turn", "multi_request"] and e["sequential"]["cells"] == 4
+    assert e["grouped"]["steady_s"] == 30.0 - 4 - 2 and e["same_predictions"] == "2/4"
+    assert e["grouped"]["examples_per_gpu_hour"] == 4 * 3600 / 30.0
+    md = (tmp_path / "m.md").read_text()
+    assert "## Sweep wall time" in md and "| 100 | multi_turn+multi_request | 4/4 | 80 | 30 |" in md
+
+
+def test_estimate_fits_the_measured_file():
+    measured = ROOT / "results" / "perf" / "methods_gpu.json"
+    args = (bench.GPU_METHODS, [32000, 131000], bench.MODES, list(bench.WAYS), 2)
+    long, short = report.estimate(measured, *args, 64, 1), report.estimate(measured, *args, 16, 1)
+    assert set(long["sweeps"]) == {f"{n}-{w}" for n in (32000, 131000) for w in bench.WAYS}
+    for n in (32000, 131000):
+        assert long["sweeps"][f"{n}-grouped"] < long["sweeps"][f"{n}-sequential"]
+    assert long["sweeps"]["131000-sequential"] > 2 * long["sweeps"]["32000-sequential"]
+    assert short["total_s"] < long["total_s"] and f"~{long['total_s']:.0f} s" in long["text"]
+
+
+def test_cpu_dry_run_end_to_end(tmp_path):
+    """Both sweeps on the tiny random model (float32): the grouped + batched sweep predicts what the sequential one
+    does; DuoAttention gets gates of the tiny model's shape; the tables are written."""
+    out = tmp_path / "m"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_methods.py"), "--cpu", "--model", "tiny-llama",
+                        "--lengths", "400", "--methods", "full", "snapkv-1k", "duo_attention-1k", "--max-new", "4",
+                        "--out", str(out)], capture_output=True, text=True, env={**os.environ,
+                                                                                  "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["methods"] == ["full", "snapkv-1k", "duo_attention-1k-random"]
+    assert [(s["way"], s["rc"], s["cells"]) for s in data["sweeps"]] == [("sequential", 0, 6), ("grouped", 0, 6)]
+    (e,) = data["summary"]
+    assert e["same_predictions"] == "12/12" and e["same_cells"]
+    shared = {(r["config"]["name"], r["mode"]): r["prefill_shared"] for r in data["rows"] if r["way"] == "grouped"}
+    assert shared == {("full", m): 2 for m in bench.MODES} | {("snapkv", m): 2 for m in bench.MODES} | {
+        ("duo_attention", m): 1 for m in bench.MODES}
+    assert {r["status"] for r in data["rows"]} == {"done"}
+    md = out.with_suffix(".md").read_text()
+    assert "## Per method" in md and md.count("| 400 | multi_") == 6 + 1
