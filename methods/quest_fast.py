@@ -6,7 +6,9 @@ key itself); every page's bound score is computed against a fixed-size bounds bu
 candidates (the recent pages and everything after them) are masked to -inf, and ``topk`` takes the largest
 possible pick count (``(budget - 1) // page``); slots beyond this step's pick count, or holding a masked page,
 are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decode`` attends to the listed rows
-(Triton on CUDA: no gather). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
+(Triton on CUDA: no gather). On CUDA the scores come from one kernel that also updates the bounds, and
+``scbench.kernels.topk_select.quest_select_triton`` lists the step's pick best pages without a sort (bisection on
+the scores' bits; the old ``topk`` path stays selectable, ``SCBENCH_QUEST_SELECT=topk``). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
 ``TieredLayer``) stays the reference: tests/methods/test_quest_fast.py compares greedy tokens.
 """
 from __future__ import annotations
@@ -17,12 +19,16 @@ import torch
 
 from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
 
 
 FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
 """CUDA: the fused Triton kernels (scores with the bounds update; attention applying the pick rule) instead of
 the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare the two)."""
+SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
+"""CUDA page top-k: ``bisect`` (scbench/kernels/topk_select.py: no sort, pages listed in ascending order) or
+``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
 class QuestDecode:
@@ -33,12 +39,20 @@ class QuestDecode:
         self.kmin: dict[int, torch.Tensor] = {}
         self.kmax: dict[int, torch.Tensor] = {}
         self.q_heads = 0
+        self._n = None
+        self.select = SELECT
+        self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
+        self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
+        self.select_args: dict = {}  # quest_select_triton's segment / num_warps / local_warps
+        self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.counter: torch.Tensor | None = None
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
 
     def allocate(self, kv, cache) -> None:
         p = self.m.page_size
+        self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
         for l, kb in enumerate(kv.k):
             if l >= self.m.dense_layers:
                 b, h, c, d = kb.shape
@@ -90,10 +104,17 @@ class QuestDecode:
         if l < self.m.dense_layers:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        m, at = self.m, kv.at[l : l + 1]
+        if self._n is None or l == self.m.dense_layers:  # every layer's valid length, once per step
+            self._n = kv.at + 1
+        m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
         if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
             s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                                 m.recent_pages, m.gqa == "group")
+                                                 m.recent_pages, m.gqa == "group", **self.score_args)
+            if self.select == "bisect":
+                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
+                                            **self.select_args)
+                return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
+                                                           counter=self.counter if self.merge else None, **self.tune)
             top = s.topk(self.top_k(s.shape[-1]), dim=-1)
             return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                        top_values=top.values, budget=m.budget, recent=m.recent_pages)

@@ -3,17 +3,25 @@
 Per step and layer: the inner products of the query with every key of the static buffer (one matmul), rows
 outside the searchable range [n_init, n - n_local) masked to -inf, ``topk`` of ``top_k``, then the static rows
 (the first ``n_init`` and the last ``n_local``) join the list and ``scbench.kernels.paged_decode`` attends to the
-listed rows in place (pages of one row; Triton on CUDA). Slots holding a masked row, or a static row that another
+listed rows in place (pages of one row; Triton on CUDA). On CUDA a radix select (``scbench.kernels.topk_select``)
+lists the top rows without a sort, the static rows included. Slots holding a masked row, or a static row that another
 slot already covers (short contexts), are -1. The row set equals ``RetrievalAttention.select``'s, so the plain loop
 stays the reference: tests/methods/test_retrieval_fast.py compares greedy tokens. Exact search only (``index``
 exact, ``tier`` device); the host tier and faiss indices take the plain loop.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from scbench.kernels import topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
+
+SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "radix")
+"""CUDA top-k over the rows: ``radix`` (scbench/kernels/topk_select.py: histogram passes, no sort) or ``topk``
+(torch.topk over the masked float32 scores, the plain ops). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
 class RetrievalDecode:
@@ -22,35 +30,73 @@ class RetrievalDecode:
     def __init__(self, method):
         self.m = method
         self.q_heads = 0
+        self._n = None
+        self.select = SELECT
+        self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
+        self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
+        self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (measured slower than a matmul
+        # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py)
+        self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
+        self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.counter: torch.Tensor | None = None
+
+    def allocate(self, kv, cache) -> None:
+        self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
 
-    def rows(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
-        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot)."""
+    def rows(self, kv, l: int, q: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot); n: the valid length."""
         m = self.m
         k = kv.k[l]
         b, hkv, c, d = k.shape
         hq = q.shape[1]
-        n = kv.at[l : l + 1] + 1
+        n = kv.at[l : l + 1] + 1 if n is None else n
         lo, hi = m.n_init, n - m.n_local
+        if k.is_cuda and topk_select.triton is not None and self.select == "radix":
+            return self._rows_radix(q, k, n, lo, hi)
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
         pos = torch.arange(c, device=q.device)
         s = s.float().masked_fill((pos < lo) | (pos >= hi), float("-inf"))
         top = s.topk(min(m.top_k, c), dim=-1)
         found = torch.where(top.values > float("-inf"), top.indices, -1)
-        init = torch.arange(lo, device=q.device)
+        return torch.cat([self._static(n, lo, hi).expand(*found.shape[:2], -1), found], dim=-1)
+
+    def _static(self, n, lo: int, hi) -> torch.Tensor:
+        """The first n_init and last n_local rows [n_init + n_local] (-1: not valid yet, or listed already)."""
+        init = torch.arange(lo, device=n.device)
         init = torch.where(init < n, init, -1)
-        local = hi + torch.arange(m.n_local, device=q.device)
+        local = hi + torch.arange(self.m.n_local, device=n.device)
         local = torch.where(local >= lo, local, -1)  # short contexts: rows below n_init are already listed
-        static = torch.cat([init, local]).expand(*found.shape[:2], -1)
-        return torch.cat([static, found], dim=-1)
+        return torch.cat([init, local])
+
+    def _rows_radix(self, q, k, n, lo: int, hi) -> torch.Tensor:
+        """The same row list (int32, found rows unordered) on CUDA: scores and the first radix pass in one kernel
+        (``fused``; else a matmul), then the sort-free radix select."""
+        m = self.m
+        b, hkv, c, d = k.shape
+        group = m.gqa == "group"
+        kk, ns = min(m.top_k, c), lo + m.n_local
+        work = None
+        if self.fused:
+            s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group,
+                                                          digits=self.radix.get("digits"), **self.score_args)
+        else:
+            s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
+            s = s.amax(2) if group else s.flatten(1, 2)
+        rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, **self.radix)
+        return rows.view(b, s.shape[1], ns + kk)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return paged_attention(q, k, v, self.rows(kv, l, q), kv.at[l : l + 1] + 1, 1, scale)
+        if l == 0 or self._n is None:  # every layer's valid length, once per step (layers run in order)
+            self._n = kv.at + 1
+        n = self._n[l : l + 1]
+        merge = {"counter": self.counter} if self.merge and self.m.gqa == "head" else {}
+        return paged_attention(q, k, v, self.rows(kv, l, q, n), n, 1, scale, **merge, **self.tune)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""
