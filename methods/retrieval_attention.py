@@ -5,8 +5,11 @@ Based on Liu et al., "RetrievalAttention: Accelerating Long-Context LLM Inferenc
 ``TieredLayer`` (scbench/kv/offload.py) whose keys and values sit in host memory (``tier=cpu``). At each decode
 step and layer the query searches the stored keys on the host (exact inner-product search, ``torch.topk``, over
 a float32 copy of half-precision keys),
-and the top ``top_k`` rows plus a static pattern (the first ``n_init`` and last ``n_local`` tokens) are copied
-to the accelerator and attended exactly.
+and the top ``top_k`` rows are attended ON THE HOST, while the accelerator attends over the static pattern (the
+first ``n_init`` and last ``n_local`` tokens) it keeps; only the query and the host's partial result (output +
+log-sum-exp) cross the bus and the halves are merged exactly (methods/retrieval_host.py, as the paper splits it).
+``split: false`` (and a faiss index or ``recall``) takes the loading path instead: the top ``top_k`` rows plus the
+static pattern are gathered on the host, copied to the accelerator and attended there (the reference).
 
 Opt-in approximate search (``index: faiss_ivf | faiss_hnsw``, needs the ``faiss`` extra): when the KV is parked,
 one faiss inner-product index per batch row and KV head is built over the searchable rows (IVF-Flat with
@@ -178,6 +181,9 @@ class RetrievalAttention(Method):
     """faiss_hnsw: links per node."""
     ef_search: int = 128
     """faiss_hnsw: search beam width (raised to top_k when smaller)."""
+    split: bool = True
+    """Host tier with exact search: the host attends over the rows it retrieved and the accelerator over the
+    static pattern, merged by log-sum-exp (false: the retrieved rows are loaded to the accelerator)."""
 
     name: ClassVar[str] = "retrieval_attention"
     stages: ClassVar[tuple[str, ...]] = ("loading",)
@@ -194,8 +200,9 @@ class RetrievalAttention(Method):
         "exact top-k search (torch.topk over all stored keys) by default, or opt-in (index=faiss_ivf/faiss_hnsw) "
         "a general-purpose faiss inner-product index, instead of the paper's attention-aware ANN index (exact "
         "search is an upper bound on its recall at the same k); retrieved and static tokens are attended together "
-        "on the accelerator (the paper splits CPU and GPU attention and merges them: the same result up to rounding); "
-        "the static tokens are loaded every step instead of staying on the GPU"
+        "on the host (float32) and the static tokens on the accelerator, merged by log-sum-exp as the paper does "
+        "(split=false, a faiss index or recall: both are loaded to and attended on the accelerator, the same result "
+        "up to rounding)"
     )
 
     @classmethod
@@ -240,6 +247,11 @@ class RetrievalAttention(Method):
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them in the tier (and its search index)."""
         layer = TieredLayer(keys, values, storage=self.tier)
+        if self.uses_split():  # the static rows stay on the accelerator, copied from the prefill's keys
+            from scbench.kv.split import DeviceWindow
+
+            layer.window = DeviceWindow(self.n_init, self.n_local)
+            layer.window.build(keys, values, keys.device)
         self.search_keys(layer)  # built with the offload, not inside the first decode step
         return layer
 
@@ -313,8 +325,16 @@ class RetrievalAttention(Method):
             layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
         return out
 
+    def uses_split(self) -> bool:
+        """Whether decode takes the host/accelerator split (methods/retrieval_host.py)."""
+        return self.split and self.tier == "cpu" and self.index == "exact" and not self.recall
+
     def decode_attention(self, layer_idx, q, k, v, scale, *, layer=None):
         """q [B, Hq, 1, D]; k, v: the layer's stored rows [B, Hkv, n, D] (host memory) -> [B, Hq, 1, D]."""
         layer: TieredLayer = require_tiered(self, layer_idx, layer)
+        if self.uses_split():
+            from scbench.methods.retrieval_host import split_decode
+
+            return split_decode(self, layer, q, scale)
         idx = self.select(q[:, :, 0], self.search_keys(layer), layer)
         return attend_loaded(layer, q, idx, scale, recall=self.recall)

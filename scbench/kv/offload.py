@@ -203,6 +203,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self.load_s = 0.0
         self.recall_sum = 0.0
         self.recall_n = 0
+        self.window = None
+        """A ``scbench.kv.split.DeviceWindow``: static rows kept on the compute device (host-split decode)."""
         self._append(keys, values)
         self.crop_floor = self.n
 
@@ -219,6 +221,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states, value_states: [B, Hkv, t, D] on the compute device."""
         self._append(key_states, value_states)
+        if self.window is not None:
+            self.window.append(key_states, value_states, self.n)
         if key_states.shape[-2] == 1 or self.storage == self.compute:
             return self.keys, self.values
         return self.load_all()  # a later prefill attends densely over everything, brought from the host tier
@@ -296,7 +300,7 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def scbench_nbytes(self) -> int:
         """Bytes on the accelerator: stored rows kept there and the method's state there (e.g. Quest's page
         bounds). The buffers' spare rows (up to 1/8, as an allocator's slack) are not counted."""
-        return self._nbytes_on(self.compute)
+        return self._nbytes_on(self.compute) + (self.window.nbytes() if self.window is not None else 0)
 
     def scbench_slow_nbytes(self) -> int:
         """Bytes held in the slow tier (host memory while the model runs on an accelerator): rows and state."""
@@ -307,6 +311,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self._v.crop(n)
         self.crop_floor = min(self.crop_floor, self.n)
         self.keys, self.values = self._k.view, self._v.view
+        if self.window is not None:
+            self.window.crop(n)
 
     def scbench_snapshot(self):
         return (self.keys.clone(), self.values.clone())
@@ -314,6 +320,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def scbench_restore(self, state) -> None:
         self.scbench_crop(0)
         self._append(*state)
+        if self.window is not None:
+            self.window.valid = False  # rebuilt from the restored host rows when next needed
 
 
 def require_tiered(method, layer_idx: int, layer) -> TieredLayer:

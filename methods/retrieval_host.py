@@ -1,0 +1,102 @@
+"""RetrievalAttention's host tier as the paper splits it (arXiv 2409.10516 §4): per decode step and layer the
+accelerator attends over the static pattern it keeps (``scbench.kv.split.DeviceWindow``: the first ``n_init``
+and last ``n_local`` rows), while the host searches its stored keys for the ``top_k`` by inner product and
+attends over them itself (torch on the CPU's threads, float32); only the query (to the host) and the host's
+partial result (output + log-sum-exp per query head, to the accelerator) cross the bus, and the two halves are
+merged exactly (``scbench.kv.split.merge``). The device half is launched before the host waits for the query,
+so the two overlap.
+
+The row set equals ``RetrievalAttention.select``'s (the same inner products and ``topk``), so the plain loading
+path (``split=false``: rows gathered on the host and loaded to the accelerator) stays the reference:
+tests/methods/test_retrieval_host.py compares greedy tokens. Exact search only; a faiss index or ``recall``
+takes the loading path.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from scbench.kv.offload import TieredLayer, nbytes
+from scbench.kv.split import DeviceWindow, merge, partial_attention
+
+
+def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int,
+                 group: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, D] (float32, host) over the top ``top_k`` rows of [lo, hi) by inner product (all of
+    them when there are no more): keys [B, Hkv, n, D] the searched keys (float32), vbuf [B, Hkv, cap, D] the
+    values' contiguous buffer -> (out [B, Hq, D], lse [B, Hq]) float32; lse -inf where no row is searchable.
+
+    The search's inner products are the attention logits (divided by the scale): the retrieved keys are never
+    gathered, only their values (``index_select`` of whole rows)."""
+    b, hq, d = q.shape
+    hkv, cap = vbuf.shape[1], vbuf.shape[2]
+    rep = hq // hkv
+    if hi <= lo:
+        return q.new_zeros(b, hq, d), q.new_full((b, hq), float("-inf"))
+    s = q.reshape(b, hkv, rep, d) @ keys[..., lo:hi, :].transpose(-1, -2)  # [B, Hkv, rep, m]: as top_keys
+    m = hi - lo
+    base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
+    if m <= top_k:  # every searchable row
+        idx = torch.arange(m).expand(b, hkv, m)
+        sel = s
+    elif group:
+        idx = s.amax(2).topk(top_k, dim=-1, sorted=False).indices  # [B, Hkv, k]
+        sel = s.gather(-1, idx.unsqueeze(2).expand(b, hkv, rep, top_k))
+    else:
+        idx = s.topk(top_k, dim=-1, sorted=False).indices  # [B, Hkv, rep, k]
+        sel = s.gather(-1, idx)
+    logits = sel * scale
+    lse = logits.logsumexp(-1, keepdim=True)
+    p = (logits - lse).exp()
+    flat = vbuf.view(-1, d)
+    if idx.dim() == 3:  # one row set per KV head
+        vals = flat.index_select(0, (idx + base).reshape(-1)).view(b, hkv, -1, d).float()
+        out = p @ vals  # [B, Hkv, rep, D]
+    else:
+        vals = flat.index_select(0, (idx + base.unsqueeze(-1)).reshape(-1)).view(b, hkv, rep, -1, d).float()
+        out = (p.unsqueeze(-2) @ vals).squeeze(-2)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+class Staging:
+    """Per-layer pinned host buffers for the query and the host's partial result (reused every step: the copy
+    out of a buffer completes before the same layer's next step, which follows several synchronisations)."""
+
+    def __init__(self, q: torch.Tensor, pin: bool):
+        b, hq, _, d = q.shape
+        self.q = torch.empty((b, hq, d), dtype=q.dtype, pin_memory=pin)
+        self.part = torch.empty((b, hq, d + 1), dtype=torch.float32, pin_memory=pin)
+
+
+def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One decode step's attention of q [B, Hq, 1, D] (compute device) over ``layer`` -> [B, Hq, 1, D]."""
+    b, hq, _, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    if layer.window is None:
+        layer.window = DeviceWindow(method.n_init, method.n_local)
+    cuda = layer.compute.type == "cuda" and layer.storage.type == "cpu"
+    st = getattr(layer, "staging", None)
+    if st is None or st.q.shape != q[:, :, 0].shape or st.q.dtype != q.dtype:
+        st = layer.staging = Staging(q, cuda)
+    t0 = time.perf_counter()
+    st.q.copy_(q[:, :, 0], non_blocking=cuda)  # to the host, then the device half is queued behind it
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    ks, vs = layer.window.rows(layer)
+    out_d, lse_d = partial_attention(q[:, :, 0], ks, vs, scale)
+    if cuda:
+        ready.synchronize()
+    n = layer.n
+    keys = method.search_keys(layer)
+    out_h, lse_h = host_partial(st.q.float(), keys, layer._v.buf, method.n_init, n - method.n_local,
+                                method.top_k, method.gqa == "group", scale)
+    st.part[..., :d] = out_h
+    st.part[..., d] = lse_h
+    part = st.part.to(layer.compute, non_blocking=cuda) if cuda else st.part
+    out = merge(out_d, lse_d, part[..., :d], part[..., d])
+    layer.load_s += time.perf_counter() - t0
+    # bus traffic of this step and layer: the query out, the partial result back, the new token's key and value out
+    layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
+    return out.to(q.dtype).unsqueeze(2)
