@@ -303,7 +303,10 @@ class RetrievalAttention(Method):
             self.sync_index(layer, layer.keys)
             layer.crop_floor = layer.n
             return layer.keys
-        rows = layer.state.setdefault("index", Rows(layer.storage, layer.compute, torch.float32))
+        rows = layer.state.get("index")
+        if rows is None:  # host only (never copied to the accelerator): not pinned
+            rows = layer.state["index"] = Rows(layer.storage, layer.compute, torch.float32, pin=False,
+                                               reserve=layer._k.reserve)
         rows.crop(layer.crop_floor)
         if rows.n < layer.n:
             rows.append(layer.keys[..., rows.n :, :])

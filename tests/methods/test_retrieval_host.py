@@ -90,3 +90,20 @@ def test_faiss_and_recall_take_the_loading_path():
     assert not RetrievalAttention(recall=True).uses_split()
     assert not RetrievalAttention(split=False).uses_split()
     assert not RetrievalAttention(tier="device").uses_split()
+
+
+@pytest.mark.parametrize("shape,k", [((3, 20000), 500), ((2, 2, 40000), 4096), ((4, 17000), 4000), ((2, 100), 7)])
+def test_topk_rows_is_the_topk_set(shape, k):
+    from scbench.methods.retrieval_host import topk_rows
+
+    s = rand(*shape, seed=k)
+    if len(shape) == 2 and shape[1] > 10000:  # a sorted row: the strided sample misjudges nothing, still exact
+        s[0] = torch.arange(shape[1], dtype=torch.float32)
+    got = topk_rows(s, k)
+    want = s.topk(k, dim=-1).indices
+    assert got.shape == want.shape
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    spiky = torch.zeros(shape)  # ties everywhere: fewer than k rows above the sample's bound -> plain topk
+    spiky[..., :: 97] = 1.0
+    assert torch.equal(spiky.gather(-1, topk_rows(spiky, k)).sort(-1).values,
+                       spiky.topk(k, dim=-1).values.sort(-1).values)

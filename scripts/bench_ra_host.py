@@ -1,0 +1,141 @@
+"""RetrievalAttention's host tier on the GPU box: the split decode (methods/retrieval_host.py) against the loading
+path (``split=false``) on a Llama-3.1-8B-shaped random bf16 model, plus a CPU microbenchmark of the host half.
+
+    TOK=<tokenizer folder> python scripts/bench_ra_host.py [--ctx 32768] [--new 20] [--old 3] [--long 131072]
+
+1. ``micro``: the host half of one layer at the 8B shape (8 KV heads x 128 dims, 32 query heads, top-k 4096) on
+   synthetic keys, per step part (inner products, top-k, value gather + weighted sum), on the CPU's threads.
+2. ``e2e``: ``random:llama-3.1-8b`` on the GPU, ``--ctx`` random tokens prefilled with RetrievalAttention
+   (tier=cpu, top_k=4096), then from the same checkpoint ``--old`` tokens through the loading path and ``--new``
+   through the split path: decode tok/s, bus bytes per token (``loaded_bytes``), host seconds per token
+   (``load_s``), and how many leading greedy tokens agree (bf16).
+3. ``--long``: the split path alone at that context when time is left (``--budget`` seconds in all).
+One JSON object per line on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+T0 = time.perf_counter()
+
+
+def log(**kw) -> None:
+    kw["t"] = round(time.perf_counter() - T0, 1)
+    print(json.dumps(kw), flush=True)
+
+
+def timed(fn, rep: int = 5) -> float:
+    fn()
+    ms = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(ms), 3)
+
+
+def micro(n: int, top_k: int = 4096) -> None:
+    from scbench.methods.retrieval_host import host_partial, topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 8, n, 128, generator=g)
+    vbuf = torch.randn(1, 8, n, 128, generator=g).bfloat16()
+    q = torch.randn(1, 32, 128, generator=g)
+    lo, hi = 128, n - 512
+    s = q.view(1, 8, 4, 128) @ keys[..., lo:hi, :].transpose(-1, -2)
+    idx = topk_rows(s, top_k)
+    flat = vbuf.view(-1, 128)
+    gi = (idx + lo + (torch.arange(8) * n).view(1, 8, 1, 1)).reshape(-1)
+    vals = flat.index_select(0, gi)
+    p = torch.rand(1, 8, 4, top_k)
+    row = {"micro": n, "threads": torch.get_num_threads(),
+           "read_f32_GBps": round(keys.numel() * 4 / timed(keys.sum) / 1e6, 1),
+           "scores_qk_ms": timed(lambda: q.view(1, 8, 4, 128) @ keys[..., lo:hi, :].transpose(-1, -2)),
+           "scores_kq_ms": timed(lambda: (keys[..., lo:hi, :] @ q.view(1, 8, 4, 128).transpose(-1, -2))
+                                 .transpose(-1, -2).contiguous()),
+           "topk_ms": timed(lambda: s.topk(top_k, dim=-1, sorted=False)),
+           "topk_rows_ms": timed(lambda: topk_rows(s, top_k)),
+           "gather_v_ms": timed(lambda: flat.index_select(0, gi)),
+           "pv_f32_ms": timed(lambda: p.unsqueeze(-2) @ vals.float().view(1, 8, 4, top_k, 128)),
+           "pv_bf16_ms": timed(lambda: p.bfloat16().unsqueeze(-2) @ vals.view(1, 8, 4, top_k, 128)),
+           "host_partial_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088)),
+           "host_partial_group_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, True, 0.088))}
+    kb = keys.bfloat16()
+    row["scores_bf16_ms"] = timed(lambda: q.bfloat16().view(1, 8, 4, 128) @ kb[..., lo:hi, :].transpose(-1, -2))
+    log(**row)
+
+
+def e2e(engine, n: int, new: int, old: int, top_k: int) -> None:
+    from scbench.methods.retrieval_attention import RetrievalAttention
+
+    torch.cuda.empty_cache()
+    m = RetrievalAttention(top_k=top_k)
+    s = engine.session(m)
+    ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    fs = s.feed(ids, compress=True, sparse=False)
+    mem = s.memory()
+    log(ctx=n, prefill_s=round(fs.seconds - fs.compress_s, 2), compress_s=round(fs.compress_s, 2),
+        slow_tier_GB=round(mem.get("slow_tier_bytes", 0) / 1e9, 2), kv_gpu_MB=round(mem.get("kv_bytes", 0) / 1e6, 1))
+    logits, ckpt = s.last_logits, s.checkpoint(rewrites=False)
+    runs = {}
+    for name, split, tokens in (("old", False, old), ("new", True, new)):
+        if not tokens:
+            continue
+        m.split = split
+        s.memory()
+        gen = s.generate(tokens)
+        mem = s.memory()
+        steps = len(gen.tokens) - 1
+        runs[name] = gen.tokens
+        log(ctx=n, path=name, tokens=len(gen.tokens), decode_s=round(gen.decode_s, 3),
+            tok_s=round(steps / gen.decode_s, 3) if steps else None,
+            bus_bytes_per_token=round(mem["loaded_bytes"] / max(1, steps)),
+            host_s_per_token=round(mem["load_s"] / max(1, steps), 4))
+        s.rollback(ckpt)
+        s.last_logits = logits
+    if "old" in runs and "new" in runs:
+        a, b = runs["old"], runs["new"]
+        k = min(len(a), len(b))
+        log(ctx=n, same_leading_tokens=next((i for i in range(k) if a[i] != b[i]), k), compared=k)
+    del s, m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--new", type=int, default=20)
+    ap.add_argument("--old", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=4096)
+    ap.add_argument("--long", type=int, default=131072)
+    ap.add_argument("--long-new", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=95.0)
+    ap.add_argument("--micro", type=int, nargs="*", default=[32768, 131072])
+    args = ap.parse_args()
+    log(torch=torch.__version__, threads=torch.get_num_threads(), cuda=torch.cuda.is_available(),
+        cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"))
+    for n in args.micro:
+        micro(n, args.top_k)
+    if not torch.cuda.is_available():
+        return
+    from scbench.engines.hf import HFEngine
+
+    engine = HFEngine("random:llama-3.1-8b", tokenizer_path=os.environ.get("TOK"), device="cuda", dtype="bfloat16")
+    log(model_built=True)
+    e2e(engine, args.ctx, args.new, args.old, args.top_k)
+    if args.long and time.perf_counter() - T0 < args.budget - 50:
+        e2e(engine, args.long, args.long_new, 0, args.top_k)
+    else:
+        log(skipped_long=args.long)
+
+
+if __name__ == "__main__":
+    main()
