@@ -181,6 +181,10 @@ class RetrievalAttention(Method):
     """faiss_hnsw: links per node."""
     ef_search: int = 128
     """faiss_hnsw: search beam width (raised to top_k when smaller)."""
+    search: str = "float32"
+    """Host split, half-precision keys: ``float32`` searches a float32 copy of the keys (slow-tier bytes, like the
+    paper's index); ``half`` the stored keys themselves (rounded products bound the candidates, which are rescored
+    in float32: the same top-k, no copy, half the bytes read per step)."""
     split: bool = True
     """Host tier with exact search: the host attends over the rows it retrieved and the accelerator over the
     static pattern, merged by log-sum-exp (false: the retrieved rows are loaded to the accelerator)."""
@@ -218,6 +222,8 @@ class RetrievalAttention(Method):
             raise ValueError(f"RetrievalAttention.gqa must be one of {GQA}, got {self.gqa!r}")
         if self.tier not in STORAGES:
             raise ValueError(f"RetrievalAttention.tier must be one of {STORAGES}, got {self.tier!r}")
+        if self.search not in ("float32", "half"):
+            raise ValueError(f"RetrievalAttention.search must be float32 or half, got {self.search!r}")
         if self.index not in INDEXES:
             raise ValueError(f"RetrievalAttention.index must be one of {INDEXES}, got {self.index!r}")
         for field in ("nlist", "nprobe", "hnsw_m", "ef_search"):
@@ -252,7 +258,8 @@ class RetrievalAttention(Method):
 
             layer.window = DeviceWindow(self.n_init, self.n_local)
             layer.window.build(keys, values, keys.device)
-        self.search_keys(layer)  # built with the offload, not inside the first decode step
+        if not (self.uses_split() and self.search == "half"):
+            self.search_keys(layer)  # built with the offload, not inside the first decode step
         return layer
 
     def sync_index(self, layer: TieredLayer, keys: torch.Tensor) -> AnnIndex | None:

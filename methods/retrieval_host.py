@@ -20,39 +20,7 @@ import torch
 
 from scbench.kv.offload import TieredLayer, nbytes
 from scbench.kv.split import DeviceWindow, merge, partial_attention
-
-
-SAMPLE = 8
-"""``topk_rows`` estimates each row's threshold from every SAMPLE-th score."""
-
-
-def topk_rows(s: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores along the last dim of s [..., m] (in no particular order): the set
-    ``s.topk(k)`` returns (ties aside). For long rows a lower bound of each row's k-th largest score is taken
-    from a strided sample (the rank k/SAMPLE + 4 sd of the sample's count above it), the rows' scores at or
-    above it (>= k of them, else the plain ``topk`` decides) are compacted and ``topk`` runs over those only:
-    on the CPU ``topk`` of k=4,096 over 32K scores costs a selection over every (score, index) pair."""
-    m = s.shape[-1]
-    if m < max(4 * k, 16384):
-        return s.topk(k, dim=-1, sorted=False).indices
-    lead = s.shape[:-1]
-    flat = s.reshape(-1, m)
-    sample = flat[:, ::SAMPLE]
-    rank = min(sample.shape[1], int(k / SAMPLE + 4 * (k / SAMPLE) ** 0.5) + 1)
-    bound = sample.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    mask = flat >= bound
-    counts = mask.sum(-1)
-    if int(counts.min()) < k:
-        return s.topk(k, dim=-1, sorted=False).indices
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major
-    start = counts.cumsum(0) - counts
-    pos = torch.arange(rows.numel()) - start[rows]
-    width = int(counts.max())
-    cand = flat.new_full((flat.shape[0], width), float("-inf"))
-    cand[rows, pos] = flat[rows, cols]
-    where = torch.zeros((flat.shape[0], width), dtype=torch.long)
-    where[rows, pos] = cols
-    return where.gather(1, cand.topk(k, dim=-1, sorted=False).indices).view(*lead, k)
+from scbench.methods.retrieval_search import half_search, topk_rows
 
 
 def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int,
@@ -60,27 +28,30 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
     """Attention of q [B, Hq, D] (float32, host) over the top ``top_k`` rows of [lo, hi) by inner product (all of
     them when there are no more): keys [B, Hkv, n, D] the searched keys (float32), vbuf [B, Hkv, cap, D] the
     values' contiguous buffer -> (out [B, Hq, D], lse [B, Hq]) float32; lse -inf where no row is searchable.
+    Half-precision ``keys`` must be the keys' contiguous buffer [B, Hkv, cap, D] (``half_search``).
 
-    The search's inner products are the attention logits (divided by the scale): the retrieved keys are never
-    gathered, only their values (``index_select`` of whole rows)."""
+    The search's inner products are the attention logits (divided by the scale): with float32 keys the retrieved
+    keys are never gathered, only their values (``index_select`` of whole rows)."""
     b, hq, d = q.shape
     hkv, cap = vbuf.shape[1], vbuf.shape[2]
     rep = hq // hkv
     if hi <= lo:
         return q.new_zeros(b, hq, d), q.new_full((b, hq), float("-inf"))
-    # [B, Hkv, rep, m]: top_keys' products, as keys @ q^T (on the CPU twice as fast as q @ keys^T for rep rows)
-    s = (keys[..., lo:hi, :] @ q.reshape(b, hkv, rep, d).transpose(-1, -2)).transpose(-1, -2).contiguous()
     m = hi - lo
     base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
-    if m <= top_k:  # every searchable row
-        idx = torch.arange(m).expand(b, hkv, m)
-        sel = s
-    elif group:
-        idx = topk_rows(s.amax(2), top_k)  # [B, Hkv, k]
-        sel = s.gather(-1, idx.unsqueeze(2).expand(b, hkv, rep, top_k))
-    else:
-        idx = topk_rows(s, top_k)  # [B, Hkv, rep, k]
-        sel = s.gather(-1, idx)
+    if keys.dtype != torch.float32:  # half-precision keys searched in place, candidates rescored in float32
+        idx, sel = half_search(q, keys, lo, hi, top_k, group)
+    else:  # [B, Hkv, rep, m]: top_keys' products, as keys @ q^T (on the CPU twice as fast as q @ keys^T)
+        s = (keys[..., lo:hi, :] @ q.reshape(b, hkv, rep, d).transpose(-1, -2)).transpose(-1, -2).contiguous()
+        if m <= top_k:  # every searchable row
+            idx = torch.arange(m).expand(b, hkv, m)
+            sel = s
+        elif group:
+            idx = topk_rows(s.amax(2), top_k)  # [B, Hkv, k]
+            sel = s.gather(-1, idx.unsqueeze(2).expand(b, hkv, rep, top_k))
+        else:
+            idx = topk_rows(s, top_k)  # [B, Hkv, rep, k]
+            sel = s.gather(-1, idx)
     logits = sel * scale
     lse = logits.logsumexp(-1, keepdim=True)
     p = (logits - lse).exp()
@@ -125,7 +96,7 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
     if cuda:
         ready.synchronize()
     n = layer.n
-    keys = method.search_keys(layer)
+    keys = layer._k.buf if method.search == "half" and layer.dtype != torch.float32 else method.search_keys(layer)
     out_h, lse_h = host_partial(st.q.float(), keys, layer._v.buf, method.n_init, n - method.n_local,
                                 method.top_k, method.gqa == "group", scale)
     st.part[..., :d] = out_h

@@ -7,7 +7,7 @@ path (``split=false``) on a Llama-3.1-8B-shaped random bf16 model, plus a CPU mi
    synthetic keys, per step part (inner products, top-k, value gather + weighted sum), on the CPU's threads.
 2. ``e2e``: ``random:llama-3.1-8b`` on the GPU, ``--ctx`` random tokens prefilled with RetrievalAttention
    (tier=cpu, top_k=4096), then from the same checkpoint ``--old`` tokens through the loading path and ``--new``
-   through the split path: decode tok/s, bus bytes per token (``loaded_bytes``), host seconds per token
+   through the split path (``search`` float32, then half): decode tok/s, bus bytes per token (``loaded_bytes``), host seconds per token
    (``load_s``), and how many leading greedy tokens agree (bf16).
 3. ``--long``: the split path alone at that context when time is left (``--budget`` seconds in all).
 One JSON object per line on stdout.
@@ -42,7 +42,8 @@ def timed(fn, rep: int = 5) -> float:
 
 
 def micro(n: int, top_k: int = 4096) -> None:
-    from scbench.methods.retrieval_host import host_partial, topk_rows
+    from scbench.methods.retrieval_host import host_partial
+    from scbench.methods.retrieval_search import half_search, topk_rows
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 8, n, 128, generator=g)
@@ -67,16 +68,31 @@ def micro(n: int, top_k: int = 4096) -> None:
            "pv_bf16_ms": timed(lambda: p.bfloat16().unsqueeze(-2) @ vals.view(1, 8, 4, top_k, 128)),
            "host_partial_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088)),
            "host_partial_group_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, True, 0.088))}
-    kb = keys.bfloat16()
-    row["scores_bf16_ms"] = timed(lambda: q.bfloat16().view(1, 8, 4, 128) @ kb[..., lo:hi, :].transpose(-1, -2))
+    kb, qb = keys.bfloat16(), q.bfloat16().float()
+    row["scores_bf16_mm_ms"] = timed(lambda: [torch.mm(kb[0, g, lo:hi], qb.bfloat16().view(8, 4, 128)[g].T)
+                                              for g in range(8)])
+    row["half_search_ms"] = timed(lambda: half_search(qb, kb, lo, hi, top_k, False))
+    row["host_partial_half_ms"] = timed(lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088))
+    threads = torch.get_num_threads()
+    if threads > 8:
+        torch.set_num_threads(threads // 2)
+        row[f"host_partial_ms_{threads // 2}thr"] = timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088))
+        row[f"host_partial_half_ms_{threads // 2}thr"] = timed(lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088))
+        torch.set_num_threads(threads)
     log(**row)
 
 
-def e2e(engine, n: int, new: int, old: int, top_k: int) -> None:
+RUNS = {"old": (False, "float32"), "new": (True, "float32"), "new-half": (True, "half")}
+"""Decode paths: (split, search)."""
+
+
+def e2e(engine, n: int, runs: list[tuple[str, int]], top_k: int, budget: float) -> None:
+    """Prefill ``n`` tokens once, then each (path, tokens) of ``runs`` from the same checkpoint (while time is left)."""
+    from scbench.kv.offload import tiered_layers
     from scbench.methods.retrieval_attention import RetrievalAttention
 
     torch.cuda.empty_cache()
-    m = RetrievalAttention(top_k=top_k)
+    m = RetrievalAttention(top_k=top_k, search=RUNS[runs[0][0]][1])
     s = engine.session(m)
     ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     fs = s.feed(ids, compress=True, sparse=False)
@@ -84,26 +100,34 @@ def e2e(engine, n: int, new: int, old: int, top_k: int) -> None:
     log(ctx=n, prefill_s=round(fs.seconds - fs.compress_s, 2), compress_s=round(fs.compress_s, 2),
         slow_tier_GB=round(mem.get("slow_tier_bytes", 0) / 1e9, 2), kv_gpu_MB=round(mem.get("kv_bytes", 0) / 1e6, 1))
     logits, ckpt = s.last_logits, s.checkpoint(rewrites=False)
-    runs = {}
-    for name, split, tokens in (("old", False, old), ("new", True, new)):
-        if not tokens:
+    out = {}
+    for name, tokens in runs:
+        if time.perf_counter() - T0 > budget - 8 - tokens * (3 if name == "old" else 0.5) * n / 32768:
+            log(ctx=n, path=name, skipped="time")
             continue
-        m.split = split
+        m.split, m.search = RUNS[name]
+        if name != "old" and m.search == "float32":  # the float32 copy exists before the timed steps
+            t0 = time.perf_counter()
+            for layer in tiered_layers(s.cache):
+                m.search_keys(layer)
+            log(ctx=n, float32_copy_s=round(time.perf_counter() - t0, 2))
         s.memory()
         gen = s.generate(tokens)
         mem = s.memory()
         steps = len(gen.tokens) - 1
-        runs[name] = gen.tokens
+        out[name] = gen.tokens
         log(ctx=n, path=name, tokens=len(gen.tokens), decode_s=round(gen.decode_s, 3),
             tok_s=round(steps / gen.decode_s, 3) if steps else None,
             bus_bytes_per_token=round(mem["loaded_bytes"] / max(1, steps)),
-            host_s_per_token=round(mem["load_s"] / max(1, steps), 4))
+            host_s_per_token=round(mem["load_s"] / max(1, steps), 4),
+            slow_tier_GB=round(mem.get("slow_tier_bytes", 0) / 1e9, 2))
         s.rollback(ckpt)
         s.last_logits = logits
-    if "old" in runs and "new" in runs:
-        a, b = runs["old"], runs["new"]
-        k = min(len(a), len(b))
-        log(ctx=n, same_leading_tokens=next((i for i in range(k) if a[i] != b[i]), k), compared=k)
+    for x, y in (("old", "new"), ("new", "new-half"), ("old", "new-half")):
+        if x in out and y in out:
+            a, b = out[x], out[y]
+            k = min(len(a), len(b))
+            log(ctx=n, pair=f"{x}/{y}", same_leading_tokens=next((i for i in range(k) if a[i] != b[i]), k), compared=k)
     del s, m
     gc.collect()
     torch.cuda.empty_cache()
@@ -130,12 +154,11 @@ def main() -> None:
 
     engine = HFEngine("random:llama-3.1-8b", tokenizer_path=os.environ.get("TOK"), device="cuda", dtype="bfloat16")
     log(model_built=True)
-    e2e(engine, args.ctx, args.new, args.old, args.top_k)
+    e2e(engine, args.ctx, [("old", args.old), ("new", args.new), ("new-half", args.new)], args.top_k, args.budget)
     if args.long and time.perf_counter() - T0 < args.budget - 50:
-        e2e(engine, args.long, args.long_new, 0, args.top_k)
+        e2e(engine, args.long, [("new-half", args.long_new), ("new", args.long_new)], args.top_k, args.budget)
     else:
         log(skipped_long=args.long)
-
 
 if __name__ == "__main__":
     main()

@@ -107,3 +107,26 @@ def test_topk_rows_is_the_topk_set(shape, k):
     spiky[..., :: 97] = 1.0
     assert torch.equal(spiky.gather(-1, topk_rows(spiky, k)).sort(-1).values,
                        spiky.topk(k, dim=-1).values.sort(-1).values)
+
+
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_search_equals_the_float32_search(group, dtype):
+    n, lo, hi, k = 20000, 16, 19900, 700
+    q = rand(2, 6, 32, seed=7).to(dtype).float()  # the model's own query: exact in the keys' dtype
+    kbuf = rand(2, 2, n + 50, 32, seed=8).to(dtype)  # a buffer with spare rows
+    vbuf = rand(2, 2, n + 50, 32, seed=9).to(dtype)
+    want = host_partial(q, kbuf.float(), vbuf, lo, hi, k, group, 0.2)
+    got = host_partial(q, kbuf, vbuf, lo, hi, k, group, 0.2)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)  # P @ V rounds its output to the values' dtype
+    from scbench.methods.retrieval_search import half_search
+
+    idx, sel = half_search(q, kbuf, lo, hi, k, group)
+    s = (q.double().view(2, 2, 3, 32) @ kbuf[..., lo:hi, :].double().transpose(-1, -2))  # [2, 2, 3, m]
+    best = (s.amax(2) if group else s).topk(k, dim=-1).indices
+    assert torch.equal(idx.sort(-1).values, best.sort(-1).values)
+    rows = idx.unsqueeze(2).expand(2, 2, 3, k) if group else idx
+    torch.testing.assert_close(sel.double(), s.gather(-1, rows), atol=1e-4, rtol=1e-5)
+    short = host_partial(q, kbuf, vbuf, lo, lo + 500, k, group, 0.2)  # fewer rows than k: all of them
+    torch.testing.assert_close(short, host_partial(q, kbuf.float(), vbuf, lo, lo + 500, k, group, 0.2),
+                               atol=2e-3, rtol=1e-2)

@@ -1,0 +1,101 @@
+"""Exact top-k search over a host tier's keys on the CPU, for RetrievalAttention's host half
+(methods/retrieval_host.py). ``topk_rows``: the set ``torch.topk`` returns, through a sampled lower bound of the
+k-th score. ``half_search``: top-k over half-precision keys without a float32 copy: products in the keys' dtype
+(oneDNN, rounded) bound each row's candidates, whose float32 products (the same as the float32 search's, up to
+summation order) pick the top-k.
+"""
+from __future__ import annotations
+
+import torch
+
+SAMPLE = 8
+"""``topk_rows`` estimates each row's threshold from every SAMPLE-th score."""
+
+
+def topk_rows(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dim of s [..., m] (in no particular order): the set
+    ``s.topk(k)`` returns (ties aside). For long rows a lower bound of each row's k-th largest score is taken
+    from a strided sample (the rank k/SAMPLE + 4 sd of the sample's count above it), the rows' scores at or
+    above it (>= k of them, else the plain ``topk`` decides) are compacted and ``topk`` runs over those only:
+    on the CPU ``topk`` of k=4,096 over 32K scores costs a selection over every (score, index) pair."""
+    m = s.shape[-1]
+    if m < max(4 * k, 16384):
+        return s.topk(k, dim=-1, sorted=False).indices
+    lead = s.shape[:-1]
+    flat = s.reshape(-1, m)
+    sample = flat[:, ::SAMPLE]
+    rank = min(sample.shape[1], int(k / SAMPLE + 4 * (k / SAMPLE) ** 0.5) + 1)
+    bound = sample.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    mask = flat >= bound
+    counts = mask.sum(-1)
+    if int(counts.min()) < k:
+        return s.topk(k, dim=-1, sorted=False).indices
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major
+    start = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel()) - start[rows]
+    width = int(counts.max())
+    cand = flat.new_full((flat.shape[0], width), float("-inf"))
+    cand[rows, pos] = flat[rows, cols]
+    where = torch.zeros((flat.shape[0], width), dtype=torch.long)
+    where[rows, pos] = cols
+    return where.gather(1, cand.topk(k, dim=-1, sorted=False).indices).view(*lead, k)
+
+
+
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [R, m] with c_r set entries per row -> (cols [R, W] the set columns, left-aligned, 0 past c_r;
+    valid [R, W]) with W = max c_r."""
+    counts = mask.sum(-1)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major
+    pos = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max())
+    out = torch.zeros((mask.shape[0], width), dtype=torch.long)
+    out[rows, pos] = cols
+    valid = torch.arange(width).expand(mask.shape[0], width) < counts.unsqueeze(-1)
+    return out, valid
+
+
+MARGIN = 2.0**-6
+"""Candidate band below the k-th rounded product, as a share of the row's largest |product|: rounding a float32
+product to bfloat16 moves it by at most 2^-9 of itself (2^-11 for float16), so no row of the exact top-k falls
+below the k-th rounded product minus twice that."""
+
+
+def half_search(q: torch.Tensor, kbuf: torch.Tensor, lo: int, hi: int, k: int, group: bool):
+    """q [B, Hq, D] float32 (exact in kbuf's dtype: the model's own query), kbuf [B, Hkv, cap, D] half precision ->
+    (idx: rows - lo, [B, Hkv, rep, k] or [B, Hkv, k] with ``group``; sel: their float32 products [B, Hkv, rep, k]).
+
+    One ``mm`` per KV head over rows [lo, hi) in kbuf's dtype (rounded products) gives each ranked row (a query
+    head, or with ``group`` the group's maximum) its k-th rounded product t; the rows within ``MARGIN`` x max|p|
+    below t are the candidates (>= k, a superset of the exact top-k); their keys are gathered and multiplied in
+    float32 and ``topk`` of those picks the k."""
+    b, hq, d = q.shape
+    hkv, cap = kbuf.shape[1], kbuf.shape[2]
+    rep, m = hq // hkv, hi - lo
+    qh = q.reshape(b, hkv, rep, d)
+    qk = qh.to(kbuf.dtype)
+    rough = torch.empty((b, hkv, rep, m), dtype=torch.float32)
+    for bi in range(b):
+        for g in range(hkv):
+            rough[bi, g] = torch.mm(kbuf[bi, g, lo:hi], qk[bi, g].T).T
+    rank = rough.amax(2) if group else rough  # [B, Hkv, (rep,) m]
+    flat = rank.reshape(-1, m)
+    kk = min(k, m)
+    kth = flat.gather(1, topk_rows(flat, kk).view(flat.shape[0], kk)).amin(-1, keepdim=True)
+    band = rough.abs().amax(-1).amax(-1, keepdim=True) if group else rough.abs().amax(-1)  # [B, Hkv, (rep)]
+    cols, valid = compact(flat >= kth - MARGIN * band.reshape(-1, 1))
+    r, w = cols.shape
+    head = torch.arange(b * hkv).repeat_interleave(r // (b * hkv)).view(r, 1)  # KV head of each ranked row
+    keys = kbuf.reshape(-1, d).index_select(0, (head * cap + lo + cols).reshape(-1)).view(r, w, d).float()
+    if group:  # [B*Hkv, W, rep]: every head of the group; ranked by their maximum
+        exact = keys @ qh.reshape(b * hkv, rep, d).transpose(-1, -2)
+        score = exact.amax(-1)
+    else:
+        exact = (keys @ q.reshape(r, d, 1)).squeeze(-1)  # [B*Hq, W]
+        score = exact
+    pick = score.masked_fill(~valid, float("-inf")).topk(kk, dim=-1, sorted=False).indices  # [R, k]
+    idx = cols.gather(1, pick)
+    if group:
+        sel = exact.gather(1, pick.unsqueeze(-1).expand(r, kk, rep)).transpose(1, 2).reshape(b, hkv, rep, kk)
+        return idx.view(b, hkv, kk), sel
+    return idx.view(b, hkv, rep, kk), exact.gather(1, pick).view(b, hkv, rep, kk)
