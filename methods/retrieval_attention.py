@@ -196,6 +196,9 @@ class RetrievalAttention(Method):
                              "exact top-k the index found; null when not measured"),
         "index_build_s": Cost("s", "RetrievalAttention with an approximate index: time building and extending it this "
                               "turn", default=0.0),
+        "attended_ratio": Cost("ratio", "RetrievalAttention host split: rows attended per decode step and query head "
+                               "(retrieved on the host + static on the accelerator) / rows stored, mean over steps and "
+                               "layers; null on the loading path (its `loaded_bytes` count the rows)"),
         "index_bytes": Cost("bytes", "RetrievalAttention with an approximate index: host memory its faiss indices hold "
                             "at the end of the turn (not in `slow_tier_bytes`); 0 with exact search", default=0),
     }
@@ -236,8 +239,12 @@ class RetrievalAttention(Method):
 
     def promises(self, *, context_tokens, q_heads, kv_heads, **_):
         """Decode loads at most top_k + the static pattern per layer and KV head (per query head with gqa=head):
-        below that share of dense decoding (+2 %) and below 98 % (top_k >= the context loads everything: flagged)."""
+        below that share of dense decoding (+2 %) and below 98 % (top_k >= the context loads everything: flagged).
+        The host split promises the same of the rows it attends (``attended_ratio``)."""
         per_head = q_heads / kv_heads if self.gqa == "head" else 1.0
+        if self.uses_split():  # only the query and partial results cross the bus: the rows attended are the promise
+            rows = min(1.0, (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
+            return {"attended_ratio": ("lt", min(0.98, rows + 0.02))}
         rows = min(1.0, per_head * (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
         return {"loaded_ratio": ("lt", min(0.98, rows + 0.02))}
 
@@ -322,17 +329,20 @@ class RetrievalAttention(Method):
         return rows.view
 
     def take_costs(self, session) -> dict:
-        """Index recall and build time over this turn's steps and layers (counted on the layers, reset here) and
-        the bytes the indices hold now."""
+        """Index recall and build time, and the host split's attended share, over this turn's steps and layers
+        (counted on the layers, reset here) and the bytes the indices hold now."""
         layers = tiered_layers(session.cache)
         n = sum(getattr(layer, "index_recall_n", 0) for layer in layers)
+        steps = sum(getattr(layer, "attended_n", 0) for layer in layers)
         out = {
+            "attended_ratio": sum(getattr(layer, "attended_sum", 0.0) for layer in layers) / steps if steps else None,
             "index_recall": sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers) / n if n else None,
             "index_build_s": sum(getattr(layer, "index_build_s", 0.0) for layer in layers),
             "index_bytes": sum(layer.ann.nbytes() for layer in layers if getattr(layer, "ann", None) is not None),
         }
         for layer in layers:
             layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
+            layer.attended_sum, layer.attended_n = 0.0, 0
         return out
 
     def uses_split(self) -> bool:

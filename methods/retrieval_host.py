@@ -104,6 +104,10 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
     part = st.part.to(layer.compute, non_blocking=cuda) if cuda else st.part
     out = merge(out_d, lse_d, part[..., :d], part[..., d])
     layer.load_s += time.perf_counter() - t0
+    searchable = max(0, n - method.n_local - method.n_init)
+    attended = ks.shape[-2] + min(method.top_k, searchable)
+    layer.attended_sum = getattr(layer, "attended_sum", 0.0) + attended / n
+    layer.attended_n = getattr(layer, "attended_n", 0) + 1
     # bus traffic of this step and layer: the query out, the partial result back, the new token's key and value out
     layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
     return out.to(q.dtype).unsqueeze(2)
