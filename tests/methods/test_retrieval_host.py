@@ -130,3 +130,23 @@ def test_half_search_equals_the_float32_search(group, dtype):
     short = host_partial(q, kbuf, vbuf, lo, lo + 500, k, group, 0.2)  # fewer rows than k: all of them
     torch.testing.assert_close(short, host_partial(q, kbuf.float(), vbuf, lo, lo + 500, k, group, 0.2),
                                atol=2e-3, rtol=1e-2)
+
+
+def test_bf16_half_search_agrees_with_the_float32_copy(smol_tokenizer):
+    """bfloat16 on the CPU: searching the stored keys in place (search=half) picks the float32 copy's top-k sets, so
+    the greedy tokens agree with it and with the loading path (up to the rounding of the two summation orders)."""
+    from scbench.engines.hf import HFEngine
+    from support import random_llama
+
+    tok = smol_tokenizer
+    model = random_llama(len(tok), layers=2, seed=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    engine = HFEngine("t", name="t", model=model, tokenizer=tok, device="cpu", dtype="bfloat16")
+    prompt = torch.randint(5, 2000, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = {}
+    for name, kw in [("old", dict(split=False)), ("f32", {}), ("half", dict(search="half"))]:
+        s = engine.session(RetrievalAttention(top_k=256, n_init=8, n_local=32, **kw))
+        s.feed(prompt, compress=True, sparse=False)
+        out[name] = s.generate(12).tokens
+        if name == "half":
+            assert "index" not in s.cache.layers[0].state  # no float32 copy
+    assert out["half"][:10] == out["f32"][:10] == out["old"][:10]
