@@ -218,6 +218,8 @@ class RetrievalAttention(Method):
         return f"top{knobs['top_k']}" if "top_k" in knobs else super().budget_label(knobs)
 
     def __post_init__(self) -> None:
+        self.workspace = None
+        """The host split's reused host buffers (methods/retrieval_search.Workspace), made at its first step."""
         positive_int(self, "top_k")
         positive_int(self, "n_init", minimum=0)
         positive_int(self, "n_local", minimum=1)

@@ -20,11 +20,11 @@ import torch
 
 from scbench.kv.offload import TieredLayer, nbytes
 from scbench.kv.split import DeviceWindow, merge, partial_attention
-from scbench.methods.retrieval_search import half_search, topk_rows
+from scbench.methods.retrieval_search import Workspace, half_search, scratch, topk_rows
 
 
 def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int,
-                 group: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: bool, scale: float, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, D] (float32, host) over the top ``top_k`` rows of [lo, hi) by inner product (all of
     them when there are no more): keys [B, Hkv, n, D] the searched keys (float32), vbuf [B, Hkv, cap, D] the
     values' contiguous buffer -> (out [B, Hq, D], lse [B, Hq]) float32; lse -inf where no row is searchable.
@@ -40,9 +40,12 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
     m = hi - lo
     base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
     if keys.dtype != torch.float32:  # half-precision keys searched in place, candidates rescored in float32
-        idx, sel = half_search(q, keys, lo, hi, top_k, group)
+        idx, sel = half_search(q, keys, lo, hi, top_k, group, ws)
     else:  # [B, Hkv, rep, m]: top_keys' products, as keys @ q^T (on the CPU twice as fast as q @ keys^T)
-        s = (keys[..., lo:hi, :] @ q.reshape(b, hkv, rep, d).transpose(-1, -2)).transpose(-1, -2).contiguous()
+        kq = scratch(ws, "kq", (b * hkv, m, rep), torch.float32)
+        torch.bmm(keys[..., lo:hi, :].reshape(b * hkv, m, d), q.reshape(b * hkv, rep, d).transpose(1, 2), out=kq)
+        s = scratch(ws, "s", (b, hkv, rep, m), torch.float32)
+        s.copy_(kq.view(b, hkv, m, rep).transpose(-1, -2))
         if m <= top_k:  # every searchable row
             idx = torch.arange(m).expand(b, hkv, m)
             sel = s
@@ -57,12 +60,13 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
     p = (logits - lse).exp()
     flat = vbuf.view(-1, d)
     p = p.to(vbuf.dtype)  # half-precision values: weights rounded as flash attention's P @ V (float32 sums)
+    rows = (idx + (base if idx.dim() == 3 else base.unsqueeze(-1))).reshape(-1)
+    vals = scratch(ws, "vals", (rows.numel(), d), vbuf.dtype)
+    torch.index_select(flat, 0, rows, out=vals)
     if idx.dim() == 3:  # one row set per KV head
-        vals = flat.index_select(0, (idx + base).reshape(-1)).view(b, hkv, -1, d)
-        out = p @ vals  # [B, Hkv, rep, D]
+        out = p @ vals.view(b, hkv, -1, d)  # [B, Hkv, rep, D]
     else:
-        vals = flat.index_select(0, (idx + base.unsqueeze(-1)).reshape(-1)).view(b, hkv, rep, -1, d)
-        out = (p.unsqueeze(-2) @ vals).squeeze(-2)
+        out = (p.unsqueeze(-2) @ vals.view(b, hkv, rep, -1, d)).squeeze(-2)
     return out.reshape(b, hq, d).float(), lse.reshape(b, hq)
 
 
@@ -97,8 +101,11 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
         ready.synchronize()
     n = layer.n
     keys = layer._k.buf if method.search == "half" and layer.dtype != torch.float32 else method.search_keys(layer)
+    if method.workspace is None:  # one for all layers (they run in turn)
+        method.workspace = Workspace()
+    ws = method.workspace
     out_h, lse_h = host_partial(st.q.float(), keys, layer._v.buf, method.n_init, n - method.n_local,
-                                method.top_k, method.gqa == "group", scale)
+                                method.top_k, method.gqa == "group", scale, ws)
     st.part[..., :d] = out_h
     st.part[..., d] = lse_h
     part = st.part.to(layer.compute, non_blocking=cuda) if cuda else st.part

@@ -43,7 +43,7 @@ def timed(fn, rep: int = 5) -> float:
 
 def micro(n: int, top_k: int = 4096) -> None:
     from scbench.methods.retrieval_host import host_partial
-    from scbench.methods.retrieval_search import half_search, topk_rows
+    from scbench.methods.retrieval_search import Workspace, half_search, topk_rows
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 8, n, 128, generator=g)
@@ -56,6 +56,7 @@ def micro(n: int, top_k: int = 4096) -> None:
     gi = (idx + lo + (torch.arange(8) * n).view(1, 8, 1, 1)).reshape(-1)
     vals = flat.index_select(0, gi)
     p = torch.rand(1, 8, 4, top_k)
+    ws = Workspace()
     row = {"micro": n, "threads": torch.get_num_threads(),
            "read_f32_GBps": round(keys.numel() * 4 / timed(keys.sum) / 1e6, 1),
            "scores_qk_ms": timed(lambda: q.view(1, 8, 4, 128) @ keys[..., lo:hi, :].transpose(-1, -2)),
@@ -66,18 +67,21 @@ def micro(n: int, top_k: int = 4096) -> None:
            "gather_v_ms": timed(lambda: flat.index_select(0, gi)),
            "pv_f32_ms": timed(lambda: p.unsqueeze(-2) @ vals.float().view(1, 8, 4, top_k, 128)),
            "pv_bf16_ms": timed(lambda: p.bfloat16().unsqueeze(-2) @ vals.view(1, 8, 4, top_k, 128)),
-           "host_partial_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088)),
-           "host_partial_group_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, True, 0.088))}
+           "host_partial_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws)),
+           "host_partial_no_ws_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088)),
+           "host_partial_group_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, True, 0.088, ws))}
     kb, qb = keys.bfloat16(), q.bfloat16().float()
-    row["scores_bf16_mm_ms"] = timed(lambda: [torch.mm(kb[0, g, lo:hi], qb.bfloat16().view(8, 4, 128)[g].T)
+    row["scores_bf16_mm_ms"] = timed(lambda: [torch.mm(qb.bfloat16().view(8, 4, 128)[g], kb[0, g, lo:hi].T)
                                               for g in range(8)])
-    row["half_search_ms"] = timed(lambda: half_search(qb, kb, lo, hi, top_k, False))
-    row["host_partial_half_ms"] = timed(lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088))
+    row["half_search_ms"] = timed(lambda: half_search(qb, kb, lo, hi, top_k, False, ws))
+    row["host_partial_half_ms"] = timed(lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088, ws))
     threads = torch.get_num_threads()
     if threads > 8:
         torch.set_num_threads(threads // 2)
-        row[f"host_partial_ms_{threads // 2}thr"] = timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088))
-        row[f"host_partial_half_ms_{threads // 2}thr"] = timed(lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088))
+        row[f"host_partial_ms_{threads // 2}thr"] = timed(
+            lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws))
+        row[f"host_partial_half_ms_{threads // 2}thr"] = timed(
+            lambda: host_partial(qb, kb, vbuf, lo, hi, top_k, False, 0.088, ws))
         torch.set_num_threads(threads)
     log(**row)
 
