@@ -70,6 +70,11 @@ def micro(n: int, top_k: int = 4096) -> None:
            "host_partial_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws)),
            "host_partial_no_ws_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088)),
            "host_partial_group_ms": timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, True, 0.088, ws))}
+    for c in (2, 4):  # the products as 8 * c batches (one per thread?) instead of 8
+        mc = (hi - lo) // c
+        kc = keys[..., lo:lo + mc * c, :].reshape(8 * c, mc, 128)
+        qc = q.view(8, 1, 4, 128).expand(8, c, 4, 128).reshape(8 * c, 4, 128).transpose(1, 2)
+        row[f"scores_kq_{8 * c}batch_ms"] = timed(lambda: torch.bmm(kc, qc))
     kb, qb = keys.bfloat16(), q.bfloat16().float()
     row["scores_bf16_mm_ms"] = timed(lambda: [torch.mm(qb.bfloat16().view(8, 4, 128)[g], kb[0, g, lo:hi].T)
                                               for g in range(8)])
