@@ -41,11 +41,9 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
     base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
     if keys.dtype != torch.float32:  # half-precision keys searched in place, candidates rescored in float32
         idx, sel = half_search(q, keys, lo, hi, top_k, group, ws)
-    else:  # [B, Hkv, rep, m]: top_keys' products, as keys @ q^T (on the CPU twice as fast as q @ keys^T)
-        kq = scratch(ws, "kq", (b * hkv, m, rep), torch.float32)
-        torch.bmm(keys[..., lo:hi, :].reshape(b * hkv, m, d), q.reshape(b * hkv, rep, d).transpose(1, 2), out=kq)
+    else:  # [B, Hkv, rep, m]: top_keys' products (the same expression: the same top-k)
         s = scratch(ws, "s", (b, hkv, rep, m), torch.float32)
-        s.copy_(kq.view(b, hkv, m, rep).transpose(-1, -2))
+        torch.matmul(q.reshape(b, hkv, rep, d), keys[..., lo:hi, :].transpose(-1, -2), out=s)
         if m <= top_k:  # every searchable row
             idx = torch.arange(m).expand(b, hkv, m)
             sel = s

@@ -30,6 +30,9 @@ class Workspace:
 def scratch(ws: "Workspace | None", name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return ws.get(name, shape, dtype) if ws is not None else torch.empty(shape, dtype=dtype)
 
+BOUND = False
+"""``topk_rows`` through the sampled bound (True) or plain ``topk`` (False: measured faster on the H200 box's 16
+Xeon threads at 32K, 1.9 vs 2.6 ms for 32 rows)."""
 SAMPLE = 8
 """``topk_rows`` estimates each row's threshold from every SAMPLE-th score."""
 
@@ -41,7 +44,7 @@ def topk_rows(s: torch.Tensor, k: int) -> torch.Tensor:
     above it (>= k of them, else the plain ``topk`` decides) are compacted and ``topk`` runs over those only:
     on the CPU ``topk`` of k=4,096 over 32K scores costs a selection over every (score, index) pair."""
     m = s.shape[-1]
-    if m < max(4 * k, 16384):
+    if not BOUND or m < max(4 * k, 16384):
         return s.topk(k, dim=-1, sorted=False).indices
     lead = s.shape[:-1]
     flat = s.reshape(-1, m)

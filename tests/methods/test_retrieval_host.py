@@ -93,8 +93,12 @@ def test_faiss_and_recall_take_the_loading_path():
 
 
 @pytest.mark.parametrize("shape,k", [((3, 20000), 500), ((2, 2, 40000), 4096), ((4, 17000), 4000), ((2, 100), 7)])
-def test_topk_rows_is_the_topk_set(shape, k):
-    from scbench.methods.retrieval_host import topk_rows
+@pytest.mark.parametrize("bound", [True, False])
+def test_topk_rows_is_the_topk_set(shape, k, bound, monkeypatch):
+    from scbench.methods import retrieval_search
+    from scbench.methods.retrieval_search import topk_rows
+
+    monkeypatch.setattr(retrieval_search, "BOUND", bound)
 
     s = rand(*shape, seed=k)
     if len(shape) == 2 and shape[1] > 10000:  # a sorted row: the strided sample misjudges nothing, still exact
