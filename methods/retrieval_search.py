@@ -51,20 +51,19 @@ def topk_rows(s: torch.Tensor, k: int) -> torch.Tensor:
     sample = flat[:, ::SAMPLE]
     rank = min(sample.shape[1], int(k / SAMPLE + 4 * (k / SAMPLE) ** 0.5) + 1)
     bound = sample.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    mask = flat >= bound
-    counts = mask.sum(-1)
+    r = flat.shape[0]
+    at = (flat >= bound).view(-1).nonzero().squeeze(1)  # flat positions, row-major: each row's candidates in turn
+    row, cols = at.div(m, rounding_mode="floor"), at.remainder(m)
+    counts = torch.bincount(row, minlength=r)
     if int(counts.min()) < k:
         return s.topk(k, dim=-1, sorted=False).indices
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major
-    start = counts.cumsum(0) - counts
-    pos = torch.arange(rows.numel()) - start[rows]
+    vals = flat.view(-1).index_select(0, at)
     width = int(counts.max())
-    cand = flat.new_full((flat.shape[0], width), float("-inf"))
-    cand[rows, pos] = flat[rows, cols]
-    where = torch.zeros((flat.shape[0], width), dtype=torch.long)
-    where[rows, pos] = cols
+    start = counts.cumsum(0) - counts
+    slot = row * width + torch.arange(at.numel()) - start[row]  # left-aligned in a [r, width] block
+    cand = flat.new_full((r * width,), float("-inf")).index_copy_(0, slot, vals).view(r, width)
+    where = torch.zeros(r * width, dtype=torch.long).index_copy_(0, slot, cols).view(r, width)
     return where.gather(1, cand.topk(k, dim=-1, sorted=False).indices).view(*lead, k)
-
 
 
 def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
