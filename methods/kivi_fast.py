@@ -5,10 +5,11 @@ Per layer the plugin holds ``scbench.kv.quant``'s formats in buffers sized for t
 scale/zero per (group, channel) and value scale/zero per (token, channel group); the full-precision tokens (the
 residual at load, then every new token) stay in StaticKV's own append-only buffers, of which rows [rs, at] are the
 residual. ``nq`` / ``rs`` (device tensors) count the quantized rows in use and where the residual starts. A step
-appends the new key/value (StaticKV), attends (``scbench.kernels.kivi_decode``: Triton on CUDA, else de-quantise +
-masked softmax), then, when the residual holds ``residual + group`` rows, quantises its oldest group
-(``quantize``, the plain path's function) into quantized row ``nq`` and moves ``rs`` past it, each write selected
-on the device by that condition (no host sync). This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
+appends the new key/value (StaticKV), attends, then, when the residual holds ``residual + group`` rows, quantises
+its oldest group into quantized row ``nq`` and moves ``rs`` past it, each write selected on the device by that
+condition (no host sync): ``scbench.kernels.kivi_decode.kivi_decode_step``, on CUDA two Triton kernels per layer
+(attention + flush, merge + counters), elsewhere de-quantise + masked softmax and ``quantize`` (the plain path's
+function) in torch ops. This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
 loop stays the reference: tests/methods/test_kivi_fast.py compares greedy tokens. Tokens are never moved, so the
 cache handed back after ``fed`` steps is exact even when the graph ran a few steps further.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from scbench.kernels import kivi_decode
-from scbench.kernels.kivi_decode import kivi_attention
+from scbench.kernels.kivi_decode import kivi_decode_step
 from scbench.kv.quant import KIVILayer
 
 
@@ -66,18 +67,20 @@ class KIVIDecode:
         return all(self._cap(layer, extra) <= self.bufs[l][0].shape[2] for l, layer in enumerate(cache.layers))
 
     def load(self, kv, cache) -> None:
-        """Copy each KIVILayer's chunks and residual into the buffers."""
+        """Copy each KIVILayer's chunks into the buffers (each chunk straight into its rows: no concatenation)."""
         self.n0 = []
+        g = self.m.group
         for l, layer in enumerate(cache.layers):
             kp, ks, kz, vp, vs, vz = self.bufs[l]
-            nq, r = layer.n_quant, layer.keys.shape[-2]
-            if nq:
-                for dst, parts, rows in ((kp, [c[0] for c in layer.kchunks], nq), (ks, [c[1] for c in layer.kchunks], nq // self.m.group),
-                                         (kz, [c[2] for c in layer.kchunks], nq // self.m.group),
-                                         (vp, [c[0] for c in layer.vchunks], nq), (vs, [c[1] for c in layer.vchunks], nq),
-                                         (vz, [c[2] for c in layer.vchunks], nq)):
-                    dst[:, :, :rows].copy_(torch.cat(parts, dim=-2))
-            self.n0.append((nq, r))
+            row = 0
+            for (ckp, cks, ckz), (cvp, cvs, cvz) in zip(layer.kchunks, layer.vchunks):
+                n = ckp.shape[2]
+                for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
+                                       (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
+                                       (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
+                    dst[:, :, a:b].copy_(src)
+                row += n
+            self.n0.append((layer.n_quant, layer.keys.shape[-2]))
         self.nq.copy_(torch.tensor([n for n, _ in self.n0]))
         self.rs.zero_()
 
@@ -86,22 +89,19 @@ class KIVIDecode:
         return [self.nq, self.rs]
 
     def attend(self, kv, l, q, k, v, scale):
+        """Attention over the packed rows and the residual [rs, at], then the residual's oldest group quantized
+        when full (``kivi_decode_step``: on CUDA two kernels per layer, the counters moved on the device)."""
         m = self.m
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        rs, re = self.rs[l : l + 1], kv.at[l : l + 1] + 1
-        out = kivi_attention(q, *self.bufs[l], k, v, self.nq[l : l + 1], rs, re, bits=m.bits, group=m.group,
-                             vgroup=self.vgroup, scale=scale)
-        self.flush(l, k, v, rs, re)
-        return out
+        return kivi_decode_step(q, *self.bufs[l], k, v, self.nq[l : l + 1], self.rs[l : l + 1], kv.at[l : l + 1],
+                                bits=m.bits, group=m.group, vgroup=self.vgroup, scale=scale, residual=m.residual,
+                                triton_ok=self.triton_ok(q))
 
-    def flush(self, l: int, k: torch.Tensor, v: torch.Tensor, rs: torch.Tensor, re: torch.Tensor) -> None:
-        """When the residual [rs, re) holds residual + group rows: quantize its oldest group (device-side select)."""
+    def triton_ok(self, q) -> bool:
         m = self.m
-        fn = kivi_decode.kivi_flush_torch
-        if k.is_cuda and kivi_decode.triton is not None and kivi_decode.flush_kernel_ok(m.group, self.vgroup, k.shape[-1]):
-            fn = kivi_decode.kivi_flush_triton  # one kernel (+ a counter kernel) instead of ~40 small ones
-        fn(k, v, *self.bufs[l], self.nq[l : l + 1], self.rs[l : l + 1], re, bits=m.bits, group=m.group,
-           vgroup=self.vgroup, residual=m.residual)
+        return (q.is_cuda and kivi_decode.triton is not None
+                and kivi_decode.attention_kernel_ok(m.bits, m.group, self.vgroup, q.shape[-1])
+                and kivi_decode.flush_kernel_ok(m.group, self.vgroup, q.shape[-1]))
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Rebuild each KIVILayer from the buffers after ``fed`` tokens (what the plain steps would have left)."""

@@ -1,7 +1,15 @@
 """KIVI's captured-step decode (methods/kivi_fast.py, scbench/kernels/kivi_decode.py) against the plain loop:
 attention over the packed cache against de-quantise + float64 softmax, and greedy tokens and the cache left behind
 equal to the plain path's on a tiny random Llama (float32, CPU), across group flushes and two turns. The Triton
-kernel is compared on CUDA only."""
+kernels run on CUDA, and on CPU through Triton's interpreter (tests/methods/kivi_interpret_check.py, skipped
+without Triton)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,16 +44,34 @@ def test_kivi_attention_torch_matches_reference(bits, hq):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
                                                (2, 512, 0, 64, 0, 9)])
-def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re):
+@pytest.mark.parametrize("unpack,prefetch", [(3, 1), (0, 0)])
+def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, unpack, prefetch):
     bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
-    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09)
+    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, unpack=unpack,
+                                            prefetch=prefetch)
     want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+def test_kivi_kernels_in_triton_interpreter():
+    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, both word widths) and the decode step
+    (attention, flush, counters; and fused) on CPU tensors, in Triton's interpreter, against the torch reference."""
+    script = Path(__file__).with_name("kivi_interpret_check.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    att = res["attention"]
+    assert max(att[:4]) < 1e-5 and max(att[4:]) < 3e-3, att  # float32, float16 (int16 and int32 words)
+    for i, (fp32, out, same_counters, flushed, *bufs) in enumerate(res["step"]):
+        assert out < (1e-5 if fp32 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
+        assert max(bufs) < 1e-3, bufs  # packed bytes: a rare rounding tie may differ; scales/zeros exact
 
 
 def _decode(engine, method, mode, prompt, follow, n=(45, 38)):
@@ -136,3 +162,35 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
     if not full:
         assert all(torch.equal(x, y) for x, y in zip(a, bufs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,full", [(2, True), (4, True), (2, False)])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
+    """The step's kernels (attention, flush, counters; or fused: attention + flush, merge + counters) against the
+    torch ops, 8B head shapes."""
+    torch.manual_seed(bits)
+    h, c, d, cq, g, res = 8, 512, 128, 4096, 32, 32
+    k, v = (torch.randn(1, h, c, d, device="cuda", dtype=dtype) * 3 for _ in range(2))
+    kk, vv = (torch.randn(1, h, cq, d, device="cuda", dtype=dtype) for _ in range(2))
+    bufs = [*quantize(kk, bits, g, axis=-2), *quantize(vv, bits, g, axis=-1)]
+    q = torch.randn(1, 32, 1, d, device="cuda", dtype=dtype)
+    at = 37 + res + g - (1 if full else 2)
+    outs = []
+    for use in (False, True):
+        mine = [x.clone() for x in bufs]
+        nq, rs = torch.tensor([2048], device="cuda"), torch.tensor([37], device="cuda")
+        o = kivi_decode.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at], device="cuda"), bits=bits, group=g,
+                                         vgroup=g, scale=0.09, residual=res, triton_ok=use, fuse=fuse)
+        outs.append((o, mine, (int(nq), int(rs))))
+    (oa, a, ca), (ob, b, cb) = outs
+    assert ca == cb == ((2048 + g, 37 + g) if full else (2048, 37))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ob.double(), oa.double(), atol=tol, rtol=tol)
+    for x, y in zip(a, b):
+        if x.dtype == torch.uint8:
+            assert (x != y).float().mean() < 1e-3
+        else:
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
