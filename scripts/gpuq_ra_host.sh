@@ -1,5 +1,5 @@
 #!/bin/bash
-# h25r: RetrievalAttention host tier (split decode) vs the loading path, 8B random model, 32K (+128K if time)
-nproc; lscpu | grep -E "Model name|Socket|Core|Thread|L2|L3|NUMA node0|Flags" | cut -c1-200
-free -g | head -2
-python3 -P scripts/bench_ra_host.py --budget 92 2>&1
+# h25r: RetrievalAttention host tier (split decode) vs the loading path, 8B random model, 32K; host half at 128K
+nproc; lscpu | grep -E "Model name|L3" | cut -c1-120
+timeout 25 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_retrieval_host_gpu.py 2>&1 | tail -3
+python3 -P scripts/bench_ra_host.py --budget 82 2>&1
