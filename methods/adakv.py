@@ -8,7 +8,8 @@ whose attention is concentrated need few tokens, dispersed heads get more), afte
 ``alpha x (capacity - window)`` (the paper's safety floor, alpha = 0.2). Scores are comparable across heads
 because SnapKV's are softmax weights. The kept tokens are stored ragged (``scbench.kv.ragged.RaggedLayer``): the
 resident bytes are exactly the kept tokens, no padding or masking, so they fall by the nominal ratio. Decoding
-takes the plain loop (per-head attention); the static/CUDA-graph fast path does not take ragged layers.
+takes the static / CUDA-graph fast path through the ragged plugin (methods/ragged_fast.py: each head's prefix read
+in place) where the engine's decode mode asks for it, else the plain loop (per-head attention, the reference).
 A later firing (``every_turn`` / ``decode_every``) re-scores each head on its own tokens and re-allocates.
 """
 from __future__ import annotations
@@ -46,12 +47,18 @@ class AdaKV(SnapKV):
 
     name: ClassVar[str] = "adakv"
     fast_decode: ClassVar[bool] = False
-    """Ragged layers decode per head through the plain loop (not the static / CUDA-graph / batched paths)."""
+    """Not batched decoding (ragged layers); the static / CUDA-graph path takes them through ``static_decoder``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV.alpha must be in [0, 1], got {self.alpha!r}")
+
+    def static_decoder(self):
+        """The captured-step decode plugin for ragged layers (methods/ragged_fast.py: prefixes read in place)."""
+        from scbench.methods.ragged_fast import RaggedDecode
+
+        return RaggedDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [1, Hkv, n, D] -> a RaggedLayer of Hkv x min(n, capacity) tokens (or the input when within)."""

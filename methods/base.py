@@ -39,6 +39,14 @@ class Method:
     """Set when the method approximates the published one: recorded in the results next to each score."""
     query_window: ClassVar[int] = 0
     """How many of the last prompt queries per layer the compression hook wants (0: none)."""
+    query_lse: ClassVar[bool] = False
+    """The compression hook also reads each captured query's log-sum-exp from the dense forward, when that forward
+    computed it for free (scbench/kernels/dense.causal_attention_lse): ``queries.scbench_lse`` = (lse [B, Hq, w]
+    float32, key length of that forward); queries without the attribute (CPU, a masked later prefill, chunked
+    prefill) carry none."""
+    warmup_lengths: ClassVar[tuple[int, ...]] = ()
+    """Dummy prompt lengths the engine's warm-up feeds besides its own short ones: lengths where the method's
+    kernels take another path to compile before the first timed turn (e.g. Tri-shape's split-key dense rows)."""
     fast_decode: ClassVar[bool] = True
     """The cache does not change between decode steps except by appending, so the engine may decode through a
     pre-allocated cache and a captured step (scbench/engines/fastdecode.py); False: the plain loop."""

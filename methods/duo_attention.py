@@ -9,7 +9,8 @@ Prefill: retrieval heads attend densely, the query heads of a streaming KV head 
 keys and the ``n_local`` nearest (A-shape). Compression (after the first prefill): streaming heads keep only those
 ``n_init + n_local`` tokens, stored ragged (``scbench.kv.ragged``): the bytes really shrink per head.
 Approximation: tokens appended after a firing join every head (the paper's streaming heads evict as they decode);
-``policy.compress=decode_every`` (or every_turn) trims them again. Ragged layers decode through the plain loop.
+``policy.compress=decode_every`` (or every_turn) trims them again. Ragged layers decode through the fast path's
+ragged plugin (methods/ragged_fast.py) or the plain loop (the reference).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class DuoAttention(SparsePrefill):
     name: ClassVar[str] = "duo_attention"
     stages: ClassVar[tuple[str, ...]] = ("generation", "compression")
     fast_decode: ClassVar[bool] = False
-    """Ragged layers decode per head (plain loop)."""
+    """Not batched decoding (ragged layers); the static / CUDA-graph path takes them through ``static_decoder``."""
     decoding: ClassVar[str] = "retrieval heads over their full KV, streaming heads over sink + recent (ragged)"
     approximation: ClassVar[str] = (
         "tokens appended after compression join streaming heads too until the next firing (the paper evicts "
@@ -124,6 +125,12 @@ class DuoAttention(SparsePrefill):
                 cut = True
                 idx.append(torch.cat([torch.arange(self.n_init), torch.arange(n - self.n_local, n)]).to(k.device))
         return idx if cut else None
+
+    def static_decoder(self):
+        """The captured-step decode plugin for ragged layers (methods/ragged_fast.py: prefixes read in place)."""
+        from scbench.methods.ragged_fast import RaggedDecode
+
+        return RaggedDecode(self)
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [1, Hkv, n, D] -> a RaggedLayer (streaming heads cut to sink + recent) or the input."""

@@ -58,6 +58,7 @@ class H2O(TokenScorer):
     """Prompt queries whose attention accumulates (the last ones); None: every prompt query."""
 
     name: ClassVar[str] = "h2o"
+    query_lse: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,11 +81,14 @@ class H2O(TokenScorer):
 
     def score(self, layer_idx, keys, values, queries):
         """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n]. On CUDA: the blockwise Triton kernels
-        (scbench/kernels/h2o_scores.py, never the attention matrix); elsewhere the chunked torch reference."""
+        (scbench/kernels/h2o_scores.py, never the attention matrix; the first prefill's log-sum-exps come from its
+        dense forward); elsewhere the chunked torch reference."""
         if queries is None:
             return recency_scores(keys)
         from scbench.kernels import h2o_scores
 
         if keys.is_cuda and h2o_scores.triton is not None and h2o_scores.ENABLED:
-            return h2o_scores.accumulated_attention_triton(keys, queries)
+            lse, n = getattr(queries, "scbench_lse", (None, None))  # the dense forward's (one pass fewer)
+            ok = lse is not None and n == keys.shape[-2] and lse.shape == queries.shape[:3]
+            return h2o_scores.accumulated_attention_triton(keys, queries, lse=lse if ok else None)
         return accumulated_attention(keys, queries)

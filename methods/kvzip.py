@@ -14,10 +14,11 @@ the average kept tokens per KV head; ``level``:
 - ``layer``: one pool per layer across its heads, AdaKV's allocation on KVzip scores (``layerwise`` in kvpress);
 - ``uniform``: every head keeps its own top ``budget`` (dense tensors; the fast decode path applies).
 
-Ragged levels decode through the plain loop (per-head attention). Approximations: the reconstructed tokens are
-those of the compressing feed, so under ``query_visible=true`` (multi-turn reference policy) the first query and
-its template tokens are repeated with the context; under every_turn / decode_every, tokens kept by an earlier
-firing are not re-scored: they stay before any new token (the most recent first if they alone exceed the budget).
+Ragged levels decode through the fast path's ragged plugin (methods/ragged_fast.py) or the plain loop.
+Approximations: the reconstructed tokens are those of the compressing feed, so under ``query_visible=true`` (multi-
+turn reference policy) the first query and its template tokens are repeated with the context; under every_turn /
+decode_every, tokens kept by an earlier firing are not re-scored: they stay before any new token (the most recent
+first if they alone exceed the budget).
 """
 from __future__ import annotations
 
@@ -77,8 +78,14 @@ class KVzip(TokenScorer):
         self._measured: dict = {}
 
     @property
-    def fast_decode(self) -> bool:  # ragged levels decode per head through the plain loop
+    def fast_decode(self) -> bool:  # ragged levels: not batched; the static path takes them via static_decoder
         return self.level == "uniform"
+
+    def static_decoder(self):
+        """The captured-step decode plugin for ragged layers (methods/ragged_fast.py: prefixes read in place)."""
+        from scbench.methods.ragged_fast import RaggedDecode
+
+        return RaggedDecode(self)
 
     def prepare_compression(self, session, ids):
         """Score every cached pair by reconstruction, then (level pair) allocate the model-wide pool."""

@@ -28,3 +28,13 @@ class TriShape(AShape):
 
     def dense_rows(self) -> int:
         return self.n_last
+
+    @property
+    def warmup_lengths(self) -> tuple[int, ...]:
+        """From 2 x ``flex.SPLIT_SEGMENT`` keys the dense rows run as split-key FlexAttention calls (whole segments
+        batched, then the causal tail), compiled for a first shape and again with dynamic shapes for a second: two
+        warm-up prompts with 2 and 3 whole segments (never 1: a size-1 batch is specialised) and tails of
+        different lengths, so no prompt length compiles inside a timed prefill."""
+        from scbench.kernels.flex import SPLIT_SEGMENT
+
+        return 2 * SPLIT_SEGMENT + self.n_last + 600, 3 * SPLIT_SEGMENT + self.n_last + 1100

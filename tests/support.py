@@ -131,3 +131,37 @@ def reference_python() -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return str(py)
+
+
+# --- the kvpress cross-checks (tests/methods/test_compression_kvpress.py, test_headwise_kvpress.py) ---------------
+KVPRESS_SIDE = ROOT / "tests" / "reference" / "kvpress_side.py"
+
+
+def run_reference(model, ids: list[int], presses: list[dict], tmp: Path) -> dict:
+    """Run presses on the kvpress side (tests/reference/kvpress_side.py, in .venv-kvpress) over the saved model."""
+    import json
+    import os
+    import subprocess
+
+    import pytest
+
+    model.save_pretrained(tmp / "model")
+    (tmp / "req.json").write_text(json.dumps({"model_dir": str(tmp / "model"), "ids": ids, "presses": presses}))
+    proc = subprocess.run([reference_python(), str(KVPRESS_SIDE), str(tmp / "req.json"), str(tmp / "out.json")],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        pytest.fail(f"kvpress side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((tmp / "out.json").read_text())
+
+
+def keys_after(engine, method, ids) -> list[torch.Tensor]:
+    s = engine.session(method)
+    s.feed(ids, compress=True, sparse=False)
+    return [layer.keys.clone() for layer in s.cache.layers]
+
+
+def agreement(a: list[list[list[int]]], b: list[list[list[int]]]) -> dict:
+    """Kept sets [layer][head] -> mean and worst |a & b| / min(|a|, |b|), kept counts of head 0 per layer."""
+    rates = [len(set(x) & set(y)) / min(len(x), len(y)) for la, lb in zip(a, b) for x, y in zip(la, lb)]
+    return {"agreement": sum(rates) / len(rates), "min_head": min(rates),
+            "kept_per_layer": [(len(la[0]), len(lb[0])) for la, lb in zip(a, b)]}

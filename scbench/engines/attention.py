@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scbench.kernels.dense import causal_attention, reference_causal_attention  # noqa: F401 - tests and scripts use both here
+from scbench.kernels.dense import causal_attention, causal_attention_lse, reference_causal_attention  # noqa: F401 - tests and scripts use both here
 
 NAME = "scbench"
 
@@ -116,6 +116,12 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         out = ragged_attention(query, ragged, scaling)
     if out is None and ctx is not None and ctx.static is not None:
         out = ctx.static.attend(layer, query, key, value, scaling)
+    if out is None and ctx is not None and ctx.capture_queries and query.shape[-2] > 1 and ctx.method is not None \
+            and getattr(ctx.method, "query_lse", False):  # e.g. H2O: the forward's log-sum-exp rides on the captured queries
+        out, lse = causal_attention_lse(query, key, value, scaling)
+        q = ctx.queries.get(layer)
+        if lse is not None and q is not None and q.shape[-2] <= query.shape[-2]:  # this forward's queries only
+            q.scbench_lse = (lse[:, :, -q.shape[-2] :], key.shape[-2])
     if out is None:
         out = causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None

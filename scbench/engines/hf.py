@@ -218,7 +218,7 @@ class HFEngine(TokenizerEngine):
         _sync(self.device)
         t0 = time.perf_counter()
         try:
-            for n in lengths:
+            for n in (*lengths, *getattr(method, "warmup_lengths", ())):  # the method's own shapes too
                 ids = torch.randint(0, vocab, (max(8, min(n, self.window // 2)),), generator=gen).tolist()
                 session = self.session(method)
                 session.feed(ids, compress=True, sparse=True)

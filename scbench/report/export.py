@@ -9,6 +9,7 @@ import pandas as pd
 from scbench.methods.base import Method
 from scbench.registry import METHODS
 from scbench.report import costs as method_costs
+from scbench.report import payback
 from scbench.report import trust
 from scbench.report.table import _category
 
@@ -78,6 +79,7 @@ def records(store, variant: str | None = None, include_incomplete: bool = False)
     if not rows:
         return []
     df = pd.DataFrame(rows)
+    paid = payback.paybacks(store, include_incomplete)
     out = []
     for (run_id, rescored, turn), g in df.groupby(["run_id", "rescored", "turn"], sort=False):
         run = runs[run_id]
@@ -106,13 +108,22 @@ def records(store, variant: str | None = None, include_incomplete: bool = False)
                             for m in metrics},
             "score_ci95": list(trust.bootstrap_ci(per_example)),
             "capped_share": trust.flag_share(flags, "capped"), "unfired_share": trust.flag_share(flags, "unfired"),
-            "costs": costs, "run_id": run_id, "status": run["status"], "complete": run["complete"],
+            "costs": costs, "payback": _payback(paid.get(run_id)), "run_id": run_id, "status": run["status"], "complete": run["complete"],
             "turns_done": run["turns_done"], "turns_expected": run["turns_expected"],
             "provenance": {"git": prov.get("git"), "packages": prov.get("packages"), "engine": prov.get("engine"),
                            "method": method, "task": prov.get("task"), "spec": spec},
         })
     out.sort(key=lambda r: (r["model"], r["method"], r["budget"], r["setting"], r["mode"], r["task"], r["turn"]))
     return out
+
+
+def _payback(p: dict | None) -> dict | None:
+    """The run's payback numbers for JSON: ``queries_to_pay_back`` null and ``pays_back`` false when it never does."""
+    if p is None:
+        return None
+    q = p["queries_to_pay_back"]
+    return {**{k: _clean(v) for k, v in p.items()}, "queries_to_pay_back": None if math.isinf(q) else int(q),
+            "pays_back": not math.isinf(q)}
 
 
 def failures(store) -> list[dict]:

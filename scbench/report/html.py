@@ -73,6 +73,7 @@ def _rows(recs, per_example=None):
              if c.label and any(r["costs"].get(col) not in (None, c.default) for r in recs)}
     universal = {"prefill_computed": "prefill_computed", "prefill_reused": "prefill_reused", "ttft_s": "ttft_s",
                  "decode_tok_s": "decode_tok_s", "kv_ratio": "kv_ratio", "attn_density": "attn_density"}
+    paid = any(r.get("payback") for r in recs)
     rows = []
     for key, g in sorted(groups.items()):
         by_turn = {r["turn"]: r for r in g}
@@ -101,6 +102,10 @@ def _rows(recs, per_example=None):
         for col, field in universal.items():
             row[cost_header(*COST_COLUMNS[col])] = mean(field)
         row.update({label: mean(col) for col, label in extra.items()})
+        if paid:  # one-time compression vs full attention (scbench/report/payback.py), per run
+            pb = g[0].get("payback") or {}
+            row["extra once s"], row["saving/query s"] = pb.get("extra_once_s"), pb.get("saving_per_query_s")
+            row["queries to pay back"] = ("never" if pb and not pb["pays_back"] else pb.get("queries_to_pay_back"))
         row["_run"] = key[7]
         rows.append(row)
     if not any(r["setting"] for r in rows):

@@ -14,6 +14,7 @@ import pandas as pd
 
 from scbench.registry import TASKS
 from scbench.report import costs as method_costs
+from scbench.report import payback
 from scbench.report import trust
 
 COST_COLUMNS = {  # the universal columns: turn_frame column -> (leaderboard name, aggregation over a run's turns)
@@ -89,7 +90,9 @@ def incomplete_runs(store) -> pd.DataFrame:
 
 def leaderboard(store, variant: str | None = None, include_incomplete: bool = False) -> pd.DataFrame:
     """Rows: model x method x mode x task(/metric); columns: T1..Tn, avg, n, status, turns (done/expected), cost
-    columns (``variant``: see ``turn_frame``). Runs that are not complete stay out unless ``include_incomplete``."""
+    columns, and where a compressing run has a full-attention baseline in the store the queries it needs to pay back
+    its one-time compression (``extra once s``, ``saving/query s``, ``queries to pay back``: scbench/report/payback.py;
+    inf: never) (``variant``: see ``turn_frame``). Runs that are not complete stay out unless ``include_incomplete``."""
     df = turn_frame(store, variant, include_incomplete)
     if df.empty:
         return df
@@ -119,6 +122,14 @@ def leaderboard(store, variant: str | None = None, include_incomplete: bool = Fa
     columns = {**COST_COLUMNS, **{col: (label, how) for col, (label, how, _) in method_columns().items()}}
     costs = per_turn.groupby(keys[:6]).agg(**{cost_header(label, how): (col, how) for col, (label, how) in columns.items()})
     out = scores.reset_index().merge(costs.reset_index(), on=keys[:6], how="left")
+    pb = payback.paybacks(store, include_incomplete)
+    if pb:  # one-time compression vs full attention (scbench/report/payback.py): per run, so once per row
+        per_run = df.drop_duplicates("run_id")[["run_id", *keys[:6]]].copy()
+        for f in payback.FIELDS:
+            per_run[payback.LABELS[f]] = [float("nan") if pb.get(r, {}).get(f) is None else pb[r][f]
+                                          for r in per_run["run_id"]]
+        cols = [payback.LABELS[f] for f in payback.FIELDS]
+        out = out.merge(per_run.groupby(keys[:6])[cols].mean().reset_index(), on=keys[:6], how="left")
     out.insert(5, "category", out["task"].map(_category))
     if not (per_turn["state_mib"] > 0).any():  # recurrent state column only where a model has one
         out = out.drop(columns=cost_header(*COST_COLUMNS["state_mib"]))

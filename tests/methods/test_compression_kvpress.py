@@ -22,8 +22,6 @@ does) or CI=true: then a missing or broken one fails.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,7 +29,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from support import byte_tokenizer, make_tiny_engine, reference_python
+from support import agreement, byte_tokenizer, keys_after, make_tiny_engine, run_reference
 
 from scbench.methods.full import FullAttention
 from scbench.methods.h2o import H2O, accumulated_attention
@@ -40,25 +38,8 @@ from scbench.methods.snapkv import SnapKV
 from scbench.methods.streamingllm import StreamingLLM
 
 ROOT = Path(__file__).resolve().parents[2]
-SIDE = ROOT / "tests" / "reference" / "kvpress_side.py"
 RATIO, WINDOW, BETA = 0.75, 32, 2  # beta 2: both sides build a pyramid (kvpress needs (1-r)n/beta >= window)
 
-
-
-def run_reference(model, ids: list[int], presses: list[dict], tmp: Path) -> dict:
-    model.save_pretrained(tmp / "model")
-    (tmp / "req.json").write_text(json.dumps({"model_dir": str(tmp / "model"), "ids": ids, "presses": presses}))
-    proc = subprocess.run([reference_python(), str(SIDE), str(tmp / "req.json"), str(tmp / "out.json")],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        pytest.fail(f"kvpress side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads((tmp / "out.json").read_text())
-
-
-def keys_after(engine, method, ids) -> list[torch.Tensor]:
-    s = engine.session(method)
-    s.feed(ids, compress=True, sparse=False)
-    return [layer.keys.clone() for layer in s.cache.layers]
 
 
 def kept_positions(full: list[torch.Tensor], kept: list[torch.Tensor]) -> tuple[list[list[list[int]]], float]:
@@ -72,12 +53,6 @@ def kept_positions(full: list[torch.Tensor], kept: list[torch.Tensor]) -> tuple[
             heads.append(sorted(best.indices.tolist()))
         out.append(heads)
     return out, worst
-
-
-def agreement(a: list[list[list[int]]], b: list[list[list[int]]]) -> dict:
-    rates = [len(set(x) & set(y)) / min(len(x), len(y)) for la, lb in zip(a, b) for x, y in zip(la, lb)]
-    return {"agreement": sum(rates) / len(rates), "min_head": min(rates),
-            "kept_per_layer": [(len(la[0]), len(lb[0])) for la, lb in zip(a, b)]}
 
 
 def kvpress_pyramid_counts(n: int, ratio: float, window: int, beta: int, layers: int) -> list[int]:

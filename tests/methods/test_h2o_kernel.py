@@ -1,12 +1,86 @@
-"""H2O's blockwise score kernels (scbench/kernels/h2o_scores.py) against the chunked torch reference (CUDA only)."""
+"""H2O's blockwise score kernels (scbench/kernels/h2o_scores.py) against the chunked torch reference: on CPU tensors
+through Triton's interpreter (skipped without Triton), and on CUDA (skipped without it), including the dense
+forward's log-sum-exp handed to the column-sum pass (scbench/kernels/dense.causal_attention_lse)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from scbench.kernels import h2o_scores
-from scbench.methods.h2o import accumulated_attention
+from scbench.kernels import dense, h2o_scores
+from scbench.methods.h2o import H2O, accumulated_attention
+from scbench.registry import METHODS
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or h2o_scores.triton is None, reason="needs CUDA and Triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or h2o_scores.triton is None, reason="needs CUDA and Triton")
+def causal_lse(keys, queries):
+    """Each query's natural log-sum-exp over its causal scores (queries at the last positions), float32."""
+    n, w, d = keys.shape[-2], queries.shape[-2], keys.shape[-1]
+    k = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], 1)
+    s = queries.float() @ k.transpose(-1, -2) * d**-0.5
+    s.masked_fill_(torch.arange(n, device=keys.device) > (n - w + torch.arange(w, device=keys.device))[:, None],
+                   float("-inf"))
+    return s.logsumexp(-1)
+
+
+def interpreting() -> bool:
+    return h2o_scores.triton is not None and bool(h2o_scores.triton.knobs.runtime.interpret)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1`` before triton is imported; test_interpreter_run sets it)."""
+    if not interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_interpreter_run starts it)")
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def numpy2_index(tensor, scope):  # triton 3.6's interpreter takes int() of 1-element arrays (numpy >= 2 refuses)
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", numpy2_index)
+
+
+@pytest.mark.skipif(h2o_scores.triton is None, reason="needs Triton (its interpreter runs the kernels on CPU)")
+def test_interpreter_run():
+    """The interpreted tests below, in a process started with TRITON_INTERPRET=1 (CPU tensors, tiny shapes)."""
+    if interpreting():
+        pytest.skip("already interpreting: the tests below run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", __file__],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n,w,hq,hkv", [(100, 70, 4, 2), (130, 130, 4, 4), (200, 33, 8, 2)])
+@pytest.mark.parametrize("given_lse", [False, True])
+def test_interpreted_scores_match_reference(interpreted, n, w, hq, hkv, given_lse):
+    torch.manual_seed(n + w)
+    keys, queries = torch.randn(1, hkv, n, 16), torch.randn(1, hq, w, 16)
+    lse = causal_lse(keys, queries) if given_lse else None
+    tiles = dict(BM=16, BN=32, num_warps=4, num_stages=2)  # several diagonal and below-diagonal blocks
+    got = h2o_scores.accumulated_attention_triton(keys, queries, lse=lse, config=tiles)
+    torch.testing.assert_close(got, accumulated_attention(keys, queries), atol=1e-5, rtol=1e-5)
+
+
+def test_interpreted_bad_lse_shape_is_refused(interpreted):
+    keys, queries = torch.randn(1, 2, 40, 16), torch.randn(1, 4, 40, 16)
+    with pytest.raises(ValueError, match="lse"):
+        h2o_scores.accumulated_attention_triton(keys, queries, lse=torch.zeros(1, 4, 39))
+
+
+def test_lse_free_only_on_cuda():
+    q, k = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16)
+    out, lse = dense.causal_attention_lse(q, k, k)
+    assert lse is None
+    torch.testing.assert_close(out, dense.causal_attention(q, k, k))
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,w,hq,hkv", [(2085, 2085, 8, 2), (3000, 301, 32, 8), (130, 130, 4, 4)])
 def test_blockwise_scores_match_reference(dtype, n, w, hq, hkv):
@@ -19,3 +93,50 @@ def test_blockwise_scores_match_reference(dtype, n, w, hq, hkv):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
     torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), w * hq / hkv), rtol=1e-3, atol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("n,hq,hkv", [(2085, 32, 8), (130, 4, 4)])
+def test_forward_lse_scores_match_reference(n, hq, hkv):
+    """The first prefill: the flash forward's log-sum-exp, then the column sums; through H2O.score as the engine
+    hands it the captured queries."""
+    torch.manual_seed(n)
+    q = torch.randn(1, hq, n, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = dense.causal_attention_lse(q, k, v)
+    assert lse is not None and lse.shape == (1, hq, n)
+    torch.testing.assert_close(lse, causal_lse(k, q), atol=2e-2, rtol=1e-3)
+    torch.testing.assert_close(out, dense.causal_attention(q, k, v), atol=2e-2, rtol=2e-2)
+    q.scbench_lse = (lse, n)
+    got = H2O(budget=64).score(0, k, v, q)
+    want = accumulated_attention(k.float(), q.float())
+    torch.testing.assert_close(got, want, atol=2e-1, rtol=2e-2)
+    torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), n * hq / hkv), rtol=1e-3, atol=1e-3)
+
+
+def test_attention_attaches_the_forward_lse_to_the_captured_queries(monkeypatch):
+    """scbench_attention hands a ``query_lse`` method the forward's log-sum-exp on its captured queries (the last
+    ``capture_queries`` rows, with the key length); CPU: a stand-in forward returns the reference log-sum-exp."""
+    from scbench.engines import attention
+
+    calls = []
+
+    def fake(q, k, v, scale):
+        calls.append(q.shape[-2])
+        return dense.causal_attention(q, k, v, scale), causal_lse(k, q)
+
+    monkeypatch.setattr(attention, "causal_attention_lse", fake)
+    module = type("Attn", (), {"layer_idx": 3})()
+    q, k = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16)
+    ctx = attention.AttnContext(method=H2O(budget=8, obs_window=20), capture_queries=20)
+    with attention.active(ctx):
+        out, _ = attention.scbench_attention(module, q, k, k, None, scaling=16**-0.5)
+    lse, n = ctx.queries[3].scbench_lse
+    assert calls == [50] and n == 50
+    torch.testing.assert_close(lse, causal_lse(k, q)[:, :, -20:])
+    torch.testing.assert_close(out.transpose(1, 2), dense.causal_attention(q, k, k))
+    # methods that do not ask, and decode steps, keep the plain path
+    ctx = attention.AttnContext(method=METHODS.get("snapkv")(budget=8), capture_queries=20)
+    with attention.active(ctx):
+        attention.scbench_attention(module, q, k, k, None, scaling=16**-0.5)
+    assert calls == [50] and not hasattr(ctx.queries[3], "scbench_lse")

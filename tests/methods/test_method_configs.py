@@ -22,11 +22,16 @@ ON_EMBEDDED = {"vertical_slash-searched": "its per-head patterns were searched o
                "duo_attention-1k": "its gates were calibrated on the embedded model's 30 x 3 KV heads",
                "duo_attention-1k-r10": "its gates were calibrated on the embedded model's 30 x 3 KV heads"}
 """Configs that only fit the embedded model: they run on it (slow)."""
+ON_LLAMA8B = {"duo_attention-llama8b": "its (timing-only) gates have the Llama-3.1-8B shape, 32 x 8 KV heads: it runs "
+                                      "in the GPU methods bench (scripts/bench_methods.py)"}
+"""Configs for the GPU bench's random Llama-3.1-8B shape only (skipped here, with the reason)."""
 
 
 def skip_reason(stem: str, cfg: dict) -> str | None:
     """Why a config cannot run here (None: it runs)."""
     cls = METHODS.get(cfg["name"])
+    if stem in ON_LLAMA8B:
+        return ON_LLAMA8B[stem]
     if "hf" not in cls.engines:
         return f"method {cfg['name']!r} runs on engines {', '.join(cls.engines)} only, and its run on the hf engine is " \
                "refused before loading (tests/engines/test_vllm.py)"

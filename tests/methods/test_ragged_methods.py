@@ -241,3 +241,16 @@ def test_decode_every_without_firing_equals_once(engine):
         rs = list(Replay(engine, method(cfg), TASKS.get("scbench_kv"), make_example(), spec))
         preds[compress] = [(r.prediction, r.stats.kv_bytes) for r in rs]
     assert preds["once"] == preds["decode_every"]
+
+
+def test_llama8b_timing_gates_fit_the_bench_shape():
+    """configs/method/duo_attention-llama8b.yaml: its gates file fits the random Llama-3.1-8B's 32 x 8 KV heads."""
+    from omegaconf import OmegaConf
+
+    from scbench.cli import config_dir
+
+    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "method" / "duo_attention-llama8b.yaml"))
+    m = method(cfg)
+    assert m.retrieval(31, 8).sum() + sum(int(m.retrieval(i, 8).sum()) for i in range(31)) == 128
+    with pytest.raises(ValueError, match="another model"):
+        m.retrieval(0, 2)
