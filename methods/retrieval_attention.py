@@ -5,8 +5,11 @@ Based on Liu et al., "RetrievalAttention: Accelerating Long-Context LLM Inferenc
 ``TieredLayer`` (scbench/kv/offload.py) whose keys and values sit in host memory (``tier=cpu``). At each decode
 step and layer the query searches the stored keys on the host (exact inner-product search, ``torch.topk``, over
 a float32 copy of half-precision keys),
-and the top ``top_k`` rows plus a static pattern (the first ``n_init`` and last ``n_local`` tokens) are copied
-to the accelerator and attended exactly.
+and the top ``top_k`` rows are attended ON THE HOST, while the accelerator attends over the static pattern (the
+first ``n_init`` and last ``n_local`` tokens) it keeps; only the query and the host's partial result (output +
+log-sum-exp) cross the bus and the halves are merged exactly (methods/retrieval_host.py, as the paper splits it).
+``split: false`` (and a faiss index or ``recall``) takes the loading path instead: the top ``top_k`` rows plus the
+static pattern are gathered on the host, copied to the accelerator and attended there (the reference).
 
 Opt-in approximate search (``index: faiss_ivf | faiss_hnsw``, needs the ``faiss`` extra): when the KV is parked,
 one faiss inner-product index per batch row and KV head is built over the searchable rows (IVF-Flat with
@@ -178,6 +181,13 @@ class RetrievalAttention(Method):
     """faiss_hnsw: links per node."""
     ef_search: int = 128
     """faiss_hnsw: search beam width (raised to top_k when smaller)."""
+    search: str = "float32"
+    """Host split, half-precision keys: ``float32`` searches a float32 copy of the keys (slow-tier bytes, like the
+    paper's index); ``half`` the stored keys themselves (rounded products bound the candidates, which are rescored
+    in float32: the same top-k, no copy, half the bytes read per step)."""
+    split: bool = True
+    """Host tier with exact search: the host attends over the rows it retrieved and the accelerator over the
+    static pattern, merged by log-sum-exp (false: the retrieved rows are loaded to the accelerator)."""
 
     name: ClassVar[str] = "retrieval_attention"
     stages: ClassVar[tuple[str, ...]] = ("loading",)
@@ -186,6 +196,9 @@ class RetrievalAttention(Method):
                              "exact top-k the index found; null when not measured"),
         "index_build_s": Cost("s", "RetrievalAttention with an approximate index: time building and extending it this "
                               "turn", default=0.0),
+        "attended_ratio": Cost("ratio", "RetrievalAttention host split: rows attended per decode step and query head "
+                               "(retrieved on the host + static on the accelerator) / rows stored, mean over steps and "
+                               "layers; null on the loading path (its `loaded_bytes` count the rows)"),
         "index_bytes": Cost("bytes", "RetrievalAttention with an approximate index: host memory its faiss indices hold "
                             "at the end of the turn (not in `slow_tier_bytes`); 0 with exact search", default=0),
     }
@@ -194,8 +207,9 @@ class RetrievalAttention(Method):
         "exact top-k search (torch.topk over all stored keys) by default, or opt-in (index=faiss_ivf/faiss_hnsw) "
         "a general-purpose faiss inner-product index, instead of the paper's attention-aware ANN index (exact "
         "search is an upper bound on its recall at the same k); retrieved and static tokens are attended together "
-        "on the accelerator (the paper splits CPU and GPU attention and merges them: the same result up to rounding); "
-        "the static tokens are loaded every step instead of staying on the GPU"
+        "on the host (float32) and the static tokens on the accelerator, merged by log-sum-exp as the paper does "
+        "(split=false, a faiss index or recall: both are loaded to and attended on the accelerator, the same result "
+        "up to rounding)"
     )
 
     @classmethod
@@ -204,6 +218,8 @@ class RetrievalAttention(Method):
         return f"top{knobs['top_k']}" if "top_k" in knobs else super().budget_label(knobs)
 
     def __post_init__(self) -> None:
+        self.workspace = None
+        """The host split's reused host buffers (methods/retrieval_search.Workspace), made at its first step."""
         positive_int(self, "top_k")
         positive_int(self, "n_init", minimum=0)
         positive_int(self, "n_local", minimum=1)
@@ -211,6 +227,8 @@ class RetrievalAttention(Method):
             raise ValueError(f"RetrievalAttention.gqa must be one of {GQA}, got {self.gqa!r}")
         if self.tier not in STORAGES:
             raise ValueError(f"RetrievalAttention.tier must be one of {STORAGES}, got {self.tier!r}")
+        if self.search not in ("float32", "half"):
+            raise ValueError(f"RetrievalAttention.search must be float32 or half, got {self.search!r}")
         if self.index not in INDEXES:
             raise ValueError(f"RetrievalAttention.index must be one of {INDEXES}, got {self.index!r}")
         for field in ("nlist", "nprobe", "hnsw_m", "ef_search"):
@@ -223,8 +241,12 @@ class RetrievalAttention(Method):
 
     def promises(self, *, context_tokens, q_heads, kv_heads, **_):
         """Decode loads at most top_k + the static pattern per layer and KV head (per query head with gqa=head):
-        below that share of dense decoding (+2 %) and below 98 % (top_k >= the context loads everything: flagged)."""
+        below that share of dense decoding (+2 %) and below 98 % (top_k >= the context loads everything: flagged).
+        The host split promises the same of the rows it attends (``attended_ratio``)."""
         per_head = q_heads / kv_heads if self.gqa == "head" else 1.0
+        if self.uses_split():  # only the query and partial results cross the bus: the rows attended are the promise
+            rows = min(1.0, (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
+            return {"attended_ratio": ("lt", min(0.98, rows + 0.02))}
         rows = min(1.0, per_head * (self.top_k + self.n_init + self.n_local) / max(1, context_tokens))
         return {"loaded_ratio": ("lt", min(0.98, rows + 0.02))}
 
@@ -240,7 +262,13 @@ class RetrievalAttention(Method):
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them in the tier (and its search index)."""
         layer = TieredLayer(keys, values, storage=self.tier)
-        self.search_keys(layer)  # built with the offload, not inside the first decode step
+        if self.uses_split():  # the static rows stay on the accelerator, copied from the prefill's keys
+            from scbench.kv.split import DeviceWindow
+
+            layer.window = DeviceWindow(self.n_init, self.n_local)
+            layer.window.build(keys, values, keys.device)
+        if not (self.uses_split() and self.search == "half"):
+            self.search_keys(layer)  # built with the offload, not inside the first decode step
         return layer
 
     def sync_index(self, layer: TieredLayer, keys: torch.Tensor) -> AnnIndex | None:
@@ -291,7 +319,10 @@ class RetrievalAttention(Method):
             self.sync_index(layer, layer.keys)
             layer.crop_floor = layer.n
             return layer.keys
-        rows = layer.state.setdefault("index", Rows(layer.storage, layer.compute, torch.float32))
+        rows = layer.state.get("index")
+        if rows is None:  # host only (never copied to the accelerator): not pinned
+            rows = layer.state["index"] = Rows(layer.storage, layer.compute, torch.float32, pin=False,
+                                               reserve=layer._k.reserve)
         rows.crop(layer.crop_floor)
         if rows.n < layer.n:
             rows.append(layer.keys[..., rows.n :, :])
@@ -300,21 +331,32 @@ class RetrievalAttention(Method):
         return rows.view
 
     def take_costs(self, session) -> dict:
-        """Index recall and build time over this turn's steps and layers (counted on the layers, reset here) and
-        the bytes the indices hold now."""
+        """Index recall and build time, and the host split's attended share, over this turn's steps and layers
+        (counted on the layers, reset here) and the bytes the indices hold now."""
         layers = tiered_layers(session.cache)
         n = sum(getattr(layer, "index_recall_n", 0) for layer in layers)
+        steps = sum(getattr(layer, "attended_n", 0) for layer in layers)
         out = {
+            "attended_ratio": sum(getattr(layer, "attended_sum", 0.0) for layer in layers) / steps if steps else None,
             "index_recall": sum(getattr(layer, "index_recall_sum", 0.0) for layer in layers) / n if n else None,
             "index_build_s": sum(getattr(layer, "index_build_s", 0.0) for layer in layers),
             "index_bytes": sum(layer.ann.nbytes() for layer in layers if getattr(layer, "ann", None) is not None),
         }
         for layer in layers:
             layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
+            layer.attended_sum, layer.attended_n = 0.0, 0
         return out
+
+    def uses_split(self) -> bool:
+        """Whether decode takes the host/accelerator split (methods/retrieval_host.py)."""
+        return self.split and self.tier == "cpu" and self.index == "exact" and not self.recall
 
     def decode_attention(self, layer_idx, q, k, v, scale, *, layer=None):
         """q [B, Hq, 1, D]; k, v: the layer's stored rows [B, Hkv, n, D] (host memory) -> [B, Hq, 1, D]."""
         layer: TieredLayer = require_tiered(self, layer_idx, layer)
+        if self.uses_split():
+            from scbench.methods.retrieval_host import split_decode
+
+            return split_decode(self, layer, q, scale)
         idx = self.select(q[:, :, 0], self.search_keys(layer), layer)
         return attend_loaded(layer, q, idx, scale, recall=self.recall)

@@ -9,6 +9,8 @@ given context promises, keyed by a measured quantity:
 - ``context_rate``: compressed / original context tokens (prompt compression);
 - ``loaded_ratio``: KV bytes loaded by the first turn's decode steps / what dense decoding would have loaded
   (loading methods: Quest, RetrievalAttention);
+- ``attended_ratio``: KV rows attended per decode step and query head / rows stored, first turn (a loading method
+  that attends where the KV lives and moves only partial results: RetrievalAttention's host split);
 - ``recompute_frac``: share of the first prefill's tokens recomputed (chunk KV reuse).
 
 Each promise is ``(op, value)``: ``"eq"`` holds when ``|measured - value| <= max(abs_tol, rel_tol * value)``,
@@ -26,7 +28,8 @@ import json
 REL_TOL = 0.02
 ABS_TOL = 1.0
 """Tolerance of ``eq`` promises: 2 % of the promised value, at least 1 (a token; PyramidKV rounds per layer)."""
-QUANTITIES = ("kept_tokens", "kv_ratio", "attn_density", "context_rate", "loaded_ratio", "recompute_frac")
+QUANTITIES = ("kept_tokens", "kv_ratio", "attn_density", "context_rate", "loaded_ratio", "attended_ratio",
+              "recompute_frac")
 UNFIRED, CAPPED = "unfired", "capped"
 
 

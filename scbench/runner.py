@@ -200,11 +200,12 @@ class Replay:
             due.add("recompute_frac")
         dense = chk.dense_load_bytes(stats.kv_full_bytes, getattr(self.session, "pos", 0), steps)
         if "decode_attention" in hooks and i == 0 and dense:  # later turns' prefills load rows too
-            due.add("loaded_ratio")
+            due |= {"loaded_ratio", "attended_ratio"}
         measured = {**(comp or {}), "attn_density": fs.attn_density if fs.attn_cells else None,
                     "context_rate": self.context_stats.get("context_rate"),
                     "loaded_ratio": stats.loaded_bytes / dense if dense else None,
-                    "recompute_frac": (stats.method_costs or {}).get("recompute_frac")}
+                    "recompute_frac": (stats.method_costs or {}).get("recompute_frac"),
+                    "attended_ratio": (stats.method_costs or {}).get("attended_ratio")}
         return chk.evaluate({q: p for q, p in promised.items() if q in due}, measured)
 
     def _discard_counters(self) -> None:

@@ -23,6 +23,8 @@ from scbench.kv.cache import CacheLayer
 
 TIERS = ("cpu", "disk")
 STORAGES = ("device", "cpu")
+HOST_RESERVE = 1024
+"""Spare rows of a host tier's first buffers: regrowing copies the whole layer (and pins new host memory)."""
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -144,9 +146,12 @@ class Rows:
     """A growing [..., n, D] tensor: rows live in a capacity buffer on ``device`` (pinned host memory when the
     model runs on CUDA), so appending copies the new rows only. ``view`` is the first ``n`` rows."""
 
-    def __init__(self, device: torch.device, compute: torch.device, dtype: torch.dtype | None = None):
+    def __init__(self, device: torch.device, compute: torch.device, dtype: torch.dtype | None = None, *,
+                 pin: bool = True, reserve: int = 0):
         self.device, self.dtype = device, dtype
-        self.pin = device.type == "cpu" and compute.type == "cuda"
+        self.pin = pin and device.type == "cpu" and compute.type == "cuda"
+        self.reserve = reserve
+        """Spare rows of the first buffer (host tiers: the first decode steps do not regrow it)."""
         self.buf: torch.Tensor | None = None
         self.n = 0
 
@@ -159,7 +164,8 @@ class Rows:
         t = x.shape[-2]
         cap = 0 if self.buf is None else self.buf.shape[-2]
         if self.n + t > cap:  # grow by 1/8 (at least 64 rows): little slack, amortised O(1) appends
-            shape = (*x.shape[:-2], max(self.n + t, cap + max(64, cap // 8)), x.shape[-1])
+            rows = max(self.n + t, cap + max(64, cap // 8)) if cap else self.n + t + self.reserve
+            shape = (*x.shape[:-2], rows, x.shape[-1])
             buf = torch.empty(shape, dtype=self.dtype or x.dtype, device=self.device, pin_memory=self.pin)
             if self.n:
                 buf[..., : self.n, :] = self.view
@@ -197,12 +203,16 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self.storage = torch.device("cpu") if storage == "cpu" else keys.device
         self.dtype, self.device = keys.dtype, self.storage
         self.is_initialized = True
-        self._k, self._v = Rows(self.storage, self.compute), Rows(self.storage, self.compute)
+        reserve = HOST_RESERVE if self.storage != self.compute else 0
+        self._k = Rows(self.storage, self.compute, reserve=reserve)
+        self._v = Rows(self.storage, self.compute, reserve=reserve)
         self.state: dict = {}
         self.loaded_bytes = 0
         self.load_s = 0.0
         self.recall_sum = 0.0
         self.recall_n = 0
+        self.window = None
+        """A ``scbench.kv.split.DeviceWindow``: static rows kept on the compute device (host-split decode)."""
         self._append(keys, values)
         self.crop_floor = self.n
 
@@ -219,6 +229,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states, value_states: [B, Hkv, t, D] on the compute device."""
         self._append(key_states, value_states)
+        if self.window is not None:
+            self.window.append(key_states, value_states, self.n)
         if key_states.shape[-2] == 1 or self.storage == self.compute:
             return self.keys, self.values
         return self.load_all()  # a later prefill attends densely over everything, brought from the host tier
@@ -296,7 +308,7 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def scbench_nbytes(self) -> int:
         """Bytes on the accelerator: stored rows kept there and the method's state there (e.g. Quest's page
         bounds). The buffers' spare rows (up to 1/8, as an allocator's slack) are not counted."""
-        return self._nbytes_on(self.compute)
+        return self._nbytes_on(self.compute) + (self.window.nbytes() if self.window is not None else 0)
 
     def scbench_slow_nbytes(self) -> int:
         """Bytes held in the slow tier (host memory while the model runs on an accelerator): rows and state."""
@@ -307,6 +319,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self._v.crop(n)
         self.crop_floor = min(self.crop_floor, self.n)
         self.keys, self.values = self._k.view, self._v.view
+        if self.window is not None:
+            self.window.crop(n)
 
     def scbench_snapshot(self):
         return (self.keys.clone(), self.values.clone())
@@ -314,6 +328,8 @@ class TieredLayer(DynamicLayer, CacheLayer):
     def scbench_restore(self, state) -> None:
         self.scbench_crop(0)
         self._append(*state)
+        if self.window is not None:
+            self.window.valid = False  # rebuilt from the restored host rows when next needed
 
 
 def require_tiered(method, layer_idx: int, layer) -> TieredLayer:

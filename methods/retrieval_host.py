@@ -1,0 +1,118 @@
+"""RetrievalAttention's host tier as the paper splits it (arXiv 2409.10516 §4): per decode step and layer the
+accelerator attends over the static pattern it keeps (``scbench.kv.split.DeviceWindow``: the first ``n_init``
+and last ``n_local`` rows), while the host searches its stored keys for the ``top_k`` by inner product and
+attends over them itself (torch on the CPU's threads: float32 products and softmax, the weighted sum of
+half-precision values with weights rounded to their precision, as flash attention does); only the query (to the host) and the host's
+partial result (output + log-sum-exp per query head, to the accelerator) cross the bus, and the two halves are
+merged exactly (``scbench.kv.split.merge``). The device half is launched before the host waits for the query,
+so the two overlap.
+
+The row set equals ``RetrievalAttention.select``'s (the same inner products and ``topk``), so the plain loading
+path (``split=false``: rows gathered on the host and loaded to the accelerator) stays the reference:
+tests/methods/test_retrieval_host.py compares greedy tokens. Exact search only; a faiss index or ``recall``
+takes the loading path.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from scbench.kv.offload import TieredLayer, nbytes
+from scbench.kv.split import DeviceWindow, merge, partial_attention
+from scbench.methods.retrieval_search import Workspace, half_search, scratch, topk_rows
+
+
+def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int,
+                 group: bool, scale: float, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, D] (float32, host) over the top ``top_k`` rows of [lo, hi) by inner product (all of
+    them when there are no more): keys [B, Hkv, n, D] the searched keys (float32), vbuf [B, Hkv, cap, D] the
+    values' contiguous buffer -> (out [B, Hq, D], lse [B, Hq]) float32; lse -inf where no row is searchable.
+    Half-precision ``keys`` must be the keys' contiguous buffer [B, Hkv, cap, D] (``half_search``).
+
+    The search's inner products are the attention logits (divided by the scale): with float32 keys the retrieved
+    keys are never gathered, only their values (``index_select`` of whole rows)."""
+    b, hq, d = q.shape
+    hkv, cap = vbuf.shape[1], vbuf.shape[2]
+    rep = hq // hkv
+    if hi <= lo:
+        return q.new_zeros(b, hq, d), q.new_full((b, hq), float("-inf"))
+    m = hi - lo
+    base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
+    if keys.dtype != torch.float32:  # half-precision keys searched in place, candidates rescored in float32
+        idx, sel = half_search(q, keys, lo, hi, top_k, group, ws)
+    else:  # [B, Hkv, rep, m]: top_keys' products (the same expression: the same top-k)
+        s = scratch(ws, "s", (b, hkv, rep, m), torch.float32)
+        torch.matmul(q.reshape(b, hkv, rep, d), keys[..., lo:hi, :].transpose(-1, -2), out=s)
+        if m <= top_k:  # every searchable row
+            idx = torch.arange(m).expand(b, hkv, m)
+            sel = s
+        elif group:
+            idx = topk_rows(s.amax(2), top_k)  # [B, Hkv, k]
+            sel = s.gather(-1, idx.unsqueeze(2).expand(b, hkv, rep, top_k))
+        else:
+            idx = topk_rows(s, top_k)  # [B, Hkv, rep, k]
+            sel = s.gather(-1, idx)
+    logits = sel * scale
+    lse = logits.logsumexp(-1, keepdim=True)
+    p = (logits - lse).exp()
+    flat = vbuf.view(-1, d)
+    p = p.to(vbuf.dtype)  # half-precision values: weights rounded as flash attention's P @ V (float32 sums)
+    rows = (idx + (base if idx.dim() == 3 else base.unsqueeze(-1))).reshape(-1)
+    vals = scratch(ws, "vals", (rows.numel(), d), vbuf.dtype)
+    torch.index_select(flat, 0, rows, out=vals)
+    if idx.dim() == 3:  # one row set per KV head
+        out = p @ vals.view(b, hkv, -1, d)  # [B, Hkv, rep, D]
+    else:
+        out = (p.unsqueeze(-2) @ vals.view(b, hkv, rep, -1, d)).squeeze(-2)
+    return out.reshape(b, hq, d).float(), lse.reshape(b, hq)
+
+
+class Staging:
+    """Per-layer pinned host buffers for the query and the host's partial result (reused every step: the copy
+    out of a buffer completes before the same layer's next step, which follows several synchronisations)."""
+
+    def __init__(self, q: torch.Tensor, pin: bool):
+        b, hq, _, d = q.shape
+        self.q = torch.empty((b, hq, d), dtype=q.dtype, pin_memory=pin)
+        self.part = torch.empty((b, hq, d + 1), dtype=torch.float32, pin_memory=pin)
+
+
+def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One decode step's attention of q [B, Hq, 1, D] (compute device) over ``layer`` -> [B, Hq, 1, D]."""
+    b, hq, _, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    if layer.window is None:
+        layer.window = DeviceWindow(method.n_init, method.n_local)
+    cuda = layer.compute.type == "cuda" and layer.storage.type == "cpu"
+    st = getattr(layer, "staging", None)
+    if st is None or st.q.shape != q[:, :, 0].shape or st.q.dtype != q.dtype:
+        st = layer.staging = Staging(q, cuda)
+    t0 = time.perf_counter()
+    st.q.copy_(q[:, :, 0], non_blocking=cuda)  # to the host, then the device half is queued behind it
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    ks, vs = layer.window.rows(layer)
+    out_d, lse_d = partial_attention(q[:, :, 0], ks, vs, scale)
+    if cuda:
+        ready.synchronize()
+    n = layer.n
+    keys = layer._k.buf if method.search == "half" and layer.dtype != torch.float32 else method.search_keys(layer)
+    if method.workspace is None:  # one for all layers (they run in turn)
+        method.workspace = Workspace()
+    ws = method.workspace
+    out_h, lse_h = host_partial(st.q.float(), keys, layer._v.buf, method.n_init, n - method.n_local,
+                                method.top_k, method.gqa == "group", scale, ws)
+    st.part[..., :d] = out_h
+    st.part[..., d] = lse_h
+    part = st.part.to(layer.compute, non_blocking=cuda) if cuda else st.part
+    out = merge(out_d, lse_d, part[..., :d], part[..., d])
+    layer.load_s += time.perf_counter() - t0
+    searchable = max(0, n - method.n_local - method.n_init)
+    attended = ks.shape[-2] + min(method.top_k, searchable)
+    layer.attended_sum = getattr(layer, "attended_sum", 0.0) + attended / n
+    layer.attended_n = getattr(layer, "attended_n", 0) + 1
+    # bus traffic of this step and layer: the query out, the partial result back, the new token's key and value out
+    layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
+    return out.to(q.dtype).unsqueeze(2)
