@@ -45,19 +45,48 @@ def repeat_prompts(engine, ids: list[int], chunk: int) -> list[tuple[int, int, l
     return out
 
 
-def chunk_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int) -> torch.Tensor:
-    """Max softmax weight each key of [start, end) receives from the repeat queries.
+SCORE_BLOCK_BYTES = 1 << 29
+"""Largest float32 weight block the scoring materialises ([heads, group, rows, keys], blocks of KV heads and of
+repeat queries): bounded whatever the context (the keys are the sinks, the chunk and the repeat only)."""
 
-    q: [g, r, D] (one KV group's repeat queries, post-RoPE); k: [n + r, D] (the head's cache, repeat last) -> [end -
-    start] float32. The softmax runs over keys [0, min(sink, start)), [start, end) and the r repeat keys (causal)."""
-    r, d = q.shape[1], q.shape[-1]
+
+def layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
+                 max_bytes: int = SCORE_BLOCK_BYTES) -> torch.Tensor:
+    """Max softmax weight each key of [start, end) receives from the repeat queries, for H KV heads at once.
+
+    q: [H, g, r, D] (each KV head's group of repeat queries, post-RoPE); k: [H, n + r, D] (the heads' caches, repeat
+    last) -> [H, end - start] float32. The softmax runs over keys [0, min(sink, start)), [start, end) and the r
+    repeat keys (causal). Computed in blocks of heads and query rows (exact: each query's softmax is its own row)
+    so that one weight block holds at most ``max_bytes``."""
+    nh, g, r, d = q.shape
     s = min(sink, start)
-    keys = torch.cat([k[:s], k[start:end], k[k.shape[0] - r :]]).float()
-    logits = torch.einsum("grd,nd->grn", q.float(), keys) * d**-0.5
-    m = keys.shape[0]
-    future = torch.ones(r, m, dtype=torch.bool, device=k.device).triu(m - r + 1)
-    w = logits.masked_fill_(future, float("-inf")).softmax(-1)
-    return w[..., s : s + end - start].amax(dim=(0, 1))
+    keys = torch.cat([k[:, :s], k[:, start:end], k[:, k.shape[1] - r :]], dim=1).float()  # [H, m, D]
+    m = keys.shape[1]
+    c = m - r  # sinks + chunk: every repeat query sees them; the repeat keys are causal
+    qs = q.float() * d**-0.5
+    row_bytes = g * m * 4
+    heads = max(1, min(nh, max_bytes // max(1, row_bytes * r)))
+    rows = r if heads > 1 or row_bytes * r <= max_bytes else max(1, max_bytes // row_bytes)
+    best = torch.zeros(nh, end - start, dtype=torch.float32, device=k.device)
+    for h0 in range(0, nh, heads):
+        h1 = min(nh, h0 + heads)
+        kt = keys[h0:h1].transpose(-1, -2)  # [hb, D, m]
+        for a in range(0, r, rows):
+            b = min(r, a + rows)
+            qb = qs[h0:h1, :, a:b].reshape(h1 - h0, g * (b - a), d)
+            logits = torch.bmm(qb, kt).view(h1 - h0, g, b - a, m)
+            future = torch.ones(b - a, r, dtype=torch.bool, device=k.device).triu(a + 1)
+            logits[..., c:].masked_fill_(future, float("-inf"))
+            w = logits.softmax(-1)
+            del logits
+            torch.maximum(best[h0:h1], w[..., s : s + end - start].amax(dim=(1, 2)), out=best[h0:h1])
+    return best
+
+
+def chunk_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
+                 max_bytes: int = SCORE_BLOCK_BYTES) -> torch.Tensor:
+    """``layer_scores`` for one KV head: q [g, r, D]; k [n + r, D] -> [end - start] float32."""
+    return layer_scores(q[None], k[None], sink, start, end, max_bytes)[0]
 
 
 def head_keys(layer, h: int) -> torch.Tensor:
@@ -66,11 +95,13 @@ def head_keys(layer, h: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> tuple[dict[int, list[torch.Tensor]], int]:
+def reconstruction_scores(session, ids: list[int], chunk: int, sink: int, max_bytes: int = SCORE_BLOCK_BYTES
+                          ) -> tuple[dict[int, list[torch.Tensor]], int]:
     """Per layer, per KV head: a score for every cached token ([n_h] float32). The tokens of ``ids`` (the last
     len(ids) of every head) get their reconstruction scores (softmax weights, <= 1); the first ``sink`` tokens get
     +inf; earlier tokens (kept by an earlier firing) get 2 + position / n: kept before any new token, the most
-    recent first when they alone exceed the budget. Also returns the repeat tokens forwarded."""
+    recent first when they alone exceed the budget. Also returns the repeat tokens forwarded. A dense layer's
+    heads are scored together (``layer_scores``), a ragged layer's one by one (their lengths differ)."""
     cache = session.cache
     layers = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
     if cache.layers[layers[0]].keys.shape[0] != 1:
@@ -94,13 +125,21 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int) -> tup
         session._forward(rep, ctx)
         for i in layers:
             layer, q = cache.layers[i], ctx.queries[i][0]  # [Hq, r, D]
-            g = q.shape[0] // len(scores[i])
+            hkv = len(scores[i])
+            g = q.shape[0] // hkv
+            if not getattr(layer, "scbench_ragged", False):  # every head holds the same positions
+                off = scores[i][0].shape[0] - len(ids)
+                lo, hi = max(off + a, sink), off + b
+                if hi > lo:
+                    out = layer_scores(q.view(hkv, g, *q.shape[1:]), layer.keys[0], sink, lo, hi, max_bytes)
+                    for s, o in zip(scores[i], out):
+                        s[lo:hi] = o
+                continue
             for h, s in enumerate(scores[i]):
-                k = head_keys(layer, h)
                 off = s.shape[0] - len(ids)  # where ids start in this head
                 lo, hi = max(off + a, sink), off + b
                 if hi > lo:
-                    s[lo:hi] = chunk_scores(q[h * g : (h + 1) * g], k, sink, lo, hi)
+                    s[lo:hi] = chunk_scores(q[h * g : (h + 1) * g], head_keys(layer, h), sink, lo, hi, max_bytes)
         session.drop_last(len(rep))
     session.last_logits = last_logits
     return scores, forwarded

@@ -6,6 +6,8 @@ caches of different lengths after eviction.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,11 +31,50 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if q.is_cuda:  # a later turn's prefill / a chunk over a cache: new (Tq, Tk) every turn and layer
+        return _lower_right_cuda(q, k, v, scale, gqa)
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    if q.is_cuda:  # a later turn's prefill: new (Tq, Tk) every turn and layer; cuDNN would re-plan for each
-        with sdpa_kernel(DECODE_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+MASKED_BLOCK_BYTES = 1 << 30
+"""Largest float32 score block the masked fallback of ``_lower_right_cuda`` materialises (SDPA's math kernel keeps
+[B, Hq, Tq, Tk] float32 intermediates: 32 GiB for 2,061 queries over 131K keys with 32 heads)."""
+
+
+def _lower_right_cuda(q, k, v, scale, gqa):
+    """Queries aligned to the end of the keys on CUDA. SDPA with a boolean mask cannot take the flash kernel (the
+    only fused one with GQA) and falls to the math kernel, or to cuDNN, which re-plans for every new (Tq, Tk);
+    torch's lower-right ``CausalBias`` runs flash without a mask (its causal flag is lower-right). Where flash does
+    not take the shapes, the masked SDPA (cuDNN off) in query blocks of at most ``MASKED_BLOCK_BYTES`` scores."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    tq, tk = q.shape[-2], k.shape[-2]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale,
+                                                      enable_gqa=gqa)
+        except RuntimeError:  # no flash kernel for these shapes / this build: the masked path
+            pass
+    return masked_blocks(q, k, v, scale, gqa, MASKED_BLOCK_BYTES)
+
+
+def masked_blocks(q, k, v, scale, gqa, max_bytes: int) -> torch.Tensor:
+    """Bottom-right causal SDPA over blocks of queries so that one block's float32 scores [B, Hq, rows, Tk] stay
+    within ``max_bytes`` (exact: every query row is independent). cuDNN off (it re-plans per shape)."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[-2]
+    rows = max(1, min(tq, max_bytes // max(1, b * hq * tk * 4)))
+    outs = []
+    for a in range(0, tq, rows):
+        e = min(tq, a + rows)
+        mask = torch.ones(e - a, tk, dtype=torch.bool, device=q.device).tril(tk - tq + a)
+        ctx = sdpa_kernel(DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+        with ctx:
+            outs.append(F.scaled_dot_product_attention(q[..., a:e, :], k, v, attn_mask=mask, scale=scale,
+                                                       enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 LSE_BACKENDS = ("cudnn", "flash")

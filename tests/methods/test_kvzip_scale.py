@@ -1,0 +1,88 @@
+"""KVzip's scoring at long contexts: blocked reconstruction scores equal the unblocked ones and never materialise
+a weight block over the configured bound; the dense path's masked fallback in query blocks equals plain SDPA;
+ragged later-turn attention goes through the dense kernel (cuDNN off on CUDA)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from scbench.kernels import dense
+from scbench.kv import ragged
+from scbench.methods import reconstruction as rec
+from scbench.registry import METHODS
+from support import byte_tokenizer, make_tiny_engine
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the bytes of the largest tensor any op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("max_bytes", [1, 4096, 45_000, 60_000, 1 << 40])
+@pytest.mark.parametrize("sink,start,end", [(4, 10, 90), (0, 0, 120), (8, 3, 40)])
+def test_layer_scores_blocked_match_unblocked_and_reference(max_bytes, sink, start, end):
+    g = torch.Generator().manual_seed(start + end)
+    q, k = torch.randn(3, 2, 23, 16, generator=g), torch.randn(3, 120 + 23, 16, generator=g)
+    unblocked = rec.layer_scores(q, k, sink, start, end, max_bytes=1 << 40)
+    got = rec.layer_scores(q, k, sink, start, end, max_bytes=max_bytes)
+    assert torch.allclose(got, unblocked, rtol=1e-6, atol=1e-7)
+    for h in range(3):
+        assert torch.allclose(got[h], rec.reference_chunk_scores(q[h], k[h], sink, start, end), atol=1e-6)
+
+
+def test_scoring_stays_within_the_bound_at_a_long_context(monkeypatch):
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=64, chunk=512))
+    session.feed(ids, compress=False, sparse=False)
+    bound = 256 * 1024
+    seen = {}
+    original = rec.layer_scores
+
+    def tracked(*args, **kwargs):
+        with LargestOutput() as mode:
+            out = original(*args, **kwargs)
+        key = kwargs.get("max_bytes", args[-1] if len(args) > 5 else None)
+        seen[key] = max(seen.get(key, 0), mode.largest)
+        return out
+
+    monkeypatch.setattr(rec, "layer_scores", tracked)
+    blocked, n = rec.reconstruction_scores(session, ids, 512, 4, max_bytes=bound)
+    whole, n2 = rec.reconstruction_scores(session, ids, 512, 4, max_bytes=1 << 40)
+    assert n == n2 > 3000 and session.pos == 3000  # the repeat tokens were dropped again
+    assert seen[bound] <= bound < seen[1 << 40]  # unblocked, one weight block is ~9 MB here: the bound bites
+    for layer in whole:
+        for a, b in zip(blocked[layer], whole[layer]):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tq,tk,max_bytes", [(50, 300, 4 * 4 * 300 * 7), (1, 40, 1), (64, 64 + 3, 1 << 30)])
+def test_masked_blocks_match_reference(tq, tk, max_bytes):
+    g = torch.Generator().manual_seed(tq)
+    q = torch.randn(1, 4, tq, 16, generator=g)
+    k, v = torch.randn(1, 2, tk, 16, generator=g), torch.randn(1, 2, tk, 16, generator=g)
+    got = dense.masked_blocks(q, k, v, None, True, max_bytes)
+    assert torch.allclose(got, dense.reference_causal_attention(q, k, v), atol=1e-5)
+    assert torch.allclose(got, dense.causal_attention(q, k, v), atol=1e-5)
+
+
+def test_ragged_heads_use_the_dense_kernel(monkeypatch):
+    """A later turn's prefill over a ragged cache: each head through ``causal_attention`` (not plain SDPA)."""
+    calls = []
+    monkeypatch.setattr(ragged, "causal_attention", lambda q, k, v, s: calls.append(k.shape[-2]) or dense.causal_attention(q, k, v, s))
+    g = torch.Generator().manual_seed(0)
+    layer = ragged.RaggedLayer([torch.randn(n, 16, generator=g) for n in (7, 30)],
+                               [torch.randn(n, 16, generator=g) for n in (7, 30)])
+    layer.update(torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g))
+    q = torch.randn(1, 4, 5, 16, generator=g)
+    assert torch.allclose(ragged.ragged_attention(q, layer), ragged.reference_ragged_attention(q, layer), atol=1e-5)
+    assert calls == [12, 35]
