@@ -6,7 +6,8 @@ When compression fires, the model repeats the tokens just fed, chunk by chunk, o
 maximum attention it receives from the repeat queries (over queries and the query heads of its group); the first
 ``n_sink`` tokens and the last ``n_recent`` (the prompt's tail) are always kept. The repeat tokens are dropped
 again, so only this extra prefill (~1-2x the context's, in ``compress_s``) is paid, once: with
-``policy.compress=once`` (the reference) every later turn and request reuses the compressed cache. ``budget`` is
+``policy.compress=once`` (the reference) every later turn and request reuses the compressed cache (no re-scoring;
+under every_turn only the newly fed tokens are reconstructed and scored). ``budget`` is
 the average kept tokens per KV head; ``level``:
 
 - ``pair`` (the paper's default): one pool over every layer and head of the model (non-uniform across layers

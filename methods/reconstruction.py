@@ -7,8 +7,10 @@ previous context exactly." for the first chunk, "Repeat the part of the previous
 Those queries' post-RoPE projections are captured, and each KV pair of the chunk gets the maximum, over the
 queries and over the query heads of its KV group, of its softmax attention weight, the softmax running over the
 sinks, the chunk's own KV pairs and the repeat (as the reference implementation subsamples the keys). The repeat
-tokens are then dropped from the cache again. Memory is bounded by the chunk: one chunk's queries per layer and a
-[group, repeat, sinks + chunk + repeat] weight matrix per KV head.
+tokens are then dropped from the cache again. Memory is bounded by the chunk, not the context: one chunk's queries
+per layer, the repeat forward's attention over the cache on the dense kernel (flash on CUDA, scbench/kernels/dense.py),
+and [heads, group, rows, sinks + chunk + repeat] float32 weight blocks of at most ``SCORE_BLOCK_BYTES`` (a layer's
+KV heads scored together, in blocks of heads and repeat queries).
 """
 from __future__ import annotations
 

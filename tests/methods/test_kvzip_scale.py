@@ -78,7 +78,12 @@ def test_masked_blocks_match_reference(tq, tk, max_bytes):
 def test_ragged_heads_use_the_dense_kernel(monkeypatch):
     """A later turn's prefill over a ragged cache: each head through ``causal_attention`` (not plain SDPA)."""
     calls = []
-    monkeypatch.setattr(ragged, "causal_attention", lambda q, k, v, s: calls.append(k.shape[-2]) or dense.causal_attention(q, k, v, s))
+
+    def spy(q, k, v, scale):
+        calls.append(k.shape[-2])
+        return dense.causal_attention(q, k, v, scale)
+
+    monkeypatch.setattr(ragged, "causal_attention", spy)
     g = torch.Generator().manual_seed(0)
     layer = ragged.RaggedLayer([torch.randn(n, 16, generator=g) for n in (7, 30)],
                                [torch.randn(n, 16, generator=g) for n in (7, 30)])
