@@ -154,8 +154,9 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, max_len: int, 
     h, c = suf_k.shape[1], suf_k.shape[2]
     g = hq // h
     bn, stages = tiles(d, q.element_size(), q.device.type == "cpu")
-    if split is None:  # a power of two (16-32 splits): SPLIT is a constexpr, and layers' lengths differ (AdaKV,
-        # KVzip): a multiple of BN per length compiled one kernel per layer in the warm-up step (likely most of AdaKV's 4 s and KVzip's 9 s warm-up at 32K on an H200)
+    if split is None:  # a power of two (16-32 splits): SPLIT is a constexpr and layers' lengths differ (AdaKV,
+        # KVzip); a multiple of BN per length compiled a kernel per layer in the warm-up step (likely most of the
+        # 4 s / 9 s warm-up of AdaKV / KVzip at 32K on an H200)
         split = max(256, triton.next_power_of_2(-(-(max_len + c) // 32)))
     n_splits = -(-(max_len + c) // split)
     gp = max(16, triton.next_power_of_2(g))
