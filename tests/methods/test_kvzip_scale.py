@@ -91,3 +91,23 @@ def test_ragged_heads_use_the_dense_kernel(monkeypatch):
     q = torch.randn(1, 4, 5, 16, generator=g)
     assert torch.allclose(ragged.ragged_attention(q, layer), ragged.reference_ragged_attention(q, layer), atol=1e-5)
     assert calls == [12, 35]
+
+
+def test_kvzip_later_turns_score_only_new_tokens_or_nothing():
+    """policy once: a later turn re-scores nothing; every_turn: it reconstructs only the tokens fed in that turn."""
+    from scbench.records import Example, RunSpec, Turn
+    from scbench.registry import TASKS
+    from scbench.runner import Replay
+
+    words = " ".join(f"key{i}=val{i * 7 % 97}" for i in range(24))
+    example = Example(id="tiny", context=words, turns=tuple(Turn(input=f'Key: "key{i}"\nThe value is: ', answer="v")
+                                                            for i in (3, 17)))
+    engine = make_tiny_engine(byte_tokenizer())
+    for compress in ("once", "every_turn"):
+        spec = RunSpec(model={}, method={"name": "kvzip", "budget": 64}, task="scbench_kv", mode="multi_turn",
+                       max_turns=2, max_new_tokens=6, compress=compress)
+        first, later = Replay(engine, METHODS.get("kvzip")(budget=64), TASKS.get("scbench_kv"), example, spec)
+        repeat = rec.repeat_prompts(engine, [0], 2048)[0][2]  # the first chunk's repeat prompt around one token
+        assert first.stats.method_costs["score_prefill_tokens"] == first.stats.prefill_computed + len(repeat) - 1
+        fed = later.stats.prefill_computed
+        assert later.stats.method_costs["score_prefill_tokens"] == (0 if compress == "once" else fed + len(repeat) - 1)
