@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 # Decode (one query) avoids the cuDNN backend: measured on an H100, cuDNN SDPA re-plans whenever the key length
 # changes, which every decode step does (per-layer lengths under PyramidKV dropped decode to 0.5 tok/s).
@@ -47,8 +48,6 @@ def _lower_right_cuda(q, k, v, scale, gqa):
     only fused one with GQA) and falls to the math kernel, or to cuDNN, which re-plans for every new (Tq, Tk);
     torch's lower-right ``CausalBias`` runs flash without a mask (its causal flag is lower-right). Where flash does
     not take the shapes, the masked SDPA (cuDNN off) in query blocks of at most ``MASKED_BLOCK_BYTES`` scores."""
-    from torch.nn.attention.bias import causal_lower_right
-
     tq, tk = q.shape[-2], k.shape[-2]
     if q.dtype in (torch.float16, torch.bfloat16):
         try:
