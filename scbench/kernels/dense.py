@@ -50,12 +50,16 @@ def _lower_right_cuda(q, k, v, scale, gqa):
     not take the shapes, the masked SDPA (cuDNN off) in query blocks of at most ``MASKED_BLOCK_BYTES`` scores."""
     tq, tk = q.shape[-2], k.shape[-2]
     if q.dtype in (torch.float16, torch.bfloat16):
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale,
-                                                      enable_gqa=gqa)
-        except RuntimeError:  # no flash kernel for these shapes / this build: the masked path
-            pass
+        bias = causal_lower_right(tq, tk)
+        for repeat in (False, True) if gqa else (False,):
+            rep = q.shape[1] // k.shape[1] if repeat else 1  # a flash build without GQA: repeated keys
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1) if repeat else k,
+                                                          v.repeat_interleave(rep, 1) if repeat else v,
+                                                          attn_mask=bias, scale=scale, enable_gqa=gqa and not repeat)
+            except RuntimeError:  # no flash kernel for these shapes / this build: the next way
+                continue
     return masked_blocks(q, k, v, scale, gqa, MASKED_BLOCK_BYTES)
 
 

@@ -25,6 +25,16 @@ def test_lower_right_matches_reference(tq, tk):
     assert (dense.masked_blocks(q, k, v, None, True, 1 << 20).float() - ref).abs().max() < 2e-2
 
 
+def test_bf16_takes_flash_not_the_masked_fallback(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("masked fallback taken: no flash kernel for a lower-right GQA chunk on this build")
+
+    monkeypatch.setattr(dense, "masked_blocks", fail)
+    q = torch.randn(1, 32, 300, 128, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 1000, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    dense.causal_attention(q, k, v)
+
+
 def test_chunk_over_long_cache_memory_is_bounded():
     q = torch.randn(1, 32, 2061, 128, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 8, 40_000, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))

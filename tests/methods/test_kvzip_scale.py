@@ -3,6 +3,7 @@ a weight block over the configured bound; the dense path's masked fallback in qu
 ragged later-turn attention goes through the dense kernel (cuDNN off on CUDA)."""
 import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scbench.kernels import dense
@@ -111,3 +112,26 @@ def test_kvzip_later_turns_score_only_new_tokens_or_nothing():
         assert first.stats.method_costs["score_prefill_tokens"] == first.stats.prefill_computed + len(repeat) - 1
         fed = later.stats.prefill_computed
         assert later.stats.method_costs["score_prefill_tokens"] == (0 if compress == "once" else fed + len(repeat) - 1)
+
+
+def test_lower_right_path_and_its_fallbacks_on_cpu_tensors(monkeypatch):
+    """``_lower_right_cuda`` (the CUDA branch) run on CPU bfloat16 tensors: torch's lower-right CausalBias, then
+    repeated keys where GQA is refused, then the masked blocks; each equal to the reference."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 50, 64, generator=g).bfloat16()
+    k, v = torch.randn(1, 2, 300, 64, generator=g).bfloat16(), torch.randn(1, 2, 300, 64, generator=g).bfloat16()
+    ref = dense.reference_causal_attention(q, k, v).float()
+    sdpa = dense.F.scaled_dot_product_attention
+    for refuse, expect in (("nothing", [True]), ("gqa", [True, False, "mask"]), ("bias", [True, False, "mask"])):
+        calls = []
+
+        def picky(*args, refuse=refuse, **kwargs):
+            bias = isinstance(kwargs.get("attn_mask"), CausalBias)
+            calls.append(kwargs.get("enable_gqa") if bias else "mask")
+            if bias and (refuse == "bias" or refuse == "gqa" and kwargs.get("enable_gqa")):
+                raise RuntimeError("no kernel")
+            return sdpa(*args, **kwargs)
+
+        monkeypatch.setattr(dense.F, "scaled_dot_product_attention", picky)
+        assert (dense._lower_right_cuda(q, k, v, None, True).float() - ref).abs().max() < 1e-2
+        assert calls[: len(expect)] == expect
