@@ -199,6 +199,10 @@ class StaticKV:
     positions ``<= base[l] + step``.
     """
 
+    fused_step = True
+    """The fused forwards of scbench/engines/fuse.py attend through this cache (a marker, not an import: fuse.py
+    must not import this module, which imports it)."""
+
     def __init__(self, cache, extra: int, plugin=None):
         self.plugin = plugin
         self.device = cache.layers[0].keys.device

@@ -153,9 +153,7 @@ def _cache(kw):
 
 
 def _attn_takes(a, h, cache, pe) -> bool:
-    from scbench.engines.fastdecode import StaticKV
-
-    if not isinstance(cache, StaticKV) or h.shape[0] != 1 or h.shape[1] != 1 or pe is None:
+    if not getattr(cache, "fused_step", False) or h.shape[0] != 1 or h.shape[1] != 1 or pe is None:
         return False
     kb, vb = cache.k[a.layer_idx], cache.v[a.layer_idx]
     return (pe[0].shape[-1] == a.head_dim and kb.is_contiguous() and vb.is_contiguous() and kb.shape[0] == 1

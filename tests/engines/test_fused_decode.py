@@ -226,10 +226,10 @@ def test_active_is_reentrant_and_restores(smol_tokenizer):
 @pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and Triton")
 def test_fused_kernels_on_cuda():
     """The Triton kernels against their references on CUDA tensors (8B shapes included), float32 and bf16."""
-    sys.path.insert(0, HERE)
-    import fused_kernels_check
-
-    fused_kernels_check.main()
+    spec = importlib.util.spec_from_file_location("fused_kernels_check", os.path.join(HERE, "fused_kernels_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    check.main()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and Triton")
