@@ -167,12 +167,18 @@ def assert_no_survivor(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     assert session_alive(proc.pid) == [], "vLLM processes outlived the run"
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt even where the test process was started with SIGINT ignored
+    (any background job of a shell without job control, e.g. `.ci/run &`), which the child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def scbench_vllm(python: str, args: list[str], log: Path, multirun: bool = False) -> subprocess.Popen:
     """``scbench run engine=vllm ARGS`` in the vLLM environment, in a session of its own, output to ``log``."""
     run = ["run", "-m"] if multirun else ["run"]
     with open(log, "w") as out:  # a file, not a pipe: vLLM logs a lot and nobody reads a pipe while we wait
         return subprocess.Popen([python, "-m", "scbench.cli", *run, "engine=vllm", "engine.cpu_kvcache_space_gib=1",
-                                 *args], cwd=ROOT, env=vllm_env(), start_new_session=True, stdout=out,
+                                 *args], cwd=ROOT, env=vllm_env(), start_new_session=True, preexec_fn=_default_sigint, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 
