@@ -229,7 +229,7 @@ def test_fused_kernels_on_cuda():
     spec = importlib.util.spec_from_file_location("fused_kernels_check", os.path.join(HERE, "fused_kernels_check.py"))
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    check.main()
+    assert check.main() >= 30  # every kernel x shape x dtype compared with its reference
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and Triton")
