@@ -15,7 +15,12 @@ if triton is not None:
     def _combine_kernel(Part, Mx, Sm, Out, n_splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         NS: tl.constexpr):
         """Merge the splits of one (batch x KV head, query head of the group): softmax-weighted partial sums."""
-        bh, g = tl.program_id(0), tl.program_id(1)
+        merge_splits(Part, Mx, Sm, Out, n_splits, tl.program_id(0), tl.program_id(1), G, GP, D, NS)
+
+    @triton.jit
+    def merge_splits(Part, Mx, Sm, Out, n_splits, bh, g, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     NS: tl.constexpr):
+        """The body of ``_combine_kernel`` for program (bh, g), callable from other kernels' combine steps."""
         sp, cols = tl.arange(0, NS), tl.arange(0, D)
         used = sp < n_splits
         idx = (bh * n_splits + sp) * GP + g

@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 else:
+    from scbench.kernels.combine import merge_splits
     from scbench.kernels.kivi_flush import _flush_group
 
 
@@ -239,16 +240,7 @@ if triton is not None:
         """``scbench.kernels.combine._combine_kernel`` (merge the splits of one batch x KV head, query head g),
         and with COUNT program (0, 0) advances nq and rs by GROUP when the residual held ``full_len`` rows."""
         bh, g = tl.program_id(0), tl.program_id(1)
-        sp, cols = tl.arange(0, NS), tl.arange(0, D)
-        used = sp < n_splits
-        idx = (bh * n_splits + sp) * GP + g
-        m = tl.load(Mx + idx, mask=used, other=float("-inf"))
-        top = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        total = tl.sum(w * tl.load(Sm + idx, mask=used, other=0.0), 0)
-        part = tl.load(Part + idx[:, None] * D + cols[None, :], mask=used[:, None], other=0.0)
-        res = tl.sum(w[:, None] * part, 0) / total
-        tl.store(Out + (bh * G + g) * D + cols, res.to(Out.dtype.element_ty))
+        merge_splits(Part, Mx, Sm, Out, n_splits, bh, g, G, GP, D, NS)
         if COUNT:
             if (bh == 0) & (g == 0):
                 nq, rs, re = tl.load(NQ), tl.load(RS), tl.load(RE) + re_add
