@@ -165,3 +165,23 @@ def agreement(a: list[list[list[int]]], b: list[list[list[int]]]) -> dict:
     rates = [len(set(x) & set(y)) / min(len(x), len(y)) for la, lb in zip(a, b) for x, y in zip(la, lb)]
     return {"agreement": sum(rates) / len(rates), "min_head": min(rates),
             "kept_per_layer": [(len(la[0]), len(lb[0])) for la, lb in zip(a, b)]}
+
+
+def two_turn_decode(engine, method, prompt, follow, mode: str | None = None, first: int = 20, second: int = 15):
+    """Greedy decode ``first`` tokens after ``prompt`` (compressed), keep the first turn's tokens but the last, then ``second`` after
+    ``follow``, with ``engine.decode_mode = mode`` (None: leave it) -> (tokens of both turns, their decode paths,
+    the session, memory after the first turn). The fast-decode plugins' tests compare these between paths."""
+    old = engine.decode_mode
+    if mode is not None:
+        engine.decode_mode = mode
+    try:
+        s = engine.session(method)
+        s.feed(prompt, compress=True, sparse=False)
+        a = s.generate(first)
+        mem = s.memory()
+        s.drop_last(len(a.tokens) - 1)
+        s.feed(follow, compress=False, sparse=False)
+        b = s.generate(second)
+        return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s, mem
+    finally:
+        engine.decode_mode = old

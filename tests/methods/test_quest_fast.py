@@ -8,7 +8,7 @@ from scbench.engines import attention, fastdecode
 from scbench.kernels import paged_decode
 from scbench.methods.quest import Quest
 
-from support import make_tiny_engine
+from support import make_tiny_engine, two_turn_decode
 
 
 def _case(seed, b=1, hq=8, hkv=2, hs=8, c=512, d=32, m=9, page=16, n=300, device="cpu", dtype=torch.float32):
@@ -53,20 +53,6 @@ def test_paged_attention_triton_matches_torch(dtype, hs, m, c, n):
     torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
 
 
-def _decode(engine, method, mode, prompt, follow):
-    engine.decode_mode = mode
-    try:
-        s = engine.session(method)
-        s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(24)
-        s.drop_last(len(a.tokens) - 1)
-        s.feed(follow, compress=False, sparse=False)
-        b = s.generate(17)
-        return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
-    finally:
-        engine.decode_mode = "auto"
-
-
 @pytest.mark.parametrize("gqa,budget,recent,dense", [("head", 64, 1, 1), ("group", 48, 2, 0), ("head", 4096, 1, 1),
                                                      ("head", 72, 1, 0)])
 def test_fast_quest_equals_plain(smol_tokenizer, gqa, budget, recent, dense):
@@ -75,9 +61,9 @@ def test_fast_quest_equals_plain(smol_tokenizer, gqa, budget, recent, dense):
     prompt = torch.randint(5, 2000, (333,), generator=g).tolist()
     follow = torch.randint(5, 2000, (21,), generator=g).tolist()
     cfg = dict(budget=budget, page_size=16, recent_pages=recent, dense_layers=dense, gqa=gqa)
-    plain, ppath, ps = _decode(engine, Quest(**cfg), "plain", prompt, follow)
+    plain, ppath, ps, _ = two_turn_decode(engine, Quest(**cfg), prompt, follow, "plain", 24, 17)
     pmem = ps.memory()
-    fast, fpath, fs = _decode(engine, Quest(**cfg), "fast", prompt, follow)
+    fast, fpath, fs, _ = two_turn_decode(engine, Quest(**cfg), prompt, follow, "fast", 24, 17)
     fmem = fs.memory()
     assert ppath == ["plain"] * 2 and fpath == ["static"] * 2
     assert fast == plain

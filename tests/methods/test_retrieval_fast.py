@@ -5,22 +5,7 @@ import torch
 
 from scbench.methods.retrieval_attention import RetrievalAttention
 
-from support import make_tiny_engine
-
-
-def _decode(engine, method, mode, prompt, follow):
-    engine.decode_mode = mode
-    try:
-        s = engine.session(method)
-        s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(20)
-        mem = s.memory()
-        s.drop_last(len(a.tokens) - 1)
-        s.feed(follow, compress=False, sparse=False)
-        b = s.generate(15)
-        return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s, mem
-    finally:
-        engine.decode_mode = "auto"
+from support import make_tiny_engine, two_turn_decode
 
 
 @pytest.mark.parametrize("gqa,top_k,n_init,n_local", [("head", 64, 8, 32), ("group", 48, 0, 16), ("head", 4096, 4, 8),
@@ -31,8 +16,8 @@ def test_fast_retrieval_equals_plain(smol_tokenizer, gqa, top_k, n_init, n_local
     prompt = torch.randint(5, 2000, (290,), generator=g).tolist()
     follow = torch.randint(5, 2000, (17,), generator=g).tolist()
     cfg = dict(top_k=top_k, n_init=n_init, n_local=n_local, gqa=gqa, tier="device")
-    plain, ppath, ps, pmem = _decode(engine, RetrievalAttention(**cfg), "plain", prompt, follow)
-    fast, fpath, fs, fmem = _decode(engine, RetrievalAttention(**cfg), "fast", prompt, follow)
+    plain, ppath, ps, pmem = two_turn_decode(engine, RetrievalAttention(**cfg), prompt, follow, "plain")
+    fast, fpath, fs, fmem = two_turn_decode(engine, RetrievalAttention(**cfg), prompt, follow, "fast")
     assert ppath == ["plain"] * 2 and fpath == ["static"] * 2
     assert fast == plain
     assert fmem["loaded_bytes"] == pmem["loaded_bytes"] > 0

@@ -9,7 +9,7 @@ from scbench.kv.split import DeviceWindow, merge, partial_attention
 from scbench.methods.retrieval_attention import RetrievalAttention
 from scbench.methods.retrieval_host import host_partial
 
-from support import make_tiny_engine
+from support import make_tiny_engine, two_turn_decode
 
 
 def rand(*shape, seed=0):
@@ -58,17 +58,6 @@ def test_device_window_follows_appends_crops_and_restores():
         assert torch.equal(ks, layer.keys[..., rows, :]) and torch.equal(vs, layer.values[..., rows, :]), step
 
 
-def _decode(engine, method, prompt, follow):
-    s = engine.session(method)
-    s.feed(prompt, compress=True, sparse=False)
-    a = s.generate(20)
-    mem = s.memory()
-    s.drop_last(len(a.tokens) - 1)
-    s.feed(follow, compress=False, sparse=False)
-    b = s.generate(15)
-    return [a.tokens, b.tokens], mem
-
-
 @pytest.mark.parametrize("gqa,top_k,n_init,n_local", [("head", 64, 8, 32), ("group", 48, 0, 16), ("head", 4096, 4, 8),
                                                       ("head", 16, 300, 50)])
 def test_split_decode_equals_the_loading_path(smol_tokenizer, gqa, top_k, n_init, n_local):
@@ -77,10 +66,10 @@ def test_split_decode_equals_the_loading_path(smol_tokenizer, gqa, top_k, n_init
     prompt = torch.randint(5, 2000, (290,), generator=g).tolist()
     follow = torch.randint(5, 2000, (17,), generator=g).tolist()
     cfg = dict(top_k=top_k, n_init=n_init, n_local=n_local, gqa=gqa)
-    plain, _ = _decode(engine, RetrievalAttention(**cfg, split=False), prompt, follow)
+    plain, _, _, _ = two_turn_decode(engine, RetrievalAttention(**cfg, split=False), prompt, follow)
     m = RetrievalAttention(**cfg)
     assert m.uses_split()
-    split, mem = _decode(engine, m, prompt, follow)
+    split, _, _, mem = two_turn_decode(engine, m, prompt, follow)
     assert split == plain
     steps, layers, hq, hkv, d = len(split[0]) - 1, 2, 4, 2, 16
     assert mem["loaded_bytes"] == steps * layers * (hq * d * 4 + hq * (d + 1) * 4 + 2 * hkv * d * 4)
