@@ -1,17 +1,23 @@
 """Decode attention directly over KIVI's packed cache: 2/4-bit keys (per-channel groups) and values (per-token
 groups) plus the full-precision residual, without de-quantising the cache into a new tensor.
 
-Layout (one layer, ``scbench.kv.quant``'s formats in static buffers): packed keys/values uint8 [B, H, Cq, D*bits/8]
-(element ``i * per + j`` of a row in bits ``j * bits`` of byte ``i``), key scale/zero [B, H, Cq / G, D], value
-scale/zero [B, H, Cq, D / Gv], full-precision keys/values [B, H, R, D] of which rows [rs, re) are the residual;
-``nq`` (quantized rows in use, a multiple of G), ``rs`` and ``re`` are device tensors, so a captured graph sees their
-current values.
-``kivi_attention_torch`` is the reference (de-quantise, masked softmax; also the CPU path). The Triton kernel splits
-the quantized rows over programs (one more program for the residual, merged by log-sum-exp as flash-decoding does);
-a program reads blocks of packed words once for all GQA heads of its KV head, unpacks them in registers, folds the
-key scales into the queries and the value scales into the probabilities, and prefetches the next block
-(``_kivi_kernel``). ``kivi_decode_step`` is one layer of the captured decode step: attention, then the residual
-flush of ``scbench.kernels.kivi_flush``.
+Layout (one layer, static buffers): packed keys uint8 [B, H, Cq, D*bits/8] in ``scbench.kv.quant``'s format (a
+token row; element ``i * per + j`` in bits ``j * bits`` of byte ``i``), packed values in the same bytes but
+*token-major* (``values_to_words``: per chunk of T = 32 / bits tokens, one int32 word per channel holding the T
+tokens, token k in bits ``k * bits``), key scale/zero [B, H, Cq / G, D], value scale/zero [B, H, Cq, D / Gv],
+full-precision keys/values [B, H, R, D] of which rows [rs, re) are the residual; ``nq`` (quantized rows in use, a
+multiple of G), ``rs`` and ``re`` are device tensors, so a captured graph sees their current values.
+
+``kivi_attention_torch`` is the reference (standard layout: de-quantise, masked softmax; also the CPU path). The
+Triton kernel splits the quantized rows over programs (one more program for the residual, merged by log-sum-exp as
+flash-decoding does); a program reads a block of int32 words once for all GQA heads of its KV head. Each word is
+unpacked in registers by one inline-PTX block (``_unpack_asm``: each 2-bit field OR-ed into the mantissa of a
+bf16/fp16 constant, the constant taken off by one packed fma, a word's fields at three shift offsets only), the
+two 16-bit halves of each 32-bit result being adjacent elements of the reduction dimension: channels for keys
+(rows are tokens), tokens for values (hence their token-major layout), which is what the tensor-core operands pair,
+so no unpacked tile moves through shared memory. Key scales are folded into the queries and value scales into the
+probabilities (one tensor-core product per block for the 4 GQA heads, ``_kivi_kernel``). ``kivi_decode_step`` is
+one layer of the captured decode step: attention, then the residual flush of ``scbench.kernels.kivi_flush``.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import os
 
 import torch
 
-from scbench.kernels.kivi_flush import flush_kernel_ok, kivi_flush_torch, kivi_flush_triton  # noqa: F401 (API)
+from scbench.kernels.kivi_flush import (flush_kernel_ok, kivi_flush_torch, kivi_flush_triton,  # noqa: F401 (API)
+                                        values_from_words, values_to_words)
 from scbench.kv.quant import dequantize
 
 try:
@@ -35,7 +42,7 @@ else:
 def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
                          scale: float, re_add: int = 0) -> torch.Tensor:
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]: attention over the first ``nq`` quantized rows and residual rows
-    [rs, re + re_add)."""
+    [rs, re + re_add). Standard layout (``scbench.kv.quant``) for keys and values."""
     re = re + re_add
     b, hq, _, d = q.shape
     h = rk.shape[1]
@@ -50,65 +57,61 @@ def kivi_attention_torch(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits:
     return (s.softmax(-1) @ vals.float()).to(q.dtype).view(b, hq, 1, d)
 
 
+MAGIC = {torch.bfloat16: (0x4300, "bf16x2", 0x3F80, 0xC300), torch.float16: (0x6400, "f16x2", 0x3C00, 0xE400)}
+"""Per storage dtype: the bits of MAGIC (128.0 / 1024.0: an integer x < 2^7 / 2^10 OR-ed into its mantissa reads
+MAGIC + x), the packed fma type, 1.0 and -MAGIC."""
+
+
+def unpack_asm(dtype: torch.dtype) -> str:
+    """The inline PTX of ``_unpack``: a 32-bit word holding MAGIC + x in each half -> the two halves as x (exact), by
+    one packed fma (x * 1 - MAGIC)."""
+    _, op, one, neg = MAGIC[dtype]
+    return ("{.reg .b32 o, m, t; " f"mov.b32 o, {one | one << 16:#x}; mov.b32 m, {neg | neg << 16:#x}; "
+            f"fma.rn.{op} t, $2, o, m; mov.b32 {{$0, $1}}, t;}}")
+
+
 if triton is not None:
 
     @triton.jit
-    def _words(P, rows, valid, BITS: tl.constexpr, D: tl.constexpr, U: tl.constexpr):
-        """Packed rows (P: their bytes, D * BITS / 8 a row) as int16 (U = 0) or int32 words [BT, words]."""
-        if U == 0:
-            NW: tl.constexpr = D * BITS // 16
-            w = tl.load(P.to(tl.pointer_type(tl.int16)) + rows[:, None] * NW + tl.arange(0, NW)[None, :],
-                        mask=valid[:, None], other=0)
-        else:
-            NW2: tl.constexpr = D * BITS // 32
-            w = tl.load(P.to(tl.pointer_type(tl.int32)) + rows[:, None] * NW2 + tl.arange(0, NW2)[None, :],
-                        mask=valid[:, None], other=0)
-        return w
+    def _perm(p, T: tl.constexpr):
+        """The field (bit offset / bits) of position p's element within its word of T: positions 2f and 2f + 1 hold
+        fields f and f + T/2 (the two halves of one 32-bit unpacked result)."""
+        return (p // T) * T + (p % 2) * (T // 2) + (p % T) // 2
 
     @triton.jit
-    def _decode(w, BT: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr,
-                U: tl.constexpr):
-        """``_words`` -> [BT, D] in DT: the integers x, or with MAGIC the bits of ``MAGIC + x`` (an exact float of
-        the storage type: no int-to-float conversion). U = 0: int16 words, one element per shift, channels in
-        order. U = 2 / 3 (MAGIC only): int32 words, one shift and one and-or per two elements (element j of each
-        half-word), split into the 16-bit halves by shifts (U = 2, OFF + x; what the interpreter runs) or, in
-        PTX, by one packed fma taking MAGIC off (exact integers, OFF = 0) and a register move (U = 3). Position
-        c then holds channel ``_channel(c)``. (Keeping the pair in one register through a pack=2 asm on
-        ``join(x, x)`` measured wrong on the GPU: pack=2 pairs other elements.)"""
-        if U == 0:
-            PER: tl.constexpr = 16 // BITS
-            sh = (tl.arange(0, PER) * BITS).to(tl.int16)
-            x = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-            if MAGIC != 0:
-                x = (x | MAGIC).to(tl.int16).to(DT, bitcast=True)
-            else:
-                x = x.to(DT)
-        else:
-            HALF: tl.constexpr = 16 // BITS
-            LV: tl.constexpr = (1 << BITS) - 1
+    def _unpack(w, N: tl.constexpr, NWD: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, MAGIC: tl.constexpr,
+                ASM: tl.constexpr):
+        """int32 words [N, NWD] -> [N, NWD * T] in DT (exact integers), position q of word m = field ``_perm(q)``.
+        ASM (bf16 / fp16 on a GPU): per pair of fields (f, f + T/2), one shift and one and-or put them into the
+        mantissas of MAGIC in the two 16-bit halves, and ``ASM``'s packed fma takes MAGIC off; the halves become
+        positions 2f, 2f + 1 (adjacent elements of the dot's reduction dimension: what one tensor-core operand
+        register pairs). Else (float32, the interpreter) shifts and a conversion."""
+        T: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = T // 2
+        LV: tl.constexpr = (1 << BITS) - 1
+        if ASM != "":
             sh = tl.arange(0, HALF) * BITS
             x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
-            if U == 2:
-                x = tl.join(x.to(tl.int16).to(DT, bitcast=True), (x >> 16).to(tl.int16).to(DT, bitcast=True))
-            else:  # U == 3
-                if MAGIC == 0x4300:
-                    fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3F803F80; mov.b32 m, 0xC300C300; "
-                                         "fma.rn.bf16x2 t, $2, o, m; mov.b32 {$0, $1}, t;}")
-                else:
-                    fma: tl.constexpr = ("{.reg .b32 o, m, t; mov.b32 o, 0x3C003C00; mov.b32 m, 0xE400E400; "
-                                         "fma.rn.f16x2 t, $2, o, m; mov.b32 {$0, $1}, t;}")
-                lo, hi = tl.inline_asm_elementwise(fma, "=h,=h,r", [x], dtype=(tl.int16, tl.int16), is_pure=True,
-                                                   pack=1)
-                x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
-        return tl.reshape(x, [BT, D])
+            lo, hi = tl.inline_asm_elementwise(ASM, "=h,=h,r", [x], dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+            x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
+        else:
+            f = _perm(tl.arange(0, T), T)
+            x = ((w[:, :, None] >> (f * BITS)[None, None, :]) & LV).to(DT)
+        return tl.reshape(x, [N, NWD * T])
 
     @triton.jit
-    def _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, BT: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
-               NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, U: tl.constexpr):
-        """Everything block ``off`` reads (masked past ``end``): key/value words, key scale/zero [NB, D], value
-        scale/zero [NVP, BT] (transposed)."""
-        rows = tl.multiple_of(off, GROUP) + tl.arange(0, BT)
+    def _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT: tl.constexpr, NB: tl.constexpr,
+               NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+        """Everything block ``off`` reads (masked past ``end``), rows in position order (token ``tokp``): key words
+        [BT, D / T], value words [D, BT / T] (token-major chunks), key scale/zero [NB, D], value scale/zero
+        [NVP, BT] (transposed)."""
+        T: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = D // T
+        rows = tl.multiple_of(off, GROUP) + tokp
         valid = rows < end
+        kw = tl.load(KW + rows[:, None] * NW + tl.arange(0, NW)[None, :], mask=valid[:, None], other=0)
+        ch = off // T + tl.arange(0, BT // T)
+        vw = tl.load(VW + ch[None, :] * D + tl.arange(0, D)[:, None], mask=(ch * T < end)[None, :], other=0)
         grp = off // GROUP + tl.arange(0, NB)
         gok = grp[:, None] * GROUP < end
         ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
@@ -117,43 +120,36 @@ if triton is not None:
         vok = (vj[:, None] < NVG) & valid[None, :]
         vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
         vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
-        return _words(KW, rows, valid, BITS, D, U), _words(VW, rows, valid, BITS, D, U), ks, kz, vs, vz
-
-    @triton.jit
-    def _channel(c, BITS: tl.constexpr, U: tl.constexpr):
-        """The channel at position c of ``_decode``'s rows."""
-        if U == 0:
-            return c
-        else:
-            E: tl.constexpr = 32 // BITS
-            return (c // E) * E + (c % 2) * (E // 2) + (c % E) // 2
+        return kw, vw, ks, kz, vs, vz
 
     @triton.jit
     def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
-                     re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                     GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr, NVP: tl.constexpr,
-                     MAGIC: tl.constexpr, OFF: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr,
-                     U: tl.constexpr, PF: tl.constexpr):
+                     re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr,
+                     NVP: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
+                     PF: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
-        A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head.
-        Keys: the per-channel scale of group i is folded into the queries, so one dot of the NB * GP rows
-        (group i, head g) against the block's integers gives every score; row (i, g) is kept for the tokens of
-        group i, plus the zero-point term q . zero_i. Values: the per-token scale of channel group j is folded
-        into the probabilities, one dot of the NVP * GP rows (j, g) against the integers, row (j, g) kept for the
-        channels of group j, plus p . zero_j. With MAGIC the integers enter as MAGIC-biased floats (OFF + x) and
-        the OFF * sum(row) terms are taken off with the very rounded operands, so the results are exact sums of
-        the rounded products. Scores are in log2 units (exp2); maxima are stored in natural-log units.
-        With FLUSH the last split then quantizes the residual's oldest group when it holds ``full_len`` rows
-        (``_kivi_flush_kernel``'s work: rows no split of this step reads); ``_kivi_combine_kernel`` moves the
-        counters."""
+        A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head, in
+        position order: key channels and block tokens are permuted within each word's T elements (``_perm``) as
+        ``_unpack`` leaves them; the queries are loaded in that channel order, the value scales and the validity in
+        that token order, so the products need no reordering. Keys: the per-channel scale of group i is folded into
+        the queries, so one dot of the NB * GP rows (group i, head g) against the block's integers gives every
+        score; row (i, g) is kept for the tokens of group i, plus the zero-point term q . zero_i. Values: the
+        per-token scale of channel group j is folded into the probabilities, one dot of the NVP * GP rows (j, g)
+        against the integers, row (j, g) kept for the channels of group j, plus p . zero_j. Scores are in log2 units
+        (exp2); maxima are stored in natural-log units. With FLUSH the last split then quantizes the residual's
+        oldest group when it holds ``full_len`` rows (rows no split of this step reads); ``_kivi_combine_kernel``
+        moves the counters."""
         bh, sp = tl.program_id(0), tl.program_id(1)
+        T: tl.constexpr = 32 // BITS
         NVG: tl.constexpr = D // VGROUP
         BT: tl.constexpr = NB * GROUP
         DT: tl.constexpr = Q.dtype.element_ty
         LOG2E: tl.constexpr = 1.4426950408889634
         rows_q = tl.arange(0, GP)
-        cols = _channel(tl.arange(0, D), BITS, U)  # every column below is in _decode's order
+        cols = _perm(tl.arange(0, D), T)  # key channel at each position
+        vcols = tl.arange(0, D)  # values (and the output): channels in order
         q = tl.load(Q + bh * G * D + rows_q[:, None] * D + cols[None, :], mask=rows_q[:, None] < G, other=0.0)
         qs = q.to(tl.float32) * (scale * LOG2E)
         m = tl.full([GP], float("-inf"), tl.float32)
@@ -166,29 +162,28 @@ if triton is not None:
         start = tl.where(last, 0, sp * split)
         end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
         bh64 = bh.to(tl.int64)
-        KW = KP + bh64 * CQ * (D * BITS // 8)
-        VW = VP + bh64 * CQ * (D * BITS // 8)
+        KW = KP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32)
+        VW = VP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32)
         KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
         VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
         tb, gi, vj = tl.arange(0, BT), tl.arange(0, NB), tl.arange(0, NVP)
-        ksel = gi[:, None, None] == (tb // GROUP)[None, None, :]
-        vsel = vj[:, None, None] == (cols // VGROUP)[None, None, :]
+        tokp = _perm(tb, T)  # block token at each position
+        ksel = gi[:, None, None] == (tokp // GROUP)[None, None, :]
+        vsel = vj[:, None, None] == (vcols // VGROUP)[None, None, :]
         if PF:  # prefetch: block i + 1's loads are issued before block i's math
-            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, BT, NB, NVP, NVG, GROUP,
-                                            BITS, D, U)
+            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
+                                            GROUP, BITS, D)
         for off in range(start, end, BT):
             if PF:
-                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, BT, NB, NVP, NVG, GROUP, BITS, D, U)
+                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
             else:
-                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, BT, NB, NVP, NVG, GROUP,
-                                                BITS, D, U)
-            valid = off + tb < end
+                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
+                                                GROUP, BITS, D)
+            valid = off + tokp < end
             # scores: queries x key scales of the NB groups, against the integers
             qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)
             bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)
-            if OFF != 0:
-                bias -= OFF * tl.sum(qk.to(tl.float32), 2)
-            kx = _decode(kw, BT, BITS, D, MAGIC, DT, U)
+            kx = _unpack(kw, BT, D // T, BITS, DT, MAGIC, ASM)
             s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
             s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
             s = tl.sum(tl.where(ksel, s, 0.0), 0)
@@ -200,9 +195,7 @@ if triton is not None:
             # values: probabilities x value scales of the channel groups, against the integers
             pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(DT)
             vbias = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2)
-            if OFF != 0:
-                vbias -= OFF * tl.sum(pv.to(tl.float32), 2)
-            vx = _decode(vw, BT, BITS, D, MAGIC, DT, U)
+            vx = tl.trans(_unpack(vw, D, BT // T, BITS, DT, MAGIC, ASM))
             o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
             o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
             acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
@@ -214,19 +207,19 @@ if triton is not None:
         for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
             rows = off + rb
             inside = rows < rend
-            roff = bh64 * R * D + rows[:, None].to(tl.int64) * D + cols[None, :]
-            k = tl.load(RK + roff, mask=inside[:, None], other=0.0).to(tl.float32)
+            rbase = bh64 * R * D + rows[:, None].to(tl.int64) * D
+            k = tl.load(RK + rbase + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
             s = tl.sum(qs[:, None, :] * k[None, :, :], 2)
             s = tl.where(inside[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
-            v = tl.load(RV + roff, mask=inside[:, None], other=0.0).to(tl.float32)
+            v = tl.load(RV + rbase + vcols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
             m = m_new
         out = (bh * n_splits + sp) * GP + rows_q
-        tl.store(Part + out[:, None] * D + cols[None, :], acc)
+        tl.store(Part + out[:, None] * D + vcols[None, :], acc)
         tl.store(Mx + out, m * 0.6931471805599453)
         tl.store(Sm + out, total)
         if FLUSH:
@@ -253,16 +246,17 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-# num_warps, num_stages, programs (all heads) aimed at, padded query rows, _decode's U (bf16/fp16 only), prefetch;
-# the fastest correct tuning of scripts/bench_kivi_kernel.py on an H200 (results/perf/kivi_kernel_h200.md)
-TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "unpack": 3, "prefetch": 1}
+# num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack (bf16/fp16), prefetch;
+# scripts/bench_kivi_kernel.py measures them on a GPU (results/perf/kivi_kernel_h200.md)
+TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "asm": 1, "prefetch": 1}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
                           scale: float, re_add: int = 0, flush_residual: int | None = None, **tune) -> torch.Tensor:
-    """The Triton kernel; same contract as ``kivi_attention_torch`` (residual rows [rs, re + re_add)). Needs
-    ``attention_kernel_ok``. With ``flush_residual`` it also does ``kivi_flush_triton(rk, rv, ...,
-    residual=flush_residual)`` (after the attention, as the plain path). ``tune`` overrides ``TUNE``."""
+    """The Triton kernel; the contract of ``kivi_attention_torch`` (residual rows [rs, re + re_add)) except that
+    the packed values ``vp`` are token-major (``values_to_words``). Needs ``attention_kernel_ok``. With
+    ``flush_residual`` it also does ``kivi_flush_triton(rk, rv, ..., residual=flush_residual)`` (after the
+    attention, as the plain path). ``tune`` overrides ``TUNE``."""
     t = {**TUNE, **tune}
     b, hq, _, d = q.shape
     h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]
@@ -279,42 +273,29 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     mx = torch.empty(b * h * n_splits * gp, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
-    magic = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}.get(q.dtype, (0, 0.0))
-    u = t.get("unpack", 0) if magic[0] else 0
-    if u not in (0, 2, 3):
-        raise ValueError(f"kivi_attention_triton: unpack must be 0, 2 or 3, got {u}")
-    if u == 3 and os.environ.get("TRITON_INTERPRET") == "1":
-        u = 2  # inline PTX cannot be interpreted: the same pairing, split by shifts
-    off = 0.0 if u == 3 else magic[1]
+    use_asm = t["asm"] and q.dtype in MAGIC and os.environ.get("TRITON_INTERPRET") != "1"
+    asm = unpack_asm(q.dtype) if use_asm else ""  # inline PTX cannot be interpreted
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
-                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, MAGIC=magic[0], OFF=off, RB=16,
-                                    PREC=prec, U=u, PF=t["prefetch"], num_warps=t["num_warps"],
-                                    num_stages=t["num_stages"])
+                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec, MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm,
+                                    PF=t["prefetch"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
 
 
 def attention_kernel_ok(bits: int, group: int, vgroup: int, head_dim: int) -> bool:
-    """The Triton attention reads rows as int16 words (head_dim * bits a multiple of 16) and needs power-of-two
-    head_dim, group >= 16 and vgroup <= head_dim."""
+    """The Triton attention reads rows as int32 words (head_dim * bits a multiple of 32) and needs power-of-two
+    head_dim, group >= 16 and vgroup <= head_dim (group then holds whole token-major value words)."""
     pow2 = all(x >= 1 and x & (x - 1) == 0 for x in (group, vgroup, head_dim))
-    return pow2 and head_dim * bits % 16 == 0 and vgroup <= head_dim and group >= 16
+    return pow2 and head_dim * bits % 32 == 0 and vgroup <= head_dim and group >= 16 and bits in (2, 4)
 
 
 def _use_triton(q, bits, group, vgroup) -> bool:
     return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
-
-
-def kivi_attention(q, *bufs, bits: int, group: int, vgroup: int, scale: float, re_add: int = 0) -> torch.Tensor:
-    """Triton on CUDA (``attention_kernel_ok``), the torch reference elsewhere."""
-    if _use_triton(q, bits, group, vgroup):
-        return kivi_attention_triton(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale, re_add=re_add)
-    return kivi_attention_torch(q, *bufs, bits=bits, group=group, vgroup=vgroup, scale=scale, re_add=re_add)
 
 
 FUSE_FLUSH = False
@@ -327,8 +308,9 @@ def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, 
                      residual: int, triton_ok: bool | None = None, fuse: bool | None = None) -> torch.Tensor:
     """One layer's decode step after the new key/value went to row ``at`` of k, v: attention over the quantized rows
     and the residual [rs, at], then (in place) the residual's oldest group quantized when it holds residual + group
-    rows. CUDA: the Triton kernels (``fuse``, default ``FUSE_FLUSH``: the flush inside the attention kernel and the
-    counters moved by the merge kernel); elsewhere (or ``triton_ok=False``) the torch reference ops."""
+    rows. CUDA: the Triton kernels, packed values token-major (``values_to_words``; ``fuse``, default
+    ``FUSE_FLUSH``: the flush inside the attention kernel and the counters moved by the merge kernel); elsewhere (or
+    ``triton_ok=False``) the torch reference ops on the standard layout."""
     bufs = (kp, ks, kz, vp, vs, vz)
     use = _use_triton(q, bits, group, vgroup) if triton_ok is None else triton_ok
     if use and (FUSE_FLUSH if fuse is None else fuse):

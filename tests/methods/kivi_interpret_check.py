@@ -26,9 +26,9 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16 with int16 words and with int32 words split in half-words + prefetch)."""
+    float32, float16; without and with prefetch; packed values token-major)."""
     errs = []
-    for dtype, unpack in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 2)):
+    for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
                                                   (2, 2, 2, 128, 96, 16, 0, 0, 16), (2, 16, 2, 128, 128, 16, 4, 9, 16)]:
             gen = torch.Generator().manual_seed(bits * hq + cq)
@@ -40,9 +40,9 @@ def attention_errors() -> list[float]:
             vals = torch.cat([dequantize(vp, vs, vz, bits, g, -1, dtype)[:, :, :nq], rv[:, :, rs:re]], dim=-2)
             q = torch.randn(1, hq, 1, 32, generator=gen).to(dtype)
             t = lambda x: torch.tensor([x])  # noqa: E731
-            got = kd.kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, t(nq), t(rs), t(re - 1), bits=bits,
-                                           group=g, vgroup=g, scale=0.2, re_add=1, ctas=4, unpack=unpack,
-                                           prefetch=int(unpack == 2))
+            got = kd.kivi_attention_triton(q, kp, ks, kz, kd.values_to_words(vp, bits), vs, vz, rk, rv, t(nq),
+                                           t(rs), t(re - 1), bits=bits, group=g, vgroup=g, scale=0.2, re_add=1, ctas=4,
+                                           prefetch=prefetch)
             want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.2)
             errs.append((got.double() - want).abs().max().item())
     return errs
@@ -66,9 +66,13 @@ def step_errors() -> list[list[float]]:
             outs = []
             for use in (False, True):
                 mine = [x.clone() for x in bufs]
+                if use:  # the kernels hold the packed values token-major
+                    mine[3] = kd.values_to_words(mine[3], bits)
                 nq, rs = torch.tensor([96]), torch.tensor([37])
                 o = kd.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at]), bits=bits, group=g, vgroup=g,
                                         scale=0.3, residual=res, triton_ok=use, fuse=fuse)
+                if use:
+                    mine[3] = kd.values_from_words(mine[3], bits)
                 outs.append((o, mine, (int(nq), int(rs))))
             (oa, a, ca), (ob, b, cb) = outs
             flushed = float(ca == (112, 53)) if full else float(ca == (96, 37))

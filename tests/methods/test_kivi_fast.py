@@ -43,15 +43,34 @@ def test_kivi_attention_torch_matches_reference(bits, hq):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_values_to_words_layout(bits):
+    """Token-major value words: word c of a chunk holds channel c of its 32 / bits tokens, token k in bits k * bits;
+    values_from_words inverts it."""
+    from scbench.kv.quant import pack, unpack
+
+    t, d = 32 // bits, 32
+    q = torch.randint(0, 2**bits, (1, 2, 3 * t, d), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    vp = pack(q, bits)
+    w = kivi_decode.values_to_words(vp, bits)
+    assert w.shape == vp.shape and w.dtype == torch.uint8
+    words = w.view(torch.int32).reshape(1, 2, 3, d).to(torch.int64) & 0xFFFFFFFF
+    for chunk, c, k in [(0, 0, 0), (1, 5, t - 1), (2, d - 1, 3), (0, 17, t // 2)]:
+        assert (words[0, 1, chunk, c] >> (k * bits)) & (2**bits - 1) == q[0, 1, chunk * t + k, c]
+    assert torch.equal(kivi_decode.values_from_words(w, bits), vp)
+    assert torch.equal(unpack(kivi_decode.values_from_words(w, bits), bits), q)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
                                                (2, 512, 0, 64, 0, 9)])
-@pytest.mark.parametrize("unpack,prefetch", [(3, 1), (0, 0)])
-def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, unpack, prefetch):
+@pytest.mark.parametrize("asm,prefetch", [(1, 1), (0, 0)])
+def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, asm, prefetch):
     bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
+    bufs = (*bufs[:3], kivi_decode.values_to_words(bufs[3], bits), *bufs[4:])  # the kernel's value layout
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
-    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, unpack=unpack,
+    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, asm=asm,
                                             prefetch=prefetch)
     want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -150,8 +169,13 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
     outs = []
     for fn in (kivi_decode.kivi_flush_torch, kivi_decode.kivi_flush_triton):
         mine = [x.clone() for x in bufs]
+        triton_layout = fn is kivi_decode.kivi_flush_triton  # packed values token-major
+        if triton_layout:
+            mine[3] = kivi_decode.values_to_words(mine[3], bits)
         nq_t, rs_t = t(320), t(rs)
         fn(k, v, *mine, nq_t, rs_t, t(re), bits=bits, group=g, vgroup=g, residual=res)
+        if triton_layout:
+            mine[3] = kivi_decode.values_from_words(mine[3], bits)
         outs.append((mine, int(nq_t), int(rs_t)))
     (a, nq_a, rs_a), (b_, nq_b, rs_b) = outs
     assert (nq_a, rs_a) == (nq_b, rs_b) == ((352, rs + g) if full else (320, rs))
@@ -181,9 +205,13 @@ def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
     outs = []
     for use in (False, True):
         mine = [x.clone() for x in bufs]
+        if use:  # the kernels hold the packed values token-major
+            mine[3] = kivi_decode.values_to_words(mine[3], bits)
         nq, rs = torch.tensor([2048], device="cuda"), torch.tensor([37], device="cuda")
         o = kivi_decode.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at], device="cuda"), bits=bits, group=g,
                                          vgroup=g, scale=0.09, residual=res, triton_ok=use, fuse=fuse)
+        if use:
+            mine[3] = kivi_decode.values_from_words(mine[3], bits)
         outs.append((o, mine, (int(nq), int(rs))))
     (oa, a, ca), (ob, b, cb) = outs
     assert ca == cb == ((2048 + g, 37 + g) if full else (2048, 37))
