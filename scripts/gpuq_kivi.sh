@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# GPU-queue job (/work/wt/GPUQ.md) for the KIVI kernel: the CUDA tests of the KIVI fast path, then the kernel
-# microbenchmark (v1 vs the default tuning, 32 layers, 32K and 128K; drop --default-only for the full sweep).
+# GPU-queue job (/work/wt/GPUQ.md) for the KIVI kernel: the kernel microbenchmark (v2 = the kernel before, v3 variants;
+# 32 layers, 32K and 128K; variants compiled first in parallel processes), then the CUDA tests of the KIVI fast path
+# that fit the remaining time. Usage: bash scripts/gpuq_kivi.sh [variants...]
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-timeout 60 python3 -P -m pytest -q -p no:cacheprovider tests/methods/test_kivi_fast.py -k "not interpreter" 2>&1 | tail -25
-timeout 35 python3 -P scripts/bench_kivi_kernel.py --default-only "$@"
+variants=("$@")
+if [ ${#variants[@]} -eq 0 ]; then
+  variants=("v2" "v3 asm1 tr0" "v3 asm2 tr0" "v3 asm3 tr0" "v3 asm2 tr1" "v3 asm3 tr1" "v3 asm3 tr0 c528"
+            "v3 asm3 tr0 w8" "v3 asm2 tr1 w8" "v3 asm3 tr0 pf0" "v3 asm2 tr1 c528" "v3 asm3 tr0 s2")
+fi
+timeout ${KIVI_BENCH_S:-44} python3 -P scripts/bench_kivi_kernel.py --jobs 12 --variants "${variants[@]}"
+timeout ${KIVI_TEST_S:-14} python3 -P -m pytest -q -x -p no:cacheprovider tests/methods/test_kivi_fast.py \
+  -k "cuda_graph_plugins_equal_plain and cfg0" 2>&1 | tail -5

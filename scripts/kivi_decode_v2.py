@@ -1,4 +1,7 @@
-"""Decode attention directly over KIVI's packed cache: 2/4-bit keys (per-channel groups) and values (per-token
+"""The KIVI kernel before v3 (scbench/kernels/kivi_decode.py at 5bdc435, verbatim; values in ``quantize``'s
+layout, unpacked tile converted to the operand layout through shared memory), kept for scripts/bench_kivi_kernel.py.
+
+Decode attention directly over KIVI's packed cache: 2/4-bit keys (per-channel groups) and values (per-token
 groups) plus the full-precision residual, without de-quantising the cache into a new tensor.
 
 Layout (one layer, ``scbench.kv.quant``'s formats in static buffers): packed keys/values uint8 [B, H, Cq, D*bits/8]

@@ -62,11 +62,30 @@ MAGIC = {torch.bfloat16: (0x4300, "bf16x2", 0x3F80, 0xC300), torch.float16: (0x6
 MAGIC + x), the packed fma type, 1.0 and -MAGIC."""
 
 
-def unpack_asm(dtype: torch.dtype) -> str:
-    """The inline PTX of ``_unpack``: a 32-bit word holding MAGIC + x in each half -> the two halves as x (exact), by
-    one packed fma (x * 1 - MAGIC)."""
-    _, op, one, neg = MAGIC[dtype]
-    return ("{.reg .b32 o, m, t; " f"mov.b32 o, {one | one << 16:#x}; mov.b32 m, {neg | neg << 16:#x}; "
+def unpack_asm(dtype: torch.dtype, bits: int = 2, mode: int = 1) -> str:
+    """The inline PTX of ``_unpack`` (``mode``, the ``asm`` tuning). 1: a 32-bit word holding MAGIC + x in each half
+    -> the two halves as x (exact) by one packed fma (x * 1 - MAGIC). 2: from the word $2 and a shift $3: the shift,
+    one and-or against MAGIC in a register (lop3), the fma. 3: from the word $4 and a shift $5, two pairs of fields
+    (at bits 0 and ``bits`` of each half after the shift: MAGIC + x and MAGIC + x * 2^bits, the second fma scaled by
+    2^-bits), outputs $0-$1 and $2-$3; when the second field does not fit the mantissa, mode 2."""
+    magic, op, one, neg = MAGIC[dtype]
+    lv = (1 << bits) - 1
+    bf = dtype == torch.bfloat16
+    if mode == 3 and 2 * bits > (7 if bf else 10):
+        mode = 2
+    two = lambda x: f"{x | x << 16:#x}"  # noqa: E731 (a 16-bit constant in both halves)
+    pre = f"mov.b32 o, {two(one)}; mov.b32 m, {two(neg)}; mov.b32 u, {two(magic)}; "
+    if mode == 3:
+        # 2^-bits and -MAGIC * 2^-bits: exponent fields lowered by bits
+        sh = 7 if bf else 10
+        q, n = one - (bits << sh), neg - (bits << sh)
+        return ("{.reg .b32 o, m, u, q, n, t, a, b; " + pre + f"mov.b32 q, {two(q)}; mov.b32 n, {two(n)}; "
+                f"shr.b32 t, $4, $5; lop3.b32 a, t, {two(lv)}, u, 0xea; lop3.b32 b, t, {two(lv << bits)}, u, 0xea; "
+                f"fma.rn.{op} a, a, o, m; fma.rn.{op} b, b, q, n; mov.b32 {{$0, $1}}, a; mov.b32 {{$2, $3}}, b;}}")
+    if mode == 2:
+        return ("{.reg .b32 o, m, t, u; " + pre + f"shr.b32 t, $2, $3; lop3.b32 t, t, {two(lv)}, u, 0xea; "
+                f"fma.rn.{op} t, t, o, m; mov.b32 {{$0, $1}}, t;}}")
+    return ("{.reg .b32 o, m, t; " f"mov.b32 o, {two(one)}; mov.b32 m, {two(neg)}; "
             f"fma.rn.{op} t, $2, o, m; mov.b32 {{$0, $1}}, t;}}")
 
 
@@ -91,8 +110,20 @@ if triton is not None:
         LV: tl.constexpr = (1 << BITS) - 1
         if ASM != "":
             sh = tl.arange(0, HALF) * BITS
-            x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
-            lo, hi = tl.inline_asm_elementwise(ASM, "=h,=h,r", [x], dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+            if ASM.startswith("{.reg .b32 o, m, u, q,"):  # mode 3: fields 2a, 2a + 1 of each half from one shift
+                sh2 = tl.arange(0, HALF // 2) * (2 * BITS)
+                a0, a1, b0, b1 = tl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r,r", [w[:, :, None], sh2[None, None, :]],
+                                                           dtype=(tl.int16, tl.int16, tl.int16, tl.int16),
+                                                           is_pure=True, pack=1)
+                x = tl.join(tl.join(a0, b0), tl.join(a1, b1)).to(DT, bitcast=True)  # [.., HALF / 2, 2, 2]
+                return tl.reshape(x, [N, NWD * T])
+            if ASM.startswith("{.reg .b32 o, m, t, u;"):  # mode 2: shift, and-or and fma in the PTX
+                lo, hi = tl.inline_asm_elementwise(ASM, "=h,=h,r,r", [w[:, :, None], sh[None, None, :]],
+                                                   dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+            else:
+                x = ((w[:, :, None] >> sh[None, None, :]) & (LV | (LV << 16))) | (MAGIC | (MAGIC << 16))
+                lo, hi = tl.inline_asm_elementwise(ASM, "=h,=h,r", [x], dtype=(tl.int16, tl.int16), is_pure=True,
+                                                   pack=1)
             x = tl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
         else:
             f = _perm(tl.arange(0, T), T)
@@ -123,11 +154,100 @@ if triton is not None:
         return kw, vw, ks, kz, vs, vz
 
     @triton.jit
+    def _blocks(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, acc, BT: tl.constexpr,
+                NB: tl.constexpr, GP: tl.constexpr, NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr,
+                VGROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, MAGIC: tl.constexpr,
+                ASM: tl.constexpr, PREC: tl.constexpr, PF: tl.constexpr):
+        """The quantized blocks [start, end) of ``_kivi_kernel``, query rows x tokens: (m, total, acc [GP, D])."""
+        T: tl.constexpr = 32 // BITS
+        gi, vj = tl.arange(0, NB), tl.arange(0, NVP)
+        ksel = gi[:, None, None] == (tokp // GROUP)[None, None, :]
+        vsel = vj[:, None, None] == (tl.arange(0, D) // VGROUP)[None, None, :]
+        if PF:  # prefetch: block i + 1's loads are issued before block i's math
+            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
+                                            GROUP, BITS, D)
+        for off in range(start, end, BT):
+            if PF:
+                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
+            else:
+                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
+                                                GROUP, BITS, D)
+            valid = off + tokp < end
+            # scores: queries x key scales of the NB groups, against the integers
+            qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)
+            bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)
+            kx = _unpack(kw, BT, D // T, BITS, DT, MAGIC, ASM)
+            s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
+            s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
+            s = tl.sum(tl.where(ksel, s, 0.0), 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            # values: probabilities x value scales of the channel groups, against the integers
+            pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(DT)
+            vbias = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2)
+            vx = tl.trans(_unpack(vw, D, BT // T, BITS, DT, MAGIC, ASM))
+            o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
+            o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
+            acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
+            m = m_new
+            if PF:
+                kw, vw, ks, kz, vs, vz = nxt
+        return m, total, acc
+
+    @triton.jit
+    def _blocks_t(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, BT: tl.constexpr,
+                  NB: tl.constexpr, GP: tl.constexpr, NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr,
+                  VGROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, MAGIC: tl.constexpr,
+                  ASM: tl.constexpr, PREC: tl.constexpr, PF: tl.constexpr):
+        """``_blocks`` transposed (tokens x query rows): the unpacked integers are the dots' first operand (straight
+        from registers), the folded queries / probabilities the second. Returns (m, total, acc [GP, D])."""
+        T: tl.constexpr = 32 // BITS
+        gi, vj = tl.arange(0, NB), tl.arange(0, NVP)
+        ksel = (tokp // GROUP)[:, None, None] == gi[None, :, None]  # [BT, NB, 1]
+        vsel = (tl.arange(0, D) // VGROUP)[:, None, None] == vj[None, :, None]  # [D, NVP, 1]
+        acc = tl.zeros([D, GP], tl.float32)
+        if PF:
+            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
+                                            GROUP, BITS, D)
+        for off in range(start, end, BT):
+            if PF:
+                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
+            else:
+                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
+                                                GROUP, BITS, D)
+            valid = off + tokp < end
+            qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)  # [NB, GP, D]
+            bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)  # [NB, GP]
+            kx = _unpack(kw, BT, D // T, BITS, DT, MAGIC, ASM)  # [BT, D]
+            s = tl.dot(kx, tl.trans(tl.reshape(qk, [NB * GP, D])), input_precision=PREC)  # [BT, NB * GP]
+            s = tl.reshape(s, [BT, NB, GP]) + bias[None, :, :]
+            s = tl.sum(tl.where(ksel, s, 0.0), 1)  # [BT, GP]
+            s = tl.where(valid[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            total = total * alpha + tl.sum(p, 0)
+            vst = tl.trans(vs).to(tl.float32)  # [BT, NVP]
+            pv = (p[:, None, :] * vst[:, :, None]).to(DT)  # [BT, NVP, GP]
+            vbias = tl.sum(p[:, None, :] * tl.trans(vz).to(tl.float32)[:, :, None], 0)  # [NVP, GP]
+            vx = _unpack(vw, D, BT // T, BITS, DT, MAGIC, ASM)  # [D, BT]
+            o = tl.dot(vx, tl.reshape(pv, [BT, NVP * GP]), input_precision=PREC)  # [D, NVP * GP]
+            o = tl.reshape(o, [D, NVP, GP]) + vbias[None, :, :]
+            acc = acc * alpha[None, :] + tl.sum(tl.where(vsel, o, 0.0), 1)
+            m = m_new
+            if PF:
+                kw, vw, ks, kz, vs, vz = nxt
+        return m, total, tl.trans(acc)
+
+    @triton.jit
     def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
                      re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr,
                      NVP: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                     PF: tl.constexpr):
+                     PF: tl.constexpr, TR: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head, in
@@ -166,42 +286,13 @@ if triton is not None:
         VW = VP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32)
         KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
         VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
-        tb, gi, vj = tl.arange(0, BT), tl.arange(0, NB), tl.arange(0, NVP)
-        tokp = _perm(tb, T)  # block token at each position
-        ksel = gi[:, None, None] == (tokp // GROUP)[None, None, :]
-        vsel = vj[:, None, None] == (vcols // VGROUP)[None, None, :]
-        if PF:  # prefetch: block i + 1's loads are issued before block i's math
-            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
-                                            GROUP, BITS, D)
-        for off in range(start, end, BT):
-            if PF:
-                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
-            else:
-                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
-                                                GROUP, BITS, D)
-            valid = off + tokp < end
-            # scores: queries x key scales of the NB groups, against the integers
-            qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)
-            bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)
-            kx = _unpack(kw, BT, D // T, BITS, DT, MAGIC, ASM)
-            s = tl.dot(tl.reshape(qk, [NB * GP, D]), tl.trans(kx), input_precision=PREC)
-            s = tl.reshape(s, [NB, GP, BT]) + bias[:, :, None]
-            s = tl.sum(tl.where(ksel, s, 0.0), 0)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            # values: probabilities x value scales of the channel groups, against the integers
-            pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(DT)
-            vbias = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2)
-            vx = tl.trans(_unpack(vw, D, BT // T, BITS, DT, MAGIC, ASM))
-            o = tl.dot(tl.reshape(pv, [NVP * GP, BT]), vx, input_precision=PREC)
-            o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
-            acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
-            m = m_new
-            if PF:
-                kw, vw, ks, kz, vs, vz = nxt
+        tokp = _perm(tl.arange(0, BT), T)  # block token at each position
+        if TR:
+            m, total, acc = _blocks_t(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, BT, NB, GP, NVP,
+                                      NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
+        else:
+            m, total, acc = _blocks(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, acc, BT, NB, GP,
+                                    NVP, NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
         rend = tl.where(last, re, rs)
         rb = tl.arange(0, RB)
         for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
@@ -248,7 +339,7 @@ def _pow2(x: int) -> int:
 
 # num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack (bf16/fp16), prefetch;
 # scripts/bench_kivi_kernel.py measures them on a GPU (results/perf/kivi_kernel_h200.md)
-TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "asm": 1, "prefetch": 1}
+TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "asm": 3, "prefetch": 1, "tr": 0}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -274,14 +365,14 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     sm = torch.empty_like(mx)
     out = torch.empty(b * h, g, d, dtype=q.dtype, device=q.device)
     use_asm = t["asm"] and q.dtype in MAGIC and os.environ.get("TRITON_INTERPRET") != "1"
-    asm = unpack_asm(q.dtype) if use_asm else ""  # inline PTX cannot be interpreted
+    asm = unpack_asm(q.dtype, bits, t["asm"]) if use_asm else ""  # inline PTX cannot be interpreted
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec, MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm,
-                                    PF=t["prefetch"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+                                    PF=t["prefetch"], TR=t["tr"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
