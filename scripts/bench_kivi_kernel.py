@@ -5,7 +5,8 @@ scripts/kivi_decode_v2.py) against ``scbench.kernels.kivi_decode.kivi_attention_
                                         [--jobs 12] [--json F]
 
 A variant: ``v1``, ``v2`` (its default tuning) or ``v3`` plus knobs (``asm`` 0/1/2, ``tr`` 0/1, ``w`` warps, ``s``
-stages, ``c`` programs, ``gp`` padded query rows, ``pf`` prefetch; missing knobs from ``kivi_decode.TUNE``).
+stages, ``c`` programs, ``gp`` padded query rows, ``pf`` prefetch, ``r`` register cap; missing knobs from
+``kivi_decode.TUNE``).
 ``--jobs``: compile the variants first in that many processes (Triton's on-disk cache), then time them here.
 
 Llama-3.1-8B shape: 32 query / 8 KV heads, head_dim 128, bf16, batch 1, group 32, 32 + some residual rows. One
@@ -169,7 +170,7 @@ def make_fn(name, q, bits, group, scale):
         spec.loader.exec_module(v2)
         return lambda b: v2.kivi_attention_triton(q, *b[:11], bits=bits, group=group, vgroup=group, scale=scale)
     knobs = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name.removeprefix("v3"))}
-    names = {"w": "num_warps", "s": "num_stages", "c": "ctas", "pf": "prefetch"}
+    names = {"w": "num_warps", "s": "num_stages", "c": "ctas", "pf": "prefetch", "r": "maxnreg"}
     tune = {names.get(k, k): v for k, v in knobs.items()}
     return lambda b: kd.kivi_attention_triton(q, *b[:3], b[11], *b[4:11], bits=bits, group=group, vgroup=group,
                                               scale=scale, **tune)

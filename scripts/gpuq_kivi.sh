@@ -6,8 +6,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
-  variants=("v2" "v3 asm1 tr0" "v3 asm2 tr0" "v3 asm3 tr0" "v3 asm2 tr1" "v3 asm3 tr1" "v3 asm3 tr0 c528"
-            "v3 asm3 tr0 w8" "v3 asm2 tr1 w8" "v3 asm3 tr0 pf0" "v3 asm2 tr1 c528" "v3 asm3 tr0 s2")
+  variants=("v2" "v3 asm1 tr0" "v3 asm2 tr0" "v3 asm3 tr0" "v3 asm3 tr0 r160 c392" "v3 asm3 tr0 r128 c528"
+            "v3 asm3 tr0 pf0" "v3 asm3 tr0 pf0 r128 c528" "v3 asm3 tr0 pf0 r128 c1056" "v3 asm2 tr1"
+            "v3 asm2 tr1 r168 c392" "v3 asm3 tr1" "v3 asm3 tr0 w8")
 fi
 timeout ${KIVI_BENCH_S:-44} python3 -P scripts/bench_kivi_kernel.py --jobs 12 --variants "${variants[@]}"
 timeout ${KIVI_TEST_S:-14} python3 -P -m pytest -q -x -p no:cacheprovider tests/methods/test_kivi_fast.py \

@@ -337,8 +337,9 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-# num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack (bf16/fp16), prefetch;
-# scripts/bench_kivi_kernel.py measures them on a GPU (results/perf/kivi_kernel_h200.md)
+# num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack mode (bf16/fp16; 0: none),
+# prefetch, transposed form, register cap (maxnreg, 0: none): scripts/bench_kivi_kernel.py measures them on a GPU
+# (results/perf/kivi_kernel_h200.md)
 TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "asm": 3, "prefetch": 1, "tr": 0}
 
 
@@ -372,7 +373,8 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
                                     n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec, MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm,
-                                    PF=t["prefetch"], TR=t["tr"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+                                    PF=t["prefetch"], TR=t["tr"], num_warps=t["num_warps"], num_stages=t["num_stages"],
+                                    **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
     _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
                                      NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
