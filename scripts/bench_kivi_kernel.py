@@ -160,6 +160,13 @@ def layer_bufs(n, bits, group, h=8, d=128, res=40, dt=torch.bfloat16):
     return (kp, ks, kz, vp, vs, vz, rk, rv, t(n), t(n), t(n + res), kd.values_to_words(vp, bits)), nbytes
 
 
+def tune_of(name: str) -> dict:
+    """"v3 asm3 tr0 w4" -> kivi_attention_triton's tuning keywords."""
+    knobs = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name.removeprefix("v3"))}
+    names = {"w": "num_warps", "s": "num_stages", "c": "ctas", "pf": "prefetch", "r": "maxnreg"}
+    return {names.get(k, k): v for k, v in knobs.items()}
+
+
 def make_fn(name, q, bits, group, scale):
     """Variant name -> fn(bufs) running one layer's attention."""
     if name == "v1":
@@ -169,9 +176,7 @@ def make_fn(name, q, bits, group, scale):
         v2 = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(v2)
         return lambda b: v2.kivi_attention_triton(q, *b[:11], bits=bits, group=group, vgroup=group, scale=scale)
-    knobs = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name.removeprefix("v3"))}
-    names = {"w": "num_warps", "s": "num_stages", "c": "ctas", "pf": "prefetch", "r": "maxnreg"}
-    tune = {names.get(k, k): v for k, v in knobs.items()}
+    tune = tune_of(name)
     return lambda b: kd.kivi_attention_triton(q, *b[:3], b[11], *b[4:11], bits=bits, group=group, vgroup=group,
                                               scale=scale, **tune)
 
@@ -184,7 +189,13 @@ def _compile_one(args):
         for n in lengths:
             bufs, _ = layer_bufs(n, bits, 32)
             q = torch.randn(1, 32, 1, 128, device=DEV, dtype=torch.bfloat16)
-            make_fn(name, q, bits, 32, 128 ** -0.5)(bufs)
+            if name.startswith("step"):  # "step<fuse> <tuning>": --step's kernels
+                kd.TUNE.update(tune_of(name.split(" ", 1)[1]))
+                kd.kivi_decode_step(q, *bufs[:3], bufs[11], *bufs[4:10], torch.tensor([n + 39], device=DEV),
+                                    bits=bits, group=32, vgroup=32, scale=0.1, residual=32, triton_ok=True,
+                                    fuse=name.startswith("step1"))
+            else:
+                make_fn(name, q, bits, 32, 128 ** -0.5)(bufs)
         torch.cuda.synchronize()
         return name, ""
     except Exception as e:  # noqa: BLE001 - reported by the main process
@@ -198,6 +209,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=["v2", "v3"])
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes first (0: none)")
+    ap.add_argument("--step", default="", help="also time kivi_decode_step (fuse 0/1) with this v3 tuning")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, float16: checks the script runs")
     args = ap.parse_args()
@@ -214,8 +226,9 @@ def main() -> None:
         import multiprocessing as mp
 
         t0 = time.time()
-        with mp.get_context("spawn").Pool(min(args.jobs, len(args.variants))) as pool:
-            for name, err in pool.imap_unordered(_compile_one, [(v, args.lengths, args.bits) for v in args.variants]):
+        with mp.get_context("spawn").Pool(min(args.jobs, len(args.variants) + 2)) as pool:
+            jobs = args.variants + ([f"step0 {args.step}", f"step1 {args.step}"] if args.step else [])
+            for name, err in pool.imap_unordered(_compile_one, [(v, args.lengths, args.bits) for v in jobs]):
                 if err:
                     print(f"compile {name}: {err}", flush=True)
         print(f"compiled {len(args.variants)} variants in {time.time() - t0:.1f} s", flush=True)
@@ -240,6 +253,24 @@ def main() -> None:
                              max_err=err))
             print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) {gb:6.3f} GB "
                   f"{gb / max(ms, 1e-9):6.2f} TB/s err {err:.2e}", flush=True)
+        if args.step:  # one decode step's KIVI work: attention + flush/counters (residual not full: no writes)
+            kd.TUNE.update(tune_of(args.step))
+            t = lambda x: torch.tensor([x], device=DEV)  # noqa: E731
+            for fuse in (False, True):
+                name = f"step fuse={int(fuse)} {args.step}"
+
+                def step(b, fuse=fuse):
+                    return kd.kivi_decode_step(q, *b[:3], b[11], *b[4:8], b[8], b[9], t(n + 39), bits=args.bits,
+                                               group=group, vgroup=group, scale=scale, residual=32, triton_ok=True,
+                                               fuse=fuse)
+                try:
+                    err = (step(layers[0][0]).double() - want).abs().max().item()
+                    ms = graph_ms(lambda: [step(b) for b, _ in layers])
+                except Exception as e:  # noqa: BLE001
+                    print(f"{n:>7} {name:<30} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                rows.append(dict(n=n, bits=args.bits, variant=name, ms_step=ms, gb=gb, tbps=gb / max(ms, 1e-9), max_err=err))
+                print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) err {err:.2e}", flush=True)
         del layers
         if DEV == "cuda":
             torch.cuda.empty_cache()

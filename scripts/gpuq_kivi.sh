@@ -10,6 +10,7 @@ if [ ${#variants[@]} -eq 0 ]; then
             "v3 asm3 tr0 pf0" "v3 asm3 tr0 pf0 r128 c528" "v3 asm3 tr0 pf0 r128 c1056" "v3 asm2 tr1"
             "v3 asm2 tr1 r168 c392" "v3 asm3 tr1" "v3 asm3 tr0 w8")
 fi
-timeout ${KIVI_BENCH_S:-44} python3 -P scripts/bench_kivi_kernel.py --jobs 12 --variants "${variants[@]}"
-timeout ${KIVI_TEST_S:-14} python3 -P -m pytest -q -x -p no:cacheprovider tests/methods/test_kivi_fast.py \
-  -k "cuda_graph_plugins_equal_plain and cfg0" 2>&1 | tail -5
+timeout ${KIVI_BENCH_S:-46} python3 -P scripts/bench_kivi_kernel.py --lengths 131072 32768 --jobs 15 --variants "${variants[@]}" \
+  --step "${KIVI_STEP:-asm3 tr0 pf0 r128 c528}"
+timeout ${KIVI_TEST_S:-12} python3 -P -m pytest -v -x -p no:cacheprovider tests/methods/test_kivi_fast.py \
+  -k "${KIVI_TESTS:-cuda_graph_plugins_equal_plain and cfg0}" 2>&1 | grep -E "PASS|FAIL|Error|error|passed|failed" | tail -12
