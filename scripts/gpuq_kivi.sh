@@ -8,7 +8,7 @@ variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
   variants=("v2" "v3 asm1 tr0" "v3 asm2 tr0" "v3 asm3 tr0" "v3 asm3 tr0 r160 c392" "v3 asm3 tr0 r128 c528"
             "v3 asm3 tr0 pf0" "v3 asm3 tr0 pf0 r128 c528" "v3 asm3 tr0 pf0 r128 c1056" "v3 asm2 tr1"
-            "v3 asm2 tr1 r168 c392" "v3 asm3 tr1" "v3 asm3 tr0 w8")
+            "v3 asm2 tr1 r168 c392" "v3 asm3 tr0 pf0 nb8" "v3 asm3 tr0 w8")
 fi
 timeout ${KIVI_BENCH_S:-46} python3 -P scripts/bench_kivi_kernel.py --lengths 131072 32768 --jobs 15 --variants "${variants[@]}" \
   --step "${KIVI_STEP:-asm3 tr0 pf0 r128 c528}"

@@ -354,7 +354,7 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     h, cq, r = rk.shape[1], kp.shape[2], rk.shape[2]
     g = hq // h
     gp = max(t.get("gp", 4), _pow2(g))
-    nb = max(1, 16 // gp)
+    nb = t.get("nb") or max(1, 16 // gp)  # key groups per block
     nvp = _pow2(max(d // vgroup, 16 // gp))
     bt = nb * group
     per_head = max(1, t["ctas"] // (b * h))
