@@ -193,7 +193,7 @@ def _compile_one(args):
                 kd.TUNE.update(tune_of(name.split(" ", 1)[1]))
                 kd.kivi_decode_step(q, *bufs[:3], bufs[11], *bufs[4:10], torch.tensor([n + 39], device=DEV),
                                     bits=bits, group=32, vgroup=32, scale=0.1, residual=32, triton_ok=True,
-                                    fuse=name.startswith("step1"))
+                                    fuse=int(name[4]))
             else:
                 make_fn(name, q, bits, 32, 128 ** -0.5)(bufs)
         torch.cuda.synchronize()
@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=["v2", "v3"])
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes first (0: none)")
-    ap.add_argument("--step", default="", help="also time kivi_decode_step (fuse 0/1) with this v3 tuning")
+    ap.add_argument("--step", default="", help="also time kivi_decode_step (fuse 0/1/2) with this v3 tuning")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, float16: checks the script runs")
     args = ap.parse_args()
@@ -226,8 +226,8 @@ def main() -> None:
         import multiprocessing as mp
 
         t0 = time.time()
-        with mp.get_context("spawn").Pool(min(args.jobs, len(args.variants) + 2)) as pool:
-            jobs = args.variants + ([f"step0 {args.step}", f"step1 {args.step}"] if args.step else [])
+        with mp.get_context("spawn").Pool(min(args.jobs, len(args.variants) + 3)) as pool:
+            jobs = args.variants + ([f"step{f} {args.step}" for f in (0, 1, 2)] if args.step else [])
             for name, err in pool.imap_unordered(_compile_one, [(v, args.lengths, args.bits) for v in jobs]):
                 if err:
                     print(f"compile {name}: {err}", flush=True)
@@ -256,8 +256,8 @@ def main() -> None:
         if args.step:  # one decode step's KIVI work: attention + flush/counters (residual not full: no writes)
             kd.TUNE.update(tune_of(args.step))
             t = lambda x: torch.tensor([x], device=DEV)  # noqa: E731
-            for fuse in (False, True):
-                name = f"step fuse={int(fuse)} {args.step}"
+            for fuse in (0, 1, 2):
+                name = f"step fuse={fuse} {args.step}"
 
                 def step(b, fuse=fuse):
                     return kd.kivi_decode_step(q, *b[:3], b[11], *b[4:8], b[8], b[9], t(n + 39), bits=args.bits,

@@ -243,11 +243,11 @@ if triton is not None:
         return m, total, tl.trans(acc)
 
     @triton.jit
-    def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, scale, CQ, R, n_splits, split,
-                     re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, Out, Cnt, scale, CQ, R, n_splits,
+                     split, re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr,
                      NVP: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                     PF: tl.constexpr, TR: tl.constexpr):
+                     PF: tl.constexpr, TR: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head, in
@@ -316,6 +316,19 @@ if triton is not None:
         if FLUSH:
             if last & (re - rs == full_len):
                 _flush_group(RK, RV, KP, KS, KZ, VP, VS, VZ, bh64, nq, rs, R, CQ, D, BITS, GROUP, VGROUP, DT)
+        if MERGE:  # the last program of a (batch x KV head) merges its splits; the last of all moves the counters
+            tl.debug_barrier()  # every thread's partial stores before the release below
+            nbh = tl.num_programs(0)
+            if tl.atomic_add(Cnt + bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                for g in tl.static_range(G):
+                    merge_splits(Part, Mx, Sm, Out, n_splits, bh, g, G, GP, D, NS)
+                tl.store(Cnt + bh, 0)  # ready for the next launch (layers and graph replays reuse the counters)
+            if FLUSH:
+                if tl.atomic_add(Cnt + nbh, 1, sem="acq_rel", scope="gpu") == nbh * n_splits - 1:
+                    full = re - rs == full_len  # every program has read nq / rs: move them
+                    tl.store(NQ, tl.where(full, nq + GROUP, nq).to(NQ.dtype.element_ty))
+                    tl.store(RS, tl.where(full, rs + GROUP, rs).to(RS.dtype.element_ty))
+                    tl.store(Cnt + nbh, 0)
 
     @triton.jit
     def _kivi_combine_kernel(Part, Mx, Sm, Out, n_splits, NQ, RS, RE, re_add, full_len, G: tl.constexpr,
@@ -370,14 +383,30 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
-    _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, scale, cq, r,
-                                    n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
-                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec, MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm,
-                                    PF=t["prefetch"], TR=t["tr"], num_warps=t["num_warps"], num_stages=t["num_stages"],
+    merge = bool(t.get("one")) and flush  # one kernel a layer: merge and counters by the last programs
+    cnt = _counters(q.device, b * h + 1) if merge else part
+    ns = max(2, triton.next_power_of_2(n_splits))
+    _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, out, cnt, scale, cq,
+                                    r, n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
+                                    GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec,
+                                    MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm, PF=t["prefetch"], TR=t["tr"],
+                                    MERGE=merge, NS=ns, num_warps=t["num_warps"], num_stages=t["num_stages"],
                                     **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
-    _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
-                                     NS=max(2, triton.next_power_of_2(n_splits)), COUNT=flush, GROUP=group)
+    if not merge:
+        _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,
+                                         NS=ns, COUNT=flush, GROUP=group)
     return out.view(b, hq, 1, d)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the single-kernel step (each launch leaves them at zero again)."""
+    key = (str(device), n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def attention_kernel_ok(bits: int, group: int, vgroup: int, head_dim: int) -> bool:
@@ -391,24 +420,24 @@ def _use_triton(q, bits, group, vgroup) -> bool:
     return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
 
 
-FUSE_FLUSH = False
-"""Whether ``kivi_decode_step`` on CUDA quantizes the full residual group inside the attention kernel (2 kernels a
-layer) instead of the separate flush + counter kernels (4): tested in Triton's interpreter and by the CUDA tests,
-not yet measured on a GPU, so off."""
+FUSE_FLUSH = 0
+"""How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then the flush + counter kernels (4
+kernels); 1: the flush inside the attention kernel, the counters moved by the merge kernel (2); 2: one kernel, the
+last program of each KV head merging its splits and the last of all moving the counters (arrival counters)."""
 
 
 def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,
-                     residual: int, triton_ok: bool | None = None, fuse: bool | None = None) -> torch.Tensor:
+                     residual: int, triton_ok: bool | None = None, fuse: int | None = None) -> torch.Tensor:
     """One layer's decode step after the new key/value went to row ``at`` of k, v: attention over the quantized rows
     and the residual [rs, at], then (in place) the residual's oldest group quantized when it holds residual + group
     rows. CUDA: the Triton kernels, packed values token-major (``values_to_words``; ``fuse``, default
-    ``FUSE_FLUSH``: the flush inside the attention kernel and the counters moved by the merge kernel); elsewhere (or
-    ``triton_ok=False``) the torch reference ops on the standard layout."""
+    ``FUSE_FLUSH``); elsewhere (or ``triton_ok=False``) the torch reference ops on the standard layout."""
     bufs = (kp, ks, kz, vp, vs, vz)
     use = _use_triton(q, bits, group, vgroup) if triton_ok is None else triton_ok
-    if use and (FUSE_FLUSH if fuse is None else fuse):
+    mode = int(FUSE_FLUSH if fuse is None else fuse)
+    if use and mode:
         return kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
-                                     re_add=1, flush_residual=residual)
+                                     re_add=1, flush_residual=residual, one=int(mode == 2))
     if use:
         out = kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
                                     re_add=1)

@@ -191,10 +191,10 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,full", [(2, True), (4, True), (2, False)])
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [0, 1, 2])
 def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
-    """The step's kernels (attention, flush, counters; or fused: attention + flush, merge + counters) against the
-    torch ops, 8B head shapes."""
+    """The step's kernels (attention, flush, counters; fused: attention + flush, merge + counters; one kernel) against
+    the torch ops, 8B head shapes."""
     torch.manual_seed(bits)
     h, c, d, cq, g, res = 8, 512, 128, 4096, 32, 32
     k, v = (torch.randn(1, h, c, d, device="cuda", dtype=dtype) * 3 for _ in range(2))
