@@ -100,9 +100,9 @@ def values_to_words(vp: torch.Tensor, bits: int) -> torch.Tensor:
     same bytes token-major, as the attention kernel reads them: per chunk of T tokens, D int32 words (word c holds
     channel c of the chunk's tokens, token k in bits ``k * bits``), the chunk's bytes where its rows were."""
     t = 32 // bits
-    q = unpack(vp, bits).unflatten(-2, (vp.shape[-2] // t, t)).transpose(-1, -2).to(torch.int64)  # [.., N/T, D, T]
-    w = (q << (torch.arange(t, device=vp.device) * bits)).sum(-1)
-    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # the same 32 bits as a signed int
+    q = unpack(vp, bits).unflatten(-2, (vp.shape[-2] // t, t)).transpose(-1, -2).to(torch.int32)  # [.., N/T, D, T]
+    # disjoint bit fields: their int32 sum (wrapping past the sign bit) is their OR
+    w = (q << (torch.arange(t, device=vp.device, dtype=torch.int32) * bits)).sum(-1, dtype=torch.int32)
     return w.contiguous().view(torch.uint8).reshape(vp.shape)
 
 
