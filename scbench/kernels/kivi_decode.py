@@ -282,8 +282,8 @@ if triton is not None:
         start = tl.where(last, 0, sp * split)
         end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
         bh64 = bh.to(tl.int64)
-        KW = KP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32)
-        VW = VP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32)
+        KW = tl.multiple_of(KP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32), 16)
+        VW = tl.multiple_of(VP.to(tl.pointer_type(tl.int32)) + bh64 * CQ * (D * BITS // 32), 16)
         KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
         VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
         tokp = _perm(tl.arange(0, BT), T)  # block token at each position
