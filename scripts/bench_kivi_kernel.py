@@ -1,10 +1,10 @@
 """KIVI decode attention over the packed cache on a GPU: the earlier kernels (v1 below, v2 in
 scripts/kivi_decode_v2.py) against ``scbench.kernels.kivi_decode.kivi_attention_triton`` (v3) with several tunings.
 
-    python scripts/bench_kivi_kernel.py [--lengths 32768 131072] [--bits 2] [--variants "v2" "v3 asm2 tr1 w4 c264"]
+    python scripts/bench_kivi_kernel.py [--lengths 32768 131072] [--bits 2] [--variants "v2" "v3 asm2 pf1 r0 c264"]
                                         [--jobs 12] [--json F]
 
-A variant: ``v1``, ``v2`` (its default tuning) or ``v3`` plus knobs (``asm`` 0/1/2, ``tr`` 0/1, ``w`` warps, ``s``
+A variant: ``v1``, ``v2`` (its default tuning) or ``v3`` plus knobs (``asm`` 0/1/2/3, ``w`` warps, ``s``
 stages, ``c`` programs, ``gp`` padded query rows, ``pf`` prefetch, ``r`` register cap; missing knobs from
 ``kivi_decode.TUNE``).
 ``--jobs``: compile the variants first in that many processes (Triton's on-disk cache), then time them here.

@@ -198,56 +198,11 @@ if triton is not None:
         return m, total, acc
 
     @triton.jit
-    def _blocks_t(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, BT: tl.constexpr,
-                  NB: tl.constexpr, GP: tl.constexpr, NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr,
-                  VGROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, MAGIC: tl.constexpr,
-                  ASM: tl.constexpr, PREC: tl.constexpr, PF: tl.constexpr):
-        """``_blocks`` transposed (tokens x query rows): the unpacked integers are the dots' first operand (straight
-        from registers), the folded queries / probabilities the second. Returns (m, total, acc [GP, D])."""
-        T: tl.constexpr = 32 // BITS
-        gi, vj = tl.arange(0, NB), tl.arange(0, NVP)
-        ksel = (tokp // GROUP)[:, None, None] == gi[None, :, None]  # [BT, NB, 1]
-        vsel = (tl.arange(0, D) // VGROUP)[:, None, None] == vj[None, :, None]  # [D, NVP, 1]
-        acc = tl.zeros([D, GP], tl.float32)
-        if PF:
-            kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
-                                            GROUP, BITS, D)
-        for off in range(start, end, BT):
-            if PF:
-                nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
-            else:
-                kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
-                                                GROUP, BITS, D)
-            valid = off + tokp < end
-            qk = (qs[None, :, :] * ks.to(tl.float32)[:, None, :]).to(DT)  # [NB, GP, D]
-            bias = tl.sum(qs[None, :, :] * kz.to(tl.float32)[:, None, :], 2)  # [NB, GP]
-            kx = _unpack(kw, BT, D // T, BITS, DT, MAGIC, ASM)  # [BT, D]
-            s = tl.dot(kx, tl.trans(tl.reshape(qk, [NB * GP, D])), input_precision=PREC)  # [BT, NB * GP]
-            s = tl.reshape(s, [BT, NB, GP]) + bias[None, :, :]
-            s = tl.sum(tl.where(ksel, s, 0.0), 1)  # [BT, GP]
-            s = tl.where(valid[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[None, :])
-            total = total * alpha + tl.sum(p, 0)
-            vst = tl.trans(vs).to(tl.float32)  # [BT, NVP]
-            pv = (p[:, None, :] * vst[:, :, None]).to(DT)  # [BT, NVP, GP]
-            vbias = tl.sum(p[:, None, :] * tl.trans(vz).to(tl.float32)[:, :, None], 0)  # [NVP, GP]
-            vx = _unpack(vw, D, BT // T, BITS, DT, MAGIC, ASM)  # [D, BT]
-            o = tl.dot(vx, tl.reshape(pv, [BT, NVP * GP]), input_precision=PREC)  # [D, NVP * GP]
-            o = tl.reshape(o, [D, NVP, GP]) + vbias[None, :, :]
-            acc = acc * alpha[None, :] + tl.sum(tl.where(vsel, o, 0.0), 1)
-            m = m_new
-            if PF:
-                kw, vw, ks, kz, vs, vz = nxt
-        return m, total, tl.trans(acc)
-
-    @triton.jit
     def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, RK, RV, NQ, RS, RE, Part, Mx, Sm, Out, Cnt, scale, CQ, R, n_splits,
                      split, re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr,
                      NVP: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                     PF: tl.constexpr, TR: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
+                     PF: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
         """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head, in
@@ -287,12 +242,8 @@ if triton is not None:
         KS1, KZ1 = KS + bh64 * (CQ // GROUP) * D, KZ + bh64 * (CQ // GROUP) * D
         VS1, VZ1 = VS + bh64 * CQ * NVG, VZ + bh64 * CQ * NVG
         tokp = _perm(tl.arange(0, BT), T)  # block token at each position
-        if TR:
-            m, total, acc = _blocks_t(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, BT, NB, GP, NVP,
-                                      NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
-        else:
-            m, total, acc = _blocks(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, acc, BT, NB, GP,
-                                    NVP, NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
+        m, total, acc = _blocks(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, acc, BT, NB, GP, NVP,
+                                NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
         rend = tl.where(last, re, rs)
         rb = tl.arange(0, RB)
         for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
@@ -351,9 +302,9 @@ def _pow2(x: int) -> int:
 
 
 # num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack mode (bf16/fp16; 0: none),
-# prefetch, transposed form, register cap (maxnreg, 0: none): scripts/bench_kivi_kernel.py measures them on a GPU
-# (results/perf/kivi_kernel_h200.md)
-TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 264, "gp": 4, "asm": 3, "prefetch": 1, "tr": 0}
+# prefetch of the next block into registers, register cap (maxnreg, 0: none; 128 lets 4 programs share an SM, no
+# spills without prefetch): scripts/bench_kivi_kernel.py measures them on a GPU (results/perf/kivi_kernel_h200.md)
+TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 528, "gp": 4, "asm": 3, "prefetch": 0, "maxnreg": 128}
 
 
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
@@ -389,7 +340,7 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, out, cnt, scale, cq,
                                     r, n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec,
-                                    MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm, PF=t["prefetch"], TR=t["tr"],
+                                    MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm, PF=t["prefetch"],
                                     MERGE=merge, NS=ns, num_warps=t["num_warps"], num_stages=t["num_stages"],
                                     **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
     if not merge:

@@ -26,7 +26,7 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16; without prefetch, and with prefetch in the transposed form (tr); packed values token-major)."""
+    float32, float16; without and with prefetch; packed values token-major)."""
     errs = []
     for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
@@ -42,7 +42,7 @@ def attention_errors() -> list[float]:
             t = lambda x: torch.tensor([x])  # noqa: E731
             got = kd.kivi_attention_triton(q, kp, ks, kz, kd.values_to_words(vp, bits), vs, vz, rk, rv, t(nq),
                                            t(rs), t(re - 1), bits=bits, group=g, vgroup=g, scale=0.2, re_add=1, ctas=4,
-                                           prefetch=prefetch, tr=prefetch)
+                                           prefetch=prefetch)
             want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.2)
             errs.append((got.double() - want).abs().max().item())
     return errs

@@ -65,12 +65,12 @@ def test_values_to_words_layout(bits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
                                                (2, 512, 0, 64, 0, 9)])
-@pytest.mark.parametrize("tune", ["default", "asm0 pf0", "asm2 tr1"])
+@pytest.mark.parametrize("tune", ["default", "asm0 pf0", "asm2 pf1"])
 def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, tune):
     bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
     bufs = (*bufs[:3], kivi_decode.values_to_words(bufs[3], bits), *bufs[4:])  # the kernel's value layout
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
-    knobs = {"asm0 pf0": {"asm": 0, "prefetch": 0}, "asm2 tr1": {"asm": 2, "tr": 1}}.get(tune, {})
+    knobs = {"asm0 pf0": {"asm": 0, "prefetch": 0}, "asm2 pf1": {"asm": 2, "prefetch": 1, "maxnreg": 0}}.get(tune, {})
     got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, **knobs)
     want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
