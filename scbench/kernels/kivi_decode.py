@@ -271,8 +271,7 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partial stores before the release below
             nbh = tl.num_programs(0)
             if tl.atomic_add(Cnt + bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-                for g in tl.static_range(G):
-                    merge_splits(Part, Mx, Sm, Out, n_splits, bh, g, G, GP, D, NS)
+                _merge_heads(Part, Mx, Sm, Out, n_splits, bh, G, GP, D, NS)
                 tl.store(Cnt + bh, 0)  # ready for the next launch (layers and graph replays reuse the counters)
             if FLUSH:
                 if tl.atomic_add(Cnt + nbh, 1, sem="acq_rel", scope="gpu") == nbh * n_splits - 1:
@@ -280,6 +279,29 @@ if triton is not None:
                     tl.store(NQ, tl.where(full, nq + GROUP, nq).to(NQ.dtype.element_ty))
                     tl.store(RS, tl.where(full, rs + GROUP, rs).to(RS.dtype.element_ty))
                     tl.store(Cnt + nbh, 0)
+
+    @triton.jit
+    def _merge_heads(Part, Mx, Sm, Out, n_splits, bh, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     NS: tl.constexpr):
+        """``merge_splits`` for all query heads of one (batch x KV head) at once, 16 splits a pass (one program merges
+        while the others have finished: wide loads instead of G serial merges)."""
+        sp, hq, cols = tl.arange(0, NS), tl.arange(0, GP), tl.arange(0, D)
+        idx = (bh * n_splits + sp)[:, None] * GP + hq[None, :]
+        m = tl.load(Mx + idx, mask=(sp < n_splits)[:, None], other=float("-inf"))
+        top = tl.max(m, 0)  # [GP]
+        w = tl.where(m > float("-inf"), tl.exp(m - top[None, :]), 0.0)
+        total = tl.sum(w * tl.load(Sm + idx, mask=(sp < n_splits)[:, None], other=0.0), 0)
+        acc = tl.zeros([GP, D], tl.float32)
+        c16 = tl.arange(0, 16)
+        for c in range(0, n_splits, 16):
+            used = (c + c16) < n_splits
+            i16 = (bh * n_splits + c + c16)[:, None] * GP + hq[None, :]  # [16, GP]
+            mc = tl.load(Mx + i16, mask=used[:, None], other=float("-inf"))
+            wc = tl.where(mc > float("-inf"), tl.exp(mc - top[None, :]), 0.0)
+            part = tl.load(Part + i16[:, :, None] * D + cols[None, None, :], mask=used[:, None, None], other=0.0)
+            acc += tl.sum(wc[:, :, None] * part, 0)
+        res = acc / total[:, None]
+        tl.store(Out + (bh * G + hq)[:, None] * D + cols[None, :], res.to(Out.dtype.element_ty), mask=hq[:, None] < G)
 
     @triton.jit
     def _kivi_combine_kernel(Part, Mx, Sm, Out, n_splits, NQ, RS, RE, re_add, full_len, G: tl.constexpr,
