@@ -7,8 +7,8 @@ residual at load, then every new token) stay in StaticKV's own append-only buffe
 residual. ``nq`` / ``rs`` (device tensors) count the quantized rows in use and where the residual starts. A step
 appends the new key/value (StaticKV), attends, then, when the residual holds ``residual + group`` rows, quantises
 its oldest group into quantized row ``nq`` and moves ``rs`` past it, each write selected on the device by that
-condition (no host sync): ``scbench.kernels.kivi_decode.kivi_decode_step``, on CUDA two Triton kernels per layer
-(attention + flush, merge + counters; the packed values held token-major as the kernel reads them,
+condition (no host sync): ``scbench.kernels.kivi_decode.kivi_decode_step``, on CUDA Triton kernels (one to four
+per layer, ``kivi_decode.FUSE_FLUSH``; the packed values held token-major as the kernel reads them,
 ``values_to_words`` at load, back at ``store_back``), elsewhere de-quantise + masked softmax and ``quantize`` (the
 plain path's function) in torch ops. This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
 loop stays the reference: tests/methods/test_kivi_fast.py compares greedy tokens. Tokens are never moved, so the
@@ -95,7 +95,7 @@ class KIVIDecode:
 
     def attend(self, kv, l, q, k, v, scale):
         """Attention over the packed rows and the residual [rs, at], then the residual's oldest group quantized
-        when full (``kivi_decode_step``: on CUDA two kernels per layer, the counters moved on the device)."""
+        when full (``kivi_decode_step``: on CUDA Triton kernels, the counters moved on the device)."""
         m = self.m
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return kivi_decode_step(q, *self.bufs[l], k, v, self.nq[l : l + 1], self.rs[l : l + 1], kv.at[l : l + 1],
