@@ -61,6 +61,29 @@ def test_values_to_words_layout(bits):
     assert torch.equal(unpack(kivi_decode.values_from_words(w, bits), bits), q)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_unpack_asm_constants_give_exact_integers(dtype, bits, mode):
+    """The inline PTX's arithmetic, emulated: every field value OR-ed into MAGIC's mantissa at the offsets the PTX
+    uses, times its multiplier plus its addend (one rounding, as the packed fma), is the integer itself."""
+    import re
+
+    asm = kivi_decode.unpack_asm(dtype, bits, mode)
+    regs = {k: int(v, 16) & 0xFFFF for k, v in re.findall(r"mov\.b32 (\w), (0x[0-9a-f]+);", asm)}
+    magic = kivi_decode.MAGIC[dtype][0]
+    as_float = lambda h: torch.tensor([h - 65536 if h >= 32768 else h], dtype=torch.int16).view(dtype).double()  # noqa: E731
+    masks = [int(m, 16) for m in re.findall(r"lop3\.b32 \w, \w, (0x[0-9a-f]+), u", asm)] or [((1 << bits) - 1) * 0x10001]
+    pairs = list(zip(masks, ("o", "q"), ("m", "n")))
+    assert len(pairs) == (2 if mode == 3 and 2 * bits <= (7 if dtype == torch.bfloat16 else 10) else 1)
+    for mask, mul, add in pairs:
+        assert mask >> 16 == mask & 0xFFFF  # the same field in both halves
+        pos = ((mask & 0xFFFF) & -(mask & 0xFFFF)).bit_length() - 1
+        for x in range(1 << bits):
+            v = as_float(magic | (x << pos)) * as_float(regs[mul]) + as_float(regs[add])
+            assert v.to(dtype).item() == x, (x, pos, v)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
