@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
   variants=("v2" "v3" "v3 asm2" "v3 c396" "v3 c792" "v3 r96 c660" "v3 w8 r64 c528" "v3 w8 r80 c396" "v3 s2"
-            "v3 r168 c396" "v3 pf1 r0 c264")
+            "v3 r168 c396" "v3 pf1 r0 c264" "v3 pf2" "v3 pf2 r168 c396")
 fi
 timeout ${KIVI_BENCH_S:-33} python3 -P scripts/bench_kivi_kernel.py --lengths 131072 32768 --jobs 16 \
   --variants "${variants[@]}" --step "${KIVI_STEP:-v3}"

@@ -131,18 +131,41 @@ if triton is not None:
         return tl.reshape(x, [N, NWD * T])
 
     @triton.jit
-    def _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT: tl.constexpr, NB: tl.constexpr,
-               NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
-        """Everything block ``off`` reads (masked past ``end``), rows in position order (token ``tokp``): key words
-        [BT, D / T], value words [D, BT / T] (token-major chunks), key scale/zero [NB, D], value scale/zero
-        [NVP, BT] (transposed)."""
+    def _words_at(KW, VW, off, end, tokp, BT: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                  D: tl.constexpr):
+        """Block ``off``'s words (masked past ``end``), rows in position order (token ``tokp``): key words
+        [BT, D / T], value words [D, BT / T] (token-major chunks)."""
         T: tl.constexpr = 32 // BITS
         NW: tl.constexpr = D // T
         rows = tl.multiple_of(off, GROUP) + tokp
-        valid = rows < end
-        kw = tl.load(KW + rows[:, None] * NW + tl.arange(0, NW)[None, :], mask=valid[:, None], other=0)
+        kw = tl.load(KW + rows[:, None] * NW + tl.arange(0, NW)[None, :], mask=(rows < end)[:, None], other=0)
         ch = off // T + tl.arange(0, BT // T)
         vw = tl.load(VW + ch[None, :] * D + tl.arange(0, D)[:, None], mask=(ch * T < end)[None, :], other=0)
+        return kw, vw
+
+    @triton.jit
+    def _scales_at(KS1, KZ1, VS1, VZ1, off, end, cols, tokp, NB: tl.constexpr, NVP: tl.constexpr,
+                   NVG: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+        """Block ``off``'s key scale/zero [NB, D] (channels in position order) and value scale/zero [NVP, BT]
+        (transposed, tokens in position order)."""
+        rows = tl.multiple_of(off, GROUP) + tokp
+        grp = off // GROUP + tl.arange(0, NB)
+        gok = grp[:, None] * GROUP < end
+        ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
+        kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
+        vj = tl.arange(0, NVP)
+        vok = (vj[:, None] < NVG) & (rows < end)[None, :]
+        vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
+        vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
+        return ks, kz, vs, vz
+
+    @triton.jit
+    def _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT: tl.constexpr, NB: tl.constexpr,
+               NVP: tl.constexpr, NVG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+        """Everything block ``off`` reads: ``_words_at`` then ``_scales_at``."""
+        kw, vw = _words_at(KW, VW, off, end, tokp, BT, GROUP, BITS, D)
+        ks, kz, vs, vz = _scales_at(KS1, KZ1, VS1, VZ1, off, end, cols, tokp, NB, NVP, NVG, GROUP, D)
+        return kw, vw, ks, kz, vs, vz
         grp = off // GROUP + tl.arange(0, NB)
         gok = grp[:, None] * GROUP < end
         ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
@@ -163,12 +186,15 @@ if triton is not None:
         gi, vj = tl.arange(0, NB), tl.arange(0, NVP)
         ksel = gi[:, None, None] == (tokp // GROUP)[None, None, :]
         vsel = vj[:, None, None] == (tl.arange(0, D) // VGROUP)[None, None, :]
-        if PF:  # prefetch: block i + 1's loads are issued before block i's math
+        if PF:  # prefetch: block i + 1's loads (PF 2: its words only) are issued before block i's math
             kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, start, end, cols, tokp, BT, NB, NVP, NVG,
                                             GROUP, BITS, D)
         for off in range(start, end, BT):
-            if PF:
+            if PF == 1:
                 nxt = _block(KW, VW, KS1, KZ1, VS1, VZ1, off + BT, end, cols, tokp, BT, NB, NVP, NVG, GROUP, BITS, D)
+            elif PF == 2:
+                nkw, nvw = _words_at(KW, VW, off + BT, end, tokp, BT, GROUP, BITS, D)
+                ks, kz, vs, vz = _scales_at(KS1, KZ1, VS1, VZ1, off, end, cols, tokp, NB, NVP, NVG, GROUP, D)
             else:
                 kw, vw, ks, kz, vs, vz = _block(KW, VW, KS1, KZ1, VS1, VZ1, off, end, cols, tokp, BT, NB, NVP, NVG,
                                                 GROUP, BITS, D)
@@ -193,8 +219,10 @@ if triton is not None:
             o = tl.reshape(o, [NVP, GP, D]) + vbias[:, :, None]
             acc = acc * alpha[:, None] + tl.sum(tl.where(vsel, o, 0.0), 0)
             m = m_new
-            if PF:
+            if PF == 1:
                 kw, vw, ks, kz, vs, vz = nxt
+            elif PF == 2:
+                kw, vw = nkw, nvw
         return m, total, acc
 
     @triton.jit
@@ -324,7 +352,7 @@ def _pow2(x: int) -> int:
 
 
 # num_warps, num_stages, programs (all heads) aimed at, padded query rows, inline-PTX unpack mode (bf16/fp16; 0: none),
-# prefetch of the next block into registers, register cap (maxnreg, 0: none; 128 lets 4 programs share an SM, no
+# prefetch of the next block into registers (1: all of it, 2: its words only), register cap (maxnreg, 0: none; 128 lets 4 programs share an SM, no
 # spills without prefetch): scripts/bench_kivi_kernel.py measures them on a GPU (results/perf/kivi_kernel_h200.md)
 TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 528, "gp": 4, "asm": 3, "prefetch": 0, "maxnreg": 128}
 

@@ -26,9 +26,9 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16; without and with prefetch; packed values token-major)."""
+    float32, float16; without prefetch, with it, with the words only; packed values token-major)."""
     errs = []
-    for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1)):
+    for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1), (torch.float16, 2)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
                                                   (2, 2, 2, 128, 96, 16, 0, 0, 16), (2, 16, 2, 128, 128, 16, 4, 9, 16)]:
             gen = torch.Generator().manual_seed(bits * hq + cq)
