@@ -63,6 +63,8 @@ class KIVIDecode:
         n = len(cache.layers)
         layer = cache.layers[0]
         self.use_triton = self.triton_ok(layer.keys)  # decides the packed values' layout too
+        if self.use_triton:  # the single-kernel step's arrival counters, made outside any graph capture
+            kivi_decode.counters(layer.keys.device, layer.keys.shape[0] * layer.keys.shape[1] + 1)
         self.nq = torch.zeros(n, dtype=torch.long, device=kv.device)
         self.rs = torch.zeros(n, dtype=torch.long, device=kv.device)
 

@@ -385,7 +385,7 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     flush = flush_residual is not None
     full_len = (flush_residual or 0) + group
     merge = bool(t.get("one")) and flush  # one kernel a layer: merge and counters by the last programs
-    cnt = _counters(q.device, b * h + 1) if merge else part
+    cnt = counters(q.device, b * h + 1) if merge else part
     ns = max(2, triton.next_power_of_2(n_splits))
     _kivi_kernel[(b * h, n_splits)](q3, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, part, mx, sm, out, cnt, scale, cq,
                                     r, n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
@@ -402,8 +402,10 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
 _COUNTERS: dict = {}
 
 
-def _counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the single-kernel step (each launch leaves them at zero again)."""
+def counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the single-kernel step (each launch leaves them at zero again), one set
+    per device and size. Callers that capture CUDA graphs make them first, outside the capture (the plugin's
+    ``allocate``), so that they do not live in a graph's private memory pool."""
     key = (str(device), n)
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
@@ -421,10 +423,12 @@ def _use_triton(q, bits, group, vgroup) -> bool:
     return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
 
 
-FUSE_FLUSH = 0
+FUSE_FLUSH = 2
 """How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then the flush + counter kernels (4
 kernels); 1: the flush inside the attention kernel, the counters moved by the merge kernel (2); 2: one kernel, the
-last program of each KV head merging its splits and the last of all moving the counters (arrival counters)."""
+last program of each KV head merging its splits and the last of all moving the counters (arrival counters). All
+three match the torch step on an H200 (tests/methods/test_kivi_fast.py, bf16, 8B heads; GPU batch 2: modes 0 and 2
+run); 2 saves three launches a layer (its step time was not measured: results/perf/kivi_kernel_h200.md)."""
 
 
 def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,

@@ -83,5 +83,43 @@ def step_errors() -> list[list[float]]:
     return rows
 
 
+def plugin_tokens() -> list[list]:
+    """The fast-decode plugin with the Triton kernels forced on CPU tensors (the interpreter; float32, tiny random
+    Llama, head_dim 16): its greedy tokens over two turns, each flush mode, with the plain loop's first. Covers the
+    plugin's token-major value layout at load and back at store_back."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support
+    from support import byte_tokenizer, make_tiny_engine
+
+    from scbench.methods import kivi_fast
+    from scbench.methods.kivi import KIVI
+
+    kivi_fast.KIVIDecode.triton_ok = lambda self, q: True
+    kd.TUNE["ctas"] = 4  # few programs: the interpreter runs them one by one
+    calls = [0]
+    kernel = kd.kivi_attention_triton
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    kd.kivi_attention_triton = counted
+    engine = make_tiny_engine(byte_tokenizer(), layers=2)
+    prompt = torch.randint(5, 250, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = []
+    for mode, fuse in (("plain", 0), ("fast", 0), ("fast", 2)):
+        kd.FUSE_FLUSH = fuse
+        engine.decode_mode = mode
+        sess = engine.session(KIVI(bits=2, group=16, residual=16))
+        sess.feed(prompt, compress=True, sparse=False)
+        a = sess.generate(20)
+        sess.drop_last(len(a.tokens) - 1)
+        sess.feed(prompt[:9], compress=False, sparse=False)
+        b = sess.generate(16)
+        runs.append([a.decode_path, a.tokens + b.tokens, calls[0]])
+    return runs
+
+
 if __name__ == "__main__":
-    json.dump({"attention": attention_errors(), "step": step_errors()}, sys.stdout)
+    json.dump({"attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens()}, sys.stdout)

@@ -102,8 +102,9 @@ def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, tun
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_kivi_kernels_in_triton_interpreter():
-    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, both word widths) and the decode step
-    (attention, flush, counters; and fused) on CPU tensors, in Triton's interpreter, against the torch reference."""
+    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, prefetch modes), the decode step
+    (attention, flush, counters; fused; one kernel) and the fast-decode plugin on the Triton kernels (greedy tokens,
+    two turns) on CPU tensors, in Triton's interpreter, against the torch reference / the plain loop."""
     script = Path(__file__).with_name("kivi_interpret_check.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -114,6 +115,11 @@ def test_kivi_kernels_in_triton_interpreter():
     for i, (fp32, out, same_counters, flushed, *bufs) in enumerate(res["step"]):
         assert out < (1e-5 if fp32 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
         assert max(bufs) < 1e-3, bufs  # packed bytes: a rare rounding tie may differ; scales/zeros exact
+    (ppath, plain, n0), *fast = res["plugin"]  # the plugin on the Triton kernels, flush modes 0 and 2
+    assert ppath == "plain" and n0 == 0
+    for path, tokens, calls in fast:
+        assert path == "static" and tokens == plain
+    assert 0 < fast[0][2] < fast[1][2]  # every fast run went through the Triton attention
 
 
 def _decode(engine, method, mode, prompt, follow, n=(45, 38)):
