@@ -14,7 +14,7 @@ from scbench.run import build_method
 from scbench.runner import Replay
 
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
-          "decode_path", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
+          "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -76,6 +76,7 @@ def test_batched_equals_sequential(tiny_engine, mode, method):
     bat = replay(tiny_engine, BatchedReplay, method, mode)
     same_rows(seq, bat)
     assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+    assert {r.stats.decode_kernel for r in bat} == {"torch"} and {r.stats.decode_kernel for r in seq} == {""}
     assert all(r.stats.decode_step_s > 0 and r.stats.decode_s > 0 for r in bat)
 
 
