@@ -5,9 +5,10 @@ token each; every request attends to a prefix of the one shared context KV [1, H
 ``shared_len[b]`` keys) plus its own short buffer of keys [B, Hkv, C, D] (its prompt tokens not in the shared cache
 and the tokens generated so far, ``own_at[b]`` the last valid index). The batch is folded into the GQA group: for a
 KV head the B x g query rows form one tile, so each block of context keys is loaded once for the whole batch and the
-scores are one tensor-core product. The context is split over T (flash-decoding); each split keeps its output, max
-and sum per row; B more programs per head attend each request's own keys (same tile, other requests' rows masked);
-``combine.merge_splits`` then merges all of them exactly (log-sum-exp). Two launches per layer, no host sync: it
+scores are one tensor-core product (tiles of at most ``CONFIG["rows"]`` rows). The context is split over T
+(flash-decoding); each split keeps its output, max and sum per row; one more program per tile attends each of its
+requests' own keys in turn (other requests' rows masked); ``combine.merge_splits`` then merges all of them exactly
+(log-sum-exp). Two launches per layer, no host sync: it
 can be captured in a CUDA graph. Reference: ``scbench.batch.shared_prefix_attention`` (torch, float32).
 
 ``rope_store_rows(qkv, cos, sin, kbuf, vbuf, at, hq, hkv)``: the batched decode step's fused rotary embedding of q
@@ -31,9 +32,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-CONFIG = {"bn": 64, "max_splits": 64, "min_split": 256, "launch": {"num_warps": 4, "num_stages": 2}}
-"""Keys per block, at most this many context splits per KV head (each at least ``min_split`` keys), Triton launch
-options. ``SCBENCH_SHARED_PREFIX`` (JSON) overrides keys of it (scripts/bench_shared_prefix.py measures them)."""
+CONFIG = {"bn": 64, "max_splits": 64, "min_split": 256, "rows": 32, "launch": {"num_warps": 4, "num_stages": 2}}
+"""Keys per block, at most this many context splits per KV head (each at least ``min_split`` keys), query rows per
+tile (a larger batch takes several tiles, each reading the context once), Triton launch options. ``SCBENCH_SHARED_PREFIX`` (JSON) overrides keys of it (scripts/bench_shared_prefix.py measures them)."""
 if os.environ.get("SCBENCH_SHARED_PREFIX"):
     CONFIG.update(json.loads(os.environ["SCBENCH_SHARED_PREFIX"]))
 
@@ -64,22 +65,24 @@ if triton is not None:
         return acc, m_new, total * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _shared_prefix_kernel(Q, SK, SV, SLen, OK, OV, OAt, Part, Mx, Sm, scale, S, C, n_ctx, n_splits,
-                              s_head, s_tok, B, HKV: tl.constexpr, G: tl.constexpr, RP: tl.constexpr,
-                              D: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                              DYN: tl.constexpr, OWN_CAP: tl.constexpr):
-        """Program (KV head h, split sp): sp < n_ctx attends context keys [sp*SPLIT, +SPLIT) for all B x G rows;
-        sp = n_ctx + b attends request b's own keys [0, OAt[b]] (other requests' rows stay empty)."""
-        h, sp = tl.program_id(0), tl.program_id(1)
-        rows, cols = tl.arange(0, RP), tl.arange(0, D)
+    def _shared_prefix_kernel(Q, SK, SV, SLen, OK, OV, OAt, Part, Mx, Sm, scale, S, C, n_ctx, s_head, s_tok, B,
+                              HKV: tl.constexpr, G: tl.constexpr, RT: tl.constexpr, NT: tl.constexpr,
+                              RQ: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                              PREC: tl.constexpr, DYN: tl.constexpr, OWN_CAP: tl.constexpr):
+        """Program (KV head h x row tile t, split sp) over query rows r = t * RT + i (request r // G, query head
+        h * G + r % G): sp < n_ctx attends the context keys [sp * SPLIT, + SPLIT) (row r: those below SLen[r // G]);
+        sp = n_ctx attends the own keys [0, OAt[b]] of each request b of the tile, request by request."""
+        ht, sp = tl.program_id(0), tl.program_id(1)
+        h, t = ht // NT, ht % NT
+        rows = t * RT + tl.arange(0, RT)
+        cols = tl.arange(0, D)
         req = rows // G
         live = req < B
-        # query row r = request r // G, head h * G + r % G of q [B, HKV * G, 1, D]
-        q_off = (req * HKV * G + h * G + rows % G)[:, None] * D + cols[None, :]
+        q_off = (req * HKV * G + h * G + rows % G)[:, None] * D + cols[None, :]  # q [B, HKV * G, 1, D]
         q = tl.load(Q + q_off, mask=live[:, None], other=0.0)
-        m = tl.full([RP], -1.0e30, tl.float32)  # finite: a row with no key in a block gets weight 0, not NaN
-        total = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D], tl.float32)
+        m = tl.full([RT], -1.0e30, tl.float32)  # finite: a row with no key in a block gets weight 0, not NaN
+        total = tl.zeros([RT], tl.float32)
+        acc = tl.zeros([RT, D], tl.float32)
         if sp < n_ctx:
             slen = tl.load(SLen + req, mask=live, other=0).to(tl.int32)
             start = sp * SPLIT
@@ -94,38 +97,42 @@ if triton is not None:
                     acc, m, total = _attend_block(q, acc, m, total, SK, SV, base, s_tok, start + i, end, slen, cols,
                                                   scale, BN, PREC)
         else:
-            b = sp - n_ctx
-            end = (tl.load(OAt + b) + 1).to(tl.int32)
-            lim = tl.where(req == b, end, 0)
-            base = (b * HKV + h).to(tl.int64) * C * D
-            if DYN:
-                for off in range(0, end, BN):
-                    acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols, scale,
-                                                  BN, PREC)
-            else:
-                for off in range(0, OWN_CAP, BN):
-                    acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols, scale,
-                                                  BN, PREC)
-        out = (h * n_splits + sp) * RP + rows
+            for j in range(RQ):  # the (at most RQ) requests with rows in this tile
+                b = (t * RT) // G + j
+                end = tl.where(b < B, tl.load(OAt + b, mask=b < B, other=-1) + 1, 0).to(tl.int32)
+                lim = tl.where(req == b, end, 0)
+                base = (b * HKV + h).to(tl.int64) * C * D
+                if DYN:
+                    for off in range(0, end, BN):
+                        acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols,
+                                                      scale, BN, PREC)
+                else:
+                    for off in range(0, OWN_CAP, BN):
+                        acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols,
+                                                      scale, BN, PREC)
+        out = (ht * (n_ctx + 1) + sp) * RT + tl.arange(0, RT)
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m)
         tl.store(Sm + out, total)
 
     @triton.jit
-    def _merge_kernel(Part, Mx, Sm, Out, n_splits, HKV: tl.constexpr, G: tl.constexpr, RP: tl.constexpr,
-                      D: tl.constexpr, NS: tl.constexpr):
+    def _merge_kernel(Part, Mx, Sm, Out, n_splits, HKV: tl.constexpr, G: tl.constexpr, RT: tl.constexpr,
+                      NT: tl.constexpr, D: tl.constexpr, NS: tl.constexpr):
         """Program (KV head h, row r): merge its n_splits partials into Out [B, HKV * G, 1, D]."""
         h, r = tl.program_id(0), tl.program_id(1)
-        first = h * n_splits * RP + r
+        first = ((h * NT + r // RT) * n_splits) * RT + r % RT
         out = ((r // G) * HKV * G + h * G + r % G) * D
-        merge_splits(Part + first * D, Mx + first, Sm + first, Out + out, n_splits, 0, 0, 1, RP, D, NS)
+        merge_splits(Part + first * D, Mx + first, Sm + first, Out + out, n_splits, 0, 0, 1, RT, D, NS)
 
 
 def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, shared_len: torch.Tensor,
                          own_k: torch.Tensor, own_v: torch.Tensor, own_at: torch.Tensor, scale: float | None = None,
-                         split: int | None = None, bn: int | None = None, launch: dict | None = None) -> torch.Tensor:
+                         split: int | None = None, bn: int | None = None, launch: dict | None = None,
+                         rows: int | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; shared_k/v [1, Hkv, S, D] (last dim contiguous, any head/token strides); shared_len int64
-    [B]; own_k/v [B, Hkv, C, D] contiguous; own_at int64 [B] -> [B, Hq, 1, D] in q's dtype (module docstring)."""
+    [B]; own_k/v [B, Hkv, C, D] contiguous; own_at int64 [B] -> [B, Hq, 1, D] in q's dtype (module docstring).
+    ``split`` (context keys per split), ``bn`` (keys per block), ``launch`` and ``rows`` (query rows per tile: B x G
+    rows are cut into tiles of at most this many, each reading the context once) default to ``CONFIG``."""
     b, hq, _, d = q.shape
     hkv, s_len = shared_k.shape[1], shared_k.shape[2]
     g = hq // hkv
@@ -137,19 +144,21 @@ def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torc
     if split is None:  # enough programs to fill the GPU, at most max_splits per head
         split = max(CONFIG["min_split"], -(-s_len // CONFIG["max_splits"] // bn) * bn)
     n_ctx = -(-s_len // split) if s_len else 0
-    n_splits = n_ctx + b
-    rp = max(16, triton.next_power_of_2(b * g))
-    part = torch.empty(hkv * n_splits * rp, d, dtype=torch.float32, device=q.device)
-    mx = torch.empty(hkv * n_splits * rp, dtype=torch.float32, device=q.device)
+    n_splits = n_ctx + 1  # the context splits, then the own keys
+    rt = max(16, min(triton.next_power_of_2(b * g), CONFIG["rows"] if rows is None else rows))
+    nt = -(-b * g // rt)
+    rq = min(b, (rt - 1) // g + 2)  # requests a tile of rt consecutive rows can touch
+    part = torch.empty(hkv * nt * n_splits * rt, d, dtype=torch.float32, device=q.device)
+    mx = torch.empty(hkv * nt * n_splits * rt, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
     out = torch.empty_like(q)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _shared_prefix_kernel[(hkv, n_splits)](
+    _shared_prefix_kernel[(hkv * nt, n_splits)](
         q, shared_k, shared_v, shared_len, own_k, own_v, own_at, part, mx, sm, d**-0.5 if scale is None else scale,
-        s_len, own_k.shape[2], n_ctx, n_splits, shared_k.stride(1), shared_k.stride(2), b,
-        HKV=hkv, G=g, RP=rp, D=d, SPLIT=split, BN=bn, PREC=prec, DYN=not INTERPRET,
+        s_len, own_k.shape[2], n_ctx, shared_k.stride(1), shared_k.stride(2), b,
+        HKV=hkv, G=g, RT=rt, NT=nt, RQ=rq, D=d, SPLIT=split, BN=bn, PREC=prec, DYN=not INTERPRET,
         OWN_CAP=own_k.shape[2] if INTERPRET else 0, **(launch or {}))
-    _merge_kernel[(hkv, b * g)](part, mx, sm, out, n_splits, HKV=hkv, G=g, RP=rp, D=d,
+    _merge_kernel[(hkv, b * g)](part, mx, sm, out, n_splits, HKV=hkv, G=g, RT=rt, NT=nt, D=d,
                                 NS=max(2, triton.next_power_of_2(n_splits)))
     return out
 

@@ -38,10 +38,12 @@ def inputs(seed, b, hkv, grp, d, s, c, dtype=torch.float32, device="cpu", shared
     dict(b=3, hkv=2, grp=4, d=16, s=300, c=24, shared_len=[300, 295, 1]),  # multi-turn: prefixes differ
     dict(b=2, hkv=2, grp=1, d=16, s=130, c=20, shared_len=[0, 130]),  # a row may see no shared key
     dict(b=5, hkv=1, grp=4, d=32, s=200, c=40, strided=True),  # B x G = 20 rows: a 32-row tile
+    dict(b=5, hkv=2, grp=7, d=16, s=100, c=40, rows=16),  # 35 rows in 16-row tiles: requests straddle tiles
 ])
 def test_kernel_matches_torch_path_interpreter(case):
+    rows = case.pop("rows", None)
     q, sk, sv, sl, ok, ov, at = inputs(0, **case)
-    got = sp.shared_prefix_decode(q, sk, sv, sl, ok, ov, at, 0.3, split=128, bn=16)
+    got = sp.shared_prefix_decode(q, sk, sv, sl, ok, ov, at, 0.3, split=128, bn=16, rows=rows)
     torch.testing.assert_close(got, shared_prefix_attention(q, sk, sv, sl, ok, ov, at, 0.3), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got, reference_shared_prefix_attention(q, sk, sv, sl, ok, ov, at, 0.3),
                                atol=2e-6, rtol=1e-5)
@@ -65,11 +67,12 @@ def test_rope_store_rows_interpreter():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("b,s,shared", [(1, 4096, None), (4, 20000, None), (8, 9000, "differ"), (5, 3000, "zero")])
+@pytest.mark.parametrize("b,s,shared", [(1, 4096, None), (4, 20000, None), (8, 9000, "differ"), (5, 3000, "zero"),
+                                        (12, 5000, "differ")])
 def test_kernel_matches_reference_cuda(dtype, b, s, shared):
     lens = None
     if shared == "differ":
-        lens = [s - 997 * i for i in range(b)]
+        lens = [max(0, s - 997 * i) for i in range(b)]
     elif shared == "zero":
         lens = [0] + [s] * (b - 1)
     q, sk, sv, sl, ok, ov, at = inputs(2, b, 8, 4, 128, s, 300, dtype, "cuda", lens, strided=shared == "differ")
