@@ -6,8 +6,8 @@ token each; every request attends to a prefix of the one shared context KV [1, H
 and the tokens generated so far, ``own_at[b]`` the last valid index). The batch is folded into the GQA group: for a
 KV head the B x g query rows form one tile, so each block of context keys is loaded once for the whole batch and the
 scores are one tensor-core product (tiles of at most ``CONFIG["rows"]`` rows). The context is split over T
-(flash-decoding); each split keeps its output, max and sum per row; one more program per tile attends each of its
-requests' own keys in turn (other requests' rows masked); ``combine.merge_splits`` then merges all of them exactly
+(flash-decoding); each split keeps its output, max and sum per row; one more program per request of a tile attends
+its own keys (other requests' rows masked); ``combine.merge_splits`` then merges all of them exactly
 (log-sum-exp). Two launches per layer, no host sync: it
 can be captured in a CUDA graph. Reference: ``scbench.batch.shared_prefix_attention`` (torch, float32).
 
@@ -71,7 +71,7 @@ if triton is not None:
                               PREC: tl.constexpr, DYN: tl.constexpr, OWN_CAP: tl.constexpr):
         """Program (KV head h x row tile t, split sp) over query rows r = t * RT + i (request r // G, query head
         h * G + r % G): sp < n_ctx attends the context keys [sp * SPLIT, + SPLIT) (row r: those below SLen[r // G]);
-        sp = n_ctx attends the own keys [0, OAt[b]] of each request b of the tile, request by request."""
+        sp = n_ctx + j attends the own keys [0, OAt[b]] of the tile's j-th request b (other rows stay empty)."""
         ht, sp = tl.program_id(0), tl.program_id(1)
         h, t = ht // NT, ht % NT
         rows = t * RT + tl.arange(0, RT)
@@ -96,21 +96,20 @@ if triton is not None:
                 for i in range(0, SPLIT, BN):
                     acc, m, total = _attend_block(q, acc, m, total, SK, SV, base, s_tok, start + i, end, slen, cols,
                                                   scale, BN, PREC)
-        else:
-            for j in range(RQ):  # the (at most RQ) requests with rows in this tile
-                b = (t * RT) // G + j
-                end = tl.where(b < B, tl.load(OAt + b, mask=b < B, other=-1) + 1, 0).to(tl.int32)
-                lim = tl.where(req == b, end, 0)
-                base = (b * HKV + h).to(tl.int64) * C * D
-                if DYN:
-                    for off in range(0, end, BN):
-                        acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols,
-                                                      scale, BN, PREC)
-                else:
-                    for off in range(0, OWN_CAP, BN):
-                        acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols,
-                                                      scale, BN, PREC)
-        out = (ht * (n_ctx + 1) + sp) * RT + tl.arange(0, RT)
+        else:  # one of the (at most RQ) requests with rows in this tile: its own keys
+            b = (t * RT) // G + sp - n_ctx
+            end = tl.where(b < B, tl.load(OAt + b, mask=b < B, other=-1) + 1, 0).to(tl.int32)
+            lim = tl.where(req == b, end, 0)
+            base = (b * HKV + h).to(tl.int64) * C * D
+            if DYN:
+                for off in range(0, end, BN):
+                    acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols, scale,
+                                                  BN, PREC)
+            else:
+                for off in range(0, OWN_CAP, BN):
+                    acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols, scale,
+                                                  BN, PREC)
+        out = (ht * (n_ctx + RQ) + sp) * RT + tl.arange(0, RT)
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m)
         tl.store(Sm + out, total)
@@ -144,10 +143,10 @@ def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torc
     if split is None:  # enough programs to fill the GPU, at most max_splits per head
         split = max(CONFIG["min_split"], -(-s_len // CONFIG["max_splits"] // bn) * bn)
     n_ctx = -(-s_len // split) if s_len else 0
-    n_splits = n_ctx + 1  # the context splits, then the own keys
     rt = max(16, min(triton.next_power_of_2(b * g), CONFIG["rows"] if rows is None else rows))
     nt = -(-b * g // rt)
     rq = min(b, (rt - 1) // g + 2)  # requests a tile of rt consecutive rows can touch
+    n_splits = n_ctx + rq  # the context splits, then one per request of a tile (its own keys)
     part = torch.empty(hkv * nt * n_splits * rt, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(hkv * nt * n_splits * rt, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
