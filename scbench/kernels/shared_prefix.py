@@ -65,12 +65,12 @@ if triton is not None:
         return acc, m_new, total * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _shared_prefix_kernel(Q, SK, SV, SLen, OK, OV, OAt, Part, Mx, Sm, scale, S, C, n_ctx, s_head, s_tok, B,
-                              HKV: tl.constexpr, G: tl.constexpr, RT: tl.constexpr, NT: tl.constexpr,
-                              RQ: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
-                              PREC: tl.constexpr, DYN: tl.constexpr, OWN_CAP: tl.constexpr):
+    def _shared_prefix_kernel(Q, SK, SV, SLen, OK, OV, OAt, Part, Mx, Sm, scale, S, C, n_ctx, n_splits, split,
+                              s_head, s_tok, B, HKV: tl.constexpr, G: tl.constexpr, RT: tl.constexpr,
+                              NT: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                              DYN: tl.constexpr, SPLIT_I: tl.constexpr, OWN_CAP: tl.constexpr):
         """Program (KV head h x row tile t, split sp) over query rows r = t * RT + i (request r // G, query head
-        h * G + r % G): sp < n_ctx attends the context keys [sp * SPLIT, + SPLIT) (row r: those below SLen[r // G]);
+        h * G + r % G): sp < n_ctx attends the context keys [sp * split, + split) (row r: those below SLen[r // G]);
         sp = n_ctx + j attends the own keys [0, OAt[b]] of the tile's j-th request b (other rows stay empty)."""
         ht, sp = tl.program_id(0), tl.program_id(1)
         h, t = ht // NT, ht % NT
@@ -85,18 +85,18 @@ if triton is not None:
         acc = tl.zeros([RT, D], tl.float32)
         if sp < n_ctx:
             slen = tl.load(SLen + req, mask=live, other=0).to(tl.int32)
-            start = sp * SPLIT
-            end = tl.minimum(start + SPLIT, S)
+            start = sp * split
+            end = tl.minimum(start + split, S)
             base = h.to(tl.int64) * s_head
             if DYN:
                 for off in range(start, end, BN):
                     acc, m, total = _attend_block(q, acc, m, total, SK, SV, base, s_tok, off, end, slen, cols,
                                                   scale, BN, PREC)
             else:  # the interpreter's loops want plain ints: a constant trip count, keys past end masked
-                for i in range(0, SPLIT, BN):
+                for i in range(0, SPLIT_I, BN):
                     acc, m, total = _attend_block(q, acc, m, total, SK, SV, base, s_tok, start + i, end, slen, cols,
                                                   scale, BN, PREC)
-        else:  # one of the (at most RQ) requests with rows in this tile: its own keys
+        else:  # one of the requests with rows in this tile: its own keys
             b = (t * RT) // G + sp - n_ctx
             end = tl.where(b < B, tl.load(OAt + b, mask=b < B, other=-1) + 1, 0).to(tl.int32)
             lim = tl.where(req == b, end, 0)
@@ -109,7 +109,7 @@ if triton is not None:
                 for off in range(0, OWN_CAP, BN):
                     acc, m, total = _attend_block(q, acc, m, total, OK, OV, base, D, off, end, lim, cols, scale,
                                                   BN, PREC)
-        out = (ht * (n_ctx + RQ) + sp) * RT + tl.arange(0, RT)
+        out = (ht * n_splits + sp) * RT + tl.arange(0, RT)
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m)
         tl.store(Sm + out, total)
@@ -140,8 +140,10 @@ def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torc
     own_k, own_v, q = own_k.contiguous(), own_v.contiguous(), q.contiguous()
     bn = CONFIG["bn"] if bn is None else bn
     launch = CONFIG["launch"] if launch is None else launch
-    if split is None:  # enough programs to fill the GPU, at most max_splits per head
+    if split is None:  # enough programs to fill the GPU, at most max_splits per head (a runtime value: no compile per length)
         split = max(CONFIG["min_split"], -(-s_len // CONFIG["max_splits"] // bn) * bn)
+    if split % bn:
+        raise ValueError(f"split ({split}) must be a multiple of bn ({bn})")
     n_ctx = -(-s_len // split) if s_len else 0
     rt = max(16, min(triton.next_power_of_2(b * g), CONFIG["rows"] if rows is None else rows))
     nt = -(-b * g // rt)
@@ -154,9 +156,9 @@ def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torc
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _shared_prefix_kernel[(hkv * nt, n_splits)](
         q, shared_k, shared_v, shared_len, own_k, own_v, own_at, part, mx, sm, d**-0.5 if scale is None else scale,
-        s_len, own_k.shape[2], n_ctx, shared_k.stride(1), shared_k.stride(2), b,
-        HKV=hkv, G=g, RT=rt, NT=nt, RQ=rq, D=d, SPLIT=split, BN=bn, PREC=prec, DYN=not INTERPRET,
-        OWN_CAP=own_k.shape[2] if INTERPRET else 0, **(launch or {}))
+        s_len, own_k.shape[2], n_ctx, n_splits, split, shared_k.stride(1), shared_k.stride(2), b,
+        HKV=hkv, G=g, RT=rt, NT=nt, D=d, BN=bn, PREC=prec, DYN=not INTERPRET,
+        SPLIT_I=split if INTERPRET else 0, OWN_CAP=own_k.shape[2] if INTERPRET else 0, **(launch or {}))
     _merge_kernel[(hkv, b * g)](part, mx, sm, out, n_splits, HKV=hkv, G=g, RT=rt, NT=nt, D=d,
                                 NS=max(2, triton.next_power_of_2(n_splits)))
     return out
