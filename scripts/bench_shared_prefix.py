@@ -92,6 +92,34 @@ def kernels(a, t0, out):
         del sk, sv, k1, v1
 
 
+def sweep(a, t0, out):
+    """The kernel's knobs (bn, num_warps, num_stages, rows per tile) at each length for the largest batch."""
+    import itertools
+
+    from scbench.kernels import shared_prefix
+
+    b = max(a.batches)
+    for n in a.lengths:
+        sk, sv = (torch.randn(1, HKV, n, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.bfloat16)
+        ok, ov = (torch.randn(b, HKV, a.own, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        sl, oat = torch.full((b,), n, device=DEV), torch.full((b,), 149, device=DEV)
+        for bn, warps, stages, rows in itertools.product((32, 64, 128), (4, 8), (2, 3), (16, 32)):
+            if time.perf_counter() - t0 > a.budget:
+                print("budget reached", flush=True)
+                return
+            kw = dict(bn=bn, launch={"num_warps": warps, "num_stages": stages}, rows=rows,
+                      split=max(256, -(-n // 64 // bn) * bn))
+            try:
+                t = timed(lambda: shared_prefix.shared_prefix_decode(q, sk, sv, sl, ok, ov, oat, **kw))
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: the next config
+                print(f"sweep n={n} B={b} {kw}: {type(e).__name__}", flush=True)
+                continue
+            out["sweep"].append({"n": n, "batch": b, **kw, "us": t * 1e6, "tbps": 4 * sk.numel() / t / 1e12})
+            print(f"sweep n={n} B={b} bn={bn} warps={warps} stages={stages} rows={rows}: {t * 1e6:.1f} us "
+                  f"({4 * sk.numel() / t / 1e12:.2f} TB/s)", flush=True)
+
+
 def steps(a, t0, out):
     from transformers import DynamicCache
 
@@ -140,8 +168,8 @@ def steps(a, t0, out):
         rec = {"n": n, "layers": a.layers, "sequential_step_ms": seq * 1e3, "head_ms": {b: head[b] * 1e3 for b in head},
                "sequential_step_32_ms": proj(seq, 1) * 1e3, "bound_32_ms": bound * 1e3, "batched": []}
         print(f"step n={n}: sequential (FastDecoder, 1 request) {seq * 1e3:.2f} ms ({a.layers} layers), "
-              f"projected 32 layers {proj(seq, 1) * 1e3:.2f} ms = {1 / proj(seq, 1):.1f} tok/s; bound {bound * 1e3:.2f} ms",
-              flush=True)
+              f"projected 32 layers {proj(seq, 1) * 1e3:.2f} ms = {1 / proj(seq, 1):.1f} tok/s; "
+              f"bound {bound * 1e3:.2f} ms", flush=True)
         for b in a.batches:
             for kernel in ("triton", "torch"):
                 if time.perf_counter() - t0 > a.budget:
@@ -164,7 +192,8 @@ def steps(a, t0, out):
                                        "per_request_tok_s_32": b / p32, "sequential_tok_s_32": 1 / proj(seq, 1),
                                        "capture_s": cap})
                 print(f"step n={n} B={b} {kernel}: {t * 1e3:.2f} ms ({a.layers} layers), projected 32 layers "
-                      f"{p32 * 1e3:.2f} ms = {b / p32:.1f} tok/s per request ({b / p32 * proj(seq, 1):.2f}x sequential); "
+                      f"{p32 * 1e3:.2f} ms = {b / p32:.1f} tok/s per request "
+                      f"({b / p32 * proj(seq, 1):.2f}x sequential); "
                       f"capture {cap:.2f} s", flush=True)
                 del kv, st
         out["step"].append(rec)
@@ -181,6 +210,7 @@ def main():
     ap.add_argument("--budget", type=float, default=50)
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="sweep the kernel's knobs (after the kernel comparison)")
     ap.add_argument("--out")
     ap.add_argument("--cpu-check", action="store_true", help="the step part on a tiny model on the CPU (no timing)")
     a = ap.parse_args()
@@ -189,11 +219,13 @@ def main():
         DEV, HKV, D, PRESET["preset"] = torch.device("cpu"), 2, 16, "tiny-llama"
         a.skip_kernels = True
     t0 = time.perf_counter()
-    out = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "args": vars(a), "kernel": [],
-           "step": []}
+    out = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
+           "args": vars(a), "kernel": [], "sweep": [], "step": []}
     try:
         if not a.skip_kernels:
             kernels(a, t0, out)
+        if a.sweep:
+            sweep(a, t0, out)
         if not a.skip_steps:
             steps(a, t0, out)
     finally:

@@ -8,8 +8,9 @@ KV head the B x g query rows form one tile, so each block of context keys is loa
 scores are one tensor-core product (tiles of at most ``CONFIG["rows"]`` rows). The context is split over T
 (flash-decoding); each split keeps its output, max and sum per row; one more program per request of a tile attends
 its own keys (other requests' rows masked); ``combine.merge_splits`` then merges all of them exactly
-(log-sum-exp). Two launches per layer, no host sync: it
-can be captured in a CUDA graph. Reference: ``scbench.batch.shared_prefix_attention`` (torch, float32).
+(log-sum-exp). Two launches per layer, no host sync (a CUDA graph captures it); the split size is a runtime
+argument, so a new context length compiles nothing. Reference: ``scbench.batch_step.shared_prefix_attention``
+(torch, float32), itself checked against the float64 ``reference_shared_prefix_attention``.
 
 ``rope_store_rows(qkv, cos, sin, kbuf, vbuf, at, hq, hkv)``: the batched decode step's fused rotary embedding of q
 and k of the fused q/k/v projection, k/v written at each row's own position ``at[b]`` (batch version of
@@ -34,7 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 CONFIG = {"bn": 64, "max_splits": 64, "min_split": 256, "rows": 32, "launch": {"num_warps": 4, "num_stages": 2}}
 """Keys per block, at most this many context splits per KV head (each at least ``min_split`` keys), query rows per
-tile (a larger batch takes several tiles, each reading the context once), Triton launch options. ``SCBENCH_SHARED_PREFIX`` (JSON) overrides keys of it (scripts/bench_shared_prefix.py measures them)."""
+tile (a larger batch takes several tiles, each reading the context once), Triton launch options.
+``SCBENCH_SHARED_PREFIX`` (JSON) overrides keys of it (scripts/bench_shared_prefix.py --sweep measures them)."""
 if os.environ.get("SCBENCH_SHARED_PREFIX"):
     CONFIG.update(json.loads(os.environ["SCBENCH_SHARED_PREFIX"]))
 
@@ -140,7 +142,7 @@ def shared_prefix_decode(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torc
     own_k, own_v, q = own_k.contiguous(), own_v.contiguous(), q.contiguous()
     bn = CONFIG["bn"] if bn is None else bn
     launch = CONFIG["launch"] if launch is None else launch
-    if split is None:  # enough programs to fill the GPU, at most max_splits per head (a runtime value: no compile per length)
+    if split is None:  # enough programs to fill the GPU, at most max_splits per head (runtime: no compile per length)
         split = max(CONFIG["min_split"], -(-s_len // CONFIG["max_splits"] // bn) * bn)
     if split % bn:
         raise ValueError(f"split ({split}) must be a multiple of bn ({bn})")
