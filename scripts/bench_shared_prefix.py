@@ -148,7 +148,7 @@ def steps(a, t0, out):
         torch.cuda.synchronize()
         return ev[0].elapsed_time(ev[1]) / 1000 / reps
 
-    h = torch.randn(8, 1, model.config.hidden_size, device=DEV, dtype=dtype)
+    h = torch.randn(max(a.batches), 1, model.config.hidden_size, device=DEV, dtype=dtype)
     head = {b: timed(lambda b=b: model.lm_head(model.model.norm(h[:b])).argmax(-1)) for b in {1, *a.batches}}
     for n in sorted(a.lengths, reverse=True):
         cache = DynamicCache()
