@@ -92,32 +92,37 @@ def kernels(a, t0, out):
         del sk, sv, k1, v1
 
 
-def sweep(a, t0, out):
-    """The kernel's knobs (bn, num_warps, num_stages, rows per tile) at each length for the largest batch."""
-    import itertools
+SWEEP = [(64, 4, 2, 32, 64), (64, 8, 2, 32, 64), (32, 4, 2, 32, 64), (32, 4, 3, 32, 64), (64, 4, 3, 32, 64),
+         (64, 4, 2, 16, 64), (128, 8, 2, 32, 64), (64, 4, 2, 32, 128), (32, 4, 2, 32, 128), (64, 8, 2, 32, 128)]
+"""Configs of ``--sweep``: (keys per block, num_warps, num_stages, rows per tile, max splits per head); the first is
+the default (shared_prefix.CONFIG)."""
 
+
+def sweep(a, t0, out):
+    """The kernel's knobs (``SWEEP``) at each length for the largest batch, slowest case first."""
     from scbench.kernels import shared_prefix
 
     b = max(a.batches)
-    for n in a.lengths:
+    for n in sorted(a.lengths):
         sk, sv = (torch.randn(1, HKV, n, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
         q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.bfloat16)
         ok, ov = (torch.randn(b, HKV, a.own, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
         sl, oat = torch.full((b,), n, device=DEV), torch.full((b,), 149, device=DEV)
-        for bn, warps, stages, rows in itertools.product((32, 64, 128), (4, 8), (2, 3), (16, 32)):
+        for bn, warps, stages, rows, max_splits in SWEEP:
             if time.perf_counter() - t0 > a.budget:
                 print("budget reached", flush=True)
                 return
             kw = dict(bn=bn, launch={"num_warps": warps, "num_stages": stages}, rows=rows,
-                      split=max(256, -(-n // 64 // bn) * bn))
+                      split=max(256, -(-n // max_splits // bn) * bn))
             try:
                 t = timed(lambda: shared_prefix.shared_prefix_decode(q, sk, sv, sl, ok, ov, oat, **kw))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: the next config
                 print(f"sweep n={n} B={b} {kw}: {type(e).__name__}", flush=True)
                 continue
-            out["sweep"].append({"n": n, "batch": b, **kw, "us": t * 1e6, "tbps": 4 * sk.numel() / t / 1e12})
-            print(f"sweep n={n} B={b} bn={bn} warps={warps} stages={stages} rows={rows}: {t * 1e6:.1f} us "
-                  f"({4 * sk.numel() / t / 1e12:.2f} TB/s)", flush=True)
+            out["sweep"].append({"n": n, "batch": b, **kw, "max_splits": max_splits, "us": t * 1e6,
+                                 "tbps": 4 * sk.numel() / t / 1e12})
+            print(f"sweep n={n} B={b} bn={bn} warps={warps} stages={stages} rows={rows} split={kw['split']}: "
+                  f"{t * 1e6:.1f} us ({4 * sk.numel() / t / 1e12:.2f} TB/s)", flush=True)
 
 
 def steps(a, t0, out):
