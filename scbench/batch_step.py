@@ -141,7 +141,10 @@ class SharedPrefixKV:
 
     def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
         """fuse.py's fused attention: rotary embedding of q and k, every row's key/value written at ``at``."""
-        return shared_prefix.rope_store_rows(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
+        # CPU tensors: the reference even under the Triton interpreter (its tests call the kernel; here it would
+        # only slow every batched test down)
+        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
+        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
 
     def attend(self, layer_idx, q, k, v, scale):
         sk, sv = self.shared[layer_idx]
