@@ -12,7 +12,9 @@ are those of the sequential path (tests/engines/test_batched_decode.py checks it
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
 (``decode_attention``), caches that are not plain key/value layers (``fast_decode = False``), compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
-``decode_path="batched"``, ``decode_batch`` (rows) and ``decode_step_s`` (mean step time of the batch);
+``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
+capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the shared-prefix
+attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch`` otherwise; scbench/batch_step.py);
 ``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
 """
 from __future__ import annotations
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scbench.engines import attention
-from scbench.engines.base import GenResult, cache_kw
+from scbench.batch_step import (BatchStep, SharedPrefixKV, kernel_for, reference_shared_prefix_attention,  # noqa: F401
+                                 shared_mask, shared_prefix_attention)
+from scbench.engines.base import GenResult
 from scbench.kv import cache as kvc
 from scbench.runner import Replay
 
@@ -66,71 +69,6 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
     return None
 
 
-# --- attention ------------------------------------------------------------------------------------------------
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, scale: float):
-    """Unnormalised attention of query rows q [N, M, D] over keys k, v [N, C, D] with masked [N or 1, M or 1, C]
-    (None: every key counts): (sum_j p_j v_j [N, M, D], sum_j p_j [N, M], max score [N, M]), in float32."""
-    acc = {"out_dtype": torch.float32} if q.is_cuda and q.dtype != torch.float32 else {}
-    if q.dtype != torch.float32 and not acc:
-        q, k, v = q.float(), k.float(), v.float()
-    s = torch.bmm(q, k.transpose(1, 2), **acc).mul_(scale)
-    if masked is not None:
-        s.masked_fill_(masked, float("-inf"))
-    m = s.amax(-1).clamp_min(-1e30)  # rows without a key: weight 0 everywhere, no NaN
-    p = torch.exp(s - m.unsqueeze(-1))
-    total = p.sum(-1)
-    o = torch.bmm(p.to(v.dtype), v, **acc)
-    return o, total, m
-
-
-def shared_mask(shared_len: torch.Tensor, s_len: int, g: int) -> torch.Tensor:
-    """The shared keys each query row of ``shared_prefix_attention`` must not see: bool [1, B x g, S]."""
-    b = shared_len.shape[0]
-    pos = torch.arange(s_len, device=shared_len.device)
-    return (pos.view(1, 1, s_len) >= shared_len.view(b, 1, 1)).expand(b, g, s_len).reshape(1, b * g, s_len)
-
-
-def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale: float | None = None,
-                            masked: torch.Tensor | bool | None = None):
-    """One decode query per row over a shared prefix plus the row's own keys, merged with log-sum-exp.
-
-    q: [B, Hq, 1, D]; shared_k/v: [1, Hkv, S, D] (read once for the whole batch); shared_len: int64 [B], the
-    prefix length row b sees; own_k/v: [B, Hkv, C, D], the row's own keys; own_at: int64 [B], its last valid
-    own key index -> [B, Hq, 1, D] in q's dtype. ``masked``: ``shared_mask(shared_len, S, Hq // Hkv)`` computed
-    once for a batch (None: computed here; False: every row sees all S shared keys, no mask applied).
-    """
-    b, hq, _, d = q.shape
-    hkv, s_len, c = shared_k.shape[1], shared_k.shape[2], own_k.shape[2]
-    g = hq // hkv
-    scale = d**-0.5 if scale is None else scale
-    # shared part: all B x g query rows of a KV head against that head's keys, one product per head
-    qs = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv, b * g, d)
-    if masked is None:
-        masked = shared_mask(shared_len, s_len, g)
-    o1, l1, x1 = _partial(qs, shared_k[0], shared_v[0], None if masked is False else masked, scale)
-    o1 = o1.view(hkv, b, g, d).transpose(0, 1).reshape(b * hkv, g, d)
-    l1, x1 = (t.view(hkv, b, g).transpose(0, 1).reshape(b * hkv, g) for t in (l1, x1))
-    # own part: each row's queries against its own keys
-    qo = q.reshape(b * hkv, g, d)
-    m_own = (torch.arange(c, device=q.device).view(1, c) > own_at.view(b, 1)).repeat_interleave(hkv, 0).unsqueeze(1)
-    o2, l2, x2 = _partial(qo, own_k.reshape(b * hkv, c, d), own_v.reshape(b * hkv, c, d), m_own, scale)
-    x = torch.maximum(x1, x2)
-    w1, w2 = torch.exp(x1 - x), torch.exp(x2 - x)
-    out = (o1 * w1.unsqueeze(-1) + o2 * w2.unsqueeze(-1)) / (l1 * w1 + l2 * w2).unsqueeze(-1)
-    return out.to(q.dtype).view(b, hq, 1, d)
-
-
-def reference_shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale=None):
-    """Row by row: concatenate the row's prefix and own keys and run the plain float64 attention."""
-    outs = []
-    for r in range(q.shape[0]):
-        n, a = int(shared_len[r]), int(own_at[r]) + 1
-        k = torch.cat([shared_k[0, :, :n], own_k[r, :, :a]], dim=1).unsqueeze(0)
-        v = torch.cat([shared_v[0, :, :n], own_v[r, :, :a]], dim=1).unsqueeze(0)
-        outs.append(attention.reference_causal_attention(q[r : r + 1], k, v, scale))
-    return torch.cat(outs)
-
-
 # --- the batch's cache and decode loop -----------------------------------------------------------------------
 @dataclass
 class Row:
@@ -151,96 +89,6 @@ class Row:
     """What the method reported right after this turn's prompt was fed (``Method.take_costs``)."""
 
 
-class SharedPrefixKV:
-    """The batch's view of the cache for the model's forward: the session's layers as the shared prefix, plus
-    per-row buffers with room for each row's own tokens and everything it generates."""
-
-    def __init__(self, cache, rows: list[Row], steps: int):
-        self.shared = [(layer.keys, layer.values) for layer in cache.layers]
-        dev = self.shared[0][0].device
-        own_n = [r.own[0][0].shape[2] for r in rows]
-        cap = max(own_n) + steps
-        self.k, self.v = [], []
-        for li, (sk, _) in enumerate(self.shared):
-            _, h, _, d = sk.shape
-            kb = sk.new_zeros(len(rows), h, cap, d)
-            vb = sk.new_zeros(len(rows), h, cap, d)
-            for b, r in enumerate(rows):
-                kb[b, :, : own_n[b]] = r.own[li][0][0]
-                vb[b, :, : own_n[b]] = r.own[li][1][0]
-            self.k.append(kb)
-            self.v.append(vb)
-        self.shared_len = torch.tensor([r.shared_len for r in rows], dtype=torch.long, device=dev).T.contiguous()
-        self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
-        """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
-        self.rows = torch.arange(len(rows), device=dev)
-        self.full_prefix = [all(r.shared_len[li] == sk.shape[2] for r in rows) for li, (sk, _) in enumerate(self.shared)]
-        """Per layer: every row sees the whole shared cache (multi-request), so no shared mask is needed."""
-        self.masks: dict[int, torch.Tensor | bool] = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
-        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
-        return self.k[layer_idx], self.v[layer_idx]
-
-    def attend(self, layer_idx, q, k, v, scale):
-        sk, sv = self.shared[layer_idx]
-        if layer_idx not in self.masks:  # constant during the decode: built at the first step (before any capture)
-            full = self.full_prefix[layer_idx]
-            self.masks[layer_idx] = False if full else shared_mask(self.shared_len[layer_idx], sk.shape[2],
-                                                                  q.shape[1] // sk.shape[1])
-        return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale,
-                                       self.masks[layer_idx])
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.shared[layer_idx][0].shape[2])
-
-
-class BatchStep:
-    """One decode step of the whole batch over static buffers: forward the current tokens, write the greedy picks
-    to ``out[step]`` and advance. Shapes and addresses never change, so on CUDA the step is captured once as a
-    CUDA graph and replayed (as fastdecode.FastDecoder does for one request); on CPU it runs eagerly."""
-
-    def __init__(self, model, kv: SharedPrefixKV, firsts: list[int], positions: list[int], steps: int):
-        dev = kv.at.device
-        self.model, self.kv = model, kv
-        self.tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
-        self.pos = torch.tensor([[p] for p in positions], dtype=torch.long, device=dev)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out = torch.zeros(steps, len(firsts), dtype=torch.long, device=dev)
-        self.graph = None
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        with attention.active(attention.AttnContext(static=self.kv)):
-            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv}, use_cache=True,
-                                logits_to_keep=1).logits
-        nxt = logits[:, -1].argmax(-1).view(-1, 1)
-        self.out.index_copy_(0, self.step, nxt.view(1, -1))
-        self.tok.copy_(nxt)
-        self.pos.add_(1)
-        self.kv.at.add_(1)
-        self.step.add_(1)
-
-    def capture(self) -> None:
-        """Run the first step for real on a side stream (warm-up), then record the step; returns with one step done."""
-        dev = self.tok.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        state = [t.clone() for t in (self.tok, self.pos, self.kv.at, self.step)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not executed: restore what the recording advanced
-            self()
-        for buf, saved in zip((self.tok, self.pos, self.kv.at, self.step), state):
-            buf.copy_(saved)
-        self.graph = graph
-
-
 LAG = 4
 """CUDA graph path: steps the host lets the GPU run ahead before reading the picked tokens back."""
 EAGER_LAG = 0
@@ -249,8 +97,9 @@ EAGER_LAG = 0
 
 @torch.inference_mode()
 def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
-    """Greedy-decode every row together. Returns per row its GenResult, the batch's mean step time and, per step,
-    how many rows were still decoding (a row's ``decode_s`` is its share: each step's time split among them)."""
+    """Greedy-decode every row together. Returns per row its GenResult (a row's ``decode_s`` is its share: each
+    step's time split among the rows still decoding; the first row's ``warmup_s`` holds the one-time capture work),
+    the batch's mean step time and the shared-prefix attention kernel that ran (``batch_step.KERNEL``)."""
     stop, dev = engine.stop_ids, engine.device
     use_graph = dev.type == "cuda" if use_graph is None else use_graph
     firsts, first_s = [], []
@@ -261,18 +110,19 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
     outs = [[t] for t in firsts]
     live = [t not in stop and r.tp.max_new_tokens > 1 for t, r in zip(firsts, rows)]
     steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
-    ran, wall = 0, 0.0
+    ran, wall, done, t_cap, kernel = 0, 0.0, 0, 0.0, ""
     if steps:
         kv = SharedPrefixKV(cache, rows, steps)
         step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
+        kernel = kv.kernel
         host = torch.empty(steps, len(rows), dtype=torch.long, pin_memory=dev.type == "cuda")  # rows contiguous
         events = []
         _sync_dev(dev)
         t0 = time.perf_counter()
-        done = 0
         if use_graph:
             try:
-                step.capture()
+                step.capture()  # one-time work (kernel compilation, capture) with one real step: out of step_s
+                _sync_dev(dev)
                 done = 1
             except Exception as e:  # noqa: BLE001 - decode eagerly from fresh buffers instead
                 log.warning("batched decode: CUDA graph capture failed (%s: %s); stepping eagerly",
@@ -280,6 +130,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
                 use_graph = False
                 kv = SharedPrefixKV(cache, rows, steps)
                 step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
+            t_cap, t0 = time.perf_counter() - t0, time.perf_counter()
         read = 0
         while read < steps and any(live):
             if ran < steps and (ran < done or ran - read <= (LAG if use_graph else EAGER_LAG)):
@@ -301,15 +152,17 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
             read += 1
         _sync_dev(dev)
         wall = time.perf_counter() - t0
-    step_s = wall / ran if ran else 0.0
+    # the steps after the capture's one are timed; when none ran, the capture's (an upper bound) is all there is
+    step_s = wall / (ran - done) if ran > done else (t_cap / done if done else 0.0)
+    warmup_s = max(0.0, t_cap - done * step_s)
     active = [sum(1 for o in outs if len(o) - 1 > s) for s in range(max(len(o) for o in outs) - 1)]
     results = []
     for b, out in enumerate(outs):
         share = sum(step_s / active[s] for s in range(len(out) - 1))
         results.append(GenResult(tokens=out, text=engine.decode([t for t in out if t not in stop]),
                                  first_token_s=first_s[b], decode_s=share, stopped=out[-1] in stop,
-                                 decode_path="batched"))
-    return results, step_s
+                                 decode_path="batched", warmup_s=warmup_s if b == 0 else 0.0))
+    return results, step_s, kernel
 
 
 def _sync_dev(device: torch.device) -> None:
@@ -336,7 +189,7 @@ class BatchedReplay(Replay):
             if type(layer).__name__ != "DynamicLayer":
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
-        gens, step_s = decode_rows(self.engine, cache, rows)
+        gens, step_s, kernel = decode_rows(self.engine, cache, rows)
         mem = self.session.memory()
         e = self.engine
         per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
@@ -349,7 +202,7 @@ class BatchedReplay(Replay):
             row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
             yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, costs=row.costs,
-                               decode_batch=len(rows), decode_step_s=step_s if n else 0.0)
+                               decode_batch=len(rows), decode_step_s=step_s if n else 0.0, decode_kernel=kernel)
 
     def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The last ``n`` tokens of every cache layer (copies)."""

@@ -122,6 +122,9 @@ class TurnStats:
     decode_step_s: float = 0.0
     """Batched turns: mean wall time of one decode step of the whole batch; ``decode_s`` is this turn's share
     (its steps x step time / batch size). 0 for turns decoded alone."""
+    decode_kernel: str = ""
+    """Batched turns: the shared-prefix attention that ran (``triton``: scbench/kernels/shared_prefix.py, ``torch``:
+    scbench/batch_step.py's float32 products); empty for turns decoded alone."""
     device_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     """Sharded models (``model.device_map``): per device, ``kv_bytes`` of the layers it holds and its
     ``peak_mem_bytes``; ``kv_bytes`` and ``peak_mem_bytes`` above are the sums. Empty on one device."""

@@ -435,5 +435,5 @@ class Store:
 
 
 # columns that differ between two honest runs of the same turn (timings, wall clock); not a conflict
-VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "decode_path", "peak_mem_bytes",
+VOLATILE_TURN_COLUMNS = {"created", "decode_tok_s", "decode_path", "decode_kernel", "peak_mem_bytes",
                          *(c for c in STAT_COLUMNS if c.endswith("_s"))}

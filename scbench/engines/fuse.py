@@ -3,8 +3,9 @@
 One eager decode step of an 8B Llama launched ~94 kernels per layer, most of them tiny elementwise ops
 (RMSNorm alone is ~8, rotary embedding ~14, the KV write 2, the transposes/copies around attention a few). While
 ``FastDecoder`` steps (and is captured as a CUDA graph) ``active(model)`` replaces the forwards of the modules it
-recognises by fused ones (scbench/kernels/fused.py), and restores them afterwards; prefill, the plain loop and the
-batched decode never see them:
+recognises by fused ones (scbench/kernels/fused.py), and restores them afterwards; the batched decode step
+(scbench/batch_step.py) uses them too, its cache bringing its own rotary/store (``rope_store``); prefill and the plain
+loop never see them:
 
 - RMSNorm: one kernel; the post-attention one also adds the residual (one kernel for ``residual + x`` and its norm);
 - attention (batch 1, one token, a ``StaticKV`` cache): q/k/v as one GEMM over a fused weight, rotary embedding of
@@ -153,22 +154,27 @@ def _cache(kw):
 
 
 def _attn_takes(a, h, cache, pe) -> bool:
-    if not getattr(cache, "fused_step", False) or h.shape[0] != 1 or h.shape[1] != 1 or pe is None:
+    rows = hasattr(cache, "rope_store")  # a batch cache whose rows write at their own positions (scbench/batch_step.py)
+    if not getattr(cache, "fused_step", False) or (h.shape[0] != 1 and not rows) or h.shape[1] != 1 or pe is None:
         return False
     kb, vb = cache.k[a.layer_idx], cache.v[a.layer_idx]
-    return (pe[0].shape[-1] == a.head_dim and kb.is_contiguous() and vb.is_contiguous() and kb.shape[0] == 1
+    return (pe[0].shape[-1] == a.head_dim and kb.is_contiguous() and vb.is_contiguous() and kb.shape[0] == h.shape[0]
             and h.is_contiguous())
 
 
 def _attention(a, w, b, h, pe, cache):
-    """LlamaAttention + StaticKV for one token: [1, 1, hidden] -> o_proj output [1, 1, hidden]."""
+    """LlamaAttention + StaticKV for one token: [1, 1, hidden] -> o_proj output [1, 1, hidden] (a batch cache with
+    ``rope_store``: [B, 1, hidden] -> [B, 1, hidden])."""
     cfg, li = a.config, a.layer_idx
     qkv = F.linear(h, w, b)
     kb, vb = cache.k[li], cache.v[li]
-    q = fused.rope_store(qkv, pe[0], pe[1], kb, vb, cache.at[li : li + 1], cfg.num_attention_heads,
-                         cfg.num_key_value_heads)
-    out = cache.attend(li, q, kb, vb, a.scaling)  # [1, Hq, 1, D]: with one token, already o_proj's layout
-    return a.o_proj(out.reshape(1, 1, -1))
+    if hasattr(cache, "rope_store"):
+        q = cache.rope_store(li, qkv, pe[0], pe[1], cfg.num_attention_heads, cfg.num_key_value_heads)
+    else:
+        q = fused.rope_store(qkv, pe[0], pe[1], kb, vb, cache.at[li : li + 1], cfg.num_attention_heads,
+                             cfg.num_key_value_heads)
+    out = cache.attend(li, q, kb, vb, a.scaling)  # [B, Hq, 1, D]: with one token, already o_proj's layout
+    return a.o_proj(out.reshape(h.shape[0], 1, -1))
 
 
 def _mlp(m, w, b, h):

@@ -25,7 +25,7 @@ METHOD_CFGS = {  # budgets sized to ~300-token contexts
 }
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
           "index_build_s", "prefill_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
-          "decode_path", "decode_batch"}
+          "decode_path", "decode_batch", "decode_kernel"}
 
 
 def test_every_dense_prefill_method_is_covered():

@@ -8,13 +8,14 @@ import torch
 from scbench.batch import (BatchedReplay, reference_shared_prefix_attention, replay_class, shared_mask,
                            shared_prefix_attention)
 from scbench.data import load_examples
+from scbench.kernels import shared_prefix
 from scbench.records import RunSpec
 from scbench.registry import TASKS
 from scbench.run import build_method
 from scbench.runner import Replay
 
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
-          "decode_path", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
+          "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -76,6 +77,7 @@ def test_batched_equals_sequential(tiny_engine, mode, method):
     bat = replay(tiny_engine, BatchedReplay, method, mode)
     same_rows(seq, bat)
     assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+    assert {r.stats.decode_kernel for r in bat} == {"torch"} and {r.stats.decode_kernel for r in seq} == {""}
     assert all(r.stats.decode_step_s > 0 and r.stats.decode_s > 0 for r in bat)
 
 
@@ -120,3 +122,22 @@ def test_timing_values():
     assert replay_class("sequential") is Replay and replay_class("batched") is BatchedReplay
     with pytest.raises(ValueError, match="timing must be one of"):
         replay_class("fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_cuda_batched_equals_sequential(mode):
+    """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
+    Triton shared-prefix kernel and the fused forwards, gives the sequential path's tokens."""
+    from scbench.engines.hf import HFEngine
+    from support import byte_tokenizer, random_llama
+
+    tok = byte_tokenizer()
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
+    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    for method in ({"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}):
+        seq = replay(engine, Replay, method, mode)
+        bat = replay(engine, BatchedReplay, method, mode)
+        same_rows(seq, bat)
+        assert {r.stats.decode_path for r in bat} == {"batched"}
+        assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}

@@ -1,0 +1,212 @@
+"""The batched decode step of scbench/batch.py: shared-prefix attention and the batch's cache view.
+
+``SharedPrefixKV`` is the cache the model's forward sees during a batched decode: the session's cache layers as
+the shared prefix (read once per step for the whole batch) and per-row buffers for each row's own tokens. Its
+attention (``SharedPrefixKV.attend``) is, on CUDA with Triton, the shared-prefix kernel of
+scbench/kernels/shared_prefix.py (``KERNEL``), else ``shared_prefix_attention`` below: torch products in float32,
+the plain path and the reference the kernel is tested against (tests/engines/test_shared_prefix_kernel.py), itself
+checked against ``reference_shared_prefix_attention`` (float64, row by row).
+
+``BatchStep`` is one decode step of the batch over static buffers, captured as a CUDA graph on CUDA. It runs with
+the fused module forwards of scbench/engines/fuse.py (fused q/k/v and gate/up GEMMs, one-kernel RMSNorm; the rotary
+embedding + own-key store as one kernel, ``shared_prefix.rope_store_rows``), as FastDecoder does for one request.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from scbench.engines import attention, fuse
+from scbench.engines.base import cache_kw
+from scbench.kernels import shared_prefix
+
+KERNELS = ("triton", "torch")
+KERNEL = os.environ.get("SCBENCH_BATCH_KERNEL") or "triton"
+"""Shared-prefix attention on CUDA: ``triton`` (scbench/kernels/shared_prefix.py) or ``torch``
+(``shared_prefix_attention``). CPU runs use torch unless the Triton interpreter is on (tests)."""
+if KERNEL not in KERNELS:
+    raise ValueError(f"SCBENCH_BATCH_KERNEL must be one of {KERNELS}, got {KERNEL!r}")
+
+
+def kernel_for(device: torch.device) -> str:
+    """The shared-prefix attention a batch on ``device`` runs (what batched turns record as ``decode_kernel``):
+    the Triton kernel on CUDA (the interpreter tests call it directly), else the torch path."""
+    return "triton" if KERNEL == "triton" and device.type == "cuda" and shared_prefix.triton is not None else "torch"
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, scale: float):
+    """Unnormalised attention of query rows q [N, M, D] over keys k, v [N, C, D] with masked [N or 1, M or 1, C]
+    (None: every key counts): (sum_j p_j v_j [N, M, D], sum_j p_j [N, M], max score [N, M]), in float32."""
+    acc = {"out_dtype": torch.float32} if q.is_cuda and q.dtype != torch.float32 else {}
+    if q.dtype != torch.float32 and not acc:
+        q, k, v = q.float(), k.float(), v.float()
+    s = torch.bmm(q, k.transpose(1, 2), **acc).mul_(scale)
+    if masked is not None:
+        s.masked_fill_(masked, float("-inf"))
+    m = s.amax(-1).clamp_min(-1e30)  # rows without a key: weight 0 everywhere, no NaN
+    p = torch.exp(s - m.unsqueeze(-1))
+    total = p.sum(-1)
+    o = torch.bmm(p.to(v.dtype), v, **acc)
+    return o, total, m
+
+
+def shared_mask(shared_len: torch.Tensor, s_len: int, g: int) -> torch.Tensor:
+    """The shared keys each query row of ``shared_prefix_attention`` must not see: bool [1, B x g, S]."""
+    b = shared_len.shape[0]
+    pos = torch.arange(s_len, device=shared_len.device)
+    return (pos.view(1, 1, s_len) >= shared_len.view(b, 1, 1)).expand(b, g, s_len).reshape(1, b * g, s_len)
+
+
+def shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale: float | None = None,
+                            masked: torch.Tensor | bool | None = None):
+    """One decode query per row over a shared prefix plus the row's own keys, merged with log-sum-exp.
+
+    q: [B, Hq, 1, D]; shared_k/v: [1, Hkv, S, D] (read once for the whole batch); shared_len: int64 [B], the
+    prefix length row b sees; own_k/v: [B, Hkv, C, D], the row's own keys; own_at: int64 [B], its last valid
+    own key index -> [B, Hq, 1, D] in q's dtype. ``masked``: ``shared_mask(shared_len, S, Hq // Hkv)`` computed
+    once for a batch (None: computed here; False: every row sees all S shared keys, no mask applied).
+    """
+    b, hq, _, d = q.shape
+    hkv, s_len, c = shared_k.shape[1], shared_k.shape[2], own_k.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    # shared part: all B x g query rows of a KV head against that head's keys, one product per head
+    qs = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv, b * g, d)
+    if masked is None:
+        masked = shared_mask(shared_len, s_len, g)
+    o1, l1, x1 = _partial(qs, shared_k[0], shared_v[0], None if masked is False else masked, scale)
+    o1 = o1.view(hkv, b, g, d).transpose(0, 1).reshape(b * hkv, g, d)
+    l1, x1 = (t.view(hkv, b, g).transpose(0, 1).reshape(b * hkv, g) for t in (l1, x1))
+    # own part: each row's queries against its own keys
+    qo = q.reshape(b * hkv, g, d)
+    m_own = (torch.arange(c, device=q.device).view(1, c) > own_at.view(b, 1)).repeat_interleave(hkv, 0).unsqueeze(1)
+    o2, l2, x2 = _partial(qo, own_k.reshape(b * hkv, c, d), own_v.reshape(b * hkv, c, d), m_own, scale)
+    x = torch.maximum(x1, x2)
+    w1, w2 = torch.exp(x1 - x), torch.exp(x2 - x)
+    out = (o1 * w1.unsqueeze(-1) + o2 * w2.unsqueeze(-1)) / (l1 * w1 + l2 * w2).unsqueeze(-1)
+    return out.to(q.dtype).view(b, hq, 1, d)
+
+
+def reference_shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, own_v, own_at, scale=None):
+    """Row by row: concatenate the row's prefix and own keys and run the plain float64 attention."""
+    outs = []
+    for r in range(q.shape[0]):
+        n, a = int(shared_len[r]), int(own_at[r]) + 1
+        k = torch.cat([shared_k[0, :, :n], own_k[r, :, :a]], dim=1).unsqueeze(0)
+        v = torch.cat([shared_v[0, :, :n], own_v[r, :, :a]], dim=1).unsqueeze(0)
+        outs.append(attention.reference_causal_attention(q[r : r + 1], k, v, scale))
+    return torch.cat(outs)
+
+
+class SharedPrefixKV:
+    """The batch's view of the cache for the model's forward: the session's layers as the shared prefix, plus
+    per-row buffers with room for each row's own tokens and everything it generates. ``rows``: batch.Row's."""
+
+    fused_step = True
+    """fuse.py's attention forward may take this cache: it calls ``rope_store`` (the batch's rows write at their
+    own positions) and ``attend``."""
+
+    def __init__(self, cache, rows: list, steps: int, kernel: str | None = None):
+        self.shared = [(layer.keys, layer.values) for layer in cache.layers]
+        dev = self.shared[0][0].device
+        own_n = [r.own[0][0].shape[2] for r in rows]
+        cap = max(own_n) + steps
+        self.k, self.v = [], []
+        for li, (sk, _) in enumerate(self.shared):
+            _, h, _, d = sk.shape
+            kb = sk.new_zeros(len(rows), h, cap, d)
+            vb = sk.new_zeros(len(rows), h, cap, d)
+            for b, r in enumerate(rows):
+                kb[b, :, : own_n[b]] = r.own[li][0][0]
+                vb[b, :, : own_n[b]] = r.own[li][1][0]
+            self.k.append(kb)
+            self.v.append(vb)
+        self.shared_len = torch.tensor([r.shared_len for r in rows], dtype=torch.long, device=dev).T.contiguous()
+        self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
+        """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
+        self.rows = torch.arange(len(rows), device=dev)
+        self.full_prefix = [all(r.shared_len[li] == sk.shape[2] for r in rows) for li, (sk, _) in enumerate(self.shared)]
+        """Per layer: every row sees the whole shared cache (multi-request), so no shared mask is needed."""
+        self.masks: dict[int, torch.Tensor | bool] = {}
+        self.kernel = kernel_for(dev) if kernel is None else kernel
+        """The shared-prefix attention this batch runs: ``triton`` or ``torch`` (``KERNEL``)."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
+        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
+        """fuse.py's fused attention: rotary embedding of q and k, every row's key/value written at ``at``."""
+        # CPU tensors: the reference even under the Triton interpreter (its tests call the kernel; here it would
+        # only slow every batched test down)
+        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
+        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
+
+    def attend(self, layer_idx, q, k, v, scale):
+        sk, sv = self.shared[layer_idx]
+        if self.kernel == "triton":
+            return shared_prefix.shared_prefix_decode(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale)
+        if layer_idx not in self.masks:  # constant during the decode: built at the first step (before any capture)
+            full = self.full_prefix[layer_idx]
+            self.masks[layer_idx] = False if full else shared_mask(self.shared_len[layer_idx], sk.shape[2],
+                                                                  q.shape[1] // sk.shape[1])
+        return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale,
+                                       self.masks[layer_idx])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.shared[layer_idx][0].shape[2])
+
+
+class BatchStep:
+    """One decode step of the whole batch over static buffers: forward the current tokens, write the greedy picks
+    to ``out[step]`` and advance. Shapes and addresses never change, so on CUDA the step is captured once as a
+    CUDA graph and replayed (as fastdecode.FastDecoder does for one request); on CPU it runs eagerly. ``fused``:
+    step with fuse.py's fused module forwards (default ``fuse.ENABLED``, ``SCBENCH_FUSED_DECODE=0`` turns it off)."""
+
+    def __init__(self, model, kv: SharedPrefixKV, firsts: list[int], positions: list[int], steps: int,
+                 fused: bool | None = None):
+        dev = kv.at.device
+        self.model, self.kv = model, kv
+        self.plan = fuse.prepare(model) if (fuse.ENABLED if fused is None else fused) else None
+        self.tok = torch.tensor([[t] for t in firsts], dtype=torch.long, device=dev)
+        self.pos = torch.tensor([[p] for p in positions], dtype=torch.long, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(steps, len(firsts), dtype=torch.long, device=dev)
+        self.graph = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        fusing = fuse.active(self.model, self.plan) if self.plan is not None else contextlib.nullcontext()
+        with attention.active(attention.AttnContext(static=self.kv)), fusing:
+            logits = self.model(input_ids=self.tok, position_ids=self.pos, **{cache_kw(self.model): self.kv},
+                                use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1).view(-1, 1)
+        self.out.index_copy_(0, self.step, nxt.view(1, -1))
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.kv.at.add_(1)
+        self.step.add_(1)
+
+    def capture(self) -> None:
+        """Run the first step for real on a side stream (warm-up), then record the step; returns with one step done."""
+        dev = self.tok.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        state = [t.clone() for t in (self.tok, self.pos, self.kv.at, self.step)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not executed: restore what the recording advanced
+            self()
+        for buf, saved in zip((self.tok, self.pos, self.kv.at, self.step), state):
+            buf.copy_(saved)
+        self.graph = graph
+
+
