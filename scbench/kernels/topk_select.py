@@ -48,6 +48,30 @@ if triton is not None:
         return (x > float("-inf")) & (gt | (tie & (rank < kk - tl.sum(gt.to(tl.int32), 0)))) & (kk > 0)
 
     @triton.jit
+    def _top_mask_radix(x, kk):
+        """``_top_mask``'s result with the kk-th largest key found 8 bits at a time: 4 histograms (256 bins) of
+        the entries whose key matches the digits found so far, instead of 32 bisection counts."""
+        u = _ukey(x)
+        valid = x > float("-inf")
+        bins = tl.arange(0, 256)
+        val = tl.zeros([], tl.uint32)
+        krem = kk
+        for i in tl.static_range(4):
+            if i == 0:
+                match = valid
+            else:
+                match = valid & ((u >> (32 - 8 * i)) == (val >> (32 - 8 * i)))
+            h = tl.histogram(((u >> (24 - 8 * i)) & 255).to(tl.int32), 256, mask=match)
+            suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # entries with this digit or a larger one
+            d = tl.max(tl.where(suffix >= krem, bins, 0), 0)
+            krem -= tl.sum(tl.where(bins > d, h, 0), 0)
+            val = val | (d.to(tl.uint32) << (24 - 8 * i))
+        gt = valid & (u > val)
+        tie = valid & (u == val)
+        rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+        return (gt | (tie & (rank < krem))) & (kk > 0)
+
+    @triton.jit
     def _quest_pick(N, K, budget, PAGE: tl.constexpr, RECENT: tl.constexpr):
         n = tl.load(N).to(tl.int32)
         r0 = tl.maximum(((n - 1) // PAGE - RECENT + 1) * PAGE, 0)
@@ -55,7 +79,7 @@ if triton is not None:
 
     @triton.jit
     def _quest_local_kernel(S, N, CV, CI, P, K, budget, SEG: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr,
-                            RECENT: tl.constexpr):
+                            RECENT: tl.constexpr, RADIX: tl.constexpr):
         """(row, segment of SEG pages): the segment's pick best pages (values, page indices, ascending) into
         CV / CI [R, segments, K]: every row's pick best are among its segments' (stage 1 of two)."""
         r, sg = tl.program_id(0), tl.program_id(1)
@@ -63,7 +87,7 @@ if triton is not None:
         offs = sg * SEG + tl.arange(0, SEG)
         x = tl.load(S + r.to(tl.int64) * P + offs, mask=offs < P, other=float("-inf"))
         kk = tl.minimum(pick, tl.sum((x > float("-inf")).to(tl.int32), 0))
-        sel = _top_mask(x, kk)
+        sel = _top_mask_radix(x, kk) if RADIX else _top_mask(x, kk)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         base = (r * tl.num_programs(1) + sg).to(tl.int64) * K
         tl.store(CV + base + pos, x, mask=sel)
@@ -73,7 +97,7 @@ if triton is not None:
 
     @triton.jit
     def _quest_select_kernel(S, Idx, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
-                             RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr):
+                             RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr, RADIX: tl.constexpr):
         """Row r of S [R, P] (-inf: not a candidate): the pick largest pages in ascending order, -1 up to K, then
         the RECENT newest pages. Out [R, K + RECENT] int32. GATHER: S holds stage 1's candidates, their page
         indices in Idx [R, P]."""
@@ -82,7 +106,7 @@ if triton is not None:
         offs = tl.arange(0, NP)
         x = tl.load(S + r.to(tl.int64) * P + offs, mask=offs < P, other=float("-inf"))
         kk = tl.minimum(pick, tl.sum((x > float("-inf")).to(tl.int32), 0))
-        sel = _top_mask(x, kk)
+        sel = _top_mask_radix(x, kk) if RADIX else _top_mask(x, kk)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         base = Out + r.to(tl.int64) * (K + RECENT)
         if GATHER:
@@ -100,11 +124,12 @@ def _warps(np_: int) -> int:
 
 def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int,
                         k: int, num_warps: int | None = None, segment: int | None = None,
-                        local_warps: int | None = None) -> torch.Tensor:
+                        local_warps: int | None = None, radix: bool = False) -> torch.Tensor:
     """s float32 [B, Hs, P] page scores (-inf: not a candidate); n [1] the valid length -> int32 page list
     [B, Hs, k + recent]: the ``min(pick, k)`` best pages (ascending), -1, then the ``recent`` newest pages.
     ``segment`` (a power of two): long rows first keep each segment's best (one program per row and segment),
-    then one program per row selects among those (rows of P pages take P / segment * k candidates)."""
+    then one program per row selects among those (rows of P pages take P / segment * k candidates). ``radix``:
+    the threshold by 4 histogram passes (``_top_mask_radix``) instead of 32 bisection counts (same pages)."""
     b, hs, p = s.shape
     out = torch.empty(b, hs, k + recent, dtype=torch.int32, device=s.device)
     rp = max(2, triton.next_power_of_2(recent))
@@ -114,14 +139,14 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
         cv = torch.empty(b * hs, nseg, k, dtype=torch.float32, device=s.device)
         ci = torch.empty(b * hs, nseg, k, dtype=torch.int32, device=s.device)
         _quest_local_kernel[(b * hs, nseg)](s, n, cv, ci, p, k, budget, SEG=segment, KP=max(2, triton.next_power_of_2(k)),
-                                            PAGE=page, RECENT=recent, num_warps=local_warps or _warps(segment))
+                                            PAGE=page, RECENT=recent, RADIX=radix, num_warps=local_warps or _warps(segment))
         np_ = triton.next_power_of_2(nseg * k)
         _quest_select_kernel[(b * hs,)](cv, ci, n, out, nseg * k, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp,
-                                        GATHER=True, num_warps=num_warps or _warps(np_))
+                                        GATHER=True, RADIX=radix, num_warps=num_warps or _warps(np_))
         return out
     np_ = max(16, triton.next_power_of_2(p))
     _quest_select_kernel[(b * hs,)](s, s, n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp, GATHER=False,
-                                    num_warps=num_warps or _warps(np_))
+                                    RADIX=radix, num_warps=num_warps or _warps(np_))
     return out
 
 

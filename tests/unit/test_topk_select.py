@@ -12,10 +12,10 @@ pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" a
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 
 
-@pytest.mark.parametrize("segment", [None, 16])
+@pytest.mark.parametrize("segment,radix", [(None, False), (16, False), (None, True), (16, True)])
 @pytest.mark.parametrize("p,n,budget,recent,page", [(40, 600, 128, 1, 16), (40, 600, 136, 2, 16), (20, 100, 512, 1, 8),
                                                     (33, 520, 64, 3, 16), (40, 640, 16, 1, 16)])
-def test_quest_select_matches_topk(p, n, budget, recent, page, segment):
+def test_quest_select_matches_topk(p, n, budget, recent, page, segment, radix):
     g = torch.Generator().manual_seed(p + n + budget)
     s = torch.randn(2, 3, p, generator=g).to(DEVICE)
     s[0, 1, :5] = 0.25  # ties at the threshold
@@ -25,7 +25,7 @@ def test_quest_select_matches_topk(p, n, budget, recent, page, segment):
     k = min(p, (budget - 1) // page)
     top = s.topk(k, dim=-1)
     want = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent)
-    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment)
+    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment, radix=radix)
     assert got.shape == want.shape
     assert torch.equal(got[..., k:].long().cpu(), want[..., k:].cpu())  # the recent pages
     g_sel, w_sel = got[..., :k].long().cpu(), want[..., :k].cpu()

@@ -1,0 +1,131 @@
+"""Quest's decode attention per 32-layer step and per stage, old vs new variants (CUDA; extends
+scripts/bench_quest_decode.py, whose shapes, step and graph timer it reuses).
+
+    python -P scripts/bench_quest_step.py --lengths 32768 131072 [--budget-s 40] [--out F.json]
+
+Llama-3.1-8B shapes (32 layers, 32 q / 8 KV heads, d 128, bf16, random K/V, Quest 4096, pages of 16, 2 dense
+layers). Prints, per context length: ms per 32-layer attention step (CUDA graph) for full attention and Quest
+variants (page select: bisection, radix histograms, two-stage; paged kernel with or without its in-kernel merge);
+each stage of one selecting layer timed alone over the 30 selecting layers (scores, select, paged attention) with
+the bytes it must read and the TB/s reached; whether every select variant lists exactly the default's pages; the
+per-turn work outside the graph (the plugin's bounds load). Stops adding variants after ``--budget-s`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph  # noqa: E402
+
+from scbench.kernels import paged_decode, topk_select  # noqa: E402
+from scbench.methods.quest import Quest  # noqa: E402
+from scbench.methods.quest_fast import QuestDecode  # noqa: E402
+
+SELECTS = {"bisect": {}, "radix": {"radix": True}, "bisect_w4": {"num_warps": 4}, "radix_w4": {"radix": True, "num_warps": 4},
+           "seg1024": {"segment": 1024, "local_warps": 1}, "seg1024_radix": {"segment": 1024, "local_warps": 1, "radix": True},
+           "seg512": {"segment": 512, "local_warps": 1, "num_warps": 4}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--budget-s", type=float, default=40.0)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+
+    def rec(**kw):
+        report["results"].append(kw)
+        print(json.dumps(kw), flush=True)
+
+    def timed(n, name, fn, **extra):
+        if time.perf_counter() - t_start > a.budget_s:
+            print(f"skip {n} {name}: past --budget-s", flush=True)
+            return None
+        try:
+            ms, outs = time_graph(fn)
+        except Exception as e:  # one failing variant must not hide the others
+            print(f"n={n} {name} FAILED {type(e).__name__}: {str(e)[:800]}", flush=True)
+            return None
+        rec(length=n, variant=name, ms=round(ms, 4), **extra)
+        return outs
+
+    cases = {}
+    for n in a.lengths:  # whole steps first (both lengths), then the stages
+        kv, q = make_kv(n, n + 256)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv, None)
+        quest.load(kv, None)
+        cases[n] = kv, q, quest
+        timed(n, "full_step", step_fn(kv, q, None))
+        ref = timed(n, "quest_step bisect", step_fn(kv, q, quest))
+        for name in ("radix", "seg1024", "seg1024_radix"):
+            quest.select_args = SELECTS[name]
+            out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
+            if out is not None and ref is not None:
+                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                                for x, y in zip(out, ref)))
+        quest.select_args = {}
+        quest.merge = True
+        timed(n, "quest_step bisect merge", step_fn(kv, q, quest))
+        quest.select_args = {"radix": True}
+        timed(n, "quest_step radix merge", step_fn(kv, q, quest))
+        quest.select_args, quest.merge = {}, False
+    for n, (kv, q, quest) in cases.items():
+        m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
+        sl = range(m.dense_layers, L)
+        # stages alone over the 30 selecting layers, inputs precomputed
+        p = quest.kmin[sl[0]].shape[2]
+        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
+        kq = quest.top_k(p)
+        lists = {}
+        for name, kw in SELECTS.items():
+            lists[name] = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
+            torch.cuda.synchronize()
+            same = all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(lists[name], lists["bisect"]))
+            rec(length=n, variant=f"same_pages {name}", same=same)
+        bounds = 2 * HKV * p * D * 2
+        timed(n, "stage scores", lambda: [paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
+                                                                            at, 16, 1, False) for l in sl],
+              gb=round(len(sl) * bounds / 1e9, 3))
+        for name, kw in SELECTS.items():
+            timed(n, f"stage select {name}", lambda kw=kw: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq,
+                                                                                           **kw) for l in sl])
+        rows = quest.rows_loaded(n)
+        attn = HQ * rows * D * 2 * 2
+        pl = lists["bisect"]
+        timed(n, "stage paged", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
+                                                                             D ** -0.5) for i, l in enumerate(sl)],
+              gb=round(len(sl) * attn / 1e9, 3))
+        timed(n, "stage paged merge", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
+                                                                                   D ** -0.5, counter=quest.counter)
+                                               for i, l in enumerate(sl)], gb=round(len(sl) * attn / 1e9, 3))
+        for tune in ({"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
+            timed(n, f"stage paged {json.dumps(tune)}", lambda tune=tune: [paged_decode.paged_attention_triton(
+                q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
+        # per-turn work outside the graph: the plugin's bounds load
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        quest.load(kv, None)
+        e1.record()
+        torch.cuda.synchronize()
+        rec(length=n, variant="turn bounds load", ms=round(e0.elapsed_time(e1), 3))
+    for r in report["results"]:
+        if "gb" in r and r.get("ms"):
+            r["tb_s"] = round(r["gb"] / r["ms"], 3)
+            print(f"{r['length']} {r['variant']}: {r['gb']} GB in {r['ms']} ms = {r['tb_s']} TB/s")
+    print("JSON " + json.dumps(report))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
