@@ -31,6 +31,11 @@ SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
 ``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
+ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
+"""After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
+``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
+
+
 class QuestDecode:
     """fastdecode plugin for a ``Quest`` method instance."""
 
@@ -60,19 +65,47 @@ class QuestDecode:
                 self.kmax[l] = kb.new_zeros(b, h, c // p, d)
 
     def load(self, kv, cache) -> None:
-        """Bounds of every page held (the last one possibly partial) from the buffers just loaded."""
+        """Bounds of every page held (the last one possibly partial). Full pages are not recomputed from all keys:
+        they come from the layer's own bounds (``Quest.bounds``: made at the prefill, extended by new pages,
+        copied), or are still in these buffers from the last turn (the layer's state views them): then only pages
+        past the layer's crop floor are redone, from the keys just loaded. Without a cache: every page."""
         p = self.m.page_size
         for l, n in enumerate(kv.lengths):
             if l not in self.kmin:
                 continue
-            keys = kv.k[l][:, :, :n]
             full = n // p
-            lo, hi = keys[:, :, : full * p].unflatten(-2, (full, p)).aminmax(dim=-2) if full else (None, None)
-            if full:
-                self.kmin[l][:, :, :full], self.kmax[l][:, :, :full] = lo, hi
+            layer = cache.layers[l] if cache is not None else None
+            valid = self._own_pages(layer, l, full)
+            if valid is None and layer is not None:
+                lo, hi = self.m.bounds(layer)
+                self.kmin[l][:, :, :full].copy_(lo[:, :, :full])
+                self.kmax[l][:, :, :full].copy_(hi[:, :, :full])
+                valid = full
+            keys = kv.k[l][:, :, :n]
+            if full > (valid or 0):
+                v0 = valid or 0
+                lo, hi = keys[:, :, v0 * p : full * p].unflatten(-2, (full - v0, p)).aminmax(dim=-2)
+                self.kmin[l][:, :, v0:full], self.kmax[l][:, :, v0:full] = lo, hi
             if n % p:
                 self.kmin[l][:, :, full] = keys[:, :, full * p :].amin(-2)
                 self.kmax[l][:, :, full] = keys[:, :, full * p :].amax(-2)
+            if layer is not None:
+                self._share(layer, l)
+
+    def _own_pages(self, layer, l: int, full: int) -> int | None:
+        """Full pages of these buffers still valid for ``layer`` (its state views them and it was not cropped
+        below them), or None when its bounds are not views of these buffers."""
+        st = None if layer is None else layer.state.get("quest")
+        if st is None or st[0].data_ptr() != self.kmin[l].data_ptr() or st[1].data_ptr() != self.kmax[l].data_ptr():
+            return None
+        return min(st[0].shape[2], layer.crop_floor // self.m.page_size, full)
+
+    def _share(self, layer, l: int) -> None:
+        """The layer's bounds become views of this plugin's full pages (the same values ``Quest.bounds`` computes:
+        min / max are exact), so the next turn redoes no page and the plain path can take over."""
+        full = layer.n // self.m.page_size
+        layer.state["quest"] = (self.kmin[l][:, :, :full], self.kmax[l][:, :, :full])
+        layer.crop_floor = layer.n
 
     def pages(self, kv, l: int, q: torch.Tensor) -> torch.Tensor:
         """Update layer l's bounds with the new key; the page list [B, Hs, K + recent_pages] of this step."""
@@ -128,12 +161,14 @@ class QuestDecode:
         return None if pick >= r0 // p else pick * p + n - r0
 
     def store_back(self, kv, cache, fed: int) -> bool:
-        """Append the fed tokens to each TieredLayer and count the bytes the steps read, as the plain path counts."""
+        """Give each TieredLayer its rows back (the static buffers become its storage: no copy, and the next turn's
+        load copies nothing; else the fed tokens are appended), its bounds as views of this plugin's, and count
+        the bytes the steps read, as the plain path counts."""
         for l, (layer, kb, vb, n) in enumerate(zip(cache.layers, kv.k, kv.v, kv.lengths)):
-            if fed:
+            if not (ADOPT and layer.adopt(kb, vb, n + fed)) and fed:
                 layer._append(kb[:, :, n : n + fed], vb[:, :, n : n + fed])
             if l >= self.m.dense_layers:
-                self.m.bounds(layer)  # the layer's own bounds follow, as after plain steps (resident bytes agree)
+                self._share(layer, l)  # the layer's own bounds follow, as after plain steps (resident bytes agree)
             b, hkv, _, d = kb.shape
             hs = hkv if self.m.gqa == "group" else self.q_heads
             row = b * d * kb.element_size() * 2  # keys + values

@@ -129,3 +129,32 @@ def test_fused_quest_kernels_match_torch(dtype, group, at):
                                               budget=1024, recent=1)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_turns_reuse_static_buffers_and_bounds(smol_tokenizer, monkeypatch):
+    """After a fast turn the static buffers are the layers' storage (the next turn copies no row) and the layers'
+    bounds are views of the plugin's; after a rollback and a follow-up both equal the bounds recomputed from the
+    keys, and the plugin redoes only the pages past the crop."""
+    from scbench.methods import quest_fast
+    from scbench.methods.quest import page_bounds
+
+    engine = make_tiny_engine(smol_tokenizer, layers=3)
+    g = torch.Generator().manual_seed(5)
+    prompt, follow = (torch.randint(5, 2000, (t,), generator=g).tolist() for t in (333, 21))
+    copied = []
+    real = quest_fast.QuestDecode.load
+    monkeypatch.setattr(quest_fast.QuestDecode, "load", lambda self, kv, cache: (
+        copied.append([layer.keys.data_ptr() != kb.data_ptr() for layer, kb in zip(cache.layers, kv.k)]),
+        real(self, kv, cache))[1])
+    _, paths, s, _ = two_turn_decode(engine, Quest(budget=64, page_size=16, dense_layers=1), prompt, follow, "fast", 24, 17)
+    assert paths == ["static"] * 2
+    assert copied == [[True] * 3, [False] * 3]  # the second turn's rows were already in the static buffers
+    plug = s.decoder.plugin
+    for l, layer in enumerate(s.cache.layers):
+        assert layer.keys.data_ptr() == s.decoder.kv.k[l].data_ptr()
+        if l == 0:
+            continue
+        lo, hi = page_bounds(layer.keys, 16)
+        assert torch.equal(layer.state["quest"][0], lo) and torch.equal(layer.state["quest"][1], hi)
+        assert layer.state["quest"][0].data_ptr() == plug.kmin[l].data_ptr()
+        assert torch.equal(plug.kmin[l][:, :, : lo.shape[2]], lo) and torch.equal(plug.kmax[l][:, :, : hi.shape[2]], hi)
