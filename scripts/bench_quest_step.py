@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -24,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph  # noqa: E402
 
 from scbench.kernels import paged_decode, topk_select  # noqa: E402
-from scbench.methods.quest import Quest  # noqa: E402
+from scbench.kv.offload import TieredLayer  # noqa: E402
+from scbench.methods.quest import Quest, page_bounds  # noqa: E402
 from scbench.methods.quest_fast import QuestDecode  # noqa: E402
 
 SELECTS = {"bisect": {}, "radix": {"radix": True}, "bisect_w4": {"num_warps": 4}, "radix_w4": {"radix": True, "num_warps": 4},
@@ -34,7 +36,7 @@ SELECTS = {"bisect": {}, "radix": {"radix": True}, "bisect_w4": {"num_warps": 4}
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 131000])
     ap.add_argument("--budget-s", type=float, default=40.0)
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -59,7 +61,7 @@ def main() -> None:
 
     cases = {}
     for n in a.lengths:  # whole steps first (both lengths), then the stages
-        kv, q = make_kv(n, n + 256)
+        kv, q = make_kv(n, -(-(n + 64) // 256) * 256)  # StaticKV's capacity for a 64-token turn
         quest = QuestDecode(Quest(budget=4096))
         quest.allocate(kv, None)
         quest.load(kv, None)
@@ -110,13 +112,28 @@ def main() -> None:
         for tune in ({"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
             timed(n, f"stage paged {json.dumps(tune)}", lambda tune=tune: [paged_decode.paged_attention_triton(
                 q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
-        # per-turn work outside the graph: the plugin's bounds load
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
+        # per-turn work outside the graph: the plugin's bounds load, old (min/max over every key) and new (the
+        # layers' own bounds copied; then, a turn later, the plugin's pages kept)
+        layers = [TieredLayer(kv.k[l][:, :, : n - 1], kv.v[l][:, :, : n - 1], storage="device") for l in range(L)]
+        for layer in layers:
+            layer.state["quest"] = page_bounds(layer.keys, 16)
+        cache = SimpleNamespace(layers=layers)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+        ev[0].record()
         quest.load(kv, None)
-        e1.record()
+        ev[1].record()
+        quest.load(kv, cache)
+        ev[2].record()
+        quest.store_back(kv, cache, 0)
+        ev[3].record()
+        quest.load(kv, cache)
+        ev[4].record()
         torch.cuda.synchronize()
-        rec(length=n, variant="turn bounds load", ms=round(e0.elapsed_time(e1), 3))
+        rec(length=n, variant="turn bounds load", old_ms=round(ev[0].elapsed_time(ev[1]), 3),
+            copy_layer_bounds_ms=round(ev[1].elapsed_time(ev[2]), 3), store_back_ms=round(ev[2].elapsed_time(ev[3]), 3),
+            kept_ms=round(ev[3].elapsed_time(ev[4]), 3),
+            adopted=all(x.keys.data_ptr() == kb.data_ptr() for x, kb in zip(layers, kv.k)))
+        del layers, cache
     for r in report["results"]:
         if "gb" in r and r.get("ms"):
             r["tb_s"] = round(r["gb"] / r["ms"], 3)
