@@ -5,7 +5,7 @@ scripts/bench_quest_decode.py, whose shapes, step and graph timer it reuses).
 
 Llama-3.1-8B shapes (32 layers, 32 q / 8 KV heads, d 128, bf16, random K/V, Quest 4096, pages of 16, 2 dense
 layers). Prints, per context length: ms per 32-layer attention step (CUDA graph) for full attention and Quest
-variants (page select: bisection, radix histograms, two-stage; paged kernel with or without its in-kernel merge);
+variants (page select: bisection, radix histograms, interpolating search, two-stage; paged kernel with or without its in-kernel merge);
 each stage of one selecting layer timed alone over the 30 selecting layers (scores, select, paged attention) with
 the bytes it must read and the TB/s reached; whether every select variant lists exactly the default's pages; the
 per-turn work outside the graph (the plugin's bounds load). Stops adding variants after ``--budget-s`` seconds.
@@ -29,9 +29,9 @@ from scbench.kv.offload import TieredLayer  # noqa: E402
 from scbench.methods.quest import Quest, page_bounds  # noqa: E402
 from scbench.methods.quest_fast import QuestDecode  # noqa: E402
 
-SELECTS = {"bisect": {}, "radix": {"radix": True}, "bisect_w4": {"num_warps": 4}, "radix_w4": {"radix": True, "num_warps": 4},
-           "seg1024": {"segment": 1024, "local_warps": 1}, "seg1024_radix": {"segment": 1024, "local_warps": 1, "radix": True},
-           "seg512": {"segment": 512, "local_warps": 1, "num_warps": 4}}
+SELECTS = {"bisect": {}, "radix": {"radix": 1}, "search": {"radix": 2}, "bisect_w4": {"num_warps": 4},
+           "search_w4": {"radix": 2, "num_warps": 4}, "seg1024": {"segment": 1024, "local_warps": 1},
+           "seg1024_search": {"segment": 1024, "local_warps": 1, "radix": 2}}
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         cases[n] = kv, q, quest
         timed(n, "full_step", step_fn(kv, q, None))
         ref = timed(n, "quest_step bisect", step_fn(kv, q, quest))
-        for name in ("radix", "seg1024", "seg1024_radix"):
+        for name in ("radix", "search", "seg1024", "seg1024_search"):
             quest.select_args = SELECTS[name]
             out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
             if out is not None and ref is not None:
@@ -77,8 +77,8 @@ def main() -> None:
         quest.select_args = {}
         quest.merge = True
         timed(n, "quest_step bisect merge", step_fn(kv, q, quest))
-        quest.select_args = {"radix": True}
-        timed(n, "quest_step radix merge", step_fn(kv, q, quest))
+        quest.select_args = {"radix": 2}
+        timed(n, "quest_step search merge", step_fn(kv, q, quest))
         quest.select_args, quest.merge = {}, False
     for n, (kv, q, quest) in cases.items():
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1

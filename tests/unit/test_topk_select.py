@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" a
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 
 
-@pytest.mark.parametrize("segment,radix", [(None, False), (16, False), (None, True), (16, True)])
+@pytest.mark.parametrize("segment,radix", [(None, 0), (16, 0), (None, 1), (16, 1), (None, 2), (16, 2)])
 @pytest.mark.parametrize("p,n,budget,recent,page", [(40, 600, 128, 1, 16), (40, 600, 136, 2, 16), (20, 100, 512, 1, 8),
                                                     (33, 520, 64, 3, 16), (40, 640, 16, 1, 16)])
 def test_quest_select_matches_topk(p, n, budget, recent, page, segment, radix):
@@ -32,6 +32,29 @@ def test_quest_select_matches_topk(p, n, budget, recent, page, segment, radix):
     assert torch.equal((g_sel >= 0).sum(-1), (w_sel >= 0).sum(-1))
     assert torch.equal(g_sel.sort(-1).values, w_sel.sort(-1).values) or _tie_ok(s.cpu(), g_sel, w_sel)
     assert torch.equal(g_sel, torch.where(g_sel >= 0, g_sel, 1 << 30).sort(-1).values.where(g_sel >= 0, -1))  # ascending
+
+
+def test_quest_select_variants_agree_on_hard_rows():
+    """Bisection, radix histograms and the interpolating search list the same pages (ties: lowest positions) on
+    rows made to defeat a search: all equal, few distinct values, magnitudes over 60 decades, negatives only."""
+    g = torch.Generator().manual_seed(3)
+    p, n, page, budget = 200, 3300, 16, 1200
+    rows = [torch.full((p,), 1.5), torch.randint(0, 4, (p,), generator=g).float(),
+            torch.randn(p, generator=g).sign() * 10 ** (torch.rand(p, generator=g) * 60 - 30),
+            -torch.rand(p, generator=g) - 1, torch.randn(p, generator=g) * 1e-30, torch.randn(p, generator=g)]
+    s = torch.stack(rows).view(1, len(rows), p).to(DEVICE)
+    s[..., (n - 1) // page :] = float("-inf")
+    s[0, 5, 7:190:3] = float("-inf")  # scattered non-candidates
+    nn = torch.tensor([n], device=DEVICE)
+    k = (budget - 1) // page
+    want = topk_select.quest_select_triton(s, nn, page, budget, 1, k).cpu()
+    top = s.topk(k, dim=-1)
+    ref = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, 1).cpu()
+    assert _tie_ok(s.cpu(), want[..., :k], ref[..., :k])
+    for radix in (1, 2):
+        for segment in (None, 64):
+            got = topk_select.quest_select_triton(s, nn, page, budget, 1, k, radix=radix, segment=segment).cpu()
+            assert torch.equal(got, want), (radix, segment)
 
 
 def test_radix_select_rejects_bad_digits():
