@@ -31,6 +31,9 @@ SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
 ``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
 
 
+UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
+"""CUDA, gqa=head: the select kernel also writes each head's page map and one program per KV head and page range
+attends the group's heads over the union of their pages (each page read once; the same selection and math)."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
@@ -50,6 +53,8 @@ class QuestDecode:
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
         self.select_args: dict = {}  # quest_select_triton's segment / num_warps / local_warps
         self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (paged_decode.paged_union_triton)
+        self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.counter: torch.Tensor | None = None
 
     def unsupported(self, cache) -> str | None:
@@ -139,19 +144,30 @@ class QuestDecode:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if self._n is None or l == self.m.dense_layers:  # every layer's valid length, once per step
             self._n = kv.at + 1
+        if q.is_cuda and paged_decode.triton is not None and FUSED:
+            return self.attend_triton(kv, l, q, k, v, scale)
+        at = kv.at[l : l + 1]
+        return paged_attention(q, k, v, self.pages(kv, l, q), at + 1, self.m.page_size, scale)
+
+    def attend_triton(self, kv, l, q, k, v, scale):
+        """The Triton kernels (CUDA; CPU tensors in the interpreter): bounds + scores in one kernel, the page select,
+        then the paged (or union) attention."""
         m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
-        if q.is_cuda and paged_decode.triton is not None and FUSED:  # bounds + scores in one kernel, then topk
-            s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                                 m.recent_pages, m.gqa == "group", **self.score_args)
-            if self.select == "bisect":
-                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
-                                            **self.select_args)
-                return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
-                                                           counter=self.counter if self.merge else None, **self.tune)
-            top = s.topk(self.top_k(s.shape[-1]), dim=-1)
-            return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
-                                                       top_values=top.values, budget=m.budget, recent=m.recent_pages)
-        return paged_attention(q, k, v, self.pages(kv, l, q), at + 1, m.page_size, scale)
+        s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
+                                             m.recent_pages, m.gqa == "group", **self.score_args)
+        if self.select == "bisect" and self.union and m.gqa == "head":  # each page of a group's union read once
+            mp = torch.empty(s.shape, dtype=torch.int8, device=s.device)
+            quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), map_out=mp,
+                                **self.select_args)
+            return paged_decode.paged_union_triton(q, k, v, mp, n, m.page_size, scale, **self.union_args)
+        if self.select == "bisect":
+            pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
+                                        **self.select_args)
+            return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
+                                                       counter=self.counter if self.merge else None, **self.tune)
+        top = s.topk(self.top_k(s.shape[-1]), dim=-1)
+        return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
+                                                   top_values=top.values, budget=m.budget, recent=m.recent_pages)
 
     def rows_loaded(self, n: int) -> int | None:
         """Rows one selecting head attends at length n (None: every row, as ``Quest.select`` returning None)."""

@@ -5,7 +5,7 @@ scripts/bench_quest_decode.py, whose shapes, step and graph timer it reuses).
 
 Llama-3.1-8B shapes (32 layers, 32 q / 8 KV heads, d 128, bf16, random K/V, Quest 4096, pages of 16, 2 dense
 layers). Prints, per context length: ms per 32-layer attention step (CUDA graph) for full attention and Quest
-variants (page select: bisection, radix histograms, interpolating search, two-stage; paged kernel with or without its in-kernel merge);
+variants (page select: bisection, radix histograms, interpolating search, two-stage; paged kernel with or without its in-kernel merge, or the union kernel reading each page of a KV group once);
 each stage of one selecting layer timed alone over the 30 selecting layers (scores, select, paged attention) with
 the bytes it must read and the TB/s reached; whether every select variant lists exactly the default's pages; the
 per-turn work outside the graph (the plugin's bounds load). Stops adding variants after ``--budget-s`` seconds.
@@ -74,6 +74,12 @@ def main() -> None:
             if out is not None and ref is not None:
                 rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
                                                                 for x, y in zip(out, ref)))
+        quest.select_args, quest.union = {"radix": 2}, True
+        out = timed(n, "quest_step search union", step_fn(kv, q, quest))
+        if out is not None and ref is not None:
+            rec(length=n, variant="diff search union", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                                  for x, y in zip(out, ref)))
+        quest.union = False
         quest.select_args = {}
         quest.merge = True
         timed(n, "quest_step bisect merge", step_fn(kv, q, quest))
@@ -109,6 +115,13 @@ def main() -> None:
         timed(n, "stage paged merge", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
                                                                                    D ** -0.5, counter=quest.counter)
                                                for i, l in enumerate(sl)], gb=round(len(sl) * attn / 1e9, 3))
+        maps = []
+        for l in sl:
+            maps.append(torch.empty(qs[l].shape, dtype=torch.int8, device=qs[l].device))
+            topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, radix=2, map_out=maps[-1])
+        union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
+        timed(n, "stage union", lambda: [paged_decode.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
+                                         for i, l in enumerate(sl)], gb=round(union / 1e9, 3))
         for tune in ({"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
             timed(n, f"stage paged {json.dumps(tune)}", lambda tune=tune: [paged_decode.paged_attention_triton(
                 q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])

@@ -161,7 +161,8 @@ if triton is not None:
 
     @triton.jit
     def _quest_select_kernel(S, Idx, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
-                             RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr, RADIX: tl.constexpr):
+                             RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr, RADIX: tl.constexpr,
+                             Map=None, MAP: tl.constexpr = False):
         """Row r of S [R, P] (-inf: not a candidate): the pick largest pages in ascending order, -1 up to K, then
         the RECENT newest pages. Out [R, K + RECENT] int32. GATHER: S holds stage 1's candidates, their page
         indices in Idx [R, P]."""
@@ -180,6 +181,9 @@ if triton is not None:
         tl.store(base + offs, tl.full([NP], -1, tl.int32), mask=(offs >= kk) & (offs < K))
         j = tl.arange(0, RP)
         tl.store(base + K + j, cand + j, mask=j < RECENT)
+        if MAP:  # the row's pages as a 0/1 map [P] (selected or recent): the union kernel's input
+            used = sel | ((offs >= cand) & (offs < cand + RECENT))
+            tl.store(Map + r.to(tl.int64) * P + offs, used.to(tl.int8), mask=offs < P)
 
 
 def _warps(np_: int) -> int:
@@ -188,14 +192,19 @@ def _warps(np_: int) -> int:
 
 def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int,
                         k: int, num_warps: int | None = None, segment: int | None = None,
-                        local_warps: int | None = None, radix: bool | int = False) -> torch.Tensor:
+                        local_warps: int | None = None, radix: bool | int = False,
+                        map_out: torch.Tensor | None = None) -> torch.Tensor:
     """s float32 [B, Hs, P] page scores (-inf: not a candidate); n [1] the valid length -> int32 page list
     [B, Hs, k + recent]: the ``min(pick, k)`` best pages (ascending), -1, then the ``recent`` newest pages.
     ``segment`` (a power of two): long rows first keep each segment's best (one program per row and segment),
     then one program per row selects among those (rows of P pages take P / segment * k candidates). ``radix``:
     the threshold by 4 histogram passes (``_top_mask_radix``), 2: by an interpolating search (``_top_mask_search``,
-    ~5-15 counts), instead of 32 bisection counts (same pages)."""
+    ~5-15 counts), instead of 32 bisection counts (same pages). ``map_out`` (int8 [B, Hs, P], one program per row
+    only): also each row's listed pages as a 0/1 map (``paged_decode.paged_union_triton``'s input)."""
     radix = int(radix)
+    if map_out is not None and (map_out.shape != s.shape or map_out.dtype != torch.int8 or (segment and p > segment)):
+        raise ValueError(f"quest_select_triton: map_out must be int8 {tuple(s.shape)} and no segment, got "
+                         f"{map_out.dtype} {tuple(map_out.shape)}, segment {segment}")
     b, hs, p = s.shape
     out = torch.empty(b, hs, k + recent, dtype=torch.int32, device=s.device)
     rp = max(2, triton.next_power_of_2(recent))
@@ -212,7 +221,7 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
         return out
     np_ = max(16, triton.next_power_of_2(p))
     _quest_select_kernel[(b * hs,)](s, s, n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp, GATHER=False,
-                                    RADIX=radix, num_warps=num_warps or _warps(np_))
+                                    RADIX=radix, Map=map_out, MAP=map_out is not None, num_warps=num_warps or _warps(np_))
     return out
 
 

@@ -130,6 +130,30 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     assert counter is None or not counter.any()
 
 
+@pytest.mark.parametrize("range_pages,block_pages", [(None, None), (8, 1), (4, 2)])
+def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages):
+    """The select kernel's page map and the union kernel (each page of a group's union read once, per-head masks)
+    against the torch reference over the same page lists."""
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, c, d, page, n, budget = 1, 8, 2, 512, 16, 16, 470, 128
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    s = torch.randn(b, hq, c // page, generator=g).to(DEVICE)
+    s[:, 1] = s[:, 0]  # two heads of a group with the same pages: shared reads
+    s[..., (n - 1) // page :] = float("-inf")
+    nn = torch.tensor([n], device=DEVICE)
+    kk = (budget - 1) // page
+    mp = torch.full((b, hq, c // page), 7, dtype=torch.int8, device=DEVICE)
+    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp)
+    listed = torch.zeros(b, hq, c // page, dtype=torch.int8)
+    for h in range(hq):
+        listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
+    assert torch.equal(mp.cpu(), listed)
+    want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
+    got = paged_decode.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages, block_pages=block_pages)
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
 def test_radix_rows_then_paged_kernel_matches_torch():
     g = torch.Generator().manual_seed(8)
     b, hq, hkv, c, d, n, k, n_init, n_local = 1, 4, 2, 600, 16, 590, 40, 8, 16
@@ -203,6 +227,43 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
     got = paged_decode.paged_attention_triton(q, k, v, pages.int(), nn, page, 0.3, pages_per_split=16 if page > 1 else 32,
                                               grouped=grouped)
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, {"select_args": {"radix": 2}, "union": True}, {"select_args": {"radix": 1}},
+                                     {"merge": True, "select_args": {"radix": 2}}])
+def test_quest_triton_attend_variants_match_torch_path(variant):
+    """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
+    path over two steps of three layers (float32): the same bounds updates and outputs."""
+    from types import SimpleNamespace
+
+    from scbench.methods.quest import Quest
+    from scbench.methods.quest_fast import QuestDecode
+
+    g = torch.Generator().manual_seed(17)
+    n, cap, layers = 704, 768, 3  # the second step starts a page
+    k = [torch.randn(1, 2, cap, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    v = [torch.randn(1, 2, cap, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    q = [torch.randn(1, 8, 1, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    kv = SimpleNamespace(k=k, v=v, at=torch.full((layers,), n - 1, device=DEVICE), lengths=[n - 1] * layers)
+    ref, new = (QuestDecode(Quest(budget=256, dense_layers=1)) for _ in range(2))
+    for key, val in variant.items():
+        setattr(new, key, val)
+    for plugin in (ref, new):
+        plugin.allocate(kv, None)
+        plugin.load(kv, None)
+    for step in range(2):
+        kv.at.fill_(n - 1 + step)
+        for l in range(1, layers):
+            ref._n = new._n = kv.at + 1
+            want = fastdecode_torch(ref, kv, l, q[l])
+            got = new.attend_triton(kv, l, q[l], k[l], v[l], 0.25)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+            assert torch.equal(new.kmin[l].cpu(), ref.kmin[l].cpu()) and torch.equal(new.kmax[l].cpu(), ref.kmax[l].cpu())
+
+
+def fastdecode_torch(plugin, kv, l, q):
+    at = kv.at[l : l + 1]
+    return paged_decode.paged_attention_torch(q, kv.k[l], kv.v[l], plugin.pages(kv, l, q), at + 1, 16, 0.25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the plugins' CUDA branch)")
