@@ -59,42 +59,40 @@ def main() -> None:
         rec(length=n, variant=name, ms=round(ms, 4), **extra)
         return outs
 
-    cases = {}
-    for n in a.lengths:  # whole steps first (both lengths), then the stages
+    cases, refs = {}, {}
+
+    def step(n, name, ref=False, **attrs):
+        kv, q, quest = cases[n]
+        for key, val in {"select_args": {}, "merge": False, "union": False, **attrs}.items():
+            setattr(quest, key, val)
+        out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
+        if ref:
+            refs[n] = out
+        elif out is not None and refs.get(n) is not None:
+            rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                            for x, y in zip(out, refs[n])))
+
+    for n in a.lengths:  # 1. whole steps, the main variants (both lengths)
         kv, q = make_kv(n, -(-(n + 64) // 256) * 256)  # StaticKV's capacity for a 64-token turn
         quest = QuestDecode(Quest(budget=4096))
         quest.allocate(kv, None)
         quest.load(kv, None)
         cases[n] = kv, q, quest
         timed(n, "full_step", step_fn(kv, q, None))
-        ref = timed(n, "quest_step bisect", step_fn(kv, q, quest))
-        for name in ("radix", "search", "seg1024", "seg1024_search"):
-            quest.select_args = SELECTS[name]
-            out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
-            if out is not None and ref is not None:
-                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
-                                                                for x, y in zip(out, ref)))
-        quest.select_args, quest.union = {"radix": 2}, True
-        out = timed(n, "quest_step search union", step_fn(kv, q, quest))
-        if out is not None and ref is not None:
-            rec(length=n, variant="diff search union", max_abs=max((x.float() - y.float()).abs().max().item()
-                                                                  for x, y in zip(out, ref)))
-        quest.union = False
-        quest.select_args = {}
-        quest.merge = True
-        timed(n, "quest_step bisect merge", step_fn(kv, q, quest))
-        quest.select_args = {"radix": 2}
-        timed(n, "quest_step search merge", step_fn(kv, q, quest))
-        quest.select_args, quest.merge = {}, False
-    for n, (kv, q, quest) in cases.items():
+        step(n, "bisect", ref=True)
+        step(n, "search", select_args={"radix": 2})
+        step(n, "search union", select_args={"radix": 2}, union=True)
+        step(n, "search merge", select_args={"radix": 2}, merge=True)
+    stage_data = {}
+    for n, (kv, q, quest) in cases.items():  # 2. each stage alone over the 30 selecting layers, inputs precomputed
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
         sl = range(m.dense_layers, L)
-        # stages alone over the 30 selecting layers, inputs precomputed
         p = quest.kmin[sl[0]].shape[2]
         qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
         kq = quest.top_k(p)
         lists = {}
-        for name, kw in SELECTS.items():
+        for name in ("bisect", "search", "radix", "seg1024_search"):
+            kw = SELECTS[name]
             lists[name] = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
             torch.cuda.synchronize()
             same = all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(lists[name], lists["bisect"]))
@@ -103,18 +101,15 @@ def main() -> None:
         timed(n, "stage scores", lambda: [paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
                                                                             at, 16, 1, False) for l in sl],
               gb=round(len(sl) * bounds / 1e9, 3))
-        for name, kw in SELECTS.items():
-            timed(n, f"stage select {name}", lambda kw=kw: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq,
-                                                                                           **kw) for l in sl])
+        for name in lists:
+            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
+                qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
         rows = quest.rows_loaded(n)
         attn = HQ * rows * D * 2 * 2
         pl = lists["bisect"]
         timed(n, "stage paged", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
                                                                              D ** -0.5) for i, l in enumerate(sl)],
               gb=round(len(sl) * attn / 1e9, 3))
-        timed(n, "stage paged merge", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
-                                                                                   D ** -0.5, counter=quest.counter)
-                                               for i, l in enumerate(sl)], gb=round(len(sl) * attn / 1e9, 3))
         maps = []
         for l in sl:
             maps.append(torch.empty(qs[l].shape, dtype=torch.int8, device=qs[l].device))
@@ -122,11 +117,9 @@ def main() -> None:
         union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
         timed(n, "stage union", lambda: [paged_decode.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
                                          for i, l in enumerate(sl)], gb=round(union / 1e9, 3))
-        for tune in ({"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
-            timed(n, f"stage paged {json.dumps(tune)}", lambda tune=tune: [paged_decode.paged_attention_triton(
-                q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
-        # per-turn work outside the graph: the plugin's bounds load, old (min/max over every key) and new (the
-        # layers' own bounds copied; then, a turn later, the plugin's pages kept)
+        stage_data[n] = qs, kq, pl
+    for n, (kv, q, quest) in cases.items():  # 3. per-turn work outside the graph: the plugin's bounds load, old
+        # (min / max over every key) and new (the layers' own bounds copied; then, a turn later, the pages kept)
         layers = [TieredLayer(kv.k[l][:, :, : n - 1], kv.v[l][:, :, : n - 1], storage="device") for l in range(L)]
         for layer in layers:
             layer.state["quest"] = page_bounds(layer.keys, 16)
@@ -147,6 +140,20 @@ def main() -> None:
             kept_ms=round(ev[3].elapsed_time(ev[4]), 3),
             adopted=all(x.keys.data_ptr() == kb.data_ptr() for x, kb in zip(layers, kv.k)))
         del layers, cache
+    for n, (kv, q, quest) in cases.items():  # 4. more variants while time is left
+        step(n, "radix", select_args={"radix": 1})
+        step(n, "seg1024_search", select_args=SELECTS["seg1024_search"])
+        step(n, "search_w4", select_args=SELECTS["search_w4"])
+        step(n, "bisect merge", merge=True)
+        qs, kq, pl = stage_data[n]
+        m, nn, sl = quest.m, kv.at[:1] + 1, range(quest.m.dense_layers, L)
+        for name in ("bisect_w4", "search_w4", "seg1024"):
+            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
+                qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
+        for tune in ({"counter": quest.counter}, {"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
+            timed(n, f"stage paged {'merge' if 'counter' in tune else json.dumps(tune)}",
+                  lambda tune=tune: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5,
+                                                                         **tune) for i, l in enumerate(sl)])
     for r in report["results"]:
         if "gb" in r and r.get("ms"):
             r["tb_s"] = round(r["gb"] / r["ms"], 3)
