@@ -19,6 +19,7 @@ import torch
 
 from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kernels.paged_union import paged_union_triton
 from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
 
@@ -29,8 +30,10 @@ the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare
 SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
 """CUDA page top-k: ``bisect`` (scbench/kernels/topk_select.py: no sort, pages listed in ascending order) or
 ``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
-
-
+SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "bisect")
+"""How ``quest_select_triton`` finds the threshold (the same pages each way): ``bisect`` (32 counts), ``radix`` (4
+histogram passes) or ``search`` (interpolating search, ~5-15 counts)."""
+SEARCHES = {"bisect": 0, "radix": 1, "search": 2}
 UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 """CUDA, gqa=head: the select kernel also writes each head's page map and one program per KV head and page range
 attends the group's heads over the union of their pages (each page read once; the same selection and math)."""
@@ -51,9 +54,9 @@ class QuestDecode:
         self.select = SELECT
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
-        self.select_args: dict = {}  # quest_select_triton's segment / num_warps / local_warps
+        self.select_args: dict = {"radix": SEARCHES[SEARCH]}  # quest_select_triton's radix / segment / warps
         self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
-        self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (paged_decode.paged_union_triton)
+        self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.counter: torch.Tensor | None = None
 
@@ -159,7 +162,7 @@ class QuestDecode:
             mp = torch.empty(s.shape, dtype=torch.int8, device=s.device)
             quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), map_out=mp,
                                 **self.select_args)
-            return paged_decode.paged_union_triton(q, k, v, mp, n, m.page_size, scale, **self.union_args)
+            return paged_union_triton(q, k, v, mp, n, m.page_size, scale, **self.union_args)
         if self.select == "bisect":
             pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
                                         **self.select_args)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph  # noqa: E402
 
-from scbench.kernels import paged_decode, topk_select  # noqa: E402
+from scbench.kernels import paged_decode, paged_union, topk_select  # noqa: E402
 from scbench.kv.offload import TieredLayer  # noqa: E402
 from scbench.methods.quest import Quest, page_bounds  # noqa: E402
 from scbench.methods.quest_fast import QuestDecode  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> None:
             maps.append(torch.empty(qs[l].shape, dtype=torch.int8, device=qs[l].device))
             topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, radix=2, map_out=maps[-1])
         union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
-        timed(n, "stage union", lambda: [paged_decode.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
+        timed(n, "stage union", lambda: [paged_union.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
                                          for i, l in enumerate(sl)], gb=round(union / 1e9, 3))
         stage_data[n] = qs, kq, pl
     for n, (kv, q, quest) in cases.items():  # 3. per-turn work outside the graph: the plugin's bounds load, old

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from scbench.kernels import paged_decode, topk_select
+from scbench.kernels import paged_decode, paged_union, topk_select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -150,7 +150,7 @@ def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages):
         listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
     assert torch.equal(mp.cpu(), listed)
     want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
-    got = paged_decode.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages, block_pages=block_pages)
+    got = paged_union.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages, block_pages=block_pages)
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
 
 
