@@ -117,7 +117,7 @@ def main() -> None:
         union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
         timed(n, "stage union", lambda: [paged_union.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
                                          for i, l in enumerate(sl)], gb=round(union / 1e9, 3))
-        stage_data[n] = qs, kq, pl
+        stage_data[n] = qs, kq, pl, maps
     for n, (kv, q, quest) in cases.items():  # 3. per-turn work outside the graph: the plugin's bounds load, old
         # (min / max over every key) and new (the layers' own bounds copied; then, a turn later, the pages kept)
         layers = [TieredLayer(kv.k[l][:, :, : n - 1], kv.v[l][:, :, : n - 1], storage="device") for l in range(L)]
@@ -145,7 +145,12 @@ def main() -> None:
         step(n, "seg1024_search", select_args=SELECTS["seg1024_search"])
         step(n, "search_w4", select_args=SELECTS["search_w4"])
         step(n, "bisect merge", merge=True)
-        qs, kq, pl = stage_data[n]
+        qs, kq, pl, maps = stage_data[n]
+        p = maps[0].shape[-1]
+        for tune in ({"block_pages": 8, "num_warps": 8}, {"range_pages": max(8, 2 ** (p * 8 // 1024).bit_length() // 2)},
+                     {"range_pages": 2 ** (p * 8 // 256).bit_length(), "block_pages": 8, "num_warps": 8}):
+            timed(n, f"stage union {json.dumps(tune)}", lambda tune=tune: [paged_union.paged_union_triton(
+                q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
         m, nn, sl = quest.m, kv.at[:1] + 1, range(quest.m.dense_layers, L)
         for name in ("bisect_w4", "search_w4", "seg1024"):
             timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
