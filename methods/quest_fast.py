@@ -162,7 +162,8 @@ class QuestDecode:
             mp = torch.empty(s.shape, dtype=torch.int8, device=s.device)
             quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), map_out=mp,
                                 **self.select_args)
-            return paged_union_triton(q, k, v, mp, n, m.page_size, scale, **self.union_args)
+            return paged_union_triton(q, k, v, mp, n, m.page_size, scale, counter=self.counter if self.merge else None,
+                                      **self.union_args)
         if self.select == "bisect":
             pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
                                         **self.select_args)

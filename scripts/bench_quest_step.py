@@ -82,6 +82,7 @@ def main() -> None:
         step(n, "bisect", ref=True)
         step(n, "search", select_args={"radix": 2})
         step(n, "search union", select_args={"radix": 2}, union=True)
+        step(n, "search union merge", select_args={"radix": 2}, union=True, merge=True)
         step(n, "search merge", select_args={"radix": 2}, merge=True)
     stage_data = {}
     for n, (kv, q, quest) in cases.items():  # 2. each stage alone over the 30 selecting layers, inputs precomputed

@@ -18,14 +18,15 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _paged_union_kernel(Q, K, V, Map, N, Part, Mx, Sm, Scratch, scale, C, P, n_ranges,
+    def _paged_union_kernel(Q, K, V, Map, N, Part, Mx, Sm, Scratch, Out, Count, scale, C, P, n_ranges,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr,
-                            BP: tl.constexpr, PREC: tl.constexpr):
+                            BP: tl.constexpr, PREC: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
         """Per-query-head page maps (``Map`` [B, Hq, P] int8, 1: listed), one (batch x KV head, range of R pages)
         per program: the pages any head of the group listed are loaded once and attended by the heads that listed
         them (a per-head mask on the group's two small matmuls): gqa=head's math, the bytes of the pages' union.
         The range's union is compacted into the program's ``Scratch`` rows (page, head bits), then read back in
-        blocks of BP pages. Partial results are laid out as ``_paged_group_kernel``'s."""
+        blocks of BP pages. Partial results are laid out as ``_paged_group_kernel``'s. MERGE: ``Count`` [>= B * Hkv]
+        int32 zeros; the group's last range to finish merges the ranges into ``Out`` (left at 0; no second kernel)."""
         bk, rg = tl.program_id(0), tl.program_id(1)
         n = tl.load(N).to(tl.int32)
         cols, g = tl.arange(0, D), tl.arange(0, GP)
@@ -73,15 +74,32 @@ if triton is not None:
         tl.store(Part + out[:, None] * D + cols[None, :], acc)
         tl.store(Mx + out, m_i)
         tl.store(Sm + out, l_i)
+        if MERGE:
+            tl.debug_barrier()
+            done = tl.atomic_add(Count + bk, 1, sem="acq_rel")
+            if done == n_ranges - 1:
+                sp = tl.arange(0, NS)
+                used = sp < n_ranges
+                for h in tl.static_range(G):
+                    idx = (bk * n_ranges + sp) * GP + h
+                    mx = tl.load(Mx + idx, mask=used, other=float("-inf"), cache_modifier=".cg")
+                    top = tl.max(mx, 0)
+                    w = tl.where(mx > float("-inf"), tl.exp(mx - top), 0.0)
+                    tot = tl.sum(w * tl.load(Sm + idx, mask=used, other=0.0, cache_modifier=".cg"), 0)
+                    part = tl.load(Part + idx[:, None] * D + cols[None, :], mask=used[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    tl.store(Out + (bk * G + h) * D + cols, (tl.sum(w[:, None] * part, 0) / tot).to(Out.dtype.element_ty))
+                tl.atomic_xchg(Count + bk, 0, sem="relaxed")
 
 
 def paged_union_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages_map: torch.Tensor, n: torch.Tensor,
                        page: int, scale: float, range_pages: int | None = None, block_pages: int | None = None,
-                       num_warps: int = 4) -> torch.Tensor:
+                       num_warps: int = 4, counter: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, C, D]; ``pages_map`` int8 [B, Hq, P] (1: the head attends the page; from
     ``topk_select.quest_select_triton(..., map_out=)``); n [1] -> [B, Hq, 1, D]. The same attention as
     ``paged_attention_torch`` over each head's listed pages, reading each page of the group's union once.
-    ``range_pages``: pages per program (a power of two; default: about 512 programs)."""
+    ``range_pages``: pages per program (a power of two; default: about 512 programs). ``counter``: int32 zeros, >=
+    B * Hkv entries, owned by the caller (left at zero): the ranges merge inside the kernel (no second launch)."""
     from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
@@ -101,10 +119,13 @@ def paged_union_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages_
     sm = torch.empty_like(mx)
     scratch = torch.empty(b * hkv * n_ranges * 2 * rp, dtype=torch.int32, device=q.device)
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
+    merge, ns = counter is not None, max(2, triton.next_power_of_2(n_ranges))
+    if merge and (counter.dtype != torch.int32 or counter.numel() < b * hkv):
+        raise ValueError(f"paged_union_triton: counter must be int32 zeros with >= {b * hkv} entries")
     _paged_union_kernel[(b * hkv, n_ranges)](
-        q.reshape(b * hq, d).contiguous(), k, v, pages_map.contiguous(), n, part, mx, sm, scratch, scale, c, p, n_ranges,
-        G=g, GP=gp, D=d, PAGE=page, R=rp, BP=bp, PREC="ieee" if k.dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
-    _combine_kernel[(b * hkv, g)](part, mx, sm, out, n_ranges, G=g, GP=gp, D=d,
-                                  NS=max(2, triton.next_power_of_2(n_ranges)))
+        q.reshape(b * hq, d).contiguous(), k, v, pages_map.contiguous(), n, part, mx, sm, scratch, out,
+        counter if merge else mx, scale, c, p, n_ranges, G=g, GP=gp, D=d, PAGE=page, R=rp, BP=bp,
+        PREC="ieee" if k.dtype == torch.float32 else "tf32", MERGE=merge, NS=ns, num_warps=num_warps)
+    if not merge:
+        _combine_kernel[(b * hkv, g)](part, mx, sm, out, n_ranges, G=g, GP=gp, D=d, NS=ns)
     return out.view(b, hq, 1, d)

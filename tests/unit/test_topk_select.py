@@ -130,8 +130,8 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     assert counter is None or not counter.any()
 
 
-@pytest.mark.parametrize("range_pages,block_pages", [(None, None), (8, 1), (4, 2)])
-def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages):
+@pytest.mark.parametrize("range_pages,block_pages,merge", [(None, None, False), (8, 1, False), (4, 2, True)])
+def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, merge):
     """The select kernel's page map and the union kernel (each page of a group's union read once, per-head masks)
     against the torch reference over the same page lists."""
     g = torch.Generator().manual_seed(11)
@@ -150,8 +150,12 @@ def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages):
         listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
     assert torch.equal(mp.cpu(), listed)
     want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
-    got = paged_union.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages, block_pages=block_pages)
-    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    counter = torch.zeros(4, dtype=torch.int32, device=DEVICE) if merge else None
+    for _ in range(2):  # the in-kernel merge leaves its counter at zero for the next call
+        got = paged_union.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages,
+                                             block_pages=block_pages, counter=counter)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert counter is None or not counter.any()
 
 
 def test_radix_rows_then_paged_kernel_matches_torch():
@@ -230,7 +234,8 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
 
 
 @pytest.mark.parametrize("variant", [{}, {"select_args": {"radix": 2}, "union": True}, {"select_args": {"radix": 1}},
-                                     {"merge": True, "select_args": {"radix": 2}}])
+                                     {"merge": True, "select_args": {"radix": 2}},
+                                     {"merge": True, "union": True, "select_args": {"radix": 0}}])
 def test_quest_triton_attend_variants_match_torch_path(variant):
     """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
     path over two steps of three layers (float32): the same bounds updates and outputs."""
