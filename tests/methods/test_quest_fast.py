@@ -158,3 +158,30 @@ def test_turns_reuse_static_buffers_and_bounds(smol_tokenizer, monkeypatch):
         assert torch.equal(layer.state["quest"][0], lo) and torch.equal(layer.state["quest"][1], hi)
         assert layer.state["quest"][0].data_ptr() == plug.kmin[l].data_ptr()
         assert torch.equal(plug.kmin[l][:, :, : lo.shape[2]], lo) and torch.equal(plug.kmax[l][:, :, : hi.shape[2]], hi)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("radix,merge", [(2, False), (2, True), (1, False)])
+def test_select_variants_and_union_kernel_cuda(dtype, radix, merge):
+    """Llama-8B head shapes: the select variants list the bisection's pages, and the union kernel (from the page
+    maps) matches the torch reference over those lists."""
+    from scbench.kernels import paged_union, topk_select
+
+    torch.manual_seed(radix)
+    c, p, hq, hkv, d, at = 8192, 16, 32, 8, 128, 5000
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=dtype) for _ in range(2))
+    kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=dtype) for _ in range(2))
+    atv = torch.tensor([at], device="cuda")
+    s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False)
+    kk = (1024 - 1) // p
+    want = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk)
+    mp = torch.empty(s.shape, dtype=torch.int8, device="cuda")
+    got = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp)
+    assert torch.equal(got, want)
+    ref = paged_decode.paged_attention_torch(q, k, v, want, atv + 1, p, 0.09)
+    counter = torch.zeros(64, dtype=torch.int32, device="cuda") if merge else None
+    out = paged_union.paged_union_triton(q, k, v, mp, atv + 1, p, 0.09, counter=counter)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
