@@ -34,6 +34,8 @@ SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "bisect")
 """How ``quest_select_triton`` finds the threshold (the same pages each way): ``bisect`` (32 counts), ``radix`` (4
 histogram passes) or ``search`` (interpolating search, ~5-15 counts)."""
 SEARCHES = {"bisect": 0, "radix": 1, "search": 2}
+MERGE = os.environ.get("SCBENCH_QUEST_MERGE", "0") == "1"
+"""CUDA: the attention kernel's last split of a head (group) merges the splits (no combine kernel)."""
 UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 """CUDA, gqa=head: the select kernel also writes each head's page map and one program per KV head and page range
 attends the group's heads over the union of their pages (each page read once; the same selection and math)."""
@@ -55,7 +57,7 @@ class QuestDecode:
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
         self.select_args: dict = {"radix": SEARCHES[SEARCH]}  # quest_select_triton's radix / segment / warps
-        self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
+        self.merge = MERGE  # CUDA: the paged / union kernel merges its splits itself (one launch less per layer)
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.counter: torch.Tensor | None = None
