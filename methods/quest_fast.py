@@ -34,8 +34,12 @@ SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "bisect")
 """How ``quest_select_triton`` finds the threshold (the same pages each way): ``bisect`` (32 counts), ``radix`` (4
 histogram passes) or ``search`` (interpolating search, ~5-15 counts)."""
 SEARCHES = {"bisect": 0, "radix": 1, "search": 2}
-MERGE = os.environ.get("SCBENCH_QUEST_MERGE", "0") == "1"
-"""CUDA: the attention kernel's last split of a head (group) merges the splits (no combine kernel)."""
+SEGMENT = int(os.environ.get("SCBENCH_QUEST_SEGMENT", "1024"))
+"""CUDA: rows of 4,096 pages or more (64K+ tokens) select in two stages, each segment of this many pages keeping its
+best first (0: one program per row); H200, 131K: 2.36 vs 2.57 ms per 32-layer step (results/perf/quest_step_h200.md)."""
+MERGE = os.environ.get("SCBENCH_QUEST_MERGE", "1") == "1"
+"""CUDA: the attention kernel's last split of a head (group) merges the splits (no combine kernel); H200: 1.34 vs
+1.38 ms (32K), 2.48 vs 2.57 ms (131K) per 32-layer step."""
 UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 """CUDA, gqa=head: the select kernel also writes each head's page map and one program per KV head and page range
 attends the group's heads over the union of their pages (each page read once; the same selection and math)."""
@@ -58,6 +62,7 @@ class QuestDecode:
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
         self.select_args: dict = {"radix": SEARCHES[SEARCH]}  # quest_select_triton's radix / segment / warps
         self.merge = MERGE  # CUDA: the paged / union kernel merges its splits itself (one launch less per layer)
+        self.segment, self.segment_from = SEGMENT, 4096  # rows of >= segment_from pages: two-stage select
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.counter: torch.Tensor | None = None
@@ -160,15 +165,18 @@ class QuestDecode:
         m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
         s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
                                              m.recent_pages, m.gqa == "group", **self.score_args)
+        sel = dict(self.select_args)
+        if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)
+            sel.setdefault("segment", self.segment)
+            sel.setdefault("local_warps", 1)
         if self.select == "bisect" and self.union and m.gqa == "head":  # each page of a group's union read once
             mp = torch.empty(s.shape, dtype=torch.int8, device=s.device)
             quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), map_out=mp,
-                                **self.select_args)
+                                **sel)
             return paged_union_triton(q, k, v, mp, n, m.page_size, scale, counter=self.counter if self.merge else None,
                                       **self.union_args)
         if self.select == "bisect":
-            pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
-                                        **self.select_args)
+            pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
             return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
                                                        counter=self.counter if self.merge else None, **self.tune)
         top = s.topk(self.top_k(s.shape[-1]), dim=-1)

@@ -63,7 +63,7 @@ def main() -> None:
 
     def step(n, name, ref=False, **attrs):
         kv, q, quest = cases[n]
-        for key, val in {"select_args": {}, "merge": False, "union": False, **attrs}.items():
+        for key, val in {"select_args": {}, "merge": False, "union": False, "segment": 0, **attrs}.items():
             setattr(quest, key, val)
         out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
         if ref:
@@ -72,18 +72,20 @@ def main() -> None:
             rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
                                                             for x, y in zip(out, refs[n])))
 
-    for n in a.lengths:  # 1. whole steps, the main variants (both lengths)
+    search, seg = {"radix": 2}, {"segment": 1024}
+    for n in a.lengths:  # 1. whole steps, the main variants (both lengths; seg: rows of >= 4,096 pages)
         kv, q = make_kv(n, -(-(n + 64) // 256) * 256)  # StaticKV's capacity for a 64-token turn
         quest = QuestDecode(Quest(budget=4096))
         quest.allocate(kv, None)
         quest.load(kv, None)
         cases[n] = kv, q, quest
+        long = quest.kmin[quest.m.dense_layers].shape[2] >= 4096
+        sg = seg if long else {}
         timed(n, "full_step", step_fn(kv, q, None))
         step(n, "bisect", ref=True)
-        step(n, "search", select_args={"radix": 2})
-        step(n, "search union", select_args={"radix": 2}, union=True)
-        step(n, "search union merge", select_args={"radix": 2}, union=True, merge=True)
-        step(n, "search merge", select_args={"radix": 2}, merge=True)
+        step(n, "bisect merge" + " seg" * long, merge=True, **sg)
+        step(n, "search merge" + " seg" * long, select_args=search, merge=True, **sg)
+        step(n, "search union merge" + " seg" * long, select_args=search, union=True, merge=True, **sg)
     stage_data = {}
     for n, (kv, q, quest) in cases.items():  # 2. each stage alone over the 30 selecting layers, inputs precomputed
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
@@ -92,7 +94,8 @@ def main() -> None:
         qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
         kq = quest.top_k(p)
         lists = {}
-        for name in ("bisect", "search", "radix", "seg1024_search"):
+        names = ("bisect", "search") + (("seg1024", "seg1024_search") if p >= 4096 else ())
+        for name in names:
             kw = SELECTS[name]
             lists[name] = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
             torch.cuda.synchronize()
@@ -108,16 +111,17 @@ def main() -> None:
         rows = quest.rows_loaded(n)
         attn = HQ * rows * D * 2 * 2
         pl = lists["bisect"]
-        timed(n, "stage paged", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
-                                                                             D ** -0.5) for i, l in enumerate(sl)],
+        timed(n, "stage paged merge", lambda: [paged_decode.paged_attention_triton(
+            q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, counter=quest.counter) for i, l in enumerate(sl)],
               gb=round(len(sl) * attn / 1e9, 3))
         maps = []
         for l in sl:
             maps.append(torch.empty(qs[l].shape, dtype=torch.int8, device=qs[l].device))
-            topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, radix=2, map_out=maps[-1])
+            topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, map_out=maps[-1], **SELECTS[names[-1]])
         union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
-        timed(n, "stage union", lambda: [paged_union.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
-                                         for i, l in enumerate(sl)], gb=round(union / 1e9, 3))
+        timed(n, "stage union merge", lambda: [paged_union.paged_union_triton(
+            q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5, counter=quest.counter) for i, l in enumerate(sl)],
+              gb=round(union / 1e9, 3))
         stage_data[n] = qs, kq, pl, maps
     for n, (kv, q, quest) in cases.items():  # 3. per-turn work outside the graph: the plugin's bounds load, old
         # (min / max over every key) and new (the layers' own bounds copied; then, a turn later, the pages kept)
@@ -142,24 +146,21 @@ def main() -> None:
             adopted=all(x.keys.data_ptr() == kb.data_ptr() for x, kb in zip(layers, kv.k)))
         del layers, cache
     for n, (kv, q, quest) in cases.items():  # 4. more variants while time is left
-        step(n, "radix", select_args={"radix": 1})
-        step(n, "seg1024_search", select_args=SELECTS["seg1024_search"])
-        step(n, "search_w4", select_args=SELECTS["search_w4"])
-        step(n, "bisect merge", merge=True)
         qs, kq, pl, maps = stage_data[n]
-        p = maps[0].shape[-1]
-        for tune in ({"block_pages": 8, "num_warps": 8}, {"range_pages": max(8, 2 ** (p * 8 // 1024).bit_length() // 2)},
-                     {"range_pages": 2 ** (p * 8 // 256).bit_length(), "block_pages": 8, "num_warps": 8}):
-            timed(n, f"stage union {json.dumps(tune)}", lambda tune=tune: [paged_union.paged_union_triton(
-                q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
         m, nn, sl = quest.m, kv.at[:1] + 1, range(quest.m.dense_layers, L)
-        for name in ("bisect_w4", "search_w4", "seg1024"):
+        timed(n, "stage paged", lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16,
+                                                                             D ** -0.5) for i, l in enumerate(sl)])
+        timed(n, "stage union", lambda: [paged_union.paged_union_triton(q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5)
+                                         for i, l in enumerate(sl)])
+        step(n, "search", select_args=search)
+        step(n, "search union", select_args=search, union=True)
+        for name in ("bisect_w4", "search_w4"):
             timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
                 qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
-        for tune in ({"counter": quest.counter}, {"pages_per_split": 32}, {"pages_per_split": 8, "block_pages": 2}):
-            timed(n, f"stage paged {'merge' if 'counter' in tune else json.dumps(tune)}",
-                  lambda tune=tune: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5,
-                                                                         **tune) for i, l in enumerate(sl)])
+        p = maps[0].shape[-1]
+        for tune in ({"block_pages": 8, "num_warps": 8}, {"range_pages": max(8, 2 ** (p * 8 // 1024).bit_length() // 2)}):
+            timed(n, f"stage union {json.dumps(tune)}", lambda tune=tune: [paged_union.paged_union_triton(
+                q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5, **tune) for i, l in enumerate(sl)])
     for r in report["results"]:
         if "gb" in r and r.get("ms"):
             r["tb_s"] = round(r["gb"] / r["ms"], 3)

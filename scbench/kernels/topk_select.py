@@ -143,7 +143,7 @@ if triton is not None:
 
     @triton.jit
     def _quest_local_kernel(S, N, CV, CI, P, K, budget, SEG: tl.constexpr, KP: tl.constexpr, PAGE: tl.constexpr,
-                            RECENT: tl.constexpr, RADIX: tl.constexpr):
+                            RECENT: tl.constexpr, RADIX: tl.constexpr, Map=None, MAP: tl.constexpr = False):
         """(row, segment of SEG pages): the segment's pick best pages (values, page indices, ascending) into
         CV / CI [R, segments, K]: every row's pick best are among its segments' (stage 1 of two)."""
         r, sg = tl.program_id(0), tl.program_id(1)
@@ -158,11 +158,13 @@ if triton is not None:
         tl.store(CI + base + pos, offs, mask=sel)
         j = tl.arange(0, KP)
         tl.store(CV + base + j, tl.full([KP], float("-inf"), tl.float32), mask=(j >= kk) & (j < K))
+        if MAP:  # cleared here, the row's pages set by stage 2
+            tl.store(Map + r.to(tl.int64) * P + offs, tl.zeros([SEG], tl.int8), mask=offs < P)
 
     @triton.jit
     def _quest_select_kernel(S, Idx, N, Out, P, K, budget, NP: tl.constexpr, PAGE: tl.constexpr,
                              RECENT: tl.constexpr, RP: tl.constexpr, GATHER: tl.constexpr, RADIX: tl.constexpr,
-                             Map=None, MAP: tl.constexpr = False):
+                             Map=None, PM=0, MAP: tl.constexpr = False):
         """Row r of S [R, P] (-inf: not a candidate): the pick largest pages in ascending order, -1 up to K, then
         the RECENT newest pages. Out [R, K + RECENT] int32. GATHER: S holds stage 1's candidates, their page
         indices in Idx [R, P]."""
@@ -181,9 +183,15 @@ if triton is not None:
         tl.store(base + offs, tl.full([NP], -1, tl.int32), mask=(offs >= kk) & (offs < K))
         j = tl.arange(0, RP)
         tl.store(base + K + j, cand + j, mask=j < RECENT)
-        if MAP:  # the row's pages as a 0/1 map [P] (selected or recent): the union kernel's input
-            used = sel | ((offs >= cand) & (offs < cand + RECENT))
-            tl.store(Map + r.to(tl.int64) * P + offs, used.to(tl.int8), mask=offs < P)
+        if MAP:  # the row's pages as a 0/1 map [PM] (selected or recent): the union kernel's input
+            mrow = Map + r.to(tl.int64) * PM
+            if GATHER:  # stage 1 cleared the row
+                idx = tl.load(Idx + r.to(tl.int64) * P + offs, mask=sel, other=0)
+                tl.store(mrow + idx, tl.full([NP], 1, tl.int8), mask=sel)
+                tl.store(mrow + cand + j, tl.full([RP], 1, tl.int8), mask=j < RECENT)
+            else:
+                used = sel | ((offs >= cand) & (offs < cand + RECENT))
+                tl.store(mrow + offs, used.to(tl.int8), mask=offs < P)
 
 
 def _warps(np_: int) -> int:
@@ -199,12 +207,13 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
     ``segment`` (a power of two): long rows first keep each segment's best (one program per row and segment),
     then one program per row selects among those (rows of P pages take P / segment * k candidates). ``radix``:
     the threshold by 4 histogram passes (``_top_mask_radix``), 2: by an interpolating search (``_top_mask_search``,
-    ~5-15 counts), instead of 32 bisection counts (same pages). ``map_out`` (int8 [B, Hs, P], one program per row
-    only): also each row's listed pages as a 0/1 map (``paged_decode.paged_union_triton``'s input)."""
+    ~5-15 counts), instead of 32 bisection counts (same pages). ``map_out`` (int8 [B, Hs, P]): also each row's
+    listed pages as a 0/1 map (``paged_union.paged_union_triton``'s input)."""
     radix = int(radix)
-    if map_out is not None and (map_out.shape != s.shape or map_out.dtype != torch.int8 or (segment and p > segment)):
-        raise ValueError(f"quest_select_triton: map_out must be int8 {tuple(s.shape)} and no segment, got "
-                         f"{map_out.dtype} {tuple(map_out.shape)}, segment {segment}")
+    if map_out is not None and (map_out.shape != s.shape or map_out.dtype != torch.int8 or not map_out.is_contiguous()):
+        raise ValueError(f"quest_select_triton: map_out must be contiguous int8 {tuple(s.shape)}, got "
+                         f"{map_out.dtype} {tuple(map_out.shape)}")
+    mapping = dict(Map=map_out, MAP=map_out is not None)
     b, hs, p = s.shape
     out = torch.empty(b, hs, k + recent, dtype=torch.int32, device=s.device)
     rp = max(2, triton.next_power_of_2(recent))
@@ -214,14 +223,15 @@ def quest_select_triton(s: torch.Tensor, n: torch.Tensor, page: int, budget: int
         cv = torch.empty(b * hs, nseg, k, dtype=torch.float32, device=s.device)
         ci = torch.empty(b * hs, nseg, k, dtype=torch.int32, device=s.device)
         _quest_local_kernel[(b * hs, nseg)](s, n, cv, ci, p, k, budget, SEG=segment, KP=max(2, triton.next_power_of_2(k)),
-                                            PAGE=page, RECENT=recent, RADIX=radix, num_warps=local_warps or _warps(segment))
+                                            PAGE=page, RECENT=recent, RADIX=radix, **mapping,
+                                            num_warps=local_warps or _warps(segment))
         np_ = triton.next_power_of_2(nseg * k)
         _quest_select_kernel[(b * hs,)](cv, ci, n, out, nseg * k, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp,
-                                        GATHER=True, RADIX=radix, num_warps=num_warps or _warps(np_))
+                                        GATHER=True, RADIX=radix, PM=p, **mapping, num_warps=num_warps or _warps(np_))
         return out
     np_ = max(16, triton.next_power_of_2(p))
     _quest_select_kernel[(b * hs,)](s, s, n, out, p, k, budget, NP=np_, PAGE=page, RECENT=recent, RP=rp, GATHER=False,
-                                    RADIX=radix, Map=map_out, MAP=map_out is not None, num_warps=num_warps or _warps(np_))
+                                    RADIX=radix, PM=p, **mapping, num_warps=num_warps or _warps(np_))
     return out
 
 

@@ -162,8 +162,8 @@ def test_turns_reuse_static_buffers_and_bounds(smol_tokenizer, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("radix,merge", [(2, False), (2, True), (1, False)])
-def test_select_variants_and_union_kernel_cuda(dtype, radix, merge):
+@pytest.mark.parametrize("radix,merge,segment", [(2, False, None), (2, True, 128), (0, True, 128)])
+def test_select_variants_and_union_kernel_cuda(dtype, radix, merge, segment):
     """Llama-8B head shapes: the select variants list the bisection's pages, and the union kernel (from the page
     maps) matches the torch reference over those lists."""
     from scbench.kernels import paged_union, topk_select
@@ -178,7 +178,8 @@ def test_select_variants_and_union_kernel_cuda(dtype, radix, merge):
     kk = (1024 - 1) // p
     want = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk)
     mp = torch.empty(s.shape, dtype=torch.int8, device="cuda")
-    got = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp)
+    got = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp, segment=segment,
+                                          local_warps=1)
     assert torch.equal(got, want)
     ref = paged_decode.paged_attention_torch(q, k, v, want, atv + 1, p, 0.09)
     counter = torch.zeros(64, dtype=torch.int32, device="cuda") if merge else None

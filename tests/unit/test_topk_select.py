@@ -130,8 +130,9 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     assert counter is None or not counter.any()
 
 
-@pytest.mark.parametrize("range_pages,block_pages,merge", [(None, None, False), (8, 1, False), (4, 2, True)])
-def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, merge):
+@pytest.mark.parametrize("range_pages,block_pages,merge,segment", [(None, None, False, None), (8, 1, False, 8),
+                                                                    (4, 2, True, None)])
+def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, merge, segment):
     """The select kernel's page map and the union kernel (each page of a group's union read once, per-head masks)
     against the torch reference over the same page lists."""
     g = torch.Generator().manual_seed(11)
@@ -144,7 +145,7 @@ def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, mer
     nn = torch.tensor([n], device=DEVICE)
     kk = (budget - 1) // page
     mp = torch.full((b, hq, c // page), 7, dtype=torch.int8, device=DEVICE)
-    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp)
+    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp, segment=segment)
     listed = torch.zeros(b, hq, c // page, dtype=torch.int8)
     for h in range(hq):
         listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
@@ -235,7 +236,8 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
 
 @pytest.mark.parametrize("variant", [{}, {"select_args": {"radix": 2}, "union": True}, {"select_args": {"radix": 1}},
                                      {"merge": True, "select_args": {"radix": 2}},
-                                     {"merge": True, "union": True, "select_args": {"radix": 0}}])
+                                     {"merge": True, "union": True, "select_args": {"radix": 0}},
+                                     {"union": True, "select_args": {"radix": 2, "segment": 16}}])
 def test_quest_triton_attend_variants_match_torch_path(variant):
     """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
     path over two steps of three layers (float32): the same bounds updates and outputs."""
