@@ -102,8 +102,9 @@ class QuestDecode:
                 lo, hi = keys[:, :, v0 * p : full * p].unflatten(-2, (full - v0, p)).aminmax(dim=-2)
                 self.kmin[l][:, :, v0:full], self.kmax[l][:, :, v0:full] = lo, hi
             if n % p:
-                self.kmin[l][:, :, full] = keys[:, :, full * p :].amin(-2)
-                self.kmax[l][:, :, full] = keys[:, :, full * p :].amax(-2)
+                lo, hi = keys[:, :, full * p :].aminmax(dim=-2)
+                self.kmin[l][:, :, full].copy_(lo)
+                self.kmax[l][:, :, full].copy_(hi)
             if layer is not None:
                 self._share(layer, l)
 
