@@ -93,13 +93,14 @@ if triton is not None:
         the values. Then the entries >= hi and the lowest-position entries of [lo, hi) up to kk are taken."""
         key = _skey(x)
         valid = x > float("-inf")
-        n_ok = tl.sum(valid.to(tl.int32), 0)
-        lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)
-        hi = tl.max(tl.where(valid, key, -2147483647 - 1), 0).to(tl.int64) + 1
         xs = tl.where(valid, x, 0.0)
+        n_ok, sx, sxx, lo, hi = tl.reduce((valid.to(tl.int32), xs, xs * xs, tl.where(valid, key, 2147483647),
+                                           tl.where(valid, key, -2147483647 - 1)), 0, _stats)  # one pass
+        lo = lo.to(tl.int64)
+        hi = hi.to(tl.int64) + 1
         cnt = tl.maximum(n_ok, 1).to(tl.float32)
-        mean = tl.sum(xs, 0) / cnt
-        sd = tl.sqrt(tl.maximum(tl.sum(xs * xs, 0) / cnt - mean * mean, 0.0))
+        mean = sx / cnt
+        sd = tl.sqrt(tl.maximum(sxx / cnt - mean * mean, 0.0))
         pr = (kk.to(tl.float32) - 0.5) / cnt  # upper-tail share: z = Q^-1(pr) (Abramowitz-Stegun 26.2.23)
         t = tl.sqrt(-2.0 * tl.log(tl.minimum(tl.maximum(tl.minimum(pr, 1.0 - pr), 1e-30), 0.5)))
         z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
@@ -131,9 +132,17 @@ if triton is not None:
             w_lo = tl.where(up, 1.0, tl.where(side == -1, w_lo * 0.5, 1.0))
             side = tl.where(up, 1, -1)
             it += 1
-        band = valid & (key >= lo) & (key < hi)
-        rank = tl.cumsum(band.to(tl.int32), 0) - band.to(tl.int32)
-        return valid & ((key >= hi) | (band & (rank < kk - c_hi))) & (kk > 0)
+        if c_lo == kk:  # exactly kk keys >= lo: no tie to break
+            sel = valid & (key >= lo)
+        else:
+            band = valid & (key >= lo) & (key < hi)
+            rank = tl.cumsum(band.to(tl.int32), 0) - band.to(tl.int32)
+            sel = valid & ((key >= hi) | (band & (rank < kk - c_hi)))
+        return sel & (kk > 0)
+
+    @triton.jit
+    def _stats(n0, s0, q0, lo0, hi0, n1, s1, q1, lo1, hi1):
+        return n0 + n1, s0 + s1, q0 + q1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
 
     @triton.jit
     def _quest_pick(N, K, budget, PAGE: tl.constexpr, RECENT: tl.constexpr):
