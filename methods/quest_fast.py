@@ -66,6 +66,7 @@ class QuestDecode:
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.counter: torch.Tensor | None = None
+        self._read_key, self._read = None, 0
 
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "quest", "the plain loop loads it")
@@ -203,7 +204,17 @@ class QuestDecode:
             b, hkv, _, d = kb.shape
             hs = hkv if self.m.gqa == "group" else self.q_heads
             row = b * d * kb.element_size() * 2  # keys + values
-            for i in range(1, fed + 1):
-                rows = None if l < self.m.dense_layers else self.rows_loaded(n + i)
-                layer.loaded_bytes += row * (hkv * (n + i) if rows is None else hs * rows)
+            layer.loaded_bytes += row * self._rows_read(n, fed, l < self.m.dense_layers, hkv, hs)
         return True
+
+    def _rows_read(self, n: int, fed: int, dense: bool, hkv: int, hs: int) -> int:
+        """Key rows one layer's ``fed`` steps read after n stored rows, over its heads (layers of equal length
+        share the sum: computed once per turn, not per layer)."""
+        key = (n, fed, dense, hkv, hs)
+        if self._read_key != key:
+            total = 0
+            for i in range(1, fed + 1):
+                rows = None if dense else self.rows_loaded(n + i)
+                total += hkv * (n + i) if rows is None else hs * rows
+            self._read_key, self._read = key, total
+        return self._read
