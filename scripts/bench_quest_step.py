@@ -86,6 +86,8 @@ def main() -> None:
         step(n, "bisect merge" + " seg" * long, merge=True, **sg)
         step(n, "search merge" + " seg" * long, select_args=search, merge=True, **sg)
         step(n, "search union merge" + " seg" * long, select_args=search, union=True, merge=True, **sg)
+        if long:
+            step(n, "search merge seg2048", select_args=search, merge=True, segment=2048)
     stage_data = {}
     for n, (kv, q, quest) in cases.items():  # 2. each stage alone over the 30 selecting layers, inputs precomputed
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
