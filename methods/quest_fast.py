@@ -8,8 +8,12 @@ possible pick count (``(budget - 1) // page``); slots beyond this step's pick co
 are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decode`` attends to the listed rows
 (Triton on CUDA: no gather). On CUDA the scores come from one kernel that also updates the bounds, and
 ``scbench.kernels.topk_select.quest_select_triton`` lists the step's pick best pages without a sort (bisection on
-the scores' bits; the old ``topk`` path stays selectable, ``SCBENCH_QUEST_SELECT=topk``). The page set equals ``Quest.select``'s, so the plain path (``decode_attention`` over a
-``TieredLayer``) stays the reference: tests/methods/test_quest_fast.py compares greedy tokens.
+the scores' bits, or an interpolating search; rows of 4,096+ pages in two stages; the old ``topk`` path stays
+selectable, ``SCBENCH_QUEST_SELECT=topk``); the paged kernel merges its splits itself, or (``union``) one program
+per KV group reads each page any of its heads listed once. The page set equals ``Quest.select``'s, so the plain
+path (``decode_attention`` over a ``TieredLayer``) stays the reference: tests/methods/test_quest_fast.py compares
+greedy tokens. Between turns nothing is copied: the static buffers become the TieredLayers' storage and the layers'
+bounds are views of the plugin's (only pages past a rollback are redone).
 """
 from __future__ import annotations
 
