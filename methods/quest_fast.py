@@ -34,9 +34,10 @@ the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare
 SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
 """CUDA page top-k: ``bisect`` (scbench/kernels/topk_select.py: no sort, pages listed in ascending order) or
 ``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
-SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "bisect")
+SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "")
 """How ``quest_select_triton`` finds the threshold (the same pages each way): ``bisect`` (32 counts), ``radix`` (4
-histogram passes) or ``search`` (interpolating search, ~5-15 counts)."""
+histogram passes) or ``search`` (interpolating search, ~5-15 counts); default: ``search`` for two-stage rows (H200,
+131K: 2.07 vs 2.27 ms per 32-layer step), ``bisect`` for shorter ones (32K: 1.31 vs 1.33 ms; radix: 1.66 / 3.59)."""
 SEARCHES = {"bisect": 0, "radix": 1, "search": 2}
 SEGMENT = int(os.environ.get("SCBENCH_QUEST_SEGMENT", "1024"))
 """CUDA: rows of 4,096 pages or more (64K+ tokens) select in two stages, each segment of this many pages keeping its
@@ -46,7 +47,9 @@ MERGE = os.environ.get("SCBENCH_QUEST_MERGE", "1") == "1"
 1.38 ms (32K), 2.48 vs 2.57 ms (131K) per 32-layer step."""
 UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 """CUDA, gqa=head: the select kernel also writes each head's page map and one program per KV head and page range
-attends the group's heads over the union of their pages (each page read once; the same selection and math)."""
+attends the group's heads over the union of their pages (each page read once; the same selection and math). Off:
+on random weights the heads' pages barely overlap (1.41 vs 2.01 GB at 32K) and the kernel reaches 1.33 TB/s
+against the paged kernel's 2.41 (H200, 32K: 1.55 vs 1.31 ms per step); for models whose heads agree."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
@@ -64,7 +67,8 @@ class QuestDecode:
         self.select = SELECT
         self.tune: dict = {}  # paged_attention_triton's split / block / warp sizes (None: its defaults)
         self.score_args: dict = {}  # quest_scores_triton's block_pages / num_warps
-        self.select_args: dict = {"radix": SEARCHES[SEARCH]}  # quest_select_triton's radix / segment / warps
+        self.select_args: dict = {"radix": SEARCHES[SEARCH]} if SEARCH else {}  # quest_select_triton's radix /
+        # segment / warps (more than these defaults)
         self.merge = MERGE  # CUDA: the paged / union kernel merges its splits itself (one launch less per layer)
         self.segment, self.segment_from = SEGMENT, 4096  # rows of >= segment_from pages: two-stage select
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
@@ -175,6 +179,7 @@ class QuestDecode:
         if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)
             sel.setdefault("segment", self.segment)
             sel.setdefault("local_warps", 1)
+            sel.setdefault("radix", 2)
         if self.select == "bisect" and self.union and m.gqa == "head":  # each page of a group's union read once
             mp = torch.empty(s.shape, dtype=torch.int8, device=s.device)
             quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), map_out=mp,

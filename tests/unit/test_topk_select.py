@@ -237,7 +237,8 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
 @pytest.mark.parametrize("variant", [{}, {"select_args": {"radix": 2}, "union": True}, {"select_args": {"radix": 1}},
                                      {"merge": True, "select_args": {"radix": 2}},
                                      {"merge": True, "union": True, "select_args": {"radix": 0}},
-                                     {"union": True, "select_args": {"radix": 2, "segment": 16}}])
+                                     {"union": True, "select_args": {"radix": 2, "segment": 16}},
+                                     {"segment_from": 16, "segment": 16}])  # the default for long rows, made short
 def test_quest_triton_attend_variants_match_torch_path(variant):
     """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
     path over two steps of three layers (float32): the same bounds updates and outputs."""
