@@ -23,6 +23,7 @@ import torch
 
 from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kernels.paged_dot import paged_dot_triton
 from scbench.kernels.paged_union import paged_union_triton
 from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
@@ -50,6 +51,9 @@ UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 attends the group's heads over the union of their pages (each page read once; the same selection and math). Off:
 on random weights the heads' pages barely overlap (1.41 vs 2.01 GB at 32K) and the kernel reaches 1.33 TB/s
 against the paged kernel's 2.41 (H200, 32K: 1.55 vs 1.31 ms per step); for models whose heads agree."""
+DOT = os.environ.get("SCBENCH_QUEST_DOT", "0") == "1"
+"""CUDA: the paged attention as two small matmuls per block with a pipelined loop (``paged_dot.paged_dot_triton``)
+instead of elementwise products (not measured on the GPU yet: off)."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
@@ -73,6 +77,7 @@ class QuestDecode:
         self.segment, self.segment_from = SEGMENT, 4096  # rows of >= segment_from pages: two-stage select
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
+        self.dot = DOT  # CUDA, one list per query head: the matmul paged kernel (kernels/paged_dot.py)
         self.counter: torch.Tensor | None = None
         self._read_key, self._read = None, 0
 
@@ -188,8 +193,9 @@ class QuestDecode:
                                       **self.union_args)
         if self.select == "bisect":
             pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
-            return paged_decode.paged_attention_triton(q, k, v, pages, n, m.page_size, scale,
-                                                       counter=self.counter if self.merge else None, **self.tune)
+            attend = paged_dot_triton if self.dot and pages.shape[1] == q.shape[1] else paged_decode.paged_attention_triton
+            return attend(q, k, v, pages, n, m.page_size, scale, counter=self.counter if self.merge else None,
+                          **self.tune)
         top = s.topk(self.top_k(s.shape[-1]), dim=-1)
         return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                    top_values=top.values, budget=m.budget, recent=m.recent_pages)

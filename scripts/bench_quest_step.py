@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph  # noqa: E402
 
-from scbench.kernels import paged_decode, paged_union, topk_select  # noqa: E402
+from scbench.kernels import paged_decode, paged_dot, paged_union, topk_select  # noqa: E402
 from scbench.kv.offload import TieredLayer  # noqa: E402
 from scbench.methods.quest import Quest, page_bounds  # noqa: E402
 from scbench.methods.quest_fast import QuestDecode  # noqa: E402
@@ -63,7 +63,8 @@ def main() -> None:
 
     def step(n, name, ref=False, **attrs):
         kv, q, quest = cases[n]
-        for key, val in {"select_args": {}, "merge": False, "union": False, "segment": 0, **attrs}.items():
+        for key, val in {"select_args": {}, "merge": False, "union": False, "segment": 0, "dot": False, "tune": {},
+                         **attrs}.items():
             setattr(quest, key, val)
         out = timed(n, f"quest_step {name}", step_fn(kv, q, quest))
         if ref:
@@ -83,11 +84,13 @@ def main() -> None:
         sg = seg if long else {}
         timed(n, "full_step", step_fn(kv, q, None))
         step(n, "bisect", ref=True)
-        step(n, "bisect merge" + " seg" * long, merge=True, **sg)
-        step(n, "search merge" + " seg" * long, select_args=search, merge=True, **sg)
-        step(n, "search union merge" + " seg" * long, select_args=search, union=True, merge=True, **sg)
-        if long:
-            step(n, "search merge seg2048", select_args=search, merge=True, segment=2048)
+        srch = search if long else {}  # the defaults: search + two stages for long rows, bisection else; merge
+        step(n, "default (merge" + ", search, seg)" * long + ")" * (not long), select_args=srch, merge=True, **sg)
+        step(n, "dot merge", select_args=srch, merge=True, dot=True, **sg)
+        step(n, "dot merge stages2", select_args=srch, merge=True, dot=True, tune={"num_stages": 2}, **sg)
+        step(n, "dot merge bp8", select_args=srch, merge=True, dot=True, tune={"block_pages": 8, "pages_per_split": 32},
+             **sg)
+        step(n, "dot merge w8", select_args=srch, merge=True, dot=True, tune={"num_warps": 8}, **sg)
     stage_data = {}
     for n, (kv, q, quest) in cases.items():  # 2. each stage alone over the 30 selecting layers, inputs precomputed
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
@@ -114,6 +117,9 @@ def main() -> None:
         attn = HQ * rows * D * 2 * 2
         pl = lists["bisect"]
         timed(n, "stage paged merge", lambda: [paged_decode.paged_attention_triton(
+            q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, counter=quest.counter) for i, l in enumerate(sl)],
+              gb=round(len(sl) * attn / 1e9, 3))
+        timed(n, "stage dot merge", lambda: [paged_dot.paged_dot_triton(
             q[l], kv.k[l], kv.v[l], pl[i], nn, 16, D ** -0.5, counter=quest.counter) for i, l in enumerate(sl)],
               gb=round(len(sl) * attn / 1e9, 3))
         maps = []

@@ -5,7 +5,7 @@
 # (TESTS="-k ..." selects them; the full CUDA set: scripts/gpu_tests.sh).
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout ${BENCH_S:-47} python3 -P scripts/bench_quest_step.py --lengths 32000 131000 --budget-s ${BUDGET_S:-39} \
+timeout ${BENCH_S:-44} python3 -P scripts/bench_quest_step.py --lengths 32000 131000 --budget-s ${BUDGET_S:-36} \
   || echo "bench rc=$?"
-timeout ${TESTS_S:-10} python3 -P -m pytest -q -x -p no:cacheprovider tests/methods/test_quest_fast.py \
-  ${TESTS:--k select_variants_and_union} 2>&1 | tail -4
+timeout ${TESTS_S:-13} python3 -P -m pytest -q -x -p no:cacheprovider tests/methods/test_quest_fast.py \
+  ${TESTS:--k "select_variants_and_union or paged_dot"} 2>&1 | tail -4

@@ -186,3 +186,18 @@ def test_select_variants_and_union_kernel_cuda(dtype, radix, merge, segment):
     out = paged_union.paged_union_triton(q, k, v, mp, atv + 1, p, 0.09, counter=counter)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_dot_kernel_cuda(dtype):
+    """The matmul paged kernel (pipelined, in-kernel merge) against the float64 reference at Llama-8B head shapes."""
+    from scbench.kernels import paged_dot
+
+    q, k, v, pages, nn = _case(3, hq=32, hkv=8, hs=32, c=8192, d=128, m=257, n=8000, device="cuda", dtype=dtype)
+    counter = torch.zeros(64, dtype=torch.int32, device="cuda")
+    got = paged_dot.paged_dot_triton(q, k, v, pages, nn, 16, 0.09, counter=counter)
+    want = _reference(q.cpu(), k.cpu(), v.cpu(), pages.cpu(), nn.cpu(), 16, 0.09)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
+    assert not counter.any()

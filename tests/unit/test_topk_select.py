@@ -159,6 +159,29 @@ def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, mer
     assert counter is None or not counter.any()
 
 
+@pytest.mark.parametrize("tune", [{}, {"counter": True, "num_stages": 2}, {"block_pages": 1, "pages_per_split": 3}])
+def test_paged_dot_kernel_matches_torch(tune):
+    """The matmul paged kernel (one list per query head, -1 slots, a partial last page) against the torch path."""
+    from scbench.kernels import paged_dot
+
+    g = torch.Generator().manual_seed(19)
+    b, hq, hkv, c, d, page, n = 1, 4, 2, 512, 16, 16, 470
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    pages = torch.randint(0, (n + page - 1) // page, (b, hq, 9), generator=g)
+    pages[..., 2] = -1
+    pages[..., -1] = (n - 1) // page
+    pages = pages.to(DEVICE)
+    nn = torch.tensor([n], device=DEVICE)
+    want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
+    tune = dict(tune)
+    counter = torch.zeros(8, dtype=torch.int32, device=DEVICE) if tune.pop("counter", False) else None
+    for _ in range(2):
+        got = paged_dot.paged_dot_triton(q, k, v, pages, nn, page, 0.3, counter=counter, **tune)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert counter is None or not counter.any()
+
+
 def test_radix_rows_then_paged_kernel_matches_torch():
     g = torch.Generator().manual_seed(8)
     b, hq, hkv, c, d, n, k, n_init, n_local = 1, 4, 2, 600, 16, 590, 40, 8, 16
@@ -238,7 +261,8 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
                                      {"merge": True, "select_args": {"radix": 2}},
                                      {"merge": True, "union": True, "select_args": {"radix": 0}},
                                      {"union": True, "select_args": {"radix": 2, "segment": 16}},
-                                     {"segment_from": 16, "segment": 16}])  # the default for long rows, made short
+                                     {"segment_from": 16, "segment": 16},  # the default for long rows, made short
+                                     {"dot": True}, {"dot": True, "merge": False}])
 def test_quest_triton_attend_variants_match_torch_path(variant):
     """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
     path over two steps of three layers (float32): the same bounds updates and outputs."""
