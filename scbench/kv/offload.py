@@ -176,6 +176,14 @@ class Rows:
     def crop(self, n: int) -> None:
         self.n = min(self.n, n)
 
+    def adopt(self, buf: torch.Tensor, n: int) -> None:
+        """Make ``buf`` [..., C, D] (its first ``n`` rows already holding these rows and the new ones) the
+        capacity buffer: no copy (a decode loop's static buffer becomes the storage)."""
+        if buf.device != self.device or (self.dtype is not None and buf.dtype != self.dtype) or n > buf.shape[-2]:
+            raise ValueError(f"Rows.adopt: buffer {tuple(buf.shape)} {buf.dtype} on {buf.device} cannot hold {n} "
+                             f"rows of this {self.device} store")
+        self.buf, self.n = buf, n
+
 
 class TieredLayer(DynamicLayer, CacheLayer):
     """A cache layer whose keys/values [B, Hkv, n, D] live in a storage tier; decode loads a subset of rows.
@@ -225,6 +233,19 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self._k.append(k)
         self._v.append(v)
         self.keys, self.values = self._k.view, self._v.view
+
+    def adopt(self, k: torch.Tensor, v: torch.Tensor, n: int) -> bool:
+        """Take buffers k, v [B, Hkv, C, D] whose first ``n`` rows are this layer's rows (its own first, then
+        new ones) as the storage, without a copy; False (nothing changed) when the layer cannot: a host tier, a
+        device window, or other shapes."""
+        if (self.storage != self.compute or self.window is not None or k.device != self.storage
+                or k.shape[:2] != self.keys.shape[:2] or k.shape[3] != self.keys.shape[3] or k.dtype != self.dtype
+                or n < self.n or n > k.shape[2]):
+            return False
+        self._k.adopt(k, n)
+        self._v.adopt(v, n)
+        self.keys, self.values = self._k.view, self._v.view
+        return True
 
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states, value_states: [B, Hkv, t, D] on the compute device."""

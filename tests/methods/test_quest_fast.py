@@ -129,3 +129,75 @@ def test_fused_quest_kernels_match_torch(dtype, group, at):
                                               budget=1024, recent=1)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_turns_reuse_static_buffers_and_bounds(smol_tokenizer, monkeypatch):
+    """After a fast turn the static buffers are the layers' storage (the next turn copies no row) and the layers'
+    bounds are views of the plugin's; after a rollback and a follow-up both equal the bounds recomputed from the
+    keys, and the plugin redoes only the pages past the crop."""
+    from scbench.methods import quest_fast
+    from scbench.methods.quest import page_bounds
+
+    engine = make_tiny_engine(smol_tokenizer, layers=3)
+    g = torch.Generator().manual_seed(5)
+    prompt, follow = (torch.randint(5, 2000, (t,), generator=g).tolist() for t in (333, 21))
+    copied = []
+    real = quest_fast.QuestDecode.load
+    monkeypatch.setattr(quest_fast.QuestDecode, "load", lambda self, kv, cache: (
+        copied.append([layer.keys.data_ptr() != kb.data_ptr() for layer, kb in zip(cache.layers, kv.k)]),
+        real(self, kv, cache))[1])
+    _, paths, s, _ = two_turn_decode(engine, Quest(budget=64, page_size=16, dense_layers=1), prompt, follow, "fast", 24, 17)
+    assert paths == ["static"] * 2
+    assert copied == [[True] * 3, [False] * 3]  # the second turn's rows were already in the static buffers
+    plug = s.decoder.plugin
+    for l, layer in enumerate(s.cache.layers):
+        assert layer.keys.data_ptr() == s.decoder.kv.k[l].data_ptr()
+        if l == 0:
+            continue
+        lo, hi = page_bounds(layer.keys, 16)
+        assert torch.equal(layer.state["quest"][0], lo) and torch.equal(layer.state["quest"][1], hi)
+        assert layer.state["quest"][0].data_ptr() == plug.kmin[l].data_ptr()
+        assert torch.equal(plug.kmin[l][:, :, : lo.shape[2]], lo) and torch.equal(plug.kmax[l][:, :, : hi.shape[2]], hi)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("radix,merge,segment", [(2, False, None), (2, True, 128), (0, True, 128)])
+def test_select_variants_and_union_kernel_cuda(dtype, radix, merge, segment):
+    """Llama-8B head shapes: the select variants list the bisection's pages, and the union kernel (from the page
+    maps) matches the torch reference over those lists."""
+    from scbench.kernels import paged_union, topk_select
+
+    torch.manual_seed(radix)
+    c, p, hq, hkv, d, at = 8192, 16, 32, 8, 128, 5000
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=dtype) for _ in range(2))
+    kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=dtype) for _ in range(2))
+    atv = torch.tensor([at], device="cuda")
+    s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False)
+    kk = (1024 - 1) // p
+    want = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk)
+    mp = torch.empty(s.shape, dtype=torch.int8, device="cuda")
+    got = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp, segment=segment,
+                                          local_warps=1)
+    assert torch.equal(got, want)
+    ref = paged_decode.paged_attention_torch(q, k, v, want, atv + 1, p, 0.09)
+    counter = torch.zeros(64, dtype=torch.int32, device="cuda") if merge else None
+    out = paged_union.paged_union_triton(q, k, v, mp, atv + 1, p, 0.09, counter=counter)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or paged_decode.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_dot_kernel_cuda(dtype):
+    """The matmul paged kernel (pipelined, in-kernel merge) against the float64 reference at Llama-8B head shapes."""
+    from scbench.kernels import paged_dot
+
+    q, k, v, pages, nn = _case(3, hq=32, hkv=8, hs=32, c=8192, d=128, m=257, n=8000, device="cuda", dtype=dtype)
+    counter = torch.zeros(64, dtype=torch.int32, device="cuda")
+    got = paged_dot.paged_dot_triton(q, k, v, pages, nn, 16, 0.09, counter=counter)
+    want = _reference(q.cpu(), k.cpu(), v.cpu(), pages.cpu(), nn.cpu(), 16, 0.09)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
+    assert not counter.any()

@@ -5,17 +5,17 @@ import os
 import pytest
 import torch
 
-from scbench.kernels import paged_decode, topk_select
+from scbench.kernels import paged_decode, paged_union, topk_select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 
 
-@pytest.mark.parametrize("segment", [None, 16])
+@pytest.mark.parametrize("segment,radix", [(None, 0), (16, 0), (None, 1), (16, 1), (None, 2), (16, 2)])
 @pytest.mark.parametrize("p,n,budget,recent,page", [(40, 600, 128, 1, 16), (40, 600, 136, 2, 16), (20, 100, 512, 1, 8),
                                                     (33, 520, 64, 3, 16), (40, 640, 16, 1, 16)])
-def test_quest_select_matches_topk(p, n, budget, recent, page, segment):
+def test_quest_select_matches_topk(p, n, budget, recent, page, segment, radix):
     g = torch.Generator().manual_seed(p + n + budget)
     s = torch.randn(2, 3, p, generator=g).to(DEVICE)
     s[0, 1, :5] = 0.25  # ties at the threshold
@@ -25,13 +25,36 @@ def test_quest_select_matches_topk(p, n, budget, recent, page, segment):
     k = min(p, (budget - 1) // page)
     top = s.topk(k, dim=-1)
     want = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent)
-    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment)
+    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment, radix=radix)
     assert got.shape == want.shape
     assert torch.equal(got[..., k:].long().cpu(), want[..., k:].cpu())  # the recent pages
     g_sel, w_sel = got[..., :k].long().cpu(), want[..., :k].cpu()
     assert torch.equal((g_sel >= 0).sum(-1), (w_sel >= 0).sum(-1))
     assert torch.equal(g_sel.sort(-1).values, w_sel.sort(-1).values) or _tie_ok(s.cpu(), g_sel, w_sel)
     assert torch.equal(g_sel, torch.where(g_sel >= 0, g_sel, 1 << 30).sort(-1).values.where(g_sel >= 0, -1))  # ascending
+
+
+def test_quest_select_variants_agree_on_hard_rows():
+    """Bisection, radix histograms and the interpolating search list the same pages (ties: lowest positions) on
+    rows made to defeat a search: all equal, few distinct values, magnitudes over 60 decades, negatives only."""
+    g = torch.Generator().manual_seed(3)
+    p, n, page, budget = 200, 3300, 16, 1200
+    rows = [torch.full((p,), 1.5), torch.randint(0, 4, (p,), generator=g).float(),
+            torch.randn(p, generator=g).sign() * 10 ** (torch.rand(p, generator=g) * 60 - 30),
+            -torch.rand(p, generator=g) - 1, torch.randn(p, generator=g) * 1e-30, torch.randn(p, generator=g)]
+    s = torch.stack(rows).view(1, len(rows), p).to(DEVICE)
+    s[..., (n - 1) // page :] = float("-inf")
+    s[0, 5, 7:190:3] = float("-inf")  # scattered non-candidates
+    nn = torch.tensor([n], device=DEVICE)
+    k = (budget - 1) // page
+    want = topk_select.quest_select_triton(s, nn, page, budget, 1, k).cpu()
+    top = s.topk(k, dim=-1)
+    ref = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, 1).cpu()
+    assert _tie_ok(s.cpu(), want[..., :k], ref[..., :k])
+    for radix in (1, 2):
+        for segment in (None, 64):
+            got = topk_select.quest_select_triton(s, nn, page, budget, 1, k, radix=radix, segment=segment).cpu()
+            assert torch.equal(got, want), (radix, segment)
 
 
 def test_radix_select_rejects_bad_digits():
@@ -103,6 +126,58 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     counter = torch.zeros(16, dtype=torch.int32, device=DEVICE) if tune.pop("merge", False) else None
     for _ in range(2):  # the in-kernel merge leaves its counter at zero for the next call
         got = paged_decode.paged_attention_triton(q, k, v, pages, nn, page, 0.3, counter=counter, **tune)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert counter is None or not counter.any()
+
+
+@pytest.mark.parametrize("range_pages,block_pages,merge,segment", [(None, None, False, None), (8, 1, False, 8),
+                                                                    (4, 2, True, None)])
+def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, merge, segment):
+    """The select kernel's page map and the union kernel (each page of a group's union read once, per-head masks)
+    against the torch reference over the same page lists."""
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, c, d, page, n, budget = 1, 8, 2, 512, 16, 16, 470, 128
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    s = torch.randn(b, hq, c // page, generator=g).to(DEVICE)
+    s[:, 1] = s[:, 0]  # two heads of a group with the same pages: shared reads
+    s[..., (n - 1) // page :] = float("-inf")
+    nn = torch.tensor([n], device=DEVICE)
+    kk = (budget - 1) // page
+    mp = torch.full((b, hq, c // page), 7, dtype=torch.int8, device=DEVICE)
+    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp, segment=segment)
+    listed = torch.zeros(b, hq, c // page, dtype=torch.int8)
+    for h in range(hq):
+        listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
+    assert torch.equal(mp.cpu(), listed)
+    want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
+    counter = torch.zeros(4, dtype=torch.int32, device=DEVICE) if merge else None
+    for _ in range(2):  # the in-kernel merge leaves its counter at zero for the next call
+        got = paged_union.paged_union_triton(q, k, v, mp, nn, page, 0.3, range_pages=range_pages,
+                                             block_pages=block_pages, counter=counter)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert counter is None or not counter.any()
+
+
+@pytest.mark.parametrize("tune", [{}, {"counter": True, "num_stages": 2}, {"block_pages": 1, "pages_per_split": 3}])
+def test_paged_dot_kernel_matches_torch(tune):
+    """The matmul paged kernel (one list per query head, -1 slots, a partial last page) against the torch path."""
+    from scbench.kernels import paged_dot
+
+    g = torch.Generator().manual_seed(19)
+    b, hq, hkv, c, d, page, n = 1, 4, 2, 512, 16, 16, 470
+    q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(b, hkv, c, d, generator=g).to(DEVICE) for _ in range(2))
+    pages = torch.randint(0, (n + page - 1) // page, (b, hq, 9), generator=g)
+    pages[..., 2] = -1
+    pages[..., -1] = (n - 1) // page
+    pages = pages.to(DEVICE)
+    nn = torch.tensor([n], device=DEVICE)
+    want = paged_decode.paged_attention_torch(q, k, v, pages, nn, page, 0.3)
+    tune = dict(tune)
+    counter = torch.zeros(8, dtype=torch.int32, device=DEVICE) if tune.pop("counter", False) else None
+    for _ in range(2):
+        got = paged_dot.paged_dot_triton(q, k, v, pages, nn, page, 0.3, counter=counter, **tune)
         torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
     assert counter is None or not counter.any()
 
@@ -180,6 +255,45 @@ def test_grouped_paged_kernel_matches_torch(page, grouped):
     got = paged_decode.paged_attention_triton(q, k, v, pages.int(), nn, page, 0.3, pages_per_split=16 if page > 1 else 32,
                                               grouped=grouped)
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, {"select_args": {"radix": 2}, "union": True},
+                                     {"merge": True, "union": True, "select_args": {"radix": 0}},
+                                     {"segment_from": 16, "segment": 16},  # the default for long rows, made short
+                                     {"dot": True}])
+def test_quest_triton_attend_variants_match_torch_path(variant):
+    """QuestDecode.attend_triton (scores kernel, select variants, paged / union kernels) against the plugin's torch
+    path over two steps of three layers (float32): the same bounds updates and outputs."""
+    from types import SimpleNamespace
+
+    from scbench.methods.quest import Quest
+    from scbench.methods.quest_fast import QuestDecode
+
+    g = torch.Generator().manual_seed(17)
+    n, cap, layers = 704, 768, 3  # the second step starts a page
+    k = [torch.randn(1, 2, cap, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    v = [torch.randn(1, 2, cap, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    q = [torch.randn(1, 8, 1, 16, generator=g).to(DEVICE) for _ in range(layers)]
+    kv = SimpleNamespace(k=k, v=v, at=torch.full((layers,), n - 1, device=DEVICE), lengths=[n - 1] * layers)
+    ref, new = (QuestDecode(Quest(budget=256, dense_layers=1)) for _ in range(2))
+    for key, val in variant.items():
+        setattr(new, key, val)
+    for plugin in (ref, new):
+        plugin.allocate(kv, None)
+        plugin.load(kv, None)
+    for step in range(2):
+        kv.at.fill_(n - 1 + step)
+        for l in range(1, layers):
+            ref._n = new._n = kv.at + 1
+            want = fastdecode_torch(ref, kv, l, q[l])
+            got = new.attend_triton(kv, l, q[l], k[l], v[l], 0.25)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+            assert torch.equal(new.kmin[l].cpu(), ref.kmin[l].cpu()) and torch.equal(new.kmax[l].cpu(), ref.kmax[l].cpu())
+
+
+def fastdecode_torch(plugin, kv, l, q):
+    at = kv.at[l : l + 1]
+    return paged_decode.paged_attention_torch(q, kv.k[l], kv.v[l], plugin.pages(kv, l, q), at + 1, 16, 0.25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the plugins' CUDA branch)")
