@@ -267,7 +267,7 @@ class RetrievalAttention(Method):
 
             layer.window = DeviceWindow(self.n_init, self.n_local)
             layer.window.build(keys, values, keys.device)
-        if not (self.uses_split() and self.search == "half"):
+        if not (self.uses_split() and self.reads_stored_keys(layer)):
             self.search_keys(layer)  # built with the offload, not inside the first decode step
         return layer
 
@@ -346,6 +346,15 @@ class RetrievalAttention(Method):
             layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
             layer.attended_sum, layer.attended_n = 0.0, 0
         return out
+
+    def reads_stored_keys(self, layer: TieredLayer) -> bool:
+        """Host split: whether the search reads the layer's stored keys in place (no float32 copy): ``search=half``,
+        or the C host kernel (scbench/kernels/ra_host.py: float32 products of bfloat16 keys, the copy's math)."""
+        from scbench.kernels import ra_host
+
+        if layer.dtype in (torch.float32, torch.bfloat16) and layer.storage.type == "cpu" and ra_host.available():
+            return True
+        return self.search == "half" and layer.dtype != torch.float32
 
     def uses_split(self) -> bool:
         """Whether decode takes the host/accelerator split (methods/retrieval_host.py)."""

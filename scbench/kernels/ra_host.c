@@ -1,0 +1,181 @@
+/* RetrievalAttention's host half in C (OpenMP over heads): exact inner-product search of one layer's stored keys,
+ * top-k by a radix select on the float order, and attention over the selected rows. Loaded with ctypes by
+ * scbench/kernels/ra_host.py (compiled there on first use); the torch path (methods/retrieval_host.host_partial)
+ * is the reference. Layouts: keys / values [B, Hkv, cap, D] contiguous (float32 or bfloat16), q [B, Hq, D] float32,
+ * out [B, Hq, D] float32, lse [B, Hq] float32. scores: a caller-owned float32 buffer of B * Hq * (hi - lo). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)x << 16;
+    return c.f;
+}
+
+static inline float round_bf16(float x) { /* round to nearest even bfloat16, back to float32 (finite x) */
+    union { uint32_t u; float f; } c;
+    c.f = x;
+    c.u = (c.u + 0x7FFF + ((c.u >> 16) & 1)) & 0xFFFF0000u;
+    return c.f;
+}
+
+static inline uint32_t okey(float x) { /* unsigned order = float order */
+    union { uint32_t u; float f; } c;
+    c.f = x;
+    return (c.u >> 31) ? ~c.u : (c.u | 0x80000000u);
+}
+
+/* Rows of [lo, hi) of one KV head's keys times its rep query heads -> s[h * m + (row - lo)], rows [r0, r1). */
+static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, int64_t m, int lo, int64_t r0,
+                 int64_t r1, float *s) {
+    float kr[512];
+    for (int64_t r = r0; r < r1; r++) {
+        const float *krow;
+        if (kbf16) {
+            const uint16_t *src = (const uint16_t *)kbase + (int64_t)(lo + r) * D;
+            for (int d = 0; d < D; d++) kr[d] = bf16_to_f32(src[d]);
+            krow = kr;
+        } else {
+            krow = (const float *)kbase + (int64_t)(lo + r) * D;
+        }
+        for (int h = 0; h < rep; h++) {
+            const float *qh = q + (int64_t)h * D;
+            float acc[16] = {0};
+            int d = 0;
+            for (; d + 16 <= D; d += 16)
+                for (int j = 0; j < 16; j++) acc[j] += qh[d + j] * krow[d + j];
+            float t = 0.f;
+            for (; d < D; d++) t += qh[d] * krow[d];
+            for (int j = 0; j < 16; j++) t += acc[j];
+            s[(int64_t)h * m + r] = t;
+        }
+    }
+}
+
+static int cmp_cand(const void *a, const void *b) {
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y; /* (~key << 32 | index): largest key first, then lowest index */
+}
+
+/* Indices (into [0, m)) of the kk largest of r[0, m) (ties: the lowest indices) -> idx[0, kk), unordered. */
+static void select_top(const float *r, int64_t m, int64_t kk, int32_t *idx, uint32_t *hist, uint64_t *cand) {
+    memset(hist, 0, 65536 * sizeof(uint32_t));
+    for (int64_t i = 0; i < m; i++) hist[okey(r[i]) >> 16]++;
+    int64_t above = 0;
+    int b = 65535;
+    for (; b > 0; b--) {
+        if (above + hist[b] >= kk) break;
+        above += hist[b];
+    }
+    int64_t n = 0, nc = 0;
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t u = okey(r[i]);
+        uint32_t t = u >> 16;
+        if (t > (uint32_t)b) idx[n++] = (int32_t)i;
+        else if (t == (uint32_t)b) cand[nc++] = ((uint64_t)(~u) << 32) | (uint64_t)i;
+    }
+    int64_t need = kk - n;
+    if (need < nc) qsort(cand, nc, sizeof(uint64_t), cmp_cand);
+    for (int64_t j = 0; j < need && j < nc; j++) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu);
+}
+
+/* Softmax over the selected logits of one query head and the weighted sum of their value rows. */
+static void attend(const float *s, const int32_t *idx, int64_t kk, const void *vbase, int vbf16, int D, int lo,
+                   float scale, float *out, float *lse, float *p) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < kk; j++) {
+        p[j] = s[idx[j]] * scale;
+        if (p[j] > mx) mx = p[j];
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < kk; j++) {
+        p[j] = expf(p[j] - mx);
+        sum += p[j];
+    }
+    float l = mx + logf(sum), inv = 1.f / sum;
+    *lse = l;
+    float acc[512];
+    for (int d = 0; d < D; d++) acc[d] = 0.f;
+    for (int64_t j = 0; j < kk; j++) {
+        float w = p[j] * inv;
+        int64_t row = (int64_t)lo + idx[j];
+        if (vbf16) {
+            w = round_bf16(w); /* weights rounded to the values' precision, as flash attention's P @ V */
+            const uint16_t *v = (const uint16_t *)vbase + row * D;
+            for (int d = 0; d < D; d++) acc[d] += w * bf16_to_f32(v[d]);
+        } else {
+            const float *v = (const float *)vbase + row * D;
+            for (int d = 0; d < D; d++) acc[d] += w * v[d];
+        }
+    }
+    for (int d = 0; d < D; d++) out[d] = acc[d];
+}
+
+#define CHUNK 2048
+
+/* Per-thread scratch kept between calls (a fresh large malloc is a fresh mmap whose pages fault on every call). */
+static __thread void *bufs[5];
+static __thread size_t sizes[5];
+
+static void *buffer(int i, size_t n) {
+    if (sizes[i] < n) {
+        free(bufs[i]);
+        bufs[i] = malloc(n);
+        sizes[i] = n;
+    }
+    return bufs[i];
+}
+
+/* Returns 0, or -1 for unsupported sizes (D > 512). */
+int ra_host_partial(const float *q, const void *keys, int kbf16, int64_t kcap, const void *vals, int vbf16,
+                    int64_t vcap, int B, int Hq, int Hkv, int D, int lo, int hi, int top_k, int group, float scale,
+                    float *out, float *lse, float *scores, int nthreads) {
+    if (D > 512 || hi <= lo) return -1;
+    const int rep = Hq / Hkv;
+    const int64_t m = hi - lo, kk = top_k < m ? top_k : m;
+    const int64_t nch = (m + CHUNK - 1) / CHUNK;
+    const size_t esk = kbf16 ? 2 : 4, esv = vbf16 ? 2 : 4;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t t = 0; t < (int64_t)B * Hkv * nch; t++) {
+        int64_t bg = t / nch, c = t % nch;
+        int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < m ? r0 + CHUNK : m;
+        scan(q + bg * rep * D, (const char *)keys + bg * kcap * D * esk, kbf16, D, rep, m, lo, r0, r1,
+             scores + bg * rep * m);
+    }
+    const int hs = group ? Hkv : Hq; /* ranked rows per batch row */
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t *hist = buffer(0, 65536 * sizeof(uint32_t));
+        uint64_t *cand = buffer(1, m * sizeof(uint64_t));
+        int32_t *idx = buffer(2, kk * sizeof(int32_t));
+        float *p = buffer(3, kk * sizeof(float));
+        float *rank = buffer(4, m * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < (int64_t)B * hs; t++) {
+            int64_t bi = t / hs, h = t % hs, g = group ? h : h / rep;
+            const char *vbase = (const char *)vals + (bi * Hkv + g) * vcap * D * esv;
+            if (group) {
+                const float *sg = scores + (bi * Hkv + g) * rep * m;
+                for (int64_t i = 0; i < m; i++) {
+                    float x = sg[i];
+                    for (int r = 1; r < rep; r++) x = sg[r * m + i] > x ? sg[r * m + i] : x;
+                    rank[i] = x;
+                }
+                select_top(rank, m, kk, idx, hist, cand);
+                for (int r = 0; r < rep; r++) {
+                    int64_t qh = bi * Hq + g * rep + r;
+                    attend(sg + r * m, idx, kk, vbase, vbf16, D, lo, scale, out + qh * D, lse + qh, p);
+                }
+            } else {
+                const float *sh = scores + (bi * Hq + h) * m;
+                select_top(sh, m, kk, idx, hist, cand);
+                int64_t qh = bi * Hq + h;
+                attend(sh, idx, kk, vbase, vbf16, D, lo, scale, out + qh * D, lse + qh, p);
+            }
+        }
+    }
+    return 0;
+}

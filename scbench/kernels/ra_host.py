@@ -1,0 +1,101 @@
+"""RetrievalAttention's host half as one C call (``ra_host.c``, OpenMP over heads): the exact inner-product scan
+of a layer's stored keys (float32 or bfloat16, read in place: no float32 copy), the top-k by a radix select on the
+float order (ties: the lowest rows) and the attention over the selected rows, for methods/retrieval_host.py.
+
+The torch ops path (``retrieval_host.host_partial`` with ``native=False``) is the reference: the scores are the same
+float32 products up to summation order, so the selected set is ``topk``'s up to near-ties, and the output matches
+(tests/methods/test_ra_host_native.py). The C file is compiled on first use with the system C compiler
+(``$CC`` or gcc/cc, ``-O3 -march=native -fopenmp``) into ``$SCBENCH_CACHE`` (default ~/.cache/scbench); without a
+compiler, or with ``SCBENCH_RA_NATIVE=0``, ``available()`` is False and the torch path runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).with_name("ra_host.c")
+_lib = None
+_error: str | None = None
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc / cc / $CC) on PATH")
+    src = SRC.read_bytes()
+    tag = hashlib.sha1(src + cc.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("SCBENCH_CACHE", Path.home() / ".cache" / "scbench"))
+    so = cache / f"ra_host_{tag}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / so.name
+            cmd = [cc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SRC), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
+            os.replace(out, so)
+    lib = ctypes.CDLL(str(so))
+    f = lib.ra_host_partial
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    f.argtypes = [P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
+    f.restype = I
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernel can run here (compiled and loaded once per process)."""
+    global _lib, _error
+    if os.environ.get("SCBENCH_RA_NATIVE", "1") == "0":
+        return False
+    if _lib is None and _error is None:
+        try:
+            _lib = _build()
+        except Exception as e:  # no compiler, no OpenMP: the torch path runs
+            _error = f"{type(e).__name__}: {e}"
+    return _lib is not None
+
+
+def error() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked)."""
+    return _error
+
+
+def supports(keys: torch.Tensor, vbuf: torch.Tensor) -> bool:
+    """Buffers the kernel reads in place: host, contiguous [B, Hkv, cap, D], float32 or bfloat16, D <= 512."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
+               and t.dim() == 4 for t in (keys, vbuf)) and keys.shape[-1] <= 512
+
+
+def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int, group: bool,
+                 scale: float, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel's ``retrieval_host.host_partial``: q [B, Hq, D] float32; keys [B, Hkv, capk, D], vbuf
+    [B, Hkv, capv, D] (``supports``), rows [lo, hi) searched (hi > lo) -> (out [B, Hq, D], lse [B, Hq]) float32.
+    ``scores``: a reused float32 buffer of at least B * Hq * (hi - lo) elements."""
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    if not available():
+        raise RuntimeError(f"ra_host C kernel unavailable: {_error}")
+    if not supports(keys, vbuf) or hi <= lo or hi > min(keys.shape[2], vbuf.shape[2]) or hq % hkv:
+        raise ValueError(f"ra_host.host_partial: keys {tuple(keys.shape)} {keys.dtype}, values {tuple(vbuf.shape)} "
+                         f"{vbuf.dtype}, rows [{lo}, {hi}), {hq} query heads: unsupported")
+    q = q.float().contiguous()
+    m = hi - lo
+    if scores is None or scores.numel() < b * hq * m or scores.dtype != torch.float32:
+        scores = torch.empty(b * hq * m, dtype=torch.float32)
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    lse = torch.empty(b, hq, dtype=torch.float32)
+    rc = _lib.ra_host_partial(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), keys.shape[2],
+                              vbuf.data_ptr(), int(vbuf.dtype == torch.bfloat16), vbuf.shape[2], b, hq, hkv, d, lo, hi,
+                              top_k, int(group), float(scale), out.data_ptr(), lse.data_ptr(), scores.data_ptr(),
+                              torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ra_host_partial returned {rc}")
+    return out, lse
