@@ -235,11 +235,13 @@ def _work(digits, r: int, nb: int, device) -> torch.Tensor:
 def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                         out: torch.Tensor | None = None, chunk: int = 4096,
                         digits: tuple[int, ...] | None = None, num_warps: int = 8,
-                        work: torch.Tensor | None = None, static: bool = False) -> torch.Tensor:
+                        work: torch.Tensor | None = None, static: bool = False,
+                        first: int | None = None) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32 [B * H, k]:
     the indices of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), -1 in unused slots
     (or written into the first k columns of ``out`` [B * H, M], int32). ``work``: from ``retrieval_scores_triton``
-    (its first histogram pass already done). ``static``: -> [B * H, n_init + n_local + k], the first n_init and
+    (its first histogram pass already done), or zeroed with ``first=0`` (no pass done; ``work_size`` elements, e.g.
+    a slice of one buffer zeroed once per step for all layers). ``static``: -> [B * H, n_init + n_local + k], the first n_init and
     the last n_local rows before the selected ones (RetrievalAttention's row list; -1: not valid, or listed)."""
     b, h, c = s.shape
     r = b * h
@@ -250,7 +252,7 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
     if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
         raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
     digits, shifts, sh, nb = _plan(digits, s.dtype)
-    first = 0 if work is None else 1
+    first = (0 if work is None else 1) if first is None else first
     work = _work(digits, r, nb, s.device) if work is None else work
     hist, cnt = work[: len(digits) * r * nb], work[len(digits) * r * nb :]
     grid = (r, triton.cdiv(max(c, k), chunk))
@@ -268,52 +270,71 @@ if triton is not None:
 
     @triton.jit
     def _score_hist_kernel(Q, K, S, N, Hist, C, TOPK, n_init, n_local, G: tl.constexpr, GP: tl.constexpr,
-                           D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, S0: tl.constexpr,
-                           NB: tl.constexpr, PREC: tl.constexpr):
-        """(batch x KV head, block of BN keys): q.k of the group's query heads (GROUP: their max), stored in S's
-        dtype, and the first radix pass's histogram of those scores."""
+                           GH: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr,
+                           GROUP: tl.constexpr, S0: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
+        """(batch x KV head, chunk of ITERS * BN keys): q.k of the group's query heads (GROUP: their max), stored in
+        S's dtype, and the first radix pass's histogram of those scores, summed in registers over the chunk and
+        added to Hist once per program (GH x NB bins: one NB-bin histogram per query head of the group)."""
         bk, ch = tl.program_id(0), tl.program_id(1)
         n = tl.load(N).to(tl.int32)
         kk = tl.minimum(TOPK, tl.maximum(n - n_local - n_init, 0))
-        offs = ch * BN + tl.arange(0, BN)
-        ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
-        cols, rows, bins = tl.arange(0, D), tl.arange(0, GP), tl.arange(0, NB)
-        kt = tl.load(K + bk.to(tl.int64) * C * D + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None],
-                     other=0.0)
+        cols, rows = tl.arange(0, D), tl.arange(0, GP)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
-        s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
+        kbase = K + bk.to(tl.int64) * C * D
         if GROUP:
-            sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
-            tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
-            d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
-            h = tl.histogram(d, NB, mask=ok)
-            tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
+            hacc = tl.zeros([NB], tl.int32)
         else:
-            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
-                     mask=(rows < G)[:, None] & (offs < C)[None, :])
-            for g in tl.static_range(G):
-                sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
+            hacc = tl.zeros([GH * NB], tl.int32)
+        for it in range(ITERS):
+            offs = (ch * ITERS + it) * BN + tl.arange(0, BN)
+            ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
+            kt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
+            s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
+            if GROUP:
+                sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
+                tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
                 d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
-                h = tl.histogram(d, NB, mask=ok)
-                tl.atomic_add(Hist + (bk * G + g).to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
+                hacc += tl.histogram(d, NB, mask=ok)
+            else:
+                tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
+                         mask=(rows < G)[:, None] & (offs < C)[None, :])
+                d = ((_ukey(s) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32) + rows[:, None] * NB
+                m2 = (rows < G)[:, None] & ok[None, :]
+                hacc += tl.histogram(tl.reshape(d, [GP * BN]), GH * NB, mask=tl.reshape(m2, [GP * BN]))
+        if GROUP:
+            bins = tl.arange(0, NB)
+            tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, hacc, mask=hacc > 0, sem="relaxed")
+        else:
+            bins = tl.arange(0, GH * NB)
+            tl.atomic_add(Hist + (bk * G).to(tl.int64) * NB + bins, hacc, mask=(hacc > 0) & (bins < G * NB),
+                          sem="relaxed")
 
 
 def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
                             n_local: int, group: bool, digits: tuple[int, ...] | None = None, block: int = 128,
-                            num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_warps: int = 4, chunk: int = 4096,
+                            work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, 1, D], keys [B, Hkv, C, D] -> (scores [B, Hs, C] in the keys' dtype, Hs = Hkv if ``group`` (max
     over the group) else Hq; the radix-select work buffer with its first pass done): pass both to
     ``radix_select_triton(..., digits=digits, work=work)``. The scores equal ``q @ k^T`` rounded to the keys' dtype
-    (the torch path's matmul) up to the summation order."""
+    (the torch path's matmul) up to the summation order. One program per KV head and ``chunk`` keys (``block`` at a
+    time), one histogram add per program. ``work``: zeroed, from ``work_size`` (else made here)."""
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
     hs = hkv if group else hq
     digits, shifts, sh, nb = _plan(digits, k.dtype)
     s = torch.empty(b, hs, c, dtype=k.dtype, device=k.device)
-    work = _work(digits, b * hs, nb, k.device)
-    _score_hist_kernel[(b * hkv, triton.cdiv(c, block))](
+    work = _work(digits, b * hs, nb, k.device) if work is None else work
+    iters = max(1, chunk // block)
+    _score_hist_kernel[(b * hkv, triton.cdiv(c, block * iters))](
         q.reshape(b * hq, d).contiguous(), k, s, n, work, c, min(top_k, c), n_init, n_local, G=g,
-        GP=max(16, triton.next_power_of_2(g)), D=d, BN=block, GROUP=group, S0=shifts[0], NB=nb,
-        PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        GP=max(16, triton.next_power_of_2(g)), GH=triton.next_power_of_2(g), D=d, BN=block, ITERS=iters, GROUP=group,
+        S0=shifts[0], NB=nb, PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return s, work
+
+
+def work_size(rows: int, dtype: torch.dtype, digits: tuple[int, ...] | None = None) -> int:
+    """int32 elements of one call's radix work buffer (histograms and counters) for ``rows`` score rows."""
+    digits, _, _, nb = _plan(digits, dtype)
+    return len(digits) * rows * nb + 2 * rows

@@ -126,8 +126,9 @@ def test_radix_rows_then_paged_kernel_matches_torch():
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4096, 128])
 @pytest.mark.parametrize("group", [False, True])
-def test_fused_scores_then_radix_select_match_torch(group):
+def test_fused_scores_then_radix_select_match_torch(group, chunk):
     g = torch.Generator().manual_seed(9 + group)
     b, hq, hkv, c, d, n, k, n_init, n_local = 1, 4, 2, 300, 16, 290, 24, 4, 8
     q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
@@ -135,7 +136,7 @@ def test_fused_scores_then_radix_select_match_torch(group):
     nn = torch.tensor([n], device=DEVICE)
     want_s = (q.reshape(b, hkv, 2, d) @ kb.transpose(-1, -2))
     want_s = want_s.amax(2) if group else want_s.flatten(1, 2)
-    s, work = topk_select.retrieval_scores_triton(q, kb, nn, k, n_init, n_local, group, block=64)
+    s, work = topk_select.retrieval_scores_triton(q, kb, nn, k, n_init, n_local, group, block=64, chunk=chunk)
     torch.testing.assert_close(s.cpu(), want_s.cpu(), atol=1e-4, rtol=1e-4)
     got = topk_select.radix_select_triton(s, nn, k, n_init, n_local, chunk=128, work=work).long().cpu()
     want = _radix_reference(want_s, n, k, n_init, n_local)
@@ -207,7 +208,8 @@ def test_plugins_cuda_attend_matches_cpu_path(gqa):
         for hook in ("allocate", "load"):
             if hasattr(plugin, hook):
                 getattr(plugin, hook)(kv, None)
-        outs = [plugin.attend(kv, l, q[l].to(device), kv.k[l], kv.v[l], 0.125) for l in range(layers)]
+        for _ in range(2):  # two steps: per-step state (RetrievalDecode's radix work, zeroed at layer 0) is reused
+            outs = [plugin.attend(kv, l, q[l].to(device), kv.k[l], kv.v[l], 0.125) for l in range(layers)]
         return [None if o is None else o.cpu() for o in outs]
 
     for make in (lambda: QuestDecode(Quest(budget=512, dense_layers=1, gqa=gqa)),
