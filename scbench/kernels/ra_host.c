@@ -2,7 +2,9 @@
  * top-k by a radix select on the float order, and attention over the selected rows. Loaded with ctypes by
  * scbench/kernels/ra_host.py (compiled there on first use); the torch path (methods/retrieval_host.host_partial)
  * is the reference. Layouts: keys / values [B, Hkv, cap, D] contiguous (float32 or bfloat16), q [B, Hq, D] float32,
- * out [B, Hq, D] float32, lse [B, Hq] float32. scores: a caller-owned float32 buffer of B * Hq * (hi - lo). */
+ * out [B, Hq, D] float32, lse [B, Hq] float32. scores: a caller-owned float32 buffer of B * Hq * (hi - lo).
+ * qb: q in bfloat16 when bfloat16 holds it exactly (else NULL): with bfloat16 keys and AVX512-BF16 the scan uses
+ * vdpbf16ps (the same products, float32 sums in another order). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -54,6 +56,29 @@ static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, i
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_DPBF16 1
+/* bf16 keys and a query that bf16 holds exactly: vdpbf16ps (pairs of bf16 products summed into float32 lanes). */
+static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, int64_t m, int lo, int64_t r0,
+                    int64_t r1, float *s) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *k = kbase + (int64_t)(lo + r) * D;
+        for (int h = 0; h < rep; h++) {
+            const uint16_t *qh = qb + (int64_t)h * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 32)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(k + d));
+            s[(int64_t)h * m + r] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+#else
+#define HAVE_DPBF16 0
+#endif
+
+int ra_host_has_dpbf16(void) { return HAVE_DPBF16; }
+
 static int cmp_cand(const void *a, const void *b) {
     const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y; /* (~key << 32 | index): largest key first, then lowest index */
@@ -81,6 +106,8 @@ static void select_top(const float *r, int64_t m, int64_t kk, int32_t *idx, uint
     for (int64_t j = 0; j < need && j < nc; j++) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu);
 }
 
+#define PREFETCH 32
+
 /* Softmax over the selected logits of one query head and the weighted sum of their value rows. */
 static void attend(const float *s, const int32_t *idx, int64_t kk, const void *vbase, int vbf16, int D, int lo,
                    float scale, float *out, float *lse, float *p) {
@@ -99,7 +126,12 @@ static void attend(const float *s, const int32_t *idx, int64_t kk, const void *v
     *lse = l;
     float acc[512];
     for (int d = 0; d < D; d++) acc[d] = 0.f;
+    const int64_t rowbytes = (int64_t)D * (vbf16 ? 2 : 4);
     for (int64_t j = 0; j < kk; j++) {
+        if (j + PREFETCH < kk) { /* random rows: keep several in flight (memory latency, not bandwidth, bounds) */
+            const char *pf = (const char *)vbase + ((int64_t)lo + idx[j + PREFETCH]) * rowbytes;
+            for (int64_t o = 0; o < rowbytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
         float w = p[j] * inv;
         int64_t row = (int64_t)lo + idx[j];
         if (vbf16) {
@@ -130,7 +162,7 @@ static void *buffer(int i, size_t n) {
 }
 
 /* Returns 0, or -1 for unsupported sizes (D > 512). */
-int ra_host_partial(const float *q, const void *keys, int kbf16, int64_t kcap, const void *vals, int vbf16,
+int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kbf16, int64_t kcap, const void *vals, int vbf16,
                     int64_t vcap, int B, int Hq, int Hkv, int D, int lo, int hi, int top_k, int group, float scale,
                     float *out, float *lse, float *scores, int nthreads) {
     if (D > 512 || hi <= lo) return -1;
@@ -142,8 +174,14 @@ int ra_host_partial(const float *q, const void *keys, int kbf16, int64_t kcap, c
     for (int64_t t = 0; t < (int64_t)B * Hkv * nch; t++) {
         int64_t bg = t / nch, c = t % nch;
         int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < m ? r0 + CHUNK : m;
-        scan(q + bg * rep * D, (const char *)keys + bg * kcap * D * esk, kbf16, D, rep, m, lo, r0, r1,
-             scores + bg * rep * m);
+        const char *kb = (const char *)keys + bg * kcap * D * esk;
+#if HAVE_DPBF16
+        if (qb != NULL && kbf16 && D % 32 == 0) {
+            scan_dp(qb + bg * rep * D, (const uint16_t *)kb, D, rep, m, lo, r0, r1, scores + bg * rep * m);
+            continue;
+        }
+#endif
+        scan(q + bg * rep * D, kb, kbf16, D, rep, m, lo, r0, r1, scores + bg * rep * m);
     }
     const int hs = group ? Hkv : Hq; /* ranked rows per batch row */
 #pragma omp parallel num_threads(nthreads)

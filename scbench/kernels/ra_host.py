@@ -45,9 +45,15 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     f = lib.ra_host_partial
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    f.argtypes = [P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
+    f.argtypes = [P, P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
     f.restype = I
+    lib.ra_host_has_dpbf16.restype = I
     return lib
+
+
+def has_dpbf16() -> bool:
+    """Whether the compiled kernel scans bfloat16 keys with AVX512-BF16 dot products (vdpbf16ps)."""
+    return available() and bool(_lib.ra_host_has_dpbf16())
 
 
 def available() -> bool:
@@ -87,12 +93,14 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
         raise ValueError(f"ra_host.host_partial: keys {tuple(keys.shape)} {keys.dtype}, values {tuple(vbuf.shape)} "
                          f"{vbuf.dtype}, rows [{lo}, {hi}), {hq} query heads: unsupported")
     q = q.float().contiguous()
+    qb = q.bfloat16()
+    qb = qb if keys.dtype == torch.bfloat16 and torch.equal(qb.float(), q) else None  # exact in bf16: dot products
     m = hi - lo
     if scores is None or scores.numel() < b * hq * m or scores.dtype != torch.float32:
         scores = torch.empty(b * hq * m, dtype=torch.float32)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     lse = torch.empty(b, hq, dtype=torch.float32)
-    rc = _lib.ra_host_partial(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), keys.shape[2],
+    rc = _lib.ra_host_partial(q.data_ptr(), None if qb is None else qb.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), keys.shape[2],
                               vbuf.data_ptr(), int(vbuf.dtype == torch.bfloat16), vbuf.shape[2], b, hq, hkv, d, lo, hi,
                               top_k, int(group), float(scale), out.data_ptr(), lse.data_ptr(), scores.data_ptr(),
                               torch.get_num_threads())
