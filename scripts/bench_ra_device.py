@@ -55,6 +55,8 @@ def stages(kv, q, report, n) -> None:
     fns = {
         "stage_scores_matmul": lambda: [q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)
                                         for l in range(L)],
+        "stage_scores_kq": lambda: [torch.matmul(kv.k[l], q[l].reshape(1, HKV, HQ // HKV, D).transpose(-1, -2))
+                                    for l in range(L)],  # keys as the long dimension: [B, Hkv, C, rep]
         "stage_radix_select": lambda: [topk_select.radix_select_triton(rs[l], nn, 4096, 128, 512, static=True)
                                        for l in range(L)],
         "stage_fused_scan": lambda: [topk_select.retrieval_scores_triton(q[l], kv.k[l], nn, 4096, 128, 512, False)
@@ -76,14 +78,19 @@ def stages(kv, q, report, n) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=["step_work", "fused", "fused+merge", "step_work+merge"])
+    ap.add_argument("--extra", nargs="*", default=["fused_c2048", "fused_b64_c4096", "fused_c8192_w8"],
+                    help="variants run last, at the first length only (with the stages after the first of them)")
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip what would start after this")
     ap.add_argument("--out")
     a = ap.parse_args()
     t0 = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
-    for n in a.lengths:
+    phases = [(n, False) for n in a.lengths] + [(a.lengths[0], True)]  # main variants everywhere, then details
+    for n, detail in phases:
+        if detail and time.perf_counter() - t0 > a.budget:
+            break
         kv, q = make_kv(n, n + 256)
 
         def run(name, p):
@@ -99,15 +106,18 @@ def main() -> None:
             print(f"n={n:7d} {name:24s} {ms:8.3f} ms/step", flush=True)
             return outs
 
-        run("full", None)
-        ref = run("before", plugin(**BEFORE))
-        for name in a.variants:
+        if not detail:
+            run("full", None)
+        ref = run("before", plugin(**BEFORE)) if not detail else None
+        for name in a.extra if detail else a.variants:
             got = run(name, plugin(**VARIANTS[name]))
-            if got is not None:
+            if got is not None and ref is not None:
                 diff = _diff(got, ref)
                 report["results"].append({"length": n, "variant": name + "_diff", "max_abs": diff})
                 print(f"  {name} vs before: max |diff| {diff:.4g}", flush=True)
-        if a.stages and time.perf_counter() - t0 < a.budget:
+            if detail and a.stages and name == a.extra[0]:
+                stages(kv, q, report, n)
+        if detail and a.stages and not a.extra:
             stages(kv, q, report, n)
         del kv, q
         torch.cuda.empty_cache()
