@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--variants", nargs="*", default=["step_work", "fused", "fused+merge", "step_work+merge"])
     ap.add_argument("--extra", nargs="*", default=["fused_c2048", "fused_b64_c4096", "fused_c8192_w8"],
-                    help="variants run last, at the first length only (with the stages after the first of them)")
+                    help="variants run last, at the first length only (after the stages)")
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip what would start after this")
     ap.add_argument("--out")
@@ -109,16 +109,14 @@ def main() -> None:
         if not detail:
             run("full", None)
         ref = run("before", plugin(**BEFORE)) if not detail else None
+        if detail and a.stages:
+            stages(kv, q, report, n)
         for name in a.extra if detail else a.variants:
             got = run(name, plugin(**VARIANTS[name]))
             if got is not None and ref is not None:
                 diff = _diff(got, ref)
                 report["results"].append({"length": n, "variant": name + "_diff", "max_abs": diff})
                 print(f"  {name} vs before: max |diff| {diff:.4g}", flush=True)
-            if detail and a.stages and name == a.extra[0]:
-                stages(kv, q, report, n)
-        if detail and a.stages and not a.extra:
-            stages(kv, q, report, n)
         del kv, q
         torch.cuda.empty_cache()
     print("JSON " + json.dumps(report))
