@@ -3,8 +3,9 @@
 Based on Liu et al., "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval"
 (arXiv 2409.10516), with SCBench's settings (top-k 4,096 on every layer). After the prefill each layer becomes a
 ``TieredLayer`` (scbench/kv/offload.py) whose keys and values sit in host memory (``tier=cpu``). At each decode
-step and layer the query searches the stored keys on the host (exact inner-product search, ``torch.topk``, over
-a float32 copy of half-precision keys),
+step and layer the query searches the stored keys on the host (exact inner-product search: the C host kernel
+scbench/kernels/ra_host.c over the stored keys in place, or without it ``torch.topk`` over a float32 copy of
+half-precision keys),
 and the top ``top_k`` rows are attended ON THE HOST, while the accelerator attends over the static pattern (the
 first ``n_init`` and last ``n_local`` tokens) it keeps; only the query and the host's partial result (output +
 log-sum-exp) cross the bus and the halves are merged exactly (methods/retrieval_host.py, as the paper splits it).

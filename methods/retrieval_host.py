@@ -1,8 +1,9 @@
 """RetrievalAttention's host tier as the paper splits it (arXiv 2409.10516 §4): per decode step and layer the
 accelerator attends over the static pattern it keeps (``scbench.kv.split.DeviceWindow``: the first ``n_init``
 and last ``n_local`` rows), while the host searches its stored keys for the ``top_k`` by inner product and
-attends over them itself (torch on the CPU's threads: float32 products and softmax, the weighted sum of
-half-precision values with weights rounded to their precision, as flash attention does); only the query (to the host) and the host's
+attends over them itself (one C call, scbench/kernels/ra_host.c, on the CPU's threads; torch ops when it cannot
+run: float32 products and softmax, the weighted sum of half-precision values with weights rounded to their precision,
+as flash attention does); only the query (to the host) and the host's
 partial result (output + log-sum-exp per query head, to the accelerator) cross the bus, and the two halves are
 merged exactly (``scbench.kv.split.merge``). The device half is launched before the host waits for the query,
 so the two overlap.
