@@ -274,17 +274,18 @@ if triton is not None:
                            GROUP: tl.constexpr, S0: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
         """(batch x KV head, chunk of ITERS * BN keys): q.k of the group's query heads (GROUP: their max), stored in
         S's dtype, and the first radix pass's histogram of those scores, summed in registers over the chunk and
-        added to Hist once per program (GH x NB bins: one NB-bin histogram per query head of the group)."""
+        added to Hist once per program ([GH, NB]: one NB-bin histogram per query head of the group)."""
         bk, ch = tl.program_id(0), tl.program_id(1)
         n = tl.load(N).to(tl.int32)
         kk = tl.minimum(TOPK, tl.maximum(n - n_local - n_init, 0))
         cols, rows = tl.arange(0, D), tl.arange(0, GP)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
         kbase = K + bk.to(tl.int64) * C * D
+        hr = tl.arange(0, GH)
         if GROUP:
             hacc = tl.zeros([NB], tl.int32)
         else:
-            hacc = tl.zeros([GH * NB], tl.int32)
+            hacc = tl.zeros([GH, NB], tl.int32)
         for it in range(ITERS):
             offs = (ch * ITERS + it) * BN + tl.arange(0, BN)
             ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
@@ -298,16 +299,18 @@ if triton is not None:
             else:
                 tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
                          mask=(rows < G)[:, None] & (offs < C)[None, :])
-                d = ((_ukey(s) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32) + rows[:, None] * NB
-                m2 = (rows < G)[:, None] & ok[None, :]
-                hacc += tl.histogram(tl.reshape(d, [GP * BN]), GH * NB, mask=tl.reshape(m2, [GP * BN]))
+                for g in tl.static_range(G):  # one NB-bin histogram per head (a wide flat one costs far more)
+                    sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
+                    d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+                    h = tl.histogram(d, NB, mask=ok)
+                    hacc += tl.where((hr == g)[:, None], h[None, :], 0)
         if GROUP:
             bins = tl.arange(0, NB)
             tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, hacc, mask=hacc > 0, sem="relaxed")
         else:
-            bins = tl.arange(0, GH * NB)
-            tl.atomic_add(Hist + (bk * G).to(tl.int64) * NB + bins, hacc, mask=(hacc > 0) & (bins < G * NB),
-                          sem="relaxed")
+            bins = tl.arange(0, NB)
+            tl.atomic_add(Hist + (bk * G + hr)[:, None].to(tl.int64) * NB + bins[None, :], hacc,
+                          mask=(hr < G)[:, None] & (hacc > 0), sem="relaxed")
 
 
 def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
