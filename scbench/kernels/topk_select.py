@@ -294,15 +294,20 @@ if triton is not None:
             if GROUP:
                 sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
                 tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
-                d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
-                hacc += tl.histogram(d, NB, mask=ok)
             else:
                 tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
                          mask=(rows < G)[:, None] & (offs < C)[None, :])
-                for g in tl.static_range(G):  # one NB-bin histogram per head (a wide flat one costs far more)
-                    sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
-                    d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
-                    h = tl.histogram(d, NB, mask=ok)
+            # the histograms read the stored scores back (this program's own writes, after a barrier): a row taken
+            # out of the dot's layout is replicated over threads, and Triton's (warp-ballot) histogram costs
+            # grow with the elements each thread holds (8x here)
+            tl.debug_barrier()
+            for g in tl.static_range(1 if GROUP else G):
+                sg = tl.load(S + (bk * (1 if GROUP else G) + g).to(tl.int64) * C + offs, mask=offs < C, other=0.0)
+                d = ((_ukey(sg.to(tl.float32)) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+                h = tl.histogram(d, NB, mask=ok)
+                if GROUP:
+                    hacc += h
+                else:
                     hacc += tl.where((hr == g)[:, None], h[None, :], 0)
         if GROUP:
             bins = tl.arange(0, NB)
