@@ -32,9 +32,15 @@ def _build() -> ctypes.CDLL:
     src = SRC.read_bytes()
     tag = hashlib.sha1(src + cc.encode()).hexdigest()[:12]
     cache = Path(os.environ.get("SCBENCH_CACHE", Path.home() / ".cache" / "scbench"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            raise PermissionError(cache)
+    except OSError:  # a read-only home: the temp folder
+        cache = Path(tempfile.gettempdir()) / "scbench"
+        cache.mkdir(parents=True, exist_ok=True)
     so = cache / f"ra_host_{tag}.so"
     if not so.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / so.name
             cmd = [cc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SRC), "-lm"]
