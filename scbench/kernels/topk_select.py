@@ -320,13 +320,14 @@ if triton is not None:
 
 def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
                             n_local: int, group: bool, digits: tuple[int, ...] | None = None, block: int = 128,
-                            num_warps: int = 4, chunk: int = 4096,
+                            num_warps: int = 4, chunk: int | None = None,
                             work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, 1, D], keys [B, Hkv, C, D] -> (scores [B, Hs, C] in the keys' dtype, Hs = Hkv if ``group`` (max
     over the group) else Hq; the radix-select work buffer with its first pass done): pass both to
     ``radix_select_triton(..., digits=digits, work=work)``. The scores equal ``q @ k^T`` rounded to the keys' dtype
     (the torch path's matmul) up to the summation order. One program per KV head and ``chunk`` keys (``block`` at a
-    time), one histogram add per program. ``work``: zeroed, from ``work_size`` (else made here)."""
+    time), one histogram add per program; ``chunk`` None: about two programs per SM (at most 4,096 keys).
+    ``work``: zeroed, from ``work_size`` (else made here)."""
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -334,12 +335,19 @@ def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, t
     digits, shifts, sh, nb = _plan(digits, k.dtype)
     s = torch.empty(b, hs, c, dtype=k.dtype, device=k.device)
     work = _work(digits, b * hs, nb, k.device) if work is None else work
+    if chunk is None:
+        chunk = min(4096, max(block, triton.next_power_of_2(c * b * hkv // (2 * _sms(k.device)))))
     iters = max(1, chunk // block)
     _score_hist_kernel[(b * hkv, triton.cdiv(c, block * iters))](
         q.reshape(b * hq, d).contiguous(), k, s, n, work, c, min(top_k, c), n_init, n_local, G=g,
         GP=max(16, triton.next_power_of_2(g)), GH=triton.next_power_of_2(g), D=d, BN=block, ITERS=iters, GROUP=group,
         S0=shifts[0], NB=nb, PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return s, work
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on CPU: 132, an H100 / H200's count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def work_size(rows: int, dtype: torch.dtype, digits: tuple[int, ...] | None = None) -> int:
