@@ -170,7 +170,7 @@ def e2e(engine, n: int, runs: list[tuple[str, int]], top_k: int, budget: float) 
     logits, ckpt = s.last_logits, s.checkpoint(rewrites=False)
     out = {}
     for name, tokens in runs:
-        if time.perf_counter() - T0 > budget - 8 - tokens * (3 if name == "old" else 0.5) * n / 32768:
+        if time.perf_counter() - T0 > budget - 4 - tokens * (3 if name == "old" else 0.15) * n / 32768:
             log(ctx=n, path=name, skipped="time")
             continue
         m.split, m.search, retrieval_search.BOUND = RUNS[name]
