@@ -30,6 +30,8 @@ VARIANTS = {
     "step_work+merge": dict(step_work=True, merge=True),
     "fused": dict(step_work=True, fused=True, score_args={"block": 128}),  # chunk: ~2 programs per SM
     "fused+merge": dict(step_work=True, fused=True, merge=True, score_args={"block": 128}),
+    "fused_nopf": dict(step_work=True, fused=True, score_args={"block": 128, "prefetch": False}),
+    "fused_w8+merge": dict(step_work=True, fused=True, merge=True, score_args={"block": 128, "num_warps": 8}),
     "fused_c2048": dict(step_work=True, fused=True, score_args={"block": 128, "chunk": 2048}),
     "fused_c1024_w8": dict(step_work=True, fused=True, score_args={"block": 128, "chunk": 1024, "num_warps": 8}),
     "fused_b64_c4096": dict(step_work=True, fused=True, score_args={"block": 64, "chunk": 4096}),
@@ -79,7 +81,8 @@ def stages(kv, q, report, n) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--variants", nargs="*", default=["step_work", "fused", "fused+merge", "step_work+merge"])
+    ap.add_argument("--variants", nargs="*", default=["step_work", "fused", "fused+merge", "step_work+merge",
+                                                      "fused_nopf", "fused_w8+merge"])
     ap.add_argument("--extra", nargs="*", default=["fused_c2048", "fused_c1024_w8", "fused_b64_c4096", "fused_c8192_w8"],
                     help="variants run last, at the first length only (after the stages)")
     ap.add_argument("--stages", action="store_true")

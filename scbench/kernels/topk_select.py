@@ -271,7 +271,8 @@ if triton is not None:
     @triton.jit
     def _score_hist_kernel(Q, K, S, N, Hist, C, TOPK, n_init, n_local, G: tl.constexpr, GP: tl.constexpr,
                            GH: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr,
-                           GROUP: tl.constexpr, S0: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
+                           GROUP: tl.constexpr, S0: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr,
+                           PREFETCH: tl.constexpr):
         """(batch x KV head, chunk of ITERS * BN keys): q.k of the group's query heads (GROUP: their max), stored in
         S's dtype, and the first radix pass's histogram of those scores, summed in registers over the chunk and
         added to Hist once per program ([GH, NB]: one NB-bin histogram per query head of the group)."""
@@ -286,10 +287,19 @@ if triton is not None:
             hacc = tl.zeros([NB], tl.int32)
         else:
             hacc = tl.zeros([GH, NB], tl.int32)
+        if PREFETCH:
+            offs = ch * ITERS * BN + tl.arange(0, BN)
+            nxt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
         for it in range(ITERS):
             offs = (ch * ITERS + it) * BN + tl.arange(0, BN)
             ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
-            kt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
+            if PREFETCH:  # this block was loaded last iteration; the next one's loads go out before this one's work
+                kt = nxt
+                on = offs + BN
+                nxt = tl.load(kbase + on[:, None] * D + cols[None, :],
+                              mask=((on < C) & (it + 1 < ITERS))[:, None], other=0.0)
+            else:
+                kt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
             s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
             if GROUP:
                 sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
@@ -320,14 +330,15 @@ if triton is not None:
 
 def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
                             n_local: int, group: bool, digits: tuple[int, ...] | None = None, block: int = 128,
-                            num_warps: int = 4, chunk: int | None = None,
-                            work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_warps: int = 4, chunk: int | None = None, work: torch.Tensor | None = None,
+                            prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, 1, D], keys [B, Hkv, C, D] -> (scores [B, Hs, C] in the keys' dtype, Hs = Hkv if ``group`` (max
     over the group) else Hq; the radix-select work buffer with its first pass done): pass both to
     ``radix_select_triton(..., digits=digits, work=work)``. The scores equal ``q @ k^T`` rounded to the keys' dtype
     (the torch path's matmul) up to the summation order. One program per KV head and ``chunk`` keys (``block`` at a
     time), one histogram add per program; ``chunk`` None: about two programs per SM (at most 4,096 keys).
-    ``work``: zeroed, from ``work_size`` (else made here)."""
+    ``work``: zeroed, from ``work_size`` (else made here). ``prefetch``: each block's key loads are issued one
+    block ahead (two blocks in flight per program)."""
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -341,7 +352,8 @@ def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, t
     _score_hist_kernel[(b * hkv, triton.cdiv(c, block * iters))](
         q.reshape(b * hq, d).contiguous(), k, s, n, work, c, min(top_k, c), n_init, n_local, G=g,
         GP=max(16, triton.next_power_of_2(g)), GH=triton.next_power_of_2(g), D=d, BN=block, ITERS=iters, GROUP=group,
-        S0=shifts[0], NB=nb, PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        S0=shifts[0], NB=nb, PREC="ieee" if k.dtype == torch.float32 else "tf32", PREFETCH=prefetch,
+        num_warps=num_warps)
     return s, work
 
 
