@@ -34,9 +34,9 @@ class RetrievalDecode:
         self.select = SELECT
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
         self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
-        self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (its first version, one histogram
-        # add per 128 keys, measured slower than a matmul and a separate pass on the H200: 8.1 vs 5.5 ms per
-        # 32-layer step at 128K, scripts/bench_quest_decode.py; now one add per ``chunk`` keys)
+        self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (measured slower than a matmul
+        # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py;
+        # a chunked version with the histograms summed per program: 12.3 ms, scripts/bench_ra_device.py)
         self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
         self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
         self.counter: torch.Tensor | None = None
@@ -94,7 +94,7 @@ class RetrievalDecode:
         kk, ns = min(m.top_k, c), lo + m.n_local
         first = None if work is None else 0
         if self.fused:
-            s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group, work=work,
+            s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group,
                                                           digits=self.radix.get("digits"), **self.score_args)
             first = 1
         else:

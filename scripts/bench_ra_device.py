@@ -28,14 +28,7 @@ from scbench.methods.retrieval_fast import RetrievalDecode  # noqa: E402
 VARIANTS = {
     "step_work": dict(step_work=True),
     "step_work+merge": dict(step_work=True, merge=True),
-    "fused": dict(step_work=True, fused=True, score_args={"block": 128}),  # chunk: ~2 programs per SM
-    "fused+merge": dict(step_work=True, fused=True, merge=True, score_args={"block": 128}),
-    "fused_nopf": dict(step_work=True, fused=True, score_args={"block": 128, "prefetch": False}),
-    "fused_w8+merge": dict(step_work=True, fused=True, merge=True, score_args={"block": 128, "num_warps": 8}),
-    "fused_c2048": dict(step_work=True, fused=True, score_args={"block": 128, "chunk": 2048}),
-    "fused_c1024_w8": dict(step_work=True, fused=True, score_args={"block": 128, "chunk": 1024, "num_warps": 8}),
-    "fused_b64_c4096": dict(step_work=True, fused=True, score_args={"block": 64, "chunk": 4096}),
-    "fused_c8192_w8": dict(step_work=True, fused=True, score_args={"block": 128, "chunk": 8192, "num_warps": 8}),
+    "fused": dict(step_work=True, fused=True, score_args={"block": 128}),
 }
 BEFORE = dict(step_work=False, fused=False, merge=False, score_args={})
 
@@ -62,8 +55,6 @@ def stages(kv, q, report, n) -> None:
                                     for l in range(L)],  # keys as the long dimension: [B, Hkv, C, rep]
         "stage_radix_select": lambda: [topk_select.radix_select_triton(rs[l], nn, 4096, 128, 512, static=True)
                                        for l in range(L)],
-        "stage_fused_scan": lambda: [topk_select.retrieval_scores_triton(q[l], kv.k[l], nn, 4096, 128, 512, False)
-                                     for l in range(L)],
         "stage_paged_attn": lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], nn, 1,
                                                                          D ** -0.5, **p.tune) for l in range(L)],
         "stage_memset_per_layer": lambda: [torch.zeros(16448, dtype=torch.int32, device="cuda") for _ in range(L)],
@@ -81,9 +72,8 @@ def stages(kv, q, report, n) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--variants", nargs="*", default=["step_work", "fused", "fused+merge", "step_work+merge",
-                                                      "fused_nopf", "fused_w8+merge"])
-    ap.add_argument("--extra", nargs="*", default=["fused_c2048", "fused_c1024_w8", "fused_b64_c4096", "fused_c8192_w8"],
+    ap.add_argument("--variants", nargs="*", default=["step_work"])
+    ap.add_argument("--extra", nargs="*", default=[],
                     help="variants run last, at the first length only (after the stages)")
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip what would start after this")

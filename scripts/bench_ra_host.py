@@ -56,8 +56,8 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
     q = torch.randn(1, 32, 128, generator=g).bfloat16().float()
     lo, hi = 128, n - 512
     ws = Workspace()
-    row = {"micro_native": n, "threads": torch.get_num_threads(), "available": ra_host.available(),
-           "error": ra_host.error(), "setup_s": round(time.perf_counter() - t0, 2)}
+    row = {"micro_native": n, "threads": torch.get_num_threads(), "build": ra_host.info(),
+           "setup_s": round(time.perf_counter() - t0, 2)}
     if ra_host.available():
         row["native_bf16_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True))
         row["native_bf16_group_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, True, 0.088, ws,

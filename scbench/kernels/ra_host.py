@@ -5,8 +5,9 @@ float order (ties: the lowest rows) and the attention over the selected rows, fo
 The torch ops path (``retrieval_host.host_partial`` with ``native=False``) is the reference: the scores are the same
 float32 products up to summation order, so the selected set is ``topk``'s up to near-ties, and the output matches
 (tests/methods/test_ra_host_native.py). The C file is compiled on first use with the system C compiler
-(``$CC`` or gcc/cc, ``-O3 -march=native -fopenmp``) into ``$SCBENCH_CACHE`` (default ~/.cache/scbench); without a
-compiler, or with ``SCBENCH_RA_NATIVE=0``, ``available()`` is False and the torch path runs.
+(``$CC`` or gcc/cc, ``-O3 -march=native`` plus the CPU's AVX flags, ``-fopenmp``, linked against the OpenMP
+runtime torch already loaded) into ``$SCBENCH_CACHE`` (default ~/.cache/scbench); without a compiler, or with
+``SCBENCH_RA_NATIVE=0``, ``available()`` is False and the torch path runs. ``info()`` says how it was built.
 """
 from __future__ import annotations
 
@@ -25,12 +26,43 @@ _lib = None
 _error: str | None = None
 
 
+FLAGS = {"avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl", "avx512_bf16": "-mavx512bf16",
+         "avx2": "-mavx2", "fma": "-mfma"}
+"""CPU flags (/proc/cpuinfo) -> compiler flags added to -march=native (a compiler older than the CPU model may not
+enable its features with -march=native alone); dropped if the compiler rejects them."""
+_info: dict = {}
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for name, flag in FLAGS.items() if name in have]
+
+
+def _loaded_gomp() -> str | None:
+    """The OpenMP runtime already in this process (torch's): linked by path, so the kernel's parallel regions use
+    the same thread pool (a second runtime's idle threads would spin against it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if "/" in line else ""
+                if os.path.basename(path).startswith("libgomp") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc / cc / $CC) on PATH")
     src = SRC.read_bytes()
-    tag = hashlib.sha1(src + cc.encode()).hexdigest()[:12]
+    gomp, extra = _loaded_gomp(), _cpu_flags()
+    tag = hashlib.sha1(src + f"{cc} {gomp} {extra}".encode()).hexdigest()[:12]
     cache = Path(os.environ.get("SCBENCH_CACHE", Path.home() / ".cache" / "scbench"))
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -40,13 +72,23 @@ def _build() -> ctypes.CDLL:
         cache = Path(tempfile.gettempdir()) / "scbench"
         cache.mkdir(parents=True, exist_ok=True)
     so = cache / f"ra_host_{tag}.so"
+    _info.update(cc=cc, gomp=gomp, flags=extra)
     if not so.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = Path(tmp) / so.name
-            cmd = [cc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SRC), "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
+            out, obj = Path(tmp) / so.name, Path(tmp) / "ra_host.o"
+            errors = []
+            for flags in (extra, []):  # the CPU's flags, then -march=native alone
+                base = [cc, "-O3", "-march=native", *flags, "-fno-math-errno", "-fopenmp", "-fPIC"]
+                r = subprocess.run([*base, "-c", str(SRC), "-o", str(obj)], capture_output=True, text=True)
+                if r.returncode == 0:
+                    link = [cc, "-shared", str(obj), "-o", str(out), *([gomp] if gomp else ["-fopenmp"]), "-lm"]
+                    r = subprocess.run(link, capture_output=True, text=True)
+                if r.returncode == 0:
+                    _info["flags"] = flags
+                    break
+                errors.append(r.stderr[-1500:])
+            else:
+                raise RuntimeError(f"{cc} could not build {SRC.name}: {' | '.join(errors)}")
             os.replace(out, so)
     lib = ctypes.CDLL(str(so))
     f = lib.ra_host_partial
@@ -54,7 +96,14 @@ def _build() -> ctypes.CDLL:
     f.argtypes = [P, P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
     f.restype = I
     lib.ra_host_has_dpbf16.restype = I
+    _info["dpbf16"] = bool(lib.ra_host_has_dpbf16())
     return lib
+
+
+def info() -> dict:
+    """How the kernel was built: compiler, OpenMP runtime linked, extra flags, whether it has AVX512-BF16 scans."""
+    available()
+    return dict(_info, error=_error)
 
 
 def has_dpbf16() -> bool:

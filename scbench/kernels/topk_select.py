@@ -270,90 +270,54 @@ if triton is not None:
 
     @triton.jit
     def _score_hist_kernel(Q, K, S, N, Hist, C, TOPK, n_init, n_local, G: tl.constexpr, GP: tl.constexpr,
-                           GH: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr,
-                           GROUP: tl.constexpr, S0: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr,
-                           PREFETCH: tl.constexpr):
-        """(batch x KV head, chunk of ITERS * BN keys): q.k of the group's query heads (GROUP: their max), stored in
-        S's dtype, and the first radix pass's histogram of those scores, summed in registers over the chunk and
-        added to Hist once per program ([GH, NB]: one NB-bin histogram per query head of the group)."""
+                           D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, S0: tl.constexpr,
+                           NB: tl.constexpr, PREC: tl.constexpr):
+        """(batch x KV head, block of BN keys): q.k of the group's query heads (GROUP: their max), stored in S's
+        dtype, and the first radix pass's histogram of those scores."""
         bk, ch = tl.program_id(0), tl.program_id(1)
         n = tl.load(N).to(tl.int32)
         kk = tl.minimum(TOPK, tl.maximum(n - n_local - n_init, 0))
-        cols, rows = tl.arange(0, D), tl.arange(0, GP)
+        offs = ch * BN + tl.arange(0, BN)
+        ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
+        cols, rows, bins = tl.arange(0, D), tl.arange(0, GP), tl.arange(0, NB)
+        kt = tl.load(K + bk.to(tl.int64) * C * D + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None],
+                     other=0.0)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
-        kbase = K + bk.to(tl.int64) * C * D
-        hr = tl.arange(0, GH)
+        s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
         if GROUP:
-            hacc = tl.zeros([NB], tl.int32)
+            sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
+            tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
+            d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+            h = tl.histogram(d, NB, mask=ok)
+            tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
         else:
-            hacc = tl.zeros([GH, NB], tl.int32)
-        if PREFETCH:
-            offs = ch * ITERS * BN + tl.arange(0, BN)
-            nxt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
-        for it in range(ITERS):
-            offs = (ch * ITERS + it) * BN + tl.arange(0, BN)
-            ok = (offs >= n_init) & (offs < n - n_local) & (offs < C) & (kk > 0)
-            if PREFETCH:  # this block was loaded last iteration; the next one's loads go out before this one's work
-                kt = nxt
-                on = offs + BN
-                nxt = tl.load(kbase + on[:, None] * D + cols[None, :],
-                              mask=((on < C) & (it + 1 < ITERS))[:, None], other=0.0)
-            else:
-                kt = tl.load(kbase + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None], other=0.0)
-            s = tl.dot(q.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(S.dtype.element_ty).to(tl.float32)
-            if GROUP:
-                sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
-                tl.store(S + bk.to(tl.int64) * C + offs, sg.to(S.dtype.element_ty), mask=offs < C)
-            else:
-                tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
-                         mask=(rows < G)[:, None] & (offs < C)[None, :])
-            # the histograms read the stored scores back (this program's own writes, after a barrier): a row taken
-            # out of the dot's layout is replicated over threads, and Triton's (warp-ballot) histogram costs
-            # grow with the elements each thread holds (8x here)
-            tl.debug_barrier()
-            for g in tl.static_range(1 if GROUP else G):
-                sg = tl.load(S + (bk * (1 if GROUP else G) + g).to(tl.int64) * C + offs, mask=offs < C, other=0.0)
-                d = ((_ukey(sg.to(tl.float32)) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
+            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(S.dtype.element_ty),
+                     mask=(rows < G)[:, None] & (offs < C)[None, :])
+            for g in tl.static_range(G):
+                sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
+                d = ((_ukey(sg) >> S0) & ((1 << (32 - S0)) - 1)).to(tl.int32)
                 h = tl.histogram(d, NB, mask=ok)
-                if GROUP:
-                    hacc += h
-                else:
-                    hacc += tl.where((hr == g)[:, None], h[None, :], 0)
-        if GROUP:
-            bins = tl.arange(0, NB)
-            tl.atomic_add(Hist + bk.to(tl.int64) * NB + bins, hacc, mask=hacc > 0, sem="relaxed")
-        else:
-            bins = tl.arange(0, NB)
-            tl.atomic_add(Hist + (bk * G + hr)[:, None].to(tl.int64) * NB + bins[None, :], hacc,
-                          mask=(hr < G)[:, None] & (hacc > 0), sem="relaxed")
+                tl.atomic_add(Hist + (bk * G + g).to(tl.int64) * NB + bins, h, mask=h > 0, sem="relaxed")
 
 
 def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, top_k: int, n_init: int,
                             n_local: int, group: bool, digits: tuple[int, ...] | None = None, block: int = 128,
-                            num_warps: int = 4, chunk: int | None = None, work: torch.Tensor | None = None,
-                            prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, 1, D], keys [B, Hkv, C, D] -> (scores [B, Hs, C] in the keys' dtype, Hs = Hkv if ``group`` (max
     over the group) else Hq; the radix-select work buffer with its first pass done): pass both to
     ``radix_select_triton(..., digits=digits, work=work)``. The scores equal ``q @ k^T`` rounded to the keys' dtype
-    (the torch path's matmul) up to the summation order. One program per KV head and ``chunk`` keys (``block`` at a
-    time), one histogram add per program; ``chunk`` None: about two programs per SM (at most 4,096 keys).
-    ``work``: zeroed, from ``work_size`` (else made here). ``prefetch``: each block's key loads are issued one
-    block ahead (two blocks in flight per program)."""
+    (the torch path's matmul) up to the summation order."""
     b, hq, _, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     g = hq // hkv
     hs = hkv if group else hq
     digits, shifts, sh, nb = _plan(digits, k.dtype)
     s = torch.empty(b, hs, c, dtype=k.dtype, device=k.device)
-    work = _work(digits, b * hs, nb, k.device) if work is None else work
-    if chunk is None:
-        chunk = min(4096, max(block, triton.next_power_of_2(c * b * hkv // (2 * _sms(k.device)))))
-    iters = max(1, chunk // block)
-    _score_hist_kernel[(b * hkv, triton.cdiv(c, block * iters))](
+    work = _work(digits, b * hs, nb, k.device)
+    _score_hist_kernel[(b * hkv, triton.cdiv(c, block))](
         q.reshape(b * hq, d).contiguous(), k, s, n, work, c, min(top_k, c), n_init, n_local, G=g,
-        GP=max(16, triton.next_power_of_2(g)), GH=triton.next_power_of_2(g), D=d, BN=block, ITERS=iters, GROUP=group,
-        S0=shifts[0], NB=nb, PREC="ieee" if k.dtype == torch.float32 else "tf32", PREFETCH=prefetch,
-        num_warps=num_warps)
+        GP=max(16, triton.next_power_of_2(g)), D=d, BN=block, GROUP=group, S0=shifts[0], NB=nb,
+        PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return s, work
 
 

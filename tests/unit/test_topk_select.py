@@ -126,9 +126,8 @@ def test_radix_rows_then_paged_kernel_matches_torch():
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk,prefetch", [(4096, True), (128, True), (128, False)])
 @pytest.mark.parametrize("group", [False, True])
-def test_fused_scores_then_radix_select_match_torch(group, chunk, prefetch):
+def test_fused_scores_then_radix_select_match_torch(group):
     g = torch.Generator().manual_seed(9 + group)
     b, hq, hkv, c, d, n, k, n_init, n_local = 1, 4, 2, 300, 16, 290, 24, 4, 8
     q = torch.randn(b, hq, 1, d, generator=g).to(DEVICE)
@@ -136,8 +135,7 @@ def test_fused_scores_then_radix_select_match_torch(group, chunk, prefetch):
     nn = torch.tensor([n], device=DEVICE)
     want_s = (q.reshape(b, hkv, 2, d) @ kb.transpose(-1, -2))
     want_s = want_s.amax(2) if group else want_s.flatten(1, 2)
-    s, work = topk_select.retrieval_scores_triton(q, kb, nn, k, n_init, n_local, group, block=64, chunk=chunk,
-                                                  prefetch=prefetch)
+    s, work = topk_select.retrieval_scores_triton(q, kb, nn, k, n_init, n_local, group, block=64)
     torch.testing.assert_close(s.cpu(), want_s.cpu(), atol=1e-4, rtol=1e-4)
     got = topk_select.radix_select_triton(s, nn, k, n_init, n_local, chunk=128, work=work).long().cpu()
     want = _radix_reference(want_s, n, k, n_init, n_local)
