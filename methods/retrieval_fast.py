@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from scbench.kernels import topk_select
+from scbench.kernels import row_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
@@ -43,6 +43,7 @@ class RetrievalDecode:
         self.step_work = True  # CUDA radix: every layer's histograms in one buffer zeroed once per step (one memset
         # per step instead of one per layer)
         self.work: torch.Tensor | None = None  # [layers, work_size] int32
+        self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py)
 
     def allocate(self, kv, cache) -> None:
         self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
@@ -80,7 +81,7 @@ class RetrievalDecode:
     def _layer_work(self, kv, l: int, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Layer l's zeroed radix work buffer: a row of ``self.work``, which ``attend`` zeroes at layer 0."""
         rows = k.shape[0] * (k.shape[1] if self.m.gqa == "group" else q.shape[1])
-        size = topk_select.work_size(rows, k.dtype, self.radix.get("digits"))
+        size = max(topk_select.work_size(rows, k.dtype, self.radix.get("digits")), row_select.work_size(rows))
         if self.work is None or self.work.shape != (len(kv.k), size) or self.work.device != k.device:
             self.work = torch.zeros(len(kv.k), size, dtype=torch.int32, device=k.device)
         return self.work[l]
@@ -100,6 +101,12 @@ class RetrievalDecode:
         else:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
+            if self.one_launch and row_select.one_launch_ok(s) and self.radix.get("digits") in (None, (8, 8)):
+                if work is None:
+                    work = torch.zeros(row_select.work_size(s.shape[0] * s.shape[1]), dtype=torch.int32,
+                                       device=s.device)
+                rows = row_select.radix_select_one(s, n, kk, lo, m.n_local, work, chunk=self.radix.get("chunk", 2048))
+                return rows.view(b, s.shape[1], ns + kk)
         rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, first=first,
                                                **self.radix)
         return rows.view(b, s.shape[1], ns + kk)

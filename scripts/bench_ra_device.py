@@ -29,6 +29,8 @@ VARIANTS = {
     "step_work": dict(step_work=True),
     "step_work+merge": dict(step_work=True, merge=True),
     "fused": dict(step_work=True, fused=True, score_args={"block": 128}),
+    "one_launch": dict(step_work=True, one_launch=True),
+    "one_launch+merge": dict(step_work=True, one_launch=True, merge=True),
 }
 BEFORE = dict(step_work=False, fused=False, merge=False, score_args={})
 
@@ -42,22 +44,22 @@ def plugin(gqa: str = "head", **switches) -> RetrievalDecode:
 
 def stages(kv, q, report, n) -> None:
     """Each stage of the default path alone over 32 layers (inputs precomputed)."""
-    from scbench.kernels import paged_decode, topk_select
+    from scbench.kernels import paged_decode, row_select, topk_select
 
     nn = kv.at[:1] + 1
     p = plugin()
     rs = [(q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)).reshape(1, HQ, -1) for l in range(L)]
     rr = [p.rows(kv, l, q[l]) for l in range(L)]
+    work = torch.zeros(L, row_select.work_size(HQ), dtype=torch.int32, device="cuda")
     fns = {
         "stage_scores_matmul": lambda: [q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)
                                         for l in range(L)],
-        "stage_scores_kq": lambda: [torch.matmul(kv.k[l], q[l].reshape(1, HKV, HQ // HKV, D).transpose(-1, -2))
-                                    for l in range(L)],  # keys as the long dimension: [B, Hkv, C, rep]
         "stage_radix_select": lambda: [topk_select.radix_select_triton(rs[l], nn, 4096, 128, 512, static=True)
                                        for l in range(L)],
+        "stage_select_one": lambda: [work.zero_()] + [row_select.radix_select_one(rs[l], nn, 4096, 128, 512, work[l])
+                                                      for l in range(L)],
         "stage_paged_attn": lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], nn, 1,
                                                                          D ** -0.5, **p.tune) for l in range(L)],
-        "stage_memset_per_layer": lambda: [torch.zeros(16448, dtype=torch.int32, device="cuda") for _ in range(L)],
     }
     for name, fn in fns.items():
         try:
@@ -72,7 +74,7 @@ def stages(kv, q, report, n) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--variants", nargs="*", default=["step_work"])
+    ap.add_argument("--variants", nargs="*", default=["step_work", "one_launch", "one_launch+merge"])
     ap.add_argument("--extra", nargs="*", default=[],
                     help="variants run last, at the first length only (after the stages)")
     ap.add_argument("--stages", action="store_true")
