@@ -64,6 +64,10 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
                                                                  native=True))
         row["native_bf16_topk16_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
                                                                   native=True))  # ~ the scan alone
+        if n <= 32768:  # one core: the scan's per-core speed (memory- or instruction-bound?)
+            torch.set_num_threads(1)
+            row["native_bf16_topk16_1thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
+                                                                           native=True), rep=2)
         for t in (8, 12):
             torch.set_num_threads(t)
             row[f"native_bf16_{t}thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws,
