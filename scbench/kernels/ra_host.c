@@ -56,20 +56,70 @@ static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, i
     }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+/* [sum a, sum b, sum c, sum d] of four 16-lane vectors (one reduction tree for four heads). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALF(x) _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+    __m256 ab = _mm256_hadd_ps(HALF(a), HALF(b)), cd = _mm256_hadd_ps(HALF(c), HALF(d));
+#undef HALF
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline __m512 load16(const void *base, int64_t i, int kbf16) {
+    if (kbf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i))), 16));
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+/* AVX-512F scan, four query heads at a time (rep % 4 == 0, D % 16 == 0): float32 FMAs of the converted keys. */
+static void scan4(const float *q, const void *kbase, int kbf16, int D, int rep, int64_t m, int lo, int64_t r0,
+                  int64_t r1, float *s) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t row = (int64_t)(lo + r) * D;
+        for (int h = 0; h < rep; h += 4) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *qh = q + (int64_t)h * D;
+            for (int d = 0; d < D; d += 16) {
+                __m512 k = load16(kbase, row + d, kbf16);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), k, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + D + d), k, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 2 * D + d), k, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 3 * D + d), k, a3);
+            }
+            float t[4];
+            _mm_storeu_ps(t, hsum4(a0, a1, a2, a3));
+            for (int j = 0; j < 4; j++) s[(int64_t)(h + j) * m + r] = t[j];
+        }
+    }
+}
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HAVE_DPBF16 1
 /* bf16 keys and a query that bf16 holds exactly: vdpbf16ps (pairs of bf16 products summed into float32 lanes). */
 static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, int64_t m, int lo, int64_t r0,
                     int64_t r1, float *s) {
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *k = kbase + (int64_t)(lo + r) * D;
-        for (int h = 0; h < rep; h++) {
+        for (int h = 0; h < rep; h += 4) {
             const uint16_t *qh = qb + (int64_t)h * D;
-            __m512 acc = _mm512_setzero_ps();
-            for (int d = 0; d < D; d += 32)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(k + d));
-            s[(int64_t)h * m + r] = _mm512_reduce_add_ps(acc);
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < D; d += 32) {
+                __m512bh kv = (__m512bh)_mm512_loadu_si512(k + d);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(qh + d), kv);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(qh + D + d), kv);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(qh + 2 * D + d), kv);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(qh + 3 * D + d), kv);
+            }
+            float t[4];
+            _mm_storeu_ps(t, hsum4(a0, a1, a2, a3));
+            for (int j = 0; j < 4; j++) s[(int64_t)(h + j) * m + r] = t[j];
         }
     }
 }
@@ -77,7 +127,7 @@ static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, i
 #define HAVE_DPBF16 0
 #endif
 
-int ra_host_has_dpbf16(void) { return HAVE_DPBF16; }
+int ra_host_has_dpbf16(void) { return HAVE_DPBF16 * 2 + HAVE_AVX512; }
 
 static int cmp_cand(const void *a, const void *b) {
     const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -176,8 +226,14 @@ int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kb
         int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < m ? r0 + CHUNK : m;
         const char *kb = (const char *)keys + bg * kcap * D * esk;
 #if HAVE_DPBF16
-        if (qb != NULL && kbf16 && D % 32 == 0) {
+        if (qb != NULL && kbf16 && D % 32 == 0 && rep % 4 == 0) {
             scan_dp(qb + bg * rep * D, (const uint16_t *)kb, D, rep, m, lo, r0, r1, scores + bg * rep * m);
+            continue;
+        }
+#endif
+#if HAVE_AVX512
+        if (D % 16 == 0 && rep % 4 == 0) {
+            scan4(q + bg * rep * D, kb, kbf16, D, rep, m, lo, r0, r1, scores + bg * rep * m);
             continue;
         }
 #endif

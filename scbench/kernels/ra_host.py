@@ -96,7 +96,7 @@ def _build() -> ctypes.CDLL:
     f.argtypes = [P, P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
     f.restype = I
     lib.ra_host_has_dpbf16.restype = I
-    _info["dpbf16"] = bool(lib.ra_host_has_dpbf16())
+    _info["dpbf16"], _info["avx512"] = bool(lib.ra_host_has_dpbf16() & 2), bool(lib.ra_host_has_dpbf16() & 1)
     return lib
 
 
@@ -108,7 +108,7 @@ def info() -> dict:
 
 def has_dpbf16() -> bool:
     """Whether the compiled kernel scans bfloat16 keys with AVX512-BF16 dot products (vdpbf16ps)."""
-    return available() and bool(_lib.ra_host_has_dpbf16())
+    return available() and bool(_lib.ra_host_has_dpbf16() & 2)
 
 
 def available() -> bool:
