@@ -43,17 +43,22 @@ def _cpu_flags() -> list[str]:
 
 
 def _loaded_gomp() -> str | None:
-    """The OpenMP runtime already in this process (torch's): linked by path, so the kernel's parallel regions use
-    the same thread pool (a second runtime's idle threads would spin against it)."""
+    """The OpenMP runtime torch loaded (a libgomp under torch/, else the system's libgomp.so.1, else the first mapped):
+    linked by path, so the kernel's parallel regions use torch's thread pool (another runtime's idle threads would
+    spin against it; on the H200 box scikit-learn's libgomp is mapped too)."""
+    found = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 path = line.split()[-1] if "/" in line else ""
-                if os.path.basename(path).startswith("libgomp") and os.path.exists(path):
-                    return path
+                if os.path.basename(path).startswith("libgomp") and path not in found and os.path.exists(path):
+                    found.append(path)
     except OSError:
         pass
-    return None
+    torch_dir = os.path.dirname(torch.__file__)
+    ranked = sorted(found, key=lambda p: (not p.startswith(torch_dir + os.sep) and "torch.libs" not in p,
+                                          os.path.basename(p) != "libgomp.so.1"))  # torch's, the system's, others
+    return ranked[0] if ranked else None
 
 
 def _build() -> ctypes.CDLL:
