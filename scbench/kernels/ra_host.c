@@ -56,6 +56,8 @@ static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, i
     }
 }
 
+#define SCAN_AHEAD 16
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* [sum a, sum b, sum c, sum d] of four 16-lane vectors (one reduction tree for four heads). */
@@ -107,6 +109,8 @@ static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, i
                     int64_t r1, float *s) {
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *k = kbase + (int64_t)(lo + r) * D;
+        if (r + SCAN_AHEAD < r1) /* one row (D * 2 bytes) SCAN_AHEAD rows ahead: more loads in flight per core */
+            for (int o = 0; o < D * 2; o += 64) __builtin_prefetch((const char *)(k + SCAN_AHEAD * D) + o, 0, 3);
         for (int h = 0; h < rep; h += 4) {
             const uint16_t *qh = qb + (int64_t)h * D;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
