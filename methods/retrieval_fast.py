@@ -41,9 +41,10 @@ class RetrievalDecode:
         self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
         self.counter: torch.Tensor | None = None
         self.step_work = True  # CUDA radix: every layer's histograms in one buffer zeroed once per step (one memset
-        # per step instead of one per layer)
+        # per step instead of one per layer; 0.03 ms per step at 128K: within noise)
         self.work: torch.Tensor | None = None  # [layers, work_size] int32
-        self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py)
+        self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py;
+        # correct but slower on the H200: 6.16 vs 5.37 ms per 32-layer step at 128K, results/perf/ra_h27r.md)
 
     def allocate(self, kv, cache) -> None:
         self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
