@@ -162,31 +162,48 @@ static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, i
 
 int ra_host_has_dpbf16(void) { return HAVE_DPBF16 * 2 + HAVE_AVX512; }
 
-static int cmp_cand(const void *a, const void *b) {
-    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y; /* (~key << 32 | index): largest key first, then lowest index */
+/* Bucket b (of nb) holding the need-th largest key, counting from the top; *above: keys in higher buckets. */
+static int boundary(const uint32_t *hist, int nb, int64_t need, int64_t *above) {
+    int64_t acc = 0;
+    int b = nb - 1;
+    for (; b > 0; b--) {
+        if (acc + hist[b] >= need) break;
+        acc += hist[b];
+    }
+    *above = acc;
+    return b;
 }
 
-/* Indices (into [0, m)) of the kk largest of r[0, m) (ties: the lowest indices) -> idx[0, kk), unordered. */
+/* Indices (into [0, m)) of the kk largest of r[0, m) (ties: the lowest indices) -> idx[0, kk), unordered: a radix
+ * select on the float order in 11 + 11 + 10 bits, each level's 2,048-bin histogram in L1 (the first over every key,
+ * the next two over the boundary bucket's keys only). cand: 2 * m scratch. */
 static void select_top(const float *r, int64_t m, int64_t kk, int32_t *idx, uint32_t *hist, uint64_t *cand) {
-    memset(hist, 0, 65536 * sizeof(uint32_t));
-    for (int64_t i = 0; i < m; i++) hist[okey(r[i]) >> 16]++;
-    int64_t above = 0;
-    int b = 65535;
-    for (; b > 0; b--) {
-        if (above + hist[b] >= kk) break;
-        above += hist[b];
-    }
+    memset(hist, 0, 2048 * sizeof(uint32_t));
+    for (int64_t i = 0; i < m; i++) hist[okey(r[i]) >> 21]++;
+    int64_t above;
+    uint32_t b = (uint32_t)boundary(hist, 2048, kk, &above);
     int64_t n = 0, nc = 0;
-    for (int64_t i = 0; i < m; i++) {
+    for (int64_t i = 0; i < m; i++) { /* above the bucket: taken; in it: candidates (key, row), in row order */
         uint32_t u = okey(r[i]);
-        uint32_t t = u >> 16;
-        if (t > (uint32_t)b) idx[n++] = (int32_t)i;
-        else if (t == (uint32_t)b) cand[nc++] = ((uint64_t)(~u) << 32) | (uint64_t)i;
+        if ((u >> 21) > b) idx[n++] = (int32_t)i;
+        else if ((u >> 21) == b) cand[nc++] = ((uint64_t)u << 32) | (uint64_t)i;
     }
-    int64_t need = kk - n;
-    if (need < nc) qsort(cand, nc, sizeof(uint64_t), cmp_cand);
-    for (int64_t j = 0; j < need && j < nc; j++) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu);
+    uint64_t *next = cand + m;
+    for (int level = 0; level < 2 && n < kk; level++) {
+        const int shift = level == 0 ? 10 : 0, nb = level == 0 ? 2048 : 1024;
+        memset(hist, 0, 2048 * sizeof(uint32_t));
+        for (int64_t j = 0; j < nc; j++) hist[(cand[j] >> (32 + shift)) & (nb - 1)]++;
+        b = (uint32_t)boundary(hist, nb, kk - n, &above);
+        int64_t nn = 0;
+        for (int64_t j = 0; j < nc; j++) {
+            uint32_t d = (cand[j] >> (32 + shift)) & (nb - 1);
+            if (d > b) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu);
+            else if (d == b) next[nn++] = cand[j];
+        }
+        uint64_t *t = cand;
+        cand = next, next = t, nc = nn;
+    }
+    for (int64_t j = 0; n < kk && j < nc; j++) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu); /* ties: lowest rows */
 }
 
 #define PREFETCH 32
@@ -275,8 +292,8 @@ int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kb
     const int hs = group ? Hkv : Hq; /* ranked rows per batch row */
 #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t *hist = buffer(0, 65536 * sizeof(uint32_t));
-        uint64_t *cand = buffer(1, m * sizeof(uint64_t));
+        uint32_t *hist = buffer(0, 2048 * sizeof(uint32_t));
+        uint64_t *cand = buffer(1, 2 * m * sizeof(uint64_t));
         int32_t *idx = buffer(2, kk * sizeof(int32_t));
         float *p = buffer(3, kk * sizeof(float));
         float *rank = buffer(4, m * sizeof(float));
