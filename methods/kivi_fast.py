@@ -7,9 +7,10 @@ residual at load, then every new token) stay in StaticKV's own append-only buffe
 residual. ``nq`` / ``rs`` (device tensors) count the quantized rows in use and where the residual starts. A step
 appends the new key/value (StaticKV), attends, then, when the residual holds ``residual + group`` rows, quantises
 its oldest group into quantized row ``nq`` and moves ``rs`` past it, each write selected on the device by that
-condition (no host sync): ``scbench.kernels.kivi_decode.kivi_decode_step``, on CUDA two Triton kernels per layer
-(attention + flush, merge + counters), elsewhere de-quantise + masked softmax and ``quantize`` (the plain path's
-function) in torch ops. This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
+condition (no host sync): ``scbench.kernels.kivi_decode.kivi_decode_step``, on CUDA Triton kernels (one to four
+per layer, ``kivi_decode.FUSE_FLUSH``; the packed values held token-major as the kernel reads them,
+``values_to_words`` at load, back at ``store_back``), elsewhere de-quantise + masked softmax and ``quantize`` (the
+plain path's function) in torch ops. This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
 loop stays the reference: tests/methods/test_kivi_fast.py compares greedy tokens. Tokens are never moved, so the
 cache handed back after ``fed`` steps is exact even when the graph ran a few steps further.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from scbench.kernels import kivi_decode
-from scbench.kernels.kivi_decode import kivi_decode_step
+from scbench.kernels.kivi_decode import kivi_decode_step, values_from_words, values_to_words
 from scbench.kv.quant import KIVILayer
 
 
@@ -60,6 +61,10 @@ class KIVIDecode:
                 torch.zeros(b, h, cap, d // self.vgroup, dtype=dt, device=dev),  # value zero
             ]
         n = len(cache.layers)
+        layer = cache.layers[0]
+        self.use_triton = self.triton_ok(layer.keys)  # decides the packed values' layout too
+        if self.use_triton:  # the single-kernel step's arrival counters, made outside any graph capture
+            kivi_decode.counters(layer.keys.device, layer.keys.shape[0] * layer.keys.shape[1] + 1)
         self.nq = torch.zeros(n, dtype=torch.long, device=kv.device)
         self.rs = torch.zeros(n, dtype=torch.long, device=kv.device)
 
@@ -78,6 +83,8 @@ class KIVIDecode:
                 for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
                                        (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
                                        (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
+                    if dst is vp and self.use_triton:
+                        src = values_to_words(src, self.m.bits)
                     dst[:, :, a:b].copy_(src)
                 row += n
             self.n0.append((layer.n_quant, layer.keys.shape[-2]))
@@ -90,14 +97,15 @@ class KIVIDecode:
 
     def attend(self, kv, l, q, k, v, scale):
         """Attention over the packed rows and the residual [rs, at], then the residual's oldest group quantized
-        when full (``kivi_decode_step``: on CUDA two kernels per layer, the counters moved on the device)."""
+        when full (``kivi_decode_step``: on CUDA Triton kernels, the counters moved on the device)."""
         m = self.m
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return kivi_decode_step(q, *self.bufs[l], k, v, self.nq[l : l + 1], self.rs[l : l + 1], kv.at[l : l + 1],
                                 bits=m.bits, group=m.group, vgroup=self.vgroup, scale=scale, residual=m.residual,
-                                triton_ok=self.triton_ok(q))
+                                triton_ok=self.use_triton)
 
     def triton_ok(self, q) -> bool:
+        """Whether the Triton kernels take q (or a tensor on q's device of its head_dim)."""
         m = self.m
         return (q.is_cuda and kivi_decode.triton is not None
                 and kivi_decode.attention_kernel_ok(m.bits, m.group, self.vgroup, q.shape[-1])
@@ -117,7 +125,9 @@ class KIVIDecode:
             if nq > nq0:
                 layer.kchunks.append((kp[:, :, nq0:nq].clone(), ks[:, :, nq0 // g : nq // g].clone(),
                                       kz[:, :, nq0 // g : nq // g].clone()))
-                layer.vchunks.append((vp[:, :, nq0:nq].clone(), vs[:, :, nq0:nq].clone(), vz[:, :, nq0:nq].clone()))
+                new_vp = vp[:, :, nq0:nq]
+                new_vp = values_from_words(new_vp, self.m.bits) if self.use_triton else new_vp.clone()
+                layer.vchunks.append((new_vp, vs[:, :, nq0:nq].clone(), vz[:, :, nq0:nq].clone()))
             layer.n_quant = nq
             start = nq - nq0
             layer.keys = kv.k[l][:, :, start : start + r].clone()

@@ -1,7 +1,13 @@
-"""KIVI decode attention over the packed cache on a GPU: the previous kernel (v1, kept below for the comparison)
-against ``scbench.kernels.kivi_decode.kivi_attention_triton`` with several tunings.
+"""KIVI decode attention over the packed cache on a GPU: the earlier kernels (v1 below, v2 in
+scripts/kivi_decode_v2.py) against ``scbench.kernels.kivi_decode.kivi_attention_triton`` (v3) with several tunings.
 
-    python scripts/bench_kivi_kernel.py [--lengths 32768 131072] [--bits 2] [--json F]
+    python scripts/bench_kivi_kernel.py [--lengths 32768 131072] [--bits 2] [--variants "v2" "v3 asm2 pf1 r0 c264"]
+                                        [--jobs 12] [--json F]
+
+A variant: ``v1``, ``v2`` (its default tuning) or ``v3`` plus knobs (``asm`` 0/1/2/3, ``w`` warps, ``s``
+stages, ``c`` programs, ``gp`` padded query rows, ``pf`` prefetch, ``r`` register cap; missing knobs from
+``kivi_decode.TUNE``).
+``--jobs``: compile the variants first in that many processes (Triton's on-disk cache), then time them here.
 
 Llama-3.1-8B shape: 32 query / 8 KV heads, head_dim 128, bf16, batch 1, group 32, 32 + some residual rows. One
 "step" = 32 layers, each with its own buffers (so nothing is served from L2), timed as a CUDA graph (median of 5
@@ -9,15 +15,17 @@ replays). ``GB`` = bytes a step must read (packed keys/values of the quantized r
 the residual rows); ``TB/s`` = GB / time. ``err``: largest difference from ``kivi_attention_torch`` in float64
 (layer 0).
 
-results/perf/kivi_kernel_h200.{log,md}: this script's run on an H200 (GPU queue, batch 1), when --unpack also held
-4 and 5 (a pack=2 inline-asm pairing since removed: its error was 14x the others', wrong).
+results/perf/kivi_kernel_h200.{log,md}: this script's runs on an H200 (GPU queue).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
+import time
+from pathlib import Path
 
 import torch
 import triton
@@ -134,7 +142,8 @@ DEV = "cuda"
 
 
 def layer_bufs(n, bits, group, h=8, d=128, res=40, dt=torch.bfloat16):
-    """One layer's buffers: capacity a multiple of 8 * group past n + res; nq = n quantized rows."""
+    """One layer's buffers (standard layout; the token-major values of v3 as a 12th entry): capacity a multiple of
+    8 * group past n + res; nq = n quantized rows."""
     cap = -(-(n + res + group) // (8 * group)) * 8 * group
     db = d * bits // 8
     dev = DEV
@@ -148,7 +157,49 @@ def layer_bufs(n, bits, group, h=8, d=128, res=40, dt=torch.bfloat16):
     rv = torch.randn(1, h, cap, d, device=dev, dtype=dt)
     t = lambda x: torch.tensor([x], device=dev)  # noqa: E731
     nbytes = 2 * h * n * db + 2 * h * (n // group) * d * 2 + 2 * h * n * (d // group) * 2 + 2 * h * res * d * 2
-    return (kp, ks, kz, vp, vs, vz, rk, rv, t(n), t(n), t(n + res)), nbytes
+    return (kp, ks, kz, vp, vs, vz, rk, rv, t(n), t(n), t(n + res), kd.values_to_words(vp, bits)), nbytes
+
+
+def tune_of(name: str) -> dict:
+    """"v3 asm3 tr0 w4" -> kivi_attention_triton's tuning keywords."""
+    knobs = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name.removeprefix("v3"))}
+    names = {"w": "num_warps", "s": "num_stages", "c": "ctas", "pf": "prefetch", "r": "maxnreg"}
+    return {names.get(k, k): v for k, v in knobs.items()}
+
+
+def make_fn(name, q, bits, group, scale):
+    """Variant name -> fn(bufs) running one layer's attention."""
+    if name == "v1":
+        return lambda b: kivi_attention_v1(q, *b[:11], bits=bits, group=group, vgroup=group, scale=scale)
+    if name == "v2":
+        spec = importlib.util.spec_from_file_location("kivi_decode_v2", Path(__file__).with_name("kivi_decode_v2.py"))
+        v2 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(v2)
+        return lambda b: v2.kivi_attention_triton(q, *b[:11], bits=bits, group=group, vgroup=group, scale=scale)
+    tune = tune_of(name)
+    return lambda b: kd.kivi_attention_triton(q, *b[:3], b[11], *b[4:11], bits=bits, group=group, vgroup=group,
+                                              scale=scale, **tune)
+
+
+def _compile_one(args):
+    """Worker: run a variant once on one layer of each length (fills Triton's on-disk cache)."""
+    name, lengths, bits = args
+    try:
+        torch.manual_seed(0)
+        for n in lengths:
+            bufs, _ = layer_bufs(n, bits, 32)
+            q = torch.randn(1, 32, 1, 128, device=DEV, dtype=torch.bfloat16)
+            if name.startswith("step"):  # "step<fuse> <tuning>": --step's kernels
+                kd.TUNE.update(tune_of(name.split(" ", 1)[1]))
+                kd.kivi_decode_step(q, *bufs[:3], bufs[11], *bufs[4:10], torch.tensor([n + 39], device=DEV),
+                                    bits=bits, group=32, vgroup=32, scale=0.1, residual=32, triton_ok=True,
+                                    fuse=int(name[4]))
+            else:
+                make_fn(name, q, bits, 32, 128 ** -0.5)(bufs)
+        torch.cuda.synchronize()
+        return name, ""
+    except Exception as e:  # noqa: BLE001 - reported by the main process
+        return name, f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def main() -> None:
@@ -156,13 +207,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--ctas", type=int, nargs="+", default=[264, 528, 1056, 2112])
-    ap.add_argument("--gp", type=int, nargs="+", default=[4, 8], help="padded query rows per KV head")
-    ap.add_argument("--unpack", type=int, nargs="+", default=[0, 3], help="kivi_decode._decode's U")
-    ap.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--default-only", action="store_true", help="v1 and kivi_decode.TUNE only, no sweep")
+    ap.add_argument("--variants", nargs="+", default=["v2", "v3"])
+    ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes first (0: none)")
+    ap.add_argument("--step", default="", help="also time kivi_decode_step (fuse 0/1/2) with this v3 tuning")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, float16: checks the script runs")
     args = ap.parse_args()
@@ -170,64 +217,67 @@ def main() -> None:
     dt = torch.bfloat16
     if args.smoke:
         DEV, dt = "cpu", torch.float16
+        from triton.runtime import interpreter as ti  # loop bounds loaded from memory (1-element arrays), NumPy 2
+
+        orig = ti._patch_lang_tensor
+        ti._patch_lang_tensor = lambda tensor, scope: (orig(tensor, scope), scope.set_attr(
+            tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])))
+    if args.jobs and not args.smoke:
+        import multiprocessing as mp
+
+        t0 = time.time()
+        with mp.get_context("spawn").Pool(min(args.jobs, len(args.variants) + 3)) as pool:
+            jobs = args.variants + ([f"step{f} {args.step}" for f in (0, 1, 2)] if args.step else [])
+            for name, err in pool.imap_unordered(_compile_one, [(v, args.lengths, args.bits) for v in jobs]):
+                if err:
+                    print(f"compile {name}: {err}", flush=True)
+        print(f"compiled {len(args.variants)} variants in {time.time() - t0:.1f} s", flush=True)
     group, scale = 32, 128 ** -0.5
     rows = []
     for n in args.lengths:
         layers = [layer_bufs(n, args.bits, group, dt=dt) for _ in range(args.layers)]
         gb = sum(x[1] for x in layers) / 1e9
         q = torch.randn(1, 32, 1, 128, device=DEV, dtype=dt)
-        want = kd.kivi_attention_torch(q.double(), *[x.double() if x.is_floating_point() else x for x in layers[0][0]],
+        want = kd.kivi_attention_torch(q.double(), *[x.double() if x.is_floating_point() else x
+                                                     for x in layers[0][0][:11]],
                                        bits=args.bits, group=group, vgroup=group, scale=scale)
+        for name in args.variants:
+            fn = make_fn(name, q, args.bits, group, scale)
+            try:
+                err = (fn(layers[0][0]).double() - want).abs().max().item()
+                ms = graph_ms(lambda: [fn(b) for b, _ in layers])
+            except Exception as e:  # noqa: BLE001 - a tuning that does not compile is reported, not fatal
+                print(f"{n:>7} {name:<30} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            rows.append(dict(n=n, bits=args.bits, variant=name, ms_step=ms, gb=gb, tbps=gb / max(ms, 1e-9),
+                             max_err=err))
+            print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) {gb:6.3f} GB "
+                  f"{gb / max(ms, 1e-9):6.2f} TB/s err {err:.2e}", flush=True)
+        if args.step:  # one decode step's KIVI work: attention + flush/counters (residual not full: no writes)
+            kd.TUNE.update(tune_of(args.step))
+            at = torch.tensor([n + 39], device=DEV)  # made before the capture (no host copy inside it)
+            for fuse in (0, 1, 2):
+                name = f"step fuse={fuse} {args.step}"
 
-        def new(name):
-            t = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name)}
-            return lambda bufs: kd.kivi_attention_triton(q, *bufs, bits=args.bits, group=group, vgroup=group,
-                                                         scale=scale, num_warps=t["w"], num_stages=t["s"],
-                                                         ctas=t["c"], gp=t["gp"], unpack=t["u"], prefetch=t["pf"])
-
-        def measure(variants) -> None:
-            for name, fn in variants.items():
+                def step(b, fuse=fuse):
+                    return kd.kivi_decode_step(q, *b[:3], b[11], *b[4:8], b[8], b[9], at, bits=args.bits,
+                                               group=group, vgroup=group, scale=scale, residual=32, triton_ok=True,
+                                               fuse=fuse)
                 try:
-                    err = (fn(layers[0][0]).double() - want).abs().max().item()
-                    ms = graph_ms(lambda: [fn(b) for b, _ in layers])
-                except Exception as e:  # noqa: BLE001 - a tuning that does not compile is reported, not fatal
+                    err = (step(layers[0][0]).double() - want).abs().max().item()
+                    ms = graph_ms(lambda: [step(b) for b, _ in layers])
+                except Exception as e:  # noqa: BLE001
                     print(f"{n:>7} {name:<30} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                rows.append(dict(n=n, bits=args.bits, variant=name, ms_step=ms, gb=gb, tbps=gb / max(ms, 1e-9),
-                                 max_err=err))
-                print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) {gb:6.3f} GB "
-                      f"{gb / max(ms, 1e-9):6.2f} TB/s err {err:.2e}", flush=True)
-
-        # phase 1: the kernel's structure (word width, prefetch) at one tuning; phase 2: padded query rows and
-        # warps; phase 3: pipelining stages and programs; each around the previous phase's best correct variant
-        measure({"v1": lambda bufs: kivi_attention_v1(q, *bufs, bits=args.bits, group=group, vgroup=group,
-                                                      scale=scale)})
-        if args.default_only:
-            measure({"new (TUNE)": lambda bufs: kd.kivi_attention_triton(q, *bufs, bits=args.bits, group=group,
-                                                                         vgroup=group, scale=scale)})
-            del layers
-            torch.cuda.empty_cache()
-            continue
-
-        def best() -> str:
-            ok = [r for r in rows if r["n"] == n and r["variant"] != "v1" and r["max_err"] < 0.05]
-            return min(ok, key=lambda r: r["ms_step"])["variant"] if ok else ""
-
-        names = [f"new u{u} pf{pf} gp4 w4 s2 c528" for u in args.unpack for pf in args.prefetch]
-        measure({x: new(x) for x in names})
-        if best():
-            up = best().rsplit(" gp", 1)[0]
-            names = [f"{up} gp{gp} w{w} s2 c528" for gp in args.gp for w in args.warps]
-            measure({x: new(x) for x in names if x not in {r["variant"] for r in rows if r["n"] == n}})
-        if best():
-            up = best().rsplit(" s", 1)[0]
-            names = [f"{up} s{st} c{c}" for st in args.stages for c in args.ctas]
-            measure({x: new(x) for x in names if x not in {r["variant"] for r in rows if r["n"] == n}})
+                rows.append(dict(n=n, bits=args.bits, variant=name, ms_step=ms, gb=gb, tbps=gb / max(ms, 1e-9), max_err=err))
+                print(f"{n:>7} {name:<30} {ms:8.3f} ms/step ({args.layers} layers) err {err:.2e}", flush=True)
         del layers
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     best = {}
     for r in rows:
-        if r["variant"] != "v1" and r["max_err"] < 0.05 and (r["n"] not in best or r["ms_step"] < best[r["n"]]["ms_step"]):
+        if r["variant"].startswith("v3") and r["max_err"] < 0.05 and (
+                r["n"] not in best or r["ms_step"] < best[r["n"]]["ms_step"]):
             best[r["n"]] = r
     for n, r in best.items():
         print(f"best {n}: {r['variant']} {r['ms_step']:.3f} ms {r['tbps']:.2f} TB/s err {r['max_err']:.2e}")

@@ -1,13 +1,15 @@
 """KIVI's residual flush in a decode step: when the full-precision residual holds ``residual + group`` rows, its
-oldest group is quantized (keys per channel, values per token, ``scbench.kv.quant.quantize``'s format) into the next
-packed row and the counters move, each write selected on the device (no host sync, capturable in a graph).
-``kivi_flush_torch`` is the reference (torch ops, the CPU path); ``kivi_flush_triton`` one kernel plus a counter
-kernel; ``_flush_group`` is also called by ``scbench.kernels.kivi_decode``'s attention kernel (``FUSE_FLUSH``)."""
+oldest group is quantized (keys per channel, values per token, ``scbench.kv.quant.quantize``) into the next packed
+rows and the counters move, each write selected on the device (no host sync, capturable in a graph).
+``kivi_flush_torch`` is the reference (torch ops, the CPU path, ``quantize``'s layout); ``kivi_flush_triton`` one
+kernel plus a counter kernel, writing the values token-major as the attention kernel reads them
+(``values_to_words``); ``_flush_group`` is also called by ``scbench.kernels.kivi_decode``'s attention kernel
+(``FUSE_FLUSH``)."""
 from __future__ import annotations
 
 import torch
 
-from scbench.kv.quant import quantize
+from scbench.kv.quant import pack, quantize, unpack
 
 try:
     import triton
@@ -74,8 +76,13 @@ if triton is not None:
         vscale, vzero, vsafe = _quant_pack(v3, tl.min(v3, 2), tl.max(v3, 2), LEVELS, DT)
         qv = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(v3 - vzero[:, :, None], vsafe[:, :, None] + tl.zeros_like(v3))), 0.0),
                         LEVELS * 1.0).to(tl.int32)
-        vpacked = tl.sum(tl.reshape(qv, [GROUP, DB, PER]) << shifts[None, None, :], 2).to(tl.uint8)
-        tl.store(VP + bh * CQ * DB + drow * DB + tl.arange(0, DB)[None, :], vpacked)
+        # token-major (``values_to_words``): per chunk of T tokens one int32 word per channel, token k in bits k * BITS
+        T: tl.constexpr = 32 // BITS
+        qv = tl.reshape(qv, [GROUP // T, T, D])
+        words = tl.sum(qv << (tl.arange(0, T) * BITS)[None, :, None], 1)  # disjoint bits: the sum is their OR
+        chunk = (nq // T + tl.arange(0, GROUP // T))[:, None].to(tl.int64)
+        VW = VP.to(tl.pointer_type(tl.int32)) + bh * CQ * (D * BITS // 32)
+        tl.store(VW + chunk * D + cols[None, :], words)
         vo = bh * CQ * NV + drow * NV + tl.arange(0, NV)[None, :]
         tl.store(VS + vo, vscale.to(DT))
         tl.store(VZ + vo, vzero.to(DT))
@@ -88,10 +95,30 @@ if triton is not None:
         tl.store(RS, tl.where(full, rs + GROUP, rs))
 
 
+def values_to_words(vp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed values in ``quantize``'s layout uint8 [..., N, D * bits / 8] (N a multiple of T = 32 / bits) -> the
+    same bytes token-major, as the attention kernel reads them: per chunk of T tokens, D int32 words (word c holds
+    channel c of the chunk's tokens, token k in bits ``k * bits``), the chunk's bytes where its rows were."""
+    t = 32 // bits
+    q = unpack(vp, bits).unflatten(-2, (vp.shape[-2] // t, t)).transpose(-1, -2).to(torch.int32)  # [.., N/T, D, T]
+    # disjoint bit fields: their int32 sum (wrapping past the sign bit) is their OR
+    w = (q << (torch.arange(t, device=vp.device, dtype=torch.int32) * bits)).sum(-1, dtype=torch.int32)
+    return w.contiguous().view(torch.uint8).reshape(vp.shape)
+
+
+def values_from_words(vw: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``values_to_words``."""
+    t, d = 32 // bits, vw.shape[-1] * 8 // bits
+    w = vw.contiguous().view(torch.int32).reshape(*vw.shape[:-2], vw.shape[-2] // t, d).to(torch.int64)
+    q = (w.unsqueeze(-1) >> (torch.arange(t, device=vw.device) * bits)) & (2**bits - 1)  # [.., N/T, D, T]
+    return pack(q.transpose(-1, -2).flatten(-3, -2).to(torch.uint8), bits)
+
+
 def kivi_flush_triton(k, v, kp, ks, kz, vp, vs, vz, nq, rs, re, *, bits: int, group: int, vgroup: int,
                       residual: int, re_add: int = 0) -> None:
     """CUDA, in place: when ``re + re_add - rs == residual + group``, quantize rows [rs, rs + group) of k, v
-    [B, H, C, D] into quantized row ``nq`` and advance ``nq`` and ``rs`` by ``group`` (``kivi_flush_torch``)."""
+    [B, H, C, D] into quantized row ``nq`` and advance ``nq`` and ``rs`` by ``group`` (``kivi_flush_torch``; the
+    packed values token-major, ``values_to_words``; group a multiple of 32 / bits)."""
     b, h, c, d = k.shape
     cq = kp.shape[2]
     dt = getattr(tl, {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[k.dtype])

@@ -26,9 +26,9 @@ from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
-    float32, float16 with int16 words and with int32 words split in half-words + prefetch)."""
+    float32, float16; without prefetch, with it, with the words only; packed values token-major)."""
     errs = []
-    for dtype, unpack in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 2)):
+    for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1), (torch.float16, 2)):
         for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
                                                   (2, 2, 2, 128, 96, 16, 0, 0, 16), (2, 16, 2, 128, 128, 16, 4, 9, 16)]:
             gen = torch.Generator().manual_seed(bits * hq + cq)
@@ -40,22 +40,22 @@ def attention_errors() -> list[float]:
             vals = torch.cat([dequantize(vp, vs, vz, bits, g, -1, dtype)[:, :, :nq], rv[:, :, rs:re]], dim=-2)
             q = torch.randn(1, hq, 1, 32, generator=gen).to(dtype)
             t = lambda x: torch.tensor([x])  # noqa: E731
-            got = kd.kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, t(nq), t(rs), t(re - 1), bits=bits,
-                                           group=g, vgroup=g, scale=0.2, re_add=1, ctas=4, unpack=unpack,
-                                           prefetch=int(unpack == 2))
+            got = kd.kivi_attention_triton(q, kp, ks, kz, kd.values_to_words(vp, bits), vs, vz, rk, rv, t(nq),
+                                           t(rs), t(re - 1), bits=bits, group=g, vgroup=g, scale=0.2, re_add=1, ctas=4,
+                                           prefetch=prefetch)
             want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.2)
             errs.append((got.double() - want).abs().max().item())
     return errs
 
 
 def step_errors() -> list[list[float]]:
-    """kivi_decode_step, Triton (attention, then flush + counter kernels; or fused: attention + flush, merge +
-    counters) against the torch ops: output, every buffer and the counters, with and without a group flush. A row:
+    """kivi_decode_step, Triton (attention, then flush + counter kernels; fused: attention + flush, merge +
+    counters; or one kernel) against the torch ops: output, every buffer and the counters, with and without a group flush. A row:
     [float32?, output error, counters equal, flushed as expected, buffer differences...]."""
     rows = []
     for dtype in (torch.float32, torch.float16):
-        for bits, full, fuse in [(2, True, False), (4, True, False), (2, False, False), (2, True, True),
-                                 (4, True, True), (2, False, True)]:
+        for bits, full, fuse in [(2, True, 0), (4, True, 0), (2, False, 0), (2, True, 1), (4, True, 1), (2, False, 1),
+                                 (2, True, 2), (2, False, 2)]:
             gen = torch.Generator().manual_seed(bits)
             h, c, d, cq, g, res = 2, 128, 32, 256, 16, 16
             k, v = (torch.randn(1, h, c, d, generator=gen).to(dtype) * 3 for _ in range(2))
@@ -66,9 +66,13 @@ def step_errors() -> list[list[float]]:
             outs = []
             for use in (False, True):
                 mine = [x.clone() for x in bufs]
+                if use:  # the kernels hold the packed values token-major
+                    mine[3] = kd.values_to_words(mine[3], bits)
                 nq, rs = torch.tensor([96]), torch.tensor([37])
                 o = kd.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at]), bits=bits, group=g, vgroup=g,
                                         scale=0.3, residual=res, triton_ok=use, fuse=fuse)
+                if use:
+                    mine[3] = kd.values_from_words(mine[3], bits)
                 outs.append((o, mine, (int(nq), int(rs))))
             (oa, a, ca), (ob, b, cb) = outs
             flushed = float(ca == (112, 53)) if full else float(ca == (96, 37))
@@ -79,5 +83,43 @@ def step_errors() -> list[list[float]]:
     return rows
 
 
+def plugin_tokens() -> list[list]:
+    """The fast-decode plugin with the Triton kernels forced on CPU tensors (the interpreter; float32, tiny random
+    Llama, head_dim 16): its greedy tokens over two turns, each flush mode, with the plain loop's first. Covers the
+    plugin's token-major value layout at load and back at store_back."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support
+    from support import byte_tokenizer, make_tiny_engine
+
+    from scbench.methods import kivi_fast
+    from scbench.methods.kivi import KIVI
+
+    kivi_fast.KIVIDecode.triton_ok = lambda self, q: True
+    kd.TUNE["ctas"] = 4  # few programs: the interpreter runs them one by one
+    calls = [0]
+    kernel = kd.kivi_attention_triton
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    kd.kivi_attention_triton = counted
+    engine = make_tiny_engine(byte_tokenizer(), layers=2)
+    prompt = torch.randint(5, 250, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = []
+    for mode, fuse in (("plain", 0), ("fast", 0), ("fast", 2)):
+        kd.FUSE_FLUSH = fuse
+        engine.decode_mode = mode
+        sess = engine.session(KIVI(bits=2, group=16, residual=16))
+        sess.feed(prompt, compress=True, sparse=False)
+        a = sess.generate(20)
+        sess.drop_last(len(a.tokens) - 1)
+        sess.feed(prompt[:9], compress=False, sparse=False)
+        b = sess.generate(16)
+        runs.append([a.decode_path, a.tokens + b.tokens, calls[0]])
+    return runs
+
+
 if __name__ == "__main__":
-    json.dump({"attention": attention_errors(), "step": step_errors()}, sys.stdout)
+    json.dump({"attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens()}, sys.stdout)

@@ -43,16 +43,58 @@ def test_kivi_attention_torch_matches_reference(bits, hq):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_values_to_words_layout(bits):
+    """Token-major value words: word c of a chunk holds channel c of its 32 / bits tokens, token k in bits k * bits;
+    values_from_words inverts it."""
+    from scbench.kv.quant import pack, unpack
+
+    t, d = 32 // bits, 32
+    q = torch.randint(0, 2**bits, (1, 2, 3 * t, d), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    vp = pack(q, bits)
+    w = kivi_decode.values_to_words(vp, bits)
+    assert w.shape == vp.shape and w.dtype == torch.uint8
+    words = w.view(torch.int32).reshape(1, 2, 3, d).to(torch.int64) & 0xFFFFFFFF
+    for chunk, c, k in [(0, 0, 0), (1, 5, t - 1), (2, d - 1, 3), (0, 17, t // 2)]:
+        assert (words[0, 1, chunk, c] >> (k * bits)) & (2**bits - 1) == q[0, 1, chunk * t + k, c]
+    assert torch.equal(kivi_decode.values_from_words(w, bits), vp)
+    assert torch.equal(unpack(kivi_decode.values_from_words(w, bits), bits), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_unpack_asm_constants_give_exact_integers(dtype, bits, mode):
+    """The inline PTX's arithmetic, emulated: every field value OR-ed into MAGIC's mantissa at the offsets the PTX
+    uses, times its multiplier plus its addend (one rounding, as the packed fma), is the integer itself."""
+    import re
+
+    asm = kivi_decode.unpack_asm(dtype, bits, mode)
+    regs = {k: int(v, 16) & 0xFFFF for k, v in re.findall(r"mov\.b32 (\w), (0x[0-9a-f]+);", asm)}
+    magic = kivi_decode.MAGIC[dtype][0]
+    as_float = lambda h: torch.tensor([h - 65536 if h >= 32768 else h], dtype=torch.int16).view(dtype).double()  # noqa: E731
+    masks = [int(m, 16) for m in re.findall(r"lop3\.b32 \w, \w, (0x[0-9a-f]+), u", asm)] or [((1 << bits) - 1) * 0x10001]
+    pairs = list(zip(masks, ("o", "q"), ("m", "n")))
+    assert len(pairs) == (2 if mode == 3 and 2 * bits <= (7 if dtype == torch.bfloat16 else 10) else 1)
+    for mask, mul, add in pairs:
+        assert mask >> 16 == mask & 0xFFFF  # the same field in both halves
+        pos = ((mask & 0xFFFF) & -(mask & 0xFFFF)).bit_length() - 1
+        for x in range(1 << bits):
+            v = as_float(magic | (x << pos)) * as_float(regs[mul]) + as_float(regs[add])
+            assert v.to(dtype).item() == x, (x, pos, v)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,cq,nq,r,rs,re", [(2, 8192, 8000, 320, 33, 96), (4, 4096, 1024, 64, 0, 40),
                                                (2, 512, 0, 64, 0, 9)])
-@pytest.mark.parametrize("unpack,prefetch", [(3, 1), (0, 0)])
-def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, unpack, prefetch):
+@pytest.mark.parametrize("tune", ["default", "asm0 pf0", "asm2 pf1"])
+def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, tune):
     bufs, keys, vals = _bufs(cq, h=8, cq=cq, nq=nq, r=r, rs=rs, re=re, d=128, bits=bits, device="cuda", dtype=dtype)
+    bufs = (*bufs[:3], kivi_decode.values_to_words(bufs[3], bits), *bufs[4:])  # the kernel's value layout
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
-    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, unpack=unpack,
-                                            prefetch=prefetch)
+    knobs = {"asm0 pf0": {"asm": 0, "prefetch": 0}, "asm2 pf1": {"asm": 2, "prefetch": 1, "maxnreg": 0}}.get(tune, {})
+    got = kivi_decode.kivi_attention_triton(q, *bufs, bits=bits, group=32, vgroup=32, scale=0.09, **knobs)
     want = attention.reference_causal_attention(q.double(), keys.double(), vals.double(), scale=0.09)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -60,8 +102,9 @@ def test_kivi_attention_triton_matches_torch(dtype, bits, cq, nq, r, rs, re, unp
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_kivi_kernels_in_triton_interpreter():
-    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, both word widths) and the decode step
-    (attention, flush, counters; and fused) on CPU tensors, in Triton's interpreter, against the torch reference."""
+    """The Triton attention (GQA 4/2/1/8, 2 and 4 bits, float32 and float16, prefetch modes), the decode step
+    (attention, flush, counters; fused; one kernel) and the fast-decode plugin on the Triton kernels (greedy tokens,
+    two turns) on CPU tensors, in Triton's interpreter, against the torch reference / the plain loop."""
     script = Path(__file__).with_name("kivi_interpret_check.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -72,6 +115,11 @@ def test_kivi_kernels_in_triton_interpreter():
     for i, (fp32, out, same_counters, flushed, *bufs) in enumerate(res["step"]):
         assert out < (1e-5 if fp32 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
         assert max(bufs) < 1e-3, bufs  # packed bytes: a rare rounding tie may differ; scales/zeros exact
+    (ppath, plain, n0), *fast = res["plugin"]  # the plugin on the Triton kernels, flush modes 0 and 2
+    assert ppath == "plain" and n0 == 0
+    for path, tokens, calls in fast:
+        assert path == "static" and tokens == plain
+    assert 0 < fast[0][2] < fast[1][2]  # every fast run went through the Triton attention
 
 
 def _decode(engine, method, mode, prompt, follow, n=(45, 38)):
@@ -150,8 +198,13 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
     outs = []
     for fn in (kivi_decode.kivi_flush_torch, kivi_decode.kivi_flush_triton):
         mine = [x.clone() for x in bufs]
+        triton_layout = fn is kivi_decode.kivi_flush_triton  # packed values token-major
+        if triton_layout:
+            mine[3] = kivi_decode.values_to_words(mine[3], bits)
         nq_t, rs_t = t(320), t(rs)
         fn(k, v, *mine, nq_t, rs_t, t(re), bits=bits, group=g, vgroup=g, residual=res)
+        if triton_layout:
+            mine[3] = kivi_decode.values_from_words(mine[3], bits)
         outs.append((mine, int(nq_t), int(rs_t)))
     (a, nq_a, rs_a), (b_, nq_b, rs_b) = outs
     assert (nq_a, rs_a) == (nq_b, rs_b) == ((352, rs + g) if full else (320, rs))
@@ -167,10 +220,10 @@ def test_flush_kernel_matches_torch(dtype, bits, full):
 @pytest.mark.skipif(not torch.cuda.is_available() or kivi_decode.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,full", [(2, True), (4, True), (2, False)])
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [0, 1, 2])
 def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
-    """The step's kernels (attention, flush, counters; or fused: attention + flush, merge + counters) against the
-    torch ops, 8B head shapes."""
+    """The step's kernels (attention, flush, counters; fused: attention + flush, merge + counters; one kernel) against
+    the torch ops, 8B head shapes."""
     torch.manual_seed(bits)
     h, c, d, cq, g, res = 8, 512, 128, 4096, 32, 32
     k, v = (torch.randn(1, h, c, d, device="cuda", dtype=dtype) * 3 for _ in range(2))
@@ -181,9 +234,13 @@ def test_decode_step_triton_matches_torch(dtype, bits, full, fuse):
     outs = []
     for use in (False, True):
         mine = [x.clone() for x in bufs]
+        if use:  # the kernels hold the packed values token-major
+            mine[3] = kivi_decode.values_to_words(mine[3], bits)
         nq, rs = torch.tensor([2048], device="cuda"), torch.tensor([37], device="cuda")
         o = kivi_decode.kivi_decode_step(q, *mine, k, v, nq, rs, torch.tensor([at], device="cuda"), bits=bits, group=g,
                                          vgroup=g, scale=0.09, residual=res, triton_ok=use, fuse=fuse)
+        if use:
+            mine[3] = kivi_decode.values_from_words(mine[3], bits)
         outs.append((o, mine, (int(nq), int(rs))))
     (oa, a, ca), (ob, b, cb) = outs
     assert ca == cb == ((2048 + g, 37 + g) if full else (2048, 37))
