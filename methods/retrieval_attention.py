@@ -3,8 +3,9 @@
 Based on Liu et al., "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval"
 (arXiv 2409.10516), with SCBench's settings (top-k 4,096 on every layer). After the prefill each layer becomes a
 ``TieredLayer`` (scbench/kv/offload.py) whose keys and values sit in host memory (``tier=cpu``). At each decode
-step and layer the query searches the stored keys on the host (exact inner-product search, ``torch.topk``, over
-a float32 copy of half-precision keys),
+step and layer the query searches the stored keys on the host (exact inner-product search: the C host kernel
+scbench/kernels/ra_host.c over the stored keys in place, or without it ``torch.topk`` over a float32 copy of
+half-precision keys),
 and the top ``top_k`` rows are attended ON THE HOST, while the accelerator attends over the static pattern (the
 first ``n_init`` and last ``n_local`` tokens) it keeps; only the query and the host's partial result (output +
 log-sum-exp) cross the bus and the halves are merged exactly (methods/retrieval_host.py, as the paper splits it).
@@ -267,7 +268,7 @@ class RetrievalAttention(Method):
 
             layer.window = DeviceWindow(self.n_init, self.n_local)
             layer.window.build(keys, values, keys.device)
-        if not (self.uses_split() and self.search == "half"):
+        if not (self.uses_split() and self.reads_stored_keys(layer)):
             self.search_keys(layer)  # built with the offload, not inside the first decode step
         return layer
 
@@ -346,6 +347,15 @@ class RetrievalAttention(Method):
             layer.index_recall_sum, layer.index_recall_n, layer.index_build_s = 0.0, 0, 0.0
             layer.attended_sum, layer.attended_n = 0.0, 0
         return out
+
+    def reads_stored_keys(self, layer: TieredLayer) -> bool:
+        """Host split: whether the search reads the layer's stored keys in place (no float32 copy): ``search=half``,
+        or the C host kernel (scbench/kernels/ra_host.py: float32 products of bfloat16 keys, the copy's math)."""
+        from scbench.kernels import ra_host
+
+        if layer.dtype in (torch.float32, torch.bfloat16) and layer.storage.type == "cpu" and ra_host.available():
+            return True
+        return self.search == "half" and layer.dtype != torch.float32
 
     def uses_split(self) -> bool:
         """Whether decode takes the host/accelerator split (methods/retrieval_host.py)."""

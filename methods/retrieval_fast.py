@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from scbench.kernels import topk_select
+from scbench.kernels import row_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
@@ -35,10 +35,16 @@ class RetrievalDecode:
         self.tune: dict = {"pages_per_split": 256, "block_pages": 64}  # paged_attention_triton's sizes (rows)
         self.radix: dict = {}  # radix_select_triton's chunk / digits / num_warps (None: its defaults)
         self.fused = False  # CUDA: scores + first radix pass in one Triton kernel (measured slower than a matmul
-        # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py)
+        # and a separate pass on the H200: 8.1 vs 5.5 ms per 32-layer step at 128K, scripts/bench_quest_decode.py;
+        # a chunked version with the histograms summed per program: 12.3 ms, scripts/bench_ra_device.py)
         self.score_args: dict = {}  # retrieval_scores_triton's block / num_warps
         self.merge = False  # CUDA: the paged kernel merges its splits itself (one launch less per layer)
         self.counter: torch.Tensor | None = None
+        self.step_work = True  # CUDA radix: every layer's histograms in one buffer zeroed once per step (one memset
+        # per step instead of one per layer; 0.03 ms per step at 128K: within noise)
+        self.work: torch.Tensor | None = None  # [layers, work_size] int32
+        self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py;
+        # correct but slower on the H200: 6.16 vs 5.37 ms per 32-layer step at 128K, results/perf/ra_h27r.md)
 
     def allocate(self, kv, cache) -> None:
         self.counter = kv.k[0].new_zeros(kv.k[0].shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
@@ -46,8 +52,9 @@ class RetrievalDecode:
     def unsupported(self, cache) -> str | None:
         return device_tier_unsupported(cache, "retrieval", "the plain loop searches it there")
 
-    def rows(self, kv, l: int, q: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
-        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot); n: the valid length."""
+    def rows(self, kv, l: int, q: torch.Tensor, n: torch.Tensor | None = None, step: bool = False) -> torch.Tensor:
+        """The row list [B, Hs, top_k + n_init + n_local] of this step (-1: unused slot); n: the valid length.
+        ``step``: called by ``attend`` (layer l's radix work is then a row of the buffer it zeroes at layer 0)."""
         m = self.m
         k = kv.k[l]
         b, hkv, c, d = k.shape
@@ -55,7 +62,7 @@ class RetrievalDecode:
         n = kv.at[l : l + 1] + 1 if n is None else n
         lo, hi = m.n_init, n - m.n_local
         if k.is_cuda and topk_select.triton is not None and self.select == "radix":
-            return self._rows_radix(q, k, n, lo, hi)
+            return self._rows_radix(q, k, n, lo, hi, self._layer_work(kv, l, k, q) if step and self.step_work else None)
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
         pos = torch.arange(c, device=q.device)
@@ -72,21 +79,37 @@ class RetrievalDecode:
         local = torch.where(local >= lo, local, -1)  # short contexts: rows below n_init are already listed
         return torch.cat([init, local])
 
-    def _rows_radix(self, q, k, n, lo: int, hi) -> torch.Tensor:
+    def _layer_work(self, kv, l: int, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Layer l's zeroed radix work buffer: a row of ``self.work``, which ``attend`` zeroes at layer 0."""
+        rows = k.shape[0] * (k.shape[1] if self.m.gqa == "group" else q.shape[1])
+        size = max(topk_select.work_size(rows, k.dtype, self.radix.get("digits")), row_select.work_size(rows))
+        if self.work is None or self.work.shape != (len(kv.k), size) or self.work.device != k.device:
+            self.work = torch.zeros(len(kv.k), size, dtype=torch.int32, device=k.device)
+        return self.work[l]
+
+    def _rows_radix(self, q, k, n, lo: int, hi, work: torch.Tensor | None = None) -> torch.Tensor:
         """The same row list (int32, found rows unordered) on CUDA: scores and the first radix pass in one kernel
-        (``fused``; else a matmul), then the sort-free radix select."""
+        (``fused``; else a matmul), then the sort-free radix select. ``work``: a zeroed radix work buffer."""
         m = self.m
         b, hkv, c, d = k.shape
         group = m.gqa == "group"
         kk, ns = min(m.top_k, c), lo + m.n_local
-        work = None
+        first = None if work is None else 0
         if self.fused:
             s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group,
                                                           digits=self.radix.get("digits"), **self.score_args)
+            first = 1
         else:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
-        rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, **self.radix)
+            if self.one_launch and row_select.one_launch_ok(s) and self.radix.get("digits") in (None, (8, 8)):
+                if work is None:
+                    work = torch.zeros(row_select.work_size(s.shape[0] * s.shape[1]), dtype=torch.int32,
+                                       device=s.device)
+                rows = row_select.radix_select_one(s, n, kk, lo, m.n_local, work, chunk=self.radix.get("chunk", 2048))
+                return rows.view(b, s.shape[1], ns + kk)
+        rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, first=first,
+                                               **self.radix)
         return rows.view(b, s.shape[1], ns + kk)
 
     def attend(self, kv, l, q, k, v, scale):
@@ -94,9 +117,11 @@ class RetrievalDecode:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if l == 0 or self._n is None:  # every layer's valid length, once per step (layers run in order)
             self._n = kv.at + 1
+            if self.work is not None:
+                self.work.zero_()
         n = self._n[l : l + 1]
         merge = {"counter": self.counter} if self.merge and self.m.gqa == "head" else {}
-        return paged_attention(q, k, v, self.rows(kv, l, q, n), n, 1, scale, **merge, **self.tune)
+        return paged_attention(q, k, v, self.rows(kv, l, q, n, step=True), n, 1, scale, **merge, **self.tune)
 
     def store_back(self, kv, cache, fed: int) -> bool:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""

@@ -1,8 +1,9 @@
 """RetrievalAttention's host tier as the paper splits it (arXiv 2409.10516 §4): per decode step and layer the
 accelerator attends over the static pattern it keeps (``scbench.kv.split.DeviceWindow``: the first ``n_init``
 and last ``n_local`` rows), while the host searches its stored keys for the ``top_k`` by inner product and
-attends over them itself (torch on the CPU's threads: float32 products and softmax, the weighted sum of
-half-precision values with weights rounded to their precision, as flash attention does); only the query (to the host) and the host's
+attends over them itself (one C call, scbench/kernels/ra_host.c, on the CPU's threads; torch ops when it cannot
+run: float32 products and softmax, the weighted sum of half-precision values with weights rounded to their precision,
+as flash attention does); only the query (to the host) and the host's
 partial result (output + log-sum-exp per query head, to the accelerator) cross the bus, and the two halves are
 merged exactly (``scbench.kv.split.merge``). The device half is launched before the host waits for the query,
 so the two overlap.
@@ -18,25 +19,34 @@ import time
 
 import torch
 
+from scbench.kernels import ra_host
 from scbench.kv.offload import TieredLayer, nbytes
 from scbench.kv.split import DeviceWindow, merge, partial_attention
+from scbench.methods import retrieval_search
 from scbench.methods.retrieval_search import Workspace, half_search, scratch, topk_rows
 
 
 def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: int, hi: int, top_k: int,
-                 group: bool, scale: float, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: bool, scale: float, ws: Workspace | None = None,
+                 native: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, D] (float32, host) over the top ``top_k`` rows of [lo, hi) by inner product (all of
     them when there are no more): keys [B, Hkv, n, D] the searched keys (float32), vbuf [B, Hkv, cap, D] the
     values' contiguous buffer -> (out [B, Hq, D], lse [B, Hq]) float32; lse -inf where no row is searchable.
     Half-precision ``keys`` must be the keys' contiguous buffer [B, Hkv, cap, D] (``half_search``).
 
     The search's inner products are the attention logits (divided by the scale): with float32 keys the retrieved
-    keys are never gathered, only their values (``index_select`` of whole rows)."""
+    keys are never gathered, only their values (``index_select`` of whole rows).
+
+    ``native`` (None: when it can run): the C kernel (scbench/kernels/ra_host.py), which reads float32 or bfloat16
+    keys in place; False: the torch ops below, its reference."""
     b, hq, d = q.shape
     hkv, cap = vbuf.shape[1], vbuf.shape[2]
     rep = hq // hkv
     if hi <= lo:
         return q.new_zeros(b, hq, d), q.new_full((b, hq), float("-inf"))
+    if native is not False and ra_host.supports(keys, vbuf) and (native or ra_host.available()):
+        return ra_host.host_partial(q, keys, vbuf, lo, hi, top_k, group, scale,
+                                    scratch(ws, "scores", (b * hq * (hi - lo),), torch.float32))
     m = hi - lo
     base = (torch.arange(b * hkv).view(b, hkv, 1) * cap + lo)
     if keys.dtype != torch.float32:  # half-precision keys searched in place, candidates rescored in float32
@@ -50,9 +60,11 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
         elif group:
             idx = topk_rows(s.amax(2), top_k)  # [B, Hkv, k]
             sel = s.gather(-1, idx.unsqueeze(2).expand(b, hkv, rep, top_k))
-        else:
+        elif retrieval_search.BOUND:
             idx = topk_rows(s, top_k)  # [B, Hkv, rep, k]
             sel = s.gather(-1, idx)
+        else:  # topk's own values: no gather
+            sel, idx = s.topk(top_k, dim=-1, sorted=False)
     logits = sel * scale
     lse = logits.logsumexp(-1, keepdim=True)
     p = (logits - lse).exp()
@@ -98,7 +110,7 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
     if cuda:
         ready.synchronize()
     n = layer.n
-    keys = layer._k.buf if method.search == "half" and layer.dtype != torch.float32 else method.search_keys(layer)
+    keys = layer._k.buf if method.reads_stored_keys(layer) else method.search_keys(layer)
     if method.workspace is None:  # one for all layers (they run in turn)
         method.workspace = Workspace()
     ws = method.workspace

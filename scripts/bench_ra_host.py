@@ -42,6 +42,49 @@ def timed(fn, rep: int = 5) -> float:
     return round(statistics.median(ms), 3)
 
 
+def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
+    """The host half of one layer through the C kernel (scbench/kernels/ra_host.c): bf16 keys read in place (the
+    default), float32 keys, gqa=group; and the torch ops path (its reference) on float32 keys."""
+    from scbench.kernels import ra_host
+    from scbench.methods.retrieval_host import host_partial
+    from scbench.methods.retrieval_search import Workspace
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    kb = torch.randn(1, 8, n, 128, generator=g).bfloat16()
+    vbuf = torch.randn(1, 8, n, 128, generator=g).bfloat16()
+    q = torch.randn(1, 32, 128, generator=g).bfloat16().float()
+    lo, hi = 128, n - 512
+    ws = Workspace()
+    row = {"micro_native": n, "threads": torch.get_num_threads(), "build": ra_host.info(),
+           "setup_s": round(time.perf_counter() - t0, 2)}
+    if ra_host.available():
+        row["native_bf16_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True))
+        row["native_bf16_group_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, True, 0.088, ws,
+                                                                 native=True))
+        row["native_bf16_topk16_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
+                                                                  native=True))  # ~ the scan alone
+        if n <= 32768:  # one core: the scan's per-core speed (memory- or instruction-bound?)
+            torch.set_num_threads(1)
+            row["native_bf16_topk16_1thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
+                                                                           native=True), rep=2)
+        for t in (8, 12):
+            torch.set_num_threads(t)
+            row[f"native_bf16_{t}thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws,
+                                                                       native=True))
+        torch.set_num_threads(row["threads"])
+    if torch_path:
+        keys = kb.float()
+        row["native_f32_ms"] = timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws, native=True))
+        row["torch_f32_ms"] = timed(lambda: host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws,
+                                                         native=False), rep=3)
+        a = host_partial(q, keys, vbuf, lo, hi, top_k, False, 0.088, ws, native=False)
+        b = host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True)
+        row["native_vs_torch_max_abs"] = [round((a[0] - b[0]).abs().max().item(), 6),
+                                          round((a[1] - b[1]).abs().max().item(), 6)]
+    log(**row)
+
+
 def micro(n: int, top_k: int = 4096, profile: bool = True, half: bool = False) -> None:
     from scbench.methods.retrieval_host import host_partial
     from scbench.methods.retrieval_search import Workspace, half_search, topk_rows
@@ -108,8 +151,9 @@ def micro(n: int, top_k: int = 4096, profile: bool = True, half: bool = False) -
 
 
 RUNS = {"old": (False, "float32", False), "new": (True, "float32", False), "new-bound": (True, "float32", True),
-        "new-half": (True, "half", False)}
-"""Decode paths: (split, search, retrieval_search.BOUND)."""
+        "new-half": (True, "half", False), "torch": (True, "float32", False)}
+"""Decode paths: (split, search, retrieval_search.BOUND); 'new' takes the C host kernel when it runs (the default),
+'torch' the torch ops host half (SCBENCH_RA_NATIVE=0 for that run)."""
 
 
 def e2e(engine, n: int, runs: list[tuple[str, int]], top_k: int, budget: float) -> None:
@@ -130,11 +174,13 @@ def e2e(engine, n: int, runs: list[tuple[str, int]], top_k: int, budget: float) 
     logits, ckpt = s.last_logits, s.checkpoint(rewrites=False)
     out = {}
     for name, tokens in runs:
-        if time.perf_counter() - T0 > budget - 8 - tokens * (3 if name == "old" else 0.5) * n / 32768:
+        if time.perf_counter() - T0 > budget - 4 - tokens * (3 if name == "old" else 0.15) * n / 32768:
             log(ctx=n, path=name, skipped="time")
             continue
         m.split, m.search, retrieval_search.BOUND = RUNS[name]
-        if name != "old" and m.search == "float32":  # the float32 copy exists before the timed steps
+        os.environ["SCBENCH_RA_NATIVE"] = "0" if name in ("torch", "old") else "1"
+        copy = name != "old" and m.search == "float32" and not m.reads_stored_keys(tiered_layers(s.cache)[0])
+        if copy:  # the float32 copy exists before the timed steps
             t0 = time.perf_counter()
             for layer in tiered_layers(s.cache):
                 m.search_keys(layer)
@@ -151,7 +197,7 @@ def e2e(engine, n: int, runs: list[tuple[str, int]], top_k: int, budget: float) 
             slow_tier_GB=round(mem.get("slow_tier_bytes", 0) / 1e9, 2))
         s.rollback(ckpt)
         s.last_logits = logits
-    for x, y in (("old", "new"), ("new", "new-bound"), ("new", "new-half"), ("old", "new-half")):
+    for x, y in (("old", "new"), ("new", "new-bound"), ("new", "new-half"), ("old", "new-half"), ("torch", "new")):
         if x in out and y in out:
             a, b = out[x], out[y]
             k = min(len(a), len(b))
@@ -169,20 +215,27 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=4096)
     ap.add_argument("--budget", type=float, default=95.0)
     ap.add_argument("--micro", type=int, nargs="*", default=[131072, 32768])
+    ap.add_argument("--native-micro", type=int, nargs="*", default=[],
+                    help="after e2e: the C host kernel's micro at these lengths (micro_native)")
+    ap.add_argument("--runs", nargs="*", default=["old", "new", "new-bound"],
+                    help="e2e decode paths (RUNS; 'torch': the split with the torch ops host half)")
     args = ap.parse_args()
     log(torch=torch.__version__, threads=torch.get_num_threads(), cuda=torch.cuda.is_available(),
         cpu=next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.runs:
         from scbench.engines.hf import HFEngine
 
         engine = HFEngine("random:llama-3.1-8b", tokenizer_path=os.environ.get("TOK"), device="cuda",
                           dtype="bfloat16")
         log(model_built=True)
-        e2e(engine, args.ctx, [("old", args.old), ("new", args.new), ("new-bound", args.new)], args.top_k,
+        e2e(engine, args.ctx, [(r, args.old if r == "old" else args.new) for r in args.runs], args.top_k,
             args.budget)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    for n in args.native_micro:  # the C host kernel alone (no model), while time is left
+        if time.perf_counter() - T0 < args.budget - (6 if n > 65536 else 3):
+            micro_native(n, args.top_k, torch_path=n <= 32768)
     for n in args.micro:  # the host half alone (no model), while time is left
         if time.perf_counter() - T0 < args.budget - (25 if n > 65536 else 8):
             micro(n, args.top_k)

@@ -354,11 +354,13 @@ def _work(digits, r: int, nb: int, device) -> torch.Tensor:
 def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                         out: torch.Tensor | None = None, chunk: int = 4096,
                         digits: tuple[int, ...] | None = None, num_warps: int = 8,
-                        work: torch.Tensor | None = None, static: bool = False) -> torch.Tensor:
+                        work: torch.Tensor | None = None, static: bool = False,
+                        first: int | None = None) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32 [B * H, k]:
     the indices of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), -1 in unused slots
     (or written into the first k columns of ``out`` [B * H, M], int32). ``work``: from ``retrieval_scores_triton``
-    (its first histogram pass already done). ``static``: -> [B * H, n_init + n_local + k], the first n_init and
+    (its first histogram pass already done), or zeroed with ``first=0`` (no pass done; ``work_size`` elements, e.g.
+    a slice of one buffer zeroed once per step for all layers). ``static``: -> [B * H, n_init + n_local + k], the first n_init and
     the last n_local rows before the selected ones (RetrievalAttention's row list; -1: not valid, or listed)."""
     b, h, c = s.shape
     r = b * h
@@ -369,7 +371,7 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
     if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
         raise ValueError(f"radix_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
     digits, shifts, sh, nb = _plan(digits, s.dtype)
-    first = 0 if work is None else 1
+    first = (0 if work is None else 1) if first is None else first
     work = _work(digits, r, nb, s.device) if work is None else work
     hist, cnt = work[: len(digits) * r * nb], work[len(digits) * r * nb :]
     grid = (r, triton.cdiv(max(c, k), chunk))
@@ -436,3 +438,14 @@ def retrieval_scores_triton(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, t
         GP=max(16, triton.next_power_of_2(g)), D=d, BN=block, GROUP=group, S0=shifts[0], NB=nb,
         PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return s, work
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on CPU: 132, an H100 / H200's count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def work_size(rows: int, dtype: torch.dtype, digits: tuple[int, ...] | None = None) -> int:
+    """int32 elements of one call's radix work buffer (histograms and counters) for ``rows`` score rows."""
+    digits, _, _, nb = _plan(digits, dtype)
+    return len(digits) * rows * nb + 2 * rows

@@ -321,11 +321,17 @@ def test_plugins_cuda_attend_matches_cpu_path(gqa):
         for hook in ("allocate", "load"):
             if hasattr(plugin, hook):
                 getattr(plugin, hook)(kv, None)
-        outs = [plugin.attend(kv, l, q[l].to(device), kv.k[l], kv.v[l], 0.125) for l in range(layers)]
+        for _ in range(2):  # two steps: per-step state (RetrievalDecode's radix work, zeroed at layer 0) is reused
+            outs = [plugin.attend(kv, l, q[l].to(device), kv.k[l], kv.v[l], 0.125) for l in range(layers)]
         return [None if o is None else o.cpu() for o in outs]
 
-    for make in (lambda: QuestDecode(Quest(budget=512, dense_layers=1, gqa=gqa)),
-                 lambda: RetrievalDecode(RetrievalAttention(top_k=256, n_init=16, n_local=64, gqa=gqa, tier="device"))):
+    def retrieval(fused: bool):
+        plugin = RetrievalDecode(RetrievalAttention(top_k=256, n_init=16, n_local=64, gqa=gqa, tier="device"))
+        plugin.fused = fused
+        return plugin
+
+    for make in (lambda: QuestDecode(Quest(budget=512, dense_layers=1, gqa=gqa)), lambda: retrieval(False),
+                 lambda: retrieval(True)):
         for a, b in zip(run(make, "cuda"), run(make, "cpu")):
             assert (a is None) == (b is None)
             if a is not None:

@@ -1,0 +1,54 @@
+"""The C host kernel of RetrievalAttention's split (scbench/kernels/ra_host.c) against the torch ops path
+(methods/retrieval_host.host_partial, native=False): the same selected rows and the same partial results."""
+import pytest
+import torch
+
+from scbench.kernels import ra_host
+from scbench.methods.retrieval_host import host_partial
+
+pytestmark = pytest.mark.skipif(not ra_host.available(), reason=f"ra_host C kernel unavailable: {ra_host.error()}")
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("hq", [6, 8])  # 8 / 2 KV heads: the four-head scans (AVX-512F, AVX512-BF16 where built)
+@pytest.mark.parametrize("n,lo,hi,top_k,d", [(700, 5, 650, 64, 32), (300, 0, 290, 500, 16), (5000, 128, 4488, 777, 24),
+                                             (900, 3, 880, 50, 64)])
+def test_native_equals_the_torch_path(dtype, group, hq, n, lo, hi, top_k, d):
+    k, v = rand(2, 2, n, d, seed=1).to(dtype), rand(2, 2, n, d, seed=2).to(dtype)
+    q = rand(2, hq, d, seed=3).to(dtype).float()  # a query the keys' dtype holds exactly (the model's own)
+    want = host_partial(q, k.float(), v, lo, hi, top_k, group, 0.2, native=False)
+    got = host_partial(q, k, v, lo, hi, top_k, group, 0.2, native=True)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # bf16: the torch path rounds its P @ V output to bf16
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0], atol=tol, rtol=tol)
+
+
+def test_native_float_query_over_bf16_keys():
+    """A query bfloat16 does not hold exactly: float32 products of the converted keys (no BF16 dot products)."""
+    k, v = rand(1, 2, 800, 32, seed=4).bfloat16(), rand(1, 2, 800, 32, seed=5).bfloat16()
+    q = rand(1, 8, 32, seed=6)
+    want = host_partial(q, k.float(), v, 10, 700, 60, False, 0.2, native=False)
+    got = host_partial(q, k, v, 10, 700, 60, False, 0.2, native=True)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0], atol=4e-3, rtol=4e-3)
+
+
+def test_native_ties_take_the_lowest_rows():
+    """Every score equal: the first top_k rows of the searched range are attended (mean of their values)."""
+    n, d = 600, 16
+    k = torch.zeros(1, 1, n, d)
+    v = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 1, n, d).contiguous()
+    out, lse = host_partial(torch.ones(1, 2, d), k, v, 10, 500, 100, False, 1.0, native=True)
+    torch.testing.assert_close(out, torch.full((1, 2, d), 10 + 99 / 2))
+    torch.testing.assert_close(lse, torch.full((1, 2), float(torch.tensor(100.0).log())))
+
+
+def test_native_rejects_what_it_cannot_read():
+    k = rand(1, 2, 50, 8)
+    with pytest.raises(ValueError, match="unsupported"):
+        ra_host.host_partial(rand(1, 4, 8), k[..., :40, :], k, 0, 30, 5, False, 1.0)
