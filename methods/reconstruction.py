@@ -14,9 +14,15 @@ KV heads scored together, in blocks of heads and repeat queries).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from scbench.engines import attention
+from scbench.kernels import h2o_scores
+
+KERNEL = os.environ.get("SCBENCH_KVZIP_KERNEL", "1") != "0"
+"""CUDA: the scores through the fused Triton passes (``SCBENCH_KVZIP_KERNEL=0``: the torch blocks, the reference)."""
 
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -60,13 +66,22 @@ def block_bytes(device) -> int:
 
 
 def layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
-                 max_bytes: int | None = None) -> torch.Tensor:
+                 max_bytes: int | None = None, kernel: bool | None = None) -> torch.Tensor:
     """Max softmax weight each key of [start, end) receives from the repeat queries, for H KV heads at once.
 
     q: [H, g, r, D] (each KV head's group of repeat queries, post-RoPE); k: [H, n + r, D] (the heads' caches, repeat
     last) -> [H, end - start] float32. The softmax runs over keys [0, min(sink, start)), [start, end) and the r
     repeat keys (causal). Computed in blocks of heads and query rows (exact: each query's softmax is its own row)
-    so that one weight block holds at most ``max_bytes`` (None: ``block_bytes`` of the device)."""
+    so that one weight block holds at most ``max_bytes`` (None: ``block_bytes`` of the device).
+
+    ``kernel`` (None: on CUDA when Triton is there and ``KERNEL``): the two fused passes of
+    ``scbench.kernels.h2o_scores`` (each repeat query's log-sum-exp over its visible keys, then the maximum of
+    exp(score - lse) per key), bf16 products in float32, never a weight block; otherwise the torch blocks (float32,
+    the reference)."""
+    if kernel is None:
+        kernel = k.is_cuda and KERNEL and h2o_scores.triton is not None
+    if kernel:
+        return fused_layer_scores(q, k, sink, start, end)
     nh, g, r, d = q.shape
     max_bytes = block_bytes(k.device) if max_bytes is None else max_bytes
     s = min(sink, start)
@@ -93,10 +108,23 @@ def layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: i
     return best
 
 
+def fused_layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int) -> torch.Tensor:
+    """``layer_scores`` through the Triton passes: the scored keys (sinks, chunk, repeat) gathered once ([H, m, D],
+    the cache's dtype: a few MiB), the repeat queries as the last r positions of that sequence (bottom-right
+    causal, as in the torch blocks); only the sink and chunk columns are scored."""
+    nh, g, r, d = q.shape
+    s = min(sink, start)
+    keys = torch.cat([k[:, :s], k[:, start:end], k[:, k.shape[1] - r :]], dim=1)
+    c = s + end - start
+    out = h2o_scores.accumulated_attention_triton(keys[None], q.reshape(1, nh * g, r, d), scale=d**-0.5,
+                                                  reduce="max", ncols=c)
+    return out[0, :, s:c]
+
+
 def chunk_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
-                 max_bytes: int | None = None) -> torch.Tensor:
+                 max_bytes: int | None = None, kernel: bool | None = None) -> torch.Tensor:
     """``layer_scores`` for one KV head: q [g, r, D]; k [n + r, D] -> [end - start] float32."""
-    return layer_scores(q[None], k[None], sink, start, end, max_bytes)[0]
+    return layer_scores(q[None], k[None], sink, start, end, max_bytes, kernel)[0]
 
 
 def head_keys(layer, h: int) -> torch.Tensor:
