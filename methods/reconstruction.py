@@ -14,15 +14,19 @@ KV heads scored together, in blocks of heads and repeat queries).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from scbench.engines import attention
-from scbench.kernels import h2o_scores
+from scbench.kernels import dense, h2o_scores
 
 KERNEL = os.environ.get("SCBENCH_KVZIP_KERNEL", "1") != "0"
 """CUDA: the scores through the fused Triton passes (``SCBENCH_KVZIP_KERNEL=0``: the torch blocks, the reference)."""
+SPLIT_PREFIX = os.environ.get("SCBENCH_KVZIP_SPLIT", "1") != "0"
+"""CUDA: the repeat forwards' attention as cuDNN over the context plus cuDNN causal over the repeat, merged
+(``scbench.kernels.dense.split_prefix``; ``SCBENCH_KVZIP_SPLIT=0``: flash with a lower-right bias)."""
 
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -160,7 +164,8 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int, max_by
     for a, b, rep in repeat_prompts(session.engine, ids, chunk):
         forwarded += len(rep)
         ctx = attention.AttnContext(capture_queries=len(rep))
-        session._forward(rep, ctx)
+        with dense.split_prefix() if SPLIT_PREFIX else contextlib.nullcontext():
+            session._forward(rep, ctx)
         for i in layers:
             layer, q = cache.layers[i], ctx.queries[i][0]  # [Hq, r, D]
             hkv = len(scores[i])

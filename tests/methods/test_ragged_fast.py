@@ -50,8 +50,10 @@ def test_triton_ragged_decode_matches_reference(lengths, at):
     dev = _triton_device()
     q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
     offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
-    got = rd.ragged_decode_triton(*(x.to(dev) for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
-                                  sk.to(dev), sv.to(dev), torch.tensor([at], device=dev), 0.3, split=16)
+    work = rd.WorkList(lengths, sk.shape[2], dev, split=16)  # several items per head: the combine merges them
+    assert work.n == sum(-(-(n + sk.shape[2]) // 16) for n in lengths)
+    got = rd.ragged_decode_triton(*(x.to(dev) for x in (q, pk, pv, offsets, torch.tensor(lengths))), work,
+                                  sk.to(dev), sv.to(dev), torch.tensor([at], device=dev), 0.3)
     want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3)
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
@@ -122,12 +124,14 @@ def test_triton_ragged_decode_cuda_8b_shape(dtype):
     lengths = [4096, 100, 2500, 1, 6000, 4096, 333, 2048]
     q, pk, pv, sk, sv = _case(lengths, g=4, d=128, c=512, seed=3)
     offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
-    got = rd.ragged_decode_triton(*(x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
-                                    for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
-                                  sk.to("cuda", dtype), sv.to("cuda", dtype), torch.tensor([300], device="cuda"))
     want = rd.reference_ragged_decode(*(x.to(dtype) for x in (q, pk, pv)), lengths, sk.to(dtype), sv.to(dtype), 300)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    for split in (None, 256, 16384):  # the default (about 4 programs per SM), many small pieces, one per head
+        work = rd.WorkList(lengths, sk.shape[2], "cuda", split=split)
+        got = rd.ragged_decode_triton(*(x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
+                                        for x in (q, pk, pv, offsets, torch.tensor(lengths))), work,
+                                      sk.to("cuda", dtype), sv.to("cuda", dtype), torch.tensor([300], device="cuda"))
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
