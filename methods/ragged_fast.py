@@ -36,6 +36,9 @@ class RaggedDecode:
         self.triton_ok: bool | None = None
         """None until the Triton kernel first ran (the eager warm-up step, before any graph capture); False after a
         launch failure: the torch path from then on (still in the captured step), never a crashed run."""
+        self.interpreted = False
+        """CPU tensors through the Triton kernel too (tests under ``TRITON_INTERPRET=1``: the kernel's greedy
+        tokens against the plain loop)."""
 
     @staticmethod
     def _ragged(layer) -> bool:
@@ -97,7 +100,8 @@ class RaggedDecode:
         at = kv.at[l : l + 1]
         from scbench.engines import fastdecode
 
-        if q.is_cuda and rd.triton is not None and fastdecode.KERNEL == "triton" and self.triton_ok is not False:
+        if (q.is_cuda or self.interpreted) and rd.triton is not None and fastdecode.KERNEL == "triton" \
+                and self.triton_ok is not False:
             try:
                 out = rd.ragged_decode_triton(q, s["k"], s["v"], s["offsets"], s["lengths"], self._work(s, k), k,
                                               v, at, scale)

@@ -94,7 +94,7 @@ def ragged(n_ctx, out, layers=32):
     at = torch.tensor([100], device="cuda")
     gib = sum(2 * b[0].numel() * 2 for b in bufs) / 2**30
     res = {}
-    for split in (None, 8192, 4096, 2048, 1024, 512):
+    for split in (None, 8192, 4096, 2048, 1024, 640):
         work = rd.WorkList(lengths, c, "cuda", split=split)
         res[str(split or f"default{work.split}")] = round(events(lambda: [rd.ragged_decode_triton(
             q, pk, pv, offs, ln, work, sk, sv, at) for pk, pv in bufs], 5), 3)

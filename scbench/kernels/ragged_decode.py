@@ -75,8 +75,8 @@ class WorkList:
     """The (KV head, first virtual row) of every program of ``ragged_decode_triton``, built once per turn from the
     host's head lengths: each head's own virtual sequence (its prefix, then the C suffix rows of the turn's
     buffer) is cut into ``split``-row pieces, so the grid follows the bytes (DuoAttention at 131K: 4 heads of
-    131K and 4 of 4K per layer give 4 x 129 + 4 x 5 programs of 1,024 rows, not 8 heads x the longest head's
-    splits, of which half did nothing and the other half ran one long program per split)."""
+    131K and 4 of 4K per layer give about 4 x 120 + 4 x 4 programs of 1,088 rows, where the old per-head grid ran
+    8 heads x the longest head's 17 splits of 8,192 rows, half of them empty)."""
 
     def __init__(self, lengths: list[int], c: int, device, split: int | None = None, programs: int | None = None):
         if split is None:
@@ -94,16 +94,20 @@ class WorkList:
         self.count = torch.tensor(count, dtype=torch.int32, device=device)
 
 
+MAX_ITEMS = 128
+"""Most pieces one head is cut into (the combine merges them in one [NS, D] tile: NS = 64 or 128, two compiles)."""
+
+
 def sm_count(device) -> int:
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def pick_split(lengths: list[int], c: int, programs: int) -> int:
-    """Rows per program: a power of two (a constexpr: few compiles) from 256 to 16K giving about ``programs``."""
-    total = sum(n + c for n in lengths)
-    split = triton.next_power_of_2(max(1, -(-total // max(1, programs)))) if triton is not None else 1024
-    return min(16384, max(256, split))
+def pick_split(lengths: list[int], c: int, programs: int, max_items: int = MAX_ITEMS) -> int:
+    """Rows per program, a multiple of 64 (a runtime argument: one compile for every length): about ``programs``
+    pieces in all, at most ``max_items`` per head, at least 256 rows."""
+    split = max(-(-sum(n + c for n in lengths) // max(1, programs)), -(-(max(lengths) + c) // max_items), 256)
+    return -(-split // 64) * 64
 
 
 if triton is not None:
@@ -145,12 +149,13 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return m_new, total, acc
 
-    @triton.jit
-    def _ragged_split_kernel(Q, PK, PV, Off, Len, K, V, At, Items, Part, Mx, Sm, scale, C, W,
+    @triton.jit(do_not_specialize=["C", "W", "split"])  # one compile for every length and split
+    def _ragged_split_kernel(Q, PK, PV, Off, Len, K, V, At, Items, Part, Mx, Sm, scale, C, W, split,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
                              BN: tl.constexpr, PREC: tl.constexpr, DYN: tl.constexpr):
-        """One work item per program: head ``Items[0, i]``, virtual rows [Items[1, i], + SPLIT) of its sequence
-        (prefix rows [0, n_h), then suffix rows [0, at] at virtual positions n_h + j)."""
+        """One work item per program: head ``Items[0, i]``, virtual rows [Items[1, i], + split) of its sequence
+        (prefix rows [0, n_h), then suffix rows [0, at] at virtual positions n_h + j). ``SPLIT``: the interpreter's
+        static trip count (= split; 0 when compiled)."""
         it = tl.program_id(0)
         hh = tl.load(Items + it)
         start = tl.load(Items + W + it)
@@ -162,7 +167,7 @@ if triton is not None:
         m = tl.full([GP], float("-inf"), tl.float32)
         total = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        end = tl.minimum(start + SPLIT, total_len)
+        end = tl.minimum(start + split, total_len)
         sbase = hh.to(tl.int64) * C * D
         if DYN:  # compiled: the prefix rows, then the suffix rows, each loop to its loaded bound
             pre_end = tl.minimum(end, n)
@@ -225,10 +230,10 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, work: WorkList
     sm = torch.empty_like(mx)
     out = torch.empty(h, g, d, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dyn = os.environ.get("TRITON_INTERPRET") != "1"
     _ragged_split_kernel[(work.n,)](q3, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, at, work.items, part, mx,
-                                    sm, d**-0.5 if scale is None else scale, c, work.n, G=g, GP=gp, D=d,
-                                    SPLIT=work.split, BN=bn, PREC=prec,
-                                    DYN=os.environ.get("TRITON_INTERPRET") != "1", num_stages=stages)
+                                    sm, d**-0.5 if scale is None else scale, c, work.n, work.split, G=g, GP=gp, D=d,
+                                    SPLIT=0 if dyn else work.split, BN=bn, PREC=prec, DYN=dyn, num_stages=stages)
     _ragged_combine_kernel[(h, g)](part, mx, sm, out, work.base, work.count, G=g, GP=gp, D=d,
-                                   NS=max(2, triton.next_power_of_2(work.max_count)))
+                                   NS=max(64, triton.next_power_of_2(work.max_count)))
     return out.view(1, hq, 1, d)

@@ -70,15 +70,15 @@ def gates(tmp_path_factory):
     return str(path)
 
 
-def _decode(engine, method, mode, prompt, follow, again=False):
+def _decode(engine, method, mode, prompt, follow, again=False, steps=(24, 17)):
     engine.decode_mode = mode
     try:
         s = engine.session(method)
         s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(24)
+        a = s.generate(steps[0])
         s.drop_last(len(a.tokens) - 1)
         s.feed(follow, compress=again, sparse=False)  # again: a second firing (new prefixes: the buffers refit)
-        b = s.generate(17)
+        b = s.generate(steps[1])
         return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
     finally:
         engine.decode_mode = "auto"
@@ -156,3 +156,47 @@ def test_plugin_falls_back_to_torch_when_the_kernel_cannot_launch(monkeypatch):
     assert plugin.triton_ok is False
     torch.testing.assert_close(out.cpu(), rd.reference_ragged_decode(q.cpu(), pk.cpu(), pv.cpu(), lengths, sk.cpu(),
                                                                      sv.cpu(), 5), atol=1e-5, rtol=1e-5)
+
+
+def test_work_list_follows_each_heads_own_length():
+    """Duo-shaped (4 heads at 131K, 4 at 4K): pieces per head follow the head's length, about the asked number of
+    programs in all, a multiple of 64 rows, at most MAX_ITEMS pieces per head."""
+    lengths, c = [131072] * 4 + [4096] * 4, 256
+    split = rd.pick_split(lengths, c, programs=528)
+    assert split % 64 == 0 and split >= 256
+    work = rd.WorkList(lengths, c, "cpu", split=split)
+    counts = work.count.tolist()
+    assert counts[:4] == [-(-(131072 + c) // split)] * 4 and counts[4:] == [-(-(4096 + c) // split)] * 4
+    assert 0.8 * 528 <= work.n <= 1.2 * 528 and work.max_count <= rd.MAX_ITEMS
+    assert work.base.tolist() == [sum(counts[:h]) for h in range(8)]
+    heads, starts = work.items.tolist()
+    assert heads == [h for h in range(8) for _ in range(counts[h])]
+    assert starts[: counts[0]] == [j * split for j in range(counts[0])]
+    assert rd.pick_split([10**6, 5], c, programs=10**4) >= (10**6 + c) / rd.MAX_ITEMS  # one very long head: capped
+
+
+@pytest.mark.skipif(rd.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch):
+    """DuoAttention through the work-list kernel itself (interpreted, float32 CPU): the plain loop's tokens."""
+    from scbench.methods import ragged_fast
+
+    made = []
+    original = ragged_fast.RaggedDecode.__init__
+
+    def interpreted(self, method):
+        original(self, method)
+        self.interpreted = True
+        made.append(self)
+
+    monkeypatch.setattr(ragged_fast.RaggedDecode, "__init__", interpreted)
+    monkeypatch.setattr(rd, "pick_split", lambda lengths, c, programs, max_items=rd.MAX_ITEMS: 64)  # 2+ per head
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 256, (120,), generator=g).tolist()
+    follow = torch.randint(0, 256, (9,), generator=g).tolist()
+    make = lambda: DuoAttention(heads=gates, retrieval_ratio=0.5, n_init=4, n_local=28)  # noqa: E731
+    plain, _, _ = _decode(engine, make(), "plain", prompt, follow, steps=(6, 4))
+    fast, fpath, _ = _decode(engine, make(), "fast", prompt, follow, steps=(6, 4))
+    ran = [p.triton_ok for p in made]
+    assert fpath == ["static"] * 2 and True in ran and False not in ran, ran  # the kernel ran, never fell back
+    assert fast == plain
