@@ -95,7 +95,8 @@ class WorkList:
 
 
 MAX_ITEMS = 128
-"""Most pieces one head is cut into (the combine merges them in one [NS, D] tile: NS = 64 or 128, two compiles)."""
+"""Most pieces one head is cut into by default (the combine merges them in one [NS, D] tile, NS = MAX_ITEMS: one
+compile for every length)."""
 
 
 def sm_count(device) -> int:
@@ -235,5 +236,5 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, work: WorkList
                                     sm, d**-0.5 if scale is None else scale, c, work.n, work.split, G=g, GP=gp, D=d,
                                     SPLIT=0 if dyn else work.split, BN=bn, PREC=prec, DYN=dyn, num_stages=stages)
     _ragged_combine_kernel[(h, g)](part, mx, sm, out, work.base, work.count, G=g, GP=gp, D=d,
-                                   NS=max(64, triton.next_power_of_2(work.max_count)))
+                                   NS=max(MAX_ITEMS, triton.next_power_of_2(work.max_count)))
     return out.view(1, hq, 1, d)
