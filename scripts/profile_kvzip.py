@@ -2,7 +2,7 @@
 reconstruction scoring and the ragged caches' (AdaKV, KVzip) later turns spend their time.
 
     python scripts/profile_kvzip.py [--tokens 4096] [--methods full,snapkv,adakv,kvzip] [--device cpu]
-        [--shape tiny|llama8b] [--layers 4] [--tokenizer DIR] [--profile] [--out FILE]
+        [--shape tiny|llama8b] [--layers 4] [--tokenizer DIR] [--profile] [--warmup] [--out FILE]
 
 tiny: hidden 512, 8 query / 2 KV heads (head_dim 64), float32 (a CPU in seconds); llama8b: hidden 4096, 32 / 8
 heads, head_dim 128, bfloat16 (CUDA). Budget 512 (tiny) / 4,096 (llama8b) tokens per KV head, KVzip chunks of 1,024
@@ -39,7 +39,8 @@ def engine_for(args):
     cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=args.layers, max_position_embeddings=args.tokens + 8192,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[args.shape])
     dtype = "float32" if args.shape == "tiny" else "bfloat16"
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    with torch.device(args.device):  # random weights made where they run (an 8B shape on a CPU takes seconds)
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     engine = HFEngine("random-llama", name="random-llama", model=model, tokenizer=tok, device=args.device, dtype=dtype)
     engine.decode_mode = "plain"
     return engine, min(len(tok), 30000)
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--warmup", action="store_true", help="each method once on a 2,048-token prompt first (kernel "
+                    "compiles, cuDNN plans of the short shapes) so that the timed feeds hold none")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from scbench.registry import METHODS
@@ -90,13 +93,18 @@ def main() -> None:
     later = torch.randint(0, vocab, (64,), generator=gen).tolist()
     rows = []
     for name in args.methods.split(","):
-        session = engine.session(METHODS.get(name)(**cfgs[name]))
+        method = METHODS.get(name)(**cfgs[name])
+        if args.warmup:
+            engine.warmup(method, lengths=(2048,), force=True)
+        session = engine.session(method)
         st, first_s = timed(engine, lambda: session.feed(ids, compress=True, sparse=True), args.profile)
         session.generate(4)
+        costs = method.take_costs(session)
         _, later_s = timed(engine, lambda: session.feed(later, compress=False, sparse=False), args.profile)
         rows.append({"method": name, "tokens": args.tokens, "device": args.device, "shape": args.shape,
                      "first_prefill_s": round(first_s, 4), "compress_s": round(st.compress_s, 4),
-                     "later_prefill_s": round(later_s, 4), "kv_bytes": session.memory()["kv_bytes"]})
+                     "later_prefill_s": round(later_s, 4), "kv_bytes": session.memory()["kv_bytes"],
+                     **{k: round(v, 4) if isinstance(v, float) else v for k, v in costs.items()}})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
