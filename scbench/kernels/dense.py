@@ -59,19 +59,24 @@ def split_prefix():
         SPLIT_PREFIX.reset(token)
 
 
+def _cudnn_lse(q, k, v, causal: bool, scale):
+    """cuDNN SDPA (top-left causal or none) and its natural log-sum-exp [B, Hq, Tq] float32."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                  scale=scale)[:2]
+    return out, lse.squeeze(-1) if lse.dim() == 4 else lse
+
+
 def prefix_split_cudnn(q, k, v, scale):
     """Lower-right causal attention of q [B, Hq, Tq, D] over k, v [B, Hkv, Tk, D] (Tk > Tq) as cuDNN over the
     first Tk - Tq keys (every query sees them) and cuDNN causal over the last Tq, merged exactly; None when cuDNN
     does not take the shapes."""
     tq, tk = q.shape[-2], k.shape[-2]
     p = tk - tq
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
     try:
-        o1, l1 = cudnn(q, k[:, :, :p], v[:, :, :p], None, True, 0.0, False, False, scale=scale)[:2]
-        o2, l2 = cudnn(q, k[:, :, p:], v[:, :, p:], None, True, 0.0, True, False, scale=scale)[:2]
+        o1, l1 = _cudnn_lse(q, k[:, :, :p], v[:, :, :p], False, scale)
+        o2, l2 = _cudnn_lse(q, k[:, :, p:], v[:, :, p:], True, scale)
     except RuntimeError:
         return None
-    l1, l2 = (x.squeeze(-1) if x.dim() == 4 else x for x in (l1, l2))
     if l1.shape != q.shape[:3] or l2.shape != q.shape[:3]:
         return None
     m = torch.maximum(l1, l2)

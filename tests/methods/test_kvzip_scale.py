@@ -135,3 +135,27 @@ def test_lower_right_path_and_its_fallbacks_on_cpu_tensors(monkeypatch):
         monkeypatch.setattr(dense.F, "scaled_dot_product_attention", picky)
         assert (dense._lower_right_cuda(q, k, v, None, True).float() - ref).abs().max() < 1e-2
         assert calls[: len(expect)] == expect
+
+
+def test_prefix_split_merge_on_cpu_tensors(monkeypatch):
+    """KVzip's repeat forwards: the context part and the chunk's causal square, merged by log-sum-exp, equal
+    lower-right causal attention (CPU: a float64 stand-in for cuDNN; tests/gpu/test_kvzip_gpu.py runs cuDNN)."""
+    def fake_cudnn(q, k, v, causal, scale):
+        kk, vv = (x.double().repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
+        s = q.double() @ kk.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return (s.softmax(-1) @ vv).to(q.dtype), s.logsumexp(-1).float()
+
+    monkeypatch.setattr(dense, "_cudnn_lse", fake_cudnn)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, 16, generator=g)
+    k, v = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
+    got = dense.prefix_split_cudnn(q, k, v, None)
+    torch.testing.assert_close(got, dense.reference_causal_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+    def refuse(*a):
+        raise RuntimeError("no cuDNN kernel")
+
+    monkeypatch.setattr(dense, "_cudnn_lse", refuse)
+    assert dense.prefix_split_cudnn(q, k, v, None) is None
