@@ -188,7 +188,7 @@ def test_rescore_variant_keeps_history(tiny_engine, tmp_path, capsys):
     assert "token_f1" in capsys.readouterr().out
 
     merged = tmp_path / "merged.sqlite"  # re-scores travel with a merge
-    from scbench.store import merge_stores
+    from scbench.store_merge import merge_stores
 
     assert merge_stores(merged, [db])["conflicts"] == []
     assert Store(merged).rescores("token_f1") == store.rescores("token_f1")

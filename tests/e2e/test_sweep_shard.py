@@ -10,7 +10,8 @@ import pytest
 from scbench.cli import job_device, main
 from scbench.run import parse_shard, run_spec
 from scbench.records import RunSpec
-from scbench.store import Store, merge_stores
+from scbench.store import Store
+from scbench.store_merge import merge_stores
 
 
 def spec(**kw):

@@ -178,7 +178,7 @@ def test_v1_store_migrates(tmp_path):
 def test_merge_ignores_method_cost_timings(tmp_path):
     """Two honest runs of one turn differ in their timings, also inside method_costs: not a conflict."""
     from scbench.records import TurnResult, TurnStats
-    from scbench.store import merge_stores
+    from scbench.store_merge import merge_stores
 
     for name, secs in (("a", 0.5), ("b", 0.7)):
         s = Store(tmp_path / f"{name}.sqlite")

@@ -9,7 +9,8 @@ import io
 import json
 
 from scbench.records import TurnResult, TurnStats
-from scbench.store import Store, merge_stores
+from scbench.store import Store
+from scbench.store_merge import merge_stores
 
 COMPUTED = {0: 1000, 1: 50}  # prefill tokens computed per turn: per-turn mean 525 (the old markdown summed: 2100)
 

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from scbench.cli import main
-from scbench.store import Store, StoreError, merge_stores
+from scbench.store import Store, StoreError
+from scbench.store_merge import merge_stores
 from support import make_store
 
 
