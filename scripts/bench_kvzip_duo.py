@@ -47,6 +47,14 @@ def scores(n_ctx, out):
     got = rec.layer_scores(q, k, 4, a, a + chunk, kernel=True)
     agree = [len(set(got[h].topk(512).indices.tolist()) & set(want[h].topk(512).indices.tolist())) / 512
              for h in range(8)]
+    from scbench.kernels import h2o_scores
+
+    keys = torch.cat([k[:, :4], k[:, a : a + chunk], k[:, k.shape[1] - r :]], dim=1)[None]
+    qq = q.reshape(1, 32, r, 128)
+    for bm, bn, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8)):
+        cfg = dict(BM=bm, BN=bn, num_warps=warps, num_stages=3, EXP=0)
+        out[f"score_kernel_ms_bm{bm}_bn{bn}_w{warps}"] = round(events(
+            lambda: h2o_scores.accumulated_attention_triton(keys, qq, reduce="max", ncols=4 + chunk, config=cfg), 5), 3)
     per_ctx = 32 * (n_ctx // chunk) / 1000
     out.update(score_torch_ms=round(t_torch, 3), score_kernel_ms=round(t_kern, 3),
                score_max_abs_diff=float((got - want).abs().max()), score_top512_overlap_min=min(agree),
