@@ -213,11 +213,13 @@ def tiles(d: int, elt: int, cpu: bool) -> tuple[int, int]:
     return bn, 2 if 2 * 4 * bn * d * elt <= SHARED_BUDGET else 1
 
 
-def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, work: WorkList, suf_k, suf_v, at, scale=None):
+def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, work: WorkList, suf_k, suf_v, at, scale=None,
+                         dyn: bool | None = None):
     """The Triton version of ``ragged_decode_attention`` (CUDA, or the interpreter on CPU tensors).
 
     offsets, lengths: int64 [H] on q's device (prefix start and count per head); work: the turn's ``WorkList``
-    (built for these lengths and C = suf_k.shape[2])."""
+    (built for these lengths and C = suf_k.shape[2]). ``dyn``: loops to loaded bounds, prefix and suffix apart (None:
+    unless interpreting; the interpreter runs them only with tests' index patch)."""
     _, hq, _, d = q.shape
     h, c = suf_k.shape[1], suf_k.shape[2]
     g = hq // h
@@ -231,7 +233,7 @@ def ragged_decode_triton(q, prefix_k, prefix_v, offsets, lengths, work: WorkList
     sm = torch.empty_like(mx)
     out = torch.empty(h, g, d, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    dyn = os.environ.get("TRITON_INTERPRET") != "1"
+    dyn = os.environ.get("TRITON_INTERPRET") != "1" if dyn is None else dyn
     _ragged_split_kernel[(work.n,)](q3, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, at, work.items, part, mx,
                                     sm, d**-0.5 if scale is None else scale, c, work.n, work.split, G=g, GP=gp, D=d,
                                     SPLIT=0 if dyn else work.split, BN=bn, PREC=prec, DYN=dyn, num_stages=stages)

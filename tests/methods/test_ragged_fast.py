@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_h2o_kernel import interpreted  # noqa: F401 - the interpreter fixture (triton 3.6 + numpy 2 patch)
 
 from scbench.kernels import ragged_decode as rd
 from scbench.methods.adakv import AdaKV
@@ -200,3 +201,17 @@ def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch
     ran = [p.triton_ok for p in made]
     assert fpath == ["static"] * 2 and True in ran and False not in ran, ran  # the kernel ran, never fell back
     assert fast == plain
+
+
+@pytest.mark.skipif(rd.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+@pytest.mark.parametrize("lengths,at", CASES + [([100, 3, 50], 20)])
+def test_interpreted_compiled_loops_match_reference(interpreted, lengths, at):
+    """The compiled path's loops (to loaded bounds, prefix rows then suffix rows) through the interpreter."""
+    q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
+    offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    work = rd.WorkList(lengths, sk.shape[2], "cpu", split=32)
+    got = rd.ragged_decode_triton(q, pk, pv, offsets, torch.tensor(lengths), work, sk, sv, torch.tensor([at]), 0.3,
+                                  dyn=True)
+    torch.testing.assert_close(got, rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3), atol=1e-5,
+                               rtol=1e-5)
