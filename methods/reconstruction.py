@@ -160,11 +160,13 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int, max_by
             s[max(sink, n - len(ids)) :] = 0.0
             scores[i].append(s)
     last_logits = session.last_logits  # the feed's logits: generation continues from them afterwards
+    # cuDNN plans per shape: a dense cache gives a few (every chunk over the same context), ragged heads one per head
+    split = SPLIT_PREFIX and not any(getattr(cache.layers[i], "scbench_ragged", False) for i in layers)
     forwarded = 0
     for a, b, rep in repeat_prompts(session.engine, ids, chunk):
         forwarded += len(rep)
         ctx = attention.AttnContext(capture_queries=len(rep))
-        with dense.split_prefix() if SPLIT_PREFIX else contextlib.nullcontext():
+        with dense.split_prefix() if split else contextlib.nullcontext():
             session._forward(rep, ctx)
         for i in layers:
             layer, q = cache.layers[i], ctx.queries[i][0]  # [Hq, r, D]

@@ -159,3 +159,29 @@ def test_prefix_split_merge_on_cpu_tensors(monkeypatch):
 
     monkeypatch.setattr(dense, "_cudnn_lse", refuse)
     assert dense.prefix_split_cudnn(q, k, v, None) is None
+
+
+def test_split_prefix_only_over_dense_caches(monkeypatch):
+    """The repeat forwards take the split attention (dense.split_prefix) over a dense cache, never over ragged heads
+    (cuDNN would plan once per head length)."""
+    seen = []
+    original = dense.causal_attention
+
+    def spy(q, k, v, scale=None):
+        if q.shape[-2] > 1 and q.shape[-2] != k.shape[-2]:
+            seen.append(dense.SPLIT_PREFIX.get())
+        return original(q, k, v, scale)
+
+    monkeypatch.setattr(dense, "causal_attention", spy)
+    monkeypatch.setattr(ragged, "causal_attention", spy)
+    monkeypatch.setattr("scbench.engines.attention.causal_attention", spy)
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=64, chunk=128))
+    session.feed(ids, compress=False, sparse=False)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert seen and all(seen)
+    session.feed(ids[:50], compress=True, sparse=False)  # ragged from here
+    seen.clear()
+    rec.reconstruction_scores(session, ids[:30], 128, 4)
+    assert seen and not any(seen)
