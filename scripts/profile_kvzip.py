@@ -107,8 +107,7 @@ def main() -> None:
     rows = []
     for name in args.methods.split(","):
         method = METHODS.get(name)(**cfgs[name])
-        if args.warmup:
-            engine.warmup(method, lengths=(2048,), force=True)
+        warm_s = engine.warmup(method, lengths=(2048,), force=True) if args.warmup else 0.0
         session = engine.session(method)
         st, first_s = timed(engine, lambda: session.feed(ids, compress=True, sparse=True), args.profile)
         out = session.generate(args.decode)
@@ -118,6 +117,7 @@ def main() -> None:
                      "first_prefill_s": round(first_s, 4), "compress_s": round(st.compress_s, 4),
                      "later_prefill_s": round(later_s, 4), "kv_bytes": session.memory()["kv_bytes"],
                      "decode_tok_s": round(len(out.tokens) / max(out.decode_s, 1e-9), 1), "decode_path": out.decode_path,
+                     "warmup_s": round(warm_s, 3), "decode_capture_s": round(out.warmup_s, 3),
                      **{k: round(v, 4) if isinstance(v, float) else v for k, v in costs.items()}})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
