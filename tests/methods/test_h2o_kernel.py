@@ -186,6 +186,12 @@ def test_interpreted_kvzip_ragged_heads_and_sessions_match_torch(interpreted, mo
     for i in runs[False]:
         for a, b in zip(runs[False][i], runs[True][i]):
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    from scbench.methods.head_budgets import allocate
+
+    flat = {kernel: [s for i in sorted(r) for s in r[i]] for kernel, r in runs.items()}
+    total = sum(s.shape[0] for s in flat[False]) // 3  # the model-wide pool (level pair): the same kept pairs
+    kept = {kernel: allocate(f, total) for kernel, f in flat.items()}
+    assert all(torch.equal(a, b) for a, b in zip(kept[False], kept[True]))
 
 
 @cuda
