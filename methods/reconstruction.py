@@ -8,9 +8,13 @@ Those queries' post-RoPE projections are captured, and each KV pair of the chunk
 queries and over the query heads of its KV group, of its softmax attention weight, the softmax running over the
 sinks, the chunk's own KV pairs and the repeat (as the reference implementation subsamples the keys). The repeat
 tokens are then dropped from the cache again. Memory is bounded by the chunk, not the context: one chunk's queries
-per layer, the repeat forward's attention over the cache on the dense kernel (flash on CUDA, scbench/kernels/dense.py),
-and [heads, group, rows, sinks + chunk + repeat] float32 weight blocks of at most ``block_bytes`` (a layer's
-KV heads scored together, in blocks of heads and repeat queries).
+per layer, the repeat forward's attention over the cache on the dense kernel (CUDA: cuDNN over the context plus
+cuDNN causal over the repeat, merged by log-sum-exp, ``dense.split_prefix``; flash over ragged heads), and on CUDA
+two fused Triton passes for the scores (``scbench.kernels.h2o_scores`` with a max reduction: each repeat query's
+log-sum-exp over the scored keys, then each key's largest exp(score - lse); no weight block), elsewhere (and as the
+reference) [heads, group, rows, sinks + chunk + repeat] float32 weight blocks of at most ``block_bytes`` (a layer's
+KV heads scored together, in blocks of heads and repeat queries). H200, 131K, one layer's chunk: scores 4.02 ->
+0.35 ms, repeat attention 15.6 -> 8.1 ms (results/perf/kvzip_duo_h200.md).
 """
 from __future__ import annotations
 
