@@ -32,6 +32,10 @@ SPLIT_PREFIX = os.environ.get("SCBENCH_KVZIP_SPLIT", "1") != "0"
 """CUDA: the repeat forwards' attention as cuDNN over the context plus cuDNN causal over the repeat, merged
 (``scbench.kernels.dense.split_prefix``; ``SCBENCH_KVZIP_SPLIT=0``: flash with a lower-right bias)."""
 
+SPLIT_MIN_KEYS = 16384
+"""Shortest cache the split attention is used over (below, the cuDNN plans of the chunk shapes cost more than the
+split saves over flash)."""
+
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP = 8
@@ -165,7 +169,10 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int, max_by
             scores[i].append(s)
     last_logits = session.last_logits  # the feed's logits: generation continues from them afterwards
     # cuDNN plans per shape: a dense cache gives a few (every chunk over the same context), ragged heads one per head
-    split = SPLIT_PREFIX and not any(getattr(cache.layers[i], "scbench_ragged", False) for i in layers)
+    # (H200: ~0.2 s per new chunk shape, 2-3 shapes per context; 7.5 ms saved per layer and chunk at 131K): only
+    # over contexts of at least SPLIT_MIN_KEYS
+    split = SPLIT_PREFIX and not any(getattr(cache.layers[i], "scbench_ragged", False) for i in layers) \
+        and min(head_keys(cache.layers[i], 0).shape[0] for i in layers) >= SPLIT_MIN_KEYS
     forwarded = 0
     for a, b, rep in repeat_prompts(session.engine, ids, chunk):
         forwarded += len(rep)

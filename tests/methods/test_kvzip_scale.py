@@ -175,6 +175,7 @@ def test_split_prefix_only_over_dense_caches(monkeypatch):
     monkeypatch.setattr(dense, "causal_attention", spy)
     monkeypatch.setattr(ragged, "causal_attention", spy)
     monkeypatch.setattr("scbench.engines.attention.causal_attention", spy)
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 100)
     engine = make_tiny_engine(byte_tokenizer())
     ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     session = engine.session(METHODS.get("kvzip")(budget=64, chunk=128))
@@ -185,3 +186,18 @@ def test_split_prefix_only_over_dense_caches(monkeypatch):
     seen.clear()
     rec.reconstruction_scores(session, ids[:30], 128, 4)
     assert seen and not any(seen)
+
+
+def test_split_prefix_not_over_short_contexts(monkeypatch):
+    seen = []
+    monkeypatch.setattr(dense, "split_prefix", lambda: seen.append(1) or __import__("contextlib").nullcontext())
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=64, chunk=128))
+    session.feed(ids, compress=False, sparse=False)
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 301)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert not seen
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 300)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert len(seen) == 3  # one per chunk
