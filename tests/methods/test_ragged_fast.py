@@ -179,8 +179,9 @@ def test_work_list_follows_each_heads_own_length():
 
 @pytest.mark.skipif(rd.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
-def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch):
-    """DuoAttention through the work-list kernel itself (interpreted, float32 CPU): the plain loop's tokens."""
+@pytest.mark.parametrize("name", ["duo_attention", "adakv", "kvzip_pair"])
+def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch, name):
+    """Ragged caches through the work-list kernel itself (interpreted, float32 CPU): the plain loop's tokens."""
     from scbench.methods import ragged_fast
 
     made = []
@@ -192,13 +193,15 @@ def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch
         made.append(self)
 
     monkeypatch.setattr(ragged_fast.RaggedDecode, "__init__", interpreted)
-    monkeypatch.setattr(rd, "pick_split", lambda lengths, c, programs, max_items=rd.MAX_ITEMS: 64)  # 2+ per head
+    monkeypatch.setattr(rd, "pick_split", lambda lengths, c, programs, max_items=rd.MAX_ITEMS: 128)  # 3+ per head
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 256, (120,), generator=g).tolist()
     follow = torch.randint(0, 256, (9,), generator=g).tolist()
-    make = lambda: DuoAttention(heads=gates, retrieval_ratio=0.5, n_init=4, n_local=28)  # noqa: E731
-    plain, _, _ = _decode(engine, make(), "plain", prompt, follow, steps=(6, 4))
-    fast, fpath, _ = _decode(engine, make(), "fast", prompt, follow, steps=(6, 4))
+    make = {"duo_attention": lambda: DuoAttention(heads=gates, retrieval_ratio=0.5, n_init=4, n_local=28),
+            "adakv": lambda: AdaKV(budget=40, window=16),
+            "kvzip_pair": lambda: KVzip(budget=40, level="pair", chunk=64)}[name]
+    plain, _, _ = _decode(engine, make(), "plain", prompt, follow, steps=(5, 3))
+    fast, fpath, _ = _decode(engine, make(), "fast", prompt, follow, steps=(5, 3))
     ran = [p.triton_ok for p in made]
     assert fpath == ["static"] * 2 and True in ran and False not in ran, ran  # the kernel ran, never fell back
     assert fast == plain
