@@ -6,7 +6,8 @@ dense suffix of the tokens appended since the compression. The static path's buf
 suffix plus the turn's decode room, ``[1, Hkv, cap, D]`` with cap = suffix + max_new rounded up to 256 tokens, the
 same decode room every dense layer gets (StaticKV copies ``layer.keys``, which is the suffix); the prefix is NOT
 copied, padded or gathered: the step reads it in place (``scbench.kernels.ragged_decode``: Triton split-K on CUDA,
-torch segment ops elsewhere) through per-head offsets and lengths fixed for the turn. So the resident KV
+torch segment ops elsewhere) through per-head offsets and lengths fixed for the turn, and a work list built on the
+turn's first step (each head cut into pieces by its own length, so that the step time follows the bytes). So the resident KV
 (``kv_bytes``) stays the ragged count, and the only extra memory during decode is that suffix buffer (plus the
 kernel's split partials). After the turn the layer gets its suffix back as a view of the buffer.
 
@@ -35,6 +36,9 @@ class RaggedDecode:
         self.triton_ok: bool | None = None
         """None until the Triton kernel first ran (the eager warm-up step, before any graph capture); False after a
         launch failure: the torch path from then on (still in the captured step), never a crashed run."""
+        self.interpreted = False
+        """CPU tensors through the Triton kernel too (tests under ``TRITON_INTERPRET=1``: the kernel's greedy
+        tokens against the plain loop)."""
 
     @staticmethod
     def _ragged(layer) -> bool:
@@ -76,8 +80,17 @@ class RaggedDecode:
             self.layers[i] = {"key": (layer.prefix_k.data_ptr(), tuple(lengths)), "k": layer.prefix_k,
                               "v": layer.prefix_v, "rows": rd.head_of_rows(lengths, dev),
                               "offsets": torch.tensor(offsets, device=dev),
-                              "lengths": torch.tensor(lengths, device=dev),
-                              "max": max(lengths)}
+                              "lengths": torch.tensor(lengths, device=dev), "host": lengths}
+
+    @staticmethod
+    def _work(s: dict, k) -> "rd.WorkList":
+        """The layer's work list for this suffix buffer (C rows): built on the turn's eager warm-up step, reused by
+        the captured graph (same buffer, same lengths)."""
+        c = k.shape[2]
+        if s.get("work_c") != c:
+            host = s["host"] if "host" in s else s["lengths"].tolist()
+            s["work"], s["work_c"] = rd.WorkList(host, c, k.device), c
+        return s["work"]
 
     def attend(self, kv, l, q, k, v, scale):
         """Layer l's attention (None for a dense layer: the default). k, v: the suffix buffer [1, Hkv, cap, D]."""
@@ -87,10 +100,11 @@ class RaggedDecode:
         at = kv.at[l : l + 1]
         from scbench.engines import fastdecode
 
-        if q.is_cuda and rd.triton is not None and fastdecode.KERNEL == "triton" and self.triton_ok is not False:
+        if (q.is_cuda or self.interpreted) and rd.triton is not None and fastdecode.KERNEL == "triton" \
+                and self.triton_ok is not False:
             try:
-                out = rd.ragged_decode_triton(q, s["k"], s["v"], s["offsets"], s["lengths"], s["max"], k, v, at,
-                                              scale)
+                out = rd.ragged_decode_triton(q, s["k"], s["v"], s["offsets"], s["lengths"], self._work(s, k), k,
+                                              v, at, scale)
             except Exception as e:  # noqa: BLE001 - a launch failure (e.g. out of shared memory) on the eager warm-up
                 if self.triton_ok:  # it launched before: a real error
                     raise

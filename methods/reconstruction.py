@@ -8,15 +8,33 @@ Those queries' post-RoPE projections are captured, and each KV pair of the chunk
 queries and over the query heads of its KV group, of its softmax attention weight, the softmax running over the
 sinks, the chunk's own KV pairs and the repeat (as the reference implementation subsamples the keys). The repeat
 tokens are then dropped from the cache again. Memory is bounded by the chunk, not the context: one chunk's queries
-per layer, the repeat forward's attention over the cache on the dense kernel (flash on CUDA, scbench/kernels/dense.py),
-and [heads, group, rows, sinks + chunk + repeat] float32 weight blocks of at most ``block_bytes`` (a layer's
-KV heads scored together, in blocks of heads and repeat queries).
+per layer, the repeat forward's attention over the cache on the dense kernel (CUDA: cuDNN over the context plus
+cuDNN causal over the repeat, merged by log-sum-exp, ``dense.split_prefix``; flash over ragged heads), and on CUDA
+two fused Triton passes for the scores (``scbench.kernels.h2o_scores`` with a max reduction: each repeat query's
+log-sum-exp over the scored keys, then each key's largest exp(score - lse); no weight block), elsewhere (and as the
+reference) [heads, group, rows, sinks + chunk + repeat] float32 weight blocks of at most ``block_bytes`` (a layer's
+KV heads scored together, in blocks of heads and repeat queries). H200, 131K, one layer's chunk: scores 4.02 ->
+0.35 ms, repeat attention 15.6 -> 8.1 ms (results/perf/kvzip_duo_h200.md).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
 from scbench.engines import attention
+from scbench.kernels import dense, h2o_scores
+
+KERNEL = os.environ.get("SCBENCH_KVZIP_KERNEL", "1") != "0"
+"""CUDA: the scores through the fused Triton passes (``SCBENCH_KVZIP_KERNEL=0``: the torch blocks, the reference)."""
+SPLIT_PREFIX = os.environ.get("SCBENCH_KVZIP_SPLIT", "1") != "0"
+"""CUDA: the repeat forwards' attention as cuDNN over the context plus cuDNN causal over the repeat, merged
+(``scbench.kernels.dense.split_prefix``; ``SCBENCH_KVZIP_SPLIT=0``: flash with a lower-right bias)."""
+
+SPLIT_MIN_KEYS = 16384
+"""Shortest cache the split attention is used over (below, the cuDNN plans of the chunk shapes cost more than the
+split saves over flash)."""
 
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -60,13 +78,22 @@ def block_bytes(device) -> int:
 
 
 def layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
-                 max_bytes: int | None = None) -> torch.Tensor:
+                 max_bytes: int | None = None, kernel: bool | None = None) -> torch.Tensor:
     """Max softmax weight each key of [start, end) receives from the repeat queries, for H KV heads at once.
 
     q: [H, g, r, D] (each KV head's group of repeat queries, post-RoPE); k: [H, n + r, D] (the heads' caches, repeat
     last) -> [H, end - start] float32. The softmax runs over keys [0, min(sink, start)), [start, end) and the r
     repeat keys (causal). Computed in blocks of heads and query rows (exact: each query's softmax is its own row)
-    so that one weight block holds at most ``max_bytes`` (None: ``block_bytes`` of the device)."""
+    so that one weight block holds at most ``max_bytes`` (None: ``block_bytes`` of the device).
+
+    ``kernel`` (None: on CUDA when Triton is there and ``KERNEL``): the two fused passes of
+    ``scbench.kernels.h2o_scores`` (each repeat query's log-sum-exp over its visible keys, then the maximum of
+    exp(score - lse) per key), bf16 products in float32, never a weight block; otherwise the torch blocks (float32,
+    the reference)."""
+    if kernel is None:
+        kernel = k.is_cuda and KERNEL and h2o_scores.triton is not None
+    if kernel:
+        return fused_layer_scores(q, k, sink, start, end)
     nh, g, r, d = q.shape
     max_bytes = block_bytes(k.device) if max_bytes is None else max_bytes
     s = min(sink, start)
@@ -93,10 +120,23 @@ def layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: i
     return best
 
 
+def fused_layer_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int) -> torch.Tensor:
+    """``layer_scores`` through the Triton passes: the scored keys (sinks, chunk, repeat) gathered once ([H, m, D],
+    the cache's dtype: a few MiB), the repeat queries as the last r positions of that sequence (bottom-right
+    causal, as in the torch blocks); only the sink and chunk columns are scored."""
+    nh, g, r, d = q.shape
+    s = min(sink, start)
+    keys = torch.cat([k[:, :s], k[:, start:end], k[:, k.shape[1] - r :]], dim=1)
+    c = s + end - start
+    out = h2o_scores.accumulated_attention_triton(keys[None], q.reshape(1, nh * g, r, d), scale=d**-0.5,
+                                                  reduce="max", ncols=c)
+    return out[0, :, s:c]
+
+
 def chunk_scores(q: torch.Tensor, k: torch.Tensor, sink: int, start: int, end: int,
-                 max_bytes: int | None = None) -> torch.Tensor:
+                 max_bytes: int | None = None, kernel: bool | None = None) -> torch.Tensor:
     """``layer_scores`` for one KV head: q [g, r, D]; k [n + r, D] -> [end - start] float32."""
-    return layer_scores(q[None], k[None], sink, start, end, max_bytes)[0]
+    return layer_scores(q[None], k[None], sink, start, end, max_bytes, kernel)[0]
 
 
 def head_keys(layer, h: int) -> torch.Tensor:
@@ -128,11 +168,17 @@ def reconstruction_scores(session, ids: list[int], chunk: int, sink: int, max_by
             s[max(sink, n - len(ids)) :] = 0.0
             scores[i].append(s)
     last_logits = session.last_logits  # the feed's logits: generation continues from them afterwards
+    # cuDNN plans per shape: a dense cache gives a few (every chunk over the same context), ragged heads one per head
+    # (H200: ~0.2 s per new chunk shape, 2-3 shapes per context; 7.5 ms saved per layer and chunk at 131K): only
+    # over contexts of at least SPLIT_MIN_KEYS
+    split = SPLIT_PREFIX and not any(getattr(cache.layers[i], "scbench_ragged", False) for i in layers) \
+        and min(head_keys(cache.layers[i], 0).shape[0] for i in layers) >= SPLIT_MIN_KEYS
     forwarded = 0
     for a, b, rep in repeat_prompts(session.engine, ids, chunk):
         forwarded += len(rep)
         ctx = attention.AttnContext(capture_queries=len(rep))
-        session._forward(rep, ctx)
+        with dense.split_prefix() if split else contextlib.nullcontext():
+            session._forward(rep, ctx)
         for i in layers:
             layer, q = cache.layers[i], ctx.queries[i][0]  # [Hq, r, D]
             hkv = len(scores[i])

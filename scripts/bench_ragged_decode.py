@@ -34,7 +34,8 @@ def kernel_checks(dev) -> dict:
             q = torch.randn(1, h * grp, 1, d, generator=g).to(dtype)
             offs = torch.tensor([sum(lengths[:i]) for i in range(h)])
             got = rd.ragged_decode_triton(q.to(dev), pk.to(dev), pv.to(dev), offs.to(dev),
-                                          torch.tensor(lengths, device=dev), max(lengths), sk.to(dev), sv.to(dev),
+                                          torch.tensor(lengths, device=dev), rd.WorkList(lengths, c, dev),
+                                          sk.to(dev), sv.to(dev),
                                           torch.tensor([at], device=dev))
             want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at)
             worst = max(worst, float((got.cpu().double() - want.double()).abs().max()))
@@ -117,8 +118,9 @@ def microbench(dev) -> dict:
             offs = torch.tensor([sum(lengths[:i]) for i in range(h)], device=dev)
             ln = torch.tensor(lengths, device=dev)
             rows = rd.head_of_rows(lengths, dev)
-            row[name + "_triton_us"] = time_call(lambda: rd.ragged_decode_triton(q, pk, pv, offs, ln, max(lengths),
-                                                                                  sk, sv, at))
+            work = rd.WorkList(lengths, c, dev)
+            row[name + "_triton_us"] = time_call(lambda: rd.ragged_decode_triton(q, pk, pv, offs, ln, work, sk, sv,
+                                                                                  at))
             row[name + "_torch_us"] = time_call(lambda: rd.ragged_decode_attention(q, pk, pv, rows, sk, sv, at))
             row[name + "_tokens"] = sum(lengths)
         for n in (4096, ctx):

@@ -7,6 +7,7 @@ caches of different lengths after eviction.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +44,57 @@ MASKED_BLOCK_BYTES = 1 << 30
 [B, Hq, Tq, Tk] float32 intermediates: 32 GiB for 2,061 queries over 131K keys with 32 heads)."""
 
 
+SPLIT_PREFIX = contextvars.ContextVar("scbench_split_prefix", default=False)
+"""Set (``split_prefix()``) by callers whose chunks come over a cache of a fixed length (KVzip's reconstruction
+forwards: every chunk over the same context): lower-right attention as the chunk over the cache (no mask) plus the
+chunk's causal square, both on cuDNN (its plan is per shape: here a few shapes), merged by their log-sum-exps."""
+
+
+@contextlib.contextmanager
+def split_prefix():
+    token = SPLIT_PREFIX.set(True)
+    try:
+        yield
+    finally:
+        SPLIT_PREFIX.reset(token)
+
+
+def _cudnn_lse(q, k, v, causal: bool, scale):
+    """cuDNN SDPA (top-left causal or none) and its natural log-sum-exp [B, Hq, Tq] float32."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                  scale=scale)[:2]
+    return out, lse.squeeze(-1) if lse.dim() == 4 else lse
+
+
+def prefix_split_cudnn(q, k, v, scale):
+    """Lower-right causal attention of q [B, Hq, Tq, D] over k, v [B, Hkv, Tk, D] (Tk > Tq) as cuDNN over the
+    first Tk - Tq keys (every query sees them) and cuDNN causal over the last Tq, merged exactly; None when cuDNN
+    does not take the shapes."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    p = tk - tq
+    try:
+        o1, l1 = _cudnn_lse(q, k[:, :, :p], v[:, :, :p], False, scale)
+        o2, l2 = _cudnn_lse(q, k[:, :, p:], v[:, :, p:], True, scale)
+    except RuntimeError:
+        return None
+    if l1.shape != q.shape[:3] or l2.shape != q.shape[:3]:
+        return None
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    tot = w1 + w2
+    return (o1.float() * (w1 / tot)[..., None] + o2.float() * (w2 / tot)[..., None]).to(q.dtype)
+
+
 def _lower_right_cuda(q, k, v, scale, gqa):
     """Queries aligned to the end of the keys on CUDA. SDPA with a boolean mask cannot take the flash kernel (the
     only fused one with GQA) and falls to the math kernel, or to cuDNN, which re-plans for every new (Tq, Tk);
     torch's lower-right ``CausalBias`` runs flash without a mask (its causal flag is lower-right). Where flash does
     not take the shapes, the masked SDPA (cuDNN off) in query blocks of at most ``MASKED_BLOCK_BYTES`` scores."""
     tq, tk = q.shape[-2], k.shape[-2]
+    if q.dtype in (torch.float16, torch.bfloat16) and SPLIT_PREFIX.get() and q.shape[-1] <= 256:
+        out = prefix_split_cudnn(q, k, v, scale)
+        if out is not None:
+            return out
     if q.dtype in (torch.float16, torch.bfloat16):
         bias = causal_lower_right(tq, tk)
         for repeat in (False, True) if gqa else (False,):

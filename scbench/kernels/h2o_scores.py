@@ -11,6 +11,9 @@ end. Without a forward log-sum-exp (a later turn's masked prefill, chunked queri
 computes it first (one more pass, as before). Scores are bf16/fp16 products accumulated in float32 (tensor
 cores); the reference is ``methods.h2o.accumulated_attention`` (float32 torch ops, the CPU path), which tests
 compare on CUDA and, on CPU tensors, through the Triton interpreter (``TRITON_INTERPRET=1``).
+
+The same two passes with a maximum instead of the sum (``reduce="max"``) give KVzip's scores (the largest softmax
+weight a key receives over the repeat queries and the group's query heads, ``methods/reconstruction.py``).
 """
 from __future__ import annotations
 
@@ -88,9 +91,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "w"])
     def _colsum_kernel(Q, K, L, Out, n, w, scale2, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EXP: tl.constexpr = 0):
-        """(batch x KV head, block of BN keys): sum over the group's query heads and the queries at or after the
-        block of exp(score - lse); ``L`` holds natural log-sum-exps, ``scale2`` = scale * log2(e)."""
+                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EXP: tl.constexpr = 0,
+                       MAX: tl.constexpr = False):
+        """(batch x KV head, block of BN keys): sum (``MAX``: maximum) over the group's query heads and the queries
+        at or after the block of exp(score - lse); ``L`` holds natural log-sum-exps, ``scale2`` = scale * log2(e)."""
         bk, nb = tl.program_id(0), tl.program_id(1)
         b, kvh = bk // HKV, bk % HKV
         G: tl.constexpr = HQ // HKV
@@ -118,16 +122,26 @@ if triton is not None:
                 q = tl.load(qb + rows[:, None].to(tl.int64) * D + cols[None, :], mask=qin[:, None], other=0.0)
                 lse = tl.load(lb + rows, mask=qin, other=float("inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=PREC)
-                p = _exp2(s * scale2 - lse[:, None], EXP)
-                acc += tl.where(keys[None, :] <= (off + rows)[:, None], p, 0.0)
+                p = tl.where(keys[None, :] <= (off + rows)[:, None], _exp2(s * scale2 - lse[:, None], EXP), 0.0)
+                if MAX:
+                    acc = tl.maximum(acc, p)
+                else:
+                    acc += p
             for start in range(hi, w, BM):  # blocks below the diagonal: every query sees every key
                 rows = start + tl.arange(0, BM)
                 qin = rows < w
                 q = tl.load(qb + rows[:, None].to(tl.int64) * D + cols[None, :], mask=qin[:, None], other=0.0)
                 lse = tl.load(lb + rows, mask=qin, other=float("inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=PREC)
-                acc += _exp2(s * scale2 - lse[:, None], EXP)  # rows past w: (about) 0
-        tl.store(Out + bk.to(tl.int64) * n + keys, tl.sum(acc, 0), mask=keys < n)
+                p = _exp2(s * scale2 - lse[:, None], EXP)  # rows past w: (about) 0
+                if MAX:
+                    acc = tl.maximum(acc, p)
+                else:
+                    acc += p
+        if MAX:
+            tl.store(Out + bk.to(tl.int64) * n + keys, tl.max(acc, 0), mask=keys < n)
+        else:
+            tl.store(Out + bk.to(tl.int64) * n + keys, tl.sum(acc, 0), mask=keys < n)
 
 
 CONFIG = {"bf16": dict(BM=64, BN=128, num_warps=4, num_stages=3, EXP=0),
@@ -137,12 +151,22 @@ one warpgroup (several blocks per SM overlap tensor cores and exp2) against 11.3
 blocks or exp2 on the FMA units (EXP 1: 14.9 ms; EXP 2, half each: 9.6 ms with 4 warps)."""
 
 
+CONFIG_MAX = {"bf16": dict(BM=64, BN=64, num_warps=4, num_stages=3, EXP=0), "fp32": CONFIG["fp32"]}
+"""Max-reduction tiles (KVzip: ~4K keys, ~2K repeat queries, 32 / 8 heads): H200, scripts/bench_kvzip_duo.py, both
+passes of one layer's 2,075-query chunk: 0.353 ms with 64-key blocks against 0.454 ms with the column sums' 128
+(more programs for a short key range; 128 x 64 with 8 warps 0.359 ms, 64 x 128 with 8 warps 0.464 ms)."""
+
+
 def accumulated_attention_triton(keys: torch.Tensor, queries: torch.Tensor, scale: float | None = None,
-                                 lse: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                                 lse: torch.Tensor | None = None, config: dict | None = None,
+                                 reduce: str = "sum", ncols: int | None = None) -> torch.Tensor:
     """keys [B, Hkv, n, D]; queries [B, Hq, w, D] (positions n - w ... n - 1) -> [B, Hkv, n] float32.
 
     ``lse`` [B, Hq, w] float32: each query's natural log-sum-exp over its causal scores (from the dense forward);
-    None: computed here by one more pass. ``config``: the column-sum tiles (default ``CONFIG``)."""
+    None: computed here by one more pass. ``config``: the column-sum tiles (default ``CONFIG``). ``reduce``: "sum"
+    (H2O: accumulated attention) or "max" (KVzip: the largest weight a key receives over queries and the group's
+    query heads). ``ncols``: score only keys [0, ncols) (the rest of the output is left unset; the log-sum-exps
+    still run over all n keys)."""
     b, hkv, n, d = keys.shape
     hq, w = queries.shape[1], queries.shape[2]
     if queries.shape[0] != b or queries.shape[3] != d or hq % hkv or w > n:
@@ -160,9 +184,14 @@ def accumulated_attention_triton(keys: torch.Tensor, queries: torch.Tensor, scal
     elif lse.shape != (b, hq, w):
         raise ValueError(f"H2O scores: lse {tuple(lse.shape)} for queries {tuple(queries.shape)}")
     lse = lse.float().contiguous()
-    cfg = dict(config or CONFIG["fp32" if k.dtype == torch.float32 else "bf16"])
+    cfg = dict(config or (CONFIG_MAX if reduce == "max" else CONFIG)["fp32" if k.dtype == torch.float32 else "bf16"])
     bn = cfg["BN"]
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"attention scores: reduce must be 'sum' or 'max', got {reduce!r}")
+    ncols = n if ncols is None else ncols
+    if not 0 < ncols <= n:
+        raise ValueError(f"attention scores: ncols {ncols} outside (0, {n}]")
     out = torch.empty(b, hkv, n, dtype=torch.float32, device=k.device)
-    _colsum_kernel[(b * hkv, triton.cdiv(n, bn))](q, k, lse, out, n, w, scale * LOG2E, HQ=hq, HKV=hkv, D=d,
-                                                  PREC=prec, **cfg)
+    _colsum_kernel[(b * hkv, triton.cdiv(ncols, bn))](q, k, lse, out, n, w, scale * LOG2E, HQ=hq, HKV=hkv, D=d,
+                                                      PREC=prec, MAX=reduce == "max", **cfg)
     return out

@@ -140,3 +140,75 @@ def test_attention_attaches_the_forward_lse_to_the_captured_queries(monkeypatch)
     with attention.active(ctx):
         attention.scbench_attention(module, q, k, k, None, scaling=16**-0.5)
     assert calls == [50] and not hasattr(ctx.queries[3], "scbench_lse")
+
+
+# KVzip: the same passes with a maximum (methods/reconstruction.py)
+KVZIP_CASES = [(3, 2, 23, 120, 4, 10, 90), (2, 4, 40, 100, 0, 0, 100), (1, 2, 37, 70, 8, 3, 40)]
+
+
+@pytest.mark.parametrize("nh,g,r,n,sink,start,end", KVZIP_CASES)
+def test_interpreted_kvzip_max_scores_match_torch(interpreted, nh, g, r, n, sink, start, end):
+    """The fused max pass equals the torch blocks (float32) and keeps the same top pairs."""
+    from scbench.methods import reconstruction as rec
+
+    gen = torch.Generator().manual_seed(n + r)
+    q, k = torch.randn(nh, g, r, 16, generator=gen), torch.randn(nh, n + r, 16, generator=gen)
+    want = rec.layer_scores(q, k, sink, start, end, kernel=False)
+    got = rec.layer_scores(q, k, sink, start, end, kernel=True)
+    assert got.shape == want.shape == (nh, end - start)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    budget = (end - start) // 3
+    for h in range(nh):
+        assert set(got[h].topk(budget).indices.tolist()) == set(want[h].topk(budget).indices.tolist())
+        torch.testing.assert_close(got[h], rec.reference_chunk_scores(q[h], k[h], sink, start, end), atol=1e-6,
+                                   rtol=1e-5)
+
+
+def test_interpreted_kvzip_ragged_heads_and_sessions_match_torch(interpreted, monkeypatch):
+    """Whole reconstruction scoring on a tiny engine (dense layers, then ragged heads after a first firing): the
+    fused passes give the torch scores."""
+    from scbench.methods import reconstruction as rec
+    from support import byte_tokenizer, make_tiny_engine
+
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=40, chunk=128))
+    session.feed(ids, compress=True, sparse=False)  # ragged layers from here
+    more = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    session.feed(more, compress=False, sparse=False)
+    runs, original = {}, rec.layer_scores
+    for kernel in (False, True):
+        def forced(q, k, sink, start, end, max_bytes=None, kernel=None, _k=kernel):
+            return original(q, k, sink, start, end, max_bytes, _k)
+
+        monkeypatch.setattr(rec, "layer_scores", forced)
+        runs[kernel], _ = rec.reconstruction_scores(session, more, 64, 4)
+    for i in runs[False]:
+        for a, b in zip(runs[False][i], runs[True][i]):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    from scbench.methods.head_budgets import allocate
+
+    flat = {kernel: [s for i in sorted(r) for s in r[i]] for kernel, r in runs.items()}
+    total = sum(s.shape[0] for s in flat[False]) // 3  # the model-wide pool (level pair): the same kept pairs
+    kept = {kernel: allocate(f, total) for kernel, f in flat.items()}
+    assert all(torch.equal(a, b) for a, b in zip(kept[False], kept[True]))
+
+
+@cuda
+@pytest.mark.parametrize("nh,g,r,n", [(8, 4, 2075, 6000), (1, 4, 300, 1000)])
+def test_kvzip_max_scores_cuda_match_torch(nh, g, r, n):
+    """bf16 cache on CUDA: the fused passes against the float32 torch blocks; the top pairs agree but for
+    near-ties (bf16 products summed in another order)."""
+    from scbench.methods import reconstruction as rec
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(nh, g, r, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(nh, n + r, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    start, end = 100, 100 + min(2048, n - 100)
+    want = rec.layer_scores(q, k, 4, start, end, kernel=False)
+    got = rec.layer_scores(q, k, 4, start, end, kernel=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    budget = (end - start) // 4
+    for h in range(nh):
+        a, b = set(got[h].topk(budget).indices.tolist()), set(want[h].topk(budget).indices.tolist())
+        assert len(a ^ b) <= 2 * max(1, budget // 500), (h, len(a ^ b))

@@ -135,3 +135,69 @@ def test_lower_right_path_and_its_fallbacks_on_cpu_tensors(monkeypatch):
         monkeypatch.setattr(dense.F, "scaled_dot_product_attention", picky)
         assert (dense._lower_right_cuda(q, k, v, None, True).float() - ref).abs().max() < 1e-2
         assert calls[: len(expect)] == expect
+
+
+def test_prefix_split_merge_on_cpu_tensors(monkeypatch):
+    """KVzip's repeat forwards: the context part and the chunk's causal square, merged by log-sum-exp, equal
+    lower-right causal attention (CPU: a float64 stand-in for cuDNN; tests/gpu/test_kvzip_gpu.py runs cuDNN)."""
+    def fake_cudnn(q, k, v, causal, scale):
+        kk, vv = (x.double().repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
+        s = q.double() @ kk.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return (s.softmax(-1) @ vv).to(q.dtype), s.logsumexp(-1).float()
+
+    monkeypatch.setattr(dense, "_cudnn_lse", fake_cudnn)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, 16, generator=g)
+    k, v = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
+    got = dense.prefix_split_cudnn(q, k, v, None)
+    torch.testing.assert_close(got, dense.reference_causal_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+    def refuse(*a):
+        raise RuntimeError("no cuDNN kernel")
+
+    monkeypatch.setattr(dense, "_cudnn_lse", refuse)
+    assert dense.prefix_split_cudnn(q, k, v, None) is None
+
+
+def test_split_prefix_only_over_dense_caches(monkeypatch):
+    """The repeat forwards take the split attention (dense.split_prefix) over a dense cache, never over ragged heads
+    (cuDNN would plan once per head length)."""
+    seen = []
+    original = dense.causal_attention
+
+    def spy(q, k, v, scale=None):
+        if q.shape[-2] > 1 and q.shape[-2] != k.shape[-2]:
+            seen.append(dense.SPLIT_PREFIX.get())
+        return original(q, k, v, scale)
+
+    monkeypatch.setattr(dense, "causal_attention", spy)
+    monkeypatch.setattr(ragged, "causal_attention", spy)
+    monkeypatch.setattr("scbench.engines.attention.causal_attention", spy)
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 100)
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=64, chunk=128))
+    session.feed(ids, compress=False, sparse=False)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert seen and all(seen)
+    session.feed(ids[:50], compress=True, sparse=False)  # ragged from here
+    seen.clear()
+    rec.reconstruction_scores(session, ids[:30], 128, 4)
+    assert seen and not any(seen)
+
+
+def test_split_prefix_not_over_short_contexts(monkeypatch):
+    seen = []
+    monkeypatch.setattr(dense, "split_prefix", lambda: seen.append(1) or __import__("contextlib").nullcontext())
+    engine = make_tiny_engine(byte_tokenizer())
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = engine.session(METHODS.get("kvzip")(budget=64, chunk=128))
+    session.feed(ids, compress=False, sparse=False)
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 301)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert not seen
+    monkeypatch.setattr(rec, "SPLIT_MIN_KEYS", 300)
+    rec.reconstruction_scores(session, ids, 128, 4)
+    assert len(seen) == 3  # one per chunk

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_h2o_kernel import interpreted  # noqa: F401 - the interpreter fixture (triton 3.6 + numpy 2 patch)
 
 from scbench.kernels import ragged_decode as rd
 from scbench.methods.adakv import AdaKV
@@ -50,8 +51,11 @@ def test_triton_ragged_decode_matches_reference(lengths, at):
     dev = _triton_device()
     q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
     offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
-    got = rd.ragged_decode_triton(*(x.to(dev) for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
-                                  sk.to(dev), sv.to(dev), torch.tensor([at], device=dev), 0.3, split=16)
+    split = rd.tiles(16, 4, cpu=dev == "cpu")[0]  # one key block: several items per head, the combine merges them
+    work = rd.WorkList(lengths, sk.shape[2], dev, split=split)
+    assert work.n == sum(-(-(n + sk.shape[2]) // split) for n in lengths)
+    got = rd.ragged_decode_triton(*(x.to(dev) for x in (q, pk, pv, offsets, torch.tensor(lengths))), work,
+                                  sk.to(dev), sv.to(dev), torch.tensor([at], device=dev), 0.3)
     want = rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3)
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
@@ -68,15 +72,15 @@ def gates(tmp_path_factory):
     return str(path)
 
 
-def _decode(engine, method, mode, prompt, follow, again=False):
+def _decode(engine, method, mode, prompt, follow, again=False, steps=(24, 17)):
     engine.decode_mode = mode
     try:
         s = engine.session(method)
         s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(24)
+        a = s.generate(steps[0])
         s.drop_last(len(a.tokens) - 1)
         s.feed(follow, compress=again, sparse=False)  # again: a second firing (new prefixes: the buffers refit)
-        b = s.generate(17)
+        b = s.generate(steps[1])
         return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s
     finally:
         engine.decode_mode = "auto"
@@ -122,12 +126,14 @@ def test_triton_ragged_decode_cuda_8b_shape(dtype):
     lengths = [4096, 100, 2500, 1, 6000, 4096, 333, 2048]
     q, pk, pv, sk, sv = _case(lengths, g=4, d=128, c=512, seed=3)
     offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
-    got = rd.ragged_decode_triton(*(x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
-                                    for x in (q, pk, pv, offsets, torch.tensor(lengths))), max(lengths),
-                                  sk.to("cuda", dtype), sv.to("cuda", dtype), torch.tensor([300], device="cuda"))
     want = rd.reference_ragged_decode(*(x.to(dtype) for x in (q, pk, pv)), lengths, sk.to(dtype), sv.to(dtype), 300)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    for split in (None, 256, 16384):  # the default (about 4 programs per SM), many small pieces, one per head
+        work = rd.WorkList(lengths, sk.shape[2], "cuda", split=split)
+        got = rd.ragged_decode_triton(*(x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
+                                        for x in (q, pk, pv, offsets, torch.tensor(lengths))), work,
+                                      sk.to("cuda", dtype), sv.to("cuda", dtype), torch.tensor([300], device="cuda"))
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -152,3 +158,64 @@ def test_plugin_falls_back_to_torch_when_the_kernel_cannot_launch(monkeypatch):
     assert plugin.triton_ok is False
     torch.testing.assert_close(out.cpu(), rd.reference_ragged_decode(q.cpu(), pk.cpu(), pv.cpu(), lengths, sk.cpu(),
                                                                      sv.cpu(), 5), atol=1e-5, rtol=1e-5)
+
+
+def test_work_list_follows_each_heads_own_length():
+    """Duo-shaped (4 heads at 131K, 4 at 4K): pieces per head follow the head's length, about the asked number of
+    programs in all, a multiple of 64 rows, at most MAX_ITEMS pieces per head."""
+    lengths, c = [131072] * 4 + [4096] * 4, 256
+    split = rd.pick_split(lengths, c, programs=528)
+    assert split % 64 == 0 and split >= 256
+    work = rd.WorkList(lengths, c, "cpu", split=split)
+    counts = work.count.tolist()
+    assert counts[:4] == [-(-(131072 + c) // split)] * 4 and counts[4:] == [-(-(4096 + c) // split)] * 4
+    assert 0.8 * 528 <= work.n <= 1.2 * 528 and work.max_count <= rd.MAX_ITEMS
+    assert work.base.tolist() == [sum(counts[:h]) for h in range(8)]
+    heads, starts = work.items.tolist()
+    assert heads == [h for h in range(8) for _ in range(counts[h])]
+    assert starts[: counts[0]] == [j * split for j in range(counts[0])]
+    assert rd.pick_split([10**6, 5], c, programs=10**4) >= (10**6 + c) / rd.MAX_ITEMS  # one very long head: capped
+
+
+@pytest.mark.skipif(rd.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+@pytest.mark.parametrize("name", ["duo_attention", "adakv", "kvzip_pair"])
+def test_interpreted_kernel_greedy_tokens_equal_plain(engine, gates, monkeypatch, name):
+    """Ragged caches through the work-list kernel itself (interpreted, float32 CPU): the plain loop's tokens."""
+    from scbench.methods import ragged_fast
+
+    made = []
+    original = ragged_fast.RaggedDecode.__init__
+
+    def interpreted(self, method):
+        original(self, method)
+        self.interpreted = True
+        made.append(self)
+
+    monkeypatch.setattr(ragged_fast.RaggedDecode, "__init__", interpreted)
+    monkeypatch.setattr(rd, "pick_split", lambda lengths, c, programs, max_items=rd.MAX_ITEMS: 128)  # 3+ per head
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 256, (120,), generator=g).tolist()
+    follow = torch.randint(0, 256, (9,), generator=g).tolist()
+    make = {"duo_attention": lambda: DuoAttention(heads=gates, retrieval_ratio=0.5, n_init=4, n_local=28),
+            "adakv": lambda: AdaKV(budget=40, window=16),
+            "kvzip_pair": lambda: KVzip(budget=40, level="pair", chunk=64)}[name]
+    plain, _, _ = _decode(engine, make(), "plain", prompt, follow, steps=(5, 3))
+    fast, fpath, _ = _decode(engine, make(), "fast", prompt, follow, steps=(5, 3))
+    ran = [p.triton_ok for p in made]
+    assert fpath == ["static"] * 2 and True in ran and False not in ran, ran  # the kernel ran, never fell back
+    assert fast == plain
+
+
+@pytest.mark.skipif(rd.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+@pytest.mark.parametrize("lengths,at", CASES + [([100, 3, 50], 20)])
+def test_interpreted_compiled_loops_match_reference(interpreted, lengths, at):
+    """The compiled path's loops (to loaded bounds, prefix rows then suffix rows) through the interpreter."""
+    q, pk, pv, sk, sv = _case(lengths, seed=len(lengths) + at)
+    offsets = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    work = rd.WorkList(lengths, sk.shape[2], "cpu", split=32)
+    got = rd.ragged_decode_triton(q, pk, pv, offsets, torch.tensor(lengths), work, sk, sv, torch.tensor([at]), 0.3,
+                                  dyn=True)
+    torch.testing.assert_close(got, rd.reference_ragged_decode(q, pk, pv, lengths, sk, sv, at, 0.3), atol=1e-5,
+                               rtol=1e-5)
