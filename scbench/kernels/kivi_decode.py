@@ -354,8 +354,8 @@ def _use_triton(q, bits, group, vgroup) -> bool:
     return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
 
 
-FUSE_FLUSH = 2
-"""How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then the flush + counter kernels (4
+FUSE_FLUSH = int(os.environ.get("SCBENCH_KIVI_FLUSH", "2"))
+"""(``SCBENCH_KIVI_FLUSH`` sets it for a run.) How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then the flush + counter kernels (4
 kernels); 1: the flush inside the attention kernel, the counters moved by the merge kernel (2); 2: one kernel, the
 last program of each KV head merging its splits and the last of all moving the counters (arrival counters). All
 three match the torch step on an H200 (tests/methods/test_kivi_fast.py, bf16, 8B heads; GPU batch 2: modes 0 and 2
