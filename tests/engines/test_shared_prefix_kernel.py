@@ -95,4 +95,8 @@ def test_rope_store_rows_cuda():
     bufs = [torch.zeros(b, hkv, c, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     q1 = sp.rope_store_rows(qkv, cos, sin, bufs[0], bufs[1], at, hq, hkv)
     q2 = sp.rope_store_rows_ref(qkv, cos, sin, bufs[2], bufs[3], at, hq, hkv)
-    assert torch.equal(q1, q2) and torch.equal(bufs[0], bufs[2]) and torch.equal(bufs[1], bufs[3])
+    # bf16 on CUDA: within 2 ulp of torch's ops, the tolerance fused.rope_store (the same math, one row) meets on the
+    # H200 (tests/engines/fused_kernels_check.py); exact equality failed there (2026-12-01). Values are copied exactly.
+    for got, want in ((q1, q2), (bufs[0], bufs[2])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2 ** -5)
+    assert torch.equal(bufs[1], bufs[3]) and bufs[0][4, :, 17].abs().sum() > 0
