@@ -199,7 +199,9 @@ def main() -> None:
     if a.estimate:
         return
     out = Path(a.out or ROOT / "results" / "perf" / ("methods_cpu" if cpu else "methods_gpu"))
-    commit = a.commit or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+    # --dirty: a copy whose files differ from its HEAD says so (a lent GPU box's copy can carry a stale .git: pass
+    # --commit there)
+    commit = a.commit or subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
                                         capture_output=True, text=True).stdout.strip() or "unknown"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))

@@ -4,6 +4,7 @@
 # tokenizer; every argument passes through (--lengths, --modes, --out, --deadline, ...). Run from the repository root
 # or from a gpu_sync copy (.gpu/NAME: .gpuwhl and results/ are then looked up two folders up).
 #   run(carry=[".gpu/NAME", ".gpuwhl"]): cd .gpu/NAME && bash scripts/bench_methods_gpu.sh --lengths 32000 --out $OUT/m32k
+#   On a lent box pass --commit $(git rev-parse --short HEAD) from here: the copy there may carry a stale .git.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 whl=.gpuwhl; [ -d "$whl" ] || whl=../../.gpuwhl
