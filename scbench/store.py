@@ -126,13 +126,25 @@ class Store:
                 raise StoreError(f"{self.path}: not a readable results store ({e})") from None
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout=60000")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self._create_and_upgrade()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: cannot open the results store for writing ({e})") from None
+        for attempt in range(6):
+            self.db = None
+            try:
+                self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+                self.db.execute("PRAGMA busy_timeout=60000")
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self._create_and_upgrade()
+                break
+            except sqlite3.OperationalError as e:
+                # two jobs opening one new store at once: SQLite answers "database is locked" at once, without
+                # waiting, where waiting could deadlock (one switching the file to WAL or upgrading its lock while
+                # the other holds a read lock); its remedy is to start again
+                if self.db is not None:
+                    self.db.close()
+                if "locked" not in str(e) or attempt == 5:
+                    raise StoreError(f"{self.path}: cannot open the results store for writing ({e})") from None
+                time.sleep(0.05 * 2 ** attempt)
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: cannot open the results store for writing ({e})") from None
 
     def _read_only_uri(self) -> str:
         """A read-only URI. With no ``-wal`` file beside it (no writer since the last checkpoint) the file is opened

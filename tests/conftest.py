@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import make_tiny_engine
+from support import make_tiny_engine, triton_interpreting
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,23 @@ def embedded_engine():
     from scbench.run import get_engine
 
     return get_engine({"name": "smollm2-135m", "path": "embedded:smollm2", "device": "cpu"})
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1`` before triton is imported: `make test` sets it, and
+    test_h2o_kernel.test_interpreter_run starts such a process), with triton 3.6's index patch for numpy >= 2."""
+    if not triton_interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_interpreter_run starts it)")
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def numpy2_index(tensor, scope):  # triton 3.6's interpreter takes int() of 1-element arrays (numpy >= 2 refuses)
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", numpy2_index)
 
 
 SLOW_FIXTURES = {"embedded_engine"}

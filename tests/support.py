@@ -185,3 +185,13 @@ def two_turn_decode(engine, method, prompt, follow, mode: str | None = None, fir
         return [a.tokens, b.tokens], [a.decode_path, b.decode_path], s, mem
     finally:
         engine.decode_mode = old
+
+
+def triton_interpreting() -> bool:
+    """Triton is importable and runs its CPU interpreter (``TRITON_INTERPRET=1`` set before triton was imported)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return bool(triton.knobs.runtime.interpret)
+

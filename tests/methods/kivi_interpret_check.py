@@ -87,9 +87,6 @@ def plugin_tokens() -> list[list]:
     """The fast-decode plugin with the Triton kernels forced on CPU tensors (the interpreter; float32, tiny random
     Llama, head_dim 16): its greedy tokens over two turns, each flush mode, with the plain loop's first. Covers the
     plugin's token-major value layout at load and back at store_back."""
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support
     from support import byte_tokenizer, make_tiny_engine
 
     from scbench.methods import kivi_fast

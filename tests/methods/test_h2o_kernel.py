@@ -12,6 +12,8 @@ from scbench.kernels import dense, h2o_scores
 from scbench.methods.h2o import H2O, accumulated_attention
 from scbench.registry import METHODS
 
+from support import triton_interpreting
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or h2o_scores.triton is None, reason="needs CUDA and Triton")
 
 
@@ -25,30 +27,10 @@ def causal_lse(keys, queries):
     return s.logsumexp(-1)
 
 
-def interpreting() -> bool:
-    return h2o_scores.triton is not None and bool(h2o_scores.triton.knobs.runtime.interpret)
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Triton's CPU interpreter (``TRITON_INTERPRET=1`` before triton is imported; test_interpreter_run sets it)."""
-    if not interpreting():
-        pytest.skip("runs under TRITON_INTERPRET=1 (test_interpreter_run starts it)")
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def numpy2_index(tensor, scope):  # triton 3.6's interpreter takes int() of 1-element arrays (numpy >= 2 refuses)
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", numpy2_index)
-
-
 @pytest.mark.skipif(h2o_scores.triton is None, reason="needs Triton (its interpreter runs the kernels on CPU)")
 def test_interpreter_run():
     """The interpreted tests below, in a process started with TRITON_INTERPRET=1 (CPU tensors, tiny shapes)."""
-    if interpreting():
+    if triton_interpreting():
         pytest.skip("already interpreting: the tests below run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", __file__],

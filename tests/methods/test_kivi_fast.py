@@ -106,7 +106,9 @@ def test_kivi_kernels_in_triton_interpreter():
     (attention, flush, counters; fused; one kernel) and the fast-decode plugin on the Triton kernels (greedy tokens,
     two turns) on CPU tensors, in Triton's interpreter, against the torch reference / the plain loop."""
     script = Path(__file__).with_name("kivi_interpret_check.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    tests = str(Path(__file__).resolve().parent.parent)  # tests/: the script imports support
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])

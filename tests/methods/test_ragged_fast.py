@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from test_h2o_kernel import interpreted  # noqa: F401 - the interpreter fixture (triton 3.6 + numpy 2 patch)
 
 from scbench.kernels import ragged_decode as rd
 from scbench.methods.adakv import AdaKV
