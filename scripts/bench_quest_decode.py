@@ -206,9 +206,15 @@ def main() -> None:
             ra.tune = t
             run(n, "ra_new", ra, t)
         ra.tune = RetrievalDecode(ra.m).tune
+    write_report(report, a.out)
+
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """The report as one ``JSON ...`` line on stdout (the GPU queue's log) and, with ``--out``, as a file."""
     print("JSON " + json.dumps(report))
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
 
 

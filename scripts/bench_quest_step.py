@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph  # noqa: E402
+from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph, write_report  # noqa: E402
 
 from scbench.kernels import paged_decode, paged_dot, paged_union, topk_select  # noqa: E402
 from scbench.kv.offload import TieredLayer  # noqa: E402
@@ -173,10 +173,7 @@ def main() -> None:
         if "gb" in r and r.get("ms"):
             r["tb_s"] = round(r["gb"] / r["ms"], 3)
             print(f"{r['length']} {r['variant']}: {r['gb']} GB in {r['ms']} ms = {r['tb_s']} TB/s")
-    print("JSON " + json.dumps(report))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

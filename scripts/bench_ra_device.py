@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quest_decode import HKV, HQ, D, L, _diff, make_kv, step_fn, time_graph  # noqa: E402
+from bench_quest_decode import HKV, HQ, D, L, _diff, make_kv, step_fn, time_graph, write_report  # noqa: E402
 
 from scbench.methods.retrieval_attention import RetrievalAttention  # noqa: E402
 from scbench.methods.retrieval_fast import RetrievalDecode  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> None:
                 print(f"  {name} vs before: max |diff| {diff:.4g}", flush=True)
         del kv, q
         torch.cuda.empty_cache()
-    print("JSON " + json.dumps(report))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":
