@@ -12,7 +12,6 @@ Prints ms per step and the largest |difference| of each variant's bf16 output fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
