@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from scbench.kernels import kivi_decode
-from scbench.kernels.kivi_decode import kivi_decode_step, values_from_words, values_to_words
+from scbench.kernels.kivi_decode import kivi_decode_step, values_from_words
+from scbench.kernels.kivi_flush import values_to_words_fast
 from scbench.kv.quant import KIVILayer
 
 
@@ -29,6 +30,9 @@ class KIVIDecode:
     def __init__(self, method):
         self.m = method
         self.bufs: dict[int, list[torch.Tensor]] = {}
+        self.held: dict[int, list] = {}
+        """Per layer, the (key chunk, value chunk) pairs whose rows the buffers hold, in row order."""
+        self.copies = 0
         self.vgroup = 0
 
     def unsupported(self, cache) -> str | None:
@@ -38,6 +42,11 @@ class KIVIDecode:
             if (layer.bits, layer.group, layer.residual) != (self.m.bits, self.m.group, self.m.residual):
                 return f"kivi fast decode: layer {i} was packed with other settings than the method's"
         return None
+
+    SLACK = 2048
+    """Tokens of room the packed buffers get beyond what the turn needs, so that the next turns of a multi-turn run
+    (each adds its query and answer) still fit: a new allocation loads every chunk again and captures a new graph.
+    ~96 bytes per token and KV head at 2 bits (8B model: ~0.8 MB a layer)."""
 
     def _cap(self, layer, extra: int) -> int:
         g = self.m.group
@@ -49,7 +58,7 @@ class KIVIDecode:
         for l, layer in enumerate(cache.layers):
             b, h, _, d = layer.keys.shape
             self.vgroup = layer.value_group
-            cap = self._cap(layer, kv.k[l].shape[2] - layer.keys.shape[-2])
+            cap = self._cap(layer, kv.k[l].shape[2] - layer.keys.shape[-2] + self.SLACK)
             dev, dt = layer.keys.device, layer.keys.dtype
             db = d * m.bits // 8
             self.bufs[l] = [
@@ -60,6 +69,7 @@ class KIVIDecode:
                 torch.zeros(b, h, cap, d // self.vgroup, dtype=dt, device=dev),  # value scale
                 torch.zeros(b, h, cap, d // self.vgroup, dtype=dt, device=dev),  # value zero
             ]
+            self.held[l] = []
         n = len(cache.layers)
         layer = cache.layers[0]
         self.use_triton = self.triton_ok(layer.keys)  # decides the packed values' layout too
@@ -72,21 +82,32 @@ class KIVIDecode:
         return all(self._cap(layer, extra) <= self.bufs[l][0].shape[2] for l, layer in enumerate(cache.layers))
 
     def load(self, kv, cache) -> None:
-        """Copy each KIVILayer's chunks into the buffers (each chunk straight into its rows: no concatenation)."""
+        """Copy each KIVILayer's chunks into the buffers (each chunk straight into its rows: no concatenation).
+
+        Chunks are never written in place (``KIVILayer``), so a chunk that is the same object at the same rows as
+        one the buffers already hold (loaded, or handed back by ``store_back``, in a previous turn) is not copied
+        again: a turn after a rollback or a short follow-up feed copies only the chunks that are new since (the
+        rows of held chunks are never rewritten: the step's flush writes rows >= ``n_quant`` only). ``copies``
+        counts the chunks actually copied (tests)."""
         self.n0 = []
         g = self.m.group
         for l, layer in enumerate(cache.layers):
             kp, ks, kz, vp, vs, vz = self.bufs[l]
-            row = 0
-            for (ckp, cks, ckz), (cvp, cvs, cvz) in zip(layer.kchunks, layer.vchunks):
+            held, same, row = self.held[l], True, 0
+            for j, (kc, vc) in enumerate(zip(layer.kchunks, layer.vchunks)):
+                (ckp, cks, ckz), (cvp, cvs, cvz) = kc, vc
                 n = ckp.shape[2]
-                for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
-                                       (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
-                                       (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
-                    if dst is vp and self.use_triton:
-                        src = values_to_words(src, self.m.bits)
-                    dst[:, :, a:b].copy_(src)
+                same = same and j < len(held) and held[j][0] is kc and held[j][1] is vc
+                if not same:
+                    for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
+                                           (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
+                                           (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
+                        if dst is vp and self.use_triton:
+                            src = values_to_words_fast(src, self.m.bits)
+                        dst[:, :, a:b].copy_(src)
+                    self.copies += 1
                 row += n
+            self.held[l] = list(zip(layer.kchunks, layer.vchunks))
             self.n0.append((layer.n_quant, layer.keys.shape[-2]))
         self.nq.copy_(torch.tensor([n for n, _ in self.n0]))
         self.rs.zero_()
@@ -128,6 +149,7 @@ class KIVIDecode:
                 new_vp = vp[:, :, nq0:nq]
                 new_vp = values_from_words(new_vp, self.m.bits) if self.use_triton else new_vp.clone()
                 layer.vchunks.append((new_vp, vs[:, :, nq0:nq].clone(), vz[:, :, nq0:nq].clone()))
+            self.held[l] = list(zip(layer.kchunks, layer.vchunks))  # the new chunk's rows are in the buffers
             layer.n_quant = nq
             start = nq - nq0
             layer.keys = kv.k[l][:, :, start : start + r].clone()

@@ -65,7 +65,30 @@ def instrument() -> None:
     timed(fastdecode.FastDecoder, "_replay", "replay(+capture)")
     timed(fastdecode.StaticKV, "store_back", "store_back")
     timed(kivi_fast.KIVIDecode, "load", "  kivi.load")
-    timed(kivi_fast, "values_to_words", "  values_to_words")
+    timed(kivi_fast, "values_to_words_fast", "  values_to_words")
+
+
+_SAVED = {}
+
+
+def old(on: bool) -> None:
+    """Put the plugin's previous load back (every chunk copied each turn, the value layout converted by torch ops),
+    or the current one."""
+    from scbench.kernels.kivi_flush import values_to_words
+    from scbench.methods import kivi_fast
+
+    if not _SAVED:
+        _SAVED.update(fast=kivi_fast.values_to_words_fast, load=kivi_fast.KIVIDecode.load)
+    if on:
+        def load(self, kv, cache):
+            self.held = {l: [] for l in self.held}
+            return _SAVED["load"](self, kv, cache)
+
+        kivi_fast.values_to_words_fast = lambda vp, bits: values_to_words(vp, bits)
+        timed(kivi_fast, "values_to_words_fast", "  values_to_words")
+        kivi_fast.KIVIDecode.load = load
+    else:
+        kivi_fast.values_to_words_fast, kivi_fast.KIVIDecode.load = _SAVED["fast"], _SAVED["load"]
 
 
 def turns(s, ck, a, rng):
@@ -137,7 +160,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=14)
-    ap.add_argument("--methods", nargs="+", default=["kivi", "full"])
+    ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "full"],
+                    help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion)")
     ap.add_argument("--budget", type=float, default=70.0, help="skip the remaining parts past this many seconds")
     ap.add_argument("--tokenizer")
     ap.add_argument("--model", default="random:llama-3.1-8b")
@@ -155,7 +179,7 @@ def main() -> None:
     full.feed(ids, compress=False, sparse=False)
     sync()
     log(f"prefill {a.length} done")
-    if "kivi" in a.methods:
+    if any(n.startswith("kivi") for n in a.methods):
         m = build_method({"name": "kivi", "bits": 2, "group": 32, "residual": 32})
         s = eng.session(m)
         for i, layer in enumerate(full.cache.layers):
@@ -164,16 +188,25 @@ def main() -> None:
         assert all(isinstance(x, KIVILayer) for x in s.cache.layers)
         sync()
         log("kivi cache packed from the prefill")
-        sessions["kivi"] = s
+        sessions["kivi"] = sessions["kivi-old"] = s
     sessions["full"] = full
     report = {"length": a.length, "device": dev, "torch": torch.__version__}
+    checkpoints = {}
     for name in a.methods:
         s = sessions[name]
-        ck = s.checkpoint(rewrites=not kvc.crop_is_exact(s.cache))
+        if id(s) not in checkpoints:
+            checkpoints[id(s)] = s.checkpoint(rewrites=not kvc.crop_is_exact(s.cache))
+        ck = checkpoints[id(s)]
+        old(name == "kivi-old")
+        s.decoder = None  # a fresh decoder and plugin per entry
+        torch.cuda.empty_cache()
         log(f"== {name}: {kvc.kv_nbytes(s.cache) / 1e9:.2f} GB KV resident")
         r = report[name] = {"turns": turns(s, ck, a, rng)}
-        if a.device != "cuda" or time.perf_counter() - T0 > a.budget:
-            log("no CUDA or budget spent: step time and kernels skipped")
+        if name.startswith("kivi"):
+            r["kivi_tune"] = dict(kivi_decode.TUNE, fuse_flush=kivi_decode.FUSE_FLUSH, copies=s.decoder.plugin.copies)
+            log(f"  chunks copied by load over the turns: {s.decoder.plugin.copies}")
+        if name == "kivi-old" or a.device != "cuda" or time.perf_counter() - T0 > a.budget:
+            log("step time and kernels skipped (kivi-old: the same step; no CUDA; or the budget spent)")
             continue
         dec = s.decoder
         r["graph_step_ms"] = step_time(dec, s, a.reps)
@@ -181,10 +214,7 @@ def main() -> None:
         if time.perf_counter() - T0 > a.budget:
             continue
         r["profile"] = kernels(dec, s, 5, a.top)
-        s.decoder = None
-        torch.cuda.empty_cache()
-        if name == "kivi":
-            r["kivi_tune"] = dict(kivi_decode.TUNE, fuse_flush=kivi_decode.FUSE_FLUSH)
+    old(False)
     print("JSON", json.dumps(report), flush=True)
 
 

@@ -7,6 +7,8 @@ kernel plus a counter kernel, writing the values token-major as the attention ke
 (``FUSE_FLUSH``)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from scbench.kv.quant import pack, quantize, unpack
@@ -104,6 +106,41 @@ def values_to_words(vp: torch.Tensor, bits: int) -> torch.Tensor:
     # disjoint bit fields: their int32 sum (wrapping past the sign bit) is their OR
     w = (q << (torch.arange(t, device=vp.device, dtype=torch.int32) * bits)).sum(-1, dtype=torch.int32)
     return w.contiguous().view(torch.uint8).reshape(vp.shape)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_words_kernel(VP, W, n_chunks, D: tl.constexpr, BITS: tl.constexpr, CH: tl.constexpr):
+        """CH chunks of T = 32 / BITS token rows per program: packed bytes [T, D * BITS / 8] -> D int32 words."""
+        T: tl.constexpr = 32 // BITS
+        PER: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PER
+        chunk = tl.program_id(0).to(tl.int64) * CH + tl.arange(0, CH)
+        tok, col = tl.arange(0, T), tl.arange(0, D)
+        row = chunk[:, None, None] * T + tok[None, :, None]
+        ok = (chunk < n_chunks)[:, None, None]
+        byte = tl.load(VP + row * DB + (col // PER)[None, None, :], mask=ok, other=0).to(tl.int32)
+        field = (byte >> ((col % PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        words = tl.sum(field << (tok * BITS)[None, :, None], 1)  # disjoint bits: the sum is their OR
+        tl.store(W + chunk[:, None] * D + col[None, :], words, mask=(chunk < n_chunks)[:, None])
+
+
+def values_to_words_fast(vp: torch.Tensor, bits: int, chunks_per_program: int = 4) -> torch.Tensor:
+    """``values_to_words`` as one Triton kernel (reads the packed bytes once, writes the words once) on CUDA tensors
+    or under Triton's interpreter; the torch ops elsewhere. The plugin converts every loaded chunk with it."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton is None or not (vp.is_cuda or interp) or vp.shape[-2] % (32 // bits) or (vp.shape[-1] * 8 // bits) & (
+            vp.shape[-1] * 8 // bits - 1):
+        return values_to_words(vp, bits)
+    src = vp.contiguous()
+    d = vp.shape[-1] * 8 // bits
+    out = torch.empty(vp.shape, dtype=torch.uint8, device=vp.device)
+    n_chunks = src.numel() // (d * bits // 8) // (32 // bits)
+    if n_chunks:
+        grid = (triton.cdiv(n_chunks, chunks_per_program),)
+        _to_words_kernel[grid](src, out.view(torch.int32), n_chunks, D=d, BITS=bits, CH=chunks_per_program)
+    return out
 
 
 def values_from_words(vw: torch.Tensor, bits: int) -> torch.Tensor:
