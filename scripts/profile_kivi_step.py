@@ -1,6 +1,6 @@
 """Where KIVI's end-to-end decode time goes against full attention's, through the session API the runner uses.
 
-    python scripts/profile_kivi_step.py --length 131000 --tokenizer DIR [--turns 2] [--new 64] [--budget 70]
+    python scripts/profile_kivi_step.py --lengths 131000 32000 --tokenizer DIR [--turns 2] [--new 64] [--budget 70]
 
 Builds the random Llama-3.1-8B-shaped bf16 model, prefills ``length`` random tokens once with full attention, and
 derives the KIVI session's cache from that prefill (each layer packed as ``KIVI.compress_cache`` does), so only one
@@ -153,32 +153,14 @@ def kernels(dec, s, reps: int, top: int):
             "top": [{"kernel": k[:110], "ms": ms, "count": c} for k, ms, c in rows[:top]]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--length", type=int, default=131000)
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--top", type=int, default=14)
-    ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "full"],
-                    help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion)")
-    ap.add_argument("--budget", type=float, default=70.0, help="skip the remaining parts past this many seconds")
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--model", default="random:llama-3.1-8b")
-    ap.add_argument("--device", default="cuda")
-    a = ap.parse_args()
-    instrument()
-    eng = HFEngine(a.model, tokenizer_path=a.tokenizer, device=a.device,
-                   decode="fast")
-    dev = torch.cuda.get_device_name(0) if a.device == "cuda" else a.device
-    log(f"model built; {dev}, torch {torch.__version__}")
+def one_length(eng, a, length: int, dev: str) -> dict:
     rng = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 40000, (a.length,), generator=rng).tolist()
+    ids = torch.randint(0, 40000, (length,), generator=rng).tolist()
     sessions = {}
     full = eng.session(build_method({"name": "full"}))
     full.feed(ids, compress=False, sparse=False)
     sync()
-    log(f"prefill {a.length} done")
+    log(f"prefill {length} done")
     if any(n.startswith("kivi") for n in a.methods):
         m = build_method({"name": "kivi", "bits": 2, "group": 32, "residual": 32})
         s = eng.session(m)
@@ -190,7 +172,7 @@ def main() -> None:
         log("kivi cache packed from the prefill")
         sessions["kivi"] = sessions["kivi-old"] = s
     sessions["full"] = full
-    report = {"length": a.length, "device": dev, "torch": torch.__version__}
+    report = {"length": length}
     checkpoints = {}
     for name in a.methods:
         s = sessions[name]
@@ -215,6 +197,35 @@ def main() -> None:
             continue
         r["profile"] = kernels(dec, s, 5, a.top)
     old(False)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[131000])
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "full"],
+                    help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion)")
+    ap.add_argument("--budget", type=float, default=70.0, help="skip the remaining parts past this many seconds")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--model", default="random:llama-3.1-8b")
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    instrument()
+    eng = HFEngine(a.model, tokenizer_path=a.tokenizer, device=a.device,
+                   decode="fast")
+    dev = torch.cuda.get_device_name(0) if a.device == "cuda" else a.device
+    log(f"model built; {dev}, torch {torch.__version__}")
+    report = {"device": dev, "torch": torch.__version__, "lengths": {}}
+    for length in a.lengths:
+        if time.perf_counter() - T0 > a.budget:
+            log(f"budget spent: {length} skipped")
+            break
+        report["lengths"][length] = one_length(eng, a, length, dev)
+        torch.cuda.empty_cache()
     print("JSON", json.dumps(report), flush=True)
 
 
