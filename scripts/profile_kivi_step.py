@@ -95,7 +95,7 @@ def turns(s, ck, a, rng):
     rows = []
     for j in range(a.turns):
         s.rollback(ck)
-        q = torch.randint(0, 40000, (40,), generator=rng).tolist()
+        q = torch.randint(0, 40000, (40,), generator=torch.Generator().manual_seed(100 + j)).tolist()
         t = time.perf_counter()
         s.feed(q, compress=False, sparse=False)
         sync()
@@ -104,7 +104,7 @@ def turns(s, ck, a, rng):
         g = s.generate(a.new)
         n = len(g.tokens) - 1
         row = {"turn": j, "tokens": n, "decode_s": g.decode_s, "tok_s": n / g.decode_s, "path": g.decode_path,
-               "warmup_s": g.warmup_s, "query_feed_s": feed_s, "parts_s": dict(PARTS)}
+               "warmup_s": g.warmup_s, "query_feed_s": feed_s, "parts_s": dict(PARTS), "ids": g.tokens}
         rows.append(row)
         log(f"turn {j}: {n} tokens, decode {g.decode_s * 1e3:.1f} ms = {n / g.decode_s:.1f} tok/s, path "
             f"{g.decode_path}, warmup {g.warmup_s:.2f} s, query feed {feed_s * 1e3:.0f} ms; parts (ms): "
@@ -187,6 +187,10 @@ def one_length(eng, a, length: int, dev: str) -> dict:
         if name.startswith("kivi"):
             r["kivi_tune"] = dict(kivi_decode.TUNE, fuse_flush=kivi_decode.FUSE_FLUSH, copies=s.decoder.plugin.copies)
             log(f"  chunks copied by load over the turns: {s.decoder.plugin.copies}")
+        if name == "kivi" and "kivi-old" in report:
+            same = [x["ids"] == y["ids"] for x, y in zip(r["turns"], report["kivi-old"]["turns"])]
+            r["tokens_equal_old_load"] = same
+            log(f"  tokens equal to kivi-old's per turn: {same}")
         if name == "kivi-old" or a.device != "cuda" or time.perf_counter() - T0 > a.budget:
             log("step time and kernels skipped (kivi-old: the same step; no CUDA; or the budget spent)")
             continue
