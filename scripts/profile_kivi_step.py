@@ -29,6 +29,7 @@ from scbench.run import build_method
 
 T0 = time.perf_counter()
 PARTS: dict[str, float] = collections.defaultdict(float)
+FUSE0 = kivi_decode.FUSE_FLUSH
 
 
 def log(*a):
@@ -91,9 +92,9 @@ def old(on: bool) -> None:
         kivi_fast.values_to_words_fast, kivi_fast.KIVIDecode.load = _SAVED["fast"], _SAVED["load"]
 
 
-def turns(s, ck, a, rng):
+def turns(s, ck, a, n_turns):
     rows = []
-    for j in range(a.turns):
+    for j in range(n_turns):
         s.rollback(ck)
         q = torch.randint(0, 40000, (40,), generator=torch.Generator().manual_seed(100 + j)).tolist()
         t = time.perf_counter()
@@ -170,7 +171,9 @@ def one_length(eng, a, length: int, dev: str) -> dict:
         assert all(isinstance(x, KIVILayer) for x in s.cache.layers)
         sync()
         log("kivi cache packed from the prefill")
-        sessions["kivi"] = sessions["kivi-old"] = s
+        for n in a.methods:
+            if n.startswith("kivi"):
+                sessions[n] = s
     sessions["full"] = full
     report = {"length": length}
     checkpoints = {}
@@ -180,10 +183,12 @@ def one_length(eng, a, length: int, dev: str) -> dict:
             checkpoints[id(s)] = s.checkpoint(rewrites=not kvc.crop_is_exact(s.cache))
         ck = checkpoints[id(s)]
         old(name == "kivi-old")
+        fuse = int(name[6:]) if name.startswith("kivi-f") else None  # kivi-f0/1/2: that flush mode, step only
+        kivi_decode.FUSE_FLUSH = FUSE0 if fuse is None else fuse
         s.decoder = None  # a fresh decoder and plugin per entry
         torch.cuda.empty_cache()
         log(f"== {name}: {kvc.kv_nbytes(s.cache) / 1e9:.2f} GB KV resident")
-        r = report[name] = {"turns": turns(s, ck, a, rng)}
+        r = report[name] = {"turns": turns(s, ck, a, 1 if fuse is not None else a.turns)}
         if name.startswith("kivi"):
             r["kivi_tune"] = dict(kivi_decode.TUNE, fuse_flush=kivi_decode.FUSE_FLUSH, copies=s.decoder.plugin.copies)
             log(f"  chunks copied by load over the turns: {s.decoder.plugin.copies}")
@@ -199,8 +204,10 @@ def one_length(eng, a, length: int, dev: str) -> dict:
         log(f"  graph step (events, {a.reps} replays): {r['graph_step_ms']:.3f} ms = {1e3 / r['graph_step_ms']:.1f} tok/s")
         if time.perf_counter() - T0 > a.budget:
             continue
-        r["profile"] = kernels(dec, s, 5, a.top)
+        if fuse is None:
+            r["profile"] = kernels(dec, s, 5, a.top)
     old(False)
+    kivi_decode.FUSE_FLUSH = FUSE0
     return report
 
 
@@ -212,7 +219,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "full"],
-                    help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion)")
+                    help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion); "
+                         "kivi-f0 / -f1 / -f2: one turn and the graph step with that flush mode (SCBENCH_KIVI_FLUSH)")
     ap.add_argument("--budget", type=float, default=70.0, help="skip the remaining parts past this many seconds")
     ap.add_argument("--tokenizer")
     ap.add_argument("--model", default="random:llama-3.1-8b")
