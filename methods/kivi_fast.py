@@ -16,6 +16,8 @@ cache handed back after ``fed`` steps is exact even when the graph ran a few ste
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from scbench.kernels import kivi_decode
@@ -34,6 +36,12 @@ class KIVIDecode:
         """Per layer, the (key chunk, value chunk) pairs whose rows the buffers hold, in row order."""
         self.copies = 0
         self.vgroup = 0
+        self.warmup_s = 0.0
+
+    def take_warmup_s(self) -> float:
+        """Seconds of one-time work (kernel compiles) since the last call: FastDecoder books them as warm-up."""
+        w, self.warmup_s = self.warmup_s, 0.0
+        return w
 
     def unsupported(self, cache) -> str | None:
         for i, layer in enumerate(cache.layers):
@@ -73,6 +81,14 @@ class KIVIDecode:
         n = len(cache.layers)
         layer = cache.layers[0]
         self.use_triton = self.triton_ok(layer.keys)  # decides the packed values' layout too
+        if self.use_triton:  # compile the value-layout kernel now, as one-time work (take_warmup_s), not in a turn
+            t0 = time.perf_counter()
+            d = layer.keys.shape[-1]
+            values_to_words_fast(torch.zeros(1, 1, 32 // m.bits, d * m.bits // 8, dtype=torch.uint8,
+                                             device=layer.keys.device), m.bits)
+            if layer.keys.is_cuda:
+                torch.cuda.synchronize(layer.keys.device)
+            self.warmup_s += time.perf_counter() - t0
         if self.use_triton:  # the single-kernel step's arrival counters, made outside any graph capture
             kivi_decode.counters(layer.keys.device, layer.keys.shape[0] * layer.keys.shape[1] + 1)
         self.nq = torch.zeros(n, dtype=torch.long, device=kv.device)
@@ -87,10 +103,12 @@ class KIVIDecode:
         Chunks are never written in place (``KIVILayer``), so a chunk that is the same object at the same rows as
         one the buffers already hold (loaded, or handed back by ``store_back``, in a previous turn) is not copied
         again: a turn after a rollback or a short follow-up feed copies only the chunks that are new since (the
-        rows of held chunks are never rewritten: the step's flush writes rows >= ``n_quant`` only). ``copies``
-        counts the chunks actually copied (tests)."""
+        rows of held chunks are never rewritten: the step's flush writes rows >= ``n_quant`` only). The copies of
+        all layers go as one ``_foreach_copy_`` (a turn's few new chunks: no Python loop of small copies).
+        ``copies`` counts the chunks actually copied (tests)."""
         self.n0 = []
         g = self.m.group
+        dsts, srcs, vdst, vsrc = [], [], [], []
         for l, layer in enumerate(cache.layers):
             kp, ks, kz, vp, vs, vz = self.bufs[l]
             held, same, row = self.held[l], True, 0
@@ -100,15 +118,20 @@ class KIVIDecode:
                 same = same and j < len(held) and held[j][0] is kc and held[j][1] is vc
                 if not same:
                     for dst, src, a, b in ((kp, ckp, row, row + n), (ks, cks, row // g, (row + n) // g),
-                                           (kz, ckz, row // g, (row + n) // g), (vp, cvp, row, row + n),
-                                           (vs, cvs, row, row + n), (vz, cvz, row, row + n)):
-                        if dst is vp and self.use_triton:
-                            src = values_to_words_fast(src, self.m.bits)
-                        dst[:, :, a:b].copy_(src)
+                                           (kz, ckz, row // g, (row + n) // g), (vs, cvs, row, row + n),
+                                           (vz, cvz, row, row + n)):
+                        dsts.append(dst[:, :, a:b])
+                        srcs.append(src)
+                    vdst.append(vp[:, :, row : row + n])
+                    vsrc.append(cvp)
                     self.copies += 1
                 row += n
             self.held[l] = list(zip(layer.kchunks, layer.vchunks))
             self.n0.append((layer.n_quant, layer.keys.shape[-2]))
+        if self.use_triton:  # the kernels read the packed values token-major
+            vsrc = _batched(vsrc, lambda x: values_to_words_fast(x, self.m.bits))
+        if dsts:
+            torch._foreach_copy_(dsts + vdst, srcs + vsrc)
         self.nq.copy_(torch.tensor([n for n, _ in self.n0]))
         self.rs.zero_()
 
@@ -133,25 +156,48 @@ class KIVIDecode:
                 and kivi_decode.flush_kernel_ok(m.group, self.vgroup, q.shape[-1]))
 
     def store_back(self, kv, cache, fed: int) -> bool:
-        """Rebuild each KIVILayer from the buffers after ``fed`` tokens (what the plain steps would have left)."""
+        """Rebuild each KIVILayer from the buffers after ``fed`` tokens (what the plain steps would have left).
+
+        Layers that flushed alike (all of them, in practice) are copied out together: per kind one ``stack`` of
+        their rows, each layer's chunk / residual a view of it (never written in place; ``KIVILayer`` only
+        replaces its tensors), instead of ~15 small copies per layer."""
         g = self.m.group
-        for l, layer in enumerate(cache.layers):
-            kp, ks, kz, vp, vs, vz = self.bufs[l]
-            nq0, r0 = self.n0[l]
-            nq, r = nq0, r0
+        alike: dict[tuple[int, int, int], list[int]] = {}
+        for l in range(len(cache.layers)):
+            nq0, r = self.n0[l]
+            nq = nq0
             for _ in range(fed):  # the plain steps: append, then flush a group when the residual is full
                 r += 1
                 if r - self.m.residual >= g:
                     r, nq = r - g, nq + g
-            if nq > nq0:
-                layer.kchunks.append((kp[:, :, nq0:nq].clone(), ks[:, :, nq0 // g : nq // g].clone(),
-                                      kz[:, :, nq0 // g : nq // g].clone()))
-                new_vp = vp[:, :, nq0:nq]
-                new_vp = values_from_words(new_vp, self.m.bits) if self.use_triton else new_vp.clone()
-                layer.vchunks.append((new_vp, vs[:, :, nq0:nq].clone(), vz[:, :, nq0:nq].clone()))
-            self.held[l] = list(zip(layer.kchunks, layer.vchunks))  # the new chunk's rows are in the buffers
-            layer.n_quant = nq
+            alike.setdefault((nq0, nq, r), []).append(l)
+        for (nq0, nq, r), ls in alike.items():
             start = nq - nq0
-            layer.keys = kv.k[l][:, :, start : start + r].clone()
-            layer.values = kv.v[l][:, :, start : start + r].clone()
+
+            def take(pick):
+                return torch.stack([pick(l) for l in ls]).unbind(0)
+
+            keys = take(lambda l: kv.k[l][:, :, start : start + r])
+            values = take(lambda l: kv.v[l][:, :, start : start + r])
+            if nq > nq0:
+                kp, ks, kz, vs, vz = (take(lambda l, i=i, a=a, b=b: self.bufs[l][i][:, :, a:b])
+                                      for i, a, b in ((0, nq0, nq), (1, nq0 // g, nq // g), (2, nq0 // g, nq // g),
+                                                      (4, nq0, nq), (5, nq0, nq)))
+                vp = torch.stack([self.bufs[l][3][:, :, nq0:nq] for l in ls])
+                vp = (values_from_words(vp, self.m.bits) if self.use_triton else vp).unbind(0)
+            for i, l in enumerate(ls):
+                layer = cache.layers[l]
+                if nq > nq0:
+                    layer.kchunks.append((kp[i], ks[i], kz[i]))
+                    layer.vchunks.append((vp[i], vs[i], vz[i]))
+                self.held[l] = list(zip(layer.kchunks, layer.vchunks))  # the new chunk's rows are in the buffers
+                layer.n_quant = nq
+                layer.keys, layer.values = keys[i], values[i]
         return True
+
+
+def _batched(xs: list[torch.Tensor], fn) -> list[torch.Tensor]:
+    """``[fn(x) for x in xs]``, as one call on their stack when they are small and alike (a turn's new chunks)."""
+    if len(xs) > 1 and len({x.shape for x in xs}) == 1 and sum(x.numel() for x in xs) <= 1 << 26:
+        return list(fn(torch.stack(xs)).unbind(0))
+    return [fn(x) for x in xs]

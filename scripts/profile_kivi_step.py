@@ -113,6 +113,7 @@ def turns(s, ck, a, n_turns):
     return rows
 
 
+@torch.inference_mode()
 def step_time(dec, s, reps: int) -> float:
     """ms per graph replay (CUDA events, no host reads), from the session's current cache (not stored back)."""
     dec._prepare(s.cache, reps + 1)
@@ -131,6 +132,7 @@ def step_time(dec, s, reps: int) -> float:
     return e0.elapsed_time(e1) / reps
 
 
+@torch.inference_mode()
 def kernels(dec, s, reps: int, top: int):
     from torch.profiler import ProfilerActivity, profile
 
@@ -208,6 +210,16 @@ def one_length(eng, a, length: int, dev: str) -> dict:
             r["profile"] = kernels(dec, s, 5, a.top)
     old(False)
     kivi_decode.FUSE_FLUSH = FUSE0
+    full = report.get("full")
+    for name, r in report.items():
+        if not isinstance(r, dict) or "turns" not in r:
+            continue
+        last = r["turns"][-1]["tok_s"]
+        ratio = f", {last / full['turns'][-1]['tok_s']:.3f}x full" if full else ""
+        step = f", graph step {r['graph_step_ms']:.3f} ms" if "graph_step_ms" in r else ""
+        if full and "graph_step_ms" in r and "graph_step_ms" in full:
+            step += f" ({full['graph_step_ms'] / r['graph_step_ms']:.3f}x full)"
+        log(f"summary {length} {name}: last turn {last:.1f} tok/s{ratio}{step}")
     return report
 
 
@@ -218,7 +230,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=14)
-    ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "full"],
+    ap.add_argument("--methods", nargs="+", default=["kivi-old", "kivi", "kivi-f0", "full"],
                     help="kivi-old: the plugin's load as before (every chunk copied each turn, torch value conversion); "
                          "kivi-f0 / -f1 / -f2: one turn and the graph step with that flush mode (SCBENCH_KIVI_FLUSH)")
     ap.add_argument("--budget", type=float, default=70.0, help="skip the remaining parts past this many seconds")

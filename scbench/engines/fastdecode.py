@@ -298,8 +298,8 @@ class FastDecoder:
         self.graph = None
         self.tokens_cap = 0
         self.capture_s = 0.0
-        """Seconds the last ``generate`` spent on one-time work: the warm-up step (kernel compilation) and the
-        graph capture; 0 when the graph was reused. Not part of the decode time."""
+        """Seconds the last ``generate`` spent on one-time work: the warm-up step (kernel compilation), the graph
+        capture and the plugin's own (``take_warmup_s``); 0 when the graph was reused. Not part of the decode time."""
 
     def _prepare(self, cache, max_new: int) -> None:
         if self.kv is None or not self.kv.fits(cache, max_new) or max_new > self.tokens_cap:
@@ -358,14 +358,18 @@ class FastDecoder:
         if first in stop or max_new <= 1:
             return out
         self._prepare(cache, max_new)
+        take = getattr(self.plugin, "take_warmup_s", None)  # a plugin's one-time work in _prepare (kernel compiles)
+        warm = take() if take is not None else 0.0
         self.tok.fill_(first)
         self.pos.fill_(pos)
         if not self.use_graph:
+            self.capture_s = 0.0
             while out[-1] not in stop and len(out) < max_new:
                 self._step()
                 out.append(int(self.tok))
         else:
             out += self._replay(max_new - 1, stop)
+        self.capture_s += warm
         self.kv.store_back(cache, len(out) - 1)
         return out
 

@@ -110,7 +110,7 @@ def values_to_words(vp: torch.Tensor, bits: int) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_chunks"])  # one compiled variant for every length (warmed once by the plugin)
     def _to_words_kernel(VP, W, n_chunks, D: tl.constexpr, BITS: tl.constexpr, CH: tl.constexpr):
         """CH chunks of T = 32 / BITS token rows per program: packed bytes [T, D * BITS / 8] -> D int32 words."""
         T: tl.constexpr = 32 // BITS

@@ -111,3 +111,25 @@ def test_values_to_words_kernel_in_interpreter():
 def test_values_to_words_kernel_cuda(bits):
     vp = torch.randint(0, 256, (1, 8, 8192, 128 * bits // 8), dtype=torch.uint8, device="cuda")
     assert torch.equal(kivi_flush.values_to_words_fast(vp, bits), kivi_flush.values_to_words(vp, bits))
+
+
+def test_plugin_warmup_booked_as_warmup(smol_tokenizer, monkeypatch):
+    """One-time work of the plugin's allocate (the value-layout kernel's compile on CUDA) is the turn's warmup_s,
+    not decode time."""
+    from scbench.methods import kivi_fast
+
+    alloc = kivi_fast.KIVIDecode.allocate
+
+    def slow_allocate(self, kv, cache):
+        alloc(self, kv, cache)
+        self.warmup_s += 0.3
+
+    monkeypatch.setattr(kivi_fast.KIVIDecode, "allocate", slow_allocate)
+    engine = make_tiny_engine(smol_tokenizer, layers=2)
+    engine.decode_mode = "fast"
+    s = engine.session(KIVI(bits=2, group=16, residual=16))
+    s.feed(list(range(5, 120)), compress=True, sparse=False)
+    g = s.generate(8)
+    assert g.decode_path == "static" and g.warmup_s >= 0.3 and g.decode_s < 0.3
+    s.feed([7, 8, 9], compress=False, sparse=False)
+    assert s.generate(8).warmup_s < 0.3  # buffers reused: no allocate, nothing booked
