@@ -51,11 +51,6 @@ class KIVIDecode:
                 return f"kivi fast decode: layer {i} was packed with other settings than the method's"
         return None
 
-    SLACK = 2048
-    """Tokens of room the packed buffers get beyond what the turn needs, so that the next turns of a multi-turn run
-    (each adds its query and answer) still fit: a new allocation loads every chunk again and captures a new graph.
-    ~96 bytes per token and KV head at 2 bits (8B model: ~0.8 MB a layer)."""
-
     def _cap(self, layer, extra: int) -> int:
         g = self.m.group
         need = layer.n_quant + layer.keys.shape[-2] + extra + g
@@ -66,7 +61,7 @@ class KIVIDecode:
         for l, layer in enumerate(cache.layers):
             b, h, _, d = layer.keys.shape
             self.vgroup = layer.value_group
-            cap = self._cap(layer, kv.k[l].shape[2] - layer.keys.shape[-2] + self.SLACK)
+            cap = self._cap(layer, kv.k[l].shape[2] - layer.keys.shape[-2])
             dev, dt = layer.keys.device, layer.keys.dtype
             db = d * m.bits // 8
             self.bufs[l] = [
