@@ -354,12 +354,14 @@ def _use_triton(q, bits, group, vgroup) -> bool:
     return q.is_cuda and triton is not None and attention_kernel_ok(bits, group, vgroup, q.shape[-1])
 
 
-FUSE_FLUSH = int(os.environ.get("SCBENCH_KIVI_FLUSH", "2"))
-"""(``SCBENCH_KIVI_FLUSH`` sets it for a run.) How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then the flush + counter kernels (4
-kernels); 1: the flush inside the attention kernel, the counters moved by the merge kernel (2); 2: one kernel, the
-last program of each KV head merging its splits and the last of all moving the counters (arrival counters). All
-three match the torch step on an H200 (tests/methods/test_kivi_fast.py, bf16, 8B heads; GPU batch 2: modes 0 and 2
-run); 2 saves three launches a layer (its step time was not measured: results/perf/kivi_kernel_h200.md)."""
+FUSE_FLUSH = int(os.environ.get("SCBENCH_KIVI_FLUSH", "0"))
+"""(``SCBENCH_KIVI_FLUSH`` sets it for a run.) How ``kivi_decode_step`` on CUDA runs a layer: 0: attention + merge, then
+the flush + counter kernels (4 kernels); 1: the flush inside the attention kernel, the counters moved by the merge
+kernel (2); 2: one kernel, the last program of each KV head merging its splits and the last of all moving the counters
+(arrival counters). All three match the torch step on an H200 (tests/methods/test_kivi_fast.py). Default 0: in the
+captured 8B decode step on an H200 (scripts/profile_kivi_step.py, results/perf/kivi_e2e_h200.md) mode 0's graph step
+is 8.03 ms at 131K and 5.76 ms at 32K against 8.19 / 5.99 ms for mode 2 (its merge tail, one program per KV head
+after all splits, costs more than the three launches it saves)."""
 
 
 def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,
