@@ -1,7 +1,12 @@
 #!/bin/bash
-# h27r GPU-queue job (< 60 s): an end-to-end 32K host-tier split decode (random 8B) and the host tier's C kernel per
-# layer (128K, 32K), then the host split's CUDA test. (Device-tier runs: scripts/bench_ra_device.py.)
+# h28r GPU-queue job (< 80 s): RetrievalAttention's device tier with the sampled-threshold select
+# (scbench/kernels/sample_select.py) against the radix select at 131K / 32K (CUDA graphs of the 32-layer attention,
+# scripts/bench_ra_device.py), its CUDA tests, and the host tier's C kernel per layer at 131K
+# (scripts/bench_ra_host.py --native-micro; the box's transparent-huge-page mode first).
 export PYTHONUNBUFFERED=1
-nproc; grep -m1 "model name" /proc/cpuinfo
-timeout 44 python3 -P scripts/bench_ra_host.py --runs new --new 24 --native-micro 131072 32768 --micro --budget 42 2>&1
-timeout 12 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_retrieval_host_gpu.py 2>&1 | tail -2
+nproc; grep -m1 "model name" /proc/cpuinfo; cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1
+timeout 40 python3 -P scripts/bench_ra_device.py --lengths 131072 32768 --variants step_work sample sample+merge \
+  --extra sample_c4k sample_c16k sample_c32k sample_b1 sample_b16 sample_s2k sample_w4 sample_fw8 sample_fw32 \
+  --stages --budget 36 2>&1 | grep -v Warning
+timeout 12 python3 -P -m pytest -q -x -p no:cacheprovider tests/unit/test_sample_select.py 2>&1 | tail -3
+timeout 24 python3 -P scripts/bench_ra_host.py --runs --native-micro 131072 --budget 22 2>&1
