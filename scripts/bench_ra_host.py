@@ -68,7 +68,15 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
             torch.set_num_threads(1)
             row["native_bf16_topk16_1thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
                                                                            native=True), rep=2)
-        for t in (8, 12):
+        one = lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True)  # noqa: E731
+        ra_host.tune(sampled=False)  # the select of round 7 (radix over every score)
+        row["native_bf16_radix_select_ms"] = timed(one)
+        for ahead in (0, 32, 64):  # the scan's software prefetch distance (rows; default 16)
+            ra_host.tune(ahead=ahead)
+            row[f"native_bf16_ahead{ahead}_ms"] = timed(one)
+        ra_host.tune()
+        row["select_counts"] = ra_host.counts()
+        for t in ((8, 12) if n <= 32768 else ()):
             torch.set_num_threads(t)
             row[f"native_bf16_{t}thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws,
                                                                        native=True))
