@@ -123,7 +123,7 @@ class RetrievalDecode:
         cap = self.sample.get("cap") or sample_select.cap_for(kk)
         if self.cand is None or self.cand.numel() < r * cap or self.cand.device != s.device:
             self.cand = torch.empty(r * cap, dtype=torch.int32, device=s.device)
-        cnt = work[:r] if work is not None else torch.zeros(r, dtype=torch.int32, device=s.device)
+        cnt = work[: sample_select.work_size(r)] if work is not None else None
         return sample_select.sample_select_triton(s, n, kk, lo, self.m.n_local, cnt=cnt, cand=self.cand, static=True,
                                                   **self.sample)
 

@@ -33,6 +33,10 @@ VARIANTS = {
     # select=sample (scbench/kernels/sample_select.py) with its filter chunk / sample block / warps
     "sample": dict(step_work=True, select="sample"),
     "sample+merge": dict(step_work=True, select="sample", merge=True),
+    "sample_fuse": dict(step_work=True, select="sample", sample={"fuse": True}),
+    "sample_fuse_w16": dict(step_work=True, select="sample", sample={"fuse": True, "num_warps": 16}),
+    "sample_fuse_c16k": dict(step_work=True, select="sample", sample={"fuse": True, "chunk": 16384, "num_warps": 16}),
+    "sample_fuse+merge": dict(step_work=True, select="sample", merge=True, sample={"fuse": True}),
     "sample_c4k": dict(step_work=True, select="sample", sample={"chunk": 4096}),
     "sample_c16k": dict(step_work=True, select="sample", sample={"chunk": 16384}),
     "sample_c32k": dict(step_work=True, select="sample", sample={"chunk": 32768, "num_warps": 16}),
@@ -70,6 +74,8 @@ def stages(kv, q, report, n) -> None:
                                        for l in range(L)],
         "stage_sample_select": lambda: [work.zero_()] + [sample_select.sample_select_triton(
             rs[l], nn, 4096, 128, 512, cnt=work[l], cand=cand) for l in range(L)],
+        "stage_sample_fused": lambda: [work.zero_()] + [sample_select.sample_select_triton(
+            rs[l], nn, 4096, 128, 512, cnt=work[l], cand=cand, fuse=True) for l in range(L)],
         "stage_select_one": lambda: [work.zero_()] + [row_select.radix_select_one(rs[l], nn, 4096, 128, 512, work[l])
                                                       for l in range(L)],
         "stage_paged_attn": lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], nn, 1,

@@ -61,7 +61,8 @@ if triton is not None:
     @triton.jit
     def _filter_kernel(S, N, Cnt, Cand, C, K, n_init, n_local, rs_b, rs_h, margin, H: tl.constexpr,
                        CH: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, CAP: tl.constexpr,
-                       BITS: tl.constexpr):
+                       BITS: tl.constexpr, Out=None, M=0, R=0, FUSE: tl.constexpr = False,
+                       STATIC: tl.constexpr = False, NSP: tl.constexpr = 2, KP: tl.constexpr = 2):
         row, ch = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
         m = hi - n_init
@@ -83,6 +84,10 @@ if triton is not None:
         at = tl.atomic_add(Cnt + row, nc, sem="relaxed")
         dst = at + tl.cumsum(cand.to(tl.int32), 0) - 1
         tl.store(Cand + row.to(tl.int64) * CAP + dst, offs, mask=cand & (dst < CAP))
+        if FUSE:  # the row's last program to finish selects (its acquire sees the others' released stores)
+            done = tl.atomic_add(Cnt + R + row, 1, sem="acq_rel")
+            if done == tl.num_programs(1) - 1:
+                _finish(base, Cnt, Cand, Out, row, n, hi, kk, C, K, n_init, n_local, M, CAP, BITS, STATIC, NSP, KP)
 
     @triton.jit
     def _final_kernel(S, N, Cnt, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, H: tl.constexpr,
@@ -91,6 +96,13 @@ if triton is not None:
         row = tl.program_id(0)
         n, hi, kk = _span(N, K, n_init, n_local)
         base = S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h
+        _finish(base, Cnt, Cand, Out, row, n, hi, kk, C, K, n_init, n_local, M, CAP, BITS, STATIC, NSP, KP)
+
+    @triton.jit
+    def _finish(base, Cnt, Cand, Out, row, n, hi, kk, C, K, n_init, n_local, M, CAP: tl.constexpr,
+                BITS: tl.constexpr, STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+        """Row ``row``'s list from its candidates (loads through L2: in the fused filter, other programs wrote
+        them)."""
         dst = Out + row.to(tl.int64) * M
         if STATIC:
             js = tl.arange(0, NSP)
@@ -98,11 +110,11 @@ if triton is not None:
             fixed = tl.where((js >= n_init) & (fixed < n_init), -1, fixed)
             tl.store(dst + js, fixed, mask=js < n_init + n_local)
             dst += n_init + n_local
-        cnt = tl.load(Cnt + row)
+        cnt = tl.load(Cnt + row, cache_modifier=".cg")
         if (cnt >= kk) & (cnt <= CAP):
             j = tl.arange(0, CAP)
             valid = (j < cnt) & (kk > 0)
-            idx = tl.load(Cand + row.to(tl.int64) * CAP + j, mask=valid, other=0)
+            idx = tl.load(Cand + row.to(tl.int64) * CAP + j, mask=valid, other=0, cache_modifier=".cg")
             u = _keys(tl.load(base + idx, mask=valid, other=0.0), BITS)
             t = _kth(u, valid, kk, BITS)
             gt = valid & (u > t)
@@ -151,22 +163,24 @@ def cap_for(k: int) -> int:
 
 
 def work_size(rows: int) -> int:
-    """int32 elements of the per-call counters (zeroed before the call; e.g. a slice of a buffer zeroed per step)."""
-    return rows
+    """int32 elements of the per-call counters (zeroed before the call; e.g. a slice of a buffer zeroed per step):
+    each row's candidate count and (``fuse``) how many of its filter programs have finished."""
+    return 2 * rows
 
 
 def sample_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                          cnt: torch.Tensor | None = None, cand: torch.Tensor | None = None,
                          out: torch.Tensor | None = None, static: bool = True, chunk: int = 8192,
                          samples: int = 4096, block: int = 8, margin: float = 4.0, num_warps: int = 8,
-                         final_warps: int = 16, cap: int | None = None) -> torch.Tensor:
+                         final_warps: int = 16, cap: int | None = None, fuse: bool = False) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32
     [B * H, (n_init + n_local if static) + k]: the indices of the ``min(k, rows)`` largest scores among positions
     [n_init, n - n_local), unordered, -1 in unused slots. ``cnt``: int32 [B * H] zeros (``work_size``), ``cand``:
     int32 [B * H * cap] scratch (allocated when not given). ``chunk`` / ``samples`` / ``block`` (powers of two,
     samples <= cap): the filter's scores per program, sample size, sample block length; ``margin``: standard
     deviations of the sample's count above its expected share of the top k (a smaller margin: fewer candidates,
-    more whole-row fallbacks)."""
+    more whole-row fallbacks). ``fuse``: one launch, the last filter program of each row to finish selects for it
+    (``num_warps`` then applies to that step too)."""
     b, h, c = s.shape
     r = b * h
     if s.stride(2) != 1:
@@ -181,16 +195,19 @@ def sample_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, 
     out = torch.empty(r, ns + k, dtype=torch.int32, device=s.device) if out is None else out
     if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
         raise ValueError(f"sample_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
-    cnt = torch.zeros(r, dtype=torch.int32, device=s.device) if cnt is None else cnt
+    cnt = torch.zeros(work_size(r), dtype=torch.int32, device=s.device) if cnt is None else cnt
     cand = torch.empty(r * cap, dtype=torch.int32, device=s.device) if cand is None else cand
-    if cnt.numel() < r or cand.numel() < r * cap:
-        raise ValueError(f"sample_select_triton: cnt needs {r} and cand {r * cap} int32 elements")
+    if cnt.numel() < work_size(r) or cand.numel() < r * cap:
+        raise ValueError(f"sample_select_triton: cnt needs {work_size(r)} and cand {r * cap} int32 elements")
     bits = 16 if s.dtype == torch.bfloat16 else 32
     args = (s, n, cnt, cand)
+    nsp, kp = max(2, triton.next_power_of_2(max(ns, 1))), max(2, triton.next_power_of_2(max(k, 1)))
+    fused = dict(Out=out, M=out.stride(0), R=r, FUSE=True, STATIC=static, NSP=nsp, KP=kp) if fuse else {}
     _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](*args, c, k, n_init, n_local, s.stride(0), s.stride(1),
                                                        float(margin), H=h, CH=chunk, NS=samples, SB=block, CAP=cap,
-                                                       BITS=bits, num_warps=num_warps)
+                                                       BITS=bits, **fused, num_warps=num_warps)
+    if fuse:
+        return out
     _final_kernel[(r,)](*args, out, c, k, n_init, n_local, s.stride(0), s.stride(1), out.stride(0), H=h, CAP=cap,
-                        BITS=bits, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
-                        KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=final_warps)
+                        BITS=bits, STATIC=static, NSP=nsp, KP=kp, num_warps=final_warps)
     return out

@@ -38,22 +38,26 @@ def check(s, got, n, k, n_init, n_local):
         assert torch.equal(sc[r, a].sort().values, want.sort().values)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("c,n,k,n_init,n_local,kw", [
+CASES = [
     (2000, 1900, 40, 4, 16, dict(chunk=512, samples=64, block=4)),   # sampled threshold (m > cap)
     (1500, 1490, 40, 4, 16, dict(chunk=512, samples=64, block=1, margin=-8.0)),  # the sample misses: whole row
     (400, 390, 20, 4, 16, dict(chunk=128, samples=16, block=2, cap=16)),  # cap too small: whole row
     (300, 290, 500, 8, 8, dict(chunk=128, samples=64)),  # fewer rows than k
     (900, 30, 64, 20, 16, dict(chunk=256, samples=64)),  # nothing searchable yet; static rows overlap
-])
-def test_sample_select_matches_topk(dtype, c, n, k, n_init, n_local, kw):
+]
+
+
+@pytest.mark.parametrize("fuse,dtype,c,n,k,n_init,n_local,kw",
+                         [(False, torch.bfloat16, *case) for case in CASES] + [(False, torch.float32, *case) for case in CASES[:3]]
+                         + [(True, torch.bfloat16, *case) for case in CASES] + [(True, torch.float32, *CASES[0])])
+def test_sample_select_matches_topk(fuse, dtype, c, n, k, n_init, n_local, kw):
     g = torch.Generator().manual_seed(c + k + n)
     s = torch.randn(2, 3, c, generator=g) * 4
     if dtype == torch.bfloat16:
         s = s.round()  # many exact ties
     s = s.to(dtype).to(DEVICE)
     nn = torch.tensor([n], device=DEVICE)
-    got = sample_select.sample_select_triton(s, nn, k, n_init, n_local, num_warps=4, final_warps=4, **kw)
+    got = sample_select.sample_select_triton(s, nn, k, n_init, n_local, num_warps=4, final_warps=4, fuse=fuse, **kw)
     check(s, got, n, k, n_init, n_local)
 
 
@@ -64,8 +68,8 @@ def test_sample_select_rejects_bad_sizes():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (the plugin's select=sample branch)")
-@pytest.mark.parametrize("gqa", ["head", "group"])
-def test_plugin_sample_rows_match_torch_rows(gqa):
+@pytest.mark.parametrize("gqa,fuse", [("head", False), ("group", False), ("head", True)])
+def test_plugin_sample_rows_match_torch_rows(gqa, fuse):
     from types import SimpleNamespace
 
     from scbench.methods.retrieval_attention import RetrievalAttention
@@ -77,6 +81,7 @@ def test_plugin_sample_rows_match_torch_rows(gqa):
     q = [torch.randn(1, 8, 1, 64, generator=g).bfloat16().cuda() for _ in range(layers)]
     plugin = RetrievalDecode(RetrievalAttention(top_k=512, n_init=16, n_local=64, gqa=gqa, tier="device"))
     plugin.select = "sample"
+    plugin.sample = {"fuse": fuse}
     kv = SimpleNamespace(k=k, at=torch.full((layers,), n - 1, device="cuda"))
     nn = torch.tensor([n], device="cuda")
     for _ in range(2):  # two steps: the step's counters zeroed at layer 0 and reused
