@@ -76,6 +76,16 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
             row[f"native_bf16_ahead{ahead}_ms"] = timed(one)
         ra_host.tune()
         row["select_counts"] = ra_host.counts()
+        for ahead in (32, 64):  # the scan alone (top-k 16: a negligible select) at other prefetch distances
+            ra_host.tune(ahead=ahead)
+            row[f"native_bf16_topk16_ahead{ahead}_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False,
+                                                                                     0.088, ws, native=True))
+        ra_host.tune()
+        # what the box's cores stream through other code: oneDNN's bf16 products over the same keys, a max reduction
+        qb4 = q.bfloat16().view(1, 8, 4, 128)
+        row["torch_bf16_matmul_ms"] = timed(lambda: qb4 @ kb[:, :, lo:hi].transpose(-1, -2))
+        row["torch_amax_ms"] = timed(lambda: kb.amax())
+        row["key_mb"] = round(kb[:, :, lo:hi].numel() * 2 / 1e6, 1)
         for t in ((8, 12) if n <= 32768 else ()):
             torch.set_num_threads(t)
             row[f"native_bf16_{t}thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws,
