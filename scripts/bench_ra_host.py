@@ -76,9 +76,9 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
             row[f"native_bf16_ahead{ahead}_ms"] = timed(one)
         ra_host.tune()
         row["select_counts"] = ra_host.counts()
-        for ahead in (32, 64):  # the scan alone (top-k 16: a negligible select) at other prefetch distances
-            ra_host.tune(ahead=ahead)
-            row[f"native_bf16_topk16_ahead{ahead}_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False,
+        for ahead, l2 in ((32, 0), (64, 0), (32, 1), (64, 1), (128, 1)):  # the scan alone (top-k 16) at other
+            ra_host.tune(ahead=ahead, l2=bool(l2))  # prefetch distances (rows), into L1 or L2
+            row[f"native_bf16_topk16_ahead{ahead}{'_l2' if l2 else ''}_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False,
                                                                                      0.088, ws, native=True))
         ra_host.tune()
         # what the box's cores stream through other code: oneDNN's bf16 products over the same keys, a max reduction

@@ -57,15 +57,17 @@ static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, i
 }
 
 static int scan_ahead = 16; /* rows prefetched ahead by the bf16 scan (0: none) */
+static int scan_l2 = 0; /* the scan's prefetches into L2 only (prefetcht1: more misses in flight than L1's buffers) */
 static int sampled_select = 1; /* long rows: select_fast (a sampled bound, then select_top over the candidates) */
 
 static int64_t fallbacks = 0, sampled_rows = 0; /* select_fast's whole-row fallbacks, and rows it took */
 int64_t ra_host_counts(int which) { return which ? sampled_rows : fallbacks; }
 
 /* Knobs for measurement (scripts/bench_ra_host.py): the scan's prefetch distance in rows, the select. */
-void ra_host_tune(int ahead, int sampled) {
+void ra_host_tune(int ahead, int sampled, int l2) {
     scan_ahead = ahead;
     sampled_select = sampled;
+    scan_l2 = l2;
 }
 
 #if defined(__AVX512F__)
@@ -121,7 +123,13 @@ static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, i
     for (; r + 1 < r1; r += 2) { /* two rows at a time: two independent chains per head (the dot products' latency) */
         const uint16_t *k = kbase + (int64_t)(lo + r) * D, *k2 = k + D;
         if (scan_ahead > 0 && r + scan_ahead < r1) /* rows scan_ahead ahead: more loads in flight per core */
-            for (int o = 0; o < D * 4; o += 64) __builtin_prefetch((const char *)(k + (int64_t)scan_ahead * D) + o, 0, 3);
+        {
+            const char *pf = (const char *)(k + (int64_t)scan_ahead * D);
+            if (scan_l2)
+                for (int o = 0; o < D * 4; o += 64) __builtin_prefetch(pf + o, 0, 2);
+            else
+                for (int o = 0; o < D * 4; o += 64) __builtin_prefetch(pf + o, 0, 3);
+        }
         for (int h = 0; h < rep; h += 4) {
             const uint16_t *qh = qb + (int64_t)h * D;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;

@@ -101,7 +101,7 @@ def _build() -> ctypes.CDLL:
     f.argtypes = [P, P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
     f.restype = I
     lib.ra_host_has_dpbf16.restype = I
-    lib.ra_host_tune.argtypes = [I, I]
+    lib.ra_host_tune.argtypes = [I, I, I]
     lib.ra_host_tune.restype = None
     lib.ra_host_counts.argtypes = [I]
     lib.ra_host_counts.restype = L
@@ -109,13 +109,14 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def tune(ahead: int = 16, sampled: bool = True) -> None:
+def tune(ahead: int = 16, sampled: bool = True, l2: bool = False) -> None:
     """The kernel's knobs (process-wide; for measurement): the bf16 scan's software prefetch distance in rows (0:
     none) and the select of long rows (``sampled``: a bound of the k-th largest from a sample of each row's scores,
-    then the exact radix select over the rows at or above it, else over the whole row; the same rows either way)."""
+    then the exact radix select over the rows at or above it, else over the whole row; the same rows either way),
+    ``l2``: the scan's prefetches into L2 only."""
     if not available():
         raise RuntimeError(f"ra_host C kernel unavailable: {_error}")
-    _lib.ra_host_tune(int(ahead), int(bool(sampled)))
+    _lib.ra_host_tune(int(ahead), int(bool(sampled)), int(bool(l2)))
 
 
 def counts() -> dict:
