@@ -71,7 +71,7 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
         one = lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True)  # noqa: E731
         ra_host.tune(sampled=False)  # the select of round 7 (radix over every score)
         row["native_bf16_radix_select_ms"] = timed(one)
-        for ahead in (0, 32, 64):  # the scan's software prefetch distance (rows; default 16)
+        for ahead in (0, 16, 64):  # the scan's software prefetch distance (rows; default 32)
             ra_host.tune(ahead=ahead)
             row[f"native_bf16_ahead{ahead}_ms"] = timed(one)
         ra_host.tune()

@@ -109,7 +109,7 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def tune(ahead: int = 16, sampled: bool = True, l2: bool = False) -> None:
+def tune(ahead: int = 32, sampled: bool = True, l2: bool = False) -> None:
     """The kernel's knobs (process-wide; for measurement): the bf16 scan's software prefetch distance in rows (0:
     none) and the select of long rows (``sampled``: a bound of the k-th largest from a sample of each row's scores,
     then the exact radix select over the rows at or above it, else over the whole row; the same rows either way),

@@ -9,7 +9,7 @@ among them.
    take every searchable position (T = the lowest key).
 2. ``_final_kernel`` (row): if the row has between kk and CAP candidates, every one of its top kk is among them
    (kk of them are >= T), so the exact k-th largest key and the rows above it (plus ties up to kk) are found among
-   the candidates alone: 16-way searches on the key (``_kth``: 4 bits a step, 16 counts in one reduction). Else
+   the candidates alone: a 4-bit radix search on the key (``_kth``: a 16-bin histogram a step). Else
    (a sample that missed: rare, or CAP too small) the same search runs over the whole row (slow, still exact).
 
 Keys: the float's order-preserving uint32, of which bfloat16 scores use the top 16 bits (BITS). Which of several
@@ -40,16 +40,33 @@ if triton is not None:
         return u >> (32 - BITS)
 
     @triton.jit
+    def _pick(h, krem):
+        """A 16-bin histogram of the next digit among the keys matching the prefix so far -> (the digit holding the
+        krem-th largest, how many of the kk are still to take at the longer prefix)."""
+        bins = tl.arange(0, 16)
+        suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys with this digit or a larger one
+        d = tl.max(tl.where(suffix >= krem, bins, 0), 0)
+        return d, krem - tl.sum(tl.where(bins > d, h, 0), 0)
+
+    @triton.jit
+    def _match(u, t, i: tl.constexpr, BITS: tl.constexpr):
+        """Whether u's digits above step i equal t's."""
+        if i == 0:
+            return u == u
+        else:
+            return (u >> (BITS - 4 * i)) == (t >> (BITS - 4 * i))
+
+    @triton.jit
     def _kth(u, valid, kk, BITS: tl.constexpr):
-        """The largest key t with count(valid & (u >= t)) >= kk (kk >= 1 and at most count(valid); else 0): 4 bits
-        a step, the 16 counts of a step in one reduction."""
-        d = tl.arange(0, 16).to(tl.uint32)
-        ans = tl.zeros([], tl.uint32)
+        """The kk-th largest key among the valid u (kk >= 1 and at most count(valid); else any key), 4 bits a step
+        (a 16-bin histogram of the matching keys' next digit)."""
+        t = tl.zeros([], tl.uint32)
+        krem = kk
         for i in tl.static_range(BITS // 4):
-            c = ans + (d << (BITS - 4 * (i + 1)))
-            cnt = tl.sum((valid[None, :] & (u[None, :] >= c[:, None])).to(tl.int32), 1)
-            ans = ans + (tl.max(tl.where(cnt >= kk, d, 0), 0) << (BITS - 4 * (i + 1)))
-        return ans
+            h = tl.histogram(((u >> (BITS - 4 * (i + 1))) & 15).to(tl.int32), 16, mask=valid & _match(u, t, i, BITS))
+            d, krem = _pick(h, krem)
+            t = t | (d.to(tl.uint32) << (BITS - 4 * (i + 1)))
+        return t
 
     @triton.jit
     def _span(N, K, n_init, n_local):
@@ -123,17 +140,18 @@ if triton is not None:
             sel = gt | (tie & (rank < kk - tl.sum(gt.to(tl.int32), 0)))
             tl.store(dst + tl.cumsum(sel.to(tl.int32), 0) - 1, idx, mask=sel)
         else:  # the whole row, CAP scores at a time
-            d = tl.arange(0, 16).to(tl.uint32)
             t = tl.zeros([], tl.uint32)
+            krem = kk
             for i in tl.static_range(BITS // 4):
-                c = t + (d << (BITS - 4 * (i + 1)))
-                cnt16 = tl.zeros([16], tl.int32)
+                h = tl.zeros([16], tl.int32)
                 for c0 in range(0, C, CAP):
                     offs = c0 + tl.arange(0, CAP)
                     ok = (offs >= n_init) & (offs < hi)
                     u = _keys(tl.load(base + offs, mask=offs < C, other=0.0), BITS)
-                    cnt16 += tl.sum((ok[None, :] & (u[None, :] >= c[:, None])).to(tl.int32), 1)
-                t = t + (tl.max(tl.where(cnt16 >= kk, d, 0), 0) << (BITS - 4 * (i + 1)))
+                    h += tl.histogram(((u >> (BITS - 4 * (i + 1))) & 15).to(tl.int32), 16,
+                                      mask=ok & _match(u, t, i, BITS))
+                d, krem = _pick(h, krem)
+                t = t | (d.to(tl.uint32) << (BITS - 4 * (i + 1)))
             ngt = tl.zeros([], tl.int32)
             for c0 in range(0, C, CAP):
                 offs = c0 + tl.arange(0, CAP)
