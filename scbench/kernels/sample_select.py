@@ -102,7 +102,8 @@ if triton is not None:
         dst = at + tl.cumsum(cand.to(tl.int32), 0) - 1
         tl.store(Cand + row.to(tl.int64) * CAP + dst, offs, mask=cand & (dst < CAP))
         if FUSE:  # the row's last program to finish selects (its acquire sees the others' released stores)
-            done = tl.atomic_add(Cnt + R + row, 1, sem="acq_rel")
+            tl.debug_barrier()  # every thread's stores before the one thread's release
+            done = tl.atomic_add(Cnt + R + row, 1, sem="acq_rel", scope="gpu")
             if done == tl.num_programs(1) - 1:
                 _finish(base, Cnt, Cand, Out, row, n, hi, kk, C, K, n_init, n_local, M, CAP, BITS, STATIC, NSP, KP)
 
