@@ -91,7 +91,7 @@ if triton is not None:
         sok = (pos < hi) & (m > CAP)
         su = _keys(tl.load(base + pos, mask=sok, other=0.0), BITS)
         e = (NS * kk).to(tl.float32) / tl.maximum(m, 1).to(tl.float32)
-        j = tl.minimum(tl.ceil(e + margin * tl.sqrt(e * SB) + 8.0).to(tl.int32), NS)
+        j = tl.minimum(tl.ceil(e + margin * tl.sqrt(e) + 8.0).to(tl.int32), NS)
         t = tl.where(m > CAP, _kth(su, sok, j, BITS), 0)
         offs = ch * CH + tl.arange(0, CH)
         ok = (offs >= n_init) & (offs < hi) & (kk > 0)
