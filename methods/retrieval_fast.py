@@ -15,13 +15,14 @@ import os
 
 import torch
 
-from scbench.kernels import row_select, topk_select
+from scbench.kernels import row_select, sample_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
 SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "radix")
-"""CUDA top-k over the rows: ``radix`` (scbench/kernels/topk_select.py: histogram passes, no sort) or ``topk``
-(torch.topk over the masked float32 scores, the plain ops). Kept for comparison (scripts/bench_quest_decode.py)."""
+"""CUDA top-k over the rows: ``sample`` (scbench/kernels/sample_select.py: a sampled threshold narrows each row to
+a few thousand candidates, then an exact select among them; two launches), ``radix`` (scbench/kernels/topk_select.py:
+histogram passes, three launches) or ``topk`` (torch.topk over the masked float32 scores, the plain ops)."""
 
 
 class RetrievalDecode:
@@ -43,6 +44,8 @@ class RetrievalDecode:
         self.step_work = True  # CUDA radix: every layer's histograms in one buffer zeroed once per step (one memset
         # per step instead of one per layer; 0.03 ms per step at 128K: within noise)
         self.work: torch.Tensor | None = None  # [layers, work_size] int32
+        self.sample: dict = {}  # sample_select_triton's chunk / samples / block / margin / warps (select=sample)
+        self.cand: torch.Tensor | None = None  # its candidate scratch (shared by the layers: they run in order)
         self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py;
         # correct but slower on the H200: 6.16 vs 5.37 ms per 32-layer step at 128K, results/perf/ra_h27r.md)
 
@@ -61,7 +64,7 @@ class RetrievalDecode:
         hq = q.shape[1]
         n = kv.at[l : l + 1] + 1 if n is None else n
         lo, hi = m.n_init, n - m.n_local
-        if k.is_cuda and topk_select.triton is not None and self.select == "radix":
+        if k.is_cuda and topk_select.triton is not None and self.select in ("radix", "sample"):
             return self._rows_radix(q, k, n, lo, hi, self._layer_work(kv, l, k, q) if step and self.step_work else None)
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
@@ -102,6 +105,8 @@ class RetrievalDecode:
         else:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
+            if self.select == "sample":
+                return self._rows_sample(s, n, kk, lo, work).view(b, s.shape[1], ns + kk)
             if self.one_launch and row_select.one_launch_ok(s) and self.radix.get("digits") in (None, (8, 8)):
                 if work is None:
                     work = torch.zeros(row_select.work_size(s.shape[0] * s.shape[1]), dtype=torch.int32,
@@ -111,6 +116,16 @@ class RetrievalDecode:
         rows = topk_select.radix_select_triton(s, n, kk, lo, m.n_local, work=work, static=True, first=first,
                                                **self.radix)
         return rows.view(b, s.shape[1], ns + kk)
+
+    def _rows_sample(self, s, n, kk: int, lo: int, work: torch.Tensor | None) -> torch.Tensor:
+        """sample_select_triton's row list; ``work``: zeroed int32 (its per-row counters), else zeroed here."""
+        r = s.shape[0] * s.shape[1]
+        cap = self.sample.get("cap") or sample_select.cap_for(kk)
+        if self.cand is None or self.cand.numel() < r * cap or self.cand.device != s.device:
+            self.cand = torch.empty(r * cap, dtype=torch.int32, device=s.device)
+        cnt = work[: sample_select.work_size(r)] if work is not None else None
+        return sample_select.sample_select_triton(s, n, kk, lo, self.m.n_local, cnt=cnt, cand=self.cand, static=True,
+                                                  **self.sample)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]

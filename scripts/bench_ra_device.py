@@ -30,8 +30,24 @@ VARIANTS = {
     "fused": dict(step_work=True, fused=True, score_args={"block": 128}),
     "one_launch": dict(step_work=True, one_launch=True),
     "one_launch+merge": dict(step_work=True, one_launch=True, merge=True),
+    # select=sample (scbench/kernels/sample_select.py) with its filter chunk / sample block / warps
+    "sample": dict(step_work=True, select="sample"),
+    "sample+merge": dict(step_work=True, select="sample", merge=True),
+    "sample_fuse": dict(step_work=True, select="sample", sample={"fuse": True}),
+    "sample_fuse_w16": dict(step_work=True, select="sample", sample={"fuse": True, "num_warps": 16}),
+    "sample_fuse_c16k": dict(step_work=True, select="sample", sample={"fuse": True, "chunk": 16384, "num_warps": 16}),
+    "sample_fuse+merge": dict(step_work=True, select="sample", merge=True, sample={"fuse": True}),
+    "sample_c4k": dict(step_work=True, select="sample", sample={"chunk": 4096}),
+    "sample_c16k": dict(step_work=True, select="sample", sample={"chunk": 16384}),
+    "sample_c32k": dict(step_work=True, select="sample", sample={"chunk": 32768, "num_warps": 16}),
+    "sample_b1": dict(step_work=True, select="sample", sample={"block": 1}),
+    "sample_b16": dict(step_work=True, select="sample", sample={"block": 16}),
+    "sample_s2k": dict(step_work=True, select="sample", sample={"samples": 2048, "block": 4}),
+    "sample_w4": dict(step_work=True, select="sample", sample={"num_warps": 4}),
+    "sample_fw8": dict(step_work=True, select="sample", sample={"final_warps": 8}),
+    "sample_fw32": dict(step_work=True, select="sample", sample={"final_warps": 32}),
 }
-BEFORE = dict(step_work=False, fused=False, merge=False, score_args={})
+BEFORE = dict(step_work=False, fused=False, merge=False, score_args={}, select="radix")
 
 
 def plugin(gqa: str = "head", **switches) -> RetrievalDecode:
@@ -43,18 +59,23 @@ def plugin(gqa: str = "head", **switches) -> RetrievalDecode:
 
 def stages(kv, q, report, n) -> None:
     """Each stage of the default path alone over 32 layers (inputs precomputed)."""
-    from scbench.kernels import paged_decode, row_select, topk_select
+    from scbench.kernels import paged_decode, row_select, sample_select, topk_select
 
     nn = kv.at[:1] + 1
     p = plugin()
     rs = [(q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)).reshape(1, HQ, -1) for l in range(L)]
     rr = [p.rows(kv, l, q[l]) for l in range(L)]
     work = torch.zeros(L, row_select.work_size(HQ), dtype=torch.int32, device="cuda")
+    cand = torch.empty(HQ * sample_select.cap_for(4096), dtype=torch.int32, device="cuda")
     fns = {
         "stage_scores_matmul": lambda: [q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)
                                         for l in range(L)],
         "stage_radix_select": lambda: [topk_select.radix_select_triton(rs[l], nn, 4096, 128, 512, static=True)
                                        for l in range(L)],
+        "stage_sample_select": lambda: [work.zero_()] + [sample_select.sample_select_triton(
+            rs[l], nn, 4096, 128, 512, cnt=work[l], cand=cand) for l in range(L)],
+        "stage_sample_fused": lambda: [work.zero_()] + [sample_select.sample_select_triton(
+            rs[l], nn, 4096, 128, 512, cnt=work[l], cand=cand, fuse=True) for l in range(L)],
         "stage_select_one": lambda: [work.zero_()] + [row_select.radix_select_one(rs[l], nn, 4096, 128, 512, work[l])
                                                       for l in range(L)],
         "stage_paged_attn": lambda: [paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], rr[l], nn, 1,

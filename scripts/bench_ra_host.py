@@ -68,7 +68,25 @@ def micro_native(n: int, top_k: int = 4096, torch_path: bool = True) -> None:
             torch.set_num_threads(1)
             row["native_bf16_topk16_1thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False, 0.088, ws,
                                                                            native=True), rep=2)
-        for t in (8, 12):
+        one = lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws, native=True)  # noqa: E731
+        ra_host.tune(sampled=False)  # the select of round 7 (radix over every score)
+        row["native_bf16_radix_select_ms"] = timed(one)
+        for ahead in (0, 16, 64):  # the scan's software prefetch distance (rows; default 32)
+            ra_host.tune(ahead=ahead)
+            row[f"native_bf16_ahead{ahead}_ms"] = timed(one)
+        ra_host.tune()
+        row["select_counts"] = ra_host.counts()
+        for ahead, l2 in ((32, 0), (64, 0), (32, 1), (64, 1), (128, 1)):  # the scan alone (top-k 16) at other
+            ra_host.tune(ahead=ahead, l2=bool(l2))  # prefetch distances (rows), into L1 or L2
+            row[f"native_bf16_topk16_ahead{ahead}{'_l2' if l2 else ''}_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, 16, False,
+                                                                                     0.088, ws, native=True))
+        ra_host.tune()
+        # what the box's cores stream through other code: oneDNN's bf16 products over the same keys, a max reduction
+        qb4 = q.bfloat16().view(1, 8, 4, 128)
+        row["torch_bf16_matmul_ms"] = timed(lambda: qb4 @ kb[:, :, lo:hi].transpose(-1, -2))
+        row["torch_amax_ms"] = timed(lambda: kb.amax())
+        row["key_mb"] = round(kb[:, :, lo:hi].numel() * 2 / 1e6, 1)
+        for t in ((8, 12) if n <= 32768 else ()):
             torch.set_num_threads(t)
             row[f"native_bf16_{t}thr_ms"] = timed(lambda: host_partial(q, kb, vbuf, lo, hi, top_k, False, 0.088, ws,
                                                                        native=True))

@@ -56,7 +56,19 @@ static void scan(const float *q, const void *kbase, int kbf16, int D, int rep, i
     }
 }
 
-#define SCAN_AHEAD 16
+static int scan_ahead = 32; /* rows prefetched ahead by the bf16 scan (0: none; 32: measured best of 0-128 at 131K) */
+static int scan_l2 = 0; /* the scan's prefetches into L2 only (prefetcht1: more misses in flight than L1's buffers) */
+static int sampled_select = 1; /* long rows: select_fast (a sampled bound, then select_top over the candidates) */
+
+static int64_t fallbacks = 0, sampled_rows = 0; /* select_fast's whole-row fallbacks, and rows it took */
+int64_t ra_host_counts(int which) { return which ? sampled_rows : fallbacks; }
+
+/* Knobs for measurement (scripts/bench_ra_host.py): the scan's prefetch distance in rows, the select. */
+void ra_host_tune(int ahead, int sampled, int l2) {
+    scan_ahead = ahead;
+    sampled_select = sampled;
+    scan_l2 = l2;
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -110,8 +122,14 @@ static void scan_dp(const uint16_t *qb, const uint16_t *kbase, int D, int rep, i
     int64_t r = r0;
     for (; r + 1 < r1; r += 2) { /* two rows at a time: two independent chains per head (the dot products' latency) */
         const uint16_t *k = kbase + (int64_t)(lo + r) * D, *k2 = k + D;
-        if (r + SCAN_AHEAD < r1) /* rows SCAN_AHEAD ahead: more loads in flight per core */
-            for (int o = 0; o < D * 4; o += 64) __builtin_prefetch((const char *)(k + SCAN_AHEAD * D) + o, 0, 3);
+        if (scan_ahead > 0 && r + scan_ahead < r1) /* rows scan_ahead ahead: more loads in flight per core */
+        {
+            const char *pf = (const char *)(k + (int64_t)scan_ahead * D);
+            if (scan_l2)
+                for (int o = 0; o < D * 4; o += 64) __builtin_prefetch(pf + o, 0, 2);
+            else
+                for (int o = 0; o < D * 4; o += 64) __builtin_prefetch(pf + o, 0, 3);
+        }
         for (int h = 0; h < rep; h += 4) {
             const uint16_t *qh = qb + (int64_t)h * D;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
@@ -206,6 +224,66 @@ static void select_top(const float *r, int64_t m, int64_t kk, int32_t *idx, uint
     for (int64_t j = 0; n < kk && j < nc; j++) idx[n++] = (int32_t)(cand[j] & 0xFFFFFFFFu); /* ties: lowest rows */
 }
 
+/* Rows of r[0, m) at or above t, in row order -> (cv values, ci rows); returns how many. */
+static int64_t compact_ge(const float *r, int64_t m, float t, float *cv, int32_t *ci) {
+    int64_t nc = 0, i = 0;
+#if HAVE_AVX512
+    const __m512 tv = _mm512_set1_ps(t);
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (; i + 16 <= m; i += 16) {
+        __m512 v = _mm512_loadu_ps(r + i);
+        __mmask16 k = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+        _mm512_mask_compressstoreu_ps(cv + nc, k, v);
+        _mm512_mask_compressstoreu_epi32(ci + nc, k, iv);
+        nc += __builtin_popcount((unsigned)k);
+        iv = _mm512_add_epi32(iv, sixteen);
+    }
+#endif
+    for (; i < m; i++) {
+        cv[nc] = r[i];
+        ci[nc] = (int32_t)i;
+        nc += r[i] >= t;
+    }
+    return nc;
+}
+
+#define SAMPLE_EVERY 256 /* the sample: the first SAMPLE_RUN scores of every SAMPLE_EVERY (one cache line) */
+#define SAMPLE_RUN 16
+
+/* select_top's result (the same rows, ties included: the candidates keep the row order) for long rows with fewer
+ * passes over them: a lower bound t of the kk-th largest from a sample (its j-th largest, j a few standard deviations
+ * above the sample's expected share of the top kk), the rows >= t compacted (one vectorised pass), select_top over
+ * those; if fewer than kk rows are >= t (a sample that missed), select_top over the whole row. sv: m floats,
+ * cv: m + 1 floats, ci: m + 1 ints of scratch; idx: room for max(kk, m / 16 + 16). */
+static void select_fast(const float *r, int64_t m, int64_t kk, int32_t *idx, uint32_t *hist, uint64_t *cand,
+                        float *sv, float *cv, int32_t *ci) {
+    if (!sampled_select || m < 16384 || m < 8 * kk) {
+        select_top(r, m, kk, idx, hist, cand);
+        return;
+    }
+    int64_t ns = 0;
+    for (int64_t i = 0; i + SAMPLE_RUN <= m; i += SAMPLE_EVERY)
+        for (int j = 0; j < SAMPLE_RUN; j++) sv[ns++] = r[i + j];
+    const double e = (double)ns * (double)kk / (double)m;
+    int64_t j = (int64_t)ceil(e + 4.0 * sqrt(e) + 16.0);
+    int64_t nc = -1;
+    if (j < ns) {
+        select_top(sv, ns, j, idx, hist, cand); /* idx: scratch here (j < ns <= m / 16 + 16) */
+        float t = INFINITY;
+        for (int64_t a = 0; a < j; a++) t = sv[idx[a]] < t ? sv[idx[a]] : t;
+        nc = compact_ge(r, m, t, cv, ci);
+    }
+    __atomic_fetch_add(&sampled_rows, 1, __ATOMIC_RELAXED);
+    if (nc < kk) {
+        __atomic_fetch_add(&fallbacks, 1, __ATOMIC_RELAXED);
+        select_top(r, m, kk, idx, hist, cand);
+        return;
+    }
+    select_top(cv, nc, kk, idx, hist, cand);
+    for (int64_t a = 0; a < kk; a++) idx[a] = ci[idx[a]];
+}
+
 #define PREFETCH 32
 
 /* Softmax over the selected logits of one query head and the weighted sum of their value rows. */
@@ -249,8 +327,8 @@ static void attend(const float *s, const int32_t *idx, int64_t kk, const void *v
 #define CHUNK 2048
 
 /* Per-thread scratch kept between calls (a fresh large malloc is a fresh mmap whose pages fault on every call). */
-static __thread void *bufs[5];
-static __thread size_t sizes[5];
+static __thread void *bufs[8];
+static __thread size_t sizes[8];
 
 static void *buffer(int i, size_t n) {
     if (sizes[i] < n) {
@@ -294,9 +372,11 @@ int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kb
     {
         uint32_t *hist = buffer(0, 2048 * sizeof(uint32_t));
         uint64_t *cand = buffer(1, 2 * m * sizeof(uint64_t));
-        int32_t *idx = buffer(2, kk * sizeof(int32_t));
+        int32_t *idx = buffer(2, (kk > m / 16 + 16 ? kk : m / 16 + 16) * sizeof(int32_t)); /* also the sample's */
         float *p = buffer(3, kk * sizeof(float));
         float *rank = buffer(4, m * sizeof(float));
+        float *sv = buffer(5, m * sizeof(float)), *cv = buffer(6, (m + 1) * sizeof(float));
+        int32_t *ci = buffer(7, (m + 1) * sizeof(int32_t));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < (int64_t)B * hs; t++) {
             int64_t bi = t / hs, h = t % hs, g = group ? h : h / rep;
@@ -308,14 +388,14 @@ int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kb
                     for (int r = 1; r < rep; r++) x = sg[r * m + i] > x ? sg[r * m + i] : x;
                     rank[i] = x;
                 }
-                select_top(rank, m, kk, idx, hist, cand);
+                select_fast(rank, m, kk, idx, hist, cand, sv, cv, ci);
                 for (int r = 0; r < rep; r++) {
                     int64_t qh = bi * Hq + g * rep + r;
                     attend(sg + r * m, idx, kk, vbase, vbf16, D, lo, scale, out + qh * D, lse + qh, p);
                 }
             } else {
                 const float *sh = scores + (bi * Hq + h) * m;
-                select_top(sh, m, kk, idx, hist, cand);
+                select_fast(sh, m, kk, idx, hist, cand, sv, cv, ci);
                 int64_t qh = bi * Hq + h;
                 attend(sh, idx, kk, vbase, vbf16, D, lo, scale, out + qh * D, lse + qh, p);
             }

@@ -101,8 +101,29 @@ def _build() -> ctypes.CDLL:
     f.argtypes = [P, P, P, I, L, P, I, L, I, I, I, I, I, I, I, I, ctypes.c_float, P, P, P, I]
     f.restype = I
     lib.ra_host_has_dpbf16.restype = I
+    lib.ra_host_tune.argtypes = [I, I, I]
+    lib.ra_host_tune.restype = None
+    lib.ra_host_counts.argtypes = [I]
+    lib.ra_host_counts.restype = L
     _info["dpbf16"], _info["avx512"] = bool(lib.ra_host_has_dpbf16() & 2), bool(lib.ra_host_has_dpbf16() & 1)
     return lib
+
+
+def tune(ahead: int = 32, sampled: bool = True, l2: bool = False) -> None:
+    """The kernel's knobs (process-wide; for measurement): the bf16 scan's software prefetch distance in rows (0:
+    none) and the select of long rows (``sampled``: a bound of the k-th largest from a sample of each row's scores,
+    then the exact radix select over the rows at or above it, else over the whole row; the same rows either way),
+    ``l2``: the scan's prefetches into L2 only."""
+    if not available():
+        raise RuntimeError(f"ra_host C kernel unavailable: {_error}")
+    _lib.ra_host_tune(int(ahead), int(bool(sampled)), int(bool(l2)))
+
+
+def counts() -> dict:
+    """Rows the sampled select took since the library loaded, and how many of them fell back to the whole row."""
+    if not available():
+        return {"sampled_rows": 0, "fallbacks": 0}
+    return {"sampled_rows": int(_lib.ra_host_counts(1)), "fallbacks": int(_lib.ra_host_counts(0))}
 
 
 def info() -> dict:

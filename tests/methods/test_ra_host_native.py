@@ -52,3 +52,37 @@ def test_native_rejects_what_it_cannot_read():
     k = rand(1, 2, 50, 8)
     with pytest.raises(ValueError, match="unsupported"):
         ra_host.host_partial(rand(1, 4, 8), k[..., :40, :], k, 0, 30, 5, False, 1.0)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_native_sampled_select_equals_the_radix_select(group):
+    """Rows long enough for the sampled select (>= 16,384 and >= 8 top_k), many exactly tied scores (bf16 keys of a
+    few values): the same rows as the plain radix select (ties: the lowest rows), so the same output bit for bit."""
+    n, d = 20000, 32
+    k = (rand(1, 2, n, d, seed=7) * 2).round().clamp(-2, 2).bfloat16()
+    v = rand(1, 2, n, d, seed=8).bfloat16()
+    q = rand(1, 8, d, seed=12).round().bfloat16().float()
+    try:
+        ra_host.tune(sampled=False)
+        want = host_partial(q, k, v, 50, n - 100, 1000, group, 0.2, native=True)
+        ra_host.tune(sampled=True)
+        before = ra_host.counts()
+        got = host_partial(q, k, v, 50, n - 100, 1000, group, 0.2, native=True)
+        after = ra_host.counts()
+    finally:
+        ra_host.tune()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert after["sampled_rows"] - before["sampled_rows"] == (2 if group else 8)  # every row took it
+
+
+def test_native_sampled_select_random_scores():
+    n, d = 40000, 64
+    k, v = rand(1, 1, n, d, seed=9).bfloat16(), rand(1, 1, n, d, seed=10).bfloat16()
+    q = rand(1, 4, d, seed=11).bfloat16().float()
+    want = host_partial(q, k.float(), v, 128, n - 512, 4096, False, 0.125, native=False)
+    before = ra_host.counts()
+    got = host_partial(q, k, v, 128, n - 512, 4096, False, 0.125, native=True)
+    after = ra_host.counts()
+    assert after["sampled_rows"] - before["sampled_rows"] == 4 and after["fallbacks"] == before["fallbacks"]
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0], atol=4e-3, rtol=4e-3)
