@@ -39,7 +39,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 131000])
     ap.add_argument("--budget-s", type=float, default=40.0)
     ap.add_argument("--out")
+    ap.add_argument("--plan", default="variants", choices=["variants", "profile"],
+                    help="profile: each stage of the default step at each length, with kernel-size variants "
+                         "(bench_quest_profile.py)")
     a = ap.parse_args()
+    if a.plan == "profile":
+        from bench_quest_profile import profile
+        return profile(a)
     t_start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
 

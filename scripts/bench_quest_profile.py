@@ -1,0 +1,124 @@
+"""Where Quest's 32-layer decode step spends its time, stage by stage (CUDA; ``bench_quest_step.py --plan profile``).
+
+    python -P scripts/bench_quest_step.py --plan profile --lengths 131000 32000 [--budget-s 60] [--out F.json]
+
+Per context length (Llama-3.1-8B shapes, random bf16 K/V, Quest 4096, pages of 16, 2 dense layers, buffers sized as
+StaticKV sizes them for a 64-token turn): the whole step (full attention and Quest's defaults), then each stage of the
+30 selecting layers alone in a CUDA graph of 30 launches (inputs precomputed): the bounds update + page scores
+(kernel-size variants; GB read and TB/s), the page select (the defaults; its second stage alone under several warp
+counts; the threshold select of ``kernels/quest_select.py``), the paged attention (elementwise and matmul kernels,
+sizes). Every select variant is checked to list the default's pages. Variants run in priority order until
+``--budget-s`` seconds have passed.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph, write_report
+
+from scbench.kernels import paged_decode, paged_dot, topk_select
+from scbench.methods.quest import Quest
+from scbench.methods.quest_fast import QuestDecode
+
+try:
+    from scbench.kernels import quest_select
+except ImportError:  # pragma: no cover - older checkouts
+    quest_select = None
+
+
+def profile(a) -> None:
+    t_start = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "plan": "profile", "results": []}
+
+    def rec(**kw):
+        report["results"].append(kw)
+        print(json.dumps(kw), flush=True)
+
+    def timed(n, name, fn, gb=None):
+        if time.perf_counter() - t_start > a.budget_s:
+            print(f"skip {n} {name}: past --budget-s", flush=True)
+            return None
+        try:
+            ms, outs = time_graph(fn)
+        except Exception as e:  # one failing variant must not hide the others
+            print(f"n={n} {name} FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+            return None
+        extra = {} if gb is None else {"gb": round(gb, 3), "tb_s": round(gb / ms, 3)}
+        rec(length=n, variant=name, ms=round(ms, 4), **extra)
+        return outs
+
+    for n in a.lengths:
+        kv, q = make_kv(n, -(-(n + 64) // 256) * 256)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv, None)
+        quest.load(kv, None)
+        m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
+        sl = list(range(m.dense_layers, L))
+        p = quest.kmin[sl[0]].shape[2]
+        long = p >= quest.segment_from
+        timed(n, "step full", step_fn(kv, q, None))
+        ref = timed(n, "step quest default", step_fn(kv, q, quest))
+        # scores: bounds update + bound scores (reads min + max of every page)
+        bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
+        for bp, w in ((64, 4), (128, 4), (128, 8), (32, 4), (256, 8)):
+            timed(n, f"stage scores bp{bp} w{w}", lambda bp=bp, w=w: [paged_decode.quest_scores_triton(
+                q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False, block_pages=bp, num_warps=w)
+                for l in sl], gb=bounds_gb)
+        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
+              for l in sl}
+        kq = quest.top_k(p)
+        dflt = {"segment": quest.segment, "local_warps": 1, "radix": 2} if long else {}
+        lists = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt) for l in sl]
+
+        def same(got):
+            torch.cuda.synchronize()
+            return all(torch.equal(x, y) for x, y in zip(got, lists))
+
+        timed(n, "stage select default", lambda: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt)
+                                                  for l in sl])
+        if quest_select is not None:
+            ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq) for l in sl]
+            rec(length=n, variant="same_pages threshold", same=same(ts))
+            timed(n, "stage select threshold", lambda: [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq)
+                                                        for l in sl])
+        for w in (1, 2, 8):
+            kw = {**dflt, "num_warps": w}
+            got = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
+            rec(length=n, variant=f"same_pages select w{w}", same=same(got))
+            timed(n, f"stage select default w{w}", lambda kw=kw: [topk_select.quest_select_triton(
+                qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
+        # paged attention over the selected rows (32 heads x 4,096 rows of K and V per layer)
+        rows = quest.rows_loaded(n)
+        attn_gb = len(sl) * HQ * rows * D * 2 * 2 / 1e9
+        variants = [("paged merge", paged_decode.paged_attention_triton, {}),
+                    ("dot merge s3", paged_dot.paged_dot_triton, {}),
+                    ("dot merge s4", paged_dot.paged_dot_triton, {"num_stages": 4}),
+                    ("dot merge s2", paged_dot.paged_dot_triton, {"num_stages": 2}),
+                    ("dot merge bp8 pps32", paged_dot.paged_dot_triton, {"block_pages": 8, "pages_per_split": 32}),
+                    ("paged merge pps32", paged_decode.paged_attention_triton, {"pages_per_split": 32}),
+                    ("paged merge pps8", paged_decode.paged_attention_triton, {"pages_per_split": 8}),
+                    ("paged merge w8 bp8", paged_decode.paged_attention_triton, {"num_warps": 8, "block_pages": 8}),
+                    ("dot merge w8 bp8", paged_dot.paged_dot_triton, {"num_warps": 8, "block_pages": 8}),
+                    ("paged merge rowwise", paged_decode.paged_attention_triton, {"rowwise": True})]
+        for name, fn, tune in variants:
+            timed(n, f"stage {name}", lambda fn=fn, tune=tune: [fn(q[l], kv.k[l], kv.v[l], lists[i], nn, 16, D ** -0.5,
+                                                                   counter=quest.counter, **tune)
+                                                                for i, l in enumerate(sl)], gb=attn_gb)
+        for name, attrs in (("select w1", {"select_args": {"num_warps": 1}}),
+                            ("select w2", {"select_args": {"num_warps": 2}}),
+                            ("dot", {"dot": True}), ("threshold", {"threshold": True})):
+            if not all(hasattr(quest, k) for k in attrs):
+                continue
+            saved = {k: getattr(quest, k) for k in attrs}
+            quest.__dict__.update(attrs)
+            out = timed(n, f"step quest {name}", step_fn(kv, q, quest))
+            quest.__dict__.update(saved)
+            if out is not None and ref is not None:
+                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                                for x, y in zip(out, ref)))
+        del kv, q, quest, qs, lists
+        torch.cuda.empty_cache()
+    write_report(report, a.out)
