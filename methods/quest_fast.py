@@ -25,6 +25,7 @@ from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
 from scbench.kernels.paged_dot import paged_dot_triton
 from scbench.kernels.paged_union import paged_union_triton
+from scbench.kernels.quest_select import threshold_select
 from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
 
@@ -54,6 +55,9 @@ against the paged kernel's 2.41 (H200, 32K: 1.55 vs 1.31 ms per step); for model
 DOT = os.environ.get("SCBENCH_QUEST_DOT", "0") == "1"
 """CUDA: the paged attention as two small matmuls per block with a pipelined loop (``paged_dot.paged_dot_triton``)
 instead of elementwise products (not measured on the GPU yet: off)."""
+THRESHOLD = os.environ.get("SCBENCH_QUEST_THRESHOLD", "0") == "1"
+"""CUDA: the page select in one launch per layer (``kernels/quest_select.threshold_select``: a threshold from the
+row's mean and deviation, then an exact search over the pages above it; the same pages)."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
@@ -78,6 +82,8 @@ class QuestDecode:
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.dot = DOT  # CUDA, one list per query head: the matmul paged kernel (kernels/paged_dot.py)
+        self.threshold = THRESHOLD  # CUDA: the one-launch threshold select (kernels/quest_select.py)
+        self.threshold_args: dict = {}  # its cap / chunk / num_warps
         self.counter: torch.Tensor | None = None
         self._read_key, self._read = None, 0
 
@@ -192,7 +198,11 @@ class QuestDecode:
             return paged_union_triton(q, k, v, mp, n, m.page_size, scale, counter=self.counter if self.merge else None,
                                       **self.union_args)
         if self.select == "bisect":
-            pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
+            if self.threshold:
+                pages = threshold_select(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
+                                         **self.threshold_args)
+            else:
+                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
             attend = paged_dot_triton if self.dot and pages.shape[1] == q.shape[1] else paged_decode.paged_attention_triton
             return attend(q, k, v, pages, n, m.page_size, scale, counter=self.counter if self.merge else None,
                           **self.tune)

@@ -63,7 +63,7 @@ def profile(a) -> None:
         ref = timed(n, "step quest default", step_fn(kv, q, quest))
         # scores: bounds update + bound scores (reads min + max of every page)
         bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
-        for bp, w in ((64, 4), (128, 4), (128, 8), (32, 4), (256, 8)):
+        for bp, w in ((64, 4), (128, 8), (32, 4)):
             timed(n, f"stage scores bp{bp} w{w}", lambda bp=bp, w=w: [paged_decode.quest_scores_triton(
                 q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False, block_pages=bp, num_warps=w)
                 for l in sl], gb=bounds_gb)
@@ -80,11 +80,12 @@ def profile(a) -> None:
         timed(n, "stage select default", lambda: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt)
                                                   for l in sl])
         if quest_select is not None:
-            ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq) for l in sl]
-            rec(length=n, variant="same_pages threshold", same=same(ts))
-            timed(n, "stage select threshold", lambda: [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq)
-                                                        for l in sl])
-        for w in (1, 2, 8):
+            for tw in ({}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 4, "chunk": 2048}):
+                ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl]
+                rec(length=n, variant=f"same_pages threshold {json.dumps(tw)}", same=same(ts))
+                timed(n, f"stage select threshold {json.dumps(tw)}", lambda tw=tw: [quest_select.threshold_select(
+                    qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl])
+        for w in (1, 2):
             kw = {**dflt, "num_warps": w}
             got = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
             rec(length=n, variant=f"same_pages select w{w}", same=same(got))
@@ -96,20 +97,19 @@ def profile(a) -> None:
         variants = [("paged merge", paged_decode.paged_attention_triton, {}),
                     ("dot merge s3", paged_dot.paged_dot_triton, {}),
                     ("dot merge s4", paged_dot.paged_dot_triton, {"num_stages": 4}),
-                    ("dot merge s2", paged_dot.paged_dot_triton, {"num_stages": 2}),
                     ("dot merge bp8 pps32", paged_dot.paged_dot_triton, {"block_pages": 8, "pages_per_split": 32}),
                     ("paged merge pps32", paged_decode.paged_attention_triton, {"pages_per_split": 32}),
-                    ("paged merge pps8", paged_decode.paged_attention_triton, {"pages_per_split": 8}),
                     ("paged merge w8 bp8", paged_decode.paged_attention_triton, {"num_warps": 8, "block_pages": 8}),
-                    ("dot merge w8 bp8", paged_dot.paged_dot_triton, {"num_warps": 8, "block_pages": 8}),
-                    ("paged merge rowwise", paged_decode.paged_attention_triton, {"rowwise": True})]
+                    ("dot merge w8 bp8", paged_dot.paged_dot_triton, {"num_warps": 8, "block_pages": 8})]
         for name, fn, tune in variants:
             timed(n, f"stage {name}", lambda fn=fn, tune=tune: [fn(q[l], kv.k[l], kv.v[l], lists[i], nn, 16, D ** -0.5,
                                                                    counter=quest.counter, **tune)
                                                                 for i, l in enumerate(sl)], gb=attn_gb)
         for name, attrs in (("select w1", {"select_args": {"num_warps": 1}}),
                             ("select w2", {"select_args": {"num_warps": 2}}),
-                            ("dot", {"dot": True}), ("threshold", {"threshold": True})):
+                            ("dot", {"dot": True}), ("threshold", {"threshold": True}),
+                            ("threshold w2", {"threshold": True, "threshold_args": {"num_warps": 2}}),
+                            ("threshold dot", {"threshold": True, "dot": True})):
             if not all(hasattr(quest, k) for k in attrs):
                 continue
             saved = {k: getattr(quest, k) for k in attrs}
