@@ -81,3 +81,22 @@ def test_quest_batch_triton_matches_reference(gqa, ctx, recent):
         kv.at += 1
         q = q.roll(1, 0)
     assert fast.attend(kv, 0, q, kv.k[0], kv.v[0], 0.3) is None  # the dense layer: the shared-prefix path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
+def test_cuda_quest_batched_equals_sequential(mode):
+    """On CUDA (float32, tiny random Llama): the batched step with Quest's kernels, captured as a CUDA graph, stores
+    the rows of the sequential fast path (fastdecode + QuestDecode)."""
+    from scbench.engines.hf import HFEngine
+    from support import byte_tokenizer, random_llama
+
+    tok = byte_tokenizer()
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
+    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    for method in QUEST:
+        seq = replay(engine, Replay, method, mode)
+        bat = replay(engine, BatchedReplay, method, mode)
+        same_rows(seq, bat)
+        assert {r.stats.decode_path for r in bat} == {"batched"}
+        assert {r.stats.decode_path for r in seq} <= {"graph", "static"}  # the fast sequential path
