@@ -122,3 +122,70 @@ def profile(a) -> None:
         del kv, q, quest, qs, lists
         torch.cuda.empty_cache()
     write_report(report, a.out)
+
+
+def batch(a) -> None:
+    """Quest's batched decode (methods/quest_batch.py) vs one request at a time: the 32-layer attention of one step
+    for B rows of ``--own`` own tokens over one shared context (the dense layers: the shared-prefix kernel), and
+    Quest's single-request step (x B = the sequential attention cost; the weights are read once per step either way
+    per row: B times sequentially)."""
+    from types import SimpleNamespace
+
+    from scbench.kernels import shared_prefix
+    from scbench.kv.offload import TieredLayer
+    from scbench.methods.quest_batch import QuestBatch
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "plan": "batch", "results": []}
+    t_start = time.perf_counter()
+    for n in a.lengths:
+        kv1, q1 = make_kv(n, -(-(n + 64) // 256) * 256)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv1, None)
+        quest.load(kv1, None)
+        ms1, _ = time_graph(step_fn(kv1, q1, quest))
+        rec = {"length": n, "variant": "single request step", "ms": round(ms1, 4)}
+        report["results"].append(rec)
+        print(json.dumps(rec), flush=True)
+        layers = []
+        for l in range(L):
+            layer = TieredLayer(kv1.k[l][:, :, :n], kv1.v[l][:, :, :n], storage="device")
+            layer.state["quest"] = (quest.kmin[l][:, :, : n // 16].contiguous(), quest.kmax[l][:, :, : n // 16].contiguous()) \
+                if l in quest.kmin else (torch.empty(0), torch.empty(0))
+            layers.append(layer)
+        del kv1, quest
+        torch.cuda.empty_cache()
+        for b in a.rows:
+            if time.perf_counter() - t_start > a.budget_s:
+                break
+            g = torch.Generator(device="cuda").manual_seed(b)
+            own = 64 + a.own
+            kv = SimpleNamespace(shared=[(x.keys, x.values) for x in layers],
+                                 k=[torch.randn(b, HKV, own, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(L)],
+                                 v=[torch.randn(b, HKV, own, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(L)],
+                                 at=torch.full((b,), a.own, dtype=torch.long, device="cuda"),
+                                 shared_len=torch.full((L, b), n, dtype=torch.long, device="cuda"))
+            q = [torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g) * 2 for _ in range(L)]
+            plug = QuestBatch(Quest(budget=4096))
+            plug.attach(SimpleNamespace(layers=layers), kv)
+
+            def step():
+                outs = []
+                for l in range(L):
+                    o = plug.attend(kv, l, q[l], kv.k[l], kv.v[l], D ** -0.5)
+                    if o is None:
+                        o = shared_prefix.shared_prefix_decode(q[l], kv.shared[l][0], kv.shared[l][1], kv.shared_len[l],
+                                                               kv.k[l], kv.v[l], kv.at, D ** -0.5)
+                    outs.append(o)
+                return outs
+            try:
+                ms, _ = time_graph(step)
+            except Exception as e:  # noqa: BLE001
+                print(f"n={n} B={b} FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+                continue
+            rec = {"length": n, "variant": f"batched step B={b}", "ms": round(ms, 4),
+                   "per_row_ms": round(ms / b, 4), "vs_sequential": round(ms1 * b / ms, 3)}
+            report["results"].append(rec)
+            print(json.dumps(rec), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    write_report(report, a.out)
