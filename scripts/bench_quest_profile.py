@@ -80,7 +80,8 @@ def profile(a) -> None:
         timed(n, "stage select default", lambda: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt)
                                                   for l in sl])
         if quest_select is not None:
-            for tw in ({}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 4, "chunk": 2048}):
+            for tw in ({"num_warps": 4, "chunk": 8192}, {}, {"num_warps": 8, "chunk": 8192},
+                       {"num_warps": 2, "chunk": 4096}):
                 ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl]
                 rec(length=n, variant=f"same_pages threshold {json.dumps(tw)}", same=same(ts))
                 timed(n, f"stage select threshold {json.dumps(tw)}", lambda tw=tw: [quest_select.threshold_select(
@@ -108,8 +109,9 @@ def profile(a) -> None:
         for name, attrs in (("select w1", {"select_args": {"num_warps": 1}}),
                             ("select w2", {"select_args": {"num_warps": 2}}),
                             ("dot", {"dot": True}), ("threshold", {"threshold": True}),
-                            ("threshold w2", {"threshold": True, "threshold_args": {"num_warps": 2}}),
-                            ("threshold dot", {"threshold": True, "dot": True})):
+                            ("threshold w4 c8192", {"threshold": True, "threshold_args": {"num_warps": 4, "chunk": 8192}}),
+                            ("threshold w4 c8192 dot", {"threshold": True, "dot": True,
+                                                         "threshold_args": {"num_warps": 4, "chunk": 8192}})):
             if not all(hasattr(quest, k) for k in attrs):
                 continue
             saved = {k: getattr(quest, k) for k in attrs}
