@@ -58,6 +58,9 @@ instead of elementwise products (not measured on the GPU yet: off)."""
 THRESHOLD = os.environ.get("SCBENCH_QUEST_THRESHOLD", "0") == "1"
 """CUDA: the page select in one launch per layer (``kernels/quest_select.threshold_select``: a threshold from the
 row's mean and deviation, then an exact search over the pages above it; the same pages)."""
+PDL = os.environ.get("SCBENCH_QUEST_PDL", "0") == "1"
+"""CUDA (Hopper+): Quest's kernels launched as programmatic dependents (each waits for the previous kernel's writes,
+then lets the next launch: the launch gaps between a layer's kernels overlap)."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
@@ -84,6 +87,7 @@ class QuestDecode:
         self.dot = DOT  # CUDA, one list per query head: the matmul paged kernel (kernels/paged_dot.py)
         self.threshold = THRESHOLD  # CUDA: the one-launch threshold select (kernels/quest_select.py)
         self.threshold_args: dict = {}  # its cap / chunk / num_warps
+        self.pdl = PDL
         self.counter: torch.Tensor | None = None
         self._read_key, self._read = None, 0
 
@@ -184,8 +188,9 @@ class QuestDecode:
         """The Triton kernels (CUDA; CPU tensors in the interpreter): bounds + scores in one kernel, the page select,
         then the paged (or union) attention."""
         m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
+        pdl = {"pdl": True} if self.pdl else {}
         s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                             m.recent_pages, m.gqa == "group", **self.score_args)
+                                             m.recent_pages, m.gqa == "group", **self.score_args, **pdl)
         sel = dict(self.select_args)
         if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)
             sel.setdefault("segment", self.segment)
@@ -200,12 +205,12 @@ class QuestDecode:
         if self.select == "bisect":
             if self.threshold:
                 pages = threshold_select(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
-                                         **self.threshold_args)
+                                         **self.threshold_args, **pdl)
             else:
                 pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
             attend = paged_dot_triton if self.dot and pages.shape[1] == q.shape[1] else paged_decode.paged_attention_triton
             return attend(q, k, v, pages, n, m.page_size, scale, counter=self.counter if self.merge else None,
-                          **self.tune)
+                          **self.tune, **pdl)
         top = s.topk(self.top_k(s.shape[-1]), dim=-1)
         return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                    top_values=top.values, budget=m.budget, recent=m.recent_pages)

@@ -61,6 +61,23 @@ def profile(a) -> None:
         long = p >= quest.segment_from
         timed(n, "step full", step_fn(kv, q, None))
         ref = timed(n, "step quest default", step_fn(kv, q, quest))
+        t4 = {"num_warps": 4, "chunk": 8192}
+        for name, attrs in (("threshold w4 c8192", {"threshold": True, "threshold_args": t4}),
+                            ("threshold w4 c8192 pdl", {"threshold": True, "threshold_args": t4, "pdl": True}),
+                            ("pdl", {"pdl": True}), ("dot", {"dot": True}),
+                            ("threshold w4 c8192 dot pdl", {"threshold": True, "threshold_args": t4, "dot": True,
+                                                            "pdl": True}),
+                            ("select w1", {"select_args": {"num_warps": 1}}),
+                            ("threshold w1", {"threshold": True})):
+            if not all(hasattr(quest, k) for k in attrs):
+                continue
+            saved = {k: getattr(quest, k) for k in attrs}
+            quest.__dict__.update(attrs)
+            out = timed(n, f"step quest {name}", step_fn(kv, q, quest))
+            quest.__dict__.update(saved)
+            if out is not None and ref is not None:
+                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                                for x, y in zip(out, ref)))
         # scores: bounds update + bound scores (reads min + max of every page)
         bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
         for bp, w in ((64, 4), (128, 8), (32, 4)):
@@ -106,21 +123,6 @@ def profile(a) -> None:
             timed(n, f"stage {name}", lambda fn=fn, tune=tune: [fn(q[l], kv.k[l], kv.v[l], lists[i], nn, 16, D ** -0.5,
                                                                    counter=quest.counter, **tune)
                                                                 for i, l in enumerate(sl)], gb=attn_gb)
-        for name, attrs in (("select w1", {"select_args": {"num_warps": 1}}),
-                            ("select w2", {"select_args": {"num_warps": 2}}),
-                            ("dot", {"dot": True}), ("threshold", {"threshold": True}),
-                            ("threshold w4 c8192", {"threshold": True, "threshold_args": {"num_warps": 4, "chunk": 8192}}),
-                            ("threshold w4 c8192 dot", {"threshold": True, "dot": True,
-                                                         "threshold_args": {"num_warps": 4, "chunk": 8192}})):
-            if not all(hasattr(quest, k) for k in attrs):
-                continue
-            saved = {k: getattr(quest, k) for k in attrs}
-            quest.__dict__.update(attrs)
-            out = timed(n, f"step quest {name}", step_fn(kv, q, quest))
-            quest.__dict__.update(saved)
-            if out is not None and ref is not None:
-                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
-                                                                for x, y in zip(out, ref)))
         del kv, q, quest, qs, lists
         torch.cuda.empty_cache()
     write_report(report, a.out)

@@ -25,11 +25,14 @@ from scbench.kernels.topk_select import triton
 if triton is not None:
     import triton.language as tl
 
+    from scbench.kernels.paged_decode import _pdl
     from scbench.kernels.topk_select import _quest_pick, _skey, _top_mask_search
 
     @triton.jit
     def _threshold_kernel(S, N, Out, SV, SI, P, K, budget, NDIV, CAP: tl.constexpr, CH: tl.constexpr, KP: tl.constexpr,
-                          PAGE: tl.constexpr, RECENT: tl.constexpr, RP: tl.constexpr, NCH: tl.constexpr):
+                          PAGE: tl.constexpr, RECENT: tl.constexpr, RP: tl.constexpr, NCH: tl.constexpr,
+                          PDL: tl.constexpr = False):
+        _pdl(PDL)
         r = tl.program_id(0)
         cand, pick = _quest_pick(N + r // NDIV, K, budget, PAGE, RECENT)
         row = S + r.to(tl.int64) * P
@@ -109,12 +112,14 @@ if triton is not None:
 
 
 def threshold_select(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int, k: int,
-                     cap: int | None = None, chunk: int = 1024, num_warps: int = 1) -> torch.Tensor:
+                     cap: int | None = None, chunk: int = 1024, num_warps: int = 1, pdl: bool = False) -> torch.Tensor:
     """``topk_select.quest_select_triton``'s contract: s float32 [B, Hs, P] page scores (-inf: not a candidate), n
     [1] the valid length -> int32 [B, Hs, k + recent] (the ``min(pick, k)`` best pages ascending, -1, then the
     ``recent`` newest); n [B] instead: each batch entry's own valid length (a batch over a shared context,
     methods/quest_batch.py). ``cap``: scratch slots per row (a power of two, >= k; default: 4 * k rounded up), ``chunk``:
-    scores per pass step (a power of two)."""
+    scores per pass step (a power of two). ``pdl``: launched as a programmatic dependent (CUDA, Hopper+)."""
+    from scbench.kernels.paged_decode import pdl_args
+
     b, hs, p = s.shape
     if s.dtype != torch.float32:
         raise ValueError(f"threshold_select: page scores must be float32, got {s.dtype}")
@@ -131,5 +136,6 @@ def threshold_select(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, r
         raise ValueError(f"threshold_select: n must hold 1 or {b} lengths, got {n.numel()}")
     _threshold_kernel[(r,)](s.contiguous(), n, out, sv, si, p, k, budget, hs if n.numel() > 1 else 1 << 30, CAP=cap, CH=ch,
                             KP=max(2, triton.next_power_of_2(k)), PAGE=page, RECENT=recent,
-                            RP=max(2, triton.next_power_of_2(recent)), NCH=triton.cdiv(p, ch), num_warps=num_warps)
+                            RP=max(2, triton.next_power_of_2(recent)), NCH=triton.cdiv(p, ch), num_warps=num_warps,
+                            **pdl_args(pdl))
     return out
