@@ -71,3 +71,37 @@ def test_threshold_select_cuda_llama_shapes(p, warps):
     want = topk_select.quest_select_triton(s, nn, 16, 4096, 1, k, segment=1024 if p >= 4096 else None, radix=2)
     got = quest_select.threshold_select(s, nn, 16, 4096, 1, k, num_warps=warps)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper+ CUDA GPU")
+def test_pdl_chain_in_cuda_graph():
+    """Scores -> threshold select -> paged attention launched as programmatic dependents, captured in a CUDA graph:
+    the same pages and output as plain launches."""
+    from scbench.kernels import paged_dot
+
+    torch.manual_seed(0)
+    c, p, hq, hkv, d, at = 16384, 16, 32, 8, 128, 15000
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    atv = torch.tensor([at], device="cuda")
+    counter = torch.zeros(64, dtype=torch.int32, device="cuda")
+    kk = (4096 - 1) // p
+
+    def chain(pdl, attend):
+        s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False, pdl=pdl)
+        pages = quest_select.threshold_select(s, atv + 1, p, 4096, 1, kk, num_warps=4, chunk=8192, pdl=pdl)
+        return pages, attend(q, k, v, pages, atv + 1, p, 0.09, counter=counter, pdl=pdl)
+
+    for attend in (paged_decode.paged_attention_triton, paged_dot.paged_dot_triton):
+        want = chain(False, attend)
+        chain(True, attend)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = chain(True, attend)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert not counter.any()
