@@ -78,8 +78,7 @@ class QuestBatch:
                     lo, hi = keys[:, :, full * p :].aminmax(dim=2)
                     omin[r, :, full], omax[r, :, full] = lo[0], hi[0]
             self.omin[l], self.omax[l] = omin, omax
-            hq = None  # known at the first attend
-            self.s[l] = (max(pcs) + op, hq)
+            self.s[l] = (-(-(max(pcs) + op) // 16) * 16, None)  # rows 16-aligned (vector loads); made at the first step
         self.n_rows = None
 
     def attend(self, kv, l, q, k, v, scale):
