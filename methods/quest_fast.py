@@ -52,9 +52,9 @@ UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 attends the group's heads over the union of their pages (each page read once; the same selection and math). Off:
 on random weights the heads' pages barely overlap (1.41 vs 2.01 GB at 32K) and the kernel reaches 1.33 TB/s
 against the paged kernel's 2.41 (H200, 32K: 1.55 vs 1.31 ms per step); for models whose heads agree."""
-DOT = os.environ.get("SCBENCH_QUEST_DOT", "0") == "1"
+DOT = os.environ.get("SCBENCH_QUEST_DOT", "1") == "1"
 """CUDA: the paged attention as two small matmuls per block with a pipelined loop (``paged_dot.paged_dot_triton``)
-instead of elementwise products (not measured on the GPU yet: off)."""
+instead of elementwise products (H200, 131K: 1.85 vs 2.02 ms per 32-layer step; results/perf/quest_step_h200.md)."""
 THRESHOLD = os.environ.get("SCBENCH_QUEST_THRESHOLD", "0") == "1"
 """CUDA: the page select in one launch per layer (``kernels/quest_select.threshold_select``: a threshold from the
 row's mean and deviation, then an exact search over the pages above it; the same pages)."""

@@ -193,3 +193,86 @@ def batch(a) -> None:
         del layers
         torch.cuda.empty_cache()
     write_report(report, a.out)
+
+
+def tune(a) -> None:
+    """Round-8 follow-up of ``profile``: whole steps with the matmul paged kernel (now the default) and its sizes,
+    the pipelined score kernel, the two select stages apart, and how many pages the threshold select keeps."""
+    t_start = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "plan": "tune", "results": []}
+
+    def rec(**kw):
+        report["results"].append(kw)
+        print(json.dumps(kw), flush=True)
+
+    def timed(n, name, fn, gb=None):
+        if time.perf_counter() - t_start > a.budget_s:
+            print(f"skip {n} {name}: past --budget-s", flush=True)
+            return None
+        try:
+            ms, outs = time_graph(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"n={n} {name} FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+            return None
+        rec(length=n, variant=name, ms=round(ms, 4), **({} if gb is None else {"gb": round(gb, 3),
+                                                                                "tb_s": round(gb / ms, 3)}))
+        return outs
+
+    for n in a.lengths:
+        kv, q = make_kv(n, -(-(n + 64) // 256) * 256)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv, None)
+        quest.load(kv, None)
+        m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
+        sl = list(range(m.dense_layers, L))
+        p = quest.kmin[sl[0]].shape[2]
+        long = p >= quest.segment_from
+        timed(n, "step full", step_fn(kv, q, None))
+        ref = timed(n, "step quest default", step_fn(kv, q, quest))
+        steps = [("elementwise paged (dot off)", {"dot": False}),
+                 ("scores loop 512 s3", {"score_args": {"loop_pages": 512, "stages": 3}}),
+                 ("scores loop 256 s2", {"score_args": {"loop_pages": 256, "stages": 2}}),
+                 ("dot bp8 pps32", {"tune": {"block_pages": 8, "pages_per_split": 32}}),
+                 ("dot s4", {"tune": {"num_stages": 4}}),
+                 ("dot pps8", {"tune": {"pages_per_split": 8}}),
+                 ("select w8", {"select_args": {"num_warps": 8}}),
+                 ("select w2", {"select_args": {"num_warps": 2}})]
+        for name, attrs in steps if long or not a.short else steps[:3]:
+            saved = {k: getattr(quest, k) for k in attrs}
+            quest.__dict__.update(attrs)
+            out = timed(n, f"step quest {name}", step_fn(kv, q, quest))
+            quest.__dict__.update(saved)
+            if out is not None and ref is not None:
+                rec(length=n, variant=f"diff {name}", max_abs=max((x.float() - y.float()).abs().max().item()
+                                                                for x, y in zip(out, ref)))
+        if not long:
+            continue
+        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
+              for l in sl}
+        kq = quest.top_k(p)
+        s0 = qs[sl[0]][0].double()  # the threshold select's keep count on this layer's rows (fallback: < pick or > cap)
+        ok = s0 > float("-inf")
+        cnt = ok.sum(-1)
+        mean = torch.where(ok, s0, 0).sum(-1) / cnt
+        sd = (torch.where(ok, s0, 0).pow(2).sum(-1) / cnt - mean ** 2).clamp(min=0).sqrt()
+        z = torch.distributions.Normal(0, 1).icdf(1 - (2 * kq + 32) / cnt.cpu()).to(s0.device)
+        kept = ((s0 >= (mean + z * sd)[:, None]) & ok).sum(-1)
+        rec(length=n, variant="threshold kept per row (pick 255, cap 1024)", min=int(kept.min()), max=int(kept.max()))
+        nseg = -(-p // 1024)
+        cv = torch.empty(HQ, nseg, kq, dtype=torch.float32, device="cuda")
+        ci = torch.empty(HQ, nseg, kq, dtype=torch.int32, device="cuda")
+        out = torch.empty(1, HQ, kq + 1, dtype=torch.int32, device="cuda")
+        np_ = 1 << (nseg * kq - 1).bit_length()
+        timed(n, "stage select stage1 (segments)", lambda: [topk_select._quest_local_kernel[(HQ, nseg)](
+            qs[l], nn, cv, ci, p, kq, m.budget, SEG=1024, KP=256, PAGE=16, RECENT=1, RADIX=2, num_warps=1) for l in sl])
+        timed(n, "stage select stage2 (row)", lambda: [topk_select._quest_select_kernel[(HQ,)](
+            cv, ci, nn, out, nseg * kq, kq, m.budget, NP=np_, PAGE=16, RECENT=1, RP=2, GATHER=True, RADIX=2, PM=p,
+            num_warps=4) for l in sl])
+        bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
+        for lp, st in ((512, 3), (256, 2), (1024, 4)):
+            timed(n, f"stage scores loop {lp} s{st}", lambda lp=lp, st=st: [paged_decode.quest_scores_triton(
+                q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False, loop_pages=lp, stages=st) for l in sl],
+                  gb=bounds_gb)
+        del kv, q, quest, qs
+        torch.cuda.empty_cache()
+    write_report(report, a.out)

@@ -325,6 +325,51 @@ if triton is not None:
                      mask=(rows < G)[:, None] & inside[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _quest_scores_loop_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
+                                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                                  BP: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr,
+                                  PREC: tl.constexpr):
+        """``_quest_scores_kernel`` over ITERS blocks of BP pages per program, the bounds' loads pipelined
+        (``STAGES`` blocks in flight)."""
+        bk, pb = tl.program_id(0), tl.program_id(1)
+        at = tl.load(At).to(tl.int32)
+        cols = tl.arange(0, D)
+        page_at = at // PAGE
+        first_page = pb * ITERS * BP
+        bbase = bk.to(tl.int64) * P * D
+        if (page_at >= first_page) & (page_at < first_page + ITERS * BP):
+            knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
+            lo = tl.load(KMin + bbase + page_at * D + cols)
+            hi = tl.load(KMax + bbase + page_at * D + cols)
+            first = (at % PAGE) == 0
+            tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
+            tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+        tl.debug_barrier()
+        cand = tl.maximum(at // PAGE - RECENT + 1, 0)
+        rows = tl.arange(0, GP)
+        q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        zero = tl.zeros([GP, D], q.dtype)
+        qp, qn = tl.maximum(q, zero), tl.minimum(q, zero)
+        for it in tl.range(ITERS, num_stages=STAGES):
+            pages = first_page + it * BP + tl.arange(0, BP)
+            inside = pages < P
+            off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
+            lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
+            hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
+            s = tl.dot(qp.to(hi.dtype), tl.trans(hi), input_precision=PREC)
+            s += tl.dot(qn.to(lo.dtype), tl.trans(lo), input_precision=PREC)
+            s = tl.where((pages < cand)[None, :], s, float("-inf"))
+            if GROUP:
+                s = tl.where((rows < G)[:, None], s, float("-inf"))
+                tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
+            else:
+                tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
+                         mask=(rows < G)[:, None] & inside[None, :])
+
+
 def pdl_args(pdl: bool) -> dict:
     """A kernel's launch options for programmatic dependent launch (its ``PDL`` constexpr and ``launch_pdl``)."""
     return {"PDL": True, "launch_pdl": True} if pdl else {}
@@ -332,16 +377,24 @@ def pdl_args(pdl: bool) -> dict:
 
 def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, at: torch.Tensor,
                         page: int, recent: int, group: bool, block_pages: int = 64, num_warps: int = 4,
-                        pdl: bool = False) -> torch.Tensor:
+                        pdl: bool = False, loop_pages: int = 0, stages: int = 3) -> torch.Tensor:
     """CUDA: update the page bounds [B, Hkv, P, D] in place with the key at row ``at`` of k [B, Hkv, C, D] (a new
     page starts from it), then Quest's bound scores of q [B, Hq, 1, D] per page, -inf for pages that are not
     candidates (the recent pages and later) -> float32 [B, Hq, P] (``group``: [B, Hkv, P], max over the group).
-    Reference: ``QuestDecode.pages`` (torch ops)."""
+    Reference: ``QuestDecode.pages`` (torch ops). ``loop_pages``: pages per program (blocks of ``block_pages``
+    in a loop whose loads are pipelined ``stages`` deep) instead of one block per program."""
     b, hq, _, d = q.shape
     hkv, c, p = k.shape[1], k.shape[2], kmin.shape[2]
     g = hq // hkv
     s = torch.empty(b, hkv if group else hq, p, dtype=torch.float32, device=q.device)
     bp = block_pages
+    if loop_pages:  # several blocks per program, pipelined
+        iters = max(1, loop_pages // bp)
+        _quest_scores_loop_kernel[(b * hkv, triton.cdiv(p, bp * iters))](
+            q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g,
+            GP=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BP=bp, ITERS=iters, STAGES=stages, GROUP=group,
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        return s
     _quest_scores_kernel[(b * hkv, triton.cdiv(p, bp))](
         q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g, GP=max(16, triton.next_power_of_2(g)),
         D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,

@@ -105,3 +105,20 @@ def test_pdl_chain_in_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert not counter.any()
+
+
+@pytest.mark.parametrize("at,group", [(300, False), (257, True)])
+def test_scores_loop_kernel_matches_blocks(at, group):
+    """The pipelined score kernel (several page blocks per program) writes the one-block kernel's scores and
+    bounds update (CUDA, or the interpreter on CPU)."""
+    g = torch.Generator().manual_seed(at)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(1, 8, 1, 32, generator=g).to(DEVICE, dtype)
+    k = torch.randn(1, 2, 352, 32, generator=g).to(DEVICE, dtype)
+    lo, hi = (torch.randn(1, 2, 22, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
+    atv = torch.tensor([at], device=DEVICE)
+    lo2, hi2 = lo.clone(), hi.clone()
+    want = paged_decode.quest_scores_triton(q, k, lo, hi, atv, 16, 1, group, block_pages=16)
+    got = paged_decode.quest_scores_triton(q, k, lo2, hi2, atv, 16, 1, group, block_pages=16, loop_pages=32, stages=2)
+    assert torch.equal(lo, lo2) and torch.equal(hi, hi2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
