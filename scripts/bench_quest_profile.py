@@ -195,6 +195,9 @@ def batch(a) -> None:
     write_report(report, a.out)
 
 
+RANK = {"num_warps": 4, "chunk": 8192, "rank": True, "margin": 1.25, "cap": 512}
+
+
 def tune(a) -> None:
     """Round-8 follow-up of ``profile``: whole steps with the matmul paged kernel (now the default) and its sizes,
     the pipelined score kernel, the two select stages apart, and how many pages the threshold select keeps."""
@@ -235,6 +238,7 @@ def tune(a) -> None:
                  ("dot bp8 pps32", {"tune": {"block_pages": 8, "pages_per_split": 32}}),
                  ("dot s4", {"tune": {"num_stages": 4}}),
                  ("dot pps8", {"tune": {"pages_per_split": 8}}),
+                 ("threshold rank", {"threshold": True, "threshold_args": RANK}),
                  ("select w8", {"select_args": {"num_warps": 8}}),
                  ("select w2", {"select_args": {"num_warps": 2}})]
         for name, attrs in steps if long or not a.short else steps[:3]:
@@ -255,9 +259,14 @@ def tune(a) -> None:
         cnt = ok.sum(-1)
         mean = torch.where(ok, s0, 0).sum(-1) / cnt
         sd = (torch.where(ok, s0, 0).pow(2).sum(-1) / cnt - mean ** 2).clamp(min=0).sqrt()
-        z = torch.distributions.Normal(0, 1).icdf(1 - (2 * kq + 32) / cnt.cpu()).to(s0.device)
-        kept = ((s0 >= (mean + z * sd)[:, None]) & ok).sum(-1)
-        rec(length=n, variant="threshold kept per row (pick 255, cap 1024)", min=int(kept.min()), max=int(kept.max()))
+        for margin in (2.0, 1.25):
+            z = torch.distributions.Normal(0, 1).icdf(1 - (margin * kq + 32) / cnt.cpu()).to(s0.device)
+            kept = ((s0 >= (mean + z * sd)[:, None]) & ok).sum(-1)
+            rec(length=n, variant=f"threshold kept per row, margin {margin} (pick 255)", min=int(kept.min()),
+                max=int(kept.max()))
+        for name, tw in (("rank", RANK), ("search w4", {"num_warps": 4, "chunk": 8192})):
+            timed(n, f"stage select threshold {name}", lambda tw=tw: [quest_select.threshold_select(
+                qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl])
         nseg = -(-p // 1024)
         cv = torch.empty(HQ, nseg, kq, dtype=torch.float32, device="cuda")
         ci = torch.empty(HQ, nseg, kq, dtype=torch.int32, device="cuda")

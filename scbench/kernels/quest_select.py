@@ -29,8 +29,9 @@ if triton is not None:
     from scbench.kernels.topk_select import _quest_pick, _skey, _top_mask_search
 
     @triton.jit
-    def _threshold_kernel(S, N, Out, SV, SI, P, K, budget, NDIV, CAP: tl.constexpr, CH: tl.constexpr, KP: tl.constexpr,
-                          PAGE: tl.constexpr, RECENT: tl.constexpr, RP: tl.constexpr, NCH: tl.constexpr,
+    def _threshold_kernel(S, N, Out, SV, SI, P, K, budget, NDIV, margin, CAP: tl.constexpr, CH: tl.constexpr,
+                          KP: tl.constexpr, PAGE: tl.constexpr, RECENT: tl.constexpr, RP: tl.constexpr,
+                          NCH: tl.constexpr, NP: tl.constexpr, RANK: tl.constexpr, RC: tl.constexpr,
                           PDL: tl.constexpr = False):
         _pdl(PDL)
         r = tl.program_id(0)
@@ -51,7 +52,7 @@ if triton is not None:
         cnt = tl.maximum(n_ok, 1).to(tl.float32)
         mean = sx / cnt
         sd = tl.sqrt(tl.maximum(sxx / cnt - mean * mean, 0.0))
-        pr = (2.0 * kk.to(tl.float32) + 32.0) / cnt  # upper-tail share to keep (Abramowitz-Stegun 26.2.23)
+        pr = (margin * kk.to(tl.float32) + 32.0) / cnt  # upper-tail share to keep (Abramowitz-Stegun 26.2.23)
         t = tl.sqrt(-2.0 * tl.log(tl.minimum(tl.maximum(tl.minimum(pr, 1.0 - pr), 1e-30), 0.5)))
         z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
         z = tl.where(pr < 0.5, z, -z)
@@ -74,10 +75,27 @@ if triton is not None:
         if (kept >= kk) & (kept <= CAP):  # 3. the exact pick best among the kept (all of the row's best are)
             slot = tl.arange(0, CAP)
             x = tl.load(sv + slot, mask=slot < kept, other=float("-inf"))
-            sel = _top_mask_search(x, kk)
+            if RANK:  # each kept page's rank by counting the kept pages ahead of it (ties: lower pages first)
+                rank = tl.zeros([CAP], tl.int32)
+                c0 = kept * 0
+                while c0 < kept:
+                    jb = c0 + tl.arange(0, RC)
+                    xb = tl.load(sv + jb, mask=jb < kept, other=float("-inf"))
+                    ahead = (xb[None, :] > x[:, None]) | ((xb[None, :] == x[:, None]) & (jb[None, :] < slot[:, None]))
+                    rank += tl.sum(ahead.to(tl.int32), 1)
+                    c0 += RC
+                sel = (slot < kept) & (rank < kk)
+            else:
+                sel = _top_mask_search(x, kk)
             pos = tl.cumsum(sel.to(tl.int32), 0) - 1
             tl.store(base + pos, tl.load(si + slot, mask=sel, other=-1), mask=sel)
-        else:  # a row far from normal: bisection on the keys' bits over the whole row (exact)
+        elif NP <= 16384:  # a row far from normal: the search over the whole row in registers (exact)
+            offs_r = tl.arange(0, NP)
+            x = tl.load(row + offs_r, mask=offs_r < P, other=float("-inf"))
+            sel = _top_mask_search(x, kk)
+            pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+            tl.store(base + pos, offs_r, mask=sel)
+        else:  # longer rows: bisection on the keys' bits over the row in chunks (exact)
             ans = tl.full([], -2147483647, tl.int32) - 1
             c0 = tl.zeros([], tl.int32)
             for c in range(NCH):
@@ -112,12 +130,18 @@ if triton is not None:
 
 
 def threshold_select(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, recent: int, k: int,
-                     cap: int | None = None, chunk: int = 1024, num_warps: int = 1, pdl: bool = False) -> torch.Tensor:
+                     cap: int | None = None, chunk: int = 1024, num_warps: int = 1, pdl: bool = False,
+                     rank: bool = False, margin: float = 2.0, rank_chunk: int = 32,
+                     chunked_fallback: bool = False) -> torch.Tensor:
     """``topk_select.quest_select_triton``'s contract: s float32 [B, Hs, P] page scores (-inf: not a candidate), n
     [1] the valid length -> int32 [B, Hs, k + recent] (the ``min(pick, k)`` best pages ascending, -1, then the
     ``recent`` newest); n [B] instead: each batch entry's own valid length (a batch over a shared context,
     methods/quest_batch.py). ``cap``: scratch slots per row (a power of two, >= k; default: 4 * k rounded up), ``chunk``:
-    scores per pass step (a power of two). ``pdl``: launched as a programmatic dependent (CUDA, Hopper+)."""
+    scores per pass step (a power of two). ``pdl``: launched as a programmatic dependent (CUDA, Hopper+).
+    ``margin``: the threshold keeps about ``margin * pick + 32`` pages; ``rank``: the pick best of those by counting
+    each one's rank (``rank_chunk`` pages at a time) instead of the search; a row whose kept count is below pick or
+    above ``cap`` is searched whole (rows of up to 16,384 pages; longer, or ``chunked_fallback``: bisection in
+    chunks)."""
     from scbench.kernels.paged_decode import pdl_args
 
     b, hs, p = s.shape
@@ -134,7 +158,8 @@ def threshold_select(s: torch.Tensor, n: torch.Tensor, page: int, budget: int, r
     ch = min(chunk, max(16, triton.next_power_of_2(p)))
     if n.numel() not in (1, b):
         raise ValueError(f"threshold_select: n must hold 1 or {b} lengths, got {n.numel()}")
-    _threshold_kernel[(r,)](s.contiguous(), n, out, sv, si, p, k, budget, hs if n.numel() > 1 else 1 << 30, CAP=cap, CH=ch,
+    _threshold_kernel[(r,)](s.contiguous(), n, out, sv, si, p, k, budget, hs if n.numel() > 1 else 1 << 30, margin,
+                            CAP=cap, CH=ch, NP=1 << 30 if chunked_fallback else max(16, triton.next_power_of_2(p)), RANK=rank, RC=rank_chunk,
                             KP=max(2, triton.next_power_of_2(k)), PAGE=page, RECENT=recent,
                             RP=max(2, triton.next_power_of_2(recent)), NCH=triton.cdiv(p, ch), num_warps=num_warps,
                             **pdl_args(pdl))

@@ -27,17 +27,19 @@ def _rows(p, n, page, recent, seed):
     return s.to(DEVICE)
 
 
+@pytest.mark.parametrize("rank,chunked", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("p,n,budget,recent,page,cap,chunk", [(90, 1500, 160, 1, 16, None, 32),
                                                               (90, 1500, 160, 1, 16, 16, 64),
                                                               (40, 600, 136, 2, 16, None, 1024),
                                                               (40, 640, 16, 1, 16, None, 16),
                                                               (20, 100, 512, 1, 8, None, 16)])
-def test_threshold_select_matches_quest_select(p, n, budget, recent, page, cap, chunk):
+def test_threshold_select_matches_quest_select(p, n, budget, recent, page, cap, chunk, rank, chunked):
     s = _rows(p, n, page, recent, p + n)
     nn = torch.tensor([n], device=DEVICE)
     k = min(p, (budget - 1) // page)
     want = topk_select.quest_select_triton(s, nn, page, budget, recent, k)
-    got = quest_select.threshold_select(s, nn, page, budget, recent, k, cap=cap, chunk=chunk)
+    got = quest_select.threshold_select(s, nn, page, budget, recent, k, cap=cap, chunk=chunk, rank=rank, rank_chunk=8,
+                                        margin=1.25 if rank else 2.0, chunked_fallback=chunked)
     assert torch.equal(got.cpu(), want.cpu())
     top = s.topk(k, dim=-1)  # and torch.topk's scores (ties may pick other pages)
     ref = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent).cpu()
