@@ -22,6 +22,11 @@ from scbench.kernels import quest_batch as qb
 from scbench.kv.offload import TieredLayer
 
 
+SELECT = {"num_warps": 4, "chunk": 8192}
+"""``threshold_select``'s sizes (H200, 131K, one request: 18 us per layer for 32 rows; 1 warp with 1,024-score
+chunks: 55 us)."""
+
+
 class QuestBatch:
     """The batched decode of one ``Quest`` instance over one ``SharedPrefixKV``."""
 
@@ -114,7 +119,7 @@ class QuestBatch:
         else:
             s_sel = s
         n = nctx + kv.at + 1
-        pages = threshold_select(s_sel, n, p, m.budget, m.recent_pages, min(pt, (m.budget - 1) // p))
+        pages = threshold_select(s_sel, n, p, m.budget, m.recent_pages, min(pt, (m.budget - 1) // p), **SELECT)
         return qb.batch_paged_triton(q, sk, sv, k, v, pages, nctx, kv.at, scale, p, self.counter)
 
     def row_memory(self, b: int, lengths: list[int], fed: int) -> dict:
