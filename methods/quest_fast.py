@@ -66,6 +66,10 @@ ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
 
 
+LONG_SCORES = {"loop_pages": 512, "stages": 3}
+"""``quest_scores_triton``'s sizes for rows of 4,096+ pages (results/perf/quest_step_h200.md, round 8)."""
+
+
 class QuestDecode:
     """fastdecode plugin for a ``Quest`` method instance."""
 
@@ -189,8 +193,11 @@ class QuestDecode:
         then the paged (or union) attention."""
         m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
         pdl = {"pdl": True} if self.pdl else {}
+        score_args = self.score_args
+        if not score_args and self.kmin[l].shape[2] >= self.segment_from:  # long rows: 512 pages per program,
+            score_args = LONG_SCORES  # pipelined (H200, 131K: 0.35 vs 0.40 ms per step; 32K: slower, too few programs)
         s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                             m.recent_pages, m.gqa == "group", **self.score_args, **pdl)
+                                             m.recent_pages, m.gqa == "group", **score_args, **pdl)
         sel = dict(self.select_args)
         if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)
             sel.setdefault("segment", self.segment)

@@ -285,3 +285,35 @@ def tune(a) -> None:
         del kv, q, quest, qs
         torch.cuda.empty_cache()
     write_report(report, a.out)
+
+
+def final(a) -> None:
+    """The defaults as they ship: full attention and Quest's step per length (+ the rank-threshold select)."""
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "plan": "final", "results": []}
+    for n in a.lengths:
+        kv, q = make_kv(n, -(-(n + 64) // 256) * 256)
+        quest = QuestDecode(Quest(budget=4096))
+        quest.allocate(kv, None)
+        quest.load(kv, None)
+        runs = [("step full", None, {}), ("step quest default", quest, {}),
+                ("step quest threshold rank", quest, {"threshold": True, "threshold_args": RANK})]
+        ref = None
+        for name, plug, attrs in runs:
+            saved = {k: getattr(quest, k) for k in attrs}
+            quest.__dict__.update(attrs)
+            try:
+                ms, out = time_graph(step_fn(kv, q, plug))
+            except Exception as e:  # noqa: BLE001
+                print(f"n={n} {name} FAILED {type(e).__name__}: {str(e)[-600:]}", flush=True)
+                continue
+            finally:
+                quest.__dict__.update(saved)
+            r = {"length": n, "variant": name, "ms": round(ms, 4)}
+            if plug is not None and ref is not None:
+                r["max_abs_vs_default"] = max((x.float() - y.float()).abs().max().item() for x, y in zip(out, ref))
+            ref = out if name == "step quest default" else ref
+            report["results"].append(r)
+            print(json.dumps(r), flush=True)
+        del kv, q, quest
+        torch.cuda.empty_cache()
+    write_report(report, a.out)

@@ -42,11 +42,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8], help="--plan batch: batch sizes")
     ap.add_argument("--own", type=int, default=100, help="--plan batch: own tokens per row")
     ap.add_argument("--short", action="store_true", help="--plan tune: rows below 4,096 pages: three steps only")
-    ap.add_argument("--plan", default="variants", choices=["variants", "profile", "batch", "tune"],
+    ap.add_argument("--plan", default="variants", choices=["variants", "profile", "batch", "tune", "final"],
                     help="profile: each stage of the default step at each length, with kernel-size variants "
                          "(bench_quest_profile.py)")
     a = ap.parse_args()
-    if a.plan in ("profile", "batch", "tune"):
+    if a.plan in ("profile", "batch", "tune", "final"):
         import bench_quest_profile
 
         return getattr(bench_quest_profile, a.plan)(a)

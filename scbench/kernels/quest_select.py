@@ -91,10 +91,9 @@ if triton is not None:
             tl.store(base + pos, tl.load(si + slot, mask=sel, other=-1), mask=sel)
         elif NP <= 16384:  # a row far from normal: the search over the whole row in registers (exact)
             offs_r = tl.arange(0, NP)
-            x = tl.load(row + offs_r, mask=offs_r < P, other=float("-inf"))
-            sel = _top_mask_search(x, kk)
-            pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-            tl.store(base + pos, offs_r, mask=sel)
+            x_r = tl.load(row + offs_r, mask=offs_r < P, other=float("-inf"))
+            sel_r = _top_mask_search(x_r, kk)
+            tl.store(base + tl.cumsum(sel_r.to(tl.int32), 0) - 1, offs_r, mask=sel_r)
         else:  # longer rows: bisection on the keys' bits over the row in chunks (exact)
             ans = tl.full([], -2147483647, tl.int32) - 1
             c0 = tl.zeros([], tl.int32)
