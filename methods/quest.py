@@ -104,6 +104,15 @@ class Quest(Method):
 
         return QuestDecode(self)
 
+    def batch_decoder(self):
+        """Batched decode over a shared context (scbench/batch.py; methods/quest_batch.py); None with ``recall``
+        or the host tier (the plain loop decodes those one request at a time)."""
+        if self.recall or self.tier != "device":
+            return None
+        from scbench.methods.quest_batch import QuestBatch
+
+        return QuestBatch(self)
+
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a TieredLayer holding them, with the page bounds of the full pages."""
         layer = TieredLayer(keys, values, storage=self.tier)

@@ -25,6 +25,7 @@ from scbench.kernels import paged_decode
 from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
 from scbench.kernels.paged_dot import paged_dot_triton
 from scbench.kernels.paged_union import paged_union_triton
+from scbench.kernels.quest_select import threshold_select
 from scbench.kernels.topk_select import quest_select_triton
 from scbench.kv.offload import device_tier_unsupported
 
@@ -51,12 +52,22 @@ UNION = os.environ.get("SCBENCH_QUEST_UNION", "0") == "1"
 attends the group's heads over the union of their pages (each page read once; the same selection and math). Off:
 on random weights the heads' pages barely overlap (1.41 vs 2.01 GB at 32K) and the kernel reaches 1.33 TB/s
 against the paged kernel's 2.41 (H200, 32K: 1.55 vs 1.31 ms per step); for models whose heads agree."""
-DOT = os.environ.get("SCBENCH_QUEST_DOT", "0") == "1"
+DOT = os.environ.get("SCBENCH_QUEST_DOT", "1") == "1"
 """CUDA: the paged attention as two small matmuls per block with a pipelined loop (``paged_dot.paged_dot_triton``)
-instead of elementwise products (not measured on the GPU yet: off)."""
+instead of elementwise products (H200, 131K: 1.85 vs 2.02 ms per 32-layer step; results/perf/quest_step_h200.md)."""
+THRESHOLD = os.environ.get("SCBENCH_QUEST_THRESHOLD", "0") == "1"
+"""CUDA: the page select in one launch per layer (``kernels/quest_select.threshold_select``: a threshold from the
+row's mean and deviation, then an exact search over the pages above it; the same pages)."""
+PDL = os.environ.get("SCBENCH_QUEST_PDL", "0") == "1"
+"""CUDA (Hopper+): Quest's kernels launched as programmatic dependents (each waits for the previous kernel's writes,
+then lets the next launch: the launch gaps between a layer's kernels overlap)."""
 ADOPT = os.environ.get("SCBENCH_QUEST_ADOPT", "1") != "0"
 """After a turn the static buffers become the TieredLayers' storage (no per-turn copy of the cache);
 ``SCBENCH_QUEST_ADOPT=0``: the rows are appended to the layers' own buffers and copied back each turn."""
+
+
+LONG_SCORES = {"loop_pages": 512, "stages": 3}
+"""``quest_scores_triton``'s sizes for rows of 4,096+ pages (results/perf/quest_step_h200.md, round 8)."""
 
 
 class QuestDecode:
@@ -78,6 +89,9 @@ class QuestDecode:
         self.union = UNION  # CUDA, gqa=head: page maps + the union kernel (kernels/paged_union.py)
         self.union_args: dict = {}  # its range_pages / block_pages / num_warps
         self.dot = DOT  # CUDA, one list per query head: the matmul paged kernel (kernels/paged_dot.py)
+        self.threshold = THRESHOLD  # CUDA: the one-launch threshold select (kernels/quest_select.py)
+        self.threshold_args: dict = {}  # its cap / chunk / num_warps
+        self.pdl = PDL
         self.counter: torch.Tensor | None = None
         self._read_key, self._read = None, 0
 
@@ -178,8 +192,12 @@ class QuestDecode:
         """The Triton kernels (CUDA; CPU tensors in the interpreter): bounds + scores in one kernel, the page select,
         then the paged (or union) attention."""
         m, at, n = self.m, kv.at[l : l + 1], self._n[l : l + 1]
+        pdl = {"pdl": True} if self.pdl else {}
+        score_args = self.score_args
+        if not score_args and self.kmin[l].shape[2] >= self.segment_from:  # long rows: 512 pages per program,
+            score_args = LONG_SCORES  # pipelined (H200, 131K: 0.35 vs 0.40 ms per step; 32K: slower, too few programs)
         s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
-                                             m.recent_pages, m.gqa == "group", **self.score_args)
+                                             m.recent_pages, m.gqa == "group", **score_args, **pdl)
         sel = dict(self.select_args)
         if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)
             sel.setdefault("segment", self.segment)
@@ -192,10 +210,14 @@ class QuestDecode:
             return paged_union_triton(q, k, v, mp, n, m.page_size, scale, counter=self.counter if self.merge else None,
                                       **self.union_args)
         if self.select == "bisect":
-            pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
+            if self.threshold:
+                pages = threshold_select(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]),
+                                         **self.threshold_args, **pdl)
+            else:
+                pages = quest_select_triton(s, n, m.page_size, m.budget, m.recent_pages, self.top_k(s.shape[-1]), **sel)
             attend = paged_dot_triton if self.dot and pages.shape[1] == q.shape[1] else paged_decode.paged_attention_triton
             return attend(q, k, v, pages, n, m.page_size, scale, counter=self.counter if self.merge else None,
-                          **self.tune)
+                          **self.tune, **pdl)
         top = s.topk(self.top_k(s.shape[-1]), dim=-1)
         return paged_decode.paged_attention_triton(q, k, v, top.indices, at + 1, m.page_size, scale,
                                                    top_values=top.values, budget=m.budget, recent=m.recent_pages)

@@ -10,7 +10,9 @@ their log-sum-exp (``shared_prefix_attention``; reference: ``reference_shared_pr
 are those of the sequential path (tests/engines/test_batched_decode.py checks it in float32).
 
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
-(``decode_attention``), caches that are not plain key/value layers (``fast_decode = False``), compression every
+(``decode_attention``) unless they bring a batched decode (``batch_decoder()``: Quest, methods/quest_batch.py, whose
+rows select their own pages of the shared context; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
+those of its sequential decode), caches that are not plain key/value layers (``fast_decode = False``), compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
 ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
 capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the shared-prefix
@@ -56,7 +58,7 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
         return "the model is split over devices (model.device_map)"
     if spec.mode == "multi_turn" and not spec.golden_context:
         return "multi-turn history is the model's own answers (golden_context=false)"
-    if "decode_attention" in method.hooks() or not getattr(method, "fast_decode", True):
+    if ("decode_attention" in method.hooks() or not getattr(method, "fast_decode", True)) and batch_decoder(method) is None:
         return f"method {method.name!r} changes or owns its cache during decode"
     if spec.compress == "every_turn" and "compress_cache" in method.hooks():
         return "compression rewrites the cache every turn"
@@ -67,6 +69,13 @@ def fallback_reason(engine, method, spec, *, check_engine: bool = True) -> str |
     if check_engine and getattr(engine, "session_class", HFSession) is not HFSession:
         return "the model keeps a recurrent state"
     return None
+
+
+def batch_decoder(method):
+    """A loading method's batched decode (``method.batch_decoder()``: each row selects from the shared context by its
+    own query, e.g. methods/quest_batch.py), or None (the method decodes sequentially)."""
+    make = getattr(method, "batch_decoder", None)
+    return make() if callable(make) else None
 
 
 # --- the batch's cache and decode loop -----------------------------------------------------------------------
@@ -96,10 +105,11 @@ EAGER_LAG = 0
 
 
 @torch.inference_mode()
-def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
+def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, plugin=None):
     """Greedy-decode every row together. Returns per row its GenResult (a row's ``decode_s`` is its share: each
     step's time split among the rows still decoding; the first row's ``warmup_s`` holds the one-time capture work),
-    the batch's mean step time and the shared-prefix attention kernel that ran (``batch_step.KERNEL``)."""
+    the batch's mean step time and the shared-prefix attention kernel that ran (``batch_step.KERNEL``). ``plugin``:
+    a factory of the method's batched decode (``batch_decoder``), one per cache view."""
     stop, dev = engine.stop_ids, engine.device
     use_graph = dev.type == "cuda" if use_graph is None else use_graph
     firsts, first_s = [], []
@@ -112,7 +122,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
     steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
     ran, wall, done, t_cap, kernel = 0, 0.0, 0, 0.0, ""
     if steps:
-        kv = SharedPrefixKV(cache, rows, steps)
+        kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
         step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
         kernel = kv.kernel
         host = torch.empty(steps, len(rows), dtype=torch.long, pin_memory=dev.type == "cuda")  # rows contiguous
@@ -128,7 +138,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None):
                 log.warning("batched decode: CUDA graph capture failed (%s: %s); stepping eagerly",
                             type(e).__name__, e)
                 use_graph = False
-                kv = SharedPrefixKV(cache, rows, steps)
+                kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
                 step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
             t_cap, t0 = time.perf_counter() - t0, time.perf_counter()
         read = 0
@@ -185,11 +195,14 @@ class BatchedReplay(Replay):
         self.session = self.engine.session(self.method)
         rows = self._prefill_multi_turn() if self.spec.mode == "multi_turn" else self._prefill_multi_request()
         cache = self.session.cache
+        batched = batch_decoder(self.method)  # a loading method's own batched decode (its cache layers are its own)
         for i, layer in enumerate(cache.layers):
-            if type(layer).__name__ != "DynamicLayer":
+            if type(layer).__name__ != "DynamicLayer" and batched is None:
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
-        gens, step_s, kernel = decode_rows(self.engine, cache, rows)
+        plugins = []
+        make = (lambda: plugins.append(batch_decoder(self.method)) or plugins[-1]) if batched is not None else None
+        gens, step_s, kernel = decode_rows(self.engine, cache, rows, plugin=make)
         mem = self.session.memory()
         e = self.engine
         per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
@@ -201,6 +214,10 @@ class BatchedReplay(Replay):
             lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
             row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
+            if plugins:  # what this row's own sequential decode would have loaded and kept (the method counts it);
+                # its position after the turn (the loaded-bytes check's dense baseline)
+                row_mem.update(plugins[-1].row_memory(rows.index(row), lengths, n))
+                self.session.pos = row.pos + n
             yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, costs=row.costs,
                                decode_batch=len(rows), decode_step_s=step_s if n else 0.0, decode_kernel=kernel)
 

@@ -109,7 +109,7 @@ class SharedPrefixKV:
     """fuse.py's attention forward may take this cache: it calls ``rope_store`` (the batch's rows write at their
     own positions) and ``attend``."""
 
-    def __init__(self, cache, rows: list, steps: int, kernel: str | None = None):
+    def __init__(self, cache, rows: list, steps: int, kernel: str | None = None, plugin=None):
         self.shared = [(layer.keys, layer.values) for layer in cache.layers]
         dev = self.shared[0][0].device
         own_n = [r.own[0][0].shape[2] for r in rows]
@@ -133,6 +133,11 @@ class SharedPrefixKV:
         self.masks: dict[int, torch.Tensor | bool] = {}
         self.kernel = kernel_for(dev) if kernel is None else kernel
         """The shared-prefix attention this batch runs: ``triton`` or ``torch`` (``KERNEL``)."""
+        self.plugin = plugin
+        """A loading method's batched decode (``Method.batch_decoder()``, e.g. methods/quest_batch.py): its
+        ``attend(kv, layer_idx, q, k, v, scale)`` answers a layer's attention (None: the shared-prefix path)."""
+        if plugin is not None:
+            plugin.attach(cache, self)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
@@ -147,6 +152,10 @@ class SharedPrefixKV:
         return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
 
     def attend(self, layer_idx, q, k, v, scale):
+        if self.plugin is not None:
+            out = self.plugin.attend(self, layer_idx, q, k, v, scale)
+            if out is not None:
+                return out
         sk, sv = self.shared[layer_idx]
         if self.kernel == "triton":
             return shared_prefix.shared_prefix_decode(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale)

@@ -39,7 +39,17 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 131000])
     ap.add_argument("--budget-s", type=float, default=40.0)
     ap.add_argument("--out")
+    ap.add_argument("--rows", type=int, nargs="+", default=[4, 8], help="--plan batch: batch sizes")
+    ap.add_argument("--own", type=int, default=100, help="--plan batch: own tokens per row")
+    ap.add_argument("--short", action="store_true", help="--plan tune: rows below 4,096 pages: three steps only")
+    ap.add_argument("--plan", default="variants", choices=["variants", "profile", "batch", "tune", "final"],
+                    help="profile: each stage of the default step at each length, with kernel-size variants "
+                         "(bench_quest_profile.py)")
     a = ap.parse_args()
+    if a.plan in ("profile", "batch", "tune", "final"):
+        import bench_quest_profile
+
+        return getattr(bench_quest_profile, a.plan)(a)
     t_start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
 

@@ -14,9 +14,9 @@ tok=/tmp/scbcache/models/smollm2-135m-instruct-f32
 mkdir -p $tok && cp .gpuwhl/smol_tok/* $tok/ && touch $tok/model.safetensors
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count(), 'GPU(s)')"
 # -P: import the installed package, not the source folders (methods/ is installed as scbench.methods)
-python3 -P -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/methods/test_quest_fast.py tests/unit/test_topk_select.py tests/unit/test_row_select.py tests/unit/test_sample_select.py \
+python3 -P -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/methods/test_quest_fast.py tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/unit/test_row_select.py tests/unit/test_sample_select.py \
   tests/methods/test_kivi_fast.py tests/methods/test_kivi_load.py tests/methods/test_retrieval_fast.py tests/engines/test_fast_decode.py \
   tests/engines/test_batched_decode.py tests/engines/test_sharding.py tests/methods/test_ragged_methods.py \
   tests/engines/test_fused_decode.py tests/methods/test_ragged_fast.py tests/methods/test_h2o_kernel.py \
-  tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py tests/engines/test_shared_prefix_kernel.py "$@" 2>&1 \
+  tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py tests/engines/test_shared_prefix_kernel.py tests/engines/test_quest_batch.py "$@" 2>&1 \
   | tail -40

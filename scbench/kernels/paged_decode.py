@@ -59,6 +59,15 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pag
 
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _pdl(PDL: tl.constexpr):
+        """Programmatic dependent launch (Hopper+; the kernel launched with ``launch_pdl=True``): wait until the
+        previous kernel's writes are visible, then let the next kernel's programs start (they wait the same way)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _slot_pages(plist, vlist, slot, end, M, pick, cand, TOPK: tl.constexpr, RECENT: tl.constexpr):
@@ -77,7 +86,8 @@ if triton is not None:
     def _paged_kernel(Q, K, V, Pages, TopV, N, Part, Mx, Sm, Out, Count, scale, C, M, per_split, n_splits, budget,
                       HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                       PAGE: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, RECENT: tl.constexpr,
-                      ITERS: tl.constexpr, ROWWISE: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
+                      ITERS: tl.constexpr, ROWWISE: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr,
+                      PDL: tl.constexpr = False):
         """One (batch x query head, split of its page list) per program; BP pages (BP * PAGE rows) per iteration.
 
         TOPK: ``Pages`` / ``TopV`` are ``topk`` indices / values [B, Hs, M - RECENT] of the page scores; slot j is
@@ -85,7 +95,9 @@ if triton is not None:
         rule, computed here from n and ``budget``). Else ``Pages`` is a page list with -1 for unused slots.
         ROWWISE: each row position of the block keeps its own running max / sum / output (no reduction across
         warps inside the loop), merged once at the end. MERGE: ``Count`` [B * Hq] int32 zeros; the last split of
-        a head merges the splits into ``Out`` (else ``_combine_kernel`` does)."""
+        a head merges the splits into ``Out`` (else ``_combine_kernel`` does). PDL: launched as a programmatic
+        dependent (``launch_pdl``): wait for the previous kernel, then let the next one launch."""
+        _pdl(PDL)
         bq, sp = tl.program_id(0), tl.program_id(1)
         b, h = bq // HQ, bq % HQ
         kvh = h // (HQ // HKV)
@@ -212,13 +224,13 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                            page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
                            top_values: torch.Tensor | None = None, budget: int = 0, recent: int = 0,
                            num_warps: int = 4, rowwise: bool = False, grouped: bool = True,
-                           counter: torch.Tensor | None = None) -> torch.Tensor:
+                           counter: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """The Triton kernel (CUDA); same contract as ``paged_attention_torch``. With ``top_values``, ``pages`` are
     ``topk`` page indices [B, Hs, K] and the kernel applies Quest's pick count (``budget``) and adds the ``recent``
     pages itself (``quest_page_list`` is the same rule in torch ops). One list per KV head (Hs = Hkv) and
     ``grouped``: the group kernel (each byte read once for all the group's query heads). ``counter``: int32
     zeros, >= B * Hq entries, owned by the caller (left at zero): the splits merge inside the kernel (no second
-    launch; one list per query head only)."""
+    launch; one list per query head only). ``pdl``: launched as a programmatic dependent (CUDA, Hopper+)."""
     from scbench.kernels.combine import _combine_kernel
 
     b, hq, _, d = q.shape
@@ -242,7 +254,8 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     _paged_kernel[(b * hq, n_splits)](q2, k, v, pages.contiguous(), top_values.contiguous() if topk else pages, n, part,
                                       mx, sm, out, counter if merge else mx, scale, c, m, per, n_splits, budget, HQ=hq,
                                       HKV=hkv, HS=hs, D=d, PAGE=page, BP=bp, TOPK=topk, RECENT=recent if topk else 0,
-                                      ITERS=per // bp, ROWWISE=rowwise, MERGE=merge, NS=ns, num_warps=num_warps)
+                                      ITERS=per // bp, ROWWISE=rowwise, MERGE=merge, NS=ns, num_warps=num_warps,
+                                      **pdl_args(pdl))
     if not merge:
         _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=ns)
     return out.view(b, hq, 1, d)
@@ -274,9 +287,10 @@ if triton is not None:
     @triton.jit
     def _quest_scores_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                             BP: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr):
+                             BP: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
         """(batch x KV head, block of BP pages): fold the new key into its page's bounds (the block holding that
         page), then the bound scores of the block's pages for the group's query heads; non-candidates -inf."""
+        _pdl(PDL)
         bk, pb = tl.program_id(0), tl.program_id(1)
         at = tl.load(At).to(tl.int32)
         cols = tl.arange(0, D)
@@ -311,20 +325,80 @@ if triton is not None:
                      mask=(rows < G)[:, None] & inside[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _quest_scores_loop_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
+                                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                                  BP: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr,
+                                  PREC: tl.constexpr):
+        """``_quest_scores_kernel`` over ITERS blocks of BP pages per program, the bounds' loads pipelined
+        (``STAGES`` blocks in flight)."""
+        bk, pb = tl.program_id(0), tl.program_id(1)
+        at = tl.load(At).to(tl.int32)
+        cols = tl.arange(0, D)
+        page_at = at // PAGE
+        first_page = pb * ITERS * BP
+        bbase = bk.to(tl.int64) * P * D
+        if (page_at >= first_page) & (page_at < first_page + ITERS * BP):
+            knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
+            lo = tl.load(KMin + bbase + page_at * D + cols)
+            hi = tl.load(KMax + bbase + page_at * D + cols)
+            first = (at % PAGE) == 0
+            tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
+            tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+        tl.debug_barrier()
+        cand = tl.maximum(at // PAGE - RECENT + 1, 0)
+        rows = tl.arange(0, GP)
+        q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        zero = tl.zeros([GP, D], q.dtype)
+        qp, qn = tl.maximum(q, zero), tl.minimum(q, zero)
+        for it in tl.range(ITERS, num_stages=STAGES):
+            pages = first_page + it * BP + tl.arange(0, BP)
+            inside = pages < P
+            off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
+            lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
+            hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
+            s = tl.dot(qp.to(hi.dtype), tl.trans(hi), input_precision=PREC)
+            s += tl.dot(qn.to(lo.dtype), tl.trans(lo), input_precision=PREC)
+            s = tl.where((pages < cand)[None, :], s, float("-inf"))
+            if GROUP:
+                s = tl.where((rows < G)[:, None], s, float("-inf"))
+                tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
+            else:
+                tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
+                         mask=(rows < G)[:, None] & inside[None, :])
+
+
+def pdl_args(pdl: bool) -> dict:
+    """A kernel's launch options for programmatic dependent launch (its ``PDL`` constexpr and ``launch_pdl``)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
+
+
 def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, at: torch.Tensor,
-                        page: int, recent: int, group: bool, block_pages: int = 64, num_warps: int = 4) -> torch.Tensor:
+                        page: int, recent: int, group: bool, block_pages: int = 64, num_warps: int = 4,
+                        pdl: bool = False, loop_pages: int = 0, stages: int = 3) -> torch.Tensor:
     """CUDA: update the page bounds [B, Hkv, P, D] in place with the key at row ``at`` of k [B, Hkv, C, D] (a new
     page starts from it), then Quest's bound scores of q [B, Hq, 1, D] per page, -inf for pages that are not
     candidates (the recent pages and later) -> float32 [B, Hq, P] (``group``: [B, Hkv, P], max over the group).
-    Reference: ``QuestDecode.pages`` (torch ops)."""
+    Reference: ``QuestDecode.pages`` (torch ops). ``loop_pages``: pages per program (blocks of ``block_pages``
+    in a loop whose loads are pipelined ``stages`` deep) instead of one block per program."""
     b, hq, _, d = q.shape
     hkv, c, p = k.shape[1], k.shape[2], kmin.shape[2]
     g = hq // hkv
     s = torch.empty(b, hkv if group else hq, p, dtype=torch.float32, device=q.device)
     bp = block_pages
+    if loop_pages:  # several blocks per program, pipelined
+        iters = max(1, loop_pages // bp)
+        _quest_scores_loop_kernel[(b * hkv, triton.cdiv(p, bp * iters))](
+            q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g,
+            GP=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BP=bp, ITERS=iters, STAGES=stages, GROUP=group,
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        return s
     _quest_scores_kernel[(b * hkv, triton.cdiv(p, bp))](
         q.reshape(b * hq, d).contiguous(), k, kmin, kmax, at, s, c, p, recent, G=g, GP=max(16, triton.next_power_of_2(g)),
-        D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        D=d, PAGE=page, BP=bp, GROUP=group, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        **pdl_args(pdl))
     return s
 
 

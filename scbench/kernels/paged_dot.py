@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from scbench.kernels.paged_decode import triton
+from scbench.kernels.paged_decode import pdl_args, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from scbench.kernels.paged_decode import _pdl
 
     @triton.jit
     def _paged_dot_kernel(Q, K, V, Pages, N, Part, Mx, Sm, Out, Count, scale, C, M, per_split, n_splits,
                           HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                           BP: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, MERGE: tl.constexpr,
-                          NS: tl.constexpr, PREC: tl.constexpr):
+                          NS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
         """(batch x query head, split of its page list); row 0 of the padded query is the head's query."""
+        _pdl(PDL)
         bq, sp = tl.program_id(0), tl.program_id(1)
         b, h = bq // HQ, bq % HQ
         kvh = h // (HQ // HKV)
@@ -76,7 +79,8 @@ if triton is not None:
 
 def paged_dot_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n: torch.Tensor,
                      page: int, scale: float, pages_per_split: int = 16, block_pages: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, counter: torch.Tensor | None = None) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, counter: torch.Tensor | None = None,
+                     pdl: bool = False) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, C, D]; pages [B, Hs, M] (-1: unused); n [1] -> [B, Hq, 1, D].
     ``counter``: int32 zeros, >= B * Hq entries, left at zero: the splits merge inside the kernel."""
     from scbench.kernels.combine import _combine_kernel
@@ -97,7 +101,7 @@ def paged_dot_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: t
     _paged_dot_kernel[(b * hq, n_splits)](
         q.reshape(b * hq, d).contiguous(), k, v, pages.contiguous(), n, part, mx, sm, out, counter if merge else mx,
         scale, c, m, per, n_splits, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page, BP=bp, ITERS=per // bp, STAGES=num_stages,
-        MERGE=merge, NS=ns, PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        MERGE=merge, NS=ns, PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps, **pdl_args(pdl))
     if not merge:
         _combine_kernel[(b * hq, 1)](part, mx, sm, out, n_splits, G=1, GP=1, D=d, NS=ns)
     return out.view(b, hq, 1, d)

@@ -82,7 +82,7 @@ def test_batched_equals_sequential(tiny_engine, mode, method):
 
 
 @pytest.mark.parametrize("method,kw", [
-    ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}, {}),
+    ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1, "recall": True}, {}),  # (batched: test_quest_batch)
     ({"name": "kivi", "bits": 2, "group": 32, "residual": 32}, {}),
     ({"name": "snapkv", "budget": 96, "window": 8}, {"compress": "every_turn"}),
     ({"name": "full"}, {"golden_context": False}),
