@@ -2,6 +2,8 @@
 each row's keys, and a batched replay stores the same rows as the sequential one (float32, tiny random model)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -81,6 +83,46 @@ def test_batched_equals_sequential(tiny_engine, mode, method):
     assert all(r.stats.decode_step_s > 0 and r.stats.decode_s > 0 for r in bat)
 
 
+RAGGED = [{"name": "adakv", "budget": 96, "window": 8}, {"name": "kvzip", "budget": 48, "level": "pair"},
+          {"name": "kvzip", "budget": 48, "level": "layer", "n_recent": 0},
+          {"name": "duo_attention", "n_init": 4, "n_local": 28}]
+
+
+@pytest.fixture(scope="module")
+def duo_gates(tmp_path_factory):
+    path = tmp_path_factory.mktemp("duo") / "gates.json"  # the tiny model: 2 layers x 2 KV heads
+    path.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8]], "n_init": 4, "n_local": 28}))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+@pytest.mark.parametrize("method", RAGGED, ids=["adakv", "kvzip_pair", "kvzip_layer", "duo_attention"])
+def test_ragged_batched_equals_sequential(tiny_engine, duo_gates, mode, method):
+    """Per-head prefix lengths (scbench/kernels/ragged_shared.py's torch path): the sequential path's rows, with the
+    resident bytes of the ragged cache (sum of the heads' lengths, not heads x the longest)."""
+    method = {**method, "heads": duo_gates} if method["name"] == "duo_attention" else method
+    seq = replay(tiny_engine, Replay, method, mode)
+    reps = []
+    bat = replay(tiny_engine, BatchedReplay, method, mode, keep=reps)
+    layers = reps[0].session.cache.layers
+    assert any(getattr(layer, "scbench_ragged", False) for layer in layers)  # the case under test: ragged layers
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+
+
+@pytest.mark.skipif(shared_prefix.triton is None or not shared_prefix.INTERPRET,
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+def test_ragged_batched_kernel_interpreter(tiny_engine, duo_gates, monkeypatch, mode="multi_request"):
+    """The Triton kernels themselves in the batched step (interpreted, float32 CPU): the sequential path's rows."""
+    import scbench.batch_step
+
+    monkeypatch.setattr(scbench.batch_step, "kernel_for", lambda device: "triton")
+    method = {"name": "duo_attention", "n_init": 4, "n_local": 28, "heads": duo_gates}
+    bat = replay(tiny_engine, BatchedReplay, method, mode)
+    same_rows(replay(tiny_engine, Replay, method, mode), bat)
+    assert {r.stats.decode_kernel for r in bat} == {"triton"}
+
+
 @pytest.mark.parametrize("method,kw", [
     ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}, {}),
     ({"name": "kivi", "bits": 2, "group": 32, "residual": 32}, {}),
@@ -126,16 +168,19 @@ def test_timing_values():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
-def test_cuda_batched_equals_sequential(mode):
+def test_cuda_batched_equals_sequential(mode, tmp_path):
     """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
-    Triton shared-prefix kernel and the fused forwards, gives the sequential path's tokens."""
+    Triton shared-prefix kernels (dense and ragged layers) and the fused forwards, gives the sequential path's tokens."""
     from scbench.engines.hf import HFEngine
     from support import byte_tokenizer, random_llama
 
     tok = byte_tokenizer()
     model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
     engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
-    for method in ({"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}):
+    gates = tmp_path / "gates.json"  # 3 layers x 2 KV heads
+    gates.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], "n_init": 4, "n_local": 28}))
+    ragged = [m if m["name"] != "duo_attention" else {**m, "heads": str(gates)} for m in RAGGED]
+    for method in [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}] + ragged:
         seq = replay(engine, Replay, method, mode)
         bat = replay(engine, BatchedReplay, method, mode)
         same_rows(seq, bat)
