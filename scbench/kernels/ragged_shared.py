@@ -217,7 +217,9 @@ def ragged_shared_decode(q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, 
     h = lengths.shape[0]
     g = hq // h
     t = suf_k.shape[2]
-    if suf_k.stride() != suf_v.stride() or suf_k.stride(-1) != 1:
+    if t == 0:  # no suffix (multi-request): never read; an empty tensor's null pointer may not pass Triton's checks
+        suf_k, suf_v = prefix_k.view(1, 1, -1, d), prefix_v.view(1, 1, -1, d)
+    elif suf_k.stride() != suf_v.stride() or suf_k.stride(-1) != 1:
         suf_k, suf_v = suf_k.contiguous(), suf_v.contiguous()
     own_k, own_v, q = own_k.contiguous(), own_v.contiguous(), q.contiguous()
     rt, nt, rq = tiling(b, g, rows)
