@@ -5,7 +5,7 @@ of the same run (same resolved spec, hence the same run id) skips what is stored
 
 Turn rows hold the universal ``TurnStats`` fields as typed columns and the method's own cost columns as one
 JSON object (``method_costs``, declared per method: ``Method.costs``). Schema v1 stores (method costs as flat
-columns) are migrated on open (``_migrate_v1``).
+columns) are migrated on open (``store_schema.migrate_v1``).
 
 Re-scoring a run with another task variant (``scbench score --variant``) writes ``rescores`` rows beside the
 turns; the turns' own scores and the run's spec (whose hash is the run id) stay as the run wrote them.
@@ -21,83 +21,10 @@ from typing import Any
 
 from scbench import RESULTS_SCHEMA_VERSION
 from scbench import leases as lease_mod
-from scbench.records import TurnResult, TurnStats
-
-STAT_COLUMNS = [f.name for f in dataclasses.fields(TurnStats)]
-
-
-JSON_STAT_COLUMNS = {"method_costs", "device_bytes"}
-"""TurnStats fields stored as JSON text (dicts)."""
-
-
-def _stat_type(column: str) -> str:
-    """SQLite type of a TurnStats column: times and rates REAL, labels and JSON TEXT, counts INTEGER."""
-    kind = {f.name: f.type for f in dataclasses.fields(TurnStats)}[column].removesuffix(" | None")
-    return "REAL" if kind == "float" else "TEXT" if kind == "str" or column in JSON_STAT_COLUMNS else "INTEGER"
-
-
-LEGACY_METHOD_COLUMNS = {
-    "index_recall": ("retrieval_attention",), "index_build_s": ("retrieval_attention",),
-    "index_bytes": ("retrieval_attention",),
-    "context_rate": ("ppl_compress", "llmlingua2"), "context_compress_s": ("ppl_compress", "llmlingua2"),
-    "recompute_frac": ("cacheblend",), "chunk_kv_s": ("cacheblend",), "prefill_saved_s": ("cacheblend",),
-}
-"""Schema v1's flat method-cost columns of the turns table -> the methods that measured them (the rest of the
-rows hold the column's default). The v1 -> v2 migration moves a row's values into its ``method_costs``."""
-
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    created REAL, updated REAL,
-    model TEXT, method TEXT, method_label TEXT, task TEXT, mode TEXT,
-    status TEXT, error TEXT,
-    spec TEXT, provenance TEXT,
-    expected TEXT
-);
-CREATE TABLE IF NOT EXISTS turns (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    example_id TEXT NOT NULL,
-    turn INTEGER NOT NULL,
-    prediction TEXT,
-    reference TEXT,
-    scores TEXT,
-    {", ".join(f"{c} {_stat_type(c)}" for c in STAT_COLUMNS)},
-    created REAL,
-    PRIMARY KEY (run_id, example_id, turn)
-);
-CREATE TABLE IF NOT EXISTS rescores (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    example_id TEXT NOT NULL,
-    turn INTEGER NOT NULL,
-    variant TEXT NOT NULL,
-    scores TEXT,
-    created REAL,
-    PRIMARY KEY (run_id, example_id, turn, variant)
-);
-"""
-
-
-class StoreError(ValueError):
-    """A results store that is corrupt or of another schema version (one line, naming the file)."""
-
-
-class NoStore(FileNotFoundError):
-    """No results store at the path a command only reads."""
-
-
-LEASES = """
-CREATE TABLE IF NOT EXISTS leases (
-    run_id TEXT NOT NULL, shard TEXT NOT NULL,
-    host TEXT, pid INTEGER, pstart REAL, started REAL, heartbeat REAL,
-    PRIMARY KEY (run_id, shard)
-);
-"""
-RUN_COLUMNS = {"expected": "TEXT", "resume_mismatch": "TEXT"}
-READABLE_VERSIONS = {1, RESULTS_SCHEMA_VERSION}
-"""Schema versions this scbench opens (v1 is migrated on a writable open, read through a migrated copy otherwise)."""
-"""Columns added to ``runs`` after schema v1 first shipped (nullable; added to older stores on a write open)."""
+from scbench import store_schema as schema
+from scbench.records import TurnResult
+from scbench.store_schema import (JSON_STAT_COLUMNS, LEGACY_METHOD_COLUMNS, READABLE_VERSIONS,  # noqa: F401
+                                   RUN_COLUMNS, STAT_COLUMNS, NoStore, StoreError)
 
 
 class Store:
@@ -155,41 +82,13 @@ class Store:
         return uri if wal.exists() else uri + "&immutable=1"
 
     def _create_and_upgrade(self) -> None:
-        # tables and version row in one transaction: a second job opening the new store never sees a meta table
-        # without its schema_version (it read "results schema v?" and failed)
-        self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}{LEASES}\nINSERT OR IGNORE INTO meta VALUES "
-                              f"('schema_version', '{RESULTS_SCHEMA_VERSION}');\nCOMMIT;")
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if int(row[0]) == 1:
-            self._migrate_v1()
-        self._add_missing_columns()
+        schema.create_and_upgrade(self.db)
 
     def _check_version(self, db) -> int | None:
-        """The store's schema version (None: an empty new file); refuses, before anything is written, a file that
-        is not a results store or a store of a schema this scbench cannot read or migrate."""
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "meta" not in tables:
-            if tables:
-                raise StoreError(f"{self.path}: not a results store (tables: {', '.join(sorted(tables))})")
-            if self.readonly:
-                raise StoreError(f"{self.path}: an empty file, not a results store")
-            return None
-        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
-        if version not in READABLE_VERSIONS:
-            raise StoreError(f"{self.path}: results schema v{row[0] if row else '?'}, this scbench reads "
-                             f"v{'/v'.join(map(str, sorted(READABLE_VERSIONS)))} and writes v{RESULTS_SCHEMA_VERSION}; "
-                             "use the scbench that wrote it")
-        return version
+        return schema.check_version(db, self.path, self.readonly)
 
     def _missing(self, db) -> bool:
-        """Whether a store lacks tables or columns this scbench adds on a writable open."""
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not {"runs", "turns", "rescores", "leases"} <= tables:
-            return True
-        have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-        have_turns = {r[1] for r in db.execute("PRAGMA table_info(turns)")}
-        return not (set(RUN_COLUMNS) <= have and set(STAT_COLUMNS) <= have_turns)
+        return schema.missing(db)
 
     def _upgrade_in_memory(self, ro) -> None:
         """Read-only open of an older store: copy it into memory and upgrade the copy (the file stays as it is)."""
@@ -198,56 +97,6 @@ class Store:
         ro.close()
         self.db = mem
         self._create_and_upgrade()
-
-    def _migrate_v1(self) -> None:
-        """Schema v1 -> v2, in one transaction: each turn's flat method-cost columns (LEGACY_METHOD_COLUMNS) become
-        its ``method_costs`` JSON (the columns its run's method measured; a NULL, written before the column
-        existed, is left out and reads as the default), then the flat columns are dropped."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if int(row[0]) == 1:  # not migrated meanwhile by another process
-                have = {r[1] for r in self.db.execute("PRAGMA table_info(turns)")}
-                if "method_costs" not in have:
-                    self.db.execute("ALTER TABLE turns ADD COLUMN method_costs TEXT")
-                legacy = [c for c in LEGACY_METHOD_COLUMNS if c in have]
-                if legacy:
-                    cur = self.db.execute(
-                        f"SELECT t.rowid, r.method, {', '.join('t.' + c for c in legacy)} "
-                        "FROM turns t LEFT JOIN runs r ON r.run_id = t.run_id")
-                    for rowid, method, *values in cur.fetchall():
-                        costs = {c: v for c, v in zip(legacy, values)
-                                 if method in LEGACY_METHOD_COLUMNS[c] and v is not None}
-                        self.db.execute("UPDATE turns SET method_costs=? WHERE rowid=?",
-                                        (json.dumps(costs, sort_keys=True), rowid))
-                    for c in legacy:
-                        self.db.execute(f"ALTER TABLE turns DROP COLUMN {c}")
-                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(RESULTS_SCHEMA_VERSION),))
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
-
-    def _add_missing_columns(self) -> None:
-        """Stores written by an older scbench of the same schema version lack columns added since (new cost
-        columns are nullable additions): add them, so old stores stay readable and resumable."""
-        want = {"runs": RUN_COLUMNS,
-                "turns": {c: _stat_type(c) for c in STAT_COLUMNS}}
-        missing = lambda table: {c: k for c, k in want[table].items()  # noqa: E731
-                                 if c not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}}
-        if not any(missing(t) for t in want):
-            return
-        self.db.execute("BEGIN IMMEDIATE")  # two jobs opening one new store at once: the second sees the first's columns
-        try:
-            for table in want:
-                for col, kind in missing(table).items():
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         for beat in self.heartbeats.values():

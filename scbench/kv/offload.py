@@ -1,18 +1,14 @@
-"""The slow tier: KV kept off the accelerator (host memory or safetensors files) and loaded back on demand.
+"""The slow tier: KV kept off the accelerator and loaded back on demand (``Tier``, named tensor sets in host
+memory or files, is in ``scbench.kv.tier``).
 
-Two pieces. ``Tier`` stores named sets of tensors in host memory (``cpu``) or as safetensors files under a
-folder (``disk``) and loads them back bit-exactly, counting bytes and time; multi-request runs use it to keep
-the context KV between requests. ``TieredLayer`` is a transformers cache layer for the loading methods (Quest,
+``TieredLayer`` is a transformers cache layer for the loading methods (Quest,
 RetrievalAttention): its keys and values live in a storage tier (``device``: the accelerator, as Quest keeps
 them in HBM; ``cpu``: host memory) and a decode step loads only the rows the method picks (``load``), counting
 the bytes and, for host storage, the transfer time.
 """
 from __future__ import annotations
 
-import re
-import shutil
 import time
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -20,126 +16,11 @@ from transformers.cache_utils import DynamicLayer
 from scbench.devices import sync as _sync
 from scbench.kernels.dense import causal_attention
 from scbench.kv.cache import CacheLayer
+from scbench.kv.tier import TIERS, Parked, Tier, flatten, nbytes, unflatten  # noqa: F401 (``Tier`` & co. lived here)
 
-TIERS = ("cpu", "disk")
 STORAGES = ("device", "cpu")
 HOST_RESERVE = 1024
 """Spare rows of a host tier's first buffers: regrowing copies the whole layer (and pins new host memory)."""
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class Tier:
-    """Named sets of tensors held in host memory (``cpu``) or in ``<root>/<name>.safetensors`` (``disk``).
-
-    ``put`` copies the tensors out (the caller may free its own), ``get`` returns fresh tensors on ``device``
-    with the same dtypes, shapes and bits. ``loaded_bytes`` / ``load_s`` count what ``get`` brought back.
-    """
-
-    def __init__(self, kind: str, root: str | Path | None = None):
-        if kind not in TIERS:
-            raise ValueError(f"offload tier must be one of {TIERS}, got {kind!r}")
-        if kind == "disk" and root is None:
-            raise ValueError("offload tier 'disk' needs a root folder for its safetensors files")
-        self.kind = kind
-        self.root = Path(root) if root is not None else None
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-        self._held: dict[str, dict[str, torch.Tensor] | int] = {}
-        self.loaded_bytes = 0
-        self.load_s = 0.0
-
-    def _path(self, name: str) -> Path:
-        return self.root / f"{name}.safetensors"
-
-    def put(self, name: str, tensors: dict[str, torch.Tensor]) -> int:
-        """Store ``tensors`` (any shapes and dtypes) under ``name``, replacing what was there; returns the bytes."""
-        if not _NAME.match(name):
-            raise ValueError(f"offload tier: name {name!r} must match {_NAME.pattern}")
-        host = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
-        size = sum(nbytes(t) for t in host.values())
-        if self.kind == "cpu":
-            self._held[name] = host
-        else:
-            from safetensors.torch import save_file
-
-            save_file(host, str(self._path(name)))
-            self._held[name] = size
-        return size
-
-    def get(self, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The tensors stored under ``name``, on ``device``."""
-        if name not in self._held:
-            raise KeyError(f"offload tier ({self.kind}): nothing stored under {name!r}; stored: {sorted(self._held)}")
-        device = torch.device(device)
-        t0 = time.perf_counter()
-        if self.kind == "cpu":
-            out = {k: t.to(device, copy=True) for k, t in self._held[name].items()}
-        else:
-            from safetensors.torch import load_file
-
-            out = {k: t.to(device) for k, t in load_file(str(self._path(name))).items()}
-        _sync(device)
-        self.load_s += time.perf_counter() - t0
-        self.loaded_bytes += sum(nbytes(t) for t in out.values())
-        return out
-
-    def drop(self, name: str) -> None:
-        held = self._held.pop(name, None)
-        if held is not None and self.kind == "disk":
-            self._path(name).unlink(missing_ok=True)
-
-    def held_bytes(self) -> int:
-        """Bytes stored in this tier now."""
-        return sum(h if isinstance(h, int) else sum(nbytes(t) for t in h.values()) for h in self._held.values())
-
-    def close(self) -> None:
-        for name in list(self._held):
-            self.drop(name)
-        if self.kind == "disk" and self.root.exists() and not any(self.root.iterdir()):
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-def flatten(obj, path: str = "s") -> tuple[dict[str, torch.Tensor], tuple]:
-    """Nested lists/tuples of tensors and plain values -> (named tensors, a tree to rebuild it with ``unflatten``)."""
-    if isinstance(obj, torch.Tensor):
-        return {path: obj}, ("tensor", path)
-    if isinstance(obj, (list, tuple)):
-        tensors, items = {}, []
-        for i, item in enumerate(obj):
-            t, tree = flatten(item, f"{path}.{i}")
-            tensors.update(t)
-            items.append(tree)
-        return tensors, (type(obj).__name__, items)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return {}, ("value", obj)
-    raise TypeError(f"flatten: cannot store a {type(obj).__name__} at {path} in an offload tier")
-
-
-def unflatten(tree: tuple, tensors: dict[str, torch.Tensor]):
-    kind, payload = tree
-    if kind == "tensor":
-        return tensors[payload]
-    if kind == "value":
-        return payload
-    items = [unflatten(item, tensors) for item in payload]
-    return tuple(items) if kind == "tuple" else items
-
-
-class Parked:
-    """A cache snapshot (``scbench.kv.cache.snapshot``) kept in a Tier: multi-request runs park the context KV
-    there after its prefill and load it back before each later request."""
-
-    def __init__(self, tier: Tier, name: str, snap: list):
-        tensors, self.tree = flatten(snap)
-        self.tier, self.name = tier, name
-        self.nbytes = tier.put(name, tensors)
-
-    def load(self, device: torch.device) -> list:
-        return unflatten(self.tree, self.tier.get(self.name, device))
 
 
 class Rows:
