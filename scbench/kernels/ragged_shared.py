@@ -93,8 +93,8 @@ class SharedWork:
 
     def __init__(self, lengths: list[int], t: int, rq: int, device, split: int | None = None,
                  programs: int | None = None):
-        if split is None:
-            split = rd.pick_split(lengths, t, programs or 4 * rd.sm_count(device))
+        if split is None:  # at most rd.MAX_ITEMS pieces per head with the own ones: the merge's tile stays 128 rows
+            split = rd.pick_split(lengths, t, programs or 4 * rd.sm_count(device), max(1, rd.MAX_ITEMS - rq))
         heads, starts, base, count = [], [], [], []
         for h, n in enumerate(lengths):
             k = -(-(n + t) // split)
