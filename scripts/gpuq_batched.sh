@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # GPU-queue job for issue 19 (< 80 s, run from a copy of the worktree on the GPU box, cwd = the code): the CUDA tests
 # of batched decode (the dense and ragged shared-prefix kernels; batched vs sequential replay with the CUDA graph and
-# Triton, ragged caches included), then the ragged shared-prefix microbenchmark (scripts/bench_ragged_shared.py).
+# Triton, ragged caches included), then the ragged shared-prefix microbenchmark and batched step
+# (scripts/bench_ragged_shared.py). Each part has its own time slot (env: KERNEL_S, REPLAY_S, BENCH_S).
 export PYTHONUNBUFFERED=1
 date
-timeout ${KERNEL_S:-24} python3 -m pytest -q -p no:cacheprovider --durations=5 tests/engines/test_ragged_shared_kernel.py \
-  tests/engines/test_shared_prefix_kernel.py -k "cuda" 2>&1 | tail -12
-echo "== kernel tests rc ${PIPESTATUS[0]}"
-timeout ${REPLAY_S:-30} python3 -m pytest -q -p no:cacheprovider --durations=5 tests/engines/test_batched_decode.py \
-  -k "cuda" 2>&1 | tail -12
-echo "== replay tests rc ${PIPESTATUS[0]}"
-timeout ${BENCH_S:-20} python3 scripts/bench_ragged_shared.py --lengths ${LENGTHS:-131072} --budget $(( ${BENCH_S:-20} - 7 ))
+if [ "${KERNEL_S:-20}" -gt 0 ]; then
+  timeout ${KERNEL_S:-20} python3 -m pytest -q -p no:cacheprovider --durations=5 tests/engines/test_ragged_shared_kernel.py \
+    tests/engines/test_shared_prefix_kernel.py -k "cuda" 2>&1 | tail -12
+  echo "== kernel tests rc ${PIPESTATUS[0]}"
+fi
+if [ "${REPLAY_S:-26}" -gt 0 ]; then
+  timeout ${REPLAY_S:-26} python3 -m pytest -q -p no:cacheprovider --durations=5 tests/engines/test_batched_decode.py \
+    -k "cuda" 2>&1 | tail -12
+  echo "== replay tests rc ${PIPESTATUS[0]}"
+fi
+B=${BENCH_S:-28}
+timeout $B python3 scripts/bench_ragged_shared.py --lengths ${LENGTHS:-131072} --batches ${BATCHES:-1 2 4 8} \
+  --budget $(( B / 3 )) --step-budget $(( B / 3 )) --layers 4 --steps 20 --step-cache ${STEP_CACHE:-duo}
 echo "== bench rc $?"
 date
