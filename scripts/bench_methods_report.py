@@ -239,8 +239,9 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
 
     if not measured.is_file():
         return {"text": f"no estimate: {measured} missing", "total_s": None, "sweeps": {}}
-    old = [r for r in json.loads(measured.read_text())["rows"]
-           if "prefill_s" in r and r.get("way", "sequential") == "sequential"]
+    rows = [r for r in json.loads(measured.read_text())["rows"] if "prefill_s" in r]
+    old = [r for r in rows if r.get("way", "sequential") == "sequential"]
+    grouped = [r for r in rows if r.get("way") == "grouped"]
 
     def lookup(label: str, length: int) -> dict | None:
         cands = [r for r in old if short(r) == label]
@@ -248,8 +249,10 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
             return None
         r = min(cands, key=lambda r: abs(r["length"] - length))
         scale = (length / r["length"]) ** 1.5
+        g = [x for x in grouped if short(x) == label]  # a grouped process warms up less (one shared warm-up forward)
+        warm_g = min(g, key=lambda x: abs(x["length"] - length))["warmup_s"] if g else r["warmup_s"]
         return {"prefill": r["prefill_s"] * scale, "later": r["later_prefill_s"] or 0.0, "warm": r["warmup_s"],
-                "rate": r["decode_tok_s"] or 30.0}
+                "warm_grouped": warm_g, "rate": r["decode_tok_s"] or 30.0}
 
     engine = type("E", (), {"offload": None, "name": "hf"})()
     sweeps, lines, total = {}, [], 0.0
@@ -274,7 +277,8 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
         rest = lambda c: (turns - 1) * c["later"] + _run_overhead(length)  # noqa: E731
         seq = PROCESS_S + warm + examples * sum(c["prefill"] + rest(c) + turns * step / c["rate"]
                                                 for c in cost.values() for _ in modes)
-        grp = {True: PROCESS_S + warm, False: PROCESS_S + warm}  # batched decode or not
+        warm_g = sum(c.get("warm_grouped", c["warm"]) for c in cost.values())
+        grp = {True: PROCESS_S + warm_g, False: PROCESS_S + warm_g}  # batched decode or not
         for mode in modes:
             shared = [c for c in cost.values() if c["share"]]
             prefill = ((full["prefill"] if shared else 0.0) + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
