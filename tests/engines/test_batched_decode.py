@@ -40,11 +40,11 @@ def test_shared_prefix_attention_matches_reference(seed):
                                atol=1e-5, rtol=1e-5)
 
 
-def replay(engine, cls, method: dict, mode: str, done=None, keep=None, **kw):
-    task = TASKS.get("scbench_kv")
+def replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", **kw):
     count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
-    ex = load_examples(task, "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
-    spec = RunSpec(model={}, method=method, task="scbench_kv", mode=mode, max_turns=4, max_new_tokens=10, **kw)
+    ex = load_examples(TASKS.get(task), "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
+    spec = RunSpec(model={}, method=method, task=task, mode=mode, max_turns=4, max_new_tokens=10, **kw)
+    task = TASKS.get(task)
     rep = cls(engine, build_method(method), task, ex, spec, done=done)
     if keep is not None:
         keep.append(rep)
@@ -108,6 +108,20 @@ def test_ragged_batched_equals_sequential(tiny_engine, duo_gates, mode, method):
     assert any(getattr(layer, "scbench_ragged", False) for layer in layers)  # the case under test: ragged layers
     same_rows(seq, bat)
     assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["later_turns", "every_turn"])
+@pytest.mark.parametrize("method", RAGGED[:2], ids=["adakv", "kvzip_pair"])
+def test_ragged_batched_forced_answer_prefix(tiny_engine, monkeypatch, method, first):
+    """scbench_summary forces "This paper" at the start of later answers (rewound before the next turn's feed): the
+    rows' own keys and shared suffix rows around those rewinds, over ragged layers. Forced on the first answer too,
+    the first prompt's compression keeps it inside every head's prefix (KVzip): the row's own keys come from there."""
+    if first:
+        monkeypatch.setattr(type(TASKS.get("scbench_summary")), "assistant_prefix", lambda self, ex, i: "This paper")
+    seq = replay(tiny_engine, Replay, method, "multi_turn", task="scbench_summary")
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_turn", task="scbench_summary")
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
 
 
 @pytest.mark.skipif(shared_prefix.triton is None or not shared_prefix.INTERPRET,
