@@ -14,6 +14,7 @@ embedding + own-key store as one kernel, ``shared_prefix.rope_store_rows``), as 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ import torch
 from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
 from scbench.kernels import ragged_shared, shared_prefix
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("triton", "torch")
 KERNEL = os.environ.get("SCBENCH_BATCH_KERNEL") or "triton"
@@ -189,15 +192,28 @@ class RaggedShared:
         self.offsets = torch.tensor(ragged_shared.offsets_of(self.lengths), device=dev)
         self.len_t = torch.tensor(self.lengths, device=dev)
         self.work = None
+        self.triton_ok: bool | None = None
+        """None until the kernel first ran; False after it failed to launch (the torch path from then on)."""
 
     def attend(self, kernel, q, sk, sv, seen, k, v, at, scale):
-        if kernel == "triton":
-            if self.work is None:  # first step: before any CUDA graph capture
+        if kernel == "triton" and self.triton_ok is not False:
+            first = self.work is None  # the first step: eager, before any CUDA graph capture
+            if first:
                 rq = ragged_shared.tiling(q.shape[0], q.shape[1] // len(self.lengths))[2]
                 split = 64 if q.device.type == "cpu" else None  # the interpreter (tests): short static loops
                 self.work = ragged_shared.SharedWork(self.lengths, sk.shape[2], rq, q.device, split=split)
-            return ragged_shared.ragged_shared_decode(q, self.k, self.v, self.offsets, self.len_t, sk, sv, seen, k, v,
-                                                      at, self.work, scale)
+            try:
+                out = ragged_shared.ragged_shared_decode(q, self.k, self.v, self.offsets, self.len_t, sk, sv, seen, k,
+                                                         v, at, self.work, scale)
+            except Exception as e:  # noqa: BLE001 - a launch failure on the first step: the torch path, not a crash
+                if not first:
+                    raise
+                log.warning("ragged shared-prefix kernel failed to launch (%s: %s); torch path instead",
+                            type(e).__name__, e)
+                self.triton_ok = False
+            else:
+                self.triton_ok = True
+                return out
         return ragged_shared.ragged_shared_attention(q, self.k, self.v, self.lengths, sk, sv, seen, k, v, at, scale)
 
 

@@ -226,8 +226,9 @@ def ragged_shared_decode(q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, 
     if work.t != t or work.rq != rq:
         raise ValueError(f"ragged_shared_decode: work list for {work.t} suffix rows / {work.rq} requests per tile, "
                          f"got {t} / {rq}")
-    if bn is None:
-        bn = 16 if q.device.type == "cpu" else 64
+    # key/value tiles of both loops (prefix, suffix) within the shared-memory budget of the ragged kernel
+    tile_bn, stages = rd.tiles(d, q.element_size(), q.device.type == "cpu")
+    bn = tile_bn if bn is None else bn
     if work.split % bn:
         raise ValueError(f"ragged_shared_decode: split {work.split} is not a multiple of the key block {bn}")
     part = torch.empty(nt * work.n * rt, d, dtype=torch.float32, device=q.device)
@@ -239,7 +240,8 @@ def ragged_shared_decode(q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, 
         q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, suf_len, own_k, own_v, own_at, work.items, part, mx, sm,
         d**-0.5 if scale is None else scale, t, own_k.shape[2], work.n, work.split, suf_k.stride(1), suf_k.stride(2), b,
         HKV=h, G=g, RT=rt, D=d, BN=bn, PREC="ieee" if q.dtype == torch.float32 else "tf32", DYN=not static,
-        SPLIT_I=work.split if static else 0, OWN_CAP=own_k.shape[2] if static else 0, num_warps=num_warps)
+        SPLIT_I=work.split if static else 0, OWN_CAP=own_k.shape[2] if static else 0, num_warps=num_warps,
+        num_stages=stages)
     _ragged_shared_merge[(h, b * g)](part, mx, sm, out, work.base, work.count, work.n, HKV=h, G=g, RT=rt, D=d,
                                      NS=max(16, triton.next_power_of_2(work.max_count)))
     return out
