@@ -11,8 +11,8 @@ if [ "${KERNEL_S:-20}" -gt 0 ]; then
   echo "== kernel tests rc ${PIPESTATUS[0]}"
 fi
 if [ "${REPLAY_S:-26}" -gt 0 ]; then
-  timeout ${REPLAY_S:-26} python3 -m pytest -q -p no:cacheprovider --durations=5 tests/engines/test_batched_decode.py \
-    -k "cuda" 2>&1 | tail -12
+  timeout ${REPLAY_S:-26} python3 -m pytest -v -p no:cacheprovider --durations=5 tests/engines/test_batched_decode.py \
+    -k "cuda" 2>&1 | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|s call" | tail -30
   echo "== replay tests rc ${PIPESTATUS[0]}"
 fi
 B=${BENCH_S:-28}

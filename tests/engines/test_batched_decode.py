@@ -180,23 +180,33 @@ def test_timing_values():
         replay_class("fast")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
-def test_cuda_batched_equals_sequential(mode, tmp_path):
-    """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
-    Triton shared-prefix kernels (dense and ragged layers) and the fused forwards, gives the sequential path's tokens."""
+@pytest.fixture(scope="module")
+def cuda_engine(tmp_path_factory):
+    """A tiny random Llama on CUDA in float32 (3 layers, byte tokenizer) and DuoAttention gates of its shape."""
     from scbench.engines.hf import HFEngine
     from support import byte_tokenizer, random_llama
 
     tok = byte_tokenizer()
     model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
-    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
-    gates = tmp_path / "gates.json"  # 3 layers x 2 KV heads
+    gates = tmp_path_factory.mktemp("duo_cuda") / "gates.json"  # 3 layers x 2 KV heads
     gates.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], "n_init": 4, "n_local": 28}))
-    ragged = [m if m["name"] != "duo_attention" else {**m, "heads": str(gates)} for m in RAGGED]
-    for method in [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}] + ragged:
-        seq = replay(engine, Replay, method, mode)
-        bat = replay(engine, BatchedReplay, method, mode)
-        same_rows(seq, bat)
-        assert {r.stats.decode_path for r in bat} == {"batched"}
-        assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}
+    return HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32"), str(gates)
+
+
+CUDA_METHODS = RAGGED + [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
+@pytest.mark.parametrize("method", CUDA_METHODS, ids=["adakv", "kvzip_pair", "kvzip_layer", "duo_attention", "full",
+                                                      "snapkv"])
+def test_cuda_batched_equals_sequential(cuda_engine, method, mode):
+    """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
+    Triton shared-prefix kernels (dense and ragged layers) and the fused forwards, gives the sequential path's tokens."""
+    engine, gates = cuda_engine
+    method = {**method, "heads": gates} if method["name"] == "duo_attention" else method
+    seq = replay(engine, Replay, method, mode)
+    bat = replay(engine, BatchedReplay, method, mode)
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
+    assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}
