@@ -89,7 +89,8 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
             if run.get("error"):
                 row["error"] = str(run["error"]).splitlines()[0][:300]
             for t in turns:
-                preds[f"{run['method_label']}|{run['mode']}|{t['example_id']}|{t['turn']}"] = t["prediction"]
+                preds[f"{run['method_label']}|{run['mode']}|{run.get('task')}|{t['example_id']}|{t['turn']}"] = \
+                    t["prediction"]
                 last = max(last or t["created"], t["created"])
             if turns:
                 first_t, later = turns[0], turns[1:]
