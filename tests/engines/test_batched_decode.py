@@ -40,9 +40,9 @@ def test_shared_prefix_attention_matches_reference(seed):
                                atol=1e-5, rtol=1e-5)
 
 
-def replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", **kw):
+def replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", length=300, **kw):
     count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
-    ex = load_examples(TASKS.get(task), "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
+    ex = load_examples(TASKS.get(task), "generated", n=1, length=length, turns=4, seed=1, count=count)[0]
     spec = RunSpec(model={}, method=method, task=task, mode=mode, max_turns=4, max_new_tokens=10, **kw)
     task = TASKS.get(task)
     rep = cls(engine, build_method(method), task, ex, spec, done=done)
@@ -180,20 +180,37 @@ def test_timing_values():
         replay_class("fast")
 
 
-@pytest.fixture(scope="module")
-def cuda_engine(tmp_path_factory):
-    """A tiny random Llama on CUDA in float32 (3 layers, byte tokenizer) and DuoAttention gates of its shape."""
+def byte_engine(device, tmp_path_factory):
+    """A tiny random Llama in float32 (3 layers, byte tokenizer) and DuoAttention gates of its shape."""
     from scbench.engines.hf import HFEngine
     from support import byte_tokenizer, random_llama
 
     tok = byte_tokenizer()
     model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
-    gates = tmp_path_factory.mktemp("duo_cuda") / "gates.json"  # 3 layers x 2 KV heads
+    gates = tmp_path_factory.mktemp("duo_bytes") / "gates.json"  # 3 layers x 2 KV heads
     gates.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], "n_init": 4, "n_local": 28}))
-    return HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32"), str(gates)
+    return HFEngine("tiny-random-llama", model=model, tokenizer=tok, device=device, dtype="float32"), str(gates)
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tmp_path_factory):
+    return byte_engine("cuda", tmp_path_factory)
 
 
 CUDA_METHODS = RAGGED + [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}]
+BYTES = 1200
+"""Prompt length of the byte-tokenizer cases: scbench_kv needs more than 300 bytes for 4 distinct keys."""
+
+
+@pytest.mark.parametrize("method", [RAGGED[0], RAGGED[3]], ids=["adakv", "duo_attention"])
+def test_byte_engine_case_on_cpu(tmp_path_factory, method):
+    """The CUDA test's setup (byte tokenizer, BYTES-long example) on the CPU: it generates and batches (the CUDA test
+    first ran with 300 bytes, which scbench_kv refuses)."""
+    engine, gates = byte_engine("cpu", tmp_path_factory)
+    method = {**method, "heads": gates} if method["name"] == "duo_attention" else method
+    bat = replay(engine, BatchedReplay, method, "multi_turn", length=BYTES)
+    same_rows(replay(engine, Replay, method, "multi_turn", length=BYTES), bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -205,8 +222,8 @@ def test_cuda_batched_equals_sequential(cuda_engine, method, mode):
     Triton shared-prefix kernels (dense and ragged layers) and the fused forwards, gives the sequential path's tokens."""
     engine, gates = cuda_engine
     method = {**method, "heads": gates} if method["name"] == "duo_attention" else method
-    seq = replay(engine, Replay, method, mode)
-    bat = replay(engine, BatchedReplay, method, mode)
+    seq = replay(engine, Replay, method, mode, length=BYTES)
+    bat = replay(engine, BatchedReplay, method, mode, length=BYTES)
     same_rows(seq, bat)
     assert {r.stats.decode_path for r in bat} == {"batched"}
     assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}
