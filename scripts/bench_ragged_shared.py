@@ -36,6 +36,47 @@ def caches(n: int, gen, hkv: int = HKV) -> dict[str, list[int]]:
     return {"adakv": ada, "duo": [n if h % 2 == 0 else min(4096, n) for h in range(hkv)]}
 
 
+SWEEP = [(64, 4, 2, 16), (64, 8, 2, 16), (32, 4, 2, 16), (32, 4, 3, 16), (64, 4, 1, 16), (128, 8, 1, 16),
+         (64, 4, 2, 32), (32, 2, 3, 16)]
+"""``--sweep``: (keys per block, num_warps, num_stages, rows per tile); the first is the default at bf16 D=128."""
+
+
+def sweep(a, out: list) -> None:
+    """The batched kernel's knobs on the Duo-like cache at the first length, for each batch size (``SWEEP``)."""
+    from scbench.kernels import ragged_shared as rs
+
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    t0 = time.perf_counter()
+    n = a.lengths[0]
+    lengths = caches(n, torch.Generator().manual_seed(0))["duo"]
+    pk, pv = (torch.randn(sum(lengths), D, device=dev, dtype=bf) for _ in range(2))
+    off, lens = torch.tensor(rs.offsets_of(lengths), device=dev), torch.tensor(lengths, device=dev)
+    suf = torch.empty(1, HKV, 0, D, device=dev, dtype=bf)
+    nbytes = 2 * pk.numel() * pk.element_size()
+    for b in a.batches:
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=bf)
+        ok, ov = (torch.randn(b, HKV, a.own, D, device=dev, dtype=bf) for _ in range(2))
+        sl, oat = torch.zeros(b, dtype=torch.long, device=dev), torch.full((b,), 149, device=dev)
+        for bn, warps, stages, rows in SWEEP:
+            if time.perf_counter() - t0 > a.sweep_budget:
+                print("sweep budget reached", flush=True)
+                return
+            rq = rs.tiling(b, HQ // HKV, rows)[2]
+            for split in (None, 2048):
+                work = rs.SharedWork(lengths, 0, rq, dev, split=split)
+                kw = dict(bn=bn, num_warps=warps, num_stages=stages, rows=rows)
+                try:
+                    t = timed(lambda: rs.ragged_shared_decode(q, pk, pv, off, lens, suf, suf, sl, ok, ov, oat, work,
+                                                              **kw))
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: the next config
+                    print(f"sweep B={b} {kw}: {type(e).__name__}", flush=True)
+                    continue
+                out.append({"n": n, "batch": b, **kw, "split": work.split, "items": work.n, "us": t * 1e6,
+                            "tbps": nbytes / t / 1e12})
+                print(f"sweep n={n} duo B={b} bn={bn} warps={warps} stages={stages} rows={rows} split={work.split} "
+                      f"({work.n} items): {t * 1e6:.1f} us ({nbytes / t / 1e12:.2f} TB/s)", flush=True)
+
+
 def steps(a, t0, out: list) -> None:
     """The whole decode step on a random Llama-3.1-8B-shaped bf16 model with ``--layers`` layers over a ragged cache
     (every layer ragged, ``--step-cache``): FastDecoder with the ragged plugin (the sequential path, one request,
@@ -140,6 +181,8 @@ def main() -> None:
     ap.add_argument("--step-cache", default="duo", choices=["duo", "adakv"])
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="the kernel's knobs on the Duo-like cache (SWEEP)")
+    ap.add_argument("--sweep-budget", type=float, default=20.0)
     ap.add_argument("--cpu-check", action="store_true", help="the step part on the tiny model on the CPU (no timing)")
     a = ap.parse_args()
     if a.cpu_check:
@@ -185,13 +228,16 @@ def main() -> None:
                       f"{b * one * 1e6:.1f} us: {row['speedup']:.2f}x; {work.n} work items; max |diff| vs torch "
                       f"{err:.1e}", flush=True)
             del pk, pv
+    sweep_rows: list = []
+    if a.sweep:
+        sweep(a, sweep_rows)
     step_rows: list = []
     if not a.skip_steps:
         try:
             steps(a, time.perf_counter(), step_rows)
         except Exception as e:  # noqa: BLE001 - keep the kernel numbers
             print(f"step part failed: {type(e).__name__}: {e}", flush=True)
-    out = {"device": name, "torch": torch.__version__, "rows": rows, "step": step_rows}
+    out = {"device": name, "torch": torch.__version__, "rows": rows, "sweep": sweep_rows, "step": step_rows}
     print(json.dumps(out))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

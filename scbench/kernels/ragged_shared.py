@@ -208,7 +208,8 @@ if triton is not None:
 
 def ragged_shared_decode(q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, suf_len, own_k, own_v, own_at,
                          work: SharedWork, scale: float | None = None, bn: int | None = None,
-                         rows: int | None = None, num_warps: int = 4, dyn: bool | None = None) -> torch.Tensor:
+                         rows: int | None = None, num_warps: int = 4, dyn: bool | None = None,
+                         num_stages: int | None = None) -> torch.Tensor:
     """Triton version of ``ragged_shared_attention`` (CUDA, or the interpreter on CPU tensors). offsets, lengths:
     int64 [H] on q's device; ``work``: this layer's ``SharedWork`` (same lengths, suffix rows and ``rows``).
     ``dyn``: loops to loaded bounds (default: unless interpreting; the interpreter runs them with the tests' index
@@ -228,7 +229,7 @@ def ragged_shared_decode(q, prefix_k, prefix_v, offsets, lengths, suf_k, suf_v, 
                          f"got {t} / {rq}")
     # key/value tiles of both loops (prefix, suffix) within the shared-memory budget of the ragged kernel
     tile_bn, stages = rd.tiles(d, q.element_size(), q.device.type == "cpu")
-    bn = tile_bn if bn is None else bn
+    bn, stages = tile_bn if bn is None else bn, stages if num_stages is None else num_stages
     if work.split % bn:
         raise ValueError(f"ragged_shared_decode: split {work.split} is not a multiple of the key block {bn}")
     part = torch.empty(nt * work.n * rt, d, dtype=torch.float32, device=q.device)
