@@ -14,8 +14,8 @@ generated so far). Nothing is padded or copied: head h's context is read in plac
   the bytes), followed per head by one piece per request of a tile for its own keys. A merge kernel combines each
   (head, row)'s pieces exactly (log-sum-exp, ``combine.merge_splits``). Two launches per layer, no host sync (a CUDA
   graph captures it).
-- ``ragged_shared_attention``: torch, float32, head by head through ``batch_step.shared_prefix_attention``: the
-  plain path (CPU, or ``SCBENCH_BATCH_KERNEL=torch``) and what the kernel is tested against.
+- ``ragged_shared_attention``: torch, float32, head by head: the plain path (CPU, or ``SCBENCH_BATCH_KERNEL=torch``)
+  and what the kernel is tested against.
 - ``reference_ragged_shared``: float64, row by row and head by head, the yardstick.
 """
 from __future__ import annotations
@@ -47,19 +47,27 @@ def offsets_of(lengths: list[int]) -> list[int]:
 def ragged_shared_attention(q, prefix_k, prefix_v, lengths: list[int], suf_k, suf_v, suf_len, own_k, own_v, own_at,
                             scale: float | None = None):
     """q [B, Hq, 1, D]; prefix_k/v [T, D] (head h: rows [off_h, off_h + lengths[h])); suf_k/v [1, H, t, D]; suf_len
-    int64 [B] (suffix rows row b sees); own_k/v [B, H, C, D]; own_at int64 [B] -> [B, Hq, 1, D] in q's dtype."""
-    from scbench.batch_step import shared_prefix_attention
-
+    int64 [B] (suffix rows row b sees); own_k/v [B, H, C, D]; own_at int64 [B] (>= 0) -> [B, Hq, 1, D] in q's dtype.
+    Head by head, float32: the B x g query rows against the head's context (read once) and each row's own keys, one
+    softmax over both."""
     b, hq, _, d = q.shape
-    h = len(lengths)
+    h, c = len(lengths), own_k.shape[2]
     g = hq // h
+    scale = d**-0.5 if scale is None else scale
+    own_masked = (torch.arange(c, device=q.device).view(1, 1, c) > own_at.view(b, 1, 1))
     outs = []
     for i, (off, n) in enumerate(zip(offsets_of(lengths), lengths)):
-        k = torch.cat([prefix_k[off : off + n], suf_k[0, i]])[None, None]
-        v = torch.cat([prefix_v[off : off + n], suf_v[0, i]])[None, None]
-        outs.append(shared_prefix_attention(q[:, i * g : (i + 1) * g], k, v, suf_len + n, own_k[:, i : i + 1],
-                                            own_v[:, i : i + 1], own_at, scale))
-    return torch.cat(outs, dim=1)
+        k = torch.cat([prefix_k[off : off + n], suf_k[0, i]]).float()
+        v = torch.cat([prefix_v[off : off + n], suf_v[0, i]]).float()
+        qh = q[:, i * g : (i + 1) * g, 0].float()  # [B, g, D]
+        s1 = torch.einsum("bgd,nd->bgn", qh, k) * scale
+        seen = torch.arange(k.shape[0], device=q.device).view(1, 1, -1) >= (suf_len + n).view(b, 1, 1)
+        s1 = s1.masked_fill(seen, float("-inf"))
+        s2 = torch.einsum("bgd,bcd->bgc", qh, own_k[:, i].float()) * scale
+        w = torch.cat([s1, s2.masked_fill(own_masked, float("-inf"))], -1).softmax(-1)
+        out = w[..., : k.shape[0]] @ v + torch.einsum("bgc,bcd->bgd", w[..., k.shape[0] :], own_v[:, i].float())
+        outs.append(out.unsqueeze(2))
+    return torch.cat(outs, dim=1).to(q.dtype)
 
 
 def reference_ragged_shared(q, prefix_k, prefix_v, lengths: list[int], suf_k, suf_v, suf_len, own_k, own_v, own_at,
