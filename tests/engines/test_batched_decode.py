@@ -16,7 +16,7 @@ from scbench.registry import TASKS
 from scbench.run import build_method
 from scbench.runner import Replay
 
-TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
+TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s",
           "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 
 
