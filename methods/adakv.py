@@ -46,8 +46,9 @@ class AdaKV(SnapKV):
     """Safety floor: each head first keeps its best alpha x (capacity - window) tokens (0: pure top-k pool)."""
 
     name: ClassVar[str] = "adakv"
-    fast_decode: ClassVar[bool] = False
-    """Not batched decoding (ragged layers); the static / CUDA-graph path takes them through ``static_decoder``."""
+    fast_decode: ClassVar[bool] = True
+    """Batched decoding takes its ragged layers (scbench/kernels/ragged_shared.py); the static / CUDA-graph path takes
+    them through ``static_decoder``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

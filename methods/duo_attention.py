@@ -70,8 +70,9 @@ class DuoAttention(SparsePrefill):
 
     name: ClassVar[str] = "duo_attention"
     stages: ClassVar[tuple[str, ...]] = ("generation", "compression")
-    fast_decode: ClassVar[bool] = False
-    """Not batched decoding (ragged layers); the static / CUDA-graph path takes them through ``static_decoder``."""
+    fast_decode: ClassVar[bool] = True
+    """Batched decoding takes its ragged layers (scbench/kernels/ragged_shared.py); the static / CUDA-graph path takes
+    them through ``static_decoder``."""
     decoding: ClassVar[str] = "retrieval heads over their full KV, streaming heads over sink + recent (ragged)"
     approximation: ClassVar[str] = (
         "tokens appended after compression join streaming heads too until the next firing (the paper evicts "

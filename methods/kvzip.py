@@ -78,10 +78,6 @@ class KVzip(TokenScorer):
         self._keep: dict[int, list[torch.Tensor]] = {}
         self._measured: dict = {}
 
-    @property
-    def fast_decode(self) -> bool:  # ragged levels: not batched; the static path takes them via static_decoder
-        return self.level == "uniform"
-
     def static_decoder(self):
         """The captured-step decode plugin for ragged layers (methods/ragged_fast.py: prefixes read in place)."""
         from scbench.methods.ragged_fast import RaggedDecode

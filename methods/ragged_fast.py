@@ -13,7 +13,8 @@ kernel's split partials). After the turn the layer gets its suffix back as a vie
 
 Dense layers of the same cache (a layer within budget, KVzip level uniform) take the default attention. The plain
 loop (``ragged_attention``, per head) stays the reference: tests/methods/test_ragged_fast.py compares greedy
-tokens. Not covered: compression during decoding (``decode_every`` takes the plain loop) and batched decoding.
+tokens. Not covered: compression during decoding (``decode_every`` takes the plain loop). Batched decoding (several
+requests over one ragged cache) is scbench/batch_step.py's ``RaggedShared`` with scbench/kernels/ragged_shared.py.
 """
 from __future__ import annotations
 

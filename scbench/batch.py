@@ -9,6 +9,8 @@ its own prefix length), each row's own tokens separately, and the two partial so
 their log-sum-exp (``shared_prefix_attention``; reference: ``reference_shared_prefix_attention``). Predictions
 are those of the sequential path (tests/engines/test_batched_decode.py checks it in float32).
 
+Ragged caches (AdaKV, KVzip pair / layer, DuoAttention: per-KV-head prefix lengths, scbench/kv/ragged.py) batch
+too: their prefixes are read in place per head (scbench/kernels/ragged_shared.py, ``batch_step.RaggedShared``).
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
 (``decode_attention``) unless they bring a batched decode (``batch_decoder()``: Quest, methods/quest_batch.py, whose
 rows select their own pages of the shared context; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
@@ -197,7 +199,8 @@ class BatchedReplay(Replay):
         cache = self.session.cache
         batched = batch_decoder(self.method)  # a loading method's own batched decode (its cache layers are its own)
         for i, layer in enumerate(cache.layers):
-            if type(layer).__name__ != "DynamicLayer" and batched is None:
+            if (type(layer).__name__ != "DynamicLayer" and batched is None
+                    and not getattr(layer, "scbench_ragged", False)):
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
         plugins = []
@@ -205,14 +208,18 @@ class BatchedReplay(Replay):
         gens, step_s, kernel = decode_rows(self.engine, cache, rows, plugin=make)
         mem = self.session.memory()
         e = self.engine
-        per_token = 2 * e.kv_heads * e.head_dim * torch.empty((), dtype=e.dtype).element_size()
+        elt = torch.empty((), dtype=e.dtype).element_size()
+        per_token = 2 * e.kv_heads * e.head_dim * elt
+        # a ragged layer (AdaKV, KVzip, DuoAttention) holds sum(lengths), not kv_heads x max(lengths), prefix tokens
+        ragged = sum(sum(layer.lengths) - e.kv_heads * max(layer.lengths) for layer in cache.layers
+                     if getattr(layer, "scbench_ragged", False)) * 2 * e.head_dim * elt
         for row, gen in zip(rows, gens):
             if row.turn in self.done:  # the stored turn recomputed to check the resume (as Replay does)
                 self._compare(row.turn, gen.text)
                 continue
             n = len(gen.tokens) - 1
             lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
-            row_mem = {**mem, "kv_bytes": sum(lengths) * per_token, "kv_tokens": max(lengths),
+            row_mem = {**mem, "kv_bytes": sum(lengths) * per_token + ragged, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
             if plugins:  # what this row's own sequential decode would have loaded and kept (the method counts it);
                 # its position after the turn (the loaded-bytes check's dense baseline)
@@ -222,9 +229,18 @@ class BatchedReplay(Replay):
                                decode_batch=len(rows), decode_step_s=step_s if n else 0.0, decode_kernel=kernel)
 
     def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The last ``n`` tokens of every cache layer (copies)."""
-        return [(layer.keys[:, :, layer.keys.shape[2] - n :].clone(), layer.values[:, :, layer.values.shape[2] - n :].clone())
-                for layer in self.session.cache.layers]
+        """The last ``n`` tokens of every cache layer (copies); a ragged layer's may reach into each head's prefix
+        (multi-turn: the compressed first prompt's tail, which the next turn's rewind crops from every head)."""
+        own = []
+        for layer in self.session.cache.layers:
+            if getattr(layer, "scbench_ragged", False) and layer.keys.shape[2] < n:
+                heads = [layer.head(h) for h in range(len(layer.lengths))]
+                own.append((torch.stack([k[k.shape[0] - n :] for k, _ in heads])[None],
+                            torch.stack([v[v.shape[0] - n :] for _, v in heads])[None]))
+                continue
+            own.append((layer.keys[:, :, layer.keys.shape[2] - n :].clone(),
+                        layer.values[:, :, layer.values.shape[2] - n :].clone()))
+        return own
 
     def _prefill_multi_turn(self) -> list[Row]:
         rows, history = [], 0

@@ -14,13 +14,16 @@ embedding + own-key store as one kernel, ``shared_prefix.rope_store_rows``), as 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
 
 from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
-from scbench.kernels import shared_prefix
+from scbench.kernels import ragged_shared, shared_prefix
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("triton", "torch")
 KERNEL = os.environ.get("SCBENCH_BATCH_KERNEL") or "triton"
@@ -112,6 +115,9 @@ class SharedPrefixKV:
     def __init__(self, cache, rows: list, steps: int, kernel: str | None = None, plugin=None):
         self.shared = [(layer.keys, layer.values) for layer in cache.layers]
         dev = self.shared[0][0].device
+        self.ragged = {li: RaggedShared(layer, rows, li) for li, layer in enumerate(cache.layers)
+                       if getattr(layer, "scbench_ragged", False)}
+        """Per ragged layer (AdaKV, KVzip, DuoAttention: per-head prefix lengths) its prefix read in place."""
         own_n = [r.own[0][0].shape[2] for r in rows]
         cap = max(own_n) + steps
         self.k, self.v = [], []
@@ -124,7 +130,10 @@ class SharedPrefixKV:
                 vb[b, :, : own_n[b]] = r.own[li][1][0]
             self.k.append(kb)
             self.v.append(vb)
-        self.shared_len = torch.tensor([r.shared_len for r in rows], dtype=torch.long, device=dev).T.contiguous()
+        shared_len = [[self.ragged[li].seen[b] if li in self.ragged else n for li, n in enumerate(r.shared_len)]
+                      for b, r in enumerate(rows)]
+        self.shared_len = torch.tensor(shared_len, dtype=torch.long, device=dev).T.contiguous()
+        """[layer, row]: shared tokens the row sees (a ragged layer: suffix rows after the whole per-head prefix)."""
         self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
         """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
         self.rows = torch.arange(len(rows), device=dev)
@@ -157,6 +166,9 @@ class SharedPrefixKV:
             if out is not None:
                 return out
         sk, sv = self.shared[layer_idx]
+        if layer_idx in self.ragged:
+            return self.ragged[layer_idx].attend(self.kernel, q, sk, sv, self.shared_len[layer_idx], k, v, self.at,
+                                                 scale)
         if self.kernel == "triton":
             return shared_prefix.shared_prefix_decode(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale)
         if layer_idx not in self.masks:  # constant during the decode: built at the first step (before any capture)
@@ -167,7 +179,51 @@ class SharedPrefixKV:
                                        self.masks[layer_idx])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.shared[layer_idx][0].shape[2])
+        extra = max(self.ragged[layer_idx].lengths) if layer_idx in self.ragged else 0
+        return extra + int(self.shared[layer_idx][0].shape[2])
+
+
+class RaggedShared:
+    """A ragged layer (scbench/kv/ragged.py) as a batch's shared context: its flat per-head prefixes read in place,
+    its dense suffix as the shared rows a row may see part of (multi-turn), and the kernel's work list (built once:
+    lengths and suffix are fixed during the decode). ``seen[b]``: suffix rows row b sees; a row recorded at
+    ``shared_len`` tokens (``get_seq_length``: longest prefix + suffix) sees the whole prefix of every head and
+    ``shared_len - max(lengths)`` suffix rows (compression fired once, before any row: batch.fallback_reason)."""
+
+    def __init__(self, layer, rows: list, li: int):
+        self.k, self.v, self.lengths = layer.prefix_k, layer.prefix_v, list(layer.lengths)
+        t, top = layer.keys.shape[2], max(self.lengths)
+        self.seen = [r.shared_len[li] - top for r in rows]
+        if any(not 0 <= s <= t for s in self.seen):
+            raise RuntimeError(f"batched decode: cache layer {li} (ragged, prefixes up to {top} tokens + {t} appended) "
+                               f"does not hold the shared tokens the rows saw ({[r.shared_len[li] for r in rows]})")
+        dev = self.k.device
+        self.offsets = torch.tensor(ragged_shared.offsets_of(self.lengths), device=dev)
+        self.len_t = torch.tensor(self.lengths, device=dev)
+        self.work = None
+        self.triton_ok: bool | None = None
+        """None until the kernel first ran; False after it failed to launch (the torch path from then on)."""
+
+    def attend(self, kernel, q, sk, sv, seen, k, v, at, scale):
+        if kernel == "triton" and self.triton_ok is not False:
+            first = self.work is None  # the first step: eager, before any CUDA graph capture
+            if first:
+                rq = ragged_shared.tiling(q.shape[0], q.shape[1] // len(self.lengths))[2]
+                split = 64 if q.device.type == "cpu" else None  # the interpreter (tests): short static loops
+                self.work = ragged_shared.SharedWork(self.lengths, sk.shape[2], rq, q.device, split=split)
+            try:
+                out = ragged_shared.ragged_shared_decode(q, self.k, self.v, self.offsets, self.len_t, sk, sv, seen, k,
+                                                         v, at, self.work, scale)
+            except Exception as e:  # noqa: BLE001 - a launch failure on the first step: the torch path, not a crash
+                if not first:
+                    raise
+                log.warning("ragged shared-prefix kernel failed to launch (%s: %s); torch path instead",
+                            type(e).__name__, e)
+                self.triton_ok = False
+            else:
+                self.triton_ok = True
+                return out
+        return ragged_shared.ragged_shared_attention(q, self.k, self.v, self.lengths, sk, sv, seen, k, v, at, scale)
 
 
 class BatchStep:

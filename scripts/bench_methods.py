@@ -49,7 +49,12 @@ H200 call: left out of the default list to keep the bench inside a session's dev
 CPU_METHODS = ["full", "snapkv-1k", "kivi", "ashape-1k", "kvzip-1k"]
 """The quick CPU version: one of each kind (dense, eviction, quantisation, sparse prefill, issue 23)."""
 MODES = ["multi_turn", "multi_request"]
-WAYS = {"sequential": ["share_prefill=false", "timing=sequential"], "grouped": ["share_prefill=true", "timing=batched"]}
+WAYS = {"sequential": ["share_prefill=false", "timing=sequential"], "grouped": ["share_prefill=true", "timing=batched"],
+        "grouped_sequential": ["share_prefill=true", "timing=sequential"]}
+"""How a sweep runs: one job at a time (today's execution), grouped + batched (issue 19: shared first prefill,
+independent turns decoded as one batch; the key keeps its old name for the checked-in JSON) and grouped alone (shared
+prefill, one request at a time: what batching adds on top; ``--ways sequential grouped grouped_sequential``)."""
+DEFAULT_WAYS = ["sequential", "grouped"]
 
 
 def run_cli(args: list[str], env: dict, timeout: float | None) -> tuple[int, float, str]:
@@ -78,12 +83,14 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
             turns = store.turns(run["run_id"])
             first = min(first or run["created"], run["created"])
             row = {"method": run["method_label"], "config": spec.get("method", {}), "length": length,
-                   "mode": run["mode"], "way": way, "status": run.get("status"), "turns": len(turns),
+                   "mode": run["mode"], "task": run.get("task"), "way": way, "status": run.get("status"),
+                   "turns": len(turns),
                    "examples": len({t["example_id"] for t in turns})}
             if run.get("error"):
                 row["error"] = str(run["error"]).splitlines()[0][:300]
             for t in turns:
-                preds[f"{run['method_label']}|{run['mode']}|{t['example_id']}|{t['turn']}"] = t["prediction"]
+                preds[f"{run['method_label']}|{run['mode']}|{run.get('task')}|{t['example_id']}|{t['turn']}"] = \
+                    t["prediction"]
                 last = max(last or t["created"], t["created"])
             if turns:
                 first_t, later = turns[0], turns[1:]
@@ -96,6 +103,7 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
                     later_prefill_s=statistics.median([t["prefill_s"] for t in later]) if later else None,
                     warmup_s=sum(t.get("warmup_s") or 0.0 for t in turns),
                     decode_tok_s=statistics.median(rates) if rates else 0.0, decode_tok_s_all=rates,
+                    decode_s_sum=sum(t["decode_s"] or 0.0 for t in turns),
                     decode_path=",".join(sorted({t["decode_path"] for t in turns})),
                     kv_bytes=first_t["kv_bytes"], kv_full_bytes=first_t["kv_full_bytes"],
                     bytes_per_token=loaded / toks if loaded and toks else first_t["kv_bytes"],
@@ -159,10 +167,11 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="quick CPU version (the default without CUDA)")
     ap.add_argument("--lengths", type=int, nargs="+")
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    ap.add_argument("--ways", nargs="+", default=DEFAULT_WAYS, choices=list(WAYS))
     ap.add_argument("--methods", nargs="+")
-    ap.add_argument("--examples", type=int, default=1)
-    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=1, help="generated examples per task")
+    ap.add_argument("--turns", type=int, default=2, help="turns per example (SCBench's multi-request examples: ~5)")
+    ap.add_argument("--tasks", nargs="+", default=["scbench_kv"], help="tasks of the sweep (generated data)")
     ap.add_argument("--max-new", type=int, default=None, help="new tokens per turn (default 64; CPU 16)")
     ap.add_argument("--model", default=None,
                     help="model config (default random-llama-3.1-8b on CUDA, smollm2-135m on CPU; tiny-llama: seconds)")
@@ -195,7 +204,7 @@ def main() -> None:
     if a.tokenizer:
         model.append(f"model.tokenizer={a.tokenizer}")
     plan = {"text": "CPU: no device-time estimate", "total_s": None, "sweeps": {}} if cpu else estimate(
-        Path(a.measured), methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples)
+        Path(a.measured), methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples * len(a.tasks))
     print(plan["text"], flush=True)
     if a.estimate:
         return
@@ -208,8 +217,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     methods, plugin = duo_for_model(methods, model_cfg, tmp)
     info = {"device": torch.cuda.get_device_name() if not cpu else "cpu", "torch": torch.__version__,
-            "commit": commit, "model": model, "task": "scbench_kv", "turns": a.turns, "max_new_tokens": max_new,
-            "examples": a.examples, "methods": methods, "estimate_s": plan["total_s"],
+            "commit": commit, "model": model, "task": ",".join(a.tasks), "tasks": a.tasks, "turns": a.turns,
+            "max_new_tokens": max_new, "examples": a.examples, "methods": methods, "estimate_s": plan["total_s"],
+            "all_methods": len(GPU_METHODS),
             "note": "decode tok/s: median over the turns of each run; warm-up kept out of prefill and decode times; "
                     "sweep wall: one scbench process per (length, way), model build included"}
     data = {**info, "rows": [], "sweeps": []}
@@ -224,13 +234,13 @@ def main() -> None:
         share = left
         if left is not None and not (a.grouped_optional and way == "sequential"):
             share = left * (need or 1.0) / ((need or 1.0) + sum(later)) if later else left
-        if left is not None and a.grouped_optional and way == "grouped" and need is not None and need > left:
+        if left is not None and a.grouped_optional and way != "sequential" and need is not None and need > left:
             print(f"{length} {way}: skipped, estimated {need:.0f} s > {left:.0f} s left", flush=True)
             data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "skipped": True,
                                    "estimate_s": need})
             continue
         store = tmp / f"{length}-{way}.sqlite"
-        rc, secs, log = run_cli([*model, f"method={','.join(methods)}", "task=scbench_kv",
+        rc, secs, log = run_cli([*model, f"method={','.join(methods)}", f"task={','.join(a.tasks)}",
                                  f"mode={','.join(a.modes)}", f"data.length={length}", f"data.n={a.examples}",
                                  f"data.turns={a.turns}", f"max_turns={a.turns}", f"max_new_tokens={max_new}",
                                  f"store={store}", "progress=false", *WAYS[way], *plugin,
@@ -238,7 +248,7 @@ def main() -> None:
                                 timeout=max(1.0, share) if share is not None else None)
         rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
         cells = sum(r["examples"] for r in rows if r["status"] == "done")
-        expected = len(methods) * len(a.modes) * a.examples
+        expected = len(methods) * len(a.modes) * a.examples * len(a.tasks)
         data["rows"] += rows
         data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "methods": len(methods),
                                "rc": rc, "wall_s": secs, **span, "runs": len(rows), "cells": cells,

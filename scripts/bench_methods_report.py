@@ -34,9 +34,14 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(out) + "\n"
 
 
+WAYS = ("sequential", "grouped", "grouped_sequential")
+LABEL = {"sequential": "sequential", "grouped": "grouped + batched", "grouped_sequential": "grouped"}
+
+
 def derive(data: dict) -> dict:
-    """Per context length: each way's sweep totals (parts split by mode add up), examples per GPU-hour, the speed-up
-    of grouped + batched over sequential and how many of the sequential sweep's predictions the grouped one shares."""
+    """Per context length: each way's sweep totals (parts split by mode add up), examples per GPU-hour (wall and
+    steady), each way's speed-up over sequential, how many of the sequential sweep's predictions each shares, and
+    the projection of SCBench's 931 examples (``projection``)."""
     agg: dict[tuple, dict] = {}
     for s in data["sweeps"]:
         if s.get("skipped"):
@@ -58,68 +63,121 @@ def derive(data: dict) -> dict:
     summary = []
     for length in sorted({k[0] for k in agg}):
         entry = {"length": length}
-        for way in ("sequential", "grouped"):
+        for way in WAYS:
             a = agg.get((length, way))
             if a is None:
                 continue
-            entry[way] = {k: a.get(k) for k in ("wall_s", "runs_s", "warmup_s", "cells", "runs", "modes", "failed",
-                                                "parts", "rc", "partial")}
-            entry[way]["steady_s"] = a["runs_s"] - a["warmup_s"]
-            entry[way]["examples_per_gpu_hour"] = a["cells"] * 3600 / a["wall_s"] if a["wall_s"] else None
-            entry[way]["examples_per_gpu_hour_steady"] = (a["cells"] * 3600 / entry[way]["steady_s"]
-                                                          if entry[way]["steady_s"] > 0 else None)
-        seq, grp = agg.get((length, "sequential")), agg.get((length, "grouped"))
-        if seq and grp:
+            e = entry[way] = {k: a.get(k) for k in ("wall_s", "runs_s", "warmup_s", "cells", "runs", "modes",
+                                                   "failed", "parts", "rc", "partial")}
+            e["steady_s"] = a["runs_s"] - a["warmup_s"]
+            e["examples_per_gpu_hour"] = a["cells"] * 3600 / a["wall_s"] if a["wall_s"] else None
+            e["examples_per_gpu_hour_steady"] = a["cells"] * 3600 / e["steady_s"] if e["steady_s"] > 0 else None
+            e["steady_s_per_example"] = e["steady_s"] / a["cells"] if a["cells"] else None
+        seq = agg.get((length, "sequential"))
+        for way in WAYS[1:]:
+            grp = agg.get((length, way))
+            if not (seq and grp):
+                continue
             # a sweep stopped at its deadline: the ratio of examples per GPU-hour (flagged partial) instead
-            entry["partial"] = bool(seq.get("partial") or grp.get("partial"))
-            entry["speedup"] = (seq["wall_s"] / grp["wall_s"] if not entry["partial"] else
-                                (grp["cells"] / grp["wall_s"]) / (seq["cells"] / seq["wall_s"]) if seq["cells"] else None)
-            steady = entry["sequential"]["steady_s"], entry["grouped"]["steady_s"]
-            entry["speedup_steady"] = (steady[0] / steady[1] if steady[1] > 0 else None) if not entry["partial"] else (
+            partial = bool(seq.get("partial") or grp.get("partial"))
+            steady = entry["sequential"]["steady_s"], entry[way]["steady_s"]
+            wall = (seq["wall_s"] / grp["wall_s"] if not partial else
+                    (grp["cells"] / grp["wall_s"]) / (seq["cells"] / seq["wall_s"]) if seq["cells"] else None)
+            stdy = (steady[0] / steady[1] if steady[1] > 0 else None) if not partial else (
                 (grp["cells"] / steady[1]) / (seq["cells"] / steady[0]) if steady[0] > 0 and steady[1] > 0 and seq["cells"]
                 else None)
-            entry["same_cells"] = seq["cells"] == grp["cells"] and seq["modes"] == grp["modes"]
-            per = max(1, int(data.get("examples") or 1))  # examples per (method, mode) cell
-            entry["projection"] = {
-                "examples": SCBENCH_EXAMPLES, "methods_x_modes": entry["sequential"]["runs"],
-                **{f"gpu_hours_{w}": SCBENCH_EXAMPLES * entry[w]["steady_s"] / per / 3600 for w in ("sequential", "grouped")}}
-            ref = seq["predictions"]
-            same = sum(grp["predictions"].get(k) == v for k, v in ref.items())
-            entry["same_predictions"] = f"{same}/{len(ref)}"
+            same = sum(grp["predictions"].get(k) == v for k, v in seq["predictions"].items())
+            if way == "grouped":  # the keys of earlier JSON files
+                entry.update(partial=partial, speedup=wall, speedup_steady=stdy,
+                             same_cells=seq["cells"] == grp["cells"] and seq["modes"] == grp["modes"],
+                             same_predictions=f"{same}/{len(seq['predictions'])}")
+            entry[way].update(speedup=wall, speedup_steady=stdy, same_predictions=f"{same}/{len(seq['predictions'])}")
+        if seq and agg.get((length, "grouped")) and not agg.get((length, "grouped_sequential")):
+            derived = grouped_alone(data, entry, length)
+            if derived:
+                entry["grouped_sequential_derived"] = derived
+        if seq and entry.get("grouped"):
+            entry["projection"] = project(data, entry)
         summary.append(entry)
     return {**data, "summary": summary}
 
 
+def grouped_alone(data: dict, entry: dict, length: int) -> dict | None:
+    """Grouped execution with one-request-at-a-time decoding, derived where it was not run: the grouped + batched
+    sweep's steady seconds less its turns' decode seconds (a batched turn's ``decode_s`` is its share of the batch)
+    plus the sequential sweep's decode seconds (the same decode path, one request at a time). None without the
+    per-run decode sums (older JSON) or when the two sweeps did not finish the same cells."""
+    rows = {w: [r for r in data["rows"] if r["length"] == length and r.get("way") == w and "prefill_s" in r]
+            for w in ("sequential", "grouped")}
+    if not all(rows.values()) or any(r.get("decode_s_sum") is None for w in rows.values() for r in w) or \
+            entry["sequential"]["cells"] != entry["grouped"]["cells"] or entry["sequential"].get("partial"):
+        return None
+    dec = {w: sum(r["decode_s_sum"] for r in rs) for w, rs in rows.items()}
+    steady = entry["grouped"]["steady_s"] - dec["grouped"] + dec["sequential"]
+    cells = entry["grouped"]["cells"]
+    return {"steady_s": steady, "steady_s_per_example": steady / cells, "decode_s_batched": dec["grouped"],
+            "decode_s_sequential": dec["sequential"], "examples_per_gpu_hour_steady": cells * 3600 / steady,
+            "speedup_steady": entry["sequential"]["steady_s"] / steady, "modes": entry["grouped"]["modes"],
+            "cells": cells, "derived": True}
+
+
+def project(data: dict, entry: dict) -> dict:
+    """SCBench's 931 examples: GPU-hours of the measured (method, mode) runs at the sweep's steady seconds per example
+    cell, and of every method config (``all_methods``, default 14) x 2 modes at the same mean seconds per cell (the
+    measured methods standing for all of them: exact when the sweep ran all 14 x 2)."""
+    seq = entry["sequential"]
+    methods_x_modes = seq["runs"] // max(1, len(data.get("tasks") or [1]))
+    every = int(data.get("all_methods") or 14) * 2
+    out = {"examples": SCBENCH_EXAMPLES, "methods_x_modes": methods_x_modes, "all_methods_x_modes": every,
+           "turns": data.get("turns"), "max_new_tokens": data.get("max_new_tokens")}
+    for w in WAYS:
+        per = (entry.get(w) or entry.get(f"{w}_derived") or {}).get("steady_s_per_example")
+        if per is None:
+            continue
+        out[f"gpu_hours_{w}"] = SCBENCH_EXAMPLES * methods_x_modes * per / 3600
+        out[f"gpu_hours_all_{w}"] = SCBENCH_EXAMPLES * every * per / 3600
+    return out
+
+
 def projection_lines(summary: list[dict]) -> str:
     out = []
+    h = lambda x: f"{x:,.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
     for e in summary:
         p = e.get("projection")
-        if p:
-            h = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
-            out.append(f"- {e['length']} tokens: SCBench's {p['examples']} examples x these {p['methods_x_modes']} "
-                       f"(method, mode) runs: {h(p['gpu_hours_sequential'])} GPU-hours sequentially, "
-                       f"{h(p['gpu_hours_grouped'])} grouped + batched (steady seconds per example x "
-                       f"{p['examples']}; this sweep's turns and generation lengths)")
+        if not p:
+            continue
+        ways = [w for w in WAYS if f"gpu_hours_{w}" in p]  # grouped alone: measured or derived (sweep table)
+        these = ", ".join(f"{h(p[f'gpu_hours_{w}'])} {LABEL[w]}" for w in ways)
+        every = ", ".join(f"{h(p[f'gpu_hours_all_{w}'])} {LABEL[w]}" for w in ways)
+        out.append(f"- {e['length']} tokens ({p.get('turns')} turns of at most {p.get('max_new_tokens')} new tokens): "
+                   f"SCBench's {p['examples']} examples x these {p['methods_x_modes']} (method, mode) runs: {these} "
+                   f"GPU-hours; x all {p['all_methods_x_modes']} (every method config x 2 modes, at this sweep's mean "
+                   f"steady seconds per example): {every} GPU-hours")
     return "\n".join(out) + ("\n" if out else "")
 
 
 def sweep_table(summary: list[dict]) -> str:
-    head = ("| context | modes | examples | sequential s | grouped + batched s | sequential examples/GPU-h | "
-            "grouped examples/GPU-h | speed-up | steady s (seq / grouped) | steady speed-up | same predictions |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| context | modes | way | examples | wall s | examples/GPU-h | speed-up | steady s | steady s / example | "
+            "steady speed-up | same predictions |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     out = []
-    f = lambda e, w, k, fmt: format(e[w][k], fmt) if w in e and e[w].get(k) is not None else "-"  # noqa: E731
+    f = lambda d, k, fmt: format(d[k], fmt) if d.get(k) is not None else "-"  # noqa: E731
     for e in summary:
-        modes = (e.get("sequential") or e.get("grouped"))["modes"]
-        cells = "/".join(str(e[w]["cells"]) for w in ("sequential", "grouped") if w in e)
-        sp = (f"{e['speedup']:.2f}x" + (" (partial: throughput ratio)" if e.get("partial") else "")
-              if e.get("speedup") else "-")
-        out.append(f"| {e['length']} | {'+'.join(modes)} | {cells} | {f(e, 'sequential', 'wall_s', '.0f')} | "
-                   f"{f(e, 'grouped', 'wall_s', '.0f')} | {f(e, 'sequential', 'examples_per_gpu_hour', ',.0f')} | "
-                   f"{f(e, 'grouped', 'examples_per_gpu_hour', ',.0f')} | {sp} | {f(e, 'sequential', 'steady_s', '.0f')}"
-                   f" / {f(e, 'grouped', 'steady_s', '.0f')} | "
-                   + (f"{e['speedup_steady']:.2f}x" if e.get("speedup_steady") else "-")
-                   + f" | {e.get('same_predictions', '-')} |")
+        for w in WAYS:
+            d = e.get(w)
+            if d is None and e.get(f"{w}_derived"):  # steady figures only: derived, not run
+                d = e[f"{w}_derived"]
+                out.append(f"| {e['length']} | {'+'.join(d['modes'])} | {LABEL[w]} (derived: grouped + batched less "
+                           f"its decode, plus the sequential decode) | {d['cells']} | - | - | - | {d['steady_s']:.0f} | "
+                           f"{d['steady_s_per_example']:.1f} | {d['speedup_steady']:.2f}x | - |")
+                continue
+            if d is None:
+                continue
+            sp = f"{d['speedup']:.2f}x" + (" (partial)" if e.get("partial") else "") if d.get("speedup") else "-"
+            out.append(f"| {e['length']} | {'+'.join(d['modes'])} | {LABEL[w]} | {d['cells']} | {f(d, 'wall_s', '.0f')} | "
+                       f"{f(d, 'examples_per_gpu_hour', ',.0f')} | {sp} | {f(d, 'steady_s', '.0f')} | "
+                       f"{f(d, 'steady_s_per_example', '.1f')} | "
+                       + (f"{d['speedup_steady']:.2f}x" if d.get("speedup_steady") else "-")
+                       + f" | {d.get('same_predictions', '-')} |")
     return head + "\n".join(out) + "\n"
 
 
@@ -128,15 +186,16 @@ def write(out: Path, data: dict) -> None:
     rows = sorted([r for r in data["rows"] if r.get("way", "sequential") == "sequential"],
                   key=lambda r: (r["length"], r["mode"]))
     md = (f"# Methods on {data['device']} (torch {data['torch']}, commit {data['commit']})\n\n"
-          f"`scripts/bench_methods.py`: `scbench run` on {' '.join(data['model'])}, scbench_kv, generated data, "
-          f"{data.get('examples', 1)} example(s), {data['turns']} turns of at most {data['max_new_tokens']} new "
-          "tokens, both modes.\n\n## Sweep wall time\n\nThe same sweep (every method below x the modes) run one job "
-          "at a time (`share_prefill=false timing=sequential`) and grouped + batched (`share_prefill=true "
-          "timing=batched`), each one `scbench run -m` process (model build included); an example is one (method, "
-          "mode, example) cell with all its turns; steady: from the first run's start to the last turn stored, "
-          "less every run's warm-up (no process start, model build or one-time compilation: what a sweep of many "
-          "examples pays per example); same predictions: turns of the grouped sweep equal to the sequential "
-          "one's.\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
+          f"`scripts/bench_methods.py`: `scbench run` on {' '.join(data['model'])}, {data.get('task', 'scbench_kv')}, "
+          f"generated data, {data.get('examples', 1)} example(s) per task, {data['turns']} turns of at most "
+          f"{data['max_new_tokens']} new tokens.\n\n## Sweep wall time\n\nThe same sweep (every method below x "
+          "the modes) run one job at a time (`share_prefill=false timing=sequential`), grouped + batched "
+          "(`share_prefill=true timing=batched`) and, where measured, grouped alone (`share_prefill=true "
+          "timing=sequential`), each one `scbench run -m` process (model build included); an example is one "
+          "(method, mode, task, example) cell with all its turns; steady: from the first run's start to the last "
+          "turn stored, less every run's warm-up (no process start, model build or one-time compilation: what a "
+          "sweep of many examples pays per example); speed-ups are over the sequential sweep; same predictions: "
+          "turns equal to the sequential sweep's.\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
           "\n## Per method (the sequential sweep: one request at a time)\n\ndecode tok/s is the median over turns; "
           "vs full: decode rate over full attention's in the same (context, mode).\n\n" + table(rows))
     out.with_suffix(".md").write_text(md)
@@ -180,8 +239,9 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
 
     if not measured.is_file():
         return {"text": f"no estimate: {measured} missing", "total_s": None, "sweeps": {}}
-    old = [r for r in json.loads(measured.read_text())["rows"]
-           if "prefill_s" in r and r.get("way", "sequential") == "sequential"]
+    rows = [r for r in json.loads(measured.read_text())["rows"] if "prefill_s" in r]
+    old = [r for r in rows if r.get("way", "sequential") == "sequential"]
+    grouped = [r for r in rows if r.get("way") == "grouped"]
 
     def lookup(label: str, length: int) -> dict | None:
         cands = [r for r in old if short(r) == label]
@@ -189,8 +249,10 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
             return None
         r = min(cands, key=lambda r: abs(r["length"] - length))
         scale = (length / r["length"]) ** 1.5
+        g = [x for x in grouped if short(x) == label]  # a grouped process warms up less (one shared warm-up forward)
+        warm_g = min(g, key=lambda x: abs(x["length"] - length))["warmup_s"] if g else r["warmup_s"]
         return {"prefill": r["prefill_s"] * scale, "later": r["later_prefill_s"] or 0.0, "warm": r["warmup_s"],
-                "rate": r["decode_tok_s"] or 30.0}
+                "warm_grouped": warm_g, "rate": r["decode_tok_s"] or 30.0}
 
     engine = type("E", (), {"offload": None, "name": "hf"})()
     sweeps, lines, total = {}, [], 0.0
@@ -215,15 +277,17 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
         rest = lambda c: (turns - 1) * c["later"] + _run_overhead(length)  # noqa: E731
         seq = PROCESS_S + warm + examples * sum(c["prefill"] + rest(c) + turns * step / c["rate"]
                                                 for c in cost.values() for _ in modes)
-        grp = PROCESS_S + warm
+        warm_g = sum(c.get("warm_grouped", c["warm"]) for c in cost.values())
+        grp = {True: PROCESS_S + warm_g, False: PROCESS_S + warm_g}  # batched decode or not
         for mode in modes:
             shared = [c for c in cost.values() if c["share"]]
-            grp += examples * ((full["prefill"] if shared else 0.0)
-                               + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
-                               + sum(c["prefill"] for c in cost.values() if not c["share"])
-                               + sum(rest(c) + (1.15 * step / c["rate"] if c["batch"][mode] and turns > 1
-                                                else turns * step / c["rate"]) for c in cost.values()))
-        for way, s in (("sequential", seq), ("grouped", grp)):
+            prefill = ((full["prefill"] if shared else 0.0) + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
+                       + sum(c["prefill"] for c in cost.values() if not c["share"]))
+            for batched in grp:
+                grp[batched] += examples * (prefill + sum(
+                    rest(c) + (1.15 * step / c["rate"] if batched and c["batch"][mode] and turns > 1
+                               else turns * step / c["rate"]) for c in cost.values()))
+        for way, s in (("sequential", seq), ("grouped", grp[True]), ("grouped_sequential", grp[False])):
             if way in ways:
                 sweeps[f"{length}-{way}"] = s
                 total += s

@@ -18,5 +18,6 @@ python3 -P -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/method
   tests/methods/test_kivi_fast.py tests/methods/test_kivi_load.py tests/methods/test_retrieval_fast.py tests/engines/test_fast_decode.py \
   tests/engines/test_batched_decode.py tests/engines/test_sharding.py tests/methods/test_ragged_methods.py \
   tests/engines/test_fused_decode.py tests/methods/test_ragged_fast.py tests/methods/test_h2o_kernel.py \
-  tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py tests/engines/test_shared_prefix_kernel.py tests/engines/test_quest_batch.py "$@" 2>&1 \
+  tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py tests/engines/test_shared_prefix_kernel.py \
+  tests/engines/test_quest_batch.py tests/engines/test_ragged_shared_kernel.py "$@" 2>&1 \
   | tail -40

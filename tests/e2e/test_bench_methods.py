@@ -37,7 +37,31 @@ def test_parts_split_by_mode_add_up(tmp_path):
     assert e["grouped"]["steady_s"] == 30.0 - 4 - 2 and e["same_predictions"] == "2/4"
     assert e["grouped"]["examples_per_gpu_hour"] == 4 * 3600 / 30.0
     md = (tmp_path / "m.md").read_text()
-    assert "## Sweep wall time" in md and "| 100 | multi_turn+multi_request | 4/4 | 80 | 30 |" in md
+    assert "## Sweep wall time" in md and "| 100 | multi_turn+multi_request | grouped + batched | 4 | 30 |" in md
+
+
+def test_three_ways_projection_and_derived_grouped_alone(tmp_path):
+    """Grouped alone measured (its own row and speed-up) or, when not run, derived from the grouped + batched sweep's
+    steady seconds less its decode plus the sequential decode; the projection to 931 examples x every method x 2
+    modes uses each way's steady seconds per example cell."""
+    data = part("multi_request", 50.0, 20.0)
+    rows = [{"length": 100, "way": w, "prefill_s": 1.0, "decode_s_sum": d} for w, d in (("sequential", 3.0),
+                                                                                       ("grouped", 1.0))]
+    d = report.derive({**data, "rows": rows, "all_methods": 14, "tasks": ["scbench_kv"]})
+    (e,) = d["summary"]
+    alone = e["grouped_sequential_derived"]
+    assert alone["steady_s"] == (20.0 - 2 - 1) - 1.0 + 3.0 and alone["speedup_steady"] == 47.0 / alone["steady_s"]
+    p = e["projection"]
+    assert p["methods_x_modes"] == 2 and p["all_methods_x_modes"] == 28
+    assert p["gpu_hours_all_sequential"] == 931 * 28 * (47.0 / 2) / 3600
+    assert p["gpu_hours_all_grouped_sequential"] == 931 * 28 * (alone["steady_s"] / 2) / 3600
+    run = {**data, "rows": rows, "sweeps": data["sweeps"] + [sweep("grouped_sequential", "multi_request", 25.0,
+                                                                  data["sweeps"][0]["predictions"])]}
+    (e,) = report.derive(run)["summary"]
+    assert "grouped_sequential_derived" not in e and e["grouped_sequential"]["speedup"] == 2.0
+    assert e["grouped_sequential"]["same_predictions"] == "2/2" and e["speedup"] == 2.5
+    md = report.sweep_table(report.derive(run)["summary"])
+    assert "| 100 | multi_request | grouped | 2 | 25 |" in md
 
 
 def test_estimate_fits_the_measured_file():
@@ -46,7 +70,8 @@ def test_estimate_fits_the_measured_file():
     long, short = report.estimate(measured, *args, 64, 1), report.estimate(measured, *args, 16, 1)
     assert set(long["sweeps"]) == {f"{n}-{w}" for n in (32000, 131000) for w in bench.WAYS}
     for n in (32000, 131000):
-        assert long["sweeps"][f"{n}-grouped"] < long["sweeps"][f"{n}-sequential"]
+        assert long["sweeps"][f"{n}-grouped"] < long["sweeps"][f"{n}-grouped_sequential"] \
+            < long["sweeps"][f"{n}-sequential"]
     assert long["sweeps"]["131000-sequential"] > 2 * long["sweeps"]["32000-sequential"]
     assert short["total_s"] < long["total_s"] and f"~{long['total_s']:.0f} s" in long["text"]
 
@@ -70,4 +95,5 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         ("duo_attention", m): 1 for m in bench.MODES}
     assert {r["status"] for r in data["rows"]} == {"done"}
     md = out.with_suffix(".md").read_text()
-    assert "## Per method" in md and md.count("| 400 | multi_") == 6 + 1
+    assert "## Per method" in md and md.count("| 400 | multi_") == 6 + 3  # 6 runs; 2 ways + grouped alone (derived)
+    assert "grouped (derived" in md and e["grouped_sequential_derived"]["steady_s"] > 0

@@ -2,6 +2,8 @@
 each row's keys, and a batched replay stores the same rows as the sequential one (float32, tiny random model)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from scbench.registry import TASKS
 from scbench.run import build_method
 from scbench.runner import Replay
 
-TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
+TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s",
           "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 
 
@@ -38,11 +40,11 @@ def test_shared_prefix_attention_matches_reference(seed):
                                atol=1e-5, rtol=1e-5)
 
 
-def replay(engine, cls, method: dict, mode: str, done=None, keep=None, **kw):
-    task = TASKS.get("scbench_kv")
+def replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", length=300, **kw):
     count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
-    ex = load_examples(task, "generated", n=1, length=300, turns=4, seed=1, count=count)[0]
-    spec = RunSpec(model={}, method=method, task="scbench_kv", mode=mode, max_turns=4, max_new_tokens=10, **kw)
+    ex = load_examples(TASKS.get(task), "generated", n=1, length=length, turns=4, seed=1, count=count)[0]
+    spec = RunSpec(model={}, method=method, task=task, mode=mode, max_turns=4, max_new_tokens=10, **kw)
+    task = TASKS.get(task)
     rep = cls(engine, build_method(method), task, ex, spec, done=done)
     if keep is not None:
         keep.append(rep)
@@ -79,6 +81,60 @@ def test_batched_equals_sequential(tiny_engine, mode, method):
     assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
     assert {r.stats.decode_kernel for r in bat} == {"torch"} and {r.stats.decode_kernel for r in seq} == {""}
     assert all(r.stats.decode_step_s > 0 and r.stats.decode_s > 0 for r in bat)
+
+
+RAGGED = [{"name": "adakv", "budget": 96, "window": 8}, {"name": "kvzip", "budget": 48, "level": "pair"},
+          {"name": "kvzip", "budget": 48, "level": "layer", "n_recent": 0},
+          {"name": "duo_attention", "n_init": 4, "n_local": 28}]
+
+
+@pytest.fixture(scope="module")
+def duo_gates(tmp_path_factory):
+    path = tmp_path_factory.mktemp("duo") / "gates.json"  # the tiny model: 2 layers x 2 KV heads
+    path.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8]], "n_init": 4, "n_local": 28}))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+@pytest.mark.parametrize("method", RAGGED, ids=["adakv", "kvzip_pair", "kvzip_layer", "duo_attention"])
+def test_ragged_batched_equals_sequential(tiny_engine, duo_gates, mode, method):
+    """Per-head prefix lengths (scbench/kernels/ragged_shared.py's torch path): the sequential path's rows, with the
+    resident bytes of the ragged cache (sum of the heads' lengths, not heads x the longest)."""
+    method = {**method, "heads": duo_gates} if method["name"] == "duo_attention" else method
+    seq = replay(tiny_engine, Replay, method, mode)
+    reps = []
+    bat = replay(tiny_engine, BatchedReplay, method, mode, keep=reps)
+    layers = reps[0].session.cache.layers
+    assert any(getattr(layer, "scbench_ragged", False) for layer in layers)  # the case under test: ragged layers
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["later_turns", "every_turn"])
+@pytest.mark.parametrize("method", RAGGED[:2], ids=["adakv", "kvzip_pair"])
+def test_ragged_batched_forced_answer_prefix(tiny_engine, monkeypatch, method, first):
+    """scbench_summary forces "This paper" at the start of later answers (rewound before the next turn's feed): the
+    rows' own keys and shared suffix rows around those rewinds, over ragged layers. Forced on the first answer too,
+    the first prompt's compression keeps it inside every head's prefix (KVzip): the row's own keys come from there."""
+    if first:
+        monkeypatch.setattr(type(TASKS.get("scbench_summary")), "assistant_prefix", lambda self, ex, i: "This paper")
+    seq = replay(tiny_engine, Replay, method, "multi_turn", task="scbench_summary")
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_turn", task="scbench_summary")
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
+
+
+@pytest.mark.skipif(shared_prefix.triton is None or not shared_prefix.INTERPRET,
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+def test_ragged_batched_kernel_interpreter(tiny_engine, duo_gates, monkeypatch, mode="multi_request"):
+    """The Triton kernels themselves in the batched step (interpreted, float32 CPU): the sequential path's rows."""
+    import scbench.batch_step
+
+    monkeypatch.setattr(scbench.batch_step, "kernel_for", lambda device: "triton")
+    method = {"name": "duo_attention", "n_init": 4, "n_local": 28, "heads": duo_gates}
+    bat = replay(tiny_engine, BatchedReplay, method, mode)
+    same_rows(replay(tiny_engine, Replay, method, mode), bat)
+    assert {r.stats.decode_kernel for r in bat} == {"triton"}
 
 
 @pytest.mark.parametrize("method,kw", [
@@ -124,20 +180,50 @@ def test_timing_values():
         replay_class("fast")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
-def test_cuda_batched_equals_sequential(mode):
-    """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
-    Triton shared-prefix kernel and the fused forwards, gives the sequential path's tokens."""
+def byte_engine(device, tmp_path_factory):
+    """A tiny random Llama in float32 (3 layers, byte tokenizer) and DuoAttention gates of its shape."""
     from scbench.engines.hf import HFEngine
     from support import byte_tokenizer, random_llama
 
     tok = byte_tokenizer()
     model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
-    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
-    for method in ({"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}):
-        seq = replay(engine, Replay, method, mode)
-        bat = replay(engine, BatchedReplay, method, mode)
-        same_rows(seq, bat)
-        assert {r.stats.decode_path for r in bat} == {"batched"}
-        assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}
+    gates = tmp_path_factory.mktemp("duo_bytes") / "gates.json"  # 3 layers x 2 KV heads
+    gates.write_text(json.dumps({"gates": [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], "n_init": 4, "n_local": 28}))
+    return HFEngine("tiny-random-llama", model=model, tokenizer=tok, device=device, dtype="float32"), str(gates)
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tmp_path_factory):
+    return byte_engine("cuda", tmp_path_factory)
+
+
+CUDA_METHODS = RAGGED + [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8}]
+BYTES = 1200
+"""Prompt length of the byte-tokenizer cases: scbench_kv needs more than 300 bytes for 4 distinct keys."""
+
+
+@pytest.mark.parametrize("method", [RAGGED[0], RAGGED[3]], ids=["adakv", "duo_attention"])
+def test_byte_engine_case_on_cpu(tmp_path_factory, method):
+    """The CUDA test's setup (byte tokenizer, BYTES-long example) on the CPU: it generates and batches (the CUDA test
+    first ran with 300 bytes, which scbench_kv refuses)."""
+    engine, gates = byte_engine("cpu", tmp_path_factory)
+    method = {**method, "heads": gates} if method["name"] == "duo_attention" else method
+    bat = replay(engine, BatchedReplay, method, "multi_turn", length=BYTES)
+    same_rows(replay(engine, Replay, method, "multi_turn", length=BYTES), bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
+@pytest.mark.parametrize("method", CUDA_METHODS, ids=["adakv", "kvzip_pair", "kvzip_layer", "duo_attention", "full",
+                                                      "snapkv"])
+def test_cuda_batched_equals_sequential(cuda_engine, method, mode):
+    """On CUDA (float32, tiny random Llama, byte tokenizer): the batched step captured as a CUDA graph, with the
+    Triton shared-prefix kernels (dense and ragged layers) and the fused forwards, gives the sequential path's tokens."""
+    engine, gates = cuda_engine
+    method = {**method, "heads": gates} if method["name"] == "duo_attention" else method
+    seq = replay(engine, Replay, method, mode, length=BYTES)
+    bat = replay(engine, BatchedReplay, method, mode, length=BYTES)
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
+    assert {r.stats.decode_kernel for r in bat} == {"triton" if shared_prefix.triton is not None else "torch"}
