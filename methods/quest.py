@@ -16,18 +16,11 @@ from typing import ClassVar
 
 import torch
 
-from scbench.kernels.paged_decode import page_scores  # noqa: F401 - Quest's bound scores (shared with quest_fast)
+from scbench.kernels.paged_decode import page_bounds, page_scores  # noqa: F401 - Quest's page bounds and bound scores (shared)
 from scbench.kv.offload import STORAGES, TieredLayer, attend_loaded, require_tiered
 from scbench.methods.base import Method, positive_int
 
 GQA = ("head", "group")
-
-
-def page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [B, H, n, D] -> per-channel (min, max) of each full page, [B, H, n // page, D] each."""
-    m = keys.shape[-2] // page
-    pages = keys[..., : m * page, :].unflatten(-2, (m, page))
-    return pages.amin(-2), pages.amax(-2)
 
 
 def reference_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:

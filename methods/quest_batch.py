@@ -9,7 +9,7 @@ every row at once on CUDA: each bound byte read once per step for the batch), th
 partial page on get per-row bounds; ``Quest.select``'s rule picks the pages and the row attends them, its own rows
 included. On CUDA the step is three Triton launches per layer (scores, ``quest_select.threshold_select`` with each
 row's length, ``quest_batch.batch_paged_triton``), capturable in the batch's CUDA graph; elsewhere the reference
-(``kernels/quest_batch.batch_pages_torch`` / ``batch_attention_torch``: per row, the plain path's selection and
+(``batch_pages_torch`` / ``batch_attention_torch`` below: per row, the plain path's selection and
 attention). tests/engines/test_quest_batch.py checks batched == sequential predictions (float32, CPU).
 
 What each row would have loaded and kept in its own sequential decode is counted for its turn (``row_memory``).
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from scbench.engines.attention import causal_attention
 from scbench.kernels import quest_batch as qb
+from scbench.kernels.paged_decode import page_bounds
 from scbench.kv.offload import TieredLayer
 
 
@@ -98,8 +100,8 @@ class QuestBatch:
             return self._attend_triton(kv, l, q, k, v, sk, sv, scale)
         nctx = self.nctx[l]
         n = [c + int(a) + 1 for c, a in zip(nctx, kv.at.tolist())]
-        idx = qb.batch_pages_torch(m, q, sk, k, self.smin[l], self.smax[l], nctx, n)
-        return qb.batch_attention_torch(q, sk, sv, k, v, idx, nctx, n, scale)
+        idx = batch_pages_torch(m, q, sk, k, self.smin[l], self.smax[l], nctx, n)
+        return batch_attention_torch(q, sk, sv, k, v, idx, nctx, n, scale)
 
     def _attend_triton(self, kv, l, q, k, v, sk, sv, scale):
         from scbench.kernels.quest_select import threshold_select
@@ -147,3 +149,33 @@ class QuestBatch:
     def q_heads(self, hkv: int) -> int:
         """Query heads (seen at the first step; without a step nothing was loaded and any count works)."""
         return getattr(self, "_hq", None) or hkv
+
+
+def batch_pages_torch(method, q, shared_k, own_k, smin, smax, nctx: list[int], n: list[int]) -> list:
+    """Reference (any device): per row, ``method.select`` over its page bounds (the shared context's full pages,
+    then the bounds of its own pages recomputed from its keys) -> per row the rows to attend [1, Hs, m] or None."""
+    p = method.page_size
+    out = []
+    for b in range(q.shape[0]):
+        pc = nctx[b] // p
+        lo, hi = page_bounds(qb.row_keys(shared_k, own_k[b : b + 1], nctx[b], n[b])[:, :, pc * p :], p)
+        kmin, kmax = torch.cat([smin[:, :, :pc], lo], dim=2), torch.cat([smax[:, :, :pc], hi], dim=2)
+        out.append(method.select(q[b : b + 1, :, 0], kmin, kmax, n[b]))
+    return out
+
+
+def batch_attention_torch(q, shared_k, shared_v, own_k, own_v, idx: list, nctx: list[int], n: list[int], scale):
+    """Reference: per row, its rows ``idx[b]`` (None: all n) gathered from the shared and own buffers, then the
+    plain path's attention (``engines.attention.causal_attention``, as ``offload.attend_loaded``)."""
+    outs = []
+    for b in range(q.shape[0]):
+        k = qb.row_keys(shared_k, own_k[b : b + 1], nctx[b], n[b])
+        v = qb.row_keys(shared_v, own_v[b : b + 1], nctx[b], n[b])
+        if idx[b] is not None:
+            hkv, hs, m = k.shape[1], idx[b].shape[1], idx[b].shape[2]
+            rep = hs // hkv
+            i5 = idx[b].view(1, hkv, rep, m, 1).expand(1, hkv, rep, m, k.shape[3])
+            k = torch.gather(k.unsqueeze(2).expand(1, hkv, rep, n[b], k.shape[3]), 3, i5).view(1, hs, m, -1)
+            v = torch.gather(v.unsqueeze(2).expand(1, hkv, rep, n[b], v.shape[3]), 3, i5).view(1, hs, m, -1)
+        outs.append(causal_attention(q[b : b + 1], k, v, scale))
+    return torch.cat(outs)

@@ -20,6 +20,13 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+def page_bounds(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [B, H, n, D] -> per-channel (min, max) of each full page, [B, H, n // page, D] each."""
+    m = keys.shape[-2] // page
+    pages = keys[..., : m * page, :].unflatten(-2, (m, page))
+    return pages.amin(-2), pages.amax(-2)
+
+
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Upper bound of q.k per page: q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] (float32).
 

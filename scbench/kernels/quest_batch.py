@@ -13,7 +13,7 @@ own bounds [B, Hkv, OP, D] (own page j is page ``pc[b] + j``; the first may also
   read from the shared buffer and the rest from the row's own (``paged_decode._paged_kernel``'s math; the splits
   merge in the kernel).
 
-``batch_pages_torch`` / ``batch_attention_torch`` are the references (any device): the same scores by
+``methods/quest_batch.batch_pages_torch`` / ``batch_attention_torch`` are the references (any device): the same scores by
 ``paged_decode.page_scores`` and a gather + masked softmax.
 """
 from __future__ import annotations
@@ -203,38 +203,4 @@ def row_keys(shared: torch.Tensor, own: torch.Tensor, nctx: int, n: int) -> torc
     return torch.cat([shared[:, :, :nctx], own[:, :, : n - nctx]], dim=2)
 
 
-def batch_pages_torch(method, q, shared_k, own_k, smin, smax, nctx: list[int], n: list[int]) -> list:
-    """Reference (any device): per row, ``method.select`` over its page bounds (the shared context's full pages,
-    then the bounds of its own pages recomputed from its keys) -> per row the rows to attend [1, Hs, m] or None."""
-    from scbench.methods.quest import page_bounds
-
-    p = method.page_size
-    out = []
-    for b in range(q.shape[0]):
-        pc = nctx[b] // p
-        lo, hi = page_bounds(row_keys(shared_k, own_k[b : b + 1], nctx[b], n[b])[:, :, pc * p :], p)
-        kmin, kmax = torch.cat([smin[:, :, :pc], lo], dim=2), torch.cat([smax[:, :, :pc], hi], dim=2)
-        out.append(method.select(q[b : b + 1, :, 0], kmin, kmax, n[b]))
-    return out
-
-
-def batch_attention_torch(q, shared_k, shared_v, own_k, own_v, idx: list, nctx: list[int], n: list[int], scale):
-    """Reference: per row, its rows ``idx[b]`` (None: all n) gathered from the shared and own buffers, then the
-    plain path's attention (``engines.attention.causal_attention``, as ``offload.attend_loaded``)."""
-    from scbench.engines.attention import causal_attention
-
-    outs = []
-    for b in range(q.shape[0]):
-        k = row_keys(shared_k, own_k[b : b + 1], nctx[b], n[b])
-        v = row_keys(shared_v, own_v[b : b + 1], nctx[b], n[b])
-        if idx[b] is not None:
-            hkv, hs, m = k.shape[1], idx[b].shape[1], idx[b].shape[2]
-            rep = hs // hkv
-            i5 = idx[b].view(1, hkv, rep, m, 1).expand(1, hkv, rep, m, k.shape[3])
-            k = torch.gather(k.unsqueeze(2).expand(1, hkv, rep, n[b], k.shape[3]), 3, i5).view(1, hs, m, -1)
-            v = torch.gather(v.unsqueeze(2).expand(1, hkv, rep, n[b], v.shape[3]), 3, i5).view(1, hs, m, -1)
-        outs.append(causal_attention(q[b : b + 1], k, v, scale))
-    return torch.cat(outs)
-
-
-__all__ = ["batch_scores_triton", "batch_paged_triton", "batch_pages_torch", "batch_attention_torch", "page_scores"]
+__all__ = ["batch_scores_triton", "batch_paged_triton", "page_scores", "row_keys"]
