@@ -291,7 +291,8 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     from scbench.run import _record_stop
 
     window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
-    shared = SharedPrefill(engine, takers=len(members), window=window)
+    lse = any(getattr(m.method, "query_lse", False) for m in members if "compress_cache" in m.method.hooks())
+    shared = SharedPrefill(engine, takers=len(members), window=window, lse=lse)
     try:
         for m in members:
             proxy = ForkingEngine(engine, shared)

@@ -64,6 +64,10 @@ class AttnContext:
     static: object | None = None
     """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers.
     Set and read by the fast decode path only; no hook sees it."""
+    lse: bool = False
+    """Attach each captured query's log-sum-exp (``queries[layer].scbench_lse``) where the forward gets it for free,
+    even when ``method`` does not ask for it (``Method.query_lse``): a shared prefill (scbench/engines/fork.py)
+    whose group holds a method that does. Set by the engine."""
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
@@ -116,8 +120,9 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         out = ragged_attention(query, ragged, scaling)
     if out is None and ctx is not None and ctx.static is not None:
         out = ctx.static.attend(layer, query, key, value, scaling)
+    # e.g. H2O (or a shared prefill whose group holds it): the forward's log-sum-exp rides on the captured queries
     if out is None and ctx is not None and ctx.capture_queries and query.shape[-2] > 1 and ctx.method is not None \
-            and getattr(ctx.method, "query_lse", False):  # e.g. H2O: the forward's log-sum-exp rides on the captured queries
+            and (ctx.lse or getattr(ctx.method, "query_lse", False)):
         out, lse = causal_attention_lse(query, key, value, scaling)
         q = ctx.queries.get(layer)
         if lse is not None and q is not None and q.shape[-2] <= query.shape[-2]:  # this forward's queries only

@@ -88,8 +88,12 @@ def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 class SharedPrefill:
     """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
 
-    def __init__(self, engine, takers: int, window: int = 0):
-        self.engine, self.takers, self.window = engine, takers, window
+    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False):
+        self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
+        shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
+        self.lses: dict[int, tuple] = {}
+        """Layer -> (log-sum-exp [B, Hq, w] of the captured queries, keys seen): what ``scbench_lse`` held."""
         self.left = takers
         """Runs that may still fork it; the last one takes the copy itself."""
         self.ids: list[int] | None = None
@@ -109,6 +113,7 @@ class SharedPrefill:
 
     def close(self) -> None:
         self.layers = self.logits = self.queries = None
+        self.lses = {}
 
     def take(self, session: "ForkSession", ids: list[int]) -> bool:
         """Fill ``session`` (empty) with the dense prefill of ``ids``: computed here if this is the first taker,
@@ -140,7 +145,7 @@ class SharedPrefill:
         return True
 
     def _compute(self, session: "ForkSession", ids: list[int]) -> None:
-        ctx = attention.AttnContext(method=session.method, sparse=False, capture_queries=self.window)
+        ctx = attention.AttnContext(method=session.method, sparse=False, capture_queries=self.window, lse=self.lse)
         dev = self.engine.device
         _sync(dev)
         t0 = time.perf_counter()
@@ -151,13 +156,15 @@ class SharedPrefill:
         self.ids = list(ids)
         self.logits = session.last_logits.clone()
         self.queries = ctx.queries
+        self.lses = {layer: q.scbench_lse for layer, q in self.queries.items() if hasattr(q, "scbench_lse")}
         if self.left <= 0:
             self.plan = "alone"
             return
         # the captured queries stay until the last run compressed (H2O's are every prompt position: often more
         # bytes than the KV), so they count in the plan and follow the copy to host memory
         per_device: dict[torch.device, int] = {}
-        for t in [x for layer in session.cache.layers for x in (layer.keys, layer.values)] + list(self.queries.values()):
+        for t in ([x for layer in session.cache.layers for x in (layer.keys, layer.values)] + list(self.queries.values())
+                  + [lse for lse, _ in self.lses.values()]):
             per_device[t.device] = per_device.get(t.device, 0) + t.numel() * t.element_size()
         nbytes = sum(per_device.values())
         self.plan = plan_for(per_device)
@@ -172,11 +179,17 @@ class SharedPrefill:
         self.layers = _copy_layers(session.cache, self.plan)
         if self.plan == "host":
             self.queries = {layer: q.cpu() for layer, q in self.queries.items()}
+            self.lses = {layer: (lse.cpu(), n) for layer, (lse, n) in self.lses.items()}
 
     def shared_queries(self, window: int) -> dict[int, torch.Tensor]:
         """The captured queries cut to the last ``window`` positions (what a feed capturing ``window`` keeps)."""
         dev = self.engine.device
-        return {layer: q[..., -window:, :].to(dev).contiguous() for layer, q in (self.queries or {}).items()}
+        out = {layer: q[..., -window:, :].to(dev).contiguous() for layer, q in (self.queries or {}).items()}
+        for layer, q in out.items():
+            if layer in self.lses:  # the same positions' log-sum-exps (H2O scores from them: one pass fewer)
+                lse, n = self.lses[layer]
+                q.scbench_lse = (lse[..., -window:].to(dev).contiguous(), n)
+        return out
 
 
 class ForkSession(HFSession):
