@@ -15,10 +15,7 @@ from scbench.records import RunSpec
 from scbench.registry import TASKS
 from scbench.run import build_method
 from scbench.runner import Replay
-
-TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s",
-          "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
-
+from support import TIMING, batch_replay as replay, same_rows  # noqa: F401
 
 @pytest.mark.parametrize("seed", range(4))
 def test_shared_prefix_attention_matches_reference(seed):
@@ -38,29 +35,6 @@ def test_shared_prefix_attention_matches_reference(seed):
     torch.testing.assert_close(shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3, False),
                                reference_shared_prefix_attention(q, sk, sv, full, ok, ov, own_at, 0.3),
                                atol=1e-5, rtol=1e-5)
-
-
-def replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", length=300, **kw):
-    count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
-    ex = load_examples(TASKS.get(task), "generated", n=1, length=length, turns=4, seed=1, count=count)[0]
-    spec = RunSpec(model={}, method=method, task=task, mode=mode, max_turns=4, max_new_tokens=10, **kw)
-    task = TASKS.get(task)
-    rep = cls(engine, build_method(method), task, ex, spec, done=done)
-    if keep is not None:
-        keep.append(rep)
-    return list(rep)
-
-
-def same_rows(a, b):
-    assert [r.turn for r in a] == [r.turn for r in b]
-    assert [r.prediction for r in a] == [r.prediction for r in b]
-    for x, y in zip(a, b):
-        assert x.scores == y.scores
-        sx, sy = ({k: v for k, v in vars(r.stats).items() if k not in TIMING} for r in (x, y))
-        for st in (sx, sy):  # the method's own columns: times differ from run to run
-            st["method_costs"] = {k: v for k, v in st.get("method_costs", {}).items() if not k.endswith("_s")}
-        assert sx == sy
-    return len(a)
 
 
 BATCHABLE = [{"name": "full"}, {"name": "snapkv", "budget": 96, "window": 8},

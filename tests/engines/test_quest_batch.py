@@ -13,7 +13,7 @@ from scbench.kernels import quest_batch as qb
 from scbench.run import build_method
 from scbench.runner import Replay
 
-from test_batched_decode import replay, same_rows  # noqa: E402
+from support import batch_replay as replay, same_rows
 
 QUEST = [{"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1},
          {"name": "quest", "budget": 48, "page_size": 8, "dense_layers": 0, "gqa": "group", "recent_pages": 2}]
