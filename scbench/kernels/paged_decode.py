@@ -292,6 +292,19 @@ def _paged_grouped(q2, k, v, pages, n, page, scale, bp, per, n_splits, m, num_wa
 if triton is not None:
 
     @triton.jit
+    def _update_bounds(K, KMin, KMax, bk, at, page_at, bbase, cols, C, D: tl.constexpr, PAGE: tl.constexpr):
+        """The newest key (row ``at``) into its page's min/max bounds (the page's first key resets them)."""
+        knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
+        lo = tl.load(KMin + bbase + page_at * D + cols)
+        hi = tl.load(KMax + bbase + page_at * D + cols)
+        first = (at % PAGE) == 0
+        tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
+        tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+
+
+if triton is not None:
+
+    @triton.jit
     def _quest_scores_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                              BP: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
@@ -305,12 +318,7 @@ if triton is not None:
         pages = pb * BP + tl.arange(0, BP)
         bbase = bk.to(tl.int64) * P * D
         if (page_at >= pb * BP) & (page_at < pb * BP + BP):
-            knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
-            lo = tl.load(KMin + bbase + page_at * D + cols)
-            hi = tl.load(KMax + bbase + page_at * D + cols)
-            first = (at % PAGE) == 0
-            tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
-            tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+            _update_bounds(K, KMin, KMax, bk, at, page_at, bbase, cols, C, D, PAGE)
         tl.debug_barrier()
         n = at + 1
         cand = tl.maximum((n - 1) // PAGE - RECENT + 1, 0)
@@ -348,12 +356,7 @@ if triton is not None:
         first_page = pb * ITERS * BP
         bbase = bk.to(tl.int64) * P * D
         if (page_at >= first_page) & (page_at < first_page + ITERS * BP):
-            knew = tl.load(K + bk.to(tl.int64) * C * D + at * D + cols)
-            lo = tl.load(KMin + bbase + page_at * D + cols)
-            hi = tl.load(KMax + bbase + page_at * D + cols)
-            first = (at % PAGE) == 0
-            tl.store(KMin + bbase + page_at * D + cols, tl.where(first, knew, tl.minimum(lo, knew)))
-            tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
+            _update_bounds(K, KMin, KMax, bk, at, page_at, bbase, cols, C, D, PAGE)
         tl.debug_barrier()
         cand = tl.maximum(at // PAGE - RECENT + 1, 0)
         rows = tl.arange(0, GP)
