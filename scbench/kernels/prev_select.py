@@ -1,0 +1,217 @@
+"""Exact top-k over bfloat16 score rows with the threshold carried over from the previous decode step
+(RetrievalAttention's device tier, methods/retrieval_fast.py, ``select=prev``): no sample, no histogram pass over
+the whole row; two launches whose second one only reads a few thousand candidates per row.
+
+State: ``thr`` int32 [R] per (layer, row), kept on the device across steps (the CUDA graph updates it in place): a
+16-bit order key (the float32 order key's top 16 bits, exact for bfloat16) a ``margin`` of bfloat16 steps below
+the previous step's k-th largest score. 0 (the lowest key) at first: the first step takes the whole-row path.
+
+1. ``_filter_kernel`` (row, chunk of CH scores): the scores whose key u >= T (T = thr[row]) are the row's
+   candidates: appended (position << 8 | min(u - T, 255)) to the row's list (capacity CAP, one atomic per program)
+   and counted in a 256-bin histogram of min(u - T, 255) (bin 255: every key >= T + 255).
+2. ``_pick_kernel`` (row, part): from the histogram every program finds the bin d holding the kk-th largest
+   candidate and how many ties at it to take (krem). If kk <= candidates and d < 255, the k-th largest key is
+   exactly T + d: each program takes its part of the list (CAP <= candidates: of the whole row) above it, plus
+   ties up to krem (a per-row atomic counter; which tied rows are taken is unspecified, as in
+   ``topk_select.radix_select_triton``). Else (T above the k-th largest, or far below it) the row's program 0
+   runs an exact two-pass 8-bit radix select over the whole row (slow, rare). Program 0 then stores
+   thr[row] = max(t - margin, 0) for the next step.
+
+Output as ``topk_select.radix_select_triton(static=True)``: [the n_init first rows, the n_local last rows, the kk
+selected (unordered), -1 past kk]. The selected set never depends on ``thr`` (only the speed does). Reference:
+``topk`` over the masked scores; tests/unit/test_prev_select.py compares score multisets on random rows over
+several steps (first step, stale and forced-wrong thresholds, a too-small capacity, ties, short rows).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+NB = 256  # histogram bins above the threshold (the last: every key >= T + 255)
+
+if triton is not None:
+
+    @triton.jit
+    def _key16(x):
+        """float -> int32 in [0, 65536) whose order is the float order (the float32 key's top 16 bits)."""
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = tl.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
+        return (u >> 16).to(tl.int32)
+
+    @triton.jit
+    def _span(N, K, n_init, n_local):
+        n = tl.load(N).to(tl.int32)
+        hi = n - n_local
+        return n, hi, tl.minimum(K, tl.maximum(hi - n_init, 0))
+
+    @triton.jit
+    def _walk(h, krem, NBINS: tl.constexpr):
+        """Histogram h [NBINS] of keys, largest bin last -> (the bin holding the krem-th largest, -1 if fewer;
+        how many of the krem lie in that bin)."""
+        bins = tl.arange(0, NBINS)
+        suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h
+        d = tl.max(tl.where(suffix >= krem, bins, -1), 0)
+        return d, krem - tl.sum(tl.where(bins > d, h, 0), 0)
+
+    @triton.jit
+    def _filter_kernel(S, N, Thr, Work, Cand, C, K, n_init, n_local, rs_b, rs_h, R, H: tl.constexpr,
+                       CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr):
+        row, ch = tl.program_id(0), tl.program_id(1)
+        n, hi, kk = _span(N, K, n_init, n_local)
+        t0 = tl.load(Thr + row)
+        if ch == 0:  # the threshold this step used, for the pick (which updates Thr)
+            tl.store(Work + R * NBINS + 3 * R + row, t0)
+        offs = ch * CH + tl.arange(0, CH)
+        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
+        u = _key16(x)
+        cand = (offs >= n_init) & (offs < hi) & (kk > 0) & (u >= t0)
+        b = tl.minimum(tl.maximum(u - t0, 0), NBINS - 1)
+        h = tl.histogram(b, NBINS, mask=cand)
+        bins = tl.arange(0, NBINS)
+        tl.atomic_add(Work + row.to(tl.int64) * NBINS + bins, h, mask=h > 0, sem="relaxed")
+        c = cand.to(tl.int32)
+        at = tl.atomic_add(Work + R * NBINS + row, tl.sum(c, 0), sem="relaxed")
+        dst = at + tl.cumsum(c, 0) - 1
+        tl.store(Cand + row.to(tl.int64) * CAP + dst, (offs << 8) | b, mask=cand & (dst < CAP))
+
+    @triton.jit
+    def _take(gt, tie, pos, krem, dst, Ties, Taken):
+        """Store the positions ``gt`` and the ties whose global rank (a per-row atomic counter) is below krem."""
+        ti = tie.to(tl.int32)
+        tb = tl.atomic_add(Ties, tl.sum(ti, 0), sem="relaxed")
+        sel = gt | (tie & (tb + tl.cumsum(ti, 0) - 1 < krem))
+        si = sel.to(tl.int32)
+        at = tl.atomic_add(Taken, tl.sum(si, 0), sem="relaxed")
+        tl.store(dst + at + tl.cumsum(si, 0) - 1, pos, mask=sel)
+
+    @triton.jit
+    def _pick_kernel(S, N, Thr, Work, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, margin, H: tl.constexpr,
+                     CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
+                     STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+        row, j = tl.program_id(0), tl.program_id(1)
+        n, hi, kk = _span(N, K, n_init, n_local)
+        base = S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h
+        cnt_p = Work + R * NBINS + row
+        t0 = tl.load(cnt_p + 3 * R)
+        cnt = tl.load(cnt_p)
+        d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS)), kk, NBINS)
+        dst = Out + row.to(tl.int64) * M
+        if STATIC:
+            if j == 0:
+                js = tl.arange(0, NSP)
+                fixed = tl.where(js < n_init, tl.where(js < n, js, -1), hi + js - n_init)
+                fixed = tl.where((js >= n_init) & (fixed < n_init), -1, fixed)
+                tl.store(dst + js, fixed, mask=js < n_init + n_local)
+            dst += n_init + n_local
+        if j == 0:
+            jk = tl.arange(0, KP)
+            tl.store(dst + jk, tl.full([KP], -1, tl.int32), mask=(jk >= kk) & (jk < K))
+        if kk > 0:
+            if (d >= 0) & (d < NBINS - 1):  # the k-th largest key is t0 + d
+                if cnt <= CAP:
+                    i = j * CB + tl.arange(0, CB)
+                    ok = i < cnt
+                    p = tl.load(Cand + row.to(tl.int64) * CAP + i, mask=ok, other=0)
+                    bb = p & 255
+                    _take(ok & (bb > d), ok & (bb == d), p >> 8, krem, dst, cnt_p + R, cnt_p + 2 * R)
+                else:  # the list overflowed: this program's share of the whole row
+                    t = t0 + d
+                    for c0 in range(j * CB, C, tl.num_programs(1) * CB):
+                        offs = c0 + tl.arange(0, CB)
+                        ok = (offs >= n_init) & (offs < hi)
+                        u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+                        _take(ok & (u > t), ok & (u == t), offs, krem, dst, cnt_p + R, cnt_p + 2 * R)
+                if j == 0:
+                    tl.store(Thr + row, tl.maximum(t0 + d - margin, 0))
+            elif j == 0:  # the whole row: two 8-bit histogram passes, then one selecting pass
+                bins = tl.arange(0, 256)
+                h = tl.zeros([256], tl.int32)
+                for c0 in range(0, C, FB):
+                    offs = c0 + tl.arange(0, FB)
+                    ok = (offs >= n_init) & (offs < hi)
+                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+                    h += tl.histogram(u >> 8, 256, mask=ok)
+                dh, krem = _walk(h, kk, 256)
+                h = tl.zeros([256], tl.int32)
+                for c0 in range(0, C, FB):
+                    offs = c0 + tl.arange(0, FB)
+                    ok = (offs >= n_init) & (offs < hi)
+                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+                    h += tl.histogram(u & 255, 256, mask=ok & ((u >> 8) == dh))
+                dl, krem = _walk(h, krem, 256)
+                t = dh * 256 + dl
+                taken = tl.zeros([], tl.int32)
+                ties = tl.zeros([], tl.int32)
+                for c0 in range(0, C, FB):
+                    offs = c0 + tl.arange(0, FB)
+                    ok = (offs >= n_init) & (offs < hi)
+                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+                    tie = ok & (u == t)
+                    ti = tie.to(tl.int32)
+                    sel = (ok & (u > t)) | (tie & (ties + tl.cumsum(ti, 0) - 1 < krem))
+                    si = sel.to(tl.int32)
+                    tl.store(dst + taken + tl.cumsum(si, 0) - 1, offs, mask=sel)
+                    taken += tl.sum(si, 0)
+                    ties += tl.sum(ti, 0)
+                tl.store(Thr + row, tl.maximum(t - margin, 0))
+                tl.atomic_add(Work + R * NBINS + 4 * R, 1, sem="relaxed")  # whole-row selects this call
+
+
+def work_size(rows: int) -> int:
+    """int32 elements of one call's work buffer, zeroed before the call (e.g. a slice of a buffer zeroed once per
+    step): the rows' histograms, candidate / tie / taken counters, the threshold used, and a whole-row count."""
+    return rows * (NB + 4) + 1
+
+
+def slow_rows(work: torch.Tensor, rows: int) -> torch.Tensor:
+    """How many rows of the call that filled ``work`` took the whole-row path (a 1-element view)."""
+    return work[rows * (NB + 4) : rows * (NB + 4) + 1]
+
+
+def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int, thr: torch.Tensor,
+                       work: torch.Tensor | None = None, cand: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None, static: bool = True, margin: int = 16, cap: int = 16384,
+                       chunk: int = 4096, part: int = 1024, block: int = 4096, num_warps: int = 8,
+                       pick_warps: int = 4) -> torch.Tensor:
+    """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
+    thresholds (zeros at first; updated in place) -> int32 [B * H, (n_init + n_local if static) + k]: the indices
+    of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), unordered, -1 in unused slots.
+    ``work``: ``work_size`` zeroed int32 elements, ``cand``: int32 [B * H * cap] scratch (allocated when not given).
+    ``margin``: bfloat16 steps (16: ~6-12 %) below this step's k-th largest score for the next step's threshold;
+    ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
+    programs per row); ``block``: scores per iteration of the whole-row path."""
+    b, h, c = s.shape
+    r = b * h
+    if s.dtype != torch.bfloat16 or s.stride(2) != 1:
+        raise ValueError(f"prev_select_triton: scores must be bfloat16 with a contiguous last dimension, got "
+                         f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
+    if c >= 1 << 23:
+        raise ValueError(f"prev_select_triton: rows of {c} scores (at most 2^23: positions are packed with 8 bits)")
+    for name, v in (("cap", cap), ("chunk", chunk), ("part", part), ("block", block)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"prev_select_triton: {name}={v} must be a power of two")
+    if part > cap:
+        raise ValueError(f"prev_select_triton: part {part} > cap {cap}")
+    if thr.dtype != torch.int32 or thr.numel() != r or not thr.is_contiguous():
+        raise ValueError(f"prev_select_triton: thr must be contiguous int32 [{r}], got {thr.dtype} {tuple(thr.shape)}")
+    ns = n_init + n_local if static else 0
+    out = torch.empty(r, ns + k, dtype=torch.int32, device=s.device) if out is None else out
+    if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
+        raise ValueError(f"prev_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
+    work = torch.zeros(work_size(r), dtype=torch.int32, device=s.device) if work is None else work
+    cand = torch.empty(r * cap, dtype=torch.int32, device=s.device) if cand is None else cand
+    if work.numel() < work_size(r) or cand.numel() < r * cap:
+        raise ValueError(f"prev_select_triton: work needs {work_size(r)} and cand {r * cap} int32 elements")
+    common = (c, k, n_init, n_local, s.stride(0), s.stride(1))
+    _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](s, n, thr, work, cand, *common, r, H=h, CH=chunk, CAP=cap,
+                                                       NBINS=NB, num_warps=num_warps)
+    _pick_kernel[(r, cap // part)](s, n, thr, work, cand, out, *common, out.stride(0), r, int(margin), H=h, CAP=cap,
+                                   CB=part, NBINS=NB, FB=block, STATIC=static,
+                                   NSP=max(2, triton.next_power_of_2(max(ns, 1))),
+                                   KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=pick_warps)
+    return out

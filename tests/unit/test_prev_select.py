@@ -1,0 +1,92 @@
+"""The previous-step-threshold select (scbench/kernels/prev_select.py) against ``topk`` over the masked scores, over
+several steps sharing one threshold buffer: the first step (no threshold yet: whole-row path), a good threshold
+(candidate list), a stale one below (more candidates) or above the k-th largest (whole-row path), a list past its
+capacity (row scan), a threshold far below (the overflow bin: whole-row path), ties, short rows. CUDA, or Triton's
+interpreter on CPU (tiny shapes)."""
+import os
+
+import pytest
+import torch
+
+from scbench.kernels import prev_select
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(prev_select.triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+                                reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+SMALL = dict(chunk=256, part=128, block=256, num_warps=4)
+
+
+def check(s, got, n, k, n_init, n_local):
+    """The static rows first, then kk distinct searchable rows whose scores are topk's multiset, -1 after."""
+    b, h, c = s.shape
+    ns, hi = n_init + n_local, n - n_local
+    static = [j if j < n else -1 for j in range(n_init)] + [hi + j if hi + j >= n_init else -1 for j in range(n_local)]
+    got = got.cpu()
+    assert torch.equal(got[:, :ns], torch.tensor(static, dtype=torch.int32).expand(b * h, -1))
+    kk = min(k, max(0, hi - n_init))
+    sc = s.float().cpu().reshape(b * h, c)
+    for r in range(b * h):
+        sel = got[r, ns:]
+        assert bool((sel[kk:] == -1).all())
+        a = sel[:kk].long()
+        assert a.unique().numel() == kk and bool(((a >= n_init) & (a < hi)).all())
+        want = sc[r, n_init:hi].topk(kk).values if kk else sc[r, :0]
+        assert torch.equal(sc[r, a].sort().values, want.sort().values)
+
+
+@pytest.fixture(autouse=True)
+def _interp(request):
+    if not CUDA:
+        request.getfixturevalue("interpreted")
+
+
+def run(s, n, k, n_init, n_local, thr, **kw):
+    work = torch.zeros(prev_select.work_size(thr.numel()), dtype=torch.int32, device=DEVICE)
+    got = prev_select.prev_select_triton(s, torch.tensor([n], device=DEVICE), k, n_init, n_local, thr, work=work,
+                                         **{**SMALL, **kw})
+    check(s, got, n, k, n_init, n_local)
+    return int(prev_select.slow_rows(work, thr.numel()).item())
+
+
+def scores(c, seed, scale=4.0, ties=True):
+    s = torch.randn(2, 3, c, generator=torch.Generator().manual_seed(seed)) * scale
+    return (s.round() if ties else s).bfloat16().to(DEVICE)
+
+
+def test_prev_select_steps():
+    c, n, k, n_init, n_local = 1500, 1490, 40, 4, 16
+    thr = torch.zeros(6, dtype=torch.int32, device=DEVICE)
+    s = scores(c, 1, ties=False)
+    assert run(s, n, k, n_init, n_local, thr) == 6  # first step: no threshold yet
+    assert bool((thr > 0).all())
+    assert run(s, n, k, n_init, n_local, thr) == 0  # the same scores: every row from its candidates
+    assert run(scores(c, 2, ties=False), n, k, n_init, n_local, thr) == 0  # new scores, same spread
+    s = scores(c, 3, ties=False) * 0.25
+    assert run(s, n, k, n_init, n_local, thr) == 6  # threshold above: whole row
+    assert run(s, n, k, n_init, n_local, thr, cap=32, part=32) == 0  # more candidates than the list holds: scan
+    assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0  # ties at the threshold
+    assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0
+
+
+@pytest.mark.parametrize("c,n,k,n_init,n_local,kw", [
+    (2000, 1900, 40, 4, 16, {}),
+    (2000, 1900, 40, 4, 16, dict(margin=400)),  # the next threshold far below: its k-th in the overflow bin
+    (400, 390, 20, 4, 16, dict(cap=128)),  # small capacity
+    (300, 290, 500, 8, 8, {}),  # fewer rows than k
+    (900, 30, 64, 20, 16, {}),  # nothing searchable yet; static rows overlap
+])
+def test_prev_select_matches_topk(c, n, k, n_init, n_local, kw):
+    thr = torch.zeros(6, dtype=torch.int32, device=DEVICE)
+    for step in range(3):  # the threshold of each step from the one before
+        run(scores(c, c + step), n, k, n_init, n_local, thr, **kw)
+
+
+def test_prev_select_rejects_bad_input():
+    thr = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    nn = torch.tensor([64], device=DEVICE)
+    with pytest.raises(ValueError, match="bfloat16"):
+        prev_select.prev_select_triton(torch.zeros(1, 1, 64, device=DEVICE), nn, 8, 0, 0, thr)
+    with pytest.raises(ValueError, match="power of two"):
+        prev_select.prev_select_triton(torch.zeros(1, 1, 64, device=DEVICE).bfloat16(), nn, 8, 0, 0, thr, chunk=100)
