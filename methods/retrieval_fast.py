@@ -15,12 +15,14 @@ import os
 
 import torch
 
-from scbench.kernels import row_select, sample_select, topk_select
+from scbench.kernels import prev_select, row_select, sample_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
 SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "radix")
-"""CUDA top-k over the rows: ``sample`` (scbench/kernels/sample_select.py: a sampled threshold narrows each row to
+"""CUDA top-k over the rows: ``prev`` (scbench/kernels/prev_select.py: each layer and row's threshold carried over
+from the previous step, a filter launch and a pick among a few thousand candidates; bfloat16 scores, else radix),
+``sample`` (scbench/kernels/sample_select.py: a sampled threshold narrows each row to
 a few thousand candidates, then an exact select among them; two launches), ``radix`` (scbench/kernels/topk_select.py:
 histogram passes, three launches) or ``topk`` (torch.topk over the masked float32 scores, the plain ops)."""
 
@@ -46,6 +48,9 @@ class RetrievalDecode:
         self.work: torch.Tensor | None = None  # [layers, work_size] int32
         self.sample: dict = {}  # sample_select_triton's chunk / samples / block / margin / warps (select=sample)
         self.cand: torch.Tensor | None = None  # its candidate scratch (shared by the layers: they run in order)
+        self.prev: dict = {}  # prev_select_triton's margin / cap / chunk / part / warps (select=prev)
+        self.thr: torch.Tensor | None = None  # its thresholds [layers, rows] int32, kept across steps
+        self.prev_fused = False  # select=prev: the filter kernel computes the scores too (no matmul)
         self.one_launch = False  # CUDA, bfloat16 scores: the radix select in one launch (scbench/kernels/row_select.py;
         # correct but slower on the H200: 6.16 vs 5.37 ms per 32-layer step at 128K, results/perf/ra_h27r.md)
 
@@ -64,8 +69,9 @@ class RetrievalDecode:
         hq = q.shape[1]
         n = kv.at[l : l + 1] + 1 if n is None else n
         lo, hi = m.n_init, n - m.n_local
-        if k.is_cuda and topk_select.triton is not None and self.select in ("radix", "sample"):
-            return self._rows_radix(q, k, n, lo, hi, self._layer_work(kv, l, k, q) if step and self.step_work else None)
+        if k.is_cuda and topk_select.triton is not None and self.select in ("radix", "sample", "prev"):
+            work = self._layer_work(kv, l, k, q) if step and self.step_work else None
+            return self._rows_radix(q, k, n, lo, hi, work, (l, len(kv.k)))
         s = q.reshape(b, hkv, hq // hkv, d).to(k.dtype) @ k.transpose(-1, -2)  # [B, Hkv, rep, C]
         s = s.amax(2) if m.gqa == "group" else s.reshape(b, hq, c)
         pos = torch.arange(c, device=q.device)
@@ -85,12 +91,13 @@ class RetrievalDecode:
     def _layer_work(self, kv, l: int, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Layer l's zeroed radix work buffer: a row of ``self.work``, which ``attend`` zeroes at layer 0."""
         rows = k.shape[0] * (k.shape[1] if self.m.gqa == "group" else q.shape[1])
-        size = max(topk_select.work_size(rows, k.dtype, self.radix.get("digits")), row_select.work_size(rows))
+        size = max(topk_select.work_size(rows, k.dtype, self.radix.get("digits")), row_select.work_size(rows),
+                   prev_select.work_size(rows))
         if self.work is None or self.work.shape != (len(kv.k), size) or self.work.device != k.device:
             self.work = torch.zeros(len(kv.k), size, dtype=torch.int32, device=k.device)
         return self.work[l]
 
-    def _rows_radix(self, q, k, n, lo: int, hi, work: torch.Tensor | None = None) -> torch.Tensor:
+    def _rows_radix(self, q, k, n, lo: int, hi, work: torch.Tensor | None = None, layer=(0, 1)) -> torch.Tensor:
         """The same row list (int32, found rows unordered) on CUDA: scores and the first radix pass in one kernel
         (``fused``; else a matmul), then the sort-free radix select. ``work``: a zeroed radix work buffer."""
         m = self.m
@@ -98,6 +105,8 @@ class RetrievalDecode:
         group = m.gqa == "group"
         kk, ns = min(m.top_k, c), lo + m.n_local
         first = None if work is None else 0
+        if self.select == "prev" and self.prev_fused and k.dtype == torch.bfloat16 and k.is_contiguous():
+            return self._rows_prev(None, n, kk, lo, work, *layer, q=q, k=k).view(b, -1, ns + kk)
         if self.fused:
             s, work = topk_select.retrieval_scores_triton(q, k, n, kk, lo, m.n_local, group,
                                                           digits=self.radix.get("digits"), **self.score_args)
@@ -105,6 +114,8 @@ class RetrievalDecode:
         else:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
+            if self.select == "prev" and s.dtype == torch.bfloat16:
+                return self._rows_prev(s, n, kk, lo, work, *layer).view(b, s.shape[1], ns + kk)
             if self.select == "sample":
                 return self._rows_sample(s, n, kk, lo, work).view(b, s.shape[1], ns + kk)
             if self.one_launch and row_select.one_launch_ok(s) and self.radix.get("digits") in (None, (8, 8)):
@@ -126,6 +137,27 @@ class RetrievalDecode:
         cnt = work[: sample_select.work_size(r)] if work is not None else None
         return sample_select.sample_select_triton(s, n, kk, lo, self.m.n_local, cnt=cnt, cand=self.cand, static=True,
                                                   **self.sample)
+
+    def _rows_prev(self, s, n, kk: int, lo: int, work: torch.Tensor | None, l: int, layers: int,
+                   q=None, k=None) -> torch.Tensor:
+        """prev_select_triton's row list with layer l's thresholds (``self.thr[l]``, zeros at first, kept across
+        steps); ``work``: zeroed int32, else zeroed here. ``q`` / ``k`` (s None): the filter computes the scores
+        itself (``prev_fused``)."""
+        b, hs = (s.shape[0], s.shape[1]) if s is not None else (k.shape[0], k.shape[1] if self.m.gqa == "group"
+                                                                   else q.shape[1])
+        r = b * hs
+        dev = k.device if s is None else s.device
+        kw = {**self.prev, "cap": self.prev.get("cap") or max(1024, 1 << (4 * kk - 1).bit_length())}  # 4k, pow2
+        if self.thr is None or self.thr.shape != (layers, r) or self.thr.device != dev:
+            self.thr = torch.zeros(layers, r, dtype=torch.int32, device=dev)
+        if self.cand is None or self.cand.numel() < r * kw["cap"] or self.cand.device != dev:
+            self.cand = torch.empty(r * kw["cap"], dtype=torch.int32, device=dev)
+        work = work[: prev_select.work_size(r)] if work is not None else None
+        if s is None:
+            return prev_select.prev_scores_select_triton(q, k, n, kk, lo, self.m.n_local, self.m.gqa == "group",
+                                                         self.thr[l], work=work, cand=self.cand, **kw)[0]
+        return prev_select.prev_select_triton(s, n, kk, lo, self.m.n_local, self.thr[l], work=work, cand=self.cand,
+                                              **kw)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]

@@ -24,6 +24,8 @@ several steps (first step, stale and forced-wrong thresholds, a too-small capaci
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -59,8 +61,27 @@ if triton is not None:
         return d, krem - tl.sum(tl.where(bins > d, h, 0), 0)
 
     @triton.jit
+    def _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP: tl.constexpr, NBINS: tl.constexpr,
+                ATOMIC: tl.constexpr):
+        """Row ``row``'s scores x at positions offs: the candidates (key >= t0) into its list and histogram
+        (ATOMIC: one atomic per candidate instead of ``tl.histogram``)."""
+        u = _key16(x)
+        cand = (offs >= n_init) & (offs < hi) & (offs < C) & (kk > 0) & (u >= t0)
+        b = tl.minimum(tl.maximum(u - t0, 0), NBINS - 1)
+        hist = Work + row.to(tl.int64) * NBINS
+        if ATOMIC:
+            tl.atomic_add(hist + b, tl.full(b.shape, 1, tl.int32), mask=cand, sem="relaxed")
+        else:
+            h = tl.histogram(b, NBINS, mask=cand)
+            tl.atomic_add(hist + tl.arange(0, NBINS), h, mask=h > 0, sem="relaxed")
+        c = cand.to(tl.int32)
+        at = tl.atomic_add(Work + R * NBINS + row, tl.sum(c, 0), sem="relaxed")
+        dst = at + tl.cumsum(c, 0) - 1
+        tl.store(Cand + row.to(tl.int64) * CAP + dst, (offs << 8) | b, mask=cand & (dst < CAP))
+
+    @triton.jit
     def _filter_kernel(S, N, Thr, Work, Cand, C, K, n_init, n_local, rs_b, rs_h, R, H: tl.constexpr,
-                       CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr):
+                       CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr):
         row, ch = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
         t0 = tl.load(Thr + row)
@@ -68,16 +89,44 @@ if triton is not None:
             tl.store(Work + R * NBINS + 3 * R + row, t0)
         offs = ch * CH + tl.arange(0, CH)
         x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
-        u = _key16(x)
-        cand = (offs >= n_init) & (offs < hi) & (kk > 0) & (u >= t0)
-        b = tl.minimum(tl.maximum(u - t0, 0), NBINS - 1)
-        h = tl.histogram(b, NBINS, mask=cand)
-        bins = tl.arange(0, NBINS)
-        tl.atomic_add(Work + row.to(tl.int64) * NBINS + bins, h, mask=h > 0, sem="relaxed")
-        c = cand.to(tl.int32)
-        at = tl.atomic_add(Work + R * NBINS + row, tl.sum(c, 0), sem="relaxed")
-        dst = at + tl.cumsum(c, 0) - 1
-        tl.store(Cand + row.to(tl.int64) * CAP + dst, (offs << 8) | b, mask=cand & (dst < CAP))
+        _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
+
+    @triton.jit
+    def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, G: tl.constexpr,
+                             GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+                             CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr, F32: tl.constexpr):
+        """(batch x KV head, block of BN keys): the scores q.k of the group's query heads (GROUP: their max),
+        rounded to bfloat16 and stored in S [R, C], and ``_filter_kernel``'s work on them while in registers.
+        F32: the product in float32 (Triton's interpreter multiplies bfloat16 wrongly)."""
+        bk, ch = tl.program_id(0), tl.program_id(1)
+        n, hi, kk = _span(N, K, n_init, n_local)
+        offs = ch * BN + tl.arange(0, BN)
+        cols, rows = tl.arange(0, D), tl.arange(0, GP)
+        kt = tl.load(Kc + bk.to(tl.int64) * C * D + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None],
+                     other=0.0)
+        q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        if F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q.to(kt.dtype), tl.trans(kt))
+        s = s.to(tl.bfloat16).to(tl.float32)
+        if GROUP:
+            sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
+            t0 = tl.load(Thr + bk)
+            if ch == 0:
+                tl.store(Work + R * NBINS + 3 * R + bk, t0)
+            tl.store(S + bk.to(tl.int64) * C + offs, sg.to(tl.bfloat16), mask=offs < C)
+            _append(sg, offs, bk, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
+        else:
+            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * C + offs[None, :], s.to(tl.bfloat16),
+                     mask=(rows < G)[:, None] & (offs < C)[None, :])
+            for g in tl.static_range(G):
+                row = bk * G + g
+                t0 = tl.load(Thr + row)
+                if ch == 0:
+                    tl.store(Work + R * NBINS + 3 * R + row, t0)
+                sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
+                _append(sg, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
 
     @triton.jit
     def _take(gt, tie, pos, krem, dst, Ties, Taken):
@@ -114,11 +163,12 @@ if triton is not None:
         if kk > 0:
             if (d >= 0) & (d < NBINS - 1):  # the k-th largest key is t0 + d
                 if cnt <= CAP:
-                    i = j * CB + tl.arange(0, CB)
-                    ok = i < cnt
-                    p = tl.load(Cand + row.to(tl.int64) * CAP + i, mask=ok, other=0)
-                    bb = p & 255
-                    _take(ok & (bb > d), ok & (bb == d), p >> 8, krem, dst, cnt_p + R, cnt_p + 2 * R)
+                    if j * CB < cnt:
+                        i = j * CB + tl.arange(0, CB)
+                        ok = i < cnt
+                        p = tl.load(Cand + row.to(tl.int64) * CAP + i, mask=ok, other=0)
+                        bb = p & 255
+                        _take(ok & (bb > d), ok & (bb == d), p >> 8, krem, dst, cnt_p + R, cnt_p + 2 * R)
                 else:  # the list overflowed: this program's share of the whole row
                     t = t0 + d
                     for c0 in range(j * CB, C, tl.num_programs(1) * CB):
@@ -173,45 +223,83 @@ def slow_rows(work: torch.Tensor, rows: int) -> torch.Tensor:
     return work[rows * (NB + 4) : rows * (NB + 4) + 1]
 
 
+def _buffers(s_shape, device, k, n_init, n_local, thr, work, cand, out, static, cap, sizes):
+    b, h, c = s_shape
+    r = b * h
+    if c >= 1 << 23:
+        raise ValueError(f"prev_select_triton: rows of {c} scores (at most 2^23: positions are packed with 8 bits)")
+    for name, v in (("cap", cap), *sizes.items()):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"prev_select_triton: {name}={v} must be a power of two")
+    if sizes["part"] > cap:
+        raise ValueError(f"prev_select_triton: part {sizes['part']} > cap {cap}")
+    if thr.dtype != torch.int32 or thr.numel() != r or not thr.is_contiguous():
+        raise ValueError(f"prev_select_triton: thr must be contiguous int32 [{r}], got {thr.dtype} {tuple(thr.shape)}")
+    ns = n_init + n_local if static else 0
+    out = torch.empty(r, ns + k, dtype=torch.int32, device=device) if out is None else out
+    if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
+        raise ValueError(f"prev_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
+    work = torch.zeros(work_size(r), dtype=torch.int32, device=device) if work is None else work
+    cand = torch.empty(r * cap, dtype=torch.int32, device=device) if cand is None else cand
+    if work.numel() < work_size(r) or cand.numel() < r * cap:
+        raise ValueError(f"prev_select_triton: work needs {work_size(r)} and cand {r * cap} int32 elements")
+    return r, ns, out, work, cand
+
+
+def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block, pick_warps):
+    _pick_kernel[(r, cap // part)](s, n, thr, work, cand, out, s.shape[2], k, n_init, n_local, s.stride(0),
+                                   s.stride(1), out.stride(0), r, int(margin), H=s.shape[1], CAP=cap, CB=part, NBINS=NB,
+                                   FB=block, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
+                                   KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=pick_warps)
+    return out
+
+
 def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int, thr: torch.Tensor,
                        work: torch.Tensor | None = None, cand: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, static: bool = True, margin: int = 16, cap: int = 16384,
                        chunk: int = 4096, part: int = 1024, block: int = 4096, num_warps: int = 8,
-                       pick_warps: int = 4) -> torch.Tensor:
+                       pick_warps: int = 4, atomic: bool = False) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
     thresholds (zeros at first; updated in place) -> int32 [B * H, (n_init + n_local if static) + k]: the indices
     of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), unordered, -1 in unused slots.
     ``work``: ``work_size`` zeroed int32 elements, ``cand``: int32 [B * H * cap] scratch (allocated when not given).
     ``margin``: bfloat16 steps (16: ~6-12 %) below this step's k-th largest score for the next step's threshold;
     ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
-    programs per row); ``block``: scores per iteration of the whole-row path."""
-    b, h, c = s.shape
-    r = b * h
+    programs per row); ``block``: scores per iteration of the whole-row path; ``atomic``: the filter counts its
+    candidates with one atomic each instead of ``tl.histogram``."""
     if s.dtype != torch.bfloat16 or s.stride(2) != 1:
         raise ValueError(f"prev_select_triton: scores must be bfloat16 with a contiguous last dimension, got "
                          f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
-    if c >= 1 << 23:
-        raise ValueError(f"prev_select_triton: rows of {c} scores (at most 2^23: positions are packed with 8 bits)")
-    for name, v in (("cap", cap), ("chunk", chunk), ("part", part), ("block", block)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"prev_select_triton: {name}={v} must be a power of two")
-    if part > cap:
-        raise ValueError(f"prev_select_triton: part {part} > cap {cap}")
-    if thr.dtype != torch.int32 or thr.numel() != r or not thr.is_contiguous():
-        raise ValueError(f"prev_select_triton: thr must be contiguous int32 [{r}], got {thr.dtype} {tuple(thr.shape)}")
-    ns = n_init + n_local if static else 0
-    out = torch.empty(r, ns + k, dtype=torch.int32, device=s.device) if out is None else out
-    if out.dtype != torch.int32 or out.shape[0] != r or out.shape[1] < ns + k or out.stride(1) != 1:
-        raise ValueError(f"prev_select_triton: out must be int32 [{r}, >= {ns + k}] with contiguous rows")
-    work = torch.zeros(work_size(r), dtype=torch.int32, device=s.device) if work is None else work
-    cand = torch.empty(r * cap, dtype=torch.int32, device=s.device) if cand is None else cand
-    if work.numel() < work_size(r) or cand.numel() < r * cap:
-        raise ValueError(f"prev_select_triton: work needs {work_size(r)} and cand {r * cap} int32 elements")
-    common = (c, k, n_init, n_local, s.stride(0), s.stride(1))
-    _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](s, n, thr, work, cand, *common, r, H=h, CH=chunk, CAP=cap,
-                                                       NBINS=NB, num_warps=num_warps)
-    _pick_kernel[(r, cap // part)](s, n, thr, work, cand, out, *common, out.stride(0), r, int(margin), H=h, CAP=cap,
-                                   CB=part, NBINS=NB, FB=block, STATIC=static,
-                                   NSP=max(2, triton.next_power_of_2(max(ns, 1))),
-                                   KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=pick_warps)
-    return out
+    r, ns, out, work, cand = _buffers(s.shape, s.device, k, n_init, n_local, thr, work, cand, out, static, cap,
+                                      dict(chunk=chunk, part=part, block=block))
+    _filter_kernel[(r, triton.cdiv(max(s.shape[2], 1), chunk))](
+        s, n, thr, work, cand, s.shape[2], k, n_init, n_local, s.stride(0), s.stride(1), r, H=s.shape[1], CH=chunk,
+        CAP=cap, NBINS=NB, ATOMIC=atomic, num_warps=num_warps)
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block, pick_warps)
+
+
+def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, k: int, n_init: int,
+                              n_local: int, group: bool, thr: torch.Tensor, work: torch.Tensor | None = None,
+                              cand: torch.Tensor | None = None, static: bool = True, margin: int = 16,
+                              cap: int = 16384, bn: int = 128, part: int = 1024, block: int = 4096,
+                              num_warps: int = 4, pick_warps: int = 4, atomic: bool = True
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prev_select_triton`` with the scores computed by the filter itself: q [B, Hq, 1, D], bfloat16 keys
+    [B, Hkv, C, D] (contiguous) -> (the row list, the scores [B, Hs, C] bfloat16, Hs = Hkv if ``group`` (max over
+    the group) else Hq). The scores equal ``q @ k^T`` rounded to bfloat16 up to the summation order; ``bn``: keys
+    per program."""
+    b, hq, _, d = q.shape
+    hkv, c = keys.shape[1], keys.shape[2]
+    if keys.dtype != torch.bfloat16 or not keys.is_contiguous():
+        raise ValueError(f"prev_scores_select_triton: keys must be contiguous bfloat16, got {keys.dtype}")
+    g = hq // hkv
+    hs = hkv if group else hq
+    r, ns, out, work, cand = _buffers((b, hs, c), keys.device, k, n_init, n_local, thr, work, cand, None, static,
+                                      cap, dict(bn=bn, part=part, block=block))
+    s = torch.empty(b, hs, c, dtype=torch.bfloat16, device=keys.device)
+    _score_filter_kernel[(b * hkv, triton.cdiv(max(c, 1), bn))](
+        q.reshape(b * hq, d).contiguous(), keys, s, n, thr, work, cand, c, k, n_init, n_local, r, G=g,
+        GP=max(16, triton.next_power_of_2(g)), D=d, BN=bn, GROUP=group, CAP=cap, NBINS=NB, ATOMIC=atomic,
+        F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps)
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block,
+                 pick_warps), s

@@ -15,7 +15,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(prev_select.triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
-SMALL = dict(chunk=256, part=128, block=256, num_warps=4)
+SMALL = dict(chunk=512, part=64, cap=256, block=512, num_warps=4)
 
 
 def check(s, got, n, k, n_init, n_local):
@@ -65,7 +65,7 @@ def test_prev_select_steps():
     assert run(scores(c, 2, ties=False), n, k, n_init, n_local, thr) == 0  # new scores, same spread
     s = scores(c, 3, ties=False) * 0.25
     assert run(s, n, k, n_init, n_local, thr) == 6  # threshold above: whole row
-    assert run(s, n, k, n_init, n_local, thr, cap=32, part=32) == 0  # more candidates than the list holds: scan
+    assert run(s, n, k, n_init, n_local, thr, cap=32, part=16) == 0  # more candidates than the list holds: scan
     assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0  # ties at the threshold
     assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0
 
@@ -90,3 +90,50 @@ def test_prev_select_rejects_bad_input():
         prev_select.prev_select_triton(torch.zeros(1, 1, 64, device=DEVICE), nn, 8, 0, 0, thr)
     with pytest.raises(ValueError, match="power of two"):
         prev_select.prev_select_triton(torch.zeros(1, 1, 64, device=DEVICE).bfloat16(), nn, 8, 0, 0, thr, chunk=100)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (the plugin's select=prev branch)")
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_plugin_prev_rows_match_torch_rows(gqa):
+    from types import SimpleNamespace
+
+    from scbench.methods.retrieval_attention import RetrievalAttention
+    from scbench.methods.retrieval_fast import RetrievalDecode
+
+    g = torch.Generator().manual_seed(7)
+    layers, c, n = 3, 40000, 39001
+    k = [torch.randn(1, 2, c, 64, generator=g).bfloat16().cuda() for _ in range(layers)]
+    plugin = RetrievalDecode(RetrievalAttention(top_k=512, n_init=16, n_local=64, gqa=gqa, tier="device"))
+    plugin.select = "prev"
+    kv = SimpleNamespace(k=k, at=torch.full((layers,), n - 1, device="cuda"))
+    for step in range(3):  # the first step without thresholds, then each from the one before (new queries)
+        q = [torch.randn(1, 8, 1, 64, generator=g).bfloat16().cuda() for _ in range(layers)]
+        plugin.work.zero_() if plugin.work is not None else None
+        for l in range(layers):
+            got = plugin.rows(kv, l, q[l], step=True)
+            s = q[l].reshape(1, 2, 4, 64) @ k[l].transpose(-1, -2)  # the plugin's own scores
+            s = s.amax(2) if gqa == "group" else s.flatten(1, 2)
+            check(s, got.reshape(-1, got.shape[-1]), n, 512, 16, 64)
+    assert plugin.thr is not None and bool((plugin.thr > 0).all())
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_prev_scores_select_matches_topk(group):
+    """The filter that computes the scores itself: its row list against topk over the scores it returned, and
+    those scores against q @ k^T rounded to bfloat16 (up to the summation order)."""
+    g = torch.Generator().manual_seed(11)
+    c, n, kk, n_init, n_local = 700, 690, 24, 4, 16
+    keys = torch.randn(1, 2, c, 16, generator=g).bfloat16().to(DEVICE)
+    hs = 2 if group else 4
+    thr = torch.zeros(hs, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 4, 1, 16, generator=g).bfloat16().to(DEVICE)
+    for step in range(2):  # the same query twice: the second step's threshold fits
+        work = torch.zeros(prev_select.work_size(hs), dtype=torch.int32, device=DEVICE)
+        got, s = prev_select.prev_scores_select_triton(q, keys, torch.tensor([n], device=DEVICE), kk, n_init, n_local,
+                                                       group, thr, work=work, cap=256, bn=64, part=64, block=256,
+                                                       atomic=step == 0)
+        check(s, got, n, kk, n_init, n_local)
+        ref = q.reshape(1, 2, 2, 16).float() @ keys.float().transpose(-1, -2)
+        ref = ref.amax(2) if group else ref.flatten(1, 2)
+        assert torch.allclose(s.float(), ref.bfloat16().float(), rtol=1e-2, atol=1e-2)
+        assert int(prev_select.slow_rows(work, hs).item()) == (hs if step == 0 else 0)
