@@ -115,7 +115,7 @@ class RetrievalDecode:
             s = q.reshape(b, hkv, -1, d).to(k.dtype) @ k.transpose(-1, -2)
             s = s.amax(2) if group else s.flatten(1, 2)
             if self.select == "prev" and s.dtype == torch.bfloat16:
-                return self._rows_prev(s, n, kk, lo, work, *layer).view(b, s.shape[1], ns + kk)
+                return self._rows_prev(s, n, kk, lo, work, *layer, q=q).view(b, s.shape[1], ns + kk)
             if self.select == "sample":
                 return self._rows_sample(s, n, kk, lo, work).view(b, s.shape[1], ns + kk)
             if self.one_launch and row_select.one_launch_ok(s) and self.radix.get("digits") in (None, (8, 8)):
@@ -142,7 +142,7 @@ class RetrievalDecode:
                    q=None, k=None) -> torch.Tensor:
         """prev_select_triton's row list with layer l's thresholds (``self.thr[l]``, zeros at first, kept across
         steps); ``work``: zeroed int32, else zeroed here. ``q`` / ``k`` (s None): the filter computes the scores
-        itself (``prev_fused``)."""
+        itself (``prev_fused``); else q scales the thresholds (the k-th largest score is kept per unit of |q|)."""
         b, hs = (s.shape[0], s.shape[1]) if s is not None else (k.shape[0], k.shape[1] if self.m.gqa == "group"
                                                                    else q.shape[1])
         r = b * hs
@@ -156,8 +156,8 @@ class RetrievalDecode:
         if s is None:
             return prev_select.prev_scores_select_triton(q, k, n, kk, lo, self.m.n_local, self.m.gqa == "group",
                                                          self.thr[l], work=work, cand=self.cand, **kw)[0]
-        return prev_select.prev_select_triton(s, n, kk, lo, self.m.n_local, self.thr[l], work=work, cand=self.cand,
-                                              **kw)
+        return prev_select.prev_select_triton(s, n, kk, lo, self.m.n_local, self.thr[l], q=q.to(s.dtype),
+                                              group=self.m.gqa == "group", work=work, cand=self.cand, **kw)
 
     def attend(self, kv, l, q, k, v, scale):
         self.q_heads = q.shape[1]

@@ -61,6 +61,41 @@ if triton is not None:
         return d, krem - tl.sum(tl.where(bins > d, h, 0), 0)
 
     @triton.jit
+    def _val16(t):
+        """``_key16``'s inverse: the bfloat16 value (as float32) of a 16-bit order key."""
+        u = t.to(tl.uint32) << 16
+        return tl.where((u >> 31) != 0, u ^ 0x80000000, u ^ 0xFFFFFFFF).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _threshold(Thr, Work, row, qn, margin, ch, R, NBINS: tl.constexpr):
+        """This step's threshold key of ``row``: the previous step's k-th largest score per unit of |q| (Thr, float32
+        bits) times this step's |q| (qn), less ``margin`` bfloat16 steps. Program 0 of the row keeps it and qn for
+        the pick."""
+        tv = tl.load(Thr + row).to(tl.float32, bitcast=True) * qn
+        t0 = tl.where(tv == tv, tl.maximum(_key16(tv) - margin, 0), 0)
+        if ch == 0:
+            tl.store(Work + R * NBINS + 3 * R + row, t0)
+            tl.store(Work + R * NBINS + 4 * R + row, qn.to(tl.int32, bitcast=True))
+        return t0
+
+    @triton.jit
+    def _qnorm(Q, row, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+               HASQ: tl.constexpr):
+        """|q| of the row's query head (GROUP: the largest of its group's); 1 without queries."""
+        if HASQ:
+            cols = tl.arange(0, D)
+            if GROUP:
+                rows = tl.arange(0, GP)
+                q = tl.load(Q + (row * G + rows)[:, None] * D + cols[None, :], mask=(rows < G)[:, None], other=0.0)
+                qf = q.to(tl.float32)
+                return tl.max(tl.sqrt(tl.sum(qf * qf, 1)), 0)
+            else:
+                qf = tl.load(Q + row * D + cols).to(tl.float32)
+                return tl.sqrt(tl.sum(qf * qf, 0))
+        else:
+            return tl.full([], 1.0, tl.float32)
+
+    @triton.jit
     def _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP: tl.constexpr, NBINS: tl.constexpr,
                 ATOMIC: tl.constexpr):
         """Row ``row``'s scores x at positions offs: the candidates (key >= t0) into its list and histogram
@@ -80,19 +115,18 @@ if triton is not None:
         tl.store(Cand + row.to(tl.int64) * CAP + dst, (offs << 8) | b, mask=cand & (dst < CAP))
 
     @triton.jit
-    def _filter_kernel(S, N, Thr, Work, Cand, C, K, n_init, n_local, rs_b, rs_h, R, H: tl.constexpr,
-                       CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr):
+    def _filter_kernel(S, Q, N, Thr, Work, Cand, C, K, n_init, n_local, rs_b, rs_h, R, margin, H: tl.constexpr,
+                       CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, HASQ: tl.constexpr):
         row, ch = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
-        t0 = tl.load(Thr + row)
-        if ch == 0:  # the threshold this step used, for the pick (which updates Thr)
-            tl.store(Work + R * NBINS + 3 * R + row, t0)
+        t0 = _threshold(Thr, Work, row, _qnorm(Q, row, G, GP, D, GROUP, HASQ), margin, ch, R, NBINS)
         offs = ch * CH + tl.arange(0, CH)
         x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
         _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
 
     @triton.jit
-    def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, G: tl.constexpr,
+    def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, margin, G: tl.constexpr,
                              GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
                              CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr, F32: tl.constexpr):
         """(batch x KV head, block of BN keys): the scores q.k of the group's query heads (GROUP: their max),
@@ -110,11 +144,11 @@ if triton is not None:
         else:
             s = tl.dot(q.to(kt.dtype), tl.trans(kt))
         s = s.to(tl.bfloat16).to(tl.float32)
+        qf = q.to(tl.float32)
+        qn = tl.sqrt(tl.sum(qf * qf, 1))  # [GP]
         if GROUP:
             sg = tl.max(tl.where((rows < G)[:, None], s, float("-inf")), 0)
-            t0 = tl.load(Thr + bk)
-            if ch == 0:
-                tl.store(Work + R * NBINS + 3 * R + bk, t0)
+            t0 = _threshold(Thr, Work, bk, tl.max(qn, 0), margin, ch, R, NBINS)
             tl.store(S + bk.to(tl.int64) * C + offs, sg.to(tl.bfloat16), mask=offs < C)
             _append(sg, offs, bk, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
         else:
@@ -122,9 +156,7 @@ if triton is not None:
                      mask=(rows < G)[:, None] & (offs < C)[None, :])
             for g in tl.static_range(G):
                 row = bk * G + g
-                t0 = tl.load(Thr + row)
-                if ch == 0:
-                    tl.store(Work + R * NBINS + 3 * R + row, t0)
+                t0 = _threshold(Thr, Work, row, tl.sum(tl.where(rows == g, qn, 0.0), 0), margin, ch, R, NBINS)
                 sg = tl.sum(tl.where((rows == g)[:, None], s, 0.0), 0)
                 _append(sg, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
 
@@ -139,7 +171,13 @@ if triton is not None:
         tl.store(dst + at + tl.cumsum(si, 0) - 1, pos, mask=sel)
 
     @triton.jit
-    def _pick_kernel(S, N, Thr, Work, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, margin, H: tl.constexpr,
+    def _keep(Thr, Work, row, t, R, NBINS: tl.constexpr):
+        """Thr[row] = this step's k-th largest score (key t) per unit of |q| (float32 bits), for the next step."""
+        qn = tl.load(Work + R * NBINS + 4 * R + row).to(tl.float32, bitcast=True)
+        tl.store(Thr + row, (_val16(t) / tl.maximum(qn, 1e-30)).to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _pick_kernel(S, N, Thr, Work, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
                      CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
                      STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
         row, j = tl.program_id(0), tl.program_id(1)
@@ -177,7 +215,7 @@ if triton is not None:
                         u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
                         _take(ok & (u > t), ok & (u == t), offs, krem, dst, cnt_p + R, cnt_p + 2 * R)
                 if j == 0:
-                    tl.store(Thr + row, tl.maximum(t0 + d - margin, 0))
+                    _keep(Thr, Work, row, t0 + d, R, NBINS)
             elif j == 0:  # the whole row: two 8-bit histogram passes, then one selecting pass
                 bins = tl.arange(0, 256)
                 h = tl.zeros([256], tl.int32)
@@ -208,19 +246,19 @@ if triton is not None:
                     tl.store(dst + taken + tl.cumsum(si, 0) - 1, offs, mask=sel)
                     taken += tl.sum(si, 0)
                     ties += tl.sum(ti, 0)
-                tl.store(Thr + row, tl.maximum(t - margin, 0))
-                tl.atomic_add(Work + R * NBINS + 4 * R, 1, sem="relaxed")  # whole-row selects this call
+                _keep(Thr, Work, row, t, R, NBINS)
+                tl.atomic_add(Work + R * NBINS + 5 * R, 1, sem="relaxed")  # whole-row selects this call
 
 
 def work_size(rows: int) -> int:
     """int32 elements of one call's work buffer, zeroed before the call (e.g. a slice of a buffer zeroed once per
     step): the rows' histograms, candidate / tie / taken counters, the threshold used, and a whole-row count."""
-    return rows * (NB + 4) + 1
+    return rows * (NB + 5) + 1
 
 
 def slow_rows(work: torch.Tensor, rows: int) -> torch.Tensor:
     """How many rows of the call that filled ``work`` took the whole-row path (a 1-element view)."""
-    return work[rows * (NB + 4) : rows * (NB + 4) + 1]
+    return work[rows * (NB + 5) : rows * (NB + 5) + 1]
 
 
 def _buffers(s_shape, device, k, n_init, n_local, thr, work, cand, out, static, cap, sizes):
@@ -246,36 +284,45 @@ def _buffers(s_shape, device, k, n_init, n_local, thr, work, cand, out, static, 
     return r, ns, out, work, cand
 
 
-def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block, pick_warps):
+def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps):
     _pick_kernel[(r, cap // part)](s, n, thr, work, cand, out, s.shape[2], k, n_init, n_local, s.stride(0),
-                                   s.stride(1), out.stride(0), r, int(margin), H=s.shape[1], CAP=cap, CB=part, NBINS=NB,
+                                   s.stride(1), out.stride(0), r, H=s.shape[1], CAP=cap, CB=part, NBINS=NB,
                                    FB=block, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
                                    KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=pick_warps)
     return out
 
 
 def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int, thr: torch.Tensor,
-                       work: torch.Tensor | None = None, cand: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None, static: bool = True, margin: int = 16, cap: int = 16384,
-                       chunk: int = 4096, part: int = 1024, block: int = 4096, num_warps: int = 8,
-                       pick_warps: int = 4, atomic: bool = False) -> torch.Tensor:
+                       q: torch.Tensor | None = None, group: bool = False, work: torch.Tensor | None = None,
+                       cand: torch.Tensor | None = None, out: torch.Tensor | None = None, static: bool = True,
+                       margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 4096,
+                       num_warps: int = 8, pick_warps: int = 4, atomic: bool = False) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
-    thresholds (zeros at first; updated in place) -> int32 [B * H, (n_init + n_local if static) + k]: the indices
-    of the ``min(k, rows)`` largest scores among positions [n_init, n - n_local), unordered, -1 in unused slots.
-    ``work``: ``work_size`` zeroed int32 elements, ``cand``: int32 [B * H * cap] scratch (allocated when not given).
-    ``margin``: bfloat16 steps (16: ~6-12 %) below this step's k-th largest score for the next step's threshold;
+    thresholds (zeros at first; updated in place); q [B, Hq, 1, D] the queries the scores came from (Hq = H, or
+    a multiple of H with ``group``: rows scaled by their group's largest |q|; None: |q| = 1) -> int32
+    [B * H, (n_init + n_local if static) + k]: the indices of the ``min(k, rows)`` largest scores among positions
+    [n_init, n - n_local), unordered, -1 in unused slots. ``work``: ``work_size`` zeroed int32 elements, ``cand``:
+    int32 [B * H * cap] scratch (allocated when not given). ``margin``: bfloat16 steps (16: ~6-12 %) below the
+    k-th largest score predicted from the previous step (its value per unit of |q|, times this step's |q|);
     ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
     programs per row); ``block``: scores per iteration of the whole-row path; ``atomic``: the filter counts its
     candidates with one atomic each instead of ``tl.histogram``."""
     if s.dtype != torch.bfloat16 or s.stride(2) != 1:
         raise ValueError(f"prev_select_triton: scores must be bfloat16 with a contiguous last dimension, got "
                          f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
+    b, h, c = s.shape
+    g, d = (q.shape[1] // h, q.shape[-1]) if q is not None else (1, 16)
+    if q is not None and (q.shape[0] != b or q.shape[1] != g * h or (g > 1 and not group)):
+        raise ValueError(f"prev_select_triton: queries {tuple(q.shape)} do not match scores {tuple(s.shape)} "
+                         f"(group={group})")
     r, ns, out, work, cand = _buffers(s.shape, s.device, k, n_init, n_local, thr, work, cand, out, static, cap,
                                       dict(chunk=chunk, part=part, block=block))
-    _filter_kernel[(r, triton.cdiv(max(s.shape[2], 1), chunk))](
-        s, n, thr, work, cand, s.shape[2], k, n_init, n_local, s.stride(0), s.stride(1), r, H=s.shape[1], CH=chunk,
-        CAP=cap, NBINS=NB, ATOMIC=atomic, num_warps=num_warps)
-    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block, pick_warps)
+    qq = q.reshape(-1, d).contiguous() if q is not None else s
+    _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](
+        s, qq, n, thr, work, cand, c, k, n_init, n_local, s.stride(0), s.stride(1), r, int(margin), H=h, CH=chunk,
+        CAP=cap, NBINS=NB, ATOMIC=atomic, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, GROUP=group,
+        HASQ=q is not None, num_warps=num_warps)
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps)
 
 
 def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, k: int, n_init: int,
@@ -298,8 +345,7 @@ def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tens
                                       cap, dict(bn=bn, part=part, block=block))
     s = torch.empty(b, hs, c, dtype=torch.bfloat16, device=keys.device)
     _score_filter_kernel[(b * hkv, triton.cdiv(max(c, 1), bn))](
-        q.reshape(b * hq, d).contiguous(), keys, s, n, thr, work, cand, c, k, n_init, n_local, r, G=g,
+        q.reshape(b * hq, d).contiguous(), keys, s, n, thr, work, cand, c, k, n_init, n_local, r, int(margin), G=g,
         GP=max(16, triton.next_power_of_2(g)), D=d, BN=bn, GROUP=group, CAP=cap, NBINS=NB, ATOMIC=atomic,
         F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps)
-    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, margin, cap, part, block,
-                 pick_warps), s
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps), s

@@ -70,6 +70,30 @@ def test_prev_select_steps():
     assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0
 
 
+@pytest.mark.parametrize("group", [False, True])
+def test_prev_select_scales_by_query_norm(group):
+    """The threshold follows |q|: queries scaled 3x (or 1/3) keep every row on its candidate list, where a
+    threshold without q falls back to the whole row (threshold above) or at least stays exact."""
+    g = torch.Generator().manual_seed(5)
+    c, n, k, n_init, n_local = 1200, 1190, 30, 4, 16
+    keys = torch.randn(1, 2, c, 16, generator=g)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    hs = 2 if group else 4
+
+    def sc(qq):
+        s = qq.reshape(1, 2, 2, 16) @ keys.transpose(-1, -2)
+        return (s.amax(2) if group else s.flatten(1, 2)).bfloat16().to(DEVICE)
+
+    thr = torch.zeros(hs, dtype=torch.int32, device=DEVICE)
+    plain = torch.zeros(hs, dtype=torch.int32, device=DEVICE)
+    qd = lambda x: x.bfloat16().to(DEVICE)  # noqa: E731
+    assert run(sc(q), n, k, n_init, n_local, thr, q=qd(q), group=group) == hs  # first step
+    assert run(sc(q), n, k, n_init, n_local, plain) == hs
+    assert run(sc(q * 3), n, k, n_init, n_local, thr, q=qd(q * 3), group=group) == 0
+    assert run(sc(q / 3), n, k, n_init, n_local, thr, q=qd(q / 3), group=group) == 0
+    assert run(sc(q / 3), n, k, n_init, n_local, plain) == hs  # the unscaled threshold is above every k-th
+
+
 @pytest.mark.parametrize("c,n,k,n_init,n_local,kw", [
     (2000, 1900, 40, 4, 16, {}),
     (2000, 1900, 40, 4, 16, dict(margin=400)),  # the next threshold far below: its k-th in the overflow bin
