@@ -55,6 +55,8 @@ VARIANTS = {
     "prev_m8": dict(step_work=True, select="prev", prev={"margin": 8}),
     "prev_m32": dict(step_work=True, select="prev", prev={"margin": 32}),
     "prev_atomic": dict(step_work=True, select="prev", prev={"atomic": True}),
+    "prev_one": dict(step_work=True, select="prev", prev={"one": True}),  # filter + pick in one launch
+    "prev_one_atomic": dict(step_work=True, select="prev", prev={"one": True, "atomic": True}),
     "prev_c8k": dict(step_work=True, select="prev", prev={"chunk": 8192}),
     "prev_c2k_w4": dict(step_work=True, select="prev", prev={"chunk": 2048, "num_warps": 4}),
     "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),

@@ -117,13 +117,23 @@ if triton is not None:
     @triton.jit
     def _filter_kernel(S, Q, N, Thr, Work, Cand, C, K, n_init, n_local, rs_b, rs_h, R, margin, H: tl.constexpr,
                        CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr,
-                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, HASQ: tl.constexpr):
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, HASQ: tl.constexpr,
+                       Out=None, M=0, CB: tl.constexpr = 2, FB: tl.constexpr = 2, STATIC: tl.constexpr = False,
+                       NSP: tl.constexpr = 2, KP: tl.constexpr = 2, ONE: tl.constexpr = False):
+        """(row, chunk of CH scores): the row's candidates. ONE: the row's last program to finish then picks
+        (its acquire sees the others' released writes)."""
         row, ch = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
         t0 = _threshold(Thr, Work, row, _qnorm(Q, row, G, GP, D, GROUP, HASQ), margin, ch, R, NBINS)
         offs = ch * CH + tl.arange(0, CH)
         x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
         _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
+        if ONE:
+            tl.debug_barrier()  # every thread's writes before the one thread's release
+            done = tl.atomic_add(Work + R * NBINS + 5 * R + 1 + row, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                _pick_row(S, N, Thr, Work, Cand, Out, row, 0, 1, C, K, n_init, n_local, rs_b, rs_h, M, R, H, CAP, CB,
+                          NBINS, FB, STATIC, NSP, KP)
 
     @triton.jit
     def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, margin, G: tl.constexpr,
@@ -173,20 +183,29 @@ if triton is not None:
     @triton.jit
     def _keep(Thr, Work, row, t, R, NBINS: tl.constexpr):
         """Thr[row] = this step's k-th largest score (key t) per unit of |q| (float32 bits), for the next step."""
-        qn = tl.load(Work + R * NBINS + 4 * R + row).to(tl.float32, bitcast=True)
+        qn = tl.load(Work + R * NBINS + 4 * R + row, cache_modifier=".cg").to(tl.float32, bitcast=True)
         tl.store(Thr + row, (_val16(t) / tl.maximum(qn, 1e-30)).to(tl.int32, bitcast=True))
 
     @triton.jit
     def _pick_kernel(S, N, Thr, Work, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
                      CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
                      STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
-        row, j = tl.program_id(0), tl.program_id(1)
+        _pick_row(S, N, Thr, Work, Cand, Out, tl.program_id(0), tl.program_id(1), tl.num_programs(1), C, K, n_init,
+                  n_local, rs_b, rs_h, M, R, H, CAP, CB, NBINS, FB, STATIC, NSP, KP)
+
+    @triton.jit
+    def _pick_row(S, N, Thr, Work, Cand, Out, row, j, PJ, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
+                  CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
+                  STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+        """Program j of PJ of row ``row``'s pick (loads through L2: in the one-launch filter other programs wrote
+        the histogram and the list)."""
         n, hi, kk = _span(N, K, n_init, n_local)
         base = S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h
         cnt_p = Work + R * NBINS + row
-        t0 = tl.load(cnt_p + 3 * R)
-        cnt = tl.load(cnt_p)
-        d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS)), kk, NBINS)
+        t0 = tl.load(cnt_p + 3 * R, cache_modifier=".cg")
+        cnt = tl.load(cnt_p, cache_modifier=".cg")
+        d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS), cache_modifier=".cg"), kk,
+                        NBINS)
         dst = Out + row.to(tl.int64) * M
         if STATIC:
             if j == 0:
@@ -201,15 +220,15 @@ if triton is not None:
         if kk > 0:
             if (d >= 0) & (d < NBINS - 1):  # the k-th largest key is t0 + d
                 if cnt <= CAP:
-                    if j * CB < cnt:
-                        i = j * CB + tl.arange(0, CB)
+                    for i0 in range(j * CB, cnt, PJ * CB):
+                        i = i0 + tl.arange(0, CB)
                         ok = i < cnt
-                        p = tl.load(Cand + row.to(tl.int64) * CAP + i, mask=ok, other=0)
+                        p = tl.load(Cand + row.to(tl.int64) * CAP + i, mask=ok, other=0, cache_modifier=".cg")
                         bb = p & 255
                         _take(ok & (bb > d), ok & (bb == d), p >> 8, krem, dst, cnt_p + R, cnt_p + 2 * R)
                 else:  # the list overflowed: this program's share of the whole row
                     t = t0 + d
-                    for c0 in range(j * CB, C, tl.num_programs(1) * CB):
+                    for c0 in range(j * CB, C, PJ * CB):
                         offs = c0 + tl.arange(0, CB)
                         ok = (offs >= n_init) & (offs < hi)
                         u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
@@ -252,8 +271,9 @@ if triton is not None:
 
 def work_size(rows: int) -> int:
     """int32 elements of one call's work buffer, zeroed before the call (e.g. a slice of a buffer zeroed once per
-    step): the rows' histograms, candidate / tie / taken counters, the threshold used, and a whole-row count."""
-    return rows * (NB + 5) + 1
+    step): the rows' histograms, candidate / tie / taken counters, the threshold and |q| used, a whole-row count,
+    finished filter programs (``one``)."""
+    return rows * (NB + 6) + 1
 
 
 def slow_rows(work: torch.Tensor, rows: int) -> torch.Tensor:
@@ -296,7 +316,8 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
                        q: torch.Tensor | None = None, group: bool = False, work: torch.Tensor | None = None,
                        cand: torch.Tensor | None = None, out: torch.Tensor | None = None, static: bool = True,
                        margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 4096,
-                       num_warps: int = 8, pick_warps: int = 4, atomic: bool = False) -> torch.Tensor:
+                       num_warps: int = 8, pick_warps: int = 4, atomic: bool = False, one: bool = False
+                       ) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
     thresholds (zeros at first; updated in place); q [B, Hq, 1, D] the queries the scores came from (Hq = H, or
     a multiple of H with ``group``: rows scaled by their group's largest |q|; None: |q| = 1) -> int32
@@ -306,7 +327,8 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
     k-th largest score predicted from the previous step (its value per unit of |q|, times this step's |q|);
     ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
     programs per row); ``block``: scores per iteration of the whole-row path; ``atomic``: the filter counts its
-    candidates with one atomic each instead of ``tl.histogram``."""
+    candidates with one atomic each instead of ``tl.histogram``; ``one``: one launch, the last filter program of
+    each row to finish picks for it (``part`` candidates at a time)."""
     if s.dtype != torch.bfloat16 or s.stride(2) != 1:
         raise ValueError(f"prev_select_triton: scores must be bfloat16 with a contiguous last dimension, got "
                          f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
@@ -318,10 +340,14 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
     r, ns, out, work, cand = _buffers(s.shape, s.device, k, n_init, n_local, thr, work, cand, out, static, cap,
                                       dict(chunk=chunk, part=part, block=block))
     qq = q.reshape(-1, d).contiguous() if q is not None else s
+    pick = dict(Out=out, M=out.stride(0), CB=part, FB=block, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
+                KP=max(2, triton.next_power_of_2(max(k, 1))), ONE=True) if one else {}
     _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](
         s, qq, n, thr, work, cand, c, k, n_init, n_local, s.stride(0), s.stride(1), r, int(margin), H=h, CH=chunk,
         CAP=cap, NBINS=NB, ATOMIC=atomic, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, GROUP=group,
-        HASQ=q is not None, num_warps=num_warps)
+        HASQ=q is not None, **pick, num_warps=num_warps)
+    if one:
+        return out
     return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps)
 
 
