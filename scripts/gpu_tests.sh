@@ -7,10 +7,11 @@
 #   run(carry=[".gpuwhl"]):  bash scripts/gpu_tests.sh [pytest args]
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwhl/*.whl .gpuwhl/*.tar.gz
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . 2>&1 \
+site=${SCBENCH_TEST_SITE:-/tmp/scbench-tests-site}  # its own folder: helper copies on the same box put theirs first in /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .gpuwhl/*.whl .gpuwhl/*.tar.gz
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target $site . 2>&1 \
   | grep -v -i -E "deprecat|license|\*\*\*|!!|^ *$" || true
-export PYTHONPATH=/tmp/site SCBENCH_CACHE=/tmp/scbcache
+export PYTHONPATH=$site SCBENCH_CACHE=/tmp/scbcache
 # the embedded model's tokenizer (the GGUF is not carried): tests that load its weights are marked slow and left out
 tok=/tmp/scbcache/models/smollm2-135m-instruct-f32
 mkdir -p $tok && cp .gpuwhl/smol_tok/* $tok/ && touch $tok/model.safetensors
