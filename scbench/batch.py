@@ -13,7 +13,7 @@ Ragged caches (AdaKV, KVzip pair / layer, DuoAttention: per-KV-head prefix lengt
 too: their prefixes are read in place per head (scbench/kernels/ragged_shared.py, ``batch_step.RaggedShared``).
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
 (``decode_attention``) unless they bring a batched decode (``batch_decoder()``: Quest, methods/quest_batch.py, whose
-rows select their own pages of the shared context; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
+rows select their own pages of the shared context; RetrievalAttention's device tier, methods/retrieval_batch.py; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
 those of its sequential decode), caches that are not plain key/value layers (``fast_decode = False``), compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
 ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
@@ -110,7 +110,7 @@ EAGER_LAG = 0
 def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, plugin=None):
     """Greedy-decode every row together. Returns per row its GenResult (a row's ``decode_s`` is its share: each
     step's time split among the rows still decoding; the first row's ``warmup_s`` holds the one-time capture work),
-    the batch's mean step time and the shared-prefix attention kernel that ran (``batch_step.KERNEL``). ``plugin``:
+    the batch's mean step time and the attention that ran (``SharedPrefixKV.kernel_used``). ``plugin``:
     a factory of the method's batched decode (``batch_decoder``), one per cache view."""
     stop, dev = engine.stop_ids, engine.device
     use_graph = dev.type == "cuda" if use_graph is None else use_graph
@@ -164,6 +164,7 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
             read += 1
         _sync_dev(dev)
         wall = time.perf_counter() - t0
+        kernel = kv.kernel_used()  # after the steps: a launch failure's fallback shows
     # the steps after the capture's one are timed; when none ran, the capture's (an upper bound) is all there is
     step_s = wall / (ran - done) if ran > done else (t_cap / done if done else 0.0)
     warmup_s = max(0.0, t_cap - done * step_s)

@@ -178,6 +178,20 @@ class SharedPrefixKV:
         return shared_prefix_attention(q, sk, sv, self.shared_len[layer_idx], k, v, self.at, scale,
                                        self.masks[layer_idx])
 
+    def kernel_used(self) -> str:
+        """What attention the batch actually ran, for the turns' ``decode_kernel`` (after the decode): ``kernel``,
+        ``triton+torch`` when some ragged layers fell back to the torch path after a failed launch (``torch``
+        when every layer did), and a loading method's own batched attention as ``+<plugin kernel> <name>``
+        (e.g. ``triton+triton quest``: the dense layers through the shared-prefix kernel, the rest Quest's)."""
+        used = self.kernel
+        fell = [r.triton_ok is False for r in self.ragged.values()]
+        if used == "triton" and any(fell):
+            used = "torch" if all(fell) and len(fell) == len(self.shared) else "triton+torch"
+        if self.plugin is not None:
+            name = type(self.plugin).__name__.lower().removesuffix("batch") or "plugin"
+            used += f"+{getattr(self.plugin, 'kernel', '?')} {name}"
+        return used
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         extra = max(self.ragged[layer_idx].lengths) if layer_idx in self.ragged else 0
         return extra + int(self.shared[layer_idx][0].shape[2])

@@ -137,10 +137,29 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
         self.n_quant += m
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole layer as full-precision tensors [B, H, n, D]: dequantized prefix + exact residual."""
-        ks = [dequantize(*c, self.bits, self.group, -2, self.dtype) for c in self.kchunks]
-        vs = [dequantize(*c, self.bits, self.value_group, -1, self.dtype) for c in self.vchunks]
-        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+        """The whole layer as full-precision tensors [B, H, n, D]: dequantized prefix + exact residual.
+
+        On CUDA each chunk is de-quantised by one kernel straight into the output (scbench/kernels/kivi_dequant.py,
+        bit-identical to ``dequantize``); elsewhere by ``dequantize`` and a concatenation."""
+        if not (self.keys.is_cuda and self.kchunks):
+            ks = [dequantize(*c, self.bits, self.group, -2, self.dtype) for c in self.kchunks]
+            vs = [dequantize(*c, self.bits, self.value_group, -1, self.dtype) for c in self.vchunks]
+            return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+        from scbench.kernels.kivi_dequant import dequantize_into
+
+        b, h, r, d = self.keys.shape
+        nq = sum(c[0].shape[2] for c in self.kchunks)
+        outs = []
+        for chunks, resid, grp, axis in ((self.kchunks, self.keys, self.group, -2),
+                                         (self.vchunks, self.values, self.value_group, -1)):
+            out = resid.new_empty(b, h, nq + r, d)
+            at = 0
+            for packed, scale, zero in chunks:
+                dequantize_into(out, at, packed, scale, zero, bits=self.bits, group=grp, axis=axis)
+                at += packed.shape[2]
+            out[:, :, at:] = resid
+            outs.append(out)
+        return outs[0], outs[1]
 
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states, value_states: [B, H, t, D] -> all keys/values [B, H, n + t, D] (new ones exact)."""

@@ -111,6 +111,23 @@ def test_ragged_batched_kernel_interpreter(tiny_engine, duo_gates, monkeypatch, 
     assert {r.stats.decode_kernel for r in bat} == {"triton"}
 
 
+def test_ragged_kernel_launch_failure_records_torch(tiny_engine, duo_gates, monkeypatch, mode="multi_request"):
+    """A ragged kernel that fails to launch: the torch path decodes (same rows as sequential) and the turns record
+    ``decode_kernel=torch``, not the kernel that was asked for."""
+    import scbench.batch_step
+    from scbench.kernels import ragged_shared
+
+    def boom(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(scbench.batch_step, "kernel_for", lambda device: "triton")
+    monkeypatch.setattr(ragged_shared, "ragged_shared_decode", boom)
+    method = {"name": "duo_attention", "n_init": 4, "n_local": 28, "heads": duo_gates}
+    bat = replay(tiny_engine, BatchedReplay, method, mode)
+    same_rows(replay(tiny_engine, Replay, method, mode), bat)
+    assert {r.stats.decode_kernel for r in bat} == {"torch"}
+
+
 @pytest.mark.parametrize("method,kw", [
     ({"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1, "recall": True}, {}),  # (batched: test_quest_batch)
     ({"name": "kivi", "bits": 2, "group": 32, "residual": 32}, {}),
