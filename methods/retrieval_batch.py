@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from scbench.kernels import quest_batch as qb
-from scbench.kernels import topk_select
+from scbench.kernels import prev_select, topk_select
 from scbench.kv.offload import TieredLayer
 from scbench.methods.quest_batch import batch_attention_torch
 
@@ -39,6 +39,11 @@ class RetrievalBatch:
         self.kernel = "torch"
         self.want_triton = triton
         """The Triton path: None -> on CUDA (tests set True to run it in the interpreter on CPU)."""
+        from scbench.methods.retrieval_fast import SELECT
+
+        self.select = SELECT
+        """``prev``: bfloat16 scores take ``prev_select`` (thresholds carried per layer in ``thr``), else radix."""
+        self.thr: dict = {}
 
     def attach(self, cache, kv) -> None:
         m = self.m
@@ -94,8 +99,17 @@ class RetrievalBatch:
             win = s.index_select(3, idx)
             s.index_copy_(3, idx, win.masked_fill(idx.view(1, 1, 1, w) >= hi.view(1, b, 1, 1), float("-inf")))
         hs = s.shape[2]
-        top = topk_select.radix_select_triton(s.view(hkv, b * hs, c), (hi.max() + m.n_local).view(1), m.top_k,
-                                              m.n_init, m.n_local)  # [Hkv * B * hs, top_k], rows of (kvh, b, h)
+        end = (hi.max() + m.n_local).view(1)
+        if self.select == "prev" and s.dtype == torch.bfloat16:  # rows of (kvh, b, h) as qh's: |q| scales each
+            r, cap = hkv * b * hs, max(1024, 1 << (4 * m.top_k - 1).bit_length())
+            if l not in self.thr or self.thr[l].numel() != r or self.thr[l].device != s.device:
+                self.thr[l] = torch.zeros(r, dtype=torch.int32, device=s.device)
+            top = prev_select.prev_select_triton(s.view(hkv, b * hs, c), end, m.top_k, m.n_init, m.n_local,
+                                                 self.thr[l], q=qh.view(hkv, b * g, 1, d), group=m.gqa == "group",
+                                                 static=False, cap=cap)
+        else:
+            top = topk_select.radix_select_triton(s.view(hkv, b * hs, c), end, m.top_k, m.n_init,
+                                                  m.n_local)  # [Hkv * B * hs, top_k], rows of (kvh, b, h)
         top = top.view(hkv, b, hs, m.top_k).transpose(0, 1).reshape(b, hkv * hs, m.top_k)
         init = torch.arange(m.n_init, device=q.device, dtype=torch.int32).expand(b, m.n_init)
         local = (hi.view(b, 1) + torch.arange(m.n_local, device=q.device).view(1, -1)).to(torch.int32)

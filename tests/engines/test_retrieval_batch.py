@@ -74,6 +74,39 @@ def test_triton_path_equals_reference(gqa, ctx, own):
     torch.testing.assert_close(slow.attend(kv, 0, q, ks, vs, 0.25), want)
 
 
+@pytest.mark.skipif(qb.triton is None or topk_select.triton is None
+                    or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+                    reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_triton_prev_select_equals_radix(gqa, request):
+    """bfloat16: the previous-step-threshold select (select=prev) attends the rows the radix select attends, over
+    two steps (the first without thresholds)."""
+    if not torch.cuda.is_available():
+        request.getfixturevalue("interpreted")  # triton 3.6's interpreter index patch
+    from methods.retrieval_batch import RetrievalBatch  # noqa: F401 (installed as scbench.methods)
+    from scbench.kv.offload import TieredLayer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, d, cap, ctx = 2, 4, 2, 16, 8, 400
+    method = build_method({"name": "retrieval_attention", "tier": "device", "top_k": 32, "n_init": 4, "n_local": 24,
+                           "gqa": gqa})
+    sk, sv = (torch.randn(1, hkv, ctx, d, generator=g).bfloat16().to(dev) for _ in range(2))
+    layer = TieredLayer(sk, sv, storage="device")
+    ks, vs = (torch.randn(b, hkv, cap, d, generator=g).bfloat16().to(dev) for _ in range(2))
+    kv = SimpleNamespace(shared=[(layer.keys, layer.values)], k=[ks], v=[vs], at=torch.tensor([2, 3], device=dev),
+                         shared_len=torch.tensor([[ctx, ctx - 20]], device=dev))
+    fast, ref = RetrievalBatch(method, triton=True), RetrievalBatch(method, triton=True)
+    fast.select, ref.select = "prev", "radix"
+    for x in (fast, ref):
+        x.attach(SimpleNamespace(layers=[layer]), kv)
+    for _ in range(2):
+        q = torch.randn(b, hq, 1, d, generator=g).bfloat16().to(dev)
+        torch.testing.assert_close(fast.attend(kv, 0, q, ks, vs, 0.25).float(), ref.attend(kv, 0, q, ks, vs, 0.25).float(),
+                                   atol=1e-2, rtol=1e-2)
+    assert 0 in fast.thr
+
+
 @pytest.mark.skipif(qb.triton is None or topk_select.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
 @pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
