@@ -65,6 +65,8 @@ VARIANTS = {
     "prev_fused": dict(step_work=True, select="prev", prev_fused=True),
     "prev_fused_bn256": dict(step_work=True, select="prev", prev_fused=True, prev={"bn": 256, "num_warps": 8}),
     "prev_fused_bn64": dict(step_work=True, select="prev", prev_fused=True, prev={"bn": 64, "num_warps": 4}),
+    "prev_fused_t4": dict(step_work=True, select="prev", prev_fused=True, prev={"tiles": 4}),
+    "prev_fused_w8": dict(step_work=True, select="prev", prev_fused=True, prev={"num_warps": 8}),
     "prev_fused_hist": dict(step_work=True, select="prev", prev_fused=True, prev={"atomic": False}),
 }
 BEFORE = dict(step_work=False, fused=False, merge=False, score_args={}, select="radix")

@@ -138,14 +138,28 @@ if triton is not None:
     @triton.jit
     def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, margin, G: tl.constexpr,
                              GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
-                             CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr, F32: tl.constexpr):
-        """(batch x KV head, block of BN keys): the scores q.k of the group's query heads (GROUP: their max),
+                             CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr, F32: tl.constexpr,
+                             TILES: tl.constexpr = 1):
+        """(batch x KV head, TILES blocks of BN keys): the scores q.k of the group's query heads (GROUP: their max),
         rounded to bfloat16 and stored in S [R, C], and ``_filter_kernel``'s work on them while in registers.
         F32: the product in float32 (Triton's interpreter multiplies bfloat16 wrongly)."""
-        bk, ch = tl.program_id(0), tl.program_id(1)
+        bk, pid = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
-        offs = ch * BN + tl.arange(0, BN)
+        if TILES == 1:
+            _score_tile(Q, Kc, S, Thr, Work, Cand, bk, pid, kk, n_init, hi, C, R, margin, G, GP, D, BN, GROUP, CAP,
+                        NBINS, ATOMIC, F32)
+        else:
+            for it in tl.range(0, TILES):
+                _score_tile(Q, Kc, S, Thr, Work, Cand, bk, pid * TILES + it, kk, n_init, hi, C, R, margin, G, GP, D, BN,
+                            GROUP, CAP, NBINS, ATOMIC, F32)
+
+    @triton.jit
+    def _score_tile(Q, Kc, S, Thr, Work, Cand, bk, ch, kk, n_init, hi, C, R, margin, G: tl.constexpr,
+                    GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, CAP: tl.constexpr,
+                    NBINS: tl.constexpr, ATOMIC: tl.constexpr, F32: tl.constexpr):
+        """Block ch of BN keys of ``_score_filter_kernel``."""
         cols, rows = tl.arange(0, D), tl.arange(0, GP)
+        offs = ch * BN + tl.arange(0, BN)
         kt = tl.load(Kc + bk.to(tl.int64) * C * D + offs[:, None] * D + cols[None, :], mask=(offs < C)[:, None],
                      other=0.0)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
@@ -355,12 +369,12 @@ def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tens
                               n_local: int, group: bool, thr: torch.Tensor, work: torch.Tensor | None = None,
                               cand: torch.Tensor | None = None, static: bool = True, margin: int = 16,
                               cap: int = 16384, bn: int = 128, part: int = 1024, block: int = 4096,
-                              num_warps: int = 4, pick_warps: int = 4, atomic: bool = True
+                              num_warps: int = 4, pick_warps: int = 4, atomic: bool = True, tiles: int = 1
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``prev_select_triton`` with the scores computed by the filter itself: q [B, Hq, 1, D], bfloat16 keys
     [B, Hkv, C, D] (contiguous) -> (the row list, the scores [B, Hs, C] bfloat16, Hs = Hkv if ``group`` (max over
     the group) else Hq). The scores equal ``q @ k^T`` rounded to bfloat16 up to the summation order; ``bn``: keys
-    per program."""
+    per block, ``tiles``: blocks per program (a loop: loads pipelined)."""
     b, hq, _, d = q.shape
     hkv, c = keys.shape[1], keys.shape[2]
     if keys.dtype != torch.bfloat16 or not keys.is_contiguous():
@@ -370,8 +384,8 @@ def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tens
     r, ns, out, work, cand = _buffers((b, hs, c), keys.device, k, n_init, n_local, thr, work, cand, None, static,
                                       cap, dict(bn=bn, part=part, block=block))
     s = torch.empty(b, hs, c, dtype=torch.bfloat16, device=keys.device)
-    _score_filter_kernel[(b * hkv, triton.cdiv(max(c, 1), bn))](
+    _score_filter_kernel[(b * hkv, triton.cdiv(max(c, 1), bn * tiles))](
         q.reshape(b * hq, d).contiguous(), keys, s, n, thr, work, cand, c, k, n_init, n_local, r, int(margin), G=g,
         GP=max(16, triton.next_power_of_2(g)), D=d, BN=bn, GROUP=group, CAP=cap, NBINS=NB, ATOMIC=atomic,
-        F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps)
+        F32=os.environ.get("TRITON_INTERPRET") == "1", TILES=tiles, num_warps=num_warps)
     return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps), s

@@ -156,8 +156,8 @@ def test_prev_scores_select_matches_topk(group):
     for step in range(2):  # the same query twice: the second step's threshold fits
         work = torch.zeros(prev_select.work_size(hs), dtype=torch.int32, device=DEVICE)
         got, s = prev_select.prev_scores_select_triton(q, keys, torch.tensor([n], device=DEVICE), kk, n_init, n_local,
-                                                       group, thr, work=work, cap=256, bn=64, part=64, block=256,
-                                                       atomic=step == 0)
+                                                       group, thr, work=work, cap=256, bn=32, part=64, block=256,
+                                                       atomic=step == 0, tiles=1 + step)
         check(s, got, n, kk, n_init, n_local)
         ref = q.reshape(1, 2, 2, 16).float() @ keys.float().transpose(-1, -2)
         ref = ref.amax(2) if group else ref.flatten(1, 2)
