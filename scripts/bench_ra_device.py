@@ -180,6 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--variants", nargs="*", default=["step_work", "one_launch", "one_launch+merge"])
+    ap.add_argument("--later", nargs="*", default=None, help="variants at the other lengths (default: --variants)")
     ap.add_argument("--extra", nargs="*", default=[],
                     help="variants run after the stages, at the first length only")
     ap.add_argument("--drift", nargs="*", default=[], help="prev variants re-run with fresh queries, first length")
@@ -190,8 +191,11 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
-    for i, n in enumerate(a.lengths):
+    phases = [(n, False) for n in a.lengths] + [(a.lengths[0], True)]  # variants everywhere, then the details
+    for i, (n, detail) in enumerate(phases):
         if time.perf_counter() - t0 > a.budget:
+            break
+        if detail and not (a.sets or a.stages is not None or a.extra or a.drift):
             break
         kv, q = make_kv(n, n + 256)
 
@@ -212,11 +216,12 @@ def main() -> None:
                 print(f"  {name} vs before (radix): max |diff| {diff:.4g}", flush=True)
             return outs
 
-        run("full", None)
-        ref = run("before", plugin(**BEFORE))
-        for name in a.variants:
-            run(name, plugin(**VARIANTS[name]), ref)
-        if i == 0:
+        if not detail:
+            run("full", None)
+            ref = run("before", plugin(**BEFORE))
+            for name in a.variants if i == 0 or a.later is None else a.later:
+                run(name, plugin(**VARIANTS[name]), ref)
+        else:
             for step, want in ((lambda: same_sets(kv, q, report, n), a.sets),
                                (lambda: stages(kv, q, report, n, a.stages or ()), a.stages is not None)):
                 if want and time.perf_counter() - t0 < a.budget:
@@ -224,14 +229,15 @@ def main() -> None:
                         step()
                     except Exception as e:
                         print(f"n={n:7d} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
-            for name in a.extra:
-                run(name, plugin(**VARIANTS[name]), ref)
             for name in a.drift:
                 if time.perf_counter() - t0 < a.budget:
                     try:
                         drift(kv, q, report, n, name)
                     except Exception as e:
                         print(f"n={n:7d} {name} drift FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+            ref = run("before", plugin(**BEFORE)) if a.extra else None
+            for name in a.extra:
+                run(name, plugin(**VARIANTS[name]), ref)
         del kv, q
         torch.cuda.empty_cache()
     write_report(report, a.out)
