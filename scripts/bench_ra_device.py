@@ -59,6 +59,9 @@ VARIANTS = {
     "prev_one_atomic": dict(step_work=True, select="prev", prev={"one": True, "atomic": True}),
     "prev_c8k": dict(step_work=True, select="prev", prev={"chunk": 8192}),
     "prev_c2k_w4": dict(step_work=True, select="prev", prev={"chunk": 2048, "num_warps": 4}),
+    "prev_c2k": dict(step_work=True, select="prev", prev={"chunk": 2048}),
+    "prev_c2k_atomic": dict(step_work=True, select="prev", prev={"chunk": 2048, "atomic": True}),
+    "prev_c1k_w4_atomic": dict(step_work=True, select="prev", prev={"chunk": 1024, "num_warps": 4, "atomic": True}),
     "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),
     "prev_p2k": dict(step_work=True, select="prev", prev={"part": 2048}),
     "prev_fallback": dict(step_work=True, select="prev", prev={"margin": -2000}),  # every row's whole-row path

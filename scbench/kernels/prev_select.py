@@ -329,7 +329,7 @@ def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, pa
 def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int, thr: torch.Tensor,
                        q: torch.Tensor | None = None, group: bool = False, work: torch.Tensor | None = None,
                        cand: torch.Tensor | None = None, out: torch.Tensor | None = None, static: bool = True,
-                       margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 4096,
+                       margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 1024,
                        num_warps: int = 8, pick_warps: int = 4, atomic: bool = False, one: bool = False
                        ) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
@@ -368,7 +368,7 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
 def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, k: int, n_init: int,
                               n_local: int, group: bool, thr: torch.Tensor, work: torch.Tensor | None = None,
                               cand: torch.Tensor | None = None, static: bool = True, margin: int = 16,
-                              cap: int = 16384, bn: int = 128, part: int = 1024, block: int = 4096,
+                              cap: int = 16384, bn: int = 128, part: int = 1024, block: int = 1024,
                               num_warps: int = 4, pick_warps: int = 4, atomic: bool = True, tiles: int = 1
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``prev_select_triton`` with the scores computed by the filter itself: q [B, Hq, 1, D], bfloat16 keys
