@@ -109,9 +109,9 @@ def test_triton_prev_select_equals_radix(gqa, request):
 
 @pytest.mark.skipif(qb.triton is None or topk_select.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
-@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
-def test_triton_batched_replay_interpreter(tiny_engine, monkeypatch, mode):
-    """The Triton path inside a batched replay (interpreted, float32 CPU): the sequential path's rows."""
+def test_triton_batched_replay_interpreter(tiny_engine, monkeypatch, mode="multi_request"):
+    """The Triton path inside a batched replay (interpreted, float32 CPU): the sequential path's rows (multi-request
+    only: ~20 s interpreted; differing shared lengths, as multi-turn rows have, are in test_triton_path_equals_reference)."""
     from scbench.methods.retrieval_attention import RetrievalAttention
     from scbench.methods.retrieval_batch import RetrievalBatch
 
