@@ -65,6 +65,8 @@ VARIANTS = {
     "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),
     "prev_p2k": dict(step_work=True, select="prev", prev={"part": 2048}),
     "prev_fallback": dict(step_work=True, select="prev", prev={"margin": -2000}),  # every row's whole-row path
+    "prev_split16": dict(step_work=True, select="prev", prev={"split": 16}),  # whole-row rows: a 16-warp launch
+    "prev_fallback_split16": dict(step_work=True, select="prev", prev={"margin": -2000, "split": 16}),
     "prev_fused": dict(step_work=True, select="prev", prev_fused=True),
     "prev_fused_bn256": dict(step_work=True, select="prev", prev_fused=True, prev={"bn": 256, "num_warps": 8}),
     "prev_fused_bn64": dict(step_work=True, select="prev", prev_fused=True, prev={"bn": 64, "num_warps": 4}),

@@ -133,7 +133,7 @@ if triton is not None:
             done = tl.atomic_add(Work + R * NBINS + 5 * R + 1 + row, 1, sem="acq_rel", scope="gpu")
             if done == tl.num_programs(1) - 1:
                 _pick_row(S, N, Thr, Work, Cand, Out, row, 0, 1, C, K, n_init, n_local, rs_b, rs_h, M, R, H, CAP, CB,
-                          NBINS, FB, STATIC, NSP, KP)
+                          NBINS, FB, STATIC, NSP, KP, 0)
 
     @triton.jit
     def _score_filter_kernel(Q, Kc, S, N, Thr, Work, Cand, C, K, n_init, n_local, R, margin, G: tl.constexpr,
@@ -203,14 +203,14 @@ if triton is not None:
     @triton.jit
     def _pick_kernel(S, N, Thr, Work, Cand, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
                      CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
-                     STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+                     STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr):
         _pick_row(S, N, Thr, Work, Cand, Out, tl.program_id(0), tl.program_id(1), tl.num_programs(1), C, K, n_init,
-                  n_local, rs_b, rs_h, M, R, H, CAP, CB, NBINS, FB, STATIC, NSP, KP)
+                  n_local, rs_b, rs_h, M, R, H, CAP, CB, NBINS, FB, STATIC, NSP, KP, SPLIT)
 
     @triton.jit
     def _pick_row(S, N, Thr, Work, Cand, Out, row, j, PJ, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
                   CAP: tl.constexpr, CB: tl.constexpr, NBINS: tl.constexpr, FB: tl.constexpr,
-                  STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+                  STATIC: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr = 0):
         """Program j of PJ of row ``row``'s pick (loads through L2: in the one-launch filter other programs wrote
         the histogram and the list)."""
         n, hi, kk = _span(N, K, n_init, n_local)
@@ -249,38 +249,61 @@ if triton is not None:
                         _take(ok & (u > t), ok & (u == t), offs, krem, dst, cnt_p + R, cnt_p + 2 * R)
                 if j == 0:
                     _keep(Thr, Work, row, t0 + d, R, NBINS)
-            elif j == 0:  # the whole row: two 8-bit histogram passes, then one selecting pass
-                bins = tl.arange(0, 256)
-                h = tl.zeros([256], tl.int32)
-                for c0 in range(0, C, FB):
-                    offs = c0 + tl.arange(0, FB)
-                    ok = (offs >= n_init) & (offs < hi)
-                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
-                    h += tl.histogram(u >> 8, 256, mask=ok)
-                dh, krem = _walk(h, kk, 256)
-                h = tl.zeros([256], tl.int32)
-                for c0 in range(0, C, FB):
-                    offs = c0 + tl.arange(0, FB)
-                    ok = (offs >= n_init) & (offs < hi)
-                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
-                    h += tl.histogram(u & 255, 256, mask=ok & ((u >> 8) == dh))
-                dl, krem = _walk(h, krem, 256)
-                t = dh * 256 + dl
-                taken = tl.zeros([], tl.int32)
-                ties = tl.zeros([], tl.int32)
-                for c0 in range(0, C, FB):
-                    offs = c0 + tl.arange(0, FB)
-                    ok = (offs >= n_init) & (offs < hi)
-                    u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
-                    tie = ok & (u == t)
-                    ti = tie.to(tl.int32)
-                    sel = (ok & (u > t)) | (tie & (ties + tl.cumsum(ti, 0) - 1 < krem))
-                    si = sel.to(tl.int32)
-                    tl.store(dst + taken + tl.cumsum(si, 0) - 1, offs, mask=sel)
-                    taken += tl.sum(si, 0)
-                    ties += tl.sum(ti, 0)
-                _keep(Thr, Work, row, t, R, NBINS)
-                tl.atomic_add(Work + R * NBINS + 5 * R, 1, sem="relaxed")  # whole-row selects this call
+            elif (j == 0) & (SPLIT == 0):  # the whole row (SPLIT: ``_fallback_kernel`` does it)
+                _whole_row(base, dst, Thr, Work, row, kk, n_init, hi, C, R, NBINS, FB)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _whole_row(base, dst, Thr, Work, row, kk, n_init, hi, C, R, NBINS: tl.constexpr, FB: tl.constexpr):
+        """The row's exact select without a threshold: two 8-bit histogram passes, then one selecting pass (one
+        program, FB scores at a time)."""
+        h = tl.zeros([256], tl.int32)
+        for c0 in range(0, C, FB):
+            offs = c0 + tl.arange(0, FB)
+            ok = (offs >= n_init) & (offs < hi)
+            u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+            h += tl.histogram(u >> 8, 256, mask=ok)
+        dh, krem = _walk(h, kk, 256)
+        h = tl.zeros([256], tl.int32)
+        for c0 in range(0, C, FB):
+            offs = c0 + tl.arange(0, FB)
+            ok = (offs >= n_init) & (offs < hi)
+            u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+            h += tl.histogram(u & 255, 256, mask=ok & ((u >> 8) == dh))
+        dl, krem = _walk(h, krem, 256)
+        t = dh * 256 + dl
+        taken = tl.zeros([], tl.int32)
+        ties = tl.zeros([], tl.int32)
+        for c0 in range(0, C, FB):
+            offs = c0 + tl.arange(0, FB)
+            ok = (offs >= n_init) & (offs < hi)
+            u = _key16(tl.load(base + offs, mask=offs < C, other=0.0))
+            tie = ok & (u == t)
+            ti = tie.to(tl.int32)
+            sel = (ok & (u > t)) | (tie & (ties + tl.cumsum(ti, 0) - 1 < krem))
+            si = sel.to(tl.int32)
+            tl.store(dst + taken + tl.cumsum(si, 0) - 1, offs, mask=sel)
+            taken += tl.sum(si, 0)
+            ties += tl.sum(ti, 0)
+        _keep(Thr, Work, row, t, R, NBINS)
+        tl.atomic_add(Work + R * NBINS + 5 * R, 1, sem="relaxed")  # whole-row selects this call
+
+    @triton.jit
+    def _fallback_kernel(S, N, Thr, Work, Out, C, K, n_init, n_local, rs_b, rs_h, M, R, H: tl.constexpr,
+                         NBINS: tl.constexpr, FB: tl.constexpr, STATIC: tl.constexpr):
+        """(row): the whole-row select of a row whose threshold missed (``split``: the pick left it), with its
+        own, larger programs; other rows return at once."""
+        row = tl.program_id(0)
+        n, hi, kk = _span(N, K, n_init, n_local)
+        d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS)), kk, NBINS)
+        if (kk > 0) & ((d < 0) | (d >= NBINS - 1)):
+            dst = Out + row.to(tl.int64) * M
+            if STATIC:
+                dst += n_init + n_local
+            _whole_row(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h, dst, Thr, Work, row, kk, n_init, hi, C,
+                       R, NBINS, FB)
 
 
 def work_size(rows: int) -> int:
@@ -318,11 +341,17 @@ def _buffers(s_shape, device, k, n_init, n_local, thr, work, cand, out, static, 
     return r, ns, out, work, cand
 
 
-def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps):
+def _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps,
+          split: int = 0):
     _pick_kernel[(r, cap // part)](s, n, thr, work, cand, out, s.shape[2], k, n_init, n_local, s.stride(0),
                                    s.stride(1), out.stride(0), r, H=s.shape[1], CAP=cap, CB=part, NBINS=NB,
                                    FB=block, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
-                                   KP=max(2, triton.next_power_of_2(max(k, 1))), num_warps=pick_warps)
+                                   KP=max(2, triton.next_power_of_2(max(k, 1))), SPLIT=1 if split else 0,
+                                   num_warps=pick_warps)
+    if split:  # the rows whose threshold missed, one program of ``split`` warps each
+        _fallback_kernel[(r,)](s, n, thr, work, out, s.shape[2], k, n_init, n_local, s.stride(0), s.stride(1),
+                               out.stride(0), r, H=s.shape[1], NBINS=NB, FB=max(block, 256 * split),
+                               STATIC=static, num_warps=split)
     return out
 
 
@@ -330,8 +359,8 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
                        q: torch.Tensor | None = None, group: bool = False, work: torch.Tensor | None = None,
                        cand: torch.Tensor | None = None, out: torch.Tensor | None = None, static: bool = True,
                        margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 1024,
-                       num_warps: int = 8, pick_warps: int = 4, atomic: bool = False, one: bool = False
-                       ) -> torch.Tensor:
+                       num_warps: int = 8, pick_warps: int = 4, atomic: bool = False, one: bool = False,
+                       split: int = 0) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
     thresholds (zeros at first; updated in place); q [B, Hq, 1, D] the queries the scores came from (Hq = H, or
     a multiple of H with ``group``: rows scaled by their group's largest |q|; None: |q| = 1) -> int32
@@ -342,7 +371,9 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
     ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
     programs per row); ``block``: scores per iteration of the whole-row path; ``atomic``: the filter counts its
     candidates with one atomic each instead of ``tl.histogram``; ``one``: one launch, the last filter program of
-    each row to finish picks for it (``part`` candidates at a time)."""
+    each row to finish picks for it (``part`` candidates at a time); ``split`` (warps, 0: off): rows whose
+    threshold missed take the whole-row path in a third launch of ``split``-warp programs (else in the pick's
+    first program of the row)."""
     if s.dtype != torch.bfloat16 or s.stride(2) != 1:
         raise ValueError(f"prev_select_triton: scores must be bfloat16 with a contiguous last dimension, got "
                          f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
@@ -362,15 +393,15 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
         HASQ=q is not None, **pick, num_warps=num_warps)
     if one:
         return out
-    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps)
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps, split)
 
 
 def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tensor, k: int, n_init: int,
                               n_local: int, group: bool, thr: torch.Tensor, work: torch.Tensor | None = None,
                               cand: torch.Tensor | None = None, static: bool = True, margin: int = 16,
                               cap: int = 16384, bn: int = 128, part: int = 1024, block: int = 1024,
-                              num_warps: int = 4, pick_warps: int = 4, atomic: bool = True, tiles: int = 1
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              num_warps: int = 4, pick_warps: int = 4, atomic: bool = True, tiles: int = 1,
+                              split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``prev_select_triton`` with the scores computed by the filter itself: q [B, Hq, 1, D], bfloat16 keys
     [B, Hkv, C, D] (contiguous) -> (the row list, the scores [B, Hs, C] bfloat16, Hs = Hkv if ``group`` (max over
     the group) else Hq). The scores equal ``q @ k^T`` rounded to bfloat16 up to the summation order; ``bn``: keys
@@ -388,4 +419,5 @@ def prev_scores_select_triton(q: torch.Tensor, keys: torch.Tensor, n: torch.Tens
         q.reshape(b * hq, d).contiguous(), keys, s, n, thr, work, cand, c, k, n_init, n_local, r, int(margin), G=g,
         GP=max(16, triton.next_power_of_2(g)), D=d, BN=bn, GROUP=group, CAP=cap, NBINS=NB, ATOMIC=atomic,
         F32=os.environ.get("TRITON_INTERPRET") == "1", TILES=tiles, num_warps=num_warps)
-    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps), s
+    return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps,
+                 split), s

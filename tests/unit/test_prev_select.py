@@ -99,6 +99,7 @@ def test_prev_select_scales_by_query_norm(group):
     (2000, 1900, 40, 4, 16, dict(one=True)),  # one launch: the row's last filter program picks
     (400, 390, 20, 4, 16, dict(cap=32, part=16, one=True)),  # ... from the whole row (list overflows)
     (2000, 1900, 40, 4, 16, dict(margin=400)),  # the next threshold far below: its k-th in the overflow bin
+    (2000, 1900, 40, 4, 16, dict(margin=400, split=4)),  # ... the whole row in a third launch
     (400, 390, 20, 4, 16, dict(cap=128)),  # small capacity
     (300, 290, 500, 8, 8, {}),  # fewer rows than k
     (900, 30, 64, 20, 16, {}),  # nothing searchable yet; static rows overlap
