@@ -17,7 +17,7 @@ tok=/tmp/scbcache/models/smollm2-135m-instruct-f32
 mkdir -p $tok && cp .gpuwhl/smol_tok/* $tok/ && touch $tok/model.safetensors
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count(), 'GPU(s)')"
 kernels="tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/unit/test_row_select.py
-  tests/unit/test_sample_select.py tests/engines/test_shared_prefix_kernel.py tests/engines/test_ragged_shared_kernel.py
+  tests/unit/test_sample_select.py tests/unit/test_prev_select.py tests/engines/test_shared_prefix_kernel.py tests/engines/test_ragged_shared_kernel.py
   tests/methods/test_h2o_kernel.py tests/methods/test_quest_fast.py tests/methods/test_kivi_fast.py
   tests/methods/test_kivi_load.py tests/methods/test_kivi_dequant.py tests/methods/test_retrieval_fast.py
   tests/engines/test_fused_decode.py"
