@@ -55,6 +55,11 @@ VARIANTS = {
     "prev_m8": dict(step_work=True, select="prev", prev={"margin": 8}),
     "prev_m32": dict(step_work=True, select="prev", prev={"margin": 32}),
     "prev_atomic": dict(step_work=True, select="prev", prev={"atomic": True}),
+    "prev_hist": dict(step_work=True, select="prev", prev={"atomic": False}),
+    "prev_c1k_w4": dict(step_work=True, select="prev", prev={"chunk": 1024, "num_warps": 4}),
+    "prev_c2k_m8": dict(step_work=True, select="prev", prev={"chunk": 2048, "margin": 8}),
+    "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),
+    "prev_p2k_w8": dict(step_work=True, select="prev", prev={"part": 2048, "pick_warps": 8}),
     "prev_one": dict(step_work=True, select="prev", prev={"one": True}),  # filter + pick in one launch
     "prev_one_atomic": dict(step_work=True, select="prev", prev={"one": True, "atomic": True}),
     "prev_c8k": dict(step_work=True, select="prev", prev={"chunk": 8192}),
@@ -108,6 +113,8 @@ def stages(kv, q, report, n, names=()) -> None:
             rs[l], nn, 4096, 128, 512, cnt=work[l], cand=cand, fuse=True) for l in range(L)],
         "stage_prev_select": lambda: [pwork.zero_()] + [prev_select.prev_select_triton(
             rs[l], nn, 4096, 128, 512, thr[l], q=q[l], work=pwork[l], cand=pcand) for l in range(L)],
+        "stage_prev_filter": lambda: [pwork.zero_()] + [prev_select.prev_select_triton(
+            rs[l], nn, 4096, 128, 512, thr[l], q=q[l], work=pwork[l], cand=pcand, filter_only=True) for l in range(L)],
         "stage_prev_fused_scores_select": lambda: [pwork.zero_()] + [prev_select.prev_scores_select_triton(
             q[l], kv.k[l], nn, 4096, 128, 512, False, thr[l], work=pwork[l], cand=pcand) for l in range(L)],
         "stage_select_one": lambda: [work.zero_()] + [row_select.radix_select_one(rs[l], nn, 4096, 128, 512, work[l])
@@ -194,6 +201,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip what would start after this")
     ap.add_argument("--out")
     a = ap.parse_args()
+    for name in [*a.variants, *(a.later or []), *a.extra, *a.drift]:
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}: one of {sorted(VARIANTS)}")
     t0 = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
     phases = [(n, False) for n in a.lengths] + [(a.lengths[0], True)]  # variants everywhere, then the details
