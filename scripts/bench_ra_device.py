@@ -29,7 +29,7 @@ from scbench.methods.retrieval_attention import RetrievalAttention  # noqa: E402
 from scbench.methods.retrieval_fast import RetrievalDecode  # noqa: E402
 
 VARIANTS = {
-    "step_work": dict(step_work=True),
+    "step_work": dict(step_work=True, select="radix"),
     "step_work+merge": dict(step_work=True, merge=True),
     "fused": dict(step_work=True, fused=True, score_args={"block": 128}),
     "one_launch": dict(step_work=True, one_launch=True),
