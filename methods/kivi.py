@@ -66,3 +66,10 @@ class KIVI(Method):
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""
         return KIVILayer(keys, values, bits=self.bits, group=self.group, residual=self.residual)
+
+    def batch_decoder(self):
+        """The batched decode (methods/kivi_batch.py): the context's chunks de-quantised once for the batch, each
+        row's own tokens as its sequential decode attends them, its flushes between steps."""
+        from scbench.methods.kivi_batch import KIVIBatch
+
+        return KIVIBatch(self)

@@ -106,6 +106,8 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     """The engine does not call the method's compression hook again on this layer."""
     scbench_exact_crop = False
     """Cropping into quantized groups cannot restore the original values: checkpoints take snapshots."""
+    scbench_row_state = True
+    """A batched decode keeps each row's state (``scbench_snapshot``) for the method's plugin (methods/kivi_batch.py)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, bits: int, group: int, residual: int):
         super().__init__()

@@ -1,0 +1,225 @@
+"""KIVI's batched decode (scbench/batch.py, ``timing=batched``): an example's requests (and golden-history turns)
+decoded together, each row attending exactly the values its own sequential decode attends.
+
+The context's packed chunks are the same for every row (quantised before any query): ``prepare`` de-quantises them
+ONCE per batch into the shared tensor that ``SharedPrefixKV`` reads once per step for the whole batch. Everything
+after them is the row's own: the context's full-precision residual tail, its query tokens (those its feed already
+quantised as their de-quantised values), then its generated tokens. When the row's sequential decode would quantise
+a group (``KIVILayer.update``: after that step's attention, once the residual holds ``residual + group`` tokens),
+``after_step`` replaces the group in the row's own buffer by ``dequantize(quantize(group))``, the values it attends
+from then on. The schedule depends only on token counts (``flush_schedule``, host side); the flush runs eagerly
+between the batch's steps (between CUDA graph replays), for every layer at once.
+
+Turns record ``decode_kernel`` ``<shared-prefix kernel>+dequant kivi`` (the shared context was de-quantised) and per
+row the KV bytes its sequential decode holds (packed sizes, ``row_memory``). ``plan_reason`` keeps a run sequential
+where batching could not be exact or does not fit: the de-quantised copy beyond free device memory, or multi-turn
+turns whose decode could quantise history that the turn's rewind then cuts (the next turn would depend on the
+generated tokens; ``multi_turn_reason``). tests/engines/test_kivi_batch.py: batched == sequential rows.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from scbench.kernels.kivi_dequant import dequantize_into
+from scbench.kv.quant import dequantize, quantize
+
+
+def flush_schedule(own: int, start: int, steps: int, residual: int, group: int) -> list[tuple[int, int, int]]:
+    """The groups a row's decode quantises: ``(step, first own index, tokens)`` after each of ``steps`` steps, for a
+    row holding ``own`` own tokens whose residual starts at own index ``start`` (``KIVILayer._flush``'s rule)."""
+    out, r = [], own - start
+    for t in range(steps):
+        r += 1
+        m = max(0, (r - residual) // group) * group
+        if m:
+            out.append((t, start, m))
+            start, r = start + m, r - m
+    return out
+
+
+def counts_after(nq: int, n: int, *, append: int = 0, crop: int | None = None, residual: int, group: int):
+    """A KIVILayer's (quantised tokens, all tokens) after appending ``append`` tokens or cropping to ``crop``."""
+    if crop is not None:
+        return (nq, crop) if crop >= nq else (crop // group * group, crop)
+    n += append
+    return nq + max(0, (n - nq - residual) // group) * group, n
+
+
+def multi_turn_reason(lengths: list[int], rewinds: list[int], max_new: list[int], residual: int, group: int):
+    """Why golden-history turns cannot be batched exactly (None: they can). The sequential run decodes turn i
+    (up to ``max_new - 1`` tokens fed), then crops them and the rewind; the batched prefill crops the rewind only.
+    Both reach the same next-turn state unless the decode quantised a group that the crop cuts, or left other groups
+    quantised after the next feed than the feed alone does."""
+    nq, n = counts_after(0, 0, append=lengths[0], residual=residual, group=group)
+    for i in range(len(lengths) - 1):
+        cut = n - rewinds[i]
+        bat = counts_after(*counts_after(nq, n, crop=cut, residual=residual, group=group), append=lengths[i + 1],
+                           residual=residual, group=group)
+        for k in range(1, max_new[i]):
+            q, m = counts_after(nq, n, append=k, residual=residual, group=group)
+            if q != nq and cut < q:
+                return f"turn {i}'s decode may quantise history its rewind cuts (the next turn would see it)"
+            seq = counts_after(*counts_after(q, m, crop=cut, residual=residual, group=group), append=lengths[i + 1],
+                               residual=residual, group=group)
+            if seq != bat:
+                return f"turn {i}'s decode may leave turn {i + 1}'s history quantised differently"
+        nq, n = bat
+    return None
+
+
+def kivi_nbytes(nq: int, n: int, heads: int, head_dim: int, bits: int, group: int, vgroup: int, elt: int) -> int:
+    """Bytes a KIVILayer (batch 1) holds with ``nq`` of its ``n`` tokens packed (``scbench_nbytes``)."""
+    packed = 2 * heads * nq * head_dim * bits // 8
+    params = 2 * heads * (nq // group) * head_dim * elt + 2 * heads * nq * (head_dim // vgroup) * elt
+    return packed + params + 2 * heads * (n - nq) * head_dim * elt
+
+
+def _span(chunks, a: int, b: int, group: int, axis: int):
+    """The (packed, scale, zero) slices of ``chunks`` (consecutive, from token 0) covering tokens [a, b)."""
+    at = 0
+    for packed, scale, zero in chunks:
+        t = packed.shape[2]
+        lo, hi = max(a, at), min(b, at + t)
+        if lo < hi:
+            s = slice((lo - at) // group, (hi - at) // group) if axis == -2 else slice(lo - at, hi - at)
+            yield lo, packed[:, :, lo - at : hi - at], scale[:, :, s], zero[:, :, s]
+        at += t
+
+
+def dequant_tokens(chunks, a: int, b: int, bits: int, group: int, axis: int, out: torch.Tensor, at: int = 0):
+    """De-quantise tokens [a, b) of ``chunks`` into ``out[:, :, at:]`` (on CUDA the kernel of kivi_dequant.py,
+    bit-identical to ``dequantize``)."""
+    for lo, packed, scale, zero in _span(chunks, a, b, group, axis):
+        dequantize_into(out, at + lo - a, packed, scale, zero, bits=bits, group=group, axis=axis)
+
+
+def _common(states) -> int:
+    """Tokens of the leading chunks every state shares (the same chunk objects: quantised once, before any row)."""
+    ref, n = states[0][0], 0
+    for i, chunk in enumerate(ref):
+        if any(len(s[0]) <= i or s[0][i] is not chunk for s in states[1:]):
+            break
+        n += chunk[0].shape[2]
+    return n
+
+
+class _Shared:
+    """A cache layer as ``SharedPrefixKV`` reads it: the de-quantised shared keys and values [1, H, S, D]."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class KIVIBatch:
+    """The batched decode of one ``KIVI`` instance (module docstring)."""
+
+    kernel = "dequant"
+    """What ``SharedPrefixKV.kernel_used`` appends: the shared context was de-quantised once for the batch."""
+
+    def __init__(self, method):
+        self.m = method
+        self.plan = None
+
+    # --- before the prefill: can this run be batched exactly, within memory? ------------------------------------
+    def plan_reason(self, engine, spec, builder, turns: int) -> str | None:
+        m, b = self.m, copy.copy(builder)  # the replay's builder keeps its history: tokenize on a copy
+        if spec.mode == "multi_turn":
+            tps = [b.first()] + [b.delta(i, None) for i in range(1, turns)]
+            why = multi_turn_reason([len(t.ids) for t in tps], [t.rewind for t in tps],
+                                    [t.max_new_tokens for t in tps], m.residual, m.group)
+            tokens = sum(len(t.ids) for t in tps)
+        else:
+            why, tokens = None, len(b.context())
+        if why is not None:
+            return f"kivi: {why}"
+        dev = torch.device(engine.device)
+        if dev.type == "cuda":
+            elt = torch.empty((), dtype=engine.dtype).element_size()
+            need = 2 * engine.num_layers * engine.kv_heads * engine.head_dim * elt * tokens
+            free = torch.cuda.mem_get_info(dev)[0]
+            if need > free:
+                return (f"kivi: the de-quantised shared context ({need / 2**30:.2f} GiB) does not fit free device "
+                        f"memory ({free / 2**30:.2f} GiB)")
+        return None
+
+    # --- after the prefill: the shared tensor and the rows' own tokens -------------------------------------------
+    def prepare(self, cache, rows):
+        """Rows hold their KIVILayer states (batch.BatchedReplay._own); lay out the shared context and each row's
+        own tokens -> the cache ``SharedPrefixKV`` reads (its layers: the de-quantised shared chunks)."""
+        m = self.m
+        states = [[r.own[li] for r in rows] for li in range(len(cache.layers))]
+        if not any(isinstance(s, tuple) and len(s) == 5 for s in states[0]):
+            return cache  # no layer was quantised (nothing to lay out): the plain shared-prefix batch
+        shared_n = min(_common(s) for s in states)
+        layers, own = [], [[] for _ in rows]
+        starts = None
+        for li, layer_states in enumerate(states):
+            kc, vc, _, k0, _ = layer_states[0]
+            _, h, _, d = k0.shape
+            vg = cache.layers[li].value_group
+            sk, sv = (k0.new_empty(1, h, shared_n, d) for _ in range(2))
+            dequant_tokens(kc, 0, shared_n, m.bits, m.group, -2, sk)
+            dequant_tokens(vc, 0, shared_n, m.bits, vg, -1, sv)
+            layers.append(_Shared(sk, sv))
+            row_starts = []
+            for b, (kc, vc, nq, keys, values) in enumerate(layer_states):
+                parts = []
+                for chunks, resid, grp, axis in ((kc, keys, m.group, -2), (vc, values, vg, -1)):
+                    out = resid.new_empty(1, h, nq - shared_n + resid.shape[2], d)
+                    dequant_tokens(chunks, shared_n, nq, m.bits, grp, axis, out)
+                    out[:, :, nq - shared_n :] = resid
+                    parts.append(out)
+                own[b].append(tuple(parts))
+                row_starts.append(nq - shared_n)
+            if starts is not None and row_starts != starts:
+                raise RuntimeError(f"kivi batched decode: cache layer {li} quantised other tokens than layer 0")
+            starts = row_starts
+        for b, r in enumerate(rows):
+            r.own, r.shared_len = own[b], [shared_n] * len(layers)
+        shared = type("KIVIShared", (), {})()
+        shared.layers = layers
+        shared.kivi_plan = {"starts": starts, "own": [o[0][0].shape[2] for o in own], "shared": shared_n,
+                            "vgroup": cache.layers[0].value_group}
+        return shared
+
+    # --- during the decode -----------------------------------------------------------------------------------
+    def attach(self, cache, kv) -> None:
+        m = self.m
+        self.kv, self.plan = kv, getattr(cache, "kivi_plan", None)
+        self.layers = cache.layers
+        self.due: dict[int, list[tuple[int, int, int]]] = {}
+        self.sched = []
+        if self.plan is None:
+            return
+        steps = kv.k[0].shape[2] - max(self.plan["own"])
+        for b, (own, start) in enumerate(zip(self.plan["own"], self.plan["starts"])):
+            self.sched.append(flush_schedule(own, start, steps, m.residual, m.group))
+            for t, a, n in self.sched[-1]:
+                self.due.setdefault(t, []).append((b, a, n))
+
+    def attend(self, kv, layer_idx, q, k, v, scale):
+        return None  # the shared-prefix path: shared de-quantised chunks + the row's own (exact-as-attended) tokens
+
+    def after_step(self, step: int) -> None:
+        """Quantise and de-quantise in place the groups due after ``step`` (every layer at once, eager)."""
+        m, kv = self.m, self.kv
+        for b, a, n in self.due.get(step, ()):
+            for bufs, grp, axis in ((kv.k, m.group, -2), (kv.v, self.plan["vgroup"], -1)):
+                x = torch.stack([buf[b, :, a : a + n] for buf in bufs])  # [L, H, n, D]
+                y = dequantize(*quantize(x, m.bits, grp, axis), m.bits, grp, axis, x.dtype)
+                for li, buf in enumerate(bufs):
+                    buf[b, :, a : a + n] = y[li]
+
+    def row_memory(self, b: int, lengths: list[int], fed: int) -> dict:
+        """The KV bytes row b's sequential decode holds after ``fed`` steps (packed chunks + residual)."""
+        if self.plan is None:
+            return {}
+        m, p = self.m, self.plan
+        nq = p["shared"] + p["starts"][b] + sum(n for t, _, n in self.sched[b] if t < fed)
+        held = 0
+        for li, layer in enumerate(self.layers):
+            _, h, _, d = layer.keys.shape
+            held += kivi_nbytes(nq, lengths[li], h, d, m.bits, m.group, p["vgroup"], layer.keys.element_size())
+        return {"kv_bytes": held}

@@ -1,0 +1,124 @@
+"""KIVI's batched decode (methods/kivi_batch.py) stores the rows of its sequential decode (float32, tiny random
+model, CPU): predictions and KV bytes, with groups quantised during the feeds and during the decode at different
+steps of different rows; the flush schedule against KIVILayer itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scbench.batch import BatchedReplay
+from scbench.kv.quant import KIVILayer, dequantize, quantize
+from scbench.methods.kivi_batch import counts_after, flush_schedule, multi_turn_reason
+from scbench.runner import Replay
+
+from support import batch_replay as replay, same_rows
+
+KIVI = [{"name": "kivi", "bits": 2, "group": 8, "residual": 24}, {"name": "kivi", "bits": 4, "group": 8, "residual": 20}]
+
+
+@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
+@pytest.mark.parametrize("method", KIVI, ids=["2bit", "4bit"])
+def test_kivi_batched_equals_sequential(tiny_engine, mode, method, monkeypatch):
+    from scbench.methods import kivi_batch
+
+    flushed = []
+    real = kivi_batch.flush_schedule
+    monkeypatch.setattr(kivi_batch, "flush_schedule", lambda *a: flushed.append(real(*a)) or flushed[-1])
+    seq = replay(tiny_engine, Replay, method, mode)
+    bat = replay(tiny_engine, BatchedReplay, method, mode)
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"} and {r.stats.decode_batch for r in bat} == {4}
+    assert {r.stats.decode_kernel for r in bat} == {"torch+dequant kivi"}
+    steps = {t for s in flushed for t, _, _ in s}
+    assert len(steps) > 1, f"rows flush during the decode at different steps: {flushed}"
+
+
+def test_flush_schedule_follows_kivi_layer():
+    """Token by token, KIVILayer quantises the groups ``flush_schedule`` names, and the values it attends after a
+    flush are dequantize(quantize(group)) of the exact ones."""
+    g = torch.Generator().manual_seed(0)
+    for residual, group, n0 in [(4, 4, 13), (6, 2, 9), (0, 4, 3), (8, 8, 5)]:
+        k, v = torch.randn(1, 2, n0, 8, generator=g), torch.randn(1, 2, n0, 8, generator=g)
+        layer = KIVILayer(k, v, bits=2, group=group, residual=residual)
+        start = layer.n_quant
+        sched = flush_schedule(n0, start, 20, residual, group)
+        exact_k, got = k, []
+        for t in range(20):
+            nk, nv = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+            exact_k = torch.cat([exact_k, nk], dim=2)
+            before = layer.n_quant
+            layer.update(nk, nv)
+            assert counts_after(before, n0 + t, append=1, residual=residual, group=group) == (layer.n_quant, n0 + t + 1)
+            if layer.n_quant != before:
+                got.append((t, before, layer.n_quant - before))
+                keys, _ = layer.dequantized()
+                want = dequantize(*quantize(exact_k[:, :, before : layer.n_quant], 2, group, -2), 2, group, -2,
+                                  torch.float32)
+                assert torch.equal(keys[:, :, before : layer.n_quant], want)
+        assert got == sched and sched
+
+
+def test_multi_turn_reason():
+    # no decode flush can reach the crop: batched; a group quantised by the decode and cut by the rewind: not
+    assert multi_turn_reason([100, 30, 30], [5, 5, 5], [10, 10, 10], residual=24, group=8) is None
+    assert "rewind cuts" in multi_turn_reason([100, 30, 30], [5, 5, 5], [40, 10, 10], residual=4, group=4)
+
+
+def test_kivi_multi_turn_falls_back_when_decode_shapes_history(tiny_engine):
+    method = {"name": "kivi", "bits": 2, "group": 4, "residual": 4}
+    seq = replay(tiny_engine, Replay, method, "multi_turn")
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_turn")
+    same_rows(seq, bat)
+    assert "batched" not in {r.stats.decode_path for r in bat}
+
+
+@pytest.mark.parametrize("bits,group,residual", [(2, 4, 6), (4, 8, 8), (2, 2, 0)])
+def test_rows_attend_what_their_kivi_layers_attend(bits, group, residual):
+    """Plugin level: rows fed requests of different lengths after one context; at every decode step each row's
+    shared + own keys/values equal what its own KIVILayer.update returns (before the flush), bit for bit."""
+    from types import SimpleNamespace
+
+    from scbench.batch_step import SharedPrefixKV
+    from scbench.methods.kivi import KIVI
+
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    rnd = lambda n: torch.randn(1, 2, n, 16, generator=g)  # noqa: E731
+    layers = [KIVILayer(rnd(37), rnd(37), bits=bits, group=group, residual=residual) for _ in range(2)]
+    base = [layer.scbench_snapshot() for layer in layers]
+    rows, refs = [], []
+    for n in (1, 5, 11):
+        own, ref = [], []
+        for layer, snap in zip(layers, base):
+            layer.scbench_restore(snap)
+            layer.update(rnd(n), rnd(n))
+            own.append(layer.scbench_snapshot())
+            mine = KIVILayer(rnd(1), rnd(1), bits=bits, group=group, residual=residual)
+            mine.scbench_restore(own[-1])
+            ref.append(mine)
+        rows.append(SimpleNamespace(own=own, shared_len=None))
+        refs.append(ref)
+    for layer, snap in zip(layers, base):
+        layer.scbench_restore(snap)
+    plugin = KIVI(bits=bits, group=group, residual=residual).batch_decoder()
+    shared = plugin.prepare(SimpleNamespace(layers=layers), rows)
+    assert shared.kivi_plan["shared"] == layers[0].n_quant > 0  # the context's chunks, de-quantised once
+    steps = 3 * group + 2
+    kv = SharedPrefixKV(shared, rows, steps, kernel="torch", plugin=plugin)
+    flushed = 0
+    for t in range(steps):
+        for li in range(2):
+            nk, nv = rnd(3).transpose(0, 2), rnd(3).transpose(0, 2)  # [3 rows, 2 heads, 1, 16]
+            kv.update(nk, nv, li)
+            for b in range(3):
+                want_k, want_v = refs[b][li].update(nk[b : b + 1], nv[b : b + 1])
+                at = int(kv.at[b]) + 1
+                got_k = torch.cat([kv.shared[li][0], kv.k[li][b : b + 1, :, :at]], dim=2)
+                got_v = torch.cat([kv.shared[li][1], kv.v[li][b : b + 1, :, :at]], dim=2)
+                assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (t, li, b)
+        kv.at += 1
+        plugin.after_step(t)
+        flushed += len(plugin.due.get(t, ()))
+    assert flushed >= 3
+    for b in range(3):
+        mem = plugin.row_memory(b, [ref.get_seq_length() for ref in refs[b]], steps)
+        assert mem == {"kv_bytes": sum(ref.scbench_nbytes() for ref in refs[b])}
