@@ -48,24 +48,18 @@ def counts_after(nq: int, n: int, *, append: int = 0, crop: int | None = None, r
 
 
 def multi_turn_reason(lengths: list[int], rewinds: list[int], max_new: list[int], residual: int, group: int):
-    """Why golden-history turns cannot be batched exactly (None: they can). The sequential run decodes turn i
-    (up to ``max_new - 1`` tokens fed), then crops them and the rewind; the batched prefill crops the rewind only.
-    Both reach the same next-turn state unless the decode quantised a group that the crop cuts, or left other groups
-    quantised after the next feed than the feed alone does."""
+    """Why golden-history turns cannot be batched exactly (None: they can). The sequential run decodes turn i (up to
+    ``max_new - 1`` tokens fed), then crops them and the rewind; the batched prefill crops the rewind only. A group
+    quantised during turn i's decode changes what the next turns attend (de-quantised where the batch has it exact,
+    or cut back into the residual with the generated tokens' scales), depending on the answer's length: only a run
+    whose earlier turns never quantise during their decode is the same batched."""
     nq, n = counts_after(0, 0, append=lengths[0], residual=residual, group=group)
     for i in range(len(lengths) - 1):
-        cut = n - rewinds[i]
-        bat = counts_after(*counts_after(nq, n, crop=cut, residual=residual, group=group), append=lengths[i + 1],
-                           residual=residual, group=group)
-        for k in range(1, max_new[i]):
-            q, m = counts_after(nq, n, append=k, residual=residual, group=group)
-            if q != nq and cut < q:
-                return f"turn {i}'s decode may quantise history its rewind cuts (the next turn would see it)"
-            seq = counts_after(*counts_after(q, m, crop=cut, residual=residual, group=group), append=lengths[i + 1],
-                               residual=residual, group=group)
-            if seq != bat:
-                return f"turn {i}'s decode may leave turn {i + 1}'s history quantised differently"
-        nq, n = bat
+        if counts_after(nq, n, append=max_new[i] - 1, residual=residual, group=group)[0] != nq:
+            return (f"turn {i}'s decode may quantise its history (what turn {i + 1} attends would depend on the "
+                    "length of the answer)")
+        nq, n = counts_after(*counts_after(nq, n, crop=n - rewinds[i], residual=residual, group=group),
+                             append=lengths[i + 1], residual=residual, group=group)
     return None
 
 
