@@ -19,6 +19,7 @@ generated tokens; ``multi_turn_reason``). tests/engines/test_kivi_batch.py: batc
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 
@@ -119,23 +120,29 @@ class KIVIBatch:
     # --- before the prefill: can this run be batched exactly, within memory? ------------------------------------
     def plan_reason(self, engine, spec, builder, turns: int) -> str | None:
         m, b = self.m, copy.copy(builder)  # the replay's builder keeps its history: tokenize on a copy
+        tokens = None
         if spec.mode == "multi_turn":
+            max_new = [builder.max_new(i) for i in range(turns)]
+            if any(n - 1 >= m.group for n in max_new[:-1]):  # (conservative: no need to tokenize the prompts)
+                return (f"kivi: an earlier turn's decode ({max(max_new[:-1])} tokens) may quantise a group of "
+                        "history that later turns attend (they would depend on the length of its answer)")
             tps = [b.first()] + [b.delta(i, None) for i in range(1, turns)]
-            why = multi_turn_reason([len(t.ids) for t in tps], [t.rewind for t in tps],
-                                    [t.max_new_tokens for t in tps], m.residual, m.group)
+            why = multi_turn_reason([len(t.ids) for t in tps], [t.rewind for t in tps], max_new, m.residual, m.group)
+            if why is not None:
+                return f"kivi: {why}"
             tokens = sum(len(t.ids) for t in tps)
-        else:
-            why, tokens = None, len(b.context())
-        if why is not None:
-            return f"kivi: {why}"
         dev = torch.device(engine.device)
-        if dev.type == "cuda":
-            elt = torch.empty((), dtype=engine.dtype).element_size()
-            need = 2 * engine.num_layers * engine.kv_heads * engine.head_dim * elt * tokens
-            free = torch.cuda.mem_get_info(dev)[0]
-            if need > free:
-                return (f"kivi: the de-quantised shared context ({need / 2**30:.2f} GiB) does not fit free device "
-                        f"memory ({free / 2**30:.2f} GiB)")
+        if dev.type != "cuda":
+            return None
+        elt = torch.empty((), dtype=engine.dtype).element_size()
+        per_token = 2 * engine.num_layers * engine.kv_heads * engine.head_dim * elt
+        # free: the driver's, plus what torch's allocator holds unused
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        if tokens is None:  # multi-request: the prompt budget bounds the context; tokenize only when that is too much
+            tokens = builder.budget if per_token * builder.budget <= free else len(b.context())
+        if per_token * tokens > free:
+            return (f"kivi: the de-quantised shared context ({per_token * tokens / 2**30:.2f} GiB) does not fit free "
+                    f"device memory ({free / 2**30:.2f} GiB)")
         return None
 
     # --- after the prefill: the shared tensor and the rows' own tokens -------------------------------------------
@@ -181,8 +188,8 @@ class KIVIBatch:
     # --- during the decode -----------------------------------------------------------------------------------
     def attach(self, cache, kv) -> None:
         m = self.m
-        self.kv, self.plan = kv, getattr(cache, "kivi_plan", None)
-        self.layers = cache.layers
+        self.kv, self.plan = weakref.proxy(kv), getattr(cache, "kivi_plan", None)  # kept no longer than the decode
+        self.shapes = [(layer.keys.shape[1], layer.keys.shape[3], layer.keys.element_size()) for layer in cache.layers]
         self.due: dict[int, list[tuple[int, int, int]]] = {}
         self.sched = []
         if self.plan is None:
@@ -213,7 +220,6 @@ class KIVIBatch:
         m, p = self.m, self.plan
         nq = p["shared"] + p["starts"][b] + sum(n for t, _, n in self.sched[b] if t < fed)
         held = 0
-        for li, layer in enumerate(self.layers):
-            _, h, _, d = layer.keys.shape
-            held += kivi_nbytes(nq, lengths[li], h, d, m.bits, m.group, p["vgroup"], layer.keys.element_size())
+        for li, (h, d, elt) in enumerate(self.shapes):
+            held += kivi_nbytes(nq, lengths[li], h, d, m.bits, m.group, p["vgroup"], elt)
         return {"kv_bytes": held}

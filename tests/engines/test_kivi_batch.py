@@ -122,3 +122,45 @@ def test_rows_attend_what_their_kivi_layers_attend(bits, group, residual):
     for b in range(3):
         mem = plugin.row_memory(b, [ref.get_seq_length() for ref in refs[b]], steps)
         assert mem == {"kv_bytes": sum(ref.scbench_nbytes() for ref in refs[b])}
+
+
+def test_plan_falls_back_when_the_shared_copy_does_not_fit(monkeypatch):
+    """On CUDA the de-quantised context must fit free device memory (the allocator's unused cache counts as free);
+    the prompt budget bounds it before the context is tokenized."""
+    from types import SimpleNamespace
+
+    from scbench.methods.kivi import KIVI
+
+    engine = SimpleNamespace(device="cuda", dtype=torch.bfloat16, num_layers=32, kv_heads=8, head_dim=128)
+    spec = SimpleNamespace(mode="multi_request")
+    tokenized = []
+    builder = SimpleNamespace(budget=131072, context=lambda: tokenized.append(1) or [0] * 32768)
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: gib)
+    plan = KIVI().batch_decoder().plan_reason
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (40 * gib, 140 * gib))
+    assert plan(engine, spec, builder, 5) is None and not tokenized  # 16 GiB at the budget fits 41 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (5 * gib, 140 * gib))
+    assert plan(engine, spec, builder, 5) is None and tokenized  # 4 GiB for the real 32K context fits 6 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (2 * gib, 140 * gib))
+    assert "(4.00 GiB) does not fit free device memory (3.00 GiB)" in plan(engine, spec, builder, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["multi_request", "multi_turn"])
+def test_cuda_kivi_batched_equals_sequential(mode):
+    """On CUDA (float32, tiny random Llama): the batched step (CUDA graph, the shared-prefix Triton kernel over the
+    de-quantised context, flushes between replays) stores the rows of the sequential fast path (kivi_fast)."""
+    from scbench.engines.hf import HFEngine
+    from support import byte_tokenizer, random_llama
+
+    tok = byte_tokenizer()
+    model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
+    engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    for method in KIVI[mode]:
+        seq = replay(engine, Replay, method, mode)
+        bat = replay(engine, BatchedReplay, method, mode)
+        same_rows(seq, bat)
+        assert {r.stats.decode_path for r in bat} == {"batched"}
+        assert {r.stats.decode_kernel for r in bat} == {"triton+dequant kivi"}
