@@ -164,3 +164,19 @@ def test_cuda_kivi_batched_equals_sequential(mode):
         same_rows(seq, bat)
         assert {r.stats.decode_path for r in bat} == {"batched"}
         assert {r.stats.decode_kernel for r in bat} == {"triton+dequant kivi"}
+
+
+def test_kivi_batched_resume(tiny_engine):
+    """A resumed run batches the missing requests (and the stored one it checks) over the same shared chunks and
+    stores what a resumed sequential run stores."""
+    method = KIVI["multi_request"][0]
+    full = replay(tiny_engine, Replay, method, "multi_request")
+    done = {0: full[0].prediction, 2: full[2].prediction}
+    reps = []
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_request", done=done, keep=reps)
+    seq = replay(tiny_engine, Replay, method, "multi_request", done=done)
+    for r in seq + bat:  # (both ways: where the resumed run records the fired promise checks differs, any method)
+        r.stats.checks = ""
+    same_rows(seq, bat)
+    assert [r.prediction for r in bat] == [full[1].prediction, full[3].prediction]
+    assert {r.stats.decode_batch for r in bat} == {3} and reps[0].mismatches == []
