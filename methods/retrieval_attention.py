@@ -370,3 +370,13 @@ class RetrievalAttention(Method):
             return split_decode(self, layer, q, scale)
         idx = self.select(q[:, :, 0], self.search_keys(layer), layer)
         return attend_loaded(layer, q, idx, scale, recall=self.recall)
+
+    def batch_decoder(self):
+        """Batched decode over a shared context (scbench/batch.py; methods/retrieval_batch.py) for the device tier
+        with exact search; None otherwise (the host tier, a faiss index or ``recall`` decode one request at a
+        time)."""
+        if self.tier != "device" or self.index != "exact" or self.recall:
+            return None
+        from scbench.methods.retrieval_batch import RetrievalBatch
+
+        return RetrievalBatch(self)

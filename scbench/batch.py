@@ -13,9 +13,10 @@ Ragged caches (AdaKV, KVzip pair / layer, DuoAttention: per-KV-head prefix lengt
 too: their prefixes are read in place per head (scbench/kernels/ragged_shared.py, ``batch_step.RaggedShared``).
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
 (``decode_attention``) unless they bring a batched decode (``batch_decoder()``: Quest, methods/quest_batch.py, whose
-rows select their own pages of the shared context; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
-those of its sequential decode; KIVI, methods/kivi_batch.py, de-quantises the context once for the batch), caches
-that are not plain key/value layers (``fast_decode = False``), compression every
+rows select their own pages of the shared context; RetrievalAttention's device tier, methods/retrieval_batch.py; a
+per-row ``row_memory`` keeps the turn's loaded / KV bytes those of its sequential decode; KIVI, methods/kivi_batch.py,
+de-quantises the context once for the batch), caches that are not plain key/value layers (``fast_decode = False``),
+compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
 ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
 capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the shared-prefix

@@ -4,7 +4,7 @@
 # sparse prefill) on the GPU. CI has no GPU: there these tests skip. Kernel tests run first, the model replays last;
 # one line per test goes to stdout as it finishes (a run cut short by a time limit keeps what it printed), and to
 # $OUT/gpu_tests.log when $OUT is set.
-#   run(carry=[".gpuwhl"]):  bash scripts/gpu_tests.sh [pytest args]
+#   run(carry=[".gpuwhl"]):  bash scripts/gpu_tests.sh [pytest args]     (GPU_TESTS="tests/x.py ...": only those)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 site=${SCBENCH_TEST_SITE:-/tmp/scbench-tests-site}  # its own folder: helper copies on the same box put theirs first in /tmp/site
@@ -23,8 +23,10 @@ kernels="tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/un
   tests/engines/test_fused_decode.py"
 models="tests/gpu tests/engines/test_fast_decode.py tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py
   tests/engines/test_sharding.py tests/methods/test_ragged_methods.py tests/methods/test_ragged_fast.py
-  tests/engines/test_quest_batch.py tests/engines/test_batched_decode.py tests/engines/test_kivi_batch.py"
+  tests/engines/test_quest_batch.py tests/engines/test_retrieval_batch.py tests/engines/test_batched_decode.py
+  tests/engines/test_kivi_batch.py"
 log=${OUT:-/tmp}/gpu_tests.log
 # -P: import the installed package, not the source folders (methods/ is installed as scbench.methods)
-python3 -P -m pytest -v -p no:cacheprovider -m "not slow" -rfE --durations=15 $kernels $models "$@" 2>&1 \
+# GPU_TESTS="file ..." runs only those (a short call); the default is every CUDA test above
+python3 -P -m pytest -v -p no:cacheprovider -m "not slow" -rfE --durations=15 ${GPU_TESTS:-$kernels $models} "$@" 2>&1 \
   | tee "$log" | grep -E --line-buffered "PASSED|FAILED|ERROR|passed|failed|^E |slowest|s (call|setup)" | cut -c1-200

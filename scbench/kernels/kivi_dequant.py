@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from scbench.kv.quant import dequantize
-
 try:
     import triton
     import triton.language as tl
@@ -25,21 +23,28 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+def usable(out: torch.Tensor) -> bool:
+    """Whether ``dequantize_into`` can write ``out`` (Triton importable, a power-of-two head size)."""
+    d = out.shape[-1]
+    return triton is not None and d & (d - 1) == 0
+
+
 def dequantize_into(out: torch.Tensor, at: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
-                    bits: int, group: int, axis: int, triton_ok: bool | None = None) -> None:
-    """Write ``dequantize(packed, scale, zero, bits, group, axis, out.dtype)`` into ``out[:, :, at:at + T]``.
+                    bits: int, group: int, axis: int) -> None:
+    """Write ``scbench.kv.quant.dequantize(packed, scale, zero, bits, group, axis, out.dtype)`` into
+    ``out[:, :, at:at + T]`` with the Triton kernel (CUDA, or the interpreter on CPU tensors; see ``usable``).
 
     out: [B, H, n, D] (contiguous in its last dim); packed uint8 [B, H, T, D * bits // 8]; scale/zero
     [B, H, T / group, D] (keys, ``axis=-2``) or [B, H, T, D / group] (values, ``axis=-1``); strided views are
-    fine. ``triton_ok``: None -> the kernel on CUDA, torch elsewhere (tests pass True under the interpreter)."""
+    fine."""
     b, h, t, db = packed.shape
     d = out.shape[-1]
     if db * 8 != d * bits or out.shape[:2] != (b, h) or at + t > out.shape[2]:
         raise ValueError(f"dequantize_into: packed {tuple(packed.shape)} at {bits} bits does not fit out "
                          f"{tuple(out.shape)} at token {at}")
-    use = (out.is_cuda if triton_ok is None else triton_ok) and triton is not None and d & (d - 1) == 0
-    if not use or t == 0:
-        out[:, :, at : at + t] = dequantize(packed, scale, zero, bits, group, axis, out.dtype)
+    if not usable(out):
+        raise RuntimeError("dequantize_into: needs Triton and a power-of-two head size (else kv.quant.dequantize)")
+    if t == 0:
         return
     if out.stride(-1) != 1 or packed.stride(-1) != 1 or scale.stride(-1) != 1 or zero.stride(-1) != 1:
         raise ValueError("dequantize_into: the last dimension of every tensor must be contiguous")

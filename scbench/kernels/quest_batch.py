@@ -92,7 +92,7 @@ if triton is not None:
                  mask=(rows < G)[:, None] & ((j < OP) & (a < PT))[None, :])
 
     @triton.jit
-    def _batch_paged_kernel(Q, SK, SV, OK, OV, Pages, NCTX, AT, Part, Mx, Sm, Out, Count, scale, CS, CO, M, per_split,
+    def _batch_paged_kernel(Q, SK, SV, OK, OV, Pages, NCTX, AT, Part, Mx, Sm, Out, Count, scale, SHS, CO, M, per_split,
                             n_splits, HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                             PAGE: tl.constexpr, BP: tl.constexpr, ITERS: tl.constexpr, NS: tl.constexpr):
         """(row x query head, split of its page list): ``paged_decode._paged_kernel`` (elementwise, merged in the
@@ -106,7 +106,7 @@ if triton is not None:
         cols = tl.arange(0, D)
         q = tl.load(Q + bq * D + cols).to(tl.float32)
         r = tl.arange(0, BP * PAGE)
-        sbase = kvh.to(tl.int64) * CS * D
+        sbase = kvh.to(tl.int64) * SHS  # the shared buffer's head stride: a view of a longer reserve
         obase = (b * HKV + kvh).to(tl.int64) * CO * D
         plist = Pages + (b * HS + sel).to(tl.int64) * M
         start = sp * per_split
@@ -177,7 +177,7 @@ def batch_scores_triton(q, own_k, smin, smax, omin, omax, nctx, at, s, page: int
 def batch_paged_triton(q, shared_k, shared_v, own_k, own_v, pages, nctx, at, scale: float, page: int,
                        counter: torch.Tensor, pages_per_split: int = 16, block_pages: int | None = None,
                        num_warps: int = 4) -> torch.Tensor:
-    """q [B, Hq, 1, D]; shared k/v [1, Hkv, C, D]; own k/v [B, Hkv, Co, D]; pages int32 [B, Hs, M] (-1: unused)
+    """q [B, Hq, 1, D]; shared k/v [1, Hkv, C, D] (a view of a longer buffer is fine: its head stride is read); own k/v [B, Hkv, Co, D]; pages int32 [B, Hs, M] (-1: unused)
     in each row's page numbering; nctx, at [B]; counter: int32 zeros, >= B * Hq (left at 0) -> [B, Hq, 1, D]."""
     b, hq, _, d = q.shape
     hkv = shared_k.shape[1]
@@ -187,13 +187,18 @@ def batch_paged_triton(q, shared_k, shared_v, own_k, own_v, pages, nctx, at, sca
     n_splits = max(1, -(-m // per))
     if counter.dtype != torch.int32 or counter.numel() < b * hq:
         raise ValueError(f"batch_paged_triton: counter must be int32 zeros with >= {b * hq} entries")
+    if shared_k.stride() != shared_v.stride() or shared_k.stride()[2:] != (d, 1):
+        raise ValueError(f"batch_paged_triton: shared keys / values need equal strides with contiguous rows, got "
+                         f"{shared_k.stride()} / {shared_v.stride()}")
+    if not (own_k.is_contiguous() and own_v.is_contiguous()):
+        raise ValueError("batch_paged_triton: the own key / value buffers must be contiguous")
     part = torch.empty(b * hq * n_splits, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
     _batch_paged_kernel[(b * hq, n_splits)](
         q.reshape(b * hq, d).contiguous(), shared_k, shared_v, own_k, own_v, pages.contiguous(), nctx, at, part, mx, sm,
-        out, counter, scale, shared_k.shape[2], own_k.shape[2], m, per, n_splits, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
+        out, counter, scale, shared_k.stride(1), own_k.shape[2], m, per, n_splits, HQ=hq, HKV=hkv, HS=hs, D=d, PAGE=page,
         BP=bp, ITERS=per // bp, NS=max(2, triton.next_power_of_2(n_splits)), num_warps=num_warps)
     return out.view(b, hq, 1, d)
 

@@ -143,12 +143,12 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
 
         On CUDA each chunk is de-quantised by one kernel straight into the output (scbench/kernels/kivi_dequant.py,
         bit-identical to ``dequantize``); elsewhere by ``dequantize`` and a concatenation."""
-        if not (self.keys.is_cuda and self.kchunks):
+        from scbench.kernels import kivi_dequant
+
+        if not (self.keys.is_cuda and self.kchunks and kivi_dequant.usable(self.keys)):
             ks = [dequantize(*c, self.bits, self.group, -2, self.dtype) for c in self.kchunks]
             vs = [dequantize(*c, self.bits, self.value_group, -1, self.dtype) for c in self.vchunks]
             return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
-        from scbench.kernels.kivi_dequant import dequantize_into
-
         b, h, r, d = self.keys.shape
         nq = sum(c[0].shape[2] for c in self.kchunks)
         outs = []
@@ -157,7 +157,7 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
             out = resid.new_empty(b, h, nq + r, d)
             at = 0
             for packed, scale, zero in chunks:
-                dequantize_into(out, at, packed, scale, zero, bits=self.bits, group=grp, axis=axis)
+                kivi_dequant.dequantize_into(out, at, packed, scale, zero, bits=self.bits, group=grp, axis=axis)
                 at += packed.shape[2]
             out[:, :, at:] = resid
             outs.append(out)

@@ -100,3 +100,17 @@ def test_cuda_quest_batched_equals_sequential(mode):
         same_rows(seq, bat)
         assert {r.stats.decode_path for r in bat} == {"batched"}
         assert {r.stats.decode_path for r in seq} <= {"graph", "static"}  # the fast sequential path
+
+
+@pytest.mark.skipif(qb.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+def test_triton_batched_replay_interpreter(tiny_engine, monkeypatch, mode="multi_request"):
+    """Quest's Triton kernels inside a batched replay (interpreted, float32 CPU): the sequential path's rows. The
+    session's layers hold their keys in views of longer reserve buffers (the paged kernel reads their head stride)."""
+    from scbench.methods.quest import Quest
+    from scbench.methods.quest_batch import QuestBatch
+
+    monkeypatch.setattr(Quest, "batch_decoder", lambda self: QuestBatch(self, triton=True))
+    bat = replay(tiny_engine, BatchedReplay, QUEST[0], mode)
+    same_rows(replay(tiny_engine, Replay, QUEST[0], mode), bat)
+    assert {r.stats.decode_kernel for r in bat} == {"torch+triton quest"}
