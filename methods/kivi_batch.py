@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from scbench.kernels.kivi_dequant import dequantize_into
+from scbench.kernels import kivi_dequant
 from scbench.kv.quant import dequantize, quantize
 
 
@@ -85,9 +85,14 @@ def _span(chunks, a: int, b: int, group: int, axis: int):
 
 def dequant_tokens(chunks, a: int, b: int, bits: int, group: int, axis: int, out: torch.Tensor, at: int = 0):
     """De-quantise tokens [a, b) of ``chunks`` into ``out[:, :, at:]`` (on CUDA the kernel of kivi_dequant.py,
-    bit-identical to ``dequantize``)."""
+    bit-identical to ``dequantize``, as ``KIVILayer.dequantized`` picks it; else ``dequantize``)."""
+    kernel = out.is_cuda and kivi_dequant.usable(out)
     for lo, packed, scale, zero in _span(chunks, a, b, group, axis):
-        dequantize_into(out, at + lo - a, packed, scale, zero, bits=bits, group=group, axis=axis)
+        if kernel:
+            kivi_dequant.dequantize_into(out, at + lo - a, packed, scale, zero, bits=bits, group=group, axis=axis)
+        else:
+            t = packed.shape[2]
+            out[:, :, at + lo - a : at + lo - a + t] = dequantize(packed, scale, zero, bits, group, axis, out.dtype)
 
 
 def _common(states) -> int:
