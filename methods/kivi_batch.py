@@ -165,7 +165,8 @@ class KIVIBatch:
             kc, vc, _, k0, _ = layer_states[0]
             _, h, _, d = k0.shape
             vg = cache.layers[li].value_group
-            sk, sv = (k0.new_empty(1, h, shared_n, d) for _ in range(2))
+            # no chunk in common (a context shorter than residual + group): one zero token no row sees
+            sk, sv = (k0.new_zeros(1, h, max(shared_n, 1), d) for _ in range(2))
             dequant_tokens(kc, 0, shared_n, m.bits, m.group, -2, sk)
             dequant_tokens(vc, 0, shared_n, m.bits, vg, -1, sv)
             layers.append(_Shared(sk, sv))

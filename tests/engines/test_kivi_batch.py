@@ -72,7 +72,7 @@ def test_multi_turn_reason():
     assert "turn 0's decode" in multi_turn_reason([100, 30, 30], [5, 5, 5], [40, 10, 10], residual=4, group=4)
 
 
-@pytest.mark.parametrize("bits,group,residual", [(2, 4, 6), (4, 8, 8), (2, 2, 0)])
+@pytest.mark.parametrize("bits,group,residual", [(2, 4, 6), (4, 8, 8), (2, 2, 0), (2, 16, 24)])
 def test_rows_attend_what_their_kivi_layers_attend(bits, group, residual):
     """Plugin level: rows fed requests of different lengths after one context; at every decode step each row's
     shared + own keys/values equal what its own KIVILayer.update returns (before the flush), bit for bit."""
@@ -101,7 +101,8 @@ def test_rows_attend_what_their_kivi_layers_attend(bits, group, residual):
         layer.scbench_restore(snap)
     plugin = KIVI(bits=bits, group=group, residual=residual).batch_decoder()
     shared = plugin.prepare(SimpleNamespace(layers=layers), rows)
-    assert shared.kivi_plan["shared"] == layers[0].n_quant > 0  # the context's chunks, de-quantised once
+    n_shared = shared.kivi_plan["shared"]
+    assert n_shared == layers[0].n_quant and (n_shared > 0) == (group < 16)  # the context's chunks, de-quantised once
     steps = 3 * group + 2
     kv = SharedPrefixKV(shared, rows, steps, kernel="torch", plugin=plugin)
     flushed = 0
@@ -112,8 +113,8 @@ def test_rows_attend_what_their_kivi_layers_attend(bits, group, residual):
             for b in range(3):
                 want_k, want_v = refs[b][li].update(nk[b : b + 1], nv[b : b + 1])
                 at = int(kv.at[b]) + 1
-                got_k = torch.cat([kv.shared[li][0], kv.k[li][b : b + 1, :, :at]], dim=2)
-                got_v = torch.cat([kv.shared[li][1], kv.v[li][b : b + 1, :, :at]], dim=2)
+                got_k = torch.cat([kv.shared[li][0][:, :, :n_shared], kv.k[li][b : b + 1, :, :at]], dim=2)
+                got_v = torch.cat([kv.shared[li][1][:, :, :n_shared], kv.v[li][b : b + 1, :, :at]], dim=2)
                 assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (t, li, b)
         kv.at += 1
         plugin.after_step(t)
@@ -180,3 +181,14 @@ def test_kivi_batched_resume(tiny_engine):
     same_rows(seq, bat)
     assert [r.prediction for r in bat] == [full[1].prediction, full[3].prediction]
     assert {r.stats.decode_batch for r in bat} == {3} and reps[0].mismatches == []
+
+
+def test_kivi_batched_context_shorter_than_a_group(tiny_engine):
+    """A context with no packed chunk yet (shorter than residual + group): nothing shared, every token the rows' own
+    (their feeds quantise part of it), still the sequential rows."""
+    method = {"name": "kivi", "bits": 2, "group": 16, "residual": 330}
+    seq = replay(tiny_engine, Replay, method, "multi_request")
+    bat = replay(tiny_engine, BatchedReplay, method, "multi_request")
+    same_rows(seq, bat)
+    assert {r.stats.decode_path for r in bat} == {"batched"}
+    assert len({r.stats.kv_bytes for r in bat}) > 1
