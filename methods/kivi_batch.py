@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from scbench.kernels import kivi_dequant
-from scbench.kv.quant import dequantize, quantize
+from scbench.kv.quant import analytic_nbytes, dequantize, quantize
 
 
 def flush_schedule(own: int, start: int, steps: int, residual: int, group: int) -> list[tuple[int, int, int]]:
@@ -62,13 +62,6 @@ def multi_turn_reason(lengths: list[int], rewinds: list[int], max_new: list[int]
         nq, n = counts_after(*counts_after(nq, n, crop=n - rewinds[i], residual=residual, group=group),
                              append=lengths[i + 1], residual=residual, group=group)
     return None
-
-
-def kivi_nbytes(nq: int, n: int, heads: int, head_dim: int, bits: int, group: int, vgroup: int, elt: int) -> int:
-    """Bytes a KIVILayer (batch 1) holds with ``nq`` of its ``n`` tokens packed (``scbench_nbytes``)."""
-    packed = 2 * heads * nq * head_dim * bits // 8
-    params = 2 * heads * (nq // group) * head_dim * elt + 2 * heads * nq * (head_dim // vgroup) * elt
-    return packed + params + 2 * heads * (n - nq) * head_dim * elt
 
 
 def _span(chunks, a: int, b: int, group: int, axis: int):
@@ -227,5 +220,6 @@ class KIVIBatch:
         nq = p["shared"] + p["starts"][b] + sum(n for t, _, n in self.sched[b] if t < fed)
         held = 0
         for li, (h, d, elt) in enumerate(self.shapes):
-            held += kivi_nbytes(nq, lengths[li], h, d, m.bits, m.group, p["vgroup"], elt)
+            held += analytic_nbytes(lengths[li], batch=1, heads=h, head_dim=d, bits=m.bits, group=m.group,
+                                    residual=m.residual, elt=elt, quant=nq)
         return {"kv_bytes": held}
