@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from types import SimpleNamespace
 
 import torch
 
@@ -98,13 +99,6 @@ def _common(states) -> int:
     return n
 
 
-class _Shared:
-    """A cache layer as ``SharedPrefixKV`` reads it: the de-quantised shared keys and values [1, H, S, D]."""
-
-    def __init__(self, keys, values):
-        self.keys, self.values = keys, values
-
-
 class KIVIBatch:
     """The batched decode of one ``KIVI`` instance (module docstring)."""
 
@@ -162,7 +156,7 @@ class KIVIBatch:
             sk, sv = (k0.new_zeros(1, h, max(shared_n, 1), d) for _ in range(2))
             dequant_tokens(kc, 0, shared_n, m.bits, m.group, -2, sk)
             dequant_tokens(vc, 0, shared_n, m.bits, vg, -1, sv)
-            layers.append(_Shared(sk, sv))
+            layers.append(SimpleNamespace(keys=sk, values=sv))  # a layer as SharedPrefixKV reads it
             row_starts = []
             for b, (kc, vc, nq, keys, values) in enumerate(layer_states):
                 parts = []
@@ -178,11 +172,9 @@ class KIVIBatch:
             starts = row_starts
         for b, r in enumerate(rows):
             r.own, r.shared_len = own[b], [shared_n] * len(layers)
-        shared = type("KIVIShared", (), {})()
-        shared.layers = layers
-        shared.kivi_plan = {"starts": starts, "own": [o[0][0].shape[2] for o in own], "shared": shared_n,
-                            "vgroup": cache.layers[0].value_group}
-        return shared
+        plan = {"starts": starts, "own": [o[0][0].shape[2] for o in own], "shared": shared_n,
+                "vgroup": cache.layers[0].value_group}
+        return SimpleNamespace(layers=layers, kivi_plan=plan)
 
     # --- during the decode -----------------------------------------------------------------------------------
     def attach(self, cache, kv) -> None:
