@@ -19,8 +19,9 @@ de-quantises the context once for the batch), caches that are not plain key/valu
 compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
 ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
-capture's one-time work left out: it is the first row's ``warmup_s``, with a plugin's ``prepare``) and ``decode_kernel`` (the shared-prefix
-attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch`` otherwise; scbench/batch_step.py);
+capture's one-time work left out: it is the first row's ``warmup_s``, with a plugin's ``prepare``) and
+``decode_kernel`` (the shared-prefix attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch``
+otherwise; scbench/batch_step.py);
 ``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
 """
 from __future__ import annotations
