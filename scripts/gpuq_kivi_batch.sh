@@ -4,7 +4,7 @@
 # 2) the CUDA test (float32 tiny model: batched rows == sequential fast-path rows).
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout 55 python3 -P scripts/bench_kivi_batch.py --length 32768 --turns 5 --max-new 64 --bits 2 4 --tok "$TOK"
+timeout 50 python3 -P scripts/bench_kivi_batch.py --length 32768 --turns 5 --max-new 64 --bits 2 4 --tok "$TOK"
 echo "bench rc=$?"
-timeout 28 python3 -m pytest -q -p no:cacheprovider -rfE tests/engines/test_kivi_batch.py -k cuda 2>&1 | tail -25
+timeout 33 python3 -m pytest -q -p no:cacheprovider -rfE tests/engines/test_kivi_batch.py -k cuda 2>&1 | tail -25
 echo "test rc=$?"
