@@ -11,3 +11,4 @@ timeout -k 5 75 python3 -P scripts/bench_ra_device.py --lengths 131072 --variant
   --budget 60 2>&1 | grep -v "^{" ; stamp "ra device rc $?"
 timeout -k 5 75 python3 -P scripts/bench_quest_step.py --plan final --lengths 131000 32000 --budget-s 60 2>&1 | grep -v "^JSON"; stamp "quest rc $?"
 timeout -k 5 60 python3 -P scripts/bench_kivi_dequant.py 2>&1; stamp "kivi dequant rc $?"
+timeout -k 5 40 python3 -P scripts/bench_ragged_feed.py 2>&1; stamp "ragged feed rc $?"

@@ -111,11 +111,21 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     return causal_attention(q, k, v, scale)
 
 
+FEED_ROWS = 512
+"""Query feeds of at most this many tokens over a ragged layer take the batched kernel on CUDA (``ragged_feed``)."""
+
+
 def ragged_attention(q: torch.Tensor, layer: RaggedLayer, scale: float | None = None) -> torch.Tensor:
-    """Causal attention of q over a ragged layer, one KV head (and its query group) at a time.
+    """Causal attention of q over a ragged layer: on CUDA with Triton (a feed of at most ``FEED_ROWS`` tokens)
+    ``ragged_feed``, else one KV head (and its query group) at a time.
 
     q: [1, Hq, Tq, D], the queries of the last Tq positions of every head -> [1, Hq, Tq, D].
     """
+    if q.is_cuda and q.shape[-2] <= FEED_ROWS and layer.keys.shape[-2] >= q.shape[-2]:
+        from scbench.kernels import ragged_shared
+
+        if ragged_shared.triton is not None:
+            return ragged_feed(q, layer, scale)
     hkv = len(layer.lengths)
     g = q.shape[1] // hkv
     outs = []
@@ -123,6 +133,32 @@ def ragged_attention(q: torch.Tensor, layer: RaggedLayer, scale: float | None = 
         k, v = layer.head(h)
         outs.append(_causal(q[:, h * g : (h + 1) * g], k[None, None], v[None, None], scale))
     return torch.cat(outs, dim=1)
+
+
+def ragged_feed(q: torch.Tensor, layer: RaggedLayer, scale: float | None = None) -> torch.Tensor:
+    """``ragged_attention`` as one batched decode (scbench/kernels/ragged_shared.py): each of the Tq query tokens is a
+    row that sees every head's whole prefix and the suffix up to itself (the feed's tokens are the suffix's last Tq
+    rows), no own keys; each head's keys are read once per tile of query rows, two launches per layer instead of a
+    concatenation and an attention call per head. Needs the queries in the suffix (``layer.update`` ran)."""
+    from scbench.kernels import ragged_shared
+
+    _, hq, tq, d = q.shape
+    t = layer.keys.shape[-2]
+    rq = ragged_shared.tiling(tq, hq // len(layer.lengths))[2]
+    key = (tuple(layer.lengths), t, tq, q.device, q.dtype)
+    cached = getattr(layer, "_feed_work", None)
+    if cached is None or cached[0] != key:  # per feed shape (a later feed of the same length reuses it)
+        dev = q.device
+        work = ragged_shared.SharedWork(layer.lengths, t, rq, dev, split=64 if dev.type == "cpu" else None)
+        tensors = (torch.tensor(ragged_shared.offsets_of(layer.lengths), device=dev),
+                   torch.tensor(layer.lengths, device=dev), t - tq + 1 + torch.arange(tq, device=dev),
+                   q.new_zeros(tq, len(layer.lengths), 1, d), torch.full((tq,), -1, dtype=torch.long, device=dev))
+        cached = layer._feed_work = (key, work, tensors)
+    _, work, (offsets, lengths, suf_len, own, own_at) = cached
+    rows = q[0].transpose(0, 1).unsqueeze(2)  # [Tq, Hq, 1, D]: one row per query token
+    out = ragged_shared.ragged_shared_decode(rows, layer.prefix_k, layer.prefix_v, offsets, lengths, layer.keys,
+                                             layer.values, suf_len, own, own, own_at, work, scale)
+    return out.squeeze(2).transpose(0, 1).unsqueeze(0)
 
 
 def reference_ragged_attention(q: torch.Tensor, layer: RaggedLayer, scale: float | None = None) -> torch.Tensor:

@@ -53,6 +53,28 @@ def test_ragged_attention_matches_reference(lengths, suffix, tq):
     layer = random_ragged(lengths, suffix)
     q = torch.randn(1, 2 * len(lengths), tq, HEAD_DIM, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(ragged_attention(q, layer), reference_ragged_attention(q, layer), atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths,suffix,tq", [([17, 3, 30], 6, 1), ([12, 70], 9, 4), ([8, 8], 20, 12)])
+def test_ragged_feed_kernel_matches_reference(lengths, suffix, tq):
+    """A query feed as one batched-decode kernel call (kv.ragged.ragged_feed: CUDA, or Triton's interpreter here)."""
+    import os
+
+    from scbench.kernels import ragged_shared
+    from scbench.kv.ragged import ragged_feed
+
+    if ragged_shared.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = random_ragged(lengths, suffix)
+    q = torch.randn(1, 2 * len(lengths), tq, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    want = reference_ragged_attention(q, layer)
+    if dev == "cuda":
+        layer.prefix_k, layer.prefix_v = layer.prefix_k.cuda(), layer.prefix_v.cuda()
+        layer.keys, layer.values = layer.keys.cuda(), layer.values.cuda()
+        q = q.cuda()
+    for _ in range(2):  # the second call reuses the layer's work list
+        torch.testing.assert_close(ragged_feed(q, layer).cpu(), want, atol=2e-5, rtol=2e-5)
     if len(set(lengths)) == 1:  # equal lengths: the same as dense attention
         k = torch.stack([layer.head(h)[0] for h in range(len(lengths))])[None]
         v = torch.stack([layer.head(h)[1] for h in range(len(lengths))])[None]
