@@ -19,7 +19,7 @@ de-quantises the context once for the batch), caches that are not plain key/valu
 compression every
 turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
 ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
-capture's one-time work left out: it is the first row's ``warmup_s``, with a plugin's ``prepare``) and
+capture's one-time work left out: it is the first row's ``warmup_s``) and
 ``decode_kernel`` (the shared-prefix attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch``
 otherwise; scbench/batch_step.py);
 ``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
@@ -215,16 +215,12 @@ class BatchedReplay(Replay):
                     and not getattr(layer, "scbench_ragged", False)):
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
-        prepare, prep_s = getattr(batched, "prepare", None), 0.0
+        prepare = getattr(batched, "prepare", None)
         if prepare is not None:  # the method lays out the shared cache and the rows' own tokens (KIVI: de-quantised)
-            t0 = time.perf_counter()
             cache = prepare(cache, rows)
-            _sync_dev(self.engine.device)
-            prep_s = time.perf_counter() - t0  # per batch, as the graph capture: booked with it (warmup_s)
         plugins = []
         make = (lambda: plugins.append(batch_decoder(self.method)) or plugins[-1]) if batched is not None else None
         gens, step_s, kernel = decode_rows(self.engine, cache, rows, plugin=make)
-        gens[0].warmup_s += prep_s
         mem = self.session.memory()
         e = self.engine
         elt = torch.empty((), dtype=e.dtype).element_size()
