@@ -16,12 +16,11 @@ Methods that change the cache per step or per request fall back to ``Replay`` (s
 rows select their own pages of the shared context; RetrievalAttention's device tier, methods/retrieval_batch.py; a
 per-row ``row_memory`` keeps the turn's loaded / KV bytes those of its sequential decode; KIVI, methods/kivi_batch.py,
 de-quantises the context once for the batch), caches that are not plain key/value layers (``fast_decode = False``),
-compression every
-turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
-``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
-capture's one-time work left out: it is the first row's ``warmup_s``) and
-``decode_kernel`` (the shared-prefix attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch``
-otherwise; scbench/batch_step.py);
+compression every turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched
+turns record ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the
+CUDA graph capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the
+shared-prefix attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch`` otherwise;
+scbench/batch_step.py);
 ``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
 """
 from __future__ import annotations
