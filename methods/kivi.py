@@ -66,3 +66,15 @@ class KIVI(Method):
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""
         return KIVILayer(keys, values, bits=self.bits, group=self.group, residual=self.residual)
+
+    def batch_decoder(self):
+        """The batched decode (methods/kivi_batch.py): the context's chunks de-quantised once for the batch, each
+        row's own tokens as its sequential decode attends them, its flushes between steps. ``SCBENCH_KIVI_BATCH=0``
+        turns it off (KIVI then decodes one turn at a time under ``timing=batched``)."""
+        import os
+
+        if os.environ.get("SCBENCH_KIVI_BATCH", "1") == "0":
+            return None
+        from scbench.methods.kivi_batch import KIVIBatch
+
+        return KIVIBatch(self)

@@ -13,12 +13,14 @@ Ragged caches (AdaKV, KVzip pair / layer, DuoAttention: per-KV-head prefix lengt
 too: their prefixes are read in place per head (scbench/kernels/ragged_shared.py, ``batch_step.RaggedShared``).
 Methods that change the cache per step or per request fall back to ``Replay`` (sequential): loading methods
 (``decode_attention``) unless they bring a batched decode (``batch_decoder()``: Quest, methods/quest_batch.py, whose
-rows select their own pages of the shared context; RetrievalAttention's device tier, methods/retrieval_batch.py; a per-row ``row_memory`` keeps the turn's loaded / KV bytes
-those of its sequential decode), caches that are not plain key/value layers (``fast_decode = False``), compression every
-turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched turns record
-``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the CUDA graph
-capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the shared-prefix
-attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch`` otherwise; scbench/batch_step.py);
+rows select their own pages of the shared context; RetrievalAttention's device tier, methods/retrieval_batch.py; a
+per-row ``row_memory`` keeps the turn's loaded / KV bytes those of its sequential decode; KIVI, methods/kivi_batch.py,
+de-quantises the context once for the batch), caches that are not plain key/value layers (``fast_decode = False``),
+compression every turn, naive replay, model-generated history, offloaded checkpoints and recurrent models. Batched
+turns record ``decode_path="batched"``, ``decode_batch`` (rows), ``decode_step_s`` (mean step time of the batch, the
+CUDA graph capture's one-time work left out: it is the first row's ``warmup_s``) and ``decode_kernel`` (the
+shared-prefix attention: ``triton``, scbench/kernels/shared_prefix.py, on CUDA; ``torch`` otherwise;
+scbench/batch_step.py);
 ``decode_s`` is the turn's share of the batch's time (each step's time split between the rows still decoding).
 """
 from __future__ import annotations
@@ -123,10 +125,12 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
     live = [t not in stop and r.tp.max_new_tokens > 1 for t, r in zip(firsts, rows)]
     steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
     ran, wall, done, t_cap, kernel = 0, 0.0, 0, 0.0, ""
+    after = None  # a plugin's eager work between steps (``after_step(step)``: KIVI's flushes, host-scheduled)
     if steps:
         kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
         step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
         kernel = kv.kernel
+        after = getattr(kv.plugin, "after_step", None)
         host = torch.empty(steps, len(rows), dtype=torch.long, pin_memory=dev.type == "cuda")  # rows contiguous
         events = []
         _sync_dev(dev)
@@ -142,12 +146,15 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
                 use_graph = False
                 kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
                 step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
+                after = getattr(kv.plugin, "after_step", None)
             t_cap, t0 = time.perf_counter() - t0, time.perf_counter()
         read = 0
         while read < steps and any(live):
             if ran < steps and (ran < done or ran - read <= (LAG if use_graph else EAGER_LAG)):
                 if ran >= done:
                     step()
+                if after is not None:  # queued after step ``ran`` (the capture's one too), before the next
+                    after(ran)
                 host[ran].copy_(step.out[ran], non_blocking=True)
                 if dev.type == "cuda":
                     ev = torch.cuda.Event()
@@ -189,6 +196,9 @@ class BatchedReplay(Replay):
 
     def __iter__(self):
         reason = fallback_reason(self.engine, self.method, self.spec)
+        plan = getattr(batch_decoder(self.method), "plan_reason", None) if reason is None else None
+        if plan is not None:  # the method's own check (KIVI: memory of its shared copy, multi-turn exactness)
+            reason = plan(self.engine, self.spec, self.builder, self.turns)
         todo = [i for i in range(self.turns) if i not in self.done or i == self.check_turn]
         if reason is not None or len(todo) < 2:
             if reason is not None:
@@ -204,6 +214,9 @@ class BatchedReplay(Replay):
                     and not getattr(layer, "scbench_ragged", False)):
                 raise RuntimeError(f"method {self.method.name!r} leaves a {type(layer).__name__} in cache layer {i}: "
                                    "it must declare fast_decode = False to be decoded sequentially")
+        prepare = getattr(batched, "prepare", None)
+        if prepare is not None:  # the method lays out the shared cache and the rows' own tokens (KIVI: de-quantised)
+            cache = prepare(cache, rows)
         plugins = []
         make = (lambda: plugins.append(batch_decoder(self.method)) or plugins[-1]) if batched is not None else None
         gens, step_s, kernel = decode_rows(self.engine, cache, rows, plugin=make)
@@ -234,6 +247,9 @@ class BatchedReplay(Replay):
         (multi-turn: the compressed first prompt's tail, which the next turn's rewind crops from every head)."""
         own = []
         for layer in self.session.cache.layers:
+            if getattr(layer, "scbench_row_state", False):  # KIVI: its state (references); the plugin's prepare
+                own.append(layer.scbench_snapshot())        # turns it into the row's own tokens
+                continue
             if getattr(layer, "scbench_ragged", False) and layer.keys.shape[2] < n:
                 heads = [layer.head(h) for h in range(len(layer.lengths))]
                 own.append((torch.stack([k[k.shape[0] - n :] for k, _ in heads])[None],

@@ -23,7 +23,8 @@ kernels="tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/un
   tests/engines/test_fused_decode.py"
 models="tests/gpu tests/engines/test_fast_decode.py tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py
   tests/engines/test_sharding.py tests/methods/test_ragged_methods.py tests/methods/test_ragged_fast.py
-  tests/engines/test_quest_batch.py tests/engines/test_retrieval_batch.py tests/engines/test_batched_decode.py"
+  tests/engines/test_quest_batch.py tests/engines/test_retrieval_batch.py tests/engines/test_batched_decode.py
+  tests/engines/test_kivi_batch.py"
 log=${OUT:-/tmp}/gpu_tests.log
 # -P: import the installed package, not the source folders (methods/ is installed as scbench.methods)
 # GPU_TESTS="file ..." runs only those (a short call); the default is every CUDA test above

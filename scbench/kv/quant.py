@@ -80,9 +80,10 @@ def value_group(group: int, head_dim: int) -> int:
 
 
 def analytic_nbytes(tokens: int, *, batch: int, heads: int, head_dim: int, bits: int, group: int, residual: int,
-                    elt: int) -> int:
-    """Bytes one ``KIVILayer`` holds for ``tokens`` tokens (keys + values, packed data + scales + zeros + residual)."""
-    quant = max(0, (tokens - residual) // group) * group
+                    elt: int, quant: int | None = None) -> int:
+    """Bytes one ``KIVILayer`` holds for ``tokens`` tokens (keys + values, packed data + scales + zeros + residual),
+    ``quant`` of them packed (default: as many as tokens appended to an empty layer leave packed)."""
+    quant = max(0, (tokens - residual) // group) * group if quant is None else quant
     rest = tokens - quant
     gv = value_group(group, head_dim)
     packed = 2 * batch * heads * quant * head_dim * bits // 8
@@ -106,6 +107,8 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     """The engine does not call the method's compression hook again on this layer."""
     scbench_exact_crop = False
     """Cropping into quantized groups cannot restore the original values: checkpoints take snapshots."""
+    scbench_row_state = True
+    """A batched decode keeps each row's state (``scbench_snapshot``) for the method's plugin (methods/kivi_batch.py)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, bits: int, group: int, residual: int):
         super().__init__()

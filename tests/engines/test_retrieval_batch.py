@@ -46,7 +46,7 @@ def test_retrieval_batch_declines_host_tier_index_and_recall():
 def test_triton_path_equals_reference(gqa, ctx, own):
     """The Triton path (one score product, window mask, radix select, paged kernel) == the per-row reference, with
     equal and (multi-turn-like) differing shared lengths."""
-    from methods.retrieval_batch import RetrievalBatch, retrieval_rows_torch  # noqa: F401 (installed as scbench.methods)
+    from scbench.methods.retrieval_batch import RetrievalBatch, retrieval_rows_torch
     from scbench.kv.offload import TieredLayer
     from scbench.methods.quest_batch import batch_attention_torch
 
@@ -133,9 +133,9 @@ def test_cuda_retrieval_batched_equals_sequential(mode):
     tok = byte_tokenizer()
     model = random_llama(len(tok), layers=3, eos_token_id=tok.eos_token_id)
     engine = HFEngine("tiny-random-llama", model=model, tokenizer=tok, device="cuda", dtype="float32")
-    method = {"name": "retrieval_attention", "tier": "device", "top_k": 16, "n_init": 4, "n_local": 96}
-    seq = replay(engine, Replay, method, mode)
-    bat = replay(engine, BatchedReplay, method, mode)
+    method = {"name": "retrieval_attention", "tier": "device", "top_k": 16, "n_init": 4, "n_local": 256}
+    seq = replay(engine, Replay, method, mode, length=1200)  # scbench_kv needs > 300 bytes for 4 distinct keys
+    bat = replay(engine, BatchedReplay, method, mode, length=1200)
     same_rows(seq, bat)
     assert {r.stats.decode_kernel for r in bat} == {"triton+triton retrieval"}
     assert {r.stats.decode_path for r in seq} <= {"graph", "static"}  # the fast sequential path
