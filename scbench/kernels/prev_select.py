@@ -218,8 +218,6 @@ if triton is not None:
         cnt_p = Work + R * NBINS + row
         t0 = tl.load(cnt_p + 3 * R, cache_modifier=".cg")
         cnt = tl.load(cnt_p, cache_modifier=".cg")
-        d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS), cache_modifier=".cg"), kk,
-                        NBINS)
         dst = Out + row.to(tl.int64) * M
         if STATIC:
             if j == 0:
@@ -231,7 +229,9 @@ if triton is not None:
         if j == 0:
             jk = tl.arange(0, KP)
             tl.store(dst + jk, tl.full([KP], -1, tl.int32), mask=(jk >= kk) & (jk < K))
-        if kk > 0:
+        if (kk > 0) & ((j * CB < cnt) | (cnt > CAP) | (j == 0)):  # else: no candidates for this program
+            d, krem = _walk(tl.load(Work + row.to(tl.int64) * NBINS + tl.arange(0, NBINS), cache_modifier=".cg"), kk,
+                            NBINS)
             if (d >= 0) & (d < NBINS - 1):  # the k-th largest key is t0 + d
                 if cnt <= CAP:
                     for i0 in range(j * CB, cnt, PJ * CB):
