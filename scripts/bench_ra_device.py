@@ -58,6 +58,8 @@ VARIANTS = {
     "prev_hist": dict(step_work=True, select="prev", prev={"atomic": False}),
     "prev_c1k_w4": dict(step_work=True, select="prev", prev={"chunk": 1024, "num_warps": 4}),
     "prev_c2k_m8": dict(step_work=True, select="prev", prev={"chunk": 2048, "margin": 8}),
+    "prev_c2k_l4": dict(step_work=True, select="prev", prev={"chunk": 2048, "loop": 4}),
+    "prev_l4": dict(step_work=True, select="prev", prev={"loop": 4}),
     "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),
     "prev_p2k_w8": dict(step_work=True, select="prev", prev={"part": 2048, "pick_warps": 8}),
     "prev_one": dict(step_work=True, select="prev", prev={"one": True}),  # filter + pick in one launch
@@ -67,6 +69,8 @@ VARIANTS = {
     "prev_c2k": dict(step_work=True, select="prev", prev={"chunk": 2048}),
     "prev_c2k_atomic": dict(step_work=True, select="prev", prev={"chunk": 2048, "atomic": True}),
     "prev_c1k_w4_atomic": dict(step_work=True, select="prev", prev={"chunk": 1024, "num_warps": 4, "atomic": True}),
+    "prev_c2k_l4": dict(step_work=True, select="prev", prev={"chunk": 2048, "loop": 4}),
+    "prev_l4": dict(step_work=True, select="prev", prev={"loop": 4}),
     "prev_p512": dict(step_work=True, select="prev", prev={"part": 512}),
     "prev_p2k": dict(step_work=True, select="prev", prev={"part": 2048}),
     "prev_fallback": dict(step_work=True, select="prev", prev={"margin": -2000}),  # every row's whole-row path

@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s)
 timeout 82 python3 -P scripts/bench_ra_device.py --lengths 131072 32768 --budget 66 \
-  --variants prev prev_c2k prev_m8 prev_fallback prev_fallback_split16 prev_c1k_w4 prev_p512 prev_hist prev_c2k_m8 \
+  --variants prev prev_c2k prev_m8 prev_fallback prev_fallback_split16 prev_c2k_l4 prev_c1k_w4 prev_l4 prev_p512 prev_hist prev_c2k_m8 \
   --later prev prev_c2k step_work \
   --sets --stages stage_scores_matmul stage_radix_select stage_prev_select stage_prev_filter stage_paged_attn \
   --drift prev prev_m8 --extra prev_split16 prev_p2k_w8

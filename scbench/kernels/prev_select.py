@@ -119,15 +119,23 @@ if triton is not None:
                        CH: tl.constexpr, CAP: tl.constexpr, NBINS: tl.constexpr, ATOMIC: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, HASQ: tl.constexpr,
                        Out=None, M=0, CB: tl.constexpr = 2, FB: tl.constexpr = 2, STATIC: tl.constexpr = False,
-                       NSP: tl.constexpr = 2, KP: tl.constexpr = 2, ONE: tl.constexpr = False):
-        """(row, chunk of CH scores): the row's candidates. ONE: the row's last program to finish then picks
+                       NSP: tl.constexpr = 2, KP: tl.constexpr = 2, ONE: tl.constexpr = False,
+                       LOOP: tl.constexpr = 1):
+        """(row, LOOP chunks of CH scores): the row's candidates. ONE: the row's last program to finish then picks
         (its acquire sees the others' released writes)."""
         row, ch = tl.program_id(0), tl.program_id(1)
         n, hi, kk = _span(N, K, n_init, n_local)
         t0 = _threshold(Thr, Work, row, _qnorm(Q, row, G, GP, D, GROUP, HASQ), margin, ch, R, NBINS)
-        offs = ch * CH + tl.arange(0, CH)
-        x = tl.load(S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h + offs, mask=offs < C, other=0.0)
-        _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
+        base = S + (row // H).to(tl.int64) * rs_b + (row % H) * rs_h
+        if LOOP == 1:
+            offs = ch * CH + tl.arange(0, CH)
+            x = tl.load(base + offs, mask=offs < C, other=0.0)
+            _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
+        else:
+            for it in tl.range(0, LOOP):
+                offs = (ch * LOOP + it) * CH + tl.arange(0, CH)
+                x = tl.load(base + offs, mask=offs < C, other=0.0)
+                _append(x, offs, row, t0, kk, n_init, hi, C, Work, Cand, R, CAP, NBINS, ATOMIC)
         if ONE:
             tl.debug_barrier()  # every thread's writes before the one thread's release
             done = tl.atomic_add(Work + R * NBINS + 5 * R + 1 + row, 1, sem="acq_rel", scope="gpu")
@@ -360,7 +368,7 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
                        cand: torch.Tensor | None = None, out: torch.Tensor | None = None, static: bool = True,
                        margin: int = 16, cap: int = 16384, chunk: int = 4096, part: int = 1024, block: int = 1024,
                        num_warps: int = 8, pick_warps: int = 4, atomic: bool = True, one: bool = False,
-                       split: int = 0, filter_only: bool = False) -> torch.Tensor:
+                       split: int = 0, filter_only: bool = False, loop: int = 1) -> torch.Tensor:
     """s bfloat16 [B, H, C] scores (last dim contiguous); n [1] the valid length; thr int32 [B * H] the rows'
     thresholds (zeros at first; updated in place); q [B, Hq, 1, D] the queries the scores came from (Hq = H, or
     a multiple of H with ``group``: rows scaled by their group's largest |q|; None: |q| = 1) -> int32
@@ -371,7 +379,8 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
     ``chunk`` / ``part`` (powers of two): scores per filter program, candidates per pick program (cap / part pick
     programs per row); ``block``: scores per iteration of the whole-row path; ``atomic``: the filter counts its
     candidates with one atomic each (faster on the H200: 4.33 vs 4.60 ms per 32-layer step at 131K) instead of
-    ``tl.histogram``; ``filter_only``: the first launch alone (benchmarks); ``one``: one launch, the last filter program of
+    ``tl.histogram``; ``filter_only``: the first launch alone (benchmarks); ``loop``: chunks per filter program;
+    ``one``: one launch, the last filter program of
     each row to finish picks for it (``part`` candidates at a time); ``split`` (warps, 0: off): rows whose
     threshold missed take the whole-row path in a third launch of ``split``-warp programs (else in the pick's
     first program of the row)."""
@@ -388,10 +397,10 @@ def prev_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_
     qq = q.reshape(-1, d).contiguous() if q is not None else s
     pick = dict(Out=out, M=out.stride(0), CB=part, FB=block, STATIC=static, NSP=max(2, triton.next_power_of_2(max(ns, 1))),
                 KP=max(2, triton.next_power_of_2(max(k, 1))), ONE=True) if one else {}
-    _filter_kernel[(r, triton.cdiv(max(c, 1), chunk))](
+    _filter_kernel[(r, triton.cdiv(max(c, 1), chunk * loop))](
         s, qq, n, thr, work, cand, c, k, n_init, n_local, s.stride(0), s.stride(1), r, int(margin), H=h, CH=chunk,
         CAP=cap, NBINS=NB, ATOMIC=atomic, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, GROUP=group,
-        HASQ=q is not None, **pick, num_warps=num_warps)
+        HASQ=q is not None, **pick, LOOP=loop, num_warps=num_warps)
     if one or filter_only:
         return out
     return _pick(s, n, k, n_init, n_local, thr, work, cand, out, r, ns, static, cap, part, block, pick_warps, split)

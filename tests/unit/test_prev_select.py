@@ -97,6 +97,7 @@ def test_prev_select_scales_by_query_norm(group):
 @pytest.mark.parametrize("c,n,k,n_init,n_local,kw", [
     (2000, 1900, 40, 4, 16, {}),
     (2000, 1900, 40, 4, 16, dict(atomic=False)),  # tl.histogram instead of an atomic per candidate
+    (2000, 1900, 40, 4, 16, dict(loop=2, chunk=256)),  # filter programs looping over chunks
     (2000, 1900, 40, 4, 16, dict(one=True)),  # one launch: the row's last filter program picks
     (400, 390, 20, 4, 16, dict(cap=32, part=16, one=True)),  # ... from the whole row (list overflows)
     (2000, 1900, 40, 4, 16, dict(margin=400)),  # the next threshold far below: its k-th in the overflow bin
