@@ -1,9 +1,21 @@
 """Shared fixtures: the embedded tokenizer/model (converted once per machine) and a tiny random Llama."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from support import make_tiny_engine, triton_interpreting
+
+try:  # absl (rouge-score's dependency) builds a handler on whatever sys.stderr is when it is imported (under pytest:
+    # a capture stream) and closes that stream when logging.config.dictConfig (Hydra, in an in-process CLI test)
+    # shuts the handlers down: pytest then fails with "I/O operation on closed file" and loses sys.stderr. The real
+    # stderr is never closed by it.
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:  # pragma: no cover - rouge-score not installed
+    pass
 
 
 @pytest.fixture(scope="session")
