@@ -21,13 +21,15 @@ from scbench.kernels import prev_select, row_select, sample_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
-SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "prev")
-"""CUDA top-k over the rows: ``prev``, the default (scbench/kernels/prev_select.py: each layer and row's threshold
-carried over from the previous step, a filter launch and a pick among a few thousand candidates; bfloat16 scores,
-else radix; on the H200 at 131K the 32-layer attention step takes 4.33 ms against radix's 5.39, full attention
-4.15), ``sample`` (scbench/kernels/sample_select.py: a sampled threshold narrows each row to
-a few thousand candidates, then an exact select among them; two launches), ``radix`` (scbench/kernels/topk_select.py:
-histogram passes, three launches) or ``topk`` (torch.topk over the masked float32 scores, the plain ops)."""
+SELECT = os.environ.get("SCBENCH_RETRIEVAL_SELECT", "radix")
+"""CUDA top-k over the rows: ``radix``, the default (scbench/kernels/topk_select.py: histogram passes, three
+launches), ``prev`` (opt-in, scbench/kernels/prev_select.py: each layer and row's threshold carried over from the
+previous step, a filter launch and a pick among a few thousand candidates; bfloat16 scores, else radix; on the H200
+at 131K the 32-layer attention step with the same query every step takes 4.33 ms against radix's 5.39, full
+attention 4.15, but end to end through `scbench run` at 131K it decoded 40.2 tok/s against radix's ~98: a real
+model's queries move the k-th score past the carried threshold and rows fall back to the whole-row select;
+results/perf/ra_h29r.md), ``sample`` (scbench/kernels/sample_select.py: a sampled threshold narrows each row to
+a few thousand candidates, then an exact select among them; two launches) or ``topk`` (torch.topk over the masked float32 scores, the plain ops)."""
 
 
 class RetrievalDecode:
