@@ -21,7 +21,7 @@ import torch
 from scbench.engines.attention import causal_attention
 from scbench.kernels import quest_batch as qb
 from scbench.kernels.paged_decode import page_bounds
-from scbench.kv.offload import TieredLayer
+from scbench.kv.offload import device_tier_unsupported
 
 
 SELECT = {"num_warps": 4, "chunk": 8192}
@@ -43,11 +43,10 @@ class QuestBatch:
         self.kv = kv
         self.cache = cache
         self.smin, self.smax = {}, {}
+        why = device_tier_unsupported(cache, "Quest batched", "it decodes one request at a time")
+        if why:
+            raise RuntimeError(why)
         for l, layer in enumerate(cache.layers):
-            if not isinstance(layer, TieredLayer) or layer.storage != layer.compute:
-                raise RuntimeError(f"Quest batched decode: cache layer {l} is a {type(layer).__name__} "
-                                   f"{'on the host tier' if isinstance(layer, TieredLayer) else ''}: needs the "
-                                   "device tier's TieredLayer")
             if l >= m.dense_layers:
                 lo, hi = m.bounds(layer)
                 self.smin[l], self.smax[l] = lo.contiguous(), hi.contiguous()

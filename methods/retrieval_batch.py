@@ -24,7 +24,7 @@ import torch
 
 from scbench.kernels import quest_batch as qb
 from scbench.kernels import prev_select, topk_select
-from scbench.kv.offload import TieredLayer
+from scbench.kv.offload import device_tier_unsupported
 from scbench.methods.quest_batch import batch_attention_torch
 
 PAGED = {"pages_per_split": 256, "block_pages": 64}
@@ -48,11 +48,9 @@ class RetrievalBatch:
     def attach(self, cache, kv) -> None:
         m = self.m
         self.kv, self.cache = kv, cache
-        for l, layer in enumerate(cache.layers):
-            if not isinstance(layer, TieredLayer) or layer.storage != layer.compute:
-                raise RuntimeError(f"RetrievalAttention batched decode: cache layer {l} is a {type(layer).__name__} "
-                                   f"{'on the host tier' if isinstance(layer, TieredLayer) else ''}: needs the "
-                                   "device tier's TieredLayer")
+        why = device_tier_unsupported(cache, "RetrievalAttention batched", "it decodes one request at a time")
+        if why:
+            raise RuntimeError(why)
         self.nctx = kv.shared_len.tolist()  # [L][B]
         self.own0 = kv.at.tolist()  # own rows per row before the first step
         dev = kv.at.device

@@ -9,28 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
-from scbench.kv.quant import KIVILayer, dequantize
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kvzip_duo import events as timed  # noqa: E402 (CUDA-event timing, mean ms per call)
+from scbench.kv.quant import KIVILayer, dequantize  # noqa: E402
 
 
 def torch_path(layer: KIVILayer):
     ks = [dequantize(*c, layer.bits, layer.group, -2, layer.dtype) for c in layer.kchunks]
     vs = [dequantize(*c, layer.bits, layer.value_group, -1, layer.dtype) for c in layer.vchunks]
     return torch.cat([*ks, layer.keys], dim=-2), torch.cat([*vs, layer.values], dim=-2)
-
-
-def timed(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
         want = torch_path(layer)
         got = layer.dequantized()
         same = all(torch.equal(x, y) for x, y in zip(want, got))
-        t_torch, t_kernel = timed(lambda: torch_path(layer)), timed(layer.dequantized)
+        t_torch, t_kernel = timed(lambda: torch_path(layer), 10), timed(layer.dequantized, 10)
         row = {"length": n, "chunks": len(layer.kchunks), "torch_ms_layer": round(t_torch, 3),
                "kernel_ms_layer": round(t_kernel, 3), "torch_ms_32_layers": round(32 * t_torch, 1),
                "kernel_ms_32_layers": round(32 * t_kernel, 1), "bit_identical": same}

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
-from scbench.kv import ragged
-
-
-def timed(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kvzip_duo import events as timed  # noqa: E402 (CUDA-event timing, mean ms per call)
+from scbench.kv import ragged  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +41,8 @@ def main() -> None:
             finally:
                 ragged.FEED_ROWS = lim
         slow = plain()
-        row = {"case": name, "kernel_ms_layer": round(timed(lambda: ragged.ragged_feed(q, layer)), 3),
-               "per_head_ms_layer": round(timed(plain), 3),
+        row = {"case": name, "kernel_ms_layer": round(timed(lambda: ragged.ragged_feed(q, layer), 20), 3),
+               "per_head_ms_layer": round(timed(plain, 20), 3),
                "max_abs_diff": float((fast.float() - slow.float()).abs().max())}
         row["kernel_ms_32_layers"], row["per_head_ms_32_layers"] = round(32 * row["kernel_ms_layer"], 1), round(32 * row["per_head_ms_layer"], 1)
         print(json.dumps(row), flush=True)
