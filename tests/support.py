@@ -115,6 +115,17 @@ def load_script(path: str):
     return sys.modules[name]
 
 
+def disk_skip_reason(python) -> str | None:
+    """Why `make test` did not build the environment of interpreter ``python`` (``<env>/bin/python``): the Makefile
+    writes ``<env>.skipped`` when the disk is too full for that environment and the tests; None when it did not."""
+    from pathlib import Path
+
+    marker = Path(python).parents[1].with_name(Path(python).parents[1].name + ".skipped")
+    if Path(python).exists() or not marker.is_file():
+        return None
+    return marker.read_text().strip() or f"{marker} exists"
+
+
 def reference_python() -> str:
     """The reference implementations' interpreter (kvpress, optimum-quanto: `make kvpress-env`). Missing: a failure
     under `make test` (it names the interpreter) or CI, a skip elsewhere."""
@@ -126,6 +137,8 @@ def reference_python() -> str:
     named = os.environ.get("SCBENCH_KVPRESS_PYTHON")
     py = Path(named) if named else Path(__file__).resolve().parents[1] / ".venv-kvpress" / "bin" / "python"
     if not py.exists():
+        if reason := disk_skip_reason(py):
+            pytest.skip(reason)
         msg = f"reference environment missing ({py}): run `make kvpress-env`"
         if named or os.environ.get("CI") == "true":
             pytest.fail(msg)

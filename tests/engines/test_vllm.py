@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from scbench.run import get_engine, run_spec
+from support import disk_skip_reason
 from scbench.records import RunSpec
 from scbench.store import Store
 
@@ -133,6 +134,8 @@ def vllm_python() -> str:
     probe = None
     if python.exists():
         probe = subprocess.run([str(python), "-c", "import vllm, scbench.engines.vllm"], capture_output=True, text=True)
+    if probe is None and (reason := disk_skip_reason(python)):
+        pytest.skip(reason)
     if probe is None or probe.returncode:
         why = (f"no vLLM environment at {python}" if probe is None
                else f"{python} cannot import vllm: {probe.stderr[-2000:]}")
