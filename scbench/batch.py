@@ -100,6 +100,8 @@ class Row:
     prompt_tokens: int
     costs: dict | None = None
     """What the method reported right after this turn's prompt was fed (``Method.take_costs``)."""
+    compression: dict | None = None
+    """What a compression fired by this turn's prompt left (``session.last_compression``), for its fired-check."""
 
 
 LAG = 4
@@ -235,12 +237,20 @@ class BatchedReplay(Replay):
             lengths = [s + row.own[0][0].shape[2] + n for s in row.shared_len]
             row_mem = {**mem, "kv_bytes": sum(lengths) * per_token + ragged, "kv_tokens": max(lengths),
                        "kv_full_bytes": kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, row.pos + n, e.dtype)}
+            self.session.last_compression = row.compression  # checked on the turn whose prompt fired it
             if plugins:  # what this row's own sequential decode would have loaded and kept (the method counts it);
                 # its position after the turn (the loaded-bytes check's dense baseline)
                 row_mem.update(plugins[-1].row_memory(rows.index(row), lengths, n))
                 self.session.pos = row.pos + n
             yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, costs=row.costs,
                                decode_batch=len(rows), decode_step_s=step_s if n else 0.0, decode_kernel=kernel)
+
+    def _take_compression(self) -> dict | None:
+        """What the compression fired by the prompt just fed left, cleared: a stored turn's must not reach the first
+        missing turn's fired-check (the sequential replay checks it on the stored turn and stores nothing)."""
+        comp = getattr(self.session, "last_compression", None)
+        self.session.last_compression = None
+        return comp
 
     def _own(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The last ``n`` tokens of every cache layer (copies); a ragged layer's may reach into each head's prefix
@@ -266,11 +276,12 @@ class BatchedReplay(Replay):
             fs = self._feed(tp.ids, first=i == 0, query_start=tp.query_start)
             history += len(tp.ids)
             costs = self.method.take_costs(self.session)  # this turn's, before the next feed adds its own
+            comp = self._take_compression()
             if i not in self.done or i == self.check_turn:
                 self._check_window(i, history + tp.max_new_tokens)
                 lengths = kvc.layer_lengths(self.session.cache)
                 rows.append(Row(i, tp, fs, self.session.last_logits, self.session.pos,
-                                [n - tp.rewind for n in lengths], self._own(tp.rewind), history, costs))
+                                [n - tp.rewind for n in lengths], self._own(tp.rewind), history, costs, comp))
             self.session.drop_last(tp.rewind)
             history -= tp.rewind
         return rows
@@ -295,11 +306,12 @@ class BatchedReplay(Replay):
                                          attn_computed=fs.attn_computed + ctx_fs.attn_computed,
                                          prefill_shared=ctx_fs.prefill_shared)
             costs = self.method.take_costs(self.session)  # this request's, before the next feed adds its own
+            comp = self._take_compression()  # the context's compression: request 0's (as its prefill is)
             if j in self.done and j != self.check_turn:
                 continue
             prompt = len(ctx_ids) + len(tp.ids)
             self._check_window(j, prompt + tp.max_new_tokens)
             rows.append(Row(j, tp, fs, self.session.last_logits, self.session.pos, list(base),
-                            self._own(len(tp.ids)), prompt, costs))
+                            self._own(len(tp.ids)), prompt, costs, comp))
         self.session.rollback(checkpoint)
         return rows

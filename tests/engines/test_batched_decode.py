@@ -156,6 +156,21 @@ def test_batched_resume_decodes_only_missing_turns(tiny_engine, mode):
     assert [m["turn"] for m in reps[1].mismatches] == [0]
 
 
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+@pytest.mark.parametrize("method", [{"name": "snapkv", "budget": 96, "window": 8},
+                                    {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16,
+                                     "init_cols": 4, "local_diags": 16}], ids=lambda m: m["name"])
+def test_batched_resume_rows_equal_uninterrupted(tiny_engine, mode, method):
+    """Resume reproduces: the rows a resumed batched replay stores are those of an uninterrupted run, the method's
+    promise checks included (the first prompt's compression is checked on turn 0, never on the first missing turn)."""
+    seq = replay(tiny_engine, Replay, method, mode)
+    assert json.loads(seq[0].stats.checks or "[]") and not seq[1].stats.checks  # promised on turn 0 only
+    for done in ({0: seq[0].prediction}, {0: seq[0].prediction, 2: seq[2].prediction}):
+        bat = replay(tiny_engine, BatchedReplay, method, mode, done=dict(done))
+        same_rows([r for r in seq if r.turn not in done], bat)
+        same_rows([r for r in seq if r.turn not in done], replay(tiny_engine, Replay, method, mode, done=dict(done)))
+
+
 def test_lagged_token_reads(tiny_engine, monkeypatch):
     """The CUDA graph path reads tokens a few steps behind the device; the extra steps change nothing stored."""
     import scbench.batch
