@@ -16,6 +16,8 @@ What each row would have loaded and kept in its own sequential decode is counted
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from scbench.engines.attention import causal_attention
@@ -29,14 +31,42 @@ SELECT = {"num_warps": 4, "chunk": 8192}
 chunks: 55 us)."""
 
 
-class QuestBatch:
-    """The batched decode of one ``Quest`` instance over one ``SharedPrefixKV``."""
+class SelectedRowsBatch(ABC):
+    """A batched decode that attends, per row and KV head, selected rows of the shared cache plus the row's own tokens
+    (Quest's pages, RetrievalAttention's top-k rows): the torch reference of ``attend`` picks them with
+    ``rows_torch``; a subclass's ``_attend_triton`` runs its kernels."""
 
     def __init__(self, method, triton: bool | None = None):
         self.m = method
         self.kernel = "torch"
         self.want_triton = triton
-        """The Triton kernels: None -> on CUDA (tests set True to run them in the interpreter on CPU)."""
+        """The Triton path: None -> on CUDA (tests set True to run it in the interpreter on CPU)."""
+        self.triton = False
+
+    def dense(self, l: int) -> bool:
+        """Layer ``l`` attends everything (the decode's plain attention)."""
+        return False
+
+    @abstractmethod
+    def rows_torch(self, l: int, q, sk, k, nctx: list[int], n: list[int]) -> list:
+        """Per row, the shared rows it attends (the plain path's selection: the reference)."""
+
+    def attend(self, kv, l, q, k, v, scale):
+        """q [B, Hq, 1, D]; k, v: the rows' own buffers [B, Hkv, Co, D] -> [B, Hq, 1, D] (None: dense layer)."""
+        self._hq = q.shape[1]
+        if self.dense(l):
+            return None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        sk, sv = kv.shared[l]
+        if self.triton:
+            return self._attend_triton(kv, l, q, k, v, sk, sv, scale)
+        nctx = self.nctx[l]
+        n = [c + int(a) + 1 for c, a in zip(nctx, kv.at.tolist())]
+        return batch_attention_torch(q, sk, sv, k, v, self.rows_torch(l, q, sk, k, nctx, n), nctx, n, scale)
+
+
+class QuestBatch(SelectedRowsBatch):
+    """The batched decode of one ``Quest`` instance over one ``SharedPrefixKV``."""
 
     def attach(self, cache, kv) -> None:
         m, p = self.m, self.m.page_size
@@ -87,20 +117,11 @@ class QuestBatch:
             self.s[l] = (-(-(max(pcs) + op) // 16) * 16, None)  # rows 16-aligned (vector loads); made at the first step
         self.n_rows = None
 
-    def attend(self, kv, l, q, k, v, scale):
-        """q [B, Hq, 1, D]; k, v: the rows' own buffers [B, Hkv, Co, D] -> [B, Hq, 1, D] (None: dense layer)."""
-        m = self.m
-        self._hq = q.shape[1]
-        if l < m.dense_layers:
-            return None
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        sk, sv = kv.shared[l]
-        if self.triton:
-            return self._attend_triton(kv, l, q, k, v, sk, sv, scale)
-        nctx = self.nctx[l]
-        n = [c + int(a) + 1 for c, a in zip(nctx, kv.at.tolist())]
-        idx = batch_pages_torch(m, q, sk, k, self.smin[l], self.smax[l], nctx, n)
-        return batch_attention_torch(q, sk, sv, k, v, idx, nctx, n, scale)
+    def dense(self, l: int) -> bool:
+        return l < self.m.dense_layers
+
+    def rows_torch(self, l, q, sk, k, nctx, n):
+        return batch_pages_torch(self.m, q, sk, k, self.smin[l], self.smax[l], nctx, n)
 
     def _attend_triton(self, kv, l, q, k, v, sk, sv, scale):
         from scbench.kernels.quest_select import threshold_select

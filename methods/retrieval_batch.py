@@ -25,20 +25,17 @@ import torch
 from scbench.kernels import quest_batch as qb
 from scbench.kernels import prev_select, topk_select
 from scbench.kv.offload import device_tier_unsupported
-from scbench.methods.quest_batch import batch_attention_torch
+from scbench.methods.quest_batch import SelectedRowsBatch
 
 PAGED = {"pages_per_split": 256, "block_pages": 64}
 """``batch_paged_triton``'s sizes in rows (as the sequential decode's ``paged_attention``)."""
 
 
-class RetrievalBatch:
+class RetrievalBatch(SelectedRowsBatch):
     """The batched decode of one ``RetrievalAttention`` instance (device tier, exact search) over a ``SharedPrefixKV``."""
 
     def __init__(self, method, triton: bool | None = None):
-        self.m = method
-        self.kernel = "torch"
-        self.want_triton = triton
-        """The Triton path: None -> on CUDA (tests set True to run it in the interpreter on CPU)."""
+        super().__init__(method, triton)
         from scbench.methods.retrieval_fast import SELECT
 
         self.select = SELECT
@@ -66,17 +63,8 @@ class RetrievalBatch:
             self.width = [r - lo for r, lo in zip(reach, lowest)]  # rows' search ends differ by at most this
             self.counter = kv.at.new_zeros(kv.at.shape[0] * 1024, dtype=torch.int32)  # the merge's (left at 0)
 
-    def attend(self, kv, l, q, k, v, scale):
-        """q [B, Hq, 1, D]; k, v: the rows' own buffers [B, Hkv, Co, D] -> [B, Hq, 1, D]."""
-        self._hq = q.shape[1]
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        sk, sv = kv.shared[l]
-        if self.triton:
-            return self._attend_triton(kv, l, q, k, v, sk, sv, scale)
-        nctx = self.nctx[l]
-        n = [c + int(a) + 1 for c, a in zip(nctx, kv.at.tolist())]
-        idx = retrieval_rows_torch(self.m, q, sk, k, nctx, n)
-        return batch_attention_torch(q, sk, sv, k, v, idx, nctx, n, scale)
+    def rows_torch(self, l, q, sk, k, nctx, n):
+        return retrieval_rows_torch(self.m, q, sk, k, nctx, n)
 
     def _attend_triton(self, kv, l, q, k, v, sk, sv, scale):
         m = self.m

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(prev_select.triton is None or (not CUDA and os.e
 SMALL = dict(chunk=512, part=64, cap=256, block=512, num_warps=4)
 
 
-def check(s, got, n, k, n_init, n_local):
+def assert_topk_rows(s, got, n, k, n_init, n_local):
     """The static rows first, then kk distinct searchable rows whose scores are topk's multiset, -1 after."""
     b, h, c = s.shape
     ns, hi = n_init + n_local, n - n_local
@@ -42,11 +42,11 @@ def _interp(request):
         request.getfixturevalue("interpreted")
 
 
-def run(s, n, k, n_init, n_local, thr, **kw):
+def assert_select(s, n, k, n_init, n_local, thr, **kw):
     work = torch.zeros(prev_select.work_size(thr.numel()), dtype=torch.int32, device=DEVICE)
     got = prev_select.prev_select_triton(s, torch.tensor([n], device=DEVICE), k, n_init, n_local, thr, work=work,
                                          **{**SMALL, **kw})
-    check(s, got, n, k, n_init, n_local)
+    assert_topk_rows(s, got, n, k, n_init, n_local)
     return int(prev_select.slow_rows(work, thr.numel()).item())
 
 
@@ -59,15 +59,15 @@ def test_prev_select_steps():
     c, n, k, n_init, n_local = 1500, 1490, 40, 4, 16
     thr = torch.zeros(6, dtype=torch.int32, device=DEVICE)
     s = scores(c, 1, ties=False)
-    assert run(s, n, k, n_init, n_local, thr) == 6  # first step: no threshold yet
+    assert assert_select(s, n, k, n_init, n_local, thr) == 6  # first step: no threshold yet
     assert bool((thr > 0).all())
-    assert run(s, n, k, n_init, n_local, thr) == 0  # the same scores: every row from its candidates
-    assert run(scores(c, 2, ties=False), n, k, n_init, n_local, thr) == 0  # new scores, same spread
+    assert assert_select(s, n, k, n_init, n_local, thr) == 0  # the same scores: every row from its candidates
+    assert assert_select(scores(c, 2, ties=False), n, k, n_init, n_local, thr) == 0  # new scores, same spread
     s = scores(c, 3, ties=False) * 0.25
-    assert run(s, n, k, n_init, n_local, thr) == 6  # threshold above: whole row
-    assert run(s, n, k, n_init, n_local, thr, cap=32, part=16) == 0  # more candidates than the list holds: scan
-    assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0  # ties at the threshold
-    assert run(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0
+    assert assert_select(s, n, k, n_init, n_local, thr) == 6  # threshold above: whole row
+    assert assert_select(s, n, k, n_init, n_local, thr, cap=32, part=16) == 0  # more candidates than the list holds: scan
+    assert assert_select(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0  # ties at the threshold
+    assert assert_select(scores(c, 5, scale=2.0), n, k, n_init, n_local, thr, margin=0) == 0
 
 
 @pytest.mark.parametrize("group", [False, True])
@@ -87,11 +87,11 @@ def test_prev_select_scales_by_query_norm(group):
     thr = torch.zeros(hs, dtype=torch.int32, device=DEVICE)
     plain = torch.zeros(hs, dtype=torch.int32, device=DEVICE)
     qd = lambda x: x.bfloat16().to(DEVICE)  # noqa: E731
-    assert run(sc(q), n, k, n_init, n_local, thr, q=qd(q), group=group) == hs  # first step
-    assert run(sc(q), n, k, n_init, n_local, plain) == hs
-    assert run(sc(q * 3), n, k, n_init, n_local, thr, q=qd(q * 3), group=group) == 0
-    assert run(sc(q / 3), n, k, n_init, n_local, thr, q=qd(q / 3), group=group) == 0
-    assert run(sc(q / 3), n, k, n_init, n_local, plain) == hs  # the unscaled threshold is above every k-th
+    assert assert_select(sc(q), n, k, n_init, n_local, thr, q=qd(q), group=group) == hs  # first step
+    assert assert_select(sc(q), n, k, n_init, n_local, plain) == hs
+    assert assert_select(sc(q * 3), n, k, n_init, n_local, thr, q=qd(q * 3), group=group) == 0
+    assert assert_select(sc(q / 3), n, k, n_init, n_local, thr, q=qd(q / 3), group=group) == 0
+    assert assert_select(sc(q / 3), n, k, n_init, n_local, plain) == hs  # the unscaled threshold is above every k-th
 
 
 @pytest.mark.parametrize("c,n,k,n_init,n_local,kw", [
@@ -109,7 +109,7 @@ def test_prev_select_scales_by_query_norm(group):
 def test_prev_select_matches_topk(c, n, k, n_init, n_local, kw):
     thr = torch.zeros(6, dtype=torch.int32, device=DEVICE)
     for step in range(2):  # the second step's threshold from the first
-        run(scores(c, c + step), n, k, n_init, n_local, thr, **kw)
+        assert_select(scores(c, c + step), n, k, n_init, n_local, thr, **kw)
 
 
 def test_prev_select_rejects_bad_input():
@@ -142,7 +142,7 @@ def test_plugin_prev_rows_match_torch_rows(gqa):
             got = plugin.rows(kv, l, q[l], step=True)
             s = q[l].reshape(1, 2, 4, 64) @ k[l].transpose(-1, -2)  # the plugin's own scores
             s = s.amax(2) if gqa == "group" else s.flatten(1, 2)
-            check(s, got.reshape(-1, got.shape[-1]), n, 512, 16, 64)
+            assert_topk_rows(s, got.reshape(-1, got.shape[-1]), n, 512, 16, 64)
     assert plugin.thr is not None and bool((plugin.thr > 0).all())
 
 
@@ -161,7 +161,7 @@ def test_prev_scores_select_matches_topk(group):
         got, s = prev_select.prev_scores_select_triton(q, keys, torch.tensor([n], device=DEVICE), kk, n_init, n_local,
                                                        group, thr, work=work, cap=256, bn=32, part=64, block=256,
                                                        atomic=step == 0, tiles=1 + step)
-        check(s, got, n, kk, n_init, n_local)
+        assert_topk_rows(s, got, n, kk, n_init, n_local)
         ref = q.reshape(1, 2, 2, 16).float() @ keys.float().transpose(-1, -2)
         ref = ref.amax(2) if group else ref.flatten(1, 2)
         assert torch.allclose(s.float(), ref.bfloat16().float(), rtol=1e-2, atol=1e-2)

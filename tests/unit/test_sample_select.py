@@ -20,7 +20,7 @@ def _interp(request):
         request.getfixturevalue("interpreted")
 
 
-def check(s, got, n, k, n_init, n_local):
+def assert_topk_rows(s, got, n, k, n_init, n_local):
     b, h, c = s.shape
     ns = n_init + n_local
     hi = n - n_local
@@ -58,7 +58,7 @@ def test_sample_select_matches_topk(fuse, dtype, c, n, k, n_init, n_local, kw):
     s = s.to(dtype).to(DEVICE)
     nn = torch.tensor([n], device=DEVICE)
     got = sample_select.sample_select_triton(s, nn, k, n_init, n_local, num_warps=4, final_warps=4, fuse=fuse, **kw)
-    check(s, got, n, k, n_init, n_local)
+    assert_topk_rows(s, got, n, k, n_init, n_local)
 
 
 def test_sample_select_rejects_bad_sizes():
@@ -90,4 +90,4 @@ def test_plugin_sample_rows_match_torch_rows(gqa, fuse):
             got = plugin.rows(kv, l, q[l], step=True)
             s = q[l].reshape(1, 2, 4, 64) @ k[l].transpose(-1, -2)  # the plugin's own scores
             s = s.amax(2) if gqa == "group" else s.flatten(1, 2)
-            check(s, got.reshape(-1, got.shape[-1]), n, 512, 16, 64)
+            assert_topk_rows(s, got.reshape(-1, got.shape[-1]), n, 512, 16, 64)
