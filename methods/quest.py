@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from scbench.kernels.paged_decode import page_bounds, page_scores  # noqa: F401 - Quest's page bounds and bound scores (shared)
+from scbench.kernels.quest_scores import page_bounds, page_scores  # noqa: F401 - Quest's page bounds and bound scores (shared)
 from scbench.kv.offload import STORAGES, TieredLayer, attend_loaded, require_tiered
 from scbench.methods.base import Method, positive_int
 

@@ -22,7 +22,7 @@ import torch
 
 from scbench.engines.attention import causal_attention
 from scbench.kernels import quest_batch as qb
-from scbench.kernels.paged_decode import page_bounds
+from scbench.kernels.quest_scores import page_bounds
 from scbench.kv.offload import device_tier_unsupported
 
 

@@ -7,7 +7,7 @@ candidates (the recent pages and everything after them) are masked to -inf, and 
 possible pick count (``(budget - 1) // page``); slots beyond this step's pick count, or holding a masked page,
 are marked -1. The recent pages join the list, and ``scbench.kernels.paged_decode`` attends to the listed rows
 (Triton on CUDA: no gather). On CUDA the scores come from one kernel that also updates the bounds, and
-``scbench.kernels.topk_select.quest_select_triton`` lists the step's pick best pages without a sort (bisection on
+``scbench.kernels.quest_select.quest_select_triton`` lists the step's pick best pages without a sort (bisection on
 the scores' bits, or an interpolating search; rows of 4,096+ pages in two stages; the old ``topk`` path stays
 selectable, ``SCBENCH_QUEST_SELECT=topk``); the paged kernel merges its splits itself, or (``union``) one program
 per KV group reads each page any of its heads listed once. The page set equals ``Quest.select``'s, so the plain
@@ -22,11 +22,11 @@ import os
 import torch
 
 from scbench.kernels import paged_decode
-from scbench.kernels.paged_decode import page_scores, paged_attention, quest_page_list
+from scbench.kernels.paged_decode import paged_attention
 from scbench.kernels.paged_dot import paged_dot_triton
 from scbench.kernels.paged_union import paged_union_triton
-from scbench.kernels.quest_select import threshold_select
-from scbench.kernels.topk_select import quest_select_triton
+from scbench.kernels.quest_scores import page_scores, quest_page_list, quest_scores_triton
+from scbench.kernels.quest_select import quest_select_triton, threshold_select
 from scbench.kv.offload import device_tier_unsupported
 
 
@@ -34,7 +34,7 @@ FUSED = os.environ.get("SCBENCH_QUEST_FUSED", "1") != "0"
 """CUDA: the fused Triton kernels (scores with the bounds update; attention applying the pick rule) instead of
 the torch-ops page list + paged kernel (``SCBENCH_QUEST_FUSED=0``; tests compare the two)."""
 SELECT = os.environ.get("SCBENCH_QUEST_SELECT", "bisect")
-"""CUDA page top-k: ``bisect`` (scbench/kernels/topk_select.py: no sort, pages listed in ascending order) or
+"""CUDA page top-k: ``bisect`` (scbench/kernels/quest_select.py: no sort, pages listed in ascending order) or
 ``topk`` (torch.topk, sorted; the kernel applies the pick rule). Kept for comparison (scripts/bench_quest_decode.py)."""
 SEARCH = os.environ.get("SCBENCH_QUEST_SEARCH", "")
 """How ``quest_select_triton`` finds the threshold (the same pages each way): ``bisect`` (32 counts), ``radix`` (4
@@ -196,7 +196,7 @@ class QuestDecode:
         score_args = self.score_args
         if not score_args and self.kmin[l].shape[2] >= self.segment_from:  # long rows: 512 pages per program,
             score_args = LONG_SCORES  # pipelined (H200, 131K: 0.35 vs 0.40 ms per step; 32K: slower, too few programs)
-        s = paged_decode.quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
+        s = quest_scores_triton(q, kv.k[l], self.kmin[l], self.kmax[l], at, m.page_size,
                                              m.recent_pages, m.gqa == "group", **score_args, **pdl)
         sel = dict(self.select_args)
         if self.segment and s.shape[-1] >= self.segment_from:  # long rows: two stages (the same pages)

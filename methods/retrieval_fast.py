@@ -6,10 +6,12 @@ outside the searchable range [n_init, n - n_local) masked to -inf, ``topk`` of `
 listed rows in place (pages of one row; Triton on CUDA). On CUDA a radix select (``scbench.kernels.topk_select``)
 lists the top rows without a sort, the static rows included; by default (``SCBENCH_RETRIEVAL_SELECT=prev``,
 bfloat16 scores) ``scbench.kernels.prev_select`` finds the same rows from a threshold carried over from the previous
-step (per layer and row, kept on the device: the CUDA graph updates it) with a whole-row fallback on the device. Slots holding a masked row, or a static row that another
-slot already covers (short contexts), are -1. The row set equals ``RetrievalAttention.select``'s, so the plain loop
-stays the reference: tests/methods/test_retrieval_fast.py compares greedy tokens. Exact search only (``index``
-exact, ``tier`` device); the host tier and faiss indices take the plain loop.
+step (per layer and row, kept on the device: the CUDA graph updates it) with a whole-row fallback on the device
+(``scbench.kernels.prev_scores``: the same with the scores computed by its filter). Slots holding a masked row, or a
+static row that another slot already covers (short contexts), are -1. The row set equals
+``RetrievalAttention.select``'s, so the plain loop stays the reference: tests/methods/test_retrieval_fast.py compares
+greedy tokens. Exact search only (``index`` exact, ``tier`` device); the host tier and faiss indices take the plain
+loop.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 
 import torch
 
-from scbench.kernels import prev_select, row_select, sample_select, topk_select
+from scbench.kernels import prev_scores, prev_select, row_select, sample_select, topk_select
 from scbench.kernels.paged_decode import paged_attention
 from scbench.kv.offload import device_tier_unsupported
 
@@ -159,7 +161,7 @@ class RetrievalDecode:
             self.cand = torch.empty(r * kw["cap"], dtype=torch.int32, device=dev)
         work = work[: prev_select.work_size(r)] if work is not None else None
         if s is None:
-            return prev_select.prev_scores_select_triton(q, k, n, kk, lo, self.m.n_local, self.m.gqa == "group",
+            return prev_scores.prev_scores_select_triton(q, k, n, kk, lo, self.m.n_local, self.m.gqa == "group",
                                                          self.thr[l], work=work, cand=self.cand, **kw)[0]
         return prev_select.prev_select_triton(s, n, kk, lo, self.m.n_local, self.thr[l], q=q.to(s.dtype),
                                               group=self.m.gqa == "group", work=work, cand=self.cand, **kw)

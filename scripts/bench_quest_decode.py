@@ -7,7 +7,7 @@ context length, one new query per layer; a step runs every layer's attention as 
 (``plugin.attend``; layers a plugin leaves dense, and ``full``, use fastdecode's split-KV kernel). Each variant's
 32-layer step is captured in a CUDA graph and replayed; prints ms per step (attention only: the weight GEMMs and the
 rest of the step are the same for every method). Variants: ``full``; ``quest`` / ``ra`` with the old selection
-(torch.topk) and with the sort-free kernels (scbench/kernels/topk_select.py) under several paged-kernel sizes.
+(torch.topk) and with the sort-free kernels (scbench/kernels/{topk,quest}_select.py) under several paged-kernel sizes.
 Also prints the largest difference between the old and new outputs (bf16). ``--sweep`` adds each stage timed
 alone (scores, select, attention) and other kernel sizes.
 """
@@ -77,19 +77,19 @@ def _diff(got, ref) -> float:
 def breakdown(kv, q, quest, ra) -> dict:
     """Step callables of each stage alone (inputs precomputed): where the new paths spend. Quest stages run over
     its selecting layers (30), RetrievalAttention's over all 32."""
-    from scbench.kernels import paged_decode, topk_select
+    from scbench.kernels import paged_decode, quest_scores, quest_select, topk_select
 
     m, at, n = quest.m, kv.at[:1], kv.at[:1] + 1
     sl = range(m.dense_layers, L)
-    qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
+    qs = {l: quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
     kq = quest.top_k(qs[sl[0]].shape[-1])
-    qp = {l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq) for l in sl}
+    qp = {l: quest_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq) for l in sl}
     rs = [(q[l].reshape(1, HKV, HQ // HKV, D) @ kv.k[l].transpose(-1, -2)).reshape(1, HQ, -1) for l in range(L)]
     rr = [ra.rows(kv, l, q[l]) for l in range(L)]
     each = lambda f, layers=range(L): (lambda: [f(l) for l in layers])  # noqa: E731
-    sel = lambda **kw: each(lambda l: topk_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, **kw), sl)  # noqa: E731
+    sel = lambda **kw: each(lambda l: quest_select.quest_select_triton(qs[l], n, 16, m.budget, 1, kq, **kw), sl)  # noqa: E731
     out = {
-        "quest_scores": each(lambda l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
+        "quest_scores": each(lambda l: quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
                                                                         at, 16, 1, False), sl),
         "quest_topk_old": each(lambda l: qs[l].topk(kq, dim=-1), sl),
         "quest_attn": each(lambda l: paged_decode.paged_attention_triton(q[l], kv.k[l], kv.v[l], qp[l], n, 16,

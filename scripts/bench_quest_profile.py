@@ -19,14 +19,9 @@ import torch
 
 from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph, write_report
 
-from scbench.kernels import paged_decode, paged_dot, topk_select
+from scbench.kernels import paged_decode, paged_dot, quest_scores, quest_select
 from scbench.methods.quest import Quest
 from scbench.methods.quest_fast import QuestDecode
-
-try:
-    from scbench.kernels import quest_select
-except ImportError:  # pragma: no cover - older checkouts
-    quest_select = None
 
 
 def profile(a) -> None:
@@ -81,33 +76,32 @@ def profile(a) -> None:
         # scores: bounds update + bound scores (reads min + max of every page)
         bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
         for bp, w in ((64, 4), (128, 8), (32, 4)):
-            timed(n, f"stage scores bp{bp} w{w}", lambda bp=bp, w=w: [paged_decode.quest_scores_triton(
+            timed(n, f"stage scores bp{bp} w{w}", lambda bp=bp, w=w: [quest_scores.quest_scores_triton(
                 q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False, block_pages=bp, num_warps=w)
                 for l in sl], gb=bounds_gb)
-        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
+        qs = {l: quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
               for l in sl}
         kq = quest.top_k(p)
         dflt = {"segment": quest.segment, "local_warps": 1, "radix": 2} if long else {}
-        lists = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt) for l in sl]
+        lists = [quest_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt) for l in sl]
 
         def same(got):
             torch.cuda.synchronize()
             return all(torch.equal(x, y) for x, y in zip(got, lists))
 
-        timed(n, "stage select default", lambda: [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt)
+        timed(n, "stage select default", lambda: [quest_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **dflt)
                                                   for l in sl])
-        if quest_select is not None:
-            for tw in ({"num_warps": 4, "chunk": 8192}, {}, {"num_warps": 8, "chunk": 8192},
-                       {"num_warps": 2, "chunk": 4096}):
-                ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl]
-                rec(length=n, variant=f"same_pages threshold {json.dumps(tw)}", same=same(ts))
-                timed(n, f"stage select threshold {json.dumps(tw)}", lambda tw=tw: [quest_select.threshold_select(
-                    qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl])
+        for tw in ({"num_warps": 4, "chunk": 8192}, {}, {"num_warps": 8, "chunk": 8192},
+                   {"num_warps": 2, "chunk": 4096}):
+            ts = [quest_select.threshold_select(qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl]
+            rec(length=n, variant=f"same_pages threshold {json.dumps(tw)}", same=same(ts))
+            timed(n, f"stage select threshold {json.dumps(tw)}", lambda tw=tw: [quest_select.threshold_select(
+                qs[l], nn, 16, m.budget, 1, kq, **tw) for l in sl])
         for w in (1, 2):
             kw = {**dflt, "num_warps": w}
-            got = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
+            got = [quest_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
             rec(length=n, variant=f"same_pages select w{w}", same=same(got))
-            timed(n, f"stage select default w{w}", lambda kw=kw: [topk_select.quest_select_triton(
+            timed(n, f"stage select default w{w}", lambda kw=kw: [quest_select.quest_select_triton(
                 qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
         # paged attention over the selected rows (32 heads x 4,096 rows of K and V per layer)
         rows = quest.rows_loaded(n)
@@ -251,7 +245,7 @@ def tune(a) -> None:
                                                                 for x, y in zip(out, ref)))
         if not long:
             continue
-        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
+        qs = {l: quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False)
               for l in sl}
         kq = quest.top_k(p)
         s0 = qs[sl[0]][0].double()  # the threshold select's keep count on this layer's rows (fallback: < pick or > cap)
@@ -272,14 +266,14 @@ def tune(a) -> None:
         ci = torch.empty(HQ, nseg, kq, dtype=torch.int32, device="cuda")
         out = torch.empty(1, HQ, kq + 1, dtype=torch.int32, device="cuda")
         np_ = 1 << (nseg * kq - 1).bit_length()
-        timed(n, "stage select stage1 (segments)", lambda: [topk_select._quest_local_kernel[(HQ, nseg)](
+        timed(n, "stage select stage1 (segments)", lambda: [quest_select._quest_local_kernel[(HQ, nseg)](
             qs[l], nn, cv, ci, p, kq, m.budget, SEG=1024, KP=256, PAGE=16, RECENT=1, RADIX=2, num_warps=1) for l in sl])
-        timed(n, "stage select stage2 (row)", lambda: [topk_select._quest_select_kernel[(HQ,)](
+        timed(n, "stage select stage2 (row)", lambda: [quest_select._quest_select_kernel[(HQ,)](
             cv, ci, nn, out, nseg * kq, kq, m.budget, NP=np_, PAGE=16, RECENT=1, RP=2, GATHER=True, RADIX=2, PM=p,
             num_warps=4) for l in sl])
         bounds_gb = len(sl) * 2 * HKV * p * D * 2 / 1e9
         for lp, st in ((512, 3), (256, 2), (1024, 4)):
-            timed(n, f"stage scores loop {lp} s{st}", lambda lp=lp, st=st: [paged_decode.quest_scores_triton(
+            timed(n, f"stage scores loop {lp} s{st}", lambda lp=lp, st=st: [quest_scores.quest_scores_triton(
                 q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False, loop_pages=lp, stages=st) for l in sl],
                   gb=bounds_gb)
         del kv, q, quest, qs

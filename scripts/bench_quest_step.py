@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quest_decode import D, HKV, HQ, L, make_kv, step_fn, time_graph, write_report  # noqa: E402
 
-from scbench.kernels import paged_decode, paged_dot, paged_union, topk_select  # noqa: E402
+from scbench.kernels import paged_decode, paged_dot, paged_union, quest_scores, quest_select  # noqa: E402
 from scbench.kv.offload import TieredLayer  # noqa: E402
 from scbench.methods.quest import Quest, page_bounds  # noqa: E402
 from scbench.methods.quest_fast import QuestDecode  # noqa: E402
@@ -106,22 +106,22 @@ def main() -> None:
         m, at, nn = quest.m, kv.at[:1], kv.at[:1] + 1
         sl = range(m.dense_layers, L)
         p = quest.kmin[sl[0]].shape[2]
-        qs = {l: paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
+        qs = {l: quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l], at, 16, 1, False) for l in sl}
         kq = quest.top_k(p)
         lists = {}
         names = ("bisect", "search") + (("seg1024", "seg1024_search") if p >= 4096 else ())
         for name in names:
             kw = SELECTS[name]
-            lists[name] = [topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
+            lists[name] = [quest_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl]
             torch.cuda.synchronize()
             same = all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(lists[name], lists["bisect"]))
             rec(length=n, variant=f"same_pages {name}", same=same)
         bounds = 2 * HKV * p * D * 2
-        timed(n, "stage scores", lambda: [paged_decode.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
+        timed(n, "stage scores", lambda: [quest_scores.quest_scores_triton(q[l], kv.k[l], quest.kmin[l], quest.kmax[l],
                                                                             at, 16, 1, False) for l in sl],
               gb=round(len(sl) * bounds / 1e9, 3))
         for name in lists:
-            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
+            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [quest_select.quest_select_triton(
                 qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
         rows = quest.rows_loaded(n)
         attn = HQ * rows * D * 2 * 2
@@ -135,7 +135,7 @@ def main() -> None:
         maps = []
         for l in sl:
             maps.append(torch.empty(qs[l].shape, dtype=torch.int8, device=qs[l].device))
-            topk_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, map_out=maps[-1], **SELECTS[names[-1]])
+            quest_select.quest_select_triton(qs[l], nn, 16, m.budget, 1, kq, map_out=maps[-1], **SELECTS[names[-1]])
         union = sum(int(mp.view(HKV, HQ // HKV, -1).amax(1).sum()) for mp in maps) * 16 * D * 2 * 2
         timed(n, "stage union merge", lambda: [paged_union.paged_union_triton(
             q[l], kv.k[l], kv.v[l], maps[i], nn, 16, D ** -0.5, counter=quest.counter) for i, l in enumerate(sl)],
@@ -173,7 +173,7 @@ def main() -> None:
         step(n, "search", select_args=search)
         step(n, "search union", select_args=search, union=True)
         for name in ("bisect_w4", "search_w4"):
-            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [topk_select.quest_select_triton(
+            timed(n, f"stage select {name}", lambda kw=SELECTS[name]: [quest_select.quest_select_triton(
                 qs[l], nn, 16, m.budget, 1, kq, **kw) for l in sl])
         p = maps[0].shape[-1]
         for tune in ({"block_pages": 8, "num_warps": 8}, {"range_pages": max(8, 2 ** (p * 8 // 1024).bit_length() // 2)}):

@@ -95,7 +95,7 @@ def plugin(gqa: str = "head", **switches) -> RetrievalDecode:
 
 def stages(kv, q, report, n, names=()) -> None:
     """Each stage of the default path alone over 32 layers (inputs precomputed)."""
-    from scbench.kernels import paged_decode, prev_select, row_select, sample_select, topk_select
+    from scbench.kernels import paged_decode, prev_scores, prev_select, row_select, sample_select, topk_select
 
     nn = kv.at[:1] + 1
     p = plugin()
@@ -119,7 +119,7 @@ def stages(kv, q, report, n, names=()) -> None:
             rs[l], nn, 4096, 128, 512, thr[l], q=q[l], work=pwork[l], cand=pcand) for l in range(L)],
         "stage_prev_filter": lambda: [pwork.zero_()] + [prev_select.prev_select_triton(
             rs[l], nn, 4096, 128, 512, thr[l], q=q[l], work=pwork[l], cand=pcand, filter_only=True) for l in range(L)],
-        "stage_prev_fused_scores_select": lambda: [pwork.zero_()] + [prev_select.prev_scores_select_triton(
+        "stage_prev_fused_scores_select": lambda: [pwork.zero_()] + [prev_scores.prev_scores_select_triton(
             q[l], kv.k[l], nn, 4096, 128, 512, False, thr[l], work=pwork[l], cand=pcand) for l in range(L)],
         "stage_select_one": lambda: [work.zero_()] + [row_select.radix_select_one(rs[l], nn, 4096, 128, 512, work[l])
                                                       for l in range(L)],

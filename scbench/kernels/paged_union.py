@@ -2,7 +2,7 @@
 
 With ``gqa=head`` every query head lists its own pages; the heads of a KV group often list the same pages (a
 real model's heads of a group look alike; on random weights the lists barely overlap). ``paged_union_triton``
-takes each head's page map (int8 [B, Hq, P], 1: listed; written by ``topk_select.quest_select_triton(...,
+takes each head's page map (int8 [B, Hq, P], 1: listed; written by ``quest_select.quest_select_triton(...,
 map_out=)``) and runs one program per (batch x KV head, range of pages): the range's union is loaded once and
 attended by the heads that listed each page (a per-head mask on the group's two small matmuls, online softmax in
 float32), then ``combine._combine_kernel`` merges the ranges. The same selection and math as
@@ -96,7 +96,7 @@ def paged_union_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages_
                        page: int, scale: float, range_pages: int | None = None, block_pages: int | None = None,
                        num_warps: int = 4, counter: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, C, D]; ``pages_map`` int8 [B, Hq, P] (1: the head attends the page; from
-    ``topk_select.quest_select_triton(..., map_out=)``); n [1] -> [B, Hq, 1, D]. The same attention as
+    ``quest_select.quest_select_triton(..., map_out=)``); n [1] -> [B, Hq, 1, D]. The same attention as
     ``paged_attention_torch`` over each head's listed pages, reading each page of the group's union once.
     ``range_pages``: pages per program (a power of two; default: about 512 programs). ``counter``: int32 zeros, >=
     B * Hkv entries, owned by the caller (left at zero): the ranges merge inside the kernel (no second launch)."""

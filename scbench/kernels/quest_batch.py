@@ -8,19 +8,20 @@ one program per KV head and page block: each bound read once for the batch), pag
 own bounds [B, Hkv, OP, D] (own page j is page ``pc[b] + j``; the first may also hold context rows).
 
 - ``batch_scores_triton``: the page scores [B, Hq, PT] of every row (-inf: not a candidate, as
-  ``paged_decode.quest_scores_triton``), the own bounds first updated with each row's new key.
+  ``quest_scores.quest_scores_triton``), the own bounds first updated with each row's new key.
 - ``batch_paged_triton``: attention of each row's query heads over their listed pages, rows below ``nctx[b]``
   read from the shared buffer and the rest from the row's own (``paged_decode._paged_kernel``'s math; the splits
   merge in the kernel).
 
 ``methods/quest_batch.batch_pages_torch`` / ``batch_attention_torch`` are the references (any device): the same scores by
-``paged_decode.page_scores`` and a gather + masked softmax.
+``quest_scores.page_scores`` and a gather + masked softmax.
 """
 from __future__ import annotations
 
 import torch
 
-from scbench.kernels.paged_decode import page_scores, triton
+from scbench.kernels.paged_decode import triton
+from scbench.kernels.quest_scores import page_scores
 
 if triton is not None:
     import triton.language as tl

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scbench.engines import attention, fastdecode
-from scbench.kernels import paged_decode
+from scbench.kernels import paged_decode, quest_scores
 from scbench.methods.quest import Quest
 
 from support import make_tiny_engine, two_turn_decode
@@ -114,7 +114,7 @@ def test_fused_quest_kernels_match_torch(dtype, group, at):
     new = k[:, :, at]
     lo[:, :, pg] = new if at % p == 0 else torch.minimum(lo[:, :, pg], new)
     hi[:, :, pg] = new if at % p == 0 else torch.maximum(hi[:, :, pg], new)
-    s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, group)
+    s = quest_scores.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, group)
     assert torch.equal(kmin, lo) and torch.equal(kmax, hi)
     want = page_scores(q[:, :, 0], lo, hi)
     if group:
@@ -123,7 +123,7 @@ def test_fused_quest_kernels_match_torch(dtype, group, at):
     torch.testing.assert_close(s[..., :cand], want[..., :cand], atol=1e-3, rtol=1e-3)
     assert torch.isinf(s[..., cand:]).all()
     top = s.topk(min(c // p, (1024 - 1) // p), dim=-1)
-    pages = paged_decode.quest_page_list(top.values, top.indices, atv + 1, p, 1024, 1)
+    pages = quest_scores.quest_page_list(top.values, top.indices, atv + 1, p, 1024, 1)
     ref = paged_decode.paged_attention_torch(q, k, v, pages, atv + 1, p, 0.09)
     got = paged_decode.paged_attention_triton(q, k, v, top.indices, atv + 1, p, 0.09, top_values=top.values,
                                               budget=1024, recent=1)
@@ -166,7 +166,7 @@ def test_turns_reuse_static_buffers_and_bounds(smol_tokenizer, monkeypatch):
 def test_select_variants_and_union_kernel_cuda(dtype, radix, merge, segment):
     """Llama-8B head shapes: the select variants list the bisection's pages, and the union kernel (from the page
     maps) matches the torch reference over those lists."""
-    from scbench.kernels import paged_union, topk_select
+    from scbench.kernels import paged_union, quest_select
 
     torch.manual_seed(radix)
     c, p, hq, hkv, d, at = 8192, 16, 32, 8, 128, 5000
@@ -174,12 +174,12 @@ def test_select_variants_and_union_kernel_cuda(dtype, radix, merge, segment):
     k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=dtype) for _ in range(2))
     kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=dtype) for _ in range(2))
     atv = torch.tensor([at], device="cuda")
-    s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False)
+    s = quest_scores.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False)
     kk = (1024 - 1) // p
-    want = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk)
+    want = quest_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk)
     mp = torch.empty(s.shape, dtype=torch.int8, device="cuda")
-    got = topk_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp, segment=segment,
-                                          local_warps=1)
+    got = quest_select.quest_select_triton(s, atv + 1, p, 1024, 1, kk, radix=radix, map_out=mp, segment=segment,
+                                           local_warps=1)
     assert torch.equal(got, want)
     ref = paged_decode.paged_attention_torch(q, k, v, want, atv + 1, p, 0.09)
     counter = torch.zeros(64, dtype=torch.int32, device="cuda") if merge else None

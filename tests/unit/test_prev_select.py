@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from scbench.kernels import prev_select
+from scbench.kernels import prev_scores, prev_select
 
 
 CUDA = torch.cuda.is_available()
@@ -158,7 +158,7 @@ def test_prev_scores_select_matches_topk(group):
     q = torch.randn(1, 4, 1, 16, generator=g).bfloat16().to(DEVICE)
     for step in range(2):  # the same query twice: the second step's threshold fits
         work = torch.zeros(prev_select.work_size(hs), dtype=torch.int32, device=DEVICE)
-        got, s = prev_select.prev_scores_select_triton(q, keys, torch.tensor([n], device=DEVICE), kk, n_init, n_local,
+        got, s = prev_scores.prev_scores_select_triton(q, keys, torch.tensor([n], device=DEVICE), kk, n_init, n_local,
                                                        group, thr, work=work, cap=256, bn=32, part=64, block=256,
                                                        atomic=step == 0, tiles=1 + step)
         assert_topk_rows(s, got, n, kk, n_init, n_local)

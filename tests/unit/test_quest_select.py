@@ -1,4 +1,4 @@
-"""Quest's one-launch threshold select (scbench/kernels/quest_select.py) against topk_select.quest_select_triton and
+"""Quest's one-launch threshold select (scbench/kernels/quest_select.py) against quest_select_triton and
 torch.topk: random rows, and rows that send it to its bisection fallback. CUDA, or CPU tensors in Triton's
 interpreter (``TRITON_INTERPRET=1``); skipped without Triton."""
 import os
@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from scbench.kernels import paged_decode, quest_select, topk_select
+from scbench.kernels import paged_decode, quest_scores, quest_select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+pytestmark = pytest.mark.skipif(quest_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 
 
@@ -37,12 +37,12 @@ def test_threshold_select_matches_quest_select(p, n, budget, recent, page, cap, 
     s = _rows(p, n, page, recent, p + n)
     nn = torch.tensor([n], device=DEVICE)
     k = min(p, (budget - 1) // page)
-    want = topk_select.quest_select_triton(s, nn, page, budget, recent, k)
+    want = quest_select.quest_select_triton(s, nn, page, budget, recent, k)
     got = quest_select.threshold_select(s, nn, page, budget, recent, k, cap=cap, chunk=chunk, rank=rank, rank_chunk=8,
                                         margin=1.25 if rank else 2.0, chunked_fallback=chunked)
     assert torch.equal(got.cpu(), want.cpu())
     top = s.topk(k, dim=-1)  # and torch.topk's scores (ties may pick other pages)
-    ref = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent).cpu()
+    ref = quest_scores.quest_page_list(top.values, top.indices, nn, page, budget, recent).cpu()
     for i in range(2):
         for h in range(3):
             g_, r_ = got[i, h, :k].long().cpu(), ref[i, h, :k]
@@ -70,7 +70,7 @@ def test_threshold_select_cuda_llama_shapes(p, warps):
     s[..., (n - 1) // 16:] = float("-inf")
     nn = torch.tensor([n], device="cuda")
     k = (4096 - 1) // 16
-    want = topk_select.quest_select_triton(s, nn, 16, 4096, 1, k, segment=1024 if p >= 4096 else None, radix=2)
+    want = quest_select.quest_select_triton(s, nn, 16, 4096, 1, k, segment=1024 if p >= 4096 else None, radix=2)
     got = quest_select.threshold_select(s, nn, 16, 4096, 1, k, num_warps=warps)
     assert torch.equal(got, want)
 
@@ -92,7 +92,7 @@ def test_pdl_chain_in_cuda_graph():
     kk = (4096 - 1) // p
 
     def chain(pdl, attend):
-        s = paged_decode.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False, pdl=pdl)
+        s = quest_scores.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, False, pdl=pdl)
         pages = quest_select.threshold_select(s, atv + 1, p, 4096, 1, kk, num_warps=4, chunk=8192, pdl=pdl)
         return pages, attend(q, k, v, pages, atv + 1, p, 0.09, counter=counter, pdl=pdl)
 
@@ -120,7 +120,7 @@ def test_scores_loop_kernel_matches_blocks(at, group):
     lo, hi = (torch.randn(1, 2, 22, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
     atv = torch.tensor([at], device=DEVICE)
     lo2, hi2 = lo.clone(), hi.clone()
-    want = paged_decode.quest_scores_triton(q, k, lo, hi, atv, 16, 1, group, block_pages=16)
-    got = paged_decode.quest_scores_triton(q, k, lo2, hi2, atv, 16, 1, group, block_pages=16, loop_pages=32, stages=2)
+    want = quest_scores.quest_scores_triton(q, k, lo, hi, atv, 16, 1, group, block_pages=16)
+    got = quest_scores.quest_scores_triton(q, k, lo2, hi2, atv, 16, 1, group, block_pages=16, loop_pages=32, stages=2)
     assert torch.equal(lo, lo2) and torch.equal(hi, hi2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,11 +1,12 @@
-"""The sort-free top-k kernels (scbench/kernels/topk_select.py) against torch.topk on random scores. They run on
-CUDA, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``); skipped without Triton."""
+"""The sort-free top-k kernels (scbench/kernels/topk_select.py, quest_select.py) against torch.topk on random
+scores. They run on CUDA, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``); skipped without
+Triton."""
 import os
 
 import pytest
 import torch
 
-from scbench.kernels import paged_decode, paged_union, topk_select
+from scbench.kernels import paged_decode, paged_union, quest_scores, quest_select, topk_select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(topk_select.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -24,8 +25,8 @@ def test_quest_select_matches_topk(p, n, budget, recent, page, segment, radix):
     s[..., cand:] = float("-inf")
     k = min(p, (budget - 1) // page)
     top = s.topk(k, dim=-1)
-    want = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, recent)
-    got = topk_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment, radix=radix)
+    want = quest_scores.quest_page_list(top.values, top.indices, nn, page, budget, recent)
+    got = quest_select.quest_select_triton(s, nn, page, budget, recent, k, segment=segment, radix=radix)
     assert got.shape == want.shape
     assert torch.equal(got[..., k:].long().cpu(), want[..., k:].cpu())  # the recent pages
     g_sel, w_sel = got[..., :k].long().cpu(), want[..., :k].cpu()
@@ -47,13 +48,13 @@ def test_quest_select_variants_agree_on_hard_rows():
     s[0, 5, 7:190:3] = float("-inf")  # scattered non-candidates
     nn = torch.tensor([n], device=DEVICE)
     k = (budget - 1) // page
-    want = topk_select.quest_select_triton(s, nn, page, budget, 1, k).cpu()
+    want = quest_select.quest_select_triton(s, nn, page, budget, 1, k).cpu()
     top = s.topk(k, dim=-1)
-    ref = paged_decode.quest_page_list(top.values, top.indices, nn, page, budget, 1).cpu()
+    ref = quest_scores.quest_page_list(top.values, top.indices, nn, page, budget, 1).cpu()
     assert _tie_ok(s.cpu(), want[..., :k], ref[..., :k])
     for radix in (1, 2):
         for segment in (None, 64):
-            got = topk_select.quest_select_triton(s, nn, page, budget, 1, k, radix=radix, segment=segment).cpu()
+            got = quest_select.quest_select_triton(s, nn, page, budget, 1, k, radix=radix, segment=segment).cpu()
             assert torch.equal(got, want), (radix, segment)
 
 
@@ -119,9 +120,9 @@ def test_quest_select_then_paged_kernel_matches_torch(tune):
     nn = torch.tensor([n], device=DEVICE)
     kk = (budget - 1) // page
     top = s.topk(kk, dim=-1)
-    want = paged_decode.paged_attention_torch(q, k, v, paged_decode.quest_page_list(top.values, top.indices, nn, page,
+    want = paged_decode.paged_attention_torch(q, k, v, quest_scores.quest_page_list(top.values, top.indices, nn, page,
                                                                                      budget, 1), nn, page, 0.3)
-    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk)
+    pages = quest_select.quest_select_triton(s, nn, page, budget, 1, kk)
     tune = dict(tune)
     counter = torch.zeros(16, dtype=torch.int32, device=DEVICE) if tune.pop("merge", False) else None
     for _ in range(2):  # the in-kernel merge leaves its counter at zero for the next call
@@ -145,7 +146,7 @@ def test_quest_map_then_union_kernel_matches_torch(range_pages, block_pages, mer
     nn = torch.tensor([n], device=DEVICE)
     kk = (budget - 1) // page
     mp = torch.full((b, hq, c // page), 7, dtype=torch.int8, device=DEVICE)
-    pages = topk_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp, segment=segment)
+    pages = quest_select.quest_select_triton(s, nn, page, budget, 1, kk, radix=2, map_out=mp, segment=segment)
     listed = torch.zeros(b, hq, c // page, dtype=torch.int8)
     for h in range(hq):
         listed[0, h, [x for x in pages[0, h].tolist() if x >= 0]] = 1
