@@ -7,7 +7,12 @@ and zero points in the cache dtype, and keeps the most recent ``residual`` to ``
 exact; tokens appended later join the residual and are quantized a group at a time. Attention dequantizes on
 use. Differences from the reference code: keys and values share one residual rule (the reference keeps 0-31
 recent keys exact and exactly 32 recent values), and the last group of a value token spans the head when
-head_dim < group.
+head_dim < group. Decoded tokens join the residual and are quantized like prompt tokens (the KIVI paper's decode);
+SCBench's reference (MInference's ``KiviCache``) keeps every decoded token, and in multi-request mode each request's
+prompt too, in a full-precision temporary cache that is dropped after the answer, so its global cache holds only
+quantized prompts. Here a multi-turn answer is cropped after decoding; where its decode quantized a group, the
+crop returns the group's prompt tokens de-quantized (with the group's scales), so the next turn's history depends
+on the answer's length (``approximation`` says so in every run's record).
 """
 from __future__ import annotations
 
@@ -35,7 +40,11 @@ class KIVI(Method):
     """Each appended token may quantize a group of the residual: the static path needs the plugin below."""
     approximation: ClassVar[str] = (
         "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
-        "keeps 0..residual-1 recent keys and exactly residual recent values exact"
+        "keeps 0..residual-1 recent keys and exactly residual recent values exact. Decoded tokens (and in "
+        "multi-request each request's prompt) join the residual and are quantized a group at a time, as in the KIVI "
+        "paper; SCBench's reference keeps them in a full-precision temporary cache dropped after each answer, so "
+        "in multi-turn our next turn's history can depend on the answer's length (a group cut by the crop returns "
+        "de-quantized)"
     )
 
     @classmethod

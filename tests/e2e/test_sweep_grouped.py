@@ -79,11 +79,13 @@ def test_ungroupable_runs_run_alone(tiny_engine, tmp_path):
     assert [len(g) for g in plan_groups(jobs)] == [1, 1, 1]
 
 
-def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch):
+@pytest.mark.parametrize("timing", ["sequential", "batched"])
+def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch, timing):
     db = str(tmp_path / "kill.sqlite")
     cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "streamingllm")]
-    jobs = [Job(spec(cfg, "multi_turn"), db, progress=False) for cfg in cfgs]
-    ref_jobs = [Job(spec(cfg, "multi_turn"), str(tmp_path / "ref.sqlite"), progress=False) for cfg in cfgs]
+    jobs = [Job(spec(cfg, "multi_turn"), db, progress=False, timing=timing) for cfg in cfgs]
+    ref_jobs = [Job(spec(cfg, "multi_turn"), str(tmp_path / "ref.sqlite"), progress=False, timing=timing)
+                for cfg in cfgs]
     run_jobs(ref_jobs, engine=tiny_engine)
     real_put, calls = Store.put, []
 
