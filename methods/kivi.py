@@ -7,19 +7,22 @@ and zero points in the cache dtype, and keeps the most recent ``residual`` to ``
 exact; tokens appended later join the residual and are quantized a group at a time. Attention dequantizes on
 use. Differences from the reference code: keys and values share one residual rule (the reference keeps 0-31
 recent keys exact and exactly 32 recent values), and the last group of a value token spans the head when
-head_dim < group. Decoded tokens join the residual and are quantized like prompt tokens (the KIVI paper's decode);
-SCBench's reference (MInference's ``KiviCache``) keeps every decoded token, and in multi-request mode each request's
-prompt too, in a full-precision temporary cache that is dropped after the answer, so its global cache holds only
-quantized prompts. Here a multi-turn answer is cropped after decoding; where its decode quantized a group, the
-crop returns the group's prompt tokens de-quantized (with the group's scales), so the next turn's history depends
-on the answer's length (``approximation`` says so in every run's record).
+head_dim < group. ``decode_cache`` picks what happens to decoded tokens. ``"quantized"`` (default, the KIVI paper's
+decode): they join the residual and are quantized like prompt tokens; a multi-turn answer is cropped after decoding,
+and where its decode quantized a group the crop returns the group's prompt tokens de-quantized (with the group's
+scales), so the next turn's history depends on the answer's length (``approximation`` says so in every run's
+record). ``"temp"`` (SCBench's reference, MInference's ``KiviCache`` with its temporary cache): every decoded token,
+and in multi-request mode each request's prompt too, stays full precision and is dropped exactly after the answer;
+the engine marks the cache before each decode and at the multi-request checkpoint (``KIVILayer.scbench_freeze``), so
+the global cache holds only the prompts, quantized by the usual rule (configs/method/kivi-ref.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from scbench.kv.quant import BITS, KIVILayer, analytic_nbytes
+from scbench.kv.quant import BITS, DECODE_CACHES, KIVILayer, analytic_nbytes
 from scbench.methods.base import Method, positive_int
 
 
@@ -33,19 +36,33 @@ class KIVI(Method):
     """Tokens per key group (per channel) and channels per value group (per token)."""
     residual: int = 32
     """Most recent tokens always kept in full precision."""
+    decode_cache: str = "quantized"
+    """``quantized``: decoded tokens are quantized a group at a time (the KIVI paper); ``temp``: decoded tokens (and
+    multi-request prompts) stay full precision and are dropped exactly after each answer (SCBench's reference)."""
 
     name: ClassVar[str] = "kivi"
     stages: ClassVar[tuple[str, ...]] = ("compression",)
     fast_decode: ClassVar[bool] = False
     """Each appended token may quantize a group of the residual: the static path needs the plugin below."""
-    approximation: ClassVar[str] = (
+    RESIDUAL_NOTE: ClassVar[str] = (
         "keys and values share one residual rule (residual..residual+group-1 recent tokens exact); the reference "
-        "keeps 0..residual-1 recent keys and exactly residual recent values exact. Decoded tokens (and in "
-        "multi-request each request's prompt) join the residual and are quantized a group at a time, as in the KIVI "
-        "paper; SCBench's reference keeps them in a full-precision temporary cache dropped after each answer, so "
-        "in multi-turn our next turn's history can depend on the answer's length (a group cut by the crop returns "
-        "de-quantized)"
-    )
+        "keeps 0..residual-1 recent keys and exactly residual recent values exact")
+    DECODE_NOTE: ClassVar[str] = (
+        ". Decoded tokens (and in multi-request each request's prompt) join the residual and are quantized a group "
+        "at a time, as in the KIVI paper; SCBench's reference keeps them in a full-precision temporary cache dropped "
+        "after each answer (decode_cache=temp), so in multi-turn our next turn's history can depend on the answer's "
+        "length (a group cut by the crop returns de-quantized)")
+
+    @property
+    def approximation(self) -> str:  # type: ignore[override]
+        """What differs from SCBench's reference: the residual rule, and with ``decode_cache=quantized`` the decode."""
+        return self.RESIDUAL_NOTE + (self.DECODE_NOTE if self.decode_cache == "quantized" else "")
+
+    def label(self) -> str:
+        """``Method.label``, ``decode_cache`` left out at its default (runs from before the knob keep their label)."""
+        params = {k: v for k, v in dataclasses.asdict(self).items()
+                  if not (k == "decode_cache" and v == "quantized")}
+        return f"{self.name}({','.join(f'{k}={v}' for k, v in params.items())})"
 
     @classmethod
     def budget_label(cls, knobs: dict) -> str:
@@ -57,6 +74,8 @@ class KIVI(Method):
             raise ValueError(f"KIVI.bits must be one of {BITS}, got {self.bits!r}")
         positive_int(self, "group")
         positive_int(self, "residual", minimum=0)
+        if self.decode_cache not in DECODE_CACHES:
+            raise ValueError(f"KIVI.decode_cache must be one of {DECODE_CACHES}, got {self.decode_cache!r}")
 
     def promises(self, *, context_tokens, kv_heads, head_dim, elt, **_):
         """Resident bytes / a full cache right after compression: the packed layout's exact size."""
@@ -74,7 +93,8 @@ class KIVI(Method):
 
     def compress_cache(self, layer_idx, keys, values, queries):
         """keys, values: [B, Hkv, n, D] -> a KIVILayer holding them packed (returned instead of tensors)."""
-        return KIVILayer(keys, values, bits=self.bits, group=self.group, residual=self.residual)
+        return KIVILayer(keys, values, bits=self.bits, group=self.group, residual=self.residual,
+                         decode_cache=self.decode_cache)
 
     def batch_decoder(self):
         """The batched decode (methods/kivi_batch.py): the context's chunks de-quantised once for the batch, each

@@ -14,7 +14,9 @@ Turns record ``decode_kernel`` ``<shared-prefix kernel>+dequant kivi`` (the shar
 row the KV bytes its sequential decode holds (packed sizes, ``row_memory``). ``plan_reason`` keeps a run sequential
 where batching could not be exact or does not fit: the de-quantised copy beyond free device memory, or multi-turn
 turns whose decode could quantise history that the turn's rewind then cuts (the next turn would depend on the
-generated tokens; ``multi_turn_reason``). tests/engines/test_kivi_batch.py: batched == sequential rows.
+generated tokens; ``multi_turn_reason``). With ``decode_cache=temp`` decodes never quantise (no flushes, and
+multi-turn histories do not depend on the answers: golden-history turns batch whatever their lengths).
+tests/engines/test_kivi_batch.py: batched == sequential rows.
 """
 from __future__ import annotations
 
@@ -115,11 +117,13 @@ class KIVIBatch:
         tokens = None
         if spec.mode == "multi_turn":
             max_new = [builder.max_new(i) for i in range(turns)]
-            if any(n - 1 >= m.group for n in max_new[:-1]):  # (conservative: no need to tokenize the prompts)
+            temp = m.decode_cache == "temp"  # decodes never quantise: histories do not depend on the answers
+            if not temp and any(n - 1 >= m.group for n in max_new[:-1]):  # (conservative: no need to tokenize the prompts)
                 return (f"kivi: an earlier turn's decode ({max(max_new[:-1])} tokens) may quantise a group of "
                         "history that later turns attend (they would depend on the length of its answer)")
             tps = [b.first()] + [b.delta(i, None) for i in range(1, turns)]
-            why = multi_turn_reason([len(t.ids) for t in tps], [t.rewind for t in tps], max_new, m.residual, m.group)
+            why = None if temp else multi_turn_reason([len(t.ids) for t in tps], [t.rewind for t in tps], max_new,
+                                                      m.residual, m.group)
             if why is not None:
                 return f"kivi: {why}"
             tokens = sum(len(t.ids) for t in tps)
@@ -143,13 +147,13 @@ class KIVIBatch:
         own tokens -> the cache ``SharedPrefixKV`` reads (its layers: the de-quantised shared chunks)."""
         m = self.m
         states = [[r.own[li] for r in rows] for li in range(len(cache.layers))]
-        if not any(isinstance(s, tuple) and len(s) == 5 for s in states[0]):
+        if not any(isinstance(s, tuple) and len(s) == 6 for s in states[0]):
             return cache  # no layer was quantised (nothing to lay out): the plain shared-prefix batch
         shared_n = min(_common(s) for s in states)
         layers, own = [], [[] for _ in rows]
         starts = None
         for li, layer_states in enumerate(states):
-            kc, vc, _, k0, _ = layer_states[0]
+            kc, vc, _, k0, _, _ = layer_states[0]
             _, h, _, d = k0.shape
             vg = cache.layers[li].value_group
             # no chunk in common (a context shorter than residual + group): one zero token no row sees
@@ -158,7 +162,7 @@ class KIVIBatch:
             dequant_tokens(vc, 0, shared_n, m.bits, vg, -1, sv)
             layers.append(SimpleNamespace(keys=sk, values=sv))  # a layer as SharedPrefixKV reads it
             row_starts = []
-            for b, (kc, vc, nq, keys, values) in enumerate(layer_states):
+            for b, (kc, vc, nq, keys, values, _) in enumerate(layer_states):
                 parts = []
                 for chunks, resid, grp, axis in ((kc, keys, m.group, -2), (vc, values, vg, -1)):
                     out = resid.new_empty(1, h, nq - shared_n + resid.shape[2], d)
@@ -187,7 +191,8 @@ class KIVIBatch:
             return
         steps = kv.k[0].shape[2] - max(self.plan["own"])
         for b, (own, start) in enumerate(zip(self.plan["own"], self.plan["starts"])):
-            self.sched.append(flush_schedule(own, start, steps, m.residual, m.group))
+            # decode_cache=temp: the sequential decode never quantises (KIVILayer's freeze mark)
+            self.sched.append([] if m.decode_cache == "temp" else flush_schedule(own, start, steps, m.residual, m.group))
             for t, a, n in self.sched[-1]:
                 self.due.setdefault(t, []).append((b, a, n))
 

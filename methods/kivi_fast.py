@@ -12,7 +12,9 @@ per layer, ``kivi_decode.FUSE_FLUSH``; the packed values held token-major as the
 ``values_to_words`` at load, back at ``store_back``), elsewhere de-quantise + masked softmax and ``quantize`` (the
 plain path's function) in torch ops. This is what ``KIVILayer.update`` + ``_flush`` do, so the plain
 loop stays the reference: tests/methods/test_kivi_fast.py compares greedy tokens. Tokens are never moved, so the
-cache handed back after ``fed`` steps is exact even when the graph ran a few steps further.
+cache handed back after ``fed`` steps is exact even when the graph ran a few steps further. With ``decode_cache=temp``
+the step only attends (``residual=None``: no flush), every decoded token stays in StaticKV's full-precision buffer
+(sized for the layer's residual plus ``max_new``) and ``store_back`` appends them to the residual.
 """
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ class KIVIDecode:
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, KIVILayer):
                 return f"kivi fast decode: cache layer {i} is a {type(layer).__name__}, not a KIVILayer"
-            if (layer.bits, layer.group, layer.residual) != (self.m.bits, self.m.group, self.m.residual):
+            if (layer.bits, layer.group, layer.residual, layer.decode_cache) != (
+                    self.m.bits, self.m.group, self.m.residual, self.m.decode_cache):
                 return f"kivi fast decode: layer {i} was packed with other settings than the method's"
+            if layer.decode_cache == "temp" and layer.frozen is None:
+                return f"kivi fast decode: layer {i} (decode_cache=temp) has no freeze mark (the session sets it)"
         return None
 
     def _cap(self, layer, extra: int) -> int:
@@ -140,8 +145,13 @@ class KIVIDecode:
         m = self.m
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return kivi_decode_step(q, *self.bufs[l], k, v, self.nq[l : l + 1], self.rs[l : l + 1], kv.at[l : l + 1],
-                                bits=m.bits, group=m.group, vgroup=self.vgroup, scale=scale, residual=m.residual,
-                                triton_ok=self.use_triton)
+                                bits=m.bits, group=m.group, vgroup=self.vgroup, scale=scale,
+                                residual=None if self.temp else m.residual, triton_ok=self.use_triton)
+
+    @property
+    def temp(self) -> bool:
+        """``decode_cache=temp``: decoded tokens are never quantized (the step only attends; no flush)."""
+        return self.m.decode_cache == "temp"
 
     def triton_ok(self, q) -> bool:
         """Whether the Triton kernels take q (or a tensor on q's device of its head_dim)."""
@@ -163,7 +173,7 @@ class KIVIDecode:
             nq = nq0
             for _ in range(fed):  # the plain steps: append, then flush a group when the residual is full
                 r += 1
-                if r - self.m.residual >= g:
+                if not self.temp and r - self.m.residual >= g:
                     r, nq = r - g, nq + g
             alike.setdefault((nq0, nq, r), []).append(l)
         for (nq0, nq, r), ls in alike.items():

@@ -139,6 +139,7 @@ class HFSession(Session):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stop = self.engine.stop_ids
         dev = self.engine.device
+        kvc.freeze(self.cache)  # layers that keep decoded tokens apart (KIVI decode_cache=temp) mark the prompt's end
         t0 = time.perf_counter()
         tok = int(self.last_logits.argmax())
         first_s = time.perf_counter() - t0
@@ -199,8 +200,12 @@ class HFSession(Session):
             kvc.drop_last(self.cache, n)
             self.pos -= n
             self.last_logits = None
+        kvc.thaw(self.cache)  # the next turn's prompt is compressed as usual again
 
     def checkpoint(self, *, rewrites):
+        # what follows (each request's prompt and decode) is temporary: layers that can keep it as computed do
+        # (KIVI decode_cache=temp), and the snapshot carries their mark
+        kvc.freeze(self.cache)
         if self.engine.offload:  # the context KV waits in the slow tier; each rollback loads it back
             if self.tier is None:
                 root = None

@@ -365,14 +365,20 @@ after all splits, costs more than the three launches it saves)."""
 
 
 def kivi_decode_step(q, kp, ks, kz, vp, vs, vz, k, v, nq, rs, at, *, bits: int, group: int, vgroup: int, scale: float,
-                     residual: int, triton_ok: bool | None = None, fuse: int | None = None) -> torch.Tensor:
+                     residual: int | None, triton_ok: bool | None = None, fuse: int | None = None) -> torch.Tensor:
     """One layer's decode step after the new key/value went to row ``at`` of k, v: attention over the quantized rows
     and the residual [rs, at], then (in place) the residual's oldest group quantized when it holds residual + group
-    rows. CUDA: the Triton kernels, packed values token-major (``values_to_words``; ``fuse``, default
-    ``FUSE_FLUSH``); elsewhere (or ``triton_ok=False``) the torch reference ops on the standard layout."""
+    rows (``residual=None``: never, KIVI's ``decode_cache=temp``). CUDA: the Triton kernels, packed values
+    token-major (``values_to_words``; ``fuse``, default ``FUSE_FLUSH``); elsewhere (or ``triton_ok=False``) the torch
+    reference ops on the standard layout."""
     bufs = (kp, ks, kz, vp, vs, vz)
     use = _use_triton(q, bits, group, vgroup) if triton_ok is None else triton_ok
     mode = int(FUSE_FLUSH if fuse is None else fuse)
+    if residual is None:  # attention only
+        if use:
+            return kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup,
+                                         scale=scale, re_add=1)
+        return kivi_attention_torch(q, *bufs, k, v, nq, rs, at + 1, bits=bits, group=group, vgroup=vgroup, scale=scale)
     if use and mode:
         return kivi_attention_triton(q, *bufs, k, v, nq, rs, at, bits=bits, group=group, vgroup=vgroup, scale=scale,
                                      re_add=1, flush_residual=residual, one=int(mode == 2))

@@ -126,6 +126,21 @@ def drop_last(cache, n: int) -> None:
         crop_layers(cache, [length - n for length in layer_lengths(cache)])
 
 
+def freeze(cache) -> None:
+    """Mark every layer's current length: a layer that can keeps what is appended from now on as computed (KIVI's
+    ``decode_cache="temp"``, ``scbench_freeze``), so a crop back to the mark is exact. Other layers: nothing."""
+    for layer in _layers(cache):
+        if hasattr(layer, "scbench_freeze"):
+            layer.scbench_freeze()
+
+
+def thaw(cache) -> None:
+    """Clear the marks ``freeze`` set (appends are compressed as usual again)."""
+    for layer in _layers(cache):
+        if hasattr(layer, "scbench_thaw"):
+            layer.scbench_thaw()
+
+
 def replace_layer(cache, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Put compressed tensors in place of layer ``idx``'s cache (contiguous, so the old storage is freed)."""
     layer = cache.layers[idx]

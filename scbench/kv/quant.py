@@ -14,6 +14,8 @@ from transformers.cache_utils import DynamicLayer
 from scbench.kv.cache import CacheLayer, SessionOnly
 
 BITS = (2, 4)
+DECODE_CACHES = ("quantized", "temp")
+"""KIVI's ``decode_cache`` values: decoded tokens quantized a group at a time, or kept full precision (``KIVILayer``)."""
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -101,6 +103,12 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     layer holds at least ``residual`` tokens: new tokens join the residual and each time ``group`` tokens beyond
     the residual have gathered they are quantized as one group. ``update`` dequantizes on use: attention sees the
     dequantized prefix followed by the exact residual.
+
+    ``decode_cache="temp"`` (SCBench's reference ``KiviCache``): ``scbench_freeze`` sets a marker (``frozen``, a
+    token count); tokens at or after it are never quantized (they stay in the residual, full precision) and the
+    residual rule counts only the tokens before it, so ``scbench_crop(n)`` with ``n >= frozen`` is exact: the layer
+    is then what it was when the marker was set. ``scbench_thaw`` clears it. With ``"quantized"`` (default) both
+    are no-ops.
     """
 
     scbench_compresses_itself = True
@@ -110,10 +118,16 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     scbench_row_state = True
     """A batched decode keeps each row's state (``scbench_snapshot``) for the method's plugin (methods/kivi_batch.py)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, bits: int, group: int, residual: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, bits: int, group: int, residual: int,
+                 decode_cache: str = "quantized"):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"KIVI bits must be one of {BITS}, got {bits}")
+        if decode_cache not in DECODE_CACHES:
+            raise ValueError(f"KIVI decode_cache must be one of {DECODE_CACHES}, got {decode_cache!r}")
+        self.decode_cache = decode_cache
+        self.frozen: int | None = None
+        """Tokens after which nothing is quantized (``decode_cache="temp"`` only; None: no marker)."""
         head_dim = keys.shape[-1]
         if head_dim * bits % 8:
             raise ValueError(f"KIVI: head_dim {head_dim} cannot be packed at {bits} bits")
@@ -130,7 +144,8 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
     # --- quantization ---------------------------------------------------------------------------
     def _flush(self) -> None:
         """Quantize whole groups of the residual beyond its ``residual`` most recent tokens."""
-        m = max(0, (self.keys.shape[-2] - self.residual) // self.group) * self.group
+        n = self.keys.shape[-2] if self.frozen is None else min(self.keys.shape[-2], self.frozen - self.n_quant)
+        m = max(0, (n - self.residual) // self.group) * self.group
         if m == 0:
             return
         self.kchunks.append(quantize(self.keys[..., :m, :], self.bits, self.group, axis=-2))
@@ -185,6 +200,8 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
 
     def scbench_crop(self, n: int) -> None:
         """Keep the first n tokens. Tokens of a cut quantized group return to the residual dequantized."""
+        if self.frozen is not None:
+            self.frozen = min(self.frozen, n)
         if n >= self.n_quant:
             self.keys = self.keys[..., : n - self.n_quant, :]
             self.values = self.values[..., : n - self.n_quant, :]
@@ -201,8 +218,18 @@ class KIVILayer(SessionOnly, DynamicLayer, CacheLayer):
 
     def scbench_snapshot(self) -> tuple:
         """References to the (never mutated) tensors: cheap, no copy."""
-        return list(self.kchunks), list(self.vchunks), self.n_quant, self.keys, self.values
+        return list(self.kchunks), list(self.vchunks), self.n_quant, self.keys, self.values, self.frozen
 
     def scbench_restore(self, snap: tuple) -> None:
-        kc, vc, self.n_quant, self.keys, self.values = snap
+        kc, vc, self.n_quant, self.keys, self.values, self.frozen = snap
         self.kchunks, self.vchunks = list(kc), list(vc)
+
+    def scbench_freeze(self) -> None:
+        """``decode_cache="temp"``: nothing from the current length on is ever quantized (an earlier marker stays)."""
+        if self.decode_cache == "temp":
+            n = self.get_seq_length()
+            self.frozen = n if self.frozen is None else min(self.frozen, n)
+
+    def scbench_thaw(self) -> None:
+        """Clear the marker: later appends are quantized by the usual rule again."""
+        self.frozen = None
