@@ -83,10 +83,11 @@ def step_errors() -> list[list[float]]:
     return rows
 
 
-def plugin_tokens() -> list[list]:
+def plugin_tokens(decode_cache: str = "quantized") -> list[list]:
     """The fast-decode plugin with the Triton kernels forced on CPU tensors (the interpreter; float32, tiny random
     Llama, head_dim 16): its greedy tokens over two turns, each flush mode, with the plain loop's first. Covers the
-    plugin's token-major value layout at load and back at store_back."""
+    plugin's token-major value layout at load and back at store_back. ``decode_cache="temp"``: the attention-only
+    step (no flush)."""
     from support import byte_tokenizer, make_tiny_engine
 
     from scbench.methods import kivi_fast
@@ -95,12 +96,13 @@ def plugin_tokens() -> list[list]:
     kivi_fast.KIVIDecode.triton_ok = lambda self, q: True
     kd.TUNE["ctas"] = 4  # few programs: the interpreter runs them one by one
     calls = [0]
-    kernel = kd.kivi_attention_triton
+    kernel = getattr(kd.kivi_attention_triton, "counted", kd.kivi_attention_triton)
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return kernel(*args, **kwargs)
 
+    counted.counted = kernel
     kd.kivi_attention_triton = counted
     engine = make_tiny_engine(byte_tokenizer(), layers=2)
     prompt = torch.randint(5, 250, (70,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -108,7 +110,7 @@ def plugin_tokens() -> list[list]:
     for mode, fuse in (("plain", 0), ("fast", 0), ("fast", 2)):
         kd.FUSE_FLUSH = fuse
         engine.decode_mode = mode
-        sess = engine.session(KIVI(bits=2, group=16, residual=16))
+        sess = engine.session(KIVI(bits=2, group=16, residual=16, decode_cache=decode_cache))
         sess.feed(prompt, compress=True, sparse=False)
         a = sess.generate(20)
         sess.drop_last(len(a.tokens) - 1)
@@ -119,4 +121,5 @@ def plugin_tokens() -> list[list]:
 
 
 if __name__ == "__main__":
-    json.dump({"attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens()}, sys.stdout)
+    json.dump({"attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens(),
+               "plugin_temp": plugin_tokens("temp")}, sys.stdout)

@@ -117,11 +117,12 @@ def test_kivi_kernels_in_triton_interpreter():
     for i, (fp32, out, same_counters, flushed, *bufs) in enumerate(res["step"]):
         assert out < (1e-5 if fp32 else 5e-3) and same_counters == 1.0 and flushed == 1.0, res["step"][i]
         assert max(bufs) < 1e-3, bufs  # packed bytes: a rare rounding tie may differ; scales/zeros exact
-    (ppath, plain, n0), *fast = res["plugin"]  # the plugin on the Triton kernels, flush modes 0 and 2
-    assert ppath == "plain" and n0 == 0
-    for path, tokens, calls in fast:
-        assert path == "static" and tokens == plain
-    assert 0 < fast[0][2] < fast[1][2]  # every fast run went through the Triton attention
+    for key in ("plugin", "plugin_temp"):  # the plugin on the Triton kernels, flush modes 0 and 2; decode_cache=temp
+        (ppath, plain, n0), *fast = res[key]
+        assert ppath == "plain" and n0 == 0
+        for path, tokens, calls in fast:
+            assert path == "static" and tokens == plain
+        assert 0 < fast[0][2] < fast[1][2]  # every fast run went through the Triton attention
 
 
 def _decode(engine, method, mode, prompt, follow, n=(45, 38)):
