@@ -214,14 +214,19 @@ class RecurrentSession(HFSession):
         self.last_logits = None
 
     def checkpoint(self, *, rewrites):
+        kvc.freeze(self.cache)  # as HFSession.checkpoint: KIVI decode_cache=temp keeps what follows exact
         return self._snapshot(kv=rewrites or not kvc.crop_is_exact(self._attn_view()))
 
     def rollback(self, token):
         self._restore(token)
         self.marks = []
 
-    @torch.inference_mode()
     def drop_last(self, n):
+        self._drop_last(n)
+        kvc.thaw(self.cache)  # as HFSession.drop_last: the next prompt is compressed as usual again
+
+    @torch.inference_mode()
+    def _drop_last(self, n):
         if n <= 0:
             return
         target = self.pos - n

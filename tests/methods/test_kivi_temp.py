@@ -196,3 +196,38 @@ def test_kivi_temp_batched_equals_sequential(tiny_engine, mode, bits, monkeypatc
     if mode == "multi_turn":
         dflt = batch_replay(tiny_engine, BatchedReplay, {**method, "decode_cache": "quantized"}, mode)
         assert "batched" not in {r.stats.decode_path for r in dflt}
+
+
+def test_temp_on_a_hybrid_model(smol_tokenizer, monkeypatch):
+    """A recurrent/hybrid session (Jamba: attention layers become KIVILayers) freezes at the checkpoint and before
+    each decode and thaws after each drop, as HFSession does: every request's decode leaves the context's chunks."""
+    from scbench.engines.recurrent import RecurrentSession
+
+    from engines import test_hybrid_models as hybrid
+
+    engine = hybrid.engine_for("tiny-jamba", smol_tokenizer)
+    seen = []
+    gen, drop = RecurrentSession.generate, RecurrentSession.drop_last
+
+    def _gen(self, n, **kw):
+        out = gen(self, n, **kw)
+        seen.append([(layer.frozen, layer.n_quant) for layer in self.cache.layers if isinstance(layer, KIVILayer)])
+        return out
+
+    def _drop(self, n):
+        drop(self, n)
+        seen.append([layer.frozen for layer in self.cache.layers if isinstance(layer, KIVILayer)])
+
+    monkeypatch.setattr(RecurrentSession, "generate", _gen)
+    monkeypatch.setattr(RecurrentSession, "drop_last", _drop)
+    kivi = KIVI(bits=2, group=4, residual=4, decode_cache="temp")
+    for mode in ("multi_request", "multi_turn"):
+        seen.clear()
+        rows = hybrid.replay(engine, mode, reuse=True, method=kivi, turns=2, max_new=12)
+        assert len(rows) == 2 and seen and all(seen[0])
+        gens = [s for s in seen if s and isinstance(s[0], tuple)]
+        assert all(f is not None for g in gens for f, _ in g)
+        if mode == "multi_request":  # the context's chunks only, through every request's decode
+            assert gens[0] == gens[1]
+        else:
+            assert all(f is None for s in seen if s and not isinstance(s[0], tuple) for f in s)  # thawed
