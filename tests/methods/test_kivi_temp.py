@@ -231,3 +231,16 @@ def test_temp_on_a_hybrid_model(smol_tokenizer, monkeypatch):
             assert gens[0] == gens[1]
         else:
             assert all(f is None for s in seen if s and not isinstance(s[0], tuple) for f in s)  # thawed
+
+
+def test_plugin_needs_the_freeze_mark(tiny_engine):
+    """The static plugin skips the flush for decode_cache=temp: it declines a temp layer the session has not marked."""
+    from scbench.engines import fastdecode
+    from scbench.kv import cache as kvc
+
+    s = tiny_engine.session(KIVI(group=4, residual=4, decode_cache="temp"))
+    s.feed([5, 6, 7] * 30, compress=True, sparse=False)
+    assert "has no freeze mark" in fastdecode.unsupported(s.cache, s.method)
+    kvc.freeze(s.cache)
+    assert fastdecode.unsupported(s.cache, s.method) is None
+    assert "other settings" in fastdecode.unsupported(s.cache, KIVI(group=4, residual=4))  # quantized vs temp layers
