@@ -118,7 +118,8 @@ class KIVIBatch:
         if spec.mode == "multi_turn":
             max_new = [builder.max_new(i) for i in range(turns)]
             temp = m.decode_cache == "temp"  # decodes never quantise: histories do not depend on the answers
-            if not temp and any(n - 1 >= m.group for n in max_new[:-1]):  # (conservative: no need to tokenize the prompts)
+            # (conservative: no need to tokenize the prompts)
+            if not temp and any(n - 1 >= m.group for n in max_new[:-1]):
                 return (f"kivi: an earlier turn's decode ({max(max_new[:-1])} tokens) may quantise a group of "
                         "history that later turns attend (they would depend on the length of its answer)")
             tps = [b.first()] + [b.delta(i, None) for i in range(1, turns)]
@@ -192,7 +193,8 @@ class KIVIBatch:
         steps = kv.k[0].shape[2] - max(self.plan["own"])
         for b, (own, start) in enumerate(zip(self.plan["own"], self.plan["starts"])):
             # decode_cache=temp: the sequential decode never quantises (KIVILayer's freeze mark)
-            self.sched.append([] if m.decode_cache == "temp" else flush_schedule(own, start, steps, m.residual, m.group))
+            self.sched.append([] if m.decode_cache == "temp"
+                              else flush_schedule(own, start, steps, m.residual, m.group))
             for t, a, n in self.sched[-1]:
                 self.due.setdefault(t, []).append((b, a, n))
 
