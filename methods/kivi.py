@@ -66,8 +66,11 @@ class KIVI(Method):
 
     @classmethod
     def budget_label(cls, knobs: dict) -> str:
-        """``<bits>bit``."""
-        return f"{knobs['bits']}bit" if "bits" in knobs else super().budget_label(knobs)
+        """``<bits>bit``, ``<bits>bit-temp`` with ``decode_cache=temp`` (the reference's decode: the two differ in the
+        end-of-run table, whose method column shows only the name)."""
+        if "bits" not in knobs:
+            return super().budget_label(knobs)
+        return f"{knobs['bits']}bit" + ("-temp" if knobs.get("decode_cache") == "temp" else "")
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:

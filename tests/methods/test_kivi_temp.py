@@ -75,6 +75,10 @@ def test_reference_config_and_notes():
     assert "residual rule" in ref.approximation
     assert KIVI().label() == "kivi(bits=2,group=32,residual=32)"  # the default's label as before the knob
     assert ref.label() == "kivi(bits=2,group=32,residual=32,decode_cache=temp)"
+    # the end-of-run table shows the method's name and budget: the two decodes must differ there too
+    assert KIVI.budget_label({"bits": 2, "decode_cache": "temp"}) == "2bit-temp"
+    assert KIVI.budget_label({"bits": 2, "group": 32}) == "2bit"
+    assert KIVI.budget_label({"bits": 2, "decode_cache": "quantized"}) == "2bit"
 
 
 def _record(monkeypatch):

@@ -58,8 +58,8 @@ def old_method_budget(method: dict) -> str:
         if isinstance(b, float) and 0 < b < 1:
             return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
         return str(b)
-    if "bits" in p:
-        return f"{p['bits']}bit"
+    if "bits" in p:  # KIVI; decode_cache=temp (the reference's decode, newer than the rule) is told apart
+        return f"{p['bits']}bit" + ("-temp" if p.get("decode_cache") == "temp" else "")
     if "top_k" in p:
         return f"top{p['top_k']}"
     if "n_init" in p and "n_local" in p:
