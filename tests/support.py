@@ -232,6 +232,13 @@ def batch_replay(engine, cls, method: dict, mode: str, done=None, keep=None, tas
     return list(rep)
 
 
+def spy_returns(monkeypatch, module, name: str) -> list:
+    """``module.name`` still runs; the list collects what each call returned (e.g. KIVI's flush schedules)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    return calls
+
+
 def same_rows(a, b):
     """Two replays' rows agree: turns, predictions, scores and every stat but the timing columns (``TIMING``)."""
     assert [r.turn for r in a] == [r.turn for r in b]

@@ -11,7 +11,7 @@ from scbench.kv.quant import KIVILayer, dequantize, quantize
 from scbench.methods.kivi_batch import counts_after, flush_schedule, multi_turn_reason
 from scbench.runner import Replay
 
-from support import batch_replay as replay, same_rows
+from support import batch_replay as replay, same_rows, spy_returns
 
 KIVI = {  # 2 / 4 bits; groups quantised during the feeds and the decodes (multi-turn: the last turn's only, as
     # earlier turns that quantise during their decode keep the run sequential, ``multi_turn_reason``)
@@ -27,9 +27,7 @@ KIVI = {  # 2 / 4 bits; groups quantised during the feeds and the decodes (multi
 def test_kivi_batched_equals_sequential(tiny_engine, mode, which, monkeypatch):
     from scbench.methods import kivi_batch
 
-    method, flushed = KIVI[mode][which], []
-    real = kivi_batch.flush_schedule
-    monkeypatch.setattr(kivi_batch, "flush_schedule", lambda *a: flushed.append(real(*a)) or flushed[-1])
+    method, flushed = KIVI[mode][which], spy_returns(monkeypatch, kivi_batch, "flush_schedule")
     seq = replay(tiny_engine, Replay, method, mode)
     bat = replay(tiny_engine, BatchedReplay, method, mode)
     same_rows(seq, bat)

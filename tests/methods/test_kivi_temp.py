@@ -14,7 +14,7 @@ from scbench.kv.quant import KIVILayer
 from scbench.methods.kivi import KIVI
 from scbench.runner import Replay
 
-from support import batch_replay, same_rows, two_turn_decode
+from support import batch_replay, same_rows, spy_returns, two_turn_decode
 
 
 def _state(layer: KIVILayer):
@@ -189,9 +189,7 @@ def test_kivi_temp_batched_equals_sequential(tiny_engine, mode, bits, monkeypatc
     default (group 4, residual 4, 10 new tokens: ``quantized`` stays sequential)."""
     from scbench.methods import kivi_batch
 
-    method, flushed = {**MT, "bits": bits}, []
-    real = kivi_batch.flush_schedule
-    monkeypatch.setattr(kivi_batch, "flush_schedule", lambda *a: flushed.append(real(*a)) or flushed[-1])
+    method, flushed = {**MT, "bits": bits}, spy_returns(monkeypatch, kivi_batch, "flush_schedule")
     seq = batch_replay(tiny_engine, Replay, method, mode)
     bat = batch_replay(tiny_engine, BatchedReplay, method, mode)
     same_rows(seq, bat)
