@@ -232,6 +232,26 @@ def batch_replay(engine, cls, method: dict, mode: str, done=None, keep=None, tas
     return list(rep)
 
 
+def assert_topk_rows(s, got, n, k, n_init, n_local):
+    """A row select's output ``got`` [B * H, n_init + n_local + k] for scores ``s`` [B, H, C] of ``n`` valid keys: the
+    static rows first (-1 where absent), then kk distinct searchable rows whose scores are topk's multiset, -1 after
+    (tests/unit/test_prev_select.py, test_sample_select.py)."""
+    b, h, c = s.shape
+    ns, hi = n_init + n_local, n - n_local
+    static = [j if j < n else -1 for j in range(n_init)] + [hi + j if hi + j >= n_init else -1 for j in range(n_local)]
+    got = got.cpu()
+    assert torch.equal(got[:, :ns], torch.tensor(static, dtype=torch.int32).expand(b * h, -1))
+    kk = min(k, max(0, hi - n_init))
+    sc = s.float().cpu().reshape(b * h, c)
+    for r in range(b * h):
+        sel = got[r, ns:]
+        assert bool((sel[kk:] == -1).all())
+        a = sel[:kk].long()
+        assert a.unique().numel() == kk and bool(((a >= n_init) & (a < hi)).all())
+        want = sc[r, n_init:hi].topk(kk).values if kk else sc[r, :0]
+        assert torch.equal(sc[r, a].sort().values, want.sort().values)
+
+
 def spy_returns(monkeypatch, module, name: str) -> list:
     """``module.name`` still runs; the list collects what each call returned (e.g. KIVI's flush schedules)."""
     calls, real = [], getattr(module, name)

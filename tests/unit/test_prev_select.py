@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scbench.kernels import prev_scores, prev_select
+from support import assert_topk_rows
 
 
 CUDA = torch.cuda.is_available()
@@ -16,24 +17,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(prev_select.triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 SMALL = dict(chunk=512, part=64, cap=256, block=512, num_warps=4)
-
-
-def assert_topk_rows(s, got, n, k, n_init, n_local):
-    """The static rows first, then kk distinct searchable rows whose scores are topk's multiset, -1 after."""
-    b, h, c = s.shape
-    ns, hi = n_init + n_local, n - n_local
-    static = [j if j < n else -1 for j in range(n_init)] + [hi + j if hi + j >= n_init else -1 for j in range(n_local)]
-    got = got.cpu()
-    assert torch.equal(got[:, :ns], torch.tensor(static, dtype=torch.int32).expand(b * h, -1))
-    kk = min(k, max(0, hi - n_init))
-    sc = s.float().cpu().reshape(b * h, c)
-    for r in range(b * h):
-        sel = got[r, ns:]
-        assert bool((sel[kk:] == -1).all())
-        a = sel[:kk].long()
-        assert a.unique().numel() == kk and bool(((a >= n_init) & (a < hi)).all())
-        want = sc[r, n_init:hi].topk(kk).values if kk else sc[r, :0]
-        assert torch.equal(sc[r, a].sort().values, want.sort().values)
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scbench.kernels import sample_select
+from support import assert_topk_rows
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -18,24 +19,6 @@ pytestmark = pytest.mark.skipif(sample_select.triton is None or (not CUDA and os
 def _interp(request):
     if not CUDA:
         request.getfixturevalue("interpreted")
-
-
-def assert_topk_rows(s, got, n, k, n_init, n_local):
-    b, h, c = s.shape
-    ns = n_init + n_local
-    hi = n - n_local
-    static = [j if j < n else -1 for j in range(n_init)] + [hi + j if hi + j >= n_init else -1 for j in range(n_local)]
-    got = got.cpu()
-    assert torch.equal(got[:, :ns], torch.tensor(static, dtype=torch.int32).expand(b * h, -1))
-    kk = min(k, max(0, hi - n_init))
-    sc = s.float().cpu().reshape(b * h, c)
-    for r in range(b * h):
-        sel = got[r, ns:]
-        assert bool((sel[kk:] == -1).all())
-        a = sel[:kk].long()
-        assert a.unique().numel() == kk and bool(((a >= n_init) & (a < hi)).all())
-        want = sc[r, n_init:hi].topk(kk).values if kk else sc[r, :0]
-        assert torch.equal(sc[r, a].sort().values, want.sort().values)
 
 
 CASES = [
