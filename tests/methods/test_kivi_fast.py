@@ -165,6 +165,7 @@ def test_plugin_declines_other_layers(tiny_engine):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cfg", [{"name": "kivi", "bits": 2, "group": 16, "residual": 16},
+                                 {"name": "kivi", "bits": 2, "group": 16, "residual": 16, "decode_cache": "temp"},
                                  {"name": "quest", "budget": 64, "page_size": 16, "dense_layers": 1}])
 def test_cuda_graph_plugins_equal_plain(cfg):
     """Captured graph (warm-up step undone, plugin state restored) against the plain loop, float32 on CUDA."""

@@ -68,9 +68,12 @@ def test_reference_config_and_notes():
 
     from scbench.run import build_method
 
-    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs/method/kivi-ref.yaml").read_text())
-    ref = build_method(cfg)
+    configs = Path(__file__).parents[2] / "configs/method"
+    ref = build_method(yaml.safe_load((configs / "kivi.yaml").read_text()))  # faithful first: the reference decode
     assert (ref.bits, ref.group, ref.residual, ref.decode_cache) == (2, 32, 32, "temp")
+    assert build_method(yaml.safe_load((configs / "kivi-4bit.yaml").read_text())).decode_cache == "temp"
+    paper = build_method(yaml.safe_load((configs / "kivi-paper.yaml").read_text()))
+    assert (paper.bits, paper.decode_cache) == (2, "quantized") and paper.label() == KIVI().label()
     assert "temporary cache" in KIVI().approximation and "temporary cache" not in ref.approximation
     assert "residual rule" in ref.approximation
     assert KIVI().label() == "kivi(bits=2,group=32,residual=32)"  # the default's label as before the knob
@@ -153,7 +156,8 @@ def test_multi_request_prompts_and_decodes_stay_full_precision(tiny_engine, monk
     untouched = []
     for _, _, states in gens:
         for (nq, chunks, keys, _), (nq0, chunks0, keys0, _) in zip(states, shared):
-            untouched.append(nq == nq0 and len(chunks) == len(chunks0) and torch.equal(keys[:, :, : keys0.shape[2]], keys0))
+            same = torch.equal(keys[:, :, : keys0.shape[2]], keys0)
+            untouched.append(nq == nq0 and len(chunks) == len(chunks0) and same)
     assert all(untouched) == (decode_cache == "temp")
 
 
