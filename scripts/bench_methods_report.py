@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 SCBENCH_EXAMPLES = 931
 """SCBench's examples (the projection of a whole evaluation from one sweep's steady seconds per example)."""
-KEY_KNOBS = ("budget", "bits", "top_k", "tier", "n_local", "vertical_size", "retrieval_ratio")
+KEY_KNOBS = ("budget", "bits", "decode_cache", "top_k", "tier", "n_local", "vertical_size", "retrieval_ratio")
 
 
 def short(row: dict) -> str:
