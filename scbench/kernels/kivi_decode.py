@@ -161,8 +161,10 @@ if triton is not None:
                      split, re_add, full_len, FLUSH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, NB: tl.constexpr,
                      NVP: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                     PF: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr):
-        """Program (batch x KV head, split): splits < n_splits - 1 take quantized rows, the last the residual.
+                     PF: tl.constexpr, MERGE: tl.constexpr, NS: tl.constexpr, NRES: tl.constexpr):
+        """Program (batch x KV head, split): splits < n_splits - NRES take quantized rows, the last NRES the residual
+        (split j of them its RB-row blocks j, j + NRES, ...: a long residual, e.g. a request's prompt and its decoded
+        tokens under ``decode_cache=temp``, is read by NRES programs instead of one).
 
         A block holds NB key groups (BT = NB * GROUP tokens), read once for all GP query heads of the KV head, in
         position order: key channels and block tokens are permuted within each word's T elements (``_perm``) as
@@ -192,7 +194,8 @@ if triton is not None:
         nq = tl.load(NQ).to(tl.int32)
         rs = tl.load(RS).to(tl.int32)
         re = tl.load(RE).to(tl.int32) + re_add
-        last = sp == n_splits - 1
+        last = sp >= n_splits - NRES
+        rsplit = sp - (n_splits - NRES)  # which residual split (when last)
         start = tl.where(last, 0, sp * split)
         end = tl.where(last, 0, tl.minimum(sp * split + split, nq))
         bh64 = bh.to(tl.int64)
@@ -205,7 +208,8 @@ if triton is not None:
                                 NVG, GROUP, VGROUP, BITS, D, DT, MAGIC, ASM, PREC, PF)
         rend = tl.where(last, re, rs)
         rb = tl.arange(0, RB)
-        for off in range(rs, rend, RB):  # the residual rows, full precision (a few dozen: no tensor cores)
+        rstart = rs + tl.where(last, rsplit, 0) * RB
+        for off in range(rstart, rend, NRES * RB):  # residual rows, full precision (a few dozen: no tensor cores)
             rows = off + rb
             inside = rows < rend
             rbase = bh64 * R * D + rows[:, None].to(tl.int64) * D
@@ -224,7 +228,7 @@ if triton is not None:
         tl.store(Mx + out, m * 0.6931471805599453)
         tl.store(Sm + out, total)
         if FLUSH:
-            if last & (re - rs == full_len):
+            if last & (rsplit == 0) & (re - rs == full_len):
                 _flush_group(RK, RV, KP, KS, KZ, VP, VS, VZ, bh64, nq, rs, R, CQ, D, BITS, GROUP, VGROUP, DT)
         if MERGE:  # the last program of a (batch x KV head) merges its splits; the last of all moves the counters
             tl.debug_barrier()  # every thread's partial stores before the release below
@@ -288,6 +292,14 @@ def _pow2(x: int) -> int:
 TUNE = {"num_warps": 4, "num_stages": 1, "ctas": 528, "gp": 4, "asm": 3, "prefetch": 0, "maxnreg": 128}
 
 
+def res_splits(rows: int) -> int:
+    """Programs per (batch x KV head) that read the residual, from its buffer's rows: one up to 128 rows (the
+    quantized decode's residual: ``residual`` to ``residual + group`` tokens), else one per 64 rows, at most 8 (a
+    temp decode's residual holds a request's prompt and every decoded token; one program over a few hundred rows
+    was the step's critical path at 32K)."""
+    return 1 if rows <= 128 else min(8, -(-rows // 64))
+
+
 def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits: int, group: int, vgroup: int,
                           scale: float, re_add: int = 0, flush_residual: int | None = None, **tune) -> torch.Tensor:
     """The Triton kernel; the contract of ``kivi_attention_torch`` (residual rows [rs, re + re_add)) except that
@@ -304,7 +316,8 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
     bt = nb * group
     per_head = max(1, t["ctas"] // (b * h))
     split = max(bt, -(-cq // per_head // bt) * bt)
-    n_splits = -(-cq // split) + 1
+    n_res = t.get("res_splits") or res_splits(r)
+    n_splits = -(-cq // split) + n_res
     q3 = q.reshape(b * h, g, d).contiguous()
     part = torch.empty(b * h * n_splits * gp, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b * h * n_splits * gp, dtype=torch.float32, device=q.device)
@@ -322,7 +335,7 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
                                     r, n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec,
                                     MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm, PF=t["prefetch"],
-                                    MERGE=merge, NS=ns, num_warps=t["num_warps"], num_stages=t["num_stages"],
+                                    MERGE=merge, NS=ns, NRES=n_res, num_warps=t["num_warps"], num_stages=t["num_stages"],
                                     **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
     if not merge:
         _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,

@@ -24,13 +24,19 @@ from scbench.kernels import kivi_decode as kd  # noqa: E402
 from scbench.kv.quant import dequantize, quantize  # noqa: E402
 
 
+CASES = [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32), (2, 2, 2, 128, 96, 16, 0, 0, 16),
+         (2, 16, 2, 128, 128, 16, 4, 9, 16),
+         # residual buffers over 128 rows: several programs read the residual (res_splits), all of them busy / two
+         (2, 4, 2, 128, 64, 300, 5, 290, 32), (4, 8, 2, 128, 96, 200, 0, 20, 32)]
+"""(bits, query heads, KV heads, packed rows, in use, residual buffer rows, residual [rs, re), group)"""
+
+
 def attention_errors() -> list[float]:
     """kivi_attention_triton against float64 attention over the de-quantised rows (GQA 4, 2, 1, 8; 2 and 4 bits;
     float32, float16; without prefetch, with it, with the words only; packed values token-major)."""
     errs = []
     for dtype, prefetch in ((torch.float32, 0), (torch.float16, 0), (torch.float16, 1), (torch.float16, 2)):
-        for bits, hq, h, cq, nq, r, rs, re, g in [(2, 8, 2, 256, 160, 40, 3, 30, 32), (4, 4, 2, 128, 64, 20, 0, 17, 32),
-                                                  (2, 2, 2, 128, 96, 16, 0, 0, 16), (2, 16, 2, 128, 128, 16, 4, 9, 16)]:
+        for bits, hq, h, cq, nq, r, rs, re, g in CASES:
             gen = torch.Generator().manual_seed(bits * hq + cq)
             k, v = (torch.randn(1, h, cq, 32, generator=gen).to(dtype) for _ in range(2))
             kp, ks, kz = quantize(k, bits, g, axis=-2)
@@ -54,10 +60,11 @@ def step_errors() -> list[list[float]]:
     [float32?, output error, counters equal, flushed as expected, buffer differences...]."""
     rows = []
     for dtype in (torch.float32, torch.float16):
-        for bits, full, fuse in [(2, True, 0), (4, True, 0), (2, False, 0), (2, True, 1), (4, True, 1), (2, False, 1),
-                                 (2, True, 2), (2, False, 2)]:
+        for bits, full, fuse, c in [(2, True, 0, 128), (4, True, 0, 128), (2, False, 0, 128), (2, True, 1, 128),
+                                    (4, True, 1, 128), (2, False, 1, 128), (2, True, 2, 128), (2, False, 2, 128),
+                                    (2, True, 1, 160), (2, True, 2, 160)]:  # 160 rows: 3 residual programs
             gen = torch.Generator().manual_seed(bits)
-            h, c, d, cq, g, res = 2, 128, 32, 256, 16, 16
+            h, d, cq, g, res = 2, 32, 256, 16, 16
             k, v = (torch.randn(1, h, c, d, generator=gen).to(dtype) * 3 for _ in range(2))
             kk, vv = (torch.randn(1, h, cq, d, generator=gen).to(dtype) for _ in range(2))
             bufs = [*quantize(kk, bits, g, axis=-2), *quantize(vv, bits, g, axis=-1)]
@@ -121,5 +128,5 @@ def plugin_tokens(decode_cache: str = "quantized") -> list[list]:
 
 
 if __name__ == "__main__":
-    json.dump({"attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens(),
+    json.dump({"cases": CASES, "attention": attention_errors(), "step": step_errors(), "plugin": plugin_tokens(),
                "plugin_temp": plugin_tokens("temp")}, sys.stdout)
