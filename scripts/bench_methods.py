@@ -43,8 +43,9 @@ DUO_8B = "duo_attention-llama8b" if (ROOT / "configs" / "method" / "duo_attentio
 GPU_METHODS = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "quest", "kivi", "retrieval_attention-device",
                "ashape", "trishape", "vertical_slash", "kvzip", "adakv", DUO_8B]
 """Every method config at SCBench's budgets (4,096 tokens; KIVI 2-bit); RetrievalAttention's device tier (its host
-tier, ``--methods retrieval_attention``, decodes at ~7.5 tok/s at 32K and did not finish one 131K run in 110 s of an
-H200 call: left out of the default list to keep the bench inside a session's device time); DuoAttention with gates of the 8B shape where that config exists
+tier, ``--methods retrieval_attention``, decodes at ~7.5 tok/s at 32K and 4.5 tok/s at 131K, where one run of 2 turns
+took 85 s of an H200 call (results/perf/ra_host_131k.md): left out of the default list to keep the bench inside a
+session's device time); DuoAttention with gates of the 8B shape where that config exists
 (timing-only gates; else ``duo_for_model`` makes some)."""
 CPU_METHODS = ["full", "snapkv-1k", "kivi", "ashape-1k", "kvzip-1k"]
 """The quick CPU version: one of each kind (dense, eviction, quantisation, sparse prefill, issue 23)."""
