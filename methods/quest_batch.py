@@ -69,7 +69,7 @@ class QuestBatch(SelectedRowsBatch):
     """The batched decode of one ``Quest`` instance over one ``SharedPrefixKV``."""
 
     def attach(self, cache, kv) -> None:
-        m, p = self.m, self.m.page_size
+        m = self.m
         self.kv = kv
         self.cache = cache
         self.smin, self.smax = {}, {}
@@ -91,7 +91,7 @@ class QuestBatch(SelectedRowsBatch):
     def _alloc_triton(self) -> None:
         """Own-page bounds from each row's keys (pages from its context's last partial page on), the score buffer
         (-inf where no kernel writes) and the merge counter: static, for the CUDA graph."""
-        m, p, kv = self.m, self.m.page_size, self.kv
+        p, kv = self.m.page_size, self.kv
         b = kv.at.shape[0]
         self.omin, self.omax, self.s = {}, {}, {}
         self.counter = kv.at.new_zeros(b * 1024, dtype=torch.int32)

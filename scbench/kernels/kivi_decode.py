@@ -97,15 +97,6 @@ if triton is not None:
         kw, vw = _words_at(KW, VW, off, end, tokp, BT, GROUP, BITS, D)
         ks, kz, vs, vz = _scales_at(KS1, KZ1, VS1, VZ1, off, end, cols, tokp, NB, NVP, NVG, GROUP, D)
         return kw, vw, ks, kz, vs, vz
-        grp = off // GROUP + tl.arange(0, NB)
-        gok = grp[:, None] * GROUP < end
-        ks = tl.load(KS1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
-        kz = tl.load(KZ1 + grp[:, None] * D + cols[None, :], mask=gok, other=0.0)
-        vj = tl.arange(0, NVP)
-        vok = (vj[:, None] < NVG) & valid[None, :]
-        vs = tl.load(VS1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
-        vz = tl.load(VZ1 + rows[None, :] * NVG + vj[:, None], mask=vok, other=0.0)
-        return kw, vw, ks, kz, vs, vz
 
     @triton.jit
     def _blocks(KW, VW, KS1, KZ1, VS1, VZ1, qs, start, end, cols, tokp, m, total, acc, BT: tl.constexpr,
