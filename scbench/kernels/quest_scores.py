@@ -47,6 +47,25 @@ if triton is not None:
         tl.store(KMax + bbase + page_at * D + cols, tl.where(first, knew, tl.maximum(hi, knew)))
 
     @triton.jit
+    def _score_pages(qp, qn, KMin, KMax, S, bk, bbase, pages, cols, rows, cand, P, G: tl.constexpr, D: tl.constexpr,
+                     GROUP: tl.constexpr, PREC: tl.constexpr):
+        """The bound scores of ``pages`` for the group's query heads (``qp`` / ``qn``: their positive / negative
+        parts) stored to S, non-candidates (pages >= ``cand``) -inf; GROUP: the group's maximum per page."""
+        inside = pages < P
+        off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
+        lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
+        hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
+        s = tl.dot(qp.to(hi.dtype), tl.trans(hi), input_precision=PREC)
+        s += tl.dot(qn.to(lo.dtype), tl.trans(lo), input_precision=PREC)
+        s = tl.where((pages < cand)[None, :], s, float("-inf"))
+        if GROUP:
+            s = tl.where((rows < G)[:, None], s, float("-inf"))
+            tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
+        else:
+            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
+                     mask=(rows < G)[:, None] & inside[None, :])
+
+    @triton.jit
     def _quest_scores_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                              BP: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
@@ -62,24 +81,12 @@ if triton is not None:
         if (page_at >= pb * BP) & (page_at < pb * BP + BP):
             _update_bounds(K, KMin, KMax, bk, at, page_at, bbase, cols, C, D, PAGE)
         tl.debug_barrier()
-        n = at + 1
-        cand = tl.maximum((n - 1) // PAGE - RECENT + 1, 0)
-        inside = pages < P
-        off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
-        lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
-        hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
+        cand = tl.maximum(at // PAGE - RECENT + 1, 0)
         rows = tl.arange(0, GP)
         q = tl.load(Q + (bk * G + rows)[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
         zero = tl.zeros([GP, D], q.dtype)
-        s = tl.dot(tl.maximum(q, zero).to(hi.dtype), tl.trans(hi), input_precision=PREC)
-        s += tl.dot(tl.minimum(q, zero).to(lo.dtype), tl.trans(lo), input_precision=PREC)
-        s = tl.where((pages < cand)[None, :], s, float("-inf"))
-        if GROUP:
-            s = tl.where((rows < G)[:, None], s, float("-inf"))
-            tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
-        else:
-            tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
-                     mask=(rows < G)[:, None] & inside[None, :])
+        _score_pages(tl.maximum(q, zero), tl.minimum(q, zero), KMin, KMax, S, bk, bbase, pages, cols, rows, cand, P,
+                     G, D, GROUP, PREC)
 
     @triton.jit
     def _quest_scores_loop_kernel(Q, K, KMin, KMax, At, S, C, P, RECENT,
@@ -104,19 +111,7 @@ if triton is not None:
         qp, qn = tl.maximum(q, zero), tl.minimum(q, zero)
         for it in tl.range(ITERS, num_stages=STAGES):
             pages = first_page + it * BP + tl.arange(0, BP)
-            inside = pages < P
-            off = bbase + pages[:, None].to(tl.int64) * D + cols[None, :]
-            lo = tl.load(KMin + off, mask=inside[:, None], other=0.0)
-            hi = tl.load(KMax + off, mask=inside[:, None], other=0.0)
-            s = tl.dot(qp.to(hi.dtype), tl.trans(hi), input_precision=PREC)
-            s += tl.dot(qn.to(lo.dtype), tl.trans(lo), input_precision=PREC)
-            s = tl.where((pages < cand)[None, :], s, float("-inf"))
-            if GROUP:
-                s = tl.where((rows < G)[:, None], s, float("-inf"))
-                tl.store(S + bk.to(tl.int64) * P + pages, tl.max(s, 0), mask=inside)
-            else:
-                tl.store(S + (bk * G + rows)[:, None].to(tl.int64) * P + pages[None, :], s,
-                         mask=(rows < G)[:, None] & inside[None, :])
+            _score_pages(qp, qn, KMin, KMax, S, bk, bbase, pages, cols, rows, cand, P, G, D, GROUP, PREC)
 
 
 def quest_scores_triton(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, at: torch.Tensor,

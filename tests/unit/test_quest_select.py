@@ -124,3 +124,32 @@ def test_scores_loop_kernel_matches_blocks(at, group):
     got = quest_scores.quest_scores_triton(q, k, lo2, hi2, atv, 16, 1, group, block_pages=16, loop_pages=32, stages=2)
     assert torch.equal(lo, lo2) and torch.equal(hi, hi2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("at,group", [(300, False), (257, True), (16, False)])
+def test_scores_kernels_match_torch(at, group):
+    """Both score kernels (one block of pages per program, and several, pipelined) against the torch reference
+    (``quest.page_scores`` over the bounds updated in torch): scores of the candidate pages, -inf after them."""
+    from scbench.methods.quest import page_scores
+
+    g = torch.Generator().manual_seed(at + group)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(1, 8, 1, 32, generator=g).to(DEVICE, dtype)
+    k = torch.randn(1, 2, 352, 32, generator=g).to(DEVICE, dtype)
+    lo, hi = (torch.randn(1, 2, 22, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
+    pg, new = at // 16, k[:, :, at]
+    want_lo, want_hi = lo.clone(), hi.clone()
+    want_lo[:, :, pg] = new if at % 16 == 0 else torch.minimum(lo[:, :, pg], new)
+    want_hi[:, :, pg] = new if at % 16 == 0 else torch.maximum(hi[:, :, pg], new)
+    want = page_scores(q[:, :, 0].float(), want_lo.float(), want_hi.float())
+    if group:
+        want = want.reshape(1, 2, 4, 22).amax(2)
+    cand = max(0, pg)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for kw in ({}, {"loop_pages": 32, "stages": 2}):
+        l2, h2 = lo.clone(), hi.clone()
+        got = quest_scores.quest_scores_triton(q, k, l2, h2, torch.tensor([at], device=DEVICE), 16, 1, group,
+                                               block_pages=16, **kw)
+        assert torch.equal(l2, want_lo) and torch.equal(h2, want_hi)
+        torch.testing.assert_close(got[..., :cand].float().cpu(), want[..., :cand].cpu(), atol=tol, rtol=tol)
+        assert torch.isinf(got[..., cand:]).all()
