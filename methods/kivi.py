@@ -8,10 +8,10 @@ exact; tokens appended later join the residual and are quantized a group at a ti
 use. Differences from the reference code: keys and values share one residual rule (the reference keeps 0-31
 recent keys exact and exactly 32 recent values), and the last group of a value token spans the head when
 head_dim < group. ``decode_cache`` picks what happens to decoded tokens. ``"quantized"`` (the KIVI paper's decode,
-configs/method/kivi-paper.yaml): they join the residual and are quantized like prompt tokens; a multi-turn answer is cropped after decoding,
-and where its decode quantized a group the crop returns the group's prompt tokens de-quantized (with the group's
-scales), so the next turn's history depends on the answer's length (``approximation`` says so in every run's
-record). ``"temp"`` (SCBench's reference, MInference's ``KiviCache`` with its temporary cache): every decoded token,
+configs/method/kivi-paper.yaml): they join the residual and are quantized like prompt tokens; a multi-turn answer is
+cropped after decoding, and where its decode quantized a group the crop returns the group's prompt tokens
+de-quantized (with the group's scales), so the next turn's history depends on the answer's length
+(``approximation`` says so in every run's record). ``"temp"`` (SCBench's reference, MInference's ``KiviCache`` with its temporary cache): every decoded token,
 and in multi-request mode each request's prompt too, stays full precision and is dropped exactly after the answer;
 the engine marks the cache before each decode and at the multi-request checkpoint (``KIVILayer.scbench_freeze``), so
 the global cache holds only the prompts, quantized by the usual rule. The configs ``kivi`` and ``kivi-4bit`` use

@@ -270,3 +270,15 @@ def same_rows(a, b):
             st["method_costs"] = {k: v for k, v in st.get("method_costs", {}).items() if not k.endswith("_s")}
         assert sx == sy
     return len(a)
+
+
+def quest_bounds_after(kmin, kmax, k, at: int, page: int):
+    """Torch reference of a Quest decode step's bounds update: copies of the per-page key minima / maxima
+    [B, Hkv, P, D] with key row ``at`` of k [B, Hkv, C, D] folded into its page (the page's first key resets them)."""
+    import torch
+
+    lo, hi = kmin.clone(), kmax.clone()
+    pg, new = at // page, k[:, :, at]
+    lo[:, :, pg] = new if at % page == 0 else torch.minimum(lo[:, :, pg], new)
+    hi[:, :, pg] = new if at % page == 0 else torch.maximum(hi[:, :, pg], new)
+    return lo, hi

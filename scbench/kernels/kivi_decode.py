@@ -326,7 +326,8 @@ def kivi_attention_triton(q, kp, ks, kz, vp, vs, vz, rk, rv, nq, rs, re, *, bits
                                     r, n_splits, split, re_add, full_len, FLUSH=flush, G=g, GP=gp, D=d, BITS=bits,
                                     GROUP=group, VGROUP=vgroup, NB=nb, NVP=nvp, RB=16, PREC=prec,
                                     MAGIC=MAGIC[q.dtype][0] if asm else 0, ASM=asm, PF=t["prefetch"],
-                                    MERGE=merge, NS=ns, NRES=n_res, num_warps=t["num_warps"], num_stages=t["num_stages"],
+                                    MERGE=merge, NS=ns, NRES=n_res, num_warps=t["num_warps"],
+                                    num_stages=t["num_stages"],
                                     **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
     if not merge:
         _kivi_combine_kernel[(b * h, g)](part, mx, sm, out, n_splits, nq, rs, re, re_add, full_len, G=g, GP=gp, D=d,

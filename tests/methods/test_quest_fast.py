@@ -8,7 +8,7 @@ from scbench.engines import attention, fastdecode
 from scbench.kernels import paged_decode, quest_scores
 from scbench.methods.quest import Quest
 
-from support import make_tiny_engine, two_turn_decode
+from support import make_tiny_engine, quest_bounds_after, two_turn_decode
 
 
 def _case(seed, b=1, hq=8, hkv=2, hs=8, c=512, d=32, m=9, page=16, n=300, device="cpu", dtype=torch.float32):
@@ -109,11 +109,7 @@ def test_fused_quest_kernels_match_torch(dtype, group, at):
     k, v = (torch.randn(1, hkv, c, d, device="cuda", dtype=dtype) for _ in range(2))
     kmin, kmax = (torch.randn(1, hkv, c // p, d, device="cuda", dtype=dtype) for _ in range(2))
     atv = torch.tensor([at], device="cuda")
-    lo, hi = kmin.clone(), kmax.clone()  # torch reference of the update
-    pg = at // p
-    new = k[:, :, at]
-    lo[:, :, pg] = new if at % p == 0 else torch.minimum(lo[:, :, pg], new)
-    hi[:, :, pg] = new if at % p == 0 else torch.maximum(hi[:, :, pg], new)
+    lo, hi = quest_bounds_after(kmin, kmax, k, at, p)  # torch reference of the update
     s = quest_scores.quest_scores_triton(q, k, kmin, kmax, atv, p, 1, group)
     assert torch.equal(kmin, lo) and torch.equal(kmax, hi)
     want = page_scores(q[:, :, 0], lo, hi)

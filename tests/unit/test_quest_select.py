@@ -131,20 +131,18 @@ def test_scores_kernels_match_torch(at, group):
     """Both score kernels (one block of pages per program, and several, pipelined) against the torch reference
     (``quest.page_scores`` over the bounds updated in torch): scores of the candidate pages, -inf after them."""
     from scbench.methods.quest import page_scores
+    from support import quest_bounds_after
 
     g = torch.Generator().manual_seed(at + group)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     q = torch.randn(1, 8, 1, 32, generator=g).to(DEVICE, dtype)
     k = torch.randn(1, 2, 352, 32, generator=g).to(DEVICE, dtype)
     lo, hi = (torch.randn(1, 2, 22, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
-    pg, new = at // 16, k[:, :, at]
-    want_lo, want_hi = lo.clone(), hi.clone()
-    want_lo[:, :, pg] = new if at % 16 == 0 else torch.minimum(lo[:, :, pg], new)
-    want_hi[:, :, pg] = new if at % 16 == 0 else torch.maximum(hi[:, :, pg], new)
+    want_lo, want_hi = quest_bounds_after(lo, hi, k, at, 16)
     want = page_scores(q[:, :, 0].float(), want_lo.float(), want_hi.float())
     if group:
         want = want.reshape(1, 2, 4, 22).amax(2)
-    cand = max(0, pg)
+    cand = at // 16  # pages before the newest one (recent_pages 1)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for kw in ({}, {"loop_pages": 32, "stages": 2}):
         l2, h2 = lo.clone(), hi.clone()
