@@ -182,7 +182,8 @@ def test_fused_weights_keep_the_parameters_usable(built_in_inference):
     with torch.inference_mode():
         want = torch.cat([a(x), b(x)], -1)
         w, bias = fuse._fuse_weights([a, b])
-        torch.testing.assert_close(torch.nn.functional.linear(x, w, bias), want, rtol=0, atol=0)
+        # one GEMM of width 10 vs two of 4 and 6: the CPU BLAS may pick other kernels (sums in another order)
+        torch.testing.assert_close(torch.nn.functional.linear(x, w, bias), want, rtol=1e-5, atol=1e-6)
     assert a.weight.data_ptr() == w.data_ptr()
     with torch.inference_mode(built_in_inference):
         torch.testing.assert_close(torch.cat([a(x), b(x)], -1), want, rtol=0, atol=0)
