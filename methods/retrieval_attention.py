@@ -368,6 +368,7 @@ class RetrievalAttention(Method):
             from scbench.methods.retrieval_host import split_decode
 
             return split_decode(self, layer, q, scale)
+        layer.settle()  # rows a stream path may still have queued (split turned off meanwhile)
         idx = self.select(q[:, :, 0], self.search_keys(layer), layer)
         return attend_loaded(layer, q, idx, scale, recall=self.recall)
 

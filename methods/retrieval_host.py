@@ -6,7 +6,10 @@ run: float32 products and softmax, the weighted sum of half-precision values wit
 as flash attention does); only the query (to the host) and the host's
 partial result (output + log-sum-exp per query head, to the accelerator) cross the bus, and the two halves are
 merged exactly (``scbench.kv.split.merge``). The device half is launched before the host waits for the query,
-so the two overlap.
+so the two overlap. On CUDA with bfloat16 (``stream_path``) nothing waits: the host half is queued as a host function
+in the decode stream (``stream_decode``), so the Python thread launches the rest of the step meanwhile (at 131K on
+the H200 box 139 vs 198 ms per token, results/perf/ra_host_stream.md); ``SCBENCH_RA_ASYNC=0`` keeps the synchronous
+split.
 
 The row set equals ``RetrievalAttention.select``'s (the same inner products and ``topk``), so the plain loading
 path (``split=false``: rows gathered on the host and loaded to the accelerator) stays the reference:
@@ -82,12 +85,79 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
 
 class Staging:
     """Per-layer pinned host buffers for the query and the host's partial result (reused every step: the copy
-    out of a buffer completes before the same layer's next step, which follows several synchronisations)."""
+    out of a buffer completes before the same layer's next step, which follows several synchronisations), and
+    for the stream path its job (``ra_host.HostJob``) and float32 scratch."""
 
     def __init__(self, q: torch.Tensor, pin: bool):
         b, hq, _, d = q.shape
         self.q = torch.empty((b, hq, d), dtype=q.dtype, pin_memory=pin)
         self.part = torch.empty((b, hq, d + 1), dtype=torch.float32, pin_memory=pin)
+        self.job = None
+        self.launched = False
+
+    def take_seconds(self) -> float:
+        """Host seconds the stream jobs of this layer ran since the last call (the stream must have passed them)."""
+        if self.job is None:
+            return 0.0
+        s, self.job.seconds = self.job.seconds, 0.0
+        return s
+
+
+def stream_path(method, layer: TieredLayer, q: torch.Tensor) -> bool:
+    """Whether this step's host half runs as a CUDA host function in the decode stream (``stream_decode``): a
+    host tier on CUDA, bfloat16 queries and stored keys/values, the C kernel and ``cuLaunchHostFunc`` available
+    (``SCBENCH_RA_ASYNC=0`` turns it off), and something to search."""
+    return (layer.compute.type == "cuda" and layer.storage.type == "cpu" and q.dtype == torch.bfloat16
+            and layer.dtype == torch.bfloat16 and q.shape[-1] <= 512 and method.reads_stored_keys(layer)
+            and layer.n - method.n_local > method.n_init and ra_host.stream_jobs()
+            and ra_host.supports(layer._k.buf, layer._v.buf))
+
+
+def stream_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """``split_decode`` without a host synchronisation: the device half, the query's copy to the host, the host
+    half as a host function in the stream's order (``ra_host.HostJob``: the same C call as ``host_partial``, its
+    bfloat16 query converted there), the partial result's copy back and the merge are all queued, so the Python
+    thread goes on launching the rest of the step (and the next layers) while the host searches; the new token's
+    rows reach the host tier the same way (``Rows.append`` with ``async_rows``). Same numbers as ``split_decode``:
+    the same kernel on the same inputs. ``load_s`` counts the host jobs' own seconds (``take_seconds``)."""
+    b, hq, _, d = q.shape
+    st = layer.staging
+    stream = torch.cuda.current_stream()
+    if st.launched and not st.job.done:
+        stream.synchronize()  # not passed yet (a second call in one step): its buffers are about to be reused
+    if not layer.window.valid:  # rebuilt from the host rows: they must hold every appended row
+        stream.synchronize()
+    ks, vs = layer.window.rows(layer)
+    st.rows_attended = ks.shape[-2]
+    out_d, lse_d = partial_attention(q[:, :, 0], ks, vs, scale)
+    st.q.copy_(q[:, :, 0], non_blocking=True)
+    lo, hi = method.n_init, layer.n - method.n_local
+    if method.workspace is None:
+        method.workspace = Workspace()
+    ws = method.workspace
+    need = b * hq * (hi - lo)
+    sc = ws.bufs.get("stream_scores")
+    if sc is None or sc.numel() < need:
+        stream.synchronize()  # a queued job may still write the old buffer
+        sc = ws.bufs["stream_scores"] = torch.empty(need + b * hq * 4096, dtype=torch.float32)
+    if st.job is None:
+        st.qf = torch.empty((b, hq, d), dtype=torch.float32)
+        st.out = torch.empty((b, hq, d), dtype=torch.float32)
+        st.lse = torch.empty((b, hq), dtype=torch.float32)
+        st.job = ra_host.HostJob(q=st.q.data_ptr(), qf=st.qf.data_ptr(), out=st.out.data_ptr(), lse=st.lse.data_ptr(),
+                                 part=st.part.data_ptr(), B=b, Hq=hq, D=d)
+    kb, vb = layer._k.buf, layer._v.buf
+    j = st.job
+    j.keys, j.kcap, j.vals, j.vcap = kb.data_ptr(), kb.shape[2], vb.data_ptr(), vb.shape[2]
+    j.kbf16, j.vbf16, j.Hkv, j.lo, j.hi = 1, 1, kb.shape[1], lo, hi
+    j.top_k, j.group, j.scale, j.scores = method.top_k, int(method.gqa == "group"), float(scale), sc.data_ptr()
+    j.nthreads = max(1, torch.get_num_threads() - 1)  # one core for the Python thread launching meanwhile
+    ra_host.launch_job(j, stream)
+    st.launched = True
+    part = st.part.to(layer.compute, non_blocking=True)
+    out = merge(out_d, lse_d, part[..., :d], part[..., d])
+    layer._k.async_rows = layer._v.async_rows = True  # from the next token on, appends are queued too
+    return out
 
 
 def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -99,7 +169,19 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
     cuda = layer.compute.type == "cuda" and layer.storage.type == "cpu"
     st = getattr(layer, "staging", None)
     if st is None or st.q.shape != q[:, :, 0].shape or st.q.dtype != q.dtype:
+        if st is not None and st.launched:
+            torch.cuda.current_stream().synchronize()  # its buffers may still be in a queued job
         st = layer.staging = Staging(q, cuda)
+    if cuda and stream_path(method, layer, q):
+        out = stream_decode(method, layer, q, scale)
+        searchable = max(0, layer.n - method.n_local - method.n_init)
+        layer.attended_sum = getattr(layer, "attended_sum", 0.0) + (st.rows_attended
+                                                                    + min(method.top_k, searchable)) / layer.n
+        layer.attended_n = getattr(layer, "attended_n", 0) + 1
+        new_rows = 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
+        layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + new_rows
+        return out.to(q.dtype).unsqueeze(2)
+    layer.settle()  # the host half below reads every stored row
     t0 = time.perf_counter()
     st.q.copy_(q[:, :, 0], non_blocking=cuda)  # to the host, then the device half is queued behind it
     if cuda:

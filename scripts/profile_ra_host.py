@@ -38,12 +38,39 @@ def wrap(owner, name: str, label: str) -> None:
     setattr(owner, name, inner)
 
 
+def later_ab(s, ckpt, rounds: int, tokens: int) -> None:
+    """Multi-request turns (rollback to the context, a 64-token prompt prefilled densely over the host rows, decode)
+    with the block-wise host-to-device load and with the old one, alternating, same process and box."""
+    from scbench.kv import offload
+
+    new = offload.Rows.to_device
+
+    def old(self, device, start=0, end=None):
+        self.settle()
+        return self.buf[..., start: self.n if end is None else end, :].to(device)
+
+    g = torch.Generator().manual_seed(1)
+    for r in range(rounds):
+        for name, fn in (("blocks", new), ("view_to", old)):
+            offload.Rows.to_device = fn
+            s.rollback(ckpt)
+            ids = torch.randint(100, 40000, (64,), generator=g).tolist()
+            fs = s.feed(ids, compress=False, sparse=False)
+            gen = s.generate(tokens)
+            steps = max(1, len(gen.tokens) - 1)
+            log(round=r, load=name, later_prefill_s=round(fs.seconds, 3), tok_s=round(steps / gen.decode_s, 3))
+    offload.Rows.to_device = new
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=4096)
+    ap.add_argument("--later", type=int, default=0,
+                    help="then A/B in this process: rounds of (rollback, a later prefill of 64 tokens, --tokens decoded) "
+                         "with Rows.to_device as it is and as it was (view.to: a pageable host temporary); no profile")
     a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,8 +79,10 @@ def main() -> None:
     from scbench.methods import retrieval_host
     from scbench.methods.retrieval_attention import RetrievalAttention
 
-    log(torch=torch.__version__, threads=torch.get_num_threads(), device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu")
-    engine = HFEngine(os.environ.get("MODEL", "random:llama-3.1-8b"), tokenizer_path=os.environ.get("TOK"), device=DEV, dtype="bfloat16")
+    log(torch=torch.__version__, threads=torch.get_num_threads(),
+        device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu")
+    engine = HFEngine(os.environ.get("MODEL", "random:llama-3.1-8b"), tokenizer_path=os.environ.get("TOK"), device=DEV,
+                      dtype="bfloat16")
     m = RetrievalAttention(top_k=a.top_k)
     s = engine.session(m)
     ids = torch.randint(100, 40000, (a.ctx,), generator=torch.Generator().manual_seed(a.ctx)).tolist()
@@ -71,6 +100,9 @@ def main() -> None:
     again()
     steps = max(1, len(gen.tokens) - 1)
     log(plain_tok_s=round(steps / gen.decode_s, 3), ms_per_token=round(gen.decode_s / steps * 1e3, 1))
+    if a.later:
+        later_ab(s, ckpt, a.later, a.tokens)
+        return
     wrap(offload.TieredLayer, "update", "ra.append_to_host")
     wrap(split.DeviceWindow, "rows", "ra.window_rows")
     wrap(retrieval_host, "partial_attention", "ra.device_half")

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static inline float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } c;
@@ -402,4 +403,58 @@ int ra_host_partial(const float *q, const uint16_t *qb, const void *keys, int kb
         }
     }
     return 0;
+}
+
+/* Stream jobs (methods/retrieval_host.py, the asynchronous split): each runs as a CUDA host function
+ * (cuLaunchHostFunc) in the decode stream's order, so the Python thread goes on launching the step while the host
+ * half of a layer runs; the Python side sets every field before it launches the job and reads nothing back until
+ * the stream has passed it. ``done`` is set last (the Python side waits for the stream before it reuses a job whose
+ * ``done`` is still 0). */
+typedef struct {
+    const uint16_t *q;  /* [B, Hq, D] bfloat16: the query as the device copied it (pinned host memory) */
+    float *qf;          /* [B, Hq, D] float32 scratch */
+    const void *keys;
+    int64_t kcap;
+    const void *vals;
+    int64_t vcap;
+    int kbf16, vbf16, B, Hq, Hkv, D, lo, hi, top_k, group, nthreads, rc, done, pad;
+    float scale;
+    float *out, *lse, *scores; /* scratch: [B, Hq, D], [B, Hq], B * Hq * (hi - lo) */
+    float *part;               /* [B, Hq, D + 1]: out, then lse (pinned host memory; the device copies it back) */
+    double seconds;            /* host seconds of this job, summed over runs (the Python side takes and zeroes it) */
+} ra_host_job;
+
+void ra_host_job_run(void *arg) {
+    ra_host_job *j = (ra_host_job *)arg;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const int64_t nq = (int64_t)j->B * j->Hq, D = j->D;
+    for (int64_t i = 0; i < nq * D; i++) j->qf[i] = bf16_to_f32(j->q[i]);
+    /* the query is bfloat16, so bfloat16 holds it exactly: qb is the query itself, as host_partial passes it */
+    j->rc = ra_host_partial(j->qf, j->kbf16 ? j->q : NULL, j->keys, j->kbf16, j->kcap, j->vals, j->vbf16, j->vcap,
+                            j->B, j->Hq, j->Hkv, j->D, j->lo, j->hi, j->top_k, j->group, j->scale, j->out, j->lse,
+                            j->scores, j->nthreads);
+    for (int64_t i = 0; i < nq; i++) {
+        memcpy(j->part + i * (D + 1), j->out + i * D, D * sizeof(float));
+        j->part[i * (D + 1) + D] = j->lse[i];
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    j->seconds += (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
+}
+
+/* A decode token's new rows into a host tier's capacity buffer: heads blocks of rows * rowbytes, contiguous in src
+ * (a pinned staging copy the device wrote just before), dst_stride apart in dst. */
+typedef struct {
+    const char *src;
+    char *dst;
+    int64_t heads, rows, rowbytes, dst_stride;
+    int done, pad;
+} ra_copy_job;
+
+void ra_copy_job_run(void *arg) {
+    ra_copy_job *j = (ra_copy_job *)arg;
+    const int64_t n = j->rows * j->rowbytes;
+    for (int64_t h = 0; h < j->heads; h++) memcpy(j->dst + h * j->dst_stride, j->src + h * n, n);
+    __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
 }

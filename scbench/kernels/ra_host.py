@@ -188,3 +188,70 @@ def host_partial(q: torch.Tensor, keys: torch.Tensor, vbuf: torch.Tensor, lo: in
     if rc:
         raise RuntimeError(f"ra_host_partial returned {rc}")
     return out, lse
+
+
+# --- stream jobs: the host half (and a decode token's new rows) as CUDA host functions ---------------------------
+
+class HostJob(ctypes.Structure):
+    """``ra_host_job`` of ra_host.c: one layer's host half, run by ``ra_host_job_run`` in the stream's order."""
+    _fields_ = [("q", ctypes.c_void_p), ("qf", ctypes.c_void_p), ("keys", ctypes.c_void_p), ("kcap", ctypes.c_int64),
+                ("vals", ctypes.c_void_p), ("vcap", ctypes.c_int64)] + [
+        (n, ctypes.c_int) for n in ("kbf16", "vbf16", "B", "Hq", "Hkv", "D", "lo", "hi", "top_k", "group", "nthreads",
+                                    "rc", "done", "pad")] + [
+        ("scale", ctypes.c_float), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("scores", ctypes.c_void_p),
+        ("part", ctypes.c_void_p), ("seconds", ctypes.c_double)]
+
+
+class CopyJob(ctypes.Structure):
+    """``ra_copy_job`` of ra_host.c: rows from a pinned staging copy into a host tier's capacity buffer."""
+    _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("heads", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("rowbytes", ctypes.c_int64), ("dst_stride", ctypes.c_int64), ("done", ctypes.c_int),
+                ("pad", ctypes.c_int)]
+
+
+_stream_api: tuple | None = None
+_stream_error: str | None = None
+
+
+def stream_jobs() -> bool:
+    """Whether host jobs can be launched into CUDA streams here: the C kernel is built, CUDA is up, the driver's
+    ``cuLaunchHostFunc`` is found, and ``SCBENCH_RA_ASYNC`` is not 0."""
+    global _stream_api, _stream_error
+    if os.environ.get("SCBENCH_RA_ASYNC", "1") == "0" or not torch.cuda.is_available() or not available():
+        return False
+    if _stream_api is None and _stream_error is None:
+        try:
+            cu = ctypes.CDLL("libcuda.so.1")
+            launch = cu.cuLaunchHostFunc
+            launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            launch.restype = ctypes.c_int
+            fns = {name: ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value
+                   for name in ("ra_host_job_run", "ra_copy_job_run")}
+            _stream_api = (launch, fns)
+        except (OSError, AttributeError) as e:
+            _stream_error = f"{type(e).__name__}: {e}"
+    return _stream_api is not None
+
+
+def launch_job(job: ctypes.Structure, stream: torch.cuda.Stream | None = None) -> None:
+    """Queue ``job`` (a ``HostJob`` or ``CopyJob``, kept alive by the caller until the stream passes it) as a host
+    function on ``stream`` (default: the current one): work queued after it waits for it."""
+    if not stream_jobs():
+        raise RuntimeError(f"host stream jobs unavailable: {_stream_error or error() or 'disabled or no CUDA'}")
+    launch, fns = _stream_api
+    fn = fns["ra_host_job_run" if isinstance(job, HostJob) else "ra_copy_job_run"]
+    job.done = 0
+    s = stream or torch.cuda.current_stream()
+    rc = launch(ctypes.c_void_p(s.cuda_stream), ctypes.c_void_p(fn), ctypes.cast(ctypes.pointer(job), ctypes.c_void_p))
+    if rc:
+        raise RuntimeError(f"cuLaunchHostFunc returned CUDA error {rc}")
+
+
+def run_job(job: ctypes.Structure) -> None:
+    """Run ``job`` here and now on the calling thread (what the stream's host function does; tests and CPU)."""
+    if not available():
+        raise RuntimeError(f"ra_host C kernel unavailable: {_error}")
+    fn = _lib.ra_host_job_run if isinstance(job, HostJob) else _lib.ra_copy_job_run
+    fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    job.done = 0
+    fn(ctypes.byref(job))

@@ -35,6 +35,12 @@ class Rows:
         """Spare rows of the first buffer (host tiers: the first decode steps do not regrow it)."""
         self.buf: torch.Tensor | None = None
         self.n = 0
+        self.async_rows = False
+        """Queue a decode token's rows from the device (pinned staging copy, then ``ra_host.CopyJob`` as a CUDA host
+        function) instead of copying them synchronously: set by RetrievalAttention's stream path
+        (methods/retrieval_host.stream_decode), whose host jobs read the buffer in the same stream's order; every
+        other reader runs after a synchronisation (the decode loop's per-token sync, or ``settle``)."""
+        self._stage = self._job = None
 
     @property
     def view(self) -> torch.Tensor:
@@ -44,6 +50,9 @@ class Rows:
     def append(self, x: torch.Tensor) -> None:
         t = x.shape[-2]
         cap = 0 if self.buf is None else self.buf.shape[-2]
+        if self.async_rows and self._queue(x, t, cap):
+            return
+        self.settle()
         if self.n + t > cap:  # grow by 1/8 (at least 64 rows): little slack, amortised O(1) appends
             rows = max(self.n + t, cap + max(64, cap // 8)) if cap else self.n + t + self.reserve
             shape = (*x.shape[:-2], rows, x.shape[-1])
@@ -53,6 +62,53 @@ class Rows:
             self.buf = buf
         self.buf[..., self.n : self.n + t, :] = x
         self.n += t
+
+    def _queue(self, x: torch.Tensor, t: int, cap: int) -> bool:
+        """``append`` through the stream (``async_rows``): False when it cannot (no room, not CUDA rows, another
+        shape), and ``append`` copies synchronously."""
+        from scbench.kernels import ra_host
+
+        if (not x.is_cuda or not self.pin or self.n + t > cap or t > 16 or x.dtype != self.buf.dtype
+                or x.shape[:-2] != self.buf.shape[:-2] or x.shape[-1] != self.buf.shape[-1]
+                or not self.buf.is_contiguous() or not ra_host.stream_jobs()):
+            return False
+        if self._job is not None and not self._job.done:
+            torch.cuda.current_stream().synchronize()  # the last queued copy has not run: its staging is reused
+        if self._stage is None or self._stage.shape != x.shape:
+            self._stage = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._stage.copy_(x, non_blocking=True)
+        es, d = self.buf.element_size(), x.shape[-1]
+        self._job = self._job or ra_host.CopyJob()
+        j = self._job
+        j.src, j.dst = self._stage.data_ptr(), self.buf.data_ptr() + self.n * d * es
+        j.heads, j.rows, j.rowbytes, j.dst_stride = x[..., 0, 0].numel(), t, d * es, cap * d * es
+        ra_host.launch_job(j)
+        self.n += t
+        return True
+
+    def settle(self) -> None:
+        """Wait until queued appends reached the buffer (a no-op when none is pending)."""
+        if self._job is not None and not self._job.done:
+            torch.cuda.current_stream().synchronize()
+
+    def to_device(self, device: torch.device, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) (default: all ``n``) as a new tensor on ``device``. From a pinned capacity buffer to an
+        accelerator: one asynchronous copy per leading block (B x Hkv runs of contiguous rows, straight from the
+        pinned pages), where ``view.to(device)`` of the strided view first gathers the rows into a pageable host
+        temporary and then copies that (at 131K: ~17 GB through host memory twice for every later prefill). The
+        caller synchronises before the buffer changes."""
+        self.settle()
+        end = self.n if end is None else end
+        view = self.buf[..., start:end, :]
+        if not (self.pin and device.type == "cuda" and self.buf.is_contiguous()) or view.is_contiguous():
+            return view.to(device)
+        d = self.buf.shape[-1]
+        out = torch.empty((*self.buf.shape[:-2], end - start, d), dtype=self.buf.dtype, device=device)
+        src = self.buf.view(-1, self.buf.shape[-2], d)
+        dst = out.view(-1, end - start, d)
+        for i in range(src.shape[0]):
+            dst[i].copy_(src[i, start:end], non_blocking=True)
+        return out
 
     def crop(self, n: int) -> None:
         self.n = min(self.n, n)
@@ -128,6 +184,11 @@ class TieredLayer(DynamicLayer, CacheLayer):
         self.keys, self.values = self._k.view, self._v.view
         return True
 
+    def settle(self) -> None:
+        """Wait for appends still queued in the stream (``Rows.async_rows``): the host rows are then complete."""
+        self._k.settle()
+        self._v.settle()
+
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states, value_states: [B, Hkv, t, D] on the compute device."""
         self._append(key_states, value_states)
@@ -150,6 +211,7 @@ class TieredLayer(DynamicLayer, CacheLayer):
             raise ValueError(f"TieredLayer.load: {hs} index heads is not a multiple of {hkv} KV heads")
         rep = hs // hkv
         host = self.storage != self.compute
+        self.settle()
         t0 = time.perf_counter()
         idx5 = idx.to(self.storage).view(b, hkv, rep, m, 1).expand(b, hkv, rep, m, d)
         out = []
@@ -166,8 +228,9 @@ class TieredLayer(DynamicLayer, CacheLayer):
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row [B, Hkv, n, D] on the compute device (dense attention), counted like ``load``."""
+        self.settle()
         t0 = time.perf_counter()
-        k, v = self.keys.to(self.compute), self.values.to(self.compute)
+        k, v = self._k.to_device(self.compute), self._v.to_device(self.compute)
         if self.storage != self.compute:
             _sync(self.compute)
             self.load_s += time.perf_counter() - t0
@@ -176,8 +239,10 @@ class TieredLayer(DynamicLayer, CacheLayer):
 
     def load_range(self, start: int, end: int) -> torch.Tensor:
         """Keys of rows [start, end) on the compute device (index maintenance), counted as loaded."""
-        k = self.keys[..., start:end, :].to(self.compute)
+        self.settle()
+        k = self._k.to_device(self.compute, start, end)
         if self.storage != self.compute:
+            _sync(self.compute)  # the pinned rows may change once this returns
             self.loaded_bytes += nbytes(k)
         return k
 
@@ -185,6 +250,7 @@ class TieredLayer(DynamicLayer, CacheLayer):
         """Diagnostic: the share of exact attention mass (over all rows) that the rows ``idx`` [B, Hs, m] hold.
 
         q: [B, Hq, 1, D]. Computed in float32 on the storage device, averaged over batch and query heads."""
+        self.settle()
         b, hkv, n, d = self.keys.shape
         hq, hs = q.shape[1], idx.shape[1]
         qs = q.to(self.storage, torch.float32).reshape(b, hkv, hq // hkv, d)
@@ -225,6 +291,7 @@ class TieredLayer(DynamicLayer, CacheLayer):
             self.window.crop(n)
 
     def scbench_snapshot(self):
+        self.settle()
         return (self.keys.clone(), self.values.clone())
 
     def scbench_restore(self, state) -> None:
@@ -271,6 +338,11 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
     (None when not measured). A method's own counters (e.g. a search index's) are its business: it reports them
     through ``Method.take_costs``."""
     layers = tiered_layers(cache)
+    for layer in layers:  # host seconds of stream jobs (methods/retrieval_host.stream_decode), once they ran
+        st = getattr(layer, "staging", None)
+        if st is not None and hasattr(st, "take_seconds"):
+            layer.settle()
+            layer.load_s += st.take_seconds()
     recall_n = sum(layer.recall_n for layer in layers)
     out = {
         "slow_tier_bytes": sum(layer.scbench_slow_nbytes() for layer in layers),

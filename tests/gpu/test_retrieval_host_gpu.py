@@ -33,3 +33,54 @@ def test_split_decode_on_cuda_equals_the_loading_path():
         assert layer.keys.device.type == "cpu" and layer.window is not None or not split
     assert out[True] == out[False]
     assert 0 < mems[True]["loaded_bytes"] < mems[False]["loaded_bytes"] / 10
+
+
+def test_stream_path_equals_the_synchronous_split(monkeypatch):
+    """bfloat16 on CUDA: the host half as a host function in the stream (methods/retrieval_host.stream_decode, the
+    new token's rows queued too) against the synchronous split (SCBENCH_RA_ASYNC=0): the same greedy tokens, through
+    a later prefill (its dense attention reads every host row) and a second decode; load_s counts the jobs."""
+    from support import byte_tokenizer, random_llama
+
+    from scbench.engines.hf import HFEngine
+    from scbench.kernels import ra_host
+
+    if not ra_host.available():
+        pytest.skip(f"ra_host C kernel unavailable: {ra_host.error()}")
+    tok = byte_tokenizer()
+    model = random_llama(len(tok), layers=2, seed=0).to("cuda", torch.bfloat16)
+    engine = HFEngine("t", name="t", model=model, tokenizer=tok, device="cuda", dtype="bfloat16")
+    engine.decode_mode = "plain"
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, 200, (900,), generator=g).tolist()
+    follow = torch.randint(5, 200, (9,), generator=g).tolist()
+    out, mems, jobs = {}, {}, {}
+    for stream in ("1", "0"):
+        monkeypatch.setenv("SCBENCH_RA_ASYNC", stream)
+        s = engine.session(RetrievalAttention(top_k=64, n_init=8, n_local=32))
+        s.feed(prompt, compress=True, sparse=False)
+        a = s.generate(24)
+        mems[stream] = s.memory()
+        s.drop_last(len(a.tokens) - 1)
+        s.feed(follow, compress=False, sparse=False)
+        out[stream] = [a.tokens, s.generate(12).tokens]
+        jobs[stream] = [getattr(layer.staging, "job", None) is not None for layer in s.cache.layers]
+        k = s.cache.layers[0].keys
+        assert k.device.type == "cpu" and k.shape[-2] == s.pos
+    assert jobs == {"1": [True, True], "0": [False, False]}
+    assert out["1"] == out["0"]
+    assert mems["1"]["load_s"] > 0 and mems["1"]["loaded_bytes"] == mems["0"]["loaded_bytes"]
+
+
+def test_rows_to_device_equals_the_view_copy():
+    """A host tier's pinned capacity buffer to the GPU block by block (``Rows.to_device``) against ``view.to``."""
+    from scbench.kv.offload import Rows
+
+    rows = Rows(torch.device("cpu"), torch.device("cuda"), reserve=37)
+    g = torch.Generator().manual_seed(0)
+    rows.append(torch.randn(2, 3, 50, 16, generator=g).bfloat16())
+    rows.append(torch.randn(2, 3, 1, 16, generator=g).bfloat16().cuda())
+    assert rows.pin and rows.buf.is_pinned() and rows.buf.shape[-2] > rows.n == 51
+    for start, end in ((0, None), (5, 40), (50, 51)):
+        got = rows.to_device(torch.device("cuda"), start, end)
+        torch.cuda.synchronize()
+        assert got.is_contiguous() and torch.equal(got.cpu(), rows.buf[..., start:end or rows.n, :])

@@ -86,3 +86,39 @@ def test_native_sampled_select_random_scores():
     assert after["sampled_rows"] - before["sampled_rows"] == 4 and after["fallbacks"] == before["fallbacks"]
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[0], want[0], atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_host_job_equals_host_partial(group):
+    """The stream path's job (``ra_host.HostJob``, run by a CUDA host function in methods/retrieval_host.stream_decode)
+    gives host_partial's numbers bit for bit: bfloat16 query converted in C, one thread fewer, output packed into
+    the partial-result buffer [B, Hq, D + 1] (out, then lse)."""
+    b, hq, hkv, n, d, lo, hi, k = 2, 8, 2, 3000, 64, 7, 2900, 100
+    keys, vals = rand(b, hkv, n, d, seed=7).bfloat16(), rand(b, hkv, n, d, seed=8).bfloat16()
+    qb = rand(b, hq, d, seed=9).bfloat16()
+    want_out, want_lse = host_partial(qb.float(), keys, vals, lo, hi, k, group, 0.125, native=True)
+    qf, out, lse = torch.empty(b, hq, d), torch.empty(b, hq, d), torch.empty(b, hq)
+    part, scores = torch.full((b, hq, d + 1), float("nan")), torch.empty(b * hq * (hi - lo))
+    job = ra_host.HostJob(q=qb.data_ptr(), qf=qf.data_ptr(), keys=keys.data_ptr(), kcap=n, vals=vals.data_ptr(),
+                          vcap=n, kbf16=1, vbf16=1, B=b, Hq=hq, Hkv=hkv, D=d, lo=lo, hi=hi, top_k=k, group=int(group),
+                          nthreads=max(1, torch.get_num_threads() - 1), scale=0.125, out=out.data_ptr(),
+                          lse=lse.data_ptr(), scores=scores.data_ptr(), part=part.data_ptr())
+    ra_host.run_job(job)
+    assert job.rc == 0 and job.done == 1 and job.seconds > 0
+    assert torch.equal(part[..., :d], want_out) and torch.equal(part[..., d], want_lse)
+    seconds = job.seconds
+    ra_host.run_job(job)  # seconds add up over runs
+    assert job.seconds > seconds and torch.equal(part[..., d], want_lse)
+
+
+def test_copy_job_writes_the_rows_into_the_capacity_buffer():
+    buf = rand(2, 3, 50, 16, seed=10).bfloat16()
+    before = buf.clone()
+    new = rand(2, 3, 2, 16, seed=11).bfloat16()
+    es = buf.element_size()
+    job = ra_host.CopyJob(src=new.data_ptr(), dst=buf.data_ptr() + 20 * 16 * es, heads=6, rows=2, rowbytes=16 * es,
+                          dst_stride=50 * 16 * es)
+    ra_host.run_job(job)
+    want = before.clone()
+    want[:, :, 20:22] = new
+    assert job.done == 1 and torch.equal(buf, want)
