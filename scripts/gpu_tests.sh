@@ -5,6 +5,7 @@
 # one line per test goes to stdout as it finishes (a run cut short by a time limit keeps what it printed), and to
 # $OUT/gpu_tests.log when $OUT is set.
 #   run(carry=[".gpuwhl"]):  bash scripts/gpu_tests.sh [pytest args]     (GPU_TESTS="tests/x.py ...": only those)
+# .gpuwhl (git-ignored): `bash scripts/gpu_wheels.sh` builds it here first.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 site=${SCBENCH_TEST_SITE:-/tmp/scbench-tests-site}  # its own folder: helper copies on the same box put theirs first in /tmp/site

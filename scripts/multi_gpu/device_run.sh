@@ -2,7 +2,7 @@
 # Issue 9 on a lent 2-GPU machine (no network): a Hydra joblib sweep with one job per GPU, then one task sharded
 # over both GPUs into per-shard stores merged by `scbench merge`. The embedded GGUF (98 MB) travels in two halves
 # over two calls while the machine stays warm (.probe_a/gguf_part_00, .probe_b/gguf_part_01: `split -n 2 -d -a 2`);
-# hydra/omegaconf/joblib/gguf wheels travel in .gpu2/wh (see the `pip download` line in the closing note).
+# hydra/omegaconf/joblib/gguf wheels travel in .gpu2/wh (the wheels `bash scripts/gpu_wheels.sh` puts in .gpuwhl).
 #   run(kind=nvidia-h200-x2, carry=[.probe_a, .gpu2]):  bash scripts/multi_gpu/device_run.sh setup
 #   run(carry=[.probe_b]):                              bash scripts/multi_gpu/device_run.sh sweep
 set -euo pipefail

@@ -5,7 +5,7 @@
 # Needs a lent 2-GPU machine (kind nvidia-h200-x2); not run yet (no such machine was lent in the session that wrote it).
 #   run(kind=nvidia-h200-x2, carry=[".gpuwhl"]):  bash scripts/multi_gpu/sharded_70b.sh
 # .gpuwhl: the wheels the GPU box lacks (hydra-core, omegaconf, antlr4 4.9.3 sdist, gguf, joblib launcher) and
-# smol_tok/ (the embedded model's tokenizer files); see the `pip download` line in CONTRIBUTING.md's GPU section.
+# smol_tok/ (the embedded model's tokenizer files): `bash scripts/gpu_wheels.sh` builds it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/sharded70b}
