@@ -99,8 +99,16 @@ class Staging:
         """Host seconds the stream jobs of this layer ran since the last call (the stream must have passed them)."""
         if self.job is None:
             return 0.0
+        self.check()
         s, self.job.seconds = self.job.seconds, 0.0
         return s
+
+    def check(self) -> None:
+        """Raise if the last job that ran failed (``ra_host_partial``'s return code: unsupported sizes)."""
+        if self.job is not None and self.job.done and self.job.rc:
+            raise RuntimeError(f"RetrievalAttention host job: ra_host_partial returned {self.job.rc} (B={self.job.B}, "
+                               f"Hq={self.job.Hq}, Hkv={self.job.Hkv}, D={self.job.D}, rows [{self.job.lo}, "
+                               f"{self.job.hi}))")
 
 
 def stream_path(method, layer: TieredLayer, q: torch.Tensor) -> bool:
@@ -125,6 +133,7 @@ def stream_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float) -> 
     stream = torch.cuda.current_stream()
     if st.launched and not st.job.done:
         stream.synchronize()  # not passed yet (a second call in one step): its buffers are about to be reused
+    st.check()
     if not layer.window.valid:  # rebuilt from the host rows: they must hold every appended row
         stream.synchronize()
     ks, vs = layer.window.rows(layer)

@@ -434,7 +434,7 @@ void ra_host_job_run(void *arg) {
     j->rc = ra_host_partial(j->qf, j->kbf16 ? j->q : NULL, j->keys, j->kbf16, j->kcap, j->vals, j->vbf16, j->vcap,
                             j->B, j->Hq, j->Hkv, j->D, j->lo, j->hi, j->top_k, j->group, j->scale, j->out, j->lse,
                             j->scores, j->nthreads);
-    for (int64_t i = 0; i < nq; i++) {
+    for (int64_t i = 0; i < nq && j->rc == 0; i++) { /* a failed call wrote nothing: the caller raises on rc */
         memcpy(j->part + i * (D + 1), j->out + i * D, D * sizeof(float));
         j->part[i * (D + 1) + D] = j->lse[i];
     }

@@ -122,3 +122,18 @@ def test_copy_job_writes_the_rows_into_the_capacity_buffer():
     want = before.clone()
     want[:, :, 20:22] = new
     assert job.done == 1 and torch.equal(buf, want)
+
+
+def test_a_failed_host_job_raises():
+    """A job whose C call failed (here D > 512) raises when its layer is next used or its seconds are taken."""
+    from scbench.methods.retrieval_host import Staging
+
+    st = Staging(torch.zeros(1, 2, 1, 4, dtype=torch.bfloat16), pin=False)
+    assert st.take_seconds() == 0.0
+    qb, qf, part = torch.zeros(1, 2, 600, dtype=torch.bfloat16), torch.zeros(1200), torch.zeros(1, 2, 601)
+    st.job = ra_host.HostJob(q=qb.data_ptr(), qf=qf.data_ptr(), B=1, Hq=2, Hkv=1, D=600, lo=0, hi=1, top_k=1,
+                             part=part.data_ptr())
+    ra_host.run_job(st.job)
+    assert st.job.rc == -1 and st.job.done == 1
+    with pytest.raises(RuntimeError, match="returned -1"):
+        st.take_seconds()
