@@ -8,27 +8,39 @@ from scbench.methods.retrieval_attention import RetrievalAttention
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_split_decode_on_cuda_equals_the_loading_path():
+def cuda_engine(dtype: torch.dtype, n_prompt: int):
+    """A tiny random Llama on CUDA (plain decode loop), a prompt of ``n_prompt`` tokens and a 9-token follow-up."""
     from support import byte_tokenizer, random_llama
 
     from scbench.engines.hf import HFEngine
 
     tok = byte_tokenizer()
-    model = random_llama(len(tok), layers=2, seed=0).to("cuda")
-    engine = HFEngine("t", name="t", model=model, tokenizer=tok, device="cuda", dtype="float32")
+    model = random_llama(len(tok), layers=2, seed=0).to("cuda", dtype)
+    engine = HFEngine("t", name="t", model=model, tokenizer=tok, device="cuda", dtype=str(dtype).split(".")[-1])
     engine.decode_mode = "plain"
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(5, 200, (700,), generator=g).tolist()
-    follow = torch.randint(5, 200, (9,), generator=g).tolist()
+    prompt = torch.randint(5, 200, (n_prompt,), generator=g).tolist()
+    return engine, prompt, torch.randint(5, 200, (9,), generator=g).tolist()
+
+
+def replay(engine, method, prompt, follow, first: int, second: int):
+    """Prefill + compress, decode ``first`` tokens, take the costs, drop them, feed ``follow`` (a later prefill over
+    every host row), decode ``second`` -> (session, [tokens of both decodes], memory after the first)."""
+    s = engine.session(method)
+    s.feed(prompt, compress=True, sparse=False)
+    a = s.generate(first)
+    mem = s.memory()
+    s.drop_last(len(a.tokens) - 1)
+    s.feed(follow, compress=False, sparse=False)
+    return s, [a.tokens, s.generate(second).tokens], mem
+
+
+def test_split_decode_on_cuda_equals_the_loading_path():
+    engine, prompt, follow = cuda_engine(torch.float32, 700)
     out, mems = {}, {}
     for split in (False, True):
-        s = engine.session(RetrievalAttention(top_k=64, n_init=8, n_local=32, split=split))
-        s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(16)
-        mems[split] = s.memory()
-        s.drop_last(len(a.tokens) - 1)
-        s.feed(follow, compress=False, sparse=False)
-        out[split] = [a.tokens, s.generate(8).tokens]
+        s, out[split], mems[split] = replay(engine, RetrievalAttention(top_k=64, n_init=8, n_local=32, split=split),
+                                            prompt, follow, 16, 8)
         layer = s.cache.layers[0]
         assert layer.keys.device.type == "cpu" and layer.window is not None or not split
     assert out[True] == out[False]
@@ -39,30 +51,16 @@ def test_stream_path_equals_the_synchronous_split(monkeypatch):
     """bfloat16 on CUDA: the host half as a host function in the stream (methods/retrieval_host.stream_decode, the
     new token's rows queued too) against the synchronous split (SCBENCH_RA_ASYNC=0): the same greedy tokens, through
     a later prefill (its dense attention reads every host row) and a second decode; load_s counts the jobs."""
-    from support import byte_tokenizer, random_llama
-
-    from scbench.engines.hf import HFEngine
     from scbench.kernels import ra_host
 
     if not ra_host.available():
         pytest.skip(f"ra_host C kernel unavailable: {ra_host.error()}")
-    tok = byte_tokenizer()
-    model = random_llama(len(tok), layers=2, seed=0).to("cuda", torch.bfloat16)
-    engine = HFEngine("t", name="t", model=model, tokenizer=tok, device="cuda", dtype="bfloat16")
-    engine.decode_mode = "plain"
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(5, 200, (900,), generator=g).tolist()
-    follow = torch.randint(5, 200, (9,), generator=g).tolist()
+    engine, prompt, follow = cuda_engine(torch.bfloat16, 900)
     out, mems, jobs = {}, {}, {}
     for stream in ("1", "0"):
         monkeypatch.setenv("SCBENCH_RA_ASYNC", stream)
-        s = engine.session(RetrievalAttention(top_k=64, n_init=8, n_local=32))
-        s.feed(prompt, compress=True, sparse=False)
-        a = s.generate(24)
-        mems[stream] = s.memory()
-        s.drop_last(len(a.tokens) - 1)
-        s.feed(follow, compress=False, sparse=False)
-        out[stream] = [a.tokens, s.generate(12).tokens]
+        s, out[stream], mems[stream] = replay(engine, RetrievalAttention(top_k=64, n_init=8, n_local=32), prompt,
+                                              follow, 24, 12)
         jobs[stream] = [getattr(layer.staging, "job", None) is not None for layer in s.cache.layers]
         k = s.cache.layers[0].keys
         assert k.device.type == "cpu" and k.shape[-2] == s.pos
