@@ -96,9 +96,11 @@ class Staging:
         self.launched = False
 
     def take_seconds(self) -> float:
-        """Host seconds the stream jobs of this layer ran since the last call (the stream must have passed them)."""
+        """Host seconds the stream jobs of this layer ran since the last call (waits for a job still queued)."""
         if self.job is None:
             return 0.0
+        if self.launched and not self.job.done:
+            torch.cuda.current_stream().synchronize()
         self.check()
         s, self.job.seconds = self.job.seconds, 0.0
         return s

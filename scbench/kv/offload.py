@@ -96,7 +96,7 @@ class Rows:
         accelerator: one asynchronous copy per leading block (B x Hkv runs of contiguous rows, straight from the
         pinned pages), where ``view.to(device)`` of the strided view first gathers the rows into a pageable host
         temporary and then copies that (at 131K: ~17 GB through host memory twice for every later prefill). The
-        caller synchronises before the buffer changes."""
+        caller synchronises before the buffer changes. Waits for queued appends first (``settle``)."""
         self.settle()
         end = self.n if end is None else end
         view = self.buf[..., start:end, :]
@@ -228,7 +228,6 @@ class TieredLayer(DynamicLayer, CacheLayer):
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row [B, Hkv, n, D] on the compute device (dense attention), counted like ``load``."""
-        self.settle()
         t0 = time.perf_counter()
         k, v = self._k.to_device(self.compute), self._v.to_device(self.compute)
         if self.storage != self.compute:
@@ -239,7 +238,6 @@ class TieredLayer(DynamicLayer, CacheLayer):
 
     def load_range(self, start: int, end: int) -> torch.Tensor:
         """Keys of rows [start, end) on the compute device (index maintenance), counted as loaded."""
-        self.settle()
         k = self._k.to_device(self.compute, start, end)
         if self.storage != self.compute:
             _sync(self.compute)  # the pinned rows may change once this returns
@@ -341,7 +339,6 @@ def take_counters(cache, tier: Tier | None = None) -> dict:
     for layer in layers:  # host seconds of stream jobs (methods/retrieval_host.stream_decode), once they ran
         st = getattr(layer, "staging", None)
         if st is not None and hasattr(st, "take_seconds"):
-            layer.settle()
             layer.load_s += st.take_seconds()
     recall_n = sum(layer.recall_n for layer in layers)
     out = {
