@@ -2,6 +2,7 @@
 path: greedy tokens of a tiny random Llama in float32, and the bus bytes counted. Needs CUDA."""
 import pytest
 import torch
+from support import two_turn_decode
 
 from scbench.methods.retrieval_attention import RetrievalAttention
 
@@ -23,24 +24,12 @@ def cuda_engine(dtype: torch.dtype, n_prompt: int):
     return engine, prompt, torch.randint(5, 200, (9,), generator=g).tolist()
 
 
-def replay(engine, method, prompt, follow, first: int, second: int):
-    """Prefill + compress, decode ``first`` tokens, take the costs, drop them, feed ``follow`` (a later prefill over
-    every host row), decode ``second`` -> (session, [tokens of both decodes], memory after the first)."""
-    s = engine.session(method)
-    s.feed(prompt, compress=True, sparse=False)
-    a = s.generate(first)
-    mem = s.memory()
-    s.drop_last(len(a.tokens) - 1)
-    s.feed(follow, compress=False, sparse=False)
-    return s, [a.tokens, s.generate(second).tokens], mem
-
-
 def test_split_decode_on_cuda_equals_the_loading_path():
     engine, prompt, follow = cuda_engine(torch.float32, 700)
     out, mems = {}, {}
     for split in (False, True):
-        s, out[split], mems[split] = replay(engine, RetrievalAttention(top_k=64, n_init=8, n_local=32, split=split),
-                                            prompt, follow, 16, 8)
+        out[split], _, s, mems[split] = two_turn_decode(
+            engine, RetrievalAttention(top_k=64, n_init=8, n_local=32, split=split), prompt, follow, first=16, second=8)
         layer = s.cache.layers[0]
         assert layer.keys.device.type == "cpu" and layer.window is not None or not split
     assert out[True] == out[False]
@@ -59,8 +48,8 @@ def test_stream_path_equals_the_synchronous_split(monkeypatch):
     out, mems, jobs = {}, {}, {}
     for stream in ("1", "0"):
         monkeypatch.setenv("SCBENCH_RA_ASYNC", stream)
-        s, out[stream], mems[stream] = replay(engine, RetrievalAttention(top_k=64, n_init=8, n_local=32), prompt,
-                                              follow, 24, 12)
+        out[stream], _, s, mems[stream] = two_turn_decode(
+            engine, RetrievalAttention(top_k=64, n_init=8, n_local=32), prompt, follow, first=24, second=12)
         jobs[stream] = [getattr(layer.staging, "job", None) is not None for layer in s.cache.layers]
         k = s.cache.layers[0].keys
         assert k.device.type == "cpu" and k.shape[-2] == s.pos
