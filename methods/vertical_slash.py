@@ -13,6 +13,7 @@ search chose for it, A-shape or vertical-slash, as MInference's offline per-head
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,13 @@ def line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> 
     # row r (position tk-n+r) holds diagonal d at m = d + n-1-r: flat index r*(tk+n-1) + d + n-1
     slash = a.as_strided((hq, n, tk), (n * (tk + n), tk + n - 1, 1), a.storage_offset() + n - 1).sum(1)
     return vertical, slash
+
+
+@functools.lru_cache(maxsize=64)
+def causal_blocks(tq: int, tk: int, block: int) -> int:
+    """Blocks of ``block`` x ``block`` that the bottom-right-aligned causal score matrix touches (one head)."""
+    nq, nk, off = -(-tq // block), -(-tk // block), tk - tq
+    return sum(min(nk, (off + min((i + 1) * block, tq) - 1) // block + 1) for i in range(nq))
 
 
 HEAD_KINDS = ("ashape", "vertical_slash")
@@ -160,9 +168,7 @@ class VerticalSlash(SparsePrefill):
         main = dataclasses.replace(p, cols=torch.zeros_like(p.cols), scattered_cols=False)
         bm = flex.block_mask(main)
         touched = (bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0))
-        nq, nk = bm.kv_num_blocks.shape[-1], -(-p.tk // flex.BLOCK)
-        causal = sum(min(nk, (p.offset + min((i + 1) * flex.BLOCK, p.tq) - 1) // flex.BLOCK + 1) for i in range(nq))
-        density = float(touched) / (causal * bm.kv_num_blocks.shape[1])
+        density = float(touched) / (causal_blocks(p.tq, p.tk, flex.BLOCK) * bm.kv_num_blocks.shape[1])
         st = self.__dict__.setdefault("gpu_stats", {"layers_seen": 0, "fallbacks": 0, "density_sum": 0.0})
         st["layers_seen"] += 1
         st["density_sum"] += density
@@ -179,8 +185,11 @@ class VerticalSlash(SparsePrefill):
 
     def pattern(self, layer_idx, q, k, scale):
         """q: [1, Hq, Tq, D]; k: [1, Hkv, Tk, D] -> per-head Pattern (P = Hq)."""
+        from scbench.kernels import vs_lines
+
         tq, tk = q.shape[-2], k.shape[-2]
-        vertical, slash = line_scores(q[0], k[0], scale if scale is not None else q.shape[-1] ** -0.5, self.last_q)
+        lines = vs_lines.line_scores_triton if vs_lines.usable(q) else line_scores
+        vertical, slash = lines(q[0], k[0], scale if scale is not None else q.shape[-1] ** -0.5, self.last_q)
         vertical[:, : self.init_cols] = float("inf")
         slash[:, : self.local_diags] = float("inf")
         cols = torch.zeros_like(vertical, dtype=torch.bool)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
+from scbench.kernels import block_lists
 from scbench.kernels.pattern import Pattern
 
 BLOCK = 128
@@ -108,28 +109,39 @@ def _count(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tenso
     return cum.gather(1, hi.reshape(p, -1)).view_as(hi) - cum.gather(1, lo.reshape(p, -1)).view_as(lo)
 
 
+def main_lists(pattern: Pattern, kernel: bool | None = None):
+    """Ordered (partial, full) block lists of the pattern's sparse rows, columns included: (kn [1, P, nq],
+    ki [1, P, nq, nk], fn, fi), int32. ``kernel``: the one-launch Triton build (``block_lists``; default on CUDA) or
+    the torch reference (dense [P, nq, nk] classification + stable argsorts)."""
+    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
+    dev = pattern.cols.device
+    nq, nk = math.ceil(tq / BLOCK), math.ceil(tk / BLOCK)
+    kb = torch.arange(nk, device=dev)[None, :]
+    jmin, jmax = kb * BLOCK, (kb * BLOCK + BLOCK - 1).clamp(max=tk - 1)
+    cum_d = _prefix(pattern.diags)
+    n_c = _count(_prefix(pattern.cols), jmin, jmax + 1)  # [P, 1, nk]: columns do not depend on the row block
+    if kernel if kernel is not None else block_lists.usable(pattern.cols):
+        p = pattern.heads
+        flat = [x.expand(p, nk) for x in (jmin, jmax, (kb + 1) * BLOCK <= tk)]
+        return block_lists.block_lists(cum_d, *flat, n_c[:, 0] > 0, n_c[:, 0] == jmax - jmin + 1, tq=tq, off=off,
+                                       nq=nq, block=BLOCK, gathered=False)
+    qb = torch.arange(nq, device=dev)[:, None]
+    pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
+    dmin, dmax = pmin - jmax, pmax - jmin  # diagonals crossing the block
+    any_causal, all_causal = dmax >= 0, dmin >= 0
+    n_d = _count(cum_d, dmin, dmax + 1)
+    whole = ((qb + 1) * BLOCK <= tq) & ((kb + 1) * BLOCK <= tk)  # edge blocks stay partial
+    full = whole & all_causal & ((n_d == dmax - dmin + 1) | (n_c == jmax - jmin + 1))
+    partial = any_causal & ((n_d > 0) | (n_c > 0)) & ~full
+    return (*_ordered(partial), *_ordered(full.expand_as(partial)))
+
+
 def block_mask(pattern: Pattern) -> BlockMask:
     """BlockMask ([1, P, ...]; P=1 broadcasts over heads) of the pattern's sparse rows, columns included.
 
     The dense last rows (``n_last``) are not in it: ``attention`` computes them separately.
     """
-    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
-    dev = pattern.cols.device
-    nq, nk = math.ceil(tq / BLOCK), math.ceil(tk / BLOCK)
-    qb = torch.arange(nq, device=dev)[:, None]
-    kb = torch.arange(nk, device=dev)[None, :]
-    pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
-    jmin, jmax = kb * BLOCK, (kb * BLOCK + BLOCK - 1).clamp(max=tk - 1)
-    dmin, dmax = pmin - jmax, pmax - jmin  # diagonals crossing the block
-    any_causal, all_causal = dmax >= 0, dmin >= 0
-    n_d = _count(_prefix(pattern.diags), dmin, dmax + 1)
-    n_c = _count(_prefix(pattern.cols), jmin, jmax + 1)  # [P, 1, nk]: columns do not depend on the row block
-    whole = ((qb + 1) * BLOCK <= tq) & ((kb + 1) * BLOCK <= tk)  # edge blocks stay partial
-    full = whole & all_causal & ((n_d == dmax - dmin + 1) | (n_c == jmax - jmin + 1))
-    partial = any_causal & ((n_d > 0) | (n_c > 0)) & ~full
-    kn, ki = _ordered(partial)
-    fn, fi = _ordered(full.expand_as(partial))
-    return _from_kv_blocks(kn, ki, fn, fi, mask_mod=_mask_mod(pattern), seq_lengths=(tq, tk))
+    return _from_kv_blocks(*main_lists(pattern), mask_mod=_mask_mod(pattern), seq_lengths=(pattern.tq, pattern.tk))
 
 
 def _flex_lse(q, k, v, bm: BlockMask | None, scale, gqa: bool, **options):
@@ -160,22 +172,36 @@ def _gathered_cols(q, k, v, pattern: Pattern, scale):
         dd = torch.clamp(torch.minimum(d, t_last), min=0)
         return valid[h, t] & (d >= 0) & ~diags[h, dd]
 
+    kn, ki, fn, fi = gathered_lists(pattern, pos, valid, n)
+    bm = _from_kv_blocks(kn, ki, fn, fi, mask_mod=mask_mod, seq_lengths=(tq, n))
+    return _flex_lse(q, kg, vg, bm, scale, False)
+
+
+def gathered_lists(pattern: Pattern, pos: torch.Tensor, valid: torch.Tensor, n: int, kernel: bool | None = None):
+    """Ordered (partial, full) block lists of the gathered-columns call: query blocks x blocks of ``n`` gathered
+    slots per head (pos [Hq, n]: sorted column positions, 0 where not ``valid``). A block is full where every slot
+    is valid, causal for every row and on no chosen diagonal; padding-only blocks are skipped. ``kernel``: as in
+    ``main_lists``."""
+    tq, off = pattern.tq, pattern.offset
+    dev = pos.device
+    diags = pattern.diags.expand(pos.shape[0], -1) if pattern.heads == 1 else pattern.diags
     nq, nk = math.ceil(tq / BLOCK), math.ceil(n / BLOCK)
     starts = torch.arange(nk, device=dev) * BLOCK
     ends = (starts + BLOCK - 1).clamp(max=n - 1)
     jmin, jmax = pos[:, starts], pos[:, ends]  # [Hq, nk]
     all_valid = valid[:, ends] & (ends - starts + 1 == BLOCK)
+    cum_d = _prefix(diags)
+    if kernel if kernel is not None else block_lists.usable(pos):
+        return block_lists.block_lists(cum_d, jmin, jmax, all_valid, valid[:, starts], None, tq=tq, off=off, nq=nq,
+                                       block=BLOCK, gathered=True)
     qb = torch.arange(nq, device=dev)
     pmin, pmax = qb * BLOCK + off, (qb * BLOCK + BLOCK - 1).clamp(max=tq - 1) + off
     dmin = pmin[None, :, None] - jmax[:, None, :]  # [Hq, nq, nk]
     dmax = pmax[None, :, None] - jmin[:, None, :]
-    n_d = _count(_prefix(diags), dmin, dmax + 1)
+    n_d = _count(cum_d, dmin, dmax + 1)
     full = (dmin >= 0) & (n_d == 0) & all_valid[:, None, :] & ((qb + 1) * BLOCK <= tq)[None, :, None]
     partial = (dmax >= 0) & valid[:, starts][:, None, :] & ~full  # padding-only blocks (fewer columns) skipped
-    kn, ki = _ordered(partial)
-    fn, fi = _ordered(full)
-    bm = _from_kv_blocks(kn, ki, fn, fi, mask_mod=mask_mod, seq_lengths=(tq, n))
-    return _flex_lse(q, kg, vg, bm, scale, False)
+    return (*_ordered(partial), *_ordered(full))
 
 
 def _merge(out1, lse1, out2, lse2):
