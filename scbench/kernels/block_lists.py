@@ -84,14 +84,16 @@ if triton is not None:
 
 
 def block_lists(cum: torch.Tensor, jmin: torch.Tensor, jmax: torch.Tensor, kwhole: torch.Tensor, kany: torch.Tensor,
-                kfull: torch.Tensor | None, *, tq: int, off: int, nq: int, block: int, gathered: bool):
+                kfull: torch.Tensor | None, *, tq: int, off: int, nq: int, block: int, gathered: bool,
+                chunk: int | None = None):
     """Ordered partial and full block lists of a line pattern: (kn [1, P, nq], ki [1, P, nq, nk], fn, fi), int32.
 
     cum: int32 [P, T + 1], chosen diagonals below each index (T = Tk); jmin / jmax: int32 [P or 1, nk], the first
     and last key position of each key block; kwhole / kany / kfull: [P or 1, nk] per-key-block flags (main pattern:
     the block is whole, has a chosen column, is all chosen columns; gathered columns: all slots valid, first slot
     valid, and kfull unused). Same classification as ``flex.block_mask`` (``gathered=False``) and
-    ``flex._gathered_cols`` (``gathered=True``)."""
+    ``flex._gathered_cols`` (``gathered=True``). ``chunk``: key blocks a program classifies at once (a power of two;
+    default: all of them up to 1,024, which is 131,072 keys; longer rows loop)."""
     p, nk = cum.shape[0], jmin.shape[-1]
     dev = cum.device
     kstride = 0 if jmin.shape[0] == 1 else nk
@@ -103,7 +105,7 @@ def block_lists(cum: torch.Tensor, jmin: torch.Tensor, jmax: torch.Tensor, kwhol
     fn = torch.empty_like(kn)
     ki = torch.empty(1, p, nq, nk, dtype=torch.int32, device=dev)
     fi = torch.empty_like(ki)
-    ch = max(16, min(1024, triton.next_power_of_2(nk)))
+    ch = chunk or max(16, min(1024, triton.next_power_of_2(nk)))
     _lists_kernel[(p, nq)](cum.contiguous(), cum.shape[1], *as32, *flags, kstride, kn, ki, fn, fi,
                            tq, off, nq, nk, cum.shape[1] - 1, B=block, CH=ch, GATHERED=gathered, num_warps=4)
     return kn, ki, fn, fi

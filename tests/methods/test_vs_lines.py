@@ -21,7 +21,8 @@ def _interp(request):
         request.getfixturevalue("interpreted")
 
 
-@pytest.mark.parametrize("hq,hkv,tq,tk,last_q", [(4, 2, 300, 300, 64), (2, 1, 40, 500, 64), (4, 4, 200, 777, 17)])
+@pytest.mark.parametrize("hq,hkv,tq,tk,last_q", [(4, 2, 300, 300, 64), (2, 1, 40, 500, 64), (4, 4, 200, 777, 17),
+                                                 (2, 1, 100, 5000, 64)])  # rows over several LSE chunks
 def test_line_scores_kernel_matches_torch(hq, hkv, tq, tk, last_q):
     g = torch.Generator().manual_seed(tk)
     q = (torch.randn(hq, tq, 32, generator=g) * 2).to(DEVICE)

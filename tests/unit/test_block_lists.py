@@ -72,3 +72,20 @@ def test_gathered_lists_kernel_equals_torch(tq, tk, heads, n_cols, n_diags, loca
     pos = torch.where(valid, pos, 0)
     assert_equal_lists(flex.gathered_lists(p, pos, valid, n, kernel=True),
                        flex.gathered_lists(p, pos, valid, n, kernel=False))
+
+
+def test_rows_longer_than_one_chunk():
+    """Rows of more key blocks than a program classifies at once (past 131,072 keys by default) loop over chunks:
+    forced here with 16-block chunks over 40 key blocks, both kinds of list."""
+    from scbench.kernels import block_lists as bl
+
+    p = lines(300, 5000, 2, 300, 700, seed=3, local=200)
+    k = torch.arange(40, device=DEVICE)[None, :]
+    jmin, jmax = k * 128, (k * 128 + 127).clamp(max=4999)
+    cum = flex._prefix(p.diags)
+    n_c = flex._count(flex._prefix(p.cols), jmin, jmax + 1)[:, 0]
+    args = (cum, jmin.expand(2, -1), jmax.expand(2, -1), ((k + 1) * 128 <= 5000).expand(2, -1), n_c > 0,
+            n_c == jmax - jmin + 1)
+    kw = dict(tq=300, off=4700, nq=3, block=128, gathered=False)
+    assert_equal_lists(bl.block_lists(*args, chunk=16, **kw), flex.main_lists(p, kernel=False))
+    assert_equal_lists(bl.block_lists(*args, chunk=16, **kw), bl.block_lists(*args, **kw))
