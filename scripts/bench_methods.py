@@ -110,7 +110,7 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
                     bytes_per_token=loaded / toks if loaded and toks else first_t["kv_bytes"],
                     bytes_per_token_source="loaded_bytes" if loaded else "kv_bytes (dense read)",
                     peak_mem_bytes=max(t["peak_mem_bytes"] for t in turns), attn_density=first_t["attn_density"],
-                    prefill_fallbacks=first_t.get("prefill_fallbacks"))
+                    prefill_fallbacks=(first_t.get("method_costs") or {}).get("prefill_fallbacks"))
             rows.append(row)
     finally:
         store.close()

@@ -16,6 +16,9 @@ import torch
 
 from scbench.kernels.paged_decode import triton
 
+CHUNK = 256
+"""Key blocks a program classifies at once (32,768 keys); longer rows loop."""
+
 if triton is not None:
     import triton.language as tl
 
@@ -53,7 +56,7 @@ if triton is not None:
         tl.store(I + row + at_o, kb, mask=other)
         return base_c + tl.sum(c, 0), base_o + tl.sum(o, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["cum_stride", "kstride", "tq", "off", "nq", "nk", "T"])
     def _lists_kernel(Cum, cum_stride, Jmin, Jmax, KWhole, KAny, KFull, kstride, KN, KI, FN, FI,
                       tq, off, nq, nk, T, B: tl.constexpr, CH: tl.constexpr, GATHERED: tl.constexpr):
         p, qb = tl.program_id(0), tl.program_id(1)
@@ -92,8 +95,10 @@ def block_lists(cum: torch.Tensor, jmin: torch.Tensor, jmax: torch.Tensor, kwhol
     and last key position of each key block; kwhole / kany / kfull: [P or 1, nk] per-key-block flags (main pattern:
     the block is whole, has a chosen column, is all chosen columns; gathered columns: all slots valid, first slot
     valid, and kfull unused). Same classification as ``flex.block_mask`` (``gathered=False``) and
-    ``flex._gathered_cols`` (``gathered=True``). ``chunk``: key blocks a program classifies at once (a power of two;
-    default: all of them up to 1,024, which is 131,072 keys; longer rows loop)."""
+    ``flex._gathered_cols`` (``gathered=True``). ``chunk``: key blocks a program classifies at once (a power of two,
+    default ``CHUNK``; longer rows loop). One compiled kernel serves every length (no constexpr or integer
+    specialisation depends on the shape), so the engine's warm-up on short prompts compiles what a 128K prefill
+    runs."""
     p, nk = cum.shape[0], jmin.shape[-1]
     dev = cum.device
     kstride = 0 if jmin.shape[0] == 1 else nk
@@ -105,7 +110,7 @@ def block_lists(cum: torch.Tensor, jmin: torch.Tensor, jmax: torch.Tensor, kwhol
     fn = torch.empty_like(kn)
     ki = torch.empty(1, p, nq, nk, dtype=torch.int32, device=dev)
     fi = torch.empty_like(ki)
-    ch = chunk or max(16, min(1024, triton.next_power_of_2(nk)))
+    ch = chunk or CHUNK
     _lists_kernel[(p, nq)](cum.contiguous(), cum.shape[1], *as32, *flags, kstride, kn, ki, fn, fi,
                            tq, off, nq, nk, cum.shape[1] - 1, B=block, CH=ch, GATHERED=gathered, num_warps=4)
     return kn, ki, fn, fi

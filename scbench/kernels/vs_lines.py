@@ -7,7 +7,8 @@ diagonal is a column of one strided view): ~8 GB of memory traffic at 131,072 ke
 launch takes each causal row's log-sum-exp, and one more sums the probabilities per column and per diagonal from
 two loads of the same scores (a straight tile and a tile skewed by one key per row), so the scores are read three
 times and nothing of their size is written. Sums run in float32 in another order than torch's: equal to the
-reference within float32 rounding (tests/methods/test_vs_lines.py, Triton's interpreter on CPU and CUDA).
+reference within float32 rounding (tests/methods/test_vs_lines.py, Triton's interpreter on CPU and CUDA). The
+lengths are not specialised on: the engine's warm-up on short prompts compiles what a 128K prefill runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from scbench.kernels.paged_decode import triton
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tk", "n"])
     def _row_lse(S, LSE, tk, n, scale, CH: tl.constexpr):
         """Log-sum-exp of one score row (query r of n, at position tk - n + r) over its causal keys."""
         row = tl.program_id(0)
@@ -36,7 +37,7 @@ if triton is not None:
             m = m_new
         tl.store(LSE + row, m + tl.log(acc))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tk", "n"])
     def _line_sums(S, LSE, V, SL, tk, n, scale, NP: tl.constexpr, BJ: tl.constexpr):
         """Per head and block of BJ indices: column sums (keys j) and diagonal sums (d = position - key) of the
         softmax probabilities of the head's n rows."""
