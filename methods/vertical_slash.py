@@ -58,6 +58,13 @@ def line_scores(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> 
     return vertical, slash
 
 
+SPARSE_LENGTHS: set[int] = set()
+"""Query lengths this process ran vertical-slash's FlexAttention calls at. FlexAttention compiles at a first length and
+once more, with dynamic shapes, at a second; the engine's warm-up feeds two dummy prompts, but on them every layer may
+fall back to dense (random tokens: no structure), which would leave both compiles to the first structured layer of a
+timed prefill. So until two lengths are in, a fallback layer also runs the sparse calls (result discarded)."""
+
+
 @functools.lru_cache(maxsize=64)
 def causal_blocks(tq: int, tk: int, block: int) -> int:
     """Blocks of ``block`` x ``block`` that the bottom-right-aligned causal score matrix touches (one head)."""
@@ -174,7 +181,11 @@ class VerticalSlash(SparsePrefill):
         st["density_sum"] += density
         if density > DENSE_ABOVE:
             st["fallbacks"] += 1
+            if len(SPARSE_LENGTHS) < 2 and p.tq not in SPARSE_LENGTHS:  # compile now, not in a later timed prefill
+                SPARSE_LENGTHS.add(p.tq)
+                flex.attention(q, k, v, p, scale, bm)
             return attention.causal_attention(q, k, v, scale)  # dense: counted as every cell
+        SPARSE_LENGTHS.add(p.tq)
         attention.count_computed(p.computed_cells() * (q.shape[1] // p.heads))
         return flex.attention(q, k, v, p, scale, bm)
 

@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="also time the two FlexAttention calls with cheaper (not equivalent) masks: what the mask "
                          "tables cost")
+    ap.add_argument("--sums-configs", nargs="*", default=[],
+                    help="also time the estimate kernel's sums with these BJ:warps configs (e.g. 128:8 256:4)")
     ap.add_argument("--out", default="results/perf/vs_profile.json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -117,6 +119,17 @@ def main() -> None:
             vert, sl = line_scores(q[0], k[0], scale, vs.last_q)
             r["topk_vertical"] = timed(lambda: vert.topk(vs.vertical_size, -1), args.repeats)
             r["topk_slash"] = timed(lambda: sl.topk(vs.slash_size, -1), args.repeats)
+            from scbench.kernels import vs_lines
+
+            def estimate():
+                return vs_lines.line_scores_triton(q[0], k[0], scale, vs.last_q)
+
+            r["estimate_kernels"] = timed(estimate, args.repeats)
+            default = vs_lines.SUMS_CONFIG
+            for c in args.sums_configs:
+                vs_lines.SUMS_CONFIG = tuple(int(x) for x in c.split(":"))
+                r[f"estimate_kernels_{c}"] = timed(estimate, args.repeats)
+            vs_lines.SUMS_CONFIG = default
             r["pattern_total"] = timed(lambda: vs.pattern(0, q, k, scale), args.repeats)
             p = vs.pattern(0, q, k, scale)
             main_p = dataclasses.replace(p, cols=torch.zeros_like(p.cols), scattered_cols=False)

@@ -16,6 +16,11 @@ import torch
 
 from scbench.kernels.paged_decode import triton
 
+SUMS_CONFIG = (64, 4)
+"""(indices per program, warps) of the sums kernel. On the H200 at 131,072 keys the whole estimate took 1.77 ms with
+64:4 against 1.96-2.06 with 128:8, 2.67 with 128:4, 2.88 with 256:4 or 256:8, 3.24 with 512:8
+(``scripts/profile_vs_prefill.py --sums-configs``, results/perf/vs_profile_sums.json)."""
+
 if triton is not None:
     import triton.language as tl
 
@@ -72,9 +77,9 @@ def line_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float,
     _row_lse[(hq * n,)](s, lse, tk, n, float(scale), CH=2048, num_warps=4)
     vertical = torch.empty(hq, tk, dtype=torch.float32, device=q.device)
     slash = torch.empty_like(vertical)
-    bj = 128
+    bj, warps = SUMS_CONFIG
     _line_sums[(hq, triton.cdiv(tk, bj))](s, lse, vertical, slash, tk, n, float(scale),
-                                         NP=max(16, triton.next_power_of_2(n)), BJ=bj, num_warps=8)
+                                         NP=max(16, triton.next_power_of_2(n)), BJ=bj, num_warps=warps)
     return vertical, slash
 
 
