@@ -28,8 +28,9 @@ def table(rows: list[dict]) -> str:
                        "| | | | | | | | |")
             continue
         lp = f"{r['later_prefill_s']:.3f}" if r["later_prefill_s"] is not None else "-"
+        fb = f" (prefill: {r['prefill_fallbacks']} dense-fallback layers)" if r.get("prefill_fallbacks") else ""
         out.append(f"| {r['length']} | {r['mode']} | {short(r)} | {r['prefill_s']:.2f} | {lp} | {r['warmup_s']:.1f} | "
-                   f"{r['decode_tok_s']:.1f} | {r.get('decode_vs_full', 0):.2f} | {r['decode_path']} | "
+                   f"{r['decode_tok_s']:.1f} | {r.get('decode_vs_full', 0):.2f} | {r['decode_path']}{fb} | "
                    f"{r['kv_bytes'] / GIB:.2f} | {r['bytes_per_token'] / GIB:.3f} | {r['peak_mem_bytes'] / GIB:.1f} |")
     return head + "\n".join(out) + "\n"
 

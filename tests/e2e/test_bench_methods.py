@@ -97,3 +97,12 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "## Per method" in md and md.count("| 400 | multi_") == 6 + 3  # 6 runs; 2 ways + grouped alone (derived)
     assert "grouped (derived" in md and e["grouped_sequential_derived"]["steady_s"] > 0
+
+
+def test_table_names_dense_fallback_layers():
+    """A vertical-slash row whose first prefill fell back to dense says in how many layers; other rows say nothing."""
+    row = {"length": 100, "mode": "multi_request", "method": "vertical_slash", "config": {"name": "vertical_slash"},
+           "prefill_s": 1.0, "later_prefill_s": None, "warmup_s": 0.0, "decode_tok_s": 10.0, "decode_vs_full": 1.0,
+           "decode_path": "graph", "kv_bytes": 2**30, "bytes_per_token": 2**30, "peak_mem_bytes": 2**31}
+    assert "dense-fallback" not in report.table([row, {**row, "prefill_fallbacks": 0}])
+    assert "| graph (prefill: 32 dense-fallback layers) |" in report.table([{**row, "prefill_fallbacks": 32}])
