@@ -6,8 +6,10 @@ when every cell is causal and chosen (full block), and masked cell by cell other
 outside the block-sparse call because one 128-row tile per head would otherwise walk every key block
 alone: the dense last rows (Tri-shape) go through dense SDPA and overwrite those rows, and scattered key
 columns (vertical-slash), which would touch nearly every key block, are gathered into a small per-head key
-set, attended in a second FlexAttention call, and merged by log-sum-exp.
-Tested against ``scbench.kernels.pattern.reference_attention`` (tests/gpu/test_sparse_gpu.py).
+set, attended in a second FlexAttention call, and merged by log-sum-exp. On CUDA both calls' ordered block
+lists come from one Triton launch each (``block_lists``; ``main_lists`` / ``gathered_lists`` keep the torch
+classification as the reference and the CPU path). Tested against ``scbench.kernels.pattern.reference_attention``
+(tests/gpu/test_sparse_gpu.py).
 """
 from __future__ import annotations
 
