@@ -185,12 +185,7 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
         st = layer.staging = Staging(q, cuda)
     if cuda and stream_path(method, layer, q):
         out = stream_decode(method, layer, q, scale)
-        searchable = max(0, layer.n - method.n_local - method.n_init)
-        layer.attended_sum = getattr(layer, "attended_sum", 0.0) + (st.rows_attended
-                                                                    + min(method.top_k, searchable)) / layer.n
-        layer.attended_n = getattr(layer, "attended_n", 0) + 1
-        new_rows = 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
-        layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + new_rows
+        _count_step(method, layer, st.rows_attended)
         return out.to(q.dtype).unsqueeze(2)
     layer.settle()  # the host half below reads every stored row
     t0 = time.perf_counter()
@@ -214,10 +209,16 @@ def split_decode(method, layer: TieredLayer, q: torch.Tensor, scale: float | Non
     part = st.part.to(layer.compute, non_blocking=cuda) if cuda else st.part
     out = merge(out_d, lse_d, part[..., :d], part[..., d])
     layer.load_s += time.perf_counter() - t0
-    searchable = max(0, n - method.n_local - method.n_init)
-    attended = ks.shape[-2] + min(method.top_k, searchable)
-    layer.attended_sum = getattr(layer, "attended_sum", 0.0) + attended / n
-    layer.attended_n = getattr(layer, "attended_n", 0) + 1
-    # bus traffic of this step and layer: the query out, the partial result back, the new token's key and value out
-    layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + 2 * b * layer.keys.shape[1] * d * layer.keys.element_size()
+    _count_step(method, layer, ks.shape[-2])
     return out.to(q.dtype).unsqueeze(2)
+
+
+def _count_step(method, layer: TieredLayer, window_rows: int) -> None:
+    """A split step's counters: the share of rows attended (the device window's and the host's top-k) and the bus
+    traffic of this step and layer: the query out, the partial result back, the new token's key and value out."""
+    st, n = layer.staging, layer.n
+    searchable = max(0, n - method.n_local - method.n_init)
+    layer.attended_sum = getattr(layer, "attended_sum", 0.0) + (window_rows + min(method.top_k, searchable)) / n
+    layer.attended_n = getattr(layer, "attended_n", 0) + 1
+    b, hkv, _, d = layer.keys.shape
+    layer.loaded_bytes += nbytes(st.q) + nbytes(st.part) + 2 * b * hkv * d * layer.keys.element_size()

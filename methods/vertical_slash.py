@@ -12,8 +12,6 @@ search chose for it, A-shape or vertical-slash, as MInference's offline per-head
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -63,13 +61,6 @@ SPARSE_LENGTHS: set[int] = set()
 once more, with dynamic shapes, at a second; the engine's warm-up feeds two dummy prompts, but on them every layer may
 fall back to dense (random tokens: no structure), which would leave both compiles to the first structured layer of a
 timed prefill. So until two lengths are in, a fallback layer also runs the sparse calls (result discarded)."""
-
-
-@functools.lru_cache(maxsize=64)
-def causal_blocks(tq: int, tk: int, block: int) -> int:
-    """Blocks of ``block`` x ``block`` that the bottom-right-aligned causal score matrix touches (one head)."""
-    nq, nk, off = -(-tq // block), -(-tk // block), tk - tq
-    return sum(min(nk, (off + min((i + 1) * block, tq) - 1) // block + 1) for i in range(nq))
 
 
 HEAD_KINDS = ("ashape", "vertical_slash")
@@ -172,10 +163,8 @@ class VerticalSlash(SparsePrefill):
         from scbench.kernels import flex
 
         p = self.pattern(layer_idx, q, k, scale)
-        main = dataclasses.replace(p, cols=torch.zeros_like(p.cols), scattered_cols=False)
-        bm = flex.block_mask(main)
-        touched = (bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0))
-        density = float(touched) / (causal_blocks(p.tq, p.tk, flex.BLOCK) * bm.kv_num_blocks.shape[1])
+        bm = flex.block_mask(p.diagonals_only())
+        density = flex.block_density(bm, p.tq, p.tk)
         st = self.__dict__.setdefault("gpu_stats", {"layers_seen": 0, "fallbacks": 0, "density_sum": 0.0})
         st["layers_seen"] += 1
         st["density_sum"] += density
@@ -197,9 +186,10 @@ class VerticalSlash(SparsePrefill):
     def pattern(self, layer_idx, q, k, scale):
         """q: [1, Hq, Tq, D]; k: [1, Hkv, Tk, D] -> per-head Pattern (P = Hq)."""
         from scbench.kernels import vs_lines
+        from scbench.kernels.paged_decode import triton_on
 
         tq, tk = q.shape[-2], k.shape[-2]
-        lines = vs_lines.line_scores_triton if vs_lines.usable(q) else line_scores
+        lines = vs_lines.line_scores_triton if triton_on(q) else line_scores
         vertical, slash = lines(q[0], k[0], scale if scale is not None else q.shape[-1] ** -0.5, self.last_q)
         vertical[:, : self.init_cols] = float("inf")
         slash[:, : self.local_diags] = float("inf")

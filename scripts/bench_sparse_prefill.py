@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from scbench.engines.base import cache_kw
 from scbench.kernels import flex
+from scbench.kernels.flex import block_density
 from scbench.kernels import pattern as pat
 from scbench.methods.ashape import AShape
 from scbench.methods.trishape import TriShape
@@ -51,15 +52,6 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         ms.append(a.elapsed_time(b))
     return statistics.median(ms)
-
-
-def block_density(bm, tq: int, tk: int) -> float:
-    """Visited 128x128 blocks / causal blocks (broadcast masks count once per head)."""
-    visited = bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0)
-    nq = -(-tq // flex.BLOCK)
-    causal = sum(min(-(-tk // flex.BLOCK), (i * flex.BLOCK + flex.BLOCK - 1 + tk - tq) // flex.BLOCK + 1)
-                 for i in range(nq))
-    return float(visited) / (causal * bm.kv_num_blocks.shape[1])
 
 
 def local_lines(tq, tk, vs: VerticalSlash, device) -> pat.Pattern:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,30 +24,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparse_prefill import NearestSlash, block_density  # noqa: E402
+from bench_sparse_prefill import D, HKV, HQ, NearestSlash, timed  # noqa: E402
 
 from scbench.kernels import flex  # noqa: E402
+from scbench.kernels.flex import block_density  # noqa: E402
 from scbench.methods.ashape import AShape  # noqa: E402
 from scbench.methods.vertical_slash import line_scores  # noqa: E402
-
-HQ, HKV, D = 32, 8, 128
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ms.append(a.elapsed_time(b))
-    return statistics.median(ms)
-
 
 def variants(r, q, k, v, p, main_p, bm, scale, vs, repeats) -> None:
     """Mask-cost probes (timings only, the outputs are not the pattern's): the main call with the arithmetic band
@@ -132,18 +113,12 @@ def main() -> None:
             vs_lines.SUMS_CONFIG = default
             r["pattern_total"] = timed(lambda: vs.pattern(0, q, k, scale), args.repeats)
             p = vs.pattern(0, q, k, scale)
-            main_p = dataclasses.replace(p, cols=torch.zeros_like(p.cols), scattered_cols=False)
+            main_p = p.diagonals_only()
             r["block_mask_main"] = timed(lambda: flex.block_mask(main_p), args.repeats)
             bm = flex.block_mask(main_p)
             r["main_blocks"] = block_density(bm, t, t)
 
-            def density():
-                touched = bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()
-                nq, nk = bm.kv_num_blocks.shape[-1], -(-t // flex.BLOCK)
-                causal = sum(min(nk, (min((i + 1) * flex.BLOCK, t) - 1) // flex.BLOCK + 1) for i in range(nq))
-                return float(touched) / (causal * HQ)
-
-            r["density_sync"] = timed(density, args.repeats)
+            r["density_sync"] = timed(lambda: block_density(bm, t, t), args.repeats)
             r["flex_main"] = timed(lambda: flex._flex_lse(q, k, v, bm, scale, True), args.repeats)
             r["gathered_cols"] = timed(lambda: flex._gathered_cols(q, k, v, p, scale), args.repeats)
             o1, l1 = flex._flex_lse(q, k, v, bm, scale, True)

@@ -61,6 +61,15 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", numpy2_index)
 
 
+@pytest.fixture
+def interpreted_without_cuda(request):
+    """``interpreted`` where there is no CUDA (Triton kernel tests then run on CPU tensors); nothing on CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        request.getfixturevalue("interpreted")
+
+
 SLOW_FIXTURES = {"embedded_engine"}
 """Fixtures that load the embedded model: a test using one is slow whether or not it says so."""
 

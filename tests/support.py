@@ -3,6 +3,7 @@ synthetic results store and the loader of scripts/ modules."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -207,6 +208,19 @@ def triton_interpreting() -> bool:
     except ImportError:
         return False
     return bool(triton.knobs.runtime.interpret)
+
+
+def triton_kernel_marks() -> list:
+    """``pytestmark`` of a Triton kernel test on CUDA, or on CPU tensors in Triton's interpreter
+    (``TRITON_INTERPRET=1``, the ``interpreted`` fixture); skipped without Triton."""
+    import pytest
+
+    from scbench.kernels.paged_decode import triton
+
+    cpu_ok = os.environ.get("TRITON_INTERPRET") == "1"
+    return [pytest.mark.skipif(triton is None or (not torch.cuda.is_available() and not cpu_ok),
+                               reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)"),
+            pytest.mark.usefixtures("interpreted_without_cuda")]
 
 
 # --- batched vs sequential replays (tests/engines/test_batched_decode.py, test_quest_batch.py) ---

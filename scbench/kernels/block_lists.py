@@ -115,7 +115,3 @@ def block_lists(cum: torch.Tensor, jmin: torch.Tensor, jmax: torch.Tensor, kwhol
                            tq, off, nq, nk, cum.shape[1] - 1, B=block, CH=ch, GATHERED=gathered, num_warps=4)
     return kn, ki, fn, fi
 
-
-def usable(t: torch.Tensor) -> bool:
-    """The kernel runs for these tensors: CUDA with Triton (CPU tensors only under TRITON_INTERPRET=1, in tests)."""
-    return triton is not None and t.is_cuda

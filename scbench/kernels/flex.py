@@ -13,7 +13,6 @@ classification as the reference and the CPU path). Tested against ``scbench.kern
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from scbench.kernels import block_lists
+from scbench.kernels.paged_decode import triton_on
 from scbench.kernels.pattern import Pattern
 
 BLOCK = 128
@@ -96,9 +96,18 @@ def _mask_mod(pattern: Pattern):
     return mask_mod
 
 
-def _prefix(lines: torch.Tensor) -> torch.Tensor:
-    """bool [P, T] -> int32 [P, T+1]: selected lines below each index."""
-    return F.pad(lines.cumsum(-1, dtype=torch.int32), (1, 0))
+@functools.lru_cache(maxsize=64)
+def causal_blocks(tq: int, tk: int) -> int:
+    """BLOCK x BLOCK blocks that the bottom-right-aligned causal score matrix touches (one head)."""
+    nq, nk, off = -(-tq // BLOCK), -(-tk // BLOCK), tk - tq
+    return sum(min(nk, (off + min((i + 1) * BLOCK, tq) - 1) // BLOCK + 1) for i in range(nq))
+
+
+def block_density(bm: BlockMask, tq: int, tk: int) -> float:
+    """Visited blocks (partial + full) / causal blocks, over the mask's heads (a broadcast mask counts once); reads
+    the counts back (one host synchronisation)."""
+    visited = bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0)
+    return float(visited) / (causal_blocks(tq, tk) * bm.kv_num_blocks.shape[1])
 
 
 def _count(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -120,9 +129,9 @@ def main_lists(pattern: Pattern, kernel: bool | None = None):
     nq, nk = math.ceil(tq / BLOCK), math.ceil(tk / BLOCK)
     kb = torch.arange(nk, device=dev)[None, :]
     jmin, jmax = kb * BLOCK, (kb * BLOCK + BLOCK - 1).clamp(max=tk - 1)
-    cum_d = _prefix(pattern.diags)
-    n_c = _count(_prefix(pattern.cols), jmin, jmax + 1)  # [P, 1, nk]: columns do not depend on the row block
-    if kernel if kernel is not None else block_lists.usable(pattern.cols):
+    cum_d = pattern.prefix("diags")
+    n_c = _count(pattern.prefix("cols"), jmin, jmax + 1)  # [P, 1, nk]: columns do not depend on the row block
+    if kernel if kernel is not None else triton_on(pattern.cols):
         p = pattern.heads
         flat = [x.expand(p, nk) for x in (jmin, jmax, (kb + 1) * BLOCK <= tk)]
         return block_lists.block_lists(cum_d, *flat, n_c[:, 0] > 0, n_c[:, 0] == jmax - jmin + 1, tq=tq, off=off,
@@ -186,14 +195,14 @@ def gathered_lists(pattern: Pattern, pos: torch.Tensor, valid: torch.Tensor, n: 
     ``main_lists``."""
     tq, off = pattern.tq, pattern.offset
     dev = pos.device
-    diags = pattern.diags.expand(pos.shape[0], -1) if pattern.heads == 1 else pattern.diags
+    cum_d = pattern.prefix("diags")
+    cum_d = cum_d.expand(pos.shape[0], -1) if pattern.heads == 1 else cum_d
     nq, nk = math.ceil(tq / BLOCK), math.ceil(n / BLOCK)
     starts = torch.arange(nk, device=dev) * BLOCK
     ends = (starts + BLOCK - 1).clamp(max=n - 1)
     jmin, jmax = pos[:, starts], pos[:, ends]  # [Hq, nk]
     all_valid = valid[:, ends] & (ends - starts + 1 == BLOCK)
-    cum_d = _prefix(diags)
-    if kernel if kernel is not None else block_lists.usable(pos):
+    if kernel if kernel is not None else triton_on(pos):
         return block_lists.block_lists(cum_d, jmin, jmax, all_valid, valid[:, starts], None, tq=tq, off=off, nq=nq,
                                        block=BLOCK, gathered=True)
     qb = torch.arange(nq, device=dev)
@@ -297,8 +306,7 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, bm: BlockMa
     if not pattern.scattered_cols:
         out, _ = _flex_lse(q, k, v, bm if bm is not None else block_mask(pattern), scale, gqa)
     else:
-        main = dataclasses.replace(pattern, cols=torch.zeros_like(pattern.cols), scattered_cols=False)
-        out1, lse1 = _flex_lse(q, k, v, bm if bm is not None else block_mask(main), scale, gqa)
+        out1, lse1 = _flex_lse(q, k, v, bm if bm is not None else block_mask(pattern.diagonals_only()), scale, gqa)
         out2, lse2 = _gathered_cols(q, k, v, pattern, scale)
         out = _compiled(_merge)(out1, lse1, out2, lse2)
     if r0 < pattern.tq:

@@ -271,6 +271,12 @@ def _paged_grouped(q2, k, v, pages, n, page, scale, bp, per, n_splits, m, num_wa
     return out.view(b, hq, 1, d)
 
 
+def triton_on(t: torch.Tensor) -> bool:
+    """A Triton kernel runs for this tensor: CUDA with Triton (CPU tensors only in tests, under TRITON_INTERPRET=1,
+    by calling the kernel directly)."""
+    return triton is not None and t.is_cuda
+
+
 def pdl_args(pdl: bool) -> dict:
     """A kernel's launch options for programmatic dependent launch (its ``PDL`` constexpr and ``launch_pdl``)."""
     return {"PDL": True, "launch_pdl": True} if pdl else {}

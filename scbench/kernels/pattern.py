@@ -14,6 +14,7 @@ count of computed cells (the attention density). The GPU path is in ``scbench.ke
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,24 @@ class Pattern:
     def row0(self) -> int:
         """First dense query row."""
         return max(self.tq - self.n_last, 0)
+
+    def prefix(self, name: str) -> torch.Tensor:
+        """int32 [P, Tk + 1]: chosen lines below each index, of ``cols`` or ``diags``; computed once per pattern
+        (the GPU path's block lists of both FlexAttention calls read it). Change a pattern's lines in place only
+        before this is first called."""
+        lines = getattr(self, name)
+        memo = self.__dict__.setdefault("_prefix", {})
+        if name not in memo or memo[name][0] is not lines:
+            memo[name] = (lines, F.pad(lines.cumsum(-1, dtype=torch.int32), (1, 0)))
+        return memo[name][1]
+
+    def diagonals_only(self) -> "Pattern":
+        """This pattern without its columns (the block-sparse part when the GPU path gathers the columns
+        apart); it shares this pattern's diagonal prefix sums."""
+        main = dataclasses.replace(self, cols=torch.zeros_like(self.cols), scattered_cols=False)
+        no_cols = torch.zeros(main.heads, self.tk + 1, dtype=torch.int32, device=main.cols.device)
+        main.__dict__["_prefix"] = {"diags": (self.diags, self.prefix("diags")), "cols": (main.cols, no_cols)}
+        return main
 
     def mask(self, rows: slice | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
         """bool [P, rows, keys] (default: every row and key)."""

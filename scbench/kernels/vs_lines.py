@@ -82,7 +82,3 @@ def line_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float,
                                          NP=max(16, triton.next_power_of_2(n)), BJ=bj, num_warps=warps)
     return vertical, slash
 
-
-def usable(t: torch.Tensor) -> bool:
-    """CUDA with Triton (CPU tensors only under TRITON_INTERPRET=1, in tests)."""
-    return triton is not None and t.is_cuda

@@ -1,24 +1,15 @@
 """Vertical-slash's GPU estimate (scbench/kernels/vs_lines.py) against the torch reference line_scores: the same
 column and diagonal sums within float32 rounding, and the same top lines. CUDA, or CPU tensors in Triton's
 interpreter (``TRITON_INTERPRET=1``); skipped without Triton."""
-import os
-
 import pytest
 import torch
+from support import triton_kernel_marks
 
 from scbench.kernels import vs_lines
 from scbench.methods.vertical_slash import line_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(vs_lines.triton is None
-                                or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-                                reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
-
-
-@pytest.fixture(autouse=True)
-def _interp(request):
-    if DEVICE == "cpu":
-        request.getfixturevalue("interpreted")
+pytestmark = triton_kernel_marks()
 
 
 @pytest.mark.parametrize("hq,hkv,tq,tk,last_q", [(4, 2, 300, 300, 64), (2, 1, 40, 500, 64), (4, 4, 200, 777, 17),

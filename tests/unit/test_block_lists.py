@@ -1,24 +1,15 @@
 """The one-launch block-list build (scbench/kernels/block_lists.py) against the torch classification + stable
 argsorts of flex.main_lists / flex.gathered_lists: equal entry for entry. CUDA, or CPU tensors in Triton's
 interpreter (``TRITON_INTERPRET=1``); skipped without Triton."""
-import os
-
 import pytest
 import torch
+from support import triton_kernel_marks
 
 from scbench.kernels import block_lists, flex
 from scbench.kernels import pattern as pat
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(block_lists.triton is None
-                                or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-                                reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
-
-
-@pytest.fixture(autouse=True)
-def _interp(request):
-    if DEVICE == "cpu":
-        request.getfixturevalue("interpreted")
+pytestmark = triton_kernel_marks()
 
 
 def lines(tq, tk, heads, n_cols, n_diags, seed, local=0):
@@ -77,15 +68,13 @@ def test_gathered_lists_kernel_equals_torch(tq, tk, heads, n_cols, n_diags, loca
 def test_rows_longer_than_one_chunk():
     """Rows of more key blocks than a program classifies at once (past 131,072 keys by default) loop over chunks:
     forced here with 16-block chunks over 40 key blocks, both kinds of list."""
-    from scbench.kernels import block_lists as bl
-
     p = lines(300, 5000, 2, 300, 700, seed=3, local=200)
     k = torch.arange(40, device=DEVICE)[None, :]
     jmin, jmax = k * 128, (k * 128 + 127).clamp(max=4999)
-    cum = flex._prefix(p.diags)
-    n_c = flex._count(flex._prefix(p.cols), jmin, jmax + 1)[:, 0]
+    cum = p.prefix("diags")
+    n_c = flex._count(p.prefix("cols"), jmin, jmax + 1)[:, 0]
     args = (cum, jmin.expand(2, -1), jmax.expand(2, -1), ((k + 1) * 128 <= 5000).expand(2, -1), n_c > 0,
             n_c == jmax - jmin + 1)
     kw = dict(tq=300, off=4700, nq=3, block=128, gathered=False)
-    assert_equal_lists(bl.block_lists(*args, chunk=16, **kw), flex.main_lists(p, kernel=False))
-    assert_equal_lists(bl.block_lists(*args, chunk=16, **kw), bl.block_lists(*args, **kw))
+    assert_equal_lists(block_lists.block_lists(*args, chunk=16, **kw), flex.main_lists(p, kernel=False))
+    assert_equal_lists(block_lists.block_lists(*args, chunk=16, **kw), block_lists.block_lists(*args, **kw))

@@ -322,3 +322,16 @@ def test_vertical_slash_head_patterns_bad_file(tmp_path, content, match):
     with pytest.raises(ValueError, match=match) as e:
         VerticalSlash(head_patterns=str(f))
     assert str(f) in str(e.value)
+
+
+def test_prefix_sums_are_computed_once_and_shared_by_the_diagonals_only_part():
+    g = torch.Generator().manual_seed(0)
+    p = pat.Pattern(50, 80, torch.rand(3, 80, generator=g) < 0.2, torch.rand(3, 80, generator=g) < 0.3)
+    for name in ("cols", "diags"):
+        lines = getattr(p, name)
+        assert torch.equal(p.prefix(name), torch.nn.functional.pad(lines.cumsum(-1), (1, 0)).int())
+        assert p.prefix(name) is p.prefix(name)
+    main = p.diagonals_only()
+    assert not main.cols.any() and main.diags is p.diags and not main.scattered_cols
+    assert main.prefix("diags") is p.prefix("diags")
+    assert main.prefix("cols").shape == (3, 81) and not main.prefix("cols").any()
