@@ -31,6 +31,39 @@ from scbench.kernels.flex import block_density  # noqa: E402
 from scbench.methods.ashape import AShape  # noqa: E402
 from scbench.methods.vertical_slash import line_scores  # noqa: E402
 
+def old_masks(r, q, k, v, p, main_p, bm, scale, repeats) -> None:
+    """Both calls with the cell tests as they were up to 5ce23f3 (int64 constants and positions, the main call also
+    reading its all-zero column table, the gathered call its validity table): the same-box baseline of the
+    ``flex_main`` / ``gathered_cols`` rows (equal outputs)."""
+    cols, diags = main_p.cols, main_p.diags
+    off, last = torch.tensor(p.offset, device=q.device), torch.tensor(p.tk - 1, device=q.device)
+
+    def main_mod(b, h, q_idx, kv_idx):
+        d = q_idx + off - kv_idx
+        dd = torch.clamp(torch.minimum(d, last), min=0)
+        return (d >= 0) & (cols[h, torch.minimum(kv_idx, last)] | diags[h, dd])
+
+    bmo = flex._from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                               mask_mod=main_mod, seq_lengths=(p.tq, p.tk))
+    r["old_main_int64_bytes"] = timed(lambda: flex._flex_lse(q, k, v, bmo, scale, True), repeats)
+    n = int(p.cols.sum(-1).max())
+    pos = torch.where(p.cols, torch.arange(p.tk, device=q.device), p.tk).sort(-1).values[:, :n]
+    valid = pos < p.tk
+    pos = torch.where(valid, pos, 0)
+    kv_head = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1]))[:, None]
+    kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]
+    t_n = torch.tensor(n - 1, device=q.device)
+
+    def gathered_mod(b, h, q_idx, kv_idx):
+        t = torch.minimum(kv_idx, t_n)
+        d = q_idx + off - pos[h, t]
+        dd = torch.clamp(torch.minimum(d, last), min=0)
+        return valid[h, t] & (d >= 0) & ~p.diags[h, dd]
+
+    bmg = flex._from_kv_blocks(*flex.gathered_lists(p, pos, valid, n), mask_mod=gathered_mod, seq_lengths=(p.tq, n))
+    r["old_gathered_int64_bytes"] = timed(lambda: flex._flex_lse(q, kg, vg, bmg, scale, False), repeats)
+
+
 def variants(r, q, k, v, p, main_p, bm, scale, vs, repeats) -> None:
     """Mask-cost probes (timings only, the outputs are not the pattern's): the main call with the arithmetic band
     test (equal to the table for nearest diagonals), with a causal-only test, and the gathered call without the
@@ -76,6 +109,9 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="also time the two FlexAttention calls with cheaper (not equivalent) masks: what the mask "
                          "tables cost")
+    ap.add_argument("--old-masks", action="store_true",
+                    help="also time both calls with the cell tests before the int32 ones (same outputs): the same-box "
+                         "baseline of the flex_main / gathered_cols rows")
     ap.add_argument("--sums-configs", nargs="*", default=[],
                     help="also time the estimate kernel's sums with these BJ:warps configs (e.g. 128:8 256:4)")
     ap.add_argument("--out", default="results/perf/vs_profile.json")
@@ -128,6 +164,8 @@ def main() -> None:
             r["flex_attention_with_bm"] = timed(lambda: flex.attention(q, k, v, p, scale, bm), args.repeats)
             if args.variants:
                 variants(r, q, k, v, p, main_p, bm, scale, vs, args.repeats)
+            if args.old_masks:
+                old_masks(r, q, k, v, p, main_p, bm, scale, args.repeats)
             r["hook"] = timed(lambda: vs.prefill_attention(0, q, k, v, scale), args.repeats)
             vs.take_costs(None)
             r["hook_x_dense"] = r["dense_sdpa"] / r["hook"]

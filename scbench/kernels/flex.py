@@ -67,31 +67,33 @@ def _from_kv_blocks(kn, ki, fn, fi, *, mask_mod, seq_lengths) -> BlockMask:
         return BlockMask.from_kv_blocks(kn, ki, fn, fi, **kw)
 
 
+def _i32(x: int) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.int32)
+
+
 def _mask_mod(pattern: Pattern):
-    """Cell predicate of the pattern's sparse rows (tables captured as tensors, indices clamped)."""
-    cols, diags = pattern.cols, pattern.diags
-    dev = cols.device
-    off = torch.tensor(pattern.offset, device=dev)
-    last = torch.tensor(pattern.tk - 1, device=dev)
+    """Cell predicate of the pattern's sparse rows (tables captured as tensors, indices clamped, int32 arithmetic:
+    FlexAttention's indices are int32 and an int64 constant would widen every cell's arithmetic)."""
+    dev = pattern.cols.device
+    off, last = _i32(pattern.offset).to(dev), _i32(pattern.tk - 1).to(dev)
     if pattern.band is not None:  # arithmetic test: ~15% faster than table reads at 128K (probe_flex_ashape.py)
         n_init, n_local = pattern.band
 
         def mask_mod(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             return (d >= 0) & ((kv_idx < n_init) | (d < n_local))
-    elif pattern.heads == 1:
-        c1, d1 = cols[0], diags[0]
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            d = q_idx + off - kv_idx
-            dd = torch.clamp(torch.minimum(d, last), min=0)
-            return (d >= 0) & (c1[torch.minimum(kv_idx, last)] | d1[dd])
-    else:
+        return mask_mod
+    cols, diags = pattern.cols, pattern.diags
+    one, no_cols = pattern.heads == 1, pattern.no_cols
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            d = q_idx + off - kv_idx
-            dd = torch.clamp(torch.minimum(d, last), min=0)
-            return (d >= 0) & (cols[h, torch.minimum(kv_idx, last)] | diags[h, dd])
+    def mask_mod(b, h, q_idx, kv_idx):
+        hh = 0 if one else h
+        d = q_idx + off - kv_idx
+        on = diags[hh, torch.clamp(torch.minimum(d, last), min=0)]
+        if not no_cols:
+            on = on | cols[hh, torch.minimum(kv_idx, last)]
+        return (d >= 0) & on
 
     return mask_mod
 
@@ -168,20 +170,21 @@ def _gathered_cols(q, k, v, pattern: Pattern, scale):
     tq, tk, off = pattern.tq, pattern.tk, pattern.offset
     dev = q.device
     cols = pattern.cols.expand(hq, -1) if pattern.heads == 1 else pattern.cols
-    diags = pattern.diags.expand(hq, -1) if pattern.heads == 1 else pattern.diags
     n = int(cols.sum(-1).max())
     pos = torch.where(cols, torch.arange(tk, device=dev), tk).sort(-1).values[:, :n]  # sorted, tk = padding
     valid = pos < tk
     pos = torch.where(valid, pos, 0)
     kv_head = (torch.arange(hq, device=dev) // (hq // hkv))[:, None]
     kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]  # [B, Hq, n, D]
-    t_off, t_last, t_n = (torch.tensor(x, device=dev) for x in (off, tk - 1, n - 1))
+    t_off, t_last, t_n = (_i32(x).to(dev) for x in (off, tk - 1, n - 1))
+    # int32 positions, a padding slot far right of every query (so the causal test rejects it: no validity table)
+    far = torch.where(valid, pos, 2**30).to(torch.int32)
+    dtab, one = pattern.diags, pattern.heads == 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         t = torch.minimum(kv_idx, t_n)
-        d = q_idx + t_off - pos[h, t]
-        dd = torch.clamp(torch.minimum(d, t_last), min=0)
-        return valid[h, t] & (d >= 0) & ~diags[h, dd]
+        d = q_idx + t_off - far[h, t]
+        return (d >= 0) & ~dtab[0 if one else h, torch.clamp(torch.minimum(d, t_last), min=0)]
 
     kn, ki, fn, fi = gathered_lists(pattern, pos, valid, n)
     bm = _from_kv_blocks(kn, ki, fn, fi, mask_mod=mask_mod, seq_lengths=(tq, n))

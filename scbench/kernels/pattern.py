@@ -38,6 +38,8 @@ class Pattern:
     band: tuple[int, int] | None = None
     """(n_init, n_local) when cols are the first n_init keys and diags the first n_local (set by ``band``):
     lets the GPU path test cells arithmetically instead of reading the tables."""
+    no_cols: bool = False
+    """``cols`` is all False (set by ``diagonals_only``): the GPU path's cell test skips the column table."""
 
     def __post_init__(self) -> None:
         if self.tk < self.tq or self.tq < 1:
@@ -76,7 +78,7 @@ class Pattern:
     def diagonals_only(self) -> "Pattern":
         """This pattern without its columns (the block-sparse part when the GPU path gathers the columns
         apart); it shares this pattern's diagonal prefix sums."""
-        main = dataclasses.replace(self, cols=torch.zeros_like(self.cols), scattered_cols=False)
+        main = dataclasses.replace(self, cols=torch.zeros_like(self.cols), scattered_cols=False, no_cols=True)
         no_cols = torch.zeros(main.heads, self.tk + 1, dtype=torch.int32, device=main.cols.device)
         main.__dict__["_prefix"] = {"diags": (self.diags, self.prefix("diags")), "cols": (main.cols, no_cols)}
         return main

@@ -34,7 +34,7 @@ def test_split_rows_equals_causal_rows(tq, tk, segment):
 
 
 @pytest.mark.parametrize("tq,tk", [(300, 300), (200, 517)])
-@pytest.mark.parametrize("kind", ["band", "tri", "lines"])
+@pytest.mark.parametrize("kind", ["band", "tri", "lines", "lines1"])
 def test_flex_attention_logic_matches_reference(tq, tk, kind, monkeypatch):
     monkeypatch.setattr(flex, "SPLIT_SEGMENT", 64)  # dense rows take the segment split at these sizes
     q, k, v = qkv(tq, tk, seed=tq)
@@ -44,8 +44,9 @@ def test_flex_attention_logic_matches_reference(tq, tk, kind, monkeypatch):
         p = pat.band(tq, tk, 16, 50, n_last=30)
     else:
         g = torch.Generator().manual_seed(2)
-        cols = torch.rand(4, tk, generator=g) < 0.1
-        diags = torch.rand(4, tk, generator=g) < 0.1
+        heads = 1 if kind == "lines1" else 4
+        cols = torch.rand(heads, tk, generator=g) < 0.1
+        diags = torch.rand(heads, tk, generator=g) < 0.1
         diags[:, 0] = True
         p = pat.Pattern(tq, tk, cols, diags, n_last=20, scattered_cols=True)
     out = flex.attention(q, k, v, p, 0.25)

@@ -227,7 +227,8 @@ def test_block_mask_lists_cover_the_pattern(tq, tk, kind):
 @pytest.mark.parametrize("tq,tk", [(300, 300), (200, 517), (256, 1024)])
 def test_gathered_column_block_lists(tq, tk, monkeypatch):
     """Vertical-slash's second FlexAttention call (gathered columns): its block lists cover every column cell
-    not on a chosen diagonal, and its full blocks hold only such cells (checked on CPU, no kernel run)."""
+    not on a chosen diagonal, its full blocks hold only such cells, and its cell test is exactly those cells
+    (padding slots never; checked on CPU, no kernel run)."""
     from scbench.kernels import flex
 
     g = torch.Generator().manual_seed(tk)
@@ -258,8 +259,33 @@ def test_gathered_column_block_lists(tq, tk, monkeypatch):
     assert not (listed & ~vb.any(4).any(2)).any()  # no padding-only block visited
     assert not (full & ~(cells | ~vb).all(4).all(2)).any()  # full blocks hold only computed cells
     assert not (full & ~vb.all(4).all(2)).any()
+    qi = torch.arange(nq * b, dtype=torch.int32)[:, None].clamp(max=tq - 1)
+    ki = torch.arange(nk * b, dtype=torch.int32)[None, :]
+    for h in range(4):
+        got = bm.mask_mod(torch.tensor(0, dtype=torch.int32), torch.tensor(h, dtype=torch.int32), qi, ki)
+        assert torch.equal(got[:tq], want[h, :tq]), h
     if tk >= 4 * tq:
         assert full.any()  # blocks far below the chosen diagonals skip the mask_mod
+
+
+@pytest.mark.parametrize("heads,tq,tk", [(3, 200, 517), (1, 300, 300), (3, 40, 1000)])
+@pytest.mark.parametrize("part", ["whole", "diagonals"])
+def test_mask_mod_equals_pattern_cells(heads, tq, tk, part):
+    """The main FlexAttention call's cell test, evaluated on every cell with int32 indices as FlexAttention passes
+    them (a diagonals-only pattern skips its zero columns), equals the pattern's mask."""
+    from scbench.kernels import flex
+
+    p = random_pattern(tq, tk, heads=heads, seed=tk)
+    if part == "diagonals":
+        p = p.diagonals_only()
+        assert p.no_cols
+    mm = flex._mask_mod(p)
+    q = torch.arange(tq, dtype=torch.int32)[:, None]
+    kv = torch.arange(tk, dtype=torch.int32)[None, :]
+    want = p.mask()
+    for h in range(heads):
+        got = mm(torch.tensor(0, dtype=torch.int32), torch.tensor(h, dtype=torch.int32), q, kv)
+        assert torch.equal(got, want[h]), h
 
 
 @pytest.mark.parametrize("tq,tk", [(64, 64), (64, 1000), (37, 300), (5, 128)])
