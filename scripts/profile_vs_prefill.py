@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="also time the two FlexAttention calls with cheaper (not equivalent) masks: what the mask "
                          "tables cost")
+    ap.add_argument("--options", nargs="*", default=[],
+                    help='also time both calls under these FlexAttention kernel options (JSON, added to '
+                         'flex.KERNEL_OPTIONS), e.g. \'{"num_stages": 2}\'')
     ap.add_argument("--old-masks", action="store_true",
                     help="also time both calls with the cell tests before the int32 ones (same outputs): the same-box "
                          "baseline of the flex_main / gathered_cols rows")
@@ -164,6 +167,13 @@ def main() -> None:
             r["flex_attention_with_bm"] = timed(lambda: flex.attention(q, k, v, p, scale, bm), args.repeats)
             if args.variants:
                 variants(r, q, k, v, p, main_p, bm, scale, vs, args.repeats)
+            for spec in args.options:  # both calls under other FlexAttention kernel options (same outputs)
+                default = flex.KERNEL_OPTIONS
+                flex.KERNEL_OPTIONS = {**default, **json.loads(spec)}
+                bmo = flex.block_mask(main_p)
+                r[f"flex_main {spec}"] = timed(lambda: flex._flex_lse(q, k, v, bmo, scale, True), args.repeats)
+                r[f"gathered_cols {spec}"] = timed(lambda: flex._gathered_cols(q, k, v, p, scale), args.repeats)
+                flex.KERNEL_OPTIONS = default
             if args.old_masks:
                 old_masks(r, q, k, v, p, main_p, bm, scale, args.repeats)
             r["hook"] = timed(lambda: vs.prefill_attention(0, q, k, v, scale), args.repeats)
