@@ -83,7 +83,7 @@ def test_triton_prev_select_equals_radix(gqa, request):
     two steps (the first without thresholds)."""
     if not torch.cuda.is_available():
         request.getfixturevalue("interpreted")  # triton 3.6's interpreter index patch
-    from methods.retrieval_batch import RetrievalBatch  # noqa: F401 (installed as scbench.methods)
+    from scbench.methods.retrieval_batch import RetrievalBatch  # noqa: F401
     from scbench.kv.offload import TieredLayer
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
