@@ -190,13 +190,14 @@ def work_size(rows: int) -> int:
 def sample_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n_local: int,
                          cnt: torch.Tensor | None = None, cand: torch.Tensor | None = None,
                          out: torch.Tensor | None = None, static: bool = True, chunk: int = 8192,
-                         samples: int = 4096, block: int = 8, margin: float = 4.0, num_warps: int = 8,
+                         samples: int | None = None, block: int = 8, margin: float = 4.0, num_warps: int = 8,
                          final_warps: int = 16, cap: int | None = None, fuse: bool = False) -> torch.Tensor:
     """s [B, H, C] scores (any float dtype, last dim contiguous); n [1] the valid length -> int32
     [B * H, (n_init + n_local if static) + k]: the indices of the ``min(k, rows)`` largest scores among positions
     [n_init, n - n_local), unordered, -1 in unused slots. ``cnt``: int32 [B * H] zeros (``work_size``), ``cand``:
     int32 [B * H * cap] scratch (allocated when not given). ``chunk`` / ``samples`` / ``block`` (powers of two,
-    samples <= cap): the filter's scores per program, sample size, sample block length; ``margin``: standard
+    samples <= cap): the filter's scores per program, sample size (default 4,096, at most ``cap``: ``cap_for(k)`` is
+    below that for k < 2,048), sample block length; ``margin``: standard
     deviations of the sample's count above its expected share of the top k (a smaller margin: fewer candidates,
     more whole-row fallbacks). ``fuse``: one launch, the last filter program of each row to finish selects for it
     (``num_warps`` then applies to that step too)."""
@@ -205,6 +206,7 @@ def sample_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, 
     if s.stride(2) != 1:
         raise ValueError(f"sample_select_triton: scores {tuple(s.shape)} need a contiguous last dimension")
     cap = cap or cap_for(k)
+    samples = samples or min(4096, cap)
     for name, v in (("chunk", chunk), ("samples", samples), ("block", block), ("cap", cap)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"sample_select_triton: {name}={v} must be a power of two")

@@ -33,8 +33,9 @@ def test_interpreter_run():
     if triton_interpreting():
         pytest.skip("already interpreting: the tests below run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
+    safe = ["-P"] if sys.flags.safe_path else []  # a run of the installed package (-P) stays one in the child
+    run = subprocess.run([sys.executable, *safe, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
+                          __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 

@@ -27,6 +27,7 @@ CASES = [
     (400, 390, 20, 4, 16, dict(chunk=128, samples=16, block=2, cap=16)),  # cap too small: whole row
     (300, 290, 500, 8, 8, dict(chunk=128, samples=64)),  # fewer rows than k
     (900, 30, 64, 20, 16, dict(chunk=256, samples=64)),  # nothing searchable yet; static rows overlap
+    (3000, 2900, 40, 4, 16, dict(chunk=1024)),  # default sample size, cut to the cap (128 for k=40)
 ]
 
 
