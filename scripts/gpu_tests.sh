@@ -13,8 +13,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target $site . 2>&1 \
   | grep -v -i -E "deprecat|license|\*\*\*|!!|^ *$" || true
 export PYTHONPATH=$site SCBENCH_CACHE=/tmp/scbcache
-# the embedded model's tokenizer (the GGUF is not carried): tests that load its weights are marked slow and left out
+# the embedded model's tokenizer and config (the GGUF is not carried), laid out as its converted folder (resolve() takes
+# a folder with config.json and model.safetensors as converted): tests that load its weights are marked slow and left out
 tok=/tmp/scbcache/models/smollm2-135m-instruct-f32
+[ -f .gpuwhl/smol_tok/config.json ] || { echo "gpu_tests.sh: .gpuwhl/smol_tok/config.json missing: rerun scripts/gpu_wheels.sh" >&2; exit 2; }
 mkdir -p $tok && cp .gpuwhl/smol_tok/* $tok/ && touch $tok/model.safetensors
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count(), 'GPU(s)')"
 kernels="tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/unit/test_row_select.py

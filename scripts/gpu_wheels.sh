@@ -16,8 +16,15 @@ PY
 )
 $py -m pip download -q --no-deps -d $out $pins
 $py - <<'PY'
+import shutil
+from pathlib import Path
+
 from transformers import AutoTokenizer
 from scbench.engines.models import resolve
-AutoTokenizer.from_pretrained(resolve("embedded:smollm2")).save_pretrained(".gpuwhl/smol_tok")
+folder = resolve("embedded:smollm2")
+AutoTokenizer.from_pretrained(folder).save_pretrained(".gpuwhl/smol_tok")
+# the converted model's config too: scripts/gpu_tests.sh lays the folder out as the converted model's (config.json and
+# an empty model.safetensors), so the tests that only need the tokenizer find it without the GGUF
+shutil.copy(Path(folder) / "config.json", ".gpuwhl/smol_tok/config.json")
 PY
 ls $out $out/smol_tok
