@@ -3,6 +3,7 @@ GPU, each piece of ``VerticalSlash.prefill_attention`` timed alone (CUDA events,
 torch.profiler table of its kernels.
 
     python scripts/profile_vs_prefill.py [--lengths 65536 131072] [--repeats 5] [--out results/perf/vs_profile.json]
+        [--variants] [--old-masks] [--options '{"num_stages": 2}' ...] [--sums-configs 64:4 ...]
 
 The pattern is the bench's "nearest diagonals" case (``scripts/bench_sparse_prefill.py``): the estimation runs in
 full, then the diagonals are replaced by the nearest ``slash_size`` (what real heads mostly pick; random weights show
