@@ -67,15 +67,16 @@ def _from_kv_blocks(kn, ki, fn, fi, *, mask_mod, seq_lengths) -> BlockMask:
         return BlockMask.from_kv_blocks(kn, ki, fn, fi, **kw)
 
 
-def _i32(x: int) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.int32)
+def _i32(x: int, device) -> torch.Tensor:
+    """A 0-dim int32 constant for a cell test, filled on the device (no host-to-device copy)."""
+    return torch.full((), x, dtype=torch.int32, device=device)
 
 
 def _mask_mod(pattern: Pattern):
     """Cell predicate of the pattern's sparse rows (tables captured as tensors, indices clamped, int32 arithmetic:
     FlexAttention's indices are int32 and an int64 constant would widen every cell's arithmetic)."""
     dev = pattern.cols.device
-    off, last = _i32(pattern.offset).to(dev), _i32(pattern.tk - 1).to(dev)
+    off, last = _i32(pattern.offset, dev), _i32(pattern.tk - 1, dev)
     if pattern.band is not None:  # arithmetic test: ~15% faster than table reads at 128K (probe_flex_ashape.py)
         n_init, n_local = pattern.band
 
@@ -176,7 +177,7 @@ def _gathered_cols(q, k, v, pattern: Pattern, scale):
     pos = torch.where(valid, pos, 0)
     kv_head = (torch.arange(hq, device=dev) // (hq // hkv))[:, None]
     kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]  # [B, Hq, n, D]
-    t_off, t_last, t_n = (_i32(x).to(dev) for x in (off, tk - 1, n - 1))
+    t_off, t_last, t_n = (_i32(x, dev) for x in (off, tk - 1, n - 1))
     # int32 positions, a padding slot far right of every query (so the causal test rejects it: no validity table)
     far = torch.where(valid, pos, 2**30).to(torch.int32)
     dtab, one = pattern.diags, pattern.heads == 1
