@@ -1,6 +1,7 @@
 """Sparse prefill patterns on the CPU: masks vs hand-built masks, reference vs chunked path, density, GQA,
 bottom-right alignment (Tk > Tq), and the methods' pattern semantics (sinks, local window, dense last rows)."""
 import math
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -286,6 +287,28 @@ def test_mask_mod_equals_pattern_cells(heads, tq, tk, part):
     for h in range(heads):
         got = mm(torch.tensor(0, dtype=torch.int32), torch.tensor(h, dtype=torch.int32), q, kv)
         assert torch.equal(got, want[h]), h
+
+
+def test_cell_tests_keep_int32_arithmetic(monkeypatch):
+    """FlexAttention passes int32 indices: every tensor constant or position table the cell tests capture is int32
+    (an int64 one widens each cell's arithmetic: +5 ms of 42 in the diagonal call at 131K on the H200,
+    results/perf/vs_prefill_h200.md)."""
+    from scbench.kernels import flex
+
+    def captured(fn):
+        return [c.cell_contents for c in fn.__closure__ or () if isinstance(c.cell_contents, torch.Tensor)
+                and c.cell_contents.dtype != torch.bool]
+
+    p = random_pattern(200, 517, heads=4, seed=0)
+    for q in (p, p.diagonals_only(), pat.band(200, 517, 4, 30)):
+        got = captured(flex._mask_mod(q))
+        assert got and all(t.dtype == torch.int32 for t in got), [t.dtype for t in got]
+    seen = {}
+    monkeypatch.setattr(flex, "_flex_lse", lambda q, k, v, bm, scale, gqa: seen.setdefault("bm", bm))
+    q, k, v = qkv(200, 517)
+    flex._gathered_cols(q, k, v, dataclasses_replace(p, scattered_cols=True), None)
+    got = captured(seen["bm"].mask_mod)
+    assert len(got) >= 4 and all(t.dtype == torch.int32 for t in got), [t.dtype for t in got]
 
 
 @pytest.mark.parametrize("tq,tk", [(64, 64), (64, 1000), (37, 300), (5, 128)])
