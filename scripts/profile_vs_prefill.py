@@ -47,12 +47,7 @@ def old_masks(r, q, k, v, p, main_p, bm, scale, repeats) -> None:
     bmo = flex._from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
                                mask_mod=main_mod, seq_lengths=(p.tq, p.tk))
     r["old_main_int64_bytes"] = timed(lambda: flex._flex_lse(q, k, v, bmo, scale, True), repeats)
-    n = int(p.cols.sum(-1).max())
-    pos = torch.where(p.cols, torch.arange(p.tk, device=q.device), p.tk).sort(-1).values[:, :n]
-    valid = pos < p.tk
-    pos = torch.where(valid, pos, 0)
-    kv_head = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1]))[:, None]
-    kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]
+    n, pos, valid, kg, vg = flex.gather_cols(k, v, p, q.shape[1])
     t_n = torch.tensor(n - 1, device=q.device)
 
     def gathered_mod(b, h, q_idx, kv_idx):
@@ -82,13 +77,7 @@ def variants(r, q, k, v, p, main_p, bm, scale, vs, repeats) -> None:
     r["v_main_causal_mask"] = timed(lambda: flex._flex_lse(q, k, v, bmc, scale, True), repeats)
     no_diags = dataclasses.replace(p, diags=torch.zeros_like(p.diags))
     r["v_gathered_no_diag_exclusion"] = timed(lambda: flex._gathered_cols(q, k, v, no_diags, scale), repeats)
-    n = int(p.cols.sum(-1).max())
-    pos = torch.where(p.cols, torch.arange(p.tk, device=q.device), p.tk).sort(-1).values[:, :n]
-    valid = pos < p.tk
-    pos = torch.where(valid, pos, 0)
-    kv_head = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1]))[:, None]
-    kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]
-
+    n, pos, valid, kg, vg = flex.gather_cols(k, v, p, q.shape[1])
     t_n = torch.tensor(n - 1, device=q.device)
 
     def causal_cols(b, h, q_idx, kv_idx):

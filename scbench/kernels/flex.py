@@ -165,18 +165,24 @@ def _flex_lse(q, k, v, bm: BlockMask | None, scale, gqa: bool, **options):
     return out, aux.lse
 
 
-def _gathered_cols(q, k, v, pattern: Pattern, scale):
-    """Attention of every query head to its own scattered columns, minus cells on chosen diagonals."""
-    hq, hkv = q.shape[1], k.shape[1]
-    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
-    dev = q.device
+def gather_cols(k, v, pattern: Pattern, hq: int):
+    """Each query head's own columns: (n, the most columns of a head; pos [Hq, n], sorted positions, 0 in padding
+    slots; valid [Hq, n]; keys and values [B, Hq, n, D] at those positions)."""
+    hkv, tk, dev = k.shape[1], pattern.tk, k.device
     cols = pattern.cols.expand(hq, -1) if pattern.heads == 1 else pattern.cols
     n = int(cols.sum(-1).max())
     pos = torch.where(cols, torch.arange(tk, device=dev), tk).sort(-1).values[:, :n]  # sorted, tk = padding
     valid = pos < tk
     pos = torch.where(valid, pos, 0)
     kv_head = (torch.arange(hq, device=dev) // (hq // hkv))[:, None]
-    kg, vg = k[:, kv_head, pos], v[:, kv_head, pos]  # [B, Hq, n, D]
+    return n, pos, valid, k[:, kv_head, pos], v[:, kv_head, pos]
+
+
+def _gathered_cols(q, k, v, pattern: Pattern, scale):
+    """Attention of every query head to its own scattered columns, minus cells on chosen diagonals."""
+    tq, tk, off = pattern.tq, pattern.tk, pattern.offset
+    dev = q.device
+    n, pos, valid, kg, vg = gather_cols(k, v, pattern, q.shape[1])
     t_off, t_last, t_n = (_i32(x, dev) for x in (off, tk - 1, n - 1))
     # int32 positions, a padding slot far right of every query (so the causal test rejects it: no validity table)
     far = torch.where(valid, pos, 2**30).to(torch.int32)

@@ -1,7 +1,6 @@
 """Sparse prefill patterns on the CPU: masks vs hand-built masks, reference vs chunked path, density, GQA,
 bottom-right alignment (Tk > Tq), and the methods' pattern semantics (sinks, local window, dense last rows)."""
 import math
-from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -306,7 +305,7 @@ def test_cell_tests_keep_int32_arithmetic(monkeypatch):
     seen = {}
     monkeypatch.setattr(flex, "_flex_lse", lambda q, k, v, bm, scale, gqa: seen.setdefault("bm", bm))
     q, k, v = qkv(200, 517)
-    flex._gathered_cols(q, k, v, dataclasses_replace(p, scattered_cols=True), None)
+    flex._gathered_cols(q, k, v, pat.Pattern(p.tq, p.tk, p.cols, p.diags, scattered_cols=True), None)
     got = captured(seen["bm"].mask_mod)
     assert len(got) >= 4 and all(t.dtype == torch.int32 for t in got), [t.dtype for t in got]
 
