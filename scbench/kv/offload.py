@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from scbench.devices import sync as _sync
 from scbench.kernels.dense import causal_attention
+from scbench.kv import tier as _tier
 from scbench.kv.cache import CacheLayer
 from scbench.kv.tier import TIERS, Parked, Tier, flatten, nbytes, unflatten  # noqa: F401 (``Tier`` & co. lived here)
 
@@ -60,8 +61,28 @@ class Rows:
             if self.n:
                 buf[..., : self.n, :] = self.view
             self.buf = buf
-        self.buf[..., self.n : self.n + t, :] = x
+        if not self._copy_blocks(x, self.n):
+            self.buf[..., self.n : self.n + t, :] = x
         self.n += t
+
+    def _copy_blocks(self, x: torch.Tensor, start: int) -> bool:
+        """Rows ``x`` [..., t, D] from an accelerator into rows [start, start + t) of the pinned buffer: one
+        asynchronous copy per leading block (B x Hkv runs of contiguous rows, straight into the pinned pages), then
+        one synchronisation. torch's copy into the strided view of the buffer first lands in a pageable host
+        temporary (a synchronous, staged transfer) and then copies that into place: ~0.3 s per 270 MB layer tensor,
+        ~20 s for a Llama-3.1-8B-shaped cache at 131K. False (the caller copies): not pinned, not from an
+        accelerator, a few rows (a decode token) or another dtype."""
+        t = x.shape[-2]
+        if (not _tier.BLOCK_COPY or not self.pin or not x.is_cuda or t < 64 or x.dtype != self.buf.dtype
+                or not self.buf.is_contiguous()):
+            return False
+        d = x.shape[-1]
+        src = x.reshape(-1, t, d)
+        dst = self.buf.view(-1, self.buf.shape[-2], d)[:, start : start + t]
+        for i in range(src.shape[0]):
+            dst[i].copy_(src[i], non_blocking=True)
+        torch.cuda.current_stream(x.device).synchronize()  # readers on the host may follow at once
+        return True
 
     def _queue(self, x: torch.Tensor, t: int, cap: int) -> bool:
         """``append`` through the stream (``async_rows``): False when it cannot (no room, not CUDA rows, another

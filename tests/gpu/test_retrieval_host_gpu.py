@@ -71,3 +71,50 @@ def test_rows_to_device_equals_the_view_copy():
         got = rows.to_device(torch.device("cuda"), start, end)
         torch.cuda.synchronize()
         assert got.is_contiguous() and torch.equal(got.cpu(), rows.buf[..., start:end or rows.n, :])
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rows_block_copy_equals_the_torch_copy(monkeypatch, contiguous):
+    """Rows from the GPU into a host tier's pinned buffer, one asynchronous copy per run of rows
+    (``Rows._copy_blocks``), against torch's copy into the strided view (``SCBENCH_HOST_BLOCK_COPY=0``): the same
+    bits, first fill, a growth and an append into the spare rows; a non-contiguous source (a view of a longer
+    cache) too."""
+    from scbench.kv import tier as tier_mod
+    from scbench.kv.offload import Rows
+
+    g = torch.Generator().manual_seed(1)
+    chunks = []
+    for t in (300, 70, 100):
+        x = torch.randn(2, 3, t + 9, 16, generator=g).bfloat16().cuda()
+        chunks.append(x[..., 4 : t + 4, :] if not contiguous else x[..., :t, :].contiguous())
+    got = {}
+    for block in (False, True):
+        monkeypatch.setattr(tier_mod, "BLOCK_COPY", block)
+        rows = Rows(torch.device("cpu"), torch.device("cuda"), reserve=80)
+        calls = []
+        orig = rows._copy_blocks
+        monkeypatch.setattr(rows, "_copy_blocks", lambda x, s: calls.append(orig(x, s)) or calls[-1])
+        for x in chunks:
+            rows.append(x)
+        assert rows.buf.is_pinned() and calls == [block] * 3
+        got[block] = rows.view.clone()
+    assert torch.equal(got[True], got[False])
+    assert torch.equal(got[True], torch.cat([x.cpu() for x in chunks], dim=-2))
+
+
+def test_park_put_get_pinned_equals_pageable(monkeypatch):
+    """``Tier.put`` from the GPU into pinned memory (asynchronous copies) and back, against the pageable path."""
+    from scbench.kv import tier as tier_mod
+    from scbench.kv.tier import Tier
+
+    g = torch.Generator().manual_seed(2)
+    src = {"k": torch.randn(1, 4, 333, 32, generator=g).bfloat16().cuda(),
+           "v": torch.randn(1, 4, 400, 32, generator=g).cuda()[..., :333, :]}
+    for block in (False, True):
+        monkeypatch.setattr(tier_mod, "BLOCK_COPY", block)
+        tier = Tier("cpu")
+        tier.put("x", src)
+        assert all(t.is_pinned() == block for t in tier._held["x"].values())
+        back = tier.get("x", "cuda")
+        assert all(torch.equal(back[k], src[k]) and back[k].dtype == src[k].dtype for k in src)
+        tier.close()
