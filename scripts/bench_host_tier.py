@@ -8,8 +8,8 @@ Rows (seconds per layer, K and V together; medians over ``--layers`` distinct la
 pinned allocator cannot hand back a freed block): the host tier with the old copy (``SCBENCH_HOST_BLOCK_COPY=0``:
 torch's copy into the strided view of the pinned buffer) and the new one (one asynchronous copy per run of rows);
 the pieces: pinned allocation (torch's caching host allocator, which rounds every block up to a power of two),
-a pageable allocation touched and registered with ``cudaHostRegister`` (exact size), and the copies alone into a
-ready pinned buffer; the park's put / get, old and new. The pinned cache is emptied between rows.
+a pageable allocation touched and registered with ``cudaHostRegister`` (exact size; ``scbench.kv.pinned`` does this),
+``pinned_empty`` itself, and the copies alone into a ready pinned buffer; the park's put / get, old and new. The pinned cache is emptied between rows.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 
 from scbench.kv import tier as tier_mod
 from scbench.kv.offload import TieredLayer
+from scbench.kv.pinned import pinned_empty
 from scbench.kv.tier import Tier
 
 HKV, D = 8, 128
@@ -100,6 +101,11 @@ def main() -> None:
                 keep.append(t)
         ts.append(timed(reg))
     row("register_exact_touched", ts)
+    keep_p, ts = [], []
+    for _ in range(L):
+        ts.append(timed(lambda: keep_p.extend(pinned_empty((1, HKV, rows_cap, D), torch.bfloat16) for _ in range(2))))
+    row("pinned_empty", ts)
+    keep_p.clear()
     for t in keep:
         cudart.cudaHostUnregister(t.data_ptr())
     keep.clear()

@@ -17,6 +17,7 @@ from scbench.devices import sync as _sync
 from scbench.kernels.dense import causal_attention
 from scbench.kv import tier as _tier
 from scbench.kv.cache import CacheLayer
+from scbench.kv.pinned import pinned_empty
 from scbench.kv.tier import TIERS, Parked, Tier, flatten, nbytes, unflatten  # noqa: F401 (``Tier`` & co. lived here)
 
 STORAGES = ("device", "cpu")
@@ -57,7 +58,11 @@ class Rows:
         if self.n + t > cap:  # grow by 1/8 (at least 64 rows): little slack, amortised O(1) appends
             rows = max(self.n + t, cap + max(64, cap // 8)) if cap else self.n + t + self.reserve
             shape = (*x.shape[:-2], rows, x.shape[-1])
-            buf = torch.empty(shape, dtype=self.dtype or x.dtype, device=self.device, pin_memory=self.pin)
+            dtype = self.dtype or x.dtype
+            if self.pin and _tier.BLOCK_COPY:  # exact size, pages locked on several threads (kv/pinned.py)
+                buf = pinned_empty(shape, dtype)
+            else:
+                buf = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
             if self.n:
                 buf[..., : self.n, :] = self.view
             self.buf = buf

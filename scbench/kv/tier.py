@@ -17,10 +17,11 @@ from scbench.devices import sync as _sync
 
 TIERS = ("cpu", "disk")
 BLOCK_COPY = os.environ.get("SCBENCH_HOST_BLOCK_COPY", "1") != "0"
-"""Copies from the accelerator to host memory go into pinned pages asynchronously (``Tier.put``; a host tier's
-rows: ``offload.Rows._copy_blocks``, one copy per contiguous run of rows). 0: torch's ``.to("cpu")`` / copy into
-the strided view, the reference: both stage through pageable host memory (at 131K ~20 s for a Llama-3.1-8B-shaped
-cache)."""
+"""Copies from the accelerator to host memory go into page-locked buffers of the exact size
+(``scbench.kv.pinned``), asynchronously (``Tier.put``; a host tier's rows: ``offload.Rows._copy_blocks``, one copy
+per contiguous run of rows). 0: the reference: torch's ``.to("cpu")`` into pageable memory (``Tier.put``), and a host
+tier's buffers from torch's pinned allocator filled by a copy into their strided view (staged through a pageable
+temporary): at 131K 23 s for a Llama-3.1-8B-shaped cache against ~2 s (``scripts/bench_host_tier.py``)."""
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -34,7 +35,9 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     ``get`` then reads pageable memory back the same slow way); ``SCBENCH_HOST_BLOCK_COPY=0``: that path."""
     if not (t.is_cuda and BLOCK_COPY):
         return t.detach().to("cpu", copy=True).contiguous()
-    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    from scbench.kv.pinned import pinned_empty
+
+    h = pinned_empty(t.shape, t.dtype)
     h.copy_(t.detach(), non_blocking=True)
     return h
 

@@ -118,3 +118,23 @@ def test_park_put_get_pinned_equals_pageable(monkeypatch):
         back = tier.get("x", "cuda")
         assert all(torch.equal(back[k], src[k]) and back[k].dtype == src[k].dtype for k in src)
         tier.close()
+
+
+def test_pinned_empty_is_page_locked_and_released():
+    """``pinned_empty`` above its threshold: exact size, page-locked (an asynchronous copy from the GPU lands
+    whole), and unregistered once the last view is gone (unregistering again then fails)."""
+    import gc
+
+    from scbench.kv.pinned import MIN_BYTES, pinned_empty
+
+    n = MIN_BYTES // 2 + 123  # bfloat16 elements: just above the threshold, not a power of two
+    t = pinned_empty((n,), torch.bfloat16)
+    assert t.is_pinned() and t.numel() == n
+    src = torch.randn(n, device="cuda").bfloat16()
+    t.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(t, src.cpu())
+    addr = t.data_ptr()
+    del t
+    gc.collect()
+    assert int(torch.cuda.cudart().cudaHostUnregister(addr)) != 0
