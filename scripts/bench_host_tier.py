@@ -23,7 +23,7 @@ import torch
 
 from scbench.kv import tier as tier_mod
 from scbench.kv.offload import TieredLayer
-from scbench.kv.pinned import pinned_empty
+from scbench.kv import pinned
 from scbench.kv.tier import Tier
 
 HKV, D = 8, 128
@@ -101,11 +101,15 @@ def main() -> None:
                 keep.append(t)
         ts.append(timed(reg))
     row("register_exact_touched", ts)
-    keep_p, ts = [], []
-    for _ in range(L):
-        ts.append(timed(lambda: keep_p.extend(pinned_empty((1, HKV, rows_cap, D), torch.bfloat16) for _ in range(2))))
-    row("pinned_empty", ts)
-    keep_p.clear()
+    for huge in (False, True, False, True):
+        pinned.HUGE_PAGES = huge
+        keep_p, ts = [], []
+        for _ in range(L):
+            ts.append(timed(lambda: keep_p.extend(pinned.pinned_empty((1, HKV, rows_cap, D), torch.bfloat16)
+                                                  for _ in range(2))))
+        row("pinned_empty" + ("_huge" if huge else ""), ts)
+        keep_p.clear()
+    pinned.HUGE_PAGES = False
     for t in keep:
         cudart.cudaHostUnregister(t.data_ptr())
     keep.clear()

@@ -19,6 +19,8 @@ import torch
 
 MIN_BYTES = 16 << 20
 """Below this, torch's caching pinned allocator (its blocks are reused; rounding wastes little)."""
+HUGE_PAGES = False
+"""Advise transparent huge pages for the mapping (where the kernel allows them: fewer faults and pages to lock)."""
 
 
 def _release(mm: mmap.mmap, addr: int) -> None:
@@ -35,7 +37,9 @@ def _release(mm: mmap.mmap, addr: int) -> None:
 def _registered(nbytes: int) -> torch.Tensor | None:
     """uint8 [nbytes] over a fresh anonymous mapping whose pages are faulted in and registered; None if
     registration fails."""
-    mm = mmap.mmap(-1, nbytes)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not MAP_SHARED: shmem pages fault slower
+    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
     owner_t = type("_PinnedPages", (ctypes.c_uint8 * nbytes,), {})
     owner = owner_t.from_buffer(mm)
     addr = ctypes.addressof(owner)
