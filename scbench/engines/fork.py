@@ -72,16 +72,21 @@ def plan_for(per_device: dict[torch.device, int]) -> str:
 
 
 def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
+    from scbench.kv.pinned import pinned_empty
+
+    out, sync = [], set()
     for layer in cache.layers:
         k, v = layer.keys, layer.values
-        if where == "host" and k.is_cuda:
-            hk, hv = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (k, v))
-            hk.copy_(k)
-            hv.copy_(v)
+        if where == "host" and k.is_cuda:  # exact-size page-locked buffers, filled asynchronously (kv/pinned.py)
+            hk, hv = (pinned_empty(t.shape, t.dtype) for t in (k, v))
+            hk.copy_(k, non_blocking=True)
+            hv.copy_(v, non_blocking=True)
             out.append((hk, hv))
+            sync.add(k.device)
         else:
             out.append((k.clone(), v.clone()))
+    for device in sync:
+        torch.cuda.current_stream(device).synchronize()
     return out
 
 

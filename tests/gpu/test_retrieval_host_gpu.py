@@ -138,3 +138,23 @@ def test_pinned_empty_is_page_locked_and_released():
     del t
     gc.collect()
     assert int(torch.cuda.cudart().cudaHostUnregister(addr)) != 0
+
+
+def test_fork_host_copy_equals_the_layers():
+    """The grouped sweep's host copy of a shared prefill (``fork._copy_layers(..., "host")``): exact-size
+    page-locked buffers filled asynchronously hold the layers' bits once it returns (one layer above the
+    registration threshold, one below, one a non-contiguous view)."""
+    from types import SimpleNamespace
+
+    from scbench.engines.fork import _copy_layers
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    shapes = ((1, 8, 8192, 128), (1, 2, 100, 64))
+    layers = [SimpleNamespace(keys=torch.randn(s, device="cuda", generator=g).bfloat16(),
+                              values=torch.randn(s, device="cuda", generator=g).bfloat16()) for s in shapes]
+    big = torch.randn(1, 2, 300, 64, device="cuda", generator=g)
+    layers.append(SimpleNamespace(keys=big[..., :200, :], values=big[..., 50:250, :]))
+    out = _copy_layers(SimpleNamespace(layers=layers), "host")
+    for layer, (hk, hv) in zip(layers, out):
+        assert hk.is_pinned() and hv.is_pinned() and hk.device.type == "cpu"
+        assert torch.equal(hk, layer.keys.cpu()) and torch.equal(hv, layer.values.cpu())
