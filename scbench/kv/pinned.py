@@ -1,26 +1,31 @@
 """Page-locked host buffers of exactly the requested size, made fast.
 
 torch's pinned allocator (``torch.empty(..., pin_memory=True)``) rounds every block up to a power of two and gets it
-from ``cudaHostAlloc``, which faults and locks the pages on one thread: on an H200 box ~2 GB/s, 0.38 s for one
-131K-token Llama-3.1-8B layer's K and V (two 270 MB tensors, 512 MB each after the rounding), 12 s for the 32 layers
-a host tier takes after its first prefill, and 32 GB pinned for 17 GB of rows (``scripts/bench_host_tier.py``).
-``pinned_empty`` maps anonymous memory of the exact size, faults its pages in on torch's CPU threads (a fill) and
-locks them with ``cudaHostRegister`` (0.055 s for the same layer). The returned tensor owns the mapping through a
+from ``cudaHostAlloc``, which faults and locks the pages on one thread: on an H200 box ~1.5 GB/s, 0.34-0.38 s for
+one 131K-token Llama-3.1-8B layer's K and V (two 270 MB tensors, 512 MB each after the rounding), 11-12 s for the
+32 layers a host tier takes after its first prefill, and 32 GB pinned for 17 GB of rows
+(``scripts/bench_host_tier.py``, ``results/perf/host_tier_h200.json``). ``pinned_empty`` maps private anonymous
+memory of the exact size (transparent huge pages advised), faults its pages in on torch's CPU threads (a fill) and
+locks them with ``cudaHostRegister``: 0.024 s for the same layer (0.039 s with 4 KiB pages). The returned tensor owns the mapping through a
 buffer object: when the last tensor viewing it is gone, the pages are unregistered, then unmapped. Small buffers,
 hosts without CUDA and failed registrations take torch's allocator.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import weakref
 
 import torch
 
+log = logging.getLogger(__name__)
+_WARNED = False
 MIN_BYTES = 16 << 20
 """Below this, torch's caching pinned allocator (its blocks are reused; rounding wastes little)."""
-HUGE_PAGES = False
-"""Advise transparent huge pages for the mapping (where the kernel allows them: fewer faults and pages to lock)."""
+HUGE_PAGES = True
+"""Advise transparent huge pages for the mapping where the kernel allows them (fewer faults and pages to lock: 24 vs
+39 ms per 131K layer on the H200, scripts/bench_host_tier.py); False: 4 KiB pages."""
 
 
 def _release(mm: mmap.mmap, addr: int) -> None:
@@ -31,6 +36,19 @@ def _release(mm: mmap.mmap, addr: int) -> None:
     try:
         mm.close()
     except BufferError:  # pragma: no cover - an export outlived the owner: leave the mapping to the process
+        pass
+
+
+def _clear_error() -> None:
+    """Reset the runtime's last error after a failed registration: torch reads it after its next kernel launch and
+    would report it there."""
+    get = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if get is not None:
+        get()
+        return
+    try:  # the launch check reads (and clears) the pending error
+        torch.zeros(1, device="cuda").add_(1)
+    except RuntimeError:
         pass
 
 
@@ -47,6 +65,12 @@ def _registered(nbytes: int) -> torch.Tensor | None:
     flat.fill_(0)  # fault the pages in on torch's threads: cudaHostRegister would fault them on one
     err = torch.cuda.cudart().cudaHostRegister(addr, nbytes, 0)
     if int(getattr(err, "value", err)) != 0:
+        _clear_error()
+        global _WARNED
+        if not _WARNED:
+            _WARNED = True
+            log.warning("cudaHostRegister of %d bytes failed (error %s): host buffers come from torch's pinned "
+                        "allocator", nbytes, int(getattr(err, "value", err)))
         del flat, owner
         mm.close()
         return None

@@ -120,13 +120,25 @@ def test_park_put_get_pinned_equals_pageable(monkeypatch):
         tier.close()
 
 
-def test_pinned_empty_is_page_locked_and_released():
+def test_pinned_empty_is_page_locked_and_released(monkeypatch):
     """``pinned_empty`` above its threshold: exact size, page-locked (an asynchronous copy from the GPU lands
-    whole), and unregistered once the last view is gone (unregistering again then fails)."""
+    whole), and unregistered, with success, once the last view is gone."""
     import gc
 
     from scbench.kv.pinned import MIN_BYTES, pinned_empty
 
+    real = torch.cuda.cudart()
+    released = []
+
+    class Recording:
+        cudaHostRegister = staticmethod(real.cudaHostRegister)  # noqa: N815 - the runtime's names
+
+        @staticmethod
+        def cudaHostUnregister(addr):  # noqa: N802
+            released.append((addr, int(real.cudaHostUnregister(addr))))
+            return released[-1][1]
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Recording)
     n = MIN_BYTES // 2 + 123  # bfloat16 elements: just above the threshold, not a power of two
     t = pinned_empty((n,), torch.bfloat16)
     assert t.is_pinned() and t.numel() == n
@@ -135,9 +147,13 @@ def test_pinned_empty_is_page_locked_and_released():
     torch.cuda.synchronize()
     assert torch.equal(t, src.cpu())
     addr = t.data_ptr()
+    view = t[5:]
     del t
     gc.collect()
-    assert int(torch.cuda.cudart().cudaHostUnregister(addr)) != 0
+    assert released == [] and view.is_pinned()
+    del view
+    gc.collect()
+    assert released == [(addr, 0)]
 
 
 def test_fork_host_copy_equals_the_layers():

@@ -15,6 +15,7 @@ class FakeCudart:
         self.fail = fail
         self.registered: dict[int, int] = {}
         self.unregistered: list[int] = []
+        self.cleared = 0
 
     def cudaHostRegister(self, addr, nbytes, flags):  # noqa: N802 - the runtime's name
         if self.fail:
@@ -24,6 +25,10 @@ class FakeCudart:
 
     def cudaHostUnregister(self, addr):  # noqa: N802
         self.unregistered.append(addr)
+        return 0
+
+    def cudaGetLastError(self):  # noqa: N802
+        self.cleared += 1
         return 0
 
 
@@ -68,3 +73,4 @@ def test_small_buffers_and_failed_registration_take_torchs_allocator(monkeypatch
     fake.fail = True
     big = pinned.pinned_empty((5 << 20,), torch.float32)
     assert big.numel() == 5 << 20 and calls[-1] is True and fake.registered == {}
+    assert fake.cleared == 1  # the failed call's error does not surface at torch's next kernel launch
