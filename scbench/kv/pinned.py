@@ -63,7 +63,7 @@ def _registered(nbytes: int) -> torch.Tensor | None:
     addr = ctypes.addressof(owner)
     flat = torch.frombuffer(owner, dtype=torch.uint8)
     flat.fill_(0)  # fault the pages in on torch's threads: cudaHostRegister would fault them on one
-    err = torch.cuda.cudart().cudaHostRegister(addr, nbytes, 0)
+    err = torch.cuda.cudart().cudaHostRegister(addr, nbytes, 1)  # cudaHostRegisterPortable: every device
     if int(getattr(err, "value", err)) != 0:
         _clear_error()
         global _WARNED
