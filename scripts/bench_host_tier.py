@@ -7,9 +7,10 @@
 Rows (seconds per layer, K and V together; medians over ``--layers`` distinct layers, each kept alive so that the
 pinned allocator cannot hand back a freed block): the host tier with the old copy (``SCBENCH_HOST_BLOCK_COPY=0``:
 torch's copy into the strided view of the pinned buffer) and the new one (one asynchronous copy per run of rows);
-the pieces: pinned allocation (torch's caching host allocator, which rounds every block up to a power of two),
-a pageable allocation touched and registered with ``cudaHostRegister`` (exact size; ``scbench.kv.pinned`` does this),
-``pinned_empty`` itself, and the copies alone into a ready pinned buffer; the park's put / get, old and new. The pinned cache is emptied between rows.
+the pieces: pinned allocation (torch's caching host allocator, which rounds every block up to a power of two), a
+pageable allocation touched and registered with ``cudaHostRegister`` (exact size; ``scbench.kv.pinned`` does this),
+``pinned_empty`` itself, and the copies alone into a ready pinned buffer; the park's put / get, old and new. The
+pinned cache is emptied between rows.
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 torch's pinned allocator (``torch.empty(..., pin_memory=True)``) rounds every block up to a power of two and gets it
 from ``cudaHostAlloc``, which faults and locks the pages on one thread: on an H200 box ~1.5 GB/s, 0.34-0.38 s for
-one 131K-token Llama-3.1-8B layer's K and V (two 270 MB tensors, 512 MB each after the rounding), 11-12 s for the
-32 layers a host tier takes after its first prefill, and 32 GB pinned for 17 GB of rows
+one 131K-token Llama-3.1-8B layer's K and V (two 270 MB tensors, 512 MB each after the rounding), 11-12 s for the 32
+layers a host tier takes after its first prefill, and 32 GB pinned for 17 GB of rows
 (``scripts/bench_host_tier.py``, ``results/perf/host_tier_h200.json``). ``pinned_empty`` maps private anonymous
 memory of the exact size (transparent huge pages advised), faults its pages in on torch's CPU threads (a fill) and
-locks them with ``cudaHostRegister``: 0.024 s for the same layer (0.039 s with 4 KiB pages). The returned tensor owns the mapping through a
-buffer object: when the last tensor viewing it is gone, the pages are unregistered, then unmapped. Small buffers,
-hosts without CUDA and failed registrations take torch's allocator.
+locks them with ``cudaHostRegister``: 0.024 s for the same layer (0.039 s with 4 KiB pages). The returned tensor
+owns the mapping through a buffer object: when the last tensor viewing it is gone, the pages are unregistered, then
+unmapped. Small buffers, hosts without CUDA and failed registrations take torch's allocator.
 """
 from __future__ import annotations
 
