@@ -29,7 +29,13 @@ HUGE_PAGES = True
 
 
 def _release(mm: mmap.mmap, addr: int) -> None:
+    """Unregister, then unmap, once no tensor views the pages. Every device is synchronised first: a copy queued
+    from or into the pages (``non_blocking``) may still be running when its last host view is dropped, which torch's
+    own pinned blocks survive by recorded events and these would not."""
     try:
+        if torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
         torch.cuda.cudart().cudaHostUnregister(addr)
     except Exception:  # noqa: BLE001 - interpreter shutdown: the driver may be gone; the pages go with the process
         pass

@@ -16,6 +16,7 @@ class FakeCudart:
         self.registered: dict[int, int] = {}
         self.unregistered: list[int] = []
         self.cleared = 0
+        self.synced: list[int] = []
 
     def cudaHostRegister(self, addr, nbytes, flags):  # noqa: N802 - the runtime's name
         if self.fail:
@@ -24,6 +25,7 @@ class FakeCudart:
         return 0
 
     def cudaHostUnregister(self, addr):  # noqa: N802
+        assert self.synced, "pages unregistered before the devices were synchronised"
         self.unregistered.append(addr)
         return 0
 
@@ -37,6 +39,9 @@ def fake(monkeypatch):
     rt = FakeCudart()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: rt.synced.append(i))
     return rt
 
 
@@ -55,7 +60,7 @@ def test_exact_size_registered_then_released_after_the_last_view(fake):
     assert view[0, 1, 2, 0].item() == 3.5
     del view
     gc.collect()
-    assert fake.unregistered == [addr]
+    assert fake.unregistered == [addr] and fake.synced == [0, 1]  # every device synchronised, then unregistered
 
 
 def test_small_buffers_and_failed_registration_take_torchs_allocator(monkeypatch, fake):
