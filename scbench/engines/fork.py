@@ -72,16 +72,13 @@ def plan_for(per_device: dict[torch.device, int]) -> str:
 
 
 def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from scbench.kv.pinned import pinned_empty
+    from scbench.kv.pinned import to_pinned
 
     out, sync = [], set()
     for layer in cache.layers:
         k, v = layer.keys, layer.values
         if where == "host" and k.is_cuda:  # exact-size page-locked buffers, filled asynchronously (kv/pinned.py)
-            hk, hv = (pinned_empty(t.shape, t.dtype) for t in (k, v))
-            hk.copy_(k, non_blocking=True)
-            hv.copy_(v, non_blocking=True)
-            out.append((hk, hv))
+            out.append((to_pinned(k), to_pinned(v)))
             sync.add(k.device)
         else:
             out.append((k.clone(), v.clone()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import weakref
 
@@ -86,13 +87,19 @@ def _registered(nbytes: int) -> torch.Tensor | None:
 
 def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (zero-filled when registered) contiguous host tensor in page-locked memory."""
-    shape = tuple(shape)
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    shape = tuple(int(s) for s in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= MIN_BYTES and torch.cuda.is_available():
         flat = _registered(nbytes)
         if flat is not None:
             return flat.view(dtype).view(shape)
     return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous page-locked host copy of the accelerator tensor ``t``, queued on its device's current stream:
+    the caller synchronises that stream before reading it (or dropping ``t``'s last reference is safe: the copy is
+    ordered before any reuse of its memory)."""
+    h = pinned_empty(t.shape, t.dtype)
+    h.copy_(t.detach(), non_blocking=True)
+    return h

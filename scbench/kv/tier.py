@@ -35,11 +35,9 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     ``get`` then reads pageable memory back the same slow way); ``SCBENCH_HOST_BLOCK_COPY=0``: that path."""
     if not (t.is_cuda and BLOCK_COPY):
         return t.detach().to("cpu", copy=True).contiguous()
-    from scbench.kv.pinned import pinned_empty
+    from scbench.kv.pinned import to_pinned
 
-    h = pinned_empty(t.shape, t.dtype)
-    h.copy_(t.detach(), non_blocking=True)
-    return h
+    return to_pinned(t)
 
 
 class Tier:
