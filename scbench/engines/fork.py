@@ -72,19 +72,12 @@ def plan_for(per_device: dict[torch.device, int]) -> str:
 
 
 def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from scbench.kv.pinned import to_pinned
+    if where == "host":  # exact-size page-locked buffers, filled asynchronously (kv/pinned.py)
+        from scbench.kv.pinned import host_copies
 
-    out, sync = [], set()
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values
-        if where == "host" and k.is_cuda:  # exact-size page-locked buffers, filled asynchronously (kv/pinned.py)
-            out.append((to_pinned(k), to_pinned(v)))
-            sync.add(k.device)
-        else:
-            out.append((k.clone(), v.clone()))
-    for device in sync:
-        torch.cuda.current_stream(device).synchronize()
-    return out
+        flat = host_copies([t for layer in cache.layers for t in (layer.keys, layer.values)])
+        return list(zip(flat[0::2], flat[1::2]))
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
 
 class SharedPrefill:

@@ -81,9 +81,8 @@ class Rows:
         if (not _tier.BLOCK_COPY or not self.pin or not x.is_cuda or t < 64 or x.dtype != self.buf.dtype
                 or not self.buf.is_contiguous()):
             return False
-        d = x.shape[-1]
-        src = x.reshape(-1, t, d)
-        dst = self.buf.view(-1, self.buf.shape[-2], d)[:, start : start + t]
+        src = x.reshape(-1, t, x.shape[-1])
+        dst = self._runs(start, start + t)
         for i in range(src.shape[0]):
             dst[i].copy_(src[i], non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()  # readers on the host may follow at once
@@ -130,11 +129,16 @@ class Rows:
             return view.to(device)
         d = self.buf.shape[-1]
         out = torch.empty((*self.buf.shape[:-2], end - start, d), dtype=self.buf.dtype, device=device)
-        src = self.buf.view(-1, self.buf.shape[-2], d)
+        src = self._runs(start, end)
         dst = out.view(-1, end - start, d)
         for i in range(src.shape[0]):
-            dst[i].copy_(src[i, start:end], non_blocking=True)
+            dst[i].copy_(src[i], non_blocking=True)
         return out
+
+    def _runs(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the contiguous capacity buffer as [B x Hkv, end - start, D]: each leading block's
+        rows are one contiguous run of memory (``to_device`` and ``_copy_blocks`` copy run by run)."""
+        return self.buf.view(-1, self.buf.shape[-2], self.buf.shape[-1])[:, start:end]
 
     def crop(self, n: int) -> None:
         self.n = min(self.n, n)

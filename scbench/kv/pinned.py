@@ -71,13 +71,14 @@ def _registered(nbytes: int) -> torch.Tensor | None:
     flat = torch.frombuffer(owner, dtype=torch.uint8)
     flat.fill_(0)  # fault the pages in on torch's threads: cudaHostRegister would fault them on one
     err = torch.cuda.cudart().cudaHostRegister(addr, nbytes, 1)  # cudaHostRegisterPortable: every device
-    if int(getattr(err, "value", err)) != 0:
+    err = int(getattr(err, "value", err))
+    if err != 0:
         _clear_error()
         global _WARNED
         if not _WARNED:
             _WARNED = True
             log.warning("cudaHostRegister of %d bytes failed (error %s): host buffers come from torch's pinned "
-                        "allocator", nbytes, int(getattr(err, "value", err)))
+                        "allocator", nbytes, err)
         del flat, owner
         mm.close()
         return None
@@ -96,10 +97,18 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def to_pinned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous page-locked host copy of the accelerator tensor ``t``, queued on its device's current stream:
-    the caller synchronises that stream before reading it (or dropping ``t``'s last reference is safe: the copy is
-    ordered before any reuse of its memory)."""
-    h = pinned_empty(t.shape, t.dtype)
-    h.copy_(t.detach(), non_blocking=True)
-    return h
+def host_copies(tensors) -> list[torch.Tensor]:
+    """Contiguous host copies of ``tensors``: from an accelerator into page-locked buffers (``pinned_empty``), all
+    queued asynchronously, then each device's current stream synchronised once; host tensors are cloned."""
+    out, devices = [], set()
+    for t in tensors:
+        if t.is_cuda:
+            h = pinned_empty(t.shape, t.dtype)
+            h.copy_(t.detach(), non_blocking=True)
+            devices.add(t.device)
+        else:
+            h = t.detach().clone(memory_format=torch.contiguous_format)
+        out.append(h)
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+    return out

@@ -29,17 +29,6 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of ``t``. From an accelerator: into pinned memory, asynchronously (the caller
-    synchronises), where ``.to("cpu")`` copies into pageable memory through the driver's staging buffers (and
-    ``get`` then reads pageable memory back the same slow way); ``SCBENCH_HOST_BLOCK_COPY=0``: that path."""
-    if not (t.is_cuda and BLOCK_COPY):
-        return t.detach().to("cpu", copy=True).contiguous()
-    from scbench.kv.pinned import to_pinned
-
-    return to_pinned(t)
-
-
 class Tier:
     """Named sets of tensors held in host memory (``cpu``) or in ``<root>/<name>.safetensors`` (``disk``).
 
@@ -67,9 +56,12 @@ class Tier:
         """Store ``tensors`` (any shapes and dtypes) under ``name``, replacing what was there; returns the bytes."""
         if not _NAME.match(name):
             raise ValueError(f"offload tier: name {name!r} must match {_NAME.pattern}")
-        host = {k: _to_host(t) for k, t in tensors.items()}
-        for dev in {t.device for t in tensors.values() if t.is_cuda}:
-            torch.cuda.current_stream(dev).synchronize()  # the pinned copies are asynchronous
+        if BLOCK_COPY:  # page-locked, asynchronous (kv/pinned.py); ``get`` then copies back at full bandwidth
+            from scbench.kv.pinned import host_copies
+
+            host = dict(zip(tensors, host_copies(tensors.values())))
+        else:  # pageable, through the driver's staging buffers both ways
+            host = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         size = sum(nbytes(t) for t in host.values())
         if self.kind == "cpu":
             self._held[name] = host
