@@ -1,0 +1,57 @@
+"""scripts/bench_agreement.py: every way of executing a sweep (fast decode, grouped prefill, batched decode) against
+the plain reference loop, turn by turn; end to end on the tiny model in float32, where the ways must agree."""
+from __future__ import annotations
+
+import json
+
+from support import load_script
+
+agree = load_script("bench_agreement.py")
+
+
+def turn(pred, score=1.0, path="graph"):
+    return {"prediction": pred, "score": score, "decode_path": path, "decode_batch": None}
+
+
+def test_leading_share_counts_tokens_before_the_first_difference():
+    assert agree.leading_share([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert agree.leading_share([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert agree.leading_share([1, 2], [1, 2, 3, 4]) == 0.5  # a longer answer is not identical
+    assert agree.leading_share([1, 2, 3, 4], [1, 2]) == 0.5
+    assert agree.leading_share([], []) == 1.0 and agree.leading_share([], [5]) == 0.0
+    assert agree.leading_share([7], [8]) == 0.0
+
+
+def test_compare_per_way_method_and_mode():
+    ref = {"full|multi_turn|kv|0|0": turn("a b c d", 1.0, "plain"), "full|multi_turn|kv|0|1": turn("x y", 0.0, "plain"),
+           "snapkv|multi_request|kv|0|0": turn("p q", 1.0, "plain")}
+    fast = {"full|multi_turn|kv|0|0": turn("a b z d", 0.0), "full|multi_turn|kv|0|1": turn("x y", 0.0)}
+    rows = agree.compare({"plain": ref, "fast": fast}, str.split)
+    full = next(r for r in rows if r["method"] == "full")
+    assert (full["way"], full["mode"], full["turns"], full["missing"], full["same"]) == ("fast", "multi_turn", 2, 0, 1)
+    assert full["leading_share"] == (0.5 + 1.0) / 2
+    assert (full["score_ref"], full["score"], full["score_changed"]) == (0.5, 0.0, 1)
+    assert full["paths"] == ["graph"]
+    snap = next(r for r in rows if r["method"] == "snapkv")
+    assert snap["turns"] == 0 and snap["missing"] == 1  # a run the way did not finish is counted, not compared
+    assert not any(r["way"] == "plain" for r in rows)
+
+
+def test_tiny_model_end_to_end_every_way_agrees_in_float32(tmp_path, monkeypatch):
+    out = tmp_path / "agree"
+    monkeypatch.setattr("sys.argv", ["bench_agreement.py", "--model", "tiny-llama", "--methods", "full", "snapkv-1k",
+                                     "--modes", "multi_request", "--tasks", "scbench_kv", "--length", "200",
+                                     "--turns", "2", "--max-new", "4", "--ways", "plain", "fast", "batched",
+                                     "--out", str(out)])
+    agree.main()
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [s["way"] for s in data["sweeps"]] == ["plain", "fast", "batched"]
+    assert all(s["rc"] == 0 and not s["failed"] for s in data["sweeps"]), [s["log_tail"] for s in data["sweeps"]]
+    rows = data["comparison"]
+    assert {(r["way"], r["method"].partition("(")[0]) for r in rows} == {(w, m) for w in ("fast", "batched")
+                                                                          for m in ("full", "snapkv")}
+    assert all(r["turns"] == 2 and r["same"] == 2 and r["leading_share"] == 1.0 and r["score_changed"] == 0
+               for r in rows)
+    assert next(r for r in rows if r["way"] == "batched")["paths"] == ["batched"]
+    md = out.with_suffix(".md").read_text()
+    assert "## batched (share_prefill=true timing=batched): 4/4 turns identical, 0 scores changed" in md
