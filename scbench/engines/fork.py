@@ -22,7 +22,6 @@ from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
 from scbench.engines.hf_session import HFSession
-from scbench.kv import cache as kvc
 
 log = logging.getLogger(__name__)
 
