@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=6000, help="context tokens of the generated rows")
     ap.add_argument("--examples", type=int, default=1)
     ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--commit", default=os.environ.get("SCBENCH_COMMIT"))
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds for all the sweeps: each gets a share of what is left (the reference twice the "

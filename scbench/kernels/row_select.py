@@ -80,6 +80,7 @@ if triton is not None:
             dst += n_init + n_local
         for it in range(ITERS):
             u, ok, offs, kk = _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, p * ITERS + it, H, CH)
+            u = (u >> S1) << S1  # the bits below the last digit cleared (a negative score's key has them set)
             gt = ok & (u > t)
             tie = ok & (u == t)
             tbase = tl.atomic_add(Cnt + 2 * row + 1, tl.sum(tie.to(tl.int32), 0), sem="relaxed")

@@ -86,12 +86,14 @@ if triton is not None:
     def _compact_kernel(S, N, Hist, Cnt, Out, C, R, K, n_init, n_local, rs_b, rs_h, M, H: tl.constexpr,
                         PASSES: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
                         S3: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr, STATIC: tl.constexpr,
-                        NSP: tl.constexpr):
+                        NSP: tl.constexpr, LOW: tl.constexpr = 0):
         """(row, chunk): write the indices of the selected rows into Out[row, :K] (unordered); -1 past kk.
         STATIC: Out[row] is [the n_init first rows, the n_local last rows, the K selected] (RetrievalAttention's
-        list; a static row not valid yet, or below n_init, is -1)."""
+        list; a static row not valid yet, or below n_init, is -1). LOW: the key bits below the last digit (16 for
+        bfloat16's two passes), cleared before comparing with the k-th key (a negative score's key has them set)."""
         row, ch = tl.program_id(0), tl.program_id(1)
         u, ok, offs, kk = _load_keys(S, N, C, K, n_init, n_local, rs_b, rs_h, row, ch, H, CH)
+        u = (u >> LOW) << LOW
         t, krem = _find(Hist, row, R, kk, PASSES, S0, S1, S2, S3, NB)
         gt = ok & (u > t)
         tie = ok & (u == t)
@@ -163,7 +165,7 @@ def radix_select_triton(s: torch.Tensor, n: torch.Tensor, k: int, n_init: int, n
                            CH=chunk, num_warps=num_warps)
     _compact_kernel[grid](s, n, hist, cnt, out, c, r, k, n_init, n_local, s.stride(0), s.stride(1), out.stride(0),
                           H=h, PASSES=len(digits), **sh, NB=nb, CH=chunk, STATIC=static,
-                          NSP=max(2, triton.next_power_of_2(ns)), num_warps=num_warps)
+                          NSP=max(2, triton.next_power_of_2(ns)), LOW=shifts[-1], num_warps=num_warps)
     return out
 
 

@@ -61,4 +61,4 @@ def test_retrieval_attend_cuda_equals_torch_rows(shape, dtype):
     rows = ref.rows(kv, 0, q)
     want = paged_attention_torch(q.float(), k.float(), v.float(), rows, torch.tensor([n], device="cuda"), 1, d**-0.5)
     err = ((got - want).norm() / want.norm()).item()
-    assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
+    assert err < (1e-4 if dtype == torch.float32 else 1e-2), err

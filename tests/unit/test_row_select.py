@@ -34,6 +34,8 @@ def test_one_launch_equals_radix_select(c, n, k, n_init, n_local, nprog):
         a, b = got[r, ns:][got[r, ns:] >= 0].long(), want[r, ns:][want[r, ns:] >= 0].long()
         assert a.unique().numel() == a.numel() and bool(((a >= n_init) & (a < n - n_local)).all())
         assert torch.equal(sc[r, a].sort().values, sc[r, b].sort().values)
+        top = sc[r, n_init : max(n_init, n - n_local)].topk(kk).values  # and the torch top-k's
+        assert torch.equal(sc[r, a].sort().values, top.sort().values)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (the plugin's one-launch branch, bfloat16 scores)")
