@@ -16,14 +16,16 @@ Ways (one `scbench run -m method=... mode=... task=...` sweep each, own store, t
   methods, forked per method (scbench/group.py; issue 19), decoded one request at a time.
 - ``batched``: ``share_prefill=true timing=batched`` -- the default of a sweep: grouped, and an example's
   independent turns decoded as one batch with the shared-prefix kernel (scbench/batch.py).
+- ``plain_fp32`` (not run by default): the plain loop in float32; ``--reference plain_fp32`` compares every bf16 way
+  with it, the plain bf16 loop included (how much bf16 alone moves the answers).
 
-In float32 on the CPU the four give identical predictions (tests/e2e/test_sweep_grouped.py,
+In float32 on the CPU the first four give identical predictions (tests/e2e/test_sweep_grouped.py,
 tests/engines/test_fast_decode.py, tests/engines/test_batched_decode.py). In bf16 any change of kernel changes the
 rounding, so greedy decoding can take another token where two are nearly tied; on a random-weight model that happens
 within a few steps (no token is ever clearly ahead), which says nothing about a trained model. This measures it on
-one. Per (way, method, mode) against ``plain``: turns compared, turns with the identical prediction, the tokens in common
-before the first difference over the longer answer's length, the mean per-turn score of each (the task's metric, as the
-leaderboard averages it) and how many turns' scores differ. Writes ``<out>.json`` and ``<out>.md``.
+one. Per (way, method, mode) against ``plain`` (``--reference``): turns compared, turns with the identical prediction,
+the tokens in common before the first difference over the longer answer's length, the mean per-turn score of each
+(the task's metric, as the leaderboard averages it) and how many turns' scores differ. Writes ``<out>.json`` and ``<out>.md``.
 """
 from __future__ import annotations
 
@@ -45,8 +47,11 @@ from bench_methods_report import short  # noqa: E402
 WAYS = {"plain": ["share_prefill=false", "timing=sequential", "+model.decode=plain"],
         "fast": ["share_prefill=false", "timing=sequential"],
         "grouped": ["share_prefill=true", "timing=sequential"],
-        "batched": ["share_prefill=true", "timing=batched"]}
+        "batched": ["share_prefill=true", "timing=batched"],
+        "plain_fp32": ["share_prefill=false", "timing=sequential", "+model.decode=plain", "model.dtype=float32"]}
 REFERENCE = "plain"
+"""The way the others are compared with (``--reference``: ``plain_fp32`` asks how far each bf16 way, the plain loop
+included, is from float32 arithmetic: the noise floor the fast paths are judged against)."""
 METHODS = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "quest", "kivi", "retrieval_attention-device",
            "retrieval_attention", "ashape", "trishape", "vertical_slash", "kvzip", "adakv", "duo_attention"]
 """Every method config at SCBench's budgets (the smollm2-calibrated DuoAttention gates), both RetrievalAttention
@@ -90,13 +95,13 @@ def leading_share(ref: list[int], other: list[int]) -> float:
     return n / longest
 
 
-def compare(ways: dict[str, dict], encode) -> list[dict]:
+def compare(ways: dict[str, dict], encode, reference: str = REFERENCE) -> list[dict]:
     """Per (way, method, mode): each non-reference way's turns against the reference way's turns of the same key.
     ``encode``: text -> token ids (the model's tokenizer; the leading share counts tokens)."""
-    ref = ways.get(REFERENCE) or {}
+    ref = ways.get(reference) or {}
     out = []
     for way, turns in ways.items():
-        if way == REFERENCE:
+        if way == reference:
             continue
         groups: dict[tuple, list[str]] = {}
         for key in ref:
@@ -123,16 +128,18 @@ def compare(ways: dict[str, dict], encode) -> list[dict]:
 
 def table(data: dict) -> str:
     rows = data["comparison"]
+    reference = data.get("reference", REFERENCE)
     labels = {r["method"]: short(r) for r in data.get("runs", [])}
     lines = [f"# Prediction agreement on {data['model']} ({data['dtype']}, {data['device']}, torch {data['torch']}, "
              f"commit {data['commit']})", "",
              f"`scripts/bench_agreement.py`: `scbench run` over {', '.join(data['tasks'])} (generated data, "
              f"{data['length']} context tokens, {data['examples']} example(s) per task, {data['turns']} turns of at "
-             f"most {data['max_new_tokens']} new tokens), every way against `{REFERENCE}` (the reference decode loop, "
-             "one request at a time). same: turns with the identical prediction; leading: mean tokens in common "
-             "before the first difference over the longer answer's length; score: mean per-turn score (reference -> this "
+             f"most {data['max_new_tokens']} new tokens), every way against `{reference}` "
+             f"({' '.join(WAYS[reference])}). same: turns with the identical prediction; leading: mean tokens in "
+             "common before the first difference over the longer answer's length; score: mean per-turn score "
+             "(reference -> this "
              "way) and the turns whose score changed.", ""]
-    for way in [w for w in WAYS if w != REFERENCE and any(r["way"] == w for r in rows)]:
+    for way in [w for w in WAYS if w != reference and any(r["way"] == w for r in rows)]:
         sel = [r for r in rows if r["way"] == way]
         n = sum(r["turns"] for r in sel)
         same = sum(r.get("same", 0) for r in sel)
@@ -158,7 +165,8 @@ def table(data: dict) -> str:
 
 
 def finish(data: dict, out: Path, encode) -> None:
-    data["comparison"] = compare({s["way"]: s["turns"] for s in data["sweeps"]}, encode)
+    data["comparison"] = compare({s["way"]: s["turns"] for s in data["sweeps"]}, encode,
+                                 data.get("reference", REFERENCE))
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text(table(data))
 
@@ -185,14 +193,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--modes", nargs="+", default=["multi_turn", "multi_request"])
     ap.add_argument("--tasks", nargs="+", default=["scbench_kv", "scbench_mf"])
-    ap.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    ap.add_argument("--ways", nargs="+", default=[w for w in WAYS if w != "plain_fp32"], choices=list(WAYS))
+    ap.add_argument("--reference", default=REFERENCE, choices=list(WAYS), help="the way the others are compared with")
     ap.add_argument("--length", type=int, default=6000, help="context tokens of the generated rows")
     ap.add_argument("--examples", type=int, default=1)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--commit", default=os.environ.get("SCBENCH_COMMIT"))
     ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds for all the sweeps: each gets a share of what is left (the reference twice the "
+                    help="seconds for all the sweeps: each gets a share of what is left (a plain loop twice the "
                          "others'); a sweep past its share is stopped and keeps its finished runs' turns")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     ap.add_argument("--out", required=True)
@@ -218,12 +227,15 @@ def main() -> None:
     data = {"model": a.model, "model_path": cfg_path, "dtype": "bfloat16 (auto)" if cuda else "float32 (auto)",
             "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "commit": commit,
             "tasks": a.tasks, "length": a.length, "examples": a.examples, "turns": a.turns,
-            "max_new_tokens": a.max_new, "methods": a.methods, "modes": a.modes, "sweeps": [], "runs": []}
+            "max_new_tokens": a.max_new, "methods": a.methods, "modes": a.modes, "reference": a.reference,
+            "sweeps": [], "runs": []}
     encode = tokenizer_encode(cfg_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-agreement-"))
     t0 = time.perf_counter()
-    weight = {w: 2.0 if w == REFERENCE else 1.0 for w in a.ways}
+    if a.reference not in a.ways:
+        ap.error(f"--reference {a.reference} must be one of --ways {a.ways}")
+    weight = {w: 2.0 if w.startswith("plain") else 1.0 for w in a.ways}
     for k, way in enumerate(a.ways):
         share = None
         if a.deadline is not None:
@@ -238,14 +250,15 @@ def main() -> None:
         turns, runs = collect(str(store)) if store.exists() else ({}, [])
         if not data["runs"]:
             data["runs"] = runs
-        data["sweeps"].append({"way": way, "overrides": WAYS[way], "rc": rc, "wall_s": secs, "share_s": share, "turns": turns,
+        data["sweeps"].append({"way": way, "overrides": WAYS[way], "rc": rc, "wall_s": secs, "share_s": share,
+                               "turns": turns,
                                "failed": [f"{r['method']} {r['mode']} {r['task']}: {r['error'] or r['status']}"
                                           for r in runs if r["status"] != "done"], "log_tail": log})
         print(f"{way}: rc {rc}, {secs:.0f} s, {len(turns)} turns", flush=True)
         if rc:
             print(log[-1500:], flush=True)
         finish(data, out, encode)
-        print(out.with_suffix(".md").read_text().split("\n## ")[-1][:2000] if way != REFERENCE else "", flush=True)
+        print(out.with_suffix(".md").read_text().split("\n## ")[-1][:2000] if way != a.reference else "", flush=True)
     print(out.with_suffix(".md").read_text(), flush=True)
 
 

@@ -64,7 +64,8 @@ def main() -> None:
 
     sys.argv = ["scbench", "run", "model=smollm2-135m", "method=retrieval_attention-device", "task=scbench_kv",
                 "mode=multi_request", f"data.length={a.length}", "data.n=1", "data.turns=2", "max_turns=2",
-                "max_new_tokens=16", f"store={tempfile.mkdtemp()}/ra_debug.sqlite", "progress=false", "timing=sequential", "share_prefill=false", *a.overrides]
+                "max_new_tokens=16", f"store={tempfile.mkdtemp()}/ra_debug.sqlite", "progress=false",
+                "timing=sequential", "share_prefill=false", *a.overrides]
     try:
         cli.main()
     except SystemExit:

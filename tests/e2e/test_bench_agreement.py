@@ -35,17 +35,19 @@ def test_compare_per_way_method_and_mode():
     snap = next(r for r in rows if r["method"] == "snapkv")
     assert snap["turns"] == 0 and snap["missing"] == 1  # a run the way did not finish is counted, not compared
     assert not any(r["way"] == "plain" for r in rows)
+    other = agree.compare({"plain": ref, "fast": fast}, str.split, reference="fast")  # another reference
+    assert {r["way"] for r in other} == {"plain"} and next(r for r in other if r["method"] == "full")["same"] == 1
 
 
 def test_tiny_model_end_to_end_every_way_agrees_in_float32(tmp_path, monkeypatch):
     out = tmp_path / "agree"
     monkeypatch.setattr("sys.argv", ["bench_agreement.py", "--model", "tiny-llama", "--methods", "full", "snapkv-1k",
                                      "--modes", "multi_request", "--tasks", "scbench_kv", "--length", "200",
-                                     "--turns", "2", "--max-new", "4", "--ways", "plain", "fast", "batched",
-                                     "--out", str(out)])
+                                     "--turns", "2", "--max-new", "4", "--ways", "plain_fp32", "fast", "batched",
+                                     "--reference", "plain_fp32", "--out", str(out)])
     agree.main()
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [s["way"] for s in data["sweeps"]] == ["plain", "fast", "batched"]
+    assert [s["way"] for s in data["sweeps"]] == ["plain_fp32", "fast", "batched"]
     assert all(s["rc"] == 0 and not s["failed"] for s in data["sweeps"]), [s["log_tail"] for s in data["sweeps"]]
     rows = data["comparison"]
     assert {(r["way"], r["method"].partition("(")[0]) for r in rows} == {(w, m) for w in ("fast", "batched")
@@ -54,4 +56,5 @@ def test_tiny_model_end_to_end_every_way_agrees_in_float32(tmp_path, monkeypatch
                for r in rows)
     assert next(r for r in rows if r["way"] == "batched")["paths"] == ["batched"]
     md = out.with_suffix(".md").read_text()
+    assert "every way against `plain_fp32` (share_prefill=false timing=sequential +model.decode=plain " in md
     assert "## batched (share_prefill=true timing=batched): 4/4 turns identical, 0 scores changed" in md
