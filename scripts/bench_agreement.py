@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_methods import run_cli  # noqa: E402
+from bench_methods import run_cli, turn_key  # noqa: E402
 from bench_methods_report import short  # noqa: E402
 
 WAYS = {"plain": ["share_prefill=false", "timing=sequential", "+model.decode=plain"],
@@ -73,7 +73,7 @@ def collect(store_path: str) -> tuple[dict, list[dict]]:
                          "error": str(run["error"]).splitlines()[0][:300] if run.get("error") else None})
             for t in store.turns(run["run_id"]):
                 scores = [v for v in (t["scores"] or {}).values() if isinstance(v, (int, float))]
-                turns[f"{run['method_label']}|{run['mode']}|{run.get('task')}|{t['example_id']}|{t['turn']}"] = {
+                turns[turn_key(run, t)] = {
                     "prediction": t["prediction"], "score": sum(scores) / len(scores) if scores else None,
                     "decode_path": t.get("decode_path"), "decode_batch": t.get("decode_batch")}
     finally:
@@ -99,21 +99,22 @@ def compare(ways: dict[str, dict], encode, reference: str = REFERENCE) -> list[d
     """Per (way, method, mode): each non-reference way's turns against the reference way's turns of the same key.
     ``encode``: text -> token ids (the model's tokenizer; the leading share counts tokens)."""
     ref = ways.get(reference) or {}
+    groups: dict[tuple, list[str]] = {}
+    for key in ref:
+        method, mode = key.split("|")[:2]
+        groups.setdefault((method, mode), []).append(key)
+    ref_ids = {k: encode(t["prediction"]) for k, t in ref.items()}  # once, not once per way
     out = []
     for way, turns in ways.items():
         if way == reference:
             continue
-        groups: dict[tuple, list[str]] = {}
-        for key in ref:
-            method, mode = key.split("|")[:2]
-            groups.setdefault((method, mode), []).append(key)
         for (method, mode), keys in sorted(groups.items()):
             both = [k for k in keys if k in turns]
             if not both:
                 out.append({"way": way, "method": method, "mode": mode, "turns": 0, "missing": len(keys)})
                 continue
             same = sum(turns[k]["prediction"] == ref[k]["prediction"] for k in both)
-            shares = [leading_share(encode(ref[k]["prediction"]), encode(turns[k]["prediction"])) for k in both]
+            shares = [leading_share(ref_ids[k], encode(turns[k]["prediction"])) for k in both]
             sr = [ref[k]["score"] for k in both if ref[k]["score"] is not None]
             sw = [turns[k]["score"] for k in both if turns[k]["score"] is not None]
             out.append({"way": way, "method": method, "mode": mode, "turns": len(both),

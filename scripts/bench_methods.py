@@ -71,6 +71,11 @@ def run_cli(args: list[str], env: dict, timeout: float | None) -> tuple[int, flo
     return rc, time.perf_counter() - t0, out[-4000:]
 
 
+def turn_key(run: dict, turn: dict) -> str:
+    """A turn's key across sweeps of the same runs: method label | mode | task | example | turn."""
+    return f"{run['method_label']}|{run['mode']}|{run.get('task')}|{turn['example_id']}|{turn['turn']}"
+
+
 def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict, dict]:
     """Per-run rows, predictions {method|mode|example|turn: text} and the store's span (first run opened to last
     turn stored) of one sweep's store."""
@@ -90,8 +95,7 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
             if run.get("error"):
                 row["error"] = str(run["error"]).splitlines()[0][:300]
             for t in turns:
-                preds[f"{run['method_label']}|{run['mode']}|{run.get('task')}|{t['example_id']}|{t['turn']}"] = \
-                    t["prediction"]
+                preds[turn_key(run, t)] = t["prediction"]
                 last = max(last or t["created"], t["created"])
             if turns:
                 first_t, later = turns[0], turns[1:]
