@@ -16,8 +16,11 @@ Ways (one `scbench run -m method=... mode=... task=...` sweep each, own store, t
   methods, forked per method (scbench/group.py; issue 19), decoded one request at a time.
 - ``batched``: ``share_prefill=true timing=batched`` -- the default of a sweep: grouped, and an example's
   independent turns decoded as one batch with the shared-prefix kernel (scbench/batch.py).
-- ``plain_fp32`` (not run by default): the plain loop in float32; ``--reference plain_fp32`` compares every bf16 way
-  with it, the plain bf16 loop included (how much bf16 alone moves the answers).
+- ``plain_fp32``, ``fast_fp32``, ``grouped_fp32``, ``batched_fp32`` (not run by default): the same in float32.
+  ``--reference plain_fp32`` compares every other way with the plain float32 loop: the bf16 plain loop's distance
+  from it is the noise floor bf16 arithmetic alone sets; the float32 fast ways' distance is what the fast paths
+  change on a GPU with the rounding nearly out of the way (their kernels still sum in another order, so a near tie
+  may still flip; more than a few differing turns points to a bug, as the bf16 radix select's was).
 
 In float32 on the CPU the first four give identical predictions (tests/e2e/test_sweep_grouped.py,
 tests/engines/test_fast_decode.py, tests/engines/test_batched_decode.py). In bf16 any change of kernel changes the
@@ -47,8 +50,9 @@ from bench_methods_report import short  # noqa: E402
 WAYS = {"plain": ["share_prefill=false", "timing=sequential", "+model.decode=plain"],
         "fast": ["share_prefill=false", "timing=sequential"],
         "grouped": ["share_prefill=true", "timing=sequential"],
-        "batched": ["share_prefill=true", "timing=batched"],
-        "plain_fp32": ["share_prefill=false", "timing=sequential", "+model.decode=plain", "model.dtype=float32"]}
+        "batched": ["share_prefill=true", "timing=batched"]}
+WAYS.update({f"{way}_fp32": [*overrides, "model.dtype=float32"] for way, overrides in list(WAYS.items())})
+DEFAULT_WAYS = ["plain", "fast", "grouped", "batched"]
 REFERENCE = "plain"
 """The way the others are compared with (``--reference``: ``plain_fp32`` asks how far each bf16 way, the plain loop
 included, is from float32 arithmetic: the noise floor the fast paths are judged against)."""
@@ -194,7 +198,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--modes", nargs="+", default=["multi_turn", "multi_request"])
     ap.add_argument("--tasks", nargs="+", default=["scbench_kv", "scbench_mf"])
-    ap.add_argument("--ways", nargs="+", default=[w for w in WAYS if w != "plain_fp32"], choices=list(WAYS))
+    ap.add_argument("--ways", nargs="+", default=DEFAULT_WAYS, choices=list(WAYS))
     ap.add_argument("--reference", default=REFERENCE, choices=list(WAYS), help="the way the others are compared with")
     ap.add_argument("--length", type=int, default=6000, help="context tokens of the generated rows")
     ap.add_argument("--examples", type=int, default=1)
