@@ -135,7 +135,9 @@ def table(data: dict) -> str:
     rows = data["comparison"]
     reference = data.get("reference", REFERENCE)
     labels = {r["method"]: short(r) for r in data.get("runs", [])}
-    lines = [f"# Prediction agreement on {data['model']} ({data['dtype']}, {data['device']}, torch {data['torch']}, "
+    dtype = data["dtype"] + ("; the *_fp32 ways float32" if any(s["way"].endswith("_fp32") for s in data["sweeps"])
+                             and "float32 (auto)" not in data["dtype"] else "")
+    lines = [f"# Prediction agreement on {data['model']} ({dtype}, {data['device']}, torch {data['torch']}, "
              f"commit {data['commit']})", "",
              f"`scripts/bench_agreement.py`: `scbench run` over {', '.join(data['tasks'])} (generated data, "
              f"{data['length']} context tokens, {data['examples']} example(s) per task, {data['turns']} turns of at "
