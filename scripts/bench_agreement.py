@@ -151,7 +151,13 @@ def table(data: dict) -> str:
         n = sum(r["turns"] for r in sel)
         same = sum(r.get("same", 0) for r in sel)
         changed = sum(r.get("score_changed", 0) for r in sel)
-        lines += [f"## {way} ({' '.join(WAYS[way])}): {same}/{n} turns identical, {changed} scores changed", "",
+        scored = [r for r in sel if r["turns"] and r.get("score_ref") is not None and r.get("score") is not None]
+        mean = ""
+        if scored:  # turn-weighted over the (method, mode) rows both ways scored
+            w = sum(r["turns"] for r in scored)
+            mean = (f", mean score {sum(r['score_ref'] * r['turns'] for r in scored) / w:.3f} -> "
+                    f"{sum(r['score'] * r['turns'] for r in scored) / w:.3f}")
+        lines += [f"## {way} ({' '.join(WAYS[way])}): {same}/{n} turns identical, {changed} scores changed{mean}", "",
                   "| mode | method | turns | same | leading | score | score changed | decode path |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sel:

@@ -58,3 +58,19 @@ def test_tiny_model_end_to_end_every_way_agrees_in_float32(tmp_path, monkeypatch
     md = out.with_suffix(".md").read_text()
     assert "every way against `plain_fp32` (share_prefill=false timing=sequential +model.decode=plain " in md
     assert "## batched (share_prefill=true timing=batched): 4/4 turns identical, 0 scores changed" in md
+
+
+def test_table_heads_each_way_with_its_turn_weighted_mean_score():
+    ref = {"full|multi_turn|kv|0|0": turn("a", 1.0, "plain"), "full|multi_turn|kv|0|1": turn("b", 0.0, "plain"),
+           "full|multi_turn|kv|0|2": turn("c", 1.0, "plain"), "snapkv|multi_request|kv|0|0": turn("p", 0.0, "plain")}
+    fast = {"full|multi_turn|kv|0|0": turn("a", 1.0), "full|multi_turn|kv|0|1": turn("b", 0.0),
+            "full|multi_turn|kv|0|2": turn("z", 0.0), "snapkv|multi_request|kv|0|0": turn("q", 1.0)}
+    data = {"model": "m", "dtype": "bfloat16 (auto)", "device": "d", "torch": "t", "commit": "c", "tasks": ["kv"],
+            "length": 1, "examples": 1, "turns": 3, "max_new_tokens": 4, "reference": "plain",
+            "sweeps": [{"way": "plain", "turns": ref}, {"way": "fast_fp32", "turns": fast}]}
+    data["comparison"] = agree.compare({"plain": ref, "fast_fp32": fast}, str.split)
+    md = agree.table(data)
+    # (3 x 2/3 + 1 x 0) / 4 -> (3 x 1/3 + 1 x 1) / 4: weighted by turns, not a mean of the two rows' means
+    assert "## fast_fp32 (share_prefill=false timing=sequential model.dtype=float32): 2/4 turns identical, " \
+           "2 scores changed, mean score 0.500 -> 0.500" in md
+    assert md.startswith("# Prediction agreement on m (bfloat16 (auto); the *_fp32 ways float32, d,")
