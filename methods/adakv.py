@@ -68,7 +68,7 @@ class AdaKV(SnapKV):
         if cap >= n:
             return keys, values
         recent = min(cap, self.recent(cap, queries))
-        scores = self.score(layer_idx, keys, values, queries)[0]
+        scores = self.shared_scores(layer_idx, lambda: self.score(layer_idx, keys, values, queries))[0][0]
         heads = [(keys[0, h], values[0, h]) for h in range(keys.shape[1])]
         return keep_ragged(heads, list(scores), cap, recent, self.alpha)
 

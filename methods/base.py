@@ -90,6 +90,25 @@ class Method:
         """
         raise NotImplementedError
 
+    def score_key(self) -> tuple | None:
+        """What this method's compression scores depend on besides the cache, the fed tokens and the captured
+        queries: the knobs that change the scores, not those that change only what is kept (a budget, a level).
+        In a grouped sweep (scbench/group.py) the runs whose first compression follows one shared prefill and whose
+        keys are equal compute the scores once (``shared_scores``; SnapKV, PyramidKV and AdaKV at one window and
+        kernel, H2O at one observation window, KVzip at one chunk size: a budget sweep scores once). None (the
+        default): never shared."""
+        return None
+
+    def shared_scores(self, part, compute):
+        """``compute()``, or the value it returned for another run of the group (see ``score_key``; ``part`` names
+        what is scored, e.g. the layer) -> (value, seconds): seconds is the measured time of the shared computation
+        when this run reused it (its cost columns count it as the run's own), 0.0 when computed here. Outside a
+        grouped sweep's first compression: ``(compute(), 0.0)``."""
+        memo, key = getattr(self, "_score_memo", None), self.score_key()
+        if memo is None or key is None:
+            return compute(), 0.0
+        return memo.get((key, part), compute)
+
     def begin_compression(self, *, num_layers: int, seen_tokens: int) -> None:
         """Called by the engine before ``compress_cache`` runs over the layers of one compression pass.
 

@@ -79,6 +79,10 @@ class H2O(TokenScorer):
     def recent(self, capacity, queries):
         return int(capacity * self.recent_ratio)
 
+    def score_key(self):
+        """The prompt queries' accumulated attention: the same at every budget and recent ratio."""
+        return ("H2O.score", self.obs_window) if type(self).score is H2O.score else None
+
     def score(self, layer_idx, keys, values, queries):
         """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n]. On CUDA: the blockwise Triton kernels
         (scbench/kernels/h2o_scores.py, never the attention matrix; the first prefill's log-sum-exps come from its

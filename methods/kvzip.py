@@ -87,11 +87,14 @@ class KVzip(TokenScorer):
     def prepare_compression(self, session, ids):
         """Score every cached pair by reconstruction, then (level pair) allocate the model-wide pool."""
         t0 = time.perf_counter()
-        self._scores, tokens = reconstruction_scores(session, ids, self.chunk, self.n_sink)
+        # a grouped sweep's KVzip runs at one chunk size (a budget or level sweep) reconstruct once; a reuse counts
+        # the measured seconds of that computation (Method.shared_scores)
+        (self._scores, tokens), shared_s = self.shared_scores(
+            "reconstruction", lambda: reconstruction_scores(session, ids, self.chunk, self.n_sink))
         if session.engine.device.type == "cuda":
             torch.cuda.synchronize(session.engine.device)
         m = self._measured
-        m["score_prefill_s"] = m.get("score_prefill_s", 0.0) + time.perf_counter() - t0
+        m["score_prefill_s"] = m.get("score_prefill_s", 0.0) + time.perf_counter() - t0 + shared_s
         m["score_prefill_tokens"] = m.get("score_prefill_tokens", 0) + tokens
         for per_head in self._scores.values():
             for sc in per_head:
@@ -106,6 +109,10 @@ class KVzip(TokenScorer):
             for j, i in enumerate(layers):
                 h = len(self._scores[i])
                 self._keep[i] = idx[j * h : (j + 1) * h]
+
+    def score_key(self):
+        """The reconstruction scores: the same at every budget, level and ``n_recent`` (applied to a copy)."""
+        return ("KVzip.reconstruction", self.chunk, self.n_sink)
 
     def take_costs(self, session) -> dict:
         """The scoring prefills since the last turn (the turn whose prefill compressed; 0 in the others)."""

@@ -61,6 +61,11 @@ class SnapKV(TokenScorer):
     def recent(self, capacity, queries):
         return queries.shape[-2] if queries is not None else 0
 
+    def score_key(self):
+        """The window's votes pooled by ``kernel``: the same for SnapKV, PyramidKV and AdaKV at one window and kernel
+        (their budgets differ only in what they keep); a subclass with its own ``score`` shares nothing."""
+        return ("SnapKV.score", self.window, self.kernel) if type(self).score is SnapKV.score else None
+
     def score(self, layer_idx, keys, values, queries):
         """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n] (window entries are 0, unused)."""
         if queries is None:

@@ -103,7 +103,10 @@ class TokenScorer(Method):
         if k >= n:
             return None
         recent = min(k, self.recent(k, queries))
-        scores = self.score(layer_idx, keys, values, queries) if recent < k else keys.new_zeros(keys.shape[:-1])
+        if recent >= k:
+            scores = keys.new_zeros(keys.shape[:-1])
+        else:  # a grouped sweep's runs with equal score keys score once (Method.shared_scores)
+            scores = self.shared_scores(layer_idx, lambda: self.score(layer_idx, keys, values, queries))[0]
         return select(scores, k, recent)
 
     def compress_cache(self, layer_idx, keys, values, queries):

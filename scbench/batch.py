@@ -304,7 +304,7 @@ class BatchedReplay(Replay):
                                          seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                          attn_cells=fs.attn_cells + ctx_fs.attn_cells,
                                          attn_computed=fs.attn_computed + ctx_fs.attn_computed,
-                                         prefill_shared=ctx_fs.prefill_shared)
+                                         prefill_shared=ctx_fs.prefill_shared, scores_shared=ctx_fs.scores_shared)
             costs = self.method.take_costs(self.session)  # this request's, before the next feed adds its own
             comp = self._take_compression()  # the context's compression: request 0's (as its prefill is)
             if j in self.done and j != self.check_turn:

@@ -6,7 +6,8 @@ example by example in one process: for each example the first run computes the p
 others get a fork of its cache (scbench/engines/fork.py plans where the copy lives from free memory), and each
 run's compression and turns then proceed exactly as in its own run. Every run keeps its own run id, rows and
 resume point (rows are committed turn by turn, so a kill loses no finished turn); its first turn records in
-``prefill_shared`` how many runs shared the prefill. Other runs (sparse prefill, prompt compression, CacheBlend,
+``prefill_shared`` how many runs shared the prefill. Runs whose methods score alike (``Method.score_key()``: e.g.
+KVzip at several budgets) also compute their first compression's scores once (``scores_shared``). Other runs (sparse prefill, prompt compression, CacheBlend,
 another engine, naive replay) run alone through ``run_spec``.
 
 ``scbench run -m`` with the basic launcher queues its jobs here (``share_prefill: true``, the default) and runs
@@ -292,7 +293,8 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
 
     window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
     lse = any(getattr(m.method, "query_lse", False) for m in members if "compress_cache" in m.method.hooks())
-    shared = SharedPrefill(engine, takers=len(members), window=window, lse=lse)
+    keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in members]
+    shared = SharedPrefill(engine, takers=len(members), window=window, lse=lse, score_keys=keys)
     try:
         for m in members:
             proxy = ForkingEngine(engine, shared)

@@ -117,6 +117,10 @@ class TurnStats:
     prefill_shared: int = 1
     """Runs of a grouped sweep that shared this turn's prefill (scbench/group.py: one dense first prefill, its cache
     forked per method); 1 when the run prefilled alone. ``prefill_s`` stays the measured time of that prefill."""
+    scores_shared: int = 1
+    """Runs of a grouped sweep that shared this turn's compression scores: after one shared prefill, the runs whose
+    methods score alike (``Method.score_key()``: e.g. KVzip at several budgets) compute the scores once; 1 when
+    scored alone. ``compress_s`` counts the shared computation's measured time as the run's own."""
     decode_batch: int = 1
     """Requests decoded together in this turn's batch (scbench/batch.py, shared-prefix attention); 1: decoded alone."""
     decode_step_s: float = 0.0

@@ -159,7 +159,7 @@ class Replay:
                                              seconds=fs.seconds + ctx_fs.seconds, compress_s=fs.compress_s + ctx_fs.compress_s,
                                              attn_cells=fs.attn_cells + ctx_fs.attn_cells,
                                              attn_computed=fs.attn_computed + ctx_fs.attn_computed,
-                                             prefill_shared=ctx_fs.prefill_shared)
+                                             prefill_shared=ctx_fs.prefill_shared, scores_shared=ctx_fs.scores_shared)
                     ctx_fs = None
             else:
                 self.session = self.engine.session(self.method)
@@ -287,6 +287,7 @@ class Replay:
             truncated_tokens=self.builder.truncated if i == 0 else 0,
             attn_density=fs.attn_density,
             prefill_shared=fs.prefill_shared,
+            scores_shared=fs.scores_shared,
             method_costs=self._method_costs(i, costs),
             **mem,
             **extra,

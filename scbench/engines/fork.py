@@ -10,11 +10,18 @@ else nowhere (each run prefills alone, and a warning says so). The last run to f
 the fork, the logits and the captured queries, then runs its own method's compression exactly as ``HFSession.feed``
 would; ``FeedStats.seconds`` is the shared prefill's measured time plus this method's compression, and
 ``extra["prefill_shared"]`` the number of runs planned to share it.
+
+``ScoreMemo`` goes one step further: runs of the group whose methods declare the same ``Method.score_key()`` (the
+scores depend on the cache and the knobs in the key only, e.g. KVzip's reconstruction at several budgets) compute
+their first compression's scores once; each reuse gets a copy, counts the shared computation's measured seconds in
+its ``compress_s`` and records ``scores_shared``.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import Counter
 
 import torch
 
@@ -22,11 +29,15 @@ from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
 from scbench.engines.hf_session import HFSession
+from scbench.engines.recurrent import _clone  # tensors cloned inside dicts, lists, tuples (a method may change its own)
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 PLANS = ("device", "host", "none")
+SHARE_SCORES = os.environ.get("SCBENCH_SHARE_SCORES", "1") != "0"
+"""``SCBENCH_SHARE_SCORES=0``: every run of a group computes its own scores (``ScoreMemo`` keeps nothing; the
+predictions are the same either way, this is for timing the difference)."""
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -79,11 +90,71 @@ def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
 
+class ScoreMemo:
+    """The compression scores of one shared prefill, by ``(Method.score_key(), part)`` (see the module docstring).
+
+    Only keys that two or more runs of the group declare are kept (``planned``); the first run to ask computes and
+    a copy is kept, every later one gets its own copy and the seconds the computation took. A key's entries are
+    dropped once every run declaring it has compressed (``done``)."""
+
+    def __init__(self, keys, device, enabled: bool | None = None):
+        counts = Counter(k for k in keys if k is not None)
+        on = SHARE_SCORES if enabled is None else enabled
+        self.planned: dict = {k: n for k, n in counts.items() if n > 1 and on}
+        """Score key -> runs of the group that declare it (two or more)."""
+        self.left = dict(self.planned)
+        self.entries: dict = {}
+        self.device = device
+        self.reused_s = 0.0
+        """Seconds of the shared computations reused since ``take_reused_s`` (the compression running now)."""
+        self.computed = self.reused = 0
+
+    def get(self, key, compute):
+        """``(compute(), 0.0)`` the first time (kept when the key is shared), ``(copy, seconds)`` after."""
+        if key[0] not in self.left:
+            return compute(), 0.0
+        hit = self.entries.get(key)
+        if hit is not None:
+            value, seconds = hit
+            self.reused_s += seconds
+            self.reused += 1
+            return _clone(value), seconds
+        _sync(self.device)
+        t0 = time.perf_counter()
+        value = compute()
+        _sync(self.device)
+        self.entries[key] = (_clone(value), time.perf_counter() - t0)
+        self.computed += 1
+        return value, 0.0
+
+    def sharers(self, key) -> int:
+        """Runs planned to share this key's scores (1: not shared)."""
+        return self.planned.get(key, 1) if key is not None else 1
+
+    def take_reused_s(self) -> float:
+        out, self.reused_s = self.reused_s, 0.0
+        return out
+
+    def done(self, key) -> None:
+        """A run declaring ``key`` has compressed: the key's entries go with its last run."""
+        if key in self.left:
+            self.left[key] -= 1
+            if self.left[key] <= 0:
+                del self.left[key]
+                self.entries = {k: v for k, v in self.entries.items() if k[0] != key}
+
+    def clear(self) -> None:
+        self.entries, self.left = {}, {}
+
+
 class SharedPrefill:
     """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
 
-    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False):
+    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=()):
         self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        self.memo = ScoreMemo(score_keys, engine.device)
+        """The first compression's scores shared by runs with equal ``Method.score_key()`` (``score_keys``: the
+        group's runs' keys)."""
         """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
         shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.lses: dict[int, tuple] = {}
@@ -108,6 +179,7 @@ class SharedPrefill:
     def close(self) -> None:
         self.layers = self.logits = self.queries = None
         self.lses = {}
+        self.memo.clear()
 
     def take(self, session: "ForkSession", ids: list[int]) -> bool:
         """Fill ``session`` (empty) with the dense prefill of ``ids``: computed here if this is the first taker,
@@ -202,6 +274,7 @@ class ForkSession(HFSession):
             return super().feed(ids, compress=compress, sparse=sparse)
         compress = compress and "compress_cache" in self.hooks
         compress_s = 0.0
+        scores_shared = 1
         if compress:
             window = self.method.query_window
             ctx = attention.AttnContext(method=self.method, capture_queries=window)
@@ -209,16 +282,25 @@ class ForkSession(HFSession):
                 if window > shared.window:
                     raise RuntimeError(f"shared prefill captured {shared.window} queries, the method wants {window}")
                 ctx.queries = shared.shared_queries(window)
+            key = self.method.score_key()
             _sync(dev)
             t1 = time.perf_counter()
-            self._compress(ctx, ids)
+            self.score_memo = shared.memo  # this compression only: the cache is the shared prefill's
+            try:
+                self._compress(ctx, ids)
+            finally:
+                self.score_memo = None
+                shared.memo.done(key)
             _sync(dev)
-            compress_s = time.perf_counter() - t1
+            # a reused score counts as the run's own work: compress_s is what the compression costs a run alone
+            compress_s = time.perf_counter() - t1 + shared.memo.take_reused_s()
+            scores_shared = shared.memo.sharers(key)
         if shared.left <= 0:  # the last run of the group has what it needs
             shared.close()
         return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
                          attn_cells=shared.cells, attn_computed=shared.cells,
-                         prefill_shared=shared.takers if shared.plan in ("device", "host") else 1)
+                         prefill_shared=shared.takers if shared.plan in ("device", "host") else 1,
+                         scores_shared=scores_shared)
 
 
 class ForkingEngine:

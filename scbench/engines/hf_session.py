@@ -38,6 +38,9 @@ class HFSession(Session):
         """Where checkpoints wait when the engine offloads them (created at the first checkpoint)."""
         self._parked = 0
         self.decoder: fastdecode.FastDecoder | None = None
+        self.score_memo = None
+        """A grouped sweep's shared scores (scbench/engines/fork.py ``ScoreMemo``) while the compression right after
+        a shared first prefill runs; None otherwise."""
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], ctx: attention.AttnContext | None = None) -> torch.Tensor:
@@ -100,6 +103,21 @@ class HFSession(Session):
     def _compress(self, ctx: attention.AttnContext, ids: list[int]) -> None:
         """One compression firing over every layer; ``ids`` are the tokens fed since the previous one."""
         self.method.begin_compression(num_layers=len(self.cache.layers), seen_tokens=self.pos)
+        self.method._score_memo = self.score_memo  # Method.shared_scores reads it (None: computes alone)
+        try:
+            self._compress_layers(ctx, ids)
+        finally:
+            self.method._score_memo = None
+        lengths, e = kvc.layer_lengths(self.cache), self.engine
+        full = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, max(lengths, default=0), e.dtype)
+        per_token = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, 1, e.dtype)  # one token in every layer and head
+        resident = kvc.kv_nbytes(self.cache)
+        self.last_compression = {"context_tokens": self.pos, "kv_ratio": resident / full if full else None,
+                                 # mean kept tokens per layer and KV head (ragged layers keep per-head counts)
+                                 "kept_tokens": resident / per_token if per_token else None}
+        """What the last compression left (read and cleared by the runner's fired-check, scbench/checks.py)."""
+
+    def _compress_layers(self, ctx: attention.AttnContext, ids: list[int]) -> None:
         self.method.prepare_compression(self, ids)  # e.g. KVzip's context-reconstruction forwards
         for idx, layer in enumerate(self.cache.layers):
             if not layer.is_initialized or kvc.compresses_itself(layer):
@@ -119,14 +137,6 @@ class HFSession(Session):
                     f"{tuple(v.shape)} for layer {idx} whose cache is {tuple(layer.keys.shape)}"
                 )
             kvc.replace_layer(self.cache, idx, k, v)
-        lengths, e = kvc.layer_lengths(self.cache), self.engine
-        full = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, max(lengths, default=0), e.dtype)
-        per_token = kvc.full_nbytes(e.num_layers, e.kv_heads, e.head_dim, 1, e.dtype)  # one token in every layer and head
-        resident = kvc.kv_nbytes(self.cache)
-        self.last_compression = {"context_tokens": self.pos, "kv_ratio": resident / full if full else None,
-                                 # mean kept tokens per layer and KV head (ragged layers keep per-head counts)
-                                 "kept_tokens": resident / per_token if per_token else None}
-        """What the last compression left (read and cleared by the runner's fired-check, scbench/checks.py)."""
 
     @torch.inference_mode()
     def generate(self, max_new_tokens, *, compress_every: int | None = None, compress_cap: int | None = None):

@@ -32,6 +32,7 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "peak_mem_bytes": ("peak_mem_bytes", "max"),
     "attn_density": ("attn_density", "mean"),
     "prefill_shared": ("prefill_shared", "max"),
+    "scores_shared": ("scores_shared", "max"),
     "decode_batch": ("decode_batch", "max"),
 }
 """Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every

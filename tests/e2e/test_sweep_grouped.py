@@ -24,7 +24,7 @@ METHOD_CFGS = {  # budgets sized to ~300-token contexts
     "kvzip": {"name": "kvzip", "budget": 96, "chunk": 128},
 }
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
-          "index_build_s", "prefill_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
+          "index_build_s", "prefill_shared", "scores_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
           "decode_path", "decode_batch", "decode_kernel"}
 
 
@@ -68,6 +68,92 @@ def test_grouped_rows_equal_separate_runs(tiny_engine, tmp_path, mode, timing):
     assert grouped == separate  # predictions, scores and every non-timing cost column
     assert {v for k, v in shared.items() if k[2] == 0} == {len(jobs)} and set(alone.values()) == {1}
     assert {v for k, v in shared.items() if k[2] > 0} == {1}  # later turns reuse the cache: nothing shared
+
+
+SCORE_SWEEP = {  # runs that score alike share one computation per example: KVzip x 3, H2O x 2, SnapKV's window x 2
+    "kvzip-64": {"name": "kvzip", "budget": 64, "chunk": 128},
+    "kvzip-128": {"name": "kvzip", "budget": 128, "chunk": 128, "n_recent": 8},
+    "kvzip-uniform": {"name": "kvzip", "budget": 96, "chunk": 128, "level": "uniform"},
+    "h2o-64": {"name": "h2o", "budget": 64},
+    "h2o-128": {"name": "h2o", "budget": 128, "recent_ratio": 0.25},
+    "snapkv": {"name": "snapkv", "budget": 64, "window": 8, "kernel": 5},
+    "pyramidkv": {"name": "pyramidkv", "budget": 96, "window": 8, "kernel": 5},
+    "snapkv-w16": {"name": "snapkv", "budget": 96, "window": 16, "kernel": 5},  # another window: scored alone
+    "full": {"name": "full"},
+}
+SHARERS = {"kvzip-64": 3, "kvzip-128": 3, "kvzip-uniform": 3, "h2o-64": 2, "h2o-128": 2, "snapkv": 2, "pyramidkv": 2,
+           "snapkv-w16": 1, "full": 1}
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_budget_sweep_scores_once_and_rows_equal_separate_runs(tiny_engine, tmp_path, monkeypatch, mode):
+    """A sweep over budgets scores each example once per score key (Method.score_key): KVzip's reconstruction
+    forwards run once for its three runs, and every run stores the rows it stores alone."""
+    import scbench.methods.kvzip as kvzip
+
+    calls, real = [], kvzip.reconstruction_scores
+
+    def counted(session, ids, *args):
+        calls.append(len(ids))
+        return real(session, ids, *args)
+
+    monkeypatch.setattr(kvzip, "reconstruction_scores", counted)
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False) for cfg in SCORE_SWEEP.values()]
+    name_of = {id(job): name for name, job in zip(SCORE_SWEEP, jobs)}
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs)
+    assert len(calls) == 2  # one reconstruction per example (2 examples) for the three KVzip runs
+    calls.clear()
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False)
+    assert len(calls) == 3 * 2
+    grouped, _, g_runs = rows(tmp_path / "grouped.sqlite")
+    separate, _, s_runs = rows(tmp_path / "separate.sqlite")
+    assert g_runs == s_runs and grouped == separate  # predictions, scores, kept bytes, score tokens
+    run_name = {o.run_id: name_of[id(o.job)] for o in outcomes}
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    got = {}
+    for t in store.turns():
+        got.setdefault(run_name[t["run_id"]], set()).add((t["turn"] == 0, t["scores_shared"]))
+        if t["turn"] == 0 and run_name[t["run_id"]].startswith("kvzip"):  # a reuse counts the shared seconds
+            assert t["method_costs"]["score_prefill_s"] > 0 and t["compress_s"] >= t["method_costs"]["score_prefill_s"]
+    store.close()
+    assert got == {name: {(True, n), (False, 1)} for name, n in SHARERS.items()}
+    store = Store(str(tmp_path / "separate.sqlite"))
+    assert {t["scores_shared"] for t in store.turns()} == {1}
+    store.close()
+
+
+def test_score_memo_shares_keys_of_two_or_more_runs():
+    import torch
+
+    from scbench.engines.fork import ScoreMemo
+
+    memo = ScoreMemo([("a", 1), ("a", 1), ("b",), None, ("a", 1)], torch.device("cpu"))
+    assert memo.planned == {("a", 1): 3} and memo.sharers(("a", 1)) == 3 and memo.sharers(("b",)) == 1
+    assert memo.sharers(None) == 1
+    n = []
+
+    def compute():
+        n.append(1)
+        return {"s": [torch.ones(3)]}, 7
+
+    first, secs = memo.get((("a", 1), 0), compute)
+    first[0]["s"][0][0] = 5.0  # a method changing its own scores in place does not reach the others' copies
+    again, reused = memo.get((("a", 1), 0), compute)
+    assert len(n) == 1 and secs == 0.0 and reused > 0.0 and again[0]["s"][0].tolist() == [1.0, 1.0, 1.0]
+    assert again[1] == 7 and memo.take_reused_s() == reused and memo.take_reused_s() == 0.0
+    memo.get((("b",), 0), compute)
+    memo.get((("b",), 0), compute)
+    assert len(n) == 3 and (("b",), 0) not in memo.entries  # a key of one run is never kept
+    memo.done(("a", 1))
+    memo.done(("a", 1))
+    assert (("a", 1), 0) in memo.entries
+    memo.done(("a", 1))  # its last run compressed: the copy goes
+    assert not memo.entries
+    memo.get((("a", 1), 0), compute)  # past its runs: computed, not kept
+    assert len(n) == 4 and not memo.entries
+    assert ScoreMemo([("a", 1), ("a", 1)], torch.device("cpu"), enabled=False).planned == {}  # SCBENCH_SHARE_SCORES=0
 
 
 def test_ungroupable_runs_run_alone(tiny_engine, tmp_path):
