@@ -107,7 +107,6 @@ class ScoreMemo:
         self.device = device
         self.reused_s = 0.0
         """Seconds of the shared computations reused since ``take_reused_s`` (the compression running now)."""
-        self.computed = self.reused = 0
 
     def get(self, key, compute):
         """``(compute(), 0.0)`` the first time (kept when the key is shared), ``(copy, seconds)`` after."""
@@ -117,14 +116,12 @@ class ScoreMemo:
         if hit is not None:
             value, seconds = hit
             self.reused_s += seconds
-            self.reused += 1
             return _clone(value), seconds
         _sync(self.device)
         t0 = time.perf_counter()
         value = compute()
         _sync(self.device)
         self.entries[key] = (_clone(value), time.perf_counter() - t0)
-        self.computed += 1
         return value, 0.0
 
     def sharers(self, key) -> int:
@@ -152,11 +149,11 @@ class SharedPrefill:
 
     def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=()):
         self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
+        shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.memo = ScoreMemo(score_keys, engine.device)
         """The first compression's scores shared by runs with equal ``Method.score_key()`` (``score_keys``: the
         group's runs' keys)."""
-        """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
-        shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.lses: dict[int, tuple] = {}
         """Layer -> (log-sum-exp [B, Hq, w] of the captured queries, keys seen): what ``scbench_lse`` held."""
         self.left = takers
