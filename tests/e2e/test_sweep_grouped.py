@@ -70,19 +70,16 @@ def test_grouped_rows_equal_separate_runs(tiny_engine, tmp_path, mode, timing):
     assert {v for k, v in shared.items() if k[2] > 0} == {1}  # later turns reuse the cache: nothing shared
 
 
-SCORE_SWEEP = {  # runs that score alike share one computation per example: KVzip x 3, H2O x 2, SnapKV's window x 2
-    "kvzip-64": {"name": "kvzip", "budget": 64, "chunk": 128},
-    "kvzip-128": {"name": "kvzip", "budget": 128, "chunk": 128, "n_recent": 8},
-    "kvzip-uniform": {"name": "kvzip", "budget": 96, "chunk": 128, "level": "uniform"},
-    "h2o-64": {"name": "h2o", "budget": 64},
-    "h2o-128": {"name": "h2o", "budget": 128, "recent_ratio": 0.25},
-    "snapkv": {"name": "snapkv", "budget": 64, "window": 8, "kernel": 5},
-    "pyramidkv": {"name": "pyramidkv", "budget": 96, "window": 8, "kernel": 5},
-    "snapkv-w16": {"name": "snapkv", "budget": 96, "window": 16, "kernel": 5},  # another window: scored alone
-    "full": {"name": "full"},
+SCORE_SWEEP = {  # name: (config, runs sharing its scores); KVzip x 3, H2O x 2, SnapKV's window x 2 score once each
+    "kvzip-64": ({"name": "kvzip", "budget": 64, "chunk": 128}, 3),
+    "kvzip-128": ({"name": "kvzip", "budget": 128, "chunk": 128, "n_recent": 8}, 3),
+    "kvzip-uniform": ({"name": "kvzip", "budget": 96, "chunk": 128, "level": "uniform"}, 3),
+    "h2o-64": ({"name": "h2o", "budget": 64}, 2), "h2o-128": ({"name": "h2o", "budget": 128, "recent_ratio": 0.25}, 2),
+    "snapkv": ({"name": "snapkv", "budget": 64, "window": 8, "kernel": 5}, 2),
+    "pyramidkv": ({"name": "pyramidkv", "budget": 96, "window": 8, "kernel": 5}, 2),
+    "snapkv-w16": ({"name": "snapkv", "budget": 96, "window": 16, "kernel": 5}, 1),  # another window: scored alone
+    "full": ({"name": "full"}, 1),
 }
-SHARERS = {"kvzip-64": 3, "kvzip-128": 3, "kvzip-uniform": 3, "h2o-64": 2, "h2o-128": 2, "snapkv": 2, "pyramidkv": 2,
-           "snapkv-w16": 1, "full": 1}
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
@@ -98,7 +95,7 @@ def test_budget_sweep_scores_once_and_rows_equal_separate_runs(tiny_engine, tmp_
         return real(session, ids, *args)
 
     monkeypatch.setattr(kvzip, "reconstruction_scores", counted)
-    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False) for cfg in SCORE_SWEEP.values()]
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False) for cfg, _ in SCORE_SWEEP.values()]
     name_of = {id(job): name for name, job in zip(SCORE_SWEEP, jobs)}
     outcomes = run_jobs(jobs, engine=tiny_engine)
     assert [o.error for o in outcomes] == [None] * len(jobs)
@@ -118,7 +115,7 @@ def test_budget_sweep_scores_once_and_rows_equal_separate_runs(tiny_engine, tmp_
         if t["turn"] == 0 and run_name[t["run_id"]].startswith("kvzip"):  # a reuse counts the shared seconds
             assert t["method_costs"]["score_prefill_s"] > 0 and t["compress_s"] >= t["method_costs"]["score_prefill_s"]
     store.close()
-    assert got == {name: {(True, n), (False, 1)} for name, n in SHARERS.items()}
+    assert got == {name: {(True, n), (False, 1)} for name, (_, n) in SCORE_SWEEP.items()}
     store = Store(str(tmp_path / "separate.sqlite"))
     assert {t["scores_shared"] for t in store.turns()} == {1}
     store.close()
