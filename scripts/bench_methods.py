@@ -105,6 +105,8 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
                 row.update(
                     prompt_tokens=first_t["prompt_tokens"], prefill_s=first_t["prefill_s"],
                     compress_s=first_t["compress_s"], prefill_shared=first_t.get("prefill_shared"),
+                    scores_shared=first_t.get("scores_shared"),
+                    score_prefill_s=(first_t.get("method_costs") or {}).get("score_prefill_s"),
                     later_prefill_s=statistics.median([t["prefill_s"] for t in later]) if later else None,
                     warmup_s=sum(t.get("warmup_s") or 0.0 for t in turns),
                     decode_tok_s=statistics.median(rates) if rates else 0.0, decode_tok_s_all=rates,

@@ -24,34 +24,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_methods import run_cli, turn_key  # noqa: E402
+from bench_methods import run_cli, summarize  # noqa: E402
 
 WAYS = {"alone": "0", "shared": "1"}
 """Way -> SCBENCH_SHARE_SCORES."""
 
 
 def collect(store_path: str) -> dict:
-    """The store's span less warm-ups, per run its first turn's compress_s and scores_shared, and the predictions."""
-    from scbench.store import Store
-
-    store = Store(store_path)
-    runs, preds, first, last, warm = [], {}, None, None, 0.0
-    try:
-        for run in store.runs():
-            turns = store.turns(run["run_id"])
-            first = min(first or run["created"], run["created"])
-            for t in turns:
-                preds[turn_key(run, t)] = t["prediction"]
-                last = max(last or t["created"], t["created"])
-                warm += t.get("warmup_s") or 0.0
-            t0 = next((t for t in turns if t["turn"] == 0), None)
-            runs.append({"method": run["method_label"], "status": run["status"], "turns": len(turns),
-                         "compress_s": t0["compress_s"] if t0 else None,
-                         "scores_shared": t0.get("scores_shared") if t0 else None,
-                         "score_prefill_s": ((t0 or {}).get("method_costs") or {}).get("score_prefill_s")})
-    finally:
-        store.close()
-    return {"span_s": (last - first - warm) if first and last else None, "runs": runs, "predictions": preds}
+    """The store's span less warm-ups, per run its first turn's compress_s and scores_shared (bench_methods'
+    per-run rows), and the predictions."""
+    rows, preds, span = summarize(store_path, 0, "")
+    warm = span["warmup_s"]
+    return {"span_s": span["runs_s"] - warm if span["runs_s"] is not None else None, "runs": rows, "predictions": preds}
 
 
 def table(data: dict) -> str:
@@ -70,8 +54,8 @@ def table(data: dict) -> str:
         for way, r in sw["ways"].items():
             saved = (f"{1 - r['span_s'] / alone['span_s']:.0%}" if way != "alone" and r.get("span_s")
                      and alone.get("span_s") else "-")
-            comp = sum(x["compress_s"] or 0.0 for x in r.get("runs", []))
-            shared = ",".join(str(x["scores_shared"]) for x in r.get("runs", []))
+            comp = sum(x.get("compress_s") or 0.0 for x in r.get("runs", []))
+            shared = ",".join(str(x.get("scores_shared")) for x in r.get("runs", []))
             span = f"{r['span_s']:.1f}" if r.get("span_s") is not None else "-"
             lines.append(f"| {sw['sweep']} | {way} | {r['wall_s']:.1f} | {span} | {saved} | {comp:.2f} | {shared} | "
                          f"{sw.get('same', '-')} |")
