@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scbench.batch_step import (BatchStep, SharedPrefixKV, kernel_for, reference_shared_prefix_attention,  # noqa: F401
-                                 shared_mask, shared_prefix_attention)
+from scbench.batch_step import (BatchStep, MultiKV, SharedPrefixKV, kernel_for,  # noqa: F401
+                                 reference_shared_prefix_attention, shared_mask, shared_prefix_attention)
 from scbench.engines.base import GenResult
 from scbench.kv import cache as kvc
 from scbench.runner import Replay
@@ -116,8 +116,19 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
     step's time split among the rows still decoding; the first row's ``warmup_s`` holds the one-time capture work),
     the batch's mean step time and the attention that ran (``SharedPrefixKV.kernel_used``). ``plugin``:
     a factory of the method's batched decode (``batch_decoder``), one per cache view."""
+    results, step_s, kernels = decode_parts(engine, [(cache, rows, plugin)], use_graph)
+    return results[0], step_s, kernels[0]
+
+
+@torch.inference_mode()
+def decode_parts(engine, parts: list, use_graph: bool | None = None):
+    """``decode_rows`` for several runs' batches at once (``parts``: (cache, rows, plugin factory or None) per run):
+    every row of every part forwards in one step (``batch_step.MultiKV``: the weights read once for all of them),
+    each part's rows attend to its own cache. Returns per part its rows' GenResults and the attention that ran, and
+    the steps' mean time (a row's ``decode_s`` is its share of each step among all the rows still decoding)."""
     stop, dev = engine.stop_ids, engine.device
     use_graph = dev.type == "cuda" if use_graph is None else use_graph
+    rows = [r for _, rs, _ in parts for r in rs]
     firsts, first_s = [], []
     for r in rows:
         t0 = time.perf_counter()
@@ -126,13 +137,22 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
     outs = [[t] for t in firsts]
     live = [t not in stop and r.tp.max_new_tokens > 1 for t, r in zip(firsts, rows)]
     steps = max([r.tp.max_new_tokens - 1 for r, a in zip(rows, live) if a], default=0)
-    ran, wall, done, t_cap, kernel = 0, 0.0, 0, 0.0, ""
-    after = None  # a plugin's eager work between steps (``after_step(step)``: KIVI's flushes, host-scheduled)
+    ran, wall, done, t_cap = 0, 0.0, 0, 0.0
+    kernels = [""] * len(parts)
+    after = []  # the plugins' eager work between steps (``after_step(step)``: KIVI's flushes, host-scheduled)
+
+    def build():
+        if len(parts) == 1:
+            cache, rs, plugin = parts[0]
+            kv = SharedPrefixKV(cache, rs, steps, plugin=plugin() if plugin else None)
+            hooks = [kv.plugin.after_step] if getattr(kv.plugin, "after_step", None) is not None else []
+        else:
+            kv = MultiKV([(cache, rs, plugin() if plugin else None) for cache, rs, plugin in parts], steps)
+            hooks = kv.after_steps()
+        return kv, BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps), hooks
+
     if steps:
-        kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
-        step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
-        kernel = kv.kernel
-        after = getattr(kv.plugin, "after_step", None)
+        kv, step, after = build()
         host = torch.empty(steps, len(rows), dtype=torch.long, pin_memory=dev.type == "cuda")  # rows contiguous
         events = []
         _sync_dev(dev)
@@ -146,17 +166,15 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
                 log.warning("batched decode: CUDA graph capture failed (%s: %s); stepping eagerly",
                             type(e).__name__, e)
                 use_graph = False
-                kv = SharedPrefixKV(cache, rows, steps, plugin=plugin() if plugin else None)
-                step = BatchStep(engine.model, kv, firsts, [r.pos for r in rows], steps)
-                after = getattr(kv.plugin, "after_step", None)
+                kv, step, after = build()
             t_cap, t0 = time.perf_counter() - t0, time.perf_counter()
         read = 0
         while read < steps and any(live):
             if ran < steps and (ran < done or ran - read <= (LAG if use_graph else EAGER_LAG)):
                 if ran >= done:
                     step()
-                if after is not None:  # queued after step ``ran`` (the capture's one too), before the next
-                    after(ran)
+                for hook in after:  # queued after step ``ran`` (the capture's one too), before the next
+                    hook(ran)
                 host[ran].copy_(step.out[ran], non_blocking=True)
                 if dev.type == "cuda":
                     ev = torch.cuda.Event()
@@ -173,18 +191,24 @@ def decode_rows(engine, cache, rows: list[Row], use_graph: bool | None = None, p
             read += 1
         _sync_dev(dev)
         wall = time.perf_counter() - t0
-        kernel = kv.kernel_used()  # after the steps: a launch failure's fallback shows
+        # after the steps: a launch failure's fallback shows
+        kernels = [kv.kernel_used()] if len(parts) == 1 else [p.kernel_used() for p in kv.parts]
     # the steps after the capture's one are timed; when none ran, the capture's (an upper bound) is all there is
     step_s = wall / (ran - done) if ran > done else (t_cap / done if done else 0.0)
     warmup_s = max(0.0, t_cap - done * step_s)
     active = [sum(1 for o in outs if len(o) - 1 > s) for s in range(max(len(o) for o in outs) - 1)]
-    results = []
-    for b, out in enumerate(outs):
-        share = sum(step_s / active[s] for s in range(len(out) - 1))
-        results.append(GenResult(tokens=out, text=engine.decode([t for t in out if t not in stop]),
-                                 first_token_s=first_s[b], decode_s=share, stopped=out[-1] in stop,
-                                 decode_path="batched", warmup_s=warmup_s if b == 0 else 0.0))
-    return results, step_s, kernel
+    results, b = [], 0
+    for _, rs, _ in parts:
+        mine = []
+        for _ in rs:
+            out = outs[b]
+            share = sum(step_s / active[s] for s in range(len(out) - 1))
+            mine.append(GenResult(tokens=out, text=engine.decode([t for t in out if t not in stop]),
+                                  first_token_s=first_s[b], decode_s=share, stopped=out[-1] in stop,
+                                  decode_path="batched", warmup_s=warmup_s if b == 0 else 0.0))
+            b += 1
+        results.append(mine)
+    return results, step_s, kernels
 
 
 def _sync_dev(device: torch.device) -> None:
@@ -193,10 +217,38 @@ def _sync_dev(device: torch.device) -> None:
 
 
 # --- the replay -------------------------------------------------------------------------------------------
+@dataclass
+class Pending:
+    """A run's batch ready to decode (``BatchedReplay.prepare``): the cache its rows attend to, the rows, and the
+    method's batched decode (a factory; ``plugins`` keeps what it made, for ``row_memory``)."""
+
+    cache: object
+    rows: list
+    plugin: object = None
+    plugins: list = None
+
+    def __post_init__(self):
+        self.plugins = [] if self.plugins is None else self.plugins
+
+
 class BatchedReplay(Replay):
     """``Replay`` that decodes an example's turns as one batch where the method allows it (module docstring)."""
 
     def __iter__(self):
+        pending = self.prepare()
+        if pending is None:
+            yield from self.sequential()
+            return
+        gens, step_s, kernel = decode_rows(self.engine, pending.cache, pending.rows, plugin=pending.plugin)
+        yield from self.finish(pending, gens, step_s, kernel)
+
+    def sequential(self):
+        """The turns one at a time (``Replay``), for a run that cannot batch (``prepare`` returned None)."""
+        return super().__iter__()
+
+    def prepare(self) -> Pending | None:
+        """Feed every turn's prompt (``Replay``'s forwards and compression) and lay out the batch: None when this run
+        decodes sequentially (``fallback_reason``, the method's own plan, or fewer than two turns to compute)."""
         reason = fallback_reason(self.engine, self.method, self.spec)
         plan = getattr(batch_decoder(self.method), "plan_reason", None) if reason is None else None
         if plan is not None:  # the method's own check (KIVI: memory of its shared copy, multi-turn exactness)
@@ -205,8 +257,7 @@ class BatchedReplay(Replay):
         if reason is not None or len(todo) < 2:
             if reason is not None:
                 log.debug("sequential decode: %s", reason)
-            yield from super().__iter__()
-            return
+            return None
         self.session = self.engine.session(self.method)
         rows = self._prefill_multi_turn() if self.spec.mode == "multi_turn" else self._prefill_multi_request()
         cache = self.session.cache
@@ -219,9 +270,15 @@ class BatchedReplay(Replay):
         prepare = getattr(batched, "prepare", None)
         if prepare is not None:  # the method lays out the shared cache and the rows' own tokens (KIVI: de-quantised)
             cache = prepare(cache, rows)
-        plugins = []
-        make = (lambda: plugins.append(batch_decoder(self.method)) or plugins[-1]) if batched is not None else None
-        gens, step_s, kernel = decode_rows(self.engine, cache, rows, plugin=make)
+        pending = Pending(cache, rows)
+        if batched is not None:
+            pending.plugin = lambda: pending.plugins.append(batch_decoder(self.method)) or pending.plugins[-1]
+        return pending
+
+    def finish(self, pending: Pending, gens: list, step_s: float, kernel: str, runs: int = 1, batch: int = 0):
+        """The stored rows of a prepared batch once decoded (``gens``: one GenResult per row); ``runs`` and ``batch``:
+        runs and rows decoded in the same batch when several runs' rows were (``decode_runs``, ``decode_batch``)."""
+        cache, rows, plugins = pending.cache, pending.rows, pending.plugins
         mem = self.session.memory()
         e = self.engine
         elt = torch.empty((), dtype=e.dtype).element_size()
@@ -229,6 +286,7 @@ class BatchedReplay(Replay):
         # a ragged layer (AdaKV, KVzip, DuoAttention) holds sum(lengths), not kv_heads x max(lengths), prefix tokens
         ragged = sum(sum(layer.lengths) - e.kv_heads * max(layer.lengths) for layer in cache.layers
                      if getattr(layer, "scbench_ragged", False)) * 2 * e.head_dim * elt
+        batch = batch or len(rows)
         for row, gen in zip(rows, gens):
             if row.turn in self.done:  # the stored turn recomputed to check the resume (as Replay does)
                 self._compare(row.turn, gen.text)
@@ -243,7 +301,8 @@ class BatchedReplay(Replay):
                 row_mem.update(plugins[-1].row_memory(rows.index(row), lengths, n))
                 self.session.pos = row.pos + n
             yield self._result(row.turn, row.fs, gen, row_mem, row.prompt_tokens, costs=row.costs,
-                               decode_batch=len(rows), decode_step_s=step_s if n else 0.0, decode_kernel=kernel)
+                               decode_batch=batch, decode_step_s=step_s if n else 0.0, decode_kernel=kernel,
+                               decode_runs=runs)
 
     def _take_compression(self) -> dict | None:
         """What the compression fired by the prompt just fed left, cleared: a stored turn's must not reach the first

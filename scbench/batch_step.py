@@ -112,7 +112,7 @@ class SharedPrefixKV:
     """fuse.py's attention forward may take this cache: it calls ``rope_store`` (the batch's rows write at their
     own positions) and ``attend``."""
 
-    def __init__(self, cache, rows: list, steps: int, kernel: str | None = None, plugin=None):
+    def __init__(self, cache, rows: list, steps: int, kernel: str | None = None, plugin=None, bufs=None):
         self.shared = [(layer.keys, layer.values) for layer in cache.layers]
         dev = self.shared[0][0].device
         self.ragged = {li: RaggedShared(layer, rows, li) for li, layer in enumerate(cache.layers)
@@ -123,8 +123,11 @@ class SharedPrefixKV:
         self.k, self.v = [], []
         for li, (sk, _) in enumerate(self.shared):
             _, h, _, d = sk.shape
-            kb = sk.new_zeros(len(rows), h, cap, d)
-            vb = sk.new_zeros(len(rows), h, cap, d)
+            if bufs is not None:  # MultiKV: this run's rows of the combined batch's buffers (views, zeroed)
+                kb, vb = bufs[0][li], bufs[1][li]
+            else:
+                kb = sk.new_zeros(len(rows), h, cap, d)
+                vb = sk.new_zeros(len(rows), h, cap, d)
             for b, r in enumerate(rows):
                 kb[b, :, : own_n[b]] = r.own[li][0][0]
                 vb[b, :, : own_n[b]] = r.own[li][1][0]
@@ -134,8 +137,10 @@ class SharedPrefixKV:
                       for b, r in enumerate(rows)]
         self.shared_len = torch.tensor(shared_len, dtype=torch.long, device=dev).T.contiguous()
         """[layer, row]: shared tokens the row sees (a ragged layer: suffix rows after the whole per-head prefix)."""
-        self.at = torch.tensor(own_n, dtype=torch.long, device=dev)
+        self.at = torch.tensor(own_n, dtype=torch.long, device=dev) if bufs is None else bufs[2]
         """Per row: where this step's key goes in its own buffer (then the last valid own key)."""
+        if bufs is not None:
+            self.at.copy_(torch.tensor(own_n, dtype=torch.long))
         self.rows = torch.arange(len(rows), device=dev)
         self.full_prefix = [all(r.shared_len[li] == sk.shape[2] for r in rows) for li, (sk, _) in enumerate(self.shared)]
         """Per layer: every row sees the whole shared cache (multi-request), so no shared mask is needed."""
@@ -195,6 +200,58 @@ class SharedPrefixKV:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         extra = max(self.ragged[layer_idx].lengths) if layer_idx in self.ragged else 0
         return extra + int(self.shared[layer_idx][0].shape[2])
+
+
+class MultiKV:
+    """Several runs' batches decoded as one (a grouped sweep, scbench/group.py): every run's rows forward together, so
+    the model's weights are read once per step for all of them, while each run's rows attend to that run's own cache
+    (its ``SharedPrefixKV``, with its plugin). The rows' own-token buffers and write positions are one tensor per
+    layer (``k``, ``v``, ``at``: what the fused step writes in one call); each part's are views of its rows.
+    ``parts``: (cache, rows, plugin or None) per run."""
+
+    fused_step = True
+
+    def __init__(self, parts: list, steps: int, kernel: str | None = None):
+        rows = [r for _, rs, _ in parts for r in rs]
+        shared = parts[0][0].layers
+        cap = max(r.own[0][0].shape[2] for r in rows) + steps
+        dev = shared[0].keys.device
+        self.k = [layer.keys.new_zeros(len(rows), layer.keys.shape[1], cap, layer.keys.shape[3]) for layer in shared]
+        self.v = [layer.values.new_zeros(len(rows), layer.values.shape[1], cap, layer.values.shape[3])
+                  for layer in shared]
+        self.at = torch.zeros(len(rows), dtype=torch.long, device=dev)
+        self.rows = torch.arange(len(rows), device=dev)
+        self.spans, self.parts, start = [], [], 0
+        for cache, rs, plugin in parts:
+            s = slice(start, start + len(rs))
+            bufs = ([k[s] for k in self.k], [v[s] for v in self.v], self.at[s])
+            self.parts.append(SharedPrefixKV(cache, rs, steps, kernel=kernel, plugin=plugin, bufs=bufs))
+            self.spans.append(s)
+            start += len(rs)
+        self.kernel = self.parts[0].kernel
+        self.plugin = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
+        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
+        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
+        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
+
+    def attend(self, layer_idx, q, k, v, scale):
+        return torch.cat([p.attend(layer_idx, q[s], k[s], v[s], scale) for p, s in zip(self.parts, self.spans)])
+
+    def after_steps(self) -> list:
+        """The parts' plugins' eager work between steps (``after_step(step)``)."""
+        return [p.plugin.after_step for p in self.parts if getattr(p.plugin, "after_step", None) is not None]
+
+    def kernel_used(self) -> str:
+        return ",".join(dict.fromkeys(p.kernel_used() for p in self.parts))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(p.get_seq_length(layer_idx) for p in self.parts)
 
 
 class RaggedShared:

@@ -7,8 +7,10 @@ others get a fork of its cache (scbench/engines/fork.py plans where the copy liv
 run's compression and turns then proceed exactly as in its own run. Every run keeps its own run id, rows and
 resume point (rows are committed turn by turn, so a kill loses no finished turn); its first turn records in
 ``prefill_shared`` how many runs shared the prefill. Runs whose methods score alike (``Method.score_key()``: e.g.
-KVzip at several budgets) also compute their first compression's scores once (``scores_shared``). Other runs (sparse prefill, prompt compression, CacheBlend,
-another engine, naive replay) run alone through ``run_spec``.
+KVzip at several budgets) also compute their first compression's scores once (``scores_shared``). With
+``timing=batched`` the runs' batches of an example are decoded as one (``decode_runs``; the weights read once per
+step for every run, each run's rows attending to its own cache). Other runs (sparse prefill, prompt compression,
+CacheBlend, another engine, naive replay) run alone through ``run_spec``.
 
 ``scbench run -m`` with the basic launcher queues its jobs here (``share_prefill: true``, the default) and runs
 them when the sweep ends (``SweepCallback``); other launchers run every job on its own as before.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -287,37 +290,103 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
 
 def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
-    is recorded and the others go on."""
+    is recorded and the others go on. With ``timing=batched`` the runs' batches are decoded together
+    (``decode_runs``) while memory holds their caches (``room_for_run``); ``SCBENCH_DECODE_RUNS=0``: one run's
+    batch at a time."""
     from scbench.engines.fork import ForkingEngine, SharedPrefill
-    from scbench.run import _record_stop
 
     window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
     lse = any(getattr(m.method, "query_lse", False) for m in members if "compress_cache" in m.method.hooks())
     keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in members]
     shared = SharedPrefill(engine, takers=len(members), window=window, lse=lse, score_keys=keys)
+    pending: list[tuple[_Member, object, object]] = []  # (run, its replay, its prepared batch)
+    together = DECODE_RUNS and hasattr(replay, "prepare")
     try:
         for m in members:
             proxy = ForkingEngine(engine, shared)
             try:
                 rep = replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
-                for result in rep:
-                    m.warmup_s = 0.0
-                    store.put(m.run_id, result)
-                    if bar:
-                        bar.update(1)
-                if rep.mismatches:
-                    store.note_mismatch(m.run_id, rep.mismatches)
+                if together:
+                    if pending and not room_for_run(shared, engine.device):
+                        _decode_pending(engine, pending, store, bar)
+                    prepared = rep.prepare()
+                    if prepared is not None:
+                        pending.append((m, rep, prepared))
+                        continue
+                    results = rep.sequential()
+                else:
+                    results = rep
+                _store(m, rep, results, store, bar)
             except Exception as e:  # noqa: BLE001 - this run fails, the others go on
-                m.error = e
-                _record_stop(store, m.job.store, m.run_id, m.spec_dict, e)
-                log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id,
-                          type(e).__name__, e)
-                free_cached_memory()
+                _fail(m, ex, e, store)
             finally:
                 if not proxy.consumed():
                     shared.skip()
+        shared.close()  # every run has its cache: the shared copy's memory goes back before the decode
+        _decode_pending(engine, pending, store, bar)
     finally:
         shared.close()
+
+
+DECODE_RUNS = os.environ.get("SCBENCH_DECODE_RUNS", "1") != "0"
+"""``SCBENCH_DECODE_RUNS=0``: a grouped sweep decodes each run's batch apart (for timing one run's batch alone)."""
+
+
+def room_for_run(shared, device) -> bool:
+    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: memory for one more
+    fork of the shared prefill and its compression's scratch space (``fork.plan_copy``'s rule) is free."""
+    from scbench.engines.fork import GIB, free_device_bytes, free_host_bytes
+
+    need = shared.nbytes + shared.nbytes // 4 + 2 * GIB
+    return (free_device_bytes(device) if device.type == "cuda" else free_host_bytes()) >= need
+
+
+def _store(m: _Member, rep, results, store, bar) -> None:
+    for result in results:
+        m.warmup_s = 0.0
+        store.put(m.run_id, result)
+        if bar:
+            bar.update(1)
+    if rep.mismatches:
+        store.note_mismatch(m.run_id, rep.mismatches)
+
+
+def _fail(m: _Member, ex, e: BaseException, store) -> None:
+    from scbench.run import _record_stop
+
+    m.error = e
+    _record_stop(store, m.job.store, m.run_id, m.spec_dict, e)
+    log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id, type(e).__name__, e)
+    free_cached_memory()
+
+
+def _decode_pending(engine, pending: list, store, bar) -> None:
+    """Decode the prepared batches of several runs as one (``batch.decode_parts``) and store each run's rows; when
+    that fails, each run's batch alone (a run that fails then is recorded, the others go on)."""
+    from scbench.batch import decode_parts
+
+    items, pending[:] = list(pending), []
+    if not items:
+        return
+    try:
+        results, step_s, kernels = decode_parts(engine, [(p.cache, p.rows, p.plugin) for _, _, p in items])
+    except Exception as e:  # noqa: BLE001
+        if len(items) == 1:
+            m, rep, _ = items[0]
+            _fail(m, rep.example, e, store)
+            return
+        log.warning("decoding %d runs' turns together failed (%s: %s); one run at a time", len(items),
+                    type(e).__name__, e)
+        free_cached_memory()
+        for item in items:
+            _decode_pending(engine, [item], store, bar)
+        return
+    batch = sum(len(p.rows) for _, _, p in items)
+    for (m, rep, p), gens, kernel in zip(items, results, kernels):
+        try:
+            _store(m, rep, rep.finish(p, gens, step_s, kernel, runs=len(items), batch=batch), store, bar)
+        except Exception as e:  # noqa: BLE001 - this run fails, the others go on
+            _fail(m, rep.example, e, store)
 
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------

@@ -123,6 +123,10 @@ class TurnStats:
     scored alone. ``compress_s`` counts the shared computation's measured time as the run's own."""
     decode_batch: int = 1
     """Requests decoded together in this turn's batch (scbench/batch.py, shared-prefix attention); 1: decoded alone."""
+    decode_runs: int = 1
+    """Runs of a grouped sweep whose turns were decoded in this turn's batch (scbench/group.py: each run's rows attend
+    to its own cache, the weights are read once per step for all; ``decode_batch`` counts every run's rows and
+    ``decode_s`` is this turn's share of each step among them); 1: the batch held this run's turns only."""
     decode_step_s: float = 0.0
     """Batched turns: mean wall time of one decode step of the whole batch; ``decode_s`` is this turn's share
     (its steps x step time / batch size). 0 for turns decoded alone."""

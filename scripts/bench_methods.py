@@ -51,10 +51,14 @@ CPU_METHODS = ["full", "snapkv-1k", "kivi", "ashape-1k", "kvzip-1k"]
 """The quick CPU version: one of each kind (dense, eviction, quantisation, sparse prefill, issue 23)."""
 MODES = ["multi_turn", "multi_request"]
 WAYS = {"sequential": ["share_prefill=false", "timing=sequential"], "grouped": ["share_prefill=true", "timing=batched"],
-        "grouped_sequential": ["share_prefill=true", "timing=sequential"]}
+        "grouped_sequential": ["share_prefill=true", "timing=sequential"],
+        "grouped_per_run": ["share_prefill=true", "timing=batched"]}
 """How a sweep runs: one job at a time (today's execution), grouped + batched (issue 19: shared first prefill,
 independent turns decoded as one batch; the key keeps its old name for the checked-in JSON) and grouped alone (shared
-prefill, one request at a time: what batching adds on top; ``--ways sequential grouped grouped_sequential``)."""
+prefill, one request at a time: what batching adds on top; ``--ways sequential grouped grouped_sequential``) and
+grouped + batched with each run's turns decoded apart (``grouped_per_run``: ``SCBENCH_DECODE_RUNS=0``, what decoding
+the runs of a group together adds)."""
+WAY_ENV = {"grouped_per_run": {"SCBENCH_DECODE_RUNS": "0"}}
 DEFAULT_WAYS = ["sequential", "grouped"]
 
 
@@ -251,7 +255,7 @@ def main() -> None:
                                  f"mode={','.join(a.modes)}", f"data.length={length}", f"data.n={a.examples}",
                                  f"data.turns={a.turns}", f"max_turns={a.turns}", f"max_new_tokens={max_new}",
                                  f"store={store}", "progress=false", *WAYS[way], *plugin,
-                                 f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], env,
+                                 f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], {**env, **WAY_ENV.get(way, {})},
                                 timeout=max(1.0, share) if share is not None else None)
         rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
         cells = sum(r["examples"] for r in rows if r["status"] == "done")

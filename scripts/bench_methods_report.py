@@ -35,8 +35,9 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(out) + "\n"
 
 
-WAYS = ("sequential", "grouped", "grouped_sequential")
-LABEL = {"sequential": "sequential", "grouped": "grouped + batched", "grouped_sequential": "grouped"}
+WAYS = ("sequential", "grouped", "grouped_sequential", "grouped_per_run")
+LABEL = {"sequential": "sequential", "grouped": "grouped + batched", "grouped_sequential": "grouped",
+         "grouped_per_run": "grouped + batched per run"}
 
 
 def derive(data: dict) -> dict:
@@ -288,7 +289,9 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
                 grp[batched] += examples * (prefill + sum(
                     rest(c) + (1.15 * step / c["rate"] if batched and c["batch"][mode] and turns > 1
                                else turns * step / c["rate"]) for c in cost.values()))
-        for way, s in (("sequential", seq), ("grouped", grp[True]), ("grouped_sequential", grp[False])):
+        # grouped + batched: the runs' batches decoded apart (an upper bound when they decode together)
+        for way, s in (("sequential", seq), ("grouped", grp[True]), ("grouped_sequential", grp[False]),
+                       ("grouped_per_run", grp[True])):
             if way in ways:
                 sweeps[f"{length}-{way}"] = s
                 total += s

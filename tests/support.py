@@ -225,12 +225,20 @@ def triton_kernel_marks() -> list:
 
 # --- batched vs sequential replays (tests/engines/test_batched_decode.py, test_quest_batch.py) ---
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s",
-          "decode_path", "decode_kernel", "decode_batch", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
+          "decode_path", "decode_kernel", "decode_batch", "decode_runs", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 """Turn stats that differ between two replays of the same rows (times, paths, kernels, batch sizes)."""
 
 
 def batch_replay(engine, cls, method: dict, mode: str, done=None, keep=None, task="scbench_kv", length=300, **kw):
     """One generated example (4 turns, 10 new tokens) replayed by ``cls`` (``Replay`` / ``BatchedReplay``): its rows."""
+    rep = make_replay(engine, cls, method, mode, done=done, task=task, length=length, **kw)
+    if keep is not None:
+        keep.append(rep)
+    return list(rep)
+
+
+def make_replay(engine, cls, method: dict, mode: str, done=None, task="scbench_kv", length=300, **kw):
+    """``batch_replay``'s replay object, not yet run."""
     from scbench.data import load_examples
     from scbench.records import RunSpec
     from scbench.registry import TASKS
@@ -239,11 +247,7 @@ def batch_replay(engine, cls, method: dict, mode: str, done=None, keep=None, tas
     count = lambda t: len(engine.encode(t, add_special_tokens=False))  # noqa: E731
     ex = load_examples(TASKS.get(task), "generated", n=1, length=length, turns=4, seed=1, count=count)[0]
     spec = RunSpec(model={}, method=method, task=task, mode=mode, max_turns=4, max_new_tokens=10, **kw)
-    task = TASKS.get(task)
-    rep = cls(engine, build_method(method), task, ex, spec, done=done)
-    if keep is not None:
-        keep.append(rep)
-    return list(rep)
+    return cls(engine, build_method(method), TASKS.get(task), ex, spec, done=done)
 
 
 def assert_topk_rows(s, got, n, k, n_init, n_local):

@@ -166,6 +166,8 @@ class SharedPrefill:
         self.seconds = 0.0
         self.cells = 0
         self.forks = 0
+        self.nbytes = 0
+        """Bytes of the prefilled cache (and the captured queries) once computed: what a fork of it takes."""
 
     def skip(self) -> None:
         """A run of the group will not fork (it failed or had nothing to do)."""
@@ -229,7 +231,7 @@ class SharedPrefill:
         for t in ([x for layer in session.cache.layers for x in (layer.keys, layer.values)] + list(self.queries.values())
                   + [lse for lse, _ in self.lses.values()]):
             per_device[t.device] = per_device.get(t.device, 0) + t.numel() * t.element_size()
-        nbytes = sum(per_device.values())
+        nbytes = self.nbytes = sum(per_device.values())
         self.plan = plan_for(per_device)
         if self.plan == "none":
             log.warning("shared prefill: no room for a %.1f GiB copy of the prefilled cache on %s or in host memory; "

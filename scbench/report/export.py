@@ -34,6 +34,7 @@ COSTS = {  # record field -> (store column, aggregation over the examples of one
     "prefill_shared": ("prefill_shared", "max"),
     "scores_shared": ("scores_shared", "max"),
     "decode_batch": ("decode_batch", "max"),
+    "decode_runs": ("decode_runs", "max"),
 }
 """Method-specific columns follow, from the methods' declarations (scbench.report.costs.declared_costs): every
 record carries every declared column, at its default where the run's method does not measure it."""

@@ -25,7 +25,7 @@ METHOD_CFGS = {  # budgets sized to ~300-token contexts
 }
 TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
           "index_build_s", "prefill_shared", "scores_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
-          "decode_path", "decode_batch", "decode_kernel"}
+          "decode_path", "decode_batch", "decode_runs", "decode_kernel"}
 
 
 def test_every_dense_prefill_method_is_covered():
@@ -68,6 +68,14 @@ def test_grouped_rows_equal_separate_runs(tiny_engine, tmp_path, mode, timing):
     assert grouped == separate  # predictions, scores and every non-timing cost column
     assert {v for k, v in shared.items() if k[2] == 0} == {len(jobs)} and set(alone.values()) == {1}
     assert {v for k, v in shared.items() if k[2] > 0} == {1}  # later turns reuse the cache: nothing shared
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    together = {(t["decode_runs"], t["decode_batch"]) for t in store.turns()}
+    store.close()
+    # batched: the runs that batch decode an example's turns (3 each) in one batch; a run whose own tokens outgrow
+    # its method's window (RetrievalAttention's n_local here) decodes alone; sequential: a turn at a time
+    batched = together - {(1, 1)}
+    assert (batched and all(b == 3 * r for r, b in batched) and max(batched)[0] >= len(jobs) - 2
+            if timing == "batched" else together == {(1, 1)})
 
 
 SCORE_SWEEP = {  # name: (config, runs sharing its scores); KVzip x 3, H2O x 2, SnapKV's window x 2 score once each

@@ -9,13 +9,10 @@ import torch
 
 from scbench.batch import (BatchedReplay, reference_shared_prefix_attention, replay_class, shared_mask,
                            shared_prefix_attention)
-from scbench.data import load_examples
 from scbench.kernels import shared_prefix
-from scbench.records import RunSpec
 from scbench.registry import TASKS
-from scbench.run import build_method
 from scbench.runner import Replay
-from support import TIMING, batch_replay as replay, same_rows  # noqa: F401
+from support import TIMING, batch_replay as replay, make_replay, same_rows  # noqa: F401
 
 @pytest.mark.parametrize("seed", range(4))
 def test_shared_prefix_attention_matches_reference(seed):
@@ -171,6 +168,41 @@ def test_batched_resume_rows_equal_uninterrupted(tiny_engine, mode, method):
         same_rows([r for r in seq if r.turn not in done], replay(tiny_engine, Replay, method, mode, done=dict(done)))
 
 
+TOGETHER = [({"name": "full"}, "multi_request"), ({"name": "snapkv", "budget": 96, "window": 8}, "multi_turn"),
+            (RAGGED[0], "multi_request"), ({"name": "kivi", "bits": 2, "group": 32, "residual": 32, "decode_cache": "temp"}, "multi_turn"),
+            ({"name": "quest", "budget": 64, "page_size": 16, "recent_pages": 1, "dense_layers": 1}, "multi_request"),
+            ({"name": "retrieval_attention", "tier": "device", "top_k": 24, "n_init": 4, "n_local": 16}, "multi_turn"),
+            (RAGGED[1], "multi_turn")]
+"""Runs of a grouped sweep whose batches decode as one (``batch.decode_parts``): dense, evicted, ragged, quantised
+and loading caches, with their plugins, both modes in one batch."""
+
+
+def decode_together(engine, cases, **kw):
+    """Every case's prepared batch (``BatchedReplay.prepare``) decoded in one batch: the rows of each case."""
+    from scbench.batch import decode_parts
+
+    preps = []
+    for method, mode in cases:
+        rep = make_replay(engine, BatchedReplay, method, mode, **kw)
+        preps.append((rep, rep.prepare()))
+        assert preps[-1][1] is not None, f"{method['name']} {mode} does not batch"
+    results, step_s, kernels = decode_parts(engine, [(p.cache, p.rows, p.plugin) for _, p in preps])
+    batch = sum(len(p.rows) for _, p in preps)
+    return [list(rep.finish(p, gens, step_s, k, runs=len(preps), batch=batch))
+            for (rep, p), gens, k in zip(preps, results, kernels)]
+
+
+def test_runs_decoded_together_equal_alone(tiny_engine):
+    """Several runs' batches forwarded as one (the weights read once per step; each run's rows attend to its own
+    cache through its own plugin) give every run the rows it gets alone, in float32 token for token."""
+    together = decode_together(tiny_engine, TOGETHER)
+    for (method, mode), rows in zip(TOGETHER, together):
+        same_rows(replay(tiny_engine, BatchedReplay, method, mode), rows)
+    stats = [r.stats for rows in together for r in rows]
+    assert {(s.decode_runs, s.decode_batch, s.decode_path) for s in stats} == {(len(TOGETHER), len(stats), "batched")}
+    assert len({s.decode_step_s for s in stats}) == 1 and all(s.decode_s > 0 for s in stats)
+
+
 def test_lagged_token_reads(tiny_engine, monkeypatch):
     """The CUDA graph path reads tokens a few steps behind the device; the extra steps change nothing stored."""
     import scbench.batch
@@ -217,6 +249,19 @@ def test_byte_engine_case_on_cpu(tmp_path_factory, method):
     bat = replay(engine, BatchedReplay, method, "multi_turn", length=BYTES)
     same_rows(replay(engine, Replay, method, "multi_turn", length=BYTES), bat)
     assert {r.stats.decode_path for r in bat} == {"batched"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runs_decoded_together(cuda_engine):
+    """On CUDA: several runs' batches (dense, evicted, ragged, both modes) captured as one CUDA graph with each run's
+    Triton attention give every run its own batch's tokens (float32)."""
+    engine, gates = cuda_engine
+    cases = [({"name": "full"}, "multi_request"), (CUDA_METHODS[5], "multi_turn"), (RAGGED[0], "multi_request"),
+             ({**RAGGED[3], "heads": gates}, "multi_turn")]
+    together = decode_together(engine, cases, length=BYTES)
+    for (method, mode), rows in zip(cases, together):
+        same_rows(replay(engine, BatchedReplay, method, mode, length=BYTES), rows)
+    assert {r.stats.decode_runs for rows in together for r in rows} == {len(cases)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
