@@ -168,3 +168,28 @@ def test_merged_folder_saves_atomically_once(tmp_path, monkeypatch):
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, want)
     assert (tmp_path / "cache" / "models").exists() and merged_folder(str(tmp_path / "base"), str(adapter)) == out
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [out.rsplit("/", 1)[-1]]  # no tmp left
+
+
+def test_long_texts_encoded_once(tiny_engine, monkeypatch):
+    """A shared context's prompt (``chat.LONG_TEXT`` characters or more) is tokenized once per engine: later calls
+    return equal copies (a caller may cut its list), short texts and the other special-token setting are encoded
+    afresh, and the memo keeps the ``LONG_KEPT`` most recent."""
+    from scbench.engines import chat
+
+    calls = []
+    tok = tiny_engine.tokenizer
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, text, **kw: calls.append(len(text)) or real(self, text, **kw))
+    monkeypatch.setattr(tiny_engine, "_encoded", chat.OrderedDict(), raising=False)
+    text = " ".join(f"key{i} value{i}" for i in range(chat.LONG_TEXT // 8))
+    first = tiny_engine.encode(text, add_special_tokens=False)
+    first.clear()  # the caller's copy
+    again = tiny_engine.encode(text, add_special_tokens=False)
+    assert again == real(tok, text, add_special_tokens=False)["input_ids"] and len(calls) == 1
+    tiny_engine.encode(text, add_special_tokens=True)
+    tiny_engine.encode("short", add_special_tokens=False)
+    tiny_engine.encode("short", add_special_tokens=False)
+    assert len(calls) == 4
+    for i in range(chat.LONG_KEPT):
+        tiny_engine.encode(text + str(i), add_special_tokens=False)
+    assert len(tiny_engine._encoded) == chat.LONG_KEPT and (id(tok), False, text) not in tiny_engine._encoded
