@@ -9,8 +9,9 @@ resume point (rows are committed turn by turn, so a kill loses no finished turn)
 ``prefill_shared`` how many runs shared the prefill. Runs whose methods score alike (``Method.score_key()``: e.g.
 KVzip at several budgets) also compute their first compression's scores once (``scores_shared``). With
 ``timing=batched`` the runs' batches of an example are decoded as one (``decode_runs``; the weights read once per
-step for every run, each run's rows attending to its own cache). Other runs (sparse prefill, prompt compression,
-CacheBlend, another engine, naive replay) run alone through ``run_spec``.
+step for every run, each run's rows attending to its own cache), and runs whose methods prefill their own way
+(sparse prefill, prompt compression, CacheBlend) join the group to decode with it (``can_ride``), prefilling alone.
+Other runs (another engine, naive replay, ``timing=sequential`` for those methods) run alone through ``run_spec``.
 
 ``scbench run -m`` with the basic launcher queues its jobs here (``share_prefill: true``, the default) and runs
 them when the sweep ends (``SweepCallback``); other launchers run every job on its own as before.
@@ -21,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,6 +76,15 @@ def can_share(cls) -> bool:
     return not {"prefill_attention", "compress_context", "blend_prefill"} & cls.hooks()
 
 
+def can_ride(job: Job) -> bool:
+    """Whether a job whose method prefills its own way (sparse prefill, prompt compression, CacheBlend) joins a
+    group anyway, to decode its turns in the group's batch (``decode_runs``): ``timing=batched`` with runs decoded
+    together (``DECODE_RUNS``). It prefills alone, as it would on its own (``prefill_shared`` 1)."""
+    cls = _method_class(job.spec)
+    return (cls is not None and job.timing == "batched" and DECODE_RUNS and "engine_args" not in vars(cls)
+            and "decode_attention" not in cls.hooks())
+
+
 def group_key(job: Job):
     """Jobs with equal keys can share their first prefill; None: the job runs alone.
 
@@ -86,7 +95,7 @@ def group_key(job: Job):
     holds both modes (per example, runs whose first-feed tokens differ, e.g. truncated differently, get separate
     prefills)."""
     spec = job.spec
-    if job.engine_name != "hf" or not spec.reuse or not can_share(_method_class(spec)):
+    if job.engine_name != "hf" or not spec.reuse or not (can_share(_method_class(spec)) or can_ride(job)):
         return None
     apart = {"method"} if spec.query_visible else {"method", "mode"}
     rest = {k: v for k, v in dataclasses.asdict(spec).items() if k not in apart}
@@ -247,8 +256,11 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
             store.set_expected(m.run_id, {e.id: n_turns(e, m.job.spec) for e in examples})
             m.done = store.done_turns(m.run_id)
         modes = "+".join(dict.fromkeys(m.job.spec.mode for m in claimed))
-        log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s", len(claimed), spec.task,
-                 modes, ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed))
+        sharers = sum(shares(m) for m in claimed)
+        log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s%s", len(claimed), spec.task,
+                 modes, ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed if shares(m)),
+                 "; decoded with them: " + ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed
+                                                     if not shares(m)) if sharers < len(claimed) else "")
         total = sum(n_turns(e, m.job.spec) for e in mine for m in claimed)
         todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in claimed)
         warm = getattr(engine, "warmup", None)
@@ -266,11 +278,11 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                 _run_class(engine, members, ex, replay, store, bar)
         for m in claimed:
             if m.error is not None:
-                outcomes.append(Outcome(m.job, m.run_id, m.error, len(claimed)))
+                outcomes.append(Outcome(m.job, m.run_id, m.error, sharers if shares(m) else 1))
                 continue
             finished = picked is None or store.complete(m.run_id)
             store.finish_run(m.run_id, "done" if finished else "partial")
-            outcomes.append(Outcome(m.job, m.run_id, None, len(claimed)))
+            outcomes.append(Outcome(m.job, m.run_id, None, sharers if shares(m) else 1))
     except BaseException as e:
         for m in claimed:
             if m.error is None:
@@ -295,19 +307,21 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     batch at a time."""
     from scbench.engines.fork import ForkingEngine, SharedPrefill
 
-    window = max((m.method.query_window for m in members if "compress_cache" in m.method.hooks()), default=0)
-    lse = any(getattr(m.method, "query_lse", False) for m in members if "compress_cache" in m.method.hooks())
-    keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in members]
-    shared = SharedPrefill(engine, takers=len(members), window=window, lse=lse, score_keys=keys)
+    takers = [m for m in members if shares(m)]  # the others (``can_ride``) prefill alone, then decode with them
+    window = max((m.method.query_window for m in takers if "compress_cache" in m.method.hooks()), default=0)
+    lse = any(getattr(m.method, "query_lse", False) for m in takers if "compress_cache" in m.method.hooks())
+    keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in takers]
+    shared = SharedPrefill(engine, takers=len(takers), window=window, lse=lse, score_keys=keys)
     pending: list[tuple[_Member, object, object]] = []  # (run, its replay, its prepared batch)
     together = DECODE_RUNS and hasattr(replay, "prepare")
     try:
         for m in members:
-            proxy = ForkingEngine(engine, shared)
+            proxy = ForkingEngine(engine, shared) if shares(m) else None
             try:
-                rep = replay(proxy, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
+                rep = replay(proxy or engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}),
+                             warmup_s=m.warmup_s)
                 if together:
-                    if pending and not room_for_run(shared, engine.device):
+                    if pending and not room_for_run(shared, engine.device, pending):
                         _decode_pending(engine, pending, store, bar)
                     prepared = rep.prepare()
                     if prepared is not None:
@@ -320,7 +334,7 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
             except Exception as e:  # noqa: BLE001 - this run fails, the others go on
                 _fail(m, ex, e, store)
             finally:
-                if not proxy.consumed():
+                if proxy is not None and not proxy.consumed():
                     shared.skip()
         shared.close()  # every run has its cache: the shared copy's memory goes back before the decode
         _decode_pending(engine, pending, store, bar)
@@ -332,12 +346,24 @@ DECODE_RUNS = os.environ.get("SCBENCH_DECODE_RUNS", "1") != "0"
 """``SCBENCH_DECODE_RUNS=0``: a grouped sweep decodes each run's batch apart (for timing one run's batch alone)."""
 
 
-def room_for_run(shared, device) -> bool:
+def shares(m: _Member) -> bool:
+    """Whether a run of a group takes the shared first prefill (else it only decodes with the group)."""
+    return can_share(type(m.method))
+
+
+def room_for_run(shared, device, pending: list = ()) -> bool:
     """Whether another run of a group can prepare its batch while the earlier ones keep theirs: memory for one more
-    fork of the shared prefill and its compression's scratch space (``fork.plan_copy``'s rule) is free."""
+    cache as large as the shared prefill's or the largest prepared one, plus a quarter of it and 2 GiB of scratch
+    space (``fork.plan_copy``'s rule), is free."""
+    import torch
+
     from scbench.engines.fork import GIB, free_device_bytes, free_host_bytes
 
-    need = shared.nbytes + shared.nbytes // 4 + 2 * GIB
+    sizes = [sum(t.numel() * t.element_size() for layer in p.cache.layers
+                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+             for _, _, p in pending]
+    big = max([shared.nbytes, *sizes])
+    need = big + big // 4 + 2 * GIB
     return (free_device_bytes(device) if device.type == "cuda" else free_host_bytes()) >= need
 
 

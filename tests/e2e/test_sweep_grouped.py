@@ -170,6 +170,36 @@ def test_ungroupable_runs_run_alone(tiny_engine, tmp_path):
     assert [len(g) for g in plan_groups(jobs)] == [1, 1, 1]
 
 
+RIDERS = [{"name": "ashape", "n_init": 8, "n_local": 56}, {"name": "trishape", "n_init": 8, "n_local": 56, "n_last": 16},
+          {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16, "init_cols": 4,
+           "local_diags": 16}, {"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 0.15, "select_layer": 1}]
+"""Methods that prefill their own way: with ``timing=batched`` they join a group to decode with it (``can_ride``)."""
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_own_prefill_runs_decode_with_the_group(tiny_engine, tmp_path, mode):
+    import dataclasses
+
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], *RIDERS]
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched") for cfg in cfgs]
+    assert [len(g) for g in plan_groups(jobs)] == [len(jobs)]
+    assert [len(g) for g in plan_groups([dataclasses.replace(j, timing="sequential") for j in jobs])] == [2, 1, 1, 1, 1]
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs) and [o.shared for o in outcomes] == [2, 2, 1, 1, 1, 1]
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
+    grouped, shared, _ = rows(tmp_path / "grouped.sqlite")
+    separate, _, _ = rows(tmp_path / "separate.sqlite")
+    assert grouped == separate
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    turns = {t["run_id"]: t for t in store.turns() if t["turn"] == 0}
+    labels = {r["run_id"]: r["method"] for r in store.runs()}
+    store.close()
+    assert {labels[r]: t["prefill_shared"] for r, t in turns.items()} == {
+        "full": 2, "snapkv": 2, "ashape": 1, "trishape": 1, "vertical_slash": 1, "cacheblend": 1}
+    assert {t["decode_runs"] for t in turns.values()} == {len(jobs)}  # every run's turns in one batch per example
+
+
 @pytest.mark.parametrize("timing", ["sequential", "batched"])
 def test_kill_mid_group_then_resume(tiny_engine, tmp_path, monkeypatch, timing):
     db = str(tmp_path / "kill.sqlite")
