@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -225,10 +225,7 @@ class Pending:
     cache: object
     rows: list
     plugin: object = None
-    plugins: list = None
-
-    def __post_init__(self):
-        self.plugins = [] if self.plugins is None else self.plugins
+    plugins: list = field(default_factory=list)
 
 
 class BatchedReplay(Replay):

@@ -104,13 +104,30 @@ def reference_shared_prefix_attention(q, shared_k, shared_v, shared_len, own_k, 
     return torch.cat(outs)
 
 
-class SharedPrefixKV:
-    """The batch's view of the cache for the model's forward: the session's layers as the shared prefix, plus
-    per-row buffers with room for each row's own tokens and everything it generates. ``rows``: batch.Row's."""
+class RowBuffers:
+    """A batch's own-token buffers as the model's forward writes them: ``k`` / ``v`` per layer [B, Hkv, cap, D], each
+    row's write position ``at`` [B] and ``rows`` = arange(B)."""
 
     fused_step = True
     """fuse.py's attention forward may take this cache: it calls ``rope_store`` (the batch's rows write at their
     own positions) and ``attend``."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
+        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
+        """fuse.py's fused attention: rotary embedding of q and k, every row's key/value written at ``at``."""
+        # CPU tensors: the reference even under the Triton interpreter (its tests call the kernel; here it would
+        # only slow every batched test down)
+        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
+        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
+
+
+class SharedPrefixKV(RowBuffers):
+    """The batch's view of the cache for the model's forward: the session's layers as the shared prefix, plus
+    per-row buffers with room for each row's own tokens and everything it generates. ``rows``: batch.Row's."""
 
     def __init__(self, cache, rows: list, steps: int, kernel: str | None = None, plugin=None, bufs=None):
         self.shared = [(layer.keys, layer.values) for layer in cache.layers]
@@ -153,18 +170,6 @@ class SharedPrefixKV:
         if plugin is not None:
             plugin.attach(cache, self)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
-        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
-        return self.k[layer_idx], self.v[layer_idx]
-
-    def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
-        """fuse.py's fused attention: rotary embedding of q and k, every row's key/value written at ``at``."""
-        # CPU tensors: the reference even under the Triton interpreter (its tests call the kernel; here it would
-        # only slow every batched test down)
-        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
-        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
-
     def attend(self, layer_idx, q, k, v, scale):
         if self.plugin is not None:
             out = self.plugin.attend(self, layer_idx, q, k, v, scale)
@@ -202,14 +207,12 @@ class SharedPrefixKV:
         return extra + int(self.shared[layer_idx][0].shape[2])
 
 
-class MultiKV:
+class MultiKV(RowBuffers):
     """Several runs' batches decoded as one (a grouped sweep, scbench/group.py): every run's rows forward together, so
     the model's weights are read once per step for all of them, while each run's rows attend to that run's own cache
     (its ``SharedPrefixKV``, with its plugin). The rows' own-token buffers and write positions are one tensor per
     layer (``k``, ``v``, ``at``: what the fused step writes in one call); each part's are views of its rows.
     ``parts``: (cache, rows, plugin or None) per run."""
-
-    fused_step = True
 
     def __init__(self, parts: list, steps: int, kernel: str | None = None):
         rows = [r for _, rs, _ in parts for r in rs]
@@ -231,24 +234,12 @@ class MultiKV:
         self.kernel = self.parts[0].kernel
         self.plugin = None
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.k[layer_idx][self.rows, :, self.at] = key_states[:, :, 0]
-        self.v[layer_idx][self.rows, :, self.at] = value_states[:, :, 0]
-        return self.k[layer_idx], self.v[layer_idx]
-
-    def rope_store(self, layer_idx, qkv, cos, sin, hq: int, hkv: int) -> torch.Tensor:
-        fn = shared_prefix.rope_store_rows if qkv.is_cuda else shared_prefix.rope_store_rows_ref
-        return fn(qkv, cos, sin, self.k[layer_idx], self.v[layer_idx], self.at, hq, hkv)
-
     def attend(self, layer_idx, q, k, v, scale):
         return torch.cat([p.attend(layer_idx, q[s], k[s], v[s], scale) for p, s in zip(self.parts, self.spans)])
 
     def after_steps(self) -> list:
         """The parts' plugins' eager work between steps (``after_step(step)``)."""
         return [p.plugin.after_step for p in self.parts if getattr(p.plugin, "after_step", None) is not None]
-
-    def kernel_used(self) -> str:
-        return ",".join(dict.fromkeys(p.kernel_used() for p in self.parts))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(p.get_seq_length(layer_idx) for p in self.parts)
