@@ -46,15 +46,24 @@ def free_device_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+MEMINFO = "/proc/meminfo"
+
+
 def free_host_bytes() -> int:
+    """Host memory available (Linux ``MemAvailable``; elsewhere psutil's ``available`` when installed; else 0:
+    nothing is planned into host memory)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    return int(psutil.virtual_memory().available)
 
 
 def plan_copy(nbytes: int, device: torch.device, *, device_free: int | None = None, host_free: int | None = None) -> str:

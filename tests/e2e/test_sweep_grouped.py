@@ -279,6 +279,20 @@ def test_fork_plan_from_free_memory():
         monkey.undo()
 
 
+def test_free_host_bytes_without_proc_meminfo(monkeypatch, tmp_path):
+    """Where /proc/meminfo cannot be read (macOS), host memory comes from psutil, else counts as none."""
+    import sys
+
+    import scbench.engines.fork
+    from scbench.engines.fork import free_host_bytes
+
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(scbench.engines.fork, "MEMINFO", str(tmp_path / "missing"))
+    assert abs(free_host_bytes() - psutil.virtual_memory().available) < 2**30
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
+    assert free_host_bytes() == 0
+
+
 @pytest.mark.parametrize("plan", ["host", "none"])
 def test_no_room_for_the_copy_changes_nothing_stored(tiny_engine, tmp_path, monkeypatch, caplog, plan):
     """Without room for a device copy the prefill waits in host memory; without any room each run prefills alone
