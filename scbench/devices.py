@@ -18,3 +18,37 @@ def free_cached_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+_PEAK_FLOOR: dict[str, int] = {}
+"""Device -> the process's peak allocated bytes before the last ``peak_window`` reset torch's counter."""
+
+
+def peak_allocated(device: torch.device | str) -> int:
+    """The process's peak allocated bytes on a CUDA device since it started (``torch.cuda.max_memory_allocated``,
+    counting the peaks that ``peak_window`` reset)."""
+    device = torch.device(device)
+    return max(_PEAK_FLOOR.get(str(device), 0), int(torch.cuda.max_memory_allocated(device)))
+
+
+class peak_window:
+    """``with peak_window(device) as w: ...`` then ``w.extra``: the most bytes allocated on a CUDA device inside the
+    block beyond what was allocated when it began (0 elsewhere). Resets torch's peak counter and keeps the process's
+    peak for ``peak_allocated``, so the peak memory the runs record is unchanged."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.extra = 0
+        self._base = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            key = str(self.device)
+            _PEAK_FLOOR[key] = peak_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = int(torch.cuda.memory_allocated(self.device))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.extra = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._base)

@@ -302,18 +302,24 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
 
 def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
-    is recorded and the others go on. With ``timing=batched`` the runs' batches are decoded together
-    (``decode_runs``) while memory holds their caches (``room_for_run``); ``SCBENCH_DECODE_RUNS=0``: one run's
-    batch at a time."""
+    is recorded and the others go on. The runs that take the shared prefill go first (its copy is freed after the
+    last of them), those that prefill alone (``can_ride``) after. With ``timing=batched`` the runs' batches are
+    decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``, from the
+    most any run's preparation has needed so far); a preparation that runs out of memory anyway has the batches so
+    far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a
+    time."""
+    from scbench.devices import peak_window
     from scbench.engines.fork import ForkingEngine, SharedPrefill
 
     takers = [m for m in members if shares(m)]  # the others (``can_ride``) prefill alone, then decode with them
+    members = takers + [m for m in members if not shares(m)]
     window = max((m.method.query_window for m in takers if "compress_cache" in m.method.hooks()), default=0)
     lse = any(getattr(m.method, "query_lse", False) for m in takers if "compress_cache" in m.method.hooks())
     keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in takers]
     shared = SharedPrefill(engine, takers=len(takers), window=window, lse=lse, score_keys=keys)
     pending: list[tuple[_Member, object, object]] = []  # (run, its replay, its prepared batch)
     together = DECODE_RUNS and hasattr(replay, "prepare")
+    need = 0  # the most bytes one run's preparation has allocated (its cache and its passing work)
     try:
         for m in members:
             proxy = ForkingEngine(engine, shared) if shares(m) else None
@@ -321,9 +327,22 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
                 rep = replay(proxy or engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}),
                              warmup_s=m.warmup_s)
                 if together:
-                    if pending and not room_for_run(shared, engine.device, pending):
+                    if pending and not room_for_run(shared, engine.device, pending, need):
                         _decode_pending(engine, pending, store, bar)
-                    prepared = rep.prepare()
+                    try:
+                        with peak_window(engine.device) as w:
+                            prepared = rep.prepare()
+                    except Exception as e:  # noqa: BLE001
+                        if not (pending and _out_of_memory(e)):
+                            raise
+                        prepared = rep = None
+                    if rep is None:  # outside the handler: the failed attempt's tensors can go
+                        if proxy is not None and not proxy.consumed():
+                            shared.skip()
+                        proxy = None  # its session (the failed attempt's cache) goes with it
+                        rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
+                    else:
+                        need = max(need, w.extra)
                     if prepared is not None:
                         pending.append((m, rep, prepared))
                         continue
@@ -342,6 +361,24 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
         shared.close()
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _retry(engine, m: _Member, ex, replay, pending: list, store, bar):
+    """A run's preparation ran out of memory next to the prepared batches: decode those first, then prepare this run
+    again on the plain engine (its first prefill computed alone: the shared one may be gone; the rows are the
+    same). Returns ``(replay, prepared batch or None)``."""
+    log.warning("example %s: no memory to prepare %s (%s) next to %d prepared run(s): those are decoded first and "
+                "it is prepared again, alone", ex.id, m.method.name, m.job.spec.mode, len(pending))
+    _decode_pending(engine, pending, store, bar)
+    free_cached_memory()
+    rep = replay(engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
+    return rep, rep.prepare()
+
+
 DECODE_RUNS = os.environ.get("SCBENCH_DECODE_RUNS", "1") != "0"
 """``SCBENCH_DECODE_RUNS=0``: a grouped sweep decodes each run's batch apart (for timing one run's batch alone)."""
 
@@ -351,10 +388,12 @@ def shares(m: _Member) -> bool:
     return can_share(type(m.method))
 
 
-def room_for_run(shared, device, pending: list = ()) -> bool:
-    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: memory for one more
-    cache as large as the shared prefill's or the largest prepared one, plus a quarter of it and 2 GiB of scratch
-    space (``fork.plan_copy``'s rule), is free."""
+def room_for_run(shared, device, pending: list = (), need: int = 0) -> bool:
+    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: memory for the
+    largest of one more cache as large as the shared prefill's or the largest prepared one and ``need`` (the most a
+    run's preparation has allocated so far: a prefill's passing work included), plus a quarter of it and 2 GiB of
+    scratch space (``fork.plan_copy``'s rule), is free. On CUDA the allocator's unused cached blocks are given back
+    first: free but fragmented, they failed a 131K prefill's 3.5 GiB allocation with 19 GiB of them held."""
     import torch
 
     from scbench.engines.fork import GIB, free_device_bytes, free_host_bytes
@@ -362,9 +401,10 @@ def room_for_run(shared, device, pending: list = ()) -> bool:
     sizes = [sum(t.numel() * t.element_size() for layer in p.cache.layers
                  for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
              for _, _, p in pending]
-    big = max([shared.nbytes, *sizes])
-    need = big + big // 4 + 2 * GIB
-    return (free_device_bytes(device) if device.type == "cuda" else free_host_bytes()) >= need
+    big = max([shared.nbytes, need, *sizes])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return (free_device_bytes(device) if device.type == "cuda" else free_host_bytes()) >= big + big // 4 + 2 * GIB
 
 
 def _store(m: _Member, rep, results, store, bar) -> None:

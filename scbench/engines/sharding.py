@@ -116,8 +116,11 @@ def count(devices) -> dict:
 
 
 def peak_memory_per_device(devices) -> dict[str, int]:
-    """Peak allocated bytes on each CUDA device of ``devices`` (``torch.cuda.max_memory_allocated``)."""
-    return {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices if d.type == "cuda"}
+    """Peak allocated bytes on each CUDA device of ``devices`` since the process started
+    (``scbench.devices.peak_allocated``)."""
+    from scbench.devices import peak_allocated
+
+    return {str(d): peak_allocated(d) for d in devices if d.type == "cuda"}
 
 
 def dispatch(model, device_map: dict):

@@ -10,46 +10,11 @@ from scbench.records import RunSpec
 from scbench.registry import METHODS
 from scbench.run import run_spec
 from scbench.store import Store
-
-METHOD_CFGS = {  # budgets sized to ~300-token contexts
-    "full": {"name": "full"},
-    "snapkv": {"name": "snapkv", "budget": 96, "window": 8, "kernel": 5},
-    "pyramidkv": {"name": "pyramidkv", "budget": 96, "window": 8, "kernel": 5, "beta": 20},
-    "h2o": {"name": "h2o", "budget": 96},
-    "streamingllm": {"name": "streamingllm", "n_init": 8, "n_local": 88},
-    "kivi": {"name": "kivi", "bits": 2, "group": 32, "residual": 32},
-    "quest": {"name": "quest", "budget": 64, "page_size": 16, "recent_pages": 1, "dense_layers": 1},
-    "retrieval_attention": {"name": "retrieval_attention", "top_k": 48, "n_init": 8, "n_local": 8},
-    "adakv": {"name": "adakv", "budget": 96, "window": 8, "kernel": 5},
-    "kvzip": {"name": "kvzip", "budget": 96, "chunk": 128},
-}
-TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
-          "index_build_s", "prefill_shared", "scores_shared", "decode_step_s", "context_compress_s", "chunk_kv_s", "prefill_saved_s",
-          "decode_path", "decode_batch", "decode_runs", "decode_kernel"}
-
+from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
 
 def test_every_dense_prefill_method_is_covered():
     shared = {n for n in METHODS.names() if can_share(METHODS.get(n)) and "hf" in METHODS.get(n).engines}
     assert shared == set(METHOD_CFGS), "add the new method to METHOD_CFGS so its grouped rows are compared"
-
-
-def spec(method: dict, mode: str, **kw) -> RunSpec:
-    return RunSpec(model={"name": "tiny-random-llama"}, method=method, task="scbench_kv", mode=mode,
-                   data={"n": 2, "length": 300, "turns": 3, "seed": 0}, max_turns=3, max_new_tokens=6, **kw)
-
-
-def rows(db) -> dict:
-    store = Store(db)
-    out = {}
-    for t in store.turns():
-        row = {k: v for k, v in t.items() if k not in TIMING | {"created"}}
-        if isinstance(row.get("method_costs"), dict):  # the method's own columns: times differ from run to run
-            row["method_costs"] = {k: v for k, v in row["method_costs"].items() if not k.endswith("_s")}
-        out[(t["run_id"], t["example_id"], t["turn"])] = row
-    shared = {(t["run_id"], t["example_id"], t["turn"]): t["prefill_shared"] for t in store.turns()}
-    runs = {r["run_id"]: (r["status"], r["method_label"]) for r in store.runs()}
-    store.close()
-    return out, shared, runs
 
 
 @pytest.mark.parametrize("timing", ["sequential", "batched"])
@@ -168,12 +133,6 @@ def test_ungroupable_runs_run_alone(tiny_engine, tmp_path):
             Job(spec({"name": "snapkv", "budget": 96, "window": 8}, "multi_request", reuse=False),
                 str(tmp_path / "a.sqlite"), progress=False)]
     assert [len(g) for g in plan_groups(jobs)] == [1, 1, 1]
-
-
-RIDERS = [{"name": "ashape", "n_init": 8, "n_local": 56}, {"name": "trishape", "n_init": 8, "n_local": 56, "n_last": 16},
-          {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16, "init_cols": 4,
-           "local_diags": 16}, {"name": "cacheblend", "chunk_size": 64, "recompute_ratio": 0.15, "select_layer": 1}]
-"""Methods that prefill their own way: with ``timing=batched`` they join a group to decode with it (``can_ride``)."""
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])

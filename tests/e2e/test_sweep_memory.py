@@ -1,0 +1,121 @@
+"""Memory in grouped sweeps (scbench/group.py): a run's preparation that runs out of memory next to the prepared
+batches has those decoded first and is prepared again, alone, storing the rows a separate run stores; the room check
+sizes by the most a preparation has allocated; the peak memory runs record survives the peak windows."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from scbench.batch import BatchedReplay
+from scbench.group import Job, run_jobs
+from scbench.run import run_spec
+from scbench.store import Store
+from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monkeypatch, caplog, mode):
+    """SnapKV runs out of memory after it took its fork of the shared prefill, A-shape before it prefilled: each is
+    prepared again after the batches so far are decoded, and every run stores the rows of its separate run."""
+    cfgs = [METHOD_CFGS["full"], RIDERS[0], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[1]]
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched") for cfg in cfgs]
+    real, failed = BatchedReplay.prepare, []
+
+    def prepare(self):
+        name = self.method.name
+        if name == "ashape" and (name, self.example.id) not in failed:
+            failed.append((name, self.example.id))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.46 GiB")
+        out = real(self)
+        if name == "snapkv" and (name, self.example.id) not in failed:
+            failed.append((name, self.example.id))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.46 GiB")
+        return out
+
+    monkeypatch.setattr(BatchedReplay, "prepare", prepare)
+    with caplog.at_level(logging.WARNING, logger="scbench.group"):
+        outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs)
+    assert len(failed) == 4  # two runs x two examples
+    assert sum("no memory to prepare" in r.getMessage() for r in caplog.records) == 4
+    monkeypatch.setattr(BatchedReplay, "prepare", real)
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
+    grouped, _, runs = rows(tmp_path / "grouped.sqlite")
+    separate, _, _ = rows(tmp_path / "separate.sqlite")
+    assert grouped == separate and {s for s, _ in runs.values()} == {"done"}
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    labels = {r["run_id"]: r["method"] for r in store.runs()}
+    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
+    store.close()
+    for ex in {e for _, e in first}:
+        # the fork SnapKV took is gone with its failed attempt: it prefilled alone; StreamingLLM still forked
+        assert {m: first[m, ex]["prefill_shared"] for m in ("full", "snapkv", "streamingllm")} == {
+            "full": 3, "snapkv": 1, "streamingllm": 3}
+        # full decoded alone before SnapKV's retry; SnapKV and StreamingLLM together before A-shape's retry; the
+        # riders (prepared after every run that forks) together
+        assert {m: first[m, ex]["decode_runs"] for m in ("full", "snapkv", "streamingllm", "ashape", "trishape")} == {
+            "full": 1, "snapkv": 2, "streamingllm": 2, "ashape": 2, "trishape": 2}
+
+
+def test_out_of_memory_with_nothing_prepared_fails_the_run(tiny_engine, tmp_path, monkeypatch):
+    """With no prepared batch to decode first, running out of memory is the run's failure (recorded); the others
+    go on."""
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"]]
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "g.sqlite"), progress=False, timing="batched")
+            for cfg in cfgs]
+    real = BatchedReplay.prepare
+
+    def prepare(self):
+        if self.method.name == "full":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self)
+
+    monkeypatch.setattr(BatchedReplay, "prepare", prepare)
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert isinstance(outcomes[0].error, torch.OutOfMemoryError) and outcomes[1].error is None
+    store = Store(str(tmp_path / "g.sqlite"))
+    status = {r["method"]: r["status"] for r in store.runs()}
+    store.close()
+    assert status == {"full": "failed", "snapkv": "done"}
+
+
+def test_room_for_run_sizes_by_the_largest_preparation(monkeypatch):
+    import scbench.engines.fork
+    from scbench.engines.fork import GIB
+    from scbench.group import room_for_run
+
+    class Shared:
+        nbytes = 4 * GIB
+
+    monkeypatch.setattr(scbench.engines.fork, "free_host_bytes", lambda: 20 * GIB)
+    cpu = torch.device("cpu")
+    assert room_for_run(Shared(), cpu, [], 0)  # 4 + 1 + 2 GiB
+    assert room_for_run(Shared(), cpu, [], 14 * GIB)  # 14 + 3.5 + 2
+    assert not room_for_run(Shared(), cpu, [], 15 * GIB)  # a prefill's passing work counts
+
+
+def test_peak_window_keeps_the_process_peak(monkeypatch):
+    """``peak_window`` resets torch's peak counter to measure a block; the peak the runs record
+    (``sharding.peak_memory_per_device``) still counts what came before (a stand-in CUDA allocator)."""
+    import scbench.devices as devices
+    from scbench.engines.sharding import peak_memory_per_device
+
+    state = {"now": 10, "peak": 50}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: state["now"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: state.update(peak=state["now"]))
+    monkeypatch.setattr(devices, "_PEAK_FLOOR", {})
+    cuda = torch.device("cuda", 0)
+    with devices.peak_window(cuda) as w:
+        state.update(now=30, peak=40)  # 30 bytes at most above the 10 allocated when it began
+        state["now"] = 20
+    assert w.extra == 30
+    assert peak_memory_per_device([cuda]) == {"cuda:0": 50}  # the earlier peak, not the window's 40
+    state.update(peak=70)
+    assert peak_memory_per_device([cuda]) == {"cuda:0": 70}
+    with devices.peak_window(torch.device("cpu")) as w:
+        pass
+    assert w.extra == 0
