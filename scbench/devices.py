@@ -33,12 +33,13 @@ def peak_allocated(device: torch.device | str) -> int:
 
 class peak_window:
     """``with peak_window(device) as w: ...`` then ``w.extra``: the most bytes allocated on a CUDA device inside the
-    block beyond what was allocated when it began (0 elsewhere). Resets torch's peak counter and keeps the process's
-    peak for ``peak_allocated``, so the peak memory the runs record is unchanged."""
+    block beyond what was allocated when it began, and ``w.passing``: the most beyond what is allocated when it ends
+    (the block's passing work, without what it keeps); 0 elsewhere. Resets torch's peak counter and keeps the
+    process's peak for ``peak_allocated``, so the peak memory the runs record is unchanged."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
-        self.extra = 0
+        self.extra = self.passing = 0
         self._base = 0
 
     def __enter__(self):
@@ -51,4 +52,6 @@ class peak_window:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            self.extra = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._base)
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.extra = max(0, peak - self._base)
+            self.passing = max(0, peak - int(torch.cuda.memory_allocated(self.device)))

@@ -304,9 +304,9 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
     is recorded and the others go on. The runs that take the shared prefill go first (its copy is freed after the
     last of them), those that prefill alone (``can_ride``) after. With ``timing=batched`` the runs' batches are
-    decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``, from the
-    most any run's preparation has needed so far); a preparation that runs out of memory anyway has the batches so
-    far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a
+    decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``: a cache and
+    the most passing work a prefill or a preparation has needed so far); a preparation that runs out of memory anyway
+    has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a
     time."""
     from scbench.devices import peak_window
     from scbench.engines.fork import ForkingEngine, SharedPrefill
@@ -319,7 +319,7 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     shared = SharedPrefill(engine, takers=len(takers), window=window, lse=lse, score_keys=keys)
     pending: list[tuple[_Member, object, object]] = []  # (run, its replay, its prepared batch)
     together = DECODE_RUNS and hasattr(replay, "prepare")
-    need = 0  # the most bytes one run's preparation has allocated (its cache and its passing work)
+    work = 0  # the most bytes a run's preparation allocated beyond what it kept (measured on CUDA)
     try:
         for m in members:
             proxy = ForkingEngine(engine, shared) if shares(m) else None
@@ -327,7 +327,7 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
                 rep = replay(proxy or engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}),
                              warmup_s=m.warmup_s)
                 if together:
-                    if pending and not room_for_run(shared, engine.device, pending, need):
+                    if pending and not room_for_run(shared, engine.device, pending, max(work, shared.work)):
                         _decode_pending(engine, pending, store, bar)
                     try:
                         with peak_window(engine.device) as w:
@@ -342,7 +342,7 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
                         proxy = None  # its session (the failed attempt's cache) goes with it
                         rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
                     else:
-                        need = max(need, w.extra)
+                        work = max(work, w.passing)
                     if prepared is not None:
                         pending.append((m, rep, prepared))
                         continue
@@ -388,12 +388,13 @@ def shares(m: _Member) -> bool:
     return can_share(type(m.method))
 
 
-def room_for_run(shared, device, pending: list = (), need: int = 0) -> bool:
-    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: memory for the
-    largest of one more cache as large as the shared prefill's or the largest prepared one and ``need`` (the most a
-    run's preparation has allocated so far: a prefill's passing work included), plus a quarter of it and 2 GiB of
-    scratch space (``fork.plan_copy``'s rule), is free. On CUDA the allocator's unused cached blocks are given back
-    first: free but fragmented, they failed a 131K prefill's 3.5 GiB allocation with 19 GiB of them held."""
+def room_for_run(shared, device, pending: list = (), work: int = 0) -> bool:
+    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: free memory for one
+    more cache as large as a fork of the shared prefill or the largest prepared one, plus the passing work of a
+    preparation (``work``: the most a prefill or a preparation has needed beyond what it kept, measured; at least a
+    quarter of the cache, ``fork.plan_copy``'s rule) and 2 GiB. On CUDA the allocator's unused cached blocks are
+    given back first: counted free but fragmented, they failed a 131K prefill's 3.5 GiB allocation with 19 GiB of
+    them held."""
     import torch
 
     from scbench.engines.fork import GIB, free_device_bytes, free_host_bytes
@@ -401,10 +402,11 @@ def room_for_run(shared, device, pending: list = (), need: int = 0) -> bool:
     sizes = [sum(t.numel() * t.element_size() for layer in p.cache.layers
                  for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
              for _, _, p in pending]
-    big = max([shared.nbytes, need, *sizes])
+    big = max([shared.fork_bytes, *sizes])
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return (free_device_bytes(device) if device.type == "cuda" else free_host_bytes()) >= big + big // 4 + 2 * GIB
+    free = free_device_bytes(device) if device.type == "cuda" else free_host_bytes()
+    return free >= big + max(work, big // 4) + 2 * GIB
 
 
 def _store(m: _Member, rep, results, store, bar) -> None:

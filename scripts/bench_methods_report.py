@@ -75,6 +75,8 @@ def derive(data: dict) -> dict:
             e["examples_per_gpu_hour"] = a["cells"] * 3600 / a["wall_s"] if a["wall_s"] else None
             e["examples_per_gpu_hour_steady"] = a["cells"] * 3600 / e["steady_s"] if e["steady_s"] > 0 else None
             e["steady_s_per_example"] = e["steady_s"] / a["cells"] if a["cells"] else None
+            runs = [r.get("decode_runs") for r in data["rows"] if r.get("length") == length and r.get("way") == way]
+            e["decode_runs"] = max((n for n in runs if n), default=None)  # most runs one decode batch held
         seq = agg.get((length, "sequential"))
         for way in WAYS[1:]:
             grp = agg.get((length, way))
@@ -160,7 +162,7 @@ def projection_lines(summary: list[dict]) -> str:
 
 def sweep_table(summary: list[dict]) -> str:
     head = ("| context | modes | way | examples | wall s | examples/GPU-h | speed-up | steady s | steady s / example | "
-            "steady speed-up | same predictions |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "steady speed-up | same predictions | runs per decode |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     out = []
     f = lambda d, k, fmt: format(d[k], fmt) if d.get(k) is not None else "-"  # noqa: E731
     for e in summary:
@@ -170,7 +172,7 @@ def sweep_table(summary: list[dict]) -> str:
                 d = e[f"{w}_derived"]
                 out.append(f"| {e['length']} | {'+'.join(d['modes'])} | {LABEL[w]} (derived: grouped + batched less "
                            f"its decode, plus the sequential decode) | {d['cells']} | - | - | - | {d['steady_s']:.0f} | "
-                           f"{d['steady_s_per_example']:.1f} | {d['speedup_steady']:.2f}x | - |")
+                           f"{d['steady_s_per_example']:.1f} | {d['speedup_steady']:.2f}x | - | - |")
                 continue
             if d is None:
                 continue
@@ -179,7 +181,7 @@ def sweep_table(summary: list[dict]) -> str:
                        f"{f(d, 'examples_per_gpu_hour', ',.0f')} | {sp} | {f(d, 'steady_s', '.0f')} | "
                        f"{f(d, 'steady_s_per_example', '.1f')} | "
                        + (f"{d['speedup_steady']:.2f}x" if d.get("speedup_steady") else "-")
-                       + f" | {d.get('same_predictions', '-')} |")
+                       + f" | {d.get('same_predictions', '-')} | {d.get('decode_runs') or '-'} |")
     return head + "\n".join(out) + "\n"
 
 
@@ -197,7 +199,8 @@ def write(out: Path, data: dict) -> None:
           "(method, mode, task, example) cell with all its turns; steady: from the first run's start to the last "
           "turn stored, less every run's warm-up (no process start, model build or one-time compilation: what a "
           "sweep of many examples pays per example); speed-ups are over the sequential sweep; same predictions: "
-          "turns equal to the sequential sweep's.\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
+          "turns equal to the sequential sweep's; runs per decode: the most runs one decode batch held "
+          "(`decode_runs`; - where not recorded).\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
           "\n## Per method (the sequential sweep: one request at a time)\n\ndecode tok/s is the median over turns; "
           "vs full: decode rate over full attention's in the same (context, mode).\n\n" + table(rows))
     out.with_suffix(".md").write_text(md)

@@ -25,7 +25,7 @@ from collections import Counter
 
 import torch
 
-from scbench.devices import sync as _sync
+from scbench.devices import peak_window, sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats
 from scbench.engines.hf_session import HFSession
@@ -176,7 +176,12 @@ class SharedPrefill:
         self.cells = 0
         self.forks = 0
         self.nbytes = 0
-        """Bytes of the prefilled cache (and the captured queries) once computed: what a fork of it takes."""
+        """Bytes of the prefilled cache and the captured queries once computed: what its copy takes."""
+        self.fork_bytes = 0
+        """Bytes of the prefilled cache alone: what a fork of it takes (the captured queries are not copied)."""
+        self.work = 0
+        """Bytes the prefill's forward allocated beyond what it kept (its passing work, ``devices.peak_window``; 0
+        off CUDA): what another run's own prefill of this example needs next to its cache."""
 
     def skip(self) -> None:
         """A run of the group will not fork (it failed or had nothing to do)."""
@@ -223,9 +228,11 @@ class SharedPrefill:
         dev = self.engine.device
         _sync(dev)
         t0 = time.perf_counter()
-        session.last_logits = session._prefill(ids, ctx)
+        with peak_window(dev) as w:
+            session.last_logits = session._prefill(ids, ctx)
         _sync(dev)
         self.seconds = time.perf_counter() - t0
+        self.work = w.passing
         self.cells = ctx.cells_total
         self.ids = list(ids)
         self.logits = session.last_logits.clone()
@@ -241,6 +248,8 @@ class SharedPrefill:
                   + [lse for lse, _ in self.lses.values()]):
             per_device[t.device] = per_device.get(t.device, 0) + t.numel() * t.element_size()
         nbytes = self.nbytes = sum(per_device.values())
+        self.fork_bytes = sum(t.numel() * t.element_size() for layer in session.cache.layers
+                              for t in (layer.keys, layer.values))
         self.plan = plan_for(per_device)
         if self.plan == "none":
             log.warning("shared prefill: no room for a %.1f GiB copy of the prefilled cache on %s or in host memory; "

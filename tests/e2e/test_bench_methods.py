@@ -94,6 +94,9 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert shared == {("full", m): 2 for m in bench.MODES} | {("snapkv", m): 2 for m in bench.MODES} | {
         ("duo_attention", m): 1 for m in bench.MODES}
     assert {r["status"] for r in data["rows"]} == {"done"}
+    runs = {(r["way"], r["mode"]): r["decode_runs"] for r in data["rows"]}
+    assert runs == {("sequential", m): 1 for m in bench.MODES} | {("grouped", m): 3 for m in bench.MODES}
+    assert e["grouped"]["decode_runs"] == 3  # every run of a mode's group decoded in one batch
     md = out.with_suffix(".md").read_text()
     assert "## Per method" in md and md.count("| 400 | multi_") == 6 + 3  # 6 runs; 2 ways + grouped alone (derived)
     assert "grouped (derived" in md and e["grouped_sequential_derived"]["steady_s"] > 0

@@ -1,6 +1,7 @@
 """Memory in grouped sweeps (scbench/group.py): a run's preparation that runs out of memory next to the prepared
 batches has those decoded first and is prepared again, alone, storing the rows a separate run stores; the room check
-sizes by the most a preparation has allocated; the peak memory runs record survives the peak windows."""
+sizes by a cache and the most passing work a preparation has needed; the peak memory runs record survives the peak
+windows."""
 from __future__ import annotations
 
 import logging
@@ -88,12 +89,12 @@ def test_room_for_run_sizes_by_the_largest_preparation(monkeypatch):
     from scbench.group import room_for_run
 
     class Shared:
-        nbytes = 4 * GIB
+        fork_bytes = 4 * GIB
 
     monkeypatch.setattr(scbench.engines.fork, "free_host_bytes", lambda: 20 * GIB)
     cpu = torch.device("cpu")
-    assert room_for_run(Shared(), cpu, [], 0)  # 4 + 1 + 2 GiB
-    assert room_for_run(Shared(), cpu, [], 14 * GIB)  # 14 + 3.5 + 2
+    assert room_for_run(Shared(), cpu, [], 0)  # a fork, a quarter of it and 2 GiB: 4 + 1 + 2
+    assert room_for_run(Shared(), cpu, [], 14 * GIB)  # 4 + 14 + 2
     assert not room_for_run(Shared(), cpu, [], 15 * GIB)  # a prefill's passing work counts
 
 
@@ -112,10 +113,10 @@ def test_peak_window_keeps_the_process_peak(monkeypatch):
     with devices.peak_window(cuda) as w:
         state.update(now=30, peak=40)  # 30 bytes at most above the 10 allocated when it began
         state["now"] = 20
-    assert w.extra == 30
+    assert w.extra == 30 and w.passing == 20  # 40 at most, 20 of it kept at the end
     assert peak_memory_per_device([cuda]) == {"cuda:0": 50}  # the earlier peak, not the window's 40
     state.update(peak=70)
     assert peak_memory_per_device([cuda]) == {"cuda:0": 70}
     with devices.peak_window(torch.device("cpu")) as w:
         pass
-    assert w.extra == 0
+    assert w.extra == w.passing == 0
