@@ -306,8 +306,8 @@ def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
     last of them), those that prefill alone (``can_ride``) after. With ``timing=batched`` the runs' batches are
     decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``: a cache and
     the most passing work a prefill or a preparation has needed so far); a preparation that runs out of memory anyway
-    has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a
-    time."""
+    has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one
+    run's batch at a time."""
     from scbench.devices import peak_window
     from scbench.engines.fork import ForkingEngine, SharedPrefill
 
