@@ -208,10 +208,11 @@ class SharedPrefixKV(RowBuffers):
 
 
 class MultiKV(RowBuffers):
-    """Several runs' batches decoded as one (a grouped sweep, scbench/group.py): every run's rows forward together, so
-    the model's weights are read once per step for all of them, while each run's rows attend to that run's own cache
-    (its ``SharedPrefixKV``, with its plugin). The rows' own-token buffers and write positions are one tensor per
-    layer (``k``, ``v``, ``at``: what the fused step writes in one call); each part's are views of its rows.
+    """Several runs' batches decoded as one (a grouped sweep, scbench/group_example.py): every run's rows forward
+    together, so the model's weights are read once per step for all of them, while each run's rows attend to that
+    run's own cache (its ``SharedPrefixKV``, with its plugin). The rows' own-token buffers and write positions are one
+    tensor per layer (``k``, ``v``, ``at``: what the fused step writes in one call); each part's are views of its
+    rows.
     ``parts``: (cache, rows, plugin or None) per run."""
 
     def __init__(self, parts: list, steps: int, kernel: str | None = None):

@@ -13,6 +13,9 @@ step for every run, each run's rows attending to its own cache), and runs whose 
 (sparse prefill, prompt compression, CacheBlend) join the group to decode with it (``can_ride``), prefilling alone.
 Other runs (another engine, naive replay, ``timing=sequential`` for those methods) run alone through ``run_spec``.
 
+One example's work (the shared prefill, the forks, the runs decoded together, memory) is in
+scbench/group_example.py.
+
 ``scbench run -m`` with the basic launcher queues its jobs here (``share_prefill: true``, the default) and runs
 them when the sweep ends (``SweepCallback``); other launchers run every job on its own as before.
 """
@@ -21,11 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scbench.devices import free_cached_memory
+from scbench.group_example import DECODE_RUNS, Member, can_share, prefill_classes, run_class, shares
 from scbench.records import RunSpec
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,6 @@ def _method_class(spec: RunSpec):
         return METHODS.get(name)
     except Exception:  # noqa: BLE001 - an unknown method runs alone and fails there, with its own error
         return None
-
-
-def can_share(cls) -> bool:
-    """Whether a method class's first prefill is the plain dense forward: it declares ``dense_prefill`` and
-    overrides none of the hooks that change the first prefill (checked, so a wrong declaration cannot group)."""
-    if cls is None or not getattr(cls, "dense_prefill", False):
-        return False
-    return not {"prefill_attention", "compress_context", "blend_prefill"} & cls.hooks()
 
 
 def can_ride(job: Job) -> bool:
@@ -140,46 +134,6 @@ def run_jobs(jobs: list[Job], *, group: bool = True, engine=None) -> list[Outcom
     return outcomes
 
 
-@dataclass
-class _Member:
-    job: Job
-    run_id: str
-    spec_dict: dict
-    method: object = None
-    task: object = None
-    done: dict = field(default_factory=dict)
-    error: BaseException | None = None
-    warmup_s: float = 0.0
-    """The run's warm-up seconds (``engine.warmup``), charged to its first computed turn as ``run_spec`` does."""
-
-
-def prefill_classes(engine, example, live: list[_Member]) -> list[list[_Member]]:
-    """The live runs of one example split by the tokens of their first feed (``runner.first_feed_ids``): runs of one
-    mode feed the same tokens; two modes share a class when their first feeds are equal."""
-    from scbench.runner import first_feed_ids
-
-    by_mode: dict[str, list[_Member]] = {}
-    for m in live:
-        by_mode.setdefault(m.job.spec.mode, []).append(m)
-    if len(by_mode) < 2:
-        return [live] if live else []
-    classes: list[tuple[list[int], list[_Member]]] = []
-    for members in by_mode.values():
-        try:
-            ids = first_feed_ids(engine, members[0].task, example, members[0].job.spec)
-        except Exception:  # noqa: BLE001 - a prompt that cannot be built: these runs fail in their replay, alone
-            ids = None
-        same = next((c for c in classes if ids is not None and c[0] == ids), None)
-        if same is None:
-            classes.append((ids, list(members)))
-        else:
-            same[1].extend(members)
-    if len(classes) > 1:
-        log.info("example %s: the modes' first prefills differ (%s tokens): one prefill per mode", example.id,
-                 " vs ".join(str(len(ids)) if ids is not None else "?" for ids, _ in classes))
-    return [members for _, members in classes]
-
-
 def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     """Run jobs whose specs differ only in a prefill-sharing method, example by example, sharing each example's
     first prefill (see the module docstring). Each run is validated, leased, recorded, checked on resume and
@@ -194,12 +148,12 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     from scbench.store import Store
 
     lead = jobs[0]
-    members: list[_Member] = []
+    members: list[Member] = []
     outcomes: list[Outcome] = []
     examples = picked = None
     for job in jobs:
         spec_dict = run_spec_dict(job.spec, job.engine_name, job.engine_options)
-        m = _Member(job, spec_hash(spec_dict), spec_dict)
+        m = Member(job, spec_hash(spec_dict), spec_dict)
         try:
             picked = parse_shard(job.shard)
             replay_class(job.timing)
@@ -239,7 +193,7 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
     replay = replay_class(lead.timing)
     lease = shard_key(picked)
     store = Store(lead.store)
-    claimed: list[_Member] = []
+    claimed: list[Member] = []
     bar = None
     try:
         for m in members:
@@ -275,7 +229,7 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
         for ex in mine:
             live = [m for m in claimed if m.error is None and len(m.done.get(ex.id, {})) < n_turns(ex, m.job.spec)]
             for members in prefill_classes(engine, ex, live):
-                _run_class(engine, members, ex, replay, store, bar)
+                run_class(engine, members, ex, replay, store, bar)
         for m in claimed:
             if m.error is not None:
                 outcomes.append(Outcome(m.job, m.run_id, m.error, sharers if shares(m) else 1))
@@ -298,163 +252,6 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                 log.warning("could not release the lease of run %s in %s", m.run_id, lead.store)
         store.close()
     return outcomes
-
-
-def _run_class(engine, members: list[_Member], ex, replay, store, bar) -> None:
-    """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
-    is recorded and the others go on. The runs that take the shared prefill go first (its copy is freed after the
-    last of them), those that prefill alone (``can_ride``) after. With ``timing=batched`` the runs' batches are
-    decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``: a cache and
-    the most passing work a prefill or a preparation has needed so far); a preparation that runs out of memory anyway
-    has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one
-    run's batch at a time."""
-    from scbench.devices import peak_window
-    from scbench.engines.fork import ForkingEngine, SharedPrefill
-
-    takers = [m for m in members if shares(m)]  # the others (``can_ride``) prefill alone, then decode with them
-    members = takers + [m for m in members if not shares(m)]
-    window = max((m.method.query_window for m in takers if "compress_cache" in m.method.hooks()), default=0)
-    lse = any(getattr(m.method, "query_lse", False) for m in takers if "compress_cache" in m.method.hooks())
-    keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in takers]
-    shared = SharedPrefill(engine, takers=len(takers), window=window, lse=lse, score_keys=keys)
-    pending: list[tuple[_Member, object, object]] = []  # (run, its replay, its prepared batch)
-    together = DECODE_RUNS and hasattr(replay, "prepare")
-    work = 0  # the most bytes a run's preparation allocated beyond what it kept (measured on CUDA)
-    try:
-        for m in members:
-            proxy = ForkingEngine(engine, shared) if shares(m) else None
-            try:
-                rep = replay(proxy or engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}),
-                             warmup_s=m.warmup_s)
-                if together:
-                    if pending and not room_for_run(shared, engine.device, pending, max(work, shared.work)):
-                        _decode_pending(engine, pending, store, bar)
-                    try:
-                        with peak_window(engine.device) as w:
-                            prepared = rep.prepare()
-                    except Exception as e:  # noqa: BLE001
-                        if not (pending and _out_of_memory(e)):
-                            raise
-                        prepared = rep = None
-                    if rep is None:  # outside the handler: the failed attempt's tensors can go
-                        if proxy is not None and not proxy.consumed():
-                            shared.skip()
-                        proxy = None  # its session (the failed attempt's cache) goes with it
-                        rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
-                    else:
-                        work = max(work, w.passing)
-                    if prepared is not None:
-                        pending.append((m, rep, prepared))
-                        continue
-                    results = rep.sequential()
-                else:
-                    results = rep
-                _store(m, rep, results, store, bar)
-            except Exception as e:  # noqa: BLE001 - this run fails, the others go on
-                _fail(m, ex, e, store)
-            finally:
-                if proxy is not None and not proxy.consumed():
-                    shared.skip()
-        shared.close()  # every run has its cache: the shared copy's memory goes back before the decode
-        _decode_pending(engine, pending, store, bar)
-    finally:
-        shared.close()
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _retry(engine, m: _Member, ex, replay, pending: list, store, bar):
-    """A run's preparation ran out of memory next to the prepared batches: decode those first, then prepare this run
-    again on the plain engine (its first prefill computed alone: the shared one may be gone; the rows are the
-    same). Returns ``(replay, prepared batch or None)``."""
-    log.warning("example %s: no memory to prepare %s (%s) next to %d prepared run(s): those are decoded first and "
-                "it is prepared again, alone", ex.id, m.method.name, m.job.spec.mode, len(pending))
-    _decode_pending(engine, pending, store, bar)
-    free_cached_memory()
-    rep = replay(engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
-    return rep, rep.prepare()
-
-
-DECODE_RUNS = os.environ.get("SCBENCH_DECODE_RUNS", "1") != "0"
-"""``SCBENCH_DECODE_RUNS=0``: a grouped sweep decodes each run's batch apart (for timing one run's batch alone)."""
-
-
-def shares(m: _Member) -> bool:
-    """Whether a run of a group takes the shared first prefill (else it only decodes with the group)."""
-    return can_share(type(m.method))
-
-
-def room_for_run(shared, device, pending: list = (), work: int = 0) -> bool:
-    """Whether another run of a group can prepare its batch while the earlier ones keep theirs: free memory for one
-    more cache as large as a fork of the shared prefill or the largest prepared one, plus the passing work of a
-    preparation (``work``: the most a prefill or a preparation has needed beyond what it kept, measured; at least a
-    quarter of the cache, ``fork.plan_copy``'s rule) and 2 GiB. On CUDA the allocator's unused cached blocks are
-    given back first: counted free but fragmented, they failed a 131K prefill's 3.5 GiB allocation with 19 GiB of
-    them held."""
-    import torch
-
-    from scbench.engines.fork import GIB, free_device_bytes, free_host_bytes
-
-    sizes = [sum(t.numel() * t.element_size() for layer in p.cache.layers
-                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-             for _, _, p in pending]
-    big = max([shared.fork_bytes, *sizes])
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    free = free_device_bytes(device) if device.type == "cuda" else free_host_bytes()
-    return free >= big + max(work, big // 4) + 2 * GIB
-
-
-def _store(m: _Member, rep, results, store, bar) -> None:
-    for result in results:
-        m.warmup_s = 0.0
-        store.put(m.run_id, result)
-        if bar:
-            bar.update(1)
-    if rep.mismatches:
-        store.note_mismatch(m.run_id, rep.mismatches)
-
-
-def _fail(m: _Member, ex, e: BaseException, store) -> None:
-    from scbench.run import _record_stop
-
-    m.error = e
-    _record_stop(store, m.job.store, m.run_id, m.spec_dict, e)
-    log.error("run %s (%s) failed on example %s: %s: %s", m.run_id, m.method.name, ex.id, type(e).__name__, e)
-    free_cached_memory()
-
-
-def _decode_pending(engine, pending: list, store, bar) -> None:
-    """Decode the prepared batches of several runs as one (``batch.decode_parts``) and store each run's rows; when
-    that fails, each run's batch alone (a run that fails then is recorded, the others go on)."""
-    from scbench.batch import decode_parts
-
-    items, pending[:] = list(pending), []
-    if not items:
-        return
-    try:
-        results, step_s, kernels = decode_parts(engine, [(p.cache, p.rows, p.plugin) for _, _, p in items])
-    except Exception as e:  # noqa: BLE001
-        if len(items) == 1:
-            m, rep, _ = items[0]
-            _fail(m, rep.example, e, store)
-            return
-        log.warning("decoding %d runs' turns together failed (%s: %s); one run at a time", len(items),
-                    type(e).__name__, e)
-        free_cached_memory()
-        for item in items:
-            _decode_pending(engine, [item], store, bar)
-        return
-    batch = sum(len(p.rows) for _, _, p in items)
-    for (m, rep, p), gens, kernel in zip(items, results, kernels):
-        try:
-            _store(m, rep, rep.finish(p, gens, step_s, kernel, runs=len(items), batch=batch), store, bar)
-        except Exception as e:  # noqa: BLE001 - this run fails, the others go on
-            _fail(m, rep.example, e, store)
 
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------

@@ -86,7 +86,7 @@ def test_out_of_memory_with_nothing_prepared_fails_the_run(tiny_engine, tmp_path
 def test_room_for_run_sizes_by_the_largest_preparation(monkeypatch):
     import scbench.engines.fork
     from scbench.engines.fork import GIB
-    from scbench.group import room_for_run
+    from scbench.group_example import room_for_run
 
     class Shared:
         fork_bytes = 4 * GIB

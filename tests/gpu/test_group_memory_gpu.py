@@ -5,7 +5,7 @@ import torch
 
 from scbench.devices import peak_allocated, peak_window
 from scbench.engines.fork import GIB, free_device_bytes
-from scbench.group import room_for_run
+from scbench.group_example import room_for_run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 MIB = 1 << 20
