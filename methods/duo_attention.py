@@ -115,6 +115,55 @@ class DuoAttention(SparsePrefill):
         cols[full] = True
         return pat.Pattern(tq, tk, cols, diags)
 
+    def prefill_attention(self, layer_idx, q, k, v, scale):
+        """q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] -> [B, Hq, Tq, D]. The heads split by kind: the retrieval heads'
+        queries attend densely (``dense.causal_attention``: SDPA's fused kernels), the streaming heads' through the
+        A-shape band (``pat.band``: on a GPU FlexAttention with the band tested arithmetically and one block mask
+        per chunk shape; on the CPU the chunked path). The same cells as ``pattern``'s per-head table, which
+        ``prefill_attention_reference`` (the base class's path) runs whole: at 131K that table sent the dense half
+        of the heads through FlexAttention's table-read masks too."""
+        from scbench.engines import attention
+        from scbench.kernels import dense
+        from scbench.methods.ashape import _band_block_mask
+        from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES
+
+        hq, hkv, tq, tk = q.shape[1], k.shape[1], q.shape[-2], k.shape[-2]
+        full = self.retrieval(layer_idx, hkv)
+        rep = hq // hkv
+        kv_r = full.nonzero().flatten().tolist()
+        kv_s = (~full).nonzero().flatten().tolist()
+        band = pat.band(tq, tk, self.n_init, self.n_local, 0, q.device)
+        out = torch.empty_like(q)
+        parts = [(kv_r, None), (kv_s, band)]
+        for kvs, p in parts:
+            if not kvs:
+                continue
+            qi = torch.tensor([h * rep + j for h in kvs for j in range(rep)], device=q.device)
+            ki = torch.tensor(kvs, device=q.device)
+            qs, ks, vs = (q, k, v) if len(kvs) == hkv else (q.index_select(1, qi), k.index_select(1, ki),
+                                                              v.index_select(1, ki))
+            if p is None:
+                o = dense.causal_attention(qs, ks, vs, scale)
+            elif q.is_cuda and tq >= MIN_FLEX_QUERIES:
+                from scbench.kernels import flex
+
+                o = flex.attention(qs, ks, vs, p, scale, _band_block_mask(tq, tk, self.n_init, self.n_local, 0,
+                                                                          q.device))
+            else:
+                o = torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1], p, scale)
+                               for b in range(q.shape[0])])
+            if len(kvs) == hkv:
+                out = o
+            else:
+                out.index_copy_(1, qi, o)
+        cells = len(kv_r) * rep * pat.causal_cells(tq, tk) + len(kv_s) * rep * band.computed_cells()
+        attention.count_computed(cells * q.shape[0])
+        return out
+
+    def prefill_attention_reference(self, layer_idx, q, k, v, scale):
+        """The per-head pattern table through the sparse-prefill base path (``pattern``): the reference."""
+        return super().prefill_attention(layer_idx, q, k, v, scale)
+
     def _keep(self, head_keys: list[torch.Tensor], layer_idx: int) -> list[torch.Tensor] | None:
         full = self.retrieval(layer_idx, len(head_keys))
         idx, cut = [], False

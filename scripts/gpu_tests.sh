@@ -9,7 +9,7 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 site=${SCBENCH_TEST_SITE:-/tmp/scbench-tests-site}  # its own folder: helper copies on the same box put theirs first in /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .gpuwhl/*.whl .gpuwhl/*.tar.gz
+python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --no-cache-dir --upgrade --target $site .gpuwhl/*.whl .gpuwhl/*.tar.gz
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target $site . 2>&1 \
   | grep -v -i -E "deprecat|license|\*\*\*|!!|^ *$" || true
 export PYTHONPATH=$site SCBENCH_CACHE=/tmp/scbcache

@@ -138,3 +138,16 @@ def test_kernel_options_keep_agreement(options, monkeypatch):
     for m in (AShape(n_init=64, n_local=300), TriShape(n_init=64, n_local=300, n_last=100),
               VerticalSlash(vertical_size=100, slash_size=200, last_q=64)):
         assert_flex_matches(m, 1000, 1000, seed=5)
+
+
+@pytest.mark.parametrize("tq,tk", SHAPES)
+def test_duo_split_prefill_matches_reference(tq, tk, tmp_path):
+    """DuoAttention's prefill split by head kind (SDPA for the retrieval heads, the FlexAttention band for the
+    streaming ones) against the float reference of its per-head pattern table."""
+    import json
+
+    from scbench.methods.duo_attention import DuoAttention
+
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"gates": [[0.9, 0.1]]}))
+    assert_flex_matches(DuoAttention(heads=str(path), n_init=64, n_local=300), tq, tk, seed=tq)

@@ -276,3 +276,31 @@ def test_llama8b_timing_gates_fit_the_bench_shape():
     assert m.retrieval(31, 8).sum() + sum(int(m.retrieval(i, 8).sum()) for i in range(31)) == 128
     with pytest.raises(ValueError, match="another model"):
         m.retrieval(0, 2)
+
+
+@pytest.mark.parametrize("gates", [[[0.9, 0.1, 0.2, 0.7], [0.2, 0.8, 0.3, 0.1], [0.9, 0.95, 0.8, 0.85],
+                                    [0.0, 0.1, 0.05, 0.02]]])
+@pytest.mark.parametrize("tq,tk,b", [(300, 300, 1), (97, 410, 1), (200, 200, 2)])
+def test_duo_split_prefill_matches_the_pattern_table(tmp_path, gates, tq, tk, b):
+    """DuoAttention's prefill split by head kind (retrieval heads dense through SDPA, streaming heads through the
+    A-shape band) equals the per-head pattern table's path on random float32 inputs, and counts the same cells; the
+    layers cover mixed, all-retrieval and all-streaming heads, a chunk over a cache and two batch rows."""
+    from scbench.engines.attention import AttnContext, active
+
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"gates": gates}))
+    duo = method({"name": "duo_attention", "heads": str(path), "n_init": 8, "n_local": 40, "retrieval_ratio": 0.5})
+    g = torch.Generator().manual_seed(tq + tk)
+    q = torch.randn(b, 8, tq, HEAD_DIM, generator=g)
+    k, v = (torch.randn(b, 4, tk, HEAD_DIM, generator=g) for _ in range(2))
+    kinds = set()
+    for layer in range(len(gates)):
+        kinds.add(int(duo.retrieval(layer, 4).sum()))
+        ctx, ref_ctx = AttnContext(), AttnContext()
+        with active(ctx):
+            out = duo.prefill_attention(layer, q, k, v, None)
+        with active(ref_ctx):
+            ref = duo.prefill_attention_reference(layer, q, k, v, None)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert ctx.cells_computed == ref_ctx.cells_computed > 0
+    assert kinds == {0, 2, 4}  # retrieval KV heads per layer: none, some, all
