@@ -25,7 +25,8 @@ LAYERS = [  # bottom first; a module may import its own layer and the ones below
     # the store sits beside run: run_spec writes every finished turn into it (the store imports only records)
     # batch (decode an example's turns together) extends the runner; group (sweeps sharing a prefill) runs specs
     ("runner and run", ["scbench.runner", "scbench.run", "scbench.store", "scbench.store_schema", "scbench.store_merge",
-                        "scbench.leases", "scbench.batch", "scbench.batch_step", "scbench.group"]),
+                        "scbench.leases", "scbench.batch", "scbench.batch_step", "scbench.group",
+                        "scbench.group_example"]),
     ("report", ["scbench.report"]),
     ("cli", ["scbench.cli", "scbench.cli_inspect", "scbench.cli_report", "scbench.overrides", "scbench"]),  # the package itself: the public API (scbench.score_turns)
 ]
