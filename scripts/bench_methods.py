@@ -80,6 +80,16 @@ def turn_key(run: dict, turn: dict) -> str:
     return f"{run['method_label']}|{run['mode']}|{run.get('task')}|{turn['example_id']}|{turn['turn']}"
 
 
+
+def first_prefills(turns: list[dict]) -> list[float]:
+    """Each example's first-turn prefill seconds, in the order the run reached the examples: the first example's
+    carries what a warm-up did not reach (cold clocks, a compile for a shape the warm-up did not meet), the later
+    ones are what a sweep of many examples pays."""
+    seen: dict = {}
+    for t in turns:
+        seen.setdefault(t["example_id"], t["prefill_s"])
+    return list(seen.values())
+
 def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict, dict]:
     """Per-run rows, predictions {method|mode|example|turn: text} and the store's span (first run opened to last
     turn stored) of one sweep's store."""
@@ -108,6 +118,7 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
                 loaded = sum(t["loaded_bytes"] or 0 for t in turns)
                 row.update(
                     prompt_tokens=first_t["prompt_tokens"], prefill_s=first_t["prefill_s"],
+                    first_prefill_s_all=first_prefills(turns),
                     compress_s=first_t["compress_s"], prefill_shared=first_t.get("prefill_shared"),
                     scores_shared=first_t.get("scores_shared"),
                     score_prefill_s=(first_t.get("method_costs") or {}).get("score_prefill_s"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,9 @@ def table(rows: list[dict]) -> str:
             continue
         lp = f"{r['later_prefill_s']:.3f}" if r["later_prefill_s"] is not None else "-"
         fb = f" (prefill: {r['prefill_fallbacks']} dense-fallback layers)" if r.get("prefill_fallbacks") else ""
-        out.append(f"| {r['length']} | {r['mode']} | {short(r)} | {r['prefill_s']:.2f} | {lp} | {r['warmup_s']:.1f} | "
+        rest = (r.get("first_prefill_s_all") or [])[1:]  # later examples' first prefill: median in brackets
+        pf = f"{r['prefill_s']:.2f}" + (f" ({statistics.median(rest):.2f})" if rest else "")
+        out.append(f"| {r['length']} | {r['mode']} | {short(r)} | {pf} | {lp} | {r['warmup_s']:.1f} | "
                    f"{r['decode_tok_s']:.1f} | {r.get('decode_vs_full', 0):.2f} | {r['decode_path']}{fb} | "
                    f"{r['kv_bytes'] / GIB:.2f} | {r['bytes_per_token'] / GIB:.3f} | {r['peak_mem_bytes'] / GIB:.1f} |")
     return head + "\n".join(out) + "\n"
@@ -202,7 +205,8 @@ def write(out: Path, data: dict) -> None:
           "turns equal to the sequential sweep's; runs per decode: the most runs one decode batch held "
           "(`decode_runs`; - where not recorded).\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
           "\n## Per method (the sequential sweep: one request at a time)\n\ndecode tok/s is the median over turns; "
-          "vs full: decode rate over full attention's in the same (context, mode).\n\n" + table(rows))
+          "vs full: decode rate over full attention's in the same (context, mode); prefill s: the first example's first "
+          "turn, in brackets the median of the later examples' first turns where the run had more than one.\n\n" + table(rows))
     out.with_suffix(".md").write_text(md)
     print(md)
 

@@ -109,3 +109,15 @@ def test_table_names_dense_fallback_layers():
            "decode_path": "graph", "kv_bytes": 2**30, "bytes_per_token": 2**30, "peak_mem_bytes": 2**31}
     assert "dense-fallback" not in report.table([row, {**row, "prefill_fallbacks": 0}])
     assert "| graph (prefill: 32 dense-fallback layers) |" in report.table([{**row, "prefill_fallbacks": 32}])
+
+
+def test_later_examples_first_prefill():
+    """Each example's first-turn prefill is kept in run order; the table brackets the later examples' median."""
+    turns = [{"example_id": e, "prefill_s": s} for e, s in (("a", 3.0), ("a", 0.1), ("b", 1.2), ("c", 1.4), ("c", .2))]
+    assert bench.first_prefills(turns) == [3.0, 1.2, 1.4]
+    row = {"length": 100, "mode": "multi_request", "method": "full", "config": {"name": "full"}, "prefill_s": 3.0,
+           "later_prefill_s": None, "warmup_s": 0.0, "decode_tok_s": 10.0, "decode_vs_full": 1.0,
+           "decode_path": "graph", "kv_bytes": 2**30, "bytes_per_token": 2**30, "peak_mem_bytes": 2**31}
+    assert "| full | 3.00 (1.30) | - |" in report.table([{**row, "first_prefill_s_all": [3.0, 1.2, 1.4]}])
+    assert "| full | 3.00 | - |" in report.table([{**row, "first_prefill_s_all": [3.0]}])
+    assert "| full | 3.00 | - |" in report.table([row])
