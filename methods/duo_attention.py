@@ -14,6 +14,7 @@ ragged plugin (methods/ragged_fast.py) or the plain loop (the reference).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -53,6 +54,37 @@ def retrieval_mask(gates: list[list[float]], ratio: float) -> torch.Tensor:
     order = sorted(range(g.numel()), key=lambda i: (-float(g.view(-1)[i]), i))
     mask[order[:k]] = True
     return mask.view(g.shape)
+
+
+def _use_flex(q: torch.Tensor, tq: int) -> bool:
+    """Whether the streaming heads' band runs through FlexAttention (a GPU and enough query rows)."""
+    from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES
+
+    return q.is_cuda and tq >= MIN_FLEX_QUERIES
+
+
+@functools.lru_cache(maxsize=2)
+def _band_lists(tq: int, tk: int, n_init: int, n_local: int, hq: int, device):
+    """The A-shape band's block mask ([1, 1, ...], shared by every layer) and its block indices spread over ``hq``
+    query heads (one copy per shape: every layer reuses them)."""
+    from scbench.methods.ashape import _band_block_mask
+
+    bm = _band_block_mask(tq, tk, n_init, n_local, 0, device)
+    spread = [None if t is None else t.expand(-1, hq, *t.shape[2:]).contiguous()
+              for t in (bm.kv_indices, bm.full_kv_indices)]
+    return bm, spread
+
+
+def _streaming_block_mask(tq: int, tk: int, n_init: int, n_local: int, streaming: torch.Tensor, device):
+    """The band's block mask over every query head, no block listed for a head where ``streaming`` (bool [Hq]) is
+    False: FlexAttention skips those heads' rows (they come out 0; the caller overwrites them)."""
+    from scbench.kernels import flex
+
+    bm, (ki, fi) = _band_lists(tq, tk, n_init, n_local, streaming.numel(), device)
+    on = streaming.to(device=device, dtype=torch.int32)[None, :, None]
+    kn = bm.kv_num_blocks * on
+    fn = None if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks * on
+    return flex._from_kv_blocks(kn, ki, fn, fi, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
 
 
 @dataclass
@@ -118,14 +150,14 @@ class DuoAttention(SparsePrefill):
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] -> [B, Hq, Tq, D]. The heads split by kind: the retrieval heads'
         queries attend densely (``dense.causal_attention``: SDPA's fused kernels), the streaming heads' through the
-        A-shape band (``pat.band``: on a GPU FlexAttention with the band tested arithmetically and one block mask
-        per chunk shape; on the CPU the chunked path). The same cells as ``pattern``'s per-head table, which
-        ``prefill_attention_reference`` (the base class's path) runs whole: at 131K that table sent the dense half
-        of the heads through FlexAttention's table-read masks too."""
+        A-shape band (``pat.band``). On a GPU the band is one FlexAttention call over every query head whose block
+        mask lists no block for the retrieval heads (``_streaming_block_mask``: the band's arithmetic cell test, the
+        same shapes in every layer, so no compile per count of streaming heads), then the retrieval heads' rows are
+        overwritten; on the CPU the streaming heads' chunked path. The same cells as ``pattern``'s per-head table,
+        which ``prefill_attention_reference`` (the base class's path) runs whole: at 131K that table sent the dense
+        half of the heads through FlexAttention's table-read masks too."""
         from scbench.engines import attention
         from scbench.kernels import dense
-        from scbench.methods.ashape import _band_block_mask
-        from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES
 
         hq, hkv, tq, tk = q.shape[1], k.shape[1], q.shape[-2], k.shape[-2]
         full = self.retrieval(layer_idx, hkv)
@@ -133,31 +165,32 @@ class DuoAttention(SparsePrefill):
         kv_r = full.nonzero().flatten().tolist()
         kv_s = (~full).nonzero().flatten().tolist()
         band = pat.band(tq, tk, self.n_init, self.n_local, 0, q.device)
-        out = torch.empty_like(q)
-        parts = [(kv_r, None), (kv_s, band)]
-        for kvs, p in parts:
-            if not kvs:
-                continue
-            qi = torch.tensor([h * rep + j for h in kvs for j in range(rep)], device=q.device)
-            ki = torch.tensor(kvs, device=q.device)
-            qs, ks, vs = (q, k, v) if len(kvs) == hkv else (q.index_select(1, qi), k.index_select(1, ki),
-                                                              v.index_select(1, ki))
-            if p is None:
-                o = dense.causal_attention(qs, ks, vs, scale)
-            elif q.is_cuda and tq >= MIN_FLEX_QUERIES:
-                from scbench.kernels import flex
-
-                o = flex.attention(qs, ks, vs, p, scale, _band_block_mask(tq, tk, self.n_init, self.n_local, 0,
-                                                                          q.device))
-            else:
-                o = torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1], p, scale)
-                               for b in range(q.shape[0])])
-            if len(kvs) == hkv:
-                out = o
-            else:
-                out.index_copy_(1, qi, o)
         cells = len(kv_r) * rep * pat.causal_cells(tq, tk) + len(kv_s) * rep * band.computed_cells()
         attention.count_computed(cells * q.shape[0])
+
+        def heads(kvs):
+            qi = torch.tensor([h * rep + j for h in kvs for j in range(rep)], device=q.device)
+            ki = torch.tensor(kvs, device=q.device)
+            return qi, q.index_select(1, qi), k.index_select(1, ki), v.index_select(1, ki)
+
+        if not kv_s:
+            return dense.causal_attention(q, k, v, scale)
+        if _use_flex(q, tq):
+            from scbench.kernels import flex
+
+            out = flex.attention(q, k, v, band, scale, _streaming_block_mask(tq, tk, self.n_init, self.n_local,
+                                                                             ~full.repeat_interleave(rep), q.device))
+        elif not kv_r:
+            out = torch.cat([pat.chunked_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], band, scale)
+                             for b in range(q.shape[0])])
+        else:
+            out = torch.empty_like(q)
+            qi, qs, ks, vs = heads(kv_s)
+            out.index_copy_(1, qi, torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1],
+                                                                    band, scale) for b in range(q.shape[0])]))
+        if kv_r:
+            qi, qs, ks, vs = heads(kv_r)
+            out.index_copy_(1, qi, dense.causal_attention(qs, ks, vs, scale))
         return out
 
     def prefill_attention_reference(self, layer_idx, q, k, v, scale):

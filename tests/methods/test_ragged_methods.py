@@ -304,3 +304,40 @@ def test_duo_split_prefill_matches_the_pattern_table(tmp_path, gates, tq, tk, b)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert ctx.cells_computed == ref_ctx.cells_computed > 0
     assert kinds == {0, 2, 4}  # retrieval KV heads per layer: none, some, all
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("tq,tk", [(384, 384), (256, 640)])
+def test_duo_flex_band_over_every_head_matches_the_pattern_table(tmp_path, monkeypatch, tq, tk):
+    """The GPU branch on the CPU (eager FlexAttention): one band call over every query head, the retrieval heads
+    listed with no block and overwritten by SDPA's dense rows, equals the per-head pattern table's path."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from scbench.engines.attention import AttnContext, active
+    from scbench.kernels import flex
+    from scbench.methods import duo_attention as duo_mod
+
+    monkeypatch.setattr(duo_mod, "_use_flex", lambda q, tq: True)
+    monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
+    monkeypatch.setattr(flex, "KERNEL_OPTIONS", {})
+    duo_mod._band_lists.cache_clear()
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"gates": [[0.9, 0.1, 0.8, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.7, 0.05, 0.01]]}))
+    duo = method({"name": "duo_attention", "heads": str(path), "n_init": 8, "n_local": 140, "retrieval_ratio": 0.5})
+    g = torch.Generator().manual_seed(tq + tk)
+    q = torch.randn(1, 8, tq, HEAD_DIM, generator=g)
+    k, v = (torch.randn(1, 4, tk, HEAD_DIM, generator=g) for _ in range(2))
+    kinds = set()
+    for layer in range(3):
+        kinds.add(int(duo.retrieval(layer, 4).sum()))
+        bm = duo_mod._streaming_block_mask(tq, tk, 8, 140, ~duo.retrieval(layer, 4).repeat_interleave(2), "cpu")
+        listed = (bm.kv_num_blocks[0] + bm.full_kv_num_blocks[0]).sum(-1) > 0
+        assert listed.tolist() == (~duo.retrieval(layer, 4).repeat_interleave(2)).tolist()
+        ctx, ref_ctx = AttnContext(), AttnContext()
+        with active(ctx):
+            out = duo.prefill_attention(layer, q, k, v, None)
+        with active(ref_ctx):
+            ref = duo.prefill_attention_reference(layer, q, k, v, None)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert ctx.cells_computed == ref_ctx.cells_computed > 0
+    assert kinds == {0, 2, 4}  # retrieval KV heads per layer: none, some, all
