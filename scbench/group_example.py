@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,9 @@ class Member:
     error: BaseException | None = None
     warmup_s: float = 0.0
     """The run's warm-up seconds (``engine.warmup``), charged to its first computed turn as ``run_spec`` does."""
+    retry_s: float = 0.0
+    """Seconds of this run's attempts thrown away (an out-of-memory preparation, its share of a failed combined
+    decode), charged to the next turn it stores (``TurnStats.retry_s``)."""
 
 
 def prefill_classes(engine, example, live: list[Member]) -> list[list[Member]]:
@@ -99,12 +103,14 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                 if together:
                     if pending and not room_for_run(shared, engine.device, pending, max(work, shared.work)):
                         decode_pending(engine, pending, store, bar)
+                    t0 = time.perf_counter()
                     try:
                         with peak_window(engine.device) as w:
                             prepared = rep.prepare()
                     except Exception as e:  # noqa: BLE001
                         if not (pending and _out_of_memory(e)):
                             raise
+                        m.retry_s += time.perf_counter() - t0
                         prepared = rep = None
                     if rep is None:  # outside the handler: the failed attempt's tensors can go
                         if proxy is not None and not proxy.consumed():
@@ -178,6 +184,7 @@ def room_for_run(shared, device, pending: list = (), work: int = 0) -> bool:
 def _store(m: Member, rep, results, store, bar) -> None:
     for result in results:
         m.warmup_s = 0.0
+        result.stats.retry_s, m.retry_s = result.stats.retry_s + m.retry_s, 0.0
         store.put(m.run_id, result)
         if bar:
             bar.update(1)
@@ -202,6 +209,7 @@ def decode_pending(engine, pending: list, store, bar) -> None:
     items, pending[:] = list(pending), []
     if not items:
         return
+    t0 = time.perf_counter()
     try:
         results, step_s, kernels = decode_parts(engine, [(p.cache, p.rows, p.plugin) for _, _, p in items])
     except Exception as e:  # noqa: BLE001
@@ -209,6 +217,9 @@ def decode_pending(engine, pending: list, store, bar) -> None:
             m, rep, _ = items[0]
             _fail(m, rep.example, e, store)
             return
+        lost = time.perf_counter() - t0  # the failed attempt's time, shared by the runs redone alone
+        for m, _, _ in items:
+            m.retry_s += lost / len(items)
         log.warning("decoding %d runs' turns together failed (%s: %s); one run at a time", len(items),
                     type(e).__name__, e)
         free_cached_memory()

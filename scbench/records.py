@@ -90,6 +90,11 @@ class TurnStats:
     """One-time costs paid during this turn and kept out of ``prefill_s``, ``ttft_s`` and the decode rate: the
     run's warm-up on dummy prompts (kernel compilation, mask building; charged to the run's first turn) and
     CUDA-graph capture of the decode step (each time the static buffers are re-allocated)."""
+    retry_s: float = 0.0
+    """Seconds of attempts thrown away before this turn's rows came out, kept out of every other time: in a grouped
+    sweep (scbench/group_example.py) a run's preparation that ran out of memory next to other runs' prepared batches
+    and was prepared again alone, or a decode of several runs' batches that failed and was redone one run at a time
+    (split evenly among those runs); charged to the first turn the run stored after it. 0 when nothing was redone."""
     kv_bytes: int = 0
     """KV bytes resident on the compute device after this turn's generation (real tensors)."""
     kv_tokens: int = 0

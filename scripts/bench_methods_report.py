@@ -204,11 +204,26 @@ def write(out: Path, data: dict) -> None:
           "sweep of many examples pays per example); speed-ups are over the sequential sweep; same predictions: "
           "turns equal to the sequential sweep's; runs per decode: the most runs one decode batch held "
           "(`decode_runs`; - where not recorded).\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
+          retry_lines(data["rows"]) +
           "\n## Per method (the sequential sweep: one request at a time)\n\ndecode tok/s is the median over turns; "
           "vs full: decode rate over full attention's in the same (context, mode); prefill s: the first example's first "
           "turn, in brackets the median of the later examples' first turns where the run had more than one.\n\n" + table(rows))
     out.with_suffix(".md").write_text(md)
     print(md)
+
+
+def retry_lines(rows: list[dict]) -> str:
+    """A line per (context, way) whose runs redid work (``retry_s``: an out-of-memory preparation prepared again
+    alone, a failed combined decode redone run by run): inside the sweep's wall and steady seconds, in no turn's."""
+    lost: dict = {}
+    for r in rows:
+        if r.get("retry_s"):
+            key = (r["length"], LABEL.get(r.get("way"), r.get("way")))
+            n, s = lost.get(key, (0, 0.0))
+            lost[key] = (n + 1, s + r["retry_s"])
+    return "".join(f"- {length} tokens, {way}: {n} run(s) redid work after a failed attempt, {s:.1f} s in all "
+                   "(`retry_s`; counted in the sweep's seconds, in no turn's prefill or decode)\n"
+                   for (length, way), (n, s) in sorted(lost.items()))
 
 
 def combine(files: list[str], out: Path) -> None:

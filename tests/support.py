@@ -224,7 +224,7 @@ def triton_kernel_marks() -> list:
 
 
 # --- batched vs sequential replays (tests/engines/test_batched_decode.py, test_quest_batch.py) ---
-TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s",
+TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "warmup_s", "retry_s",
           "decode_path", "decode_kernel", "decode_batch", "decode_runs", "decode_step_s", "chunk_kv_s", "prefill_saved_s", "context_compress_s"}
 """Turn stats that differ between two replays of the same rows (times, paths, kernels, batch sizes)."""
 
@@ -315,7 +315,7 @@ SWEEP_CFGS = {  # budgets sized to ~300-token contexts
     "adakv": {"name": "adakv", "budget": 96, "window": 8, "kernel": 5},
     "kvzip": {"name": "kvzip", "budget": 96, "chunk": 128},
 }
-SWEEP_TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s",
+SWEEP_TIMING = {"prefill_s", "ttft_s", "decode_s", "decode_tok_s", "compress_s", "peak_mem_bytes", "load_s", "retry_s",
                 "index_build_s", "prefill_shared", "scores_shared", "decode_step_s", "context_compress_s", "chunk_kv_s",
                 "prefill_saved_s", "decode_path", "decode_batch", "decode_runs", "decode_kernel"}
 

@@ -121,3 +121,13 @@ def test_later_examples_first_prefill():
     assert "| full | 3.00 (1.30) | - |" in report.table([{**row, "first_prefill_s_all": [3.0, 1.2, 1.4]}])
     assert "| full | 3.00 | - |" in report.table([{**row, "first_prefill_s_all": [3.0]}])
     assert "| full | 3.00 | - |" in report.table([row])
+
+
+def test_retry_lines_name_redone_work():
+    """Runs that redid work after a failed attempt are summed per (context, way); none: no line."""
+    rows = [{"length": 100, "way": "grouped", "retry_s": 1.5}, {"length": 100, "way": "grouped", "retry_s": 0.5},
+            {"length": 100, "way": "sequential", "retry_s": 0.0}, {"length": 200, "way": "grouped"}]
+    assert report.retry_lines(rows) == ("- 100 tokens, grouped + batched: 2 run(s) redid work after a failed attempt, "
+                                        "2.0 s in all (`retry_s`; counted in the sweep's seconds, in no turn's prefill "
+                                        "or decode)\n")
+    assert report.retry_lines(rows[2:]) == ""

@@ -5,6 +5,7 @@ windows."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from scbench.group import Job, run_jobs
 from scbench.run import run_spec
 from scbench.store import Store
 from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
+
+LOST = 0.05
+"""Seconds a failed preparation takes before it runs out of memory (recorded as the run's ``retry_s``)."""
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
@@ -28,10 +32,12 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
         name = self.method.name
         if name == "ashape" and (name, self.example.id) not in failed:
             failed.append((name, self.example.id))
+            time.sleep(LOST)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.46 GiB")
         out = real(self)
         if name == "snapkv" and (name, self.example.id) not in failed:
             failed.append((name, self.example.id))
+            time.sleep(LOST)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.46 GiB")
         return out
 
@@ -50,7 +56,12 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
     store = Store(str(tmp_path / "grouped.sqlite"))
     labels = {r["run_id"]: r["method"] for r in store.runs()}
     first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
+    later = [t for t in store.turns() if t["turn"] > 0]
     store.close()
+    # each failed attempt's time is on the run's first row of that example, nowhere else
+    retried = {key for key, t in first.items() if t["retry_s"] > 0}
+    assert retried == {(m, ex) for m, ex in first if m in ("snapkv", "ashape")}
+    assert all(first[key]["retry_s"] >= LOST for key in retried) and {t["retry_s"] for t in later} == {0.0}
     for ex in {e for _, e in first}:
         # the fork SnapKV took is gone with its failed attempt: it prefilled alone; StreamingLLM still forked
         assert {m: first[m, ex]["prefill_shared"] for m in ("full", "snapkv", "streamingllm")} == {
@@ -59,6 +70,40 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
         # riders (prepared after every run that forks) together
         assert {m: first[m, ex]["decode_runs"] for m in ("full", "snapkv", "streamingllm", "ashape", "trishape")} == {
             "full": 1, "snapkv": 2, "streamingllm": 2, "ashape": 2, "trishape": 2}
+
+
+def test_failed_combined_decode_is_redone_run_by_run(tiny_engine, tmp_path, monkeypatch):
+    """A decode of several runs' batches that fails is redone one run at a time: the rows are a separate run's, and
+    the failed attempt's time is split among those runs' first rows of the example (``retry_s``)."""
+    import scbench.batch
+
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"]]
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched")
+            for cfg in cfgs]
+    real, failed = scbench.batch.decode_parts, []
+
+    def decode_parts(engine, parts):
+        if len(parts) > 1:
+            failed.append(len(parts))
+            time.sleep(LOST)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(engine, parts)
+
+    monkeypatch.setattr(scbench.batch, "decode_parts", decode_parts)
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs) and failed == [3, 3]  # once per example
+    monkeypatch.setattr(scbench.batch, "decode_parts", real)
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
+    grouped, _, runs = rows(tmp_path / "grouped.sqlite")
+    separate, _, _ = rows(tmp_path / "separate.sqlite")
+    assert grouped == separate and {s for s, _ in runs.values()} == {"done"}
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    turns = store.turns()
+    store.close()
+    assert {t["decode_runs"] for t in turns} == {1}
+    assert all(t["retry_s"] >= LOST / 3 for t in turns if t["turn"] == 0)
+    assert {t["retry_s"] for t in turns if t["turn"] > 0} == {0.0}
 
 
 def test_out_of_memory_with_nothing_prepared_fails_the_run(tiny_engine, tmp_path, monkeypatch):
