@@ -80,7 +80,6 @@ def turn_key(run: dict, turn: dict) -> str:
     return f"{run['method_label']}|{run['mode']}|{run.get('task')}|{turn['example_id']}|{turn['turn']}"
 
 
-
 def first_prefills(turns: list[dict]) -> list[float]:
     """Each example's first-turn prefill seconds, in the order the run reached the examples: the first example's
     carries what a warm-up did not reach (cold clocks, a compile for a shape the warm-up did not meet), the later
@@ -89,6 +88,7 @@ def first_prefills(turns: list[dict]) -> list[float]:
     for t in turns:
         seen.setdefault(t["example_id"], t["prefill_s"])
     return list(seen.values())
+
 
 def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict, dict]:
     """Per-run rows, predictions {method|mode|example|turn: text} and the store's span (first run opened to last
