@@ -85,7 +85,7 @@ def first_prefills(turns: list[dict]) -> list[float]:
     carries what a warm-up did not reach (cold clocks, a compile for a shape the warm-up did not meet), the later
     ones are what a sweep of many examples pays."""
     seen: dict = {}
-    for t in turns:
+    for t in sorted(turns, key=lambda t: t["created"]):
         seen.setdefault(t["example_id"], t["prefill_s"])
     return list(seen.values())
 
@@ -112,7 +112,7 @@ def summarize(store_path: str, length: int, way: str) -> tuple[list[dict], dict,
                 preds[turn_key(run, t)] = t["prediction"]
                 last = max(last or t["created"], t["created"])
             if turns:
-                first_t, later = turns[0], turns[1:]
+                first_t, later = min(turns, key=lambda t: t["created"]), [t for t in turns if t["turn"] > 0]
                 rates = [t["decode_tok_s"] for t in turns if t["decode_tok_s"]]
                 toks = sum(max(0, t["decode_tokens"] - 1) for t in turns)
                 loaded = sum(t["loaded_bytes"] or 0 for t in turns)

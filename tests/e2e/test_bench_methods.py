@@ -113,8 +113,9 @@ def test_table_names_dense_fallback_layers():
 
 def test_later_examples_first_prefill():
     """Each example's first-turn prefill is kept in run order; the table brackets the later examples' median."""
-    turns = [{"example_id": e, "prefill_s": s} for e, s in (("a", 3.0), ("a", 0.1), ("b", 1.2), ("c", 1.4), ("c", .2))]
-    assert bench.first_prefills(turns) == [3.0, 1.2, 1.4]
+    turns = [{"example_id": e, "prefill_s": s, "created": c}
+             for e, s, c in (("a", 3.0, 1), ("a", 0.1, 2), ("b", 1.2, 5), ("c", 1.4, 3), ("c", .2, 4))]
+    assert bench.first_prefills(turns) == [3.0, 1.4, 1.2]  # in the order the run reached them (b after c)
     row = {"length": 100, "mode": "multi_request", "method": "full", "config": {"name": "full"}, "prefill_s": 3.0,
            "later_prefill_s": None, "warmup_s": 0.0, "decode_tok_s": 10.0, "decode_vs_full": 1.0,
            "decode_path": "graph", "kv_bytes": 2**30, "bytes_per_token": 2**30, "peak_mem_bytes": 2**31}
