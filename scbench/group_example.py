@@ -8,12 +8,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from scbench.devices import free_cached_memory
-
-if TYPE_CHECKING:
-    from scbench.group import Job
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +30,8 @@ def can_share(cls) -> bool:
 class Member:
     """One run of a group on its way through the examples (its method, task, stored turns and error)."""
 
-    job: Job
+    job: Any
+    """The run's ``scbench.group.Job`` (typed loosely: ``scbench.group`` imports this module, not the reverse)."""
     run_id: str
     spec_dict: dict
     method: object = None

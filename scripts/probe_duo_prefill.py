@@ -17,30 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_sparse_prefill  # noqa: E402
+
 HQ, HKV, D = 32, 8, 128
 
 
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ms.append(a.elapsed_time(b))
-    return statistics.median(ms)
+    """Median milliseconds over CUDA events after warm-up calls (``bench_sparse_prefill.timed``)."""
+    return bench_sparse_prefill.timed(fn, repeats, warmup)
 
 
 def layers_of(duo, fn) -> float:

@@ -20,6 +20,15 @@ LOST = 0.05
 """Seconds a failed preparation takes before it runs out of memory (recorded as the run's ``retry_s``)."""
 
 
+def assert_rows_of_separate_runs(jobs, tmp_path, engine) -> None:
+    """The grouped store (``grouped.sqlite``) holds the rows each job stores run alone, every run done."""
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=engine, progress=False, timing="batched")
+    grouped, _, runs = rows(tmp_path / "grouped.sqlite")
+    separate, _, _ = rows(tmp_path / "separate.sqlite")
+    assert grouped == separate and {s for s, _ in runs.values()} == {"done"}
+
+
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
 def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monkeypatch, caplog, mode):
     """SnapKV runs out of memory after it took its fork of the shared prefill, A-shape before it prefilled: each is
@@ -48,11 +57,7 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
     assert len(failed) == 4  # two runs x two examples
     assert sum("no memory to prepare" in r.getMessage() for r in caplog.records) == 4
     monkeypatch.setattr(BatchedReplay, "prepare", real)
-    for job in jobs:
-        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
-    grouped, _, runs = rows(tmp_path / "grouped.sqlite")
-    separate, _, _ = rows(tmp_path / "separate.sqlite")
-    assert grouped == separate and {s for s, _ in runs.values()} == {"done"}
+    assert_rows_of_separate_runs(jobs, tmp_path, tiny_engine)
     store = Store(str(tmp_path / "grouped.sqlite"))
     labels = {r["run_id"]: r["method"] for r in store.runs()}
     first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
@@ -93,11 +98,7 @@ def test_failed_combined_decode_is_redone_run_by_run(tiny_engine, tmp_path, monk
     outcomes = run_jobs(jobs, engine=tiny_engine)
     assert [o.error for o in outcomes] == [None] * len(jobs) and failed == [3, 3]  # once per example
     monkeypatch.setattr(scbench.batch, "decode_parts", real)
-    for job in jobs:
-        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
-    grouped, _, runs = rows(tmp_path / "grouped.sqlite")
-    separate, _, _ = rows(tmp_path / "separate.sqlite")
-    assert grouped == separate and {s for s, _ in runs.values()} == {"done"}
+    assert_rows_of_separate_runs(jobs, tmp_path, tiny_engine)
     store = Store(str(tmp_path / "grouped.sqlite"))
     turns = store.turns()
     store.close()

@@ -278,24 +278,24 @@ def test_llama8b_timing_gates_fit_the_bench_shape():
         m.retrieval(0, 2)
 
 
-@pytest.mark.parametrize("gates", [[[0.9, 0.1, 0.2, 0.7], [0.2, 0.8, 0.3, 0.1], [0.9, 0.95, 0.8, 0.85],
-                                    [0.0, 0.1, 0.05, 0.02]]])
-@pytest.mark.parametrize("tq,tk,b", [(300, 300, 1), (97, 410, 1), (200, 200, 2)])
-def test_duo_split_prefill_matches_the_pattern_table(tmp_path, gates, tq, tk, b):
-    """DuoAttention's prefill split by head kind (retrieval heads dense through SDPA, streaming heads through the
-    A-shape band) equals the per-head pattern table's path on random float32 inputs, and counts the same cells; the
-    layers cover mixed, all-retrieval and all-streaming heads, a chunk over a cache and two batch rows."""
+def duo_against_table(tmp_path, gates, b, tq, tk, n_local, check=None) -> set[int]:
+    """DuoAttention (4 KV heads x 2) on random float32 inputs, layer by layer: its prefill equals the per-head
+    pattern table's path (``prefill_attention_reference``) and counts the same cells; ``check(duo, layer)`` runs
+    first. Returns the counts of retrieval KV heads the layers had."""
     from scbench.engines.attention import AttnContext, active
 
     path = tmp_path / "gates.json"
     path.write_text(json.dumps({"gates": gates}))
-    duo = method({"name": "duo_attention", "heads": str(path), "n_init": 8, "n_local": 40, "retrieval_ratio": 0.5})
+    duo = method({"name": "duo_attention", "heads": str(path), "n_init": 8, "n_local": n_local,
+                  "retrieval_ratio": 0.5})
     g = torch.Generator().manual_seed(tq + tk)
     q = torch.randn(b, 8, tq, HEAD_DIM, generator=g)
     k, v = (torch.randn(b, 4, tk, HEAD_DIM, generator=g) for _ in range(2))
     kinds = set()
     for layer in range(len(gates)):
         kinds.add(int(duo.retrieval(layer, 4).sum()))
+        if check is not None:
+            check(duo, layer)
         ctx, ref_ctx = AttnContext(), AttnContext()
         with active(ctx):
             out = duo.prefill_attention(layer, q, k, v, None)
@@ -303,7 +303,17 @@ def test_duo_split_prefill_matches_the_pattern_table(tmp_path, gates, tq, tk, b)
             ref = duo.prefill_attention_reference(layer, q, k, v, None)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert ctx.cells_computed == ref_ctx.cells_computed > 0
-    assert kinds == {0, 2, 4}  # retrieval KV heads per layer: none, some, all
+    return kinds
+
+
+@pytest.mark.parametrize("gates", [[[0.9, 0.1, 0.2, 0.7], [0.2, 0.8, 0.3, 0.1], [0.9, 0.95, 0.8, 0.85],
+                                    [0.0, 0.1, 0.05, 0.02]]])
+@pytest.mark.parametrize("tq,tk,b", [(300, 300, 1), (97, 410, 1), (200, 200, 2)])
+def test_duo_split_prefill_matches_the_pattern_table(tmp_path, gates, tq, tk, b):
+    """DuoAttention's prefill split by head kind (retrieval heads dense through SDPA, streaming heads through the
+    A-shape band) equals the per-head pattern table's path on random float32 inputs, and counts the same cells; the
+    layers cover mixed, all-retrieval and all-streaming heads, a chunk over a cache and two batch rows."""
+    assert duo_against_table(tmp_path, gates, b, tq, tk, 40) == {0, 2, 4}  # retrieval KV heads: none, some, all
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -313,7 +323,6 @@ def test_duo_flex_band_over_every_head_matches_the_pattern_table(tmp_path, monke
     listed with no block and overwritten by SDPA's dense rows, equals the per-head pattern table's path."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from scbench.engines.attention import AttnContext, active
     from scbench.kernels import flex
     from scbench.methods import duo_attention as duo_mod
 
@@ -321,23 +330,11 @@ def test_duo_flex_band_over_every_head_matches_the_pattern_table(tmp_path, monke
     monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
     monkeypatch.setattr(flex, "KERNEL_OPTIONS", {})
     duo_mod._band_lists.cache_clear()
-    path = tmp_path / "gates.json"
-    path.write_text(json.dumps({"gates": [[0.9, 0.1, 0.8, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.7, 0.05, 0.01]]}))
-    duo = method({"name": "duo_attention", "heads": str(path), "n_init": 8, "n_local": 140, "retrieval_ratio": 0.5})
-    g = torch.Generator().manual_seed(tq + tk)
-    q = torch.randn(1, 8, tq, HEAD_DIM, generator=g)
-    k, v = (torch.randn(1, 4, tk, HEAD_DIM, generator=g) for _ in range(2))
-    kinds = set()
-    for layer in range(3):
-        kinds.add(int(duo.retrieval(layer, 4).sum()))
-        bm = duo_mod._streaming_block_mask(tq, tk, 8, 140, ~duo.retrieval(layer, 4).repeat_interleave(2), "cpu")
-        listed = (bm.kv_num_blocks[0] + bm.full_kv_num_blocks[0]).sum(-1) > 0
-        assert listed.tolist() == (~duo.retrieval(layer, 4).repeat_interleave(2)).tolist()
-        ctx, ref_ctx = AttnContext(), AttnContext()
-        with active(ctx):
-            out = duo.prefill_attention(layer, q, k, v, None)
-        with active(ref_ctx):
-            ref = duo.prefill_attention_reference(layer, q, k, v, None)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        assert ctx.cells_computed == ref_ctx.cells_computed > 0
-    assert kinds == {0, 2, 4}  # retrieval KV heads per layer: none, some, all
+
+    def blocks_for_streaming_heads_only(duo, layer):
+        streaming = ~duo.retrieval(layer, 4).repeat_interleave(2)
+        bm = duo_mod._streaming_block_mask(tq, tk, 8, 140, streaming, "cpu")
+        assert ((bm.kv_num_blocks[0] + bm.full_kv_num_blocks[0]).sum(-1) > 0).tolist() == streaming.tolist()
+
+    gates = [[0.9, 0.1, 0.8, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.7, 0.05, 0.01]]
+    assert duo_against_table(tmp_path, gates, 1, tq, tk, 140, blocks_for_streaming_heads_only) == {0, 2, 4}
