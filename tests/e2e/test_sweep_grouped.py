@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from scbench.group import Job, can_share, plan_groups, run_jobs
-from scbench.records import RunSpec
 from scbench.registry import METHODS
 from scbench.run import run_spec
 from scbench.store import Store
@@ -270,127 +269,6 @@ def test_no_room_for_the_copy_changes_nothing_stored(tiny_engine, tmp_path, monk
     want, _, _ = rows(tmp_path / "ref.sqlite")
     assert got == want
     assert {v for k, v in shared.items() if k[2] == 0} == ({1} if plan == "none" else {3})
-
-
-def test_modes_group_only_when_the_query_is_hidden():
-    """Multi-turn first feeds its whole first prompt (the query is visible to compression, the reference) while
-    multi-request first feeds the context alone: two groups. With the query hidden both first feed the context."""
-    both = lambda **kw: [Job(spec(METHOD_CFGS[n], mode, **kw), "s.sqlite")  # noqa: E731
-                         for mode in ("multi_turn", "multi_request") for n in ("full", "snapkv")]
-    assert [len(g) for g in plan_groups(both())] == [2, 2]
-    assert [len(g) for g in plan_groups(both(query_visible=False))] == [4]
-
-
-def test_first_feed_ids_match_what_each_mode_feeds(tiny_engine):
-    """``runner.first_feed_ids`` vs the tokens the session's first feed receives, both modes and both policies."""
-    from scbench.data import load_examples
-    from scbench.registry import METHODS, TASKS
-    from scbench.runner import Replay, first_feed_ids
-
-    task = TASKS.get("scbench_kv")
-    for visible in (True, False):
-        s = spec({"name": "full"}, "multi_turn", query_visible=visible)
-        ex = task.prepare_examples(load_examples(task, "generated", n=1, length=300, turns=3, seed=0,
-                                                 count=lambda t: len(tiny_engine.encode(t, add_special_tokens=False))),
-                                   3)[0]
-        got = {}
-        for mode in ("multi_turn", "multi_request"):
-            sm = RunSpec(**{**s.__dict__, "mode": mode})
-            fed = []
-
-            class Spy:
-                def __getattr__(self, name):
-                    return getattr(tiny_engine, name)
-
-                def session(self, method):
-                    sess = tiny_engine.session(method)
-                    real = sess.feed
-
-                    def feed(ids, **kw):
-                        fed.append(list(ids))
-                        return real(ids, **kw)
-
-                    sess.feed = feed
-                    return sess
-
-            for _ in Replay(Spy(), METHODS.get("full")(), task, ex, sm):
-                break
-            got[mode] = fed[0]
-            assert first_feed_ids(tiny_engine, task, ex, sm) == fed[0]
-        assert (got["multi_turn"] == got["multi_request"]) is (not visible)
-
-
-@pytest.mark.parametrize("timing", ["sequential", "batched"])
-def test_both_modes_share_one_prefill(tiny_engine, tmp_path, timing):
-    """query_visible=false: every method of both modes forks one first prefill per example; rows as separate runs."""
-    jobs = [Job(spec(cfg, mode, query_visible=False), str(tmp_path / "grouped.sqlite"), progress=False, timing=timing)
-            for mode in ("multi_turn", "multi_request") for cfg in METHOD_CFGS.values()]
-    assert len(plan_groups(jobs)) == 1
-    outcomes = run_jobs(jobs, engine=tiny_engine)
-    assert [o.error for o in outcomes] == [None] * len(jobs)
-    for job in jobs:
-        run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing=timing)
-    grouped, shared, g_runs = rows(tmp_path / "grouped.sqlite")
-    separate, _, s_runs = rows(tmp_path / "separate.sqlite")
-    assert g_runs == s_runs and grouped == separate
-    assert {v for k, v in shared.items() if k[2] == 0} == {len(jobs)}  # one prefill for all 2 x 10 runs
-
-
-def test_modes_whose_first_feeds_differ_prefill_apart(tiny_engine, tmp_path, monkeypatch):
-    """An example whose two modes first feed other tokens (e.g. truncated differently: multi-request keeps a margin)
-    gets one prefill per mode; the rows are those of separate runs."""
-    import scbench.runner
-
-    real = scbench.runner.first_feed_ids
-
-    def differ(engine, task, example, s):  # as if multi-request's context were truncated
-        ids = real(engine, task, example, s)
-        return ids[:-1] if s.mode == "multi_request" else ids
-
-    monkeypatch.setattr(scbench.runner, "first_feed_ids", differ)
-    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "kivi")]
-    jobs = [Job(spec(cfg, mode, query_visible=False), str(tmp_path / "g.sqlite"), progress=False)
-            for mode in ("multi_turn", "multi_request") for cfg in cfgs]
-    run_jobs(jobs, engine=tiny_engine)
-    for job in jobs:
-        run_spec(job.spec, str(tmp_path / "s.sqlite"), engine=tiny_engine, progress=False)
-    grouped, shared, _ = rows(tmp_path / "g.sqlite")
-    separate, _, _ = rows(tmp_path / "s.sqlite")
-    assert grouped == separate
-    assert {v for k, v in shared.items() if k[2] == 0} == {3}  # per mode
-
-
-def test_kill_mid_cross_mode_group_then_resume(tiny_engine, tmp_path, monkeypatch):
-    """A kill inside a group holding both modes loses no finished turn; the re-launch completes every run."""
-    db = str(tmp_path / "kill.sqlite")
-    cfgs = [METHOD_CFGS[n] for n in ("full", "snapkv", "streamingllm")]
-    mk = lambda path: [Job(spec(cfg, mode, query_visible=False), path, progress=False)  # noqa: E731
-                       for mode in ("multi_turn", "multi_request") for cfg in cfgs]
-    run_jobs(mk(str(tmp_path / "ref.sqlite")), engine=tiny_engine)
-    real_put, calls = Store.put, []
-
-    def put(self, run_id, result):  # killed after 13 of 36 turns: inside example 0, in a multi-request run
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        calls.append((run_id, result.example_id, result.turn))
-        real_put(self, run_id, result)
-
-    monkeypatch.setattr(Store, "put", put)
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(mk(db), engine=tiny_engine)
-    monkeypatch.setattr(Store, "put", real_put)
-    store = Store(db)
-    before = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
-    assert len(before) == 13 and {r["status"] for r in store.runs()} == {"interrupted"}
-    store.close()
-    run_jobs(mk(db), engine=tiny_engine)
-    got, _, runs = rows(db)
-    ref, _, _ = rows(tmp_path / "ref.sqlite")
-    assert got == ref and len(runs) == 6 and {s for s, _ in runs.values()} == {"done"}
-    store = Store(db)
-    after = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
-    store.close()
-    assert all(after[k] == v for k, v in before.items())
 
 
 def test_grouped_runs_warm_up_like_separate_runs(tiny_engine, tmp_path, monkeypatch):
