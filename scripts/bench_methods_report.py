@@ -243,6 +243,19 @@ PROCESS_S = 20.0
 """Per sweep process: imports, CUDA start, building the random 8B model in memory."""
 
 
+BATCH_STEP = 1.15
+"""A run's batch of turns decodes in about this many times one turn's decode (a step of its rows ~ one row's)."""
+WEIGHT_SHARE = 0.7
+"""The share of the fastest run's step that is reading the weights, which a combined batch reads once for every run
+(fit to methods_gpu.json at d4c7442, 32K: 14 runs per decode took 2.1 s per mode, ~3.4 ms of weights per step)."""
+
+
+def together_step(steps: list[float]) -> float:
+    """Seconds of one step of several runs' batches decoded as one, from each run's step alone: the weights are read
+    once (``WEIGHT_SHARE`` of the fastest run's step), each run's cache and own work stay its own."""
+    return sum(steps) - (len(steps) - 1) * WEIGHT_SHARE * min(steps) if steps else 0.0
+
+
 def _run_overhead(length: int) -> float:
     """Per run: data generation, prompt tokenisation, store writes (fit to methods_gpu.json's 11-run sweeps)."""
     return 0.4 + 1.2 * length / 131000
@@ -253,7 +266,8 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
     """Device seconds of each (length, way) sweep from a measured methods_gpu.json (per-method prefill, later prefill,
     warm-up, decode rate of the nearest length, prefill scaled by (length ratio)^1.5); methods it lacks use
     ``GUESS``. Grouped: one dense prefill per (mode, example) for the methods that share it plus their own extra
-    prefill work, the others alone; batchable turns decode in one batch (~1.15x one turn's time)."""
+    prefill work, the others alone; a run's batchable turns decode in one batch (~1.15x one turn's time) and, in the
+    grouped + batched sweep, the runs' batches as one (``together_step``: memory may split them at 131K)."""
     from omegaconf import OmegaConf
 
     from scbench.batch import fallback_reason
@@ -302,18 +316,21 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
         seq = PROCESS_S + warm + examples * sum(c["prefill"] + rest(c) + turns * step / c["rate"]
                                                 for c in cost.values() for _ in modes)
         warm_g = sum(c.get("warm_grouped", c["warm"]) for c in cost.values())
-        grp = {True: PROCESS_S + warm_g, False: PROCESS_S + warm_g}  # batched decode or not
+        # grouped: "together" (the runs' batches decoded as one), "apart" (each run's batch alone), "sequential"
+        grp = dict.fromkeys(("together", "apart", "sequential"), PROCESS_S + warm_g)
         for mode in modes:
             shared = [c for c in cost.values() if c["share"]]
             prefill = ((full["prefill"] if shared else 0.0) + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
                        + sum(c["prefill"] for c in cost.values() if not c["share"]))
-            for batched in grp:
-                grp[batched] += examples * (prefill + sum(
-                    rest(c) + (1.15 * step / c["rate"] if batched and c["batch"][mode] and turns > 1
-                               else turns * step / c["rate"]) for c in cost.values()))
-        # grouped + batched: the runs' batches decoded apart (an upper bound when they decode together)
-        for way, s in (("sequential", seq), ("grouped", grp[True]), ("grouped_sequential", grp[False]),
-                       ("grouped_per_run", grp[True])):
+            alone = sum(turns * step / c["rate"] for c in cost.values())
+            batch = [c for c in cost.values() if c["batch"][mode] and turns > 1]
+            rest_ = sum(turns * step / c["rate"] for c in cost.values() if c not in batch)
+            decode = {"sequential": alone, "apart": rest_ + sum(BATCH_STEP * step / c["rate"] for c in batch),
+                      "together": rest_ + BATCH_STEP * step * together_step([1 / c["rate"] for c in batch])}
+            for way in grp:
+                grp[way] += examples * (prefill + decode[way] + sum(rest(c) for c in cost.values()))
+        for way, s in (("sequential", seq), ("grouped", grp["together"]), ("grouped_sequential", grp["sequential"]),
+                       ("grouped_per_run", grp["apart"])):
             if way in ways:
                 sweeps[f"{length}-{way}"] = s
                 total += s

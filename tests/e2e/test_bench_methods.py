@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from support import ROOT, load_script
 
 report = load_script("bench_methods_report.py")
@@ -132,3 +134,12 @@ def test_retry_lines_name_redone_work():
                                         "2.0 s in all (`retry_s`; counted in the sweep's seconds, in no turn's prefill "
                                         "or decode)\n")
     assert report.retry_lines(rows[2:]) == ""
+
+
+def test_together_step_reads_the_weights_once():
+    """Runs decoded as one batch: each run's step alone, less the weight reads all but one of them skip (a share of
+    the fastest run's step), so never less than the slowest run's step; no runs, no time."""
+    w = report.WEIGHT_SHARE * 4.0
+    assert report.together_step([4.0, 5.0, 6.0]) == pytest.approx(15.0 - 2 * w)
+    assert report.together_step([4.0]) == 4.0 and report.together_step([]) == 0.0
+    assert report.together_step([40.0, 4.0]) == pytest.approx(44.0 - w) and 44.0 - w > 40.0
