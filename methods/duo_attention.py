@@ -26,7 +26,7 @@ import torch
 from scbench.kernels import pattern as pat
 from scbench.kv.ragged import RaggedLayer
 from scbench.methods.base import positive_int
-from scbench.methods.sparse_prefill import SparsePrefill
+from scbench.methods.sparse_prefill import SparsePrefill, use_flex
 
 
 def load_gates(path: str) -> dict:
@@ -54,13 +54,6 @@ def retrieval_mask(gates: list[list[float]], ratio: float) -> torch.Tensor:
     order = sorted(range(g.numel()), key=lambda i: (-float(g.view(-1)[i]), i))
     mask[order[:k]] = True
     return mask.view(g.shape)
-
-
-def _use_flex(q: torch.Tensor, tq: int) -> bool:
-    """Whether the streaming heads' band runs through FlexAttention (a GPU and enough query rows)."""
-    from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES
-
-    return q.is_cuda and tq >= MIN_FLEX_QUERIES
 
 
 @functools.lru_cache(maxsize=2)
@@ -175,19 +168,16 @@ class DuoAttention(SparsePrefill):
 
         if not kv_s:
             return dense.causal_attention(q, k, v, scale)
-        if _use_flex(q, tq):
+        if use_flex(q, tq):
             from scbench.kernels import flex
 
             out = flex.attention(q, k, v, band, scale, _streaming_block_mask(tq, tk, self.n_init, self.n_local,
                                                                              ~full.repeat_interleave(rep), q.device))
-        elif not kv_r:
-            out = torch.cat([pat.chunked_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], band, scale)
-                             for b in range(q.shape[0])])
-        else:
-            out = torch.empty_like(q)
-            qi, qs, ks, vs = heads(kv_s)
-            out.index_copy_(1, qi, torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1],
-                                                                    band, scale) for b in range(q.shape[0])]))
+        else:  # the streaming heads alone (all heads: no gather) through the chunked path
+            qi, qs, ks, vs = heads(kv_s) if kv_r else (None, q, k, v)
+            o = torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1], band, scale)
+                           for b in range(q.shape[0])])
+            out = o if qi is None else torch.empty_like(q).index_copy_(1, qi, o)
         if kv_r:
             qi, qs, ks, vs = heads(kv_r)
             out.index_copy_(1, qi, dense.causal_attention(qs, ks, vs, scale))

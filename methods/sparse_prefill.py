@@ -20,6 +20,11 @@ MIN_FLEX_QUERIES = 128
 """Shorter chunks (follow-up turns under sparse_prefill=every) take the chunked path, also on a GPU."""
 
 
+def use_flex(q: torch.Tensor, tq: int) -> bool:
+    """Whether a pattern over ``tq`` query rows runs through FlexAttention: on a GPU, for enough rows."""
+    return q.is_cuda and tq >= MIN_FLEX_QUERIES
+
+
 @dataclass
 class SparsePrefill(Method):
     """Subclasses implement ``pattern``; the KV cache is never touched."""
@@ -46,7 +51,7 @@ class SparsePrefill(Method):
             qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
             p = self.pattern(layer_idx, qb, kb, scale)
             cells += p.computed_cells() * (q.shape[1] // p.heads)
-            if q.is_cuda and p.tq >= MIN_FLEX_QUERIES:
+            if use_flex(q, p.tq):
                 from scbench.kernels import flex
 
                 outs.append(flex.attention(qb, kb, vb, p, scale, self.block_mask(p)))

@@ -322,11 +322,11 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
             shared = [c for c in cost.values() if c["share"]]
             prefill = ((full["prefill"] if shared else 0.0) + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
                        + sum(c["prefill"] for c in cost.values() if not c["share"]))
-            alone = sum(turns * step / c["rate"] for c in cost.values())
             batch = [c for c in cost.values() if c["batch"][mode] and turns > 1]
-            rest_ = sum(turns * step / c["rate"] for c in cost.values() if c not in batch)
-            decode = {"sequential": alone, "apart": rest_ + sum(BATCH_STEP * step / c["rate"] for c in batch),
-                      "together": rest_ + BATCH_STEP * step * together_step([1 / c["rate"] for c in batch])}
+            unbatched = sum(turns * step / c["rate"] for c in cost.values() if c not in batch)
+            decode = {"sequential": unbatched + sum(turns * step / c["rate"] for c in batch),
+                      "apart": unbatched + sum(BATCH_STEP * step / c["rate"] for c in batch),
+                      "together": unbatched + BATCH_STEP * step * together_step([1 / c["rate"] for c in batch])}
             for way in grp:
                 grp[way] += examples * (prefill + decode[way] + sum(rest(c) for c in cost.values()))
         for way, s in (("sequential", seq), ("grouped", grp["together"]), ("grouped_sequential", grp["sequential"]),

@@ -326,7 +326,7 @@ def test_duo_flex_band_over_every_head_matches_the_pattern_table(tmp_path, monke
     from scbench.kernels import flex
     from scbench.methods import duo_attention as duo_mod
 
-    monkeypatch.setattr(duo_mod, "_use_flex", lambda q, tq: True)
+    monkeypatch.setattr(duo_mod, "use_flex", lambda q, tq: True)
     monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
     monkeypatch.setattr(flex, "KERNEL_OPTIONS", {})
     duo_mod._band_lists.cache_clear()
