@@ -146,7 +146,11 @@ class DuoAttention(SparsePrefill):
         A-shape band (``pat.band``). On a GPU the band is one FlexAttention call over every query head whose block
         mask lists no block for the retrieval heads (``_streaming_block_mask``: the band's arithmetic cell test, the
         same shapes in every layer, so no compile per count of streaming heads), then the retrieval heads' rows are
-        overwritten; on the CPU the streaming heads' chunked path. The same cells as ``pattern``'s per-head table,
+        overwritten; on the CPU the streaming heads' chunked path. The retrieval heads' rows come from one SDPA per
+        retrieval KV head (its ``rep`` query heads; views of q, k, v): one shape per length in every layer, where one
+        call over each layer's gathered heads had a shape per count of retrieval heads, and cuDNN plans per shape
+        (scripts/probe_duo_prefill.py, H200 32K: the first call at a new length 1.40 s over 32 layers vs 0.30 s per
+        head, steady 0.24 s + 0.025 s of gathers vs 0.26 s). The same cells as ``pattern``'s per-head table,
         which ``prefill_attention_reference`` (the base class's path) runs whole: at 131K that table sent the dense
         half of the heads through FlexAttention's table-read masks too."""
         from scbench.engines import attention
@@ -178,9 +182,9 @@ class DuoAttention(SparsePrefill):
             o = torch.cat([pat.chunked_attention(qs[b : b + 1], ks[b : b + 1], vs[b : b + 1], band, scale)
                            for b in range(q.shape[0])])
             out = o if qi is None else torch.empty_like(q).index_copy_(1, qi, o)
-        if kv_r:
-            qi, qs, ks, vs = heads(kv_r)
-            out.index_copy_(1, qi, dense.causal_attention(qs, ks, vs, scale))
+        for h in kv_r:  # one SDPA per retrieval KV head: views, no gather, and one shape per length in every layer
+            rows = slice(h * rep, (h + 1) * rep)
+            out[:, rows] = dense.causal_attention(q[:, rows], k[:, h : h + 1], v[:, h : h + 1], scale)
         return out
 
     def prefill_attention_reference(self, layer_idx, q, k, v, scale):
