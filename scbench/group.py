@@ -10,7 +10,9 @@ resume point (rows are committed turn by turn, so a kill loses no finished turn)
 KVzip at several budgets) also compute their first compression's scores once (``scores_shared``). With
 ``timing=batched`` the runs' batches of an example are decoded as one (``decode_runs``; the weights read once per
 step for every run, each run's rows attending to its own cache), and runs whose methods prefill their own way
-(sparse prefill, prompt compression, CacheBlend) join the group to decode with it (``can_ride``), prefilling alone.
+(sparse prefill, prompt compression, CacheBlend) join the group to decode with it (``can_ride``), prefilling alone;
+runs of one sparse-prefill method config whose first feeds are equal (both modes with the query hidden) compute
+that sparse prefill once and fork it (``group_example.own_prefill_key``).
 Other runs (another engine, naive replay, ``timing=sequential`` for those methods) run alone through ``run_spec``.
 
 One example's work (the shared prefill, the forks, the runs decoded together, memory) is in
@@ -27,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scbench.group_example import DECODE_RUNS, Member, can_share, prefill_classes, run_class, shares
+from scbench.group_example import DECODE_RUNS, Member, can_share, own_prefill_key, prefill_classes, run_class, shares
 from scbench.records import RunSpec
 
 log = logging.getLogger(__name__)
@@ -213,8 +215,9 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
         sharers = sum(shares(m) for m in claimed)
         log.info("grouped %d runs of %s %s: one first prefill per example, shared by %s%s", len(claimed), spec.task,
                  modes, ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed if shares(m)),
-                 "; decoded with them: " + ", ".join(f"{m.method.name} ({m.job.spec.mode})" for m in claimed
-                                                     if not shares(m)) if sharers < len(claimed) else "")
+                 "; decoded with them: " + ", ".join(
+                     f"{m.method.name} ({m.job.spec.mode}{', own prefill shared' if own_sharers(m, claimed) > 1 else ''})"
+                     for m in claimed if not shares(m)) if sharers < len(claimed) else "")
         total = sum(n_turns(e, m.job.spec) for e in mine for m in claimed)
         todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in claimed)
         warm = getattr(engine, "warmup", None)
@@ -231,12 +234,13 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
             for members in prefill_classes(engine, ex, live):
                 run_class(engine, members, ex, replay, store, bar)
         for m in claimed:
+            n = sharers if shares(m) else own_sharers(m, claimed)
             if m.error is not None:
-                outcomes.append(Outcome(m.job, m.run_id, m.error, sharers if shares(m) else 1))
+                outcomes.append(Outcome(m.job, m.run_id, m.error, n))
                 continue
             finished = picked is None or store.complete(m.run_id)
             store.finish_run(m.run_id, "done" if finished else "partial")
-            outcomes.append(Outcome(m.job, m.run_id, None, sharers if shares(m) else 1))
+            outcomes.append(Outcome(m.job, m.run_id, None, n))
     except BaseException as e:
         for m in claimed:
             if m.error is None:
@@ -252,6 +256,14 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                 log.warning("could not release the lease of run %s in %s", m.run_id, lead.store)
         store.close()
     return outcomes
+
+
+def own_sharers(m: Member, claimed: list[Member]) -> int:
+    """Runs of the group planned to share ``m``'s own sparse prefill (``own_prefill_key``; 1: it prefills alone).
+    Modes whose first feeds differ split the group per example (``prefill_classes``): then the count is an upper
+    bound, as ``sharers`` is for the dense prefill; each turn records the count that really shared it."""
+    key = own_prefill_key(m)
+    return sum(own_prefill_key(o) == key for o in claimed) if key is not None else 1
 
 
 # --- the sweep hook: the basic launcher queues jobs, the end of the sweep runs them grouped ------------------

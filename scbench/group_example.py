@@ -75,31 +75,35 @@ def prefill_classes(engine, example, live: list[Member]) -> list[list[Member]]:
 def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
     """One example's runs that feed the same first prefill: computed once, forked for the others; one run's failure
     is recorded and the others go on. The runs that take the shared prefill go first (its copy is freed after the
-    last of them), those that prefill alone (``can_ride``) after. With ``timing=batched`` the runs' batches are
+    last of them), those that prefill their own way (``can_ride``) after: alone, or, runs of one sparse-prefill
+    method config (``own_prefill_key``: both modes with the query hidden), one after another from their own shared
+    prefill computed by their kernel. With ``timing=batched`` the runs' batches are
     decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``: a cache and
     the most passing work a prefill or a preparation has needed so far); a preparation that runs out of memory anyway
     has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one
     run's batch at a time."""
     from scbench.devices import peak_window
-    from scbench.engines.fork import ForkingEngine, SharedPrefill
+    from scbench.engines.fork import ForkingEngine
 
-    takers = [m for m in members if shares(m)]  # the others (``can_ride``) prefill alone, then decode with them
-    members = takers + [m for m in members if not shares(m)]
-    window = max((m.method.query_window for m in takers if "compress_cache" in m.method.hooks()), default=0)
-    lse = any(getattr(m.method, "query_lse", False) for m in takers if "compress_cache" in m.method.hooks())
-    keys = [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in takers]
-    shared = SharedPrefill(engine, takers=len(takers), window=window, lse=lse, score_keys=keys)
+    takers, riders, own = prefill_plan(members)  # the riders (``can_ride``) prefill their own way
+    members = takers + riders
+    shared = _shared_prefill(engine, takers, sparse=False)
+    owned = {key: _shared_prefill(engine, runs, sparse=True) for key, runs in own.items()}
+    prefills = [shared, *owned.values()]
     pending: list[tuple[Member, object, object]] = []  # (run, its replay, its prepared batch)
     together = DECODE_RUNS and hasattr(replay, "prepare")
     work = 0  # the most bytes a run's preparation allocated beyond what it kept (measured on CUDA)
     try:
         for m in members:
-            proxy = ForkingEngine(engine, shared) if shares(m) else None
+            mine = shared if shares(m) else owned.get(own_prefill_key(m))
+            proxy = ForkingEngine(engine, mine) if mine is not None else None
             try:
                 rep = replay(proxy or engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}),
                              warmup_s=m.warmup_s)
                 if together:
-                    if pending and not room_for_run(shared, engine.device, pending, max(work, shared.work)):
+                    big = max(prefills, key=lambda p: p.fork_bytes)
+                    if pending and not room_for_run(big, engine.device, pending,
+                                                     max(work, *(p.work for p in prefills))):
                         decode_pending(engine, pending, store, bar)
                     t0 = time.perf_counter()
                     try:
@@ -112,7 +116,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                         prepared = rep = None
                     if rep is None:  # outside the handler: the failed attempt's tensors can go
                         if proxy is not None and not proxy.consumed():
-                            shared.skip()
+                            mine.skip()
                         proxy = None  # its session (the failed attempt's cache) goes with it
                         rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
                     else:
@@ -128,11 +132,25 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                 _fail(m, ex, e, store)
             finally:
                 if proxy is not None and not proxy.consumed():
-                    shared.skip()
-        shared.close()  # every run has its cache: the shared copy's memory goes back before the decode
+                    mine.skip()
+        for p in prefills:  # every run has its cache: the shared copies' memory goes back before the decode
+            p.close()
         decode_pending(engine, pending, store, bar)
     finally:
-        shared.close()
+        for p in prefills:
+            p.close()
+
+
+def _shared_prefill(engine, runs: list[Member], *, sparse: bool):
+    """The ``SharedPrefill`` of ``runs``: the dense one of the sharers (capturing the last queries and log-sum-exps
+    their compressions want, and sharing equal score keys), or one sparse-prefill method config's own."""
+    from scbench.engines.fork import SharedPrefill
+
+    comp = [m for m in runs if "compress_cache" in m.method.hooks()]
+    window = max((m.method.query_window for m in comp), default=0)
+    lse = any(getattr(m.method, "query_lse", False) for m in comp)
+    keys = () if sparse else [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in runs]
+    return SharedPrefill(engine, takers=len(runs), window=window, lse=lse, score_keys=keys, sparse=sparse)
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -156,6 +174,32 @@ def _retry(engine, m: Member, ex, replay, pending: list, store, bar):
 def shares(m: Member) -> bool:
     """Whether a run of a group takes the shared first prefill (else it only decodes with the group)."""
     return can_share(type(m.method))
+
+
+def own_prefill_key(m: Member):
+    """For a run that prefills its own way through a sparse-prefill kernel (``prefill_attention``; not prompt
+    compression or CacheBlend, which rewrite or assemble the context), what its first prefill depends on besides
+    the tokens: the method's class and every knob (``Method.label``). Runs of one prefill class with equal keys (one
+    method config in both modes with the query hidden) compute that sparse prefill once and fork it, as the dense
+    sharers do. None: the run prefills alone."""
+    hooks = type(m.method).hooks()
+    if shares(m) or "prefill_attention" not in hooks or {"compress_context", "blend_prefill"} & hooks:
+        return None
+    return type(m.method).__qualname__, m.method.label()
+
+
+def prefill_plan(members: list[Member]) -> tuple[list[Member], list[Member], dict]:
+    """``(dense sharers, the other runs, own-prefill key -> its runs)`` for one prefill class: the other runs
+    ordered so that those sharing a sparse prefill come one after another (its copy goes with the last of them);
+    only keys two or more runs declare are listed."""
+    takers = [m for m in members if shares(m)]
+    by_key: dict = {}
+    for m in members:
+        if not shares(m):
+            by_key.setdefault(own_prefill_key(m) or ("alone", id(m)), []).append(m)
+    riders = [m for runs in by_key.values() for m in runs]
+    return takers, riders, {k: runs for k, runs in by_key.items() if k[0] != "alone" and len(runs) > 1}
+
 
 
 def room_for_run(shared, device, pending: list = (), work: int = 0) -> bool:

@@ -11,6 +11,11 @@ the fork, the logits and the captured queries, then runs its own method's compre
 would; ``FeedStats.seconds`` is the shared prefill's measured time plus this method's compression, and
 ``extra["prefill_shared"]`` the number of runs planned to share it.
 
+Runs whose methods prefill through their own sparse kernel (``prefill_attention``) share a ``SharedPrefill`` with
+``sparse=True`` when their method configs are equal (scbench/group_example.py ``own_prefill_key``: one config in
+both modes with the query hidden): the first computes its method's sparse prefill, the others fork it, and what the
+prefill set on the first one's method (its per-prefill counters) is copied onto theirs.
+
 ``ScoreMemo`` goes one step further: runs of the group whose methods declare the same ``Method.score_key()`` (the
 scores depend on the cache and the knobs in the key only, e.g. KVzip's reconstruction at several budgets) compute
 their first compression's scores once; each reuse gets a copy, counts the shared computation's measured seconds in
@@ -156,8 +161,21 @@ class ScoreMemo:
 class SharedPrefill:
     """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
 
-    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=()):
+    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=(), sparse: bool = False):
         self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        self.sparse = sparse
+        """The takers are runs of one sparse-prefill method config (``group_example.own_prefill_key``): the first
+        computes the prefill through its method's ``prefill_attention`` as its own feed would, and what that
+        prefill left on the method (``state``) goes to every fork's method; False: the plain dense forward."""
+        self.state: dict = {}
+        """Attributes the first taker's prefill set or replaced on its method (e.g. vertical-slash's dense-fallback
+        counts, read by ``take_costs``): copied onto each fork's method, so its cost columns are its own run's. An
+        attribute changed in place is not seen: a method's per-prefill counters start afresh (``take_costs`` pops
+        them)."""
+        self.computed = 0
+        """Attention cells the prefill computed (``attn_computed``; a sparse prefill computes fewer than ``cells``)."""
+        self.flag: bool | None = None
+        """Whether the prefill ran its method's sparse kernel (the feed's ``sparse``): a fork asking otherwise declines."""
         """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
         shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.memo = ScoreMemo(score_keys, engine.device)
@@ -194,16 +212,18 @@ class SharedPrefill:
         self.lses = {}
         self.memo.clear()
 
-    def take(self, session: "ForkSession", ids: list[int]) -> bool:
-        """Fill ``session`` (empty) with the dense prefill of ``ids``: computed here if this is the first taker,
-        else forked. False when the shared prefill cannot serve it (other tokens, or no copy could be kept)."""
+    def take(self, session: "ForkSession", ids: list[int], sparse: bool = False) -> bool:
+        """Fill ``session`` (empty) with the prefill of ``ids``: computed here if this is the first taker, else
+        forked. ``sparse``: the feed asks for its method's sparse kernel (the runner's ``policy.sparse_prefill``).
+        False when the shared prefill cannot serve it (other tokens, another kernel, or no copy could be kept)."""
         self.left -= 1
+        sparse = bool(self.sparse and sparse and "prefill_attention" in session.hooks)
         if self.ids is None:
-            self._compute(session, ids)
+            self._compute(session, ids, sparse)
             return True
-        if ids != self.ids:
-            log.warning("shared prefill: a run of the group feeds other tokens first (%d vs %d); it prefills alone",
-                        len(ids), len(self.ids))
+        if ids != self.ids or sparse != self.flag:
+            log.warning("shared prefill: a run of the group feeds other tokens first (%d vs %d%s); it prefills alone",
+                        len(ids), len(self.ids), "" if sparse == self.flag else ", another kernel")
             return False
         if self.layers is None:  # plan "none": no copy was kept
             return False
@@ -220,12 +240,14 @@ class SharedPrefill:
             self.layers = None
         session.pos = len(ids)
         session.last_logits = self.logits.clone()
+        vars(session.method).update(_clone(self.state))
         self.forks += 1
         return True
 
-    def _compute(self, session: "ForkSession", ids: list[int]) -> None:
-        ctx = attention.AttnContext(method=session.method, sparse=False, capture_queries=self.window, lse=self.lse)
+    def _compute(self, session: "ForkSession", ids: list[int], sparse: bool = False) -> None:
+        ctx = attention.AttnContext(method=session.method, sparse=sparse, capture_queries=self.window, lse=self.lse)
         dev = self.engine.device
+        before = dict(vars(session.method)) if self.sparse else {}
         _sync(dev)
         t0 = time.perf_counter()
         with peak_window(dev) as w:
@@ -233,7 +255,10 @@ class SharedPrefill:
         _sync(dev)
         self.seconds = time.perf_counter() - t0
         self.work = w.passing
-        self.cells = ctx.cells_total
+        self.flag = sparse
+        if self.sparse:
+            self.state = {k: _clone(v) for k, v in vars(session.method).items() if before.get(k, self) is not v}
+        self.cells, self.computed = ctx.cells_total, ctx.cells_computed
         self.ids = list(ids)
         self.logits = session.last_logits.clone()
         self.queries = ctx.queries
@@ -287,7 +312,7 @@ class ForkSession(HFSession):
         if shared is None or self.pos != 0 or not ids:
             return super().feed(ids, compress=compress, sparse=sparse)
         dev = self.engine.device
-        if not shared.take(self, ids):
+        if not shared.take(self, ids, sparse):
             return super().feed(ids, compress=compress, sparse=sparse)
         compress = compress and "compress_cache" in self.hooks
         compress_s = 0.0
@@ -315,7 +340,7 @@ class ForkSession(HFSession):
         if shared.left <= 0:  # the last run of the group has what it needs
             shared.close()
         return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
-                         attn_cells=shared.cells, attn_computed=shared.cells,
+                         attn_cells=shared.cells, attn_computed=shared.computed,
                          prefill_shared=shared.takers if shared.plan in ("device", "host") else 1,
                          scores_shared=scores_shared)
 

@@ -10,7 +10,7 @@ from scbench.group import Job, plan_groups, run_jobs
 from scbench.records import RunSpec
 from scbench.run import run_spec
 from scbench.store import Store
-from support import SWEEP_CFGS as METHOD_CFGS, sweep_rows as rows, sweep_spec as spec
+from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
 
 
 def test_modes_group_only_when_the_query_is_hidden():
@@ -75,6 +75,45 @@ def test_both_modes_share_one_prefill(tiny_engine, tmp_path, timing):
     separate, _, s_runs = rows(tmp_path / "separate.sqlite")
     assert g_runs == s_runs and grouped == separate
     assert {v for k, v in shared.items() if k[2] == 0} == {len(jobs)}  # one prefill for all 2 x 10 runs
+
+
+def test_sparse_prefill_runs_share_their_own_prefill_across_modes(tiny_engine, tmp_path, monkeypatch):
+    """query_visible=false, timing=batched: one sparse-prefill method config in both modes computes its own sparse
+    prefill once per example and forks it (``own_prefill_key``), CacheBlend still prefills alone; the rows (every
+    cost column but the timings, the attention cells computed and vertical-slash's per-prefill counter included)
+    are those of separate runs."""
+    from scbench.methods.vertical_slash import VerticalSlash
+
+    real = VerticalSlash.prefill_attention
+
+    def counted(self, layer_idx, q, k, v, scale):  # the GPU path's per-prefill counter, on the CPU
+        st = self.__dict__.setdefault("gpu_stats", {"layers_seen": 0, "fallbacks": 0, "density_sum": 0.0})
+        st["fallbacks"] += 1
+        return real(self, layer_idx, q, k, v, scale)
+
+    monkeypatch.setattr(VerticalSlash, "prefill_attention", counted)
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], *RIDERS]
+    jobs = [Job(spec(cfg, mode, query_visible=False), str(tmp_path / "g.sqlite"), progress=False, timing="batched")
+            for mode in ("multi_turn", "multi_request") for cfg in cfgs]
+    assert [len(g) for g in plan_groups(jobs)] == [len(jobs)]
+    outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs)
+    assert [o.shared for o in outcomes] == [4, 4, 2, 2, 2, 1] * 2
+    for job in jobs:
+        run_spec(job.spec, str(tmp_path / "s.sqlite"), engine=tiny_engine, progress=False, timing="batched")
+    grouped, shared, _ = rows(tmp_path / "g.sqlite")
+    separate, _, _ = rows(tmp_path / "s.sqlite")
+    assert grouped == separate
+    store = Store(str(tmp_path / "g.sqlite"))
+    labels = {r["run_id"]: (r["method"], r["mode"]) for r in store.runs()}
+    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
+    store.close()
+    got = {key: t["prefill_shared"] for (key, _), t in first.items()}
+    assert got == {(name, mode): n for mode in ("multi_turn", "multi_request") for name, n in
+                   (("full", 4), ("snapkv", 4), ("ashape", 2), ("trishape", 2), ("vertical_slash", 2),
+                    ("cacheblend", 1))}
+    fallbacks = {t["method_costs"]["prefill_fallbacks"] for (key, _), t in first.items() if key[0] == "vertical_slash"}
+    assert fallbacks and 0 not in fallbacks  # every run's first turn has the counter, forks included
 
 
 def test_modes_whose_first_feeds_differ_prefill_apart(tiny_engine, tmp_path, monkeypatch):
