@@ -80,8 +80,9 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
     prefill computed by their kernel. With ``timing=batched`` the runs' batches are
     decoded together (``decode_runs``) while memory holds another run's preparation (``room_for_run``: a cache and
     the most passing work a prefill or a preparation has needed so far); a preparation that runs out of memory anyway
-    has the batches so far decoded first and is tried again, alone (``_retry``). ``SCBENCH_DECODE_RUNS=0``: one
-    run's batch at a time."""
+    has the batches so far decoded first and is tried again, alone (``_retry``), and when that runs out of memory too
+    (or nothing was prepared to decode first), once more after every other run of the class, with the shared copies
+    freed (``_alone``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a time."""
     from scbench.devices import peak_window
     from scbench.engines.fork import ForkingEngine
 
@@ -91,6 +92,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
     owned = {key: _shared_prefill(engine, runs, sparse=True) for key, runs in own.items()}
     prefills = [shared, *owned.values()]
     pending: list[tuple[Member, object, object]] = []  # (run, its replay, its prepared batch)
+    later: list[Member] = []  # runs out of memory even after the batches so far were decoded
     together = DECODE_RUNS and hasattr(replay, "prepare")
     work = 0  # the most bytes a run's preparation allocated beyond what it kept (measured on CUDA)
     try:
@@ -110,7 +112,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                         with peak_window(engine.device) as w:
                             prepared = rep.prepare()
                     except Exception as e:  # noqa: BLE001
-                        if not (pending and _out_of_memory(e)):
+                        if not _out_of_memory(e):
                             raise
                         m.retry_s += time.perf_counter() - t0
                         prepared = rep = None
@@ -119,6 +121,9 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                             mine.skip()
                         proxy = None  # its session (the failed attempt's cache) goes with it
                         rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
+                        if rep is None:  # out of memory again: after the others, with every shared copy gone
+                            later.append(m)
+                            continue
                     else:
                         work = max(work, w.passing)
                     if prepared is not None:
@@ -136,6 +141,8 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
         for p in prefills:  # every run has its cache: the shared copies' memory goes back before the decode
             p.close()
         decode_pending(engine, pending, store, bar)
+        for m in later:
+            _alone(engine, m, ex, replay, store, bar)
     finally:
         for p in prefills:
             p.close()
@@ -162,13 +169,43 @@ def _out_of_memory(e: BaseException) -> bool:
 def _retry(engine, m: Member, ex, replay, pending: list, store, bar):
     """A run's preparation ran out of memory next to the prepared batches: decode those first, then prepare this run
     again on the plain engine (its first prefill computed alone: the shared one may be gone; the rows are the
-    same). Returns ``(replay, prepared batch or None)``."""
+    same). Returns ``(replay, prepared batch or None)``, or ``(None, None)`` when there was nothing to decode or it
+    runs out of memory again (the attempt's seconds join ``retry_s``): ``run_class`` then prepares it after the
+    example's other runs (``_alone``), when no shared copy holds memory any more."""
+    if not pending:
+        return None, None
     log.warning("example %s: no memory to prepare %s (%s) next to %d prepared run(s): those are decoded first and "
                 "it is prepared again, alone", ex.id, m.method.name, m.job.spec.mode, len(pending))
     decode_pending(engine, pending, store, bar)
     free_cached_memory()
     rep = replay(engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
-    return rep, rep.prepare()
+    t0 = time.perf_counter()
+    try:
+        return rep, rep.prepare()
+    except Exception as e:  # noqa: BLE001
+        if not _out_of_memory(e):
+            raise
+        m.retry_s += time.perf_counter() - t0
+    return None, None
+
+
+def _alone(engine, m: Member, ex, replay, store, bar) -> None:
+    """The last try of a run that ran out of memory within its group: prepared and decoded by itself after the
+    example's other runs were stored and every shared copy freed (what running it alone would have had). Out of
+    memory here is the run's failure."""
+    log.warning("example %s: %s (%s) ran out of memory next to the group's other runs; prepared again by itself "
+                "after them", ex.id, m.method.name, m.job.spec.mode)
+    free_cached_memory()
+    try:
+        rep = replay(engine, m.method, m.task, ex, m.job.spec, done=m.done.get(ex.id, {}), warmup_s=m.warmup_s)
+        prepared = rep.prepare()
+        if prepared is None:
+            _store(m, rep, rep.sequential(), store, bar)
+            return
+    except Exception as e:  # noqa: BLE001 - this run fails, the others go on
+        _fail(m, ex, e, store)
+        return
+    decode_pending(engine, [(m, rep, prepared)], store, bar)
 
 
 def shares(m: Member) -> bool:

@@ -107,9 +107,43 @@ def test_failed_combined_decode_is_redone_run_by_run(tiny_engine, tmp_path, monk
     assert {t["retry_s"] for t in turns if t["turn"] > 0} == {0.0}
 
 
+def test_out_of_memory_twice_is_prepared_after_the_others(tiny_engine, tmp_path, monkeypatch, caplog):
+    """SnapKV runs out of memory next to the prepared batches and again in its retry (the shared prefill's copy and
+    the captured queries still held for later runs, as at 131K on the H200): it is prepared once more after the
+    example's other runs, with the shared copy freed, and stores the rows of its separate run; both failed attempts'
+    seconds are on its first row of the example."""
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[0]]
+    jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched")
+            for cfg in cfgs]
+    real, failed = BatchedReplay.prepare, []
+
+    def prepare(self):
+        if self.method.name == "snapkv" and failed.count(self.example.id) < 2:
+            failed.append(self.example.id)
+            time.sleep(LOST)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 260.00 MiB")
+        return real(self)
+
+    monkeypatch.setattr(BatchedReplay, "prepare", prepare)
+    with caplog.at_level(logging.WARNING, logger="scbench.group_example"):
+        outcomes = run_jobs(jobs, engine=tiny_engine)
+    assert [o.error for o in outcomes] == [None] * len(jobs) and len(failed) == 4  # twice per example
+    assert sum("prepared again by itself after them" in r.getMessage() for r in caplog.records) == 2
+    monkeypatch.setattr(BatchedReplay, "prepare", real)
+    assert_rows_of_separate_runs(jobs, tmp_path, tiny_engine)
+    store = Store(str(tmp_path / "grouped.sqlite"))
+    labels = {r["run_id"]: r["method"] for r in store.runs()}
+    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
+    store.close()
+    for ex in {e for _, e in first}:
+        assert first["snapkv", ex]["retry_s"] >= 2 * LOST and first["snapkv", ex]["prefill_shared"] == 1
+        assert first["snapkv", ex]["decode_runs"] == 1  # decoded by itself, after the others
+        assert {first[m, ex]["retry_s"] for m in ("full", "streamingllm", "ashape")} == {0.0}
+
+
 def test_out_of_memory_with_nothing_prepared_fails_the_run(tiny_engine, tmp_path, monkeypatch):
-    """With no prepared batch to decode first, running out of memory is the run's failure (recorded); the others
-    go on."""
+    """A run out of memory with no prepared batch to decode first is tried once more after the example's other
+    runs; out of memory there too, it is the run's failure (recorded); the others go on."""
     cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"]]
     jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "g.sqlite"), progress=False, timing="batched")
             for cfg in cfgs]
