@@ -118,7 +118,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                         prepared = rep = None
                     if rep is None:  # outside the handler: the failed attempt's tensors can go
                         if proxy is not None and not proxy.consumed():
-                            mine.skip()
+                            mine.skip(m.method)
                         proxy = None  # its session (the failed attempt's cache) goes with it
                         rep, prepared = _retry(engine, m, ex, replay, pending, store, bar)
                         if rep is None:  # out of memory again: after the others, with every shared copy gone
@@ -137,7 +137,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                 _fail(m, ex, e, store)
             finally:
                 if proxy is not None and not proxy.consumed():
-                    mine.skip()
+                    mine.skip(m.method)
         for p in prefills:  # every run has its cache: the shared copies' memory goes back before the decode
             p.close()
         decode_pending(engine, pending, store, bar)
@@ -157,7 +157,9 @@ def _shared_prefill(engine, runs: list[Member], *, sparse: bool):
     window = max((m.method.query_window for m in comp), default=0)
     lse = any(getattr(m.method, "query_lse", False) for m in comp)
     keys = () if sparse else [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in runs]
-    return SharedPrefill(engine, takers=len(runs), window=window, lse=lse, score_keys=keys, sparse=sparse)
+    windows = [m.method.query_window if "compress_cache" in m.method.hooks() else 0 for m in runs]
+    return SharedPrefill(engine, takers=len(runs), window=window, lse=lse, score_keys=keys, sparse=sparse,
+                         windows=windows)
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -161,8 +161,14 @@ class ScoreMemo:
 class SharedPrefill:
     """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
 
-    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=(), sparse: bool = False):
+    def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=(), sparse: bool = False,
+                 windows=()):
         self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        self.wants: Counter = Counter(windows)
+        """Captured-query windows the runs still to fork want (``windows``: one per taker, 0 for a run that does not
+        compress; empty: not tracked, the queries stay whole until the last run). Once the runs wanting the longest
+        window have compressed (H2O wants every prompt position: 34 GB at 131K on the 8B shape, more than the KV)
+        the captured queries are cut to what the rest want (``_trim``)."""
         self.sparse = sparse
         """The takers are runs of one sparse-prefill method config (``group_example.own_prefill_key``): the first
         computes the prefill through its method's ``prefill_attention`` as its own feed would, and what that
@@ -201,11 +207,32 @@ class SharedPrefill:
         """Bytes the prefill's forward allocated beyond what it kept (its passing work, ``devices.peak_window``; 0
         off CUDA): what another run's own prefill of this example needs next to its cache."""
 
-    def skip(self) -> None:
-        """A run of the group will not fork (it failed or had nothing to do)."""
+    def skip(self, method=None) -> None:
+        """A run of the group will not fork (it failed or had nothing to do); ``method``: its method, whose query
+        window it no longer wants."""
         self.left -= 1
         if self.left <= 0:
             self.layers = None
+        if method is not None:
+            self.done_with(method)
+
+    def done_with(self, method) -> None:
+        """``method``'s run has what it needs of the captured queries (it compressed, or will not fork): the queries
+        are cut to the longest window a run still to come wants."""
+        w = method.query_window if "compress_cache" in type(method).hooks() else 0
+        if not self.wants or self.wants[w] <= 0:
+            return
+        self.wants[w] -= 1
+        keep = max((k for k, n in self.wants.items() if n > 0), default=0)
+        if self.queries and any(q.shape[-2] > keep for q in self.queries.values()):
+            self._trim(keep)
+
+    def _trim(self, keep: int) -> None:
+        """Cut the captured queries and their log-sum-exps to the last ``keep`` positions (copies: the long ones'
+        memory goes back)."""
+        self.queries = {layer: q[..., q.shape[-2] - keep:, :].clone() for layer, q in self.queries.items()} if keep else {}
+        self.lses = {layer: (lse[..., lse.shape[-1] - keep:].clone(), n) for layer, (lse, n) in self.lses.items()} \
+            if keep else {}
 
     def close(self) -> None:
         self.layers = self.logits = self.queries = None
@@ -337,6 +364,7 @@ class ForkSession(HFSession):
             # a reused score counts as the run's own work: compress_s is what the compression costs a run alone
             compress_s = time.perf_counter() - t1 + shared.memo.take_reused_s()
             scores_shared = shared.memo.sharers(key)
+        shared.done_with(self.method)
         if shared.left <= 0:  # the last run of the group has what it needs
             shared.close()
         return FeedStats(tokens=len(ids), reused=0, seconds=shared.seconds + compress_s, compress_s=compress_s,
@@ -365,7 +393,7 @@ class ForkingEngine:
         if shared is None:
             return base
         if type(base) is not HFSession:  # recurrent state: no fork; this run prefills alone
-            shared.skip()
+            shared.skip(method)
             return base
         self._forked = ForkSession(self._engine, method, shared)
         return self._forked

@@ -63,3 +63,28 @@ def test_no_lse_without_a_method_that_wants_it(tiny_engine, monkeypatch):
     monkeypatch.setattr(attention, "causal_attention_lse", exact_lse)
     shared, (_, seen) = feed_group(tiny_engine, ["full", "snapkv"], False, list(range(5, 205)))
     assert seen and all(v is None for v in seen.values())
+
+
+def test_captured_queries_are_cut_once_the_longest_window_is_done(tiny_engine):
+    """H2O wants every prompt query (at 131K on the 8B shape, 34 GB held beside the shared copy); once it has
+    compressed, the shared prefill keeps only the last queries the runs still to fork want (SnapKV's window), and
+    none once those are done; SnapKV still gets exactly the queries its own forward captures."""
+    ids = list(range(5, 205))
+    methods = [build_method(c) for c in ({"name": "h2o", "budget": 64}, {"name": "snapkv", "budget": 64},
+                                          {"name": "full"})]
+    windows = [m.query_window if "compress_cache" in m.hooks() else 0 for m in methods]
+    shared = SharedPrefill(tiny_engine, takers=3, window=max(windows), lse=True, windows=windows)
+    lengths = []
+    seen = {}
+    snap = methods[1]
+    real = snap.compress_cache
+    snap.compress_cache = lambda layer, k, v, q: (seen.__setitem__(layer, q.clone()), real(layer, k, v, q))[1]
+    for method in methods:
+        ForkSession(tiny_engine, method, shared).feed(ids, compress=True, sparse=False)
+        lengths.append({q.shape[-2] for q in (shared.queries or {}).values()})
+    assert lengths == [{snap.query_window}, set(), set()] and shared.lses == {}
+    ctx = attention.AttnContext(method=snap, capture_queries=snap.query_window)
+    tiny_engine.session(build_method({"name": "snapkv", "budget": 64}))._prefill(ids, ctx)
+    assert sorted(seen) == sorted(ctx.queries)
+    for layer, q in ctx.queries.items():
+        assert torch.equal(seen[layer], q)
