@@ -30,6 +30,7 @@ def spec_from_cfg(cfg):
         max_new_tokens=c["max_new_tokens"], compress=c["policy"]["compress"],
         decode_interval=c["policy"].get("decode_interval", 64), decode_cap=c["policy"].get("decode_cap"),
         query_visible=c["policy"]["query_visible"], sparse_prefill=c["policy"]["sparse_prefill"],
+        truncation=c["policy"].get("truncation", "reference"),
         golden_context=c["golden_context"], bos=c["bos"], reuse=c["reuse"],
     )
 

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("multi_turn", "multi_request")
 BOS_POLICIES = ("faithful", "single_bos")
+TRUNCATIONS = ("reference", "context")
 MULTI_REQUEST_MARGIN = 1000
 
 
@@ -36,11 +37,15 @@ class TurnPrompt:
 
 class PromptBuilder:
     def __init__(self, engine, task, example, *, mode: str, n_turns: int, max_seq_length: int,
-                 bos: str = "faithful", golden: bool = True, max_new_tokens_cap: int | None = None):
+                 bos: str = "faithful", golden: bool = True, max_new_tokens_cap: int | None = None,
+                 truncation: str = "reference"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if bos not in BOS_POLICIES:
             raise ValueError(f"bos must be one of {BOS_POLICIES}, got {bos!r}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        self.truncation = truncation
         if 0 < n_turns < len(example.turns):  # the reference cuts the rows to the kept turns first
             example = dataclasses.replace(example, turns=example.turns[:n_turns])
         self.engine, self.task, self.example = engine, task, example
@@ -49,7 +54,7 @@ class PromptBuilder:
         self.cap = max_new_tokens_cap
         limit = min(max_seq_length, engine.window)
         budget = limit - task.reserved_tokens(example, n_turns)
-        if mode == "multi_request":
+        if mode == "multi_request" or truncation == "context":
             budget -= MULTI_REQUEST_MARGIN
         if budget < 16:
             raise ValueError(
@@ -87,6 +92,12 @@ class PromptBuilder:
         self._history = [{"role": "user", "content": parts.text}]
         text = self.engine.render_chat(self._history, add_generation_prompt=True)
         self._rendered = text
+        if self.truncation == "context":  # multi-request's request 0: its context (cut alone), then the query whole
+            head, tail = self._split_request(0)
+            ids = self._truncate(self.engine.encode(head, add_special_tokens=self.add_special))
+            prefix = self._prefix(0)
+            return TurnPrompt(ids + self.engine.encode(tail, add_special_tokens=False) + prefix, self.max_new(0),
+                              rewind=len(prefix), query_start=len(ids))
         ids = self.engine.encode(text, add_special_tokens=self.add_special)
         cut = text.find(parts.text)
         query_tokens = None

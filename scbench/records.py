@@ -174,6 +174,7 @@ class TurnResult:
 
 COMPRESS_POLICIES = ("once", "every_turn", "decode_every")
 SPARSE_POLICIES = ("first", "every")
+TRUNCATIONS = ("reference", "context")
 
 
 @dataclass
@@ -206,6 +207,12 @@ class RunSpec:
     """Multi-turn: whether the first query is in the cache when compression first fires (reference: yes)."""
     sparse_prefill: str = "first"
     """Sparse prefill on the first prefill only (reference) or on every prefill."""
+    truncation: str = "reference"
+    """How an over-long first prompt is cut (scbench/prompts.py): ``reference``: multi-turn middle-truncates its whole
+    first prompt to the window less the generation budget, multi-request its context alone to 1,000 tokens fewer
+    (SCBench's rule: at 128K the two modes see different contexts); ``context``: both modes middle-truncate the
+    context alone to the multi-request budget and append the query whole (one context for both modes: compared at
+    equal context, and with ``query_visible=false`` a grouped sweep shares its prefill between them)."""
     golden_context: bool = True
     bos: str = "faithful"
     reuse: bool = True
@@ -222,6 +229,7 @@ class RunSpec:
             (self.decode_cap is None or (isinstance(self.decode_cap, int) and self.decode_cap >= 1),
              f"decode_cap must be null or an integer >= 1, got {self.decode_cap!r}"),
             (self.sparse_prefill in SPARSE_POLICIES, f"sparse_prefill must be one of {SPARSE_POLICIES}, got {self.sparse_prefill!r}"),
+            (self.truncation in TRUNCATIONS, f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}"),
             (self.bos in BOS_POLICIES, f"bos must be one of {BOS_POLICIES}, got {self.bos!r}"),
             (isinstance(self.max_turns, int) and self.max_turns >= 1, f"max_turns must be an integer >= 1, got {self.max_turns!r}"),
             (isinstance(self.max_seq_length, int) and self.max_seq_length >= 64, f"max_seq_length must be an integer >= 64, got {self.max_seq_length!r}"),

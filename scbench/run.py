@@ -111,6 +111,8 @@ def run_spec_dict(spec: RunSpec, engine_name: str = "hf", engine_options: dict |
     spec_dict = dataclasses.asdict(spec)
     if spec.compress != "decode_every":  # the decode-compression knobs only matter then: other runs keep their ids
         del spec_dict["decode_interval"], spec_dict["decode_cap"]
+    if spec.truncation == "reference":  # runs from before the knob keep their ids
+        del spec_dict["truncation"]
     if engine_name != "hf":
         spec_dict["engine"] = {"name": engine_name,
                                **{k: v for k, v in (engine_options or {}).items() if k not in RESOURCE_OPTIONS}}

@@ -38,7 +38,7 @@ def first_feed_ids(engine, task, example: Example, spec: RunSpec) -> list[int]:
     assistant prefix in one forward). For methods that do not rewrite the context (no ``compress_context``)."""
     builder = PromptBuilder(engine, task, example, mode=spec.mode, n_turns=n_turns(example, spec),
                             max_seq_length=spec.max_seq_length, bos=spec.bos, golden=spec.golden_context,
-                            max_new_tokens_cap=spec.max_new_tokens)
+                            max_new_tokens_cap=spec.max_new_tokens, truncation=spec.truncation)
     if spec.mode != "multi_turn":
         return builder.context()
     tp = builder.first()
@@ -70,7 +70,7 @@ class Replay:
             example = self.example = self._compress_context(example)
         self.builder = PromptBuilder(
             engine, task, example, mode=spec.mode, n_turns=self.turns, max_seq_length=spec.max_seq_length,
-            bos=spec.bos, golden=spec.golden_context, max_new_tokens_cap=spec.max_new_tokens,
+            bos=spec.bos, golden=spec.golden_context, max_new_tokens_cap=spec.max_new_tokens, truncation=spec.truncation,
         )
         self.session = None
         self.history: list[int] = []  # every token fed so far (multi-turn), for the naive replay

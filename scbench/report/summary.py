@@ -115,7 +115,7 @@ def spec_changes(spec: dict, defaults: dict) -> str:
             out.append(f"{prefix.rstrip('.')}={value}")
 
     flat = {k: v for k, v in spec.items() if k not in ("model", "method", "task", "mode", "engine")}
-    for key in ("compress", "query_visible", "sparse_prefill"):  # the root config nests these under policy
+    for key in ("compress", "query_visible", "sparse_prefill", "truncation"):  # the root config nests these under policy
         defaults = {**defaults, key: (defaults.get("policy") or {}).get(key)}
     defaults = {**defaults, "task_variant": None}
     walk("", flat, defaults)

@@ -116,6 +116,41 @@ def test_sparse_prefill_runs_share_their_own_prefill_across_modes(tiny_engine, t
     assert fallbacks and 0 not in fallbacks  # every run's first turn has the counter, forks included
 
 
+def test_context_truncation_lets_truncated_modes_share_one_prefill(tiny_engine, tmp_path):
+    """At a window that truncates (SCBench's 128K), the reference cuts each mode's first prompt to its own budget
+    (multi-request 1,000 tokens shorter), so the modes' first feeds differ even with the query hidden: one prefill
+    per mode. ``policy.truncation=context`` cuts the context alone to one length in both modes: one prefill for
+    both, the sparse-prefill runs' own one too, and the rows are those of separate runs."""
+    from scbench.data import load_examples
+    from scbench.prompts import PromptBuilder
+    from scbench.registry import TASKS
+
+    task, probe = TASKS.get("scbench_kv"), spec(METHOD_CFGS["full"], "multi_request")
+    count = lambda t: len(tiny_engine.encode(t, add_special_tokens=False))  # noqa: E731
+    examples = task.prepare_examples(load_examples(task, "generated", count=count, **probe.data), probe.max_turns)
+    budgets = [PromptBuilder(tiny_engine, task, ex, mode="multi_request", n_turns=3, max_seq_length=probe.max_seq_length,
+                             max_new_tokens_cap=probe.max_new_tokens) for ex in examples]
+    window = min(probe.max_seq_length, tiny_engine.window)
+    limit = window - max(b.budget - len(b.context()) for b in budgets) - 40  # every context cut
+    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], RIDERS[0]]
+    got = {}
+    for rule in ("reference", "context"):
+        db = str(tmp_path / f"{rule}.sqlite")
+        jobs = [Job(spec(cfg, mode, query_visible=False, truncation=rule, max_seq_length=limit), db, progress=False,
+                    timing="batched") for mode in ("multi_turn", "multi_request") for cfg in cfgs]
+        assert [o.error for o in run_jobs(jobs, engine=tiny_engine)] == [None] * len(jobs)
+        store = Store(db)
+        labels = {r["run_id"]: r["method"] for r in store.runs()}
+        got[rule] = {(labels[t["run_id"]], t["example_id"]): t["prefill_shared"] for t in store.turns() if t["turn"] == 0}
+        store.close()
+        if rule == "context":
+            for job in jobs:
+                run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")
+            assert rows(db)[0] == rows(tmp_path / "separate.sqlite")[0]
+    assert set(got["reference"].values()) == {2, 1}  # per mode: full and SnapKV; A-shape alone
+    assert {m: n for (m, _), n in got["context"].items()} == {"full": 4, "snapkv": 4, "ashape": 2}
+
+
 def test_modes_whose_first_feeds_differ_prefill_apart(tiny_engine, tmp_path, monkeypatch):
     """An example whose two modes first feed other tokens (e.g. truncated differently: multi-request keeps a margin)
     gets one prefill per mode; the rows are those of separate runs."""

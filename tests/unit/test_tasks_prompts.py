@@ -142,3 +142,25 @@ def test_mf_context_is_python_list_repr():
     ex = example("scbench_mf")
     parts = TASKS.get("scbench_mf").first_prompt(ex, 0)
     assert parts.context == str(ex.context) and parts.context.startswith("[") and ", " in parts.context
+
+
+def test_context_truncation_gives_both_modes_one_context():
+    """``truncation=context``: multi-turn's first prompt is multi-request's request 0 (its context cut alone to the
+    multi-request budget, then the query whole), so both modes first feed the same context; by default (the
+    reference) each mode cuts its own prompt to its own budget and the contexts differ."""
+    task, ex = TASKS.get("scbench_qa_eng"), example("scbench_qa_eng")
+    built = {}
+    for rule in ("reference", "context"):
+        mt = PromptBuilder(E, task, ex, mode="multi_turn", n_turns=3, max_seq_length=1800, truncation=rule)
+        mr = PromptBuilder(E, task, ex, mode="multi_request", n_turns=3, max_seq_length=1800, truncation=rule)
+        first, context, request = mt.first(), mr.context(), mr.request(0)
+        assert mt.truncated > 0 and mr.truncated > 0
+        built[rule] = (first, context)
+        if rule == "context":
+            assert first.ids[: first.query_start] == context and first.ids == context + request.ids
+            assert E.decode(first.ids).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+            assert len(context) == 2 * ((1800 - 120 - MULTI_REQUEST_MARGIN) // 2)
+    first, context = built["reference"]
+    assert first.ids[: first.query_start] != context and len(first.ids) == 2 * ((1800 - 120) // 2)
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        PromptBuilder(E, task, ex, mode="multi_turn", n_turns=3, max_seq_length=2000, truncation="middle")
