@@ -159,11 +159,14 @@ class ScoreMemo:
 
 
 class SharedPrefill:
-    """The dense first prefill of one example, shared by ``takers`` runs (see the module docstring)."""
+    """The first prefill of one example, the plain dense forward or one sparse-prefill method config's own
+    (``sparse``), shared by ``takers`` runs (see the module docstring)."""
 
     def __init__(self, engine, takers: int, window: int = 0, lse: bool = False, score_keys=(), sparse: bool = False,
                  windows=()):
         self.engine, self.takers, self.window, self.lse = engine, takers, window, lse
+        """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
+        shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.wants: Counter = Counter(windows)
         """Captured-query windows the runs still to fork want (``windows``: one per taker, 0 for a run that does not
         compress; empty: not tracked, the queries stay whole until the last run). Once the runs wanting the longest
@@ -182,8 +185,6 @@ class SharedPrefill:
         """Attention cells the prefill computed (``attn_computed``; a sparse prefill computes fewer than ``cells``)."""
         self.flag: bool | None = None
         """Whether the prefill ran its method's sparse kernel (the feed's ``sparse``): a fork asking otherwise declines."""
-        """``lse``: a run of the group scores from the forward's log-sum-exp (``Method.query_lse``, H2O): the
-        shared forward keeps it with the captured queries, so that run's compression does not recompute it."""
         self.memo = ScoreMemo(score_keys, engine.device)
         """The first compression's scores shared by runs with equal ``Method.score_key()`` (``score_keys``: the
         group's runs' keys)."""
@@ -230,9 +231,11 @@ class SharedPrefill:
     def _trim(self, keep: int) -> None:
         """Cut the captured queries and their log-sum-exps to the last ``keep`` positions (copies: the long ones'
         memory goes back)."""
-        self.queries = {layer: q[..., q.shape[-2] - keep:, :].clone() for layer, q in self.queries.items()} if keep else {}
-        self.lses = {layer: (lse[..., lse.shape[-1] - keep:].clone(), n) for layer, (lse, n) in self.lses.items()} \
-            if keep else {}
+        if not keep:
+            self.queries, self.lses = {}, {}
+            return
+        self.queries = {layer: q[..., max(0, q.shape[-2] - keep):, :].clone() for layer, q in self.queries.items()}
+        self.lses = {layer: (lse[..., max(0, lse.shape[-1] - keep):].clone(), n) for layer, (lse, n) in self.lses.items()}
 
     def close(self) -> None:
         self.layers = self.logits = self.queries = None
