@@ -1,7 +1,7 @@
 """What sharing compression scores saves in a budget sweep: the same grouped sweeps (``share_prefill=true
 timing=sequential``: one dense first prefill per example, forked per run) with every run scoring alone
 (``SCBENCH_SHARE_SCORES=0``) and with the runs that score alike computing the scores once (the default;
-``Method.score_key()``, scbench/engines/fork.py ``ScoreMemo``).
+``Method.score_key()``, scbench/engines/score_memo.py ``ScoreMemo``).
 
     python scripts/bench_score_sharing.py --out results/perf/score_sharing_cpu                       # CPU, SmolLM2
     python scripts/bench_score_sharing.py --model random-llama-3.1-8b --extra model.tokenizer=... \\

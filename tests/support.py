@@ -345,6 +345,17 @@ def sweep_rows(db) -> tuple:
     return out, shared, runs
 
 
+def first_turns(db, by_mode: bool = False) -> dict:
+    """A store's first turns by (method, example id), or by ((method, mode), example id) with ``by_mode``."""
+    from scbench.store import Store
+
+    store = Store(str(db))
+    labels = {r["run_id"]: (r["method"], r["mode"]) if by_mode else r["method"] for r in store.runs()}
+    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
+    store.close()
+    return first
+
+
 SWEEP_RIDERS = [{"name": "ashape", "n_init": 8, "n_local": 56},
                 {"name": "trishape", "n_init": 8, "n_local": 56, "n_last": 16},
                 {"name": "vertical_slash", "vertical_size": 16, "slash_size": 56, "last_q": 16, "init_cols": 4,

@@ -21,7 +21,7 @@ class FeedStats:
     """Runs whose first prefill this feed's was (a grouped sweep's fork, scbench/engines/fork.py); 1: its own."""
     scores_shared: int = 1
     """Runs that shared this feed's compression scores (equal ``Method.score_key()`` after one shared prefill,
-    scbench/engines/fork.py ``ScoreMemo``); 1: scored alone."""
+    scbench/engines/score_memo.py ``ScoreMemo``); 1: scored alone."""
 
     @property
     def attn_density(self) -> float:

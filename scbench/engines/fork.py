@@ -16,7 +16,7 @@ Runs whose methods prefill through their own sparse kernel (``prefill_attention`
 both modes with the query hidden): the first computes its method's sparse prefill, the others fork it, and what the
 prefill set on the first one's method (its per-prefill counters) is copied onto theirs.
 
-``ScoreMemo`` goes one step further: runs of the group whose methods declare the same ``Method.score_key()`` (the
+``ScoreMemo`` (scbench/engines/score_memo.py) goes one step further: runs of the group whose methods declare the same ``Method.score_key()`` (the
 scores depend on the cache and the knobs in the key only, e.g. KVzip's reconstruction at several budgets) compute
 their first compression's scores once; each reuse gets a copy, counts the shared computation's measured seconds in
 its ``compress_s`` and records ``scores_shared``.
@@ -24,7 +24,6 @@ its ``compress_s`` and records ``scores_shared``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 
@@ -35,14 +34,12 @@ from scbench.engines import attention
 from scbench.engines.base import FeedStats
 from scbench.engines.hf_session import HFSession
 from scbench.engines.recurrent import _clone  # tensors cloned inside dicts, lists, tuples (a method may change its own)
+from scbench.engines.score_memo import ScoreMemo
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 PLANS = ("device", "host", "none")
-SHARE_SCORES = os.environ.get("SCBENCH_SHARE_SCORES", "1") != "0"
-"""``SCBENCH_SHARE_SCORES=0``: every run of a group computes its own scores (``ScoreMemo`` keeps nothing; the
-predictions are the same either way, this is for timing the difference)."""
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -102,60 +99,6 @@ def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         flat = host_copies([t for layer in cache.layers for t in (layer.keys, layer.values)])
         return list(zip(flat[0::2], flat[1::2]))
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-
-
-class ScoreMemo:
-    """The compression scores of one shared prefill, by ``(Method.score_key(), part)`` (see the module docstring).
-
-    Only keys that two or more runs of the group declare are kept (``planned``); the first run to ask computes and
-    a copy is kept, every later one gets its own copy and the seconds the computation took. A key's entries are
-    dropped once every run declaring it has compressed (``done``)."""
-
-    def __init__(self, keys, device, enabled: bool | None = None):
-        counts = Counter(k for k in keys if k is not None)
-        on = SHARE_SCORES if enabled is None else enabled
-        self.planned: dict = {k: n for k, n in counts.items() if n > 1 and on}
-        """Score key -> runs of the group that declare it (two or more)."""
-        self.left = dict(self.planned)
-        self.entries: dict = {}
-        self.device = device
-        self.reused_s = 0.0
-        """Seconds of the shared computations reused since ``take_reused_s`` (the compression running now)."""
-
-    def get(self, key, compute):
-        """``(compute(), 0.0)`` the first time (kept when the key is shared), ``(copy, seconds)`` after."""
-        if key[0] not in self.left:
-            return compute(), 0.0
-        hit = self.entries.get(key)
-        if hit is not None:
-            value, seconds = hit
-            self.reused_s += seconds
-            return _clone(value), seconds
-        _sync(self.device)
-        t0 = time.perf_counter()
-        value = compute()
-        _sync(self.device)
-        self.entries[key] = (_clone(value), time.perf_counter() - t0)
-        return value, 0.0
-
-    def sharers(self, key) -> int:
-        """Runs planned to share this key's scores (1: not shared)."""
-        return self.planned.get(key, 1) if key is not None else 1
-
-    def take_reused_s(self) -> float:
-        out, self.reused_s = self.reused_s, 0.0
-        return out
-
-    def done(self, key) -> None:
-        """A run declaring ``key`` has compressed: the key's entries go with its last run."""
-        if key in self.left:
-            self.left[key] -= 1
-            if self.left[key] <= 0:
-                del self.left[key]
-                self.entries = {k: v for k, v in self.entries.items() if k[0] != key}
-
-    def clear(self) -> None:
-        self.entries, self.left = {}, {}
 
 
 class SharedPrefill:

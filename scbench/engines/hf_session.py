@@ -39,7 +39,7 @@ class HFSession(Session):
         self._parked = 0
         self.decoder: fastdecode.FastDecoder | None = None
         self.score_memo = None
-        """A grouped sweep's shared scores (scbench/engines/fork.py ``ScoreMemo``) while the compression right after
+        """A grouped sweep's shared scores (scbench/engines/score_memo.py ``ScoreMemo``) while the compression right after
         a shared first prefill runs; None otherwise."""
 
     @torch.inference_mode()

@@ -10,7 +10,8 @@ from scbench.group import Job, plan_groups, run_jobs
 from scbench.records import RunSpec
 from scbench.run import run_spec
 from scbench.store import Store
-from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
+from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, first_turns
+from support import sweep_rows as rows, sweep_spec as spec
 
 
 def test_modes_group_only_when_the_query_is_hidden():
@@ -104,10 +105,7 @@ def test_sparse_prefill_runs_share_their_own_prefill_across_modes(tiny_engine, t
     grouped, shared, _ = rows(tmp_path / "g.sqlite")
     separate, _, _ = rows(tmp_path / "s.sqlite")
     assert grouped == separate
-    store = Store(str(tmp_path / "g.sqlite"))
-    labels = {r["run_id"]: (r["method"], r["mode"]) for r in store.runs()}
-    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
-    store.close()
+    first = first_turns(tmp_path / "g.sqlite", by_mode=True)
     got = {key: t["prefill_shared"] for (key, _), t in first.items()}
     assert got == {(name, mode): n for mode in ("multi_turn", "multi_request") for name, n in
                    (("full", 4), ("snapkv", 4), ("ashape", 2), ("trishape", 2), ("vertical_slash", 2),
@@ -139,10 +137,7 @@ def test_context_truncation_lets_truncated_modes_share_one_prefill(tiny_engine, 
         jobs = [Job(spec(cfg, mode, query_visible=False, truncation=rule, max_seq_length=limit), db, progress=False,
                     timing="batched") for mode in ("multi_turn", "multi_request") for cfg in cfgs]
         assert [o.error for o in run_jobs(jobs, engine=tiny_engine)] == [None] * len(jobs)
-        store = Store(db)
-        labels = {r["run_id"]: r["method"] for r in store.runs()}
-        got[rule] = {(labels[t["run_id"]], t["example_id"]): t["prefill_shared"] for t in store.turns() if t["turn"] == 0}
-        store.close()
+        got[rule] = {key: t["prefill_shared"] for key, t in first_turns(db).items()}
         if rule == "context":
             for job in jobs:
                 run_spec(job.spec, str(tmp_path / "separate.sqlite"), engine=tiny_engine, progress=False, timing="batched")

@@ -96,7 +96,7 @@ def test_budget_sweep_scores_once_and_rows_equal_separate_runs(tiny_engine, tmp_
 def test_score_memo_shares_keys_of_two_or_more_runs():
     import torch
 
-    from scbench.engines.fork import ScoreMemo
+    from scbench.engines.score_memo import ScoreMemo
 
     memo = ScoreMemo([("a", 1), ("a", 1), ("b",), None, ("a", 1)], torch.device("cpu"))
     assert memo.planned == {("a", 1): 3} and memo.sharers(("a", 1)) == 3 and memo.sharers(("b",)) == 1

@@ -14,7 +14,8 @@ from scbench.batch import BatchedReplay
 from scbench.group import Job, run_jobs
 from scbench.run import run_spec
 from scbench.store import Store
-from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, sweep_rows as rows, sweep_spec as spec
+from support import SWEEP_CFGS as METHOD_CFGS, SWEEP_RIDERS as RIDERS, first_turns
+from support import sweep_rows as rows, sweep_spec as spec
 
 LOST = 0.05
 """Seconds a failed preparation takes before it runs out of memory (recorded as the run's ``retry_s``)."""
@@ -58,9 +59,8 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
     assert sum("no memory to prepare" in r.getMessage() for r in caplog.records) == 4
     monkeypatch.setattr(BatchedReplay, "prepare", real)
     assert_rows_of_separate_runs(jobs, tmp_path, tiny_engine)
+    first = first_turns(tmp_path / "grouped.sqlite")
     store = Store(str(tmp_path / "grouped.sqlite"))
-    labels = {r["run_id"]: r["method"] for r in store.runs()}
-    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
     later = [t for t in store.turns() if t["turn"] > 0]
     store.close()
     # each failed attempt's time is on the run's first row of that example, nowhere else
@@ -131,10 +131,7 @@ def test_out_of_memory_twice_is_prepared_after_the_others(tiny_engine, tmp_path,
     assert sum("prepared again by itself after them" in r.getMessage() for r in caplog.records) == 2
     monkeypatch.setattr(BatchedReplay, "prepare", real)
     assert_rows_of_separate_runs(jobs, tmp_path, tiny_engine)
-    store = Store(str(tmp_path / "grouped.sqlite"))
-    labels = {r["run_id"]: r["method"] for r in store.runs()}
-    first = {(labels[t["run_id"]], t["example_id"]): t for t in store.turns() if t["turn"] == 0}
-    store.close()
+    first = first_turns(tmp_path / "grouped.sqlite")
     for ex in {e for _, e in first}:
         assert first["snapkv", ex]["retry_s"] >= 2 * LOST and first["snapkv", ex]["prefill_shared"] == 1
         assert first["snapkv", ex]["decode_runs"] == 1  # decoded by itself, after the others
