@@ -240,7 +240,6 @@ def prefill_plan(members: list[Member]) -> tuple[list[Member], list[Member], dic
     return takers, riders, {k: runs for k, runs in by_key.items() if k[0] != "alone" and len(runs) > 1}
 
 
-
 def room_for_run(shared, device, pending: list = (), work: int = 0) -> bool:
     """Whether another run of a group can prepare its batch while the earlier ones keep theirs: free memory for one
     more cache as large as a fork of the shared prefill or the largest prepared one, plus the passing work of a
