@@ -151,15 +151,14 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
 def _shared_prefill(engine, runs: list[Member], *, sparse: bool):
     """The ``SharedPrefill`` of ``runs``: the dense one of the sharers (capturing the last queries and log-sum-exps
     their compressions want, and sharing equal score keys), or one sparse-prefill method config's own."""
-    from scbench.engines.fork import SharedPrefill
+    from scbench.engines.fork import SharedPrefill, wanted_window
 
-    comp = [m for m in runs if "compress_cache" in m.method.hooks()]
-    window = max((m.method.query_window for m in comp), default=0)
-    lse = any(getattr(m.method, "query_lse", False) for m in comp)
-    keys = () if sparse else [m.method.score_key() if "compress_cache" in m.method.hooks() else None for m in runs]
-    windows = [m.method.query_window if "compress_cache" in m.method.hooks() else 0 for m in runs]
-    return SharedPrefill(engine, takers=len(runs), window=window, lse=lse, score_keys=keys, sparse=sparse,
-                         windows=windows)
+    comp = ["compress_cache" in m.method.hooks() for m in runs]
+    windows = [wanted_window(m.method) for m in runs]
+    lse = any(c and getattr(m.method, "query_lse", False) for m, c in zip(runs, comp))
+    keys = () if sparse else [m.method.score_key() if c else None for m, c in zip(runs, comp)]
+    return SharedPrefill(engine, takers=len(runs), window=max(windows, default=0), lse=lse, score_keys=keys,
+                         sparse=sparse, windows=windows)
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -92,17 +92,20 @@ class PromptBuilder:
         self._history = [{"role": "user", "content": parts.text}]
         text = self.engine.render_chat(self._history, add_generation_prompt=True)
         self._rendered = text
+        cut = text.find(parts.text)
+        end = cut + len(parts.before) + len(parts.context)
         if self.truncation == "context":  # multi-request's request 0: its context (cut alone), then the query whole
-            head, tail = self._split_request(0)
-            ids = self._truncate(self.engine.encode(head, add_special_tokens=self.add_special))
+            if cut < 0:
+                raise ValueError("the chat template changes the user message; cannot cut the first prompt after the "
+                                 "context (policy.truncation=context)")
+            ids = self._truncate(self.engine.encode(text[:end], add_special_tokens=self.add_special))
             prefix = self._prefix(0)
-            return TurnPrompt(ids + self.engine.encode(tail, add_special_tokens=False) + prefix, self.max_new(0),
+            return TurnPrompt(ids + self.engine.encode(text[end:], add_special_tokens=False) + prefix, self.max_new(0),
                               rewind=len(prefix), query_start=len(ids))
         ids = self.engine.encode(text, add_special_tokens=self.add_special)
-        cut = text.find(parts.text)
         query_tokens = None
         if cut >= 0:  # tokenize only the text after the context, not the (long) context a second time
-            tail_ids = self.engine.encode(text[cut + len(parts.before) + len(parts.context):], add_special_tokens=False)
+            tail_ids = self.engine.encode(text[end:], add_special_tokens=False)
             if tail_ids and ids[-len(tail_ids):] == tail_ids:
                 query_tokens = len(tail_ids)
         ids = self._truncate(ids)

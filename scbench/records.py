@@ -174,7 +174,6 @@ class TurnResult:
 
 COMPRESS_POLICIES = ("once", "every_turn", "decode_every")
 SPARSE_POLICIES = ("first", "every")
-TRUNCATIONS = ("reference", "context")
 
 
 @dataclass
@@ -219,7 +218,7 @@ class RunSpec:
     """False replays every turn from scratch (a naive harness), for comparisons."""
 
     def validate(self) -> None:
-        from scbench.prompts import BOS_POLICIES, MODES
+        from scbench.prompts import BOS_POLICIES, MODES, TRUNCATIONS
 
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),

@@ -101,6 +101,11 @@ def _copy_layers(cache, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
 
+def wanted_window(method) -> int:
+    """The captured prompt queries a run's first compression reads (0: it does not compress)."""
+    return method.query_window if "compress_cache" in type(method).hooks() else 0
+
+
 class SharedPrefill:
     """The first prefill of one example, the plain dense forward or one sparse-prefill method config's own
     (``sparse``), shared by ``takers`` runs (see the module docstring)."""
@@ -163,7 +168,7 @@ class SharedPrefill:
     def done_with(self, method) -> None:
         """``method``'s run has what it needs of the captured queries (it compressed, or will not fork): the queries
         are cut to the longest window a run still to come wants."""
-        w = method.query_window if "compress_cache" in type(method).hooks() else 0
+        w = wanted_window(method)
         if not self.wants or self.wants[w] <= 0:
             return
         self.wants[w] -= 1
