@@ -251,6 +251,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write(out, derive(data))  # a call killed from outside still leaves its header
     t_start = time.perf_counter()
+    variant = " ".join(a.extra)  # sweeps under other overrides are other table entries (report.derive)
     todo = [(length, way) for length in lengths for way in a.ways]
     for k, (length, way) in enumerate(todo):
         left = a.deadline - (time.perf_counter() - t_start) if a.deadline else None
@@ -261,7 +262,7 @@ def main() -> None:
             share = left * (need or 1.0) / ((need or 1.0) + sum(later)) if later else left
         if left is not None and a.grouped_optional and way != "sequential" and need is not None and need > left:
             print(f"{length} {way}: skipped, estimated {need:.0f} s > {left:.0f} s left", flush=True)
-            data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "skipped": True,
+            data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "extra": variant, "skipped": True,
                                    "estimate_s": need})
             continue
         store = tmp / f"{length}-{way}.sqlite"
@@ -272,11 +273,13 @@ def main() -> None:
                                  f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], {**env, **WAY_ENV.get(way, {})},
                                 timeout=max(1.0, share) if share is not None else None)
         rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
+        for r in rows:
+            r["extra"] = variant
         cells = sum(r["examples"] for r in rows if r["status"] == "done")
         expected = len(methods) * len(a.modes) * a.examples * len(a.tasks)
         data["rows"] += rows
         data["sweeps"].append({"length": length, "way": way, "modes": a.modes, "methods": len(methods),
-                               "rc": rc, "wall_s": secs, **span, "runs": len(rows), "cells": cells,
+                               "extra": variant, "rc": rc, "wall_s": secs, **span, "runs": len(rows), "cells": cells,
                                "expected_cells": expected, "partial": cells < expected, "share_s": share,
                                "failed": [f"{r['method']} {r['mode']}: {r.get('error', r['status'])}"
                                           for r in rows if r["status"] != "done"],

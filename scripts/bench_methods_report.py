@@ -25,14 +25,14 @@ def table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         if "prefill_s" not in r:
-            out.append(f"| {r['length']} | {r['mode']} | {short(r)} | failed: {r.get('error', r['status'])} "
+            out.append(f"| {context(r)} | {r['mode']} | {short(r)} | failed: {r.get('error', r['status'])} "
                        "| | | | | | | | |")
             continue
         lp = f"{r['later_prefill_s']:.3f}" if r["later_prefill_s"] is not None else "-"
         fb = f" (prefill: {r['prefill_fallbacks']} dense-fallback layers)" if r.get("prefill_fallbacks") else ""
         rest = (r.get("first_prefill_s_all") or [])[1:]  # later examples' first prefill: median in brackets
         pf = f"{r['prefill_s']:.2f}" + (f" ({statistics.median(rest):.2f})" if rest else "")
-        out.append(f"| {r['length']} | {r['mode']} | {short(r)} | {pf} | {lp} | {r['warmup_s']:.1f} | "
+        out.append(f"| {context(r)} | {r['mode']} | {short(r)} | {pf} | {lp} | {r['warmup_s']:.1f} | "
                    f"{r['decode_tok_s']:.1f} | {r.get('decode_vs_full', 0):.2f} | {r['decode_path']}{fb} | "
                    f"{r['kv_bytes'] / GIB:.2f} | {r['bytes_per_token'] / GIB:.3f} | {r['peak_mem_bytes'] / GIB:.1f} |")
     return head + "\n".join(out) + "\n"
@@ -51,7 +51,7 @@ def derive(data: dict) -> dict:
     for s in data["sweeps"]:
         if s.get("skipped"):
             continue
-        a = agg.setdefault((s["length"], s["way"]), {"wall_s": 0.0, "runs_s": 0.0, "warmup_s": 0.0, "cells": 0,
+        a = agg.setdefault((s["length"], s.get("extra") or "", s["way"]), {"wall_s": 0.0, "runs_s": 0.0, "warmup_s": 0.0, "cells": 0,
                                                       "runs": 0, "modes": [], "predictions": {}, "failed": [],
                                                       "parts": 0, "rc": 0})
         a["wall_s"] += s["wall_s"]
@@ -66,10 +66,10 @@ def derive(data: dict) -> dict:
         a["partial"] = a.get("partial", False) or bool(s.get("partial"))
         a["rc"] = max(a["rc"], s.get("rc") or 0)
     summary = []
-    for length in sorted({k[0] for k in agg}):
-        entry = {"length": length}
+    for length, extra in sorted({k[:2] for k in agg}):  # sweeps under other overrides (--extra): their own entry
+        entry = {"length": length, "extra": extra}
         for way in WAYS:
-            a = agg.get((length, way))
+            a = agg.get((length, extra, way))
             if a is None:
                 continue
             e = entry[way] = {k: a.get(k) for k in ("wall_s", "runs_s", "warmup_s", "cells", "runs", "modes",
@@ -78,11 +78,12 @@ def derive(data: dict) -> dict:
             e["examples_per_gpu_hour"] = a["cells"] * 3600 / a["wall_s"] if a["wall_s"] else None
             e["examples_per_gpu_hour_steady"] = a["cells"] * 3600 / e["steady_s"] if e["steady_s"] > 0 else None
             e["steady_s_per_example"] = e["steady_s"] / a["cells"] if a["cells"] else None
-            runs = [r.get("decode_runs") for r in data["rows"] if r.get("length") == length and r.get("way") == way]
+            runs = [r.get("decode_runs") for r in data["rows"] if r.get("length") == length and r.get("way") == way
+                    and (r.get("extra") or "") == extra]
             e["decode_runs"] = max((n for n in runs if n), default=None)  # most runs one decode batch held
-        seq = agg.get((length, "sequential"))
+        seq = agg.get((length, extra, "sequential"))
         for way in WAYS[1:]:
-            grp = agg.get((length, way))
+            grp = agg.get((length, extra, way))
             if not (seq and grp):
                 continue
             # a sweep stopped at its deadline: the ratio of examples per GPU-hour (flagged partial) instead
@@ -99,7 +100,7 @@ def derive(data: dict) -> dict:
                              same_cells=seq["cells"] == grp["cells"] and seq["modes"] == grp["modes"],
                              same_predictions=f"{same}/{len(seq['predictions'])}")
             entry[way].update(speedup=wall, speedup_steady=stdy, same_predictions=f"{same}/{len(seq['predictions'])}")
-        if seq and agg.get((length, "grouped")) and not agg.get((length, "grouped_sequential")):
+        if seq and agg.get((length, extra, "grouped")) and not agg.get((length, extra, "grouped_sequential")):
             derived = grouped_alone(data, entry, length)
             if derived:
                 entry["grouped_sequential_derived"] = derived
@@ -114,7 +115,8 @@ def grouped_alone(data: dict, entry: dict, length: int) -> dict | None:
     sweep's steady seconds less its turns' decode seconds (a batched turn's ``decode_s`` is its share of the batch)
     plus the sequential sweep's decode seconds (the same decode path, one request at a time). None without the
     per-run decode sums (older JSON) or when the two sweeps did not finish the same cells."""
-    rows = {w: [r for r in data["rows"] if r["length"] == length and r.get("way") == w and "prefill_s" in r]
+    rows = {w: [r for r in data["rows"] if r["length"] == length and r.get("way") == w and "prefill_s" in r
+                and (r.get("extra") or "") == entry["extra"]]
             for w in ("sequential", "grouped")}
     if not all(rows.values()) or any(r.get("decode_s_sum") is None for w in rows.values() for r in w) or \
             entry["sequential"]["cells"] != entry["grouped"]["cells"] or entry["sequential"].get("partial"):
@@ -146,6 +148,11 @@ def project(data: dict, entry: dict) -> dict:
     return out
 
 
+def context(entry: dict) -> str:
+    """The context cell of a table: the length, and the sweep's extra overrides where it had any."""
+    return f"{entry['length']}" + (f" ({entry['extra']})" if entry.get("extra") else "")
+
+
 def projection_lines(summary: list[dict]) -> str:
     out = []
     h = lambda x: f"{x:,.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
@@ -156,7 +163,7 @@ def projection_lines(summary: list[dict]) -> str:
         ways = [w for w in WAYS if f"gpu_hours_{w}" in p]  # grouped alone: measured or derived (sweep table)
         these = ", ".join(f"{h(p[f'gpu_hours_{w}'])} {LABEL[w]}" for w in ways)
         every = ", ".join(f"{h(p[f'gpu_hours_all_{w}'])} {LABEL[w]}" for w in ways)
-        out.append(f"- {e['length']} tokens ({p.get('turns')} turns of at most {p.get('max_new_tokens')} new tokens): "
+        out.append(f"- {context(e)} tokens ({p.get('turns')} turns of at most {p.get('max_new_tokens')} new tokens): "
                    f"SCBench's {p['examples']} examples x these {p['methods_x_modes']} (method, mode) runs: {these} "
                    f"GPU-hours; x all {p['all_methods_x_modes']} (every method config x 2 modes, at this sweep's mean "
                    f"steady seconds per example): {every} GPU-hours")
@@ -173,14 +180,14 @@ def sweep_table(summary: list[dict]) -> str:
             d = e.get(w)
             if d is None and e.get(f"{w}_derived"):  # steady figures only: derived, not run
                 d = e[f"{w}_derived"]
-                out.append(f"| {e['length']} | {'+'.join(d['modes'])} | {LABEL[w]} (derived: grouped + batched less "
+                out.append(f"| {context(e)} | {'+'.join(d['modes'])} | {LABEL[w]} (derived: grouped + batched less "
                            f"its decode, plus the sequential decode) | {d['cells']} | - | - | - | {d['steady_s']:.0f} | "
                            f"{d['steady_s_per_example']:.1f} | {d['speedup_steady']:.2f}x | - | - |")
                 continue
             if d is None:
                 continue
             sp = f"{d['speedup']:.2f}x" + (" (partial)" if e.get("partial") else "") if d.get("speedup") else "-"
-            out.append(f"| {e['length']} | {'+'.join(d['modes'])} | {LABEL[w]} | {d['cells']} | {f(d, 'wall_s', '.0f')} | "
+            out.append(f"| {context(e)} | {'+'.join(d['modes'])} | {LABEL[w]} | {d['cells']} | {f(d, 'wall_s', '.0f')} | "
                        f"{f(d, 'examples_per_gpu_hour', ',.0f')} | {sp} | {f(d, 'steady_s', '.0f')} | "
                        f"{f(d, 'steady_s_per_example', '.1f')} | "
                        + (f"{d['speedup_steady']:.2f}x" if d.get("speedup_steady") else "-")
@@ -191,7 +198,7 @@ def sweep_table(summary: list[dict]) -> str:
 def write(out: Path, data: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     rows = sorted([r for r in data["rows"] if r.get("way", "sequential") == "sequential"],
-                  key=lambda r: (r["length"], r["mode"]))
+                  key=lambda r: (r["length"], r.get("extra") or "", r["mode"]))
     md = (f"# Methods on {data['device']} (torch {data['torch']}, commit {data['commit']})\n\n"
           f"`scripts/bench_methods.py`: `scbench run` on {' '.join(data['model'])}, {data.get('task', 'scbench_kv')}, "
           f"generated data, {data.get('examples', 1)} example(s) per task, {data['turns']} turns of at most "
@@ -218,7 +225,7 @@ def retry_lines(rows: list[dict]) -> str:
     lost: dict = {}
     for r in rows:
         if r.get("retry_s"):
-            key = (r["length"], LABEL.get(r.get("way"), r.get("way")))
+            key = (context(r), LABEL.get(r.get("way"), r.get("way")))
             n, s = lost.get(key, (0, 0.0))
             lost[key] = (n + 1, s + r["retry_s"])
     return "".join(f"- {length} tokens, {way}: {n} run(s) redid work after a failed attempt, {s:.1f} s in all "

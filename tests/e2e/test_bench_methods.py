@@ -42,6 +42,24 @@ def test_parts_split_by_mode_add_up(tmp_path):
     assert "## Sweep wall time" in md and "| 100 | multi_turn+multi_request | grouped + batched | 4 | 30 |" in md
 
 
+def test_sweeps_under_other_overrides_are_their_own_entry(tmp_path):
+    """A sweep run with --extra (e.g. policy.truncation=context) is compared only with sweeps under the same overrides:
+    same length, own entry, the overrides named in the table."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(part("multi_turn", 30.0, 10.0)))
+    variant = part("multi_turn", 40.0, 8.0)
+    for s in variant["sweeps"]:
+        s["extra"] = "policy.truncation=context"
+    b.write_text(json.dumps(variant))
+    report.combine([str(a), str(b)], tmp_path / "m")
+    plain, ctx = json.loads((tmp_path / "m.json").read_text())["summary"]
+    assert (plain["extra"], plain["speedup"]) == ("", 3.0)
+    assert (ctx["extra"], ctx["speedup"], ctx["sequential"]["cells"]) == ("policy.truncation=context", 5.0, 2)
+    md = (tmp_path / "m.md").read_text()
+    assert "| 100 (policy.truncation=context) | multi_turn | grouped + batched | 2 | 8 |" in md
+    assert "| 100 | multi_turn | grouped + batched | 2 | 10 |" in md
+
+
 def test_three_ways_projection_and_derived_grouped_alone(tmp_path):
     """Grouped alone measured (its own row and speed-up) or, when not run, derived from the grouped + batched sweep's
     steady seconds less its decode plus the sequential decode; the projection to 931 examples x every method x 2
