@@ -358,13 +358,12 @@ def main(argv: list[str] | None = None) -> None:
         hint = did_you_mean(argv[0], COMMANDS)
         print(f"scbench: unknown command {argv[0]!r}. {hint[:1].upper() + hint[1:]}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("SCBENCH_LOG_LEVEL", "WARNING").upper()  # INFO: e.g. a grouped sweep's memory per run
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[argv[0]](argv[1:])
         sys.stdout.flush()
     except BrokenPipeError:  # `scbench export | head`: the reader left; stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except USER_ERRORS as e:

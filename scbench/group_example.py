@@ -106,6 +106,8 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                     big = max(prefills, key=lambda p: p.fork_bytes)
                     if pending and not room_for_run(big, engine.device, pending,
                                                      max(work, *(p.work for p in prefills))):
+                        log.info("example %s: no room to prepare %s (%s) next to %d prepared run(s): decoding them "
+                                 "first", ex.id, m.method.name, m.job.spec.mode, len(pending))
                         decode_pending(engine, pending, store, bar)
                     t0 = time.perf_counter()
                     try:
@@ -115,6 +117,8 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                         if not _out_of_memory(e):
                             raise
                         m.retry_s += time.perf_counter() - t0
+                        log.warning("example %s: %s (%s) ran out of memory preparing next to %d prepared run(s): %s",
+                                    ex.id, m.method.name, m.job.spec.mode, len(pending), _oom_note(e))
                         prepared = rep = None
                     if rep is None:  # outside the handler: the failed attempt's tensors can go
                         if proxy is not None and not proxy.consumed():
@@ -126,6 +130,11 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                             continue
                     else:
                         work = max(work, w.passing)
+                        if log.isEnabledFor(logging.INFO) and engine.device.type == "cuda":
+                            from scbench.engines.fork import GIB, free_device_bytes
+                            log.info("example %s: %s (%s) prepared (%s): %.1f GiB passing, %.1f GiB free, %d pending",
+                                     ex.id, m.method.name, m.job.spec.mode, "batch" if prepared else "sequential",
+                                     w.passing / GIB, free_device_bytes(engine.device) / GIB, len(pending))
                     if prepared is not None:
                         pending.append((m, rep, prepared))
                         continue
@@ -167,6 +176,17 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _oom_note(e: BaseException) -> str:
+    """Where an out-of-memory error came from: the innermost scbench frame and the error's first line (torch's
+    names the request and what is free)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "scbench" in f.filename] or \
+        traceback.extract_tb(e.__traceback__)[-1:]
+    where = f"{frames[-1].filename.rpartition('scbench/')[2]}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
+    return f"at {where}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+
+
 def _retry(engine, m: Member, ex, replay, pending: list, store, bar):
     """A run's preparation ran out of memory next to the prepared batches: decode those first, then prepare this run
     again on the plain engine (its first prefill computed alone: the shared one may be gone; the rows are the
@@ -187,6 +207,8 @@ def _retry(engine, m: Member, ex, replay, pending: list, store, bar):
         if not _out_of_memory(e):
             raise
         m.retry_s += time.perf_counter() - t0
+        log.warning("example %s: %s (%s) ran out of memory again, alone: %s", ex.id, m.method.name, m.job.spec.mode,
+                    _oom_note(e))
     return None, None
 
 

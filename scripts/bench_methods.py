@@ -62,7 +62,8 @@ WAY_ENV = {"grouped_per_run": {"SCBENCH_DECODE_RUNS": "0"}}
 DEFAULT_WAYS = ["sequential", "grouped"]
 
 
-def run_cli(args: list[str], env: dict, timeout: float | None) -> tuple[int, float, str]:
+def run_cli(args: list[str], env: dict, timeout: float | None, log: Path | None = None) -> tuple[int, float, str]:
+    """One ``scbench run -m`` process: (exit status, wall seconds, the output's tail); ``log``: the whole output."""
     t0 = time.perf_counter()
     # -P: the installed scbench, not the source folder the command runs in (its methods/ maps to scbench.methods)
     try:
@@ -72,6 +73,8 @@ def run_cli(args: list[str], env: dict, timeout: float | None) -> tuple[int, flo
     except subprocess.TimeoutExpired as e:
         rc, out = 124, f"{e.stdout or ''}{e.stderr or ''}\n[killed after {timeout:.0f} s]"
         out = out if isinstance(out, str) else out.decode(errors="replace")
+    if log is not None:
+        log.write_text(out)
     return rc, time.perf_counter() - t0, out[-4000:]
 
 
@@ -214,6 +217,7 @@ def main() -> None:
     ap.add_argument("--measured", default=str(ROOT / "results" / "perf" / "methods_gpu.json"),
                     help="the measured JSON the estimate reads (default: the checked-in one)")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    ap.add_argument("--logs", default=None, help="folder for each sweep's whole output (<length>-<way>.log)")
     ap.add_argument("--combine", nargs="+", help="merge the JSON files of earlier calls into --out (no runs)")
     a = ap.parse_args()
     if a.combine:
@@ -240,6 +244,8 @@ def main() -> None:
                                         capture_output=True, text=True).stdout.strip() or "unknown"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))
+    if a.logs:
+        Path(a.logs).mkdir(parents=True, exist_ok=True)
     methods, plugin = duo_for_model(methods, model_cfg, tmp)
     info = {"device": torch.cuda.get_device_name() if not cpu else "cpu", "torch": torch.__version__,
             "commit": commit, "model": model, "task": ",".join(a.tasks), "tasks": a.tasks, "turns": a.turns,
@@ -271,7 +277,8 @@ def main() -> None:
                                  f"data.turns={a.turns}", f"max_turns={a.turns}", f"max_new_tokens={max_new}",
                                  f"store={store}", "progress=false", *WAYS[way], *plugin,
                                  f"hydra.sweep.dir={tmp}/hydra-{length}-{way}", *a.extra], {**env, **WAY_ENV.get(way, {})},
-                                timeout=max(1.0, share) if share is not None else None)
+                                timeout=max(1.0, share) if share is not None else None,
+                                log=Path(a.logs) / f"{length}-{way}.log" if a.logs else None)
         rows, preds, span = summarize(str(store), length, way) if store.exists() else ([], {}, {})
         for r in rows:
             r["extra"] = variant
