@@ -269,7 +269,10 @@ class BatchedReplay(Replay):
             cache = prepare(cache, rows)
         pending = Pending(cache, rows)
         if batched is not None:
-            pending.plugin = lambda: pending.plugins.append(batch_decoder(self.method)) or pending.plugins[-1]
+            # no reference back to ``pending`` (nor to this replay): a cycle would keep the decoded run's cache alive
+            # until the garbage collector ran, and a grouped sweep's next run would prepare next to it
+            method, made = self.method, pending.plugins
+            pending.plugin = lambda: made.append(batch_decoder(method)) or made[-1]
         return pending
 
     def finish(self, pending: Pending, gens: list, step_s: float, kernel: str, runs: int = 1, batch: int = 0):

@@ -97,6 +97,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
     work = 0  # the most bytes a run's preparation allocated beyond what it kept (measured on CUDA)
     try:
         for m in members:
+            prepared = None  # the last run's batch (decoded by now, or in ``pending``) is not kept alive by this name
             mine = shared if shares(m) else owned.get(own_prefill_key(m))
             proxy = ForkingEngine(engine, mine) if mine is not None else None
             try:

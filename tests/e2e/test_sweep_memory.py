@@ -197,3 +197,39 @@ def test_peak_window_keeps_the_process_peak(monkeypatch):
     with devices.peak_window(torch.device("cpu")) as w:
         pass
     assert w.extra == w.passing == 0
+
+
+def test_decoded_runs_free_their_caches_without_the_garbage_collector(tiny_engine, tmp_path, monkeypatch):
+    """A run's prepared batch is gone once decoded, by reference counting alone: when the next run of the group
+    prepares, no earlier run's batch is alive (a reference cycle, e.g. a batch plugin's factory closing over its
+    batch, kept each decoded cache of Quest, KIVI and RetrievalAttention until the collector ran: at 131K the group's
+    later runs ran out of memory next to them). With the collector off, each run is decoded before the next one
+    prepares (room rule forced to say no)."""
+    import gc
+    import weakref
+
+    import scbench.group_example as ge
+
+    cfgs = [METHOD_CFGS[n] for n in ("quest", "kivi", "retrieval_attention", "full", "snapkv")]
+    jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched")
+            for mode in ("multi_turn", "multi_request") for cfg in cfgs]
+    real, made, alive = BatchedReplay.prepare, [], []
+
+    def prepare(self):
+        alive.append(sum(r() is not None for r in made))  # earlier runs' batches still alive as this one prepares
+        out = real(self)
+        if out is not None:
+            made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(BatchedReplay, "prepare", prepare)
+    monkeypatch.setattr(ge, "room_for_run", lambda *a, **k: False)
+    gc.collect()
+    gc.disable()
+    try:
+        outcomes = run_jobs(jobs, engine=tiny_engine)
+    finally:
+        gc.enable()
+    assert [o.error for o in outcomes] == [None] * len(jobs)
+    assert set(alive) == {0}, alive
+    assert len(made) >= 12, len(made)  # most runs batch (15 of the 20 on the tiny model)
