@@ -16,6 +16,7 @@ What each row would have loaded and kept in its own sequential decode is counted
 """
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -70,7 +71,7 @@ class QuestBatch(SelectedRowsBatch):
 
     def attach(self, cache, kv) -> None:
         m = self.m
-        self.kv = kv
+        self.kv = weakref.proxy(kv)  # the batch's KV holds this plugin: no cycle (the cache goes with the decode)
         self.cache = cache
         self.smin, self.smax = {}, {}
         why = device_tier_unsupported(cache, "Quest batched", "it decodes one request at a time")

@@ -20,6 +20,8 @@ tests/engines/test_retrieval_batch.py: batched == sequential rows (float32, CPU)
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from scbench.kernels import quest_batch as qb
@@ -44,7 +46,7 @@ class RetrievalBatch(SelectedRowsBatch):
 
     def attach(self, cache, kv) -> None:
         m = self.m
-        self.kv, self.cache = kv, cache
+        self.kv, self.cache = weakref.proxy(kv), cache  # the batch's KV holds this plugin: no cycle
         why = device_tier_unsupported(cache, "RetrievalAttention batched", "it decodes one request at a time")
         if why:
             raise RuntimeError(why)

@@ -110,6 +110,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                         log.info("example %s: no room to prepare %s (%s) next to %d prepared run(s): decoding them "
                                  "first", ex.id, m.method.name, m.job.spec.mode, len(pending))
                         decode_pending(engine, pending, store, bar)
+                        free_cached_memory()  # a cycle a method's objects may form frees its cache here too
                     t0 = time.perf_counter()
                     try:
                         with peak_window(engine.device) as w:

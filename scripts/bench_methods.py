@@ -71,8 +71,9 @@ def run_cli(args: list[str], env: dict, timeout: float | None, log: Path | None 
                            capture_output=True, text=True, timeout=timeout)
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
-        rc, out = 124, f"{e.stdout or ''}{e.stderr or ''}\n[killed after {timeout:.0f} s]"
-        out = out if isinstance(out, str) else out.decode(errors="replace")
+        # the partial output comes as bytes even with text=True
+        text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else x or ""  # noqa: E731
+        rc, out = 124, f"{text(e.stdout)}{text(e.stderr)}\n[killed after {timeout:.0f} s]"
     if log is not None:
         log.write_text(out)
     return rc, time.perf_counter() - t0, out[-4000:]

@@ -161,3 +161,15 @@ def test_together_step_reads_the_weights_once():
     assert report.together_step([4.0, 5.0, 6.0]) == pytest.approx(15.0 - 2 * w)
     assert report.together_step([4.0]) == 4.0 and report.together_step([]) == 0.0
     assert report.together_step([40.0, 4.0]) == pytest.approx(44.0 - w) and 44.0 - w > 40.0
+
+
+def test_killed_sweep_keeps_its_output_as_text(tmp_path, monkeypatch):
+    """A sweep stopped at its share of --deadline keeps what it printed, as text (subprocess hands the partial output
+    over as bytes even with text=True), in the tail and in the --logs file."""
+    def run(*a, **k):
+        raise subprocess.TimeoutExpired(a[0], k["timeout"], output=b"line one\n", stderr=b"WARNING ran out\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    rc, _, tail = bench.run_cli(["method=full"], {}, 5.0, log=tmp_path / "x.log")
+    assert rc == 124 and tail == (tmp_path / "x.log").read_text()
+    assert tail.startswith("line one\nWARNING ran out\n") and "[killed after 5 s]" in tail and "b'" not in tail

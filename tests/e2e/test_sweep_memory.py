@@ -201,29 +201,39 @@ def test_peak_window_keeps_the_process_peak(monkeypatch):
 
 def test_decoded_runs_free_their_caches_without_the_garbage_collector(tiny_engine, tmp_path, monkeypatch):
     """A run's prepared batch is gone once decoded, by reference counting alone: when the next run of the group
-    prepares, no earlier run's batch is alive (a reference cycle, e.g. a batch plugin's factory closing over its
-    batch, kept each decoded cache of Quest, KIVI and RetrievalAttention until the collector ran: at 131K the group's
-    later runs ran out of memory next to them). With the collector off, each run is decoded before the next one
-    prepares (room rule forced to say no)."""
+    prepares, no earlier run's batch, cache or cache layer is alive (reference cycles -- a batch plugin's factory
+    closing over its batch, Quest's and RetrievalAttention's batched decode holding the batch's KV that holds them --
+    kept each decoded cache until the collector ran: at 131K the group's later runs ran out of memory next to them).
+    With the collector off, each run is decoded before the next one prepares (room rule forced to say no)."""
     import gc
     import weakref
+    from types import SimpleNamespace
 
     import scbench.group_example as ge
+    from scbench.batch import batch_decoder
 
     cfgs = [METHOD_CFGS[n] for n in ("quest", "kivi", "retrieval_attention", "full", "snapkv")]
+    cfgs.append({**METHOD_CFGS["retrieval_attention"], "tier": "device"})
     jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched")
             for mode in ("multi_turn", "multi_request") for cfg in cfgs]
-    real, made, alive = BatchedReplay.prepare, [], []
+    real, made, alive, kinds = BatchedReplay.prepare, [], [], []
 
     def prepare(self):
         alive.append(sum(r() is not None for r in made))  # earlier runs' batches still alive as this one prepares
         out = real(self)
-        if out is not None:
-            made.append(weakref.ref(out))
+        if out is not None and out.plugin is not None:
+            kinds.append(type(batch_decoder(self.method)).__name__)
+        if out is not None:  # the batch, its cache and the cache's layers (Quest's and RetrievalAttention's own)
+            for x in (out, out.cache, *getattr(out.cache, "layers", ())):
+                if isinstance(x, SimpleNamespace):  # KIVI's laid-out cache and layers: their tensors
+                    made.extend(weakref.ref(t) for t in vars(x).values() if isinstance(t, torch.Tensor))
+                else:
+                    made.append(weakref.ref(x))
         return out
 
     monkeypatch.setattr(BatchedReplay, "prepare", prepare)
     monkeypatch.setattr(ge, "room_for_run", lambda *a, **k: False)
+    monkeypatch.setattr(ge, "free_cached_memory", lambda: None)  # the group's collector call after a decode
     gc.collect()
     gc.disable()
     try:
@@ -232,4 +242,5 @@ def test_decoded_runs_free_their_caches_without_the_garbage_collector(tiny_engin
         gc.enable()
     assert [o.error for o in outcomes] == [None] * len(jobs)
     assert set(alive) == {0}, alive
-    assert len(made) >= 12, len(made)  # most runs batch (15 of the 20 on the tiny model)
+    assert len(made) >= 12 * 3, len(made)  # most runs batch (15 of the 20 on the tiny model)
+    assert {"QuestBatch", "KIVIBatch", "RetrievalBatch"} <= set(kinds), kinds
