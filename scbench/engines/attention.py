@@ -98,7 +98,9 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     ragged = getattr(key, "scbench_ragged", None)  # a RaggedLayer's keys: per-head lengths (scbench/kv/ragged.py)
     if ctx is not None:
         if ctx.capture_queries and (query.shape[-2] > 1 or ctx.rolling):
-            q = query[:, :, -ctx.capture_queries :, :].detach().clone()  # own storage, not a view
+            # own storage, not a view, and contiguous: the projection's transposed layout would make every reader
+            # that wants it contiguous copy it (a grouped sweep's H2O fork: 34 GB of queries at 131K)
+            q = query[:, :, -ctx.capture_queries :, :].detach().clone(memory_format=torch.contiguous_format)
             if ctx.rolling and layer in ctx.queries:  # decode: keep the last capture_queries one-token queries
                 q = torch.cat([ctx.queries[layer], q], dim=-2)[:, :, -ctx.capture_queries :, :]
             ctx.queries[layer] = q

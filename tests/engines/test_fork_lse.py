@@ -88,3 +88,15 @@ def test_captured_queries_are_cut_once_the_longest_window_is_done(tiny_engine):
     assert sorted(seen) == sorted(ctx.queries)
     for layer, q in ctx.queries.items():
         assert torch.equal(seen[layer], q)
+
+
+def test_every_query_window_is_handed_on_without_a_copy(tiny_engine):
+    """The captured queries are stored contiguous, so the queries a fork's H2O gets (every prompt position) are the
+    stored ones, not a copy: at 131K on the 8B shape a copy is 34 GB beside the fork's cache, and it ran a grouped
+    sweep's second H2O run out of memory."""
+    ids = list(range(5, 205))
+    shared = SharedPrefill(tiny_engine, takers=2, window=ALL_QUERIES)  # one run still to fork: the queries stay
+    ForkSession(tiny_engine, build_method({"name": "full"}), shared).feed(ids, compress=True, sparse=False)
+    assert shared.queries and all(q.is_contiguous() for q in shared.queries.values())
+    got = shared.shared_queries(ALL_QUERIES)
+    assert all(got[layer].data_ptr() == q.data_ptr() for layer, q in shared.queries.items())
