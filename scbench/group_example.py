@@ -253,8 +253,17 @@ def own_prefill_key(m: Member):
 def prefill_plan(members: list[Member]) -> tuple[list[Member], list[Member], dict]:
     """``(dense sharers, the other runs, own-prefill key -> its runs)`` for one prefill class: the other runs
     ordered so that those sharing a sparse prefill come one after another (its copy goes with the last of them);
-    only keys two or more runs declare are listed."""
+    only keys two or more runs declare are listed. The sharers go longest captured-query window first, and runs of
+    one method config (both modes of a cross-mode class) one after another: H2O's every-position queries (34 GB at
+    131K on the 8B shape) are cut to the next window once its runs have compressed (``SharedPrefill._trim``), before
+    the runs that keep a full-size cache prepare; a score shared by a config's runs (``score_key``) is reused at once."""
+    from scbench.engines.fork import wanted_window
+
     takers = [m for m in members if shares(m)]
+    first: dict = {}
+    for i, m in enumerate(takers):
+        first.setdefault(m.method.label(), i)
+    takers.sort(key=lambda m: (-wanted_window(m.method), first[m.method.label()]))  # stable: mode order kept
     by_key: dict = {}
     for m in members:
         if not shares(m):

@@ -201,3 +201,23 @@ def test_kill_mid_cross_mode_group_then_resume(tiny_engine, tmp_path, monkeypatc
     after = {(t["run_id"], t["example_id"], t["turn"]): t["created"] for t in store.turns()}
     store.close()
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_sharers_prepare_longest_query_window_first_and_each_config_together():
+    """A cross-mode class's sharers: H2O (every prompt query) first, so the 34 GB of captured queries at 131K are cut
+    once both its runs compressed; then SnapKV's window; then the rest; each method config's runs side by side in the
+    sweep's mode order; the riders after, as before."""
+    from types import SimpleNamespace
+
+    from scbench.group_example import Member, prefill_plan
+    from scbench.run import build_method
+
+    names = ["full", "snapkv", "h2o", "ashape"]
+    members = [Member(job=SimpleNamespace(spec=spec(cfg, mode)), run_id=f"{mode}-{name}", spec_dict={},
+                      method=build_method(cfg))
+               for mode in ("multi_turn", "multi_request")
+               for name, cfg in zip(names, [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], METHOD_CFGS["h2o"], RIDERS[0]])]
+    takers, riders, own = prefill_plan(members)
+    assert [m.run_id for m in takers] == ["multi_turn-h2o", "multi_request-h2o", "multi_turn-snapkv",
+                                          "multi_request-snapkv", "multi_turn-full", "multi_request-full"]
+    assert [m.run_id for m in riders] == ["multi_turn-ashape", "multi_request-ashape"] and len(own) == 1

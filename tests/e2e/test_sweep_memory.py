@@ -33,8 +33,9 @@ def assert_rows_of_separate_runs(jobs, tmp_path, engine) -> None:
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
 def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monkeypatch, caplog, mode):
     """SnapKV runs out of memory after it took its fork of the shared prefill, A-shape before it prefilled: each is
-    prepared again after the batches so far are decoded, and every run stores the rows of its separate run."""
-    cfgs = [METHOD_CFGS["full"], RIDERS[0], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[1]]
+    prepared again after the batches so far are decoded, and every run stores the rows of its separate run.
+    (PyramidKV goes first: the sharers prepare longest query window first, then in the sweep's order.)"""
+    cfgs = [METHOD_CFGS["pyramidkv"], RIDERS[0], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[1]]
     jobs = [Job(spec(cfg, mode), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched") for cfg in cfgs]
     real, failed = BatchedReplay.prepare, []
 
@@ -69,12 +70,12 @@ def test_out_of_memory_preparation_is_retried_alone(tiny_engine, tmp_path, monke
     assert all(first[key]["retry_s"] >= LOST for key in retried) and {t["retry_s"] for t in later} == {0.0}
     for ex in {e for _, e in first}:
         # the fork SnapKV took is gone with its failed attempt: it prefilled alone; StreamingLLM still forked
-        assert {m: first[m, ex]["prefill_shared"] for m in ("full", "snapkv", "streamingllm")} == {
-            "full": 3, "snapkv": 1, "streamingllm": 3}
-        # full decoded alone before SnapKV's retry; SnapKV and StreamingLLM together before A-shape's retry; the
+        assert {m: first[m, ex]["prefill_shared"] for m in ("pyramidkv", "snapkv", "streamingllm")} == {
+            "pyramidkv": 3, "snapkv": 1, "streamingllm": 3}
+        # PyramidKV decoded alone before SnapKV's retry; SnapKV and StreamingLLM together before A-shape's retry; the
         # riders (prepared after every run that forks) together
-        assert {m: first[m, ex]["decode_runs"] for m in ("full", "snapkv", "streamingllm", "ashape", "trishape")} == {
-            "full": 1, "snapkv": 2, "streamingllm": 2, "ashape": 2, "trishape": 2}
+        assert {m: first[m, ex]["decode_runs"] for m in ("pyramidkv", "snapkv", "streamingllm", "ashape", "trishape")} == {
+            "pyramidkv": 1, "snapkv": 2, "streamingllm": 2, "ashape": 2, "trishape": 2}
 
 
 def test_failed_combined_decode_is_redone_run_by_run(tiny_engine, tmp_path, monkeypatch):
@@ -111,8 +112,8 @@ def test_out_of_memory_twice_is_prepared_after_the_others(tiny_engine, tmp_path,
     """SnapKV runs out of memory next to the prepared batches and again in its retry (the shared prefill's copy and
     the captured queries still held for later runs, as at 131K on the H200): it is prepared once more after the
     example's other runs, with the shared copy freed, and stores the rows of its separate run; both failed attempts'
-    seconds are on its first row of the example."""
-    cfgs = [METHOD_CFGS["full"], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[0]]
+    seconds are on its first row of the example. (PyramidKV, with SnapKV's query window, prepares first.)"""
+    cfgs = [METHOD_CFGS["pyramidkv"], METHOD_CFGS["snapkv"], METHOD_CFGS["streamingllm"], RIDERS[0]]
     jobs = [Job(spec(cfg, "multi_request"), str(tmp_path / "grouped.sqlite"), progress=False, timing="batched")
             for cfg in cfgs]
     real, failed = BatchedReplay.prepare, []
@@ -135,7 +136,7 @@ def test_out_of_memory_twice_is_prepared_after_the_others(tiny_engine, tmp_path,
     for ex in {e for _, e in first}:
         assert first["snapkv", ex]["retry_s"] >= 2 * LOST and first["snapkv", ex]["prefill_shared"] == 1
         assert first["snapkv", ex]["decode_runs"] == 1  # decoded by itself, after the others
-        assert {first[m, ex]["retry_s"] for m in ("full", "streamingllm", "ashape")} == {0.0}
+        assert {first[m, ex]["retry_s"] for m in ("pyramidkv", "streamingllm", "ashape")} == {0.0}
 
 
 def test_out_of_memory_with_nothing_prepared_fails_the_run(tiny_engine, tmp_path, monkeypatch):
