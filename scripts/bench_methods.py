@@ -234,7 +234,7 @@ def main() -> None:
     if a.tokenizer:
         model.append(f"model.tokenizer={a.tokenizer}")
     plan = {"text": "CPU: no device-time estimate", "total_s": None, "sweeps": {}} if cpu else estimate(
-        Path(a.measured), methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples * len(a.tasks))
+        Path(a.measured), methods, lengths, a.modes, a.ways, a.turns, max_new, a.examples * len(a.tasks), a.extra)
     print(plan["text"], flush=True)
     if a.estimate:
         return

@@ -268,13 +268,31 @@ def _run_overhead(length: int) -> float:
     return 0.4 + 1.2 * length / 131000
 
 
+WINDOW = 131072
+"""The 8B presets' context window (``max_position_embeddings``): where SCBench's truncation starts."""
+
+
+def modes_share(extra: list[str], length: int, turns: int, max_new: int) -> bool:
+    """Whether a grouped sweep's two modes feed one first prefill (``group_example.prefill_classes``): the query
+    hidden (``policy.query_visible=false``) and the first prompts equal, i.e. ``policy.truncation=context`` or no
+    truncation (context + the turns' generation budget + multi-request's margin inside the window)."""
+    from scbench.prompts import MULTI_REQUEST_MARGIN
+
+    if "policy.query_visible=false" not in extra:
+        return False
+    return "policy.truncation=context" in extra or length + turns * max_new + MULTI_REQUEST_MARGIN < WINDOW
+
+
 def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list[str], ways: list[str], turns: int,
-             max_new: int, examples: int) -> dict:
+             max_new: int, examples: int, extra: list[str] = ()) -> dict:
     """Device seconds of each (length, way) sweep from a measured methods_gpu.json (per-method prefill, later prefill,
     warm-up, decode rate of the nearest length, prefill scaled by (length ratio)^1.5); methods it lacks use
     ``GUESS``. Grouped: one dense prefill per (mode, example) for the methods that share it plus their own extra
-    prefill work, the others alone; a run's batchable turns decode in one batch (~1.15x one turn's time) and, in the
-    grouped + batched sweep, the runs' batches as one (``together_step``: memory may split them at 131K)."""
+    prefill work, the others alone; when the modes share a prefill (``modes_share``, from ``extra``: the sweep's
+    overrides) that prefill, a shared score's pass (``score_key``: H2O, KVzip) and each sparse-prefill method's own
+    prefill count once per example, not per mode; a run's batchable turns decode in one batch (~1.15x one turn's
+    time) and, in the grouped + batched sweep, the runs' batches as one (``together_step``: memory may split them
+    at 131K)."""
     from omegaconf import OmegaConf
 
     from scbench.batch import fallback_reason
@@ -316,7 +334,10 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
                 c = {"prefill": full["prefill"] * mult, "later": full["later"], "warm": 1.0, "rate": rate}
             batch = {m: fallback_reason(engine, method, RunSpec(model={}, method={}, task="scbench_kv", mode=m),
                                         check_engine=False) is None for m in modes}
-            cost[name] = {**c, "share": can_share(type(method)), "batch": batch, "guessed": guessed}
+            hooks = type(method).hooks()
+            cost[name] = {**c, "share": can_share(type(method)), "batch": batch, "guessed": guessed,
+                          "scored": "compress_cache" in hooks and method.score_key() is not None,
+                          "own": "prefill_attention" in hooks and not {"compress_context", "blend_prefill"} & hooks}
         step = (max_new - 1)
         warm = sum(c["warm"] for c in cost.values())  # once per method label per process
         rest = lambda c: (turns - 1) * c["later"] + _run_overhead(length)  # noqa: E731
@@ -325,10 +346,13 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
         warm_g = sum(c.get("warm_grouped", c["warm"]) for c in cost.values())
         # grouped: "together" (the runs' batches decoded as one), "apart" (each run's batch alone), "sequential"
         grp = dict.fromkeys(("together", "apart", "sequential"), PROCESS_S + warm_g)
-        for mode in modes:
+        cross = len(modes) > 1 and modes_share(list(extra), length, turns, max_new)
+        for k, mode in enumerate(modes):
             shared = [c for c in cost.values() if c["share"]]
-            prefill = ((full["prefill"] if shared else 0.0) + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared)
-                       + sum(c["prefill"] for c in cost.values() if not c["share"]))
+            again = cross and k > 0  # the first mode's prefill, shared scores and sparse prefills serve this one
+            prefill = ((full["prefill"] if shared and not again else 0.0)
+                       + sum(max(0.0, c["prefill"] - full["prefill"]) for c in shared if not (again and c["scored"]))
+                       + sum(c["prefill"] for c in cost.values() if not c["share"] and not (again and c["own"])))
             batch = [c for c in cost.values() if c["batch"][mode] and turns > 1]
             unbatched = sum(turns * step / c["rate"] for c in cost.values() if c not in batch)
             decode = {"sequential": unbatched + sum(turns * step / c["rate"] for c in batch),
@@ -342,6 +366,8 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
                 sweeps[f"{length}-{way}"] = s
                 total += s
                 lines.append(f"  {length} {way}: ~{s:.0f} s")
+        if cross:
+            lines.append(f"  ({length}: the modes share one prefill)")
         guessed = [n for n, c in cost.items() if c["guessed"]]
         if guessed:
             lines.append(f"  ({length}: no measurement for {', '.join(guessed)}; guessed from full attention)")

@@ -96,6 +96,21 @@ def test_estimate_fits_the_measured_file():
     assert short["total_s"] < long["total_s"] and f"~{long['total_s']:.0f} s" in long["text"]
 
 
+def test_estimate_counts_a_prefill_both_modes_share_once():
+    """With the query hidden and one context for both modes (policy.truncation=context, or no truncation at all) the
+    grouped estimate counts the shared prefill, the shared score passes and the sparse prefills once per example;
+    the sequential one is unchanged."""
+    measured = ROOT / "results" / "perf" / "methods_gpu.json"
+    hidden, ctx = ["policy.query_visible=false"], ["policy.query_visible=false", "policy.truncation=context"]
+    assert report.modes_share(ctx, 131000, 5, 64) and report.modes_share(hidden, 32000, 5, 64)
+    assert not report.modes_share(hidden, 131000, 5, 64) and not report.modes_share([], 32000, 5, 64)
+    args = (measured, bench.GPU_METHODS, [131000], bench.MODES, ["sequential", "grouped"], 5, 64, 1)
+    ref, one = report.estimate(*args, hidden)["sweeps"], report.estimate(*args, ctx)["sweeps"]
+    assert ref["131000-sequential"] == one["131000-sequential"]
+    # at least the dense prefill (~12 s) and KVzip's reconstruction (~28 s) fewer
+    assert one["131000-grouped"] < ref["131000-grouped"] - 40
+
+
 def test_cpu_dry_run_end_to_end(tmp_path):
     """Both sweeps on the tiny random model (float32): the grouped + batched sweep predicts what the sequential one
     does; DuoAttention gets gates of the tiny model's shape; the tables are written."""
