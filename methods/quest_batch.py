@@ -32,6 +32,16 @@ SELECT = {"num_warps": 4, "chunk": 8192}
 chunks: 55 us)."""
 
 
+def weak(kv):
+    """A weak proxy of a batch's KV for its plugin (the KV holds the plugin: a strong reference back is a cycle that
+    keeps the decoded cache alive until the garbage collector runs), or the object itself where it takes no weak
+    reference (a test's namespace)."""
+    try:
+        return weakref.proxy(kv)
+    except TypeError:
+        return kv
+
+
 class SelectedRowsBatch(ABC):
     """A batched decode that attends, per row and KV head, selected rows of the shared cache plus the row's own tokens
     (Quest's pages, RetrievalAttention's top-k rows): the torch reference of ``attend`` picks them with
@@ -71,7 +81,7 @@ class QuestBatch(SelectedRowsBatch):
 
     def attach(self, cache, kv) -> None:
         m = self.m
-        self.kv = weakref.proxy(kv)  # the batch's KV holds this plugin: no cycle (the cache goes with the decode)
+        self.kv = weak(kv)
         self.cache = cache
         self.smin, self.smax = {}, {}
         why = device_tier_unsupported(cache, "Quest batched", "it decodes one request at a time")

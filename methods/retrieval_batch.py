@@ -20,14 +20,12 @@ tests/engines/test_retrieval_batch.py: batched == sequential rows (float32, CPU)
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from scbench.kernels import quest_batch as qb
 from scbench.kernels import prev_select, topk_select
 from scbench.kv.offload import device_tier_unsupported
-from scbench.methods.quest_batch import SelectedRowsBatch
+from scbench.methods.quest_batch import SelectedRowsBatch, weak
 
 PAGED = {"pages_per_split": 256, "block_pages": 64}
 """``batch_paged_triton``'s sizes in rows (as the sequential decode's ``paged_attention``)."""
@@ -46,7 +44,7 @@ class RetrievalBatch(SelectedRowsBatch):
 
     def attach(self, cache, kv) -> None:
         m = self.m
-        self.kv, self.cache = weakref.proxy(kv), cache  # the batch's KV holds this plugin: no cycle
+        self.kv, self.cache = weak(kv), cache
         why = device_tier_unsupported(cache, "RetrievalAttention batched", "it decodes one request at a time")
         if why:
             raise RuntimeError(why)
