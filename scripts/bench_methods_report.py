@@ -221,16 +221,23 @@ def write(out: Path, data: dict) -> None:
 
 def retry_lines(rows: list[dict]) -> str:
     """A line per (context, way) whose runs redid work (``retry_s``: an out-of-memory preparation prepared again
-    alone, a failed combined decode redone run by run): inside the sweep's wall and steady seconds, in no turn's."""
+    alone, a failed combined decode redone run by run): inside the sweep's wall and steady seconds, in no turn's.
+    A run of a grouped sweep that then prefilled by itself (``prefill_shared`` 1) has that first prefill in its own
+    ``prefill_s``: the line names those seconds too (work sharing would have saved)."""
     lost: dict = {}
     for r in rows:
         if r.get("retry_s"):
             key = (context(r), LABEL.get(r.get("way"), r.get("way")))
-            n, s = lost.get(key, (0, 0.0))
-            lost[key] = (n + 1, s + r["retry_s"])
+            n, s, alone = lost.get(key, (0, 0.0, []))
+            if r.get("way", "sequential") != "sequential" and r.get("prefill_shared") == 1 and r.get("prefill_s"):
+                alone = alone + [r["prefill_s"]]
+            lost[key] = (n + 1, s + r["retry_s"], alone)
     return "".join(f"- {length} tokens, {way}: {n} run(s) redid work after a failed attempt, {s:.1f} s in all "
-                   "(`retry_s`; counted in the sweep's seconds, in no turn's prefill or decode)\n"
-                   for (length, way), (n, s) in sorted(lost.items()))
+                   "(`retry_s`; counted in the sweep's seconds, in no turn's prefill or decode)"
+                   + (f"; {len(alone)} of them then prefilled by themselves ({sum(alone):.1f} s of first prefill, "
+                      "compression included, in their own `prefill_s` with `prefill_shared` 1)" if alone else "")
+                   + "\n"
+                   for (length, way), (n, s, alone) in sorted(lost.items()))
 
 
 def combine(files: list[str], out: Path) -> None:

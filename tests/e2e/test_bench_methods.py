@@ -167,6 +167,13 @@ def test_retry_lines_name_redone_work():
                                         "2.0 s in all (`retry_s`; counted in the sweep's seconds, in no turn's prefill "
                                         "or decode)\n")
     assert report.retry_lines(rows[2:]) == ""
+    # a grouped run that prefilled by itself after its failed attempt: its first prefill named too
+    rows[0].update(prefill_shared=1, prefill_s=11.5)
+    rows[1].update(prefill_shared=20, prefill_s=12.0)
+    assert report.retry_lines(rows[:2]).endswith("2.0 s in all (`retry_s`; counted in the sweep's seconds, in no "
+                                                "turn's prefill or decode); 1 of them then prefilled by themselves "
+                                                "(11.5 s of first prefill, compression included, in their own "
+                                                "`prefill_s` with `prefill_shared` 1)\n")
 
 
 def test_together_step_reads_the_weights_once():
