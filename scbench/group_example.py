@@ -84,7 +84,7 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
     (or nothing was prepared to decode first), once more after every other run of the class, with the shared copies
     freed (``_alone``). ``SCBENCH_DECODE_RUNS=0``: one run's batch at a time."""
     from scbench.devices import peak_window
-    from scbench.engines.fork import ForkingEngine
+    from scbench.engines.fork import GIB, ForkingEngine, free_device_bytes
 
     takers, riders, own = prefill_plan(members)  # the riders (``can_ride``) prefill their own way
     members = takers + riders
@@ -133,7 +133,6 @@ def run_class(engine, members: list[Member], ex, replay, store, bar) -> None:
                     else:
                         work = max(work, w.passing)
                         if log.isEnabledFor(logging.INFO) and engine.device.type == "cuda":
-                            from scbench.engines.fork import GIB, free_device_bytes
                             log.info("example %s: %s (%s) prepared (%s): %.1f GiB passing, %.1f GiB free, %d pending",
                                      ex.id, m.method.name, m.job.spec.mode, "batch" if prepared else "sequential",
                                      w.passing / GIB, free_device_bytes(engine.device) / GIB, len(pending))
@@ -244,10 +243,16 @@ def own_prefill_key(m: Member):
     the tokens: the method's class and every knob (``Method.label``). Runs of one prefill class with equal keys (one
     method config in both modes with the query hidden) compute that sparse prefill once and fork it, as the dense
     sharers do. None: the run prefills alone."""
-    hooks = type(m.method).hooks()
-    if shares(m) or "prefill_attention" not in hooks or {"compress_context", "blend_prefill"} & hooks:
+    if shares(m) or not sparse_prefill(type(m.method)):
         return None
     return type(m.method).__qualname__, m.method.label()
+
+
+def sparse_prefill(cls) -> bool:
+    """Whether a method class prefills the tokens as given through its own sparse kernel (``prefill_attention``; not
+    prompt compression or CacheBlend, which rewrite or assemble the context): a prefill runs of one config can share."""
+    hooks = cls.hooks()
+    return "prefill_attention" in hooks and not {"compress_context", "blend_prefill"} & hooks
 
 
 def prefill_plan(members: list[Member]) -> tuple[list[Member], list[Member], dict]:

@@ -51,9 +51,9 @@ def derive(data: dict) -> dict:
     for s in data["sweeps"]:
         if s.get("skipped"):
             continue
-        a = agg.setdefault((s["length"], s.get("extra") or "", s["way"]), {"wall_s": 0.0, "runs_s": 0.0, "warmup_s": 0.0, "cells": 0,
-                                                      "runs": 0, "modes": [], "predictions": {}, "failed": [],
-                                                      "parts": 0, "rc": 0})
+        a = agg.setdefault((s["length"], extra_of(s), s["way"]), {
+            "wall_s": 0.0, "runs_s": 0.0, "warmup_s": 0.0, "cells": 0, "runs": 0, "modes": [], "predictions": {},
+            "failed": [], "parts": 0, "rc": 0})
         a["wall_s"] += s["wall_s"]
         a["runs_s"] += s.get("runs_s") or 0.0
         a["warmup_s"] += s.get("warmup_s") or 0.0
@@ -79,7 +79,7 @@ def derive(data: dict) -> dict:
             e["examples_per_gpu_hour_steady"] = a["cells"] * 3600 / e["steady_s"] if e["steady_s"] > 0 else None
             e["steady_s_per_example"] = e["steady_s"] / a["cells"] if a["cells"] else None
             runs = [r.get("decode_runs") for r in data["rows"] if r.get("length") == length and r.get("way") == way
-                    and (r.get("extra") or "") == extra]
+                    and extra_of(r) == extra]
             e["decode_runs"] = max((n for n in runs if n), default=None)  # most runs one decode batch held
         seq = agg.get((length, extra, "sequential"))
         for way in WAYS[1:]:
@@ -116,7 +116,7 @@ def grouped_alone(data: dict, entry: dict, length: int) -> dict | None:
     plus the sequential sweep's decode seconds (the same decode path, one request at a time). None without the
     per-run decode sums (older JSON) or when the two sweeps did not finish the same cells."""
     rows = {w: [r for r in data["rows"] if r["length"] == length and r.get("way") == w and "prefill_s" in r
-                and (r.get("extra") or "") == entry["extra"]]
+                and extra_of(r) == entry["extra"]]
             for w in ("sequential", "grouped")}
     if not all(rows.values()) or any(r.get("decode_s_sum") is None for w in rows.values() for r in w) or \
             entry["sequential"]["cells"] != entry["grouped"]["cells"] or entry["sequential"].get("partial"):
@@ -148,9 +148,15 @@ def project(data: dict, entry: dict) -> dict:
     return out
 
 
+def extra_of(d: dict) -> str:
+    """A sweep's, row's or summary entry's ``--extra`` overrides ("" where none, or in JSON from before they were
+    recorded)."""
+    return d.get("extra") or ""
+
+
 def context(entry: dict) -> str:
     """The context cell of a table: the length, and the sweep's extra overrides where it had any."""
-    return f"{entry['length']}" + (f" ({entry['extra']})" if entry.get("extra") else "")
+    return f"{entry['length']}" + (f" ({extra_of(entry)})" if extra_of(entry) else "")
 
 
 def projection_lines(summary: list[dict]) -> str:
@@ -198,7 +204,7 @@ def sweep_table(summary: list[dict]) -> str:
 def write(out: Path, data: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     rows = sorted([r for r in data["rows"] if r.get("way", "sequential") == "sequential"],
-                  key=lambda r: (r["length"], r.get("extra") or "", r["mode"]))
+                  key=lambda r: (r["length"], extra_of(r), r["mode"]))
     md = (f"# Methods on {data['device']} (torch {data['torch']}, commit {data['commit']})\n\n"
           f"`scripts/bench_methods.py`: `scbench run` on {' '.join(data['model'])}, {data.get('task', 'scbench_kv')}, "
           f"generated data, {data.get('examples', 1)} example(s) per task, {data['turns']} turns of at most "
@@ -304,6 +310,7 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
 
     from scbench.batch import fallback_reason
     from scbench.group import can_share
+    from scbench.group_example import sparse_prefill
     from scbench.records import RunSpec
     from scbench.run import build_method
 
@@ -344,7 +351,7 @@ def estimate(measured: Path, methods: list[str], lengths: list[int], modes: list
             hooks = type(method).hooks()
             cost[name] = {**c, "share": can_share(type(method)), "batch": batch, "guessed": guessed,
                           "scored": "compress_cache" in hooks and method.score_key() is not None,
-                          "own": "prefill_attention" in hooks and not {"compress_context", "blend_prefill"} & hooks}
+                          "own": not can_share(type(method)) and sparse_prefill(type(method))}
         step = (max_new - 1)
         warm = sum(c["warm"] for c in cost.values())  # once per method label per process
         rest = lambda c: (turns - 1) * c["later"] + _run_overhead(length)  # noqa: E731
