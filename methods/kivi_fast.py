@@ -31,6 +31,12 @@ from scbench.kv.quant import KIVILayer
 class KIVIDecode:
     """fastdecode plugin for a ``KIVI`` method instance."""
 
+    headroom = False
+    """Re-allocated buffers stay exact (``fastdecode.HEADROOM`` not added): with room, KIVI's multi-turn turns on the
+    H200 at 131K were no faster (its rounding to 8 key groups already spares a re-allocation) and its re-allocating
+    turn and later prefills slower (results/perf/decode_headroom_131k_h200.md; not profiled: the attention kernel
+    sizes its residual splits by the residual buffer's rows, ``kivi_decode.res_splits``, so room adds idle programs)."""
+
     def __init__(self, method):
         self.m = method
         self.bufs: dict[int, list[torch.Tensor]] = {}

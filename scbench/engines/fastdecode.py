@@ -32,6 +32,13 @@ BLOCK = 256
 """Buffer capacities are rounded up to this many tokens (also the key chunk of the split value product)."""
 LAG = 4
 """CUDA graph path: steps the host lets the GPU run ahead before reading a picked token back."""
+HEADROOM = int(os.environ.get("SCBENCH_DECODE_HEADROOM", "1024"))
+"""Tokens of room a re-allocation adds beyond the turn's own: when a session's cache outgrew the buffers (a
+multi-turn conversation: each turn adds its prompt and answer), the new buffers keep room for the next turns, so
+the following turns reuse them and their captured graph instead of re-allocating, copying the whole cache in and
+capturing again every turn or two (H200, 131K, 5 turns of 64 tokens: Quest's median turn 150.5 -> 160.3 tok/s,
+results/perf/decode_headroom_131k_h200.md). A first allocation (first turn, every request of multi-request mode)
+gets none; a plugin may keep exact buffers (``headroom = False``)."""
 
 
 def plugin_for(method):
@@ -42,7 +49,8 @@ def plugin_for(method):
     ``unsupported(cache)`` (why not, or None), ``allocate(kv, cache)`` (after StaticKV made its buffers),
     ``load(kv, cache)`` (after the copy into them), ``attend(kv, layer, q, k, v, scale)`` (the output, or None
     for the default attention), ``store_back(kv, cache, fed)`` (True when it gave the cache its tokens back) and
-    ``state()`` (device tensors a decode step changes beyond StaticKV's own, saved around graph capture)."""
+    ``state()`` (device tensors a decode step changes beyond StaticKV's own, saved around graph capture); an attribute
+    ``headroom = False`` keeps re-allocated buffers exact (``HEADROOM``)."""
     make = getattr(method, "static_decoder", None)
     return make() if callable(make) else None
 
@@ -297,14 +305,19 @@ class FastDecoder:
         self.kv: StaticKV | None = None
         self.graph = None
         self.tokens_cap = 0
+        self.allocations = 0
+        """How many times ``_prepare`` made new buffers (tests: a conversation re-allocates rarely)."""
         self.capture_s = 0.0
         """Seconds the last ``generate`` spent on one-time work: the warm-up step (kernel compilation), the graph
         capture and the plugin's own (``take_warmup_s``); 0 when the graph was reused. Not part of the decode time."""
 
     def _prepare(self, cache, max_new: int) -> None:
         if self.kv is None or not self.kv.fits(cache, max_new) or max_new > self.tokens_cap:
+            # outgrown: keep room for the next turns (HEADROOM), unless the method's plugin keeps exact buffers
+            room = HEADROOM if self.kv is not None and getattr(self.plugin, "headroom", True) else 0
             self.kv = self.graph = None  # free the old buffers and graph pool before allocating new ones
-            self.kv = StaticKV(cache, max_new, self.plugin)
+            self.kv = StaticKV(cache, max_new + room, self.plugin)
+            self.allocations += 1
             self.tokens_cap = -(-max_new // BLOCK) * BLOCK
             self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)

@@ -101,6 +101,43 @@ def test_static_decode_over_turns_and_buffer_reuse(tiny_engine, cfg):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _conversation(engine, cfg, mode, turns):
+    """``_run``'s conversation, also returning how many times the session's fast decoder made new buffers."""
+    engine.decode_mode = mode
+    try:
+        method = METHODS.get(cfg["name"])(**{k: v for k, v in cfg.items() if k != "name"})
+        session = engine.session(method)
+        ids = engine.encode(PROMPT, add_special_tokens=False)
+        out = []
+        for cut, max_new in turns:
+            session.feed(ids[:cut] if cut else ids, compress=not out, sparse=False)
+            out.append(session.generate(max_new).tokens)
+        return out, getattr(session.decoder, "allocations", 0)
+    finally:
+        engine.decode_mode = "auto"
+
+
+@pytest.mark.parametrize("cfg", [{"name": "full"}, {"name": "quest", "budget": 64, "page_size": 8, "dense_layers": 0},
+                                 {"name": "kivi", "bits": 4, "group": 16, "residual": 16}],
+                         ids=["full", "quest", "kivi"])
+def test_a_conversation_outgrowing_the_buffers_reallocates_once_with_room(tiny_engine, cfg, monkeypatch):
+    """Eight turns adding ~90 tokens each: without headroom the buffers (rounded up to 256 tokens) are outgrown every
+    two or three turns, each time a new allocation, a copy of the whole cache and a new graph; the re-allocation
+    keeps ``HEADROOM`` tokens of room, so one serves the rest of the conversation. Tokens equal the plain loop's."""
+    turns = ((None, 30),) + ((60, 30),) * 7
+    plain, _ = _conversation(tiny_engine, cfg, "plain", turns)
+    monkeypatch.setattr(fastdecode, "HEADROOM", 0)
+    tight, tight_allocs = _conversation(tiny_engine, cfg, "fast", turns)
+    monkeypatch.setattr(fastdecode, "HEADROOM", 1024)
+    roomy, allocs = _conversation(tiny_engine, cfg, "fast", turns)
+    assert tight == plain and roomy == plain
+    assert tight_allocs >= 3, "the case must outgrow exact buffers more than once"
+    if cfg["name"] == "kivi":  # its plugin keeps exact buffers (KIVIDecode.headroom)
+        assert allocs == tight_allocs
+    else:
+        assert allocs == 2
+
+
 def test_stop_token_and_single_token_budgets(tiny_engine):
     """A turn that stops at a stop token keeps the plain loop's cache (the stop token is never fed)."""
     stop = set(tiny_engine.stop_ids)
