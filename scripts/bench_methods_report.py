@@ -213,8 +213,9 @@ def write(out: Path, data: dict) -> None:
           "(`share_prefill=true timing=batched`) and, where measured, grouped alone (`share_prefill=true "
           "timing=sequential`), each one `scbench run -m` process (model build included); an example is one "
           "(method, mode, task, example) cell with all its turns; steady: from the first run's start to the last "
-          "turn stored, less every run's warm-up (no process start, model build or one-time compilation: what a "
-          "sweep of many examples pays per example); speed-ups are over the sequential sweep; same predictions: "
+          "turn stored, less every run's warm-up on its first example (no process start, model build or one-time "
+          "compilation: what a sweep of many examples pays per example; a later example's warm-ups, such as graph "
+          "captures that recur per example, stay in); speed-ups are over the sequential sweep; same predictions: "
           "turns equal to the sequential sweep's; runs per decode: the most runs one decode batch held "
           "(`decode_runs`; - where not recorded).\n\n" + sweep_table(data.get("summary") or []) + "\n" + projection_lines(data.get("summary") or []) +
           retry_lines(data["rows"]) +

@@ -159,6 +159,15 @@ def test_later_examples_first_prefill():
     assert "| full | 3.00 | - |" in report.table([row])
 
 
+def test_steady_seconds_keep_a_later_examples_warmups():
+    """Only the first example a run reached has its warm-ups taken out of the steady seconds: a later example's
+    (graph captures recur per example) are work a long sweep pays each time."""
+    turns = [{"example_id": e, "warmup_s": w, "created": c}
+             for e, w, c in (("b", 0.5, 4), ("a", 9.0, 1), ("a", 0.25, 2), ("b", 0.0, 5), ("c", 0.125, 3))]
+    assert bench.first_example_warmup(turns) == 9.25  # example a: reached first
+    assert bench.first_example_warmup([]) == 0.0
+
+
 def test_retry_lines_name_redone_work():
     """Runs that redid work after a failed attempt are summed per (context, way); none: no line."""
     rows = [{"length": 100, "way": "grouped", "retry_s": 1.5}, {"length": 100, "way": "grouped", "retry_s": 0.5},
