@@ -207,7 +207,12 @@ class HFEngine(TokenizerEngine):
         One-time work (Triton / torch.compile compilation, FlexAttention's first and dynamic-shape compiles, mask
         building, the decode step's warm-up) happens here instead of inside a turn's prefill or decode time. Each
         dummy prompt is fed as a first prefill (compression and sparse prefill on), decoded for a few tokens, then
-        extended by a later turn. Only on CUDA (CPU runs have no compilation worth separating) unless ``force``."""
+        extended by a later turn, then by a short chunk with sparse prefill on, of another length after each prompt:
+        the first turn's query fed after its context (``policy.query_visible=false``) or ``sparse_prefill=every``
+        runs the method's sparse kernels on a few rows over a long past, shapes the prompts never meet (Tri-shape's
+        dense rows are always ``n_last`` there: on the H200 its multi-turn first turn at 131K took 5.7 s against
+        multi-request's 4.4, in two examples out of two). Only on CUDA (CPU runs have no compilation worth
+        separating) unless ``force``."""
         if self.device.type != "cuda" and not force:
             return 0.0
         if method.label() in self.warmed:
@@ -218,14 +223,21 @@ class HFEngine(TokenizerEngine):
         _sync(self.device)
         t0 = time.perf_counter()
         try:
-            for n in (*lengths, *getattr(method, "warmup_lengths", ())):  # the method's own shapes too
+            for i, n in enumerate((*lengths, *getattr(method, "warmup_lengths", ()))):  # the method's shapes too
                 ids = torch.randint(0, vocab, (max(8, min(n, self.window // 2)),), generator=gen).tolist()
                 session = self.session(method)
                 session.feed(ids, compress=True, sparse=True)
                 out = session.generate(4)
                 session.drop_last(len(out.tokens) - 1)
                 session.feed(ids[:16], compress=False, sparse=False)
-                session.generate(4)
+                out = session.generate(4)
+                session.drop_last(len(out.tokens) - 1)
+                try:  # a query-sized chunk through the sparse kernels, its rows unlike every earlier chunk's
+                    session.feed(ids[: 20 + 12 * i], compress=False, sparse=True)
+                    session.generate(4)
+                except Exception as e:  # noqa: BLE001 - the other prompts' warm-up still runs
+                    log.warning("warm-up of %s: the short sparse chunk failed (%s: %s)", method.label(),
+                                type(e).__name__, e)
                 method.take_costs(session)  # the dummy prompts' method counters are not the first turn's
                 del session
         except Exception as e:  # noqa: BLE001 - a warm-up is an optimisation: the timed run reports what it meets

@@ -25,7 +25,8 @@ def test_warmup_feeds_the_method_lengths(smol_tokenizer, monkeypatch):
 
     monkeypatch.setattr(engine, "session", spy)
     assert engine.warmup(snap, lengths=(40,), force=True) > 0.0
-    assert fed == [40, 16, 77, 16]  # each dummy prompt, then its later turn
+    # each dummy prompt, its later turn, then a short sparse chunk of another length each time
+    assert fed == [40, 16, 20, 77, 16, 32]
 
 
 @pytest.mark.parametrize("n_last", [64, 100])
@@ -54,3 +55,23 @@ def test_split_rows_after_trishape_warmup_shapes_does_not_recompile(monkeypatch)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     out = rows(32000, 1)  # a prompt length of the bench's 32K runs, not a multiple of the segment
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention compiles for the GPU)")
+def test_a_query_chunk_after_the_warmup_does_not_recompile(monkeypatch):
+    """The warm-up's short sparse chunks (``HFEngine.warmup``) leave the split-key dense rows compiled for any row
+    count: a first turn's query fed after its context (fewer rows than ``n_last``) compiles nothing."""
+    import torch._dynamo
+
+    def rows(tq, tk, seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q = torch.randn(1, 32, tq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(1, 8, tk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        return flex.split_rows(q, k, v, 128**-0.5)
+
+    for i, n in enumerate((4608, 5376, *TriShape().warmup_lengths)):  # as the warm-up feeds them
+        if n >= 2 * flex.SPLIT_SEGMENT:
+            rows(64, n, n)
+            rows(20 + 12 * i, n + 16 + 20 + 12 * i, i)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert torch.isfinite(rows(50, 32000, 1)).all()
