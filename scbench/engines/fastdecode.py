@@ -164,7 +164,7 @@ class StaticKV:
                 return out
         if q.is_cuda and KERNEL == "triton":
             return split_kv_decode_attention(q, k, v, self.at[layer_idx : layer_idx + 1], scale)
-        return masked_decode_attention(q, k, v, self.masked[layer_idx, : k.shape[2]], scale)
+        return masked_decode_attention(q, k, v, self.masked[layer_idx, : k.shape[2]], scale, chunk=BLOCK)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx] if self.lengths else 0

@@ -22,6 +22,12 @@ from scbench.kv import offload as kvo
 log = logging.getLogger(__name__)
 
 
+def warmup_chunk(i: int) -> int:
+    """Tokens of the short sparse chunk the warm-up feeds after its ``i``-th dummy prompt: another length each time,
+    all fewer than Tri-shape's and vertical-slash's 64 query rows (``HFEngine.warmup``)."""
+    return 20 + 12 * i
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +239,7 @@ class HFEngine(TokenizerEngine):
                 out = session.generate(4)
                 session.drop_last(len(out.tokens) - 1)
                 try:  # a query-sized chunk through the sparse kernels, its rows unlike every earlier chunk's
-                    session.feed(ids[: 20 + 12 * i], compress=False, sparse=True)
+                    session.feed(ids[: warmup_chunk(i)], compress=False, sparse=True)
                     session.generate(4)
                 except Exception as e:  # noqa: BLE001 - the other prompts' warm-up still runs
                     log.warning("warm-up of %s: the short sparse chunk failed (%s: %s)", method.label(),

@@ -81,7 +81,6 @@ if triton is not None:
         tl.store(Sm + out, total)
 
 
-
 SPLIT_KV = {"bn": 64, "max_splits": 64, "launch": {"num_warps": 4, "num_stages": 2}}
 """The split-KV kernel's defaults: keys per block, at most this many splits per head (splits of at least 256
 keys), Triton launch options (num_warps, num_stages). ``SCBENCH_SPLIT_KV`` (JSON) overrides keys of it.

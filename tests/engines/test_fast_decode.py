@@ -50,8 +50,9 @@ def test_split_kv_kernel_matches_reference(dtype, hq, hkv, n, cap, split):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def _run(engine, method_cfg, mode, turns=((None, 16), (40, 8)), compress=True):
-    """Feed a prompt (compressing), decode, append a follow-up, decode again; tokens, paths and the cache."""
+def _session(engine, method_cfg, mode, turns, compress=True):
+    """Feed a prompt (compressing), decode, append each follow-up, decode again: (the session, per turn its tokens
+    and decode path), with the engine's decode mode ``mode`` meanwhile."""
     engine.decode_mode = mode
     try:
         method = METHODS.get(method_cfg["name"])(**{k: v for k, v in method_cfg.items() if k != "name"})
@@ -62,10 +63,15 @@ def _run(engine, method_cfg, mode, turns=((None, 16), (40, 8)), compress=True):
             session.feed(ids[:cut] if cut else ids, compress=compress and not out, sparse=False)
             gen = session.generate(max_new)
             out.append((gen.tokens, gen.decode_path))
-        keys = [layer.keys.clone() for layer in session.cache.layers]
-        return out, keys, session.pos
+        return session, out
     finally:
         engine.decode_mode = "auto"
+
+
+def _run(engine, method_cfg, mode, turns=((None, 16), (40, 8)), compress=True):
+    """``_session``'s tokens and paths, the cache's keys and the position."""
+    session, out = _session(engine, method_cfg, mode, turns, compress)
+    return out, [layer.keys.clone() for layer in session.cache.layers], session.pos
 
 
 CASES = [
@@ -102,19 +108,9 @@ def test_static_decode_over_turns_and_buffer_reuse(tiny_engine, cfg):
 
 
 def _conversation(engine, cfg, mode, turns):
-    """``_run``'s conversation, also returning how many times the session's fast decoder made new buffers."""
-    engine.decode_mode = mode
-    try:
-        method = METHODS.get(cfg["name"])(**{k: v for k, v in cfg.items() if k != "name"})
-        session = engine.session(method)
-        ids = engine.encode(PROMPT, add_special_tokens=False)
-        out = []
-        for cut, max_new in turns:
-            session.feed(ids[:cut] if cut else ids, compress=not out, sparse=False)
-            out.append(session.generate(max_new).tokens)
-        return out, getattr(session.decoder, "allocations", 0)
-    finally:
-        engine.decode_mode = "auto"
+    """``_session``'s tokens per turn, and how many times the session's fast decoder made new buffers."""
+    session, out = _session(engine, cfg, mode, turns)
+    return [tokens for tokens, _ in out], getattr(session.decoder, "allocations", 0)
 
 
 @pytest.mark.parametrize("cfg", [{"name": "full"}, {"name": "quest", "budget": 64, "page_size": 8, "dense_layers": 0},

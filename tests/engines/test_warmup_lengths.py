@@ -3,6 +3,7 @@ Tri-shape's cover both compiles of its split-key dense rows (scbench/kernels/fle
 import pytest
 import torch
 
+from scbench.engines.hf import warmup_chunk
 from scbench.kernels import flex
 from scbench.methods.trishape import TriShape
 from scbench.registry import METHODS
@@ -26,7 +27,7 @@ def test_warmup_feeds_the_method_lengths(smol_tokenizer, monkeypatch):
     monkeypatch.setattr(engine, "session", spy)
     assert engine.warmup(snap, lengths=(40,), force=True) > 0.0
     # each dummy prompt, its later turn, then a short sparse chunk of another length each time
-    assert fed == [40, 16, 20, 77, 16, 32]
+    assert fed == [40, 16, warmup_chunk(0), 77, 16, warmup_chunk(1)] == [40, 16, 20, 77, 16, 32]
 
 
 @pytest.mark.parametrize("n_last", [64, 100])
@@ -44,16 +45,10 @@ def test_split_rows_after_trishape_warmup_shapes_does_not_recompile(monkeypatch)
     """After Tri-shape's warm-up lengths, a 32K prompt's dense rows reuse the compiled kernels."""
     import torch._dynamo
 
-    def rows(tk, seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        q = torch.randn(1, 32, 64, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(1, 8, tk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-        return flex.split_rows(q, k, v, 128**-0.5)
-
     for n in TriShape().warmup_lengths:
-        rows(n, n)
+        _rows(64, n, n)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    out = rows(32000, 1)  # a prompt length of the bench's 32K runs, not a multiple of the segment
+    out = _rows(64, 32000, 1)  # a prompt length of the bench's 32K runs, not a multiple of the segment
     assert torch.isfinite(out).all()
 
 
@@ -63,15 +58,17 @@ def test_a_query_chunk_after_the_warmup_does_not_recompile(monkeypatch):
     count: a first turn's query fed after its context (fewer rows than ``n_last``) compiles nothing."""
     import torch._dynamo
 
-    def rows(tq, tk, seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        q = torch.randn(1, 32, tq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(1, 8, tk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-        return flex.split_rows(q, k, v, 128**-0.5)
-
     for i, n in enumerate((4608, 5376, *TriShape().warmup_lengths)):  # as the warm-up feeds them
         if n >= 2 * flex.SPLIT_SEGMENT:
-            rows(64, n, n)
-            rows(20 + 12 * i, n + 16 + 20 + 12 * i, i)
+            _rows(64, n, n)
+            _rows(warmup_chunk(i), n + 16 + warmup_chunk(i), i)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    assert torch.isfinite(rows(50, 32000, 1)).all()
+    assert torch.isfinite(_rows(50, 32000, 1)).all()
+
+
+def _rows(tq, tk, seed):
+    """``flex.split_rows`` of ``tq`` random bf16 query rows (Llama-3.1-8B heads) over ``tk`` keys, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, 32, tq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 8, tk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    return flex.split_rows(q, k, v, 128**-0.5)
