@@ -91,7 +91,9 @@ def test_reference_matches_per_row_softmax():
 
 @pytest.mark.parametrize("tq,tk", SHAPES + [(300, 300), (200, 450)])
 @pytest.mark.parametrize("kind", ["band", "tri", "lines", "lines1"])
-def test_chunked_equals_reference(tq, tk, kind):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_chunked_equals_reference(tq, tk, kind, grouped):
+    """Both forms of the chunked path (per query head; GQA heads grouped onto their KV head, CUDA's default)."""
     q, k, v = qkv(tq, tk, seed=tq)
     if kind == "band":
         p = pat.band(tq, tk, 5, 17)
@@ -101,8 +103,8 @@ def test_chunked_equals_reference(tq, tk, kind):
         p = random_pattern(tq, tk, heads=4 if kind == "lines" else 1, seed=tk, n_last=0 if kind == "lines" else 4)
     ref = pat.reference_attention(q, k, v, p)
     # a tiny budget forces many chunks and the key restriction
-    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, budget=4096), ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(pat.chunked_attention(q, k, v, p), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, budget=4096, grouped=grouped), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, grouped=grouped), ref, atol=2e-5, rtol=2e-5)
 
 
 def test_methods_validate_knobs():
