@@ -215,10 +215,12 @@ class HFEngine(TokenizerEngine):
         dummy prompt is fed as a first prefill (compression and sparse prefill on), decoded for a few tokens, then
         extended by a later turn, then by a short chunk with sparse prefill on, of another length after each prompt:
         the first turn's query fed after its context (``policy.query_visible=false``) or ``sparse_prefill=every``
-        runs the method's sparse kernels on a few rows over a long past, shapes the prompts never meet (Tri-shape's
-        dense rows are always ``n_last`` there: on the H200 its multi-turn first turn at 131K took 5.7 s against
-        multi-request's 4.4, in two examples out of two). Only on CUDA (CPU runs have no compilation worth
-        separating) unless ``force``."""
+        runs the method's hooks on a few rows over a long past, shapes the prompts never meet (vertical-slash's
+        line-score kernels at a new row count, the chunked path's SDPA). That multi-turn first turn was still 1.2-1.4 s
+        slower than multi-request's at 131K with this warm-up (H200, bbcf731, results/perf/query_hidden_131k_h200.md),
+        in later examples too: not compilation but the chunked path's per-head GQA form, since replaced
+        (``pattern.chunked_attention``'s ``fast``). Only on CUDA (CPU runs have no compilation worth separating)
+        unless ``force``."""
         if self.device.type != "cuda" and not force:
             return 0.0
         if method.label() in self.warmed:

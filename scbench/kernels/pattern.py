@@ -14,11 +14,15 @@ count of computed cells (the attention density). The GPU path is in ``scbench.ke
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from scbench.kernels.dense import DECODE_BACKENDS, causal_attention
 
 
 @dataclass
@@ -144,26 +148,34 @@ def reference_attention(q, k, v, pattern: Pattern, scale: float | None = None) -
 
 
 def chunked_attention(q, k, v, pattern: Pattern, scale: float | None = None, budget: int = 1 << 24,
-                      grouped: bool | None = None) -> torch.Tensor:
+                      fast: bool | None = None) -> torch.Tensor:
     """The reference, memory-light: query chunks, each against only the keys it can see (SDPA, input dtype).
 
     Memory is O(chunk x visible keys x Hq) score cells (about ``budget``), so A-shape costs O(Tq x window).
-    ``grouped`` (default: on CUDA): the query heads that share a KV head (GQA) attend as one head of g x rows, their
-    mask rows regrouped to match, so SDPA never expands the keys and values to every query head. SDPA's masked
-    ``enable_gqa`` path copies them per call: a first turn's ~50-token query fed after a 131K context took
-    ~1.3 s over 32 layers through this path (Tri-shape, vertical-slash; H200). Off: the per-head form.
+    ``fast`` (default: on CUDA, where the GPU path sends chunks of fewer than 128 rows: a first turn's query fed
+    after its context with ``policy.query_visible=false``, later turns under ``sparse_prefill=every``): the dense
+    last rows (Tri-shape) are one dense causal call (``dense.causal_attention``: flash with GQA on CUDA), and the
+    query heads that share a KV head attend as one head of g x rows with their mask rows regrouped, so SDPA never
+    expands the keys and values to every query head (its masked ``enable_gqa`` form copies them for every chunk).
+    On the H200 at 131K the multi-turn first turn, whose query comes here, took 1.2-1.4 s longer than multi-request's,
+    whose query is fed dense (Tri-shape, vertical-slash); on a CPU the fast form is 2-5x faster
+    (``scripts/probe_query_chunk.py``). Off (the CPU default, so CPU results stay as they were): per query head.
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
     """
     tq, off = pattern.tq, pattern.offset
     hq, hk = q.shape[1], k.shape[1]
     gqa = hq != hk
-    group = (q.is_cuda if grouped is None else grouped) and gqa
+    fast = q.is_cuda if fast is None else fast
+    group = fast and gqa
     if group and pattern.heads not in (1, hq):
         raise ValueError(f"a pattern over {pattern.heads} heads for {hq} query heads: expected 1 or {hq}")
+    out = torch.empty_like(q)
+    if fast and pattern.row0 < tq:  # the dense rows: causal over every key, aligned to the end of the keys
+        out[:, :, pattern.row0 :] = causal_attention(q[:, :, pattern.row0 :], k, v, scale)
+        tq = pattern.row0
     any_col = pattern.cols.any(0)
     sel = pattern.diags.any(0).nonzero()
     dmax = int(sel[-1]) if len(sel) else 0
-    out = torch.empty_like(q)
     i0 = 0
     while i0 < tq:
         dense_rows = False
@@ -192,7 +204,9 @@ def chunked_attention(q, k, v, pattern: Pattern, scale: float | None = None, bud
             g = hq // hk
             qg = q[:, :, i0:i1].reshape(b, hk, g * r, d)
             mg = m.expand(g, r, nk).reshape(1, g * r, nk) if m.shape[0] == 1 else m.reshape(hk, g * r, nk)
-            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg, scale=scale)
+            # CUDA: not cuDNN, which plans per new (Tq, Tk), i.e. per turn (kernels.dense.DECODE_BACKENDS)
+            with sdpa_kernel(DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg, scale=scale)
             out[:, :, i0:i1] = o.reshape(b, hq, r, d)
         else:
             out[:, :, i0:i1] = F.scaled_dot_product_attention(

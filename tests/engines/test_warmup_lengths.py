@@ -52,20 +52,6 @@ def test_split_rows_after_trishape_warmup_shapes_does_not_recompile(monkeypatch)
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention compiles for the GPU)")
-def test_a_query_chunk_after_the_warmup_does_not_recompile(monkeypatch):
-    """The warm-up's short sparse chunks (``HFEngine.warmup``) leave the split-key dense rows compiled for any row
-    count: a first turn's query fed after its context (fewer rows than ``n_last``) compiles nothing."""
-    import torch._dynamo
-
-    for i, n in enumerate((4608, 5376, *TriShape().warmup_lengths)):  # as the warm-up feeds them
-        if n >= 2 * flex.SPLIT_SEGMENT:
-            _rows(64, n, n)
-            _rows(warmup_chunk(i), n + 16 + warmup_chunk(i), i)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    assert torch.isfinite(_rows(50, 32000, 1)).all()
-
-
 def _rows(tq, tk, seed):
     """``flex.split_rows`` of ``tq`` random bf16 query rows (Llama-3.1-8B heads) over ``tk`` keys, on the GPU."""
     g = torch.Generator(device="cuda").manual_seed(seed)

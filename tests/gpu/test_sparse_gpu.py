@@ -151,3 +151,22 @@ def test_duo_split_prefill_matches_reference(tq, tk, tmp_path):
     path = tmp_path / "gates.json"
     path.write_text(json.dumps({"gates": [[0.9, 0.1]]}))
     assert_flex_matches(DuoAttention(heads=str(path), n_init=64, n_local=300), tq, tk, seed=tq)
+
+
+@pytest.mark.parametrize("method", [TriShape(n_init=4, n_local=64), VerticalSlash(vertical_size=40, slash_size=120, init_cols=4, local_diags=16),
+                                    AShape(n_init=4, n_local=64)], ids=["trishape", "vertical_slash", "ashape"])
+def test_a_short_chunk_over_a_long_past_matches_reference(method):
+    """A first turn's query fed after its context (policy.query_visible=false): fewer rows than FlexAttention takes,
+    so the chunked path's fast form (dense rows as one causal call, GQA heads grouped), against the reference and
+    the per-head form."""
+    from scbench.methods.sparse_prefill import MIN_FLEX_QUERIES
+
+    q, k, v = qkv(50, 6000 + 50, seed=3)
+    assert 50 < MIN_FLEX_QUERIES
+    with torch.inference_mode():
+        out = method.prefill_attention(0, q, k, v, None)
+        p = method.pattern(0, q, k, q.shape[-1] ** -0.5)
+        ref = pat.reference_attention(q, k, v, p)
+        slow = pat.chunked_attention(q, k, v, p, fast=False)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), slow.float(), atol=2e-2, rtol=2e-2)

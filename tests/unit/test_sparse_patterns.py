@@ -91,9 +91,10 @@ def test_reference_matches_per_row_softmax():
 
 @pytest.mark.parametrize("tq,tk", SHAPES + [(300, 300), (200, 450)])
 @pytest.mark.parametrize("kind", ["band", "tri", "lines", "lines1"])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_chunked_equals_reference(tq, tk, kind, grouped):
-    """Both forms of the chunked path (per query head; GQA heads grouped onto their KV head, CUDA's default)."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_chunked_equals_reference(tq, tk, kind, fast):
+    """Both forms of the chunked path: per query head, and CUDA's default (dense rows as one causal call, GQA heads
+    grouped onto their KV head)."""
     q, k, v = qkv(tq, tk, seed=tq)
     if kind == "band":
         p = pat.band(tq, tk, 5, 17)
@@ -103,8 +104,8 @@ def test_chunked_equals_reference(tq, tk, kind, grouped):
         p = random_pattern(tq, tk, heads=4 if kind == "lines" else 1, seed=tk, n_last=0 if kind == "lines" else 4)
     ref = pat.reference_attention(q, k, v, p)
     # a tiny budget forces many chunks and the key restriction
-    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, budget=4096, grouped=grouped), ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, grouped=grouped), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, budget=4096, fast=fast), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pat.chunked_attention(q, k, v, p, fast=fast), ref, atol=2e-5, rtol=2e-5)
 
 
 def test_methods_validate_knobs():
@@ -385,3 +386,15 @@ def test_prefix_sums_are_computed_once_and_shared_by_the_diagonals_only_part():
     assert not main.cols.any() and main.diags is p.diags and not main.scattered_cols
     assert main.prefix("diags") is p.prefix("diags")
     assert main.prefix("cols").shape == (3, 81) and not main.prefix("cols").any()
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+@pytest.mark.parametrize("kind", ["tri", "lines"])
+def test_a_short_chunk_over_a_long_past_in_the_fast_form(hkv, kind):
+    """The shape the GPU sends to the chunked path: a few query rows after many keys (a first turn's query fed after
+    its context), every row dense (Tri-shape's n_last covers the chunk) or per-head lines; with and without GQA."""
+    q, k, v = qkv(12, 700, hq=4, hkv=hkv, seed=5)
+    p = pat.band(12, 700, 5, 17, n_last=64) if kind == "tri" else random_pattern(12, 700, heads=4, seed=9)
+    ref = pat.reference_attention(q, k, v, p)
+    for fast in (False, True):
+        torch.testing.assert_close(pat.chunked_attention(q, k, v, p, fast=fast), ref, atol=2e-5, rtol=2e-5)
