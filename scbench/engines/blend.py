@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats, cache_kw
+from scbench.kernels.dense import prefix_rows_attention
 
 EXACT_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
@@ -112,12 +113,16 @@ class _ScatteredQueries:
     """Attention for queries at positions ``idx`` (ascending) over all ``n`` keys: key j visible when j <= idx."""
 
     def __init__(self, idx: torch.Tensor, n: int):
-        self.mask = torch.arange(n, device=idx.device)[None, :] <= idx[:, None]  # [q, n]
+        self.idx, self.n = idx, n
 
     def prefill_attention(self, layer_idx, q, k, v, scale):
-        """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]."""
-        gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=gqa)
+        """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]. CUDA: in row blocks, memory-light
+        (``dense.prefix_rows_attention``; one masked SDPA would hold [Hq, len(idx), n] float32 scores and copy the
+        keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results stay bit for bit)."""
+        if q.is_cuda:
+            return prefix_rows_attention(q, k, v, self.idx, scale)
+        mask = torch.arange(self.n, device=q.device)[None, :] <= self.idx[:, None]  # [q, n]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def select_tokens(fresh: torch.Tensor, stored: torch.Tensor, ratio: float) -> torch.Tensor:

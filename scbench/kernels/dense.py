@@ -126,6 +126,46 @@ def masked_blocks(q, k, v, scale, gqa, max_bytes: int) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
+def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                          scale: float | None = None, cells: int | None = None) -> torch.Tensor:
+    """Query rows that each see a prefix of the keys: row i attends to keys 0..last[i] (``last`` ascending), e.g.
+    CacheBlend's recomputed tokens over the blended cache (scbench/engines/blend.py).
+
+    In row blocks, each over the keys its last row sees, with the query heads that share a KV head attending as one
+    head of g x rows (the keys and values are never copied per query head, as SDPA's masked ``enable_gqa`` form
+    does) and, on CUDA, no cuDNN (it plans per shape). A block's boolean mask has at most ``cells`` cells (default:
+    2^28 on CUDA, whose memory-efficient kernel keeps no score matrix; on the CPU 2^24 score cells over every KV
+    head). One masked SDPA over every row and key held [Hq, rows, keys] float32 scores: 330 GB for CacheBlend's
+    15% of 131K tokens. q: [B, Hq, R, D]; k, v: [B, Hkv, N, D]; last: [R] ints < N -> [B, Hq, R, D]."""
+    b, hq, r, d = q.shape
+    hk = k.shape[1]
+    if hq % hk:
+        raise ValueError(f"prefix_rows_attention: {hq} query heads do not group onto {hk} KV heads")
+    g = hq // hk
+    if cells is None:
+        cells = (1 << 28) if q.is_cuda else max(1, (1 << 24) // hk)
+    ends = (last.to(torch.int64) + 1).tolist()  # one host read of the row ends
+    if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
+        raise ValueError("prefix_rows_attention: last must be ascending and inside the keys")
+    out = torch.empty_like(q)
+    ctx = sdpa_kernel(DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+    a = 0
+    while a < r:
+        e = a + 1
+        while e < r and g * (e + 1 - a) * ends[e] <= cells:  # grow the block while its mask fits
+            e += 1
+        nk, rows = ends[e - 1], e - a
+        cols = torch.arange(nk, device=q.device)
+        mask = cols[None, :] < torch.as_tensor(ends[a:e], device=q.device)[:, None]  # [rows, nk]
+        qg = q[:, :, a:e].reshape(b, hk, g * rows, d)  # query head h * g + j: row (j, i) of KV head h
+        with ctx:
+            o = F.scaled_dot_product_attention(qg, k[:, :, :nk], v[:, :, :nk], scale=scale,
+                                               attn_mask=mask[None].expand(g, rows, nk).reshape(g * rows, nk))
+        out[:, :, a:e] = o.reshape(b, hq, rows, d)
+        a = e
+    return out
+
+
 LSE_BACKENDS = ("cudnn", "flash")
 """SDPA kernels ``causal_attention_lse`` tries in turn (both keep the log-sum-exp for their backward). On an H200
 (torch 2.11, 8B layer shape, scripts/bench_h2o_prefill.py): cuDNN 13.1 / 259 ms at 32K / 128K, as fast as the

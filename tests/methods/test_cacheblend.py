@@ -135,6 +135,45 @@ def test_select_tokens_matches_plain_loop():
     assert blend.select_tokens(fresh, stored, 0.15).tolist() == want
 
 
+@pytest.mark.parametrize("hq,hk", [(6, 2), (3, 3)])
+@pytest.mark.parametrize("cells", [1, 300, None])
+def test_prefix_rows_attention_matches_masked_reference(hq, hk, cells):
+    """The recomputed tokens' attention over the blended cache (row i sees keys 0..last[i]), in row blocks with GQA
+    heads grouped (one row per block with cells=1, a few, or the default), against float64 softmax with the mask."""
+    from scbench.kernels.dense import prefix_rows_attention
+
+    g = torch.Generator().manual_seed(hq + (cells or 0))
+    n, d = 90, 16
+    last = torch.cat([torch.randperm(n - 1, generator=g)[:20].sort().values, torch.tensor([n - 1])])
+    last[3] = last[2]  # ties are allowed (ascending, not strictly)
+    q = torch.randn(1, hq, len(last), d, generator=g)
+    k, v = torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g)
+    mask = torch.arange(n)[None, :] <= last[:, None]
+    kk, vv = (x.repeat_interleave(hq // hk, 1).double() for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = (s.softmax(-1) @ vv).float()
+    torch.testing.assert_close(prefix_rows_attention(q, k, v, last, 0.3, cells=cells), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ascending"):
+        prefix_rows_attention(q, k, v, last.flip(0), 0.3)
+
+
+def test_blend_through_row_blocks_equals_the_one_masked_call(engine, monkeypatch):
+    """CUDA's form of the recomputed tokens' attention (row blocks, prefix_rows_attention) inside a real blended
+    prefill gives the CPU form's cache and logits (tiny budget: one row per block)."""
+    from scbench.kernels.dense import prefix_rows_attention
+
+    ids = random_ids(81, seed=4)
+    knobs = dict(chunk_size=16, recompute_ratio=0.15, select_layer=1, measure_full=False)
+    s1, _, _ = blended(engine, ids, **knobs)
+    monkeypatch.setattr(blend._ScatteredQueries, "prefill_attention",
+                        lambda self, layer, q, k, v, scale: prefix_rows_attention(q, k, v, self.idx, scale, cells=1))
+    s2, _, _ = blended(engine, ids, **knobs)
+    torch.testing.assert_close(s2.last_logits, s1.last_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(s1.cache.layers, s2.cache.layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode,query_visible", [("multi_turn", True), ("multi_turn", False), ("multi_request", True)])
 def test_runs_through_the_runner(engine, mode, query_visible):
     task = TASKS.get("scbench_kv")
