@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks of session 25's CPU-only changes (no GPU was lent after them), for the next session's first call:
+#   run(carry=[".gpuwhl"], timeout_s=600):  bash scripts/gpu_short_chunks.sh
+# 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up);
+# 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer;
+# 3. the 131K query-hidden pair of results/perf/query_hidden_131k_h200.md again (full, Tri-shape, vertical-slash,
+#    both modes, 2 examples): the multi-turn first turn should now cost what multi-request's does;
+# 4. CacheBlend through `scbench run` at 32K and 131K, both modes (never benched on the GPU; before its row blocks
+#    the recompute's attention held [Hq, rows, n] float32 scores: ~20 GB at 32K, ~330 GB at 131K).
+# Everything writes under $OUT (default /tmp/out).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py" timeout ${TESTS_S:-120} \
+  bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape" | tail -8
+site=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target $site .gpuwhl/*.whl \
+  .gpuwhl/*.tar.gz
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $site . >/dev/null 2>&1
+export PYTHONPATH=$site SCBENCH_CACHE=/tmp/scbcache SCBENCH_COMMIT=${SCBENCH_COMMIT:-$(git rev-parse --short HEAD)}
+timeout ${PROBE_S:-60} python3 -P scripts/probe_query_chunk.py --out "$OUT/query_chunk_h200.json" | tail -12
+bench() {  # bench_methods.py with the random 8B model and the embedded tokenizer
+  python3 -P scripts/bench_methods.py --model random-llama-3.1-8b --tokenizer .gpuwhl/smol_tok --turns 5 "$@" 2>&1 \
+    | grep -E "^\| [0-9]+ |rc [0-9]"
+}
+bench --lengths 131000 --modes multi_turn multi_request --ways sequential --methods full trishape vertical_slash \
+  --examples 2 --extra policy.query_visible=false policy.truncation=context --out "$OUT/query_hidden.json" \
+  --deadline ${PAIR_S:-240}
+bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \
+  --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
