@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,66 @@ def prefix_split_cudnn(q, k, v, scale):
     return (o1.float() * (w1 / tot)[..., None] + o2.float() * (w2 / tot)[..., None]).to(q.dtype)
 
 
+SPLIT_KV_ROWS = int(os.environ.get("SCBENCH_SPLIT_KV_ROWS", "256"))
+"""A chunk of at most this many query rows over at least ``SPLIT_KV_MIN_KEYS`` keys (a later turn's prompt over its
+context, a first turn's query fed after it) runs on CUDA as split-KV flash (``split_kv_lower_right``): one flash call
+gives each head's few rows to one or two thread blocks that walk every key (32 programs for 64 rows of Llama-3.1-8B),
+the split gives every segment of keys its own. 0: never (``SCBENCH_SPLIT_KV_ROWS=0``, the one-call form)."""
+SPLIT_KV_MIN_KEYS = 16384
+SPLIT_KV_SEGMENT = 4096
+
+
+def attention_lse(q, k, v, causal: bool, scale: float | None = None):
+    """Plain (out, natural log-sum-exp) of q [B, Hq, R, D] over k, v [B, Hkv, N, D] in float32, lower-right causal
+    when ``causal``: the reference of a ``split_kv_lower_right`` part (CUDA: flash)."""
+    hq, hk, r, n = q.shape[1], k.shape[1], q.shape[-2], k.shape[-2]
+    kk, vv = (x.repeat_interleave(hq // hk, 1).float() for x in (k, v))
+    s = (q.float() @ kk.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if causal:
+        s = s.masked_fill(~torch.ones(r, n, dtype=torch.bool, device=q.device).tril(n - r), float("-inf"))
+    return (s.softmax(-1) @ vv).to(q.dtype), torch.logsumexp(s, -1)
+
+
+def _flash_part(q, k, v, causal: bool, scale):
+    """Flash (lower-right causal when ``causal``, GQA without copies) and its log-sum-exp; None when this build's
+    flash does not take the shapes."""
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    except RuntimeError:
+        return None
+    r = q.shape[-2]
+    if lse.dim() != 3 or lse.shape[:2] != q.shape[:2] or lse.shape[-1] < r:  # some builds pad the rows
+        return None
+    return out, lse[..., :r]
+
+
+def split_kv_lower_right(q, k, v, scale=None, part=None, segment: int = SPLIT_KV_SEGMENT):
+    """Lower-right causal attention of a few query rows q [1, Hq, R, D] over many keys k, v [1, Hkv, N, D], the keys
+    in segments: the segments every row sees whole as one batched call without a mask (a batch entry per segment,
+    views of the keys: nothing copied), the rest (the tail with the chunk's own keys) one lower-right causal call,
+    merged exactly by their log-sum-exps. ``part(q, k, v, causal, scale) -> (out, lse) | None``: one call (default:
+    flash, ``_flash_part``; the reference ``attention_lse``). None when a part returns None."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    part = part or _flash_part
+    n = (tk - tq) // segment
+    outs, lses = [], []
+    if n:
+        kk, vv = (x[0, :, : n * segment].unflatten(1, (n, segment)).transpose(0, 1) for x in (k, v))
+        r = part(q.expand(n, -1, -1, -1).contiguous(), kk, vv, False, scale)
+        if r is None:
+            return None
+        outs.append(r[0])
+        lses.append(r[1])
+    r = part(q, k[:, :, n * segment :], v[:, :, n * segment :], True, scale)
+    if r is None:
+        return None
+    outs.append(r[0])
+    lses.append(r[1])
+    out, lse = torch.cat(outs), torch.cat(lses).float()  # [S, Hq, R, D], [S, Hq, R]
+    w = torch.softmax(lse, 0)[..., None]
+    return (out.float() * w).sum(0, keepdim=True).to(q.dtype)
+
+
 def _lower_right_cuda(q, k, v, scale, gqa):
     """Queries aligned to the end of the keys on CUDA. SDPA with a boolean mask cannot take the flash kernel (the
     only fused one with GQA) and falls to the math kernel, or to cuDNN, which re-plans for every new (Tq, Tk);
@@ -95,6 +156,16 @@ def _lower_right_cuda(q, k, v, scale, gqa):
         out = prefix_split_cudnn(q, k, v, scale)
         if out is not None:
             return out
+    if q.dtype in (torch.float16, torch.bfloat16) and 0 < tq <= SPLIT_KV_ROWS and tk >= SPLIT_KV_MIN_KEYS \
+            and q.shape[-1] <= 256:
+        outs = []
+        for b in range(q.shape[0]):
+            o = split_kv_lower_right(q[b : b + 1], k[b : b + 1], v[b : b + 1], scale)
+            if o is None:
+                break
+            outs.append(o)
+        else:
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
     if q.dtype in (torch.float16, torch.bfloat16):
         bias = causal_lower_right(tq, tk)
         for repeat in (False, True) if gqa else (False,):
