@@ -33,6 +33,26 @@ def test_split_matches_masked_reference(tq, tk, segment, hq, hk):
     torch.testing.assert_close(out.double(), reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
+def test_the_segments_as_strided_views_through_a_fused_kernel():
+    """The whole segments go to the part as one batched call on views of the cache (batch stride one segment, head
+    stride the buffer's), GQA unrepeated: here CPU's fused flash kernel takes them, as CUDA's flash does (CPU flash's
+    causal flag is top-left, so the causal tail takes the plain part). The cache is a slice of a longer buffer, as a
+    decode buffer with room is."""
+    q, buf, vbuf = qkv(9, 700, 8, 2, d=32, seed=3)
+    k, v = buf[:, :, :650], vbuf[:, :, :650]  # not contiguous: head stride 700 rows
+    seen = []
+
+    def part(q, k, v, causal, scale):
+        if causal:
+            return dense.attention_lse(q, k, v, True, scale)
+        seen.append((k.shape, k.is_contiguous()))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+
+    out = dense.split_kv_lower_right(q, k, v, 0.2, part=part, segment=128)
+    assert seen == [(torch.Size([5, 2, 128, 32]), False)]  # (650 - 9) // 128 whole segments, one call, no copy
+    torch.testing.assert_close(out.double(), reference(q, k, v, 0.2), atol=1e-5, rtol=1e-5)
+
+
 def test_a_part_that_declines_declines_the_split():
     q, k, v = qkv(4, 200, 4, 2)
     calls = []
