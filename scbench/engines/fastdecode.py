@@ -17,12 +17,14 @@ The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
 import torch
 
 from scbench.engines import attention, fuse
+from scbench.devices import sync as _sync
 from scbench.engines.base import cache_kw
 from scbench.kernels.split_kv import (SPLIT_KV, masked_decode_attention,  # noqa: F401 (API: tests, scripts)
                                       split_kv_decode_attention, triton)
@@ -74,6 +76,8 @@ def unsupported(cache, method) -> str | None:
         return f"cache layers on {len(devices)} devices (a sharded model): the static buffers and graph are per device"
     return None
 
+
+log = logging.getLogger(__name__)
 
 KERNEL = os.environ.get("SCBENCH_DECODE_KERNEL") or ("triton" if triton is not None else "torch")
 """Decode attention on CUDA: ``triton`` (split_kv_decode_attention) or ``torch`` (masked_decode_attention)."""
@@ -170,6 +174,20 @@ class StaticKV:
         return self.lengths[layer_idx] if self.lengths else 0
 
 
+@contextlib.contextmanager
+def _logged(device, what):
+    """At INFO, the block's seconds (synchronised before and after) logged as ``what()`` + "in N s": the allocation
+    and the copy of a turn's cache, which its decode time includes; nothing added when INFO is off."""
+    if not log.isEnabledFor(logging.INFO):
+        yield
+        return
+    _sync(device)
+    t0 = time.perf_counter()
+    yield
+    _sync(device)
+    log.info("%s in %.4f s", what(), time.perf_counter() - t0)
+
+
 class FastDecoder:
     """Greedy decode over a ``StaticKV``; keeps buffers (and the captured graph) for the next turn when they fit."""
 
@@ -194,15 +212,20 @@ class FastDecoder:
         if self.kv is None or not self.kv.fits(cache, max_new) or max_new > self.tokens_cap:
             room = HEADROOM if self.kv is not None and getattr(self.plugin, "headroom", True) else 0  # outgrown
             self.kv = self.graph = None  # free the old buffers and graph pool before allocating new ones
-            self.kv = StaticKV(cache, max_new + room, self.plugin)
-            self.allocations += 1
+            with _logged(self.device, lambda: "decode buffers allocated (#%d, %d tokens of room): %.2f GiB of keys "
+                         "and values" % (self.allocations, room, sum(x.numel() * x.element_size()
+                                                                     for x in (*self.kv.k, *self.kv.v)) / 2**30)):
+                self.kv = StaticKV(cache, max_new + room, self.plugin)
+                self.allocations += 1
             self.tokens_cap = -(-max_new // BLOCK) * BLOCK
             self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.out = torch.zeros(self.tokens_cap, dtype=torch.long, device=self.device)
         if self.fused and self.plan is None:
             self.plan = fuse.prepare(self.model)
-        self.kv.load(cache)
+        with _logged(self.device, lambda: f"decode buffers loaded ({max(self.kv.lengths, default=0)} tokens in the "
+                     "largest layer)"):
+            self.kv.load(cache)
 
     def _logits(self) -> torch.Tensor:
         """Forward ``tok`` at ``pos`` through the static cache (writing its key/value): the logits [1, 1, V]."""

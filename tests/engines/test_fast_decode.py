@@ -5,6 +5,8 @@ the static cache must give the plain loop's tokens, token for token, and leave t
 embedded model (CPU, float32) for full attention and for eviction methods with per-layer lengths, before and
 after a later turn is appended on top. The CUDA-graph variant runs only where a GPU is present.
 """
+import logging
+
 import pytest
 import torch
 
@@ -132,6 +134,22 @@ def test_a_conversation_outgrowing_the_buffers_reallocates_once_with_room(tiny_e
         assert allocs == tight_allocs
     else:
         assert allocs == 2
+
+
+def test_the_info_log_times_the_allocation_and_the_copy_apart_without_changing_tokens(tiny_engine, caplog):
+    """At INFO the fast decoder logs each allocation of its buffers (room, GiB) and each turn's copy of the cache into
+    them, with their seconds (both inside a turn's decode time); the tokens stay the plain loop's."""
+    turns = ((None, 30),) + ((60, 30),) * 3
+    plain, _ = _conversation(tiny_engine, {"name": "full"}, "plain", turns)
+    with caplog.at_level(logging.INFO, logger=fastdecode.__name__):
+        fast, allocs = _conversation(tiny_engine, {"name": "full"}, "fast", turns)
+    assert fast == plain
+    lines = [r.getMessage() for r in caplog.records if r.name == fastdecode.__name__]
+    allocated = [m for m in lines if m.startswith("decode buffers allocated")]
+    loaded = [m for m in lines if m.startswith("decode buffers loaded")]
+    assert len(allocated) == allocs >= 2 and len(loaded) == len(turns)
+    assert "(#1, 0 tokens of room)" in allocated[0] and f"{fastdecode.HEADROOM} tokens of room" in allocated[1]
+    assert all(m.endswith(" s") and " in " in m for m in allocated + loaded)
 
 
 def test_stop_token_and_single_token_budgets(tiny_engine):
