@@ -102,9 +102,13 @@ class StaticKV:
         for layer in cache.layers:
             b, h, n, d = layer.keys.shape
             cap = -(-(n + extra) // BLOCK) * BLOCK
-            # zeros, not garbage: masked positions get weight 0, and 0 * NaN would still poison the value product
-            self.k.append(layer.keys.new_zeros(b, h, cap, d))
-            self.v.append(layer.values.new_zeros(b, h, cap, d))
+            # zeros, not garbage, past the cached rows: masked positions get weight 0, and 0 * NaN would still poison
+            # the value product; the first n rows are left unset (``load`` writes them next: a 131K cache's 16 GB
+            # are not written twice)
+            for bufs, x in ((self.k, layer.keys), (self.v, layer.values)):
+                buf = x.new_empty(b, h, cap, d)
+                buf[:, :, n:].zero_()
+                bufs.append(buf)
         self.positions = torch.arange(max(x.shape[2] for x in self.k), device=self.device)
         self.base = torch.zeros(len(self.k), dtype=torch.long, device=self.device)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)
