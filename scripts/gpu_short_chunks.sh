@@ -7,6 +7,7 @@
 # 3. the 131K query-hidden pair of results/perf/query_hidden_131k_h200.md again (full, Tri-shape, vertical-slash,
 #    both modes, 2 examples): the multi-turn first turn should now cost what multi-request's does, and every later
 #    prefill (0.075-0.092 s at bbcf731 for full attention) less with the split; SCBENCH_SPLIT_KV_ROWS=0 for the before;
+#    at INFO, so the logs give each turn's decode-buffer allocation and copy seconds (the first decode turn's deficit);
 # 4. CacheBlend through `scbench run` at 32K and 131K, both modes (never benched on the GPU; before its row blocks
 #    the recompute's attention held [Hq, rows, n] float32 scores: ~20 GB at 32K, ~330 GB at 131K).
 # Everything writes under $OUT (default /tmp/out).
@@ -25,8 +26,9 @@ bench() {  # bench_methods.py with the random 8B model and the embedded tokenize
   python3 -P scripts/bench_methods.py --model random-llama-3.1-8b --tokenizer .gpuwhl/smol_tok --turns 5 "$@" 2>&1 \
     | grep -E "^\| [0-9]+ |rc [0-9]"
 }
-bench --lengths 131000 --modes multi_turn multi_request --ways sequential --methods full trishape vertical_slash \
-  --examples 2 --extra policy.query_visible=false policy.truncation=context --out "$OUT/query_hidden.json" \
-  --deadline ${PAIR_S:-240}
+SCBENCH_LOG_LEVEL=INFO bench --lengths 131000 --modes multi_turn multi_request --ways sequential \
+  --methods full trishape vertical_slash --examples 2 --extra policy.query_visible=false policy.truncation=context \
+  --out "$OUT/query_hidden.json" --logs "$OUT/logs_query_hidden" --deadline ${PAIR_S:-240}
+grep -h "decode buffers" "$OUT"/logs_query_hidden/* 2>/dev/null | head -20  # allocation / copy seconds per turn
 bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \
   --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
