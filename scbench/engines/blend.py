@@ -114,6 +114,7 @@ class _ScatteredQueries:
 
     def __init__(self, idx: torch.Tensor, n: int):
         self.idx, self.n = idx, n
+        self.mask = None  # CPU: [q, n], built once for every layer
 
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]. CUDA: in row blocks, memory-light
@@ -121,8 +122,10 @@ class _ScatteredQueries:
         keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results stay bit for bit)."""
         if q.is_cuda:
             return prefix_rows_attention(q, k, v, self.idx, scale)
-        mask = torch.arange(self.n, device=q.device)[None, :] <= self.idx[:, None]  # [q, n]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        if self.mask is None:
+            self.mask = torch.arange(self.n, device=q.device)[None, :] <= self.idx[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 def select_tokens(fresh: torch.Tensor, stored: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -23,11 +23,13 @@ import time
 
 import torch
 
-from scbench.engines import attention, fuse
 from scbench.devices import sync as _sync
+from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
 from scbench.kernels.split_kv import (SPLIT_KV, masked_decode_attention,  # noqa: F401 (API: tests, scripts)
                                       split_kv_decode_attention, triton)
+
+log = logging.getLogger(__name__)
 
 PATHS = ("plain", "static", "graph")
 """What ``GenResult.decode_path`` records: the reference loop, or the static cache stepped eagerly / as a graph."""
@@ -76,8 +78,6 @@ def unsupported(cache, method) -> str | None:
         return f"cache layers on {len(devices)} devices (a sharded model): the static buffers and graph are per device"
     return None
 
-
-log = logging.getLogger(__name__)
 
 KERNEL = os.environ.get("SCBENCH_DECODE_KERNEL") or ("triton" if triton is not None else "torch")
 """Decode attention on CUDA: ``triton`` (split_kv_decode_attention) or ``torch`` (masked_decode_attention)."""
