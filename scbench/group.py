@@ -220,6 +220,9 @@ def run_group(jobs: list[Job], *, engine=None) -> list[Outcome]:
                      for m in claimed if not shares(m)) if sharers < len(claimed) else "")
         total = sum(n_turns(e, m.job.spec) for e in mine for m in claimed)
         todo = total - sum(len(m.done.get(e.id, {})) for e in mine for m in claimed)
+        reset = getattr(engine, "reset_peak_memory", None)
+        if reset is not None:  # the group's runs record the group's peak, not an earlier run's (as in run_spec)
+            reset()
         warm = getattr(engine, "warmup", None)
         for m in claimed:  # one-time costs (compilation, graph capture) before the first timed turn, as in run_spec
             if warm is not None and any(len(m.done.get(e.id, {})) < n_turns(e, m.job.spec) for e in mine):

@@ -114,7 +114,8 @@ class TurnStats:
     """Loading methods with ``recall=true``: mean share of the exact attention mass held by the keys attended
     (over decode steps and selecting layers); None when not measured."""
     peak_mem_bytes: int = 0
-    """Peak accelerator memory (CUDA) or peak process RSS (CPU) so far, see RunSpec.memory_metric."""
+    """Peak allocated accelerator memory (CUDA) or peak RSS of the process (CPU) since this run started in its process
+    (a grouped sweep: since the group started; a resumed run: since the resume), up to the end of this turn."""
     truncated_tokens: int = 0
     """Tokens removed from the first prompt by middle truncation (0 when it fit)."""
     attn_density: float = 1.0

@@ -209,6 +209,9 @@ def run_spec(spec: RunSpec, store_path: str, *, engine=None, engine_name: str = 
             label = f"{task.name} {spec.mode} {method.name}" + (f" shard {shard}" if picked else "")
             bar = tqdm(total=total, initial=total - todo, desc=label, unit="turn")
         try:
+            reset = getattr(engine, "reset_peak_memory", None)
+            if reset is not None:  # the peak memory the turns record is this run's, not an earlier run's
+                reset()
             warm = getattr(engine, "warmup", None)
             warmup_s = warm(method) if warm is not None and todo else 0.0  # one-time costs before the first turn
             for i, ex in enumerate(mine):

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from scbench.devices import peak_rss, start_peak
 from scbench.engines import attention, sharding
 from scbench.engines.chat import TokenizerEngine, refuse_unknown_keys, split_model_config, stop_ids
 from scbench.engines.models import check_window, resolve
@@ -254,11 +255,18 @@ class HFEngine(TokenizerEngine):
         return time.perf_counter() - t0
 
     def peak_memory(self) -> int:
-        """Peak accelerator bytes summed over the model's devices (CUDA), else the process's peak RSS."""
+        """Peak accelerator bytes summed over the model's devices (CUDA), else the process's peak RSS; both since
+        ``reset_peak_memory`` (the run's start), else since the process started."""
         per_device = sharding.peak_memory_per_device(self.devices)
         if per_device:
             return sum(per_device.values())
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        rss = peak_rss()
+        return rss if rss is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def reset_peak_memory(self) -> None:
+        """A run starts: its peak memory is counted from here, not from an earlier run's in this process
+        (``devices.start_peak``)."""
+        start_peak(self.devices)
 
     def _budget(self, max_memory) -> dict:
         budget = dict(max_memory) if max_memory else sharding.gpu_budget()

@@ -116,7 +116,7 @@ def count(devices) -> dict:
 
 
 def peak_memory_per_device(devices) -> dict[str, int]:
-    """Peak allocated bytes on each CUDA device of ``devices`` since the process started
+    """Peak allocated bytes on each CUDA device of ``devices`` since the run started, else since the process started
     (``scbench.devices.peak_allocated``)."""
     from scbench.devices import peak_allocated
 

@@ -216,9 +216,15 @@ class VLLMEngine(TokenizerEngine):
         self.processes.release()
 
     def peak_memory(self) -> int | None:
+        """CPU: the largest peak RSS of this process and vLLM's since ``reset_peak_memory``; GPU: None (vLLM
+        reserves its memory up front, so a peak would say nothing of the run)."""
         if self.device != "cpu":
             return None
         return self.processes.peak_memory()
+
+    def reset_peak_memory(self) -> None:
+        """A run starts: its peak is counted from here (scbench/run.py)."""
+        self.processes.reset_peak_memory()
 
     # --- the Engine interface -----------------------------------------------------------------------
     @property

@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Callable
+
+from scbench.devices import peak_rss, reset_peak_rss
 
 
 def descendants() -> set:
@@ -48,17 +49,6 @@ def reap(procs: set, timeout: float = 10.0) -> None:
             p.kill()
         except psutil.Error:
             pass
-
-
-def peak_rss(pid: int) -> int | None:
-    """Peak resident set size (VmHWM) of one process, or None when it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def exit_on_sigterm(signum, frame):
@@ -131,6 +121,12 @@ class ChildProcesses:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def peak_memory(self) -> int | None:
-        """The largest peak RSS among this process and the spawned ones (None when none can be read)."""
+        """The largest peak RSS among this process and the spawned ones since ``reset_peak_memory`` (None when none
+        can be read)."""
         peaks = [peak_rss(pid) for pid in [os.getpid(), *(p.pid for p in self.spawned)]]
         return max((p for p in peaks if p), default=None)
+
+    def reset_peak_memory(self) -> None:
+        """Restart the peak RSS of this process and the spawned ones at their current size (``devices.reset_peak_rss``)."""
+        for pid in [os.getpid(), *(p.pid for p in self.spawned)]:
+            reset_peak_rss(pid)

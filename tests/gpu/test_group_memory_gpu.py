@@ -3,7 +3,7 @@ leaves the process peak the runs record unchanged; ``group.room_for_run`` sizes 
 import pytest
 import torch
 
-from scbench.devices import peak_allocated, peak_window
+from scbench.devices import peak_allocated, peak_window, start_peak
 from scbench.engines.fork import GIB, free_device_bytes
 from scbench.group_example import room_for_run
 
@@ -25,6 +25,24 @@ def test_peak_window_on_cuda():
     assert 128 * MIB <= w.passing < 136 * MIB
     assert peak_allocated(dev) >= before  # the 512 MiB peak before the window still counts
     del kept, kept2
+
+
+def test_start_peak_on_cuda():
+    """A run's start (``start_peak``) forgets an earlier run's peak, a peak window's included; later windows keep
+    the run's own peak."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    base = torch.cuda.memory_allocated(dev)
+    big = torch.empty(512 * MIB, dtype=torch.uint8, device=dev)
+    with peak_window(dev):
+        del big
+    assert peak_allocated(dev) >= base + 512 * MIB
+    start_peak([dev])
+    assert peak_allocated(dev) < base + 8 * MIB
+    mid = torch.empty(96 * MIB, dtype=torch.uint8, device=dev)
+    del mid
+    with peak_window(dev):
+        pass
+    assert base + 96 * MIB <= peak_allocated(dev) < base + 104 * MIB
 
 
 def test_room_for_run_on_cuda():
