@@ -2,7 +2,7 @@
 # The GPU checks of session 25's CPU-only changes (no GPU was lent after them), for the next session's first call:
 #   run(carry=[".gpuwhl"], timeout_s=600):  bash scripts/gpu_short_chunks.sh
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
-#    peak memory);
+#    peak memory, one copy of a conversation's cache);
 # 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer, and
 #    dense attention of those rows as split-KV flash vs one call (a later turn's prompt over its context);
 # 3. the 131K query-hidden pair of results/perf/query_hidden_131k_h200.md again (full, Tri-shape, vertical-slash,
@@ -15,7 +15,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/gpu/test_group_memory_gpu.py" \
+GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
   timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target $site .gpuwhl/*.whl \

@@ -2,8 +2,8 @@
 
 The plain loop (``HFSession.generate`` with ``decode="plain"``) forwards one token at a time through a
 ``DynamicCache``: every step concatenates each layer's cache and launches the model op by op from Python, which
-leaves a GPU far below its memory-bandwidth bound. Here each layer's keys/values are copied once per turn into a
-buffer with room for the turn's tokens (``StaticKV``); a decode step writes its key/value in place at that layer's
+leaves a GPU far below its memory-bandwidth bound. Here each layer's keys/values live in a buffer with room for the
+turn's tokens (``StaticKV``); a decode step writes its key/value in place at that layer's
 own next position and attends to that layer's valid prefix only, so layers may hold different lengths (after
 SnapKV/PyramidKV/H2O/StreamingLLM eviction). The attention is a split-KV Triton kernel on CUDA that reads only
 the valid keys (``split_kv_decode_attention``), else masked torch products over the buffer
@@ -11,6 +11,12 @@ the valid keys (``split_kv_decode_attention``), else masked torch products over 
 forward + greedy pick) is captured once as a CUDA graph and replayed; the host reads the picked tokens back a few
 steps behind the GPU to stop at a stop token (``LAG``); tokens computed past the stop are dropped from the cache
 again. On CPU the same step runs eagerly (path ``static``).
+
+The buffers are the cache's storage, not a second copy of it: a plain layer moves into its buffer when the buffers
+are made (layer by layer, freeing its old tensor), the session's cache keeps views of them after a turn
+(``store_back``) and after a crop (``kvc.crop_layers``), and a later prefill appends in place while they have room
+(``kvc.SessionCache``), so a conversation's next decode finds its rows already there. Only when the buffers are
+outgrown are they made again (with ``HEADROOM`` tokens of room). Methods with a plugin keep their own storage rules.
 
 The plain loop stays the reference: ``tests/engines/test_fast_decode.py`` checks that both produce the same tokens.
 """
@@ -26,6 +32,7 @@ import torch
 from scbench.devices import sync as _sync
 from scbench.engines import attention, fuse
 from scbench.engines.base import cache_kw
+from scbench.kv import cache as kvc
 from scbench.kernels.split_kv import (SPLIT_KV, masked_decode_attention,  # noqa: F401 (API: tests, scripts)
                                       split_kv_decode_attention, triton)
 
@@ -37,9 +44,14 @@ BLOCK = 256
 """Buffer capacities are rounded up to this many tokens (also the key chunk of the split value product)."""
 LAG = 4
 """CUDA graph path: steps the host lets the GPU run ahead before reading a picked token back."""
+ADOPT = os.environ.get("SCBENCH_DECODE_ADOPT", "1") != "0"
+"""The buffers are the session cache's storage (see the module docstring); ``SCBENCH_DECODE_ADOPT=0``: a copy beside
+it, as before (each turn's cache copied in, a later prefill concatenated: twice the cache at the peak)."""
 HEADROOM = int(os.environ.get("SCBENCH_DECODE_HEADROOM", "1024"))
-"""Tokens of room a re-allocation (a conversation outgrew the buffers) keeps for the next turns, so they reuse the
-buffers and graph (H200 131K Quest multi-turn: median turn 150.5 -> 160.3 tok/s, decode_headroom_131k_h200.md)."""
+"""Tokens of room the buffers keep past a turn's tokens, so the next turns' prompts and answers fit and reuse the
+buffers and graph (H200 131K Quest multi-turn, room on re-allocation only: median turn 150.5 -> 160.3 tok/s,
+decode_headroom_131k_h200.md). Since the buffers became the cache's storage a first allocation keeps it too: a later
+prefill that fits appends in place instead of copying the cache."""
 
 
 def plugin_for(method):
@@ -102,13 +114,20 @@ class StaticKV:
         for layer in cache.layers:
             b, h, n, d = layer.keys.shape
             cap = -(-(n + extra) // BLOCK) * BLOCK
+            adopt = ADOPT and plugin is None and type(layer).__name__ == "DynamicLayer"
             # zeros, not garbage, past the cached rows: masked positions get weight 0, and 0 * NaN would still poison
-            # the value product; the first n rows are left unset (``load`` writes them next: a 131K cache's 16 GB
-            # are not written twice)
-            for bufs, x in ((self.k, layer.keys), (self.v, layer.values)):
+            # the value product; the first n rows are written once (here when the layer moves in, else by ``load``)
+            for bufs, name in ((self.k, "keys"), (self.v, "values")):
+                x = getattr(layer, name)
                 buf = x.new_empty(b, h, cap, d)
+                if ADOPT:
+                    kvc.with_room(buf)
                 buf[:, :, n:].zero_()
+                if adopt:  # a plain layer moves into its buffer now, layer by layer: its old tensor is freed at once
+                    buf[:, :, :n].copy_(x)  # (a whole second copy of the cache otherwise), ``load`` copies nothing
+                    setattr(layer, name, buf[:, :, :n])
                 bufs.append(buf)
+                del x
         self.positions = torch.arange(max(x.shape[2] for x in self.k), device=self.device)
         self.base = torch.zeros(len(self.k), dtype=torch.long, device=self.device)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -214,7 +233,7 @@ class FastDecoder:
 
     def _prepare(self, cache, max_new: int) -> None:
         if self.kv is None or not self.kv.fits(cache, max_new) or max_new > self.tokens_cap:
-            room = HEADROOM if self.kv is not None and getattr(self.plugin, "headroom", True) else 0  # outgrown
+            room = HEADROOM if getattr(self.plugin, "headroom", True) else 0
             self.kv = self.graph = None  # free the old buffers and graph pool before allocating new ones
             with _logged(self.device, lambda: "decode buffers allocated (#%d, %d tokens of room): %.2f GiB of keys "
                          "and values" % (self.allocations, room, sum(x.numel() * x.element_size()

@@ -26,11 +26,9 @@ class HFSession(Session):
     """One example's cache. ``pos`` counts positions seen, which can exceed the cache length after eviction."""
 
     def __init__(self, engine, method):
-        from transformers import DynamicCache
-
         self.engine = engine
         self.method = method
-        self.cache = DynamicCache(config=engine.model.config)
+        self.cache = kvc.SessionCache(config=engine.model.config)
         self.pos = 0
         self.last_logits: torch.Tensor | None = None
         self.hooks = method.hooks()
@@ -178,7 +176,8 @@ class HFSession(Session):
                     self.decoder = fastdecode.FastDecoder(self.engine.model, dev, plugin=fastdecode.plugin_for(self.method))
                 out = self.decoder.generate(self.cache, self.pos, tok, max_new_tokens, stop)
                 warmup_s = self.decoder.capture_s
-            except Exception as e:  # noqa: BLE001 - the session's cache is untouched until the fast path succeeds
+            except Exception as e:  # noqa: BLE001 - the session's cache keeps its rows (its layers may have moved
+                # into the decode buffers, the same rows), so the plain loop goes on from them
                 log.warning("fast decode failed (%s: %s); the plain loop for %s on this engine from now on",
                             type(e).__name__, e, self.method.label())
                 self.engine.plain_methods.add(self.method.label())

@@ -7,9 +7,12 @@ methods' ``TieredLayer``); a plain transformers layer is handled through its ``k
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @runtime_checkable
@@ -111,13 +114,74 @@ def full_nbytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, dtyp
 
 
 def crop_layers(cache, lengths: list[int]) -> None:
-    """Keep the first ``lengths[i]`` tokens of layer i (undo appends made after a checkpoint)."""
+    """Keep the first ``lengths[i]`` tokens of layer i (undo appends made after a checkpoint). A layer whose keys and
+    values are the first rows of capacity buffers (``with_room``) keeps views of them, as a ``SessionCache`` then
+    appends there; any other is copied out, so the rows cut off are freed."""
     for layer, n in zip(_layers(cache), lengths, strict=True):
         if isinstance(layer, CacheLayer):
             layer.scbench_crop(n)
         elif layer.keys.shape[-2] != n:
-            layer.keys = layer.keys[..., :n, :].contiguous()
-            layer.values = layer.values[..., :n, :].contiguous()
+            roomy = room_of(layer.keys) is not None and room_of(layer.values) is not None
+            layer.keys = layer.keys[..., :n, :] if roomy else layer.keys[..., :n, :].contiguous()
+            layer.values = layer.values[..., :n, :] if roomy else layer.values[..., :n, :].contiguous()
+
+
+_ROOMY: dict[tuple[str, int], weakref.ref] = {}
+"""(device, address) -> a capacity buffer marked by ``with_room`` (alive while its owner keeps it)."""
+
+
+def with_room(buf: torch.Tensor) -> torch.Tensor:
+    """Mark ``buf`` [B, Hkv, C, D] (contiguous) as a capacity buffer whose rows past a view of its first rows belong
+    to that view's holder: a ``SessionCache`` layer holding its first n rows appends a later prefill's rows in place
+    (no copy of the whole layer), and ``crop_layers`` keeps a view. Who marks a buffer hands views of it to one cache
+    alone (the fast decoder, scbench/engines/fastdecode.py, to its session's cache). The mark ends with ``buf``."""
+    key = (str(buf.device), buf.data_ptr())
+    _ROOMY[key] = weakref.ref(buf, lambda ref, key=key: _ROOMY.pop(key, None) if _ROOMY.get(key) is ref else None)
+    return buf
+
+
+def room_of(t: torch.Tensor, more: int = 0) -> torch.Tensor | None:
+    """The marked capacity buffer whose first rows ``t`` [B, Hkv, n, D] is, when it holds ``more`` rows past them;
+    else None."""
+    ref = _ROOMY.get((str(t.device), t.data_ptr()))
+    buf = ref() if ref is not None else None
+    if (buf is None or t.dim() != 4 or t.dtype != buf.dtype or t.stride() != buf.stride()
+            or t.shape[:2] != buf.shape[:2] or t.shape[3] != buf.shape[3] or t.shape[2] + more > buf.shape[2]):
+        return None
+    return buf
+
+
+def append_in_place(layer, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Write ``keys`` / ``values`` [B, Hkv, t, D] past a plain layer's rows inside their capacity buffers
+    (``with_room``) and make the layer views of the longer prefix; False (nothing done) when they have no room."""
+    t = keys.shape[-2]
+    kb, vb = room_of(layer.keys, t), room_of(layer.values, t)
+    if (kb is None or vb is None or keys.dtype != kb.dtype or values.dtype != vb.dtype
+            or keys.shape[:2] != kb.shape[:2] or values.shape[:2] != vb.shape[:2]
+            or layer.values.shape[-2] != layer.keys.shape[-2]):
+        return False
+    n = layer.keys.shape[-2]
+    with torch.inference_mode():  # the buffers are inference tensors (made in the decode's inference mode)
+        kb[:, :, n : n + t].copy_(keys)
+        vb[:, :, n : n + t].copy_(values)
+        layer.keys, layer.values = kb[:, :, : n + t], vb[:, :, : n + t]
+    return True
+
+
+class SessionCache(DynamicCache):
+    """A session's cache (scbench/engines/hf_session.py): transformers' ``DynamicCache``, except that a plain layer
+    holding the first rows of capacity buffers (the fast decoder's, after a decode turn) takes a later prefill's rows
+    in place: transformers' layer would concatenate, a new copy of the whole layer beside the decoder's buffers
+    (twice the cache at the end of the prefill, and a third copy when the decode loads it back). Attention then reads
+    the layer as views of the buffers, as it reads a loading method's ``TieredLayer``."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if (type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
+                    and append_in_place(layer, key_states, value_states)):
+                return layer.keys, layer.values
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def drop_last(cache, n: int) -> None:

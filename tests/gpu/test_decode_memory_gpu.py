@@ -1,0 +1,63 @@
+"""A conversation holds one copy of its cache on CUDA: the fast decoder's buffers are the session cache's storage
+(scbench/engines/fastdecode.py, ``kvc.SessionCache``), so neither the first decode (buffers made layer by layer,
+each layer moving in) nor a later turn (its prompt appended in place) allocates a second cache. Before, the first
+decode allocated the buffers beside the prefilled cache and every later prefill concatenated a new copy beside them:
+twice the cache at its peak. Needs CUDA."""
+import pytest
+import torch
+
+from scbench.kv import cache as kvc
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def engine_8b_shaped(layers: int = 4):
+    from support import byte_tokenizer, random_llama
+
+    from scbench.engines.hf import HFEngine
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = random_llama(1024, layers=layers, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
+                                 window=131072, rope_theta=500000.0)
+    finally:
+        torch.set_default_dtype(default)
+    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_a_conversation_holds_one_copy_of_its_cache_on_cuda(mode):
+    from scbench.registry import METHODS
+
+    engine = engine_8b_shaped()
+    engine.decode_mode = "fast"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (16384,), generator=g).tolist()
+    follow = [torch.randint(0, 256, (200,), generator=g).tolist() for _ in range(3)]
+    s = engine.session(METHODS.get("full")())
+    s.feed(ids, compress=False, sparse=False)
+    kv = kvc.kv_nbytes(s.cache)
+    checkpoint = s.checkpoint(rewrites=False) if mode == "multi_request" else None
+    peaks = []
+    for i, prompt in enumerate([[]] + follow):
+        if prompt:
+            if checkpoint is not None:
+                s.rollback(checkpoint)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if prompt:
+            s.feed(prompt, compress=False, sparse=False)
+        gen = s.generate(32)
+        if checkpoint is None:
+            s.drop_last(len(gen.tokens) - 1)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        assert gen.decode_path == "graph"
+    assert s.decoder.allocations == 1
+    # the first decode: the buffers' room (1,024 + 256 tokens) and one layer in passing, never a second cache
+    assert peaks[0] < kv * 0.5, (peaks, kv)
+    # later turns: the prompt's activations only
+    assert max(peaks[1:]) < kv * 0.25, (peaks, kv)
