@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of session 25's CPU-only changes (no GPU was lent after them), for the next session's first call:
-#   run(carry=[".gpuwhl"], timeout_s=600):  bash scripts/gpu_short_chunks.sh
+# The GPU checks of sessions 25-27's CPU-only changes (no GPU was lent after them), for the next GPU session:
+#   run(carry=[".gpuwhl"], timeout_s=600):  PARTS="1 2 3" bash scripts/gpu_short_chunks.sh
+#   run(carry=[".gpuwhl"], timeout_s=600):  PARTS="4 5" bash scripts/gpu_short_chunks.sh
+# (all five parts may exceed one 600 s call; PARTS picks them, default all)
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
 # 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer, and
@@ -9,27 +11,43 @@
 #    both modes, 2 examples): the multi-turn first turn should now cost what multi-request's does, and every later
 #    prefill (0.075-0.092 s at bbcf731 for full attention) less with the split; SCBENCH_SPLIT_KV_ROWS=0 for the before;
 #    at INFO, so the logs give each turn's decode-buffer allocation and copy seconds (the first decode turn's deficit);
-# 4. CacheBlend through `scbench run` at 32K and 131K, both modes (never benched on the GPU; before its row blocks
+#    the peak GiB column is now each run's own and full attention's should drop by ~16 GB (the cache held once);
+# 4. scripts/probe_decode_memory.py: a conversation's peak memory with the decode buffers as its cache's storage and
+#    as a copy (SCBENCH_DECODE_ADOPT=0), both modes, 131K, 8 layers of Llama-3.1-8B's shape;
+# 5. CacheBlend through `scbench run` at 32K and 131K, both modes (never benched on the GPU; before its row blocks
 #    the recompute's attention held [Hq, rows, n] float32 scores: ~20 GB at 32K, ~330 GB at 131K).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+PARTS=" ${PARTS:-1 2 3 4 5} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
-GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
-  timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
+if part 1; then
+  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
+    timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
+fi
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target $site .gpuwhl/*.whl \
   .gpuwhl/*.tar.gz
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $site . >/dev/null 2>&1
 export PYTHONPATH=$site SCBENCH_CACHE=/tmp/scbcache SCBENCH_COMMIT=${SCBENCH_COMMIT:-$(git rev-parse --short HEAD)}
-timeout ${PROBE_S:-60} python3 -P scripts/probe_query_chunk.py --out "$OUT/query_chunk_h200.json" | tail -12
+part 2 && timeout ${PROBE_S:-60} python3 -P scripts/probe_query_chunk.py --out "$OUT/query_chunk_h200.json" | tail -12
 bench() {  # bench_methods.py with the random 8B model and the embedded tokenizer
   python3 -P scripts/bench_methods.py --model random-llama-3.1-8b --tokenizer .gpuwhl/smol_tok --turns 5 "$@" 2>&1 \
     | grep -E "^\| [0-9]+ |rc [0-9]"
 }
-SCBENCH_LOG_LEVEL=INFO bench --lengths 131000 --modes multi_turn multi_request --ways sequential \
-  --methods full trishape vertical_slash --examples 2 --extra policy.query_visible=false policy.truncation=context \
-  --out "$OUT/query_hidden.json" --logs "$OUT/logs_query_hidden" --deadline ${PAIR_S:-240}
-grep -h "decode buffers" "$OUT"/logs_query_hidden/* 2>/dev/null | head -20  # allocation / copy seconds per turn
-bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \
-  --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
+if part 3; then
+  SCBENCH_LOG_LEVEL=INFO bench --lengths 131000 --modes multi_turn multi_request --ways sequential \
+    --methods full trishape vertical_slash --examples 2 --extra policy.query_visible=false policy.truncation=context \
+    --out "$OUT/query_hidden.json" --logs "$OUT/logs_query_hidden" --deadline ${PAIR_S:-240}
+  grep -h "decode buffers" "$OUT"/logs_query_hidden/* 2>/dev/null | head -20  # allocation / copy seconds per turn
+fi
+if part 4; then
+  timeout ${MEM_S:-150} python3 -P scripts/probe_decode_memory.py --device cuda --tokens 131072 --layers 8 \
+    --out "$OUT/decode_memory_h200.json" 2>&1 | grep -E "^\|"
+fi
+if part 5; then
+  bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \
+    --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
+fi
+exit 0
