@@ -86,11 +86,13 @@ def prefix_split_cudnn(q, k, v, scale):
     return (o1.float() * (w1 / tot)[..., None] + o2.float() * (w2 / tot)[..., None]).to(q.dtype)
 
 
-SPLIT_KV_ROWS = int(os.environ.get("SCBENCH_SPLIT_KV_ROWS", "256"))
+SPLIT_KV_ROWS = int(os.environ.get("SCBENCH_SPLIT_KV_ROWS", "0"))
 """A chunk of at most this many query rows over at least ``SPLIT_KV_MIN_KEYS`` keys (a later turn's prompt over its
 context, a first turn's query fed after it) runs on CUDA as split-KV flash (``split_kv_lower_right``): one flash call
 gives each head's few rows to one or two thread blocks that walk every key (32 programs for 64 rows of Llama-3.1-8B),
-the split gives every segment of keys its own. 0: never (``SCBENCH_SPLIT_KV_ROWS=0``, the one-call form)."""
+the split gives every segment of keys its own. 0 (the default): never, the one-call form. Measured slower on the
+H200 (torch 2.11, Llama-3.1-8B heads, bf16, 131K keys, results/perf/query_chunk_h200.json): 50 rows 0.96 ms against
+the one call's 0.60, 100 rows 1.01 against 0.94; ``SCBENCH_SPLIT_KV_ROWS=256`` turns it on."""
 SPLIT_KV_MIN_KEYS = 16384
 SPLIT_KV_SEGMENT = 4096
 
@@ -219,7 +221,6 @@ def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, las
     if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
         raise ValueError("prefix_rows_attention: last must be ascending and inside the keys")
     out = torch.empty_like(q)
-    ctx = sdpa_kernel(DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext()
     a = 0
     while a < r:
         e = a + 1
@@ -229,7 +230,7 @@ def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, las
         cols = torch.arange(nk, device=q.device)
         mask = cols[None, :] < torch.as_tensor(ends[a:e], device=q.device)[:, None]  # [rows, nk]
         qg = q[:, :, a:e].reshape(b, hk, g * rows, d)  # query head h * g + j: row (j, i) of KV head h
-        with ctx:
+        with sdpa_kernel(DECODE_BACKENDS) if q.is_cuda else contextlib.nullcontext():  # one per block: not re-entrant
             o = F.scaled_dot_product_attention(qg, k[:, :, :nk], v[:, :, :nk], scale=scale,
                                                attn_mask=mask[None].expand(g, rows, nk).reshape(g * rows, nk))
         out[:, :, a:e] = o.reshape(b, hq, rows, d)

@@ -79,10 +79,11 @@ def test_reference_part_keeps_the_log_sum_exp():
 @pytest.mark.parametrize("tq", [2, 50, 256])
 def test_cuda_causal_attention_takes_the_split(tq, monkeypatch):
     """Llama-3.1-8B heads, bf16: causal_attention of a short chunk over 20K keys (split-KV flash) against the float64
-    reference and the one-call form (SCBENCH_SPLIT_KV_ROWS=0)."""
+    reference and the one-call form (SCBENCH_SPLIT_KV_ROWS=0, the default)."""
     q, k, v = qkv(tq, 20000 + tq, 32, 8, d=128, seed=tq, dtype=torch.bfloat16, device="cuda")
     scale = 128 ** -0.5
     assert dense.split_kv_lower_right(q, k, v, scale) is not None  # flash takes the parts on this build
+    monkeypatch.setattr(dense, "SPLIT_KV_ROWS", 256)
     out = dense.causal_attention(q, k, v, scale)
     torch.testing.assert_close(out.double(), reference(q, k, v, scale), atol=2e-2, rtol=2e-2)
     monkeypatch.setattr(dense, "SPLIT_KV_ROWS", 0)
