@@ -46,6 +46,22 @@ def random_llama(vocab: int, *, layers: int = 2, hidden: int = 64, heads: int = 
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=window, **config))
 
 
+def llama8b_engine(layers: int):
+    """HFEngine over ``layers`` layers of Llama-3.1-8B's shape (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336),
+    random bf16 weights built on the GPU, with ``byte_tokenizer`` (vocabulary 1024): the GPU tests' 8B-shaped model."""
+    from scbench.engines.hf import HFEngine
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 directly (8B parameters)
+    try:
+        with torch.device("cuda"):
+            model = random_llama(1024, layers=layers, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
+                                 window=131072, rope_theta=500000.0)
+    finally:
+        torch.set_default_dtype(default)
+    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), device="cuda", dtype="bfloat16")
+
+
 def make_tiny_engine(tokenizer, seed: int = 0, layers: int = 2, **shape):
     """HFEngine over ``random_llama`` (hidden 64, 4 query / 2 KV heads unless ``shape`` says otherwise) with
     ``tokenizer``, on the CPU in float32."""

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from support import llama8b_engine
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 METHODS = {
@@ -23,22 +25,6 @@ METHODS = {
     "kivi-2bit": {"name": "kivi", "bits": 2},
     "kivi-4bit": {"name": "kivi", "bits": 4},
 }
-
-
-def llama8b_engine(layers: int):
-    from support import byte_tokenizer, random_llama
-
-    from scbench.engines.hf import HFEngine
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 directly (8B parameters)
-    try:
-        with torch.device("cuda"):
-            model = random_llama(1024, layers=layers, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
-                                 window=131072, rope_theta=500000.0)
-    finally:
-        torch.set_default_dtype(default)
-    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), device="cuda", dtype="bfloat16")
 
 
 def measure(engine, cfg: dict, tokens: int, decode: int = 64) -> dict:

@@ -7,31 +7,16 @@ import pytest
 import torch
 
 from scbench.kv import cache as kvc
+from support import llama8b_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def engine_8b_shaped(layers: int = 4):
-    from support import byte_tokenizer, random_llama
-
-    from scbench.engines.hf import HFEngine
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = random_llama(1024, layers=layers, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
-                                 window=131072, rope_theta=500000.0)
-    finally:
-        torch.set_default_dtype(default)
-    return HFEngine(path="unused", model=model, tokenizer=byte_tokenizer(), device="cuda", dtype="bfloat16")
 
 
 @pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
 def test_a_conversation_holds_one_copy_of_its_cache_on_cuda(mode):
     from scbench.registry import METHODS
 
-    engine = engine_8b_shaped()
+    engine = llama8b_engine(4)
     engine.decode_mode = "fast"
     g = torch.Generator().manual_seed(0)
     warm = engine.session(METHODS.get("full")())  # the model's one-time work (the fused step's weights, compiles)
