@@ -127,6 +127,7 @@ class ChildProcesses:
         return max((p for p in peaks if p), default=None)
 
     def reset_peak_memory(self) -> None:
-        """Restart the peak RSS of this process and the spawned ones at their current size (``devices.reset_peak_rss``)."""
+        """Restart the peak RSS of this process and the spawned ones at their current size
+        (``devices.reset_peak_rss``)."""
         for pid in [os.getpid(), *(p.pid for p in self.spawned)]:
             reset_peak_rss(pid)
