@@ -18,10 +18,12 @@
 #    as a copy (SCBENCH_DECODE_ADOPT=0), both modes, 131K, 8 layers of Llama-3.1-8B's shape;
 # 5. CacheBlend through `scbench run` at 32K and 131K, both modes (never benched on the GPU; before its row blocks
 #    the recompute's attention held [Hq, rows, n] float32 scores: ~20 GB at 32K, ~330 GB at 131K).
+# 6. scripts/probe_chunk_kv.py: CacheBlend's chunk KV at 32K and 131K (8B shape, 32 layers), one forward per chunk
+#    against the chunks batched (SCBENCH_BLEND_BATCH_TOKENS).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-PARTS=" ${PARTS:-1 2 3 4 5} "
+PARTS=" ${PARTS:-1 2 3 4 5 6} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if part 1; then
@@ -47,6 +49,10 @@ fi
 if part 4; then
   timeout ${MEM_S:-150} python3 -P scripts/probe_decode_memory.py --device cuda --tokens 131072 --layers 8 \
     --out "$OUT/decode_memory_h200.json" 2>&1 | grep -E "^\|"
+fi
+if part 6; then  # CacheBlend's chunk KV, one forward per chunk against the chunks batched (blend.chunk_kv)
+  timeout ${CHUNK_S:-150} python3 -P scripts/probe_chunk_kv.py --device cuda --model llama8b --tokens 32768 131072 \
+    --out "$OUT/chunk_kv_h200.json" 2>&1 | grep -E "^\|"
 fi
 if part 5; then
   bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \

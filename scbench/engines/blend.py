@@ -12,6 +12,7 @@ cache of each layer with their own fresh KV scattered in. Llama-family decoders 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -62,10 +63,75 @@ def chunk_spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
+BATCH_TOKENS = int(os.environ.get("SCBENCH_BLEND_BATCH_TOKENS", "16384"))
+"""Tokens per forward when ``chunk_kv`` computes chunks of the same length as one batch (each row one chunk from
+position 0, alone: the KV a store would hold); 0 computes them one by one (``chunk_kv_loop``, the reference).
+One forward of 256 tokens per chunk was 512 forwards at 131K (~48 ms each on the H200 at 32K, the likely bulk of the
+first turn's ~6 s chunk-KV time there, results/perf/cacheblend_h200.md)."""
+
+
 @torch.inference_mode()
-def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
+             batch_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys and values of ``ids`` computed chunk by chunk, each chunk alone (after ``ids[:prefix]`` for chunks
-    past the first) and re-rotated to its true positions: per layer [1, kv_heads, len(ids), head_dim]."""
+    past the first) and re-rotated to its true positions: per layer [1, kv_heads, len(ids), head_dim].
+
+    Chunks whose input (prefix + chunk) has the same length run as the rows of one forward of at most
+    ``batch_tokens`` tokens (default ``BATCH_TOKENS``; 0: ``chunk_kv_loop``, one forward per chunk), and each layer's
+    keys are re-rotated once for every chunk. A row attends only to its own tokens (a causal batch without padding),
+    so the rows are the chunks computed alone; tests/methods/test_cacheblend.py compares the two on random tokens."""
+    batch_tokens = BATCH_TOKENS if batch_tokens is None else batch_tokens
+    if batch_tokens <= 0:
+        return chunk_kv_loop(model, ids, chunk_size, prefix)
+    from transformers import DynamicCache
+
+    base, layers = decoder_parts(model)
+    dev = next(model.parameters()).device
+    spans = chunk_spans(len(ids), chunk_size)
+    groups: list[list[tuple[int, int]]] = []  # consecutive chunks of one input length, at most batch_tokens a group
+    for s, e in spans:
+        length = _input_len((s, e), prefix, len(ids))
+        g = groups[-1] if groups else None
+        if (g is not None and _input_len(g[0], prefix, len(ids)) == length
+                and (len(g) + 1) * length <= max(batch_tokens, length)):
+            g.append((s, e))
+        else:
+            groups.append([(s, e)])
+    keys: list[list[torch.Tensor]] = [[] for _ in layers]
+    values: list[list[torch.Tensor]] = [[] for _ in layers]
+    for g in groups:
+        s0 = g[0][0]
+        head = ids[:prefix] if s0 > 0 else []
+        inp = torch.tensor([head + ids[s:e] for s, e in g], device=dev)  # [chunks, len(head) + chunk]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=inp, position_ids=torch.arange(inp.shape[1], device=dev)[None].expand(len(g), -1),
+              **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
+        shift = torch.cat([torch.full((e - s,), s - len(head), dtype=torch.long) for s, e in g])
+        still = (shift == 0).to(dev)[:, None]  # chunks already at their true positions keep their keys as computed
+        for i, layer in enumerate(cache.layers[: len(layers)]):
+            k, v = (_rows_in_order(x[:, :, len(head):]) for x in (layer.keys, layer.values))
+            if not bool(still.all()):
+                k = torch.where(still, k, rerotate(k, shift, base.rotary_emb))
+            keys[i].append(k)
+            values[i].append(v)
+        del cache
+    return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values]
+
+
+def _input_len(span: tuple[int, int], prefix: int, n: int) -> int:
+    s, e = span
+    return (e - s) + (min(prefix, n) if s > 0 else 0)
+
+
+def _rows_in_order(x: torch.Tensor) -> torch.Tensor:
+    """[chunks, H, T, D] (one chunk a row) -> [1, H, chunks * T, D], the chunks one after another."""
+    c, h, t, d = x.shape
+    return x.permute(1, 0, 2, 3).reshape(1, h, c * t, d) if c > 1 else x
+
+
+@torch.inference_mode()
+def chunk_kv_loop(model, ids: list[int], chunk_size: int, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``chunk_kv`` one forward per chunk (the reference of its batched form; ``SCBENCH_BLEND_BATCH_TOKENS=0``)."""
     from transformers import DynamicCache
 
     base, layers = decoder_parts(model)

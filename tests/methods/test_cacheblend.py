@@ -74,6 +74,21 @@ def test_chunk_kv_matches_true_positions(engine):
     assert not torch.allclose(keys[-1][:, :, 16:], cache.layers[-1].keys[:, :, 16:], atol=1e-3)
 
 
+@pytest.mark.parametrize("n,chunk,prefix,batch", [(70, 16, 0, 16), (70, 16, 0, 48), (90, 16, 3, 10**6),
+                                                   (100, 16, 16, 64), (33, 16, 40, 32), (301, 32, 5, 100)])
+def test_batched_chunk_kv_matches_one_forward_per_chunk(engine, n, chunk, prefix, batch):
+    """The batched chunk KV (chunks of one input length as the rows of a forward, each layer re-rotated once) equals
+    the loop of one forward per chunk (the reference), with the last, shorter chunk, a shared prefix, a prefix as long
+    as a chunk (a chunk at its true position: not re-rotated) and one longer than the tokens."""
+    ids = random_ids(n, seed=n + prefix)
+    want_k, want_v = blend.chunk_kv_loop(engine.model, ids, chunk, prefix)
+    got_k, got_v = blend.chunk_kv(engine.model, ids, chunk, prefix, batch_tokens=batch)
+    assert len(got_k) == len(want_k) == engine.num_layers
+    for a, b in zip(got_k + got_v, want_k + want_v):
+        assert a.shape == b.shape == (1, engine.kv_heads, n, engine.head_dim)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("prefix", [0, 3])
 def test_full_recompute_equals_full_prefill(engine, prefix):
     ids = random_ids(90, seed=1)
