@@ -147,11 +147,16 @@ def reference_attention(q, k, v, pattern: Pattern, scale: float | None = None) -
     return (scores.softmax(-1) @ _expand(v, hq).double()).to(q.dtype)
 
 
-def chunked_attention(q, k, v, pattern: Pattern, scale: float | None = None, budget: int = 1 << 24,
+def chunked_attention(q, k, v, pattern: Pattern, scale: float | None = None, budget: int | None = None,
                       fast: bool | None = None) -> torch.Tensor:
     """The reference, memory-light: query chunks, each against only the keys it can see (SDPA, input dtype).
 
     Memory is O(chunk x visible keys x Hq) score cells (about ``budget``), so A-shape costs O(Tq x window).
+    ``budget`` defaults to 2^24 cells, and to 2^28 in the fast form on CUDA, whose memory-efficient kernel keeps no
+    score matrix (a cell is the mask's byte and its additive bf16 copy, as in ``dense.prefix_rows_attention``): at
+    131K keys vertical-slash's visible keys are nearly all of them, so 2^24 cut a 50-row query into 4 chunks of 16
+    rows, each a masked call over every key (30.3 ms per layer on the H200, ``results/perf/query_chunk_h200.md``);
+    with 2^28 one chunk takes about 60 rows (not yet measured on a GPU).
     ``fast`` (default: on CUDA, where the GPU path sends chunks of fewer than 128 rows: a first turn's query fed
     after its context with ``policy.query_visible=false``, later turns under ``sparse_prefill=every``): the dense
     last rows (Tri-shape) are one dense causal call (``dense.causal_attention``: flash with GQA on CUDA), and the
@@ -167,6 +172,8 @@ def chunked_attention(q, k, v, pattern: Pattern, scale: float | None = None, bud
     gqa = hq != hk
     fast = q.is_cuda if fast is None else fast
     group = fast and gqa
+    if budget is None:
+        budget = 1 << 28 if fast and q.is_cuda else 1 << 24
     if group and pattern.heads not in (1, hq):
         raise ValueError(f"a pattern over {pattern.heads} heads for {hq} query heads: expected 1 or {hq}")
     out = torch.empty_like(q)
