@@ -20,10 +20,12 @@
 #    the recompute's attention held [Hq, rows, n] float32 scores: ~20 GB at 32K, ~330 GB at 131K).
 # 6. scripts/probe_chunk_kv.py: CacheBlend's chunk KV at 32K and 131K (8B shape, 32 layers), one forward per chunk
 #    against the chunks batched (SCBENCH_BLEND_BATCH_TOKENS).
+# 7. scripts/probe_prefix_rows.py: CacheBlend's recomputed rows over 32K / 131K keys, one layer: the masked row
+#    blocks against the split (the default on CUDA since 2026-12-05, SCBENCH_PREFIX_ROWS=masked for the other).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-PARTS=" ${PARTS:-1 2 3 4 5 6} "
+PARTS=" ${PARTS:-1 2 3 4 5 6 7} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if part 1; then
@@ -53,6 +55,10 @@ fi
 if part 6; then  # CacheBlend's chunk KV, one forward per chunk against the chunks batched (blend.chunk_kv)
   timeout ${CHUNK_S:-150} python3 -P scripts/probe_chunk_kv.py --device cuda --model llama8b --tokens 32768 131072 \
     --out "$OUT/chunk_kv_h200.json" 2>&1 | grep -E "^\|"
+fi
+if part 7; then  # CacheBlend's recomputed rows: masked row blocks against the split (dense.prefix_rows)
+  timeout ${ROWS_S:-120} python3 -P scripts/probe_prefix_rows.py --tokens 32768 131072 \
+    --out "$OUT/prefix_rows_h200.json" 2>&1 | grep -E "^\|"
 fi
 if part 5; then
   bench --lengths 32000 131000 --modes multi_turn multi_request --ways sequential --methods full cacheblend \

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scbench.devices import sync as _sync
 from scbench.engines import attention
 from scbench.engines.base import FeedStats, cache_kw
-from scbench.kernels.dense import prefix_rows_attention
+from scbench.kernels.dense import prefix_rows
 
 EXACT_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies do not depend on the sequence length: re-rotation is exact for them."""
@@ -184,10 +184,11 @@ class _ScatteredQueries:
 
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]. CUDA: in row blocks, memory-light
-        (``dense.prefix_rows_attention``; one masked SDPA would hold [Hq, len(idx), n] float32 scores and copy the
-        keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results stay bit for bit)."""
+        (``dense.prefix_rows``: split or masked, ``SCBENCH_PREFIX_ROWS``; one masked SDPA would hold [Hq, len(idx), n]
+        float32 scores and copy the keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results
+        stay bit for bit)."""
         if q.is_cuda:
-            return prefix_rows_attention(q, k, v, self.idx, scale)
+            return prefix_rows(q, k, v, self.idx, scale)
         if self.mask is None:
             self.mask = torch.arange(self.n, device=q.device)[None, :] <= self.idx[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale,

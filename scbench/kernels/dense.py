@@ -238,6 +238,73 @@ def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, las
     return out
 
 
+PREFIX_ROWS = os.environ.get("SCBENCH_PREFIX_ROWS", "split")
+"""How CUDA runs ``prefix_rows`` (CacheBlend's recomputed tokens over the blended cache): ``split``
+(``prefix_rows_split``: per row block the keys every row sees as one flash call without a mask, the staircase after
+them in float32, merged by log-sum-exp) or ``masked`` (``prefix_rows_attention``: memory-efficient SDPA with a
+boolean mask over every key of the block, 2 bytes of additive mask per cell read by every KV head). Neither is
+measured at 131K yet (``scripts/probe_prefix_rows.py``); the split does the bulk of the work in flash."""
+
+
+def prefix_rows(q, k, v, last, scale: float | None = None) -> torch.Tensor:
+    """``prefix_rows_attention``'s rows (row i over keys 0..last[i], ascending) the ``PREFIX_ROWS`` way: on CUDA in
+    fp16 / bf16 the split (falling back to the masked form where flash does not take the shapes), else masked."""
+    if PREFIX_ROWS == "split" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out = prefix_rows_split(q, k, v, last, scale)
+        if out is not None:
+            return out
+    return prefix_rows_attention(q, k, v, last, scale)
+
+
+def prefix_rows_split(q, k, v, last, scale: float | None = None, part=None, cells: int = 1 << 26):
+    """Rows that each see a prefix of the keys (row i: keys 0..last[i], ``last`` ascending), in row blocks: the keys
+    the block's first row sees, which every row of the block sees, as one call without a mask (``part``: flash,
+    ``_flash_part``; the reference ``attention_lse``), the staircase after them (row i: up to last[i]) as float32
+    scores with a mask, at most ``cells`` of them, merged exactly by the two log-sum-exps. The query heads that share
+    a KV head attend as one head of g x rows (no copy of the keys per query head). None where ``part`` does not take
+    the shapes. q: [B, Hq, R, D]; k, v: [B, Hkv, N, D]; last: [R] -> [B, Hq, R, D]."""
+    b, hq, r, d = q.shape
+    hk = k.shape[1]
+    if hq % hk:
+        raise ValueError(f"prefix_rows_split: {hq} query heads do not group onto {hk} KV heads")
+    g = hq // hk
+    part = part or _flash_part
+    scale = d**-0.5 if scale is None else scale
+    ends = (last.to(torch.int64) + 1).tolist()
+    if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
+        raise ValueError("prefix_rows_split: last must be ascending and inside the keys")
+    out = torch.empty_like(q)
+    a = 0
+    while a < r:
+        e = a + 1
+        while e < r and hq * (e + 1 - a) * (ends[e] - ends[a]) <= cells:  # grow the block while its staircase fits
+            e += 1
+        rows, head, tail = e - a, ends[a], ends[e - 1] - ends[a]
+        qg = q[:, :, a:e].reshape(b, hk, g * rows, d)  # query head h * g + j: row (j, i) of KV head h
+        got = part(qg, k[:, :, :head], v[:, :, :head], False, scale)
+        if got is None:
+            return None
+        o1, l1 = got
+        if tail:
+            kt, vt = k[:, :, head : head + tail].float(), v[:, :, head : head + tail].float()
+            sc = (qg.float() @ kt.transpose(-1, -2)) * scale  # [B, Hkv, g * rows, tail]
+            seen = torch.arange(head, head + tail, device=q.device)[None, :] < torch.as_tensor(
+                ends[a:e], device=q.device)[:, None]  # [rows, tail]
+            sc = sc.masked_fill(~seen.repeat(g, 1), float("-inf"))
+            l2 = torch.logsumexp(sc, -1)  # -inf for a row that sees no key past ``head``
+            w = torch.exp(sc - l2.clamp(min=torch.finfo(torch.float32).min)[..., None])
+            o2 = w @ vt
+            l1 = l1.float()
+            m = torch.maximum(l1, l2)
+            w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+            og = (o1.float() * w1 + o2 * w2) / (w1 + w2)
+        else:
+            og = o1
+        out[:, :, a:e] = og.reshape(b, hq, rows, d).to(q.dtype)
+        a = e
+    return out
+
+
 LSE_BACKENDS = ("cudnn", "flash")
 """SDPA kernels ``causal_attention_lse`` tries in turn (both keep the log-sum-exp for their backward). On an H200
 (torch 2.11, 8B layer shape, scripts/bench_h2o_prefill.py): cuDNN 13.1 / 259 ms at 32K / 128K, as fast as the

@@ -172,6 +172,51 @@ def test_prefix_rows_attention_matches_masked_reference(hq, hk, cells):
         prefix_rows_attention(q, k, v, last.flip(0), 0.3)
 
 
+@pytest.mark.parametrize("hq,hk", [(6, 2), (3, 3)])
+@pytest.mark.parametrize("cells", [1, 400, 1 << 26])
+@pytest.mark.parametrize("spread", ["scattered", "consecutive"])
+def test_prefix_rows_split_matches_masked_reference(hq, hk, cells, spread):
+    """The split form (per row block: the keys every row sees as one unmasked call, the staircase after them in
+    float32, merged by log-sum-exp), with the reference part (``attention_lse``) for flash, against float64 softmax
+    with the mask: one row per block, a few, all; scattered rows with ties and consecutive rows (ratio 1)."""
+    from scbench.kernels.dense import attention_lse, prefix_rows_split
+
+    g = torch.Generator().manual_seed(hq + cells % 1000)
+    n, d = 90, 16
+    if spread == "scattered":
+        last = torch.cat([torch.randperm(n - 1, generator=g)[:20].sort().values, torch.tensor([n - 1])])
+        last[3] = last[2]  # ties: a row block whose second row sees nothing past the first's keys
+    else:
+        last = torch.arange(40, n)
+    q = torch.randn(1, hq, len(last), d, generator=g)
+    k, v = torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g)
+    mask = torch.arange(n)[None, :] <= last[:, None]
+    kk, vv = (x.repeat_interleave(hq // hk, 1).double() for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = (s.softmax(-1) @ vv).float()
+    got = prefix_rows_split(q, k, v, last, 0.3, part=attention_lse, cells=cells)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert prefix_rows_split(q, k, v, last, 0.3, part=lambda *a: None) is None  # a part that does not take them
+    with pytest.raises(ValueError, match="ascending"):
+        prefix_rows_split(q, k, v, last.flip(0), 0.3, part=attention_lse)
+
+
+def test_blend_through_the_split_equals_the_one_masked_call(engine, monkeypatch):
+    """The split form inside a real blended prefill gives the CPU form's cache and logits (small blocks)."""
+    from scbench.kernels.dense import attention_lse, prefix_rows_split
+
+    ids = random_ids(81, seed=4)
+    knobs = dict(chunk_size=16, recompute_ratio=0.15, select_layer=1, measure_full=False)
+    s1, _, _ = blended(engine, ids, **knobs)
+    monkeypatch.setattr(blend._ScatteredQueries, "prefill_attention", lambda self, layer, q, k, v, scale:
+                        prefix_rows_split(q, k, v, self.idx, scale, part=attention_lse, cells=64))
+    s2, _, _ = blended(engine, ids, **knobs)
+    torch.testing.assert_close(s2.last_logits, s1.last_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(s1.cache.layers, s2.cache.layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+
+
 def test_blend_through_row_blocks_equals_the_one_masked_call(engine, monkeypatch):
     """CUDA's form of the recomputed tokens' attention (row blocks, prefix_rows_attention) inside a real blended
     prefill gives the CPU form's cache and logits (tiny budget: one row per block)."""
@@ -236,9 +281,10 @@ def test_full_recompute_equals_full_prefill_embedded(embedded_engine):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_prefix_rows_attention_at_llama_shape():
-    """CUDA's row blocks (memory-efficient SDPA with a boolean mask, no cuDNN), Llama-3.1-8B heads, bf16, 15% of
-    12K tokens over the blended cache, against float64 per block of rows."""
-    from scbench.kernels.dense import prefix_rows_attention
+    """CUDA's row blocks (memory-efficient SDPA with a boolean mask, no cuDNN) and the split form (flash over each
+    block's shared keys, the staircase in float32), Llama-3.1-8B heads, bf16, 15% of 12K tokens over the blended
+    cache, against float64 per block of rows."""
+    from scbench.kernels.dense import prefix_rows_attention, prefix_rows_split
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 12000
@@ -247,12 +293,15 @@ def test_cuda_prefix_rows_attention_at_llama_shape():
     q = torch.randn(1, 32, len(last), 128, generator=g, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 8, n, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out = prefix_rows_attention(q, k, v, last, 128 ** -0.5, cells=1 << 22)  # several blocks
+    split = prefix_rows_split(q, k, v, last, 128 ** -0.5, cells=1 << 22)  # flash over each block's shared keys
+    assert split is not None
     for a in (0, 900, len(last) - 64):
         rows = slice(a, a + 64)
         kk, vv = (x.repeat_interleave(4, 1).double() for x in (k, v))
         s = (q[:, :, rows].double() @ kk.transpose(-1, -2)) * 128 ** -0.5
         s = s.masked_fill(torch.arange(n, device="cuda")[None, :] > last[rows, None], float("-inf"))
         torch.testing.assert_close(out[:, :, rows].double(), s.softmax(-1) @ vv, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(split[:, :, rows].double(), s.softmax(-1) @ vv, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
