@@ -199,6 +199,18 @@ def masked_blocks(q, k, v, scale, gqa, max_bytes: int) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
+def _row_ends(name: str, q, k, last) -> tuple[int, list[int]]:
+    """(query heads per KV head, each row's key count ``last + 1`` read once to the host), or a ValueError naming
+    ``name`` when the heads do not group or ``last`` is not ascending inside the keys."""
+    hq, hk = q.shape[1], k.shape[1]
+    if hq % hk:
+        raise ValueError(f"{name}: {hq} query heads do not group onto {hk} KV heads")
+    ends = (last.to(torch.int64) + 1).tolist()
+    if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
+        raise ValueError(f"{name}: last must be ascending and inside the keys")
+    return hq // hk, ends
+
+
 def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                           scale: float | None = None, cells: int | None = None) -> torch.Tensor:
     """Query rows that each see a prefix of the keys: row i attends to keys 0..last[i] (``last`` ascending), e.g.
@@ -212,14 +224,9 @@ def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, las
     15% of 131K tokens. q: [B, Hq, R, D]; k, v: [B, Hkv, N, D]; last: [R] ints < N -> [B, Hq, R, D]."""
     b, hq, r, d = q.shape
     hk = k.shape[1]
-    if hq % hk:
-        raise ValueError(f"prefix_rows_attention: {hq} query heads do not group onto {hk} KV heads")
-    g = hq // hk
+    g, ends = _row_ends("prefix_rows_attention", q, k, last)
     if cells is None:
         cells = (1 << 28) if q.is_cuda else max(1, (1 << 24) // hk)
-    ends = (last.to(torch.int64) + 1).tolist()  # one host read of the row ends
-    if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
-        raise ValueError("prefix_rows_attention: last must be ascending and inside the keys")
     out = torch.empty_like(q)
     a = 0
     while a < r:
@@ -265,14 +272,9 @@ def prefix_rows_split(q, k, v, last, scale: float | None = None, part=None, cell
     the shapes. q: [B, Hq, R, D]; k, v: [B, Hkv, N, D]; last: [R] -> [B, Hq, R, D]."""
     b, hq, r, d = q.shape
     hk = k.shape[1]
-    if hq % hk:
-        raise ValueError(f"prefix_rows_split: {hq} query heads do not group onto {hk} KV heads")
-    g = hq // hk
+    g, ends = _row_ends("prefix_rows_split", q, k, last)
     part = part or _flash_part
     scale = d**-0.5 if scale is None else scale
-    ends = (last.to(torch.int64) + 1).tolist()
-    if any(x > y for x, y in zip(ends, ends[1:])) or (ends and (ends[0] < 1 or ends[-1] > k.shape[-2])):
-        raise ValueError("prefix_rows_split: last must be ascending and inside the keys")
     out = torch.empty_like(q)
     a = 0
     while a < r:

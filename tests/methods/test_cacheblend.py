@@ -150,6 +150,15 @@ def test_select_tokens_matches_plain_loop():
     assert blend.select_tokens(fresh, stored, 0.15).tolist() == want
 
 
+def prefix_rows_reference(q, k, v, last, scale):
+    """Row i of q over keys 0..last[i]: float64 softmax with the mask (GQA keys repeated), as float32."""
+    n = k.shape[-2]
+    mask = torch.arange(n)[None, :] <= last[:, None]
+    kk, vv = (x.repeat_interleave(q.shape[1] // k.shape[1], 1).double() for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ vv).float()
+
+
 @pytest.mark.parametrize("hq,hk", [(6, 2), (3, 3)])
 @pytest.mark.parametrize("cells", [1, 300, None])
 def test_prefix_rows_attention_matches_masked_reference(hq, hk, cells):
@@ -163,10 +172,7 @@ def test_prefix_rows_attention_matches_masked_reference(hq, hk, cells):
     last[3] = last[2]  # ties are allowed (ascending, not strictly)
     q = torch.randn(1, hq, len(last), d, generator=g)
     k, v = torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g)
-    mask = torch.arange(n)[None, :] <= last[:, None]
-    kk, vv = (x.repeat_interleave(hq // hk, 1).double() for x in (k, v))
-    s = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
-    ref = (s.softmax(-1) @ vv).float()
+    ref = prefix_rows_reference(q, k, v, last, 0.3)
     torch.testing.assert_close(prefix_rows_attention(q, k, v, last, 0.3, cells=cells), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="ascending"):
         prefix_rows_attention(q, k, v, last.flip(0), 0.3)
@@ -190,10 +196,7 @@ def test_prefix_rows_split_matches_masked_reference(hq, hk, cells, spread):
         last = torch.arange(40, n)
     q = torch.randn(1, hq, len(last), d, generator=g)
     k, v = torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g)
-    mask = torch.arange(n)[None, :] <= last[:, None]
-    kk, vv = (x.repeat_interleave(hq // hk, 1).double() for x in (k, v))
-    s = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
-    ref = (s.softmax(-1) @ vv).float()
+    ref = prefix_rows_reference(q, k, v, last, 0.3)
     got = prefix_rows_split(q, k, v, last, 0.3, part=attention_lse, cells=cells)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert prefix_rows_split(q, k, v, last, 0.3, part=lambda *a: None) is None  # a part that does not take them
