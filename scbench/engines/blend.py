@@ -92,9 +92,9 @@ def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
     for s, e in spans:
         length = _input_len((s, e), prefix, len(ids))
         g = groups[-1] if groups else None
-        if (g is not None and _input_len(g[0], prefix, len(ids)) == length
+        if (g is not None and (g[0][0] > 0) == (s > 0) and _input_len(g[0], prefix, len(ids)) == length
                 and (len(g) + 1) * length <= max(batch_tokens, length)):
-            g.append((s, e))
+            g.append((s, e))  # the same input length, and the prefix before every chunk of the group or none
         else:
             groups.append([(s, e)])
     keys: list[list[torch.Tensor]] = [[] for _ in layers]

@@ -75,11 +75,13 @@ def test_chunk_kv_matches_true_positions(engine):
 
 
 @pytest.mark.parametrize("n,chunk,prefix,batch", [(70, 16, 0, 16), (70, 16, 0, 48), (90, 16, 3, 10**6),
-                                                   (100, 16, 16, 64), (33, 16, 40, 32), (301, 32, 5, 100)])
+                                                   (100, 16, 16, 64), (33, 16, 40, 32), (301, 32, 5, 100),
+                                                   (20, 16, 12, 10**6)])
 def test_batched_chunk_kv_matches_one_forward_per_chunk(engine, n, chunk, prefix, batch):
     """The batched chunk KV (chunks of one input length as the rows of a forward, each layer re-rotated once) equals
     the loop of one forward per chunk (the reference), with the last, shorter chunk, a shared prefix, a prefix as long
-    as a chunk (a chunk at its true position: not re-rotated) and one longer than the tokens."""
+    as a chunk (a chunk at its true position: not re-rotated), one longer than the tokens, and a last chunk whose
+    prefix makes it as long as the first, which has none (20 tokens, chunks of 16, prefix 12)."""
     ids = random_ids(n, seed=n + prefix)
     want_k, want_v = blend.chunk_kv_loop(engine.model, ids, chunk, prefix)
     got_k, got_v = blend.chunk_kv(engine.model, ids, chunk, prefix, batch_tokens=batch)
