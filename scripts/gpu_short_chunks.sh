@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of sessions 25-27's CPU-only changes (no GPU was lent after them), for the next GPU session:
-#   run(carry=[".gpuwhl"], timeout_s=600):  SCBENCH_COMMIT=<git rev-parse --short HEAD, here> PARTS="1 2 3" bash ...
-#   run(carry=[".gpuwhl"], timeout_s=600):  SCBENCH_COMMIT=<...> PARTS="4 5" bash scripts/gpu_short_chunks.sh
-# (all five parts may exceed one 600 s call; PARTS picks them, default all; the copy's .git there may be the last
-# landed commit, not this tree's, hence SCBENCH_COMMIT). Ran: parts 1, 2, 4 on 92234a9; 1, 3, 5 on 1091f4e (5 partial:
-# CacheBlend's 131K first turn outlasted BLEND_S=150; give it 400 s alone).
+# The GPU checks of sessions 25-28's CPU-only changes, for the next GPU session (what 28 changed first):
+#   run(carry=[".gpuwhl"], timeout_s=600):  SCBENCH_COMMIT=<git rev-parse --short HEAD, here> TESTS_S=180 \
+#                                           PARTS="1 2 6 7" bash scripts/gpu_short_chunks.sh
+#   run(carry=[".gpuwhl"], timeout_s=600):  SCBENCH_COMMIT=<...> PARTS=5 BLEND_S=400 bash scripts/gpu_short_chunks.sh
+# (all parts exceed one 600 s call; PARTS picks them, default all; the copy's .git there may be the last landed
+# commit, not this tree's, hence SCBENCH_COMMIT). Ran: parts 1, 2, 4 on 92234a9; 1, 3, 5 on 1091f4e (5 partial:
+# CacheBlend's 131K first turn outlasted BLEND_S=150).
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
 # 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer, and
