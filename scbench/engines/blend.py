@@ -107,10 +107,12 @@ def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
         model(input_ids=inp, position_ids=torch.arange(inp.shape[1], device=dev)[None].expand(len(g), -1),
               **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
         shift = torch.cat([torch.full((e - s,), s - len(head), dtype=torch.long) for s, e in g])
-        still = (shift == 0).to(dev)[:, None]  # chunks already at their true positions keep their keys as computed
+        still = shift == 0  # chunks already at their true positions keep their keys as computed (decided on the host)
+        moved = not bool(still.all())
+        still = still.to(dev)[:, None] if moved else None
         for i, layer in enumerate(cache.layers[: len(layers)]):
             k, v = (_rows_in_order(x[:, :, len(head):]) for x in (layer.keys, layer.values))
-            if not bool(still.all()):
+            if moved:
                 k = torch.where(still, k, rerotate(k, shift, base.rotary_emb))
             keys[i].append(k)
             values[i].append(v)

@@ -151,7 +151,9 @@ class StaticKV:
         return fits(cache, extra) if fits is not None else True
 
     def load(self, cache) -> None:
-        """Copy every layer of ``cache`` into the buffers and restart the step counter."""
+        """Copy into the buffers every layer of ``cache`` not already in them (a layer that moved in when they were
+        made, or views left by ``store_back`` / a crop / an in-place append, is not copied) and restart the step
+        counter."""
         self.lengths = [layer.keys.shape[2] for layer in cache.layers]
         for layer, kb, vb, n in zip(cache.layers, self.k, self.v, self.lengths):
             if layer.keys.data_ptr() != kb.data_ptr():  # a view left by store_back needs no copy
