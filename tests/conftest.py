@@ -101,6 +101,26 @@ def _slow_marks_the_embedded_model(request, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
 
 
+KERNEL_FIXTURES = {"interpreted", "interpreted_without_cuda"}
+"""Fixtures of the Triton kernel tests (CPU tensors through the kernels under the interpreter)."""
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels_when_asked(request, monkeypatch):
+    """Under ``TRITON_INTERPRET=1`` (`make test`) a decode step on CPU would run the fused step's Triton kernels in
+    the interpreter (``fused.CPU_KERNELS``): two to three times slower, and no more than an integration test of
+    kernels that their own tests compare with the references on random inputs. Only the tests marked
+    ``cpu_kernels`` (the fused step against the unfused one, a whole run every way, batched replays) and the
+    kernel tests (the ``interpreted`` fixtures) keep them; the others take the references, in this process and in
+    the ``scbench`` processes they start (``SCBENCH_CPU_KERNELS=0``)."""
+    if request.node.get_closest_marker("cpu_kernels") or KERNEL_FIXTURES & set(request.fixturenames):
+        return
+    from scbench.kernels import fused
+
+    monkeypatch.setattr(fused, "CPU_KERNELS", False)
+    monkeypatch.setenv("SCBENCH_CPU_KERNELS", "0")
+
+
 @pytest.fixture
 def clean_registries(monkeypatch):
     """Method / task registries and plugin state restored after the test (plugin tests register out-of-tree names)."""

@@ -27,11 +27,17 @@ except ImportError:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's CPU interpreter is on: the kernels may take CPU tensors (tests)."""
+CPU_KERNELS = INTERPRET and os.environ.get("SCBENCH_CPU_KERNELS", "1") != "0"
+"""Under the interpreter, CPU tensors of a decode step go through these kernels (and the batched step's rotary
+kernel, ``shared_prefix.rope_store_rows``) rather than the references: every decode of a test becomes an
+integration test of the kernels, two to three times slower. ``SCBENCH_CPU_KERNELS=0`` keeps the references;
+tests/conftest.py turns it off for the tests that do not ask for the kernels (marker ``cpu_kernels``, or the
+``interpreted`` fixtures)."""
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for ``x`` (CUDA with Triton, or the interpreter in tests)."""
-    return triton is not None and (x.is_cuda or INTERPRET)
+    """Whether the Triton kernels run for ``x`` (CUDA with Triton, or CPU tensors under the interpreter in tests)."""
+    return triton is not None and (x.is_cuda or CPU_KERNELS)
 
 
 # --- references ---------------------------------------------------------------------------------------------

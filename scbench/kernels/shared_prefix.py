@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from scbench.kernels import fused
 from scbench.kernels.fused import rotate_half
 
 try:
@@ -42,8 +43,9 @@ if os.environ.get("SCBENCH_SHARED_PREFIX"):
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for ``x`` (CUDA with Triton, or the interpreter in tests)."""
-    return triton is not None and (x.is_cuda or INTERPRET)
+    """Whether the Triton kernels run for ``x`` (CUDA with Triton, or CPU tensors under the interpreter in tests:
+    ``fused.CPU_KERNELS``)."""
+    return triton is not None and (x.is_cuda or fused.CPU_KERNELS)
 
 
 if triton is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from support import load_script
 
 agree = load_script("bench_agreement.py")
@@ -39,6 +41,7 @@ def test_compare_per_way_method_and_mode():
     assert {r["way"] for r in other} == {"plain"} and next(r for r in other if r["method"] == "full")["same"] == 1
 
 
+@pytest.mark.cpu_kernels  # the fused step's kernels in the interpreter, through the runner
 def test_tiny_model_end_to_end_every_way_agrees_in_float32(tmp_path, monkeypatch):
     out = tmp_path / "agree"
     monkeypatch.setattr("sys.argv", ["bench_agreement.py", "--model", "tiny-llama", "--methods", "full", "snapkv-1k",

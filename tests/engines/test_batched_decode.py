@@ -97,6 +97,7 @@ def test_ragged_batched_forced_answer_prefix(tiny_engine, monkeypatch, method, f
 
 @pytest.mark.skipif(shared_prefix.triton is None or not shared_prefix.INTERPRET,
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, as make test sets)")
+@pytest.mark.cpu_kernels
 def test_ragged_batched_kernel_interpreter(tiny_engine, duo_gates, monkeypatch, mode="multi_request"):
     """The Triton kernels themselves in the batched step (interpreted, float32 CPU): the sequential path's rows."""
     import scbench.batch_step
@@ -192,6 +193,7 @@ def decode_together(engine, cases, **kw):
             for (rep, p), gens, k in zip(preps, results, kernels)]
 
 
+@pytest.mark.cpu_kernels  # the batched step's rotary kernel in the interpreter too
 def test_runs_decoded_together_equal_alone(tiny_engine):
     """Several runs' batches forwarded as one (the weights read once per step; each run's rows attend to its own
     cache through its own plugin) give every run the rows it gets alone, in float32 token for token."""

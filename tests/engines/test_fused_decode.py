@@ -53,6 +53,7 @@ def test_references_equal_the_llama_modules():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+@pytest.mark.cpu_kernels  # its process must see SCBENCH_CPU_KERNELS unset
 def test_triton_kernels_in_the_interpreter():
     """Run ``_kernels_check`` in a subprocess with TRITON_INTERPRET=1 (the interpreter is chosen at import)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -60,6 +61,31 @@ def test_triton_kernels_in_the_interpreter():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+def test_unmarked_tests_take_the_references():
+    """tests/conftest.py: a test neither marked ``cpu_kernels`` nor using the ``interpreted`` fixtures decodes through
+    the references, and so do the processes it starts."""
+    assert fused.CPU_KERNELS is False and os.environ["SCBENCH_CPU_KERNELS"] == "0"
+    assert not fused.use_triton(torch.zeros(1))
+
+
+@pytest.mark.cpu_kernels
+def test_marked_tests_keep_the_kernels():
+    want = fused.INTERPRET and os.environ.get("SCBENCH_CPU_KERNELS", "1") != "0"
+    assert fused.CPU_KERNELS == want and fused.use_triton(torch.zeros(1)) == (want and fused.triton is not None)
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("flag,want", [(None, "True"), ("1", "True"), ("0", "False")])
+def test_cpu_kernels_flag(flag, want):
+    """Under the interpreter CPU tensors take the kernels unless SCBENCH_CPU_KERNELS=0 (read at import)."""
+    env = {k: v for k, v in os.environ.items() if k != "SCBENCH_CPU_KERNELS"}
+    env.update({"TRITON_INTERPRET": "1", **({"SCBENCH_CPU_KERNELS": flag} if flag is not None else {})})
+    code = "import torch; from scbench.kernels import fused, shared_prefix; x = torch.zeros(1); " \
+           "print(fused.CPU_KERNELS, fused.use_triton(x), shared_prefix.available(x))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [want] * 3, out.stderr[-2000:]
 
 
 def _decode(engine, cfg, enabled, monkeypatch, turns=((None, 24), (30, 10))):
@@ -83,6 +109,7 @@ def _decode(engine, cfg, enabled, monkeypatch, turns=((None, 24), (30, 10))):
 @pytest.mark.parametrize("cfg", [{"name": "full"}, {"name": "pyramidkv", "budget": 48},
                                  {"name": "quest", "budget": 64, "page_size": 16}],
                          ids=["full", "pyramidkv", "quest-plugin"])
+@pytest.mark.cpu_kernels  # under the interpreter the fused step runs its Triton kernels
 def test_fused_static_decode_equals_unfused(smol_tokenizer, cfg, monkeypatch):
     engine = make_tiny_engine(smol_tokenizer, layers=3)
     plain, plain_keys, dec0 = _decode(engine, cfg, False, monkeypatch)
