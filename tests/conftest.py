@@ -1,11 +1,14 @@
 """Shared fixtures: the embedded tokenizer/model (converted once per machine) and a tiny random Llama."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from support import make_tiny_engine, triton_interpreting
+os.environ.setdefault("SCBENCH_CPU_KERNELS", "0")  # before scbench.kernels.fused reads it: see _cpu_kernels_when_asked
+
+from support import make_tiny_engine, triton_interpreting  # noqa: E402
 
 try:  # absl (rouge-score's dependency) builds a handler on whatever sys.stderr is when it is imported (under pytest:
     # a capture stream) and closes that stream when logging.config.dictConfig (Hydra, in an in-process CLI test)
@@ -107,18 +110,18 @@ KERNEL_FIXTURES = {"interpreted", "interpreted_without_cuda"}
 
 @pytest.fixture(autouse=True)
 def _cpu_kernels_when_asked(request, monkeypatch):
-    """Under ``TRITON_INTERPRET=1`` (`make test`) a decode step on CPU would run the fused step's Triton kernels in
-    the interpreter (``fused.CPU_KERNELS``): two to three times slower, and no more than an integration test of
-    kernels that their own tests compare with the references on random inputs. Only the tests marked
-    ``cpu_kernels`` (the fused step against the unfused one, a whole run every way, batched replays) and the
-    kernel tests (the ``interpreted`` fixtures) keep them; the others take the references, in this process and in
-    the ``scbench`` processes they start (``SCBENCH_CPU_KERNELS=0``)."""
+    """Under ``TRITON_INTERPRET=1`` (`make test`) a decode step on CPU can run the fused step's Triton kernels in the
+    interpreter (``fused.CPU_KERNELS``): two to three times slower than the references, and no more than an
+    integration test of kernels that their own tests compare with the references on random inputs. So the suite
+    starts with ``SCBENCH_CPU_KERNELS=0`` (set at the top of this file, unless the caller set it: ``=1`` runs every
+    decode through them), and only the tests marked ``cpu_kernels`` (the fused step against the unfused one, a whole
+    sweep every way, batched replays) and the kernel tests (the ``interpreted`` fixtures) turn them on, in this
+    process and in the processes they start."""
     if request.node.get_closest_marker("cpu_kernels") or KERNEL_FIXTURES & set(request.fixturenames):
-        return
-    from scbench.kernels import fused
+        from scbench.kernels import fused
 
-    monkeypatch.setattr(fused, "CPU_KERNELS", False)
-    monkeypatch.setenv("SCBENCH_CPU_KERNELS", "0")
+        monkeypatch.setattr(fused, "CPU_KERNELS", fused.INTERPRET)
+        monkeypatch.setenv("SCBENCH_CPU_KERNELS", "1")
 
 
 @pytest.fixture
