@@ -30,9 +30,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_KERNELS = INTERPRET and os.environ.get("SCBENCH_CPU_KERNELS", "1") != "0"
 """Under the interpreter, CPU tensors of a decode step go through these kernels (and the batched step's rotary
 kernel, ``shared_prefix.rope_store_rows``) rather than the references: every decode of a test becomes an
-integration test of the kernels, two to three times slower. ``SCBENCH_CPU_KERNELS=0`` keeps the references;
-tests/conftest.py turns it off for the tests that do not ask for the kernels (marker ``cpu_kernels``, or the
-``interpreted`` fixtures)."""
+integration test of the kernels, two to three times slower. ``SCBENCH_CPU_KERNELS=0`` keeps the references:
+tests/conftest.py starts the suite so and turns the kernels on for the tests that ask for them (marker
+``cpu_kernels``, or the ``interpreted`` fixtures)."""
 
 
 def use_triton(x: torch.Tensor) -> bool:
