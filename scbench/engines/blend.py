@@ -71,10 +71,13 @@ first turn's ~6 s chunk-KV time there, results/perf/cacheblend_h200.md)."""
 
 
 @torch.inference_mode()
-def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
-             batch_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int, batch_tokens: int | None = None,
+             room: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys and values of ``ids`` computed chunk by chunk, each chunk alone (after ``ids[:prefix]`` for chunks
-    past the first) and re-rotated to its true positions: per layer [1, kv_heads, len(ids), head_dim].
+    past the first) and re-rotated to its true positions: per layer [1, kv_heads, len(ids) + room, head_dim], the
+    ``room`` last positions zero (``blended_forward`` fills the new token's there). Each group's rows are written
+    straight into the layer's buffer: no list of pieces concatenated at the end (which held the chunk KV twice,
+    ~16 GB more at 131K for Llama-3.1-8B).
 
     Chunks whose input (prefix + chunk) has the same length run as the rows of one forward of at most
     ``batch_tokens`` tokens (default ``BATCH_TOKENS``; 0: ``chunk_kv_loop``, one forward per chunk), and each layer's
@@ -97,10 +100,10 @@ def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
             g.append((s, e))  # the same input length, and the prefix before every chunk of the group or none
         else:
             groups.append([(s, e)])
-    keys: list[list[torch.Tensor]] = [[] for _ in layers]
-    values: list[list[torch.Tensor]] = [[] for _ in layers]
+    keys: list[torch.Tensor | None] = [None] * len(layers)
+    values: list[torch.Tensor | None] = [None] * len(layers)
     for g in groups:
-        s0 = g[0][0]
+        s0, s1 = g[0][0], g[-1][1]
         head = ids[:prefix] if s0 > 0 else []
         inp = torch.tensor([head + ids[s:e] for s, e in g], device=dev)  # [chunks, len(head) + chunk]
         cache = DynamicCache(config=model.config)
@@ -114,10 +117,17 @@ def chunk_kv(model, ids: list[int], chunk_size: int, prefix: int,
             k, v = (_rows_in_order(x[:, :, len(head):]) for x in (layer.keys, layer.values))
             if moved:
                 k = torch.where(still, k, rerotate(k, shift, base.rotary_emb))
-            keys[i].append(k)
-            values[i].append(v)
+            if keys[i] is None:
+                keys[i], values[i] = (_buffer(x, len(ids) + room) for x in (k, v))
+            keys[i][:, :, s0:s1] = k
+            values[i][:, :, s0:s1] = v
         del cache
-    return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values]
+    return keys, values
+
+
+def _buffer(like: torch.Tensor, n: int) -> torch.Tensor:
+    """[1, H, n, D] in ``like``'s dtype and device, to be written position by position (zeros past what is)."""
+    return torch.zeros(1, like.shape[1], n, like.shape[3], dtype=like.dtype, device=like.device)
 
 
 def _input_len(span: tuple[int, int], prefix: int, n: int) -> int:
@@ -186,7 +196,7 @@ class _ScatteredQueries:
 
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]. CUDA: in row blocks, memory-light
-        (``dense.prefix_rows``: split or masked, ``SCBENCH_PREFIX_ROWS``; one masked SDPA would hold [Hq, len(idx), n]
+        (``dense.prefix_rows``: split from 80K keys, else masked, ``SCBENCH_PREFIX_ROWS``; one masked SDPA would hold [Hq, len(idx), n]
         float32 scores and copy the keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results
         stay bit for bit)."""
         if q.is_cuda:
@@ -207,7 +217,9 @@ def select_tokens(fresh: torch.Tensor, stored: torch.Tensor, ratio: float) -> to
 @torch.inference_mode()
 def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], *, ratio: float,
                     select_layer: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, int]:
-    """Selective recompute over stored KV of ``ids[:-1]`` (per layer [1, Hkv, n - 1, D]); the last token is new.
+    """Selective recompute over stored KV of ``ids[:-1]`` (per layer [1, Hkv, n - 1, D], or [1, Hkv, n, D] with the
+    last position's slot already there: ``chunk_kv(..., room=1)``); the last token is new. The lists are the blend's
+    working buffers: their tensors are replaced (the caller's stored KV is not kept beside the blended one).
 
     Returns (logits of the last position [vocab], blended keys and values per layer [1, Hkv, n, D], the positions
     recomputed past ``select_layer`` [k], layers computed for every token).
@@ -215,9 +227,16 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
     base, layers = decoder_parts(model)
     dev = next(model.parameters()).device
     n = len(ids)
-    pad = [torch.zeros_like(k[:, :, :1]) for k in keys]  # the last token's slot, filled at every layer
-    kv = _BlendedKV([torch.cat([k, p], 2) for k, p in zip(keys, pad)],
-                    [torch.cat([v, p], 2) for v, p in zip(values, pad)])
+    if keys is values:
+        raise ValueError("blended_forward: keys and values must be two lists (they are replaced layer by layer)")
+    for kv_list in (keys, values):
+        for i, x in enumerate(kv_list):
+            if x.shape[2] == n - 1:  # the last token's slot, filled at every layer (one layer's copy at a time)
+                kv_list[i] = torch.cat([x, torch.zeros_like(x[:, :, :1])], 2)
+            elif x.shape[2] != n:
+                raise ValueError(f"blended_forward: layer {i}'s stored KV has {x.shape[2]} positions; expected "
+                                 f"{n - 1} (the prompt less its last token) or {n}")
+    kv = _BlendedKV(keys, values)
     pos = torch.arange(n, device=dev)
     hidden = base.embed_tokens(torch.tensor([ids], device=dev))
     cos, sin = base.rotary_emb(hidden, pos[None])
@@ -235,6 +254,7 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         if full and i == select_layer:  # pick the tokens the deeper layers recompute
             picked = select_tokens(kv.values[i][:, :, : n - 1], kv.stored[i][:, :, : n - 1], ratio)
+            kv.stored.clear()  # the replaced values of the full layers: only the deviation needed them
             idx = torch.cat([picked, pos[-1:]])
             hidden, cos, sin = hidden[:, idx], cos[:, idx], sin[:, idx]
     logits = model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
@@ -248,7 +268,9 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     FeedStats.seconds is the request-time work (re-rotation is part of the chunk store here, so: the layered
     recompute and installing the cache). The dict next to it holds CacheBlend's cost columns: recompute_frac,
     chunk_kv_s and, with ``measure_full``, prefill_saved_s (a full prefill of the same tokens, timed on a throwaway
-    cache, minus that time).
+    cache, minus that time). That full prefill runs first, while the device holds no more than the weights, so its
+    cache and activations are gone before the chunk KV and the blend: the blend's peak memory is its own (at 131K on
+    Llama-3.1-8B the two together outgrew an 80 GB H100).
     """
     from transformers import DynamicCache
 
@@ -258,12 +280,22 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     layers = decoder_parts(model)[1]
     if not 0 <= select_layer < len(layers):
         raise ValueError(f"cacheblend select_layer {select_layer} is outside the model's {len(layers)} layers")
+    full_s = None
+    if measure_full:
+        _sync(dev)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids], device=dev), **{cache_kw(model): DynamicCache(config=model.config)},
+                  use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        full_s = time.perf_counter() - t
     _sync(dev)
     t0 = time.perf_counter()
-    keys, values = chunk_kv(model, ids[:-1], chunk_size, prefix) if n > 1 else ([], [])
-    if n == 1:  # nothing to reuse
+    if n > 1:  # the blend's buffers with the last token's slot: no padded copy of the chunk KV
+        keys, values = chunk_kv(model, ids[:-1], chunk_size, prefix, room=1)
+    else:  # nothing to reuse
         empty = torch.zeros(1, engine.kv_heads, 0, engine.head_dim, dtype=engine.dtype, device=dev)
-        keys = values = [empty] * len(layers)
+        keys, values = [empty] * len(layers), [empty] * len(layers)
     _sync(dev)
     t1 = time.perf_counter()
     logits, keys, values, idx, full_layers = blended_forward(model, ids, keys, values, ratio=ratio,
@@ -275,13 +307,8 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     _sync(dev)
     seconds = time.perf_counter() - t1
     costs = {"recompute_frac": len(idx) / n, "chunk_kv_s": t1 - t0}
-    if measure_full:
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([ids], device=dev), **{cache_kw(model): DynamicCache(config=model.config)},
-                  use_cache=True, logits_to_keep=1)
-        _sync(dev)
-        costs["prefill_saved_s"] = time.perf_counter() - t2 - seconds
+    if full_s is not None:
+        costs["prefill_saved_s"] = full_s - seconds
     heads = model.config.num_attention_heads
     dense = n * (n + 1) // 2
     computed = full_layers * dense + (len(layers) - full_layers) * int((idx + 1).sum())

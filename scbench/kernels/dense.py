@@ -245,18 +245,33 @@ def prefix_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, las
     return out
 
 
-PREFIX_ROWS = os.environ.get("SCBENCH_PREFIX_ROWS", "split")
+PREFIX_ROWS = os.environ.get("SCBENCH_PREFIX_ROWS", "auto")
 """How CUDA runs ``prefix_rows`` (CacheBlend's recomputed tokens over the blended cache): ``split``
 (``prefix_rows_split``: per row block the keys every row sees as one flash call without a mask, the staircase after
-them in float32, merged by log-sum-exp) or ``masked`` (``prefix_rows_attention``: memory-efficient SDPA with a
-boolean mask over every key of the block, 2 bytes of additive mask per cell read by every KV head). Neither is
-measured at 131K yet (``scripts/probe_prefix_rows.py``); the split does the bulk of the work in flash."""
+them in float32, merged by log-sum-exp), ``masked`` (``prefix_rows_attention``: memory-efficient SDPA with a
+boolean mask over every key of the block, 2 bytes of additive mask per cell read by every KV head), or ``auto``
+(the default): the split from ``SPLIT_FROM`` keys, masked below. Measured on an H100 (one layer of Llama-3.1-8B's
+shape, 15% of the tokens, bf16; ``scripts/probe_prefix_rows.py``, ``results/perf/prefix_rows_h100.json``): 32K keys
+masked 21.5 ms, split 33.8; 131K masked 274.6, split 212.6."""
+SPLIT_FROM = int(os.environ.get("SCBENCH_PREFIX_ROWS_SPLIT_FROM", "80000"))
+"""Keys from which ``auto`` takes the split: the two measured points' power-law fits (masked ~ n^1.84, split ~
+n^1.33 over 32K-131K) cross near 79K."""
+
+
+def prefix_rows_way(keys: int) -> str:
+    """``split`` or ``masked``: how ``prefix_rows`` takes rows over ``keys`` keys on CUDA (``PREFIX_ROWS``)."""
+    if PREFIX_ROWS not in ("auto", "split", "masked"):
+        raise ValueError(f"SCBENCH_PREFIX_ROWS={PREFIX_ROWS!r}: expected auto, split or masked")
+    if PREFIX_ROWS == "auto":
+        return "split" if keys >= SPLIT_FROM else "masked"
+    return PREFIX_ROWS
 
 
 def prefix_rows(q, k, v, last, scale: float | None = None) -> torch.Tensor:
-    """``prefix_rows_attention``'s rows (row i over keys 0..last[i], ascending) the ``PREFIX_ROWS`` way: on CUDA in
-    fp16 / bf16 the split (falling back to the masked form where flash does not take the shapes), else masked."""
-    if PREFIX_ROWS == "split" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    """``prefix_rows_attention``'s rows (row i over keys 0..last[i], ascending) the ``prefix_rows_way``: on CUDA in
+    fp16 / bf16 the split where chosen (falling back to the masked form where flash does not take the shapes), else
+    masked."""
+    if prefix_rows_way(k.shape[2]) == "split" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         out = prefix_rows_split(q, k, v, last, scale)
         if out is not None:
             return out

@@ -152,6 +152,80 @@ def test_select_tokens_matches_plain_loop():
     assert blend.select_tokens(fresh, stored, 0.15).tolist() == want
 
 
+@pytest.mark.parametrize("room", [1, 3])
+def test_chunk_kv_room(engine, room):
+    """``chunk_kv(..., room=r)``: per layer one buffer of n + r positions, the chunk KV (as with no room) first and
+    zeros in the r slots after, each layer its own tensor (nothing shared between layers or keys and values)."""
+    ids = random_ids(70, seed=9)
+    want_k, want_v = blend.chunk_kv(engine.model, ids, 16, 0)
+    got_k, got_v = blend.chunk_kv(engine.model, ids, 16, 0, room=room)
+    for a, b in zip(got_k + got_v, want_k + want_v):
+        assert a.shape == (1, engine.kv_heads, 70 + room, engine.head_dim)
+        assert torch.equal(a[:, :, :70], b) and not a[:, :, 70:].any()
+    assert len({x.data_ptr() for x in got_k + got_v}) == 2 * engine.num_layers
+
+
+def test_blended_forward_takes_the_slot_or_pads_and_replaces_the_lists(engine):
+    """Stored KV with the last token's slot (``room=1``) blends to the same logits and cache as without it (padded
+    layer by layer); the caller's lists are the blend's working buffers (their tensors replaced, so the stored KV is
+    not held beside the blended one); one list for keys and values, or a wrong length, is refused by name."""
+    ids = random_ids(81, seed=5)
+    k0, v0 = blend.chunk_kv(engine.model, ids[:-1], 16, 0)
+    k1, v1 = blend.chunk_kv(engine.model, ids[:-1], 16, 0, room=1)
+    before = [x.data_ptr() for x in k0]
+    got0 = blend.blended_forward(engine.model, ids, k0, v0, ratio=0.15, select_layer=1)
+    got1 = blend.blended_forward(engine.model, ids, k1, v1, ratio=0.15, select_layer=1)
+    torch.testing.assert_close(got0[0], got1[0], atol=0, rtol=0)
+    for a, b in zip(got0[1] + got0[2], got1[1] + got1[2]):
+        assert a.shape == (1, engine.kv_heads, 81, engine.head_dim)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(got0[3], got1[3]) and got0[4] == got1[4] == 2
+    assert got0[1] is k0 and all(x.data_ptr() != p for x, p in zip(k0, before))  # replaced in the caller's list
+    same = [torch.zeros(1, engine.kv_heads, 80, engine.head_dim)] * engine.num_layers
+    with pytest.raises(ValueError, match="two lists"):
+        blend.blended_forward(engine.model, ids, same, same, ratio=0.15, select_layer=1)
+    k2, v2 = blend.chunk_kv(engine.model, ids[:-3], 16, 0)
+    with pytest.raises(ValueError, match="layer 0's stored KV has 78 positions; expected 80"):
+        blend.blended_forward(engine.model, ids, k2, v2, ratio=0.15, select_layer=1)
+
+
+def test_measure_full_runs_before_the_chunk_kv(engine, monkeypatch):
+    """With ``measure_full`` the throwaway full prefill runs first (the device then holds no more than the weights),
+    and the blend after it is the same as without the measurement."""
+    ids = random_ids(81, seed=6)
+    order = []
+    chunk_kv = blend.chunk_kv
+    monkeypatch.setattr(blend, "chunk_kv", lambda *a, **kw: (order.append("chunk_kv"), chunk_kv(*a, **kw))[1])
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kw: order.append("full") if kw["input_ids"].shape[1] == len(ids) else None, with_kwargs=True)
+    try:
+        s1, _, costs = blended(engine, ids, chunk_size=16, recompute_ratio=0.15, measure_full=True)
+    finally:
+        hook.remove()
+    assert order == ["full", "chunk_kv"] and "prefill_saved_s" in costs
+    s0, _, costs0 = blended(engine, ids, chunk_size=16, recompute_ratio=0.15, measure_full=False)
+    assert "prefill_saved_s" not in costs0
+    torch.testing.assert_close(s1.last_logits, s0.last_logits, atol=0, rtol=0)
+    for a, b in zip(s1.cache.layers, s0.cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("env,keys,way", [("auto", 32768, "masked"), ("auto", 131072, "split"),
+                                          ("auto", 80000, "split"), ("split", 1000, "split"),
+                                          ("masked", 10**6, "masked")])
+def test_prefix_rows_way(monkeypatch, env, keys, way):
+    """``SCBENCH_PREFIX_ROWS``: auto (the default) takes the split from ``SPLIT_FROM`` keys (80K: the measured
+    crossover), masked below; split and masked always; anything else is refused by name."""
+    from scbench.kernels import dense
+
+    monkeypatch.setattr(dense, "PREFIX_ROWS", env)
+    monkeypatch.setattr(dense, "SPLIT_FROM", 80000)
+    assert dense.prefix_rows_way(keys) == way
+    monkeypatch.setattr(dense, "PREFIX_ROWS", "flash")
+    with pytest.raises(ValueError, match="SCBENCH_PREFIX_ROWS='flash'"):
+        dense.prefix_rows_way(keys)
+
+
 def prefix_rows_reference(q, k, v, last, scale):
     """Row i of q over keys 0..last[i]: float64 softmax with the mask (GQA keys repeated), as float32."""
     n = k.shape[-2]
