@@ -5,7 +5,9 @@
 #   run(carry=[".gpuwhl"], timeout_s=600):  SCBENCH_COMMIT=<...> PARTS=5 BLEND_S=400 bash scripts/gpu_short_chunks.sh
 # (all parts exceed one 600 s call; PARTS picks them, default all; the copy's .git there may be the last landed
 # commit, not this tree's, hence SCBENCH_COMMIT). Ran: parts 1, 2, 4 on 92234a9; 1, 3, 5 on 1091f4e (5 partial:
-# CacheBlend's 131K first turn outlasted BLEND_S=150).
+# CacheBlend's 131K first turn outlasted BLEND_S=150); 6, 7, 5 on 22aa9c7 (an H100: CacheBlend at 131K out of
+# memory, fixed in b9157db; results/perf/{chunk_kv,prefix_rows}_h100.json, cacheblend_h100_22aa9c7.md).
+# Next: PARTS="1 5" (the CUDA tests, CacheBlend through `scbench run` again at 32K and 131K).
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
 # 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer, and
@@ -22,7 +24,7 @@
 # 6. scripts/probe_chunk_kv.py: CacheBlend's chunk KV at 32K and 131K (8B shape, 32 layers), one forward per chunk
 #    against the chunks batched (SCBENCH_BLEND_BATCH_TOKENS).
 # 7. scripts/probe_prefix_rows.py: CacheBlend's recomputed rows over 32K / 131K keys, one layer: the masked row
-#    blocks against the split (the default on CUDA since 2026-12-05, SCBENCH_PREFIX_ROWS=masked for the other).
+#    blocks against the split (SCBENCH_PREFIX_ROWS=auto, the default: the split from 80K keys).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
