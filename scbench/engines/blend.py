@@ -300,8 +300,11 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     t1 = time.perf_counter()
     logits, keys, values, idx, full_layers = blended_forward(model, ids, keys, values, ratio=ratio,
                                                              select_layer=select_layer)
-    for i, (k, v) in enumerate(zip(keys, values)):
-        session.cache.update(k.contiguous(), v.contiguous(), i)
+    for i in range(len(keys)):  # the cache's update may copy (a cat onto an empty layer): drop each layer once installed
+        k, v = keys[i].contiguous(), values[i].contiguous()
+        keys[i] = values[i] = None
+        session.cache.update(k, v, i)
+        del k, v
     session.pos = n
     session.last_logits = logits
     _sync(dev)
