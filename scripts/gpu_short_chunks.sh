@@ -65,7 +65,8 @@ if part 7; then  # CacheBlend's recomputed rows: masked row blocks against the s
     --out "$OUT/prefix_rows_h200.json" 2>&1 | grep -E "^\|"
 fi
 if part 5; then
-  bench --lengths ${BLEND_LENGTHS:-32000 131000} --modes multi_turn multi_request --ways sequential --methods ${BLEND_METHODS:-full cacheblend} \
+  bench --lengths ${BLEND_LENGTHS:-32000 131000} --modes multi_turn multi_request --ways sequential \
+    --methods ${BLEND_METHODS:-full cacheblend} \
     --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
 fi
 exit 0

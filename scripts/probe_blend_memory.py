@@ -59,11 +59,12 @@ def main() -> None:
     args = ap.parse_args()
     engine = engine_for(args.device, args.layers, args.tokens + 4096)
     rows = [first_prefill(engine, args.device, args.tokens, m) for m in (True, False)]
-    print("| tokens | layers | measure_full | KV MiB | peak above the model (x the KV) | held after (x the KV) | seconds |")
+    print("| tokens | layers | measure_full | KV MiB | peak above the model (x the KV) | held after (x the KV) "
+          "| seconds |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {args.tokens} | {args.layers} | {r['measure_full']} | {r['kv_bytes'] / 2**20:.0f} | {r['peak_vs_kv']} | "
-              f"{r['kept_vs_kv']} | {r['seconds']} |")
+        print(f"| {args.tokens} | {args.layers} | {r['measure_full']} | {r['kv_bytes'] / 2**20:.0f} | "
+              f"{r['peak_vs_kv']} | {r['kept_vs_kv']} | {r['seconds']} |")
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                 "commit": os.environ.get("SCBENCH_COMMIT", ""), "args": vars(args)}

@@ -196,9 +196,9 @@ class _ScatteredQueries:
 
     def prefill_attention(self, layer_idx, q, k, v, scale):
         """q: [B, Hq, len(idx), D]; k, v: [B, Hkv, n, D] -> [B, Hq, len(idx), D]. CUDA: in row blocks, memory-light
-        (``dense.prefix_rows``: split from 80K keys, else masked, ``SCBENCH_PREFIX_ROWS``; one masked SDPA would hold [Hq, len(idx), n]
-        float32 scores and copy the keys per query head: 330 GB at 131K). CPU: that one SDPA, as before (CPU results
-        stay bit for bit)."""
+        (``dense.prefix_rows``: split from 80K keys, else masked, ``SCBENCH_PREFIX_ROWS``; one masked SDPA would hold
+        [Hq, len(idx), n] float32 scores and copy the keys per query head: 330 GB at 131K). CPU: that one SDPA, as
+        before (CPU results stay bit for bit)."""
         if q.is_cuda:
             return prefix_rows(q, k, v, self.idx, scale)
         if self.mask is None:
@@ -300,7 +300,7 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     t1 = time.perf_counter()
     logits, keys, values, idx, full_layers = blended_forward(model, ids, keys, values, ratio=ratio,
                                                              select_layer=select_layer)
-    for i in range(len(keys)):  # the cache's update may copy (a cat onto an empty layer): drop each layer once installed
+    for i in range(len(keys)):  # the cache's update may copy (a cat onto an empty layer): drop each layer installed
         k, v = keys[i].contiguous(), values[i].contiguous()
         keys[i] = values[i] = None
         session.cache.update(k, v, i)

@@ -271,7 +271,8 @@ def prefix_rows(q, k, v, last, scale: float | None = None) -> torch.Tensor:
     """``prefix_rows_attention``'s rows (row i over keys 0..last[i], ascending) the ``prefix_rows_way``: on CUDA in
     fp16 / bf16 the split where chosen (falling back to the masked form where flash does not take the shapes), else
     masked."""
-    if prefix_rows_way(k.shape[2]) == "split" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    fits = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256  # flash's shapes
+    if fits and prefix_rows_way(k.shape[2]) == "split":
         out = prefix_rows_split(q, k, v, last, scale)
         if out is not None:
             return out
