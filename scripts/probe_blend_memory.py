@@ -7,8 +7,11 @@ and its copy padded with the last token's slot, and ran the full prefill beside 
 above it: 131K on Llama-3.1-8B ran out of an 80 GB H100); since then one buffer per layer with the slot, replaced
 layer by layer, and the full prefill first.
 
+    MALLOC_MMAP_THRESHOLD_=1048576 SCBENCH_BLEND_BATCH_TOKENS=1024 \
     python3 -P scripts/probe_blend_memory.py --device cpu --tokens 8192 --layers 16 \
         --out results/perf/blend_memory_cpu.json        # float32, a narrow model: the mechanism on a CPU
+(on a CPU the fixed mmap threshold lets freed tensors leave the resident set, else the peak RSS is noise; 1,024
+tokens per chunk-KV forward keep that forward's own cache at 1/8 of the KV, as 16,384 tokens are at 131K)
     python3 -P scripts/probe_blend_memory.py --device cuda --tokens 131072 --layers 8   # Llama-3.1-8B's layer shape
 """
 from __future__ import annotations
