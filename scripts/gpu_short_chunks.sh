@@ -33,7 +33,7 @@ PARTS=" ${PARTS:-1 2 3 4 5 6 7} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if part 1; then
-  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
+  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/unit/test_prefix_rows.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
     timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
 fi
 site=/tmp/site
