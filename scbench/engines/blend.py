@@ -167,19 +167,20 @@ def chunk_kv_loop(model, ids: list[int], chunk_size: int, prefix: int) -> tuple[
 class _BlendedKV:
     """The cache the decoder layers see during the blended pass (duck-typed ``Cache.update``).
 
-    With ``idx`` None a layer computed every position: its fresh KV replaces the stored one (the stored values
-    are kept in ``stored`` for the deviation). Otherwise the fresh KV of positions ``idx`` is scattered into the
+    With ``idx`` None a layer computed every position: its fresh KV replaces the stored one (layer ``keep``'s
+    stored values are kept in ``stored`` for the deviation; the other full layers' are dropped). Otherwise the fresh KV of positions ``idx`` is scattered into the
     layer's blended KV, and the whole layer is returned for attention.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.keys, self.values = keys, values
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], keep: int | None = None):
+        self.keys, self.values, self.keep = keys, values, keep
         self.idx: torch.Tensor | None = None
         self.stored: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.idx is None:
-            self.stored[layer_idx] = self.values[layer_idx]
+            if layer_idx == self.keep:
+                self.stored[layer_idx] = self.values[layer_idx]
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
         else:
             self.keys[layer_idx][:, :, self.idx] = key_states
@@ -236,7 +237,7 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
             elif x.shape[2] != n:
                 raise ValueError(f"blended_forward: layer {i}'s stored KV has {x.shape[2]} positions; expected "
                                  f"{n - 1} (the prompt less its last token) or {n}")
-    kv = _BlendedKV(keys, values)
+    kv = _BlendedKV(keys, values, keep=select_layer if ratio > 0 else None)
     pos = torch.arange(n, device=dev)
     hidden = base.embed_tokens(torch.tensor([ids], device=dev))
     cos, sin = base.rotary_emb(hidden, pos[None])
@@ -254,7 +255,7 @@ def blended_forward(model, ids: list[int], keys: list[torch.Tensor], values: lis
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         if full and i == select_layer:  # pick the tokens the deeper layers recompute
             picked = select_tokens(kv.values[i][:, :, : n - 1], kv.stored[i][:, :, : n - 1], ratio)
-            kv.stored.clear()  # the replaced values of the full layers: only the deviation needed them
+            kv.stored.clear()  # the select layer's replaced values: only the deviation needed them
             idx = torch.cat([picked, pos[-1:]])
             hidden, cos, sin = hidden[:, idx], cos[:, idx], sin[:, idx]
     logits = model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
@@ -289,7 +290,8 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
                   use_cache=True, logits_to_keep=1)
         _sync(dev)
         full_s = time.perf_counter() - t
-    _sync(dev)
+    else:
+        _sync(dev)
     t0 = time.perf_counter()
     if n > 1:  # the blend's buffers with the last token's slot: no padded copy of the chunk KV
         keys, values = chunk_kv(model, ids[:-1], chunk_size, prefix, room=1)

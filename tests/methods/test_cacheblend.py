@@ -189,6 +189,23 @@ def test_blended_forward_takes_the_slot_or_pads_and_replaces_the_lists(engine):
         blend.blended_forward(engine.model, ids, k2, v2, ratio=0.15, select_layer=1)
 
 
+def test_blend_keeps_only_the_select_layers_stored_values(engine, monkeypatch):
+    """The deviation reads one layer's stored values (``select_layer``'s): the full layers before it drop theirs
+    as they are replaced, so at most one stored layer is held beside the blended cache."""
+    ids = random_ids(81, seed=7)
+    held, update = [], blend._BlendedKV.update
+
+    def spy(self, *a, **kw):
+        out = update(self, *a, **kw)
+        held.append(sorted(self.stored))
+        return out
+
+    monkeypatch.setattr(blend._BlendedKV, "update", spy)
+    k, v = blend.chunk_kv(engine.model, ids[:-1], 16, 0, room=1)
+    blend.blended_forward(engine.model, ids, k, v, ratio=0.15, select_layer=2)
+    assert held == [[], [], [2], []]  # layers 0, 1 kept nothing, 2 its own until the pick, 3 after it
+
+
 def test_measure_full_runs_before_the_chunk_kv(engine, monkeypatch):
     """With ``measure_full`` the throwaway full prefill runs first (the device then holds no more than the weights),
     and the blend after it is the same as without the measurement."""
