@@ -26,6 +26,9 @@
 #    against the chunks batched (SCBENCH_BLEND_BATCH_TOKENS).
 # 7. scripts/probe_prefix_rows.py: CacheBlend's recomputed rows over 32K / 131K keys, one layer: the masked row
 #    blocks against the split (SCBENCH_PREFIX_ROWS=auto, the default: the split from 80K keys).
+# 8. the before of scbench/engines/mlp_rows.py (a long prefill's MLP in row blocks, the CUDA default): full attention
+#    through `scbench run` with SCBENCH_MLP_ROWS=0 at BLEND_LENGTHS, multi-request; part 5's full rows are the after
+#    (first prefill s and peak GiB).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -33,7 +36,7 @@ PARTS=" ${PARTS:-1 2 3 4 5 6 7} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if part 1; then
-  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/unit/test_prefix_rows.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
+  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/unit/test_prefix_rows.py tests/unit/test_mlp_rows.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
     timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
 fi
 site=/tmp/site
@@ -68,5 +71,9 @@ if part 5; then
   bench --lengths ${BLEND_LENGTHS:-32000 131000} --modes multi_turn multi_request --ways sequential \
     --methods ${BLEND_METHODS:-full cacheblend} \
     --out "$OUT/cacheblend.json" --logs "$OUT/logs" --deadline ${BLEND_S:-200}
+fi
+if part 8; then
+  SCBENCH_MLP_ROWS=0 bench --lengths ${BLEND_LENGTHS:-32000 131000} --modes multi_request --ways sequential \
+    --methods full --out "$OUT/mlp_rows_off.json" --logs "$OUT/logs_mlp_off" --deadline ${MLP_S:-120}
 fi
 exit 0

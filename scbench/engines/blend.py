@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from scbench.devices import sync as _sync
-from scbench.engines import attention
+from scbench.engines import attention, mlp_rows
 from scbench.engines.base import FeedStats, cache_kw
 from scbench.kernels.dense import prefix_rows
 
@@ -271,8 +271,15 @@ def blended_prefill(session, ids: list[int], *, chunk_size: int, ratio: float, s
     chunk_kv_s and, with ``measure_full``, prefill_saved_s (a full prefill of the same tokens, timed on a throwaway
     cache, minus that time). That full prefill runs first, while the device holds no more than the weights, so its
     cache and activations are gone before the chunk KV and the blend: the blend's peak memory is its own (at 131K on
-    Llama-3.1-8B the two together outgrew an 80 GB H100).
+    Llama-3.1-8B the two together outgrew an 80 GB H100). On CUDA every forward's MLP runs in row blocks
+    (``mlp_rows``).
     """
+    with mlp_rows.rows(session.engine.model, len(ids)):  # the long forwards' MLPs in row blocks (CUDA)
+        return _blended_prefill(session, ids, chunk_size=chunk_size, ratio=ratio, select_layer=select_layer,
+                                prefix=prefix, measure_full=measure_full)
+
+
+def _blended_prefill(session, ids, *, chunk_size, ratio, select_layer, prefix, measure_full):
     from transformers import DynamicCache
 
     engine, model = session.engine, session.engine.model

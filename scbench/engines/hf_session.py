@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from scbench.devices import sync as _sync
-from scbench.engines import attention, fastdecode, sharding
+from scbench.engines import attention, fastdecode, mlp_rows, sharding
 from scbench.engines.base import FeedStats, GenResult, Session, cache_kw
 from scbench.kv import cache as kvc
 from scbench.kv import offload as kvo
@@ -48,7 +48,7 @@ class HFSession(Session):
         ctx = ctx or attention.AttnContext()
         if ctx.method is not None and "decode_attention" in self.hooks:  # loading methods pick their decode keys
             ctx.decode, ctx.cache = True, self.cache
-        with attention.active(ctx):
+        with attention.active(ctx), mlp_rows.rows(self.engine.model, len(ids)):
             out = self.engine.model(
                 input_ids=input_ids, position_ids=position_ids, **{cache_kw(self.engine.model): self.cache},
                 use_cache=True, logits_to_keep=1,
