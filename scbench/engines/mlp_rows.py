@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from scbench.engines.fuse import _own_forward
+
 MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "Phi3MLP"}
 DEFAULT_ROWS = 16384
 
@@ -48,10 +50,6 @@ def in_blocks(forward, x: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
-def _own(m) -> bool:
-    return "forward" not in vars(m) and not m._forward_hooks and not m._forward_pre_hooks
-
-
 @contextlib.contextmanager
 def rows(model, tokens: int | None = None, block: int | None = None):
     """While inside, the recognised MLPs of ``model`` run calls of more than ``block`` rows in blocks (CUDA with
@@ -61,7 +59,7 @@ def rows(model, tokens: int | None = None, block: int | None = None):
         dev = next(model.parameters()).device
         block = block_rows() if dev.type == "cuda" or "SCBENCH_MLP_ROWS" in os.environ else 0
     wanted = block > 0 and (tokens is None or tokens > block)
-    mods = [m for m in model.modules() if type(m).__name__ in MLP and _own(m)] if wanted else []
+    mods = [m for m in model.modules() if type(m).__name__ in MLP and _own_forward(m)] if wanted else []
     for m in mods:
         orig = type(m).forward.__get__(m)
 
