@@ -6,9 +6,11 @@
 # (all parts exceed one 600 s call; PARTS picks them, default all; the copy's .git there may be the last landed
 # commit, not this tree's, hence SCBENCH_COMMIT). Ran: parts 1, 2, 4 on 92234a9; 1, 3, 5 on 1091f4e (5 partial:
 # CacheBlend's 131K first turn outlasted BLEND_S=150); 6, 7, 5 on 22aa9c7 (an H100: CacheBlend at 131K out of
-# memory, fixed in b9157db; results/perf/{chunk_kv,prefix_rows}_h100.json, cacheblend_h100_22aa9c7.md).
-# Next: PARTS="1 5" (the CUDA tests, CacheBlend through `scbench run` again at 32K and 131K; on an H100 131K should
-# now fit), then `python3 -P scripts/probe_blend_memory.py --device cuda --tokens 131072 --layers 8` (its peak).
+# memory, fixed in b9157db; results/perf/{chunk_kv,prefix_rows}_h100.json, cacheblend_h100_22aa9c7.md); 1, 5, 8 on
+# 67808f7 at 131K and 5, 8 at 32K (an H200: CacheBlend fits at 131K, the MLP row blocks cut full attention's peak
+# 45.2 -> 37.9 GiB; results/perf/cacheblend_h200_67808f7_{32k,131k}.md, mlp_rows_h200.md).
+# Next: part 5 at 131K on an H100 (80 GB; the H200 run peaked at 38 GiB), and
+# `python3 -P scripts/probe_blend_memory.py --device cuda --tokens 131072 --layers 8` (the blend's peak alone).
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
 # 2. scripts/probe_query_chunk.py: a 50 / 100-row sparse chunk over 131K keys, per-head vs fast form, per layer, and
