@@ -31,6 +31,8 @@
 # 8. the before of scbench/engines/mlp_rows.py (a long prefill's MLP in row blocks, the CUDA default): full attention
 #    through `scbench run` with SCBENCH_MLP_ROWS=0 at BLEND_LENGTHS, multi-request; part 5's full rows are the after
 #    (first prefill s and peak GiB).
+# 9. every default method of scripts/bench_methods.py at 131K, multi-request, sequential: the methods table's 131K
+#    column again, each run's own peak with the MLP row blocks (METHODS_S: the sweep's deadline).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -77,5 +79,9 @@ fi
 if part 8; then
   SCBENCH_MLP_ROWS=0 bench --lengths ${BLEND_LENGTHS:-32000 131000} --modes multi_request --ways sequential \
     --methods full --out "$OUT/mlp_rows_off.json" --logs "$OUT/logs_mlp_off" --deadline ${MLP_S:-120}
+fi
+if part 9; then
+  bench --lengths 131000 --modes multi_request --ways sequential --out "$OUT/methods_131k.json" \
+    --logs "$OUT/logs_methods" --deadline ${METHODS_S:-400}
 fi
 exit 0
