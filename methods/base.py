@@ -90,6 +90,19 @@ class Method:
         """
         raise NotImplementedError
 
+    def scores_in_forward(self) -> bool:
+        """True: the engine computes this method's compression scores during the prefill forward, layer by layer
+        (``forward_scores``), instead of keeping the captured queries of every layer until the compression; the
+        compression then gets, as a layer's ``queries``, an empty tensor carrying the scores (``scbench_scores``,
+        [B, Hkv, n] float32). Only for scores that are sums over the queries (chunks add up). Default: False."""
+        return False
+
+    def forward_scores(self, layer_idx: int, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """With ``scores_in_forward``: the scores [B, Hkv, n] of the layer's keys [B, Hkv, n, D] (every key of the
+        layer so far) from one forward's queries [B, Hq, w, D] (the last w positions; ``scbench_lse`` attached where
+        the forward computed it)."""
+        raise NotImplementedError
+
     def score_key(self) -> tuple | None:
         """What this method's compression scores depend on besides the cache, the fed tokens and the captured
         queries: the knobs that change the scores, not those that change only what is kept (a budget, a level).

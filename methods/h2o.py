@@ -3,14 +3,17 @@
 Based on Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
 (arXiv 2306.14048). A token's score is the attention it received from every prompt query (causal, softmax in
 float32, scale head_dim ** -0.5), summed over the queries and over the query heads of its KV group (GQA).
-The score is computed at compression time from the captured post-RoPE prompt queries, in chunks of queries so
-no n x n matrix is ever held. Approximations, recorded with each run: eviction happens when the runner's
+The score is computed from the post-RoPE prompt queries, in chunks of queries so no n x n matrix is ever held:
+with every prompt query voting, during the prefill forward layer by layer (``scores_in_forward``: a layer's queries
+are dropped once scored, instead of holding every layer's until the compression, 32 GiB at 131K on the 8B shape);
+with ``obs_window``, at compression time from the captured queries. Approximations, recorded with each run: eviction happens when the runner's
 compression policy fires (once after the prefill by default), not at every decoding step as in the paper;
 with ``obs_window`` set, only the last ``obs_window`` prompt queries vote (None: all of them, exact H2O
 prefill scores).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,12 +86,28 @@ class H2O(TokenScorer):
         """The prompt queries' accumulated attention: the same at every budget and recent ratio."""
         return ("H2O.score", self.obs_window) if type(self).score is H2O.score else None
 
+    def scores_in_forward(self) -> bool:
+        """Every prompt query votes (``obs_window`` None) and ``score`` is H2O's: the scores are summed in the
+        forward (``SCBENCH_SCORE_IN_FORWARD=0``: the queries are kept until the compression, as before)."""
+        return (self.obs_window is None and type(self).score is H2O.score
+                and os.environ.get("SCBENCH_SCORE_IN_FORWARD", "1") != "0")
+
+    def forward_scores(self, layer_idx, keys, queries):
+        """One forward's queries' share of the scores: ``score`` over the layer's keys as they stand."""
+        return self.score(layer_idx, keys, None, queries)
+
     def score(self, layer_idx, keys, values, queries):
         """keys: [B, Hkv, n, D]; queries: [B, Hq, w, D] -> [B, Hkv, n]. On CUDA: the blockwise Triton kernels
         (scbench/kernels/h2o_scores.py, never the attention matrix; the first prefill's log-sum-exps come from its
         dense forward); elsewhere the chunked torch reference."""
         if queries is None:
             return recency_scores(keys)
+        pre = getattr(queries, "scbench_scores", None)  # summed in the forward (scores_in_forward)
+        if pre is not None:
+            if pre.shape != keys.shape[:-1]:
+                raise RuntimeError(f"H2O layer {layer_idx}: scores from the forward {tuple(pre.shape)} do not fit "
+                                   f"its keys {tuple(keys.shape)}")
+            return pre
         from scbench.kernels import h2o_scores
 
         if keys.is_cuda and h2o_scores.triton is not None and h2o_scores.ENABLED:

@@ -9,7 +9,8 @@
 # memory, fixed in b9157db; results/perf/{chunk_kv,prefix_rows}_h100.json, cacheblend_h100_22aa9c7.md); 1, 5, 8 on
 # 67808f7 at 131K and 5, 8 at 32K (an H200: CacheBlend fits at 131K, the MLP row blocks cut full attention's peak
 # 45.2 -> 37.9 GiB; results/perf/cacheblend_h200_67808f7_{32k,131k}.md, mlp_rows_h200.md).
-# Next: part 5 at 131K on an H100 (80 GB; the H200 run peaked at 38 GiB), and
+# Next: PARTS="1 10" (the CUDA tests incl. H2O's in-forward scores; H2O's 131K peak), part 5 at 131K on an H100
+# (80 GB; the H200 run peaked at 38 GiB), and
 # `python3 -P scripts/probe_blend_memory.py --device cuda --tokens 131072 --layers 8` (the blend's peak alone).
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
@@ -33,6 +34,8 @@
 #    (first prefill s and peak GiB).
 # 9. every default method of scripts/bench_methods.py at 131K, multi-request, sequential: the methods table's 131K
 #    column again, each run's own peak with the MLP row blocks (METHODS_S: the sweep's deadline).
+# 10. H2O's scores summed in the forward (Method.scores_in_forward): full attention and H2O at 131K, multi-request;
+#    part 9's H2O row on b6b0f5e is the before (its captured queries: peak 70.3 GiB on an H100, full's 37.8).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -40,7 +43,7 @@ PARTS=" ${PARTS:-1 2 3 4 5 6 7} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if part 1; then
-  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/unit/test_prefix_rows.py tests/unit/test_mlp_rows.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
+  GPU_TESTS="tests/gpu/test_sparse_gpu.py tests/engines/test_warmup_lengths.py tests/unit/test_split_kv_prefill.py tests/methods/test_cacheblend.py tests/unit/test_prefix_rows.py tests/unit/test_mlp_rows.py tests/methods/test_h2o_in_forward.py tests/gpu/test_group_memory_gpu.py tests/gpu/test_decode_memory_gpu.py" \
     timeout ${TESTS_S:-120} bash scripts/gpu_tests.sh -k "short_chunk or warmup or trishape or cuda" | tail -8
 fi
 site=/tmp/site
@@ -83,5 +86,9 @@ fi
 if part 9; then
   bench --lengths 131000 --modes multi_request --ways sequential --out "$OUT/methods_131k.json" \
     --logs "$OUT/logs_methods" --deadline ${METHODS_S:-400}
+fi
+if part 10; then
+  bench --lengths 131000 --modes multi_request --ways sequential --methods full h2o --out "$OUT/h2o_in_forward.json" \
+    --logs "$OUT/logs_h2o" --deadline ${H2O_S:-150}
 fi
 exit 0

@@ -24,7 +24,7 @@ kernels="tests/unit/test_topk_select.py tests/unit/test_quest_select.py tests/un
   tests/methods/test_h2o_kernel.py tests/methods/test_quest_fast.py tests/methods/test_kivi_fast.py
   tests/methods/test_kivi_load.py tests/methods/test_kivi_dequant.py tests/methods/test_retrieval_fast.py
   tests/engines/test_fused_decode.py tests/unit/test_block_lists.py tests/methods/test_vs_lines.py tests/unit/test_split_kv_prefill.py
-  tests/unit/test_prefix_rows.py tests/unit/test_mlp_rows.py"
+  tests/unit/test_prefix_rows.py tests/unit/test_mlp_rows.py tests/methods/test_h2o_in_forward.py"
 models="tests/gpu tests/methods/test_cacheblend.py tests/engines/test_fast_decode.py tests/engines/test_warmup_lengths.py tests/methods/test_kvzip_scale.py
   tests/engines/test_sharding.py tests/methods/test_ragged_methods.py tests/methods/test_ragged_fast.py
   tests/engines/test_quest_batch.py tests/engines/test_retrieval_batch.py tests/engines/test_batched_decode.py

@@ -9,6 +9,7 @@ forwards tokens it installs an ``AttnContext`` that lets the active method see t
 from __future__ import annotations
 
 import contextlib
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -64,10 +65,29 @@ class AttnContext:
     static: object | None = None
     """Fast decode (scbench/engines/fastdecode.py): a ``StaticKV`` whose ``attend`` masks its pre-allocated buffers.
     Set and read by the fast decode path only; no hook sees it."""
+    score_in_forward: bool = False
+    """With ``capture_queries``: instead of keeping a multi-token forward's queries, score each layer as the forward
+    reaches it (``method.forward_scores(layer, keys, queries)``, the layer's keys being every key the compression
+    will see) and keep only the scores, summed over the feed's chunks in ``scores``: H2O's every prompt query was
+    32 GiB at 131K on the 8B shape, held until the compression after the forward. Set by the engine (plain feeds of
+    a method whose ``scores_in_forward()`` is true)."""
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Layer -> the scores computed in the forward with ``score_in_forward`` [B, Hkv, n]; read by the engine."""
+    score_timers: list = field(default_factory=list)
+    """The in-forward scoring's timings (CUDA event pairs, or seconds on other devices): ``score_seconds``."""
     lse: bool = False
     """Attach each captured query's log-sum-exp (``queries[layer].scbench_lse``) where the forward gets it for free,
     even when ``method`` does not ask for it (``Method.query_lse``): a shared prefill (scbench/engines/fork.py)
     whose group holds a method that does. Set by the engine."""
+
+
+    def score_seconds(self) -> float:
+        """Seconds the in-forward scoring took (``score_in_forward``); on CUDA read from events, so call it after a
+        synchronisation."""
+        total = 0.0
+        for t in self.score_timers:
+            total += t[0].elapsed_time(t[1]) / 1000.0 if isinstance(t, tuple) else t
+        return total
 
 
 _ACTIVE: ContextVar[AttnContext | None] = ContextVar("scbench_attn", default=None)
@@ -90,14 +110,47 @@ def count_computed(cells: int) -> None:
         ctx.reported = True
 
 
+def scored_queries(scores: torch.Tensor) -> torch.Tensor:
+    """What a compression hook gets as a layer's ``queries`` when they were scored in the forward: an empty tensor
+    carrying the scores [B, Hkv, n] as ``scbench_scores`` (``Method.scores_in_forward``)."""
+    marker = scores.new_empty(0)
+    marker.scbench_scores = scores
+    return marker
+
+
+def _score_layer(ctx: AttnContext, layer: int, query: torch.Tensor, key: torch.Tensor, lse) -> None:
+    """``score_in_forward``: this forward's queries scored against the layer's keys, added to ``ctx.scores``."""
+    q = query.detach().clone(memory_format=torch.contiguous_format)  # the captured queries' layout, one layer's
+    if lse is not None and lse.shape == q.shape[:3]:
+        q.scbench_lse = (lse, key.shape[-2])
+    cuda = q.is_cuda
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    s = ctx.method.forward_scores(layer, key, q)
+    del q
+    prev = ctx.scores.get(layer)
+    if prev is not None:  # an earlier chunk's queries (their keys: the first prev.shape[-1])
+        s[..., : prev.shape[-1]] += prev
+    ctx.scores[layer] = s
+    if cuda:
+        end.record()
+        ctx.score_timers.append((start, end))
+    else:
+        ctx.score_timers.append(time.perf_counter() - t0)
+
+
 def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention-interface entry: query [B,Hq,T,D], key/value [B,Hkv,S,D] -> ([B,T,Hq,D], None)."""
     ctx = _ACTIVE.get()
     layer = getattr(module, "layer_idx", 0)
     out = None
     ragged = getattr(key, "scbench_ragged", None)  # a RaggedLayer's keys: per-head lengths (scbench/kv/ragged.py)
+    eager = ctx is not None and ctx.score_in_forward and ctx.capture_queries and query.shape[-2] > 1
     if ctx is not None:
-        if ctx.capture_queries and (query.shape[-2] > 1 or ctx.rolling):
+        if ctx.capture_queries and (query.shape[-2] > 1 or ctx.rolling) and not eager:
             # own storage, not a view, and contiguous: the projection's transposed layout would make every reader
             # that wants it contiguous copy it (a grouped sweep's H2O fork: 34 GB of queries at 131K)
             q = query[:, :, -ctx.capture_queries :, :].detach().clone(memory_format=torch.contiguous_format)
@@ -127,8 +180,13 @@ def scbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             and (ctx.lse or getattr(ctx.method, "query_lse", False)):
         out, lse = causal_attention_lse(query, key, value, scaling)
         q = ctx.queries.get(layer)
-        if lse is not None and q is not None and q.shape[-2] <= query.shape[-2]:  # this forward's queries only
+        if eager:
+            _score_layer(ctx, layer, query, key, lse)
+            eager = False
+        elif lse is not None and q is not None and q.shape[-2] <= query.shape[-2]:  # this forward's queries only
             q.scbench_lse = (lse[:, :, -q.shape[-2] :], key.shape[-2])
+    if eager:  # the attention came from elsewhere: the scores need one more pass for their log-sum-exps
+        _score_layer(ctx, layer, query, key, None)
     if out is None:
         out = causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -64,7 +64,8 @@ class HFSession(Session):
         compress = compress and "compress_cache" in self.hooks
         window = self.method.query_window if compress else 0
         ctx = attention.AttnContext(
-            method=self.method, sparse=sparse and "prefill_attention" in self.hooks, capture_queries=window
+            method=self.method, sparse=sparse and "prefill_attention" in self.hooks, capture_queries=window,
+            score_in_forward=bool(window) and self.method.scores_in_forward(),
         )
         reused = self.pos
         _sync(self.engine.device)
@@ -74,9 +75,11 @@ class HFSession(Session):
         if compress:
             _sync(self.engine.device)
             t1 = time.perf_counter()
+            for layer, scores in ctx.scores.items():  # scored in the forward: what the compression reads
+                ctx.queries[layer] = attention.scored_queries(scores)
             self._compress(ctx, ids)
             _sync(self.engine.device)
-            compress_s = time.perf_counter() - t1
+            compress_s = time.perf_counter() - t1 + ctx.score_seconds()
         _sync(self.engine.device)
         return FeedStats(tokens=len(ids), reused=reused, seconds=time.perf_counter() - t0, compress_s=compress_s,
                          attn_cells=ctx.cells_total, attn_computed=ctx.cells_computed)
