@@ -35,8 +35,18 @@ results/perf/ra_h29r.md), ``sample`` (scbench/kernels/sample_select.py: a sample
 a few thousand candidates, then an exact select among them; two launches) or ``topk`` (torch.topk over the masked float32 scores, the plain ops)."""
 
 
+ADOPT = os.environ.get("SCBENCH_RETRIEVAL_ADOPT", "1") != "0"
+"""The decode buffers become the TieredLayers' storage (when made, and after each turn); ``SCBENCH_RETRIEVAL_ADOPT=0``:
+the layers keep their own rows, the fed tokens appended to them, and the buffers are a second copy beside them."""
+
+
 class RetrievalDecode:
     """fastdecode plugin for a ``RetrievalAttention`` method instance."""
+
+    adopt_layers = ADOPT
+    """The decode buffers become each TieredLayer's storage when they are made (``StaticKV``) and after each turn
+    (``store_back``): the layers do not keep a second copy of the cache beside them (at 131K on the 8B shape: 49.5 GiB
+    peak on an H100 against full attention's 37.8)."""
 
     def __init__(self, method):
         self.m = method
@@ -182,7 +192,7 @@ class RetrievalDecode:
         """Append the fed tokens to each TieredLayer; count the rows read as the plain path's ``load`` does."""
         m = self.m
         for layer, kb, vb, n in zip(cache.layers, kv.k, kv.v, kv.lengths):
-            if fed:
+            if not (ADOPT and layer.adopt(kb, vb, n + fed)) and fed:
                 layer._append(kb[:, :, n : n + fed], vb[:, :, n : n + fed])
             layer.crop_floor = layer.n
             b, hkv, _, d = kb.shape

@@ -9,8 +9,8 @@
 # memory, fixed in b9157db; results/perf/{chunk_kv,prefix_rows}_h100.json, cacheblend_h100_22aa9c7.md); 1, 5, 8 on
 # 67808f7 at 131K and 5, 8 at 32K (an H200: CacheBlend fits at 131K, the MLP row blocks cut full attention's peak
 # 45.2 -> 37.9 GiB; results/perf/cacheblend_h200_67808f7_{32k,131k}.md, mlp_rows_h200.md).
-# Next: PARTS="1 10" (the CUDA tests incl. H2O's in-forward scores; H2O's 131K peak), part 5 at 131K on an H100
-# (80 GB; the H200 run peaked at 38 GiB), and
+# Next: PARTS="1 10" (the CUDA tests incl. H2O's in-forward scores; H2O's, Quest's, RetrievalAttention's 131K
+# peaks), part 5 at 131K on an H100 (80 GB; the H200 run peaked at 38 GiB), and
 # `python3 -P scripts/probe_blend_memory.py --device cuda --tokens 131072 --layers 8` (the blend's peak alone).
 # 1. the CUDA tests of the changed paths (short sparse chunks, CacheBlend's row blocks, the warm-up, each run's own
 #    peak memory, one copy of a conversation's cache);
@@ -34,8 +34,9 @@
 #    (first prefill s and peak GiB).
 # 9. every default method of scripts/bench_methods.py at 131K, multi-request, sequential: the methods table's 131K
 #    column again, each run's own peak with the MLP row blocks (METHODS_S: the sweep's deadline).
-# 10. H2O's scores summed in the forward (Method.scores_in_forward): full attention and H2O at 131K, multi-request;
-#    part 9's H2O row on b6b0f5e is the before (its captured queries: peak 70.3 GiB on an H100, full's 37.8).
+# 10. H2O's scores summed in the forward (Method.scores_in_forward) and Quest's / RetrievalAttention's layers adopting
+#    the decode buffers (adopt_layers): full attention, H2O, Quest, RetrievalAttention's device tier at 131K,
+#    multi-request; part 9's rows on b6b0f5e are the before (peaks on an H100: 70.3 / 51.3 / 49.5 GiB, full 37.8).
 # Everything writes under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -88,7 +89,7 @@ if part 9; then
     --logs "$OUT/logs_methods" --deadline ${METHODS_S:-400}
 fi
 if part 10; then
-  bench --lengths 131000 --modes multi_request --ways sequential --methods full h2o --out "$OUT/h2o_in_forward.json" \
-    --logs "$OUT/logs_h2o" --deadline ${H2O_S:-150}
+  bench --lengths 131000 --modes multi_request --ways sequential --methods full h2o quest retrieval_attention-device \
+    --out "$OUT/peaks_131k.json" --logs "$OUT/logs_peaks" --deadline ${PEAKS_S:-200}
 fi
 exit 0

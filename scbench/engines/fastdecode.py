@@ -115,19 +115,27 @@ class StaticKV:
             b, h, n, d = layer.keys.shape
             cap = -(-(n + extra) // BLOCK) * BLOCK
             adopt = ADOPT and plugin is None and type(layer).__name__ == "DynamicLayer"
+            # a plugin's tiered layer (Quest, RetrievalAttention on the device tier) takes both buffers as its storage
+            tiered = ADOPT and getattr(plugin, "adopt_layers", False) and callable(getattr(layer, "adopt", None))
             # zeros, not garbage, past the cached rows: masked positions get weight 0, and 0 * NaN would still poison
             # the value product; the first n rows are written once (here when the layer moves in, else by ``load``)
+            made = []
             for bufs, name in ((self.k, "keys"), (self.v, "values")):
                 x = getattr(layer, name)
                 buf = x.new_empty(b, h, cap, d)
                 if ADOPT:
                     kvc.with_room(buf)
                 buf[:, :, n:].zero_()
-                if adopt:  # a plain layer moves into its buffer now, layer by layer: its old tensor is freed at once
-                    buf[:, :, :n].copy_(x)  # (a whole second copy of the cache otherwise), ``load`` copies nothing
+                if adopt or tiered:  # the layer moves into its buffer now, layer by layer: its old storage is freed
+                    buf[:, :, :n].copy_(x)  # at once (a whole second copy of the cache otherwise), ``load`` copies
+                if adopt:  # nothing
                     setattr(layer, name, buf[:, :, :n])
                 bufs.append(buf)
+                made.append(buf)
                 del x
+            if tiered:
+                layer.adopt(made[0], made[1], n)  # False (a host tier, a device window): ``load`` copies as before
+            del made
         self.positions = torch.arange(max(x.shape[2] for x in self.k), device=self.device)
         self.base = torch.zeros(len(self.k), dtype=torch.long, device=self.device)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)

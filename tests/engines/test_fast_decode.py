@@ -256,3 +256,46 @@ def test_the_decode_buffers_are_the_caches_storage_across_turns(tiny_engine, mon
     assert appended.count(True) == 3 * layers  # each later prompt, one chunk per layer
     for layer, kb, vb in zip(rep.session.cache.layers, dec.kv.k, dec.kv.v):
         assert layer.keys.data_ptr() == kb.data_ptr() and layer.values.data_ptr() == vb.data_ptr()
+
+
+TIERED = [{"name": "quest", "budget": 64, "page_size": 8, "dense_layers": 0},
+          {"name": "retrieval_attention", "top_k": 48, "n_init": 4, "n_local": 16, "tier": "device"}]
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+@pytest.mark.parametrize("cfg", TIERED, ids=["quest", "retrieval"])
+def test_tiered_layers_take_the_decode_buffers_as_their_storage(tiny_engine, monkeypatch, mode, cfg):
+    """Quest and RetrievalAttention (device tier) decode through a plugin over TieredLayers: the buffers become the
+    layers' storage when they are made (the first decode held the cache twice: 51.3 / 49.5 GiB against full
+    attention's 37.8 at 131K on an H100), so no decode loads a copy, and after every turn the layers are views of
+    the buffers. The rows equal those of the layers keeping their own storage (``SCBENCH_*_ADOPT=0``)."""
+    from scbench.runner import Replay
+    from support import make_replay, same_rows
+    import scbench.methods.quest_fast as qf
+    import scbench.methods.retrieval_fast as rf
+
+    def run(adopt: bool):
+        for mod in (qf, rf):
+            monkeypatch.setattr(mod, "ADOPT", adopt)
+        monkeypatch.setattr(qf.QuestDecode, "adopt_layers", adopt)
+        monkeypatch.setattr(rf.RetrievalDecode, "adopt_layers", adopt)
+        copies = []
+        real_load = fastdecode.StaticKV.load
+        monkeypatch.setattr(fastdecode.StaticKV, "load", lambda kv, cache: copies.append(sum(
+            layer.keys.data_ptr() != kb.data_ptr() for layer, kb in zip(cache.layers, kv.k))) or real_load(kv, cache))
+        rep = make_replay(tiny_engine, Replay, cfg, mode)
+        rows = list(rep)
+        monkeypatch.setattr(fastdecode.StaticKV, "load", real_load)
+        return rep, rows, copies
+
+    tiny_engine.decode_mode = "fast"
+    try:
+        _, own, own_copies = run(False)
+        rep, rows, copies = run(True)
+    finally:
+        tiny_engine.decode_mode = "auto"
+    assert same_rows(rows, own) == 4 and {r.stats.decode_path for r in rows} == {"static"}
+    layers, dec = len(rep.session.cache.layers), rep.session.decoder
+    assert dec.allocations == 1 and copies == [0, 0, 0, 0] and own_copies[0] == layers
+    for layer, kb, vb in zip(rep.session.cache.layers, dec.kv.k, dec.kv.v):
+        assert layer.keys.data_ptr() == kb.data_ptr() and layer.values.data_ptr() == vb.data_ptr()
