@@ -6,10 +6,10 @@ float32, scale head_dim ** -0.5), summed over the queries and over the query hea
 The score is computed from the post-RoPE prompt queries, in chunks of queries so no n x n matrix is ever held:
 with every prompt query voting, during the prefill forward layer by layer (``scores_in_forward``: a layer's queries
 are dropped once scored, instead of holding every layer's until the compression, 32 GiB at 131K on the 8B shape);
-with ``obs_window``, at compression time from the captured queries. Approximations, recorded with each run: eviction happens when the runner's
-compression policy fires (once after the prefill by default), not at every decoding step as in the paper;
-with ``obs_window`` set, only the last ``obs_window`` prompt queries vote (None: all of them, exact H2O
-prefill scores).
+with ``obs_window``, at compression time from the captured queries. Approximations, recorded with each run:
+eviction happens when the runner's compression policy fires (once after the prefill by default), not at every
+decoding step as in the paper; with ``obs_window`` set, only the last ``obs_window`` prompt queries vote (None: all
+of them, exact H2O prefill scores).
 """
 from __future__ import annotations
 

@@ -80,7 +80,6 @@ class AttnContext:
     even when ``method`` does not ask for it (``Method.query_lse``): a shared prefill (scbench/engines/fork.py)
     whose group holds a method that does. Set by the engine."""
 
-
     def score_seconds(self) -> float:
         """Seconds the in-forward scoring took (``score_in_forward``); on CUDA read from events, so call it after a
         synchronisation."""

@@ -126,9 +126,11 @@ class StaticKV:
                 if ADOPT:
                     kvc.with_room(buf)
                 buf[:, :, n:].zero_()
-                if adopt or tiered:  # the layer moves into its buffer now, layer by layer: its old storage is freed
-                    buf[:, :, :n].copy_(x)  # at once (a whole second copy of the cache otherwise), ``load`` copies
-                if adopt:  # nothing
+                # the layer moves into its buffer now, layer by layer, and its old storage is freed at once (a whole
+                # second copy of the cache otherwise); ``load`` then copies nothing
+                if adopt or tiered:
+                    buf[:, :, :n].copy_(x)
+                if adopt:
                     setattr(layer, name, buf[:, :, :n])
                 bufs.append(buf)
                 made.append(buf)
