@@ -168,8 +168,8 @@ class _BlendedKV:
     """The cache the decoder layers see during the blended pass (duck-typed ``Cache.update``).
 
     With ``idx`` None a layer computed every position: its fresh KV replaces the stored one (layer ``keep``'s
-    stored values are kept in ``stored`` for the deviation; the other full layers' are dropped). Otherwise the fresh KV of positions ``idx`` is scattered into the
-    layer's blended KV, and the whole layer is returned for attention.
+    stored values are kept in ``stored`` for the deviation; the other full layers' are dropped). Otherwise the fresh
+    KV of positions ``idx`` is scattered into the layer's blended KV, and the whole layer is returned for attention.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], keep: int | None = None):

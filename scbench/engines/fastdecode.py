@@ -119,7 +119,6 @@ class StaticKV:
             tiered = ADOPT and getattr(plugin, "adopt_layers", False) and callable(getattr(layer, "adopt", None))
             # zeros, not garbage, past the cached rows: masked positions get weight 0, and 0 * NaN would still poison
             # the value product; the first n rows are written once (here when the layer moves in, else by ``load``)
-            made = []
             for bufs, name in ((self.k, "keys"), (self.v, "values")):
                 x = getattr(layer, name)
                 buf = x.new_empty(b, h, cap, d)
@@ -133,11 +132,9 @@ class StaticKV:
                 if adopt:
                     setattr(layer, name, buf[:, :, :n])
                 bufs.append(buf)
-                made.append(buf)
                 del x
-            if tiered:
-                layer.adopt(made[0], made[1], n)  # False (a host tier, a device window): ``load`` copies as before
-            del made
+            if tiered:  # False (a host tier, a device window): ``load`` copies as before
+                layer.adopt(self.k[-1], self.v[-1], n)
         self.positions = torch.arange(max(x.shape[2] for x in self.k), device=self.device)
         self.base = torch.zeros(len(self.k), dtype=torch.long, device=self.device)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -56,6 +56,9 @@ def rows(model, tokens: int | None = None, block: int | None = None):
     """While inside, the recognised MLPs of ``model`` run calls of more than ``block`` rows in blocks (CUDA with
     ``block`` None: ``SCBENCH_MLP_ROWS``; CPU with ``block`` None: only where that variable is set). ``tokens``: the
     forward's length where known (at most ``block``: nothing is patched). Yields the number of MLPs patched."""
+    if tokens is not None and tokens <= 1:  # a decode step: never blocked (no device lookup on the hot path)
+        yield 0
+        return
     if block is None:
         dev = next(model.parameters()).device
         block = block_rows() if dev.type == "cuda" or "SCBENCH_MLP_ROWS" in os.environ else 0
